@@ -1,1 +1,12 @@
-//! placeholder
+//! The one crate of ferry that contains `unsafe` code.
+//!
+//! Everything here is a thin, checked wrapper: guest memory mappings and their
+//! registration with KVM, fast copies in and out of guest RAM, the dirty log,
+//! and the few vCPU ioctls that kvm-ioctls marks unsafe. Every other crate of
+//! the workspace forbids `unsafe` and goes through these functions.
+
+pub mod memory;
+pub mod vcpu;
+
+pub use memory::{Backing, GuestRam, MemoryError, PAGE_SIZE};
+pub use vcpu::{install_kick_handler, kick, kick_signal, set_xsave, KickError};

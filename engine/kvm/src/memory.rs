@@ -1,0 +1,304 @@
+//! Guest RAM: allocation, registration with KVM, dirty log, bulk copies.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+
+/// Size of a guest page: ferry tracks, sends and checks memory in 4 KiB pages.
+pub const PAGE_SIZE: usize = 4096;
+
+/// How guest RAM is backed on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Private anonymous memory (the default, like QEMU without memory-backend options).
+    #[default]
+    Anonymous,
+    /// Shared anonymous memory (`MAP_SHARED`), e.g. for vhost-user style sharing.
+    Shared,
+    /// A memfd per RAM range, mapped shared.
+    Memfd,
+    /// Private anonymous memory on huge pages (`MAP_HUGETLB`); needs reserved huge pages.
+    HugePages,
+}
+
+/// Errors of guest memory handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot allocate {size} bytes of guest RAM at {gpa:#x} ({backing:?} backing): {source}")]
+    Allocate {
+        gpa: u64,
+        size: u64,
+        backing: Backing,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest RAM ranges are invalid: {0}")]
+    Layout(String),
+    #[error("KVM refused memory slot {slot} at {gpa:#x} (+{size:#x}): {source}")]
+    SetUserMemoryRegion {
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot read the dirty log of memory slot {slot}: {source}")]
+    GetDirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest physical range {gpa:#x}+{len:#x} is not inside guest RAM")]
+    OutOfRange { gpa: u64, len: u64 },
+}
+
+/// Guest RAM: the vm-memory mapping plus the KVM slot numbering ferry uses
+/// (slot N = the N-th RAM range in ascending guest-physical order).
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    backing: Backing,
+    /// Per slot: (guest physical base, size in bytes, host address).
+    slots: Vec<(u64, u64, usize)>,
+}
+
+impl GuestRam {
+    /// Allocates RAM for `ranges` (ascending, non-overlapping, page-aligned).
+    pub fn new(ranges: &[(u64, u64)], backing: Backing) -> Result<Self, MemoryError> {
+        let mut regions = Vec::with_capacity(ranges.len());
+        let mut prev_end = 0u64;
+        for (i, &(gpa, size)) in ranges.iter().enumerate() {
+            if size == 0 || gpa % PAGE_SIZE as u64 != 0 || size % PAGE_SIZE as u64 != 0 {
+                return Err(MemoryError::Layout(format!(
+                    "range {i} ({gpa:#x}+{size:#x}) is empty or not page-aligned"
+                )));
+            }
+            if i > 0 && gpa < prev_end {
+                return Err(MemoryError::Layout(format!(
+                    "range {i} ({gpa:#x}) overlaps or precedes the range before it"
+                )));
+            }
+            prev_end = gpa
+                .checked_add(size)
+                .ok_or_else(|| MemoryError::Layout(format!("range {i} wraps around")))?;
+            let region = map_region(gpa, size, backing)?;
+            regions.push(region);
+        }
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let slots = mem
+            .iter()
+            .map(|r| {
+                let host = r.as_ptr() as usize;
+                (r.start_addr().0, r.len(), host)
+            })
+            .collect();
+        Ok(Self {
+            mem,
+            backing,
+            slots,
+        })
+    }
+
+    /// The vm-memory view, for loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// How this RAM is backed.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// The RAM ranges as (guest physical base, size), one per KVM slot.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.slots.iter().map(|&(g, s, _)| (g, s)).collect()
+    }
+
+    /// Total RAM in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.slots.iter().map(|s| s.1).sum()
+    }
+
+    /// Registers every range with KVM as slots 0.., with or without dirty logging.
+    /// Calling it again with another `log_dirty` toggles logging on the same slots
+    /// (turning logging on also resets the log).
+    pub fn register(&self, vm: &VmFd, log_dirty: bool) -> Result<(), MemoryError> {
+        for (slot, &(gpa, size, host)) in self.slots.iter().enumerate() {
+            let slot = slot as u32;
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host..host+size` is a live mapping owned by `self.mem`, which outlives
+            // every VM it is registered with: the VMM drops the VmFd (and with it the slots)
+            // before the GuestRam, and the slot never points anywhere else.
+            unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+                MemoryError::SetUserMemoryRegion {
+                    slot,
+                    gpa,
+                    size,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads and resets KVM's dirty bitmap of every slot: one `Vec<u64>` per slot, bit i of
+    /// word w = page w*64+i of that slot.
+    pub fn get_dirty_log(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, MemoryError> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(slot, &(_, size, _))| {
+                vm.get_dirty_log(slot as u32, size as usize)
+                    .map_err(|source| MemoryError::GetDirtyLog {
+                        slot: slot as u32,
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// Host address of `gpa..gpa+len`, which must lie inside one RAM range.
+    fn host_range(&self, gpa: u64, len: usize) -> Result<usize, MemoryError> {
+        let len64 = len as u64;
+        for &(base, size, host) in &self.slots {
+            if gpa >= base && gpa - base <= size && len64 <= size - (gpa - base) {
+                return Ok(host + (gpa - base) as usize);
+            }
+        }
+        Err(MemoryError::OutOfRange { gpa, len: len64 })
+    }
+
+    /// Copies guest memory at `gpa` into `dst`. The guest may write the same memory
+    /// concurrently; the copy then holds a mix of old and new bytes, which the dirty log
+    /// accounts for (the page is dirty again and is sent again).
+    pub fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        let host = self.host_range(gpa, dst.len())?;
+        // SAFETY: host_range checked that `host..host+dst.len()` lies inside a live mapping
+        // of `self.mem`; `dst` is a distinct Rust buffer, so the ranges do not overlap. The
+        // source may change under us (the guest runs), which only makes the bytes stale,
+        // never invalid: every bit pattern is a valid u8.
+        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copies `src` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, src: &[u8]) -> Result<(), MemoryError> {
+        let host = self.host_range(gpa, src.len())?;
+        // SAFETY: as in `read`: the destination lies inside a live mapping of guest RAM,
+        // which Rust code never borrows as a reference, and `src` is a distinct buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), host as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    /// Whether the page at `gpa` (page-aligned, inside RAM) is all zeroes.
+    pub fn is_zero_page(&self, gpa: u64) -> Result<bool, MemoryError> {
+        let host = self.host_range(gpa, PAGE_SIZE)?;
+        // SAFETY: host_range checked the page lies inside a live mapping; it is page-aligned
+        // (slot bases and `gpa` are), so reading it as 512 u64 words is aligned. The words
+        // may change while we read them; the answer is then stale, as documented for `read`.
+        let words = unsafe { std::slice::from_raw_parts(host as *const u64, PAGE_SIZE / 8) };
+        Ok(words.iter().all(|&w| w == 0))
+    }
+
+    /// Advises the kernel that a range of guest RAM is not needed now (after restoring a
+    /// zero page into memory that was already zero this is not needed; kept for releasing
+    /// RAM of a VM that moved away).
+    pub fn discard(&self) {
+        for &(_, size, host) in &self.slots {
+            // SAFETY: `host..host+size` is a mapping we own; MADV_DONTNEED on a private
+            // anonymous or shared mapping only drops its contents (reads return zero or the
+            // file's contents), it never invalidates the mapping.
+            unsafe { libc::madvise(host as *mut libc::c_void, size as usize, libc::MADV_DONTNEED) };
+        }
+    }
+}
+
+fn map_region(gpa: u64, size: u64, backing: Backing) -> Result<GuestRegionMmap, MemoryError> {
+    let err = |source: std::io::Error| MemoryError::Allocate {
+        gpa,
+        size,
+        backing,
+        source,
+    };
+    let len = usize::try_from(size).map_err(|_| err(std::io::ErrorKind::InvalidInput.into()))?;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let builder = MmapRegionBuilder::new(len).with_mmap_prot(prot);
+    let builder = match backing {
+        Backing::Anonymous => builder.with_mmap_flags(
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        ),
+        Backing::Shared => {
+            builder.with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_SHARED | libc::MAP_NORESERVE)
+        }
+        Backing::HugePages => builder
+            .with_mmap_flags(
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_HUGETLB,
+            )
+            .with_hugetlbfs(true),
+        Backing::Memfd => {
+            let file = memfd(&format!("ferry-ram-{gpa:x}")).map_err(err)?;
+            file.set_len(size).map_err(err)?;
+            builder
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .with_file_offset(FileOffset::new(file, 0))
+        }
+    };
+    let region = builder
+        .build()
+        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    GuestRegionMmap::new(region, GuestAddress(gpa))
+        .ok_or_else(|| MemoryError::Layout(format!("range {gpa:#x}+{size:#x} wraps around")))
+}
+
+fn memfd(name: &str) -> std::io::Result<File> {
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_round_trip_and_bounds() {
+        for backing in [Backing::Anonymous, Backing::Shared, Backing::Memfd] {
+            let ram = GuestRam::new(&[(0, 1 << 20), (4 << 20, 1 << 20)], backing).unwrap();
+            assert_eq!(ram.total_bytes(), 2 << 20);
+            ram.write(4 << 20, b"hello").unwrap();
+            let mut buf = [0u8; 5];
+            ram.read(4 << 20, &mut buf).unwrap();
+            assert_eq!(&buf, b"hello");
+            assert!(ram.is_zero_page(0).unwrap());
+            assert!(!ram.is_zero_page(4 << 20).unwrap());
+            // Crossing the end of a range or touching the gap is refused.
+            assert!(ram.read((1 << 20) - 2, &mut buf).is_err());
+            assert!(ram.read(2 << 20, &mut buf).is_err());
+            assert!(ram.write(u64::MAX - 2, b"xx").is_err());
+        }
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        assert!(GuestRam::new(&[(0, 100)], Backing::Anonymous).is_err());
+        assert!(GuestRam::new(&[(0, 8192), (4096, 8192)], Backing::Anonymous).is_err());
+    }
+}
