@@ -1,0 +1,194 @@
+//! Checkpoints: a paused VM written as a ferry stream (a migration into a file), and
+//! the restore that builds a new VM from one.
+//!
+//! Order in the stream: Shape, RAM pages (zero pages are not stored: a new VM's RAM is
+//! zero), vCPUs, VM state, devices, End. A restore validates every section before the
+//! VM runs; a stream that fails anywhere leaves a VM that never ran and is dropped.
+
+use std::io::{Read, Write};
+
+use ferry_format::{
+    RamBatch, RamBatchBuilder, SectionId, StreamReader, StreamWriter,
+};
+use ferry_kvm::{Backing, GuestRam, PAGE_SIZE};
+
+use crate::cpu::VcpuState;
+use crate::devices::serial::SinkSpec;
+use crate::vm::{DevicesState, Vm, VmShape, VmState};
+use crate::VmmError;
+
+/// Section versions this ferry writes and reads.
+pub const SHAPE_VERSION: u16 = 1;
+pub const VCPUS_VERSION: u16 = 1;
+pub const VM_VERSION: u16 = 1;
+pub const DEVICES_VERSION: u16 = 1;
+pub const RAM_VERSION: u16 = 1;
+
+/// Pages per RAM section.
+const BATCH_PAGES: usize = 4096;
+
+/// What a checkpoint wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointStats {
+    pub bytes: u64,
+    pub ram_pages: u64,
+    pub zero_pages_skipped: u64,
+}
+
+/// The producer string written into every stream.
+pub fn producer() -> String {
+    format!("ferry {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Writes every non-zero page of `ram` as RAM sections.
+pub fn write_ram<W: Write>(
+    ram: &GuestRam,
+    out: &mut StreamWriter<W>,
+    stats: &mut CheckpointStats,
+) -> Result<(), VmmError> {
+    let mut batch = RamBatchBuilder::with_max_pages(BATCH_PAGES as u32);
+    let mut page = [0u8; PAGE_SIZE];
+    for (base, size) in ram.ranges() {
+        let mut gpa = base;
+        while gpa < base + size {
+            if ram.is_zero_page(gpa)? {
+                stats.zero_pages_skipped += 1;
+            } else {
+                ram.read(gpa, &mut page)?;
+                batch.push_data(gpa, &page)?;
+                stats.ram_pages += 1;
+                if batch.len() >= BATCH_PAGES {
+                    out.write_ram_batch(&batch)?;
+                    batch.clear();
+                }
+            }
+            gpa += PAGE_SIZE as u64;
+        }
+    }
+    if !batch.is_empty() {
+        out.write_ram_batch(&batch)?;
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint of a paused VM.
+pub fn save<W: Write>(vm: &Vm, w: W) -> Result<(W, CheckpointStats), VmmError> {
+    if vm.is_running() {
+        return Err(VmmError::Config(
+            "the VM is running; pause it before taking a checkpoint".into(),
+        ));
+    }
+    let mut stats = CheckpointStats::default();
+    let mut out = StreamWriter::new(w, &producer())?;
+    out.write_cbor(SectionId::Shape, SHAPE_VERSION, &vm.shape())?;
+    write_ram(vm.ram(), &mut out, &mut stats)?;
+    out.write_cbor(SectionId::Vcpus, VCPUS_VERSION, &vm.capture_vcpus()?)?;
+    out.write_cbor(SectionId::Vm, VM_VERSION, &vm.capture_vm()?)?;
+    out.write_cbor(SectionId::Devices, DEVICES_VERSION, &vm.capture_devices()?)?;
+    stats.bytes = out.bytes_written();
+    let mut w = out.finish()?;
+    w.flush()
+        .map_err(|e| VmmError::Io("cannot flush the checkpoint".into(), e))?;
+    Ok((w, stats))
+}
+
+/// Options for building a VM from a stream.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub backing: Backing,
+    pub serial: SinkSpec,
+    /// When set, the stream's RAM size must equal this (the user's `-m`).
+    pub expect_mem_bytes: Option<u64>,
+}
+
+/// Checks that a RAM batch only touches guest RAM, then copies it in.
+pub fn apply_ram_batch(ram: &GuestRam, batch: &RamBatch<'_>) -> Result<u64, VmmError> {
+    let ranges = ram.ranges();
+    let inside = |gpa: u64| {
+        ranges
+            .iter()
+            .any(|&(b, s)| gpa >= b && gpa - b < s && s - (gpa - b) >= PAGE_SIZE as u64)
+    };
+    // Validate the whole batch before writing a byte of it.
+    for page in batch.iter() {
+        if !inside(page.gpa) {
+            return Err(VmmError::Restore(format!(
+                "the stream carries a page at guest address {:#x}, outside this VM's RAM {:x?}",
+                page.gpa, ranges
+            )));
+        }
+    }
+    let zero = [0u8; PAGE_SIZE];
+    let mut n = 0;
+    for page in batch.iter() {
+        ram.write(page.gpa, page.data.unwrap_or(&zero))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Decodes the Shape section that opens every stream and checks it against the
+/// options.
+pub fn check_shape(shape: &VmShape, opts: &RestoreOptions) -> Result<(), VmmError> {
+    let total: u64 = shape.ram_ranges.iter().map(|r| r.1).sum();
+    if let Some(want) = opts.expect_mem_bytes {
+        if want != total {
+            return Err(VmmError::Restore(format!(
+                "the VM in this stream has {} MiB of RAM but {} MiB were asked for: use -m {}M \
+                 or the stream of another VM",
+                total >> 20,
+                want >> 20,
+                total >> 20
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a whole checkpoint and returns a paused VM ready to resume.
+pub fn restore<R: Read>(r: R, opts: &RestoreOptions) -> Result<Vm, VmmError> {
+    let limits = ferry_format::Limits::default();
+    let (mut reader, _preamble) = StreamReader::new(r, limits.clone())?;
+    let mut buf = Vec::new();
+    let header = reader.next_section(&mut buf)?;
+    if header.id != SectionId::Shape {
+        return Err(VmmError::Restore(format!(
+            "the stream starts with section {:?}, not the VM shape: it is not a checkpoint",
+            header.id
+        )));
+    }
+    let shape: VmShape = ferry_format::decode_cbor(SectionId::Shape, &buf, &limits)?;
+    check_shape(&shape, opts)?;
+    let mut vm = Vm::create_for_shape(&shape, opts.backing, opts.serial.clone())?;
+    let mut vcpus: Option<Vec<VcpuState>> = None;
+    let mut vm_state: Option<VmState> = None;
+    let mut devices: Option<DevicesState> = None;
+    loop {
+        let header = reader.next_section(&mut buf)?;
+        match header.id {
+            SectionId::RamPages => {
+                let batch = RamBatch::parse_with_limits(&buf, &limits)?;
+                apply_ram_batch(vm.ram(), &batch)?;
+            }
+            SectionId::Vcpus => vcpus = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
+            SectionId::Vm => vm_state = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
+            SectionId::Devices => devices = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
+            SectionId::End => break,
+            other => {
+                return Err(VmmError::Restore(format!(
+                    "unexpected section {other:?} in a checkpoint"
+                )))
+            }
+        }
+    }
+    let missing = |what: &str| {
+        VmmError::Restore(format!(
+            "the checkpoint has no {what} section: it was written by a broken producer"
+        ))
+    };
+    let vcpus = vcpus.ok_or_else(|| missing("vCPU"))?;
+    let vm_state = vm_state.ok_or_else(|| missing("VM state"))?;
+    let devices = devices.ok_or_else(|| missing("device"))?;
+    vm.restore_state(vcpus, &vm_state, &devices)?;
+    Ok(vm)
+}

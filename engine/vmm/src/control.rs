@@ -1,0 +1,251 @@
+//! The `ferry-vm` control socket and the loop that runs a VM until it exits.
+//!
+//! One command per line, one JSON object per reply:
+//! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `quit`.
+//! The QEMU-compatible QMP monitor is `ferry-qemu`'s; this is the thin local entry.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use ferry_kvm::{GuestRam, PAGE_SIZE};
+
+use crate::checkpoint;
+use crate::vcpu::GuestExit;
+use crate::vm::Vm;
+use crate::VmmError;
+
+/// Longest command line the control socket accepts.
+const MAX_COMMAND: usize = 4096;
+
+/// How a VM's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// `quit` on the control socket.
+    Quit,
+    Guest(GuestExit),
+}
+
+struct Request {
+    line: String,
+    reply: Sender<Value>,
+}
+
+/// Writes guest RAM as a raw image whose file offset is the guest physical address
+/// (zero pages and the MMIO hole are left as holes: the file is sparse).
+pub fn dump_memory(ram: &GuestRam, path: &Path) -> Result<u64, VmmError> {
+    let io = |e| VmmError::Io(format!("cannot write memory image {}", path.display()), e);
+    let file = File::create(path).map_err(io)?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut end = 0;
+    for (base, size) in ram.ranges() {
+        let mut gpa = base;
+        while gpa < base + size {
+            if !ram.is_zero_page(gpa)? {
+                ram.read(gpa, &mut page)?;
+                file.write_all_at(&page, gpa).map_err(io)?;
+            }
+            gpa += PAGE_SIZE as u64;
+        }
+        end = base + size;
+    }
+    file.set_len(end).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(end)
+}
+
+/// Writes a checkpoint to `path` atomically (a temporary file renamed into place), so a
+/// failure — a full disk — never leaves a half-written checkpoint under that name.
+pub fn checkpoint_to_file(vm: &Vm, path: &Path) -> Result<checkpoint::CheckpointStats, VmmError> {
+    let tmp = PathBuf::from(format!("{}.partial", path.display()));
+    let io = |what: String| move |e| VmmError::Io(what, e);
+    let file = File::create(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
+    let result = checkpoint::save(vm, std::io::BufWriter::with_capacity(1 << 20, file))
+        .and_then(|(w, stats)| {
+            let file = w
+                .into_inner()
+                .map_err(|e| VmmError::Io("cannot flush the checkpoint".into(), e.into_error()))?;
+            file.sync_all()
+                .map_err(io(format!("cannot sync {}", tmp.display())))?;
+            Ok(stats)
+        });
+    match result {
+        Ok(stats) => {
+            std::fs::rename(&tmp, path).map_err(io(format!("cannot rename to {}", path.display())))?;
+            Ok(stats)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn listen(path: &Path) -> Result<Receiver<Request>, VmmError> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .map_err(|e| VmmError::Io(format!("cannot listen on {}", path.display()), e))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let tx = tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || serve_connection(stream, tx));
+            }
+        })
+        .map_err(|e| VmmError::Io("cannot start the control thread".into(), e))?;
+    Ok(rx)
+}
+
+fn serve_connection(stream: UnixStream, tx: Sender<Request>) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream).take(u64::MAX);
+    loop {
+        let mut line = String::new();
+        reader.set_limit(MAX_COMMAND as u64 + 1);
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(n) if n > MAX_COMMAND => {
+                let _ = writeln!(out, "{}", json!({"ok": false, "error": "command too long"}));
+                return;
+            }
+            Ok(_) => {}
+        }
+        let (reply_tx, reply_rx) = mpsc::channel();
+        if tx
+            .send(Request {
+                line: line.trim().to_string(),
+                reply: reply_tx,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let Ok(reply) = reply_rx.recv() else { return };
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs `vm` (already booted or restored; started if `start` is set) until the guest
+/// exits or `quit` arrives on the control socket at `control`.
+pub fn run(mut vm: Vm, control: Option<&Path>, start: bool) -> Result<RunOutcome, VmmError> {
+    let requests = match control {
+        Some(p) => Some(listen(p)?),
+        None => None,
+    };
+    if start {
+        vm.resume()?;
+    }
+    loop {
+        if let Ok(exit) = vm.exits().try_recv() {
+            let _ = vm.pause();
+            return Ok(RunOutcome::Guest(exit));
+        }
+        let Some(requests) = &requests else {
+            match vm.exits().recv_timeout(Duration::from_secs(3600)) {
+                Ok(exit) => {
+                    let _ = vm.pause();
+                    return Ok(RunOutcome::Guest(exit));
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VmmError::Config("every vCPU thread has exited".into()))
+                }
+            }
+        };
+        match requests.recv_timeout(Duration::from_millis(20)) {
+            Ok(req) => {
+                let (reply, quit) = handle(&mut vm, &req.line);
+                let _ = req.reply.send(reply);
+                if quit {
+                    let _ = vm.pause();
+                    return Ok(RunOutcome::Quit);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(VmmError::Config("the control socket thread has exited".into()))
+            }
+        }
+    }
+}
+
+fn status(vm: &Vm) -> &'static str {
+    if vm.is_running() {
+        "running"
+    } else {
+        "paused"
+    }
+}
+
+fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
+    let (cmd, arg) = match line.split_once(' ') {
+        Some((c, a)) => (c, a.trim()),
+        None => (line, ""),
+    };
+    let result: Result<Value, VmmError> = match cmd {
+        "status" => Ok(json!({"status": status(vm)})),
+        "pause" | "stop" => vm.pause().map(|_| json!({"status": status(vm)})),
+        "resume" | "cont" => vm.resume().map(|_| json!({"status": status(vm)})),
+        "quit" => return (json!({"ok": true}), true),
+        "checkpoint" | "dump" if arg.is_empty() => Err(VmmError::Config(format!(
+            "'{cmd}' needs a file path: {cmd} PATH"
+        ))),
+        "checkpoint" => with_paused(vm, |vm| {
+            let start = Instant::now();
+            let stats = checkpoint_to_file(vm, Path::new(arg))?;
+            let secs = start.elapsed().as_secs_f64();
+            Ok(json!({
+                "path": arg,
+                "bytes": stats.bytes,
+                "ram_pages": stats.ram_pages,
+                "zero_pages_skipped": stats.zero_pages_skipped,
+                "seconds": secs,
+            }))
+        }),
+        "dump" => with_paused(vm, |vm| {
+            let size = dump_memory(vm.ram(), Path::new(arg))?;
+            Ok(json!({"path": arg, "size": size}))
+        }),
+        _ => Err(VmmError::Config(format!(
+            "unknown command '{cmd}': use status, pause, resume, checkpoint PATH, dump PATH or quit"
+        ))),
+    };
+    match result {
+        Ok(mut v) => {
+            v["ok"] = json!(true);
+            (v, false)
+        }
+        Err(e) => (json!({"ok": false, "error": e.to_string()}), false),
+    }
+}
+
+/// Runs `f` with the VM paused, and resumes it afterwards if it was running — also when
+/// `f` fails, so a failed checkpoint never stops the guest.
+fn with_paused(
+    vm: &mut Vm,
+    f: impl FnOnce(&Vm) -> Result<Value, VmmError>,
+) -> Result<Value, VmmError> {
+    let was_running = vm.is_running();
+    if was_running {
+        vm.pause()?;
+    }
+    let result = f(vm);
+    if was_running {
+        vm.resume()?;
+    }
+    result
+}

@@ -1,0 +1,158 @@
+//! vCPU configuration (CPUID, MSRs) and the vCPU state captured in a checkpoint.
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use serde::{Deserialize, Serialize};
+
+use crate::VmmError;
+
+/// KVM's paravirtual leaf that reports the TSC frequency in kHz (EAX).
+const CPUID_TSC_LEAF: u32 = 0x4000_0010;
+const CPUID_HV_BASE: u32 = 0x4000_0000;
+
+/// The CPUID table a vCPU gets: what KVM supports, with per-vCPU APIC ids, the
+/// hypervisor bit, and the TSC frequency leaf.
+pub fn vcpu_cpuid(kvm: &Kvm, index: u32, vcpus: u32, tsc_khz: u32) -> Result<CpuId, VmmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = supported.as_slice().to_vec();
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24);
+                e.ebx = (e.ebx & 0xff00_ffff) | (vcpus.min(255) << 16);
+                e.ecx |= 1 << 31; // running under a hypervisor
+            }
+            0xb | 0x1f => e.edx = index,
+            CPUID_HV_BASE => e.eax = e.eax.max(CPUID_TSC_LEAF),
+            _ => {}
+        }
+    }
+    if tsc_khz != 0 && !entries.iter().any(|e| e.function == CPUID_TSC_LEAF) {
+        entries.push(kvm_bindings::kvm_cpuid_entry2 {
+            function: CPUID_TSC_LEAF,
+            eax: tsc_khz,
+            ..Default::default()
+        });
+    }
+    CpuId::from_entries(&entries).map_err(|e| VmmError::Config(format!("CPUID table: {e:?}")))
+}
+
+/// The MSRs a checkpoint carries: every index KVM lists that this host can read back.
+pub fn checkpoint_msrs(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, VmmError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+    let mut readable = Vec::with_capacity(list.as_slice().len());
+    for &index in list.as_slice() {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
+        if matches!(probe.get_msrs(&mut one), Ok(1)) {
+            readable.push(index);
+        }
+    }
+    Ok(readable)
+}
+
+/// Everything KVM holds for one vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub index: u32,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+    pub mp_state: kvm_mp_state,
+    pub debug_regs: kvm_debugregs,
+    pub tsc_khz: u32,
+}
+
+impl VcpuState {
+    /// Reads the state of a stopped vCPU.
+    pub fn capture(index: u32, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, VmmError> {
+        let k = |what| move |e| VmmError::Kvm(what, e);
+        let entries: Vec<kvm_msr_entry> = msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
+        let read = vcpu.get_msrs(&mut msrs).map_err(k("KVM_GET_MSRS"))?;
+        if read != entries.len() {
+            return Err(VmmError::Config(format!(
+                "KVM read {read} of {} MSRs of vCPU {index}; MSR {:#x} failed",
+                entries.len(),
+                entries[read].index
+            )));
+        }
+        Ok(Self {
+            index,
+            regs: vcpu.get_regs().map_err(k("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(k("KVM_GET_SREGS"))?,
+            xsave: vcpu.get_xsave().map_err(k("KVM_GET_XSAVE"))?,
+            xcrs: vcpu.get_xcrs().map_err(k("KVM_GET_XCRS"))?,
+            lapic: vcpu.get_lapic().map_err(k("KVM_GET_LAPIC"))?,
+            msrs: msrs.as_slice().to_vec(),
+            events: vcpu.get_vcpu_events().map_err(k("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: vcpu.get_mp_state().map_err(k("KVM_GET_MP_STATE"))?,
+            debug_regs: vcpu.get_debug_regs().map_err(k("KVM_GET_DEBUGREGS"))?,
+            tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
+        })
+    }
+
+    /// Loads this state into a vCPU that has its CPUID set and has not run.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VmmError> {
+        let k = |what| move |e| VmmError::Kvm(what, e);
+        if self.tsc_khz != 0 {
+            if let Ok(here) = vcpu.get_tsc_khz() {
+                if here != self.tsc_khz {
+                    // TSC scaling is best effort: a host without it keeps its own rate.
+                    if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
+                        tracing::warn!(
+                            "vCPU {}: TSC runs at {here} kHz here, {} kHz at the source, and \
+                             KVM cannot scale it ({e}); guest time may drift",
+                            self.index,
+                            self.tsc_khz
+                        );
+                    }
+                }
+            }
+        }
+        vcpu.set_mp_state(self.mp_state).map_err(k("KVM_SET_MP_STATE"))?;
+        vcpu.set_regs(&self.regs).map_err(k("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&self.sregs).map_err(k("KVM_SET_SREGS"))?;
+        ferry_kvm::set_xsave(vcpu, &self.xsave).map_err(k("KVM_SET_XSAVE"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(k("KVM_SET_XCRS"))?;
+        vcpu.set_debug_regs(&self.debug_regs)
+            .map_err(k("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic).map_err(k("KVM_SET_LAPIC"))?;
+        let msrs = Msrs::from_entries(&self.msrs)
+            .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
+        let set = vcpu.set_msrs(&msrs).map_err(k("KVM_SET_MSRS"))?;
+        if set != self.msrs.len() {
+            return Err(VmmError::Restore(format!(
+                "this host's KVM refused MSR {:#x} of vCPU {} (set {set} of {}): the source \
+                 CPU has a feature this host lacks",
+                self.msrs[set].index,
+                self.index,
+                self.msrs.len()
+            )));
+        }
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(k("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}

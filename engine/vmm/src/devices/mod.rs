@@ -1,0 +1,3 @@
+//! Emulated devices. Each device owns its `XState` DTO in `persist.rs`.
+
+pub mod serial;

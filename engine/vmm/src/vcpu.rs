@@ -1,0 +1,260 @@
+//! vCPU threads: run loop, port I/O dispatch, pause/resume and state commands.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::cpu::VcpuState;
+use crate::devices::serial::{Com1, COM1_BASE, COM1_LEN};
+use crate::VmmError;
+
+/// Why a VM stopped running by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off (ACPI PM1a sleep, port 0x604).
+    Poweroff,
+    /// The guest asked for a reset (port 0xcf9, keyboard controller 0xfe) or
+    /// triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    Reset(String),
+    /// KVM could not run the vCPU.
+    Crashed(String),
+}
+
+pub(crate) enum VcpuCmd {
+    Resume,
+    Capture(Sender<Result<VcpuState, VmmError>>),
+    Restore(Box<VcpuState>, Sender<Result<(), VmmError>>),
+    Stop,
+}
+
+/// Shared with every vCPU thread: the devices it dispatches I/O to and where it reports
+/// guest exits.
+#[derive(Clone)]
+pub(crate) struct VcpuContext {
+    pub com1: Arc<Mutex<Com1>>,
+    pub exits: Sender<GuestExit>,
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
+/// The VMM's handle on one vCPU thread.
+#[derive(Debug)]
+pub(crate) struct VcpuHandle {
+    pub index: u32,
+    thread: Option<JoinHandle<()>>,
+    cmds: Sender<VcpuCmd>,
+    acks: Receiver<()>,
+    pause: Arc<AtomicBool>,
+}
+
+impl VcpuHandle {
+    /// Starts the thread of vCPU `index`, stopped; `resume` lets it run.
+    pub fn spawn(index: u32, vcpu: VcpuFd, ctx: VcpuContext) -> Result<Self, VmmError> {
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let pause = Arc::new(AtomicBool::new(true));
+        let flag = pause.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu_loop(index, vcpu, ctx, cmd_rx, ack_tx, flag))
+            .map_err(|e| VmmError::Io("cannot start a vCPU thread".into(), e))?;
+        Ok(Self {
+            index,
+            thread: Some(thread),
+            cmds: cmd_tx,
+            acks: ack_rx,
+            pause,
+        })
+    }
+
+    fn send(&self, cmd: VcpuCmd) -> Result<(), VmmError> {
+        self.cmds
+            .send(cmd)
+            .map_err(|_| VmmError::VcpuGone(self.index))
+    }
+
+    pub fn resume(&self) -> Result<(), VmmError> {
+        self.pause.store(false, Ordering::Release);
+        self.send(VcpuCmd::Resume)
+    }
+
+    /// Asks the vCPU to stop (does not wait).
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::Release);
+    }
+
+    /// Waits until the vCPU has left KVM_RUN, kicking it out of the guest as needed.
+    pub fn wait_paused(&self) -> Result<(), VmmError> {
+        let Some(thread) = &self.thread else {
+            return Err(VmmError::VcpuGone(self.index));
+        };
+        let pthread = std::os::unix::thread::JoinHandleExt::as_pthread_t(thread);
+        loop {
+            if thread.is_finished() {
+                return Err(VmmError::VcpuGone(self.index));
+            }
+            // A kick can land just before the thread enters KVM_RUN and be lost; kicking
+            // again after a short wait covers that window.
+            ferry_kvm::kick(pthread).map_err(|e| VmmError::Config(e.to_string()))?;
+            match self.acks.recv_timeout(Duration::from_millis(2)) {
+                Ok(()) => return Ok(()),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Err(VmmError::VcpuGone(self.index)),
+            }
+        }
+    }
+
+    pub fn capture(&self) -> Result<VcpuState, VmmError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(VcpuCmd::Capture(tx))?;
+        rx.recv().map_err(|_| VmmError::VcpuGone(self.index))?
+    }
+
+    pub fn restore(&self, state: VcpuState) -> Result<(), VmmError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(VcpuCmd::Restore(Box::new(state), tx))?;
+        rx.recv().map_err(|_| VmmError::VcpuGone(self.index))?
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.request_pause();
+        let _ = self.wait_paused();
+        let _ = self.cmds.send(VcpuCmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn vcpu_loop(
+    index: u32,
+    mut vcpu: VcpuFd,
+    ctx: VcpuContext,
+    cmds: Receiver<VcpuCmd>,
+    acks: Sender<()>,
+    pause: Arc<AtomicBool>,
+) {
+    let mut running = false;
+    loop {
+        if running {
+            if pause.load(Ordering::Acquire) {
+                running = false;
+                if acks.send(()).is_err() {
+                    return;
+                }
+                continue;
+            }
+            match vcpu.run() {
+                Ok(exit) => {
+                    if let Some(guest_exit) = handle_exit(index, exit, &ctx) {
+                        let _ = ctx.exits.send(guest_exit);
+                        // Stay stopped until the VMM decides what to do.
+                        pause.store(true, Ordering::Release);
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    let _ = ctx
+                        .exits
+                        .send(GuestExit::Crashed(format!("vCPU {index}: KVM_RUN failed: {e}")));
+                    pause.store(true, Ordering::Release);
+                }
+            }
+            continue;
+        }
+        match cmds.recv() {
+            Ok(VcpuCmd::Resume) => running = true,
+            Ok(VcpuCmd::Capture(reply)) => {
+                let _ = reply.send(VcpuState::capture(index, &vcpu, &ctx.msr_indices));
+            }
+            Ok(VcpuCmd::Restore(state, reply)) => {
+                let _ = reply.send(state.restore(&vcpu));
+            }
+            Ok(VcpuCmd::Stop) | Err(_) => return,
+        }
+    }
+}
+
+fn handle_exit(index: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<GuestExit> {
+    match exit {
+        VcpuExit::IoOut(port, data) => io_out(port, data, ctx),
+        VcpuExit::IoIn(port, data) => {
+            io_in(port, data, ctx);
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            tracing::trace!("vCPU {index}: unclaimed MMIO read at {addr:#x}");
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::MmioWrite(addr, _) => {
+            tracing::trace!("vCPU {index}: unclaimed MMIO write at {addr:#x}");
+            None
+        }
+        VcpuExit::Shutdown => Some(GuestExit::Reset(format!(
+            "vCPU {index} triple-faulted (KVM_EXIT_SHUTDOWN)"
+        ))),
+        VcpuExit::Hlt => None,
+        VcpuExit::SystemEvent(kind, _) => Some(GuestExit::Reset(format!(
+            "vCPU {index}: system event {kind}"
+        ))),
+        VcpuExit::FailEntry(reason, cpu) => Some(GuestExit::Crashed(format!(
+            "vCPU {index}: KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
+        ))),
+        VcpuExit::InternalError => Some(GuestExit::Crashed(format!(
+            "vCPU {index}: KVM internal error (emulation failure)"
+        ))),
+        other => Some(GuestExit::Crashed(format!(
+            "vCPU {index}: unexpected exit {other:?}"
+        ))),
+    }
+}
+
+/// ACPI PM1a control port (QEMU's q35 address): writing SLP_EN powers off.
+const PM1A_CNT: u16 = 0x604;
+const SLP_EN: u16 = 1 << 13;
+/// Reset control register.
+const RESET_CF9: u16 = 0xcf9;
+/// i8042 command port; command 0xfe pulses the reset line.
+const I8042_CMD: u16 = 0x64;
+
+fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
+    if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
+        if let Ok(mut com1) = ctx.com1.lock() {
+            for &b in data {
+                com1.write((port - COM1_BASE) as u8, b);
+            }
+        }
+        return None;
+    }
+    let value = data
+        .iter()
+        .rev()
+        .fold(0u32, |acc, &b| (acc << 8) | u32::from(b));
+    match port {
+        PM1A_CNT if value & u32::from(SLP_EN) != 0 => Some(GuestExit::Poweroff),
+        RESET_CF9 if value & 0x4 != 0 => Some(GuestExit::Reset("reset through port 0xcf9".into())),
+        I8042_CMD if value == 0xfe => {
+            Some(GuestExit::Reset("reset through the keyboard controller".into()))
+        }
+        _ => None,
+    }
+}
+
+fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
+    if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
+        if let Ok(mut com1) = ctx.com1.lock() {
+            for b in data.iter_mut() {
+                *b = com1.read((port - COM1_BASE) as u8);
+            }
+        }
+        return;
+    }
+    // Nothing else is decoded: an open bus reads all ones.
+    data.fill(0xff);
+}

@@ -1,0 +1,382 @@
+//! Building, running, pausing and tearing down a VM.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use ferry_kvm::{Backing, GuestRam};
+
+use crate::cpu::{checkpoint_msrs, vcpu_cpuid, VcpuState};
+use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
+use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
+use crate::VmmError;
+
+/// Most vCPUs a ferry VM may have.
+pub const MAX_VCPUS: u32 = 64;
+
+/// What the user asks for.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub backing: Backing,
+    pub serial: SinkSpec,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct KernelConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+/// The VM's shape: what a destination must match before any state is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShape {
+    /// RAM ranges as (guest physical base, bytes), one per KVM slot.
+    pub ram_ranges: Vec<(u64, u64)>,
+    pub vcpus: u32,
+    /// Devices by name, in a stable order.
+    pub devices: Vec<String>,
+}
+
+/// VM-wide KVM state: clock, interrupt controllers, PIT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub clock: kvm_bindings::kvm_clock_data,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_bindings::kvm_pit_state2,
+}
+
+/// State of every emulated device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub com1: SerialDeviceState,
+}
+
+/// A VM on /dev/kvm.
+#[derive(Debug)]
+pub struct Vm {
+    config: VmConfig,
+    // Field order matters for Drop: vCPU threads stop first, then the VM fd closes, and
+    // guest RAM (registered with the VM) is unmapped last.
+    vcpus: Vec<VcpuHandle>,
+    com1: Arc<Mutex<Com1>>,
+    com1_irq: EventFd,
+    vm: VmFd,
+    _kvm: Kvm,
+    ram: Arc<GuestRam>,
+    exits: Receiver<GuestExit>,
+    running: bool,
+    sink: SerialSink,
+}
+
+impl Vm {
+    /// Creates the VM, its RAM, irqchip, PIT, COM1 and stopped vCPUs (not booted yet).
+    pub fn create(config: VmConfig) -> Result<Self, VmmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "{} vCPUs requested; ferry supports 1 to {MAX_VCPUS}",
+                config.vcpus
+            )));
+        }
+        let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
+            .map_err(|e| VmmError::Config(e.to_string()))?;
+        let ranges: Vec<(u64, u64)> = layout.ranges().iter().map(|(a, s)| (a.0, *s)).collect();
+        Self::create_with_ranges(config, &ranges)
+    }
+
+    fn create_with_ranges(config: VmConfig, ranges: &[(u64, u64)]) -> Result<Self, VmmError> {
+        ferry_kvm::install_kick_handler().map_err(|e| VmmError::Config(e.to_string()))?;
+        let kvm = Kvm::new().map_err(|e| {
+            VmmError::NoKvm(format!(
+                "cannot open /dev/kvm ({e}): load the kvm module and give this user access to /dev/kvm"
+            ))
+        })?;
+        let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+        let ram = Arc::new(GuestRam::new(ranges, config.backing)?);
+        ram.register(&vm, false)?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm.set_identity_map_address(0xfffb_c000)
+            .map_err(|e| VmmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
+
+        let com1_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::Io("cannot create an eventfd".into(), e))?;
+        vm.register_irqfd(&com1_irq, COM1_IRQ)
+            .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+        let sink = SerialSink::open(&config.serial).map_err(|e| VmmError::Config(e.to_string()))?;
+        let irq = com1_irq
+            .try_clone()
+            .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
+        let com1 = Arc::new(Mutex::new(Com1::new(irq, sink.clone())));
+
+        let mut fds: Vec<VcpuFd> = Vec::new();
+        for i in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(i))
+                .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+            let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+            let cpuid = vcpu_cpuid(&kvm, i, config.vcpus, tsc_khz)?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
+            fds.push(fd);
+        }
+        let msr_indices = Arc::new(checkpoint_msrs(&kvm, &fds[0])?);
+        let (exit_tx, exit_rx) = mpsc::channel();
+        let ctx = VcpuContext {
+            com1: com1.clone(),
+            exits: exit_tx,
+            msr_indices,
+        };
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (i, fd) in fds.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(i as u32, fd, ctx.clone())?);
+        }
+        Ok(Self {
+            config,
+            vcpus,
+            com1,
+            com1_irq,
+            vm,
+            _kvm: kvm,
+            ram,
+            exits: exit_rx,
+            running: false,
+            sink,
+        })
+    }
+
+    /// Loads a kernel (PVH ELF, ELF vmlinux or bzImage) and sets up the boot vCPU.
+    pub fn boot(&mut self, kernel: &KernelConfig) -> Result<(), VmmError> {
+        let layout = ferry_boot::MemoryLayout::new(self.config.mem_bytes)
+            .map_err(|e| VmmError::Config(e.to_string()))?;
+        let mut image = File::open(&kernel.kernel).map_err(|e| {
+            VmmError::Io(format!("cannot open kernel {}", kernel.kernel.display()), e)
+        })?;
+        let mut initrd = match &kernel.initrd {
+            Some(p) => Some(
+                File::open(p)
+                    .map_err(|e| VmmError::Io(format!("cannot open initrd {}", p.display()), e))?,
+            ),
+            None => None,
+        };
+        let info = ferry_boot::load_kernel(
+            self.ram.memory(),
+            &layout,
+            &mut image,
+            initrd.as_mut().map(|f| f as &mut dyn ferry_boot::ReadSeek),
+            &kernel.cmdline,
+        )
+        .map_err(|e| VmmError::Boot(format!("kernel {}: {e}", kernel.kernel.display())))?;
+        let boot = BootVcpu { info };
+        let state = boot.initial_state(self)?;
+        self.vcpus[0].restore(state)?;
+        Ok(())
+    }
+
+    /// Lets every vCPU run.
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops every vCPU and waits until none is inside the guest.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        for v in &self.vcpus {
+            v.request_pause();
+        }
+        for v in &self.vcpus {
+            v.wait_paused()?;
+        }
+        self.running = false;
+        Ok(())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Guest exits reported by vCPU threads.
+    pub fn exits(&self) -> &Receiver<GuestExit> {
+        &self.exits
+    }
+
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn serial_pty(&self) -> Option<&std::path::Path> {
+        self.sink.pty_path.as_deref()
+    }
+
+    pub fn shape(&self) -> VmShape {
+        VmShape {
+            ram_ranges: self.ram.ranges(),
+            vcpus: self.config.vcpus,
+            devices: vec!["com1".into()],
+        }
+    }
+
+    /// State of every vCPU; the VM must be paused.
+    pub fn capture_vcpus(&self) -> Result<Vec<VcpuState>, VmmError> {
+        self.vcpus.iter().map(|v| v.capture()).collect()
+    }
+
+    /// VM-wide state; the VM must be paused.
+    pub fn capture_vm(&self) -> Result<VmState, VmmError> {
+        let chip = |id| {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .map_err(|e| VmmError::Kvm("KVM_GET_IRQCHIP", e))?;
+            Ok::<_, VmmError>(c)
+        };
+        Ok(VmState {
+            clock: self
+                .vm
+                .get_clock()
+                .map_err(|e| VmmError::Kvm("KVM_GET_CLOCK", e))?,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self
+                .vm
+                .get_pit2()
+                .map_err(|e| VmmError::Kvm("KVM_GET_PIT2", e))?,
+        })
+    }
+
+    pub fn capture_devices(&self) -> Result<DevicesState, VmmError> {
+        let com1 = self
+            .com1
+            .lock()
+            .map_err(|_| VmmError::Config("serial device lock poisoned".into()))?;
+        Ok(DevicesState { com1: com1.state() })
+    }
+
+    /// Creates a VM of exactly `shape` (for restore and incoming migration).
+    pub fn create_for_shape(
+        shape: &VmShape,
+        backing: Backing,
+        serial: SinkSpec,
+    ) -> Result<Self, VmmError> {
+        if shape.devices != ["com1"] {
+            return Err(VmmError::Restore(format!(
+                "the VM has devices {:?}; this ferry provides only [\"com1\"]",
+                shape.devices
+            )));
+        }
+        let mem_bytes = shape.ram_ranges.iter().map(|r| r.1).sum();
+        let config = VmConfig {
+            mem_bytes,
+            vcpus: shape.vcpus,
+            backing,
+            serial,
+        };
+        Self::create_with_ranges(config, &shape.ram_ranges)
+    }
+
+    /// Loads captured state into this (never run) VM. All of it was validated by the
+    /// caller's decoding; KVM may still refuse values, which is reported.
+    pub fn restore_state(
+        &mut self,
+        vcpus: Vec<VcpuState>,
+        vm: &VmState,
+        devices: &DevicesState,
+    ) -> Result<(), VmmError> {
+        if vcpus.len() != self.vcpus.len() {
+            return Err(VmmError::Restore(format!(
+                "state for {} vCPUs, VM has {}",
+                vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        let mut clock = vm.clock;
+        clock.flags = 0;
+        self.vm
+            .set_clock(&clock)
+            .map_err(|e| VmmError::Kvm("KVM_SET_CLOCK", e))?;
+        for chip in [&vm.pic_master, &vm.pic_slave, &vm.ioapic] {
+            self.vm
+                .set_irqchip(chip)
+                .map_err(|e| VmmError::Kvm("KVM_SET_IRQCHIP", e))?;
+        }
+        self.vm
+            .set_pit2(&vm.pit)
+            .map_err(|e| VmmError::Kvm("KVM_SET_PIT2", e))?;
+        for (handle, state) in self.vcpus.iter().zip(vcpus) {
+            if state.index != handle.index {
+                return Err(VmmError::Restore(format!(
+                    "vCPU state {} arrived in slot {}",
+                    state.index, handle.index
+                )));
+            }
+            handle.restore(state)?;
+        }
+        let irq = self
+            .com1_irq
+            .try_clone()
+            .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
+        let com1 = Com1::from_state(&devices.com1, irq, self.sink.clone())
+            .map_err(VmmError::Restore)?;
+        *self
+            .com1
+            .lock()
+            .map_err(|_| VmmError::Config("serial device lock poisoned".into()))? = com1;
+        Ok(())
+    }
+}
+
+/// Initial register state of the boot vCPU for a loaded kernel.
+struct BootVcpu {
+    info: ferry_boot::BootInfo,
+}
+
+impl BootVcpu {
+    fn initial_state(&self, vm: &Vm) -> Result<VcpuState, VmmError> {
+        let mut state = vm.vcpus[0].capture()?;
+        state.regs = ferry_boot::boot_regs(&self.info);
+        ferry_boot::boot_sregs(&self.info, vm.ram.memory(), &mut state.sregs)
+            .map_err(|e| VmmError::Boot(e.to_string()))?;
+        let fpu = ferry_boot::boot_fpu();
+        // The legacy XSAVE area starts with the FXSAVE image: FCW at byte 0, MXCSR at 24.
+        let region = &mut state.xsave.region;
+        region[0] = (region[0] & !0xffff) | u32::from(fpu.fcw);
+        region[6] = fpu.mxcsr;
+        Ok(state)
+    }
+}
