@@ -1,1 +1,146 @@
-//! placeholder
+//! ferry's test guests, assembled from source, and the memory oracle that
+//! checks them.
+//!
+//! # The dirtier guest
+//!
+//! [`DIRTIER_ELF`] is a tiny PVH-bootable x86-64 guest (`guest/dirtier.S`,
+//! assembled and linked by `build.rs` with the system `as` and `ld`). It boots
+//! under `qemu-system-x86_64 -M microvm -kernel` and under ferry's loader,
+//! switches to long mode, drops to ring 3 (IOPL 3, IF 0) and keeps rewriting a
+//! working set of guest pages so that a live migration always has dirty pages
+//! to chase. Every byte of the image lies in `[1 MiB, 2 MiB)`; the VMM must
+//! keep its boot structures (start info, memory map, command line) out of RAM
+//! from 2 MiB up, which belongs to the guest's working set and fill.
+//!
+//! Command line (space separated `key=value`, unknown keys ignored):
+//!
+//! | key | meaning | default |
+//! |-----|---------|---------|
+//! | `ws=<N>[K\|M\|G]`, `ws=<P>%` | working-set size in bytes (or percent of usable RAM), rounded down to pages, clamped to usable RAM | `0` (idle) |
+//! | `pattern=seq\|random` | sweep order: sequential, or a constant stride coprime with N, starting near 0.618 N | `seq` |
+//! | `pause=<ms>` | busy-wait after each pass | `0` |
+//! | `hb=<ms>` | heartbeat period: a `.` on COM1 at most this often (`0` = none) | `1` |
+//! | `fill=0\|1` | once at boot, write the fill signature into every other usable page | `0` |
+//!
+//! Serial output (COM1): `dirtier: ws=<pages> stride=<s> fill=<0|1>`, then
+//! heartbeat dots (also during the fill), `dirtier: ready` just before the
+//! first pass, then heartbeat dots only. A CPU exception prints
+//! `EXC <vector>` and halts.
+//!
+//! Usable RAM is the PVH memory map's RAM ranges clipped to `[2 MiB, 64 GiB)`,
+//! whole pages, first 8 ranges, sorted by address. Usable page index `i` maps
+//! to a GPA through that range list. The header page at [`HEADER_GPA`] holds
+//! little-endian u64 fields at the `header::*` offsets; the magic is written
+//! last. Pass `p` (from 1) writes, for sweep index `j` in `0..N`, the page
+//! `i = j * stride mod N`: u64 `p` at offset 4088, the page's GPA at offset 8,
+//! then u64 `p` at offset 0, and after the sweep sets the header's pass count
+//! to `p`. Fill pages carry their GPA at offset 0, `FERRYFIL` at offset 8 and
+//! the bitwise-not GPA at offset 4088.
+//!
+//! # The oracle
+//!
+//! [`check`] reads a memory image through [`PhysMem`] and decides whether it
+//! is a state the guest could have been in: see [`oracle`] for the rules.
+
+pub mod image;
+pub mod oracle;
+pub mod synth;
+
+pub use image::{FileImage, PhysMem, SliceImage};
+pub use oracle::{check, OracleError, OracleReport, UsableRange};
+
+/// The dirtier guest: an ELF64 PVH image linked at 1 MiB.
+pub const DIRTIER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dirtier.elf"));
+
+/// Guest-physical address of the dirtier header page (the image's first page).
+pub const HEADER_GPA: u64 = 0x10_0000;
+/// `FERRYDRT` read as a little-endian u64.
+pub const HEADER_MAGIC: u64 = 0x5452_4459_5252_4546;
+/// Header layout version written by this guest.
+pub const HEADER_VERSION: u64 = 1;
+/// Guest page size.
+pub const PAGE_SIZE: u64 = 4096;
+/// Usable RAM for the working set and fill starts here.
+pub const USABLE_RAM_START: u64 = 0x20_0000;
+/// The guest identity-maps (and so can use) RAM below this address.
+pub const IDENTITY_MAP_LIMIT: u64 = 64 << 30;
+/// At most this many usable RAM ranges.
+pub const MAX_RANGES: usize = 8;
+/// Bytes at offset 8 of every fill page.
+pub const FILL_SIGNATURE: [u8; 8] = *b"FERRYFIL";
+/// Offset of the trailing counter (working set) or `!GPA` (fill) in a page.
+pub const PAGE_TAIL_OFFSET: usize = 4088;
+
+/// Byte offsets of the header's little-endian u64 fields.
+pub mod header {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const WS_PAGES: usize = 16;
+    pub const STRIDE: usize = 24;
+    pub const PASSES: usize = 32;
+    pub const FILL: usize = 40;
+    pub const FILL_DONE: usize = 48;
+    pub const TSC_KHZ: usize = 56;
+    pub const NRANGES: usize = 64;
+    /// `NRANGES` pairs of (start GPA, length in bytes).
+    pub const RANGES: usize = 72;
+}
+
+#[cfg(test)]
+mod elf_tests {
+    use super::*;
+
+    fn u16_at(b: &[u8], o: usize) -> u16 {
+        u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
+    }
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn dirtier_is_a_pvh_elf_below_2mib() {
+        let elf = DIRTIER_ELF;
+        assert_eq!(&elf[..4], b"\x7fELF");
+        assert_eq!(elf[4], 2, "ELF64");
+        assert_eq!(u16_at(elf, 18), 62, "x86-64");
+        let entry = u64_at(elf, 24);
+        let phoff = u64_at(elf, 32) as usize;
+        let phentsize = u16_at(elf, 54) as usize;
+        let phnum = u16_at(elf, 56) as usize;
+        let mut loads = 0;
+        let mut pvh_entry = None;
+        let mut covers_header = false;
+        for k in 0..phnum {
+            let ph = &elf[phoff + k * phentsize..];
+            let (p_type, offset, paddr) = (u32_at(ph, 0), u64_at(ph, 8), u64_at(ph, 24));
+            let (filesz, memsz, align) = (u64_at(ph, 32), u64_at(ph, 40), u64_at(ph, 48));
+            match p_type {
+                1 => {
+                    loads += 1;
+                    assert!(
+                        paddr >= 0x10_0000 && paddr + memsz <= 0x20_0000,
+                        "PT_LOAD {paddr:#x}+{memsz:#x}"
+                    );
+                    covers_header |= paddr == HEADER_GPA;
+                }
+                4 => {
+                    assert_eq!(align, 4, "QEMU computes note padding from p_align");
+                    let note = &elf[offset as usize..(offset + filesz) as usize];
+                    let (namesz, descsz, ntype) =
+                        (u32_at(note, 0), u32_at(note, 4), u32_at(note, 8));
+                    assert_eq!((namesz, descsz, ntype), (4, 4, 18));
+                    assert_eq!(&note[12..16], b"Xen\0");
+                    pvh_entry = Some(u64::from(u32_at(note, 16)));
+                    // QEMU reads the descriptor as a host size_t: the next 4 bytes must be 0.
+                    assert_eq!(u32_at(note, 20), 0);
+                }
+                _ => {}
+            }
+        }
+        assert!(loads >= 1 && covers_header);
+        assert_eq!(pvh_entry, Some(entry), "PVH note names the ELF entry point");
+    }
+}
