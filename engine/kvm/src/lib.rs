@@ -5,6 +5,7 @@
 //! and the few vCPU ioctls that kvm-ioctls marks unsafe. Every other crate of
 //! the workspace forbids `unsafe` and goes through these functions.
 
+pub mod fd;
 pub mod memory;
 pub mod vcpu;
 

@@ -7,7 +7,8 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 /// Size of a guest page: ferry tracks, sends and checks memory in 4 KiB pages.
@@ -30,7 +31,9 @@ pub enum Backing {
 /// Errors of guest memory handling.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("cannot allocate {size} bytes of guest RAM at {gpa:#x} ({backing:?} backing): {source}")]
+    #[error(
+        "cannot allocate {size} bytes of guest RAM at {gpa:#x} ({backing:?} backing): {source}"
+    )]
     Allocate {
         gpa: u64,
         size: u64,
@@ -134,7 +137,11 @@ impl GuestRam {
             let slot = slot as u32;
             let region = kvm_userspace_memory_region {
                 slot,
-                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                flags: if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: gpa,
                 memory_size: size,
                 userspace_addr: host as u64,
@@ -221,7 +228,13 @@ impl GuestRam {
             // SAFETY: `host..host+size` is a mapping we own; MADV_DONTNEED on a private
             // anonymous or shared mapping only drops its contents (reads return zero or the
             // file's contents), it never invalidates the mapping.
-            unsafe { libc::madvise(host as *mut libc::c_void, size as usize, libc::MADV_DONTNEED) };
+            unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    size as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
         }
     }
 }
@@ -237,9 +250,9 @@ fn map_region(gpa: u64, size: u64, backing: Backing) -> Result<GuestRegionMmap, 
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let builder = MmapRegionBuilder::new(len).with_mmap_prot(prot);
     let builder = match backing {
-        Backing::Anonymous => builder.with_mmap_flags(
-            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        ),
+        Backing::Anonymous => {
+            builder.with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        }
         Backing::Shared => {
             builder.with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_SHARED | libc::MAP_NORESERVE)
         }

@@ -7,9 +7,7 @@
 
 use std::io::{Read, Write};
 
-use ferry_format::{
-    RamBatch, RamBatchBuilder, SectionId, StreamReader, StreamWriter,
-};
+use ferry_format::{RamBatch, RamBatchBuilder, SectionId, StreamReader, StreamWriter};
 use ferry_kvm::{Backing, GuestRam, PAGE_SIZE};
 
 use crate::cpu::VcpuState;
@@ -148,7 +146,7 @@ pub fn check_shape(shape: &VmShape, opts: &RestoreOptions) -> Result<(), VmmErro
 /// Reads a whole checkpoint and returns a paused VM ready to resume.
 pub fn restore<R: Read>(r: R, opts: &RestoreOptions) -> Result<Vm, VmmError> {
     let limits = ferry_format::Limits::default();
-    let (mut reader, _preamble) = StreamReader::new(r, limits.clone())?;
+    let (mut reader, _preamble) = StreamReader::new(r, limits)?;
     let mut buf = Vec::new();
     let header = reader.next_section(&mut buf)?;
     if header.id != SectionId::Shape {
@@ -172,7 +170,9 @@ pub fn restore<R: Read>(r: R, opts: &RestoreOptions) -> Result<Vm, VmmError> {
             }
             SectionId::Vcpus => vcpus = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
             SectionId::Vm => vm_state = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
-            SectionId::Devices => devices = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
+            SectionId::Devices => {
+                devices = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?)
+            }
             SectionId::End => break,
             other => {
                 return Err(VmmError::Restore(format!(

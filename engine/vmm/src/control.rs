@@ -66,18 +66,20 @@ pub fn checkpoint_to_file(vm: &Vm, path: &Path) -> Result<checkpoint::Checkpoint
     let tmp = PathBuf::from(format!("{}.partial", path.display()));
     let io = |what: String| move |e| VmmError::Io(what, e);
     let file = File::create(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
-    let result = checkpoint::save(vm, std::io::BufWriter::with_capacity(1 << 20, file))
-        .and_then(|(w, stats)| {
+    let result = checkpoint::save(vm, std::io::BufWriter::with_capacity(1 << 20, file)).and_then(
+        |(w, stats)| {
             let file = w
                 .into_inner()
                 .map_err(|e| VmmError::Io("cannot flush the checkpoint".into(), e.into_error()))?;
             file.sync_all()
                 .map_err(io(format!("cannot sync {}", tmp.display())))?;
             Ok(stats)
-        });
+        },
+    );
     match result {
         Ok(stats) => {
-            std::fs::rename(&tmp, path).map_err(io(format!("cannot rename to {}", path.display())))?;
+            std::fs::rename(&tmp, path)
+                .map_err(io(format!("cannot rename to {}", path.display())))?;
             Ok(stats)
         }
         Err(e) => {
@@ -177,7 +179,9 @@ pub fn run(mut vm: Vm, control: Option<&Path>, start: bool) -> Result<RunOutcome
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
-                return Err(VmmError::Config("the control socket thread has exited".into()))
+                return Err(VmmError::Config(
+                    "the control socket thread has exited".into(),
+                ))
             }
         }
     }

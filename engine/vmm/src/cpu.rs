@@ -131,7 +131,8 @@ impl VcpuState {
                 }
             }
         }
-        vcpu.set_mp_state(self.mp_state).map_err(k("KVM_SET_MP_STATE"))?;
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(k("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(k("KVM_SET_REGS"))?;
         vcpu.set_sregs(&self.sregs).map_err(k("KVM_SET_SREGS"))?;
         ferry_kvm::set_xsave(vcpu, &self.xsave).map_err(k("KVM_SET_XSAVE"))?;

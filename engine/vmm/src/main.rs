@@ -15,7 +15,11 @@ use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::{GuestExit, KernelConfig, Vm, VmConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry-vm", version, about = "Run, checkpoint and restore a KVM virtual machine")]
+#[command(
+    name = "ferry-vm",
+    version,
+    about = "Run, checkpoint and restore a KVM virtual machine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -101,7 +105,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("unknown size suffix '{c}' in '{s}': use K, M, G or T")),
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix '{c}' in '{s}': use K, M, G or T"
+                    ))
+                }
             };
             (&s[..i], m)
         }
@@ -110,7 +118,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("'{s}' is not a size: use e.g. 256M or 1G"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 fn main() -> ExitCode {

@@ -48,6 +48,8 @@ pub(crate) struct VcpuHandle {
     cmds: Sender<VcpuCmd>,
     acks: Receiver<()>,
     pause: Arc<AtomicBool>,
+    /// Whether the VMM let this vCPU run and has not seen it stop since.
+    running: AtomicBool,
 }
 
 impl VcpuHandle {
@@ -67,6 +69,7 @@ impl VcpuHandle {
             cmds: cmd_tx,
             acks: ack_rx,
             pause,
+            running: AtomicBool::new(false),
         })
     }
 
@@ -77,6 +80,10 @@ impl VcpuHandle {
     }
 
     pub fn resume(&self) -> Result<(), VmmError> {
+        // Drop an acknowledgement left by a stop the vCPU made on its own (guest exit),
+        // so the next pause waits for a fresh one.
+        while self.acks.try_recv().is_ok() {}
+        self.running.store(true, Ordering::Release);
         self.pause.store(false, Ordering::Release);
         self.send(VcpuCmd::Resume)
     }
@@ -88,6 +95,9 @@ impl VcpuHandle {
 
     /// Waits until the vCPU has left KVM_RUN, kicking it out of the guest as needed.
     pub fn wait_paused(&self) -> Result<(), VmmError> {
+        if !self.running.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let Some(thread) = &self.thread else {
             return Err(VmmError::VcpuGone(self.index));
         };
@@ -100,7 +110,10 @@ impl VcpuHandle {
             // again after a short wait covers that window.
             ferry_kvm::kick(pthread).map_err(|e| VmmError::Config(e.to_string()))?;
             match self.acks.recv_timeout(Duration::from_millis(2)) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.running.store(false, Ordering::Release);
+                    return Ok(());
+                }
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return Err(VmmError::VcpuGone(self.index)),
             }
@@ -159,9 +172,9 @@ fn vcpu_loop(
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => {
-                    let _ = ctx
-                        .exits
-                        .send(GuestExit::Crashed(format!("vCPU {index}: KVM_RUN failed: {e}")));
+                    let _ = ctx.exits.send(GuestExit::Crashed(format!(
+                        "vCPU {index}: KVM_RUN failed: {e}"
+                    )));
                     pause.store(true, Ordering::Release);
                 }
             }
@@ -239,9 +252,9 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
     match port {
         PM1A_CNT if value & u32::from(SLP_EN) != 0 => Some(GuestExit::Poweroff),
         RESET_CF9 if value & 0x4 != 0 => Some(GuestExit::Reset("reset through port 0xcf9".into())),
-        I8042_CMD if value == 0xfe => {
-            Some(GuestExit::Reset("reset through the keyboard controller".into()))
-        }
+        I8042_CMD if value == 0xfe => Some(GuestExit::Reset(
+            "reset through the keyboard controller".into(),
+        )),
         _ => None,
     }
 }

@@ -6,8 +6,8 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -105,7 +105,9 @@ impl Vm {
                 "cannot open /dev/kvm ({e}): load the kvm module and give this user access to /dev/kvm"
             ))
         })?;
-        let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
         let ram = Arc::new(GuestRam::new(ranges, config.backing)?);
         ram.register(&vm, false)?;
         vm.set_tss_address(0xfffb_d000)
@@ -351,8 +353,8 @@ impl Vm {
             .com1_irq
             .try_clone()
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
-        let com1 = Com1::from_state(&devices.com1, irq, self.sink.clone())
-            .map_err(VmmError::Restore)?;
+        let com1 =
+            Com1::from_state(&devices.com1, irq, self.sink.clone()).map_err(VmmError::Restore)?;
         *self
             .com1
             .lock()

@@ -116,8 +116,8 @@ impl SerialSink {
             )),
             SinkSpec::UnixServer(p) => {
                 let _ = std::fs::remove_file(p);
-                let listener =
-                    UnixListener::bind(p).map_err(open_err(format!("unix:{},server", p.display())))?;
+                let listener = UnixListener::bind(p)
+                    .map_err(open_err(format!("unix:{},server", p.display())))?;
                 let sink = Self {
                     inner: Arc::new(Mutex::new(Target::Stream(None))),
                     pty_path: None,
@@ -137,13 +137,15 @@ impl SerialSink {
                 return Ok(sink);
             }
             SinkSpec::Pty => {
-                let pty = nix::pty::openpty(None, None)
-                    .map_err(|e| SinkError::Open {
-                        what: "pty".into(),
-                        source: io::Error::from(e),
-                    })?;
-                let name = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&pty.slave)))
-                    .map_err(open_err("pty name".into()))?;
+                let pty = nix::pty::openpty(None, None).map_err(|e| SinkError::Open {
+                    what: "pty".into(),
+                    source: io::Error::from(e),
+                })?;
+                let name = std::fs::read_link(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&pty.slave)
+                ))
+                .map_err(open_err("pty name".into()))?;
                 tracing::info!("serial console on {}", name.display());
                 pty_path = Some(name);
                 // Keep the slave open so writes do not fail before a client attaches.
@@ -206,7 +208,9 @@ mod tests {
             SinkSpec::File("/tmp/x".into())
         );
         assert_eq!(
-            "unix:/tmp/s,server=on,wait=off".parse::<SinkSpec>().unwrap(),
+            "unix:/tmp/s,server=on,wait=off"
+                .parse::<SinkSpec>()
+                .unwrap(),
             SinkSpec::UnixServer("/tmp/s".into())
         );
         assert_eq!(

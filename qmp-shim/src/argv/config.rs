@@ -1,0 +1,409 @@
+//! Policy: which parsed options ferry can honour. Everything the guest would
+//! notice and ferry cannot provide is refused with the option and the thing
+//! named. A few devices libvirt adds by default are accepted and *modelled as
+//! absent* (listed in [`MODELLED_AS_ABSENT`]): the guest sees no such device,
+//! which for these is indistinguishable from an idle one for the guests ferry
+//! targets (direct kernel boot, serial console).
+
+use serde_json::Value;
+
+use super::opts::json_text;
+use super::{Accel, ArgvError, Chardev, ChardevBackend, Invocation, SerialSpec, SocketEndpoint};
+use crate::backend::{MachineConfig, MachineType};
+
+/// Printed after a refusal, for the operator.
+pub const UNSUPPORTED_HINT: &str =
+    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot and 16550 serial ports";
+
+/// `-device` drivers accepted but not modelled (libvirt adds them by default).
+pub const MODELLED_AS_ABSENT: &[&str] = &[
+    "piix3-usb-uhci",
+    "piix4-usb-uhci",
+    "qemu-xhci",
+    "ich9-usb-ehci1",
+    "ich9-usb-uhci1",
+    "ich9-usb-uhci2",
+    "ich9-usb-uhci3",
+    "virtio-balloon-pci",
+    "virtio-balloon-device",
+];
+
+/// `-device` drivers ferry models.
+pub const MODELLED_DEVICES: &[&str] = &["isa-serial"];
+
+/// Machine types ferry accepts; `query-machines` advertises the same.
+pub const MACHINE_TYPES: &[&str] = &["pc-i440fx-7.2", "pc", "microvm"];
+
+/// CPU models accepted by `-cpu` (features are passed on to the engine).
+pub const CPU_MODELS: &[&str] = &["host", "max", "qemu64", "kvm64", "base"];
+
+/// `-global` settings accepted (they configure devices ferry models as absent).
+const GLOBALS: &[&str] = &[
+    "PIIX4_PM.disable_s3",
+    "PIIX4_PM.disable_s4",
+    "ICH9-LPC.disable_s3",
+    "ICH9-LPC.disable_s4",
+    "kvm-pit.lost_tick_policy",
+];
+
+/// A serial port and the chardev behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialConfig {
+    /// COM index (0 = ttyS0 at 0x3f8).
+    pub index: u32,
+    pub chardev: Chardev,
+}
+
+impl Invocation {
+    /// True for the capability probe (`-machine none`): no VM is built.
+    pub fn is_probe(&self) -> bool {
+        self.machine.as_deref() == Some("none")
+    }
+
+    /// The machine ferry should build, or the first thing it cannot honour.
+    /// `Ok(None)` for `-machine none`.
+    pub fn machine_config(&self) -> Result<Option<MachineConfig>, ArgvError> {
+        self.check_monitors()?;
+        if self.is_probe() {
+            // The probe runs no guest; libvirt also probes with accel=tcg.
+            return Ok(None);
+        }
+        self.check_accel()?;
+        if let Some((option, _)) = self.refused_options.first() {
+            return Err(ArgvError::unsupported(option, "this option"));
+        }
+        let machine = match self.machine.as_deref().unwrap_or("pc") {
+            "pc" | "pc-i440fx-7.2" => MachineType::Pc,
+            "microvm" => MachineType::Microvm,
+            other => {
+                return Err(ArgvError::unsupported(
+                    "-machine",
+                    format!("machine type '{other}'"),
+                ))
+            }
+        };
+        let mem_bytes = self.check_memory()?;
+        let vcpus = self.check_smp()?;
+        self.check_misc()?;
+        let serials = self.serials()?;
+        Ok(Some(MachineConfig {
+            machine,
+            mem_bytes,
+            vcpus,
+            cpu_model: self.cpu.as_ref().map(|c| c.model.clone()),
+            cpu_features: self
+                .cpu
+                .as_ref()
+                .map(|c| c.features.clone())
+                .unwrap_or_default(),
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            append: self.append.clone().unwrap_or_default(),
+            serials,
+            absent_devices: self
+                .devices
+                .iter()
+                .filter(|d| MODELLED_AS_ABSENT.contains(&d.kind.as_str()))
+                .map(|d| d.id.clone().unwrap_or_else(|| d.kind.clone()))
+                .collect(),
+            name: self.name.as_ref().and_then(|n| n.guest.clone()),
+            uuid: self.uuid.clone(),
+            start_paused: self.start_paused,
+            no_shutdown: self.no_shutdown,
+            no_reboot: self.no_reboot,
+            incoming: self.incoming.clone(),
+        }))
+    }
+
+    fn check_accel(&self) -> Result<(), ArgvError> {
+        // `accel=kvm:tcg` means "kvm, else tcg": fine as long as kvm is in it.
+        if self.accel.is_empty() || self.accel.contains(&Accel::Kvm) {
+            return Ok(());
+        }
+        let names: Vec<String> = self
+            .accel
+            .iter()
+            .map(|a| match a {
+                Accel::Kvm => "kvm".to_string(),
+                Accel::Tcg => "tcg".to_string(),
+                Accel::Other(s) => s.clone(),
+            })
+            .collect();
+        Err(ArgvError::unsupported(
+            "-accel",
+            format!(
+                "accelerator '{}' (ferry runs guests on KVM only: use <domain type='kvm'>)",
+                names.join(":")
+            ),
+        ))
+    }
+
+    fn check_monitors(&self) -> Result<(), ArgvError> {
+        for m in &self.monitors {
+            let Some(c) = self.chardevs.iter().find(|c| c.id == m.chardev) else {
+                return Err(ArgvError::invalid(
+                    "-mon",
+                    &m.chardev,
+                    &format!("chardev '{}' not found", m.chardev),
+                ));
+            };
+            if !m.control {
+                return Err(ArgvError::unsupported(
+                    "-mon",
+                    "the human monitor (mode=readline)",
+                ));
+            }
+            match &c.backend {
+                ChardevBackend::Socket(s) if s.server => {
+                    if let SocketEndpoint::Tcp { .. } = s.endpoint {
+                        return Err(ArgvError::unsupported("-chardev", "a TCP monitor socket"));
+                    }
+                }
+                _ => {
+                    return Err(ArgvError::unsupported(
+                        "-mon",
+                        format!("monitor chardev '{}' (only listening unix sockets)", c.id),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_memory(&self) -> Result<u64, ArgvError> {
+        let mut size = self.memory.as_ref().map_or(128 << 20, |m| m.size_bytes);
+        if let Some(m) = &self.memory {
+            if m.slots.is_some() || m.maxmem_bytes.is_some() {
+                return Err(ArgvError::unsupported(
+                    "-m",
+                    "memory hotplug (slots=/maxmem=)",
+                ));
+            }
+        }
+        let backend_id = self.machine_props.get("memory-backend");
+        for o in &self.objects {
+            match o.kind.as_str() {
+                "secret" => {}
+                "memory-backend-ram" if o.id.as_deref() == backend_id && backend_id.is_some() => {
+                    let bytes = o
+                        .props
+                        .get("size")
+                        .map(json_text)
+                        .and_then(|s| super::parse_size(&s, 1));
+                    match bytes {
+                        Some(b) if self.memory.is_none() => size = b,
+                        Some(b) if b == size => {}
+                        _ => {
+                            return Err(ArgvError::invalid(
+                                "-object",
+                                "memory-backend-ram",
+                                "size does not match -m",
+                            ))
+                        }
+                    }
+                    if let Some(k) = o.props.keys().find(|k| {
+                        !matches!(k.as_str(), "size" | "x-use-canonical-path-for-ramblock-id")
+                    }) {
+                        return Err(ArgvError::unsupported(
+                            "-object",
+                            format!("memory-backend-ram property '{k}'"),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(ArgvError::unsupported(
+                        "-object",
+                        format!("object type '{other}'"),
+                    ))
+                }
+            }
+        }
+        Ok(size)
+    }
+
+    fn check_smp(&self) -> Result<u32, ArgvError> {
+        let Some(smp) = &self.smp else { return Ok(1) };
+        let cpus = smp.boot_cpus();
+        if smp.maxcpus.is_some_and(|m| m > cpus) {
+            return Err(ArgvError::unsupported(
+                "-smp",
+                "CPU hotplug (maxcpus above cpus)",
+            ));
+        }
+        u32::try_from(cpus)
+            .ok()
+            .filter(|c| *c <= 255)
+            .ok_or_else(|| ArgvError::unsupported("-smp", format!("{cpus} vCPUs")))
+    }
+
+    fn check_misc(&self) -> Result<(), ArgvError> {
+        let allowed_machine = [
+            "usb",
+            "dump-guest-core",
+            "memory-backend",
+            "graphics",
+            "vmport",
+        ];
+        if let Some(k) = self.machine_props.unknown_keys(&allowed_machine).first() {
+            return Err(ArgvError::unsupported(
+                "-machine",
+                format!("property '{k}'"),
+            ));
+        }
+        if let Some(cpu) = &self.cpu {
+            if !CPU_MODELS.contains(&cpu.model.as_str()) {
+                return Err(ArgvError::unsupported(
+                    "-cpu",
+                    format!("CPU model '{}'", cpu.model),
+                ));
+            }
+        }
+        if let Some(d) = self.display.as_deref() {
+            if d != "none" {
+                return Err(ArgvError::unsupported("-display", format!("display '{d}'")));
+            }
+        }
+        for g in &self.globals {
+            let key = g.split_once('=').map_or(g.as_str(), |(k, _)| k);
+            if !GLOBALS.contains(&key) {
+                return Err(ArgvError::unsupported("-global", format!("'{g}'")));
+            }
+        }
+        if let Some(rtc) = &self.rtc {
+            if let Some(k) = rtc.unknown_keys(&["base", "clock", "driftfix"]).first() {
+                return Err(ArgvError::unsupported("-rtc", format!("parameter '{k}'")));
+            }
+            if let Some(base) = rtc.get("base") {
+                if base != "utc" && base != "localtime" {
+                    return Err(ArgvError::unsupported("-rtc", format!("base '{base}'")));
+                }
+            }
+        }
+        for o in &self.overcommit {
+            for (k, v) in o.pairs() {
+                if !((k == "mem-lock" || k == "cpu-pm") && v == "off") {
+                    return Err(ArgvError::unsupported("-overcommit", format!("{k}={v}")));
+                }
+            }
+        }
+        for a in &self.audiodevs {
+            if a.kind != "none" {
+                return Err(ArgvError::unsupported(
+                    "-audiodev",
+                    format!("audio driver '{}'", a.kind),
+                ));
+            }
+        }
+        if let Some(b) = self.blockdevs.first() {
+            return Err(ArgvError::unsupported(
+                "-blockdev",
+                format!(
+                    "block node '{}' (driver '{}'): ferry has no disks",
+                    b.id.as_deref().unwrap_or("?"),
+                    b.kind
+                ),
+            ));
+        }
+        if let Some(n) = self.netdevs.first() {
+            return Err(ArgvError::unsupported(
+                "-netdev",
+                format!(
+                    "network backend '{}' ({})",
+                    n.kind,
+                    n.id.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
+        for d in &self.devices {
+            if !MODELLED_DEVICES.contains(&d.kind.as_str())
+                && !MODELLED_AS_ABSENT.contains(&d.kind.as_str())
+            {
+                return Err(ArgvError::unsupported(
+                    "-device",
+                    format!("device '{}'", d.kind),
+                ));
+            }
+        }
+        for c in &self.chardevs {
+            if let ChardevBackend::Other { kind, .. } = &c.backend {
+                return Err(ArgvError::unsupported(
+                    "-chardev",
+                    format!("chardev backend '{kind}' ({})", c.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn chardev(&self, option: &str, id: &str) -> Result<Chardev, ArgvError> {
+        self.chardevs
+            .iter()
+            .find(|c| c.id == id)
+            .cloned()
+            .ok_or_else(|| ArgvError::invalid(option, id, &format!("chardev '{id}' not found")))
+    }
+
+    fn serials(&self) -> Result<Vec<SerialConfig>, ArgvError> {
+        let mut out: Vec<SerialConfig> = Vec::new();
+        for (next, s) in (0u32..).zip(&self.serials) {
+            if let SerialSpec::Chardev(id) = s {
+                out.push(SerialConfig {
+                    index: next,
+                    chardev: self.chardev("-serial", id)?,
+                });
+            }
+        }
+        for d in self.devices.iter().filter(|d| d.kind == "isa-serial") {
+            let id = d.props.get("chardev").map(json_text).ok_or_else(|| {
+                ArgvError::invalid("-device", "isa-serial", "'chardev' is missing")
+            })?;
+            let index = match d.props.get("index") {
+                Some(v) => json_text(v)
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|i| *i < 4)
+                    .ok_or_else(|| ArgvError::invalid("-device", "isa-serial", "bad 'index'"))?,
+                None => (0..4)
+                    .find(|i| out.iter().all(|s| s.index != *i))
+                    .unwrap_or(4),
+            };
+            if index >= 4 || out.iter().any(|s| s.index == index) {
+                return Err(ArgvError::invalid(
+                    "-device",
+                    "isa-serial",
+                    &format!("serial port {index} unavailable"),
+                ));
+            }
+            if let Some(k) = d
+                .props
+                .keys()
+                .find(|k| !matches!(k.as_str(), "chardev" | "index"))
+            {
+                if !matches!(d.props.get(k.as_str()), Some(Value::Null)) {
+                    return Err(ArgvError::unsupported(
+                        "-device",
+                        format!("isa-serial property '{k}'"),
+                    ));
+                }
+            }
+            out.push(SerialConfig {
+                index,
+                chardev: self.chardev("-device", &id)?,
+            });
+        }
+        // QEMU's default serial (without -nodefaults) is stdio with -nographic.
+        if out.is_empty() && !self.nodefaults && self.nographic {
+            out.push(SerialConfig {
+                index: 0,
+                chardev: Chardev {
+                    id: "serial0".into(),
+                    backend: ChardevBackend::Stdio,
+                    logfile: None,
+                    logappend: false,
+                },
+            });
+        }
+        out.sort_by_key(|s| s.index);
+        Ok(out)
+    }
+}

@@ -1,0 +1,350 @@
+//! The VM operations the QMP layer needs, as a trait the engine implements.
+//!
+//! The QMP layer never sees engine types: it hands a [`MachineConfig`] to
+//! [`Backend::create`] and drives the VM through the methods below. Events
+//! (STOP, RESUME, MIGRATION, ...) flow back through the [`EventSink`] given at
+//! construction. Until ferry-vmm is wired in, the binary uses [`NoVm`], which
+//! refuses every VM operation with [`BackendError::NotYetSupported`]; the
+//! probe (`-machine none`) needs no VM.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use crate::argv::{Incoming, SerialConfig};
+use crate::qmp::events::EventSink;
+
+/// The machine family (what `-machine` named).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineType {
+    /// `pc` / `pc-i440fx-7.2`: ferry's x86 machine (no PCI devices modelled).
+    Pc,
+    /// `microvm`.
+    Microvm,
+}
+
+/// Everything the engine needs to build the VM, decided from argv.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineConfig {
+    pub machine: MachineType,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub cpu_model: Option<String>,
+    /// `(feature, value)` from `-cpu model,feat=on`.
+    pub cpu_features: Vec<(String, String)>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: String,
+    /// 16550 ports with their chardev (pty, file, socket, stdio, fdset log).
+    pub serials: Vec<SerialConfig>,
+    /// Device ids accepted on the command line but modelled as absent.
+    pub absent_devices: Vec<String>,
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+    /// `-S`: build paused ("prelaunch"); `cont` starts the vCPUs.
+    pub start_paused: bool,
+    pub no_shutdown: bool,
+    pub no_reboot: bool,
+    /// `-incoming`: restore from this source instead of booting.
+    pub incoming: Option<Incoming>,
+}
+
+/// QEMU's RunState values that ferry can be in (`query-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Prelaunch,
+    Running,
+    Paused,
+    Shutdown,
+    InMigrate,
+    PostMigrate,
+    FinishMigrate,
+    InternalError,
+}
+
+impl RunState {
+    /// The QAPI `RunState` spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prelaunch => "prelaunch",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Shutdown => "shutdown",
+            Self::InMigrate => "inmigrate",
+            Self::PostMigrate => "postmigrate",
+            Self::FinishMigrate => "finish-migrate",
+            Self::InternalError => "internal-error",
+        }
+    }
+}
+
+/// Where a migration stream goes to or comes from.
+#[derive(Debug)]
+pub enum MigrationTarget {
+    Tcp(String),
+    Unix(PathBuf),
+    /// An fd received with `getfd` or inherited (`fd:N`).
+    Fd(OwnedFd),
+    File(PathBuf),
+    Exec(String),
+}
+
+/// QAPI `MigrationStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationStatus {
+    None,
+    Setup,
+    Active,
+    PreSwitchover,
+    Device,
+    Completed,
+    Failed,
+    Cancelling,
+    Cancelled,
+}
+
+impl MigrationStatus {
+    pub const ALL: [Self; 9] = [
+        Self::None,
+        Self::Setup,
+        Self::Active,
+        Self::PreSwitchover,
+        Self::Device,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelling,
+        Self::Cancelled,
+    ];
+
+    /// The QAPI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the QAPI spelling.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+/// RAM transfer counters (`query-migrate` → `ram`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MigrationRamStats {
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    pub duplicate: u64,
+    pub normal: u64,
+    pub normal_bytes: u64,
+    pub dirty_sync_count: u64,
+    pub page_size: u64,
+    pub mbps: f64,
+    pub dirty_pages_rate: u64,
+}
+
+/// `query-migrate`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MigrationInfo {
+    /// `None` = no migration ever ran (QEMU replies `{}`).
+    pub status: Option<MigrationStatus>,
+    pub ram: Option<MigrationRamStats>,
+    pub total_time_ms: Option<u64>,
+    pub setup_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub expected_downtime_ms: Option<u64>,
+    pub error_desc: Option<String>,
+    /// Why the VM cannot migrate now (libvirt refuses in Begin if set).
+    pub blocked_reasons: Vec<String>,
+}
+
+/// Migration tunables ferry honours (`migrate-set-parameters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationParameters {
+    /// Bytes per second.
+    pub max_bandwidth: u64,
+    /// Milliseconds.
+    pub downtime_limit_ms: u64,
+}
+
+impl Default for MigrationParameters {
+    fn default() -> Self {
+        // QEMU 7.2's defaults, which libvirt reads and restores.
+        Self {
+            max_bandwidth: 134_217_728,
+            downtime_limit_ms: 300,
+        }
+    }
+}
+
+/// Migration capabilities that change behaviour (`migrate-set-capabilities`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrationCapabilities {
+    pub events: bool,
+    pub pause_before_switchover: bool,
+    pub return_path: bool,
+    pub late_block_activate: bool,
+}
+
+/// Why a backend operation failed; mapped to QMP classes in
+/// `qmp::error::to_qmp` only.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The operation needs the engine, which is not wired in yet.
+    #[error("{operation} is not yet supported by ferry-qemu")]
+    NotYetSupported { operation: &'static str },
+    /// There is no VM (the `-machine none` probe).
+    #[error("there is no guest in this ferry-qemu process (-machine none)")]
+    NoMachine,
+    /// The VM is in a state where the operation makes no sense.
+    #[error("{operation} is not possible while the guest is {state}")]
+    BadState {
+        operation: &'static str,
+        state: &'static str,
+    },
+    /// A migration is already running / none is running.
+    #[error("{0}")]
+    Migration(String),
+    /// An engine failure, with its message.
+    #[error("{0}")]
+    Engine(String),
+}
+
+/// The VM operations the QMP layer needs.
+pub trait Backend: Send + std::fmt::Debug {
+    /// Builds the VM (paused if `config.start_paused` or `config.incoming`).
+    fn create(&mut self, config: &MachineConfig) -> Result<(), BackendError>;
+    fn cont(&mut self) -> Result<(), BackendError>;
+    fn stop(&mut self) -> Result<(), BackendError>;
+    fn status(&self) -> RunState;
+    /// Ends the process's VM; the QMP layer exits after replying.
+    fn quit(&mut self) -> Result<(), BackendError>;
+    fn system_reset(&mut self) -> Result<(), BackendError>;
+    fn system_powerdown(&mut self) -> Result<(), BackendError>;
+    /// Writes guest-physical `[addr, addr+size)` to `path`.
+    fn pmemsave(
+        &mut self,
+        addr: u64,
+        size: u64,
+        path: &std::path::Path,
+    ) -> Result<(), BackendError>;
+    /// Starts an outgoing live migration (returns once started; progress via
+    /// MIGRATION events).
+    fn migrate(
+        &mut self,
+        target: MigrationTarget,
+        params: &MigrationParameters,
+        caps: &MigrationCapabilities,
+    ) -> Result<(), BackendError>;
+    /// Starts listening/reading an incoming migration (`-incoming defer` +
+    /// `migrate-incoming`, or `-incoming URI` at startup).
+    fn migrate_incoming(
+        &mut self,
+        source: MigrationTarget,
+        caps: &MigrationCapabilities,
+    ) -> Result<(), BackendError>;
+    fn migrate_cancel(&mut self) -> Result<(), BackendError>;
+    /// Leaves the paused state `state` (e.g. `pre-switchover`).
+    fn migrate_continue(&mut self, state: MigrationStatus) -> Result<(), BackendError>;
+    fn query_migrate(&self) -> MigrationInfo;
+    /// Applies new parameters (also to a running migration).
+    fn set_migrate_parameters(&mut self, params: &MigrationParameters) -> Result<(), BackendError>;
+    /// Saves the (paused) VM to `target` (a checkpoint, QEMU's
+    /// `migrate "exec:cat > file"` / `file:` use).
+    fn save(&mut self, target: MigrationTarget) -> Result<(), BackendError>;
+}
+
+/// The backend of the binary until ferry-vmm is wired in: no VM, every VM
+/// operation refused honestly.
+#[derive(Debug)]
+pub struct NoVm {
+    probe: bool,
+    _events: EventSink,
+}
+
+impl NoVm {
+    /// `probe` = `-machine none` (then operations say there is no guest).
+    pub fn new(probe: bool, events: EventSink) -> Self {
+        Self {
+            probe,
+            _events: events,
+        }
+    }
+
+    fn refuse(&self, operation: &'static str) -> BackendError {
+        if self.probe {
+            BackendError::NoMachine
+        } else {
+            BackendError::NotYetSupported { operation }
+        }
+    }
+}
+
+impl Backend for NoVm {
+    fn create(&mut self, _config: &MachineConfig) -> Result<(), BackendError> {
+        Err(BackendError::NotYetSupported {
+            operation: "running a guest",
+        })
+    }
+    fn cont(&mut self) -> Result<(), BackendError> {
+        Err(self.refuse("cont"))
+    }
+    fn stop(&mut self) -> Result<(), BackendError> {
+        Err(self.refuse("stop"))
+    }
+    fn status(&self) -> RunState {
+        RunState::Prelaunch
+    }
+    fn quit(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn system_reset(&mut self) -> Result<(), BackendError> {
+        Err(self.refuse("system_reset"))
+    }
+    fn system_powerdown(&mut self) -> Result<(), BackendError> {
+        Err(self.refuse("system_powerdown"))
+    }
+    fn pmemsave(&mut self, _: u64, _: u64, _: &std::path::Path) -> Result<(), BackendError> {
+        Err(self.refuse("pmemsave"))
+    }
+    fn migrate(
+        &mut self,
+        _: MigrationTarget,
+        _: &MigrationParameters,
+        _: &MigrationCapabilities,
+    ) -> Result<(), BackendError> {
+        Err(self.refuse("migrate"))
+    }
+    fn migrate_incoming(
+        &mut self,
+        _: MigrationTarget,
+        _: &MigrationCapabilities,
+    ) -> Result<(), BackendError> {
+        Err(self.refuse("migrate-incoming"))
+    }
+    fn migrate_cancel(&mut self) -> Result<(), BackendError> {
+        // Nothing is running: QEMU's migrate_cancel is a no-op then.
+        Ok(())
+    }
+    fn migrate_continue(&mut self, _: MigrationStatus) -> Result<(), BackendError> {
+        Err(self.refuse("migrate-continue"))
+    }
+    fn query_migrate(&self) -> MigrationInfo {
+        MigrationInfo::default()
+    }
+    fn set_migrate_parameters(&mut self, _: &MigrationParameters) -> Result<(), BackendError> {
+        // Stored by the QMP layer; nothing to apply without a VM.
+        Ok(())
+    }
+    fn save(&mut self, _: MigrationTarget) -> Result<(), BackendError> {
+        Err(self.refuse("saving the guest"))
+    }
+}

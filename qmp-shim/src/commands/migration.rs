@@ -1,0 +1,303 @@
+//! Migration: capabilities, parameters, migrate, migrate-incoming,
+//! migrate_cancel, migrate-continue, query-migrate.
+
+use std::os::fd::OwnedFd;
+
+use serde_json::{json, Map, Value};
+
+use super::types::*;
+use super::{arg_str, Command, Ctx};
+use crate::argv::Incoming;
+use crate::backend::{MigrationInfo, MigrationStatus, MigrationTarget};
+use crate::qmp::error::CommandError;
+use crate::qmp::schema::{opt, req, CommandSchema, ObjectDef, Ty};
+
+pub static QUERY_MIGRATE_CAPABILITIES: Command = Command {
+    schema: CommandSchema {
+        name: "query-migrate-capabilities",
+        args: &[],
+        ret: Some(Ty::Array(&Ty::Object(&MIGRATION_CAPABILITY_STATUS))),
+    },
+    handler: |ctx, _| {
+        let c = &ctx.vm.migrate_caps;
+        Ok(json!([
+            {"capability": "events", "state": c.events},
+            {"capability": "pause-before-switchover", "state": c.pause_before_switchover},
+            {"capability": "return-path", "state": c.return_path},
+            {"capability": "late-block-activate", "state": c.late_block_activate},
+        ]))
+    },
+};
+
+pub static MIGRATE_SET_CAPABILITIES: Command = Command {
+    schema: CommandSchema {
+        name: "migrate-set-capabilities",
+        args: &[req(
+            "capabilities",
+            Ty::Array(&Ty::Object(&MIGRATION_CAPABILITY_STATUS)),
+        )],
+        ret: None,
+    },
+    handler: migrate_set_capabilities,
+};
+
+fn migrate_set_capabilities(
+    ctx: &mut Ctx<'_>,
+    args: &Map<String, Value>,
+) -> Result<Value, CommandError> {
+    if migration_running(&ctx.vm.backend.query_migrate()) {
+        return Err(CommandError::Generic(
+            "There's a migration process in progress".into(),
+        ));
+    }
+    let mut caps = ctx.vm.migrate_caps;
+    for c in args
+        .get("capabilities")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let state = c.get("state").and_then(Value::as_bool).unwrap_or(false);
+        match c
+            .get("capability")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+        {
+            "events" => caps.events = state,
+            "pause-before-switchover" => caps.pause_before_switchover = state,
+            "return-path" => caps.return_path = state,
+            "late-block-activate" => caps.late_block_activate = state,
+            other => {
+                return Err(CommandError::Parameter(format!(
+                    "Parameter 'capability' does not accept value '{other}'"
+                )))
+            }
+        }
+    }
+    ctx.vm.migrate_caps = caps;
+    Ok(json!({}))
+}
+
+fn migration_running(info: &MigrationInfo) -> bool {
+    matches!(
+        info.status,
+        Some(
+            MigrationStatus::Setup
+                | MigrationStatus::Active
+                | MigrationStatus::PreSwitchover
+                | MigrationStatus::Device
+                | MigrationStatus::Cancelling
+        )
+    )
+}
+
+pub static QUERY_MIGRATE_PARAMETERS: Command = Command {
+    schema: CommandSchema {
+        name: "query-migrate-parameters",
+        args: &[],
+        ret: Some(Ty::Object(&MIGRATION_PARAMETERS)),
+    },
+    handler: |ctx, _| {
+        let p = &ctx.vm.migrate_params;
+        Ok(json!({
+            "max-bandwidth": p.max_bandwidth,
+            "downtime-limit": p.downtime_limit_ms,
+            "tls-creds": "", "tls-hostname": "", "tls-authz": "",
+        }))
+    },
+};
+
+static MIGRATE_SET_PARAMETERS_ARGS: ObjectDef = ObjectDef {
+    name: "MigrateSetParameters",
+    members: MIGRATION_PARAMETERS_MEMBERS,
+};
+
+pub static MIGRATE_SET_PARAMETERS: Command = Command {
+    schema: CommandSchema {
+        name: "migrate-set-parameters",
+        args: MIGRATE_SET_PARAMETERS_ARGS.members,
+        ret: None,
+    },
+    handler: migrate_set_parameters,
+};
+
+fn migrate_set_parameters(
+    ctx: &mut Ctx<'_>,
+    args: &Map<String, Value>,
+) -> Result<Value, CommandError> {
+    for tls in ["tls-creds", "tls-hostname", "tls-authz"] {
+        if !arg_str(args, tls).is_empty() {
+            return Err(CommandError::Generic(format!(
+                "Parameter '{tls}': TLS migration is not supported by ferry-qemu"
+            )));
+        }
+    }
+    let mut p = ctx.vm.migrate_params;
+    if let Some(v) = args.get("max-bandwidth") {
+        p.max_bandwidth = v.as_u64().ok_or_else(|| {
+            CommandError::Parameter(
+                "Parameter 'max-bandwidth' expects an integer in the range of 0 to 2^63-1 bytes/second"
+                    .into(),
+            )
+        })?;
+    }
+    if let Some(v) = args.get("downtime-limit") {
+        p.downtime_limit_ms = v.as_u64().filter(|d| *d <= 2_000_000).ok_or_else(|| {
+            CommandError::Parameter(
+                "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 milliseconds"
+                    .into(),
+            )
+        })?;
+    }
+    ctx.vm.backend.set_migrate_parameters(&p)?;
+    ctx.vm.migrate_params = p;
+    Ok(json!({}))
+}
+
+/// Resolves a migration URI; `fd:NAME` takes a `getfd` fd, `fd:N` an
+/// inherited one.
+fn target(ctx: &mut Ctx<'_>, uri: &str) -> Result<MigrationTarget, CommandError> {
+    if let Some(name) = uri.strip_prefix("fd:") {
+        if let Some(fd) = ctx.monitor_fds.remove(name) {
+            return Ok(MigrationTarget::Fd(fd));
+        }
+        let n: i32 = name.parse().map_err(|_| {
+            CommandError::Generic(format!("File descriptor named '{name}' has not been found"))
+        })?;
+        let fd: OwnedFd = crate::fd::adopt_inherited(n)
+            .map_err(|e| CommandError::Generic(format!("fd {n}: {e}")))?;
+        return Ok(MigrationTarget::Fd(fd));
+    }
+    match Incoming::parse(uri) {
+        Some(Incoming::Tcp(a)) => Ok(MigrationTarget::Tcp(a)),
+        Some(Incoming::Unix(p)) => Ok(MigrationTarget::Unix(p)),
+        Some(Incoming::File(p)) => Ok(MigrationTarget::File(p)),
+        Some(Incoming::Exec(c)) => Ok(MigrationTarget::Exec(c)),
+        _ => Err(CommandError::Parameter(format!(
+            "Parameter 'uri' expects a valid migration protocol, got '{uri}'"
+        ))),
+    }
+}
+
+pub static MIGRATE: Command = Command {
+    schema: CommandSchema {
+        name: "migrate",
+        args: &[
+            req("uri", Ty::Str),
+            opt("blk", Ty::Bool),
+            opt("inc", Ty::Bool),
+            opt("detach", Ty::Bool),
+            opt("resume", Ty::Bool),
+        ],
+        ret: None,
+    },
+    handler: migrate,
+};
+
+fn migrate(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, CommandError> {
+    for k in ["blk", "inc", "resume"] {
+        if args.get(k).and_then(Value::as_bool) == Some(true) {
+            return Err(CommandError::Generic(format!(
+                "Parameter '{k}': this migration mode is not supported by ferry-qemu"
+            )));
+        }
+    }
+    let t = target(ctx, arg_str(args, "uri"))?;
+    let (params, caps) = (ctx.vm.migrate_params, ctx.vm.migrate_caps);
+    ctx.vm.backend.migrate(t, &params, &caps)?;
+    Ok(json!({}))
+}
+
+pub static MIGRATE_INCOMING: Command = Command {
+    schema: CommandSchema {
+        name: "migrate-incoming",
+        args: &[req("uri", Ty::Str)],
+        ret: None,
+    },
+    handler: |ctx, args| {
+        if ctx.vm.invocation.incoming != Some(Incoming::Defer) {
+            return Err(CommandError::Generic(
+                "The incoming migration has not been configured with '-incoming defer'".into(),
+            ));
+        }
+        let t = target(ctx, arg_str(args, "uri"))?;
+        let caps = ctx.vm.migrate_caps;
+        ctx.vm.backend.migrate_incoming(t, &caps)?;
+        Ok(json!({}))
+    },
+};
+
+pub static MIGRATE_CANCEL: Command = Command {
+    schema: CommandSchema {
+        name: "migrate_cancel",
+        args: &[],
+        ret: None,
+    },
+    handler: |ctx, _| {
+        ctx.vm.backend.migrate_cancel()?;
+        Ok(json!({}))
+    },
+};
+
+pub static MIGRATE_CONTINUE: Command = Command {
+    schema: CommandSchema {
+        name: "migrate-continue",
+        args: &[req("state", Ty::Enum(&MIGRATION_STATUS))],
+        ret: None,
+    },
+    handler: |ctx, args| {
+        let state = MigrationStatus::from_name(arg_str(args, "state")).ok_or_else(|| {
+            CommandError::Generic(format!(
+                "Migration not in expected state: {}",
+                arg_str(args, "state")
+            ))
+        })?;
+        ctx.vm.backend.migrate_continue(state)?;
+        Ok(json!({}))
+    },
+};
+
+pub static QUERY_MIGRATE: Command = Command {
+    schema: CommandSchema {
+        name: "query-migrate",
+        args: &[],
+        ret: Some(Ty::Object(&MIGRATION_INFO)),
+    },
+    handler: |ctx, _| Ok(migration_info_json(&ctx.vm.backend.query_migrate())),
+};
+
+/// `MigrationInfo` as QEMU shows it (absent fields left out).
+pub fn migration_info_json(info: &MigrationInfo) -> Value {
+    let mut m = Map::new();
+    if let Some(s) = info.status {
+        m.insert("status".into(), json!(s.as_str()));
+    }
+    if let Some(r) = &info.ram {
+        m.insert(
+            "ram".into(),
+            json!({
+                "transferred": r.transferred, "remaining": r.remaining, "total": r.total,
+                "duplicate": r.duplicate, "skipped": 0, "normal": r.normal,
+                "normal-bytes": r.normal_bytes, "dirty-pages-rate": r.dirty_pages_rate,
+                "mbps": r.mbps, "dirty-sync-count": r.dirty_sync_count, "page-size": r.page_size,
+            }),
+        );
+    }
+    for (k, v) in [
+        ("total-time", info.total_time_ms),
+        ("setup-time", info.setup_time_ms),
+        ("downtime", info.downtime_ms),
+        ("expected-downtime", info.expected_downtime_ms),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.into(), json!(v));
+        }
+    }
+    if let Some(e) = &info.error_desc {
+        m.insert("error-desc".into(), json!(e));
+    }
+    if !info.blocked_reasons.is_empty() {
+        m.insert("blocked-reasons".into(), json!(info.blocked_reasons));
+    }
+    Value::Object(m)
+}

@@ -1,0 +1,314 @@
+//! What the capability probe asks about types: qom-list-types,
+//! device-list-properties, qom-list-properties, query-machines,
+//! query-command-line-options. The data describes ferry truthfully: the
+//! machines and devices it models, plus the devices libvirt adds by default
+//! that ferry accepts and models as absent (see argv/config.rs).
+
+use serde_json::{json, Map, Value};
+
+use super::types::*;
+use super::{arg_str, Command, Ctx};
+use crate::argv::{MODELLED_AS_ABSENT, MODELLED_DEVICES};
+use crate::qmp::error::CommandError;
+use crate::qmp::schema::{opt, req, CommandSchema, Ty};
+
+/// `(type, parent, abstract)`.
+const TYPES: &[(&str, &str, bool)] = &[
+    ("machine", "object", true),
+    ("x86-machine", "machine", true),
+    ("generic-pc-machine", "x86-machine", true),
+    ("pc-i440fx-7.2-machine", "generic-pc-machine", false),
+    ("microvm-machine", "x86-machine", false),
+    ("none-machine", "machine", false),
+    ("device", "object", true),
+    ("cpu", "device", true),
+    ("x86_64-cpu", "cpu", true),
+    ("max-x86_64-cpu", "x86_64-cpu", false),
+    ("host-x86_64-cpu", "max-x86_64-cpu", false),
+    ("qemu64-x86_64-cpu", "x86_64-cpu", false),
+    ("kvm64-x86_64-cpu", "x86_64-cpu", false),
+    ("base-x86_64-cpu", "x86_64-cpu", false),
+    ("isa-serial", "device", false),
+    ("piix3-usb-uhci", "device", false),
+    ("piix4-usb-uhci", "device", false),
+    ("qemu-xhci", "device", false),
+    ("ich9-usb-ehci1", "device", false),
+    ("ich9-usb-uhci1", "device", false),
+    ("ich9-usb-uhci2", "device", false),
+    ("ich9-usb-uhci3", "device", false),
+    ("virtio-balloon-pci", "device", false),
+    ("virtio-balloon-device", "device", false),
+    ("memory-backend", "object", true),
+    ("memory-backend-ram", "memory-backend", false),
+    ("secret", "object", false),
+];
+
+/// `(name, type, description)`.
+type Prop = (&'static str, &'static str, &'static str);
+
+const ISA_SERIAL_PROPS: &[Prop] = &[
+    ("index", "uint32", ""),
+    ("iobase", "uint32", ""),
+    ("irq", "uint32", ""),
+    ("chardev", "str", "ID of a chardev to use as a backend"),
+];
+
+const CPU_PROPS: &[Prop] = &[
+    ("type", "string", ""),
+    ("realized", "bool", ""),
+    ("hotpluggable", "bool", ""),
+];
+
+const MACHINE_PROPS: &[Prop] = &[
+    ("type", "string", ""),
+    ("kernel", "string", "Linux kernel image file"),
+    ("initrd", "string", "Linux initial ramdisk file"),
+    ("append", "string", "Linux kernel command line"),
+    ("memory-backend", "link<memory-backend>", "Set RAM backend"),
+    ("usb", "bool", "Set on/off to enable/disable usb"),
+    (
+        "dump-guest-core",
+        "bool",
+        "Include guest memory in a core dump",
+    ),
+    (
+        "graphics",
+        "bool",
+        "Set on/off to enable/disable graphics emulation",
+    ),
+];
+
+const MEMORY_BACKEND_PROPS: &[Prop] = &[
+    ("type", "string", ""),
+    ("size", "int", "Size of the memory region (ex: 500M)"),
+];
+
+const SECRET_PROPS: &[Prop] = &[
+    ("type", "string", ""),
+    ("format", "QCryptoSecretFormat", ""),
+    ("file", "string", ""),
+    ("data", "string", ""),
+];
+
+fn props_json(props: &[Prop]) -> Value {
+    Value::Array(
+        props
+            .iter()
+            .map(|(n, t, d)| {
+                if d.is_empty() {
+                    json!({"name": n, "type": t})
+                } else {
+                    json!({"name": n, "type": t, "description": d})
+                }
+            })
+            .collect(),
+    )
+}
+
+fn is_a(ty: &str, ancestor: &str) -> bool {
+    let mut cur = ty;
+    loop {
+        if cur == ancestor {
+            return true;
+        }
+        match TYPES.iter().find(|(n, _, _)| *n == cur) {
+            Some((_, parent, _)) => cur = parent,
+            None => return false,
+        }
+    }
+}
+
+pub static QOM_LIST_TYPES: Command = Command {
+    schema: CommandSchema {
+        name: "qom-list-types",
+        args: &[opt("implements", Ty::Str), opt("abstract", Ty::Bool)],
+        ret: Some(Ty::Array(&Ty::Object(&OBJECT_TYPE_INFO))),
+    },
+    handler: qom_list_types,
+};
+
+fn qom_list_types(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, CommandError> {
+    let implements = args.get("implements").and_then(Value::as_str);
+    let want_abstract = args
+        .get("abstract")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(Value::Array(
+        TYPES
+            .iter()
+            .filter(|(_, _, abs)| want_abstract || !abs)
+            .filter(|(n, _, _)| implements.is_none_or(|i| is_a(n, i)))
+            .map(|(n, p, abs)| {
+                if *abs {
+                    json!({"name": n, "parent": p, "abstract": true})
+                } else {
+                    json!({"name": n, "parent": p})
+                }
+            })
+            .collect(),
+    ))
+}
+
+pub static DEVICE_LIST_PROPERTIES: Command = Command {
+    schema: CommandSchema {
+        name: "device-list-properties",
+        args: &[req("typename", Ty::Str)],
+        ret: Some(Ty::Array(&Ty::Object(&OBJECT_PROPERTY_INFO))),
+    },
+    handler: device_list_properties,
+};
+
+fn device_list_properties(
+    _: &mut Ctx<'_>,
+    args: &Map<String, Value>,
+) -> Result<Value, CommandError> {
+    let name = arg_str(args, "typename");
+    if name == "isa-serial" {
+        return Ok(props_json(ISA_SERIAL_PROPS));
+    }
+    debug_assert!(MODELLED_DEVICES.contains(&"isa-serial"));
+    if MODELLED_AS_ABSENT.contains(&name) {
+        // Accepted on the command line, no guest-visible properties.
+        return Ok(json!([]));
+    }
+    // libvirt tolerates DeviceNotFound here (it is what QEMU answers for
+    // devices it lacks).
+    Err(CommandError::DeviceNotFound(format!(
+        "Device '{name}' not found"
+    )))
+}
+
+pub static QOM_LIST_PROPERTIES: Command = Command {
+    schema: CommandSchema {
+        name: "qom-list-properties",
+        args: &[req("typename", Ty::Str)],
+        ret: Some(Ty::Array(&Ty::Object(&OBJECT_PROPERTY_INFO))),
+    },
+    handler: qom_list_properties,
+};
+
+/// Never an error for a class ferry lacks: libvirt 9.0 asks about
+/// `memory-backend-file`/`-memfd` whether or not `qom-list-types` lists them,
+/// segfaults on DeviceNotFound (REPORT §0) and fails the probe on any other
+/// error. A class ferry does not have has no properties: `[]`.
+fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, CommandError> {
+    let name = arg_str(args, "typename");
+    if !TYPES.iter().any(|(n, _, _)| *n == name) {
+        return Ok(json!([]));
+    }
+    let props = if is_a(name, "machine") {
+        MACHINE_PROPS
+    } else if is_a(name, "cpu") {
+        CPU_PROPS
+    } else if name == "isa-serial" {
+        ISA_SERIAL_PROPS
+    } else if is_a(name, "memory-backend") {
+        MEMORY_BACKEND_PROPS
+    } else if name == "secret" {
+        SECRET_PROPS
+    } else {
+        &[("type", "string", "")]
+    };
+    Ok(props_json(props))
+}
+
+pub static QUERY_MACHINES: Command = Command {
+    schema: CommandSchema {
+        name: "query-machines",
+        args: &[],
+        ret: Some(Ty::Array(&Ty::Object(&MACHINE_INFO))),
+    },
+    handler: |_, _| {
+        Ok(json!([
+            {"name": "pc-i440fx-7.2", "alias": "pc", "is-default": true, "cpu-max": 255,
+             "hotpluggable-cpus": false, "numa-mem-supported": false, "deprecated": false,
+             "default-cpu-type": "qemu64-x86_64-cpu", "default-ram-id": "pc.ram"},
+            {"name": "microvm", "cpu-max": 255, "hotpluggable-cpus": false,
+             "numa-mem-supported": false, "deprecated": false,
+             "default-cpu-type": "qemu64-x86_64-cpu", "default-ram-id": "microvm.ram"},
+            {"name": "none", "cpu-max": 1, "hotpluggable-cpus": false,
+             "numa-mem-supported": false, "deprecated": false, "default-ram-id": "ram"},
+        ]))
+    },
+};
+
+/// `(option, [(parameter, type)])` for the options libvirt asks about.
+const CLI_OPTIONS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "machine",
+        &[
+            ("type", "string"),
+            ("accel", "string"),
+            ("usb", "boolean"),
+            ("dump-guest-core", "boolean"),
+            ("memory-backend", "string"),
+            ("kernel", "string"),
+            ("initrd", "string"),
+            ("append", "string"),
+        ],
+    ),
+    (
+        "overcommit",
+        &[("mem-lock", "boolean"), ("cpu-pm", "boolean")],
+    ),
+    (
+        "name",
+        &[
+            ("guest", "string"),
+            ("debug-threads", "boolean"),
+            ("process", "string"),
+        ],
+    ),
+    ("msg", &[("timestamp", "boolean")]),
+    ("boot-opts", &[("strict", "boolean"), ("order", "string")]),
+    (
+        "smp-opts",
+        &[
+            ("cpus", "number"),
+            ("sockets", "number"),
+            ("dies", "number"),
+            ("cores", "number"),
+            ("threads", "number"),
+            ("maxcpus", "number"),
+        ],
+    ),
+    (
+        "rtc",
+        &[
+            ("base", "string"),
+            ("clock", "string"),
+            ("driftfix", "string"),
+        ],
+    ),
+];
+
+pub static QUERY_COMMAND_LINE_OPTIONS: Command = Command {
+    schema: CommandSchema {
+        name: "query-command-line-options",
+        args: &[opt("option", Ty::Str)],
+        ret: Some(Ty::Array(&Ty::Object(&CLI_OPTION_INFO))),
+    },
+    handler: query_command_line_options,
+};
+
+fn query_command_line_options(
+    _: &mut Ctx<'_>,
+    args: &Map<String, Value>,
+) -> Result<Value, CommandError> {
+    let only = args.get("option").and_then(Value::as_str);
+    let out: Vec<Value> = CLI_OPTIONS
+        .iter()
+        .filter(|(o, _)| only.is_none_or(|w| w == *o))
+        .map(|(o, params)| {
+            let ps: Vec<Value> = params
+                .iter()
+                .map(|(n, t)| json!({"name": n, "type": t}))
+                .collect();
+            json!({"option": o, "parameters": ps})
+        })
+        .collect();
+    if let (Some(w), true) = (only, out.is_empty()) {
+        return Err(CommandError::Generic(format!("Invalid option name: {w}")));
+    }
+    Ok(Value::Array(out))
+}

@@ -1,0 +1,371 @@
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use serde_json::{json, Value};
+
+use super::*;
+use crate::argv;
+use crate::backend::NoVm;
+use crate::qmp::events::EventSink;
+use crate::qmp::server::{handle_message, serve_connection, MonitorState, Session};
+use crate::testing::FakeBackend;
+
+fn vm(args: &str, fake: bool) -> Mutex<Vm> {
+    let inv = argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
+    let events = EventSink::new();
+    let backend: Box<dyn crate::backend::Backend> = if fake {
+        Box::new(FakeBackend::new(events.clone()))
+    } else {
+        Box::new(NoVm::new(inv.is_probe(), events.clone()))
+    };
+    Mutex::new(Vm::new(backend, inv, None, events))
+}
+
+struct Client {
+    vm: Mutex<Vm>,
+    mon: MonitorState,
+    session: Session,
+}
+
+impl Client {
+    fn new(args: &str, fake: bool) -> Self {
+        Self {
+            vm: vm(args, fake),
+            mon: MonitorState::default(),
+            session: Session::default(),
+        }
+    }
+    fn raw(&mut self, text: &str) -> Value {
+        let out = handle_message(
+            &self.vm,
+            &mut self.mon,
+            &mut self.session,
+            text.as_bytes(),
+            &mut Vec::new(),
+        );
+        out.reply.expect("reply")
+    }
+    fn cmd(&mut self, v: Value) -> Value {
+        self.raw(&v.to_string())
+    }
+    fn negotiated(args: &str, fake: bool) -> Self {
+        let mut c = Self::new(args, fake);
+        assert_eq!(
+            c.cmd(json!({"execute": "qmp_capabilities"})),
+            json!({"return": {}})
+        );
+        c
+    }
+}
+
+const PROBE: &str = "-S -no-user-config -nodefaults -nographic -machine none,accel=kvm:tcg";
+
+#[test]
+fn schema_and_dispatch_agree() {
+    let schema = qmp_schema();
+    let in_schema: HashSet<&str> = schema
+        .iter()
+        .filter(|e| e["meta-type"] == "command")
+        .map(|e| e["name"].as_str().expect("name"))
+        .collect();
+    let dispatched: HashSet<&str> = COMMANDS.iter().map(|c| c.schema.name).collect();
+    assert_eq!(dispatched.len(), COMMANDS.len(), "duplicate command");
+    assert_eq!(in_schema, dispatched);
+    for name in &dispatched {
+        assert!(find(name).is_some());
+    }
+    // Every type reference resolves.
+    let names: HashSet<&str> = schema
+        .iter()
+        .map(|e| e["name"].as_str().expect("n"))
+        .collect();
+    for e in &schema {
+        for k in ["arg-type", "ret-type", "element-type"] {
+            if let Some(t) = e.get(k) {
+                assert!(names.contains(t.as_str().expect("s")), "{e}");
+            }
+        }
+    }
+    // libvirt reads this path to ask QEMU for migration blockers.
+    let qm = schema
+        .iter()
+        .find(|e| e["name"] == "query-migrate")
+        .expect("query-migrate");
+    let ret = schema
+        .iter()
+        .find(|e| e["name"] == qm["ret-type"])
+        .expect("ret");
+    assert!(ret["members"]
+        .as_array()
+        .expect("m")
+        .iter()
+        .any(|m| m["name"] == "blocked-reasons"));
+    // Commands that would crash libvirt 9.0 if advertised and failing are absent.
+    assert!(find("query-cpu-definitions").is_none());
+}
+
+#[test]
+fn negotiation_state_machine() {
+    let mut c = Client::new(PROBE, false);
+    assert_eq!(
+        c.cmd(json!({"execute": "query-version", "id": "libvirt-1"})),
+        json!({"error": {"class": "CommandNotFound",
+                         "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"},
+               "id": "libvirt-1"})
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "qmp_capabilities", "id": 7})),
+        json!({"return": {}, "id": 7})
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "qmp_capabilities"}))["error"]["desc"],
+        "Capabilities negotiation is already complete, command ignored"
+    );
+    let v = c.cmd(json!({"execute": "query-version", "id": {"any": ["json"]}}));
+    assert_eq!(v["id"], json!({"any": ["json"]}));
+    assert_eq!(
+        v["return"]["qemu"],
+        json!({"major": 7, "minor": 2, "micro": 0})
+    );
+    assert_eq!(v["return"]["package"], "ferry 0.1.0");
+}
+
+#[test]
+fn hostile_input_gets_qemu_errors() {
+    let mut c = Client::negotiated(PROBE, false);
+    let desc = |v: Value| v["error"]["desc"].as_str().expect("desc").to_string();
+    let class = |v: &Value| v["error"]["class"].as_str().expect("class").to_string();
+    let r = c.raw("{\"execute\": ");
+    assert_eq!(class(&r), "GenericError");
+    assert!(desc(r).starts_with("JSON parse error"));
+    assert_eq!(desc(c.raw("[1,2]")), "QMP input must be a JSON object");
+    assert_eq!(desc(c.raw("42")), "QMP input must be a JSON object");
+    assert_eq!(
+        desc(c.cmd(json!({"id": 1}))),
+        "QMP input lacks member 'execute'"
+    );
+    assert_eq!(
+        desc(c.cmd(json!({"execute": 5}))),
+        "QMP input member 'execute' must be a string"
+    );
+    assert_eq!(
+        desc(c.cmd(json!({"execute": "query-kvm", "arguments": []}))),
+        "QMP input member 'arguments' must be an object"
+    );
+    assert_eq!(
+        desc(c.cmd(json!({"execute": "query-kvm", "x": 1}))),
+        "QMP input member 'x' is unexpected"
+    );
+    let r = c.cmd(json!({"execute": "no-such-thing"}));
+    assert_eq!(class(&r), "CommandNotFound");
+    assert_eq!(desc(r), "The command no-such-thing has not been found");
+    assert_eq!(
+        desc(c.cmd(json!({"execute": "device-list-properties", "arguments": {"typename": 3}}))),
+        "Invalid parameter type for 'typename', expected: string"
+    );
+    assert_eq!(
+        desc(c.cmd(json!({"execute": "device-list-properties"}))),
+        "Parameter 'typename' is missing"
+    );
+    assert_eq!(
+        desc(c.cmd(json!({"execute": "migrate-continue", "arguments": {"state": "bogus"}}))),
+        "Parameter 'state' does not accept value 'bogus'"
+    );
+    // Still serving.
+    assert_eq!(
+        c.cmd(json!({"execute": "query-target"}))["return"]["arch"],
+        "x86_64"
+    );
+}
+
+#[test]
+fn probe_answers() {
+    let mut c = Client::negotiated(PROBE, false);
+    let machines = c.cmd(json!({"execute": "query-machines"}))["return"].clone();
+    let default: Vec<&Value> = machines
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|m| m["is-default"] == true)
+        .collect();
+    assert_eq!(default.len(), 1);
+    assert_eq!(default[0]["alias"], "pc");
+    // The classes libvirt 9.0 asks about must yield lists, never DeviceNotFound.
+    for t in [
+        "memory-backend-file",
+        "memory-backend-memfd",
+        "max-x86_64-cpu",
+        "none-machine",
+        "nonexistent",
+    ] {
+        let r = c.cmd(json!({"execute": "qom-list-properties", "arguments": {"typename": t}}));
+        assert!(r["return"].is_array(), "{t}: {r}");
+    }
+    let r =
+        c.cmd(json!({"execute": "device-list-properties", "arguments": {"typename": "vfio-pci"}}));
+    assert_eq!(r["error"]["class"], "DeviceNotFound");
+    let r = c
+        .cmd(json!({"execute": "device-list-properties", "arguments": {"typename": "isa-serial"}}));
+    assert!(r["return"]
+        .as_array()
+        .expect("l")
+        .iter()
+        .any(|p| p["name"] == "chardev"));
+    let types = c.cmd(json!({"execute": "qom-list-types"}))["return"].clone();
+    let names: Vec<&str> = types
+        .as_array()
+        .expect("l")
+        .iter()
+        .map(|t| t["name"].as_str().expect("n"))
+        .collect();
+    assert!(
+        names.contains(&"isa-serial")
+            && !names.contains(&"sev-guest")
+            && !names.contains(&"vfio-pci")
+    );
+    let caps = c.cmd(json!({"execute": "query-migrate-capabilities"}))["return"].clone();
+    assert!(caps
+        .as_array()
+        .expect("l")
+        .iter()
+        .any(|c| c["capability"] == "pause-before-switchover"));
+    assert!(c.cmd(json!({"execute": "query-command-line-options"}))["return"].is_array());
+    let stop = c.cmd(json!({"execute": "stop"}));
+    assert_eq!(stop["error"]["class"], "GenericError");
+    assert_eq!(
+        c.cmd(json!({"execute": "query-migrate"})),
+        json!({"return": {}})
+    );
+}
+
+#[test]
+fn no_vm_says_not_yet_supported() {
+    let mut c = Client::negotiated("-machine pc -accel kvm -m 128", false);
+    assert_eq!(
+        c.cmd(json!({"execute": "cont"}))["error"],
+        json!({"class": "GenericError", "desc": "cont is not yet supported by ferry-qemu"})
+    );
+}
+
+#[test]
+fn migration_flow_on_fake_backend() {
+    let mut c = Client::negotiated("-machine pc -accel kvm -m 128 -incoming defer", true);
+    let caps = json!({"capabilities": [
+        {"capability": "events", "state": true},
+        {"capability": "pause-before-switchover", "state": true},
+        {"capability": "return-path", "state": true}]});
+    assert_eq!(
+        c.cmd(json!({"execute": "migrate-set-capabilities", "arguments": caps})),
+        json!({"return": {}})
+    );
+    let bad = json!({"capabilities": [{"capability": "xbzrle", "state": true}]});
+    assert_eq!(
+        c.cmd(json!({"execute": "migrate-set-capabilities", "arguments": bad}))["error"]["desc"],
+        "Parameter 'capabilities[0].capability' does not accept value 'xbzrle'"
+    );
+    let p = json!({"tls-creds": "", "tls-hostname": "", "max-bandwidth": 10485760});
+    assert_eq!(
+        c.cmd(json!({"execute": "migrate-set-parameters", "arguments": p})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "query-migrate-parameters"}))["return"]["max-bandwidth"],
+        10485760
+    );
+    let tls = json!({"tls-creds": "tls0"});
+    assert!(
+        c.cmd(json!({"execute": "migrate-set-parameters", "arguments": tls}))["error"].is_object()
+    );
+    let r =
+        c.cmd(json!({"execute": "migrate", "arguments": {"uri": "fd:migrate", "detach": true}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "File descriptor named 'migrate' has not been found"
+    );
+    let r = c.cmd(
+        json!({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:4444", "detach": true}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(
+        c.cmd(json!({"execute": "query-migrate"}))["return"]["status"],
+        "pre-switchover"
+    );
+    let r = c.cmd(json!({"execute": "migrate-continue", "arguments": {"state": "pre-switchover"}}));
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(
+        c.cmd(json!({"execute": "query-migrate"}))["return"]["status"],
+        "completed"
+    );
+    let r = c.cmd(json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:[::]:49152"}}));
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(
+        c.cmd(json!({"execute": "query-status"}))["return"]["status"],
+        "paused"
+    );
+}
+
+fn read_json(r: &mut impl BufRead) -> Value {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("read");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+#[test]
+fn socket_session_events_getfd_and_reconnect() {
+    let vm = Arc::new(vm("-machine pc -accel kvm -m 128", true));
+    let (server, client) = UnixStream::pair().expect("pair");
+    let vm2 = Arc::clone(&vm);
+    let t = std::thread::spawn(move || {
+        let mut st = MonitorState::default();
+        let _ = serve_connection(server, &vm2, &mut st);
+        st
+    });
+    let mut r = BufReader::new(client.try_clone().expect("clone"));
+    let mut w = client;
+    assert_eq!(read_json(&mut r)["QMP"]["capabilities"], json!(["oob"]));
+    w.write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":1}{\"execute\":\"stop\",\"id\":2}\r\n")
+        .expect("w");
+    let mut got = [read_json(&mut r), read_json(&mut r), read_json(&mut r)];
+    got.sort_by_key(|v| v.to_string());
+    assert_eq!(got[0]["event"], "STOP");
+    assert!(got[0]["timestamp"]["seconds"].is_u64());
+    assert_eq!(got[1], json!({"id": 1, "return": {}}));
+    assert_eq!(got[2], json!({"id": 2, "return": {}}));
+    // getfd: pass a pipe end with SCM_RIGHTS alongside the request.
+    let (rd, _wr) = nix::unistd::pipe().expect("pipe");
+    let msg = b"{\"execute\":\"getfd\",\"arguments\":{\"fdname\":\"migrate\"},\"id\":3}";
+    let fds = [rd.as_fd().as_raw_fd()];
+    sendmsg::<()>(
+        w.as_raw_fd(),
+        &[IoSlice::new(msg)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    assert_eq!(read_json(&mut r), json!({"id": 3, "return": {}}));
+    w.write_all(b"{\"execute\":\"getfd\",\"arguments\":{\"fdname\":\"x\"},\"id\":4}")
+        .expect("w");
+    assert_eq!(read_json(&mut r)["error"]["class"], "GenericError");
+    // A message over the limit is refused and the session goes on.
+    let mut big = b"{\"execute\":\"".to_vec();
+    big.extend(std::iter::repeat_n(b'a', crate::qmp::json::MAX_MESSAGE + 1));
+    big.extend_from_slice(b"\"}\n{\"execute\":\"query-status\",\"id\":5}");
+    w.write_all(&big).expect("w");
+    assert!(read_json(&mut r)["error"]["desc"]
+        .as_str()
+        .expect("d")
+        .contains("exceeds"));
+    assert_eq!(read_json(&mut r)["id"], 5);
+    drop(w);
+    drop(r);
+    let st = t.join().expect("server thread");
+    assert!(
+        st.named_fds.contains_key("migrate"),
+        "getfd fd kept on the monitor"
+    );
+}

@@ -1,0 +1,305 @@
+//! The QAPI types of the commands ferry-qemu implements (a subset of QEMU
+//! 7.2's, same member names, so libvirt's schema queries find them).
+
+use crate::qmp::schema::{opt, req, EnumDef, EventDef, Member, ObjectDef, Ty};
+
+pub static RUN_STATE: EnumDef = EnumDef {
+    name: "RunState",
+    values: &[
+        "debug",
+        "inmigrate",
+        "internal-error",
+        "io-error",
+        "paused",
+        "postmigrate",
+        "prelaunch",
+        "finish-migrate",
+        "restore-vm",
+        "running",
+        "save-vm",
+        "shutdown",
+        "suspended",
+        "watchdog",
+        "guest-panicked",
+        "colo",
+    ],
+};
+
+pub static MIGRATION_STATUS: EnumDef = EnumDef {
+    name: "MigrationStatus",
+    values: &[
+        "none",
+        "setup",
+        "cancelling",
+        "cancelled",
+        "active",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover",
+        "completed",
+        "failed",
+        "colo",
+        "pre-switchover",
+        "device",
+        "wait-unplug",
+    ],
+};
+
+/// The migration capabilities ferry honours (and reports).
+pub static MIGRATION_CAPABILITY: EnumDef = EnumDef {
+    name: "MigrationCapability",
+    values: &[
+        "events",
+        "pause-before-switchover",
+        "return-path",
+        "late-block-activate",
+    ],
+};
+
+pub static SHUTDOWN_CAUSE: EnumDef = EnumDef {
+    name: "ShutdownCause",
+    values: &[
+        "none",
+        "host-error",
+        "host-qmp-quit",
+        "host-qmp-system-reset",
+        "host-signal",
+        "host-ui",
+        "guest-shutdown",
+        "guest-reset",
+        "guest-panic",
+        "subsystem-reset",
+        "snapshot-load",
+    ],
+};
+
+pub static QMP_CAPABILITY: EnumDef = EnumDef {
+    name: "QMPCapability",
+    values: &["oob"],
+};
+
+pub static CLI_PARAM_TYPE: EnumDef = EnumDef {
+    name: "CommandLineParameterType",
+    values: &["string", "boolean", "number", "size"],
+};
+
+pub static VERSION_TRIPLE: ObjectDef = ObjectDef {
+    name: "VersionTriple",
+    members: &[
+        req("major", Ty::Int),
+        req("minor", Ty::Int),
+        req("micro", Ty::Int),
+    ],
+};
+
+pub static VERSION_INFO: ObjectDef = ObjectDef {
+    name: "VersionInfo",
+    members: &[
+        req("qemu", Ty::Object(&VERSION_TRIPLE)),
+        req("package", Ty::Str),
+    ],
+};
+
+pub static COMMAND_INFO: ObjectDef = ObjectDef {
+    name: "CommandInfo",
+    members: &[req("name", Ty::Str)],
+};
+
+pub static TARGET_INFO: ObjectDef = ObjectDef {
+    name: "TargetInfo",
+    members: &[req("arch", Ty::Str)],
+};
+
+pub static KVM_INFO: ObjectDef = ObjectDef {
+    name: "KvmInfo",
+    members: &[req("enabled", Ty::Bool), req("present", Ty::Bool)],
+};
+
+pub static STATUS_INFO: ObjectDef = ObjectDef {
+    name: "StatusInfo",
+    members: &[
+        req("running", Ty::Bool),
+        req("singlestep", Ty::Bool),
+        req("status", Ty::Enum(&RUN_STATE)),
+    ],
+};
+
+pub static NAME_INFO: ObjectDef = ObjectDef {
+    name: "NameInfo",
+    members: &[opt("name", Ty::Str)],
+};
+
+pub static UUID_INFO: ObjectDef = ObjectDef {
+    name: "UuidInfo",
+    members: &[req("UUID", Ty::Str)],
+};
+
+pub static OBJECT_TYPE_INFO: ObjectDef = ObjectDef {
+    name: "ObjectTypeInfo",
+    members: &[
+        req("name", Ty::Str),
+        opt("abstract", Ty::Bool),
+        opt("parent", Ty::Str),
+    ],
+};
+
+pub static OBJECT_PROPERTY_INFO: ObjectDef = ObjectDef {
+    name: "ObjectPropertyInfo",
+    members: &[
+        req("name", Ty::Str),
+        req("type", Ty::Str),
+        opt("description", Ty::Str),
+        opt("default-value", Ty::Any),
+    ],
+};
+
+pub static MACHINE_INFO: ObjectDef = ObjectDef {
+    name: "MachineInfo",
+    members: &[
+        req("name", Ty::Str),
+        opt("alias", Ty::Str),
+        opt("is-default", Ty::Bool),
+        req("cpu-max", Ty::Int),
+        req("hotpluggable-cpus", Ty::Bool),
+        req("numa-mem-supported", Ty::Bool),
+        req("deprecated", Ty::Bool),
+        opt("default-cpu-type", Ty::Str),
+        opt("default-ram-id", Ty::Str),
+    ],
+};
+
+pub static CLI_PARAM_INFO: ObjectDef = ObjectDef {
+    name: "CommandLineParameterInfo",
+    members: &[
+        req("name", Ty::Str),
+        req("type", Ty::Enum(&CLI_PARAM_TYPE)),
+        opt("help", Ty::Str),
+        opt("default", Ty::Str),
+    ],
+};
+
+pub static CLI_OPTION_INFO: ObjectDef = ObjectDef {
+    name: "CommandLineOptionInfo",
+    members: &[
+        req("option", Ty::Str),
+        req("parameters", Ty::Array(&Ty::Object(&CLI_PARAM_INFO))),
+    ],
+};
+
+pub static MIGRATION_CAPABILITY_STATUS: ObjectDef = ObjectDef {
+    name: "MigrationCapabilityStatus",
+    members: &[
+        req("capability", Ty::Enum(&MIGRATION_CAPABILITY)),
+        req("state", Ty::Bool),
+    ],
+};
+
+/// Parameters ferry honours; TLS ones accept only "" (TLS off).
+pub static MIGRATION_PARAMETERS_MEMBERS: &[Member] = &[
+    opt("max-bandwidth", Ty::Int),
+    opt("downtime-limit", Ty::Int),
+    opt("tls-creds", Ty::Str),
+    opt("tls-hostname", Ty::Str),
+    opt("tls-authz", Ty::Str),
+];
+
+pub static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
+    name: "MigrationParameters",
+    members: MIGRATION_PARAMETERS_MEMBERS,
+};
+
+pub static MIGRATION_STATS: ObjectDef = ObjectDef {
+    name: "MigrationStats",
+    members: &[
+        req("transferred", Ty::Int),
+        req("remaining", Ty::Int),
+        req("total", Ty::Int),
+        req("duplicate", Ty::Int),
+        req("skipped", Ty::Int),
+        req("normal", Ty::Int),
+        req("normal-bytes", Ty::Int),
+        req("dirty-pages-rate", Ty::Int),
+        req("mbps", Ty::Number),
+        req("dirty-sync-count", Ty::Int),
+        req("page-size", Ty::Int),
+    ],
+};
+
+pub static MIGRATION_INFO: ObjectDef = ObjectDef {
+    name: "MigrationInfo",
+    members: &[
+        opt("status", Ty::Enum(&MIGRATION_STATUS)),
+        opt("ram", Ty::Object(&MIGRATION_STATS)),
+        opt("total-time", Ty::Int),
+        opt("expected-downtime", Ty::Int),
+        opt("downtime", Ty::Int),
+        opt("setup-time", Ty::Int),
+        opt("error-desc", Ty::Str),
+        opt("blocked-reasons", Ty::Array(&Ty::Str)),
+    ],
+};
+
+pub static CHARDEV_INFO: ObjectDef = ObjectDef {
+    name: "ChardevInfo",
+    members: &[
+        req("label", Ty::Str),
+        req("filename", Ty::Str),
+        req("frontend-open", Ty::Bool),
+    ],
+};
+
+pub static FDSET_FD_INFO: ObjectDef = ObjectDef {
+    name: "FdsetFdInfo",
+    members: &[req("fd", Ty::Int), opt("opaque", Ty::Str)],
+};
+
+pub static FDSET_INFO: ObjectDef = ObjectDef {
+    name: "FdsetInfo",
+    members: &[
+        req("fdset-id", Ty::Int),
+        req("fds", Ty::Array(&Ty::Object(&FDSET_FD_INFO))),
+    ],
+};
+
+pub static ADDFD_INFO: ObjectDef = ObjectDef {
+    name: "AddfdInfo",
+    members: &[req("fdset-id", Ty::Int), req("fd", Ty::Int)],
+};
+
+/// Events ferry-qemu emits.
+pub static EVENTS: &[EventDef] = &[
+    EventDef {
+        name: "SHUTDOWN",
+        data: &[
+            req("guest", Ty::Bool),
+            req("reason", Ty::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    EventDef {
+        name: "POWERDOWN",
+        data: &[],
+    },
+    EventDef {
+        name: "RESET",
+        data: &[
+            req("guest", Ty::Bool),
+            req("reason", Ty::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    EventDef {
+        name: "STOP",
+        data: &[],
+    },
+    EventDef {
+        name: "RESUME",
+        data: &[],
+    },
+    EventDef {
+        name: "MIGRATION",
+        data: &[req("status", Ty::Enum(&MIGRATION_STATUS))],
+    },
+    EventDef {
+        name: "MIGRATION_PASS",
+        data: &[req("pass", Ty::Int)],
+    },
+];

@@ -1,0 +1,284 @@
+//! Process startup: argv → policy → (`-daemonize`) → monitors, fd sets,
+//! pidfile → backend → QMP loop.
+//!
+//! `-daemonize` re-executes this binary instead of forking (the crate has no
+//! `unsafe`, and `fork` in a Rust process is). The foreground process
+//! spawns `/proc/self/exe` with the same arguments and [`DAEMON_ENV`] set,
+//! its stdout/stderr on pipes; the child binds the monitor sockets, writes
+//! the pidfile, calls `setsid` and prints [`READY`]. Only then does the
+//! foreground process exit 0 — libvirt relies on "the socket exists when the
+//! command returns". If the child fails first, its stderr is relayed and the
+//! foreground process exits 1.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
+
+use crate::argv::{
+    self, ArgvError, ChardevBackend, Invocation, Mode, SocketEndpoint, UNSUPPORTED_HINT,
+};
+use crate::backend::{Backend, BackendError, NoVm};
+use crate::qmp::events::EventSink;
+use crate::qmp::server::{serve_monitor, ChardevInfo, FdSetEntry, Vm};
+
+/// Set in the environment of the re-executed daemon child.
+pub const DAEMON_ENV: &str = "FERRY_QEMU_DAEMON_CHILD";
+/// What the daemon child prints on stdout once it is ready.
+pub const READY: &str = "FERRY-QEMU-READY";
+
+/// Exit status for command-line and startup errors (QEMU uses 1 too).
+pub const EXIT_FAILURE: i32 = 1;
+
+/// Why startup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Argv(#[from] ArgvError),
+    #[error("-chardev {id}: {source}")]
+    Monitor {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("-add-fd fd={fd}: {source}")]
+    AddFd {
+        fd: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write pid file {path}: {source}")]
+    Pidfile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("-daemonize: {0}")]
+    Daemonize(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Picks the backend for this process. The lead replaces [`NoVm`] with the
+/// ferry-vmm backend here; the probe never needs a VM.
+pub fn select_backend(inv: &Invocation, events: EventSink) -> Box<dyn Backend> {
+    Box::new(NoVm::new(inv.is_probe(), events))
+}
+
+/// `main` in library form; returns the exit status.
+pub fn run(args: &[String]) -> i32 {
+    match start(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry-qemu: {e}");
+            if matches!(e, StartError::Argv(ArgvError::Unsupported { .. })) {
+                eprintln!("ferry-qemu: {UNSUPPORTED_HINT}");
+            }
+            EXIT_FAILURE
+        }
+    }
+}
+
+fn start(args: &[String]) -> Result<i32, StartError> {
+    let inv = argv::parse(args.get(1..).unwrap_or_default())?;
+    match inv.mode {
+        Mode::Version => {
+            println!(
+                "QEMU emulator version 7.2.0 (ferry-qemu {})",
+                env!("CARGO_PKG_VERSION")
+            );
+            return Ok(0);
+        }
+        Mode::Help => {
+            println!("usage: ferry-qemu [options]\n\nA QEMU-compatible front end to ferry, for libvirt. Options:");
+            for (name, takes_arg) in argv::OPTIONS {
+                println!("  -{name}{}", if *takes_arg { " ARG" } else { "" });
+            }
+            return Ok(0);
+        }
+        Mode::Run => {}
+    }
+    let config = inv.machine_config()?;
+    let daemon_child = std::env::var_os(DAEMON_ENV).is_some();
+    if inv.daemonize && !daemon_child {
+        return daemonize_parent(args);
+    }
+    if inv.sandbox.is_some() {
+        eprintln!("ferry-qemu: warning: -sandbox is accepted but not enforced by ferry-qemu");
+    }
+
+    let events = EventSink::new();
+    let mut vm = Vm::new(
+        select_backend(&inv, events.clone()),
+        inv.clone(),
+        config.clone(),
+        events,
+    );
+    for a in &inv.add_fds {
+        let fd = crate::fd::adopt_inherited(a.fd)
+            .map_err(|source| StartError::AddFd { fd: a.fd, source })?;
+        vm.fdsets.entry(a.set).or_default().push(FdSetEntry {
+            fd,
+            opaque: a.opaque.clone(),
+        });
+    }
+    let listeners = open_monitors(&inv, &mut vm)?;
+    if let Some(p) = &inv.pidfile {
+        write_pidfile(p)?;
+    }
+    if daemon_child {
+        nix::unistd::setsid().map_err(|e| StartError::Daemonize(format!("setsid: {e}")))?;
+        let mut out = std::io::stdout();
+        writeln!(out, "{READY}")
+            .and_then(|()| out.flush())
+            .map_err(|e| StartError::Daemonize(e.to_string()))?;
+        let null = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| StartError::Daemonize(e.to_string()))?;
+        for r in [
+            nix::unistd::dup2_stdout(&null),
+            nix::unistd::dup2_stderr(&null),
+        ] {
+            r.map_err(|e| StartError::Daemonize(e.to_string()))?;
+        }
+    }
+    if let Some(cfg) = &config {
+        match vm.backend.create(cfg) {
+            Ok(()) => {}
+            Err(e @ BackendError::NotYetSupported { .. }) => {
+                eprintln!("ferry-qemu: warning: {e}; serving QMP only");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let vm = Arc::new(Mutex::new(vm));
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let vm = Arc::clone(&vm);
+            std::thread::spawn(move || serve_monitor(l, vm))
+        })
+        .collect();
+    if threads.is_empty() {
+        // No monitor: nothing can ever talk to us; wait for a signal.
+        loop {
+            std::thread::park();
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(0)
+}
+
+/// Binds or adopts every monitor socket; records them for `query-chardev`.
+fn open_monitors(inv: &Invocation, vm: &mut Vm) -> Result<Vec<UnixListener>, StartError> {
+    let mut out = Vec::new();
+    for m in &inv.monitors {
+        let Some(c) = inv.chardevs.iter().find(|c| c.id == m.chardev) else {
+            continue; // checked by machine_config()
+        };
+        let ChardevBackend::Socket(sock) = &c.backend else {
+            continue;
+        };
+        let err = |source| StartError::Monitor {
+            id: c.id.clone(),
+            source,
+        };
+        let (listener, path) = match &sock.endpoint {
+            SocketEndpoint::Unix(path) => {
+                // QEMU replaces a stale socket file.
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+                (
+                    UnixListener::bind(path).map_err(err)?,
+                    path.display().to_string(),
+                )
+            }
+            SocketEndpoint::Fd(n) => {
+                let fd = crate::fd::adopt_inherited(*n).map_err(err)?;
+                let listening = getsockopt(&fd, sockopt::AcceptConn)
+                    .map_err(|e| err(std::io::Error::from(e)))?;
+                if !listening {
+                    return Err(err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("fd {n} is not a listening socket"),
+                    )));
+                }
+                let path = getsockname::<UnixAddr>(fd.as_raw_fd())
+                    .ok()
+                    .and_then(|a| a.path().map(|p| p.display().to_string()))
+                    .unwrap_or_default();
+                (UnixListener::from(fd), path)
+            }
+            SocketEndpoint::Tcp { .. } => continue, // refused by policy
+        };
+        vm.chardevs.push(ChardevInfo {
+            label: c.id.clone(),
+            filename: format!("unix:{path},server=on"),
+        });
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// Writes our pid and keeps the file locked for the process's lifetime.
+fn write_pidfile(path: &Path) -> Result<(), StartError> {
+    let err = |source| StartError::Pidfile {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    let mut locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| err(std::io::Error::from(e)))?;
+    locked.set_len(0).map_err(err)?;
+    writeln!(locked, "{}", std::process::id()).map_err(err)?;
+    locked.flush().map_err(err)?;
+    // The lock lives as long as the process, like QEMU's.
+    Box::leak(Box::new(locked));
+    Ok(())
+}
+
+fn daemonize_parent(args: &[String]) -> Result<i32, StartError> {
+    let exe = std::env::current_exe().map_err(|e| StartError::Daemonize(e.to_string()))?;
+    let mut child = Command::new(exe)
+        .args(args.get(1..).unwrap_or_default())
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| StartError::Daemonize(format!("cannot start the daemon: {e}")))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| StartError::Daemonize("no pipe to the daemon".into()))?;
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    if line.trim_end() == READY {
+        return Ok(0);
+    }
+    // The child failed before it was ready: relay why.
+    let mut why = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut why);
+    }
+    let _ = child.wait();
+    eprint!("{why}");
+    Ok(EXIT_FAILURE)
+}

@@ -1,0 +1,216 @@
+//! End-to-end: boot the dirtier on /dev/kvm with `ferry-vm`, checkpoint it while it
+//! dirties memory, restore it in new processes, and let the oracle judge.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_tests::{bin, oracle, require_kvm, Scratch, VmProcess};
+
+const BOOT: Duration = Duration::from_secs(30);
+
+#[test]
+fn dirtier_boots_and_keeps_memory_consistent() {
+    require_kvm();
+    let s = Scratch::new();
+    let dirtier = s.dirtier.display().to_string();
+    let vm = VmProcess::start(
+        &s,
+        "boot",
+        &[
+            "run",
+            "--kernel",
+            &dirtier,
+            "-m",
+            "128M",
+            "--append",
+            "ws=16M pattern=random fill=1",
+        ],
+    );
+    vm.wait_serial("dirtier: ready", BOOT);
+    // First touches of guest pages are slow under nested KVM: give it ~1 s of heartbeats.
+    vm.wait_heartbeats(1000, BOOT);
+    let image = s.path("boot.img");
+    vm.ok("pause");
+    vm.ok(&format!("dump {}", image.display()));
+    let report = oracle(&image);
+    assert!(report.passes >= 1, "{report:?}");
+    assert_eq!(report.working_set_pages, 16 << 8);
+    assert!(report.filled_pages > 0);
+    vm.ok("resume");
+    vm.wait_heartbeats(5, BOOT);
+    vm.quit();
+}
+
+/// Checkpoints a dirtying guest, restores it in a new process, and repeats: heartbeats
+/// must resume within a second and the pass counter must continue, not restart.
+fn checkpoint_chain(mem: &str, append: &str, rounds: usize) {
+    require_kvm();
+    let s = Scratch::new();
+    let dirtier = s.dirtier.display().to_string();
+    let mut vm = VmProcess::start(
+        &s,
+        "r0",
+        &["run", "--kernel", &dirtier, "-m", mem, "--append", append],
+    );
+    vm.wait_serial("dirtier: ready", BOOT);
+    vm.wait_heartbeats(10, BOOT);
+    // Progress of the sweep: completed passes, then position in the current pass.
+    let progress =
+        |r: &ferry_testguest::OracleReport| (r.passes, r.cursor % r.working_set_pages.max(1));
+    let mut last = (0, 0);
+    for round in 1..=rounds {
+        let ckpt = s.path(&format!("r{round}.ckpt"));
+        let image = s.path("check.img");
+        vm.wait_heartbeats(100, BOOT);
+        vm.ok("pause");
+        vm.ok(&format!("dump {}", image.display()));
+        let before = oracle(&image);
+        assert!(
+            progress(&before) > last,
+            "round {round}: the guest made no progress since the last restore: {:?} after {last:?}",
+            progress(&before)
+        );
+        vm.ok(&format!("checkpoint {}", ckpt.display()));
+        vm.quit();
+
+        vm = VmProcess::start(
+            &s,
+            &format!("r{round}"),
+            &["restore", ckpt.to_str().expect("utf-8 path"), "--paused"],
+        );
+        vm.ok(&format!("dump {}", image.display()));
+        let restored = oracle(&image);
+        assert_eq!(
+            progress(&restored),
+            progress(&before),
+            "round {round}: the restored guest is not where it stopped"
+        );
+        vm.ok("resume");
+        let waited = vm.wait_heartbeats(3, Duration::from_secs(10));
+        assert!(
+            waited < Duration::from_secs(1),
+            "round {round}: heartbeats took {waited:?} to resume"
+        );
+        last = progress(&before);
+    }
+    vm.wait_heartbeats(100, BOOT);
+    vm.ok("pause");
+    let image = s.path("final.img");
+    vm.ok(&format!("dump {}", image.display()));
+    let report = oracle(&image);
+    assert!(progress(&report) > last, "{report:?}");
+    vm.quit();
+}
+
+#[test]
+fn checkpoint_restore_20_rounds_256m() {
+    checkpoint_chain("256M", "ws=64M fill=1", 20);
+}
+
+#[test]
+fn checkpoint_restore_20_rounds_1g() {
+    checkpoint_chain("1G", "ws=64M pattern=random", 20);
+}
+
+/// A checkpoint of a running dirtier, for the rejection tests.
+fn good_checkpoint(s: &Scratch) -> Vec<u8> {
+    let dirtier = s.dirtier.display().to_string();
+    let vm = VmProcess::start(
+        s,
+        "src",
+        &[
+            "run", "--kernel", &dirtier, "-m", "64M", "--append", "ws=4M",
+        ],
+    );
+    vm.wait_serial("dirtier: ready", BOOT);
+    let ckpt = s.path("good.ckpt");
+    vm.ok(&format!("checkpoint {}", ckpt.display()));
+    vm.quit();
+    std::fs::read(&ckpt).expect("read checkpoint")
+}
+
+/// `ferry-vm restore` of `bytes` must fail, naming the problem, before any guest runs.
+fn refused(s: &Scratch, name: &str, bytes: &[u8], extra: &[&str], expect: &str) {
+    let path = s.path(name);
+    std::fs::write(&path, bytes).expect("write bad checkpoint");
+    let serial = s.path(&format!("{name}.serial"));
+    let out = Command::new(bin("ferry-vm"))
+        .arg("restore")
+        .arg(&path)
+        .args(extra)
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .output()
+        .expect("run ferry-vm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+    assert!(
+        stderr.contains(expect),
+        "{name}: expected {expect:?} in {stderr:?}"
+    );
+    let ran = std::fs::read(&serial).unwrap_or_default();
+    assert!(
+        ran.is_empty(),
+        "{name}: the guest ran: {:?}",
+        String::from_utf8_lossy(&ran)
+    );
+}
+
+#[test]
+fn bad_checkpoints_are_refused() {
+    require_kvm();
+    let s = Scratch::new();
+    let good = good_checkpoint(&s);
+
+    refused(&s, "empty", &[], &[], "ended early");
+    refused(&s, "truncated", &good[..good.len() / 2], &[], "ended early");
+    refused(
+        &s,
+        "truncated-end",
+        &good[..good.len() - 1],
+        &[],
+        "ended early",
+    );
+
+    let mut corrupt = good.clone();
+    let at = good.len() / 3;
+    corrupt[at] ^= 0x40;
+    refused(&s, "corrupt", &corrupt, &[], "checksum");
+
+    let mut newer = good.clone();
+    newer[8] = 99;
+    refused(&s, "newer", &newer, &[], "newer than this ferry supports");
+
+    refused(
+        &s,
+        "foreign",
+        ferry_testguest::DIRTIER_ELF,
+        &[],
+        "not a ferry checkpoint",
+    );
+
+    refused(
+        &s,
+        "wrong-size",
+        &good,
+        &["-m", "128M"],
+        "64 MiB of RAM but 128 MiB",
+    );
+}
+
+#[test]
+fn unbootable_kernel_is_refused() {
+    require_kvm();
+    let s = Scratch::new();
+    let junk = s.path("junk.bin");
+    std::fs::write(&junk, vec![0x5au8; 8192]).expect("write junk");
+    let out = Command::new(bin("ferry-vm"))
+        .args(["run", "--serial", "null", "--kernel"])
+        .arg(&junk)
+        .output()
+        .expect("run ferry-vm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("junk.bin"), "{stderr}");
+    assert!(stderr.contains("bzImage"), "{stderr}");
+}
