@@ -44,6 +44,8 @@
 //! |  4 | Vm       | CBOR: VM-wide state                     | 16 MiB            |
 //! |  5 | Devices  | CBOR: device state                      | 16 MiB            |
 //! |  6 | End      | counts (below); always last             | 24 bytes          |
+//! |  7 | Reply    | CBOR: return-path message (dest to src) | 16 MiB            |
+//! |  8 | Digest   | CBOR: digest of all guest RAM           | 16 MiB            |
 //! |  * | other    | unknown to this version                 | 64 MiB            |
 //!
 //! ## RamPages payload

@@ -32,6 +32,11 @@ pub enum SectionId {
     Devices,
     /// 6: the last section; carries counts the reader checks.
     End,
+    /// 7: a message on a migration's return path (destination to source); CBOR.
+    Reply,
+    /// 8: a digest of all guest RAM, compared by the destination before it
+    /// resumes the VM; CBOR.
+    Digest,
     /// Any id this build does not know (including the invalid id 0). Build
     /// ids with [`SectionId::from_u32`]; an `Unknown(n)` holding a known `n`
     /// is treated as that known id everywhere except by `==`.
@@ -40,13 +45,15 @@ pub enum SectionId {
 
 impl SectionId {
     /// Every id this build knows, in id order.
-    pub const KNOWN: [SectionId; 6] = [
+    pub const KNOWN: [SectionId; 8] = [
         SectionId::Shape,
         SectionId::RamPages,
         SectionId::Vcpus,
         SectionId::Vm,
         SectionId::Devices,
         SectionId::End,
+        SectionId::Reply,
+        SectionId::Digest,
     ];
 
     /// Maps a wire id to a `SectionId`.
@@ -58,6 +65,8 @@ impl SectionId {
             4 => SectionId::Vm,
             5 => SectionId::Devices,
             6 => SectionId::End,
+            7 => SectionId::Reply,
+            8 => SectionId::Digest,
             other => SectionId::Unknown(other),
         }
     }
@@ -71,6 +80,8 @@ impl SectionId {
             SectionId::Vm => 4,
             SectionId::Devices => 5,
             SectionId::End => 6,
+            SectionId::Reply => 7,
+            SectionId::Digest => 8,
             SectionId::Unknown(id) => id,
         }
     }
@@ -84,6 +95,8 @@ impl SectionId {
             SectionId::Vm => Some("Vm"),
             SectionId::Devices => Some("Devices"),
             SectionId::End => Some("End"),
+            SectionId::Reply => Some("Reply"),
+            SectionId::Digest => Some("Digest"),
             SectionId::Unknown(_) => None,
         }
     }
@@ -97,7 +110,12 @@ impl SectionId {
     pub fn is_cbor(self) -> bool {
         matches!(
             SectionId::from_u32(self.as_u32()),
-            SectionId::Shape | SectionId::Vcpus | SectionId::Vm | SectionId::Devices
+            SectionId::Shape
+                | SectionId::Vcpus
+                | SectionId::Vm
+                | SectionId::Devices
+                | SectionId::Reply
+                | SectionId::Digest
         )
     }
 
@@ -330,7 +348,7 @@ mod tests {
             assert_eq!(id.supported_versions(), &[1]);
         }
         assert_eq!(SectionId::from_u32(0), SectionId::Unknown(0));
-        assert_eq!(SectionId::from_u32(7), SectionId::Unknown(7));
+        assert_eq!(SectionId::from_u32(9), SectionId::Unknown(9));
         // An Unknown spelling of a known id behaves as the known id.
         assert!(SectionId::Unknown(2).is_known());
         assert_eq!(SectionId::Unknown(2).to_string(), "RamPages (id 2)");
