@@ -5,14 +5,13 @@
 //! zero), vCPUs, VM state, devices, End. A restore validates every section before the
 //! VM runs; a stream that fails anywhere leaves a VM that never ran and is dropped.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
-use ferry_format::{RamBatch, RamBatchBuilder, SectionId, StreamReader, StreamWriter};
+use ferry_format::{RamBatch, RamBatchBuilder, SectionId, StreamWriter};
 use ferry_kvm::{Backing, GuestRam, PAGE_SIZE};
 
-use crate::cpu::VcpuState;
 use crate::devices::serial::SinkSpec;
-use crate::vm::{DevicesState, Vm, VmShape, VmState};
+use crate::vm::{Vm, VmShape};
 use crate::VmmError;
 
 /// Section versions this ferry writes and reads.
@@ -78,7 +77,14 @@ pub fn save<W: Write>(vm: &Vm, w: W) -> Result<(W, CheckpointStats), VmmError> {
     }
     let mut stats = CheckpointStats::default();
     let mut out = StreamWriter::new(w, &producer())?;
-    out.write_cbor(SectionId::Shape, SHAPE_VERSION, &vm.shape())?;
+    out.write_cbor(
+        SectionId::Shape,
+        SHAPE_VERSION,
+        &crate::migration::Handshake {
+            shape: vm.shape(),
+            digest: false,
+        },
+    )?;
     write_ram(vm.ram(), &mut out, &mut stats)?;
     out.write_cbor(SectionId::Vcpus, VCPUS_VERSION, &vm.capture_vcpus()?)?;
     out.write_cbor(SectionId::Vm, VM_VERSION, &vm.capture_vm()?)?;
@@ -144,51 +150,18 @@ pub fn check_shape(shape: &VmShape, opts: &RestoreOptions) -> Result<(), VmmErro
 }
 
 /// Reads a whole checkpoint and returns a paused VM ready to resume.
-pub fn restore<R: Read>(r: R, opts: &RestoreOptions) -> Result<Vm, VmmError> {
-    let limits = ferry_format::Limits::default();
-    let (mut reader, _preamble) = StreamReader::new(r, limits)?;
-    let mut buf = Vec::new();
-    let header = reader.next_section(&mut buf)?;
-    if header.id != SectionId::Shape {
-        return Err(VmmError::Restore(format!(
-            "the stream starts with section {:?}, not the VM shape: it is not a checkpoint",
-            header.id
-        )));
-    }
-    let shape: VmShape = ferry_format::decode_cbor(SectionId::Shape, &buf, &limits)?;
-    check_shape(&shape, opts)?;
-    let mut vm = Vm::create_for_shape(&shape, opts.backing, opts.serial.clone())?;
-    let mut vcpus: Option<Vec<VcpuState>> = None;
-    let mut vm_state: Option<VmState> = None;
-    let mut devices: Option<DevicesState> = None;
-    loop {
-        let header = reader.next_section(&mut buf)?;
-        match header.id {
-            SectionId::RamPages => {
-                let batch = RamBatch::parse_with_limits(&buf, &limits)?;
-                apply_ram_batch(vm.ram(), &batch)?;
-            }
-            SectionId::Vcpus => vcpus = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
-            SectionId::Vm => vm_state = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
-            SectionId::Devices => {
-                devices = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?)
-            }
-            SectionId::End => break,
-            other => {
-                return Err(VmmError::Restore(format!(
-                    "unexpected section {other:?} in a checkpoint"
-                )))
-            }
-        }
-    }
-    let missing = |what: &str| {
-        VmmError::Restore(format!(
-            "the checkpoint has no {what} section: it was written by a broken producer"
-        ))
+pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
+    r: R,
+    opts: &RestoreOptions,
+) -> Result<Vm, VmmError> {
+    let incoming = crate::migration::IncomingOptions {
+        backing: opts.backing,
+        serial: opts.serial.clone(),
+        expect_mem_bytes: opts.expect_mem_bytes,
+        autostart: false,
     };
-    let vcpus = vcpus.ok_or_else(|| missing("vCPU"))?;
-    let vm_state = vm_state.ok_or_else(|| missing("VM state"))?;
-    let devices = devices.ok_or_else(|| missing("device"))?;
-    vm.restore_state(vcpus, &vm_state, &devices)?;
-    Ok(vm)
+    crate::migration::receive(Box::new(r), None, &incoming).map_err(|e| match e {
+        crate::migration::MigrationError::Vmm(v) => v,
+        other => VmmError::Restore(other.to_string()),
+    })
 }

@@ -1,7 +1,10 @@
 //! The `ferry-vm` control socket and the loop that runs a VM until it exits.
 //!
 //! One command per line, one JSON object per reply:
-//! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `quit`.
+//! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `quit`,
+//! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
+//! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
+//! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover).
 //! The QEMU-compatible QMP monitor is `ferry-qemu`'s; this is the thin local entry.
 
 use std::fs::File;
@@ -10,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -17,6 +21,7 @@ use serde_json::{json, Value};
 use ferry_kvm::{GuestRam, PAGE_SIZE};
 
 use crate::checkpoint;
+use crate::migration::{self, Channel, MigrationControl, MigrationUri, TimeoutPolicy};
 use crate::vcpu::GuestExit;
 use crate::vm::Vm;
 use crate::VmmError;
@@ -30,6 +35,8 @@ pub enum RunOutcome {
     /// `quit` on the control socket.
     Quit,
     Guest(GuestExit),
+    /// The VM moved to another host.
+    Migrated,
 }
 
 struct Request {
@@ -89,7 +96,7 @@ pub fn checkpoint_to_file(vm: &Vm, path: &Path) -> Result<checkpoint::Checkpoint
     }
 }
 
-fn listen(path: &Path) -> Result<Receiver<Request>, VmmError> {
+fn listen(path: &Path, ctl: Arc<MigrationControl>) -> Result<Receiver<Request>, VmmError> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)
         .map_err(|e| VmmError::Io(format!("cannot listen on {}", path.display()), e))?;
@@ -99,16 +106,17 @@ fn listen(path: &Path) -> Result<Receiver<Request>, VmmError> {
         .spawn(move || {
             for stream in listener.incoming().flatten() {
                 let tx = tx.clone();
+                let ctl = ctl.clone();
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_connection(stream, tx));
+                    .spawn(move || serve_connection(stream, tx, ctl));
             }
         })
         .map_err(|e| VmmError::Io("cannot start the control thread".into(), e))?;
     Ok(rx)
 }
 
-fn serve_connection(stream: UnixStream, tx: Sender<Request>) {
+fn serve_connection(stream: UnixStream, tx: Sender<Request>, ctl: Arc<MigrationControl>) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -123,6 +131,14 @@ fn serve_connection(stream: UnixStream, tx: Sender<Request>) {
                 return;
             }
             Ok(_) => {}
+        }
+        // Migration queries and steering are answered here, so they work while the
+        // main loop runs a migration.
+        if let Some(reply) = migration_command(&ctl, line.trim()) {
+            if writeln!(out, "{reply}").is_err() {
+                return;
+            }
+            continue;
         }
         let (reply_tx, reply_rx) = mpsc::channel();
         if tx
@@ -144,8 +160,9 @@ fn serve_connection(stream: UnixStream, tx: Sender<Request>) {
 /// Runs `vm` (already booted or restored; started if `start` is set) until the guest
 /// exits or `quit` arrives on the control socket at `control`.
 pub fn run(mut vm: Vm, control: Option<&Path>, start: bool) -> Result<RunOutcome, VmmError> {
+    let ctl = MigrationControl::new(migration::MigrationParams::default());
     let requests = match control {
-        Some(p) => Some(listen(p)?),
+        Some(p) => Some(listen(p, ctl.clone())?),
         None => None,
     };
     if start {
@@ -170,6 +187,14 @@ pub fn run(mut vm: Vm, control: Option<&Path>, start: bool) -> Result<RunOutcome
         };
         match requests.recv_timeout(Duration::from_millis(20)) {
             Ok(req) => {
+                if let Some(uri) = req.line.strip_prefix("migrate ") {
+                    let (reply, moved) = migrate(&mut vm, uri.trim(), &ctl);
+                    let _ = req.reply.send(reply);
+                    if moved {
+                        return Ok(RunOutcome::Migrated);
+                    }
+                    continue;
+                }
                 let (reply, quit) = handle(&mut vm, &req.line);
                 let _ = req.reply.send(reply);
                 if quit {
@@ -252,4 +277,85 @@ fn with_paused(
         vm.resume()?;
     }
     result
+}
+
+/// Runs an outgoing migration to `uri`; true when the VM has moved.
+fn migrate(vm: &mut Vm, uri: &str, ctl: &Arc<MigrationControl>) -> (Value, bool) {
+    let result = uri
+        .parse::<MigrationUri>()
+        .and_then(|u| Channel::connect(&u, Duration::from_secs(10)))
+        .map_err(migration::MigrationError::from)
+        .and_then(|ch| migration::migrate(vm, ch, ctl));
+    match result {
+        Ok(migration::MigrationOutcome::Completed(stats)) => (
+            json!({"ok": true, "migration": serde_json::to_value(&stats).unwrap_or_default()}),
+            true,
+        ),
+        Err(e) => (
+            json!({"ok": false, "error": e.to_string(), "status": status(vm)}),
+            false,
+        ),
+    }
+}
+
+/// Commands on a migration in flight; `None` for anything else.
+fn migration_command(ctl: &MigrationControl, line: &str) -> Option<Value> {
+    let (cmd, args) = line.split_once(' ').unwrap_or((line, ""));
+    let reply = match cmd {
+        "query-migrate" => {
+            let mut v = serde_json::to_value(ctl.stats()).unwrap_or_default();
+            v["ok"] = json!(true);
+            v
+        }
+        "migrate-cancel" => {
+            ctl.cancel();
+            json!({"ok": true})
+        }
+        "migrate-continue" => {
+            ctl.resume_switchover();
+            json!({"ok": true})
+        }
+        "migrate-set" => match set_params(ctl, args) {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"ok": false, "error": e}),
+        },
+        _ => return None,
+    };
+    Some(reply)
+}
+
+fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
+    let mut p = ctl.params();
+    for kv in args.split_whitespace() {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("'{kv}' is not KEY=VALUE"))?;
+        let num = || {
+            v.parse::<u64>()
+                .map_err(|_| format!("{k}: '{v}' is not a number"))
+        };
+        let flag = || match v {
+            "1" | "on" | "true" => Ok(true),
+            "0" | "off" | "false" => Ok(false),
+            _ => Err(format!("{k}: '{v}' is not on/off")),
+        };
+        match k {
+            "downtime-limit" => p.downtime_limit_ms = num()?,
+            "max-bandwidth" => p.max_bandwidth = num()?,
+            "max-total-time" => p.max_total_time_ms = num()?,
+            "verify" => p.verify_digest = flag()?,
+            "auto-converge" => p.auto_converge = flag()?,
+            "pause-before-switchover" => p.pause_before_switchover = flag()?,
+            "on-timeout" => {
+                p.on_timeout = match v {
+                    "cancel" => TimeoutPolicy::Cancel,
+                    "switchover" => TimeoutPolicy::ForceSwitchover,
+                    _ => return Err(format!("on-timeout: '{v}' is not cancel or switchover")),
+                }
+            }
+            _ => return Err(format!("unknown migration parameter '{k}'")),
+        }
+    }
+    ctl.set_params(|q| *q = p);
+    Ok(())
 }

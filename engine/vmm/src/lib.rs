@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod control;
 pub mod cpu;
 pub mod devices;
+pub mod migration;
 pub mod vcpu;
 pub mod vm;
 

@@ -12,6 +12,11 @@ use ferry_kvm::Backing;
 use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::control::{self, RunOutcome};
 use ferry_vmm::devices::serial::SinkSpec;
+use ferry_vmm::migration::{self, IncomingOptions, Listener, MigrationUri};
+
+fn migration_err(e: migration::TransportError) -> ferry_vmm::VmmError {
+    ferry_vmm::VmmError::Config(e.to_string())
+}
 use ferry_vmm::{GuestExit, KernelConfig, Vm, VmConfig};
 
 #[derive(Parser, Debug)]
@@ -60,6 +65,17 @@ enum Command {
         /// Number of vCPUs.
         #[arg(long, default_value_t = 1)]
         smp: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Wait for an incoming live migration on URI (tcp:HOST:PORT, unix:PATH, file:PATH),
+    /// then run the VM.
+    Incoming {
+        /// Where to listen.
+        uri: String,
+        /// Expected guest RAM; refused if the incoming VM's differs.
+        #[arg(short = 'm', long, value_parser = parse_size)]
+        mem: Option<u64>,
         #[command(flatten)]
         common: Common,
     },
@@ -169,6 +185,31 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             })?;
             (vm, common)
         }
+        Command::Incoming { uri, mem, common } => {
+            let uri: MigrationUri = uri.parse().map_err(migration_err)?;
+            let listener = Listener::bind(&uri).map_err(migration_err)?;
+            if let Some(port) = listener.local_port() {
+                eprintln!("ferry-vm: listening on port {port}");
+            }
+            let ch = listener.accept().map_err(migration_err)?;
+            let reader = ch.reader;
+            let writer = ch.has_return_path.then_some(ch.writer);
+            let vm = migration::receive(
+                reader,
+                writer,
+                &IncomingOptions {
+                    backing: common.backing.into(),
+                    serial: common.serial.clone(),
+                    expect_mem_bytes: mem,
+                    autostart: !common.paused,
+                },
+            )
+            .map_err(|e| match e {
+                migration::MigrationError::Vmm(v) => v,
+                other => ferry_vmm::VmmError::Restore(format!("incoming migration: {other}")),
+            })?;
+            (vm, common)
+        }
         Command::Restore { file, mem, common } => {
             let f = std::fs::File::open(&file).map_err(|e| {
                 ferry_vmm::VmmError::Io(format!("cannot open checkpoint {}", file.display()), e)
@@ -190,12 +231,17 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             (vm, common)
         }
     };
+    let start = !common.paused && !vm.is_running();
     if let Some(p) = vm.serial_pty() {
         eprintln!("ferry-vm: serial console on {}", p.display());
     }
-    let outcome = control::run(vm, common.control.as_deref(), !common.paused)?;
+    let outcome = control::run(vm, common.control.as_deref(), start)?;
     Ok(match outcome {
         RunOutcome::Quit | RunOutcome::Guest(GuestExit::Poweroff) => ExitCode::SUCCESS,
+        RunOutcome::Migrated => {
+            eprintln!("ferry-vm: the VM migrated away");
+            ExitCode::SUCCESS
+        }
         RunOutcome::Guest(GuestExit::Reset(why)) => {
             eprintln!("ferry-vm: guest reset: {why}");
             ExitCode::from(3)

@@ -38,6 +38,7 @@ pub(crate) struct VcpuContext {
     pub com1: Arc<Mutex<Com1>>,
     pub exits: Sender<GuestExit>,
     pub msr_indices: Arc<Vec<u32>>,
+    pub throttle: Arc<crate::migration::converge::ThrottleState>,
 }
 
 /// The VMM's handle on one vCPU thread.
@@ -120,6 +121,13 @@ impl VcpuHandle {
         }
     }
 
+    /// The pthread of this vCPU, for kicks.
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        self.thread
+            .as_ref()
+            .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
+    }
+
     pub fn capture(&self) -> Result<VcpuState, VmmError> {
         let (tx, rx) = mpsc::channel();
         self.send(VcpuCmd::Capture(tx))?;
@@ -170,7 +178,10 @@ fn vcpu_loop(
                         pause.store(true, Ordering::Release);
                     }
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // A kick: a pause request (checked above) or a throttle nap.
+                    ctx.throttle.nap(&pause);
+                }
                 Err(e) => {
                     let _ = ctx.exits.send(GuestExit::Crashed(format!(
                         "vCPU {index}: KVM_RUN failed: {e}"

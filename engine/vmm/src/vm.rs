@@ -17,6 +17,7 @@ use ferry_kvm::{Backing, GuestRam};
 
 use crate::cpu::{checkpoint_msrs, vcpu_cpuid, VcpuState};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
+use crate::migration::converge::ThrottleState;
 use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
 use crate::VmmError;
 
@@ -81,6 +82,7 @@ pub struct Vm {
     exits: Receiver<GuestExit>,
     running: bool,
     sink: SerialSink,
+    throttle: Arc<ThrottleState>,
 }
 
 impl Vm {
@@ -145,10 +147,12 @@ impl Vm {
         }
         let msr_indices = Arc::new(checkpoint_msrs(&kvm, &fds[0])?);
         let (exit_tx, exit_rx) = mpsc::channel();
+        let throttle = Arc::new(ThrottleState::default());
         let ctx = VcpuContext {
             com1: com1.clone(),
             exits: exit_tx,
             msr_indices,
+            throttle: throttle.clone(),
         };
         let mut vcpus = Vec::with_capacity(fds.len());
         for (i, fd) in fds.into_iter().enumerate() {
@@ -165,6 +169,7 @@ impl Vm {
             exits: exit_rx,
             running: false,
             sink,
+            throttle,
         })
     }
 
@@ -215,6 +220,17 @@ impl Vm {
         }
         self.running = false;
         Ok(())
+    }
+
+    /// Starts throttling this VM's vCPUs (percent set on the returned handle).
+    pub fn throttle(&self) -> crate::migration::Throttle {
+        let threads: Vec<libc::pthread_t> =
+            self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
+        crate::migration::Throttle::start(self.throttle.clone(), move || {
+            for &t in &threads {
+                let _ = ferry_kvm::kick(t);
+            }
+        })
     }
 
     pub fn is_running(&self) -> bool {

@@ -1,0 +1,262 @@
+//! Live migration: iterative pre-copy over the KVM dirty log, convergence control with
+//! vCPU throttling, switch-over with checkpointed device state, and the incoming side.
+//!
+//! ```text
+//!  source                                   destination
+//!  Preamble, Shape ─────────────────────────▶ check shape, create VM
+//!                  ◀───────────────────────── Reply::Ready (or Reply::Error: nothing moved)
+//!  dirty logging on
+//!  RamPages × pass 1 (all non-zero pages) ──▶ apply (validated per batch)
+//!  RamPages × pass n (dirtied since n-1) ───▶ apply
+//!  ... until the rest fits the downtime limit
+//!  pause vCPUs, final dirty sync
+//!  RamPages (rest), Vcpus, Vm, Devices,
+//!  [Digest], End ───────────────────────────▶ verify digest, load state, [resume]
+//!                  ◀───────────────────────── Reply::Loaded (or Reply::Error: source resumes)
+//!  free the VM
+//! ```
+//!
+//! Any failure before `End` is sent leaves the source running with memory intact and
+//! dirty logging off. A failure after `End` was sent but before `Loaded` arrived leaves
+//! the source paused: the destination may be running, and two running copies must
+//! never exist.
+
+pub(crate) mod converge;
+mod incoming;
+mod precopy;
+mod stats;
+pub mod transport;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+pub use converge::Throttle;
+pub use incoming::{receive, IncomingOptions};
+pub use precopy::{migrate, MigrationOutcome};
+pub use stats::{MigrationStats, MigrationStatus, RamStats};
+pub use transport::{Channel, Listener, MigrationUri, TransportError};
+
+use crate::vm::VmShape;
+
+/// Messages on the return path (destination to source).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The destination accepted the shape and built the VM: pages may flow.
+    Ready,
+    /// The destination loaded everything (and runs the VM if `running`).
+    Loaded { running: bool },
+    /// The destination refused or failed; `message` says why, for the operator.
+    Error { message: String },
+}
+
+/// Section version of [`Reply`] and [`Handshake`].
+pub const REPLY_VERSION: u16 = 1;
+
+/// What the first section of a migration stream carries: the VM's shape and what the
+/// sender will do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshake {
+    pub shape: VmShape,
+    /// The sender will send a Digest section before End.
+    #[serde(default)]
+    pub digest: bool,
+}
+
+/// Tunables, in QEMU's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationParams {
+    /// Longest acceptable pause of the guest at switch-over (QEMU downtime-limit).
+    pub downtime_limit_ms: u64,
+    /// Bandwidth cap in bytes/s; 0 = unlimited (QEMU max-bandwidth).
+    pub max_bandwidth: u64,
+    /// Give up (or force the switch-over) after this long; 0 = never.
+    pub max_total_time_ms: u64,
+    /// What to do when `max_total_time_ms` passes.
+    pub on_timeout: TimeoutPolicy,
+    /// Slow vCPUs when the guest dirties memory faster than the link drains it.
+    pub auto_converge: bool,
+    /// Highest throttle, percent of vCPU time taken away.
+    pub max_throttle_pct: u8,
+    /// Compare a digest of all RAM on both sides before the destination resumes.
+    pub verify_digest: bool,
+    /// Stop in `pre-switchover` with vCPUs paused until [`MigrationControl::resume_switchover`]
+    /// (libvirt's pause-before-switchover).
+    pub pause_before_switchover: bool,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        Self {
+            downtime_limit_ms: 300,
+            max_bandwidth: 0,
+            max_total_time_ms: 0,
+            on_timeout: TimeoutPolicy::Cancel,
+            auto_converge: true,
+            max_throttle_pct: 99,
+            verify_digest: false,
+            pause_before_switchover: false,
+        }
+    }
+}
+
+/// What happens when a migration runs longer than its cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPolicy {
+    /// Cancel; the source keeps running.
+    Cancel,
+    /// Switch over now, whatever the downtime.
+    ForceSwitchover,
+}
+
+/// Shared between a running migration and whoever watches or steers it (QMP, the
+/// control socket): statistics, parameters that may change mid-flight, cancel.
+#[derive(Default)]
+pub struct MigrationControl {
+    cancel: AtomicBool,
+    stats: Mutex<MigrationStats>,
+    params: Mutex<MigrationParams>,
+    switchover: (Mutex<bool>, Condvar),
+    events: Mutex<Option<EventSink>>,
+}
+
+type EventSink = Box<dyn Fn(&MigrationEvent) + Send>;
+
+impl std::fmt::Debug for MigrationControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationControl")
+            .field("cancel", &self.cancel)
+            .field("stats", &self.stats)
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Events a migration emits: every state change and every pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigrationEvent {
+    Status(MigrationStatus),
+    Pass(u64),
+}
+
+impl MigrationControl {
+    pub fn new(params: MigrationParams) -> Arc<Self> {
+        Arc::new(Self {
+            params: Mutex::new(params),
+            ..Default::default()
+        })
+    }
+
+    /// Asks the migration to stop; the source keeps running.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+        let (lock, cv) = &self.switchover;
+        if let Ok(_g) = lock.lock() {
+            cv.notify_all();
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> MigrationStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn update_stats(&self, f: impl FnOnce(&mut MigrationStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
+        }
+    }
+
+    pub fn params(&self) -> MigrationParams {
+        self.params.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Changes parameters; a running migration picks them up at its next pass.
+    pub fn set_params(&self, f: impl FnOnce(&mut MigrationParams)) {
+        if let Ok(mut p) = self.params.lock() {
+            f(&mut p);
+        }
+    }
+
+    /// Lets a migration waiting in `pre-switchover` continue.
+    pub fn resume_switchover(&self) {
+        let (lock, cv) = &self.switchover;
+        if let Ok(mut go) = lock.lock() {
+            *go = true;
+            cv.notify_all();
+        }
+    }
+
+    /// Waits for `resume_switchover` or cancel; true if the switch-over may go on.
+    pub(crate) fn wait_switchover(&self) -> bool {
+        let (lock, cv) = &self.switchover;
+        let Ok(mut go) = lock.lock() else {
+            return false;
+        };
+        while !*go && !self.is_cancelled() {
+            go = match cv.wait(go) {
+                Ok(g) => g,
+                Err(_) => return false,
+            };
+        }
+        *go && !self.is_cancelled()
+    }
+
+    /// Where events go (QMP's MIGRATION / MIGRATION_PASS).
+    pub fn on_event(&self, f: impl Fn(&MigrationEvent) + Send + 'static) {
+        if let Ok(mut e) = self.events.lock() {
+            *e = Some(Box::new(f));
+        }
+    }
+
+    pub(crate) fn emit(&self, ev: MigrationEvent) {
+        if let MigrationEvent::Status(s) = &ev {
+            self.update_stats(|st| st.status = *s);
+        }
+        if let Ok(e) = self.events.lock() {
+            if let Some(f) = &*e {
+                f(&ev);
+            }
+        }
+    }
+}
+
+/// Errors of migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("migration cancelled")]
+    Cancelled,
+    #[error("migration took longer than its {0} ms limit and was cancelled")]
+    TimedOut(u64),
+    #[error("the migration stream broke: {0}")]
+    Stream(String),
+    #[error(
+        "the destination did not confirm it loaded the VM ({0}); the source stays paused \
+         because the destination may be running it: check the destination, then resume or \
+         destroy the source"
+    )]
+    Unconfirmed(String),
+    #[error(transparent)]
+    Vmm(#[from] crate::VmmError),
+}
+
+impl From<ferry_kvm::MemoryError> for MigrationError {
+    fn from(e: ferry_kvm::MemoryError) -> Self {
+        Self::Vmm(e.into())
+    }
+}
+
+impl From<ferry_format::FormatError> for MigrationError {
+    fn from(e: ferry_format::FormatError) -> Self {
+        Self::Stream(e.to_string())
+    }
+}

@@ -1,0 +1,84 @@
+//! Migration statistics in the shape of QEMU's `query-migrate`.
+
+use serde::Serialize;
+
+/// QEMU's MigrationStatus values that ferry goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    #[default]
+    None,
+    Setup,
+    Active,
+    PreSwitchover,
+    Device,
+    Completed,
+    Failed,
+    Cancelling,
+    Cancelled,
+}
+
+impl MigrationStatus {
+    /// The name QMP uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// RAM counters, as QEMU's `ram` object.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    /// Bytes put on the wire for RAM (headers included).
+    pub transferred: u64,
+    /// Bytes still dirty.
+    pub remaining: u64,
+    /// Guest RAM size.
+    pub total: u64,
+    /// Pages sent as zero flags.
+    pub duplicate: u64,
+    /// Pages sent with data.
+    pub normal: u64,
+    pub normal_bytes: u64,
+    /// Pages dirtied per second in the last pass.
+    pub dirty_pages_rate: u64,
+    /// Throughput of the last pass, megabits/s.
+    pub mbps: f64,
+    pub dirty_sync_count: u64,
+    pub pages_per_second: u64,
+    pub page_size: u64,
+}
+
+/// Everything `query-migrate` reports, plus ferry's own figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationStats {
+    pub status: MigrationStatus,
+    /// Milliseconds since the migration started (final once completed).
+    pub total_time: u64,
+    pub setup_time: u64,
+    /// Milliseconds the vCPUs were stopped for the switch-over.
+    pub downtime: u64,
+    pub expected_downtime: u64,
+    pub ram: RamStats,
+    pub cpu_throttle_percentage: u8,
+    /// Passes over memory so far.
+    pub passes: u64,
+    /// Bytes of vCPU and device state sent at switch-over.
+    pub device_state_bytes: u64,
+    /// Milliseconds spent computing and checking the RAM digest (0 if off).
+    pub digest_ms: u64,
+    /// Why it failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_desc: Option<String>,
+}

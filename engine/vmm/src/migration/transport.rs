@@ -1,0 +1,315 @@
+//! Migration transports: TCP, unix sockets, an inherited fd, and files, named by
+//! QEMU-style URIs (`tcp:HOST:PORT`, `unix:PATH`, `fd:N`, `file:PATH`).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Where a migration stream goes or comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationUri {
+    Tcp(String),
+    Unix(PathBuf),
+    /// An inherited or received file descriptor (a socket or a pipe).
+    Fd(RawFd),
+    /// A file: a checkpoint is a migration into a file.
+    File(PathBuf),
+}
+
+/// Errors of transports.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("unsupported migration URI '{0}': use tcp:HOST:PORT, unix:PATH, fd:N or file:PATH")]
+    BadUri(String),
+    #[error("cannot {action} {uri}: {source}")]
+    Io {
+        action: &'static str,
+        uri: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl FromStr for MigrationUri {
+    type Err = TransportError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || TransportError::BadUri(s.to_string());
+        if let Some(rest) = s.strip_prefix("tcp:") {
+            // tcp:HOST:PORT, tcp:[v6]:PORT; QEMU options after a comma are ignored.
+            let addr = rest.split(',').next().unwrap_or_default();
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                return Err(bad());
+            }
+            return Ok(Self::Tcp(addr.to_string()));
+        }
+        if let Some(p) = s.strip_prefix("unix:") {
+            return if p.is_empty() {
+                Err(bad())
+            } else {
+                Ok(Self::Unix(p.into()))
+            };
+        }
+        if let Some(p) = s.strip_prefix("file:") {
+            return if p.is_empty() {
+                Err(bad())
+            } else {
+                Ok(Self::File(p.into()))
+            };
+        }
+        if let Some(n) = s.strip_prefix("fd:") {
+            return n.parse().map(Self::Fd).map_err(|_| bad());
+        }
+        Err(bad())
+    }
+}
+
+impl std::fmt::Display for MigrationUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Fd(n) => write!(f, "fd:{n}"),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// An open migration channel: a stream to write or read, and, for sockets, the
+/// other direction (the return path).
+#[derive(Debug)]
+pub struct Channel {
+    pub reader: Box<dyn ReadHalf>,
+    pub writer: Box<dyn WriteHalf>,
+    /// Whether the other end can answer (sockets yes, files no).
+    pub has_return_path: bool,
+    shutdown: Option<OwnedFd>,
+}
+
+/// The reading half of a channel.
+pub trait ReadHalf: Read + Send + std::fmt::Debug {}
+impl<T: Read + Send + std::fmt::Debug> ReadHalf for T {}
+/// The writing half of a channel.
+pub trait WriteHalf: Write + Send + std::fmt::Debug {}
+impl<T: Write + Send + std::fmt::Debug> WriteHalf for T {}
+
+/// A handle that breaks a channel from another thread (cancel, timeouts).
+#[derive(Debug)]
+pub struct Breaker(Option<OwnedFd>);
+
+impl Breaker {
+    /// Shuts the socket down both ways: blocked reads and writes return at once.
+    pub fn break_channel(&self) {
+        if let Some(fd) = &self.0 {
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+    }
+}
+
+fn io_err<'a>(
+    action: &'static str,
+    uri: &'a MigrationUri,
+) -> impl FnOnce(io::Error) -> TransportError + 'a {
+    move |source| TransportError::Io {
+        action,
+        uri: uri.to_string(),
+        source,
+    }
+}
+
+impl Channel {
+    fn from_tcp(s: TcpStream, uri: &MigrationUri) -> Result<Self, TransportError> {
+        s.set_nodelay(true).map_err(io_err("configure", uri))?;
+        let r = s.try_clone().map_err(io_err("clone", uri))?;
+        let b = s.try_clone().map_err(io_err("clone", uri))?;
+        Ok(Self {
+            reader: Box::new(r),
+            writer: Box::new(s),
+            has_return_path: true,
+            shutdown: Some(OwnedFd::from(b)),
+        })
+    }
+
+    fn from_unix(s: UnixStream, uri: &MigrationUri) -> Result<Self, TransportError> {
+        let r = s.try_clone().map_err(io_err("clone", uri))?;
+        let b = s.try_clone().map_err(io_err("clone", uri))?;
+        Ok(Self {
+            reader: Box::new(r),
+            writer: Box::new(s),
+            has_return_path: true,
+            shutdown: Some(OwnedFd::from(b)),
+        })
+    }
+
+    fn from_fd(fd: OwnedFd, uri: &MigrationUri) -> Result<Self, TransportError> {
+        let file = File::from(fd);
+        let r = file.try_clone().map_err(io_err("clone", uri))?;
+        let b = file.try_clone().map_err(io_err("clone", uri))?;
+        // A pipe has no return path; a socket does.
+        let is_socket = nix::sys::stat::fstat(&file)
+            .map(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK)
+            .unwrap_or(false);
+        Ok(Self {
+            reader: Box::new(r),
+            writer: Box::new(file),
+            has_return_path: is_socket,
+            shutdown: is_socket.then(|| OwnedFd::from(b)),
+        })
+    }
+
+    /// A breaker for this channel.
+    pub fn breaker(&self) -> Result<Breaker, io::Error> {
+        Ok(Breaker(match &self.shutdown {
+            Some(fd) => Some(fd.try_clone()?),
+            None => None,
+        }))
+    }
+
+    /// Opens the sending side: connects to a listening destination, or creates a file.
+    /// `fd:` URIs need the fd itself, from [`Channel::from_owned_fd`].
+    pub fn connect(uri: &MigrationUri, timeout: Duration) -> Result<Self, TransportError> {
+        match uri {
+            MigrationUri::Tcp(addr) => {
+                let mut last = None;
+                let addrs = addr.to_socket_addrs().map_err(io_err("resolve", uri))?;
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, timeout) {
+                        Ok(s) => return Self::from_tcp(s, uri),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(io_err("connect to", uri)(last.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "no address")
+                })))
+            }
+            MigrationUri::Unix(p) => Self::from_unix(
+                UnixStream::connect(p).map_err(io_err("connect to", uri))?,
+                uri,
+            ),
+            MigrationUri::File(p) => {
+                let f = File::create(p).map_err(io_err("create", uri))?;
+                Ok(Self {
+                    reader: Box::new(io::empty()),
+                    writer: Box::new(f),
+                    has_return_path: false,
+                    shutdown: None,
+                })
+            }
+            MigrationUri::Fd(_) => Err(TransportError::BadUri(format!(
+                "{uri} (an fd: URI needs the descriptor handed over first, e.g. with getfd)"
+            ))),
+        }
+    }
+
+    /// A channel over an fd this process owns (inherited or received with SCM_RIGHTS).
+    pub fn from_owned_fd(fd: OwnedFd, uri: &MigrationUri) -> Result<Self, TransportError> {
+        Self::from_fd(fd, uri)
+    }
+
+    /// Opens the receiving side: waits for one sender, or opens a file.
+    pub fn accept(uri: &MigrationUri) -> Result<Self, TransportError> {
+        Listener::bind(uri)?.accept()
+    }
+}
+
+/// A bound incoming endpoint, so the caller can report readiness before a sender
+/// connects.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener, MigrationUri),
+    Unix(UnixListener, MigrationUri),
+    File(PathBuf, MigrationUri),
+}
+
+impl Listener {
+    pub fn bind(uri: &MigrationUri) -> Result<Self, TransportError> {
+        match uri {
+            MigrationUri::Tcp(addr) => Ok(Self::Tcp(
+                TcpListener::bind(addr.as_str()).map_err(io_err("listen on", uri))?,
+                uri.clone(),
+            )),
+            MigrationUri::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Ok(Self::Unix(
+                    UnixListener::bind(p).map_err(io_err("listen on", uri))?,
+                    uri.clone(),
+                ))
+            }
+            MigrationUri::File(p) => Ok(Self::File(p.clone(), uri.clone())),
+            MigrationUri::Fd(_) => Err(TransportError::BadUri(format!(
+                "{uri} (an fd: URI needs the descriptor handed over first)"
+            ))),
+        }
+    }
+
+    /// The bound TCP port (for `tcp:HOST:0`).
+    pub fn local_port(&self) -> Option<u16> {
+        match self {
+            Self::Tcp(l, _) => l.local_addr().ok().map(|a| a.port()),
+            _ => None,
+        }
+    }
+
+    pub fn accept(self) -> Result<Channel, TransportError> {
+        match self {
+            Self::Tcp(l, uri) => {
+                let (s, _) = l.accept().map_err(io_err("accept on", &uri))?;
+                Channel::from_tcp(s, &uri)
+            }
+            Self::Unix(l, uri) => {
+                let (s, _) = l.accept().map_err(io_err("accept on", &uri))?;
+                Channel::from_unix(s, &uri)
+            }
+            Self::File(p, uri) => {
+                let f = File::open(&p).map_err(io_err("open", &uri))?;
+                Ok(Channel {
+                    reader: Box::new(f),
+                    writer: Box::new(io::sink()),
+                    has_return_path: false,
+                    shutdown: None,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_uris() {
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse::<MigrationUri>().unwrap(),
+            MigrationUri::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            "tcp:[::]:49152".parse::<MigrationUri>().unwrap(),
+            MigrationUri::Tcp("[::]:49152".into())
+        );
+        assert_eq!("fd:7".parse::<MigrationUri>().unwrap(), MigrationUri::Fd(7));
+        assert_eq!(
+            "unix:/tmp/m".parse::<MigrationUri>().unwrap(),
+            MigrationUri::Unix("/tmp/m".into())
+        );
+        for bad in [
+            "tcp:host",
+            "tcp:h:99999",
+            "fd:x",
+            "unix:",
+            "exec:cat",
+            "rdma:x:1",
+        ] {
+            let e = bad.parse::<MigrationUri>().unwrap_err().to_string();
+            assert!(e.contains("unsupported migration URI"), "{bad}: {e}");
+        }
+    }
+}
