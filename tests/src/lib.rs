@@ -72,6 +72,14 @@ impl VmProcess {
     /// Starts `ferry-vm` with `args` (a subcommand and its options); adds --control,
     /// --serial file: and captures stderr.
     pub fn start(scratch: &Scratch, tag: &str, args: &[&str]) -> Self {
+        let mut vm = Self::spawn(scratch, tag, args);
+        vm.wait_for_control();
+        vm
+    }
+
+    /// Like `start`, without waiting for the control socket (an incoming migration
+    /// opens it only once the VM has arrived).
+    pub fn spawn(scratch: &Scratch, tag: &str, args: &[&str]) -> Self {
         let control = scratch.path(&format!("{tag}.ctl"));
         let serial = scratch.path(&format!("{tag}.serial"));
         let stderr = scratch.path(&format!("{tag}.stderr"));
@@ -85,18 +93,17 @@ impl VmProcess {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"));
         let child = cmd.spawn().expect("spawn ferry-vm");
-        let mut vm = Self {
+        Self {
             child,
             control,
             serial,
             stderr,
-        };
-        vm.wait_for_control();
-        vm
+        }
     }
 
-    fn wait_for_control(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Waits until the control socket exists.
+    pub fn wait_for_control(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
         while !self.control.exists() {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
@@ -115,6 +122,9 @@ impl VmProcess {
     /// Sends one control command and returns the JSON reply.
     pub fn command(&self, line: &str) -> serde_json::Value {
         let mut s = UnixStream::connect(&self.control).expect("connect control socket");
+        // No command (a whole migration included) may hang a test.
+        s.set_read_timeout(Some(Duration::from_secs(300)))
+            .expect("set timeout");
         writeln!(s, "{line}").expect("send command");
         let mut reply = String::new();
         BufReader::new(s).read_line(&mut reply).expect("read reply");
@@ -188,4 +198,45 @@ impl Drop for VmProcess {
 pub fn oracle(image: &Path) -> ferry_testguest::OracleReport {
     let mem = ferry_testguest::FileImage::open(image, 0).expect("open memory image");
     ferry_testguest::check(&mem).unwrap_or_else(|e| panic!("memory oracle failed: {e}"))
+}
+
+impl VmProcess {
+    /// Standard error so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ferry-vm did not exit; stderr: {}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Pauses the VM, dumps its RAM and runs the oracle on it (the VM stays paused).
+    pub fn oracle(&self, scratch: &Scratch, tag: &str) -> ferry_testguest::OracleReport {
+        let image = scratch.path(&format!("{tag}.img"));
+        self.ok("pause");
+        self.ok(&format!("dump {}", image.display()));
+        let report = oracle(&image);
+        let _ = std::fs::remove_file(&image);
+        report
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }

@@ -145,8 +145,11 @@ impl Convergence {
     /// Folds a pass into the bandwidth estimate and returns the expected downtime.
     pub fn observe(&mut self, pass: &PassReport, cap: u64) -> Duration {
         let secs = pass.elapsed.as_secs_f64();
-        // Passes that moved little say little about the link.
-        if pass.bytes_sent >= (4 << 20) && secs > 0.0 {
+        // Passes that moved little say little about the link, unless nothing better
+        // is known yet (an idle guest never sends much).
+        if (pass.bytes_sent >= (4 << 20) || (self.bandwidth == 0.0 && pass.bytes_sent > 0))
+            && secs > 0.0
+        {
             let rate = pass.bytes_sent as f64 / secs;
             self.bandwidth = if self.bandwidth == 0.0 {
                 rate
@@ -227,6 +230,23 @@ mod tests {
         assert_eq!(
             c.decide(expected, Duration::from_millis(10)),
             Decision::Continue
+        );
+    }
+
+    #[test]
+    fn an_idle_guest_still_gets_a_bandwidth_estimate() {
+        let mut c = Convergence::default();
+        let pass = PassReport {
+            bytes_sent: 400 << 10,
+            elapsed: Duration::from_millis(200),
+            dirty_bytes: 8 << 10,
+            device_bytes: 16 << 10,
+        };
+        let expected = c.observe(&pass, 0);
+        assert!(c.bandwidth > 0.0);
+        assert_eq!(
+            c.decide(expected, Duration::from_millis(300)),
+            Decision::SwitchOver
         );
     }
 

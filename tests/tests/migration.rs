@@ -1,0 +1,218 @@
+//! Live migration between two `ferry-vm` processes on /dev/kvm: after every migration
+//! the destination runs, heartbeats continue, and the oracle passes on its memory;
+//! every failure leaves the source running with the oracle passing.
+
+use std::time::Duration;
+
+use ferry_tests::{free_port, require_kvm, Scratch, VmProcess};
+
+const BOOT: Duration = Duration::from_secs(30);
+
+fn source(s: &Scratch, mem: &str, append: &str) -> VmProcess {
+    let dirtier = s.dirtier.display().to_string();
+    let vm = VmProcess::start(
+        s,
+        "src",
+        &["run", "--kernel", &dirtier, "-m", mem, "--append", append],
+    );
+    vm.wait_serial("dirtier: ready", BOOT);
+    vm.wait_heartbeats(200, BOOT);
+    vm
+}
+
+/// Migrates `src` to a new `ferry-vm incoming` on `uri`, checks the destination.
+fn migrate_ok(s: &Scratch, mut src: VmProcess, uri: &str, settings: &[&str]) -> serde_json::Value {
+    let mut dst = VmProcess::spawn(s, "dst", &["incoming", uri]);
+    for set in settings {
+        src.ok(&format!("migrate-set {set}"));
+    }
+    // Give the destination a moment to listen.
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = src.ok(&format!("migrate {uri}"));
+    let stats = reply["migration"].clone();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let report = dst.oracle(s, "dst");
+    assert!(
+        report.working_set_pages == 0 || report.passes + report.cursor > 0,
+        "{report:?}"
+    );
+    dst.quit();
+    stats
+}
+
+#[test]
+fn unix_socket_hot_guest() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "256M", "ws=64M fill=1");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let stats = migrate_ok(&s, src, &uri, &[]);
+    assert!(
+        stats["ram"]["normal"].as_u64().unwrap_or(0) >= 65_000,
+        "{stats}"
+    );
+    assert!(
+        stats["downtime"].as_u64().unwrap_or(u64::MAX) < 1000,
+        "{stats}"
+    );
+}
+
+#[test]
+fn tcp_idle_1g_guest_with_digest() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "1G", "ws=0");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let stats = migrate_ok(&s, src, &uri, &["verify=on"]);
+    assert!(stats["digest-ms"].as_u64().unwrap_or(0) > 0, "{stats}");
+    // An idle guest has almost only zero pages: they must not travel as data.
+    assert!(
+        stats["ram"]["normal"].as_u64().unwrap_or(u64::MAX) < 2_000,
+        "{stats}"
+    );
+}
+
+#[test]
+fn slow_link_converges_with_throttling() {
+    require_kvm();
+    let s = Scratch::new();
+    // A link far slower than the guest's dirty rate (16 MiB/s against ~100 MiB/s).
+    let src = source(&s, "256M", "ws=32M");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let stats = migrate_ok(&s, src, &uri, &["max-bandwidth=16777216"]);
+    assert!(stats["passes"].as_u64().unwrap_or(0) >= 2, "{stats}");
+    assert!(
+        stats["cpu-throttle-percentage"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+}
+
+#[test]
+fn migration_into_a_file_restores() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "256M", "ws=32M pattern=random");
+    let file = s.path("live.ckpt");
+    let reply = src.ok(&format!("migrate file:{}", file.display()));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    let mut src = src;
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let dst = VmProcess::start(
+        &s,
+        "dst",
+        &["restore", file.to_str().expect("utf-8"), "--paused"],
+    );
+    let before = dst.oracle(&s, "restored");
+    dst.ok("resume");
+    dst.wait_heartbeats(100, Duration::from_secs(10));
+    let after = dst.oracle(&s, "running");
+    assert!(
+        (after.passes, after.cursor) > (before.passes, before.cursor)
+            || after.passes > before.passes
+    );
+    dst.quit();
+}
+
+/// The source must keep running, with intact memory, after a failed migration.
+fn source_survives(s: &Scratch, src: &VmProcess) {
+    let status = src.ok("status");
+    assert_eq!(status["status"], "running", "{status}");
+    src.wait_heartbeats(50, Duration::from_secs(10));
+    let report = src.oracle(s, "src-after");
+    assert!(report.passes > 0, "{report:?}");
+    src.ok("resume");
+    let q = src.ok("query-migrate");
+    assert!(q["status"] == "failed" || q["status"] == "cancelled", "{q}");
+}
+
+#[test]
+fn destination_refusal_names_the_reason_and_source_runs_on() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "256M", "ws=16M");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dst = VmProcess::spawn(&s, "dst", &["incoming", &uri, "-m", "512M"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = src.command(&format!("migrate {uri}"));
+    assert_eq!(reply["ok"], false, "{reply}");
+    let err = reply["error"].as_str().unwrap_or_default();
+    assert!(err.contains("destination refused"), "{err}");
+    assert!(err.contains("256 MiB of RAM but 512 MiB"), "{err}");
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+    source_survives(&s, &src);
+    src.quit();
+}
+
+/// Starts a slow migration (a big filled guest over a capped link) in a thread.
+fn slow_migration(
+    s: &Scratch,
+) -> (
+    VmProcess,
+    VmProcess,
+    std::thread::JoinHandle<serde_json::Value>,
+) {
+    let src = source(s, "1G", "ws=64M fill=1");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let dst = VmProcess::spawn(s, "dst", &["incoming", &uri]);
+    src.ok("migrate-set max-bandwidth=67108864");
+    std::thread::sleep(Duration::from_millis(300));
+    let control = src.control.clone();
+    let t = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(control).expect("connect");
+        writeln!(c, "migrate {uri}").expect("send");
+        let mut line = String::new();
+        BufReader::new(c).read_line(&mut line).expect("reply");
+        serde_json::from_str(&line).expect("json")
+    });
+    // Wait until pages flow.
+    for _ in 0..200 {
+        let q = src.ok("query-migrate");
+        if q["status"] == "active" && q["ram"]["transferred"].as_u64().unwrap_or(0) > (32 << 20) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (src, dst, t)
+}
+
+#[test]
+fn cancel_mid_migration_keeps_the_source() {
+    require_kvm();
+    let s = Scratch::new();
+    let (src, mut dst, t) = slow_migration(&s);
+    src.ok("migrate-cancel");
+    let reply = t.join().expect("migrate thread");
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancelled"),
+        "{reply}"
+    );
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+    source_survives(&s, &src);
+    src.quit();
+}
+
+#[test]
+fn killed_destination_keeps_the_source() {
+    require_kvm();
+    let s = Scratch::new();
+    let (src, mut dst, t) = slow_migration(&s);
+    dst.child.kill().expect("kill destination");
+    let _ = dst.child.wait();
+    let reply = t.join().expect("migrate thread");
+    assert_eq!(reply["ok"], false, "{reply}");
+    source_survives(&s, &src);
+    src.quit();
+}
