@@ -8,14 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod heartbeat;
+pub mod migrate;
+
 /// Path of a binary of this workspace, built in the same profile as the tests.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // Tests live in target/<profile>/deps/, binaries in target/<profile>/.
+    let mut dir = exe.parent().expect("executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -80,6 +83,12 @@ impl VmProcess {
     /// Like `start`, without waiting for the control socket (an incoming migration
     /// opens it only once the VM has arrived).
     pub fn spawn(scratch: &Scratch, tag: &str, args: &[&str]) -> Self {
+        let serial = scratch.path(&format!("{tag}.serial"));
+        Self::spawn_serial(scratch, tag, args, &format!("file:{}", serial.display()))
+    }
+
+    /// Like `spawn`, with COM1 going to `serial_spec` (e.g. `unix:PATH` to time heartbeats).
+    pub fn spawn_serial(scratch: &Scratch, tag: &str, args: &[&str], serial_spec: &str) -> Self {
         let control = scratch.path(&format!("{tag}.ctl"));
         let serial = scratch.path(&format!("{tag}.serial"));
         let stderr = scratch.path(&format!("{tag}.stderr"));
@@ -88,7 +97,7 @@ impl VmProcess {
             .arg("--control")
             .arg(&control)
             .arg("--serial")
-            .arg(format!("file:{}", serial.display()))
+            .arg(serial_spec)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"));
@@ -121,7 +130,18 @@ impl VmProcess {
 
     /// Sends one control command and returns the JSON reply.
     pub fn command(&self, line: &str) -> serde_json::Value {
-        let mut s = UnixStream::connect(&self.control).expect("connect control socket");
+        // The socket file appears at bind(), an instant before listen(): retry refusals.
+        let mut tries = 0;
+        let mut s = loop {
+            match UnixStream::connect(&self.control) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect control socket {}: {e}", self.control.display()),
+            }
+        };
         // No command (a whole migration included) may hang a test.
         s.set_read_timeout(Some(Duration::from_secs(300)))
             .expect("set timeout");

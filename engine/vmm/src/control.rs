@@ -1,7 +1,8 @@
 //! The `ferry-vm` control socket and the loop that runs a VM until it exits.
 //!
 //! One command per line, one JSON object per reply:
-//! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `quit`,
+//! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `peek HEXGPA` (a u64 of
+//! guest RAM), `quit`,
 //! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
 //! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover).
@@ -230,6 +231,13 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
         "pause" | "stop" => vm.pause().map(|_| json!({"status": status(vm)})),
         "resume" | "cont" => vm.resume().map(|_| json!({"status": status(vm)})),
         "quit" => return (json!({"ok": true}), true),
+        "peek" => u64::from_str_radix(arg.trim_start_matches("0x"), 16)
+            .map_err(|_| VmmError::Config(format!("peek needs a hex guest address, not '{arg}'")))
+            .and_then(|gpa| {
+                let mut b = [0u8; 8];
+                vm.ram().read(gpa, &mut b)?;
+                Ok(json!({"gpa": gpa, "value": u64::from_le_bytes(b)}))
+            }),
         "checkpoint" | "dump" if arg.is_empty() => Err(VmmError::Config(format!(
             "'{cmd}' needs a file path: {cmd} PATH"
         ))),

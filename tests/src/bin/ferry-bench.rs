@@ -1,0 +1,191 @@
+//! `ferry-bench`: migrates the dirtier over loopback TCP for a matrix of RAM sizes and
+//! working sets, with ferry and (where installed) QEMU in the same run, and prints
+//! min/median/max of total time, engine downtime, guest-observed downtime (largest gap
+//! between heartbeats timed on the host), bytes sent, passes, throttle and the share of
+//! time the guest was stalled, plus ferry/QEMU ratios.
+
+use std::process::ExitCode;
+
+use ferry_tests::migrate::{qemu_binary, run_ferry, run_qemu, RunConfig, RunResult};
+use ferry_tests::Scratch;
+
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth MiB/s] [--no-qemu] [--downtime-limit MS]";
+
+#[derive(Default)]
+struct Series {
+    total: Vec<f64>,
+    downtime: Vec<f64>,
+    guest_gap: Vec<f64>,
+    mib: Vec<f64>,
+    passes: Vec<f64>,
+    throttle: Vec<f64>,
+    stalled: Vec<f64>,
+    failures: Vec<String>,
+}
+
+impl Series {
+    fn add(&mut self, r: &RunResult) {
+        let st = &r.stats;
+        self.total
+            .push(st["total-time"].as_f64().unwrap_or(r.wall_ms));
+        self.downtime
+            .push(st["downtime"].as_f64().unwrap_or(f64::NAN));
+        self.guest_gap.push(r.guest_downtime_ms);
+        self.mib
+            .push(st["ram"]["transferred"].as_f64().unwrap_or(0.0) / 1048576.0);
+        self.passes.push(
+            st["passes"]
+                .as_f64()
+                .or_else(|| st["ram"]["dirty-sync-count"].as_f64())
+                .unwrap_or(0.0),
+        );
+        self.throttle
+            .push(st["cpu-throttle-percentage"].as_f64().unwrap_or(0.0));
+        self.stalled.push(r.guest_stalled_pct);
+        if let Err(e) = &r.oracle {
+            if !e.starts_with("not checked") {
+                self.failures.push(format!("oracle: {e}"));
+            }
+        }
+    }
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    (s[0], s[s.len() / 2], s[s.len() - 1])
+}
+
+fn fmt3(v: &[f64]) -> String {
+    let (a, m, b) = stats(v);
+    format!("{a:.0}/{m:.0}/{b:.0}")
+}
+
+fn median(v: &[f64]) -> f64 {
+    stats(v).1
+}
+
+fn main() -> ExitCode {
+    let mut rams = vec!["256M".to_string(), "1G".to_string(), "4G".to_string()];
+    let mut wss = vec![
+        "idle".to_string(),
+        "64M".into(),
+        "50%".into(),
+        "100%".into(),
+    ];
+    let mut repeats = 3;
+    let mut qemu = true;
+    let mut bw = 0u64;
+    let mut limit = 300u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_default();
+        match a.as_str() {
+            "--ram" => rams = val().split(',').map(String::from).collect(),
+            "--ws" => wss = val().split(',').map(String::from).collect(),
+            "--repeats" => repeats = val().parse().unwrap_or(1),
+            "--max-bandwidth" => bw = val().parse::<u64>().unwrap_or(0) << 20,
+            "--downtime-limit" => limit = val().parse().unwrap_or(300),
+            "--no-qemu" => qemu = false,
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let qemu = qemu && qemu_binary().is_some();
+    println!(
+        "ferry-bench: dirtier over loopback TCP, downtime limit {limit} ms, bandwidth {}, {repeats} repeat(s), QEMU {}",
+        if bw == 0 { "unlimited".into() } else { format!("{} MiB/s", bw >> 20) },
+        if qemu { "7.2 (-M microvm) in the same run" } else { "not run" }
+    );
+    println!(
+        "figures: min/median/max; times in ms; guest gap = largest heartbeat gap seen by the guest"
+    );
+    println!(
+        "{:<6} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
+        "engine",
+        "ram",
+        "ws",
+        "total",
+        "downtime",
+        "guest-gap",
+        "MiB-sent",
+        "passes",
+        "throttle",
+        "stalled%"
+    );
+    let mut failed = false;
+    for ram in &rams {
+        for ws in &wss {
+            let append = if ws == "idle" {
+                "ws=0".to_string()
+            } else {
+                format!("ws={ws}")
+            };
+            let cfg = RunConfig {
+                mem: ram.clone(),
+                append,
+                settings: vec![],
+                max_bandwidth: bw,
+                downtime_limit_ms: limit,
+            };
+            let mut fer = Series::default();
+            let mut qem = Series::default();
+            for _ in 0..repeats {
+                let s = Scratch::new();
+                match run_ferry(&s, &cfg, |_| {}) {
+                    Ok(r) => fer.add(&r),
+                    Err(e) => fer.failures.push(e),
+                }
+                if qemu {
+                    let s = Scratch::new();
+                    match run_qemu(&s, &cfg) {
+                        Ok(r) => qem.add(&r),
+                        Err(e) => qem.failures.push(e),
+                    }
+                }
+            }
+            for (name, ser) in [("ferry", &fer), ("qemu", &qem)] {
+                if name == "qemu" && !qemu {
+                    continue;
+                }
+                println!(
+                    "{:<6} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
+                    name,
+                    ram,
+                    ws,
+                    fmt3(&ser.total),
+                    fmt3(&ser.downtime),
+                    fmt3(&ser.guest_gap),
+                    fmt3(&ser.mib),
+                    fmt3(&ser.passes),
+                    fmt3(&ser.throttle),
+                    fmt3(&ser.stalled),
+                );
+                for f in &ser.failures {
+                    println!("       ! {name} {ram} {ws}: {f}");
+                }
+            }
+            failed |= !fer.failures.is_empty();
+            if qemu && !qem.total.is_empty() && !fer.total.is_empty() {
+                println!(
+                    "ratio  {:<5} {:<6} ferry/QEMU: total {:.2}x, guest-observed downtime {:.2}x, engine downtime {:.2}x",
+                    ram,
+                    ws,
+                    median(&fer.total) / median(&qem.total),
+                    median(&fer.guest_gap) / median(&qem.guest_gap),
+                    median(&fer.downtime) / median(&qem.downtime),
+                );
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,369 @@
+//! One live migration of the dirtier between two local processes — ferry's
+//! (`ferry-vm run` → `ferry-vm incoming`) or QEMU's — timed from the host: total time,
+//! downtime as the engine reports it, and downtime as the guest saw it (the largest
+//! gap between heartbeats), then the memory oracle on the destination.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::heartbeat::{socket_path, Heartbeats};
+use crate::{free_port, Scratch, VmProcess};
+
+/// What to migrate and how.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Guest RAM, e.g. "1G".
+    pub mem: String,
+    /// Dirtier command line, e.g. "ws=64M".
+    pub append: String,
+    /// `migrate-set` settings for ferry, e.g. "max-bandwidth=134217728".
+    pub settings: Vec<String>,
+    /// Bytes/s cap (0 = unlimited), applied to both engines.
+    pub max_bandwidth: u64,
+    pub downtime_limit_ms: u64,
+}
+
+/// What one migration measured.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// The engine's own statistics (query-migrate).
+    pub stats: Value,
+    /// Wall time of the migrate command, host-measured.
+    pub wall_ms: f64,
+    /// Largest gap between heartbeats around the migration.
+    pub guest_downtime_ms: f64,
+    /// Share of the migration during which the guest produced no heartbeats.
+    pub guest_stalled_pct: f64,
+    /// The oracle's verdict on the destination's memory.
+    pub oracle: Result<ferry_testguest::OracleReport, String>,
+}
+
+/// Waits until the dirtier completed at least `passes` passes (read through `peek`).
+fn wait_passes(vm: &VmProcess, passes: u64, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let addr = ferry_testguest::HEADER_GPA + ferry_testguest::header::PASSES as u64;
+    loop {
+        let v = vm.command(&format!("peek {addr:x}"));
+        if v["value"].as_u64().unwrap_or(0) >= passes {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the guest did not finish {passes} passes in {timeout:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn guest_ws_pages(append: &str) -> bool {
+    !append.split_whitespace().any(|w| w == "ws=0") && append.contains("ws=")
+}
+
+/// Migrates the dirtier with ferry; `progress` sees every query-migrate sample.
+pub fn run_ferry(
+    s: &Scratch,
+    cfg: &RunConfig,
+    mut progress: impl FnMut(&Value),
+) -> Result<RunResult, String> {
+    let hb = Heartbeats::new();
+    let src_serial = hb
+        .listen(&socket_path(s.dir.path(), "src"))
+        .map_err(|e| e.to_string())?;
+    let dst_serial = hb
+        .listen(&socket_path(s.dir.path(), "dst"))
+        .map_err(|e| e.to_string())?;
+    let dirtier = s.dirtier.display().to_string();
+    let args = [
+        "run",
+        "--kernel",
+        &dirtier,
+        "-m",
+        &cfg.mem,
+        "--append",
+        &cfg.append,
+    ];
+    let mut src = VmProcess::spawn_serial(s, "src", &args, &src_serial);
+    src.wait_for_control();
+    if guest_ws_pages(&cfg.append) {
+        wait_passes(&src, 2, Duration::from_secs(300))?;
+    } else {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmProcess::spawn_serial(s, "dst", &["incoming", &uri], &dst_serial);
+    src.ok(&format!(
+        "migrate-set downtime-limit={}",
+        cfg.downtime_limit_ms
+    ));
+    src.ok(&format!("migrate-set max-bandwidth={}", cfg.max_bandwidth));
+    for set in &cfg.settings {
+        src.ok(&format!("migrate-set {set}"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let control = src.control.clone();
+    let t0 = Instant::now();
+    let mig = std::thread::spawn(move || -> Result<Value, String> {
+        let mut c = UnixStream::connect(control).map_err(|e| e.to_string())?;
+        writeln!(c, "migrate {uri}").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(c)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str(&line).map_err(|e| e.to_string())
+    });
+    while !mig.is_finished() {
+        if let Ok(mut c) = UnixStream::connect(&src.control) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            if writeln!(c, "query-migrate").is_ok() {
+                let mut line = String::new();
+                if BufReader::new(c).read_line(&mut line).is_ok() {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        progress(&v);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reply = mig
+        .join()
+        .map_err(|_| "migrate thread panicked".to_string())??;
+    let t1 = Instant::now();
+    if reply["ok"] != true {
+        return Err(format!("migration failed: {}", reply["error"]));
+    }
+    let stats = reply["migration"].clone();
+    progress(&stats);
+    let _ = src.wait_exit(Duration::from_secs(10));
+    dst.wait_for_control();
+    std::thread::sleep(Duration::from_millis(300));
+    let window_end = t1 + Duration::from_millis(200);
+    let (guest_downtime_ms, stalled) = gap_figures(&hb, t0, t1, window_end);
+    let oracle = oracle_of(&dst, s);
+    dst.ok("quit");
+    let _ = dst.wait_exit(Duration::from_secs(10));
+    Ok(RunResult {
+        stats,
+        wall_ms: (t1 - t0).as_secs_f64() * 1e3,
+        guest_downtime_ms,
+        guest_stalled_pct: stalled,
+        oracle,
+    })
+}
+
+fn gap_figures(hb: &Heartbeats, t0: Instant, t1: Instant, end: Instant) -> (f64, f64) {
+    let gap = hb.max_gap_ms(t0, end);
+    let ms = (t1 - t0).as_secs_f64() * 1e3;
+    // The dirtier beats every millisecond while it runs.
+    let beats = hb.count_between(t0, t1) as f64;
+    let stalled = if ms > 0.0 {
+        (100.0 * (1.0 - beats / ms)).clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
+    (gap, stalled)
+}
+
+fn oracle_of(dst: &VmProcess, s: &Scratch) -> Result<ferry_testguest::OracleReport, String> {
+    let image = s.path("dst-oracle.img");
+    dst.ok("pause");
+    dst.ok(&format!("dump {}", image.display()));
+    let r = ferry_testguest::FileImage::open(&image, 0)
+        .map_err(|e| e.to_string())
+        .and_then(|m| ferry_testguest::check(&m).map_err(|e| e.to_string()));
+    let _ = std::fs::remove_file(&image);
+    r
+}
+
+/// Where QEMU is, if installed.
+pub fn qemu_binary() -> Option<PathBuf> {
+    let p = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    p.exists().then_some(p)
+}
+
+/// A QEMU process with a QMP socket.
+struct Qemu {
+    child: Child,
+    qmp: BufReader<UnixStream>,
+}
+
+impl Qemu {
+    fn start(
+        bin: &Path,
+        s: &Scratch,
+        tag: &str,
+        cfg: &RunConfig,
+        serial: &str,
+        incoming: Option<&str>,
+    ) -> Result<Self, String> {
+        let qmp_path = s.path(&format!("{tag}.qmp"));
+        let serial_path = serial.trim_start_matches("unix:");
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-m",
+            &cfg.mem,
+        ])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-kernel")
+        .arg(&s.dirtier)
+        .args(["-append", &cfg.append])
+        .arg("-chardev")
+        .arg(format!("socket,id=s0,path={serial_path}"))
+        .args(["-serial", "chardev:s0"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        if let Some(uri) = incoming {
+            cmd.args(["-incoming", uri]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start QEMU: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            if let Ok(c) = UnixStream::connect(&qmp_path) {
+                break c;
+            }
+            if Instant::now() > deadline {
+                return Err("QEMU's QMP socket never appeared".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut q = Self {
+            child,
+            qmp: BufReader::new(stream),
+        };
+        q.read_reply()?; // greeting
+        q.exec("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn read_reply(&mut self) -> Result<Value, String> {
+        loop {
+            let mut line = String::new();
+            self.qmp.read_line(&mut line).map_err(|e| e.to_string())?;
+            if line.is_empty() {
+                return Err("QEMU closed QMP".into());
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    }
+
+    fn exec(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let msg = json!({"execute": cmd, "arguments": args});
+        writeln!(self.qmp.get_mut(), "{msg}").map_err(|e| e.to_string())?;
+        let v = self.read_reply()?;
+        if let Some(e) = v.get("error") {
+            return Err(format!("QEMU {cmd}: {e}"));
+        }
+        Ok(v["return"].clone())
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The same migration with QEMU (`-M microvm`, same guest, same limits).
+pub fn run_qemu(s: &Scratch, cfg: &RunConfig) -> Result<RunResult, String> {
+    let bin = qemu_binary().ok_or("qemu-system-x86_64 is not installed")?;
+    let hb = Heartbeats::new();
+    let src_serial = hb
+        .listen(&socket_path(s.dir.path(), "qsrc"))
+        .map_err(|e| e.to_string())?;
+    let dst_serial = hb
+        .listen(&socket_path(s.dir.path(), "qdst"))
+        .map_err(|e| e.to_string())?;
+    let mut src = Qemu::start(&bin, s, "qsrc", cfg, &src_serial, None)?;
+    // Same warm-up as ferry: about two passes' worth of time.
+    let warm = Instant::now();
+    while hb.count() < 1000 && warm.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let mut dst = Qemu::start(&bin, s, "qdst", cfg, &dst_serial, Some(&uri))?;
+    let bw = if cfg.max_bandwidth == 0 {
+        1u64 << 40
+    } else {
+        cfg.max_bandwidth
+    };
+    src.exec(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": bw, "downtime-limit": cfg.downtime_limit_ms}),
+    )?;
+    let t0 = Instant::now();
+    src.exec("migrate", json!({"uri": uri}))?;
+    let deadline = t0 + Duration::from_secs(120);
+    let stats = loop {
+        let q = src.exec("query-migrate", json!({}))?;
+        match q["status"].as_str() {
+            Some("completed") => break q,
+            Some("failed") | Some("cancelled") => {
+                return Err(format!("QEMU migration failed: {q}"))
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            let _ = src.exec("migrate_cancel", json!({}));
+            return Err("QEMU did not converge in 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let (guest_downtime_ms, stalled) = gap_figures(&hb, t0, t1, t1 + Duration::from_millis(200));
+    let mem_bytes = crate::migrate::parse_mem(&cfg.mem);
+    let oracle = if mem_bytes <= 3 << 30 {
+        let image = s.path("qdst.img");
+        dst.exec("stop", json!({}))?;
+        dst.exec(
+            "pmemsave",
+            json!({"val": 0, "size": mem_bytes, "filename": image.display().to_string()}),
+        )?;
+        let r = ferry_testguest::FileImage::open(&image, 0)
+            .map_err(|e| e.to_string())
+            .and_then(|m| ferry_testguest::check(&m).map_err(|e| e.to_string()));
+        let _ = std::fs::remove_file(&image);
+        r
+    } else {
+        Err("not checked (RAM above 4 GiB is not dumped)".into())
+    };
+    Ok(RunResult {
+        stats,
+        wall_ms: (t1 - t0).as_secs_f64() * 1e3,
+        guest_downtime_ms,
+        guest_stalled_pct: stalled,
+        oracle,
+    })
+}
+
+/// "256M" / "1G" in bytes.
+pub fn parse_mem(s: &str) -> u64 {
+    let (n, m) = match s.chars().last() {
+        Some('G') => (&s[..s.len() - 1], 1u64 << 30),
+        Some('M') => (&s[..s.len() - 1], 1u64 << 20),
+        _ => (s, 1u64 << 20),
+    };
+    n.parse::<u64>().unwrap_or(0) * m
+}
