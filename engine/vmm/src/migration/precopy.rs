@@ -113,14 +113,16 @@ struct PageSender<'a, W: Write> {
 
 impl<W: Write> PageSender<'_, W> {
     fn send(&mut self, ram: &GuestRam, gpa: u64, skip_zero: bool) -> Result<(), MigrationError> {
-        ram.read(gpa, &mut self.page[..])?;
-        if self.page.iter().all(|&b| b == 0) {
+        // Test for zero in place: most pages of a fresh guest are zero, and copying
+        // them first would double the memory traffic of the first pass.
+        if ram.is_zero_page(gpa)? {
             self.duplicate += 1;
             if skip_zero {
                 return Ok(());
             }
             self.batch.push_zero(gpa)?;
         } else {
+            ram.read(gpa, &mut self.page[..])?;
             self.normal += 1;
             self.batch.push_data(gpa, &self.page)?;
         }
