@@ -3,9 +3,8 @@
 //! The QMP layer never sees engine types: it hands a [`MachineConfig`] to
 //! [`Backend::create`] and drives the VM through the methods below. Events
 //! (STOP, RESUME, MIGRATION, ...) flow back through the [`EventSink`] given at
-//! construction. Until ferry-vmm is wired in, the binary uses [`NoVm`], which
-//! refuses every VM operation with [`BackendError::NotYetSupported`]; the
-//! probe (`-machine none`) needs no VM.
+//! construction. Guests run on [`crate::vmm::FerryBackend`] (ferry-vmm); the
+//! capability probe (`-machine none`) has no guest and uses [`NoVm`].
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -260,9 +259,14 @@ pub trait Backend: Send + std::fmt::Debug {
     /// Saves the (paused) VM to `target` (a checkpoint, QEMU's
     /// `migrate "exec:cat > file"` / `file:` use).
     fn save(&mut self, target: MigrationTarget) -> Result<(), BackendError>;
+    /// The serial ports' chardevs as `(label, filename)` for `query-chardev`
+    /// (`pty:/dev/pts/N` tells libvirt where the console is).
+    fn serial_chardevs(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
-/// The backend of the binary until ferry-vmm is wired in: no VM, every VM
+/// The backend without a guest (the `-machine none` probe): every VM
 /// operation refused honestly.
 #[derive(Debug)]
 pub struct NoVm {

@@ -6,7 +6,8 @@
 //! * [`commands`]: one file per QMP area; the table there is also the
 //!   source of `query-qmp-schema` and `query-commands`.
 //! * [`backend`]: the VM operations behind QMP, implemented by the engine.
-//! * [`process`]: startup (monitors, `-daemonize`, `-pidfile`).
+//! * [`vmm`]: the backend on ferry-vmm; [`serial`]: chardev outputs of COM1.
+//! * [`process`]: startup (monitors, `-daemonize`, `-pidfile`, signals).
 
 pub mod argv;
 pub mod backend;
@@ -14,6 +15,8 @@ pub mod commands;
 use ferry_kvm::fd;
 pub mod process;
 pub mod qmp;
+pub mod serial;
+pub mod vmm;
 
 #[cfg(test)]
 mod testing;

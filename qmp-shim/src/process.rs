@@ -1,5 +1,5 @@
-//! Process startup: argv → policy → (`-daemonize`) → monitors, fd sets,
-//! pidfile → backend → QMP loop.
+//! Process startup: argv → policy → (`-daemonize`) → fd sets, signals,
+//! monitors, pidfile → backend → QMP loop.
 //!
 //! `-daemonize` re-executes this binary instead of forking (the crate has no
 //! `unsafe`, and `fork` in a Rust process is). The foreground process
@@ -18,14 +18,16 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
 
 use crate::argv::{
     self, ArgvError, ChardevBackend, Invocation, Mode, SocketEndpoint, UNSUPPORTED_HINT,
 };
-use crate::backend::{Backend, BackendError, NoVm};
+use crate::backend::{Backend, BackendError, MachineConfig, NoVm};
 use crate::qmp::events::EventSink;
-use crate::qmp::server::{serve_monitor, ChardevInfo, FdSetEntry, Vm};
+use crate::qmp::server::{serve_monitor, ChardevInfo, FdSetEntry, FdSets, Vm};
+use crate::vmm::{exit_after_events, resolve_fdset_path, FerryBackend};
 
 /// Set in the environment of the re-executed daemon child.
 pub const DAEMON_ENV: &str = "FERRY_QEMU_DAEMON_CHILD";
@@ -64,10 +66,72 @@ pub enum StartError {
     Backend(#[from] BackendError),
 }
 
-/// Picks the backend for this process. The lead replaces [`NoVm`] with the
-/// ferry-vmm backend here; the probe never needs a VM.
+/// Picks the backend for this process: ferry-vmm for a guest, [`NoVm`] for
+/// the capability probe (`-machine none`), which runs no guest.
 pub fn select_backend(inv: &Invocation, events: EventSink) -> Box<dyn Backend> {
-    Box::new(NoVm::new(inv.is_probe(), events))
+    if inv.is_probe() {
+        Box::new(NoVm::new(true, events))
+    } else {
+        Box::new(FerryBackend::new(events))
+    }
+}
+
+/// Signals that end the process the way QEMU ends on them: a SHUTDOWN
+/// event (`host-signal`), then exit 0. libvirt's `virsh destroy` is SIGTERM.
+fn termination_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+/// Waits for a termination signal on a thread of its own (the signals are
+/// blocked in every other thread: they inherit the mask set in [`start`]).
+fn spawn_signal_thread(set: SigSet, events: EventSink) -> Result<(), StartError> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                eprintln!("ferry-qemu: terminating on signal {}", sig as i32);
+                events.emit(
+                    "SHUTDOWN",
+                    Some(serde_json::json!({"guest": false, "reason": "host-signal"})),
+                );
+                exit_after_events(0);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| StartError::Daemonize(format!("cannot start the signal thread: {e}")))
+}
+
+/// Points `/dev/fdset/N` chardev paths of the serial ports at set N's fd.
+fn resolve_fdsets(config: &mut MachineConfig, fdsets: &FdSets) -> Result<(), StartError> {
+    let fd_of = |set: u64| {
+        fdsets
+            .get(&set)
+            .and_then(|v| v.first())
+            .map(|e| e.fd.as_raw_fd())
+    };
+    for s in &mut config.serials {
+        let c = &mut s.chardev;
+        let fix = |p: &mut String| {
+            *p = resolve_fdset_path(p, fd_of).ok_or_else(|| {
+                StartError::Backend(BackendError::Engine(format!(
+                    "chardev '{}': {p}: no such fd set (-add-fd)",
+                    c.id
+                )))
+            })?;
+            Ok::<(), StartError>(())
+        };
+        if let ChardevBackend::File { path } = &mut c.backend {
+            fix(path)?;
+        }
+        if let Some(log) = &mut c.logfile {
+            fix(log)?;
+        }
+    }
+    Ok(())
 }
 
 /// `main` in library form; returns the exit status.
@@ -112,21 +176,33 @@ fn start(args: &[String]) -> Result<i32, StartError> {
         eprintln!("ferry-qemu: warning: -sandbox is accepted but not enforced by ferry-qemu");
     }
 
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = termination_signals();
+    signals
+        .thread_block()
+        .map_err(|e| StartError::Daemonize(format!("cannot block signals: {e}")))?;
     let events = EventSink::new();
-    let mut vm = Vm::new(
-        select_backend(&inv, events.clone()),
-        inv.clone(),
-        config.clone(),
-        events,
-    );
+    let mut fdsets = FdSets::new();
     for a in &inv.add_fds {
         let fd = crate::fd::adopt_inherited(a.fd)
             .map_err(|source| StartError::AddFd { fd: a.fd, source })?;
-        vm.fdsets.entry(a.set).or_default().push(FdSetEntry {
+        fdsets.entry(a.set).or_default().push(FdSetEntry {
             fd,
             opaque: a.opaque.clone(),
         });
     }
+    let mut config = config;
+    if let Some(c) = &mut config {
+        resolve_fdsets(c, &fdsets)?;
+    }
+    let mut vm = Vm::new(
+        select_backend(&inv, events.clone()),
+        inv.clone(),
+        config.clone(),
+        events.clone(),
+    );
+    vm.fdsets = fdsets;
+    spawn_signal_thread(signals, events)?;
     let listeners = open_monitors(&inv, &mut vm)?;
     if let Some(p) = &inv.pidfile {
         write_pidfile(p)?;
@@ -150,13 +226,14 @@ fn start(args: &[String]) -> Result<i32, StartError> {
         }
     }
     if let Some(cfg) = &config {
-        match vm.backend.create(cfg) {
-            Ok(()) => {}
-            Err(e @ BackendError::NotYetSupported { .. }) => {
-                eprintln!("ferry-qemu: warning: {e}; serving QMP only");
-            }
-            Err(e) => return Err(e.into()),
-        }
+        vm.backend.create(cfg)?;
+        let serials: Vec<ChardevInfo> = vm
+            .backend
+            .serial_chardevs()
+            .into_iter()
+            .map(|(label, filename)| ChardevInfo { label, filename })
+            .collect();
+        vm.chardevs.splice(0..0, serials);
     }
     let vm = Arc::new(Mutex::new(vm));
     let threads: Vec<_> = listeners

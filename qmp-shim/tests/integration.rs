@@ -1,11 +1,15 @@
 //! ferry-qemu as libvirt runs it: the real binary, real sockets, and (when
 //! installed) a real libvirtd probing it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use ferry_testguest::{check, FileImage, OracleReport};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferry-qemu");
@@ -176,4 +180,394 @@ fn libvirt_accepts_ferry_qemu() {
         log.contains("Try to probe capabilities of"),
         "libvirt really probed"
     );
+}
+
+/// Guest RAM of the guests below.
+const MEM: u64 = 128 << 20;
+
+/// A QMP client that keeps the events it reads past.
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects (retrying while the process starts) and negotiates.
+    fn connect(path: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("connect {}: {e}", path.display()),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout");
+        let mut q = Self {
+            r: BufReader::new(stream.try_clone().expect("clone")),
+            w: stream,
+            events: Vec::new(),
+        };
+        assert!(read_json(&mut q.r).get("QMP").is_some());
+        q.ok("qmp_capabilities", json!({}));
+        q
+    }
+
+    fn send(&mut self, name: &str, args: Value, fd: Option<RawFd>) {
+        let text = format!("{}\n", json!({"execute": name, "arguments": args}));
+        match fd {
+            None => self.w.write_all(text.as_bytes()).expect("write"),
+            Some(fd) => {
+                let fds = [fd];
+                sendmsg::<()>(
+                    self.w.as_raw_fd(),
+                    &[IoSlice::new(text.as_bytes())],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .expect("sendmsg");
+            }
+        }
+    }
+
+    /// The reply to `name` (events before it are kept).
+    fn cmd_with_fd(&mut self, name: &str, args: Value, fd: Option<RawFd>) -> Value {
+        self.send(name, args, fd);
+        loop {
+            let v = read_json(&mut self.r);
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    fn ok(&mut self, name: &str, args: Value) -> Value {
+        let reply = self.cmd_with_fd(name, args, None);
+        reply
+            .get("return")
+            .cloned()
+            .unwrap_or_else(|| panic!("{name}: {reply}"))
+    }
+
+    /// Waits for event `name` (with `data.status == status` if given).
+    fn wait_event(&mut self, name: &str, status: Option<&str>) -> Value {
+        let matches =
+            |v: &Value| v["event"] == name && status.is_none_or(|s| v["data"]["status"] == s);
+        if let Some(i) = self.events.iter().position(matches) {
+            return self.events.remove(i);
+        }
+        loop {
+            let v = read_json(&mut self.r);
+            if matches(&v) {
+                return v;
+            }
+            self.events.push(v);
+        }
+    }
+
+    fn status(&mut self) -> String {
+        self.ok("query-status", json!({}))["status"]
+            .as_str()
+            .expect("status")
+            .to_string()
+    }
+
+    /// pmemsave of all guest RAM, checked by the oracle.
+    fn oracle(&mut self, path: &Path) -> OracleReport {
+        self.ok(
+            "pmemsave",
+            json!({"val": 0, "size": MEM, "filename": path.display().to_string()}),
+        );
+        check(&FileImage::open(path, 0).expect("open dump"))
+            .unwrap_or_else(|e| panic!("oracle rejects {}: {e}", path.display()))
+    }
+}
+
+/// A ferry-qemu process, killed when dropped.
+struct Qemu {
+    child: Child,
+    qmp: PathBuf,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_guest(dir: &Path, tag: &str, kernel: &Path, extra: &[&str]) -> Qemu {
+    let qmp = dir.join(format!("{tag}.qmp"));
+    let child = Command::new(BIN)
+        .args([
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-m",
+            "128M",
+            "-nodefaults",
+            "-S",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", "ws=16M fill=1"])
+        .arg("-serial")
+        .arg(format!(
+            "file:{}",
+            dir.join(format!("{tag}.serial")).display()
+        ))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn ferry-qemu");
+    Qemu { child, qmp }
+}
+
+fn wait_for_serial(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(what)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} never showed {what:?}", path.display());
+}
+
+fn serial_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Lets the guest run until its serial output grows, then stops it.
+fn run_a_while(q: &mut Qmp, serial: &Path) {
+    let before = serial_len(serial);
+    q.ok("cont", json!({}));
+    q.wait_event("RESUME", None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serial_len(serial) <= before + 100 {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeats in {}",
+            serial.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    q.ok("stop", json!({}));
+    q.wait_event("STOP", None);
+    assert_eq!(q.status(), "paused");
+}
+
+fn kvm_usable(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIP {test}: /dev/kvm is not usable here");
+    }
+    ok
+}
+
+/// QEMU's command line by hand: boot the dirtier paused, run, stop,
+/// pmemsave (oracle), save to `file:`, restore with `-incoming file:`,
+/// save again to `exec:`, restore with `-incoming defer` + `migrate-incoming
+/// fd:` (getfd): the guest continues where it stopped each time.
+#[test]
+fn qemu_cli_run_save_restore_keeps_the_guest() {
+    if !kvm_usable("qemu_cli_run_save_restore_keeps_the_guest") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+
+    // 1. Boot, run, stop, dump, save to file:.
+    let a = spawn_guest(d, "a", &kernel, &[]);
+    let mut q = Qmp::connect(&a.qmp);
+    assert_eq!(q.status(), "prelaunch");
+    let chardevs = q.ok("query-chardev", json!({}));
+    assert!(
+        chardevs
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|c| c["label"] == "serial0"
+                && c["filename"] == format!("file:{}", d.join("a.serial").display())),
+        "{chardevs}"
+    );
+    let cpus = q.ok("query-cpus-fast", json!({}));
+    assert_eq!(cpus[0]["qom-path"], "/machine/unattached/device[0]");
+    q.ok("cont", json!({}));
+    q.wait_event("RESUME", None);
+    wait_for_serial(&d.join("a.serial"), "dirtier: ready");
+    q.ok("stop", json!({}));
+    q.wait_event("STOP", None);
+    let r1 = q.oracle(&d.join("a.raw"));
+    assert!(r1.fill_done, "{r1:?}");
+    let save1 = d.join("one.ferry");
+    q.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", save1.display())}),
+    );
+    q.wait_event("MIGRATION", Some("completed"));
+    assert_eq!(q.ok("query-migrate", json!({}))["status"], "completed");
+    assert_eq!(q.status(), "postmigrate");
+    // A running guest is not saved: that would be a live migration.
+    q.ok("cont", json!({}));
+    let live = q.cmd_with_fd(
+        "migrate",
+        json!({"uri": format!("file:{}", d.join("x").display())}),
+        None,
+    );
+    assert!(
+        live["error"]["desc"]
+            .as_str()
+            .is_some_and(|e| e.contains("live migration is not wired yet")),
+        "{live}"
+    );
+    q.ok("quit", json!({}));
+    drop(a);
+
+    // 2. -incoming file: the guest is exactly where it stopped.
+    let b = spawn_guest(
+        d,
+        "b",
+        &kernel,
+        &["-incoming", &format!("file:{}", save1.display())],
+    );
+    let mut q = Qmp::connect(&b.qmp);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while q.status() != "paused" {
+        assert!(Instant::now() < deadline, "restore never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r2 = q.oracle(&d.join("b0.raw"));
+    assert_eq!((r2.passes, r2.cursor), (r1.passes, r1.cursor));
+    run_a_while(&mut q, &d.join("b.serial"));
+    let r3 = q.oracle(&d.join("b1.raw"));
+    assert!(
+        (r3.passes, r3.cursor) > (r1.passes, r1.cursor),
+        "the guest did not go on after the restore: {r1:?} then {r3:?}"
+    );
+    let save2 = d.join("two.ferry");
+    // Forget the incoming migration's events.
+    q.events.clear();
+    q.ok(
+        "migrate",
+        json!({"uri": format!("exec:cat > {}", save2.display())}),
+    );
+    q.wait_event("MIGRATION", Some("completed"));
+    drop(q);
+    drop(b);
+
+    // 3. -incoming defer + migrate-incoming with an fd passed by getfd.
+    let c = spawn_guest(d, "c", &kernel, &["-incoming", "defer"]);
+    let mut q = Qmp::connect(&c.qmp);
+    assert_eq!(q.status(), "inmigrate");
+    let file = std::fs::File::open(&save2).expect("save2");
+    let r = q.cmd_with_fd("getfd", json!({"fdname": "in"}), Some(file.as_raw_fd()));
+    assert_eq!(r["return"], json!({}), "{r}");
+    q.ok("migrate-incoming", json!({"uri": "fd:in"}));
+    q.wait_event("MIGRATION", Some("completed"));
+    assert_eq!(q.status(), "paused");
+    let r4 = q.oracle(&d.join("c0.raw"));
+    assert_eq!((r4.passes, r4.cursor), (r3.passes, r3.cursor));
+    run_a_while(&mut q, &d.join("c.serial"));
+    q.oracle(&d.join("c1.raw"));
+    // virsh destroy: SIGTERM → SHUTDOWN (host-signal), exit 0.
+    let mut c = c;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let ev = q.wait_event("SHUTDOWN", None);
+    assert_eq!(ev["data"], json!({"guest": false, "reason": "host-signal"}));
+    assert!(c.child.wait().expect("wait").success());
+}
+
+/// A libvirt domain with ferry-qemu as its emulator, driven by virsh
+/// through define, start, suspend/resume, save, restore and destroy against
+/// a private libvirtd + virtlogd (tests/libvirt-domain.sh); the oracle checks
+/// pmemsave dumps before the save and after the restore. Skips, saying why,
+/// when libvirtd is not installed, we are not root, or /dev/kvm is unusable.
+#[test]
+fn libvirt_runs_a_ferry_qemu_domain() {
+    let name = "libvirt_runs_a_ferry_qemu_domain";
+    if !Path::new("/usr/sbin/libvirtd").exists() {
+        eprintln!("SKIP {name}: libvirtd is not installed (apt-get install libvirt-daemon-system libvirt-clients)");
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP {name}: needs root (private mount namespace for libvirtd)");
+        return;
+    }
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("w");
+    let kernel = dir.path().join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/libvirt-domain.sh");
+    let out = Command::new("timeout")
+        .args([
+            "300",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "bash",
+            script,
+        ])
+        .arg(&work)
+        .arg(BIN)
+        .arg(&kernel)
+        .output()
+        .expect("run libvirt-domain.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = |p: &str| std::fs::read_to_string(work.join(p)).unwrap_or_default();
+    assert!(
+        out.status.success() && stdout.contains("STEP done"),
+        "libvirt-domain.sh failed: {}\nstdout:\n{stdout}\ndomain log:\n{}\nlibvirtd errors:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log("var-log-libvirt/qemu/ferrylab.log"),
+        log("var-log-libvirt/libvirtd.log")
+            .lines()
+            .filter(|l| l.contains(" error : ") && !l.contains("virGDBus") && !l.contains("cgroup"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let serial = log("var-log-libvirt/qemu/ferrylab-serial.log");
+    assert!(
+        serial.contains("dirtier: ready") && serial.contains("...."),
+        "{serial}"
+    );
+    let before = check(&FileImage::open(work.join("mem-before-save.raw"), 0).expect("dump"))
+        .expect("oracle: dump before the save");
+    let after = check(&FileImage::open(work.join("mem-after-restore.raw"), 0).expect("dump"))
+        .expect("oracle: dump after the restore");
+    assert!(
+        (after.passes, after.cursor) > (before.passes, before.cursor),
+        "the restored guest did not go on: {before:?} then {after:?}"
+    );
+    // libvirt really used QMP save/restore on ferry-qemu.
+    let libvirtd = log("var-log-libvirt/libvirtd.log");
+    assert!(libvirtd.contains(
+        r#""execute":"migrate","arguments":{"detach":true,"resume":false,"uri":"fd:migrate"}"#
+    ));
+    assert!(libvirtd.contains(r#""execute":"migrate-incoming""#));
 }

@@ -4,6 +4,7 @@
 //! Commands that need a VM go through [`crate::backend::Backend`]; the probe
 //! commands answer from static data describing what ferry really has.
 
+mod devices;
 mod fds;
 mod machine;
 mod meta;
@@ -56,6 +57,16 @@ pub static COMMANDS: &[&Command] = &[
     &qom::QOM_LIST_PROPERTIES,
     &qom::QUERY_MACHINES,
     &qom::QUERY_COMMAND_LINE_OPTIONS,
+    &qom::QOM_LIST,
+    &qom::QOM_GET,
+    &devices::QUERY_HOTPLUGGABLE_CPUS,
+    &devices::QUERY_CPUS_FAST,
+    &devices::QUERY_IOTHREADS,
+    &devices::BALLOON,
+    &devices::QUERY_BALLOON,
+    &devices::QUERY_NAMED_BLOCK_NODES,
+    &devices::QUERY_BLOCK,
+    &devices::QUERY_JOBS,
     &machine::STOP,
     &machine::CONT,
     &machine::QUIT,

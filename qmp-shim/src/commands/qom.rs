@@ -312,3 +312,106 @@ fn query_command_line_options(
     }
     Ok(Value::Array(out))
 }
+
+/// One QOM object ferry shows: its properties as `(name, type, value)`.
+fn qom_object(ctx: &Ctx<'_>, path: &str) -> Option<Vec<(String, String, Value)>> {
+    let path = path.trim_end_matches('/');
+    let entry = |n: &str, t: &str, v: Value| (n.to_string(), t.to_string(), v);
+    let peripherals = || -> Vec<(String, String)> {
+        ctx.vm
+            .invocation
+            .devices
+            .iter()
+            .filter(|d| MODELLED_DEVICES.contains(&d.kind.as_str()))
+            .filter_map(|d| d.id.clone().map(|id| (id, d.kind.clone())))
+            .collect()
+    };
+    if let Some(i) = path
+        .strip_prefix("/machine/unattached/device[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse::<u32>().ok())
+    {
+        if i >= super::devices::vcpu_count(ctx) {
+            return None;
+        }
+        let ty = super::devices::cpu_type(ctx);
+        return Some(vec![
+            entry("type", "string", json!(ty)),
+            entry("realized", "bool", json!(true)),
+            entry("hotpluggable", "bool", json!(false)),
+        ]);
+    }
+    match path {
+        "" => Some(vec![
+            entry("type", "string", json!("container")),
+            entry("machine", "child<machine>", Value::Null),
+        ]),
+        "/machine" => Some(vec![
+            entry("type", "string", json!("pc-i440fx-7.2-machine")),
+            entry("peripheral", "child<container>", Value::Null),
+            entry("unattached", "child<container>", Value::Null),
+        ]),
+        "/machine/peripheral" => {
+            let mut v = vec![entry("type", "string", json!("container"))];
+            v.extend(
+                peripherals()
+                    .into_iter()
+                    .map(|(id, kind)| entry(&id, &format!("child<{kind}>"), Value::Null)),
+            );
+            Some(v)
+        }
+        _ => {
+            let id = path.strip_prefix("/machine/peripheral/")?;
+            let (_, kind) = peripherals().into_iter().find(|(i, _)| i == id)?;
+            Some(vec![
+                entry("type", "string", json!(kind)),
+                entry("realized", "bool", json!(true)),
+            ])
+        }
+    }
+}
+
+fn no_device(path: &str) -> CommandError {
+    CommandError::DeviceNotFound(format!("Device '{path}' not found"))
+}
+
+pub static QOM_LIST: Command = Command {
+    schema: CommandSchema {
+        name: "qom-list",
+        args: &[req("path", Ty::Str)],
+        ret: Some(Ty::Array(&Ty::Object(&OBJECT_PROPERTY_INFO))),
+    },
+    handler: |ctx, args| {
+        let path = arg_str(args, "path");
+        let props = qom_object(ctx, path).ok_or_else(|| no_device(path))?;
+        Ok(Value::Array(
+            props
+                .into_iter()
+                .map(|(n, t, _)| json!({"name": n, "type": t}))
+                .collect(),
+        ))
+    },
+};
+
+pub static QOM_GET: Command = Command {
+    schema: CommandSchema {
+        name: "qom-get",
+        args: &[req("path", Ty::Str), req("property", Ty::Str)],
+        ret: Some(Ty::Any),
+    },
+    handler: |ctx, args| {
+        let (path, prop) = (arg_str(args, "path"), arg_str(args, "property"));
+        let props = qom_object(ctx, path).ok_or_else(|| no_device(path))?;
+        let type_name = props
+            .first()
+            .and_then(|p| p.2.as_str().map(str::to_string))
+            .unwrap_or_default();
+        props
+            .into_iter()
+            .find(|(n, _, v)| n == prop && !v.is_null())
+            .map(|(_, _, v)| v)
+            .ok_or_else(|| {
+                CommandError::Generic(format!("Property '{type_name}.{prop}' not found"))
+            })
+    },
+};

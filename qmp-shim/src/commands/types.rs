@@ -303,3 +303,76 @@ pub static EVENTS: &[EventDef] = &[
         data: &[req("pass", Ty::Int)],
     },
 ];
+
+pub static CPU_INSTANCE_PROPERTIES: ObjectDef = ObjectDef {
+    name: "CpuInstanceProperties",
+    members: &[
+        opt("node-id", Ty::Int),
+        opt("socket-id", Ty::Int),
+        opt("die-id", Ty::Int),
+        opt("cluster-id", Ty::Int),
+        opt("core-id", Ty::Int),
+        opt("thread-id", Ty::Int),
+    ],
+};
+
+pub static HOTPLUGGABLE_CPU: ObjectDef = ObjectDef {
+    name: "HotpluggableCPU",
+    members: &[
+        req("type", Ty::Str),
+        req("vcpus-count", Ty::Int),
+        req("props", Ty::Object(&CPU_INSTANCE_PROPERTIES)),
+        opt("qom-path", Ty::Str),
+    ],
+};
+
+pub static CPU_INFO_FAST: ObjectDef = ObjectDef {
+    name: "CpuInfoFast",
+    members: &[
+        req("cpu-index", Ty::Int),
+        req("qom-path", Ty::Str),
+        req("thread-id", Ty::Int),
+        opt("props", Ty::Object(&CPU_INSTANCE_PROPERTIES)),
+        req("target", Ty::Str),
+    ],
+};
+
+pub static IOTHREAD_INFO: ObjectDef = ObjectDef {
+    name: "IOThreadInfo",
+    members: &[req("id", Ty::Str), req("thread-id", Ty::Int)],
+};
+
+pub static BALLOON_INFO: ObjectDef = ObjectDef {
+    name: "BalloonInfo",
+    members: &[req("actual", Ty::Int)],
+};
+
+pub static BLOCK_INFO: ObjectDef = ObjectDef {
+    name: "BlockInfo",
+    members: &[
+        req("device", Ty::Str),
+        opt("qdev", Ty::Str),
+        req("type", Ty::Str),
+        req("removable", Ty::Bool),
+        req("locked", Ty::Bool),
+    ],
+};
+
+pub static BLOCK_DEVICE_INFO: ObjectDef = ObjectDef {
+    name: "BlockDeviceInfo",
+    members: &[
+        req("file", Ty::Str),
+        opt("node-name", Ty::Str),
+        req("ro", Ty::Bool),
+        req("drv", Ty::Str),
+    ],
+};
+
+pub static JOB_INFO: ObjectDef = ObjectDef {
+    name: "JobInfo",
+    members: &[
+        req("id", Ty::Str),
+        req("type", Ty::Str),
+        req("status", Ty::Str),
+    ],
+};

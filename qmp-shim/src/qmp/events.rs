@@ -1,5 +1,7 @@
 //! QMP events: timestamped, broadcast to every negotiated connection.
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -42,8 +44,36 @@ impl Event {
     }
 }
 
-/// Connection id → its outgoing queue.
-type Subscribers = Arc<Mutex<Vec<(u64, Sender<Value>)>>>;
+/// Where one connection's events go.
+#[derive(Debug)]
+enum Subscriber {
+    /// A queue (tests, or a consumer with its own writer).
+    Queue(Sender<Value>),
+    /// Written at once, under the lock its replies are written with: an
+    /// event emitted while a command runs reaches the client before that
+    /// command's reply, as in QEMU (libvirt checks the MIGRATION status
+    /// right after `migrate` returns).
+    Stream(Arc<Mutex<UnixStream>>),
+}
+
+impl Subscriber {
+    /// Delivers `msg`; false when the subscriber is gone.
+    fn send(&self, msg: &Value) -> bool {
+        match self {
+            Self::Queue(tx) => tx.send(msg.clone()).is_ok(),
+            Self::Stream(w) => {
+                let mut text = msg.to_string();
+                text.push_str("\r\n");
+                w.lock()
+                    .map(|mut s| s.write_all(text.as_bytes()).is_ok())
+                    .unwrap_or(false)
+            }
+        }
+    }
+}
+
+/// Connection id → where its events go.
+type Subscribers = Arc<Mutex<Vec<(u64, Subscriber)>>>;
 
 /// The sending side handed to the backend and to command handlers.
 /// Cloning is cheap; events go to every subscribed connection.
@@ -61,14 +91,22 @@ impl EventSink {
     pub fn emit(&self, name: &str, data: Option<Value>) {
         let msg = Event::new(name, data).to_json();
         if let Ok(mut subs) = self.subscribers.lock() {
-            subs.retain(|(_, tx)| tx.send(msg.clone()).is_ok());
+            subs.retain(|(_, sub)| sub.send(&msg));
         }
     }
 
     /// Adds a connection's outgoing queue under `id`.
     pub fn subscribe(&self, id: u64, tx: Sender<Value>) {
         if let Ok(mut subs) = self.subscribers.lock() {
-            subs.push((id, tx));
+            subs.push((id, Subscriber::Queue(tx)));
+        }
+    }
+
+    /// Adds a connection whose events are written to `stream` directly
+    /// (under the same lock as its replies).
+    pub fn subscribe_stream(&self, id: u64, stream: Arc<Mutex<UnixStream>>) {
+        if let Ok(mut subs) = self.subscribers.lock() {
+            subs.push((id, Subscriber::Stream(stream)));
         }
     }
 

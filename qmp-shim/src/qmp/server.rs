@@ -3,14 +3,15 @@
 //! One thread per monitor accepts one connection at a time (like QEMU); a
 //! second client waits in the listen backlog until the first goes away, so
 //! libvirt can reconnect after a restart. Replies are written by the reading
-//! thread; events by a per-connection forwarder, both under one lock.
+//! thread, events by the thread that emits them, both under one lock, so an
+//! event emitted by a command precedes its reply (as in QEMU).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use serde_json::{json, Map, Value};
@@ -284,7 +285,11 @@ pub fn serve_connection(
     vm: &Arc<Mutex<Vm>>,
     state: &mut MonitorState,
 ) -> io::Result<()> {
-    let writer = Arc::new(Mutex::new(stream.try_clone()?));
+    let out = stream.try_clone()?;
+    // A client that stops reading must not stall the guest (events are
+    // written by whoever emits them): give up on it after a while.
+    out.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let writer = Arc::new(Mutex::new(out));
     write_json(&writer, &greeting())?;
     let conn_id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let events = vm
@@ -295,7 +300,6 @@ pub fn serve_connection(
     let mut session = Session::default();
     let mut splitter = Splitter::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut forwarder = None;
     let result = loop {
         let (n, mut fds) = match read_with_fds(stream.as_raw_fd(), &mut buf) {
             Ok(r) => r,
@@ -311,16 +315,7 @@ pub fn serve_connection(
                     let o = handle_message(vm, state, &mut session, text, &mut fds);
                     if !was && session.negotiated {
                         // Events flow only after negotiation, as in QEMU.
-                        let (tx, rx) = mpsc::channel::<Value>();
-                        events.subscribe(conn_id, tx);
-                        let w = Arc::clone(&writer);
-                        forwarder = Some(std::thread::spawn(move || {
-                            for ev in rx {
-                                if write_json(&w, &ev).is_err() {
-                                    break;
-                                }
-                            }
-                        }));
+                        events.subscribe_stream(conn_id, Arc::clone(&writer));
                     }
                     o
                 }
@@ -341,9 +336,6 @@ pub fn serve_connection(
     };
     events.unsubscribe(conn_id);
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    if let Some(f) = forwarder {
-        let _ = f.join();
-    }
     result
 }
 

@@ -1,0 +1,759 @@
+//! The [`Backend`] on ferry-vmm: one KVM guest per process, driven through
+//! QEMU's run states and events.
+//!
+//! * Boot: `-kernel` (PVH ELF, ELF vmlinux, bzImage) with `-append`/`-initrd`;
+//!   `-S` leaves it in `prelaunch` until `cont`.
+//! * Save (`migrate` of a *paused* guest to `fd:`, `file:` or `exec:`): the
+//!   checkpoint stream of `ferry_vmm::checkpoint::save`, written by a thread;
+//!   MIGRATION events `setup` → `active` → `completed`/`failed` as QEMU sends
+//!   them (libvirt's `virsh save` waits for them).
+//! * Restore (`-incoming fd:N|file:PATH`, or `-incoming defer` +
+//!   `migrate-incoming`): `ferry_vmm::checkpoint::restore` on a thread; the
+//!   guest starts afterwards unless `-S` (then `cont` starts it, as libvirt does).
+//!   A stream that fails to load ends the process with status 1, like QEMU.
+//! * Guest exits: poweroff → SHUTDOWN (process exits unless `-no-shutdown`),
+//!   reset → RESET and a fresh boot (SHUTDOWN with `-no-reboot`), KVM failure →
+//!   `internal-error` + STOP.
+//!
+//! Live migration (a running guest, `tcp:`/`unix:`) is refused until the
+//! engine's pre-copy is wired in here.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_kvm::Backing;
+use ferry_vmm::checkpoint::{self, RestoreOptions};
+use ferry_vmm::devices::serial::SinkSpec;
+use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
+use serde_json::json;
+
+use crate::argv::Incoming;
+use crate::backend::*;
+use crate::qmp::events::EventSink;
+use crate::serial::SerialTee;
+
+/// Text of every refusal of a live migration.
+pub const LIVE_MIGRATION_NOT_WIRED: &str = "live migration is not wired yet in ferry-qemu: \
+     stop the guest first to save it to fd:, file: or exec:";
+
+/// How long events get to reach the monitors before the process exits.
+const EVENT_FLUSH: Duration = Duration::from_millis(100);
+
+/// Waits for queued events to be written, then exits.
+pub fn exit_after_events(code: i32) -> ! {
+    std::thread::sleep(EVENT_FLUSH);
+    std::process::exit(code)
+}
+
+/// The guest and its QEMU-visible state.
+#[derive(Debug)]
+struct Inner {
+    guest: Option<Guest>,
+    state: RunState,
+    config: Option<MachineConfig>,
+    serial: Option<SerialTee>,
+    /// Start the guest once an incoming stream is loaded (`cont` during
+    /// `inmigrate` sets it, as in QEMU).
+    autostart: bool,
+    /// An incoming stream is being read.
+    incoming_started: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Apart from `inner` so `query-migrate` answers while a save runs.
+    migration: Mutex<MigrationInfo>,
+    events: EventSink,
+}
+
+impl Shared {
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, BackendError> {
+        self.inner
+            .lock()
+            .map_err(|_| BackendError::Engine("internal error: VM state poisoned".into()))
+    }
+
+    fn set_migration(&self, f: impl FnOnce(&mut MigrationInfo)) {
+        if let Ok(mut m) = self.migration.lock() {
+            f(&mut m);
+        }
+    }
+
+    fn migration_status(&self, status: MigrationStatus) {
+        self.set_migration(|m| m.status = Some(status));
+        self.events
+            .emit("MIGRATION", Some(json!({"status": status.as_str()})));
+    }
+}
+
+/// ferry-vmm behind QMP.
+#[derive(Debug)]
+pub struct FerryBackend {
+    shared: Arc<Shared>,
+}
+
+impl FerryBackend {
+    pub fn new(events: EventSink) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner {
+                    guest: None,
+                    state: RunState::Prelaunch,
+                    config: None,
+                    serial: None,
+                    autostart: false,
+                    incoming_started: false,
+                }),
+                migration: Mutex::new(MigrationInfo::default()),
+                events,
+            }),
+        }
+    }
+}
+
+fn engine(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Engine(e.to_string())
+}
+
+fn state_name(s: RunState) -> &'static str {
+    s.as_str()
+}
+
+fn sink(inner: &Inner) -> SinkSpec {
+    inner
+        .serial
+        .as_ref()
+        .map_or(SinkSpec::Null, SerialTee::sink)
+}
+
+/// Builds and boots a fresh guest from `config` (stopped).
+fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
+    let kernel = config.kernel.clone().ok_or_else(|| {
+        BackendError::Engine(
+            "ferry-qemu boots guests by direct kernel boot only: -kernel is required \
+             (<os><kernel> in the domain XML)"
+                .into(),
+        )
+    })?;
+    let mut guest = Guest::create(VmConfig {
+        mem_bytes: config.mem_bytes,
+        vcpus: config.vcpus,
+        backing: Backing::Anonymous,
+        serial: sink,
+    })
+    .map_err(engine)?;
+    guest
+        .boot(&KernelConfig {
+            kernel,
+            initrd: config.initrd.clone(),
+            cmdline: config.append.clone(),
+        })
+        .map_err(engine)?;
+    Ok(guest)
+}
+
+/// Where a save goes: the writer, and the `exec:` child to wait for.
+struct SaveTarget {
+    out: Box<dyn Write + Send>,
+    child: Option<Child>,
+}
+
+fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError> {
+    match target {
+        MigrationTarget::Fd(fd) => Ok(SaveTarget {
+            out: Box::new(File::from(fd)),
+            child: None,
+        }),
+        MigrationTarget::File(p) => {
+            let f = File::create(&p)
+                .map_err(|e| BackendError::Migration(format!("{}: {e}", p.display())))?;
+            Ok(SaveTarget {
+                out: Box::new(f),
+                child: None,
+            })
+        }
+        MigrationTarget::Exec(cmd) => {
+            let mut child = Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&cmd)
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(|e| BackendError::Migration(format!("exec:{cmd}: {e}")))?;
+            let stdin = child
+                .stdin
+                .take()
+                .ok_or_else(|| BackendError::Migration(format!("exec:{cmd}: no pipe")))?;
+            Ok(SaveTarget {
+                out: Box::new(stdin),
+                child: Some(child),
+            })
+        }
+        MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => {
+            Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()))
+        }
+    }
+}
+
+/// Writes the checkpoint of the stopped `guest` to `target`.
+fn write_checkpoint(
+    guest: &Guest,
+    target: SaveTarget,
+) -> Result<checkpoint::CheckpointStats, String> {
+    let SaveTarget { out, child } = target;
+    let result = checkpoint::save(guest, BufWriter::with_capacity(1 << 20, out))
+        .map_err(|e| e.to_string())
+        .and_then(|(w, stats)| {
+            // Dropping the writer closes the fd/pipe: the reader sees EOF.
+            let mut inner = w.into_inner().map_err(|e| e.error().to_string())?;
+            inner.flush().map_err(|e| e.to_string())?;
+            Ok(stats)
+        });
+    if let Some(mut child) = child {
+        let status = child.wait().map_err(|e| e.to_string())?;
+        if result.is_ok() && !status.success() {
+            return Err(format!("the exec: command failed ({status})"));
+        }
+    }
+    result
+}
+
+fn open_incoming(source: MigrationTarget) -> Result<File, BackendError> {
+    match source {
+        MigrationTarget::Fd(fd) => Ok(File::from(fd)),
+        MigrationTarget::File(p) => {
+            File::open(&p).map_err(|e| BackendError::Migration(format!("{}: {e}", p.display())))
+        }
+        MigrationTarget::Exec(_) | MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => {
+            Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()))
+        }
+    }
+}
+
+impl FerryBackend {
+    /// Reads a saved guest from `file` on a thread; see the module docs.
+    fn start_incoming(&self, file: File) -> Result<(), BackendError> {
+        let opts = {
+            let mut inner = self.shared.lock()?;
+            if inner.incoming_started || inner.guest.is_some() {
+                return Err(BackendError::Migration(
+                    "The incoming migration has already been started".into(),
+                ));
+            }
+            inner.incoming_started = true;
+            inner.state = RunState::InMigrate;
+            RestoreOptions {
+                backing: Backing::Anonymous,
+                serial: sink(&inner),
+                expect_mem_bytes: inner.config.as_ref().map(|c| c.mem_bytes),
+            }
+        };
+        // A pipe (libvirt's iohelper) is drained to EOF after the stream, so
+        // the writer never blocks or sees EPIPE; a regular file needs nothing.
+        let drain = file
+            .metadata()
+            .ok()
+            .filter(|m| !m.is_file())
+            .and_then(|_| file.try_clone().ok());
+        self.shared.migration_status(MigrationStatus::Setup);
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name("incoming".into())
+            .spawn(move || {
+                let start = Instant::now();
+                shared.migration_status(MigrationStatus::Active);
+                let result = checkpoint::restore(file, &opts);
+                if let Some(mut d) = drain {
+                    let _ = std::thread::Builder::new()
+                        .name("incoming-drain".into())
+                        .spawn(move || std::io::copy(&mut d, &mut std::io::sink()));
+                }
+                let guest = match result {
+                    Ok(g) => g,
+                    Err(e) => {
+                        eprintln!("ferry-qemu: load of migration failed: {e}");
+                        shared.set_migration(|m| m.error_desc = Some(e.to_string()));
+                        shared.migration_status(MigrationStatus::Failed);
+                        exit_after_events(1);
+                    }
+                };
+                let total = start.elapsed().as_millis() as u64;
+                shared.set_migration(|m| {
+                    m.total_time_ms = Some(total);
+                    m.setup_time_ms = Some(0);
+                });
+                let Ok(mut inner) = shared.inner.lock() else {
+                    exit_after_events(1);
+                };
+                inner.guest = Some(guest);
+                inner.state = RunState::Paused;
+                shared.migration_status(MigrationStatus::Completed);
+                if inner.autostart {
+                    let resumed = inner.guest.as_mut().map(Guest::resume);
+                    if let Some(Err(e)) = resumed {
+                        eprintln!("ferry-qemu: cannot start the restored guest: {e}");
+                        inner.state = RunState::InternalError;
+                    } else {
+                        inner.state = RunState::Running;
+                        shared.events.emit("RESUME", None);
+                    }
+                }
+            })
+            .map_err(engine)?;
+        Ok(())
+    }
+
+    /// Writes the stopped guest to `target` on a thread; see the module docs.
+    fn start_save(&self, target: MigrationTarget) -> Result<(), BackendError> {
+        {
+            let inner = self.shared.lock()?;
+            if inner.guest.is_none() {
+                return Err(BackendError::BadState {
+                    operation: "migrate",
+                    state: state_name(inner.state),
+                });
+            }
+            if inner.state == RunState::Running {
+                return Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()));
+            }
+        }
+        if let Ok(m) = self.shared.migration.lock() {
+            if matches!(
+                m.status,
+                Some(MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Device)
+            ) {
+                return Err(BackendError::Migration(
+                    "There's a migration process in progress".into(),
+                ));
+            }
+        }
+        let target = open_save_target(target)?;
+        self.shared.set_migration(|m| *m = MigrationInfo::default());
+        self.shared.migration_status(MigrationStatus::Setup);
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name("save".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let Ok(mut inner) = shared.inner.lock() else {
+                    return;
+                };
+                shared.migration_status(MigrationStatus::Active);
+                let before = inner.state;
+                inner.state = RunState::FinishMigrate;
+                let result = match &inner.guest {
+                    Some(g) => write_checkpoint(g, target).map(|s| (s, g.ram().total_bytes())),
+                    None => Err("the guest went away".into()),
+                };
+                let ms = start.elapsed().as_millis() as u64;
+                match result {
+                    Ok((stats, total)) => {
+                        inner.state = RunState::PostMigrate;
+                        let secs = start.elapsed().as_secs_f64().max(1e-6);
+                        shared.set_migration(|m| {
+                            m.total_time_ms = Some(ms);
+                            m.setup_time_ms = Some(0);
+                            m.downtime_ms = Some(ms);
+                            m.ram = Some(MigrationRamStats {
+                                transferred: stats.bytes,
+                                remaining: 0,
+                                total,
+                                duplicate: stats.zero_pages_skipped,
+                                normal: stats.ram_pages,
+                                normal_bytes: stats.ram_pages * 4096,
+                                dirty_sync_count: 1,
+                                page_size: 4096,
+                                mbps: stats.bytes as f64 * 8.0 / secs / 1e6,
+                                dirty_pages_rate: 0,
+                            });
+                        });
+                        shared.migration_status(MigrationStatus::Completed);
+                    }
+                    Err(e) => {
+                        inner.state = before;
+                        tracing::warn!("save failed: {e}");
+                        shared.set_migration(|m| m.error_desc = Some(e));
+                        shared.migration_status(MigrationStatus::Failed);
+                    }
+                }
+            })
+            .map_err(engine)?;
+        Ok(())
+    }
+
+    /// Watches the guest's exits (poweroff, reset, KVM failure).
+    fn start_watcher(&self) -> Result<(), BackendError> {
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name("guest-exits".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(20));
+                let Ok(mut inner) = shared.inner.lock() else {
+                    return;
+                };
+                let exit = inner.guest.as_ref().and_then(|g| g.exits().try_recv().ok());
+                if let Some(exit) = exit {
+                    on_guest_exit(&shared, &mut inner, exit);
+                }
+            })
+            .map_err(engine)?;
+        Ok(())
+    }
+}
+
+fn on_guest_exit(shared: &Shared, inner: &mut Inner, exit: GuestExit) {
+    if let Some(g) = inner.guest.as_mut() {
+        let _ = g.pause();
+    }
+    let (no_shutdown, no_reboot) = inner
+        .config
+        .as_ref()
+        .map_or((false, false), |c| (c.no_shutdown, c.no_reboot));
+    let shutdown = |inner: &mut Inner, reason: &str| {
+        inner.state = RunState::Shutdown;
+        shared
+            .events
+            .emit("SHUTDOWN", Some(json!({"guest": true, "reason": reason})));
+        if !no_shutdown {
+            exit_after_events(0);
+        }
+    };
+    match exit {
+        GuestExit::Poweroff => shutdown(inner, "guest-shutdown"),
+        GuestExit::Reset(why) if no_reboot => {
+            tracing::info!("guest reset ({why}) with -no-reboot");
+            shutdown(inner, "guest-reset");
+        }
+        GuestExit::Reset(why) => {
+            tracing::info!("guest reset: {why}");
+            shared.events.emit(
+                "RESET",
+                Some(json!({"guest": true, "reason": "guest-reset"})),
+            );
+            if let Err(e) = reboot(inner, true) {
+                eprintln!("ferry-qemu: cannot reboot the guest: {e}");
+                inner.state = RunState::InternalError;
+                shared.events.emit("STOP", None);
+            }
+        }
+        GuestExit::Crashed(why) => {
+            eprintln!("ferry-qemu: {why}");
+            inner.state = RunState::InternalError;
+            shared.events.emit("STOP", None);
+        }
+    }
+}
+
+/// Replaces the guest with a freshly booted one (running if `run`).
+fn reboot(inner: &mut Inner, run: bool) -> Result<(), BackendError> {
+    let config = inner.config.clone().ok_or(BackendError::NoMachine)?;
+    // The old guest must release its RAM and vCPUs before the new one exists.
+    inner.guest = None;
+    let mut guest = boot(&config, sink(inner))?;
+    if run {
+        guest.resume().map_err(engine)?;
+        inner.state = RunState::Running;
+    }
+    inner.guest = Some(guest);
+    Ok(())
+}
+
+impl Backend for FerryBackend {
+    fn create(&mut self, config: &MachineConfig) -> Result<(), BackendError> {
+        let mut serial = None;
+        for s in &config.serials {
+            if s.index != 0 {
+                return Err(BackendError::Engine(format!(
+                    "serial port {} (chardev '{}'): ferry models only COM1 (ttyS0)",
+                    s.index, s.chardev.id
+                )));
+            }
+            serial = Some(SerialTee::open(&s.chardev).map_err(engine)?);
+        }
+        {
+            let mut inner = self.shared.lock()?;
+            inner.config = Some(config.clone());
+            inner.serial = serial;
+            inner.autostart = !config.start_paused;
+        }
+        self.start_watcher()?;
+        match &config.incoming {
+            None => {
+                let mut inner = self.shared.lock()?;
+                let mut guest = boot(config, sink(&inner))?;
+                if config.start_paused {
+                    inner.state = RunState::Prelaunch;
+                } else {
+                    guest.resume().map_err(engine)?;
+                    inner.state = RunState::Running;
+                }
+                inner.guest = Some(guest);
+                Ok(())
+            }
+            Some(Incoming::Defer) => {
+                self.shared.lock()?.state = RunState::InMigrate;
+                Ok(())
+            }
+            Some(Incoming::Fd(n)) => {
+                let fd = crate::fd::adopt_inherited(*n)
+                    .map_err(|e| BackendError::Migration(format!("-incoming fd:{n}: {e}")))?;
+                self.start_incoming(File::from(fd))
+            }
+            Some(Incoming::File(p)) => {
+                self.start_incoming(open_incoming(MigrationTarget::File(p.clone()))?)
+            }
+            Some(Incoming::Tcp(_) | Incoming::Unix(_) | Incoming::Exec(_)) => {
+                Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()))
+            }
+        }
+    }
+
+    fn cont(&mut self) -> Result<(), BackendError> {
+        let mut inner = self.shared.lock()?;
+        match inner.state {
+            RunState::InMigrate => {
+                inner.autostart = true;
+                Ok(())
+            }
+            RunState::Running => Ok(()),
+            RunState::Shutdown | RunState::InternalError => Err(BackendError::Engine(
+                "Resetting the Virtual Machine is required".into(),
+            )),
+            RunState::FinishMigrate => Err(BackendError::BadState {
+                operation: "cont",
+                state: state_name(inner.state),
+            }),
+            RunState::Prelaunch | RunState::Paused | RunState::PostMigrate => {
+                let g = inner.guest.as_mut().ok_or(BackendError::NoMachine)?;
+                g.resume().map_err(engine)?;
+                inner.state = RunState::Running;
+                self.shared.events.emit("RESUME", None);
+                Ok(())
+            }
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), BackendError> {
+        let mut inner = self.shared.lock()?;
+        match inner.state {
+            RunState::InMigrate => {
+                inner.autostart = false;
+                Ok(())
+            }
+            RunState::Running => {
+                let g = inner.guest.as_mut().ok_or(BackendError::NoMachine)?;
+                g.pause().map_err(engine)?;
+                inner.state = RunState::Paused;
+                self.shared.events.emit("STOP", None);
+                Ok(())
+            }
+            RunState::Prelaunch => {
+                inner.state = RunState::Paused;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn status(&self) -> RunState {
+        self.shared
+            .inner
+            .lock()
+            .map_or(RunState::InternalError, |i| i.state)
+    }
+
+    fn quit(&mut self) -> Result<(), BackendError> {
+        self.shared.events.emit(
+            "SHUTDOWN",
+            Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+        );
+        Ok(())
+    }
+
+    fn system_reset(&mut self) -> Result<(), BackendError> {
+        let mut inner = self.shared.lock()?;
+        if inner.guest.is_none() {
+            return Err(BackendError::BadState {
+                operation: "system_reset",
+                state: state_name(inner.state),
+            });
+        }
+        let run = inner.state == RunState::Running;
+        reboot(&mut inner, run)?;
+        if matches!(inner.state, RunState::Shutdown | RunState::InternalError) {
+            inner.state = RunState::Paused;
+        }
+        self.shared.events.emit(
+            "RESET",
+            Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
+        );
+        Ok(())
+    }
+
+    fn system_powerdown(&mut self) -> Result<(), BackendError> {
+        // ferry models no ACPI power button: like QEMU with a guest that
+        // ignores it, the event is all that happens.
+        self.shared.events.emit("POWERDOWN", None);
+        Ok(())
+    }
+
+    fn pmemsave(&mut self, addr: u64, size: u64, path: &Path) -> Result<(), BackendError> {
+        let inner = self.shared.lock()?;
+        let guest = inner.guest.as_ref().ok_or(BackendError::BadState {
+            operation: "pmemsave",
+            state: state_name(inner.state),
+        })?;
+        write_phys(guest, addr, size, path)
+            .map_err(|e| BackendError::Engine(format!("pmemsave {}: {e}", path.display())))
+    }
+
+    fn migrate(
+        &mut self,
+        target: MigrationTarget,
+        _params: &MigrationParameters,
+        _caps: &MigrationCapabilities,
+    ) -> Result<(), BackendError> {
+        self.start_save(target)
+    }
+
+    fn migrate_incoming(
+        &mut self,
+        source: MigrationTarget,
+        _caps: &MigrationCapabilities,
+    ) -> Result<(), BackendError> {
+        if self.shared.lock()?.state != RunState::InMigrate {
+            return Err(BackendError::Migration(
+                "The incoming migration has already been started or completed".into(),
+            ));
+        }
+        let file = open_incoming(source)?;
+        self.start_incoming(file)
+    }
+
+    fn migrate_cancel(&mut self) -> Result<(), BackendError> {
+        // A save runs to its end (it is bounded by guest RAM); nothing to cancel.
+        Ok(())
+    }
+
+    fn migrate_continue(&mut self, _state: MigrationStatus) -> Result<(), BackendError> {
+        Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()))
+    }
+
+    fn query_migrate(&self) -> MigrationInfo {
+        self.shared
+            .migration
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    fn set_migrate_parameters(&mut self, _: &MigrationParameters) -> Result<(), BackendError> {
+        // A save writes as fast as it can; nothing else uses them yet.
+        Ok(())
+    }
+
+    fn save(&mut self, target: MigrationTarget) -> Result<(), BackendError> {
+        self.start_save(target)
+    }
+
+    fn serial_chardevs(&self) -> Vec<(String, String)> {
+        self.shared
+            .inner
+            .lock()
+            .map(|i| {
+                i.serial
+                    .iter()
+                    .map(|s| (s.label.clone(), s.filename.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Writes guest-physical `[addr, addr+size)` to `path` (QEMU's pmemsave);
+/// addresses outside RAM read as zero.
+fn write_phys(guest: &Guest, addr: u64, size: u64, path: &Path) -> std::io::Result<()> {
+    let end = addr
+        .checked_add(size)
+        .ok_or_else(|| std::io::Error::other("address range wraps around"))?;
+    let ram = guest.ram();
+    let ranges = ram.ranges();
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut gpa = addr;
+    while gpa < end {
+        let want = (end - gpa).min(buf.len() as u64);
+        let n = match ranges.iter().find(|(b, s)| gpa >= *b && gpa - b < *s) {
+            Some((b, s)) => {
+                let n = want.min(b + s - gpa) as usize;
+                ram.read(gpa, &mut buf[..n])
+                    .map_err(std::io::Error::other)?;
+                n
+            }
+            None => {
+                let next = ranges
+                    .iter()
+                    .map(|r| r.0)
+                    .filter(|b| *b > gpa)
+                    .min()
+                    .unwrap_or(end);
+                let n = want.min(next - gpa) as usize;
+                buf[..n].fill(0);
+                n
+            }
+        };
+        out.write_all(&buf[..n])?;
+        gpa += n as u64;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+/// The thread id of vCPU `index` (its thread is named `vcpu<index>`), or the
+/// process id while no guest exists (before an incoming stream is loaded).
+pub fn vcpu_thread_id(index: u32) -> i64 {
+    let want = format!("vcpu{index}");
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() == want {
+                if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    return tid;
+                }
+            }
+        }
+    }
+    i64::from(std::process::id())
+}
+
+/// Rewrites `/dev/fdset/N` chardev paths to the fd of set N (as
+/// `/proc/self/fd/M`, which opens that fd's file or pipe).
+pub fn resolve_fdset_path(path: &str, fd_of_set: impl Fn(u64) -> Option<i32>) -> Option<String> {
+    let Some(n) = path.strip_prefix("/dev/fdset/") else {
+        return Some(path.to_string());
+    };
+    let set: u64 = n.parse().ok()?;
+    fd_of_set(set).map(|fd| format!("/proc/self/fd/{fd}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fdset_paths() {
+        let look = |s| (s == 0).then_some(31);
+        assert_eq!(
+            resolve_fdset_path("/dev/fdset/0", look).as_deref(),
+            Some("/proc/self/fd/31")
+        );
+        assert_eq!(resolve_fdset_path("/dev/fdset/1", look), None);
+        assert_eq!(
+            resolve_fdset_path("/var/log/x", look).as_deref(),
+            Some("/var/log/x")
+        );
+    }
+}
