@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use ferry_tests::migrate::{qemu_binary, run_ferry, run_qemu, RunConfig, RunResult};
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth MiB/s] [--no-qemu] [--downtime-limit MS]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth MiB/s] [--no-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
 
 #[derive(Default)]
 struct Series {
@@ -80,6 +80,7 @@ fn main() -> ExitCode {
     let mut qemu = true;
     let mut bw = 0u64;
     let mut limit = 300u64;
+    let mut checkpoint = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_default();
@@ -90,11 +91,15 @@ fn main() -> ExitCode {
             "--max-bandwidth" => bw = val().parse::<u64>().unwrap_or(0) << 20,
             "--downtime-limit" => limit = val().parse().unwrap_or(300),
             "--no-qemu" => qemu = false,
+            "--checkpoint" => checkpoint = true,
             _ => {
                 eprintln!("{USAGE}");
                 return ExitCode::from(2);
             }
         }
+    }
+    if checkpoint {
+        return checkpoint_bench(repeats);
     }
     let qemu = qemu && qemu_binary().is_some();
     println!(
@@ -188,4 +193,61 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Checkpoint size against touched memory, and save/restore throughput, for a 1 GiB
+/// guest with several amounts of touched RAM.
+fn checkpoint_bench(repeats: usize) -> ExitCode {
+    use ferry_tests::{Scratch, VmProcess};
+    use std::time::{Duration, Instant};
+    println!("ferry-bench --checkpoint: 1 GiB dirtier, checkpoint to a file on this disk, restore in a new process");
+    println!(
+        "{:<20} {:>12} {:>14} {:>14} {:>16} {:>16}",
+        "guest", "touched MiB", "ckpt MiB", "save ms", "save GB/s", "restore ms (GB/s)"
+    );
+    for append in ["ws=0", "ws=64M", "ws=256M", "ws=64M fill=1"] {
+        for _ in 0..repeats {
+            let s = Scratch::new();
+            let dirtier = s.dirtier.display().to_string();
+            let vm = VmProcess::start(
+                &s,
+                "src",
+                &["run", "--kernel", &dirtier, "-m", "1G", "--append", append],
+            );
+            vm.wait_serial("dirtier: ready", Duration::from_secs(60));
+            // Let the working set and the fill be written once.
+            std::thread::sleep(Duration::from_secs(if append.contains("fill") {
+                8
+            } else {
+                3
+            }));
+            vm.ok("pause");
+            let ckpt = s.path("bench.ckpt");
+            let r = vm.ok(&format!("checkpoint {}", ckpt.display()));
+            vm.quit();
+            let bytes = r["bytes"].as_f64().unwrap_or(0.0);
+            let secs = r["seconds"].as_f64().unwrap_or(f64::NAN);
+            let touched = r["ram_pages"].as_f64().unwrap_or(0.0) * 4096.0;
+            let t = Instant::now();
+            let dst = VmProcess::start(
+                &s,
+                "dst",
+                &["restore", ckpt.to_str().unwrap_or_default(), "--paused"],
+            );
+            dst.ok("status");
+            let restore = t.elapsed().as_secs_f64();
+            dst.quit();
+            println!(
+                "{:<20} {:>12.1} {:>14.1} {:>14.0} {:>16.2} {:>10.0} ({:.2})",
+                append,
+                touched / 1048576.0,
+                bytes / 1048576.0,
+                secs * 1e3,
+                bytes / secs / 1e9,
+                restore * 1e3,
+                bytes / restore / 1e9
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
