@@ -214,3 +214,27 @@ fn unbootable_kernel_is_refused() {
     assert!(stderr.contains("junk.bin"), "{stderr}");
     assert!(stderr.contains("bzImage"), "{stderr}");
 }
+
+/// Guest poweroff and reset end the VM cleanly with their documented exit status.
+#[test]
+fn guest_poweroff_and_reset_exit_codes() {
+    require_kvm();
+    let s = Scratch::new();
+    let dirtier = s.dirtier.display().to_string();
+    for (append, code, what) in [
+        ("ws=4M poweroff=3", 0, "powered off"),
+        ("ws=4M reset=2", 3, "guest reset"),
+    ] {
+        let out = Command::new(bin("ferry-vm"))
+            .args([
+                "run", "--serial", "null", "-m", "64M", "--kernel", &dirtier, "--append", append,
+            ])
+            .output()
+            .expect("run ferry-vm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{append}: {stderr}");
+        if code != 0 {
+            assert!(stderr.contains(what), "{append}: {stderr}");
+        }
+    }
+}

@@ -378,9 +378,27 @@ page_loop:
         jb page_loop
 
         movq %r10, HDR_PASSES
-        incq %r10
+        cmpq exit_after(%rip), %r10
+        jne 5f
+        call guest_exit
+5:      incq %r10
         call pause_wait
         jmp pass_loop
+
+/* guest_exit: after `poweroff=N` or `reset=N` passes, power off through the ACPI PM1a
+   control port (SLP_EN) or reset through port 0xcf9; never returns. */
+guest_exit:
+        cmpq $0, exit_reset(%rip)
+        jne 1f
+        movw $0x604, %dx
+        movw $0x2000, %ax
+        outw %ax, %dx
+        jmp 2f
+1:      movw $0xcf9, %dx
+        movb $0x06, %al
+        outb %al, %dx
+2:      pause
+        jmp 2b
 
 idle:
         call hb_poll
@@ -604,6 +622,20 @@ key:
         call parse_u64
         movq %rax, hb_ms(%rip)
         jmp skip
+1:      leaq key_poweroff(%rip), %rdi
+        call match_key
+        jne 1f
+        call parse_u64
+        movq %rax, exit_after(%rip)
+        movq $0, exit_reset(%rip)
+        jmp skip
+1:      leaq key_reset(%rip), %rdi
+        call match_key
+        jne 1f
+        call parse_u64
+        movq %rax, exit_after(%rip)
+        movq $1, exit_reset(%rip)
+        jmp skip
 1:      leaq key_fill(%rip), %rdi
         call match_key
         jne skip
@@ -767,6 +799,8 @@ key_pattern_seq:        .asciz "pattern=seq"
 key_pause:              .asciz "pause="
 key_hb:                 .asciz "hb="
 key_fill:               .asciz "fill="
+key_poweroff:           .asciz "poweroff="
+key_reset:              .asciz "reset="
 
         .section .data
         .balign 16
@@ -795,10 +829,16 @@ idt_ptr:
 tss:
         .fill 102, 1, 0
         .word tss_iobitmap - tss
-        /* I/O bitmap: COM1 (0x3f8-0x3ff) open to ring 3 even without IOPL. */
+        /* I/O bitmap: the ports ring 3 may use even without IOPL: COM1 (0x3f8-0x3ff),
+           the ACPI PM1a control word (0x604-0x605, poweroff) and the reset control
+           register (0xcf9). */
 tss_iobitmap:
-        .fill 0x3f8 / 8, 1, 0xff
-        .byte 0
+        .fill 0x3f8 / 8, 1, 0xff            # 0x000-0x3f7
+        .byte 0                             # 0x3f8-0x3ff
+        .fill (0x600 - 0x400) / 8, 1, 0xff  # 0x400-0x5ff
+        .byte 0xcf                          # 0x600-0x607: 0x604, 0x605 open
+        .fill (0xcf8 - 0x608) / 8, 1, 0xff  # 0x608-0xcf7
+        .byte 0xfd                          # 0xcf8-0xcff: 0xcf9 open
         .byte 0xff                          # required terminator byte
 tss_end:
 
@@ -810,6 +850,8 @@ random:         .quad 0
 pause_ms:       .quad 0
 hb_ms:          .quad 1
 fill:           .quad 0
+exit_after:     .quad 0
+exit_reset:     .quad 0
 ws_pages:       .quad 0
 stride:         .quad 1
 tsc_khz:        .quad 0

@@ -20,6 +20,8 @@
 //! | `pattern=seq\|random` | sweep order: sequential, or a constant stride coprime with N, starting near 0.618 N | `seq` |
 //! | `pause=<ms>` | busy-wait after each pass | `0` |
 //! | `hb=<ms>` | heartbeat period: a `.` on COM1 at most this often (`0` = none) | `1` |
+//! | `poweroff=<n>` | power off (ACPI PM1a SLP_EN, port 0x604) after pass n | never |
+//! | `reset=<n>` | reset (port 0xcf9) after pass n | never |
 //! | `fill=0\|1` | once at boot, write the fill signature into every other usable page | `0` |
 //!
 //! Serial output (COM1): `dirtier: ws=<pages> stride=<s> fill=<0|1>`, then
