@@ -1,0 +1,5 @@
+//! `ferry`: see `ferry --help`.
+
+fn main() {
+    std::process::exit(ferry_driver::run(std::env::args().collect()));
+}
