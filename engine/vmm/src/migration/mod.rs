@@ -157,6 +157,16 @@ impl MigrationControl {
         }
     }
 
+    /// Readies the control for a new migration: a cancel or a switch-over go-ahead
+    /// given to an earlier one must not leak into it.
+    pub(crate) fn reset(&self) {
+        self.cancel.store(false, Ordering::Release);
+        if let Ok(mut go) = self.switchover.0.lock() {
+            *go = false;
+        }
+        self.update_stats(|s| *s = MigrationStats::default());
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
     }

@@ -20,6 +20,8 @@ use crate::vm::Vm;
 /// it loaded the VM.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Shortest pre-copy pass.
+const MIN_PASS: Duration = Duration::from_millis(5);
 /// Pages per RAM section on the wire.
 const BATCH_PAGES: u32 = 2048;
 
@@ -258,7 +260,7 @@ pub fn migrate(
 ) -> Result<MigrationOutcome, MigrationError> {
     let was_running = vm.is_running();
     let start = Instant::now();
-    ctl.update_stats(|s| *s = MigrationStats::default());
+    ctl.reset();
     ctl.emit(MigrationEvent::Status(MigrationStatus::Setup));
     let breaker = channel.breaker().ok();
     let replies = spawn_return_path(&mut channel);
@@ -375,7 +377,12 @@ fn run(
     loop {
         pass += 1;
         let params = ctl.params();
-        sender.cap = params.max_bandwidth;
+        if sender.cap != params.max_bandwidth {
+            // A new cap applies from now on, not to what was sent under the old one.
+            sender.cap = params.max_bandwidth;
+            sender.window_start = Instant::now();
+            sender.window_bytes = 0;
+        }
         let pass_start = Instant::now();
         let bytes_before = sender.out.bytes_written();
         let first = pass == 1;
@@ -387,6 +394,11 @@ fn run(
             sender.send(&ram, gpa, first)
         })?;
         sender.flush()?;
+        // A pass with almost nothing to send still lets the guest run a little, so a
+        // limit that cannot be met does not spin on empty passes.
+        if let Some(rest) = MIN_PASS.checked_sub(pass_start.elapsed()) {
+            std::thread::sleep(rest);
+        }
         let elapsed = pass_start.elapsed();
         let sent = sender.out.bytes_written() - bytes_before;
 
@@ -466,12 +478,9 @@ fn run(
             return Err(MigrationError::Cancelled);
         }
     }
+    // Downtime counts from the pause, as QEMU counts it, also while a
+    // pause-before-switchover waits for the go-ahead.
     ctl.emit(MigrationEvent::Status(MigrationStatus::Device));
-    let down_start = if params.pause_before_switchover {
-        Instant::now()
-    } else {
-        down_start
-    };
     let mut rest = prev_sync;
     rest.merge(&ram.get_dirty_log(vm.vm_fd())?);
     let rest_pages = rest.count();
