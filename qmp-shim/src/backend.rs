@@ -148,6 +148,11 @@ pub struct MigrationRamStats {
     pub page_size: u64,
     pub mbps: f64,
     pub dirty_pages_rate: u64,
+    pub pages_per_second: u64,
+    /// Bytes sent while the guest ran (pre-copy passes).
+    pub precopy_bytes: u64,
+    /// Bytes sent while the guest was stopped (switch-over).
+    pub downtime_bytes: u64,
 }
 
 /// `query-migrate`.
@@ -161,6 +166,8 @@ pub struct MigrationInfo {
     pub downtime_ms: Option<u64>,
     pub expected_downtime_ms: Option<u64>,
     pub error_desc: Option<String>,
+    /// Percent of vCPU time taken away to make a live migration converge.
+    pub cpu_throttle_percentage: Option<u64>,
     /// Why the VM cannot migrate now (libvirt refuses in Begin if set).
     pub blocked_reasons: Vec<String>,
 }

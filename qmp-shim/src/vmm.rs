@@ -15,19 +15,27 @@
 //!   reset → RESET and a fresh boot (SHUTDOWN with `-no-reboot`), KVM failure →
 //!   `internal-error` + STOP.
 //!
-//! Live migration (a running guest, `tcp:`/`unix:`) is refused until the
-//! engine's pre-copy is wired in here.
+//! * Live migration (a running guest, or any guest to `tcp:`, `unix:` or a
+//!   socket `fd:`): the engine's pre-copy on a thread that owns the guest
+//!   meanwhile; see [`live`]. The destination reads every stream with
+//!   `ferry_vmm::migration::receive`, answering on the return path when the
+//!   stream is a socket.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_kvm::Backing;
-use ferry_vmm::checkpoint::{self, RestoreOptions};
+use ferry_vmm::checkpoint;
 use ferry_vmm::devices::serial::SinkSpec;
+use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
+use ferry_vmm::migration::{
+    self, Channel, IncomingOptions, Listener, MigrationUri, TransportError,
+};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
 use serde_json::json;
 
@@ -36,9 +44,7 @@ use crate::backend::*;
 use crate::qmp::events::EventSink;
 use crate::serial::SerialTee;
 
-/// Text of every refusal of a live migration.
-pub const LIVE_MIGRATION_NOT_WIRED: &str = "live migration is not wired yet in ferry-qemu: \
-     stop the guest first to save it to fd:, file: or exec:";
+mod live;
 
 /// How long events get to reach the monitors before the process exits.
 const EVENT_FLUSH: Duration = Duration::from_millis(100);
@@ -61,6 +67,21 @@ struct Inner {
     autostart: bool,
     /// An incoming stream is being read.
     incoming_started: bool,
+    /// A live migration owns the guest (`guest` is `None` meanwhile).
+    migrating: bool,
+}
+
+impl Inner {
+    /// Refuses `operation` while a live migration owns the guest.
+    fn not_migrating(&self, operation: &'static str) -> Result<(), BackendError> {
+        if self.migrating {
+            return Err(BackendError::Migration(format!(
+                "{operation} is not possible while a live migration runs: \
+                 wait for it or cancel it (migrate_cancel)"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -68,6 +89,8 @@ struct Shared {
     inner: Mutex<Inner>,
     /// Apart from `inner` so `query-migrate` answers while a save runs.
     migration: Mutex<MigrationInfo>,
+    /// The live migration in flight, or the last one.
+    outgoing: Mutex<Option<live::Outgoing>>,
     events: EventSink,
 }
 
@@ -108,8 +131,10 @@ impl FerryBackend {
                     serial: None,
                     autostart: false,
                     incoming_started: false,
+                    migrating: false,
                 }),
                 migration: Mutex::new(MigrationInfo::default()),
+                outgoing: Mutex::new(None),
                 events,
             }),
         }
@@ -193,9 +218,9 @@ fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError>
                 child: Some(child),
             })
         }
-        MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => {
-            Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()))
-        }
+        MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => Err(BackendError::Migration(
+            "a checkpoint goes to fd:, file: or exec:".into(),
+        )),
     }
 }
 
@@ -222,21 +247,50 @@ fn write_checkpoint(
     result
 }
 
-fn open_incoming(source: MigrationTarget) -> Result<File, BackendError> {
+/// Where an incoming stream comes from.
+#[derive(Debug)]
+enum IncomingSource {
+    /// A file or a pipe: read to the end, nobody to answer.
+    Stream(File),
+    /// A connected socket (`fd:` from getfd or inherited): the source reads
+    /// our answers on it.
+    Socket(Channel),
+    /// A bound `tcp:`/`unix:` endpoint the source connects to.
+    Listen(Listener),
+}
+
+fn open_incoming(source: MigrationTarget) -> Result<IncomingSource, BackendError> {
+    let transport = |e: TransportError| BackendError::Migration(e.to_string());
     match source {
-        MigrationTarget::Fd(fd) => Ok(File::from(fd)),
-        MigrationTarget::File(p) => {
-            File::open(&p).map_err(|e| BackendError::Migration(format!("{}: {e}", p.display())))
+        MigrationTarget::Fd(fd) => {
+            if live::is_socket(&fd) {
+                let uri = MigrationUri::Fd(fd.as_raw_fd());
+                Ok(IncomingSource::Socket(
+                    Channel::from_owned_fd(fd, &uri).map_err(transport)?,
+                ))
+            } else {
+                Ok(IncomingSource::Stream(File::from(fd)))
+            }
         }
-        MigrationTarget::Exec(_) | MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => {
-            Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()))
-        }
+        MigrationTarget::File(p) => File::open(&p)
+            .map(IncomingSource::Stream)
+            .map_err(|e| BackendError::Migration(format!("{}: {e}", p.display()))),
+        MigrationTarget::Tcp(a) => Listener::bind(&live::tcp_uri(&a)?)
+            .map(IncomingSource::Listen)
+            .map_err(transport),
+        MigrationTarget::Unix(p) => Listener::bind(&MigrationUri::Unix(p))
+            .map(IncomingSource::Listen)
+            .map_err(transport),
+        MigrationTarget::Exec(c) => Err(BackendError::Migration(format!(
+            "exec:{c}: ferry-qemu reads incoming migrations from tcp:, unix:, fd: or file:"
+        ))),
     }
 }
 
 impl FerryBackend {
-    /// Reads a saved guest from `file` on a thread; see the module docs.
-    fn start_incoming(&self, file: File) -> Result<(), BackendError> {
+    /// Reads a guest (a checkpoint or a live migration stream) on a thread;
+    /// see the module docs.
+    fn start_incoming(&self, source: IncomingSource) -> Result<(), BackendError> {
         let opts = {
             let mut inner = self.shared.lock()?;
             if inner.incoming_started || inner.guest.is_some() {
@@ -246,27 +300,54 @@ impl FerryBackend {
             }
             inner.incoming_started = true;
             inner.state = RunState::InMigrate;
-            RestoreOptions {
+            IncomingOptions {
                 backing: Backing::Anonymous,
                 serial: sink(&inner),
                 expect_mem_bytes: inner.config.as_ref().map(|c| c.mem_bytes),
+                // Started below, under the lock, if `cont` came meanwhile.
+                autostart: false,
             }
         };
-        // A pipe (libvirt's iohelper) is drained to EOF after the stream, so
-        // the writer never blocks or sees EPIPE; a regular file needs nothing.
-        let drain = file
-            .metadata()
-            .ok()
-            .filter(|m| !m.is_file())
-            .and_then(|_| file.try_clone().ok());
         self.shared.migration_status(MigrationStatus::Setup);
         let shared = Arc::clone(&self.shared);
         std::thread::Builder::new()
             .name("incoming".into())
             .spawn(move || {
+                let fail = |e: String| -> ! {
+                    eprintln!("ferry-qemu: load of migration failed: {e}");
+                    shared.set_migration(|m| m.error_desc = Some(e));
+                    shared.migration_status(MigrationStatus::Failed);
+                    exit_after_events(1);
+                };
+                let channel = match source {
+                    IncomingSource::Listen(l) => match l.accept() {
+                        Ok(ch) => IncomingSource::Socket(ch),
+                        Err(e) => fail(e.to_string()),
+                    },
+                    other => other,
+                };
                 let start = Instant::now();
                 shared.migration_status(MigrationStatus::Active);
-                let result = checkpoint::restore(file, &opts);
+                // A pipe (libvirt's iohelper) is drained to EOF after the
+                // stream, so the writer never blocks or sees EPIPE.
+                let mut drain = None;
+                let (reader, writer): (Box<dyn ReadHalf>, Option<Box<dyn WriteHalf>>) =
+                    match channel {
+                        IncomingSource::Stream(file) => {
+                            drain = file
+                                .metadata()
+                                .ok()
+                                .filter(|m| !m.is_file())
+                                .and_then(|_| file.try_clone().ok());
+                            (Box::new(file), None)
+                        }
+                        IncomingSource::Socket(ch) => {
+                            let writer = ch.has_return_path.then_some(ch.writer);
+                            (ch.reader, writer)
+                        }
+                        IncomingSource::Listen(_) => fail("no connection".into()),
+                    };
+                let result = migration::receive(reader, writer, &opts);
                 if let Some(mut d) = drain {
                     let _ = std::thread::Builder::new()
                         .name("incoming-drain".into())
@@ -274,12 +355,7 @@ impl FerryBackend {
                 }
                 let guest = match result {
                     Ok(g) => g,
-                    Err(e) => {
-                        eprintln!("ferry-qemu: load of migration failed: {e}");
-                        shared.set_migration(|m| m.error_desc = Some(e.to_string()));
-                        shared.migration_status(MigrationStatus::Failed);
-                        exit_after_events(1);
-                    }
+                    Err(e) => fail(e.to_string()),
                 };
                 let total = start.elapsed().as_millis() as u64;
                 shared.set_migration(|m| {
@@ -318,14 +394,13 @@ impl FerryBackend {
                 });
             }
             if inner.state == RunState::Running {
-                return Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()));
+                return Err(BackendError::Migration(
+                    "a checkpoint is taken of a stopped guest: stop it first".into(),
+                ));
             }
         }
         if let Ok(m) = self.shared.migration.lock() {
-            if matches!(
-                m.status,
-                Some(MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Device)
-            ) {
+            if live::in_progress(m.status) {
                 return Err(BackendError::Migration(
                     "There's a migration process in progress".into(),
                 ));
@@ -369,6 +444,9 @@ impl FerryBackend {
                                 page_size: 4096,
                                 mbps: stats.bytes as f64 * 8.0 / secs / 1e6,
                                 dirty_pages_rate: 0,
+                                pages_per_second: (stats.ram_pages as f64 / secs) as u64,
+                                precopy_bytes: 0,
+                                downtime_bytes: stats.bytes,
                             });
                         });
                         shared.migration_status(MigrationStatus::Completed);
@@ -501,19 +579,26 @@ impl Backend for FerryBackend {
             Some(Incoming::Fd(n)) => {
                 let fd = crate::fd::adopt_inherited(*n)
                     .map_err(|e| BackendError::Migration(format!("-incoming fd:{n}: {e}")))?;
-                self.start_incoming(File::from(fd))
+                self.start_incoming(open_incoming(MigrationTarget::Fd(fd))?)
             }
             Some(Incoming::File(p)) => {
                 self.start_incoming(open_incoming(MigrationTarget::File(p.clone()))?)
             }
-            Some(Incoming::Tcp(_) | Incoming::Unix(_) | Incoming::Exec(_)) => {
-                Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()))
+            Some(Incoming::Tcp(a)) => {
+                self.start_incoming(open_incoming(MigrationTarget::Tcp(a.clone()))?)
+            }
+            Some(Incoming::Unix(p)) => {
+                self.start_incoming(open_incoming(MigrationTarget::Unix(p.clone()))?)
+            }
+            Some(Incoming::Exec(c)) => {
+                self.start_incoming(open_incoming(MigrationTarget::Exec(c.clone()))?)
             }
         }
     }
 
     fn cont(&mut self) -> Result<(), BackendError> {
         let mut inner = self.shared.lock()?;
+        inner.not_migrating("cont")?;
         match inner.state {
             RunState::InMigrate => {
                 inner.autostart = true;
@@ -539,6 +624,7 @@ impl Backend for FerryBackend {
 
     fn stop(&mut self) -> Result<(), BackendError> {
         let mut inner = self.shared.lock()?;
+        inner.not_migrating("stop")?;
         match inner.state {
             RunState::InMigrate => {
                 inner.autostart = false;
@@ -576,6 +662,7 @@ impl Backend for FerryBackend {
 
     fn system_reset(&mut self) -> Result<(), BackendError> {
         let mut inner = self.shared.lock()?;
+        inner.not_migrating("system_reset")?;
         if inner.guest.is_none() {
             return Err(BackendError::BadState {
                 operation: "system_reset",
@@ -603,6 +690,7 @@ impl Backend for FerryBackend {
 
     fn pmemsave(&mut self, addr: u64, size: u64, path: &Path) -> Result<(), BackendError> {
         let inner = self.shared.lock()?;
+        inner.not_migrating("pmemsave")?;
         let guest = inner.guest.as_ref().ok_or(BackendError::BadState {
             operation: "pmemsave",
             state: state_name(inner.state),
@@ -614,10 +702,22 @@ impl Backend for FerryBackend {
     fn migrate(
         &mut self,
         target: MigrationTarget,
-        _params: &MigrationParameters,
-        _caps: &MigrationCapabilities,
+        params: &MigrationParameters,
+        caps: &MigrationCapabilities,
     ) -> Result<(), BackendError> {
-        self.start_save(target)
+        // A stopped guest into a file or pipe is a checkpoint; anything else
+        // (a running guest, or a peer that answers) is a live migration.
+        let running = self.shared.lock()?.state == RunState::Running;
+        let to_peer = match &target {
+            MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => true,
+            MigrationTarget::Fd(fd) => live::is_socket(fd),
+            MigrationTarget::File(_) | MigrationTarget::Exec(_) => false,
+        };
+        if running || to_peer {
+            self.start_live(target, params, caps)
+        } else {
+            self.start_save(target)
+        }
     }
 
     fn migrate_incoming(
@@ -630,29 +730,35 @@ impl Backend for FerryBackend {
                 "The incoming migration has already been started or completed".into(),
             ));
         }
-        let file = open_incoming(source)?;
-        self.start_incoming(file)
+        self.start_incoming(open_incoming(source)?)
     }
 
     fn migrate_cancel(&mut self) -> Result<(), BackendError> {
-        // A save runs to its end (it is bounded by guest RAM); nothing to cancel.
+        // A save runs to its end (it is bounded by guest RAM); only a live
+        // migration is cancelled.
+        self.cancel_live();
         Ok(())
     }
 
-    fn migrate_continue(&mut self, _state: MigrationStatus) -> Result<(), BackendError> {
-        Err(BackendError::Migration(LIVE_MIGRATION_NOT_WIRED.into()))
+    fn migrate_continue(&mut self, state: MigrationStatus) -> Result<(), BackendError> {
+        self.continue_live(state)
     }
 
     fn query_migrate(&self) -> MigrationInfo {
-        self.shared
+        let mut info = self
+            .shared
             .migration
             .lock()
             .map(|m| m.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        live::fill_info(&self.shared, &mut info);
+        info
     }
 
-    fn set_migrate_parameters(&mut self, _: &MigrationParameters) -> Result<(), BackendError> {
-        // A save writes as fast as it can; nothing else uses them yet.
+    fn set_migrate_parameters(&mut self, params: &MigrationParameters) -> Result<(), BackendError> {
+        // A save writes as fast as it can; a live migration takes them at
+        // its next pass.
+        live::set_params(&self.shared, params);
         Ok(())
     }
 

@@ -425,19 +425,6 @@ fn qemu_cli_run_save_restore_keeps_the_guest() {
     q.wait_event("MIGRATION", Some("completed"));
     assert_eq!(q.ok("query-migrate", json!({}))["status"], "completed");
     assert_eq!(q.status(), "postmigrate");
-    // A running guest is not saved: that would be a live migration.
-    q.ok("cont", json!({}));
-    let live = q.cmd_with_fd(
-        "migrate",
-        json!({"uri": format!("file:{}", d.join("x").display())}),
-        None,
-    );
-    assert!(
-        live["error"]["desc"]
-            .as_str()
-            .is_some_and(|e| e.contains("live migration is not wired yet")),
-        "{live}"
-    );
     q.ok("quit", json!({}));
     drop(a);
 
@@ -570,4 +557,545 @@ fn libvirt_runs_a_ferry_qemu_domain() {
         r#""execute":"migrate","arguments":{"detach":true,"resume":false,"uri":"fd:migrate"}"#
     ));
     assert!(libvirtd.contains(r#""execute":"migrate-incoming""#));
+}
+
+/// A TCP port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Waits until `query-status` says `want`.
+fn wait_status(q: &mut Qmp, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = q.status();
+        if s == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "status stays {s}, not {want}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `status` of every MIGRATION event kept so far, in order.
+fn migration_statuses(q: &Qmp) -> Vec<String> {
+    q.events
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .filter_map(|e| e["data"]["status"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Boots the dirtier in a fresh ferry-qemu and lets it run until its working
+/// set and fill are in place.
+fn running_source(d: &Path, tag: &str, kernel: &Path) -> (Qemu, Qmp) {
+    let a = spawn_guest(d, tag, kernel, &[]);
+    let mut q = Qmp::connect(&a.qmp);
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    q.ok("cont", json!({}));
+    q.wait_event("RESUME", None);
+    wait_for_serial(&d.join(format!("{tag}.serial")), "dirtier: ready");
+    (a, q)
+}
+
+/// Polls `query-migrate` on the source until the migration ends; checks the
+/// QEMU shape on the way and returns the last reply.
+fn poll_until_done(q: &mut Qmp) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut saw_active = false;
+    loop {
+        let info = q.ok("query-migrate", json!({}));
+        assert!(
+            info.get("blocked-reasons")
+                .is_none_or(|b| b.as_array().is_some_and(Vec::is_empty)),
+            "{info}"
+        );
+        match info["status"].as_str().expect("status") {
+            "completed" | "failed" | "cancelled" => {
+                assert!(saw_active || info["status"] != "completed", "{info}");
+                return info;
+            }
+            "active" => {
+                saw_active = true;
+                assert_eq!(info["ram"]["total"], json!(MEM), "{info}");
+                assert_eq!(info["ram"]["page-size"], json!(4096), "{info}");
+                for k in ["total-time", "setup-time", "expected-downtime"] {
+                    assert!(info[k].is_u64(), "{k} in {info}");
+                }
+            }
+            "setup" | "pre-switchover" | "device" | "cancelling" => {}
+            other => panic!("unexpected status {other}: {info}"),
+        }
+        assert!(Instant::now() < deadline, "migration never ended: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The QEMU shape of a completed outgoing migration's `query-migrate`.
+fn check_completed(info: &Value) {
+    assert_eq!(info["status"], "completed", "{info}");
+    for k in [
+        "total-time",
+        "setup-time",
+        "downtime",
+        "cpu-throttle-percentage",
+    ] {
+        assert!(info[k].is_u64(), "{k} in {info}");
+    }
+    let ram = &info["ram"];
+    for k in [
+        "transferred",
+        "remaining",
+        "total",
+        "duplicate",
+        "skipped",
+        "normal",
+        "normal-bytes",
+        "dirty-pages-rate",
+        "dirty-sync-count",
+        "page-size",
+        "pages-per-second",
+        "precopy-bytes",
+        "downtime-bytes",
+        "postcopy-bytes",
+        "multifd-bytes",
+        "postcopy-requests",
+    ] {
+        assert!(ram[k].is_u64(), "ram.{k} in {info}");
+    }
+    assert!(ram["mbps"].is_number(), "{info}");
+    assert_eq!(ram["remaining"], 0, "{info}");
+    assert_eq!(ram["total"], json!(MEM), "{info}");
+    // The fill alone is 64 MiB of non-zero pages.
+    assert!(ram["normal-bytes"].as_u64() > Some(32 << 20), "{info}");
+    assert!(
+        ram["transferred"].as_u64()
+            == Some(
+                ram["precopy-bytes"].as_u64().unwrap_or(0)
+                    + ram["downtime-bytes"].as_u64().unwrap_or(0)
+            ),
+        "{info}"
+    );
+    assert!(
+        info["downtime"].as_u64() <= info["total-time"].as_u64(),
+        "{info}"
+    );
+}
+
+/// Both dumps pass the oracle and are the same bytes (the source stays
+/// stopped in `postmigrate`, the destination stopped by `-S`).
+fn same_memory(src: &mut Qmp, dst: &mut Qmp, dir: &Path, tag: &str) -> OracleReport {
+    let (a, b) = (
+        dir.join(format!("{tag}-src.raw")),
+        dir.join(format!("{tag}-dst.raw")),
+    );
+    let ra = src.oracle(&a);
+    let rb = dst.oracle(&b);
+    assert_eq!((ra.passes, ra.cursor), (rb.passes, rb.cursor));
+    assert!(
+        std::fs::read(&a).expect("src dump") == std::fs::read(&b).expect("dst dump"),
+        "guest RAM differs between source and destination"
+    );
+    rb
+}
+
+/// Live migration between two ferry-qemu processes driven over QMP by hand:
+/// A → B over TCP (`-incoming defer` + `migrate-incoming`), then B → C over a
+/// unix socket (`-incoming unix:` on the command line); `query-migrate` is
+/// polled to `completed`, events come in QEMU's order, the destination stays
+/// paused under `-S` until `cont`, and the memory oracle passes on both sides.
+#[test]
+fn live_migration_tcp_then_unix_keeps_the_running_guest() {
+    let name = "live_migration_tcp_then_unix_keeps_the_running_guest";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+
+    let (_a, mut qa) = running_source(d, "a", &kernel);
+    assert_eq!(qa.ok("query-migrate", json!({})), json!({}));
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    assert_eq!(qb.status(), "inmigrate");
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qb.ok("migrate-incoming", json!({"uri": uri}));
+    // Listening when the command returns, as libvirt expects.
+    qb.wait_event("MIGRATION", Some("setup"));
+
+    qa.ok("migrate", json!({"uri": uri}));
+    // `setup` reaches the client before the reply (libvirt looks right after).
+    assert_eq!(migration_statuses(&qa), ["setup"]);
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    qa.wait_event("MIGRATION", Some("completed"));
+    // (wait_event took `completed` out of the list.)
+    assert_eq!(migration_statuses(&qa), ["setup", "active", "device"]);
+    let stop = qa.events.iter().position(|e| e["event"] == "STOP");
+    let device = qa
+        .events
+        .iter()
+        .position(|e| e["data"]["status"] == "device");
+    assert!(
+        stop.is_some() && stop < device,
+        "STOP before device: {:?}",
+        qa.events
+    );
+    assert!(qa
+        .events
+        .iter()
+        .any(|e| e["event"] == "MIGRATION_PASS" && e["data"]["pass"] == 1));
+    assert_eq!(qa.status(), "postmigrate");
+    eprintln!(
+        "tcp: total-time {} ms, downtime {} ms, setup-time {} ms, {} MB, {} passes",
+        info["total-time"],
+        info["downtime"],
+        info["setup-time"],
+        info["ram"]["transferred"].as_u64().unwrap_or(0) >> 20,
+        info["ram"]["dirty-sync-count"]
+    );
+
+    qb.wait_event("MIGRATION", Some("completed"));
+    assert_eq!(
+        qb.events
+            .iter()
+            .filter(|e| e["event"] == "MIGRATION")
+            .map(|e| e["data"]["status"].as_str().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        ["active"]
+    );
+    assert_eq!(qb.status(), "paused");
+    assert_eq!(qb.ok("query-migrate", json!({}))["status"], "completed");
+    let r1 = same_memory(&mut qa, &mut qb, d, "ab");
+    // The source is done: libvirt kills it.
+    drop(qa);
+    drop(_a);
+
+    // B runs on, then goes to C over a unix socket C listens on from startup.
+    qb.events.clear();
+    qb.ok("cont", json!({}));
+    qb.wait_event("RESUME", None);
+    let before = serial_len(&d.join("b.serial"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serial_len(&d.join("b.serial")) <= before + 20 {
+        assert!(Instant::now() < deadline, "B does not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sock = d.join("c.migrate");
+    let c = spawn_guest(
+        d,
+        "c",
+        &kernel,
+        &["-incoming", &format!("unix:{}", sock.display())],
+    );
+    let mut qc = Qmp::connect(&c.qmp);
+    assert_eq!(qc.status(), "inmigrate");
+    qb.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    let info = poll_until_done(&mut qb);
+    check_completed(&info);
+    eprintln!(
+        "unix: total-time {} ms, downtime {} ms, {} MB",
+        info["total-time"],
+        info["downtime"],
+        info["ram"]["transferred"].as_u64().unwrap_or(0) >> 20
+    );
+    wait_status(&mut qc, "paused");
+    let r2 = same_memory(&mut qb, &mut qc, d, "bc");
+    assert!(
+        (r2.passes, r2.cursor) > (r1.passes, r1.cursor),
+        "the guest did not go on between the migrations: {r1:?} then {r2:?}"
+    );
+    run_a_while(&mut qc, &d.join("c.serial"));
+    let r3 = qc.oracle(&d.join("c1.raw"));
+    assert!((r3.passes, r3.cursor) > (r2.passes, r2.cursor));
+}
+
+/// The QMP conversation of a libvirt 9.0 live migration (REPORT §5 of the
+/// libvirt lab), replayed by hand: destination `-incoming defer` +
+/// `migrate-incoming tcp:[::]:PORT`, source `getfd migrate` with a socket the
+/// "libvirtd" (this test) connected + `migrate fd:migrate`,
+/// pause-before-switchover answered by `migrate-continue`, then `cont` on the
+/// destination once it reports `completed`.
+#[test]
+fn libvirt_migration_conversation_replayed() {
+    let name = "libvirt_migration_conversation_replayed";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let (_a, mut src) = running_source(d, "a", &kernel);
+
+    // Prepare (destination): the start sequence, then the migration setup.
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut dst = Qmp::connect(&b.qmp);
+    let caps = dst.ok("query-migrate-capabilities", json!({}));
+    assert!(caps.as_array().is_some_and(|c| c
+        .iter()
+        .any(|c| c["capability"] == "pause-before-switchover")));
+    dst.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    for cmd in [
+        "query-chardev",
+        "query-hotpluggable-cpus",
+        "query-cpus-fast",
+        "query-iothreads",
+    ] {
+        dst.ok(cmd, json!({}));
+    }
+    let saved_params = dst.ok("query-migrate-parameters", json!({}));
+    dst.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "pause-before-switchover", "state": false},
+            {"capability": "late-block-activate", "state": true},
+            {"capability": "return-path", "state": true},
+        ]}),
+    );
+    dst.ok(
+        "migrate-set-parameters",
+        json!({"tls-creds": "", "tls-hostname": ""}),
+    );
+    let port = free_port();
+    let any = if Path::new("/proc/sys/net/ipv6").exists() {
+        "[::]"
+    } else {
+        "0.0.0.0"
+    };
+    dst.ok(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:{any}:{port}")}),
+    );
+    assert_eq!(migration_statuses(&dst), ["setup"]);
+
+    // Begin + Perform (source).
+    src.ok("query-block", json!({}));
+    assert_eq!(src.ok("query-migrate", json!({})), json!({}));
+    src.ok("query-migrate-parameters", json!({}));
+    src.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "pause-before-switchover", "state": true},
+            {"capability": "late-block-activate", "state": false},
+            {"capability": "return-path", "state": true},
+        ]}),
+    );
+    src.ok(
+        "migrate-set-parameters",
+        json!({"tls-creds": "", "tls-hostname": "", "max-bandwidth": 9_223_372_036_853_727_232u64}),
+    );
+    let sock = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to dst");
+    let r = src.cmd_with_fd(
+        "getfd",
+        json!({"fdname": "migrate"}),
+        Some(sock.as_raw_fd()),
+    );
+    assert_eq!(r["return"], json!({}), "{r}");
+    drop(sock);
+    src.ok(
+        "migrate",
+        json!({"detach": true, "resume": false, "uri": "fd:migrate"}),
+    );
+    assert_eq!(migration_statuses(&src), ["setup"]);
+    src.wait_event("MIGRATION", Some("active"));
+    src.wait_event("STOP", None);
+    src.wait_event("MIGRATION", Some("pre-switchover"));
+    assert_eq!(src.status(), "finish-migrate");
+    let info = src.ok("query-migrate", json!({}));
+    assert_eq!(info["status"], "pre-switchover", "{info}");
+    // Waits here until told: nothing completes on its own.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        src.ok("query-migrate", json!({}))["status"],
+        "pre-switchover"
+    );
+    let wrong = src.cmd_with_fd("migrate-continue", json!({"state": "active"}), None);
+    assert!(wrong["error"]["desc"]
+        .as_str()
+        .is_some_and(|e| e.contains("Migration not in expected state: pre-switchover")));
+    src.ok("migrate-continue", json!({"state": "pre-switchover"}));
+    src.wait_event("MIGRATION", Some("device"));
+    src.wait_event("MIGRATION", Some("completed"));
+    let info = src.ok("query-migrate", json!({}));
+    check_completed(&info);
+    assert!(src.events.iter().any(|e| e["event"] == "MIGRATION_PASS"));
+    eprintln!(
+        "libvirt replay: total-time {} ms, downtime {} ms (from migrate-continue)",
+        info["total-time"], info["downtime"]
+    );
+
+    // Finish (destination): completed, then libvirt's checks and `cont`.
+    dst.wait_event("MIGRATION", Some("completed"));
+    assert_eq!(dst.status(), "paused");
+    same_memory(&mut src, &mut dst, d, "replay");
+    // Confirm (source): libvirt kills it.
+    drop(src);
+    drop(_a);
+    dst.ok("query-chardev", json!({}));
+    dst.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    dst.ok("query-block", json!({}));
+    dst.ok("cont", json!({}));
+    dst.wait_event("RESUME", None);
+    dst.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "pause-before-switchover", "state": false},
+            {"capability": "late-block-activate", "state": false},
+            {"capability": "return-path", "state": false},
+        ]}),
+    );
+    dst.ok(
+        "migrate-set-parameters",
+        json!({
+            "max-bandwidth": saved_params["max-bandwidth"],
+            "downtime-limit": saved_params["downtime-limit"],
+            "tls-creds": "", "tls-hostname": "",
+        }),
+    );
+    assert_eq!(dst.status(), "running");
+    let before = serial_len(&d.join("b.serial"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serial_len(&d.join("b.serial")) <= before + 20 {
+        assert!(Instant::now() < deadline, "the destination does not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Cancel (while pages flow, and while waiting in pre-switchover) leaves the
+/// source running with status `cancelled`; `migrate-set-parameters` steers a
+/// migration in flight: a downtime limit of 0 never converges, a bandwidth
+/// cap shows in `mbps`, and raising the limit lets it complete.
+#[test]
+fn live_migration_cancel_and_parameters_in_flight() {
+    let name = "live_migration_cancel_and_parameters_in_flight";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let (_a, mut src) = running_source(d, "a", &kernel);
+    let serial = d.join("a.serial");
+
+    let destination = |tag: &str| -> (Qemu, Qmp, String) {
+        let port = free_port();
+        let uri = format!("tcp:127.0.0.1:{port}");
+        let q = spawn_guest(d, tag, &kernel, &["-incoming", &uri]);
+        let mut qmp = Qmp::connect(&q.qmp);
+        assert_eq!(qmp.status(), "inmigrate");
+        (q, qmp, uri)
+    };
+    let still_runs = |src: &mut Qmp| {
+        assert_eq!(src.status(), "running");
+        let before = serial_len(&serial);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while serial_len(&serial) <= before + 20 {
+            assert!(Instant::now() < deadline, "the source stopped running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // 1. Cancel while the first pass crawls at 8 MiB/s.
+    let (mut b, _qb, uri) = destination("b");
+    src.ok("migrate-set-parameters", json!({"max-bandwidth": 8 << 20}));
+    src.ok("migrate", json!({"uri": uri}));
+    src.wait_event("MIGRATION", Some("active"));
+    std::thread::sleep(Duration::from_millis(500));
+    let info = src.ok("query-migrate", json!({}));
+    assert_eq!(info["status"], "active", "{info}");
+    let sent = info["ram"]["transferred"].as_u64().unwrap_or(0);
+    assert!(sent < 16 << 20, "8 MiB/s cap ignored: {info}");
+    let busy = src.cmd_with_fd("migrate", json!({"uri": uri}), None);
+    assert!(busy["error"]["desc"]
+        .as_str()
+        .is_some_and(|e| e.contains("in progress")));
+    src.ok("migrate_cancel", json!({}));
+    src.wait_event("MIGRATION", Some("cancelling"));
+    src.wait_event("MIGRATION", Some("cancelled"));
+    let info = src.ok("query-migrate", json!({}));
+    assert_eq!(info["status"], "cancelled", "{info}");
+    assert!(!src.events.iter().any(|e| e["event"] == "STOP"));
+    still_runs(&mut src);
+    // The destination gives up, like QEMU's (libvirt kills it anyway).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = b.child.try_wait().expect("wait") {
+            break st.code();
+        }
+        assert!(Instant::now() < deadline, "the destination lingers");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(1));
+
+    // 2. Cancel while waiting in pre-switchover: the guest resumes.
+    let (_c, _qc, uri) = destination("c");
+    src.events.clear();
+    src.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    );
+    src.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    src.ok("migrate", json!({"uri": uri}));
+    src.wait_event("STOP", None);
+    src.wait_event("MIGRATION", Some("pre-switchover"));
+    src.ok("migrate_cancel", json!({}));
+    src.wait_event("RESUME", None);
+    src.wait_event("MIGRATION", Some("cancelled"));
+    assert_eq!(migration_statuses(&src), ["setup", "active", "cancelling"]);
+    still_runs(&mut src);
+
+    // 3. Parameters in flight: a downtime limit of 0 never converges; a
+    // generous limit set mid-migration lets it finish. (A new max-bandwidth
+    // is taken at the engine's next pass.)
+    let (_e, mut qe, uri) = destination("e");
+    src.events.clear();
+    src.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": false}]}),
+    );
+    src.ok("migrate-set-parameters", json!({"downtime-limit": 0}));
+    src.ok("migrate", json!({"uri": uri}));
+    for _ in 0..3 {
+        src.wait_event("MIGRATION_PASS", None);
+    }
+    let info = src.ok("query-migrate", json!({}));
+    assert_eq!(info["status"], "active", "{info}");
+    assert!(
+        info["ram"]["dirty-sync-count"].as_u64() >= Some(3),
+        "{info}"
+    );
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 30, "downtime-limit": 60_000}),
+    );
+    let info = poll_until_done(&mut src);
+    check_completed(&info);
+    eprintln!(
+        "in flight: total-time {} ms, downtime {} ms, {} passes, throttle {}%",
+        info["total-time"],
+        info["downtime"],
+        info["ram"]["dirty-sync-count"],
+        info["cpu-throttle-percentage"]
+    );
+    assert_eq!(src.status(), "postmigrate");
+    wait_status(&mut qe, "paused");
+    same_memory(&mut src, &mut qe, d, "inflight");
+    let _ = b.child.kill();
 }

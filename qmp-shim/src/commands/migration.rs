@@ -280,6 +280,9 @@ pub fn migration_info_json(info: &MigrationInfo) -> Value {
                 "duplicate": r.duplicate, "skipped": 0, "normal": r.normal,
                 "normal-bytes": r.normal_bytes, "dirty-pages-rate": r.dirty_pages_rate,
                 "mbps": r.mbps, "dirty-sync-count": r.dirty_sync_count, "page-size": r.page_size,
+                "pages-per-second": r.pages_per_second, "precopy-bytes": r.precopy_bytes,
+                "downtime-bytes": r.downtime_bytes, "postcopy-bytes": 0, "postcopy-requests": 0,
+                "multifd-bytes": 0, "dirty-sync-missed-zero-copy": 0,
             }),
         );
     }
@@ -288,6 +291,7 @@ pub fn migration_info_json(info: &MigrationInfo) -> Value {
         ("setup-time", info.setup_time_ms),
         ("downtime", info.downtime_ms),
         ("expected-downtime", info.expected_downtime_ms),
+        ("cpu-throttle-percentage", info.cpu_throttle_percentage),
     ] {
         if let Some(v) = v {
             m.insert(k.into(), json!(v));

@@ -221,7 +221,14 @@ pub static MIGRATION_STATS: ObjectDef = ObjectDef {
         req("dirty-pages-rate", Ty::Int),
         req("mbps", Ty::Number),
         req("dirty-sync-count", Ty::Int),
+        req("postcopy-requests", Ty::Int),
         req("page-size", Ty::Int),
+        req("multifd-bytes", Ty::Int),
+        req("pages-per-second", Ty::Int),
+        req("precopy-bytes", Ty::Int),
+        req("downtime-bytes", Ty::Int),
+        req("postcopy-bytes", Ty::Int),
+        req("dirty-sync-missed-zero-copy", Ty::Int),
     ],
 };
 
@@ -234,6 +241,7 @@ pub static MIGRATION_INFO: ObjectDef = ObjectDef {
         opt("expected-downtime", Ty::Int),
         opt("downtime", Ty::Int),
         opt("setup-time", Ty::Int),
+        opt("cpu-throttle-percentage", Ty::Int),
         opt("error-desc", Ty::Str),
         opt("blocked-reasons", Ty::Array(&Ty::Str)),
     ],
