@@ -3,7 +3,8 @@
 //! `TwoHosts::up()` tears down leftovers first; dropping the handle tears down.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/twohosts/twohosts.sh");
 pub const DEST_B: &str = "qemu+tcp://hostb/system";
@@ -12,6 +13,8 @@ pub const DEST_A: &str = "qemu+tcp://hosta/system";
 #[derive(Debug)]
 pub struct TwoHosts {
     pub dir: PathBuf,
+    /// Keep the libvirt logs (in `<dir>.logs`) when tearing down.
+    pub keep_logs: AtomicBool,
 }
 
 /// Why the two hosts cannot be brought up here, if they cannot.
@@ -39,15 +42,23 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
-/// An emulator libvirt can probe: QEMU if installed, else the ferry-qemu shim.
+/// The emulator the domains use: ferry-qemu built next to this test's `ferry` binary
+/// (the product under test), else QEMU when installed.
 pub fn emulator() -> Option<String> {
-    let shim = [
-        "/work/target-shim/debug/ferry-qemu".to_owned(),
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/ferry-qemu").to_owned(),
-    ];
-    std::iter::once("/usr/bin/qemu-system-x86_64".to_owned())
-        .chain(shim)
-        .find(|p| Path::new(p).exists())
+    let sibling = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-qemu");
+    [
+        sibling.display().to_string(),
+        "/usr/bin/qemu-system-x86_64".to_owned(),
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+}
+
+/// In CI the environment is set up to run everything: a missing piece is a failure,
+/// not a skip.
+pub fn skip_or_fail(why: &str) {
+    assert!(std::env::var_os("CI").is_none(), "CI cannot skip: {why}");
+    eprintln!("SKIP: {why}");
 }
 
 pub fn text(o: &Output) -> String {
@@ -74,7 +85,48 @@ impl TwoHosts {
         }
         Ok(TwoHosts {
             dir: dir.to_owned(),
+            keep_logs: AtomicBool::new(false),
         })
+    }
+
+    /// Tears the hosts down once this process has exited, unless they were
+    /// torn down (or brought up again by another run) before: for a shared
+    /// fixture that no test is left to drop.
+    pub fn down_when_this_process_exits(&self) {
+        let pid = std::process::id().to_string();
+        let owner = self.dir.join("owner");
+        std::fs::write(&owner, &pid).expect("write the owner file");
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             [ \"$(cat '{}' 2>/dev/null)\" = {pid} ] && KEEP_LOGS=1 exec '{SCRIPT}' down",
+            owner.display()
+        );
+        let _ = Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .env("FT", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+    }
+
+    /// Starts `args` inside host `h` without waiting for it.
+    pub fn spawn(&self, h: &str, args: &[&str]) -> Child {
+        Command::new(SCRIPT)
+            .arg("sh")
+            .arg(h)
+            .args(args)
+            .env("FT", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("twohosts.sh runs")
+    }
+
+    /// A host's /var/log/libvirt, seen from outside.
+    pub fn log_dir(&self, h: &str) -> PathBuf {
+        self.dir.join("hosts").join(h).join("var-log-libvirt")
     }
 
     /// Runs `args` inside host `h` ("A" or "B").
@@ -103,10 +155,15 @@ impl TwoHosts {
 
     /// Defines `xml` on host `h` (written to the shared dir first).
     pub fn define(&self, h: &str, name: &str, xml: &str) {
+        let out = self.try_define(h, name, xml);
+        assert!(out.status.success(), "define {name}: {}", text(&out));
+    }
+
+    /// `virsh define` of `xml` on host `h`, which may fail.
+    pub fn try_define(&self, h: &str, name: &str, xml: &str) -> Output {
         let path = self.shared().join(format!("{name}.xml"));
         std::fs::write(&path, xml).expect("write domain xml");
-        let out = self.virsh(h, &["define", path.to_str().expect("utf-8 path")]);
-        assert!(out.status.success(), "define {name}: {}", text(&out));
+        self.virsh(h, &["define", path.to_str().expect("utf-8 path")])
     }
 
     pub fn shared(&self) -> PathBuf {
@@ -121,7 +178,8 @@ impl TwoHosts {
 
 impl Drop for TwoHosts {
     fn drop(&mut self) {
-        let keep = if std::thread::panicking() { "1" } else { "0" };
+        let keep = std::thread::panicking() || self.keep_logs.load(Ordering::Relaxed);
+        let keep = if keep { "1" } else { "0" };
         let _ = Command::new(SCRIPT)
             .arg("down")
             .env("FT", &self.dir)

@@ -80,13 +80,19 @@ listen_addr = "${IP[$h]}"
 auth_tcp = "none"
 auth_unix_rw = "none"
 host_uuid = "${UUID[$h]}"
-log_filters = "1:qemu.qemu_migration 1:qemu.qemu_process 3:*"
+log_filters = "1:qemu.qemu_migration 1:qemu.qemu_process 1:qemu.qemu_monitor_json 3:*"
 log_outputs = "1:file:/var/log/libvirt/libvirtd.log"
 EOF
   cat >> $qc <<EOF
 # ---- ferry twohosts ----
 # both daemons share one cgroupfs and would fight over machine/qemu-ID-NAME.libvirt-qemu
 cgroup_controllers = [ ]
+# /dev/kvm may be root-only (0600): run the emulator as root, without libvirt's
+# per-VM /dev (namespaces) and without a security driver relabelling files
+user = "root"
+group = "root"
+namespaces = [ ]
+security_driver = "none"
 EOF
   if [ -n "${FERRY_HOOK:-}" ]; then
     mkdir -p $d/etc-libvirt/hooks/qemu.d
