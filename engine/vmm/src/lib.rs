@@ -2,6 +2,7 @@
 //! library under the `ferry-vm` and `ferry-qemu` binaries.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod control;
 pub mod cpu;
 pub mod devices;
@@ -9,6 +10,7 @@ pub mod migration;
 pub mod vcpu;
 pub mod vm;
 
+pub use cli::Cli;
 pub use vcpu::GuestExit;
 pub use vm::{KernelConfig, Vm, VmConfig, VmShape};
 

@@ -1,142 +1,23 @@
 //! `ferry-vm`: run a VM on /dev/kvm, checkpoint it over a control socket, restore it.
 //!
-//! Exit status: 0 guest powered off or `quit`; 1 error; 2 usage; 3 guest reset or
-//! triple fault; 4 KVM could not run the guest.
+//! The command line is in [`ferry_vmm::cli`] (also the source of the man page).
+//! Exit status ([`ferry_vmm::cli::EXIT_STATUS`]): 0 guest powered off, `quit`, or
+//! migrated away; 1 error; 2 usage; 3 guest reset or triple fault; 4 KVM could not
+//! run the guest.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 
-use ferry_kvm::Backing;
 use ferry_vmm::checkpoint::{self, RestoreOptions};
+use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
-use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::migration::{self, IncomingOptions, Listener, MigrationUri};
 
 fn migration_err(e: migration::TransportError) -> ferry_vmm::VmmError {
     ferry_vmm::VmmError::Config(e.to_string())
 }
 use ferry_vmm::{GuestExit, KernelConfig, Vm, VmConfig};
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "ferry-vm",
-    version,
-    about = "Run, checkpoint and restore a KVM virtual machine"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(clap::Args, Debug)]
-struct Common {
-    /// Where COM1's output goes: stdio, file:PATH, unix:PATH[,server], pty or null.
-    #[arg(long, default_value = "stdio")]
-    serial: SinkSpec,
-    /// Control socket (commands: status, pause, resume, checkpoint PATH, dump PATH, quit).
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// How guest RAM is backed.
-    #[arg(long, value_enum, default_value_t = BackingArg::Anonymous)]
-    backing: BackingArg,
-    /// Do not start the vCPUs (like QEMU's -S); `resume` on the control socket starts them.
-    #[arg(long)]
-    paused: bool,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Boot a kernel: a PVH ELF image, an ELF vmlinux or a bzImage.
-    Run {
-        /// The kernel image.
-        #[arg(long)]
-        kernel: PathBuf,
-        /// An initial ramdisk.
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        /// The kernel command line.
-        #[arg(long, default_value = "")]
-        append: String,
-        /// Guest RAM, e.g. 256M or 1G.
-        #[arg(short = 'm', long, default_value = "256M", value_parser = parse_size)]
-        mem: u64,
-        /// Number of vCPUs.
-        #[arg(long, default_value_t = 1)]
-        smp: u32,
-        #[command(flatten)]
-        common: Common,
-    },
-    /// Wait for an incoming live migration on URI (tcp:HOST:PORT, unix:PATH, file:PATH),
-    /// then run the VM.
-    Incoming {
-        /// Where to listen.
-        uri: String,
-        /// Expected guest RAM; refused if the incoming VM's differs.
-        #[arg(short = 'm', long, value_parser = parse_size)]
-        mem: Option<u64>,
-        #[command(flatten)]
-        common: Common,
-    },
-    /// Restore a VM from a checkpoint and run it.
-    Restore {
-        /// The checkpoint file.
-        file: PathBuf,
-        /// Expected guest RAM; refused if the checkpoint's differs.
-        #[arg(short = 'm', long, value_parser = parse_size)]
-        mem: Option<u64>,
-        #[command(flatten)]
-        common: Common,
-    },
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug)]
-enum BackingArg {
-    Anonymous,
-    Shared,
-    Memfd,
-    Hugepages,
-}
-
-impl From<BackingArg> for Backing {
-    fn from(b: BackingArg) -> Self {
-        match b {
-            BackingArg::Anonymous => Backing::Anonymous,
-            BackingArg::Shared => Backing::Shared,
-            BackingArg::Memfd => Backing::Memfd,
-            BackingArg::Hugepages => Backing::HugePages,
-        }
-    }
-}
-
-/// Parses sizes the way QEMU's -m does: a number with an optional K/M/G/T suffix;
-/// a plain number means MiB.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => {
-                    return Err(format!(
-                        "unknown size suffix '{c}' in '{s}': use K, M, G or T"
-                    ))
-                }
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1 << 20),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: use e.g. 256M or 1G"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' is too large"))
-}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -157,7 +38,7 @@ fn main() -> ExitCode {
                 src = s.source();
             }
             eprintln!("{msg}");
-            ExitCode::from(1)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
@@ -244,26 +125,11 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
         }
         RunOutcome::Guest(GuestExit::Reset(why)) => {
             eprintln!("ferry-vm: guest reset: {why}");
-            ExitCode::from(3)
+            ExitCode::from(EXIT_GUEST_RESET)
         }
         RunOutcome::Guest(GuestExit::Crashed(why)) => {
             eprintln!("ferry-vm: {why}");
-            ExitCode::from(4)
+            ExitCode::from(EXIT_KVM_FAILED)
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256").unwrap(), 256 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("512k").unwrap(), 512 << 10);
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 }
