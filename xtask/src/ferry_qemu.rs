@@ -1,0 +1,324 @@
+//! ferry-qemu(1). Its command line is parsed by hand (`qmp-shim/src/argv/`), so
+//! the prose lives here, but every list comes from ferry-qemu's own tables: the
+//! options (`argv::OPTIONS`), devices, machine types, CPU models, the QMP
+//! commands (`commands::COMMANDS`) and events. An option without a description
+//! here stops the generator, so the page cannot fall behind the parser.
+
+use ferry_qemu::argv::{self, CPU_MODELS, MACHINE_TYPES, MODELLED_AS_ABSENT, MODELLED_DEVICES};
+use ferry_qemu::commands::{COMMANDS, EVENTS};
+use ferry_qemu::process::EXIT_FAILURE;
+
+use crate::roff::{esc, Doc};
+
+/// Options parsed only so that the refusal can name them.
+const REFUSED: &[&str] = &[
+    "spice", "vga", "vnc", "drive", "bios", "L", "numa", "smbios", "fw_cfg",
+];
+
+/// (option, argument synopsis, description) for every option in `argv::OPTIONS`.
+const DESCRIPTIONS: &[(&str, &str, &str)] = &[
+    ("S", "", "Do not start the vCPUs; QMP `cont` starts them."),
+    (
+        "daemonize",
+        "",
+        "Run in the background. The foreground process exits 0 once the monitor sockets \
+         exist and the pid file is written, or 1 with the daemon's error.",
+    ),
+    (
+        "no-user-config",
+        "",
+        "Accepted: ferry-qemu reads no configuration files.",
+    ),
+    (
+        "nodefaults",
+        "",
+        "Accepted: ferry-qemu creates no default devices.",
+    ),
+    ("nographic", "", "Accepted: ferry-qemu has no display."),
+    (
+        "no-shutdown",
+        "",
+        "When the guest powers off, stay in the `shutdown` state instead of exiting.",
+    ),
+    ("no-reboot", "", "Treat a guest reset as a power-off."),
+    ("no-acpi", "", "Accepted: ferry has no ACPI."),
+    ("enable-kvm", "", "The same as `-accel kvm`."),
+    (
+        "version",
+        "",
+        "Print the QEMU version ferry-qemu implements (for libvirt) and its own, and exit.",
+    ),
+    ("help", "", "List the options and exit."),
+    ("h", "", "The same as `-help`."),
+    (
+        "machine",
+        "TYPE[,PROP=VALUE...]",
+        "The machine type (see DEVICES); `none` is libvirt's capability probe, which \
+         runs no guest. Properties: `accel`, `usb`, `dump-guest-core`, \
+         `memory-backend`, `graphics`, `vmport`; others are refused.",
+    ),
+    ("M", "TYPE[,PROP=VALUE...]", "The same as `-machine`."),
+    (
+        "accel",
+        "kvm",
+        "The accelerator: KVM only (`kvm:tcg` is accepted and means KVM). TCG alone is \
+         refused: use `<domain type='kvm'>`.",
+    ),
+    (
+        "m",
+        "SIZE",
+        "Guest RAM (default 128 MiB; a plain number is MiB). Memory hotplug \
+         (`slots=`, `maxmem=`) is refused.",
+    ),
+    (
+        "smp",
+        "N[,PROP=VALUE...]",
+        "The number of vCPUs. CPU hotplug (`maxcpus` above the boot CPUs) is refused.",
+    ),
+    (
+        "cpu",
+        "MODEL[,FEATURE...]",
+        "The CPU model (see DEVICES); features are passed to the engine.",
+    ),
+    (
+        "kernel",
+        "FILE",
+        "The kernel to boot directly: a PVH ELF image, an ELF vmlinux or a bzImage.",
+    ),
+    ("initrd", "FILE", "An initial ramdisk."),
+    ("append", "CMDLINE", "The kernel command line."),
+    (
+        "name",
+        "guest=NAME[,...]",
+        "The guest's name, as `query-name` reports it.",
+    ),
+    (
+        "uuid",
+        "UUID",
+        "The guest's UUID, as `query-uuid` reports it.",
+    ),
+    ("pidfile", "FILE", "Write the process id to FILE."),
+    ("display", "none", "Only `none`: ferry-qemu has no display."),
+    ("boot", "OPTS", "Accepted: the kernel is booted directly."),
+    (
+        "rtc",
+        "base=utc|localtime[,clock=...][,driftfix=...]",
+        "Accepted with these parameters; others are refused.",
+    ),
+    (
+        "global",
+        "DRIVER.PROP=VALUE",
+        "Only the S3/S4 and PIT settings libvirt writes for devices ferry models as \
+         absent; others are refused.",
+    ),
+    (
+        "overcommit",
+        "mem-lock=off|cpu-pm=off",
+        "Only the `off` settings are accepted.",
+    ),
+    ("msg", "timestamp=on|off", "Accepted."),
+    (
+        "sandbox",
+        "on|off[,...]",
+        "Accepted but not enforced; a warning says so.",
+    ),
+    (
+        "qmp",
+        "unix:PATH,server=on,wait=off",
+        "A QMP monitor on a listening unix socket.",
+    ),
+    (
+        "chardev",
+        "BACKEND,id=ID[,...]",
+        "A character device: `socket` (a listening unix socket, or an inherited fd), \
+         `pty`, `file`, `stdio` or `null`; other backends are refused.",
+    ),
+    (
+        "mon",
+        "chardev=ID,mode=control",
+        "A QMP monitor on chardev ID (a listening unix socket). The human monitor \
+         (`mode=readline`) and TCP monitors are refused.",
+    ),
+    (
+        "serial",
+        "chardev:ID|pty|stdio|null|file:PATH|none",
+        "The next 16550 serial port (COM1 first) and where its output goes.",
+    ),
+    (
+        "add-fd",
+        "fd=N,set=N[,opaque=TEXT]",
+        "Add an inherited file descriptor to fd set N, for `/dev/fdset/N` paths.",
+    ),
+    (
+        "object",
+        "TYPE,id=ID[,...]",
+        "Only `memory-backend-ram` (the `-machine memory-backend`, with `size`) and \
+         `secret`; other object types are refused.",
+    ),
+    ("blockdev", "OPTS", "Refused: ferry has no disks yet."),
+    (
+        "device",
+        "DRIVER[,PROP=VALUE...]",
+        "A device (see DEVICES); any other driver is refused by name.",
+    ),
+    ("netdev", "OPTS", "Refused: ferry has no NICs yet."),
+    (
+        "incoming",
+        "URI",
+        "Wait for an incoming migration: `tcp:HOST:PORT`, `unix:PATH`, `fd:N`, \
+         `file:PATH`, or `defer` (then QMP `migrate-incoming`).",
+    ),
+    ("audiodev", "none,id=ID", "Only the `none` driver."),
+    ("spice", "OPTS", "Refused, by name."),
+    ("vga", "TYPE", "Refused, by name."),
+    ("vnc", "DISPLAY", "Refused, by name."),
+    ("drive", "OPTS", "Refused, by name: ferry has no disks yet."),
+    ("bios", "FILE", "Refused, by name: ferry has no firmware."),
+    ("L", "DIR", "Refused, by name: ferry has no firmware."),
+    ("numa", "OPTS", "Refused, by name."),
+    ("smbios", "OPTS", "Refused, by name."),
+    ("fw_cfg", "OPTS", "Refused, by name."),
+];
+
+/// Checks that `DESCRIPTIONS` covers `argv::OPTIONS` exactly, in order.
+pub fn check_descriptions() -> Result<(), String> {
+    let parsed: Vec<&str> = argv::OPTIONS.iter().map(|(n, _)| *n).collect();
+    let described: Vec<&str> = DESCRIPTIONS.iter().map(|(n, _, _)| *n).collect();
+    for n in &parsed {
+        if !described.contains(n) {
+            return Err(format!(
+                "ferry-qemu option -{n} has no description: add one to DESCRIPTIONS in xtask/src/ferry_qemu.rs"
+            ));
+        }
+    }
+    for n in &described {
+        if !parsed.contains(n) {
+            return Err(format!(
+                "xtask/src/ferry_qemu.rs describes -{n}, which ferry-qemu's argv::OPTIONS no longer has"
+            ));
+        }
+    }
+    for (name, takes_arg) in argv::OPTIONS {
+        let synopsis = DESCRIPTIONS
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map_or("", |(_, s, _)| *s);
+        if *takes_arg == synopsis.is_empty() {
+            return Err(format!(
+                "-{name}: argv::OPTIONS says it takes an argument: {takes_arg}; fix its synopsis in xtask/src/ferry_qemu.rs"
+            ));
+        }
+    }
+    if let Some(r) = REFUSED.iter().find(|r| !parsed.contains(r)) {
+        return Err(format!("-{r} is listed as refused but is not parsed"));
+    }
+    Ok(())
+}
+
+fn list(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|i| format!("`{i}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn page() -> Result<String, String> {
+    check_descriptions()?;
+    let mut doc = Doc::new("ferry-qemu", "1", false);
+    doc.sh("NAME");
+    doc.raw(
+        r"ferry\-qemu \- a QEMU\-compatible command line and QMP monitor over ferry, for libvirt",
+    );
+    doc.sh("SYNOPSIS");
+    doc.raw(r"\fB/usr/libexec/ferry/ferry\-qemu\fR [\fIOPTION\fR [\fIARG\fR]]...");
+    doc.sh("DESCRIPTION");
+    doc.p(
+        "`ferry-qemu` accepts the command line that libvirt writes for QEMU 7.2 and \
+         speaks QMP on the monitor sockets libvirt asks for, so that a libvirt domain \
+         whose `<emulator>` is `/usr/libexec/ferry/ferry-qemu` runs on ferry's KVM \
+         engine. It is installed outside `PATH` so that it never stands in for a real \
+         QEMU by accident.",
+    );
+    doc.p(
+        "ferry is not a general-purpose QEMU: guests boot a kernel directly and get \
+         RAM, vCPUs and 16550 serial ports. Every option, device or value that \
+         ferry-qemu cannot honour is refused with a message naming it; the guest never \
+         runs with something silently missing. Options take one dash or two, and the \
+         `key=value` and JSON forms QEMU accepts.",
+    );
+    doc.p("Domains must be `type='kvm'`:");
+    doc.example(&[
+        "<domain type='kvm'>",
+        "  <os><type arch='x86_64' machine='pc'>hvm</type>",
+        "    <kernel>/var/lib/ferry/guest.elf</kernel></os>",
+        "  <devices><emulator>/usr/libexec/ferry/ferry-qemu</emulator>",
+        "    <serial type='pty'/></devices>",
+        "</domain>",
+    ]);
+
+    doc.sh("OPTIONS");
+    for (name, synopsis, what) in DESCRIPTIONS {
+        let tag = if synopsis.is_empty() {
+            format!(r"\fB\-{}\fR", esc(name))
+        } else {
+            format!(r"\fB\-{}\fR \fI{}\fR", esc(name), esc(synopsis))
+        };
+        doc.tp_raw(&tag, what);
+    }
+
+    doc.sh("DEVICES");
+    doc.tp("Machine types", &list(MACHINE_TYPES));
+    doc.tp("CPU models", &list(CPU_MODELS));
+    doc.tp("Modelled devices", &list(MODELLED_DEVICES));
+    doc.tp(
+        "Accepted and modelled as absent",
+        &format!(
+            "{}: libvirt adds these by default; the guest sees no such device.",
+            list(MODELLED_AS_ABSENT)
+        ),
+    );
+    doc.tp(
+        "Refused",
+        "Every other `-device` driver, naming it: host devices (`vfio-pci`, `usb-host`), \
+         SCSI passthrough, USB redirection, disks, NICs and displays.",
+    );
+
+    doc.sh("QMP COMMANDS");
+    doc.p(
+        "The monitor implements these commands; `query-commands` and `query-qmp-schema` \
+         report the same list. Any other command gets a `CommandNotFound` error.",
+    );
+    let names: Vec<&str> = COMMANDS.iter().map(|c| c.schema.name).collect();
+    doc.raw(".PP");
+    doc.raw(&crate::roff::inline(&list(&names)));
+    doc.p("Events:");
+    let events: Vec<&str> = EVENTS.iter().map(|e| e.name).collect();
+    doc.raw(&crate::roff::inline(&list(&events)));
+
+    doc.sh("EXIT STATUS");
+    doc.tp(
+        "0",
+        "The guest powered off or, with `-no-reboot`, reset (both without \
+         `-no-shutdown`); QMP `quit`; a termination signal (SIGTERM, SIGINT, SIGHUP: a \
+         `SHUTDOWN` event first); `-version` or `-help`. Like QEMU, a guest reset \
+         otherwise reboots the guest, and a guest KVM cannot run stops in the \
+         `internal-error` state (a `STOP` event) without ending the process.",
+    );
+    doc.tp(
+        &EXIT_FAILURE.to_string(),
+        "A command-line or startup error (an unsupported option is named, with a hint), \
+         a failed incoming migration, or the `-daemonize` child failed before it was ready.",
+    );
+
+    doc.sh("ENVIRONMENT");
+    doc.tp(
+        "FERRY_QEMU_LOG",
+        "Log filter (tracing syntax); logs go to standard error, which libvirt keeps in \
+         /var/log/libvirt/qemu/DOMAIN.log.",
+    );
+
+    doc.sh("SEE ALSO");
+    doc.raw(r"\fBferry\fR(1), \fBferry\-vm\fR(1), \fBferry\-tuning\fR(7), \fBvirsh\fR(1), \fBqemu\fR(1)");
+    Ok(doc.finish())
+}

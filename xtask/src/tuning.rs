@@ -1,0 +1,278 @@
+//! ferry-tuning(7): migration tuning, the stream/checkpoint format and its
+//! compatibility rules. The defaults come from `MigrationParams::default()` and
+//! the layout tables are read from `engine/format/src/lib.rs`'s documentation,
+//! so the page changes when they do.
+
+use ferry_format::{Limits, FORMAT_VERSION};
+use ferry_vmm::migration::{MigrationParams, TimeoutPolicy};
+
+use crate::roff::Doc;
+
+/// The format crate's documentation, the source of the layout tables.
+const FORMAT_DOC: &str = include_str!("../../engine/format/src/lib.rs");
+
+/// Renders the `# Layout` part of the format crate's docs (up to the next
+/// top-level heading): `##` headings, paragraphs and tables.
+fn layout(doc: &mut Doc) -> Result<(), String> {
+    let lines: Vec<&str> = FORMAT_DOC
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect();
+    let start = lines
+        .iter()
+        .position(|l| *l == "# Layout")
+        .ok_or("engine/format/src/lib.rs has no '# Layout' section")?;
+    let body: Vec<&str> = lines[start + 1..]
+        .iter()
+        .copied()
+        .take_while(|l| !(l.starts_with("# ")))
+        .collect();
+    let mut i = 0;
+    let mut tables = 0;
+    while i < body.len() {
+        let l = body[i];
+        if l.trim().is_empty() {
+            i += 1;
+        } else if let Some(h) = l.strip_prefix("## ") {
+            doc.ss(h);
+            i += 1;
+        } else if l.starts_with('|') {
+            let end = body[i..]
+                .iter()
+                .position(|l| !l.starts_with('|'))
+                .map_or(body.len(), |n| i + n);
+            doc.md_table(&body[i..end]);
+            tables += 1;
+            i = end;
+        } else {
+            let end = body[i..]
+                .iter()
+                .position(|l| l.trim().is_empty() || l.starts_with('|') || l.starts_with('#'))
+                .map_or(body.len(), |n| i + n);
+            doc.p(&body[i..end].join(" "));
+            i = end;
+        }
+    }
+    if tables < 4 {
+        return Err(format!(
+            "expected the layout tables in engine/format/src/lib.rs, found {tables}"
+        ));
+    }
+    Ok(())
+}
+
+fn ms(v: u64, zero: &str) -> String {
+    if v == 0 {
+        zero.to_string()
+    } else {
+        format!("{v} ms")
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+pub fn page() -> Result<String, String> {
+    let d = MigrationParams::default();
+    let mut doc = Doc::new("ferry-tuning", "7", true);
+    doc.sh("NAME");
+    doc.raw(r"ferry\-tuning \- ferry live migration tuning, the stream and checkpoint format, and its compatibility rules");
+
+    doc.sh("DESCRIPTION");
+    doc.p(
+        "ferry migrates a running guest by iterative pre-copy over one versioned, \
+         checksummed stream, which is also its checkpoint format:",
+    );
+    for (n, step) in [
+        "Handshake: the VM's shape (RAM layout, vCPUs, devices) goes first; the \
+         destination refuses a mismatch before any page moves, and its error text \
+         travels back to the source.",
+        "Pass 1 sends every non-zero page (zero pages are skipped: the destination's \
+         RAM is fresh); dirty logging is on from there.",
+        "Each later pass sends what the guest dirtied during the previous one.",
+        "After each pass, expected downtime = (dirty bytes + device state) / measured \
+         bandwidth. Within the downtime limit, ferry switches over.",
+        "Switch-over: the vCPUs stop, a final dirty sync, the remaining pages, vCPU, VM \
+         and device state, an optional digest of all RAM, then End. The destination \
+         verifies, loads, resumes (or waits) and confirms; only then is the source \
+         freed. A failure before that leaves the source running.",
+    ]
+    .iter()
+    .enumerate()
+    {
+        doc.tp(&format!("{}.", n + 1), step);
+    }
+
+    doc.sh("TUNING");
+    doc.p(
+        "Each knob is set on `ferry-vm`'s control socket with `migrate-set KEY=VALUE` \
+         (also while a migration runs), through QMP on `ferry-qemu` where QEMU has the \
+         same parameter (which is how libvirt and `virsh` set them), or with `ferry \
+         migrate` options.",
+    );
+    let header: Vec<String> = ["migrate-set KEY", "VALUE", "default"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let timeout = match d.on_timeout {
+        TimeoutPolicy::Cancel => "cancel",
+        TimeoutPolicy::ForceSwitchover => "switchover",
+    };
+    let rows: Vec<Vec<String>> = [
+        [
+            "downtime-limit",
+            "milliseconds",
+            &ms(d.downtime_limit_ms, "none"),
+        ],
+        [
+            "max-bandwidth",
+            "bytes/s, 0 = unlimited",
+            if d.max_bandwidth == 0 {
+                "unlimited"
+            } else {
+                "capped"
+            },
+        ],
+        ["auto-converge", "on, off", on_off(d.auto_converge)],
+        ["verify", "on, off", on_off(d.verify_digest)],
+        [
+            "max-total-time",
+            "milliseconds, 0 = none",
+            &ms(d.max_total_time_ms, "none"),
+        ],
+        ["on-timeout", "cancel, switchover", timeout],
+        [
+            "pause-before-switchover",
+            "on, off (then `migrate-continue`)",
+            on_off(d.pause_before_switchover),
+        ],
+    ]
+    .iter()
+    .map(|[key, value, default]| vec![format!("`{key}`"), value.to_string(), default.to_string()])
+    .collect();
+    doc.table(&header, &rows, &[false; 3]);
+    doc.p(
+        "Through ferry-qemu (QMP), libvirt and `ferry migrate`, only the downtime limit, \
+         the bandwidth cap and pause-before-switchover can be set (see each knob); the \
+         others keep their defaults there.",
+    );
+
+    doc.ss("Downtime limit");
+    doc.p(
+        "The longest the guest may be paused at switch-over. ferry switches over after \
+         the first pass whose expected downtime is within it. A lower limit means more \
+         passes; a guest that dirties memory faster than the link drains it never gets \
+         under a low limit without throttling.",
+    );
+    doc.p(
+        "Also: QMP `migrate-set-parameters` `downtime-limit`; `virsh \
+         migrate-setmaxdowntime`; `ferry migrate --max-downtime MS`.",
+    );
+    doc.ss("Bandwidth");
+    doc.p(
+        "A cap on the migration stream, applied from the moment it is set. Unlimited by \
+         default; cap it to leave room for other traffic on the link. The expected \
+         downtime is computed from the bandwidth measured, not the cap.",
+    );
+    doc.p(
+        "Also: QMP `migrate-set-parameters` `max-bandwidth` (bytes/s); `virsh \
+         migrate-setspeed` and `ferry migrate --bandwidth` (MiB/s).",
+    );
+    doc.ss("Throttling (auto-converge)");
+    doc.p(&format!(
+        "If the guest dirties memory faster than half the bandwidth for two passes in a \
+         row, ferry takes away just enough vCPU time that the dirty rate falls to half \
+         the bandwidth (at most {}% of it). Throttled vCPUs nap in periods of 20 ms, so \
+         the guest never stalls longer than that. The throttle is lifted at switch-over.",
+        d.max_throttle_pct
+    ));
+    doc.ss("Digest verify");
+    doc.p(
+        "With `verify` on, the source sends a digest of all guest RAM after the final \
+         pages, and the destination compares it with its own before it resumes the \
+         guest; a mismatch fails the migration and the source keeps running. It costs \
+         one read of all RAM on each side during the downtime.",
+    );
+    doc.ss("Time cap");
+    doc.p(
+        "With `max-total-time`, a migration that has not converged by then is cancelled \
+         (`on-timeout=cancel`, the source keeps running) or switched over whatever the \
+         downtime (`on-timeout=switchover`).",
+    );
+    doc.ss("Pause before switch-over");
+    doc.p(
+        "With `pause-before-switchover`, the source stops its vCPUs and waits in the \
+         `pre-switchover` state until `migrate-continue`, so that the management layer \
+         can act (libvirt uses this) before the final state is sent.",
+    );
+    doc.p(
+        "Also: the QMP migration capability `pause-before-switchover` and QMP \
+         `migrate-continue`; libvirt turns it on for its own migrations.",
+    );
+
+    doc.sh("STREAM AND CHECKPOINT FORMAT");
+    doc.p(
+        "A checkpoint is a migration into a file: the same stream, read by `ferry-vm \
+         restore` or `ferry-vm incoming file:PATH`. The layout, from ferry's format \
+         crate:",
+    );
+    layout(&mut doc)?;
+
+    doc.sh("COMPATIBILITY");
+    doc.p(&format!(
+        "This ferry writes and reads stream format version {FORMAT_VERSION}. The rules \
+         that let streams and checkpoints outlive releases:"
+    ));
+    for (tag, rule) in [
+        (
+            "Format version",
+            "A stream with a newer format version than the reader knows, or any preamble \
+             flag set, is refused before anything is read. A new format version is only \
+             for changes the section rules below cannot express.",
+        ),
+        (
+            "Unknown critical sections",
+            "A section whose id the reader does not know and whose CRITICAL flag is set \
+             is refused, naming the id: the writer said the VM cannot run correctly \
+             without it.",
+        ),
+        (
+            "Unknown optional sections",
+            "A section whose id is unknown and CRITICAL is clear is skipped (its checksum \
+             still verified and it still counts towards End), so a newer writer can add \
+             information an older reader may ignore.",
+        ),
+        (
+            "Per-section versions",
+            "Every section carries its own payload layout version. A known section in a \
+             version the reader does not support is refused. Payloads are field-keyed \
+             CBOR: fields added with defaults do not bump the version; a breaking change \
+             does, with an explicit upgrade of the old version where it can be read.",
+        ),
+        (
+            "Damage",
+            "A bad checksum, a length over its limit, a truncated stream, trailing data \
+             after End or counts in End that do not match what was read are refused \
+             with a message naming them, and nothing is applied to a VM that then runs.",
+        ),
+    ] {
+        doc.tp(tag, rule);
+    }
+    doc.p(&format!(
+        "Default limits: {} MiB for any section, {} MiB for a CBOR section, {} pages per \
+         RAM batch.",
+        Limits::DEFAULT_MAX_SECTION_LEN >> 20,
+        Limits::DEFAULT_MAX_CBOR_LEN >> 20,
+        Limits::DEFAULT_MAX_BATCH_PAGES
+    ));
+
+    doc.sh("SEE ALSO");
+    doc.raw(r"\fBferry\fR(1), \fBferry\-vm\fR(1), \fBferry\-qemu\fR(1)");
+    Ok(doc.finish())
+}
