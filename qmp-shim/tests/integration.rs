@@ -131,12 +131,18 @@ fn startup_errors_exit_1_with_the_reason() {
 #[test]
 fn libvirt_accepts_ferry_qemu() {
     if !Path::new("/usr/sbin/libvirtd").exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run every test: skipped");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: skipped"
+        );
         eprintln!("SKIP libvirt_accepts_ferry_qemu: libvirtd is not installed (apt-get install libvirt-daemon-system libvirt-clients)");
         return;
     }
     if !nix::unistd::geteuid().is_root() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run every test: skipped");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: skipped"
+        );
         eprintln!(
             "SKIP libvirt_accepts_ferry_qemu: needs root (private mount namespace for libvirtd)"
         );
@@ -377,7 +383,10 @@ fn kvm_usable(test: &str) -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "CI must run every test: skipped");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: skipped"
+        );
         eprintln!("SKIP {test}: /dev/kvm is not usable here");
     }
     ok
@@ -498,12 +507,18 @@ fn qemu_cli_run_save_restore_keeps_the_guest() {
 fn libvirt_runs_a_ferry_qemu_domain() {
     let name = "libvirt_runs_a_ferry_qemu_domain";
     if !Path::new("/usr/sbin/libvirtd").exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run every test: skipped");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: skipped"
+        );
         eprintln!("SKIP {name}: libvirtd is not installed (apt-get install libvirt-daemon-system libvirt-clients)");
         return;
     }
     if !nix::unistd::geteuid().is_root() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run every test: skipped");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: skipped"
+        );
         eprintln!("SKIP {name}: needs root (private mount namespace for libvirtd)");
         return;
     }

@@ -266,7 +266,7 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
             v["ok"] = json!(true);
             (v, false)
         }
-        Err(e) => (json!({"ok": false, "error": e.to_string()}), false),
+        Err(e) => (json!({"ok": false, "error": crate::error_chain(&e)}), false),
     }
 }
 
@@ -300,7 +300,7 @@ fn migrate(vm: &mut Vm, uri: &str, ctl: &Arc<MigrationControl>) -> (Value, bool)
             true,
         ),
         Err(e) => (
-            json!({"ok": false, "error": e.to_string(), "status": status(vm)}),
+            json!({"ok": false, "error": crate::error_chain(&e), "status": status(vm)}),
             false,
         ),
     }

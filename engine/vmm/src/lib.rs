@@ -31,8 +31,23 @@ pub enum VmmError {
     Restore(String),
     #[error(transparent)]
     Format(#[from] ferry_format::FormatError),
-    #[error("{0}: {1}")]
+    #[error("{0}")]
     Io(String, #[source] std::io::Error),
     #[error("vCPU {0} thread has exited")]
     VcpuGone(u32),
+}
+
+/// An error and its sources, once each: "cannot open x: No such file or directory".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+    }
+    msg
 }

@@ -31,12 +31,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let mut msg = format!("ferry-vm: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
+            let msg = format!("ferry-vm: {}", ferry_vmm::error_chain(&e));
             eprintln!("{msg}");
             ExitCode::from(EXIT_ERROR)
         }

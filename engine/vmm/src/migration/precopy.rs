@@ -142,12 +142,31 @@ impl<W: Write> PageSender<'_, W> {
         self.out.write_ram_batch(&self.batch)?;
         self.batch.clear();
         self.window_bytes += len;
+        // Progress within a pass, for query-migrate while a long pass runs.
+        let (transferred, normal, duplicate) =
+            (self.out.bytes_written(), self.normal, self.duplicate);
+        self.ctl.update_stats(|s| {
+            s.ram.transferred = transferred;
+            s.ram.normal = normal;
+            s.ram.normal_bytes = normal * PAGE_SIZE as u64;
+            s.ram.duplicate = duplicate;
+            if s.passes == 0 {
+                // During the first pass everything not yet looked at remains.
+                let seen = (normal + duplicate) * PAGE_SIZE as u64;
+                s.ram.remaining = s.ram.total.saturating_sub(seen);
+            }
+        });
         check_abort(self.ctl, self.replies)?;
         if self.cap > 0 {
             let allowed = self.window_start.elapsed().as_secs_f64() * self.cap as f64;
             if self.window_bytes as f64 > allowed {
                 let wait = (self.window_bytes as f64 - allowed) / self.cap as f64;
-                std::thread::sleep(Duration::from_secs_f64(wait));
+                // Sleep in slices so a cancel is honoured at once, also on a slow link.
+                let until = Instant::now() + Duration::from_secs_f64(wait);
+                while let Some(left) = until.checked_duration_since(Instant::now()) {
+                    check_abort(self.ctl, self.replies)?;
+                    std::thread::sleep(left.min(Duration::from_millis(10)));
+                }
             }
             if self.window_start.elapsed() > Duration::from_secs(1) {
                 self.window_start = Instant::now();
