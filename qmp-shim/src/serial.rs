@@ -19,7 +19,7 @@ use ferry_vmm::devices::serial::SinkSpec;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::termios;
 
-use crate::argv::{Chardev, ChardevBackend};
+use crate::argv::{Chardev, ChardevBackend, SocketAddr, SocketEndpoint};
 
 /// Why a serial output could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +83,22 @@ impl SerialTee {
                 pty = Some(path);
                 name
             }
+            ChardevBackend::Socket(SocketAddr {
+                endpoint: SocketEndpoint::Unix(path),
+                server: false,
+                ..
+            }) => {
+                // A client socket (QEMU's `-chardev socket,path=P`): output goes to
+                // whoever listens there; it must be listening when the VM starts.
+                let stream = std::os::unix::net::UnixStream::connect(path)
+                    .map_err(open_err(format!("unix socket {}", path.display())))?;
+                outputs.push(Box::new(stream));
+                format!("unix:{}", path.display())
+            }
             ChardevBackend::Socket(_) => {
                 return Err(SerialError::Unsupported {
                     id,
-                    what: "socket".into(),
+                    what: "a listening or TCP socket".into(),
                 })
             }
             ChardevBackend::Other { kind, .. } => {

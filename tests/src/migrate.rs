@@ -231,14 +231,14 @@ impl Qemu {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("cannot start QEMU: {e}"))?;
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let stream = loop {
             if let Ok(c) = UnixStream::connect(&qmp_path) {
                 break c;
             }
             if Instant::now() > deadline {
-                return Err("QEMU's QMP socket never appeared".into());
+                return Err(format!("{}'s QMP socket never appeared", bin.display()));
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -286,6 +286,27 @@ impl Drop for Qemu {
 /// The same migration with QEMU (`-M microvm`, same guest, same limits).
 pub fn run_qemu(s: &Scratch, cfg: &RunConfig) -> Result<RunResult, String> {
     let bin = qemu_binary().ok_or("qemu-system-x86_64 is not installed")?;
+    run_qmp(&bin, s, cfg, |_| {})
+}
+
+/// The same migration between two `ferry-qemu` processes, driven over QMP exactly as
+/// QEMU is.
+pub fn run_ferry_qemu(
+    s: &Scratch,
+    cfg: &RunConfig,
+    progress: impl FnMut(&Value),
+) -> Result<RunResult, String> {
+    run_qmp(&crate::bin("ferry-qemu"), s, cfg, progress)
+}
+
+/// Migrates the dirtier between two QEMU-compatible processes over QMP.
+fn run_qmp(
+    bin: &Path,
+    s: &Scratch,
+    cfg: &RunConfig,
+    mut progress: impl FnMut(&Value),
+) -> Result<RunResult, String> {
+    let bin = bin.to_path_buf();
     let hb = Heartbeats::new();
     let src_serial = hb
         .listen(&socket_path(s.dir.path(), "qsrc"))
@@ -317,6 +338,7 @@ pub fn run_qemu(s: &Scratch, cfg: &RunConfig) -> Result<RunResult, String> {
     let deadline = t0 + Duration::from_secs(120);
     let stats = loop {
         let q = src.exec("query-migrate", json!({}))?;
+        progress(&q);
         match q["status"].as_str() {
             Some("completed") => break q,
             Some("failed") | Some("cancelled") => {
@@ -328,7 +350,7 @@ pub fn run_qemu(s: &Scratch, cfg: &RunConfig) -> Result<RunResult, String> {
             let _ = src.exec("migrate_cancel", json!({}));
             return Err("QEMU did not converge in 120 s".into());
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(20));
     };
     let t1 = Instant::now();
     std::thread::sleep(Duration::from_millis(300));

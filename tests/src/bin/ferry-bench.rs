@@ -6,7 +6,9 @@
 
 use std::process::ExitCode;
 
-use ferry_tests::migrate::{qemu_binary, run_ferry, run_qemu, RunConfig, RunResult};
+use ferry_tests::migrate::{
+    qemu_binary, run_ferry, run_ferry_qemu, run_qemu, RunConfig, RunResult,
+};
 use ferry_tests::Scratch;
 
 const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth MiB/s] [--no-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
@@ -139,12 +141,18 @@ fn main() -> ExitCode {
                 downtime_limit_ms: limit,
             };
             let mut fer = Series::default();
+            let mut fq = Series::default();
             let mut qem = Series::default();
             for _ in 0..repeats {
                 let s = Scratch::new();
                 match run_ferry(&s, &cfg, |_| {}) {
                     Ok(r) => fer.add(&r),
                     Err(e) => fer.failures.push(e),
+                }
+                let s = Scratch::new();
+                match run_ferry_qemu(&s, &cfg, |_| {}) {
+                    Ok(r) => fq.add(&r),
+                    Err(e) => fq.failures.push(e),
                 }
                 if qemu {
                     let s = Scratch::new();
@@ -154,7 +162,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            for (name, ser) in [("ferry", &fer), ("qemu", &qem)] {
+            for (name, ser) in [("ferry", &fer), ("f-qemu", &fq), ("qemu", &qem)] {
                 if name == "qemu" && !qemu {
                     continue;
                 }
@@ -175,7 +183,7 @@ fn main() -> ExitCode {
                     println!("       ! {name} {ram} {ws}: {f}");
                 }
             }
-            failed |= !fer.failures.is_empty();
+            failed |= !fer.failures.is_empty() || !fq.failures.is_empty();
             if qemu && !qem.total.is_empty() && !fer.total.is_empty() {
                 println!(
                     "ratio  {:<5} {:<6} ferry/QEMU: total {:.2}x, guest-observed downtime {:.2}x, engine downtime {:.2}x",
@@ -184,6 +192,13 @@ fn main() -> ExitCode {
                     median(&fer.total) / median(&qem.total),
                     median(&fer.guest_gap) / median(&qem.guest_gap),
                     median(&fer.downtime) / median(&qem.downtime),
+                );
+                println!(
+                    "ratio  {:<5} {:<6} ferry-qemu/QEMU: total {:.2}x, guest-observed downtime {:.2}x",
+                    ram,
+                    ws,
+                    median(&fq.total) / median(&qem.total),
+                    median(&fq.guest_gap) / median(&qem.guest_gap),
                 );
             }
         }

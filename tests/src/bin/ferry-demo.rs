@@ -1,16 +1,18 @@
-//! `ferry-demo`: boots the dirtier test guest under one `ferry-vm`, live-migrates it
-//! over TCP to a second one with a progress bar (or JSON lines with `--json`), then
-//! prints the statistics and the memory oracle's verdict on the destination.
+//! `ferry-demo`: boots the dirtier test guest under one `ferry-qemu` (driven over QMP
+//! exactly as libvirt drives QEMU), live-migrates it over TCP to a second one with a
+//! progress bar (or JSON lines with `--json`), then prints the statistics and the
+//! memory oracle's verdict on the destination. `--engine ferry-vm` uses ferry's own
+//! control socket instead.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use ferry_tests::migrate::{run_ferry, RunConfig};
+use ferry_tests::migrate::{run_ferry, run_ferry_qemu, RunConfig};
 use ferry_tests::Scratch;
 use serde_json::{json, Value};
 
 const USAGE: &str =
-    "usage: ferry-demo [--json] [--mem SIZE] [--ws SIZE] [--max-bandwidth MiB/s (0 = unlimited)]";
+    "usage: ferry-demo [--json] [--engine ferry-qemu|ferry-vm] [--mem SIZE] [--ws SIZE] [--max-bandwidth MiB/s (0 = unlimited)]";
 
 fn main() -> ExitCode {
     let mut json_out = false;
@@ -22,10 +24,12 @@ fn main() -> ExitCode {
         downtime_limit_ms: 300,
     };
     let mut ws = "128M".to_string();
+    let mut engine = "ferry-qemu".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--json" => json_out = true,
+            "--engine" => engine = args.next().unwrap_or_default(),
             "--mem" => cfg.mem = args.next().unwrap_or_default(),
             "--ws" => ws = args.next().unwrap_or_default(),
             "--max-bandwidth" => {
@@ -45,6 +49,10 @@ fn main() -> ExitCode {
             }
         }
     }
+    if engine != "ferry-qemu" && engine != "ferry-vm" {
+        eprintln!("ferry-demo: unknown engine '{engine}'\n{USAGE}");
+        return ExitCode::from(2);
+    }
     if cfg.max_bandwidth == u64::MAX {
         eprintln!("ferry-demo: --max-bandwidth needs a number of MiB/s\n{USAGE}");
         return ExitCode::from(2);
@@ -62,13 +70,18 @@ fn main() -> ExitCode {
     };
     if !json_out {
         eprintln!(
-            "ferry-demo: booting the dirtier ({} RAM, working set {ws}, all RAM filled) and \
-             migrating it live over TCP on loopback, link capped at {cap}",
+            "ferry-demo: booting the dirtier ({} RAM, working set {ws}, all RAM filled) in \
+             {engine} and migrating it live to a second {engine} over TCP on loopback, link \
+             capped at {cap}",
             cfg.mem
         );
     }
     let s = Scratch::new();
-    let result = run_ferry(&s, &cfg, |v| progress(v, tty, json_out));
+    let result = if engine == "ferry-qemu" {
+        run_ferry_qemu(&s, &cfg, |v| progress(v, tty, json_out))
+    } else {
+        run_ferry(&s, &cfg, |v| progress(v, tty, json_out))
+    };
     if tty {
         eprintln!();
     }
@@ -103,7 +116,7 @@ fn main() -> ExitCode {
             st["ram"]["normal"],
             st["ram"]["duplicate"]
         );
-        println!("  passes            {}", st["passes"]);
+        println!("  passes            {}", passes(st));
         println!("  throttle at end   {}%", st["cpu-throttle-percentage"]);
         println!("  memory oracle     {verdict}");
     }
@@ -134,11 +147,13 @@ fn progress(v: &Value, tty: bool, json_out: bool) {
         "#".repeat(filled),
         "-".repeat(width - filled),
         v["status"].as_str().unwrap_or("?"),
-        v["passes"],
+        passes(v),
         sent / 1048576.0,
         remaining / 1048576.0,
         v["ram"]["mbps"].as_f64().unwrap_or(0.0),
-        v["expected-downtime"],
+        v["expected-downtime"]
+            .as_u64()
+            .map_or_else(|| "-".to_string(), |x| x.to_string()),
         v["cpu-throttle-percentage"],
     );
     if tty {
@@ -147,4 +162,12 @@ fn progress(v: &Value, tty: bool, json_out: bool) {
     } else {
         eprintln!("{line}");
     }
+}
+
+/// Passes over memory: ferry-vm reports `passes`, QMP reports `ram.dirty-sync-count`.
+fn passes(v: &Value) -> u64 {
+    v["passes"]
+        .as_u64()
+        .or_else(|| v["ram"]["dirty-sync-count"].as_u64())
+        .unwrap_or(0)
 }
