@@ -128,25 +128,11 @@ fn io_err<'a>(
 impl Channel {
     fn from_tcp(s: TcpStream, uri: &MigrationUri) -> Result<Self, TransportError> {
         s.set_nodelay(true).map_err(io_err("configure", uri))?;
-        let r = s.try_clone().map_err(io_err("clone", uri))?;
-        let b = s.try_clone().map_err(io_err("clone", uri))?;
-        Ok(Self {
-            reader: Box::new(r),
-            writer: Box::new(s),
-            has_return_path: true,
-            shutdown: Some(OwnedFd::from(b)),
-        })
+        Self::from_fd(OwnedFd::from(s), uri)
     }
 
     fn from_unix(s: UnixStream, uri: &MigrationUri) -> Result<Self, TransportError> {
-        let r = s.try_clone().map_err(io_err("clone", uri))?;
-        let b = s.try_clone().map_err(io_err("clone", uri))?;
-        Ok(Self {
-            reader: Box::new(r),
-            writer: Box::new(s),
-            has_return_path: true,
-            shutdown: Some(OwnedFd::from(b)),
-        })
+        Self::from_fd(OwnedFd::from(s), uri)
     }
 
     fn from_fd(fd: OwnedFd, uri: &MigrationUri) -> Result<Self, TransportError> {
