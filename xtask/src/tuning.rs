@@ -165,8 +165,10 @@ pub fn page() -> Result<String, String> {
 
     doc.ss("Downtime limit");
     doc.p(
-        "The longest the guest may be paused at switch-over. ferry switches over after \
-         the first pass whose expected downtime is within it. A lower limit means more \
+        "The longest the guest may be paused at switch-over. Once a pass's expected \
+         downtime is within it, ferry makes up to five more passes while each still \
+         shrinks the rest by a quarter (the guest keeps running meanwhile), then switches \
+         over; the pause is then usually far below the limit. A lower limit means more \
          passes; a guest that dirties memory faster than the link drains it never gets \
          under a low limit without throttling.",
     );

@@ -2,7 +2,9 @@
 //!
 //! Rules (checked after every pass):
 //! 1. expected downtime = (dirty bytes + device state estimate) / measured bandwidth;
-//!    switch over as soon as it is within the downtime limit.
+//!    once it is within the downtime limit, make up to five more passes while each
+//!    shrinks the rest by a quarter (a shorter pause for the price of a pass), then
+//!    switch over (precopy.rs applies this rule).
 //! 2. If the guest dirties memory faster than half the bandwidth for two passes in a
 //!    row, throttle ("stun during page send"): take away just enough vCPU time that the
 //!    dirty rate falls to half the bandwidth, computed from the dirty rate measured
