@@ -125,27 +125,30 @@ fn startup_errors_exit_1_with_the_reason() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("QEMU emulator version 7.2.0"));
 }
 
+/// Whether the private-libvirtd tests can run here (libvirtd installed, root).
+/// Says why when not; under CI a missing piece is a failure, never a skip.
+fn libvirt_available(test: &str) -> bool {
+    let why = if !Path::new("/usr/sbin/libvirtd").exists() {
+        "libvirtd is not installed (apt-get install libvirt-daemon-system libvirt-clients)"
+    } else if !nix::unistd::geteuid().is_root() {
+        "needs root (private mount namespace for libvirtd)"
+    } else {
+        return true;
+    };
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run {test}: {why}"
+    );
+    eprintln!("SKIP {test}: {why}");
+    false
+}
+
 /// `virsh domcapabilities` with ferry-qemu as the emulator, against a private
 /// libvirtd in its own mount namespace (tests/libvirt-probe.sh). Skips, saying
 /// why, when libvirtd is not installed or we are not root.
 #[test]
 fn libvirt_accepts_ferry_qemu() {
-    if !Path::new("/usr/sbin/libvirtd").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: skipped"
-        );
-        eprintln!("SKIP libvirt_accepts_ferry_qemu: libvirtd is not installed (apt-get install libvirt-daemon-system libvirt-clients)");
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: skipped"
-        );
-        eprintln!(
-            "SKIP libvirt_accepts_ferry_qemu: needs root (private mount namespace for libvirtd)"
-        );
+    if !libvirt_available("libvirt_accepts_ferry_qemu") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -506,20 +509,7 @@ fn qemu_cli_run_save_restore_keeps_the_guest() {
 #[test]
 fn libvirt_runs_a_ferry_qemu_domain() {
     let name = "libvirt_runs_a_ferry_qemu_domain";
-    if !Path::new("/usr/sbin/libvirtd").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: skipped"
-        );
-        eprintln!("SKIP {name}: libvirtd is not installed (apt-get install libvirt-daemon-system libvirt-clients)");
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: skipped"
-        );
-        eprintln!("SKIP {name}: needs root (private mount namespace for libvirtd)");
+    if !libvirt_available(name) {
         return;
     }
     if !kvm_usable(name) {
