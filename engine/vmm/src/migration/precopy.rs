@@ -150,10 +150,7 @@ impl<W: Write> PageSender<'_, W> {
         let (transferred, normal, duplicate) =
             (self.out.bytes_written(), self.normal, self.duplicate);
         self.ctl.update_stats(|s| {
-            s.ram.transferred = transferred;
-            s.ram.normal = normal;
-            s.ram.normal_bytes = normal * PAGE_SIZE as u64;
-            s.ram.duplicate = duplicate;
+            record_pages(s, transferred, normal, duplicate);
             if s.passes == 0 {
                 // During the first pass everything not yet looked at remains.
                 let seen = (normal + duplicate) * PAGE_SIZE as u64;
@@ -179,6 +176,14 @@ impl<W: Write> PageSender<'_, W> {
         }
         Ok(())
     }
+}
+
+/// The page counters of query-migrate's `ram` object.
+fn record_pages(s: &mut MigrationStats, transferred: u64, normal: u64, duplicate: u64) {
+    s.ram.transferred = transferred;
+    s.ram.normal = normal;
+    s.ram.normal_bytes = normal * PAGE_SIZE as u64;
+    s.ram.duplicate = duplicate;
 }
 
 fn check_abort(
@@ -443,11 +448,8 @@ fn run(
         ctl.update_stats(|s| {
             s.passes = pass;
             s.ram.dirty_sync_count = pass;
-            s.ram.transferred = transferred;
+            record_pages(s, transferred, sender.normal, sender.duplicate);
             s.ram.remaining = report.dirty_bytes;
-            s.ram.normal = sender.normal;
-            s.ram.normal_bytes = sender.normal * PAGE_SIZE as u64;
-            s.ram.duplicate = sender.duplicate;
             s.ram.dirty_pages_rate = (dirty_rate / PAGE_SIZE as f64) as u64;
             s.ram.mbps = sent as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-6);
             s.ram.pages_per_second = (conv.bandwidth / PAGE_SIZE as f64) as u64;
@@ -561,11 +563,8 @@ fn run(
     ctl.update_stats(|s| {
         s.downtime = downtime;
         s.total_time = start.elapsed().as_millis() as u64;
-        s.ram.transferred = transferred;
+        record_pages(s, transferred, normal, duplicate);
         s.ram.remaining = 0;
-        s.ram.normal = normal;
-        s.ram.normal_bytes = normal * PAGE_SIZE as u64;
-        s.ram.duplicate = duplicate;
         s.ram.dirty_sync_count = pass + 1;
         s.device_state_bytes = device_bytes;
         s.digest_ms = digest_ms;
