@@ -102,13 +102,9 @@ impl GuestRam {
                 // matters for migration: a first read of untouched RAM then maps one
                 // 2 MiB zero page instead of faulting 512 times, and the destination
                 // fills RAM in 2 MiB steps.
-                let rc = unsafe {
-                    libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE)
-                };
-                if rc != 0 {
-                    // Not fatal: THP may be disabled on this host.
-                    let _ = std::io::Error::last_os_error();
-                }
+                // The result is ignored on purpose: THP may be disabled on this host,
+                // which only costs speed.
+                unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
             }
         }
         let slots = mem
@@ -234,24 +230,6 @@ impl GuestRam {
         // may change while we read them; the answer is then stale, as documented for `read`.
         let words = unsafe { std::slice::from_raw_parts(host as *const u64, PAGE_SIZE / 8) };
         Ok(is_zero(words))
-    }
-
-    /// Advises the kernel that a range of guest RAM is not needed now (after restoring a
-    /// zero page into memory that was already zero this is not needed; kept for releasing
-    /// RAM of a VM that moved away).
-    pub fn discard(&self) {
-        for &(_, size, host) in &self.slots {
-            // SAFETY: `host..host+size` is a mapping we own; MADV_DONTNEED on a private
-            // anonymous or shared mapping only drops its contents (reads return zero or the
-            // file's contents), it never invalidates the mapping.
-            unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    size as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-        }
     }
 }
 
