@@ -68,6 +68,15 @@ pub fn write_ram<W: Write>(
     Ok(())
 }
 
+/// Writes the state of a paused VM besides its RAM: vCPUs, VM-wide state, devices.
+/// Checkpoints and migrations at switch-over both end with these sections.
+pub fn write_state<W: Write>(vm: &Vm, out: &mut StreamWriter<W>) -> Result<(), VmmError> {
+    out.write_cbor(SectionId::Vcpus, VCPUS_VERSION, &vm.capture_vcpus()?)?;
+    out.write_cbor(SectionId::Vm, VM_VERSION, &vm.capture_vm()?)?;
+    out.write_cbor(SectionId::Devices, DEVICES_VERSION, &vm.capture_devices()?)?;
+    Ok(())
+}
+
 /// Writes a checkpoint of a paused VM.
 pub fn save<W: Write>(vm: &Vm, w: W) -> Result<(W, CheckpointStats), VmmError> {
     if vm.is_running() {
@@ -86,9 +95,7 @@ pub fn save<W: Write>(vm: &Vm, w: W) -> Result<(W, CheckpointStats), VmmError> {
         },
     )?;
     write_ram(vm.ram(), &mut out, &mut stats)?;
-    out.write_cbor(SectionId::Vcpus, VCPUS_VERSION, &vm.capture_vcpus()?)?;
-    out.write_cbor(SectionId::Vm, VM_VERSION, &vm.capture_vm()?)?;
-    out.write_cbor(SectionId::Devices, DEVICES_VERSION, &vm.capture_devices()?)?;
+    write_state(vm, &mut out)?;
     stats.bytes = out.bytes_written();
     let mut w = out.finish()?;
     w.flush()

@@ -13,7 +13,7 @@ use super::{
     Channel, Handshake, MigrationControl, MigrationError, MigrationEvent, MigrationStats,
     MigrationStatus, Reply, TimeoutPolicy, REPLY_VERSION,
 };
-use crate::checkpoint::{producer, DEVICES_VERSION, SHAPE_VERSION, VCPUS_VERSION, VM_VERSION};
+use crate::checkpoint::{producer, SHAPE_VERSION};
 use crate::vm::Vm;
 
 /// How long the source waits for the destination to accept the shape, and to confirm
@@ -521,15 +521,7 @@ fn run(
     rest.for_each(None, |gpa| sender.send(&ram, gpa, false))?;
     sender.flush()?;
     let before_devices = sender.out.bytes_written();
-    sender
-        .out
-        .write_cbor(SectionId::Vcpus, VCPUS_VERSION, &vm.capture_vcpus()?)?;
-    sender
-        .out
-        .write_cbor(SectionId::Vm, VM_VERSION, &vm.capture_vm()?)?;
-    sender
-        .out
-        .write_cbor(SectionId::Devices, DEVICES_VERSION, &vm.capture_devices()?)?;
+    crate::checkpoint::write_state(vm, &mut sender.out)?;
     let device_bytes = sender.out.bytes_written() - before_devices;
     let mut digest_ms = 0;
     if params.verify_digest {
