@@ -14,6 +14,9 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferry-qemu");
 
+#[path = "replay/mod.rs"]
+mod replay;
+
 fn read_json(r: &mut impl BufRead) -> Value {
     let mut line = String::new();
     r.read_line(&mut line).expect("read");
