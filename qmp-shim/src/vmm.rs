@@ -23,7 +23,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -281,9 +281,33 @@ fn open_incoming(source: MigrationTarget) -> Result<IncomingSource, BackendError
         MigrationTarget::Unix(p) => Listener::bind(&MigrationUri::Unix(p))
             .map(IncomingSource::Listen)
             .map_err(transport),
-        MigrationTarget::Exec(c) => Err(BackendError::Migration(format!(
-            "exec:{c}: ferry-qemu reads incoming migrations from tcp:, unix:, fd: or file:"
-        ))),
+        MigrationTarget::Exec(cmd) => {
+            // QEMU's `-incoming exec:CMD`: the stream is the shell's stdout.
+            let mut child = Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&cmd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .map_err(|e| BackendError::Migration(format!("exec:{cmd}: {e}")))?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| BackendError::Migration(format!("exec:{cmd}: no pipe")))?;
+            // Reaped when it exits; a failing command shows as a short stream,
+            // which the receiver refuses, and its status is logged here.
+            std::thread::Builder::new()
+                .name("incoming-exec".into())
+                .spawn(move || match child.wait() {
+                    Ok(st) if !st.success() => {
+                        eprintln!("ferry-qemu: the incoming exec: command failed ({st})");
+                    }
+                    Err(e) => eprintln!("ferry-qemu: waiting for the exec: command: {e}"),
+                    Ok(_) => {}
+                })
+                .map_err(engine)?;
+            Ok(IncomingSource::Stream(File::from(OwnedFd::from(stdout))))
+        }
     }
 }
 

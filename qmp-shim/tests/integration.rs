@@ -401,7 +401,8 @@ fn kvm_usable(test: &str) -> bool {
 /// QEMU's command line by hand: boot the dirtier paused, run, stop,
 /// pmemsave (oracle), save to `file:`, restore with `-incoming file:`,
 /// save again to `exec:`, restore with `-incoming defer` + `migrate-incoming
-/// fd:` (getfd): the guest continues where it stopped each time.
+/// fd:` (getfd), then from `-incoming exec:`: the guest continues where it
+/// stopped each time.
 #[test]
 fn qemu_cli_run_save_restore_keeps_the_guest() {
     if !kvm_usable("qemu_cli_run_save_restore_keeps_the_guest") {
@@ -491,7 +492,38 @@ fn qemu_cli_run_save_restore_keeps_the_guest() {
     let r4 = q.oracle(&d.join("c0.raw"));
     assert_eq!((r4.passes, r4.cursor), (r3.passes, r3.cursor));
     run_a_while(&mut q, &d.join("c.serial"));
-    q.oracle(&d.join("c1.raw"));
+    let r5 = q.oracle(&d.join("c1.raw"));
+    let save3 = d.join("three.ferry");
+    q.events.clear();
+    q.ok(
+        "migrate",
+        json!({"uri": format!("exec:cat > {}", save3.display())}),
+    );
+    q.wait_event("MIGRATION", Some("completed"));
+
+    // 4. -incoming exec: reads the stream from a command's stdout.
+    let e = spawn_guest(
+        d,
+        "e",
+        &kernel,
+        &["-incoming", &format!("exec:cat {}", save3.display())],
+    );
+    let mut qe = Qmp::connect(&e.qmp);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qe.status() != "paused" {
+        assert!(Instant::now() < deadline, "exec: restore never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r6 = qe.oracle(&d.join("e0.raw"));
+    assert_eq!((r6.passes, r6.cursor), (r5.passes, r5.cursor));
+    run_a_while(&mut qe, &d.join("e.serial"));
+    drop(qe);
+    drop(e);
+    // A command that fails yields no guest: the load fails, exit 1.
+    let mut bad = spawn_guest(d, "bad", &kernel, &["-incoming", "exec:exit 3"]);
+    let status = bad.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "{status}");
+
     // virsh destroy: SIGTERM → SHUTDOWN (host-signal), exit 0.
     let mut c = c;
     nix::sys::signal::kill(
