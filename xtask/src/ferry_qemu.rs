@@ -166,7 +166,8 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
         "incoming",
         "URI",
         "Wait for an incoming migration: `tcp:HOST:PORT`, `unix:PATH`, `fd:N`, \
-         `file:PATH`, or `defer` (then QMP `migrate-incoming`).",
+         `file:PATH`, `exec:CMD` (the stream is CMD's standard output), or `defer` \
+         (then QMP `migrate-incoming`).",
     ),
     ("audiodev", "none,id=ID", "Only the `none` driver."),
     ("spice", "OPTS", "Refused, by name."),
