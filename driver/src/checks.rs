@@ -518,7 +518,16 @@ pub fn destination_checks(dom: &DomainXml, dst: &mut dyn DestProbe) -> Vec<Check
                         "ferry-version",
                         format!("destination ferry-qemu {v} is compatible"),
                     )),
-                    None => {}
+                    // Over libvirt's remote API no emulator version is visible;
+                    // the destination's hook (`ferry hook`) compares it.
+                    None => out.push(Check::skip(
+                        "ferry-version",
+                        Some(format!("emulator {emu}")),
+                        format!(
+                            "the version of the destination's {emu} is not visible from here; \
+                             ferry's hook on the destination compares it when the migration starts"
+                        ),
+                    )),
                 }
             }
             EmulatorProbe::NoBinary(why) => out.push(Check::fail(
