@@ -26,6 +26,9 @@ pub struct RunConfig {
     /// Bytes/s cap (0 = unlimited), applied to both engines.
     pub max_bandwidth: u64,
     pub downtime_limit_ms: u64,
+    /// Sample both processes' memory outside guest RAM during the migration
+    /// (`RunResult::memory`); costs a read of /proc/PID/smaps per sample.
+    pub measure_memory: bool,
 }
 
 /// What one migration measured.
@@ -41,6 +44,48 @@ pub struct RunResult {
     pub guest_stalled_pct: f64,
     /// The oracle's verdict on the destination's memory.
     pub oracle: Result<ferry_testguest::OracleReport, String>,
+    /// Memory outside guest RAM, when `RunConfig::measure_memory` is set.
+    pub memory: Option<MemoryOverhead>,
+}
+
+/// Resident memory of the two processes outside guest RAM, in bytes: before the
+/// migration (the VMM's own baseline), and the largest value sampled while it ran
+/// (every 100 ms). The migration's overhead on a side is `peak - before`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryOverhead {
+    pub src_before: u64,
+    pub src_peak: u64,
+    pub dst_before: u64,
+    pub dst_peak: u64,
+    /// The destination once the VM runs there (its steady state, buffers freed).
+    pub dst_after: u64,
+}
+
+/// Guest RAM mappings are this large or larger; no other mapping of ferry-vm is
+/// (thread arenas of the allocator reserve 64 MiB).
+const GUEST_MAPPING_MIN: u64 = 128 << 20;
+
+/// Resident bytes of process `pid` outside its guest RAM: the Rss of every mapping
+/// in /proc/PID/smaps except the guest RAM ranges (mappings of
+/// [`GUEST_MAPPING_MIN`] or more).
+pub fn rss_outside_guest(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let kb = |line: &str| -> u64 {
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+            << 10
+    };
+    let (mut total, mut size) = (0u64, 0u64);
+    for line in smaps.lines() {
+        if line.starts_with("Size:") {
+            size = kb(line);
+        } else if line.starts_with("Rss:") && size < GUEST_MAPPING_MIN {
+            total += kb(line);
+        }
+    }
+    Some(total)
 }
 
 /// Waits until the dirtier completed at least `passes` passes (read through `peek`).
@@ -106,6 +151,12 @@ pub fn run_ferry(
         src.ok(&format!("migrate-set {set}"));
     }
     std::thread::sleep(Duration::from_millis(200));
+    let (src_pid, dst_pid) = (src.child.id(), dst.child.id());
+    let mut memory = cfg.measure_memory.then(|| MemoryOverhead {
+        src_before: rss_outside_guest(src_pid).unwrap_or(0),
+        dst_before: rss_outside_guest(dst_pid).unwrap_or(0),
+        ..MemoryOverhead::default()
+    });
     let control = src.control.clone();
     let t0 = Instant::now();
     let mig = std::thread::spawn(move || -> Result<Value, String> {
@@ -118,6 +169,11 @@ pub fn run_ferry(
         serde_json::from_str(&line).map_err(|e| e.to_string())
     });
     while !mig.is_finished() {
+        if let Some(m) = memory.as_mut() {
+            let (a, b) = (rss_outside_guest(src_pid), rss_outside_guest(dst_pid));
+            m.src_peak = m.src_peak.max(a.unwrap_or(0));
+            m.dst_peak = m.dst_peak.max(b.unwrap_or(0));
+        }
         if let Ok(mut c) = UnixStream::connect(&src.control) {
             let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
             if writeln!(c, "query-migrate").is_ok() {
@@ -140,9 +196,16 @@ pub fn run_ferry(
     }
     let stats = reply["migration"].clone();
     progress(&stats);
+    if let Some(m) = memory.as_mut() {
+        // The destination holds its buffers until it has loaded the VM.
+        m.dst_peak = m.dst_peak.max(rss_outside_guest(dst_pid).unwrap_or(0));
+    }
     let _ = src.wait_exit(Duration::from_secs(10));
     dst.wait_for_control();
     std::thread::sleep(Duration::from_millis(300));
+    if let Some(m) = memory.as_mut() {
+        m.dst_after = rss_outside_guest(dst_pid).unwrap_or(0);
+    }
     let window_end = t1 + Duration::from_millis(200);
     let (guest_downtime_ms, stalled) = gap_figures(&hb, t0, t1, window_end);
     let oracle = oracle_of(&dst, s);
@@ -154,6 +217,7 @@ pub fn run_ferry(
         guest_downtime_ms,
         guest_stalled_pct: stalled,
         oracle,
+        memory,
     })
 }
 
@@ -377,6 +441,7 @@ fn run_qmp(
         guest_downtime_ms,
         guest_stalled_pct: stalled,
         oracle,
+        memory: None,
     })
 }
 

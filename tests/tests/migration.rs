@@ -159,10 +159,25 @@ fn slow_migration(
     VmProcess,
     std::thread::JoinHandle<serde_json::Value>,
 ) {
+    slow_migration_with(s, &[])
+}
+
+/// `slow_migration` with more `migrate-set` settings.
+fn slow_migration_with(
+    s: &Scratch,
+    settings: &[&str],
+) -> (
+    VmProcess,
+    VmProcess,
+    std::thread::JoinHandle<serde_json::Value>,
+) {
     let src = source(s, "1G", "ws=64M fill=1");
     let uri = format!("unix:{}", s.path("mig.sock").display());
     let dst = VmProcess::spawn(s, "dst", &["incoming", &uri]);
     src.ok("migrate-set max-bandwidth=67108864");
+    for set in settings {
+        src.ok(&format!("migrate-set {set}"));
+    }
     std::thread::sleep(Duration::from_millis(300));
     let control = src.control.clone();
     let t = std::thread::spawn(move || {
@@ -215,4 +230,148 @@ fn killed_destination_keeps_the_source() {
     assert_eq!(reply["ok"], false, "{reply}");
     source_survives(&s, &src);
     src.quit();
+}
+
+#[test]
+fn multifd_tcp_hot_guest_four_streams() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "256M", "ws=64M fill=1");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let stats = migrate_ok(
+        &s,
+        src,
+        &uri,
+        &["multifd-channels=4", "verify=on", "clear-dirty-log=on"],
+    );
+    assert_eq!(stats["streams"], 4, "{stats}");
+    // Every page of the filled guest travelled, spread over the four streams.
+    assert!(
+        stats["ram"]["normal"].as_u64().unwrap_or(0) >= 65_000,
+        "{stats}"
+    );
+    assert!(stats["passes"].as_u64().unwrap_or(0) >= 2, "{stats}");
+}
+
+#[test]
+fn multifd_unix_idle_guest_two_streams() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "512M", "ws=0");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let stats = migrate_ok(&s, src, &uri, &["multifd-channels=2", "verify=on"]);
+    assert_eq!(stats["streams"], 2, "{stats}");
+    assert!(
+        stats["ram"]["normal"].as_u64().unwrap_or(u64::MAX) < 2_000,
+        "{stats}"
+    );
+}
+
+#[test]
+fn multifd_unix_hot_guest_throttled_slow_link() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "256M", "ws=32M");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let stats = migrate_ok(
+        &s,
+        src,
+        &uri,
+        &["multifd-channels=3", "max-bandwidth=16777216"],
+    );
+    assert_eq!(stats["streams"], 3, "{stats}");
+    assert!(
+        stats["cpu-throttle-percentage"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+}
+
+#[test]
+fn multifd_destination_takes_fewer_streams() {
+    require_kvm();
+    let s = Scratch::new();
+    let mut src = source(&s, "256M", "ws=16M");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmProcess::spawn(&s, "dst", &["incoming", &uri, "--max-streams", "2"]);
+    src.ok("migrate-set multifd-channels=4");
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["streams"], 2, "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    dst.oracle(&s, "dst");
+    dst.quit();
+}
+
+#[test]
+fn multifd_needs_a_socket_uri_and_bad_counts_are_refused() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "256M", "ws=16M");
+    for bad in [
+        "multifd-channels=0",
+        "multifd-channels=17",
+        "multifd-channels=x",
+    ] {
+        let r = src.command(&format!("migrate-set {bad}"));
+        assert_eq!(r["ok"], false, "{bad}: {r}");
+    }
+    src.ok("migrate-set multifd-channels=2");
+    let file = s.path("multi.ckpt");
+    let reply = src.command(&format!("migrate file:{}", file.display()));
+    assert_eq!(reply["ok"], false, "{reply}");
+    let err = reply["error"].as_str().unwrap_or_default();
+    assert!(err.contains("2 page streams"), "{err}");
+    assert!(err.contains("fd: and file:"), "{err}");
+    source_survives(&s, &src);
+    src.quit();
+}
+
+#[test]
+fn killed_destination_keeps_the_source_with_streams() {
+    require_kvm();
+    let s = Scratch::new();
+    let (src, mut dst, t) = slow_migration_with(&s, &["multifd-channels=3"]);
+    assert_eq!(src.ok("query-migrate")["streams"], 3);
+    dst.child.kill().expect("kill destination");
+    let _ = dst.child.wait();
+    let reply = t.join().expect("migrate thread");
+    assert_eq!(reply["ok"], false, "{reply}");
+    source_survives(&s, &src);
+    src.quit();
+}
+
+#[test]
+fn cancel_with_streams_keeps_the_source() {
+    require_kvm();
+    let s = Scratch::new();
+    let (src, mut dst, t) = slow_migration_with(&s, &["multifd-channels=2"]);
+    src.ok("migrate-cancel");
+    let reply = t.join().expect("migrate thread");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancelled"),
+        "{reply}"
+    );
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+    source_survives(&s, &src);
+    src.quit();
+}
+
+/// KVM_CLEAR_DIRTY_LOG right before pages are read (where the kernel offers it): a
+/// write between the dirty sync and the copy must never be lost.
+#[test]
+fn hot_guest_with_manual_dirty_log_protection() {
+    require_kvm();
+    let s = Scratch::new();
+    let src = source(&s, "256M", "ws=64M fill=1 pattern=random");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let stats = migrate_ok(&s, src, &uri, &["clear-dirty-log=on", "verify=on"]);
+    assert!(stats["passes"].as_u64().unwrap_or(0) >= 2, "{stats}");
+    if stats["manual-dirty-protect"] == true {
+        assert!(stats["dirty-clear-us"].as_u64().unwrap_or(0) > 0, "{stats}");
+    }
 }

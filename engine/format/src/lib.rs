@@ -46,6 +46,7 @@
 //! |  6 | End      | counts (below); always last             | 24 bytes          |
 //! |  7 | Reply    | CBOR: return-path message (dest to src) | 16 MiB            |
 //! |  8 | Digest   | CBOR: digest of all guest RAM           | 16 MiB            |
+//! |  9 | Join     | CBOR: opens an extra page stream        | 16 MiB            |
 //! |  * | other    | unknown to this version                 | 64 MiB            |
 //!
 //! ## RamPages payload
@@ -71,6 +72,15 @@
 //!
 //! The reader checks both counts against what it read, which catches a lost
 //! section. Nothing may be read after End.
+//!
+//! ## Extra page streams
+//!
+//! A migration over several connections (multifd) opens each extra one with a
+//! stream of its own: the preamble, a Join section (CBOR: the session token from
+//! the main stream's Shape, the stream's number, the number of streams), RamPages
+//! sections, and End, whose counts cover that stream only. Which pages a stream may
+//! carry, and how the streams are ordered at switch-over, is the migration
+//! engine's rule (`ferry-vmm`, `migration` module).
 //!
 //! # Use
 //!

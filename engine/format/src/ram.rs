@@ -44,7 +44,10 @@ fn invalid_write(reason: impl Into<String>) -> FormatError {
 /// builder reused across batches allocates only once.
 pub struct RamBatchBuilder {
     entries: Vec<u8>,
+    /// Page contents; only `..data_len` belong to the batch. The rest is kept
+    /// from earlier batches, so in-place pushes neither allocate nor zero it.
     data: Vec<u8>,
+    data_len: usize,
     max_pages: u32,
 }
 
@@ -76,6 +79,7 @@ impl RamBatchBuilder {
         RamBatchBuilder {
             entries: Vec::new(),
             data: Vec::new(),
+            data_len: 0,
             max_pages: max_pages.max(1),
         }
     }
@@ -102,18 +106,18 @@ impl RamBatchBuilder {
 
     /// Pages pushed with data.
     pub fn data_pages(&self) -> usize {
-        self.data.len() / PAGE_SIZE
+        self.data_len / PAGE_SIZE
     }
 
     /// Length of the RamPages payload this batch produces.
     pub fn payload_len(&self) -> u64 {
-        (RAM_BATCH_HEADER_LEN + self.entries.len() + self.data.len()) as u64
+        (RAM_BATCH_HEADER_LEN + self.entries.len() + self.data_len) as u64
     }
 
     /// Empties the builder, keeping its buffers.
     pub fn clear(&mut self) {
         self.entries.clear();
-        self.data.clear();
+        self.data_len = 0;
     }
 
     /// Adds an all-zero page at `gpa` (4096-aligned).
@@ -123,8 +127,30 @@ impl RamBatchBuilder {
 
     /// Adds a page at `gpa` (4096-aligned) with its contents.
     pub fn push_data(&mut self, gpa: u64, page: &[u8; PAGE_SIZE]) -> Result<()> {
+        self.push_data_with(gpa, |buf| {
+            buf.copy_from_slice(page);
+            Ok::<(), FormatError>(())
+        })
+    }
+
+    /// Adds a page with data at `gpa` whose contents `fill` writes straight into
+    /// the batch (e.g. from guest memory), saving a copy through a page buffer. If
+    /// `fill` fails, the batch is left as it was.
+    pub fn push_data_with<E: From<FormatError>>(
+        &mut self,
+        gpa: u64,
+        fill: impl FnOnce(&mut [u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
         self.push_entry(gpa, 0)?;
-        self.data.extend_from_slice(page);
+        let start = self.data_len;
+        if self.data.len() < start + PAGE_SIZE {
+            self.data.resize(start + PAGE_SIZE, 0);
+        }
+        if let Err(e) = fill(&mut self.data[start..start + PAGE_SIZE]) {
+            self.entries.truncate(self.entries.len() - ENTRY_LEN);
+            return Err(e);
+        }
+        self.data_len = start + PAGE_SIZE;
         Ok(())
     }
 
@@ -169,7 +195,7 @@ impl RamBatchBuilder {
         let mut header = [0u8; RAM_BATCH_HEADER_LEN];
         header[0..4].copy_from_slice(&count.to_le_bytes());
         // 4..8: reserved, zero.
-        (header, &self.entries, &self.data)
+        (header, &self.entries, &self.data[..self.data_len])
     }
 }
 
@@ -351,6 +377,37 @@ impl ExactSizeIterator for RamPageIter<'_> {}
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn in_place_pushes_roll_back_on_failure_and_reuse_the_buffer() {
+        let mut b = RamBatchBuilder::with_max_pages(4);
+        b.push_data_with(0x1000, |buf| {
+            buf.fill(0x11);
+            Ok::<(), FormatError>(())
+        })
+        .unwrap();
+        let failed = b.push_data_with(0x2000, |buf| {
+            buf.fill(0x22);
+            Err(invalid_write("the source page could not be read"))
+        });
+        assert!(failed.is_err());
+        assert_eq!((b.len(), b.data_pages()), (1, 1));
+        b.push_data(0x3000, &[0x33; PAGE_SIZE]).unwrap();
+        let (head, entries, data) = b.parts();
+        let payload = [&head[..], entries, data].concat();
+        let batch = RamBatch::parse(&payload).unwrap();
+        let pages: Vec<_> = batch
+            .iter()
+            .map(|p| (p.gpa, p.data.map(|d| d[0])))
+            .collect();
+        assert_eq!(pages, [(0x1000, Some(0x11)), (0x3000, Some(0x33))]);
+        // After clear() the kept buffer is overwritten, never read as stale data.
+        b.clear();
+        b.push_zero(0x4000).unwrap();
+        assert_eq!(b.payload_len(), (RAM_BATCH_HEADER_LEN + ENTRY_LEN) as u64);
+        let (_, _, data) = b.parts();
+        assert!(data.is_empty());
+    }
+
     use super::*;
 
     fn assemble(b: &RamBatchBuilder) -> Vec<u8> {

@@ -37,6 +37,9 @@ pub enum SectionId {
     /// 8: a digest of all guest RAM, compared by the destination before it
     /// resumes the VM; CBOR.
     Digest,
+    /// 9: the first section of an extra page stream of a multi-stream migration:
+    /// which migration it belongs to and which stream it is; CBOR.
+    Join,
     /// Any id this build does not know (including the invalid id 0). Build
     /// ids with [`SectionId::from_u32`]; an `Unknown(n)` holding a known `n`
     /// is treated as that known id everywhere except by `==`.
@@ -45,7 +48,7 @@ pub enum SectionId {
 
 impl SectionId {
     /// Every id this build knows, in id order.
-    pub const KNOWN: [SectionId; 8] = [
+    pub const KNOWN: [SectionId; 9] = [
         SectionId::Shape,
         SectionId::RamPages,
         SectionId::Vcpus,
@@ -54,6 +57,7 @@ impl SectionId {
         SectionId::End,
         SectionId::Reply,
         SectionId::Digest,
+        SectionId::Join,
     ];
 
     /// Maps a wire id to a `SectionId`.
@@ -67,6 +71,7 @@ impl SectionId {
             6 => SectionId::End,
             7 => SectionId::Reply,
             8 => SectionId::Digest,
+            9 => SectionId::Join,
             other => SectionId::Unknown(other),
         }
     }
@@ -82,6 +87,7 @@ impl SectionId {
             SectionId::End => 6,
             SectionId::Reply => 7,
             SectionId::Digest => 8,
+            SectionId::Join => 9,
             SectionId::Unknown(id) => id,
         }
     }
@@ -97,6 +103,7 @@ impl SectionId {
             SectionId::End => Some("End"),
             SectionId::Reply => Some("Reply"),
             SectionId::Digest => Some("Digest"),
+            SectionId::Join => Some("Join"),
             SectionId::Unknown(_) => None,
         }
     }
@@ -116,6 +123,7 @@ impl SectionId {
                 | SectionId::Devices
                 | SectionId::Reply
                 | SectionId::Digest
+                | SectionId::Join
         )
     }
 
@@ -348,7 +356,8 @@ mod tests {
             assert_eq!(id.supported_versions(), &[1]);
         }
         assert_eq!(SectionId::from_u32(0), SectionId::Unknown(0));
-        assert_eq!(SectionId::from_u32(9), SectionId::Unknown(9));
+        assert_eq!(SectionId::from_u32(9), SectionId::Join);
+        assert_eq!(SectionId::from_u32(10), SectionId::Unknown(10));
         // An Unknown spelling of a known id behaves as the known id.
         assert!(SectionId::Unknown(2).is_known());
         assert_eq!(SectionId::Unknown(2).to_string(), "RamPages (id 2)");

@@ -3,16 +3,24 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
+    kvm_userspace_memory_region, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap,
 };
+use vmm_sys_util::ioctl::ioctl_with_ref;
 
 /// Size of a guest page: ferry tracks, sends and checks memory in 4 KiB pages.
 pub const PAGE_SIZE: usize = 4096;
+
+// KVM_CLEAR_DIRTY_LOG, which kvm-ioctls 0.25 does not wrap (linux/kvm.h).
+vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
 /// How guest RAM is backed on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +62,19 @@ pub enum MemoryError {
     #[error("cannot read the dirty log of memory slot {slot}: {source}")]
     GetDirtyLog {
         slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot clear the dirty log of memory slot {slot} from page {first_page}: {source}")]
+    ClearDirtyLog {
+        slot: u32,
+        first_page: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot switch manual dirty-log protection {}: {source}", if *.on { "on" } else { "off" })]
+    ManualDirtyProtect {
+        on: bool,
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -187,6 +208,86 @@ impl GuestRam {
                     })
             })
             .collect()
+    }
+
+    /// Switches KVM's manual dirty-log protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+    /// on or off for `vm`; returns whether it is on. While on, KVM_GET_DIRTY_LOG only
+    /// reports dirty pages and [`GuestRam::clear_dirty_log`] resets (and write-protects
+    /// again) the pages the caller is about to copy; a slot whose logging is turned on
+    /// starts with every page dirty and none write-protected, where the kernel offers
+    /// that (KVM_DIRTY_LOG_INITIALLY_SET). A kernel without the capability answers
+    /// `Ok(false)` to `on`: the classic mode, where reading the log resets it, stays.
+    pub fn set_manual_dirty_protect(&self, vm: &VmFd, on: bool) -> Result<bool, MemoryError> {
+        let offered =
+            vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+        let offered = u64::try_from(offered).unwrap_or(0);
+        if offered & u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) == 0 {
+            return Ok(false);
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        if on {
+            cap.args[0] = offered
+                & u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
+        }
+        vm.enable_cap(&cap)
+            .map_err(|source| MemoryError::ManualDirtyProtect { on, source })?;
+        Ok(on)
+    }
+
+    /// Resets the dirty bits set in `bitmap` for the pages of `slot` from `first_page`
+    /// on (a multiple of 64; bit i of word w = page first_page + w*64 + i) and
+    /// write-protects those pages again, so a later write marks them dirty anew: call
+    /// it before copying the pages. Needs manual dirty-log protection
+    /// ([`GuestRam::set_manual_dirty_protect`]).
+    pub fn clear_dirty_log(
+        &self,
+        vm: &VmFd,
+        slot: u32,
+        first_page: u64,
+        bitmap: &[u64],
+    ) -> Result<(), MemoryError> {
+        let pages = self
+            .slots
+            .get(slot as usize)
+            .map(|&(_, size, _)| size / PAGE_SIZE as u64)
+            .unwrap_or(0);
+        if first_page % 64 != 0 || first_page >= pages || bitmap.is_empty() {
+            return Err(MemoryError::Layout(format!(
+                "cannot clear the dirty log of slot {slot} from page {first_page}: not a \
+                 multiple of 64 inside the slot's {pages} pages"
+            )));
+        }
+        // Whole words only, except for the slot's last, partial word (KVM's rule).
+        let num_pages = (bitmap.len() as u64 * 64).min(pages - first_page);
+        let num_pages = u32::try_from(num_pages).map_err(|_| {
+            MemoryError::Layout(format!(
+                "cannot clear the dirty log of {num_pages} pages in one call"
+            ))
+        })?;
+        let arg = kvm_clear_dirty_log {
+            slot,
+            num_pages,
+            first_page,
+            __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: bitmap.as_ptr().cast_mut().cast(),
+            },
+        };
+        // SAFETY: `vm` is a VM fd and `arg` is the kvm_clear_dirty_log the ioctl number
+        // is built from. KVM only reads the bitmap (copy_from_user of num_pages bits,
+        // rounded up to 64), and `bitmap` holds at least that many: num_pages is at most
+        // bitmap.len() * 64. It is borrowed for the whole call.
+        let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
+        if ret < 0 {
+            return Err(MemoryError::ClearDirtyLog {
+                slot,
+                first_page,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// Host address of `gpa..gpa+len`, which must lie inside one RAM range.

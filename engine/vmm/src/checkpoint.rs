@@ -92,6 +92,8 @@ pub fn save<W: Write>(vm: &Vm, w: W) -> Result<(W, CheckpointStats), VmmError> {
         &crate::migration::Handshake {
             shape: vm.shape(),
             digest: false,
+            streams: 1,
+            session: 0,
         },
     )?;
     write_ram(vm.ram(), &mut out, &mut stats)?;

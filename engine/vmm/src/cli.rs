@@ -82,7 +82,10 @@ pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
         "migrate-set KEY=VALUE...",
         "Set migration parameters, also during a migration: downtime-limit (ms), max-bandwidth \
          (bytes/s, 0 unlimited), max-total-time (ms, 0 none), on-timeout (cancel or switchover), \
-         auto-converge, verify, pause-before-switchover (on or off).",
+         auto-converge, verify, pause-before-switchover (on or off), multifd-channels (page \
+         streams, 1 to 16; more than 1 needs a tcp: or unix: URI, and the destination may take \
+         fewer), clear-dirty-log (on or off: KVM's manual dirty-log protection where the \
+         kernel offers it).",
     ),
     ("quit", "Stop the VM and exit with status 0."),
 ];
@@ -148,6 +151,10 @@ pub enum Command {
         /// Expected guest RAM; refused if the incoming VM's differs.
         #[arg(short = 'm', long, value_parser = parse_size)]
         mem: Option<u64>,
+        /// Most page streams (connections, the first included) to accept from a source
+        /// that sets multifd-channels; a source that proposes more gets this many.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::migration::MAX_STREAMS)))]
+        max_streams: u32,
         #[command(flatten)]
         common: Common,
     },

@@ -5,7 +5,8 @@
 //! guest RAM), `quit`,
 //! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
-//! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover).
+//! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover, pause-before-switchover
+//! 0|1, multifd-channels 1..16, clear-dirty-log 0|1).
 //! The QEMU-compatible QMP monitor is `ferry-qemu`'s; this is the thin local entry.
 
 use std::fs::File;
@@ -43,7 +44,13 @@ pub enum RunOutcome {
 struct Request {
     line: String,
     reply: Sender<Value>,
+    /// Signalled once the reply is on the socket: a process about to exit (quit, the
+    /// VM migrated away) waits for it, or the client would read EOF instead.
+    written: Receiver<()>,
 }
+
+/// How long an exiting process waits for its last reply to be written.
+const LAST_REPLY_WAIT: Duration = Duration::from_secs(2);
 
 /// Writes guest RAM as a raw image whose file offset is the guest physical address
 /// (zero pages and the MMIO hole are left as holes: the file is sparse).
@@ -142,17 +149,21 @@ fn serve_connection(stream: UnixStream, tx: Sender<Request>, ctl: Arc<MigrationC
             continue;
         }
         let (reply_tx, reply_rx) = mpsc::channel();
+        let (written_tx, written_rx) = mpsc::channel();
         if tx
             .send(Request {
                 line: line.trim().to_string(),
                 reply: reply_tx,
+                written: written_rx,
             })
             .is_err()
         {
             return;
         }
         let Ok(reply) = reply_rx.recv() else { return };
-        if writeln!(out, "{reply}").is_err() {
+        let sent = writeln!(out, "{reply}").and_then(|_| out.flush());
+        let _ = written_tx.send(());
+        if sent.is_err() {
             return;
         }
     }
@@ -192,6 +203,7 @@ pub fn run(mut vm: Vm, control: Option<&Path>, start: bool) -> Result<RunOutcome
                     let (reply, moved) = migrate(&mut vm, uri.trim(), &ctl);
                     let _ = req.reply.send(reply);
                     if moved {
+                        let _ = req.written.recv_timeout(LAST_REPLY_WAIT);
                         return Ok(RunOutcome::Migrated);
                     }
                     continue;
@@ -199,6 +211,7 @@ pub fn run(mut vm: Vm, control: Option<&Path>, start: bool) -> Result<RunOutcome
                 let (reply, quit) = handle(&mut vm, &req.line);
                 let _ = req.reply.send(reply);
                 if quit {
+                    let _ = req.written.recv_timeout(LAST_REPLY_WAIT);
                     let _ = vm.pause();
                     return Ok(RunOutcome::Quit);
                 }
@@ -354,6 +367,14 @@ fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
             "verify" => p.verify_digest = flag()?,
             "auto-converge" => p.auto_converge = flag()?,
             "pause-before-switchover" => p.pause_before_switchover = flag()?,
+            "clear-dirty-log" => p.clear_dirty_log = flag()?,
+            "multifd-channels" => {
+                let max = migration::MAX_STREAMS;
+                p.multifd_channels = match u32::try_from(num()?) {
+                    Ok(n) if (1..=max).contains(&n) => n,
+                    _ => return Err(format!("multifd-channels: '{v}' is not 1 to {max}")),
+                }
+            }
             "on-timeout" => {
                 p.on_timeout = match v {
                     "cancel" => TimeoutPolicy::Cancel,

@@ -12,7 +12,7 @@ use clap::Parser;
 use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
-use ferry_vmm::migration::{self, IncomingOptions, Listener, MigrationUri};
+use ferry_vmm::migration::{self, ExtraStreams, IncomingOptions, Listener, MigrationUri};
 
 fn migration_err(e: migration::TransportError) -> ferry_vmm::VmmError {
     ferry_vmm::VmmError::Config(e.to_string())
@@ -61,18 +61,31 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             })?;
             (vm, common)
         }
-        Command::Incoming { uri, mem, common } => {
+        Command::Incoming {
+            uri,
+            mem,
+            max_streams,
+            common,
+        } => {
             let uri: MigrationUri = uri.parse().map_err(migration_err)?;
             let listener = Listener::bind(&uri).map_err(migration_err)?;
             if let Some(port) = listener.local_port() {
                 eprintln!("ferry-vm: listening on port {port}");
             }
-            let ch = listener.accept().map_err(migration_err)?;
+            let ch = listener.accept_next().map_err(migration_err)?;
+            let main_breaker = ch.breaker().ok();
+            // A file carries one stream: only sockets can have more connections.
+            let max_streams = if ch.has_return_path { max_streams } else { 1 };
             let reader = ch.reader;
             let writer = ch.has_return_path.then_some(ch.writer);
-            let vm = migration::receive(
+            let vm = migration::receive_streams(
                 reader,
                 writer,
+                Some(ExtraStreams {
+                    listener: &listener,
+                    max_streams,
+                    main_breaker,
+                }),
                 &IncomingOptions {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),

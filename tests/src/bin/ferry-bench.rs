@@ -11,7 +11,7 @@ use ferry_tests::migrate::{
 };
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth MiB/s] [--no-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
 
 #[derive(Default)]
 struct Series {
@@ -22,6 +22,14 @@ struct Series {
     passes: Vec<f64>,
     throttle: Vec<f64>,
     stalled: Vec<f64>,
+    /// MiB outside guest RAM: source peak - before, destination peak - after, and
+    /// destination peak - before (with the VM's own baseline).
+    src_mem: Vec<f64>,
+    /// Milliseconds in KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG, whole migration.
+    sync_ms: Vec<f64>,
+    clear_ms: Vec<f64>,
+    dst_mem: Vec<f64>,
+    dst_mem_total: Vec<f64>,
     failures: Vec<String>,
 }
 
@@ -44,6 +52,17 @@ impl Series {
         self.throttle
             .push(st["cpu-throttle-percentage"].as_f64().unwrap_or(0.0));
         self.stalled.push(r.guest_stalled_pct);
+        if let Some(us) = st["dirty-sync-us"].as_f64() {
+            self.sync_ms.push(us / 1e3);
+            self.clear_ms
+                .push(st["dirty-clear-us"].as_f64().unwrap_or(0.0) / 1e3);
+        }
+        if let Some(m) = &r.memory {
+            let mib = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1048576.0;
+            self.src_mem.push(mib(m.src_peak, m.src_before));
+            self.dst_mem.push(mib(m.dst_peak, m.dst_after));
+            self.dst_mem_total.push(mib(m.dst_peak, m.dst_before));
+        }
         if let Err(e) = &r.oracle {
             if !e.starts_with("not checked") {
                 self.failures.push(format!("oracle: {e}"));
@@ -66,6 +85,11 @@ fn fmt3(v: &[f64]) -> String {
     format!("{a:.0}/{m:.0}/{b:.0}")
 }
 
+fn fmt3_1(v: &[f64]) -> String {
+    let (a, m, b) = stats(v);
+    format!("{a:.1}/{m:.1}/{b:.1}")
+}
+
 fn median(v: &[f64]) -> f64 {
     stats(v).1
 }
@@ -83,6 +107,10 @@ fn main() -> ExitCode {
     let mut bw = 0u64;
     let mut limit = 300u64;
     let mut checkpoint = false;
+    let mut streams = vec![1u32];
+    let mut memory = false;
+    let mut ferry_qemu = true;
+    let mut settings = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_default();
@@ -90,7 +118,11 @@ fn main() -> ExitCode {
             "--ram" => rams = val().split(',').map(String::from).collect(),
             "--ws" => wss = val().split(',').map(String::from).collect(),
             "--repeats" => repeats = val().parse().unwrap_or(1),
-            "--max-bandwidth" => bw = val().parse::<u64>().unwrap_or(0) << 20,
+            "--max-bandwidth" | "--bandwidth" => bw = val().parse::<u64>().unwrap_or(0) << 20,
+            "--streams" => streams = val().split(',').map(|n| n.parse().unwrap_or(1)).collect(),
+            "--memory" => memory = true,
+            "--set" => settings.push(val()),
+            "--no-ferry-qemu" => ferry_qemu = false,
             "--downtime-limit" => limit = val().parse().unwrap_or(300),
             "--no-qemu" => qemu = false,
             "--checkpoint" => checkpoint = true,
@@ -136,23 +168,32 @@ fn main() -> ExitCode {
             let cfg = RunConfig {
                 mem: ram.clone(),
                 append,
-                settings: vec![],
+                settings: settings.clone(),
                 max_bandwidth: bw,
                 downtime_limit_ms: limit,
+                measure_memory: memory,
             };
-            let mut fer = Series::default();
+            // One ferry series per stream count (multifd-channels).
+            let mut fers: Vec<(u32, Series)> =
+                streams.iter().map(|&n| (n, Series::default())).collect();
             let mut fq = Series::default();
             let mut qem = Series::default();
             for _ in 0..repeats {
-                let s = Scratch::new();
-                match run_ferry(&s, &cfg, |_| {}) {
-                    Ok(r) => fer.add(&r),
-                    Err(e) => fer.failures.push(e),
+                for (n, fer) in &mut fers {
+                    let s = Scratch::new();
+                    let mut cfg = cfg.clone();
+                    cfg.settings.push(format!("multifd-channels={n}"));
+                    match run_ferry(&s, &cfg, |_| {}) {
+                        Ok(r) => fer.add(&r),
+                        Err(e) => fer.failures.push(e),
+                    }
                 }
-                let s = Scratch::new();
-                match run_ferry_qemu(&s, &cfg, |_| {}) {
-                    Ok(r) => fq.add(&r),
-                    Err(e) => fq.failures.push(e),
+                if ferry_qemu {
+                    let s = Scratch::new();
+                    match run_ferry_qemu(&s, &cfg, |_| {}) {
+                        Ok(r) => fq.add(&r),
+                        Err(e) => fq.failures.push(e),
+                    }
                 }
                 if qemu {
                     let s = Scratch::new();
@@ -162,10 +203,24 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            for (name, ser) in [("ferry", &fer), ("f-qemu", &fq), ("qemu", &qem)] {
-                if name == "qemu" && !qemu {
-                    continue;
-                }
+            let mut rows: Vec<(String, &Series)> = fers
+                .iter()
+                .map(|(n, s)| {
+                    let name = if streams == [1] {
+                        "ferry".to_string()
+                    } else {
+                        format!("ferry{n}")
+                    };
+                    (name, s)
+                })
+                .collect();
+            if ferry_qemu {
+                rows.push(("f-qemu".into(), &fq));
+            }
+            if qemu {
+                rows.push(("qemu".into(), &qem));
+            }
+            for (name, ser) in rows {
                 println!(
                     "{:<6} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
                     name,
@@ -179,11 +234,35 @@ fn main() -> ExitCode {
                     fmt3(&ser.throttle),
                     fmt3(&ser.stalled),
                 );
+                if !ser.sync_ms.is_empty() {
+                    println!(
+                        "dirty  {:<5} {:<6} {name}: ms in KVM_GET_DIRTY_LOG {}, in KVM_CLEAR_DIRTY_LOG {}",
+                        ram,
+                        ws,
+                        fmt3_1(&ser.sync_ms),
+                        fmt3_1(&ser.clear_ms),
+                    );
+                }
+                if !ser.src_mem.is_empty() {
+                    let ram_mib = ferry_tests::migrate::parse_mem(ram) as f64 / 1048576.0;
+                    println!(
+                        "memory {:<5} {:<6} {name}: MiB outside guest RAM, migration overhead: source {} (peak - before), destination {} (peak - after; {} with the VM's own baseline); target < {:.0}",
+                        ram,
+                        ws,
+                        fmt3(&ser.src_mem),
+                        fmt3(&ser.dst_mem),
+                        fmt3(&ser.dst_mem_total),
+                        ram_mib * 0.03 + 64.0,
+                    );
+                }
                 for f in &ser.failures {
                     println!("       ! {name} {ram} {ws}: {f}");
                 }
             }
-            failed |= !fer.failures.is_empty() || !fq.failures.is_empty();
+            failed |= fers.iter().any(|(_, f)| !f.failures.is_empty()) || !fq.failures.is_empty();
+            let Some((_, fer)) = fers.first() else {
+                continue;
+            };
             if qemu && !qem.total.is_empty() && !fer.total.is_empty() {
                 println!(
                     "ratio  {:<5} {:<6} ferry/QEMU: total {:.2}x, guest-observed downtime {:.2}x, engine downtime {:.2}x",

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         settings: vec![],
         max_bandwidth: 256 << 20,
         downtime_limit_ms: 300,
+        measure_memory: false,
     };
     let mut ws = "128M".to_string();
     let mut engine = "ferry-qemu".to_string();

@@ -2,12 +2,18 @@
 //! apply pages and state, verify, answer on the return path.
 
 use std::io::{BufReader, BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use ferry_format::{RamBatch, SectionId, StreamReader, StreamWriter};
-use ferry_kvm::Backing;
+use ferry_kvm::{Backing, GuestRam};
 
 use super::precopy::ram_digest;
-use super::{Handshake, MigrationError, Reply, REPLY_VERSION};
+use super::transport::{Breaker, Listener};
+use super::{
+    stream_of, Channel, Handshake, MigrationError, Reply, StreamJoin, MAX_STREAMS, REPLY_VERSION,
+};
 use crate::checkpoint::{apply_ram_batch, check_shape, producer, RestoreOptions};
 use crate::cpu::VcpuState;
 use crate::devices::serial::SinkSpec;
@@ -27,43 +33,89 @@ pub struct IncomingOptions {
     pub autostart: bool,
 }
 
+/// Where the extra page streams of a multi-stream migration come from.
+#[derive(Debug)]
+pub struct ExtraStreams<'a> {
+    /// The listener the main connection came in on: extra connections arrive there.
+    pub listener: &'a Listener,
+    /// Most streams, the main connection included, this destination takes (1 to
+    /// [`MAX_STREAMS`]); the source's proposal is cut down to it.
+    pub max_streams: u32,
+    /// Breaks the main connection when a page stream fails, so its reader stops
+    /// waiting.
+    pub main_breaker: Option<Breaker>,
+}
+
+/// How long the extra streams may take to connect after the handshake was accepted.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections beyond the agreed streams that are read (and refused) before further
+/// ones are closed unread.
+const MAX_STRANGERS: u32 = 8;
+
+/// The stream of replies to the source.
+type ReplyStream = StreamWriter<BufWriter<Box<dyn WriteHalf>>>;
+
 struct ReturnPath {
-    out: Option<StreamWriter<BufWriter<Box<dyn WriteHalf>>>>,
+    out: Mutex<Option<ReplyStream>>,
 }
 
 impl ReturnPath {
-    fn send(&mut self, reply: &Reply) {
-        if let Some(out) = &mut self.out {
-            let sent = out
-                .write_cbor(SectionId::Reply, REPLY_VERSION, reply)
-                .map_err(|e| e.to_string())
-                .and_then(|_| out.get_mut().flush().map_err(|e| e.to_string()));
-            if let Err(e) = sent {
+    fn open(writer: Option<Box<dyn WriteHalf>>) -> Self {
+        let out = writer.and_then(|w| {
+            match StreamWriter::new(BufWriter::with_capacity(64 << 10, w), &producer()) {
+                Ok(mut out) => {
+                    let _ = out.get_mut().flush();
+                    Some(out)
+                }
+                Err(e) => {
+                    tracing::warn!("cannot open the return path: {e}");
+                    None
+                }
+            }
+        });
+        Self {
+            out: Mutex::new(out),
+        }
+    }
+
+    fn send(&self, reply: &Reply) {
+        let Ok(mut out) = self.out.lock() else { return };
+        if let Some(out) = &mut *out {
+            if let Err(e) = send_reply(out, reply) {
                 tracing::warn!("cannot answer the source: {e}");
             }
         }
     }
 }
 
+fn send_reply<W: Write>(out: &mut StreamWriter<W>, reply: &Reply) -> Result<(), String> {
+    out.write_cbor(SectionId::Reply, REPLY_VERSION, reply)
+        .map_err(|e| e.to_string())
+        .and_then(|_| out.get_mut().flush().map_err(|e| e.to_string()))
+}
+
 /// Receives a VM from `reader`; with `writer`, answers the source on the return path.
 /// Returns the VM loaded (and running if `autostart`). On any error the VM is dropped
-/// before it ever ran, and the source is told why.
+/// before it ever ran, and the source is told why. Takes one stream: a source that
+/// proposes more is told to use one.
 pub fn receive(
     reader: Box<dyn ReadHalf>,
     writer: Option<Box<dyn WriteHalf>>,
     opts: &IncomingOptions,
 ) -> Result<Vm, MigrationError> {
-    let mut ret = ReturnPath { out: None };
-    if let Some(w) = writer {
-        match StreamWriter::new(BufWriter::with_capacity(64 << 10, w), &producer()) {
-            Ok(mut out) => {
-                let _ = out.get_mut().flush();
-                ret.out = Some(out);
-            }
-            Err(e) => tracing::warn!("cannot open the return path: {e}"),
-        }
-    }
-    let result = load(reader, opts, &mut ret);
+    receive_streams(reader, writer, None, opts)
+}
+
+/// [`receive`], taking up to `extra.max_streams` page streams: the extra ones
+/// connect to `extra.listener` after the handshake.
+pub fn receive_streams(
+    reader: Box<dyn ReadHalf>,
+    writer: Option<Box<dyn WriteHalf>>,
+    extra: Option<ExtraStreams<'_>>,
+    opts: &IncomingOptions,
+) -> Result<Vm, MigrationError> {
+    let ret = ReturnPath::open(writer);
+    let result = load(reader, extra, opts, &ret);
     match result {
         Ok(vm) => {
             ret.send(&Reply::Loaded {
@@ -80,10 +132,274 @@ pub fn receive(
     }
 }
 
+/// What the threads receiving one migration share.
+struct Incoming<'a> {
+    streams: u32,
+    session: u64,
+    ret: &'a ReturnPath,
+    main_breaker: Option<Breaker>,
+    state: Mutex<IncomingState>,
+    changed: Condvar,
+    aborted: AtomicBool,
+}
+
+#[derive(Default)]
+struct IncomingState {
+    /// Extra streams that presented a valid Join, by index.
+    joined: Vec<bool>,
+    /// Extra streams that reached their End.
+    finished: u32,
+    /// The first failure, which is the one reported.
+    error: Option<MigrationError>,
+    /// Every accepted extra connection, broken when the migration ends.
+    breakers: Vec<Breaker>,
+}
+
+impl Incoming<'_> {
+    fn lock(&self) -> Result<MutexGuard<'_, IncomingState>, MigrationError> {
+        self.state
+            .lock()
+            .map_err(|_| MigrationError::Stream("the page stream state lock is poisoned".into()))
+    }
+
+    /// Fails the migration: tells the source at once and breaks every connection,
+    /// so the main reader and the other streams stop.
+    fn fail(&self, e: MigrationError) {
+        tracing::warn!("incoming migration: {e}");
+        let message = e.to_string();
+        let first = match self.lock() {
+            Ok(mut st) if st.error.is_none() => {
+                st.error = Some(e);
+                true
+            }
+            _ => false,
+        };
+        if first {
+            self.ret.send(&Reply::Error { message });
+        }
+        self.stop();
+        if let Some(b) = &self.main_breaker {
+            b.break_channel();
+        }
+    }
+
+    /// Ends the extra streams' threads: the acceptor and every connection.
+    fn stop(&self) {
+        self.aborted.store(true, Ordering::Release);
+        if let Ok(st) = self.lock() {
+            st.breakers.iter().for_each(Breaker::break_channel);
+        }
+        self.changed.notify_all();
+    }
+
+    fn take_error(&self) -> Option<MigrationError> {
+        self.lock().ok().and_then(|mut st| st.error.take())
+    }
+
+    fn joined_all(&self) -> bool {
+        self.lock()
+            .map(|st| st.joined.iter().skip(1).all(|&j| j))
+            .unwrap_or(true)
+    }
+
+    /// Waits until every extra stream reached its End, or one failed.
+    fn wait_finished(&self) -> Result<(), MigrationError> {
+        let mut st = self.lock()?;
+        loop {
+            if let Some(e) = st.error.take() {
+                return Err(e);
+            }
+            if st.finished + 1 >= self.streams {
+                return Ok(());
+            }
+            st = self.changed.wait(st).map_err(|_| {
+                MigrationError::Stream("the page stream state lock is poisoned".into())
+            })?;
+        }
+    }
+}
+
+/// Accepts the extra streams, each served on its own thread, until all of them
+/// joined, the migration ended, or [`JOIN_TIMEOUT`] passed.
+fn accept_streams<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    listener: &'scope Listener,
+    inc: &'scope Incoming<'_>,
+    ram: &'scope GuestRam,
+) {
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let mut accepted = 0u32;
+    while !inc.aborted.load(Ordering::Acquire) && !inc.joined_all() {
+        match listener.try_accept() {
+            Ok(Some(ch)) => {
+                accepted += 1;
+                if accepted > inc.streams - 1 + MAX_STRANGERS {
+                    // Closed unread: more connections than streams and strangers.
+                    continue;
+                }
+                if let (Ok(b), Ok(mut st)) = (ch.breaker(), inc.lock()) {
+                    st.breakers.push(b);
+                }
+                let spawned = std::thread::Builder::new()
+                    .name("incoming-stream".into())
+                    .spawn_scoped(scope, move || serve_stream(ch, inc, ram));
+                if let Err(e) = spawned {
+                    inc.fail(MigrationError::Streams {
+                        streams: inc.streams,
+                        reason: format!("cannot start a page stream thread: {e}"),
+                    });
+                }
+            }
+            Ok(None) if Instant::now() > deadline => {
+                let joined = inc
+                    .lock()
+                    .map(|st| st.joined.iter().filter(|&&j| j).count())
+                    .unwrap_or(0);
+                inc.fail(MigrationError::Streams {
+                    streams: inc.streams,
+                    reason: format!(
+                        "only {joined} of the {} extra connections joined within {} s",
+                        inc.streams - 1,
+                        JOIN_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => inc.fail(MigrationError::Streams {
+                streams: inc.streams,
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Reads one extra connection: its Join section, then its pages up to End. A
+/// connection that does not present this migration's session is refused (told so,
+/// and closed) without harming the migration; one that does and then misbehaves
+/// fails it.
+fn serve_stream(ch: Channel, inc: &Incoming<'_>, ram: &GuestRam) {
+    let limits = ferry_format::Limits::default();
+    let Channel { reader, writer, .. } = ch;
+    let mut buf = Vec::new();
+    let join = StreamReader::new(BufReader::with_capacity(1 << 20, reader), limits).and_then(
+        |(mut r, _)| {
+            let h = r.next_section(&mut buf)?;
+            if h.id != SectionId::Join {
+                return Ok((r, None));
+            }
+            let join: StreamJoin = ferry_format::decode_cbor(h.id, &buf, &limits)?;
+            Ok((r, Some(join)))
+        },
+    );
+    let (mut reader, join) = match join {
+        Ok((r, Some(j))) if j.session == inc.session => (r, j),
+        other => {
+            let why = match other {
+                Ok((_, Some(_))) => "it presented another migration's session".to_string(),
+                Ok((_, None)) => "it did not start with a Join section".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if !inc.aborted.load(Ordering::Acquire) {
+                tracing::warn!(
+                    "refused a connection that is not a page stream of this migration: {why}"
+                );
+                if let Ok(mut out) = StreamWriter::new(writer, &producer()) {
+                    let _ = send_reply(
+                        &mut out,
+                        &Reply::Error {
+                            message: format!(
+                                "this connection is not a page stream of the migration in \
+                                 progress: {why}"
+                            ),
+                        },
+                    );
+                }
+            }
+            return;
+        }
+    };
+    let index = join.index;
+    let fail = |reason: String| MigrationError::PageStream { index, reason };
+    let joined = inc.lock().and_then(|mut st| {
+        if join.streams != inc.streams {
+            return Err(fail(format!(
+                "it was opened for {} streams, {} were agreed",
+                join.streams, inc.streams
+            )));
+        }
+        match st.joined.get_mut(index as usize) {
+            Some(j) if index > 0 && !*j => {
+                *j = true;
+                Ok(())
+            }
+            Some(_) if index > 0 => Err(fail("it joined twice".into())),
+            _ => Err(fail(format!(
+                "there is no such stream: streams are numbered 1 to {}",
+                inc.streams - 1
+            ))),
+        }
+    });
+    if let Err(e) = joined {
+        inc.fail(e);
+        return;
+    }
+    let result = (|| loop {
+        let h = reader.next_section(&mut buf)?;
+        match h.id {
+            SectionId::RamPages => {
+                let batch = RamBatch::parse_with_limits(&buf, &limits)?;
+                apply_stripe(ram, &batch, index, inc.streams)?;
+            }
+            SectionId::End => return Ok(()),
+            other => {
+                return Err(fail(format!(
+                    "it carries section {other}; a page stream carries RAM pages only"
+                )))
+            }
+        }
+    })();
+    match result {
+        Ok(()) => {
+            if let Ok(mut st) = inc.lock() {
+                st.finished += 1;
+            }
+            inc.changed.notify_all();
+        }
+        Err(e) if inc.aborted.load(Ordering::Acquire) => {
+            tracing::debug!("page stream {index} ended with the migration: {e}");
+        }
+        Err(MigrationError::PageStream { index, reason }) => {
+            inc.fail(MigrationError::PageStream { index, reason })
+        }
+        Err(e) => inc.fail(fail(e.to_string())),
+    }
+}
+
+/// Applies a batch that arrived on stream `index`: every page of it must belong to
+/// that stream's stripes, so no two streams ever write the same page.
+fn apply_stripe(
+    ram: &GuestRam,
+    batch: &RamBatch<'_>,
+    index: u32,
+    streams: u32,
+) -> Result<(), MigrationError> {
+    if let Some(p) = batch.iter().find(|p| stream_of(p.gpa, streams) != index) {
+        return Err(VmmError::Restore(format!(
+            "the page at guest address {:#x} arrived on stream {index}, but belongs to stream {}",
+            p.gpa,
+            stream_of(p.gpa, streams)
+        ))
+        .into());
+    }
+    apply_ram_batch(ram, batch)?;
+    Ok(())
+}
+
 fn load(
     reader: Box<dyn ReadHalf>,
+    extra: Option<ExtraStreams<'_>>,
     opts: &IncomingOptions,
-    ret: &mut ReturnPath,
+    ret: &ReturnPath,
 ) -> Result<Vm, MigrationError> {
     let limits = ferry_format::Limits::default();
     let (mut reader, _preamble) =
@@ -104,36 +420,66 @@ fn load(
         expect_mem_bytes: opts.expect_mem_bytes,
     };
     check_shape(&hs.shape, &restore_opts)?;
+    let proposed = hs.streams.max(1);
+    if proposed > 1 && hs.session == 0 {
+        return Err(VmmError::Restore(format!(
+            "the handshake proposes {proposed} page streams without a session token"
+        ))
+        .into());
+    }
+    let limit = extra
+        .as_ref()
+        .map_or(1, |x| x.max_streams.clamp(1, MAX_STREAMS));
+    let streams = proposed.min(limit);
     let mut vm = Vm::create_for_shape(&hs.shape, opts.backing, opts.serial.clone())?;
-    ret.send(&Reply::Ready);
-
-    let mut vcpus: Option<Vec<VcpuState>> = None;
-    let mut vm_state: Option<VmState> = None;
-    let mut devices: Option<DevicesState> = None;
-    let mut digest: Option<Vec<u32>> = None;
-    loop {
-        let header = reader.next_section(&mut buf)?;
-        match header.id {
-            SectionId::RamPages => {
-                let batch = RamBatch::parse_with_limits(&buf, &limits)?;
-                apply_ram_batch(vm.ram(), &batch)?;
-            }
-            SectionId::Vcpus => vcpus = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
-            SectionId::Vm => vm_state = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?),
-            SectionId::Devices => {
-                devices = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?)
-            }
-            SectionId::Digest => {
-                digest = Some(ferry_format::decode_cbor(header.id, &buf, &limits)?)
-            }
-            SectionId::End => break,
-            other => {
-                return Err(
-                    VmmError::Restore(format!("unexpected section {other} in a VM stream")).into(),
-                )
+    if proposed > 1 {
+        ret.send(&Reply::Accepted { streams });
+    } else {
+        ret.send(&Reply::Ready);
+    }
+    let (listener, main_breaker) = match extra {
+        Some(x) => (Some(x.listener), x.main_breaker),
+        None => (None, None),
+    };
+    let inc = Incoming {
+        streams,
+        session: hs.session,
+        ret,
+        main_breaker,
+        state: Mutex::new(IncomingState {
+            joined: vec![false; streams as usize],
+            ..IncomingState::default()
+        }),
+        changed: Condvar::new(),
+        aborted: AtomicBool::new(false),
+    };
+    let ram: &GuestRam = vm.ram();
+    let received = std::thread::scope(|scope| {
+        if let (Some(listener), true) = (listener, streams > 1) {
+            let inc = &inc;
+            let spawned = std::thread::Builder::new()
+                .name("incoming-accept".into())
+                .spawn_scoped(scope, move || accept_streams(scope, listener, inc, ram));
+            if let Err(e) = spawned {
+                inc.fail(MigrationError::Streams {
+                    streams,
+                    reason: format!("cannot start the thread that accepts them: {e}"),
+                });
             }
         }
-    }
+        let result = read_main(&mut reader, &mut buf, ram, streams, &limits)
+            .and_then(|sections| inc.wait_finished().map(|()| sections));
+        // A page stream's failure is the cause; the main stream's is its echo.
+        let result = result.map_err(|e| inc.take_error().unwrap_or(e));
+        inc.stop();
+        result
+    });
+    let MainSections {
+        vcpus,
+        vm_state,
+        devices,
+        digest,
+    } = received?;
     let missing = |what: &str| -> MigrationError {
         VmmError::Restore(format!(
             "the stream ended without the {what} section: the sender was interrupted or is broken"
@@ -162,4 +508,240 @@ fn load(
         vm.resume()?;
     }
     Ok(vm)
+}
+
+/// The sections of the main stream besides RAM.
+#[derive(Default)]
+struct MainSections {
+    vcpus: Option<Vec<VcpuState>>,
+    vm_state: Option<VmState>,
+    devices: Option<DevicesState>,
+    digest: Option<Vec<u32>>,
+}
+
+/// Reads the main stream to its End: stripe 0's pages, the state, the digest.
+fn read_main<R: std::io::Read>(
+    reader: &mut StreamReader<R>,
+    buf: &mut Vec<u8>,
+    ram: &GuestRam,
+    streams: u32,
+    limits: &ferry_format::Limits,
+) -> Result<MainSections, MigrationError> {
+    let mut m = MainSections::default();
+    loop {
+        let header = reader.next_section(buf)?;
+        match header.id {
+            SectionId::RamPages => {
+                let batch = RamBatch::parse_with_limits(buf, limits)?;
+                apply_stripe(ram, &batch, 0, streams)?;
+            }
+            SectionId::Vcpus => m.vcpus = Some(ferry_format::decode_cbor(header.id, buf, limits)?),
+            SectionId::Vm => m.vm_state = Some(ferry_format::decode_cbor(header.id, buf, limits)?),
+            SectionId::Devices => {
+                m.devices = Some(ferry_format::decode_cbor(header.id, buf, limits)?)
+            }
+            SectionId::Digest => {
+                m.digest = Some(ferry_format::decode_cbor(header.id, buf, limits)?)
+            }
+            SectionId::End => return Ok(m),
+            other => {
+                return Err(
+                    VmmError::Restore(format!("unexpected section {other} in a VM stream")).into(),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::thread::JoinHandle;
+
+    use ferry_format::RamBatchBuilder;
+    use ferry_kvm::PAGE_SIZE;
+
+    use super::*;
+    use crate::checkpoint::SHAPE_VERSION;
+    use crate::devices::serial::SinkSpec;
+    use crate::migration::MigrationUri;
+    use crate::vm::VmShape;
+
+    const SESSION: u64 = 0x5eed_0000_0000_0001;
+
+    fn require_kvm() {
+        assert!(
+            Path::new("/dev/kvm").exists(),
+            "/dev/kvm is missing: these tests build a VM"
+        );
+    }
+
+    /// A destination taking up to 4 streams on a unix socket in `dir`, on a thread.
+    fn destination(dir: &Path) -> (PathBuf, JoinHandle<Result<(), String>>) {
+        let path = dir.join("mig.sock");
+        let listener = Listener::bind(&MigrationUri::Unix(path.clone())).expect("bind");
+        let t = std::thread::spawn(move || {
+            let ch = listener.accept_next().map_err(|e| e.to_string())?;
+            let main_breaker = ch.breaker().ok();
+            let opts = IncomingOptions {
+                backing: Backing::Anonymous,
+                serial: SinkSpec::Null,
+                expect_mem_bytes: None,
+                autostart: false,
+            };
+            let extra = ExtraStreams {
+                listener: &listener,
+                max_streams: 4,
+                main_breaker,
+            };
+            receive_streams(ch.reader, Some(ch.writer), Some(extra), &opts)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        (path, t)
+    }
+
+    /// A connection to the destination: the stream we write, the replies we read.
+    struct Peer {
+        out: StreamWriter<UnixStream>,
+        back: Option<UnixStream>,
+        replies: Option<StreamReader<UnixStream>>,
+    }
+
+    impl Peer {
+        fn connect(path: &Path) -> Self {
+            let s = UnixStream::connect(path).expect("connect");
+            let back = s.try_clone().expect("clone");
+            let out = StreamWriter::new(s, "ferry-test").expect("preamble");
+            Self {
+                out,
+                back: Some(back),
+                replies: None,
+            }
+        }
+
+        /// The next reply; the first one reads the return path's preamble too.
+        fn reply(&mut self) -> Reply {
+            if let Some(back) = self.back.take() {
+                let r = StreamReader::new(back, ferry_format::Limits::default());
+                self.replies = Some(r.expect("reply preamble").0);
+            }
+            let replies = self.replies.as_mut().expect("return path");
+            let mut buf = Vec::new();
+            let h = replies.next_section(&mut buf).expect("a reply");
+            assert_eq!(h.id, SectionId::Reply);
+            ferry_format::decode_cbor(h.id, &buf, &ferry_format::Limits::default())
+                .expect("reply payload")
+        }
+
+        /// An extra stream presenting `session` as stream `index` of `streams`.
+        fn join(path: &Path, index: u32, streams: u32, session: u64) -> Self {
+            let mut p = Self::connect(path);
+            p.out
+                .write_cbor(
+                    SectionId::Join,
+                    REPLY_VERSION,
+                    &StreamJoin {
+                        session,
+                        index,
+                        streams,
+                    },
+                )
+                .expect("join");
+            p
+        }
+    }
+
+    /// Opens a migration of a 16 MiB VM proposing `streams` streams; returns the main
+    /// connection after the destination accepted.
+    fn handshake(path: &Path, streams: u32) -> Peer {
+        let mut main = Peer::connect(path);
+        let shape = VmShape {
+            ram_ranges: vec![(0, 16 << 20)],
+            vcpus: 1,
+            devices: vec!["com1".into()],
+        };
+        main.out
+            .write_cbor(
+                SectionId::Shape,
+                SHAPE_VERSION,
+                &Handshake {
+                    shape,
+                    digest: false,
+                    streams,
+                    session: SESSION,
+                },
+            )
+            .expect("shape");
+        assert_eq!(main.reply(), Reply::Accepted { streams });
+        main
+    }
+
+    fn failed_with(t: JoinHandle<Result<(), String>>, what: &str) {
+        let e = t
+            .join()
+            .expect("destination thread")
+            .expect_err("must fail");
+        assert!(e.contains(what), "{e}");
+    }
+
+    #[test]
+    fn strangers_are_refused_and_a_bad_index_fails_the_migration() {
+        require_kvm();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, t) = destination(dir.path());
+        let mut main = handshake(&path, 2);
+        // Another migration's stream: told so, and the migration goes on.
+        let mut stranger = Peer::join(&path, 1, 2, SESSION ^ 1);
+        match stranger.reply() {
+            Reply::Error { message } => {
+                assert!(message.contains("not a page stream"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!t.is_finished());
+        // The right session with a stream number that does not exist fails it.
+        let _bad = Peer::join(&path, 5, 2, SESSION);
+        match main.reply() {
+            Reply::Error { message } => assert!(message.contains("no such stream"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        failed_with(t, "page stream 5 failed");
+    }
+
+    #[test]
+    fn a_wrong_stream_count_fails_the_migration() {
+        require_kvm();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, t) = destination(dir.path());
+        let _main = handshake(&path, 3);
+        let _bad = Peer::join(&path, 1, 4, SESSION);
+        failed_with(t, "opened for 4 streams, 3 were agreed");
+    }
+
+    #[test]
+    fn a_page_on_the_wrong_stream_fails_the_migration() {
+        require_kvm();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, t) = destination(dir.path());
+        let _main = handshake(&path, 2);
+        let mut extra = Peer::join(&path, 1, 2, SESSION);
+        // Page 0 is in stripe 0: the main stream's, not stream 1's.
+        let mut batch = RamBatchBuilder::new();
+        batch.push_data(0, &[0xaa; PAGE_SIZE]).expect("page");
+        extra.out.write_ram_batch(&batch).expect("batch");
+        failed_with(t, "arrived on stream 1, but belongs to stream 0");
+    }
+
+    #[test]
+    fn pages_are_striped_over_the_streams() {
+        // Stripes: 256 KiB apart, round robin over the streams.
+        assert_eq!(stream_of(0, 4), 0);
+        assert_eq!(stream_of((256 << 10) - 4096, 4), 0);
+        assert_eq!(stream_of(256 << 10, 4), 1);
+        assert_eq!(stream_of(3 * (256 << 10), 4), 3);
+        assert_eq!(stream_of(4 * (256 << 10), 4), 0);
+        assert_eq!(stream_of(!4095, 1), 0);
+    }
 }

@@ -16,6 +16,30 @@
 //!  free the VM
 //! ```
 //!
+//! With `multifd-channels` N > 1 (`tcp:` and `unix:` only: `fd:` and `file:` carry
+//! one stream), the handshake proposes N streams and a random session token; the
+//! destination answers `Reply::Accepted { streams: n }` with n ≤ its limit, and the
+//! source opens n − 1 more connections to the same address:
+//!
+//! ```text
+//!  Preamble, Shape {streams: N, session} ─▶ check shape, create VM
+//!                  ◀───────────────────────── Reply::Accepted {streams: n}
+//!  connection k = 1..n-1:
+//!  Preamble, Join {session, k, n} ─────────▶ session must match, k unused and < n
+//!  RamPages (stripes s, s mod n = k) ──────▶ apply (each page checked to be of stream k)
+//!  End ────────────────────────────────────▶ stream k complete
+//! ```
+//!
+//! Pages are split by address into stripes of 256 KiB (`stream_of`): a page always
+//! travels on the same stream, so the order of its copies across passes is that
+//! stream's order, and no two receiving threads ever write the same page. The main
+//! connection carries stripe 0, then the vCPU/device state and End; the source
+//! finishes every extra stream before it writes the main End, and the destination
+//! loads the state only once every stream reached its End. A connection with the
+//! wrong session is answered with an error and ignored; a wrong index or count, a
+//! page of another stripe, or any stream failing fails the migration (the source
+//! resumes).
+//!
 //! Any failure before `End` is sent leaves the source running with memory intact and
 //! dirty logging off. A failure after `End` was sent but before `Loaded` arrived leaves
 //! the source paused: the destination may be running, and two running copies must
@@ -33,7 +57,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub use converge::Throttle;
-pub use incoming::{receive, IncomingOptions};
+pub use incoming::{receive, receive_streams, ExtraStreams, IncomingOptions};
 pub use precopy::{migrate, MigrationOutcome};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
 pub use transport::{Channel, Listener, MigrationUri, TransportError};
@@ -49,6 +73,10 @@ pub enum Reply {
     Loaded { running: bool },
     /// The destination refused or failed; `message` says why, for the operator.
     Error { message: String },
+    /// The destination accepted the shape, built the VM and takes `streams` page
+    /// streams (the answer when the source proposed more than one; 1 ≤ streams ≤
+    /// the proposal).
+    Accepted { streams: u32 },
 }
 
 /// Section version of [`Reply`] and [`Handshake`].
@@ -62,6 +90,48 @@ pub struct Handshake {
     /// The sender will send a Digest section before End.
     #[serde(default)]
     pub digest: bool,
+    /// Page streams the sender proposes (0 or 1: only this connection). Left out
+    /// of a one-stream handshake, which stays as it was before page streams.
+    #[serde(default, skip_serializing_if = "one_stream")]
+    pub streams: u32,
+    /// Random token that extra streams present in their Join section (0 when
+    /// `streams` ≤ 1).
+    #[serde(default, skip_serializing_if = "no_session")]
+    pub session: u64,
+}
+
+fn one_stream(streams: &u32) -> bool {
+    *streams <= 1
+}
+
+fn no_session(session: &u64) -> bool {
+    *session == 0
+}
+
+/// The first section (Join) of an extra page stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamJoin {
+    /// The handshake's session token.
+    pub session: u64,
+    /// Which stream this is, 1..streams (0 is the main connection).
+    pub index: u32,
+    /// The number of streams agreed on, the main connection included.
+    pub streams: u32,
+}
+
+/// Most page streams (the main connection included) a migration may use.
+pub const MAX_STREAMS: u32 = 16;
+
+/// A stripe of guest-physical memory that always travels on one stream: 256 KiB,
+/// one word of the dirty bitmap.
+const STRIPE_SHIFT: u32 = 18;
+
+/// The stream that carries the page at `gpa` when `streams` streams are in use.
+pub(crate) fn stream_of(gpa: u64, streams: u32) -> u32 {
+    if streams <= 1 {
+        return 0;
+    }
+    ((gpa >> STRIPE_SHIFT) % u64::from(streams)) as u32
 }
 
 /// Tunables, in QEMU's terms.
@@ -84,6 +154,15 @@ pub struct MigrationParams {
     /// Stop in `pre-switchover` with vCPUs paused until [`MigrationControl::resume_switchover`]
     /// (libvirt's pause-before-switchover).
     pub pause_before_switchover: bool,
+    /// Page streams to propose (QEMU multifd-channels), 1 to [`MAX_STREAMS`]; more
+    /// than 1 needs a `tcp:` or `unix:` URI. The destination may accept fewer.
+    pub multifd_channels: u32,
+    /// Use KVM's manual dirty-log protection (KVM_CLEAR_DIRTY_LOG right before pages
+    /// are read) where the kernel offers it; otherwise, or when off, reading the log
+    /// resets it. Off by default: measured on this project's machine, it made a
+    /// 100%-hot 1 GiB guest's migration slower (median 4.9 s against 3.2 s) for about
+    /// the same pause; see README.
+    pub clear_dirty_log: bool,
 }
 
 impl Default for MigrationParams {
@@ -97,6 +176,8 @@ impl Default for MigrationParams {
             max_throttle_pct: 99,
             verify_digest: false,
             pause_before_switchover: false,
+            multifd_channels: 1,
+            clear_dirty_log: false,
         }
     }
 }
@@ -119,6 +200,9 @@ pub struct MigrationControl {
     params: Mutex<MigrationParams>,
     switchover: (Mutex<bool>, Condvar),
     events: Mutex<Option<EventSink>>,
+    /// The channels of the migration in flight: `cancel` breaks them, so a sender
+    /// blocked writing to a stalled link returns at once.
+    pub(crate) breakers: Mutex<Vec<transport::Breaker>>,
 }
 
 type EventSink = Box<dyn Fn(&MigrationEvent) + Send>;
@@ -151,6 +235,9 @@ impl MigrationControl {
     /// Asks the migration to stop; the source keeps running.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Release);
+        if let Ok(b) = self.breakers.lock() {
+            b.iter().for_each(transport::Breaker::break_channel);
+        }
         let (lock, cv) = &self.switchover;
         if let Ok(_g) = lock.lock() {
             cv.notify_all();
@@ -161,6 +248,9 @@ impl MigrationControl {
     /// given to an earlier one must not leak into it.
     pub(crate) fn reset(&self) {
         self.cancel.store(false, Ordering::Release);
+        if let Ok(mut b) = self.breakers.lock() {
+            b.clear();
+        }
         if let Ok(mut go) = self.switchover.0.lock() {
             *go = false;
         }
@@ -257,6 +347,10 @@ pub enum MigrationError {
     Unconfirmed(String),
     #[error(transparent)]
     Vmm(#[from] crate::VmmError),
+    #[error("cannot set up {streams} page streams: {reason}")]
+    Streams { streams: u32, reason: String },
+    #[error("page stream {index} failed: {reason}")]
+    PageStream { index: u32, reason: String },
 }
 
 impl From<ferry_kvm::MemoryError> for MigrationError {

@@ -1,17 +1,21 @@
 //! The source side: handshake, pre-copy passes over the dirty log, switch-over.
 
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_format::{RamBatchBuilder, SectionId, StreamReader, StreamWriter};
 use ferry_kvm::{GuestRam, PAGE_SIZE};
+use kvm_ioctls::VmFd;
 
 use super::converge::{Convergence, Decision, PassReport, DEVICE_STATE_PER_VCPU};
+use super::transport::{Breaker, WriteHalf};
 use super::{
-    Channel, Handshake, MigrationControl, MigrationError, MigrationEvent, MigrationStats,
-    MigrationStatus, Reply, TimeoutPolicy, REPLY_VERSION,
+    stream_of, Channel, Handshake, MigrationControl, MigrationError, MigrationEvent,
+    MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin, TimeoutPolicy, MAX_STREAMS,
+    REPLY_VERSION,
 };
 use crate::checkpoint::{producer, SHAPE_VERSION};
 use crate::vm::Vm;
@@ -20,6 +24,8 @@ use crate::vm::Vm;
 /// it loaded the VM.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long opening an extra page stream may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Passes made after the rest already fits the downtime limit, to shrink it further.
 const MAX_EXTRA_PASSES: u32 = 5;
 /// A rest this small is not worth another pass.
@@ -78,24 +84,31 @@ impl PageMap {
             .sum()
     }
 
-    /// Pages set in `self`, in address order; with `mask`, only those whose bit in
-    /// `mask` equals `masked`.
-    pub fn for_each(
+    /// The pages set in `self`, in address order, in chunks of up to
+    /// [`CHUNK_WORDS`] bitmap words: `f(slot, base of the slot, first page of the
+    /// chunk in the slot, words)`, bit i of word w = page first_page + w*64 + i; with
+    /// `mask`, only the pages whose bit in `mask` equals `masked`. Chunks without such
+    /// pages are skipped; `f` may change the words it is given.
+    pub fn for_each_chunk(
         &self,
         mask: Option<(&PageMap, bool)>,
-        mut f: impl FnMut(u64) -> Result<(), MigrationError>,
+        mut f: impl FnMut(u32, u64, u64, &mut [u64]) -> Result<(), MigrationError>,
     ) -> Result<(), MigrationError> {
+        let mut chunk = [0u64; CHUNK_WORDS];
         for (si, (base, _, bits)) in self.slots.iter().enumerate() {
-            for (wi, &word) in bits.iter().enumerate() {
-                let mut w = word;
-                if let Some((m, masked)) = mask {
-                    let mw = m.slots[si].2[wi];
-                    w &= if masked { mw } else { !mw };
+            for (ci, words) in bits.chunks(CHUNK_WORDS).enumerate() {
+                let mut any = 0;
+                for (wi, (c, &word)) in chunk.iter_mut().zip(words).enumerate() {
+                    *c = word;
+                    if let Some((m, masked)) = mask {
+                        let mw = m.slots[si].2[ci * CHUNK_WORDS + wi];
+                        *c &= if masked { mw } else { !mw };
+                    }
+                    any |= *c;
                 }
-                while w != 0 {
-                    let bit = w.trailing_zeros() as u64;
-                    w &= w - 1;
-                    f(base + ((wi as u64) * 64 + bit) * PAGE_SIZE as u64)?;
+                if any != 0 {
+                    let first_page = (ci * CHUNK_WORDS * 64) as u64;
+                    f(si as u32, *base, first_page, &mut chunk[..words.len()])?;
                 }
             }
         }
@@ -103,22 +116,168 @@ impl PageMap {
     }
 }
 
-/// Writes pages into RAM sections, with rate limiting and cancel checks.
-struct PageSender<'a, W: Write> {
-    out: StreamWriter<W>,
-    batch: RamBatchBuilder,
-    page: Box<[u8; PAGE_SIZE]>,
+/// Bitmap words per chunk of [`PageMap::for_each_chunk`]: 2048 pages, one RAM
+/// batch, and one KVM_CLEAR_DIRTY_LOG.
+const CHUNK_WORDS: usize = 32;
+
+/// The guest-physical address of page `bit` of the word at `first_page` of a slot.
+fn page_gpa(base: u64, first_page: u64, bit: u32) -> u64 {
+    base + (first_page + u64::from(bit)) * PAGE_SIZE as u64
+}
+
+/// The writing side of one page stream.
+type Out = StreamWriter<BufWriter<Box<dyn WriteHalf>>>;
+
+/// What the page streams of one migration share: the counters behind query-migrate,
+/// the bandwidth cap (over all streams together), and the reasons to stop.
+struct Shared<'a> {
     ctl: &'a MigrationControl,
-    replies: &'a Receiver<Result<Reply, String>>,
-    normal: u64,
-    duplicate: u64,
-    window_start: Instant,
-    window_bytes: u64,
+    replies: Mutex<Receiver<Result<Reply, String>>>,
+    /// Set once a stream failed: the others stop at their next batch.
+    failed: AtomicBool,
+    /// The first stream's error, which is the one reported.
+    first_error: Mutex<Option<MigrationError>>,
+    /// Every stream's channel, broken when one fails so no writer stays blocked.
+    breakers: &'a Mutex<Vec<Breaker>>,
+    /// Bytes written on all streams, and pages sent with data and as zero flags.
+    bytes: AtomicU64,
+    normal: AtomicU64,
+    duplicate: AtomicU64,
+    /// Pass 1 runs: query-migrate's `remaining` is what has not been looked at yet.
+    first_pass: AtomicBool,
+    limiter: Mutex<RateWindow>,
+    /// Time spent in KVM_CLEAR_DIRTY_LOG, all streams together.
+    clear_ns: AtomicU64,
+}
+
+/// The bandwidth cap's window: bytes sent (by all streams) since `start`.
+struct RateWindow {
+    start: Instant,
+    bytes: u64,
     cap: u64,
 }
 
-impl<W: Write> PageSender<'_, W> {
-    fn send(&mut self, ram: &GuestRam, gpa: u64, skip_zero: bool) -> Result<(), MigrationError> {
+impl Shared<'_> {
+    /// Bytes on all streams, pages sent with data, pages sent as zero flags.
+    fn totals(&self) -> (u64, u64, u64) {
+        (
+            self.bytes.load(Ordering::Acquire),
+            self.normal.load(Ordering::Acquire),
+            self.duplicate.load(Ordering::Acquire),
+        )
+    }
+
+    /// Records a stream's failure; the first one is the migration's error.
+    fn fail(&self, e: MigrationError) {
+        if let Ok(mut first) = self.first_error.lock() {
+            if first.is_none() {
+                *first = Some(e);
+            }
+        }
+        self.failed.store(true, Ordering::Release);
+        if let Ok(b) = self.breakers.lock() {
+            b.iter().for_each(Breaker::break_channel);
+        }
+    }
+
+    fn take_error(&self) -> MigrationError {
+        self.first_error
+            .lock()
+            .ok()
+            .and_then(|mut e| e.take())
+            .unwrap_or_else(|| MigrationError::Stream("a page stream failed".into()))
+    }
+
+    fn check_abort(&self) -> Result<(), MigrationError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(MigrationError::Stream("another page stream failed".into()));
+        }
+        let replies = self
+            .replies
+            .lock()
+            .map_err(|_| MigrationError::Stream("the return path lock is poisoned".into()))?;
+        check_abort(self.ctl, &replies)
+    }
+
+    /// A new cap applies from now on, not to what was sent under the old one.
+    fn set_cap(&self, cap: u64) {
+        if let Ok(mut w) = self.limiter.lock() {
+            if w.cap != cap {
+                *w = RateWindow {
+                    start: Instant::now(),
+                    bytes: 0,
+                    cap,
+                };
+            }
+        }
+    }
+
+    /// Counts `len` bytes against the cap and sleeps as long as they exceed it.
+    fn pace(&self, len: u64) -> Result<(), MigrationError> {
+        let wait = {
+            let Ok(mut w) = self.limiter.lock() else {
+                return Ok(());
+            };
+            if w.cap == 0 {
+                return Ok(());
+            }
+            w.bytes += len;
+            let allowed = w.start.elapsed().as_secs_f64() * w.cap as f64;
+            (w.bytes as f64 - allowed).max(0.0) / w.cap as f64
+        };
+        if wait > 0.0 {
+            // Sleep in slices so a cancel is honoured at once, also on a slow link.
+            let until = Instant::now() + Duration::from_secs_f64(wait);
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                self.check_abort()?;
+                std::thread::sleep(left.min(Duration::from_millis(10)));
+            }
+        }
+        if let Ok(mut w) = self.limiter.lock() {
+            if w.start.elapsed() > Duration::from_secs(1) {
+                w.start = Instant::now();
+                w.bytes = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes one stream's pages into RAM sections.
+struct PageSender {
+    out: Out,
+    batch: RamBatchBuilder,
+    /// This stream's number and the number of streams: it sends the pages of
+    /// stripe `index` (see `stream_of`).
+    index: u32,
+    streams: u32,
+    /// Pages counted since the last report to the shared counters.
+    normal: u64,
+    duplicate: u64,
+    /// `out`'s bytes already added to the shared counter.
+    reported: u64,
+}
+
+impl PageSender {
+    fn new(out: Out, index: u32, streams: u32) -> Self {
+        Self {
+            out,
+            batch: RamBatchBuilder::with_max_pages(BATCH_PAGES),
+            index,
+            streams,
+            normal: 0,
+            duplicate: 0,
+            reported: 0,
+        }
+    }
+
+    fn send(
+        &mut self,
+        sh: &Shared<'_>,
+        ram: &GuestRam,
+        gpa: u64,
+        skip_zero: bool,
+    ) -> Result<(), MigrationError> {
         // Test for zero in place: most pages of a fresh guest are zero, and copying
         // them first would double the memory traffic of the first pass.
         if ram.is_zero_page(gpa)? {
@@ -128,54 +287,216 @@ impl<W: Write> PageSender<'_, W> {
             }
             self.batch.push_zero(gpa)?;
         } else {
-            ram.read(gpa, &mut self.page[..])?;
+            // Straight from guest memory into the batch: one copy, not two.
+            self.batch
+                .push_data_with(gpa, |buf| ram.read(gpa, buf).map_err(MigrationError::from))?;
             self.normal += 1;
-            self.batch.push_data(gpa, &self.page)?;
         }
         if self.batch.is_full() {
-            self.flush()?;
+            self.flush(sh)?;
         }
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), MigrationError> {
+    /// Sends this stream's share of `map` (with `prev`: cold pages, those not in
+    /// `prev`, first), then flushes. With `clear` (manual dirty-log protection), the
+    /// dirty bits of each chunk of 2048 pages are reset (one KVM_CLEAR_DIRTY_LOG) right
+    /// before its pages are read, so a write after that marks the page dirty for the
+    /// next pass, and one before it is sent now and not again.
+    fn send_map(
+        &mut self,
+        sh: &Shared<'_>,
+        ram: &GuestRam,
+        map: &PageMap,
+        prev: Option<&PageMap>,
+        skip_zero: bool,
+        clear: Option<&VmFd>,
+    ) -> Result<(), MigrationError> {
+        let (index, streams) = (self.index, self.streams);
+        let mut chunk = |slot: u32, base: u64, first_page: u64, words: &mut [u64]| {
+            // Only this stream's pages: another stream may be reading the others.
+            let mut any = 0;
+            for (wi, word) in words.iter_mut().enumerate() {
+                let word_page = first_page + wi as u64 * 64;
+                let mut w = *word;
+                while w != 0 {
+                    let bit = w.trailing_zeros();
+                    w &= w - 1;
+                    if stream_of(page_gpa(base, word_page, bit), streams) != index {
+                        *word &= !(1 << bit);
+                    }
+                }
+                any |= *word;
+            }
+            if any == 0 {
+                return Ok(());
+            }
+            if let Some(vm) = clear {
+                let t = Instant::now();
+                ram.clear_dirty_log(vm, slot, first_page, words)?;
+                sh.clear_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            for (wi, &word) in words.iter().enumerate() {
+                let word_page = first_page + wi as u64 * 64;
+                let mut w = word;
+                while w != 0 {
+                    let bit = w.trailing_zeros();
+                    w &= w - 1;
+                    self.send(sh, ram, page_gpa(base, word_page, bit), skip_zero)?;
+                }
+            }
+            Ok(())
+        };
+        match prev {
+            Some(prev) => {
+                map.for_each_chunk(Some((prev, false)), &mut chunk)?;
+                map.for_each_chunk(Some((prev, true)), &mut chunk)?;
+            }
+            None => map.for_each_chunk(None, &mut chunk)?,
+        }
+        self.flush(sh)
+    }
+
+    fn flush(&mut self, sh: &Shared<'_>) -> Result<(), MigrationError> {
         if self.batch.is_empty() {
             return Ok(());
         }
         let len = self.batch.payload_len();
         self.out.write_ram_batch(&self.batch)?;
         self.batch.clear();
-        self.window_bytes += len;
-        // Progress within a pass, for query-migrate while a long pass runs.
-        let (transferred, normal, duplicate) =
-            (self.out.bytes_written(), self.normal, self.duplicate);
-        self.ctl.update_stats(|s| {
-            record_pages(s, transferred, normal, duplicate);
-            if s.passes == 0 {
+        self.report(sh);
+        sh.check_abort()?;
+        sh.pace(len)
+    }
+
+    /// Adds what this stream sent since the last report to the shared counters and
+    /// publishes them (progress within a pass, for query-migrate while a long pass
+    /// runs).
+    fn report(&mut self, sh: &Shared<'_>) {
+        let written = self.out.bytes_written();
+        let delta = written - self.reported;
+        self.reported = written;
+        let bytes = sh.bytes.fetch_add(delta, Ordering::AcqRel) + delta;
+        let normal = sh.normal.fetch_add(self.normal, Ordering::AcqRel) + self.normal;
+        let duplicate = sh.duplicate.fetch_add(self.duplicate, Ordering::AcqRel) + self.duplicate;
+        (self.normal, self.duplicate) = (0, 0);
+        let first = sh.first_pass.load(Ordering::Acquire);
+        sh.ctl.update_stats(|s| {
+            record_pages(s, bytes, normal, duplicate);
+            if first {
                 // During the first pass everything not yet looked at remains.
                 let seen = (normal + duplicate) * PAGE_SIZE as u64;
                 s.ram.remaining = s.ram.total.saturating_sub(seen);
             }
         });
-        check_abort(self.ctl, self.replies)?;
-        if self.cap > 0 {
-            let allowed = self.window_start.elapsed().as_secs_f64() * self.cap as f64;
-            if self.window_bytes as f64 > allowed {
-                let wait = (self.window_bytes as f64 - allowed) / self.cap as f64;
-                // Sleep in slices so a cancel is honoured at once, also on a slow link.
-                let until = Instant::now() + Duration::from_secs_f64(wait);
-                while let Some(left) = until.checked_duration_since(Instant::now()) {
-                    check_abort(self.ctl, self.replies)?;
-                    std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
+}
+
+/// Sends `map` over all streams in parallel, each its stripes; returns once every
+/// stream has flushed its share, or with the first stream's error.
+fn send_pass(
+    senders: &mut [PageSender],
+    sh: &Shared<'_>,
+    ram: &GuestRam,
+    map: &PageMap,
+    prev: Option<&PageMap>,
+    skip_zero: bool,
+    clear: Option<&VmFd>,
+) -> Result<(), MigrationError> {
+    let Some((main, extra)) = senders.split_first_mut() else {
+        return Err(MigrationError::Stream("no page stream is open".into()));
+    };
+    if extra.is_empty() {
+        return main.send_map(sh, ram, map, prev, skip_zero, clear);
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = extra
+            .iter_mut()
+            .map(|s| {
+                let index = s.index;
+                let spawned = std::thread::Builder::new()
+                    .name(format!("migration-{index}"))
+                    .spawn_scoped(scope, move || {
+                        if let Err(e) = s.send_map(sh, ram, map, prev, skip_zero, clear) {
+                            sh.fail(e);
+                        }
+                    });
+                if let Err(e) = spawned.as_ref() {
+                    sh.fail(MigrationError::PageStream {
+                        index,
+                        reason: format!("cannot start its thread: {e}"),
+                    });
+                }
+                (index, spawned)
+            })
+            .collect();
+        if let Err(e) = main.send_map(sh, ram, map, prev, skip_zero, clear) {
+            sh.fail(e);
+        }
+        for (index, w) in workers {
+            if let Ok(handle) = w {
+                if handle.join().is_err() {
+                    sh.fail(MigrationError::PageStream {
+                        index,
+                        reason: "its thread panicked".into(),
+                    });
                 }
             }
-            if self.window_start.elapsed() > Duration::from_secs(1) {
-                self.window_start = Instant::now();
-                self.window_bytes = 0;
-            }
         }
-        Ok(())
+    });
+    if sh.failed.load(Ordering::Acquire) {
+        return Err(sh.take_error());
     }
+    Ok(())
+}
+
+/// Opens the extra page streams `1..streams` to `uri`, each announcing itself with
+/// a Join section.
+fn open_extra_streams(
+    uri: &MigrationUri,
+    session: u64,
+    streams: u32,
+    breakers: &Mutex<Vec<Breaker>>,
+) -> Result<Vec<PageSender>, MigrationError> {
+    let mut senders = Vec::new();
+    for index in 1..streams {
+        let fail = |reason: String| MigrationError::PageStream { index, reason };
+        let channel = Channel::connect(uri, CONNECT_TIMEOUT).map_err(|e| fail(e.to_string()))?;
+        if let (Ok(b), Ok(mut all)) = (channel.breaker(), breakers.lock()) {
+            all.push(b);
+        }
+        let mut out = StreamWriter::new(
+            BufWriter::with_capacity(1 << 20, channel.writer),
+            &producer(),
+        )?;
+        out.write_cbor(
+            SectionId::Join,
+            REPLY_VERSION,
+            &StreamJoin {
+                session,
+                index,
+                streams,
+            },
+        )?;
+        out.get_mut()
+            .flush()
+            .map_err(|e| fail(format!("cannot send its Join section: {e}")))?;
+        senders.push(PageSender::new(out, index, streams));
+    }
+    Ok(senders)
+}
+
+/// A random session token for extra streams (never 0).
+fn session_token(streams: u32) -> Result<u64, MigrationError> {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| MigrationError::Streams {
+            streams,
+            reason: format!("cannot read /dev/urandom for a session token: {e}"),
+        })?;
+    Ok(u64::from_le_bytes(b) | 1)
 }
 
 /// The page counters of query-migrate's `ram` object.
@@ -279,8 +600,10 @@ pub(crate) fn ram_digest(ram: &GuestRam) -> Result<Vec<u32>, MigrationError> {
     Ok(out)
 }
 
-/// Migrates `vm` over `channel`. On success the VM is left paused (the destination has
-/// it); on failure before the switch-over completed the VM runs on as before.
+/// Migrates `vm` over `channel` (and, with `multifd-channels` above 1, over more
+/// connections to the same address). On success the VM is left paused (the
+/// destination has it); on failure before the switch-over completed the VM runs on as
+/// before.
 pub fn migrate(
     vm: &mut Vm,
     mut channel: Channel,
@@ -290,13 +613,32 @@ pub fn migrate(
     let start = Instant::now();
     ctl.reset();
     ctl.emit(MigrationEvent::Status(MigrationStatus::Setup));
-    let breaker = channel.breaker().ok();
+    if let (Ok(b), Ok(mut all)) = (channel.breaker(), ctl.breakers.lock()) {
+        all.push(b);
+    }
+    let breakers = &ctl.breakers;
     let replies = spawn_return_path(&mut channel);
     let mut point_of_no_return = false;
-    let result = run(vm, channel, ctl, &replies, start, &mut point_of_no_return);
-    // Dirty logging off again, whatever happened.
+    let result = run(
+        vm,
+        channel,
+        ctl,
+        replies,
+        breakers,
+        start,
+        &mut point_of_no_return,
+    );
+    // Nothing left for a later cancel to break.
+    let breakers = breakers
+        .lock()
+        .map(|mut b| std::mem::take(&mut *b))
+        .unwrap_or_default();
+    // Dirty logging off again, whatever happened, and the log back in classic mode.
     if let Err(e) = vm.ram().register(vm.vm_fd(), false) {
         tracing::warn!("cannot turn dirty logging off: {e}");
+    }
+    if let Err(e) = vm.ram().set_manual_dirty_protect(vm.vm_fd(), false) {
+        tracing::warn!("{e}");
     }
     ctl.update_stats(|s| s.total_time = start.elapsed().as_millis() as u64);
     match result {
@@ -307,12 +649,14 @@ pub fn migrate(
             Ok(MigrationOutcome::Completed(stats))
         }
         Err(e) => {
-            if let Some(b) = breaker {
-                b.break_channel();
-            }
+            breakers.iter().for_each(Breaker::break_channel);
             let unconfirmed = point_of_no_return && !matches!(e, MigrationError::Refused(_));
             let e = if unconfirmed {
                 MigrationError::Unconfirmed(e.to_string())
+            } else if ctl.is_cancelled() && !matches!(e, MigrationError::Refused(_)) {
+                // A cancel breaks the channels: the write it interrupted fails, and
+                // the reason is the cancel, not the broken pipe.
+                MigrationError::Cancelled
             } else {
                 e
             };
@@ -334,15 +678,48 @@ pub fn migrate(
     }
 }
 
+/// How many streams to propose, and where to open the extra ones.
+fn proposed_streams(
+    channel: &Channel,
+    wanted: u32,
+) -> Result<(u32, Option<MigrationUri>), MigrationError> {
+    let wanted = wanted.max(1);
+    if wanted > MAX_STREAMS {
+        return Err(MigrationError::Streams {
+            streams: wanted,
+            reason: format!("multifd-channels is at most {MAX_STREAMS}"),
+        });
+    }
+    if wanted == 1 {
+        return Ok((1, None));
+    }
+    match channel.reconnect_uri() {
+        Some(uri) => Ok((wanted, Some(uri.clone()))),
+        None => Err(MigrationError::Streams {
+            streams: wanted,
+            reason: "fd: and file: migrations carry one stream; use a tcp: or unix: URI, or \
+                     set multifd-channels=1"
+                .into(),
+        }),
+    }
+}
+
 fn run(
     vm: &mut Vm,
     channel: Channel,
     ctl: &Arc<MigrationControl>,
-    replies: &Receiver<Result<Reply, String>>,
+    replies: Receiver<Result<Reply, String>>,
+    breakers: &Mutex<Vec<Breaker>>,
     start: Instant,
     point_of_no_return: &mut bool,
 ) -> Result<MigrationStats, MigrationError> {
     let params = ctl.params();
+    let (wanted, reconnect) = proposed_streams(&channel, params.multifd_channels)?;
+    let session = if wanted > 1 {
+        session_token(wanted)?
+    } else {
+        0
+    };
     let has_return_path = channel.has_return_path;
     let total_bytes = vm.ram().total_bytes();
     ctl.update_stats(|s| {
@@ -359,43 +736,74 @@ fn run(
         &Handshake {
             shape: vm.shape(),
             digest: params.verify_digest,
+            streams: wanted,
+            session,
         },
     )?;
     out.get_mut()
         .flush()
         .map_err(|e| MigrationError::Stream(format!("cannot send the handshake: {e}")))?;
+    let mut streams = 1;
     if has_return_path {
-        match wait_reply(replies, ctl, HANDSHAKE_TIMEOUT) {
+        match wait_reply(&replies, ctl, HANDSHAKE_TIMEOUT) {
+            // A destination that predates page streams answers Ready: one stream.
             Ok(Reply::Ready) => {}
+            Ok(Reply::Accepted { streams: n }) if wanted > 1 && (1..=wanted).contains(&n) => {
+                streams = n
+            }
             Ok(Reply::Error { message }) => return Err(MigrationError::Refused(message)),
             Ok(other) => {
                 return Err(MigrationError::Stream(format!(
-                    "the destination answered {other:?} to the handshake"
+                    "the destination answered {other:?} to a handshake proposing {wanted} \
+                     stream(s)"
                 )))
             }
             Err(_) if ctl.is_cancelled() => return Err(MigrationError::Cancelled),
             Err(e) => return Err(MigrationError::Refused(e)),
         }
     }
+    let sh = Shared {
+        ctl,
+        replies: Mutex::new(replies),
+        failed: AtomicBool::new(false),
+        first_error: Mutex::new(None),
+        breakers,
+        bytes: AtomicU64::new(0),
+        normal: AtomicU64::new(0),
+        duplicate: AtomicU64::new(0),
+        first_pass: AtomicBool::new(true),
+        clear_ns: AtomicU64::new(0),
+        limiter: Mutex::new(RateWindow {
+            start: Instant::now(),
+            bytes: 0,
+            cap: params.max_bandwidth,
+        }),
+    };
+    let mut senders = vec![PageSender::new(out, 0, streams)];
+    if let (Some(uri), true) = (&reconnect, streams > 1) {
+        senders.extend(open_extra_streams(uri, session, streams, breakers)?);
+    }
+    for s in &mut senders {
+        s.report(&sh);
+    }
+    ctl.update_stats(|s| s.streams = streams);
 
     let ram = vm.ram().clone();
+    // Manual protection first: a slot whose logging is turned on afterwards starts
+    // all dirty, without write-protecting all of RAM at once.
+    let manual = params.clear_dirty_log
+        && ram
+            .set_manual_dirty_protect(vm.vm_fd(), true)
+            .unwrap_or_else(|e| {
+                tracing::warn!("dirty log: classic mode ({e})");
+                false
+            });
     ram.register(vm.vm_fd(), true)?;
+    ctl.update_stats(|s| s.manual_dirty_protect = manual);
     let setup_time = start.elapsed().as_millis() as u64;
     ctl.update_stats(|s| s.setup_time = setup_time);
     ctl.emit(MigrationEvent::Status(MigrationStatus::Active));
 
-    let mut sender = PageSender {
-        out,
-        batch: RamBatchBuilder::with_max_pages(BATCH_PAGES),
-        page: Box::new([0u8; PAGE_SIZE]),
-        ctl,
-        replies,
-        normal: 0,
-        duplicate: 0,
-        window_start: Instant::now(),
-        window_bytes: 0,
-        cap: params.max_bandwidth,
-    };
     let throttle = vm.throttle();
     let mut conv = Convergence::default();
     let device_estimate = u64::from(vm.config().vcpus) * DEVICE_STATE_PER_VCPU + 4096;
@@ -404,37 +812,39 @@ fn run(
     let mut pass = 0u64;
     let mut extra_passes = 0;
     let mut last_dirty_bytes: Option<u64> = None;
+    let mut sync_us = 0u64;
     loop {
         pass += 1;
         let params = ctl.params();
-        if sender.cap != params.max_bandwidth {
-            // A new cap applies from now on, not to what was sent under the old one.
-            sender.cap = params.max_bandwidth;
-            sender.window_start = Instant::now();
-            sender.window_bytes = 0;
-        }
+        sh.set_cap(params.max_bandwidth);
         let pass_start = Instant::now();
-        let bytes_before = sender.out.bytes_written();
+        let bytes_before = sh.bytes.load(Ordering::Acquire);
         let first = pass == 1;
+        sh.first_pass.store(first, Ordering::Release);
         // Cold pages first: those not dirtied in the previous sync too.
-        to_send.for_each(Some((&prev_sync, false)), |gpa| {
-            sender.send(&ram, gpa, first)
-        })?;
-        to_send.for_each(Some((&prev_sync, true)), |gpa| {
-            sender.send(&ram, gpa, first)
-        })?;
-        sender.flush()?;
+        let clear = manual.then(|| vm.vm_fd());
+        send_pass(
+            &mut senders,
+            &sh,
+            &ram,
+            &to_send,
+            Some(&prev_sync),
+            first,
+            clear,
+        )?;
         // A pass with almost nothing to send still lets the guest run a little, so a
         // limit that cannot be met does not spin on empty passes.
         if let Some(rest) = MIN_PASS.checked_sub(pass_start.elapsed()) {
             std::thread::sleep(rest);
         }
         let elapsed = pass_start.elapsed();
-        let sent = sender.out.bytes_written() - bytes_before;
+        let sent = sh.bytes.load(Ordering::Acquire) - bytes_before;
 
         // Sync: what the guest dirtied while we sent.
         let mut dirty = PageMap::new(&ram, false);
+        let sync_start = Instant::now();
         dirty.merge(&ram.get_dirty_log(vm.vm_fd())?);
+        sync_us += sync_start.elapsed().as_micros() as u64;
         let dirty_pages = dirty.count();
         let report = PassReport {
             bytes_sent: sent,
@@ -444,11 +854,11 @@ fn run(
         };
         let expected = conv.observe(&report, params.max_bandwidth);
         let dirty_rate = report.dirty_bytes as f64 / elapsed.as_secs_f64().max(1e-3);
-        let transferred = sender.out.bytes_written();
+        let (transferred, normal, duplicate) = sh.totals();
         ctl.update_stats(|s| {
             s.passes = pass;
             s.ram.dirty_sync_count = pass;
-            record_pages(s, transferred, sender.normal, sender.duplicate);
+            record_pages(s, transferred, normal, duplicate);
             s.ram.remaining = report.dirty_bytes;
             s.ram.dirty_pages_rate = (dirty_rate / PAGE_SIZE as f64) as u64;
             s.ram.mbps = sent as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-6);
@@ -456,6 +866,8 @@ fn run(
             s.expected_downtime = expected.as_millis() as u64;
             s.total_time = start.elapsed().as_millis() as u64;
             s.cpu_throttle_percentage = throttle.percent();
+            s.dirty_sync_us = sync_us;
+            s.dirty_clear_us = sh.clear_ns.load(Ordering::Relaxed) / 1000;
         });
         ctl.emit(MigrationEvent::Pass(pass));
         tracing::debug!(
@@ -500,6 +912,7 @@ fn run(
         to_send = dirty.clone();
         prev_sync = dirty;
     }
+    sh.first_pass.store(false, Ordering::Release);
 
     // Switch-over: stop the guest; from here the downtime counts.
     let throttle_pct = throttle.percent();
@@ -518,28 +931,43 @@ fn run(
     let mut rest = prev_sync;
     rest.merge(&ram.get_dirty_log(vm.vm_fd())?);
     let rest_pages = rest.count();
-    rest.for_each(None, |gpa| sender.send(&ram, gpa, false))?;
-    sender.flush()?;
-    let before_devices = sender.out.bytes_written();
-    crate::checkpoint::write_state(vm, &mut sender.out)?;
-    let device_bytes = sender.out.bytes_written() - before_devices;
+    // The guest is paused: nothing can dirty a page again, nothing needs clearing.
+    send_pass(&mut senders, &sh, &ram, &rest, None, false, None)?;
+    // Every extra stream ends before the main stream's End: the destination loads
+    // the state only once all of them are complete.
+    for s in senders.drain(1..) {
+        let index = s.index;
+        s.out.finish().map_err(|e| MigrationError::PageStream {
+            index,
+            reason: format!("cannot finish it: {e}"),
+        })?;
+    }
+    let [mut main] = <[PageSender; 1]>::try_from(senders)
+        .map_err(|_| MigrationError::Stream("the main stream is missing".into()))?;
+    let before_devices = main.out.bytes_written();
+    crate::checkpoint::write_state(vm, &mut main.out)?;
+    let device_bytes = main.out.bytes_written() - before_devices;
     let mut digest_ms = 0;
     if params.verify_digest {
         let t = Instant::now();
         let digest = ram_digest(&ram)?;
-        sender
-            .out
+        main.out
             .write_cbor(SectionId::Digest, REPLY_VERSION, &digest)?;
         digest_ms = t.elapsed().as_millis() as u64;
     }
-    check_abort(ctl, replies)?;
-    let transferred = sender.out.bytes_written();
-    let mut w = sender.out.finish()?;
+    main.report(&sh);
+    sh.check_abort()?;
+    let (transferred, normal, duplicate) = sh.totals();
+    let mut w = main.out.finish()?;
     *point_of_no_return = true;
     w.flush()
         .map_err(|e| MigrationError::Stream(format!("cannot send the last bytes: {e}")))?;
     if has_return_path {
-        match wait_reply(replies, ctl, CONFIRM_TIMEOUT) {
+        let replies = sh
+            .replies
+            .lock()
+            .map_err(|_| MigrationError::Stream("the return path lock is poisoned".into()))?;
+        match wait_reply(&replies, ctl, CONFIRM_TIMEOUT) {
             Ok(Reply::Loaded { .. }) => {}
             Ok(Reply::Error { message }) => return Err(MigrationError::Refused(message)),
             Ok(other) => {
@@ -551,7 +979,6 @@ fn run(
         }
     }
     let downtime = down_start.elapsed().as_millis() as u64;
-    let (normal, duplicate) = (sender.normal, sender.duplicate);
     ctl.update_stats(|s| {
         s.downtime = downtime;
         s.total_time = start.elapsed().as_millis() as u64;
@@ -565,6 +992,7 @@ fn run(
     tracing::info!(
         passes = pass,
         rest_pages,
+        streams,
         downtime_ms = downtime,
         total_ms = start.elapsed().as_millis() as u64,
         "migration completed"

@@ -74,8 +74,18 @@ pub struct MigrationStats {
     pub cpu_throttle_percentage: u8,
     /// Passes over memory so far.
     pub passes: u64,
+    /// Page streams (connections) in use: the multifd channels the destination
+    /// accepted, 1 without them.
+    pub streams: u32,
     /// Bytes of vCPU and device state sent at switch-over.
     pub device_state_bytes: u64,
+    /// Whether KVM's manual dirty-log protection was used (KVM_CLEAR_DIRTY_LOG right
+    /// before pages are read); false: the classic log, reset by every read.
+    pub manual_dirty_protect: bool,
+    /// Microseconds spent reading the dirty log (KVM_GET_DIRTY_LOG), all passes.
+    pub dirty_sync_us: u64,
+    /// Microseconds spent in KVM_CLEAR_DIRTY_LOG, all passes and streams.
+    pub dirty_clear_us: u64,
     /// Milliseconds spent computing and checking the RAM digest (0 if off).
     pub digest_ms: u64,
     /// Why it failed, when it did.

@@ -92,6 +92,10 @@ pub struct Channel {
     /// Whether the other end can answer (sockets yes, files no).
     pub has_return_path: bool,
     shutdown: Option<OwnedFd>,
+    /// Where a `tcp:`/`unix:` channel was connected: extra page streams of a
+    /// multi-stream migration connect there too. `None` for `fd:` and `file:`,
+    /// which carry one stream.
+    reconnect: Option<MigrationUri>,
 }
 
 /// The reading half of a channel.
@@ -148,7 +152,14 @@ impl Channel {
             writer: Box::new(file),
             has_return_path: is_socket,
             shutdown: is_socket.then(|| OwnedFd::from(b)),
+            reconnect: None,
         })
+    }
+
+    /// The URI that more connections to the same peer can be opened on (`tcp:` and
+    /// `unix:` channels opened by [`Channel::connect`]); `None` for `fd:` and `file:`.
+    pub fn reconnect_uri(&self) -> Option<&MigrationUri> {
+        self.reconnect.as_ref()
     }
 
     /// A breaker for this channel.
@@ -168,7 +179,11 @@ impl Channel {
                 let addrs = addr.to_socket_addrs().map_err(io_err("resolve", uri))?;
                 for a in addrs {
                     match TcpStream::connect_timeout(&a, timeout) {
-                        Ok(s) => return Self::from_tcp(s, uri),
+                        Ok(s) => {
+                            let mut ch = Self::from_tcp(s, uri)?;
+                            ch.reconnect = Some(uri.clone());
+                            return Ok(ch);
+                        }
                         Err(e) => last = Some(e),
                     }
                 }
@@ -176,10 +191,14 @@ impl Channel {
                     io::Error::new(io::ErrorKind::NotFound, "no address")
                 })))
             }
-            MigrationUri::Unix(p) => Self::from_unix(
-                UnixStream::connect(p).map_err(io_err("connect to", uri))?,
-                uri,
-            ),
+            MigrationUri::Unix(p) => {
+                let mut ch = Self::from_unix(
+                    UnixStream::connect(p).map_err(io_err("connect to", uri))?,
+                    uri,
+                )?;
+                ch.reconnect = Some(uri.clone());
+                Ok(ch)
+            }
             MigrationUri::File(p) => {
                 let f = File::create(p).map_err(io_err("create", uri))?;
                 Ok(Self {
@@ -187,6 +206,7 @@ impl Channel {
                     writer: Box::new(f),
                     has_return_path: false,
                     shutdown: None,
+                    reconnect: None,
                 })
             }
             MigrationUri::Fd(_) => Err(TransportError::BadUri(format!(
@@ -245,26 +265,75 @@ impl Listener {
     }
 
     pub fn accept(self) -> Result<Channel, TransportError> {
+        self.accept_next()
+    }
+
+    /// Waits for one sender (or opens the file) and keeps listening: a multi-stream
+    /// migration's extra connections arrive here later ([`Listener::try_accept`]).
+    pub fn accept_next(&self) -> Result<Channel, TransportError> {
         match self {
             Self::Tcp(l, uri) => {
-                let (s, _) = l.accept().map_err(io_err("accept on", &uri))?;
-                Channel::from_tcp(s, &uri)
+                l.set_nonblocking(false).map_err(io_err("configure", uri))?;
+                let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
+                Channel::from_tcp(s, uri)
             }
             Self::Unix(l, uri) => {
-                let (s, _) = l.accept().map_err(io_err("accept on", &uri))?;
-                Channel::from_unix(s, &uri)
+                l.set_nonblocking(false).map_err(io_err("configure", uri))?;
+                let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
+                Channel::from_unix(s, uri)
             }
             Self::File(p, uri) => {
-                let f = File::open(&p).map_err(io_err("open", &uri))?;
+                let f = File::open(p).map_err(io_err("open", uri))?;
                 Ok(Channel {
                     reader: Box::new(f),
                     writer: Box::new(io::sink()),
                     has_return_path: false,
                     shutdown: None,
+                    reconnect: None,
                 })
             }
         }
     }
+
+    /// Accepts one more connection if one is waiting, without blocking: extra page
+    /// streams of a multi-stream migration arrive on the listener the first
+    /// connection came in on. `Ok(None)`: nobody is waiting (or a file, which has no
+    /// connections).
+    pub fn try_accept(&self) -> Result<Option<Channel>, TransportError> {
+        let pending = |r: io::Result<()>, uri: &MigrationUri| r.map_err(io_err("poll", uri));
+        match self {
+            Self::Tcp(l, uri) => {
+                pending(l.set_nonblocking(true), uri)?;
+                match l.accept() {
+                    Ok((s, _)) => {
+                        pending(s.set_nonblocking(false), uri)?;
+                        Channel::from_tcp(s, uri).map(Some)
+                    }
+                    Err(e) if would_block(&e) => Ok(None),
+                    Err(e) => Err(io_err("accept on", uri)(e)),
+                }
+            }
+            Self::Unix(l, uri) => {
+                pending(l.set_nonblocking(true), uri)?;
+                match l.accept() {
+                    Ok((s, _)) => {
+                        pending(s.set_nonblocking(false), uri)?;
+                        Channel::from_unix(s, uri).map(Some)
+                    }
+                    Err(e) if would_block(&e) => Ok(None),
+                    Err(e) => Err(io_err("accept on", uri)(e)),
+                }
+            }
+            Self::File(..) => Ok(None),
+        }
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 #[cfg(test)]
