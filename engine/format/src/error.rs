@@ -169,8 +169,19 @@ pub enum FormatError {
 
     /// Any other I/O error of the underlying reader or writer. An unexpected
     /// end of input is reported as [`FormatError::Truncated`] instead.
-    #[error("I/O error on the stream")]
-    Io(#[from] io::Error),
+    ///
+    /// The OS error is part of the message, not a `#[source]`: these messages
+    /// travel as text (on the return path, in migration errors), and "I/O error
+    /// on the stream" alone hid whether the disk was full or the peer reset the
+    /// connection (found by the fault-matrix tests, tests/tests/faults.rs).
+    #[error("I/O error on the stream: {0}")]
+    Io(io::Error),
+}
+
+impl From<io::Error> for FormatError {
+    fn from(e: io::Error) -> Self {
+        FormatError::Io(e)
+    }
 }
 
 /// Shorthand for results of this crate.
