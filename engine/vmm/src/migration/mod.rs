@@ -276,7 +276,8 @@ impl MigrationControl {
         self.params.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
-    /// Changes parameters; a running migration picks them up at its next pass.
+    /// Changes parameters; a running migration picks up the bandwidth cap at
+    /// its next batch, the others at its next pass.
     pub fn set_params(&self, f: impl FnOnce(&mut MigrationParams)) {
         if let Ok(mut p) = self.params.lock() {
             f(&mut p);

@@ -213,7 +213,11 @@ impl Shared<'_> {
     }
 
     /// Counts `len` bytes against the cap and sleeps as long as they exceed it.
+    /// The cap is read anew for every batch and while sleeping, so a
+    /// `max-bandwidth` change (virsh migrate-setspeed) takes effect at once, as
+    /// in QEMU, not only at the next pass.
     fn pace(&self, len: u64) -> Result<(), MigrationError> {
+        self.set_cap(self.ctl.params().max_bandwidth);
         let wait = {
             let Ok(mut w) = self.limiter.lock() else {
                 return Ok(());
@@ -228,8 +232,15 @@ impl Shared<'_> {
         if wait > 0.0 {
             // Sleep in slices so a cancel is honoured at once, also on a slow link.
             let until = Instant::now() + Duration::from_secs_f64(wait);
+            let cap = self.limiter.lock().map(|w| w.cap).unwrap_or(0);
             while let Some(left) = until.checked_duration_since(Instant::now()) {
                 self.check_abort()?;
+                let now = self.ctl.params().max_bandwidth;
+                if now != cap {
+                    // A new cap starts a new window; these bytes are not owed.
+                    self.set_cap(now);
+                    break;
+                }
                 std::thread::sleep(left.min(Duration::from_millis(10)));
             }
         }
