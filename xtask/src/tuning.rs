@@ -152,6 +152,12 @@ pub fn page() -> Result<String, String> {
             "on, off (then `migrate-continue`)",
             on_off(d.pause_before_switchover),
         ],
+        [
+            "multifd-channels",
+            "page streams, 1-16",
+            &d.multifd_channels.to_string(),
+        ],
+        ["clear-dirty-log", "on, off", on_off(d.clear_dirty_log)],
     ]
     .iter()
     .map(|[key, value, default]| vec![format!("`{key}`"), value.to_string(), default.to_string()])
@@ -207,6 +213,28 @@ pub fn page() -> Result<String, String> {
          (`on-timeout=cancel`, the source keeps running) or switched over whatever the \
          downtime (`on-timeout=switchover`).",
     );
+    doc.ss("Parallel streams (multifd-channels)");
+    doc.p(&format!(
+        "With `multifd-channels=N`, the source proposes N connections in the handshake \
+         (at most {}); the destination takes at most its `ferry-vm incoming \
+         --max-streams` and the source opens the extra connections to the same `tcp:` \
+         or `unix:` address, each naming the session token of the handshake and its \
+         number. Pages are split by address into 256 KiB stripes, so a page always \
+         travels on the same stream; the destination refuses a page on the wrong stream \
+         and a connection with a wrong token, and loads the vCPU and device state only \
+         after every stream has ended. More streams shorten the migration of a guest \
+         that rewrites all its memory where there are cores to spare; ferry-qemu takes \
+         one stream.",
+        ferry_vmm::migration::MAX_STREAMS
+    ));
+    doc.ss("Manual dirty-log protection (clear-dirty-log)");
+    doc.p("With `clear-dirty-log` on, where the kernel offers \
+         KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, reading the dirty log no longer re-protects \
+         guest memory; each 8 MiB chunk is re-protected right before its pages are read, \
+         so a page written between the dirty sync and the copy is sent once, not again \
+         in the next pass. It is off by default: on an idle machine it made \
+         whole-memory-dirtying guests slower to migrate here; on a loaded one it \
+         shortened them.");
     doc.ss("Pause before switch-over");
     doc.p(
         "With `pause-before-switchover`, the source stops its vCPUs and waits in the \
