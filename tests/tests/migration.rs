@@ -384,6 +384,13 @@ fn raising_the_bandwidth_mid_pass_takes_effect_at_once() {
     require_kvm();
     let s = Scratch::new();
     let (src, mut dst, t) = slow_migration(&s);
+    // The control socket answers `status` while the migration runs.
+    let st = src.ok("status");
+    assert_eq!(
+        (st["status"].as_str(), st["migration"].as_str()),
+        (Some("migrating"), Some("active")),
+        "{st}"
+    );
     let q = src.ok("query-migrate");
     let remaining = q["ram"]["remaining"].as_u64().unwrap_or(0);
     assert!(remaining > (768 << 20), "{q}");

@@ -45,7 +45,11 @@ pub const EXIT_STATUS: &[(u8, &str)] = &[
 /// The control socket's commands (`control.rs` implements them), for the man
 /// page: (synopsis, what it does).
 pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
-    ("status", "Whether the VM is running or paused."),
+    (
+        "status",
+        "Whether the VM is running or paused; during a migration \"migrating\", with the \
+         migration's state.",
+    ),
     ("pause", "Stop the vCPUs (also: stop)."),
     ("resume", "Start the vCPUs (also: cont)."),
     (

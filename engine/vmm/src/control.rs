@@ -23,7 +23,9 @@ use serde_json::{json, Value};
 use ferry_kvm::{GuestRam, PAGE_SIZE};
 
 use crate::checkpoint;
-use crate::migration::{self, Channel, MigrationControl, MigrationUri, TimeoutPolicy};
+use crate::migration::{
+    self, Channel, MigrationControl, MigrationStatus, MigrationUri, TimeoutPolicy,
+};
 use crate::vcpu::GuestExit;
 use crate::vm::Vm;
 use crate::VmmError;
@@ -323,6 +325,14 @@ fn migrate(vm: &mut Vm, uri: &str, ctl: &Arc<MigrationControl>) -> (Value, bool)
 fn migration_command(ctl: &MigrationControl, line: &str) -> Option<Value> {
     let (cmd, args) = line.split_once(' ').unwrap_or((line, ""));
     let reply = match cmd {
+        // The main loop is busy migrating: answer here rather than after it.
+        "status" => {
+            let state = ctl.stats().status;
+            if !migration_in_flight(state) {
+                return None;
+            }
+            json!({"ok": true, "status": "migrating", "migration": state.as_str()})
+        }
         "query-migrate" => {
             let mut v = serde_json::to_value(ctl.stats()).unwrap_or_default();
             v["ok"] = json!(true);
@@ -343,6 +353,18 @@ fn migration_command(ctl: &MigrationControl, line: &str) -> Option<Value> {
         _ => return None,
     };
     Some(reply)
+}
+
+/// States in which `migrate` has not returned yet.
+fn migration_in_flight(state: MigrationStatus) -> bool {
+    matches!(
+        state,
+        MigrationStatus::Setup
+            | MigrationStatus::Active
+            | MigrationStatus::PreSwitchover
+            | MigrationStatus::Device
+            | MigrationStatus::Cancelling
+    )
 }
 
 fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
