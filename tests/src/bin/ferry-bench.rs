@@ -260,18 +260,26 @@ fn main() -> ExitCode {
                 }
             }
             failed |= fers.iter().any(|(_, f)| !f.failures.is_empty()) || !fq.failures.is_empty();
-            let Some((_, fer)) = fers.first() else {
+            if !qemu || qem.total.is_empty() {
                 continue;
-            };
-            if qemu && !qem.total.is_empty() && !fer.total.is_empty() {
+            }
+            // One ratio line per stream count, then ferry-qemu's.
+            for (n, fer) in fers.iter().filter(|(_, f)| !f.total.is_empty()) {
+                let name = if streams == [1] {
+                    "ferry".to_string()
+                } else {
+                    format!("ferry{n}")
+                };
                 println!(
-                    "ratio  {:<5} {:<6} ferry/QEMU: total {:.2}x, guest-observed downtime {:.2}x, engine downtime {:.2}x",
+                    "ratio  {:<5} {:<6} {name}/QEMU: total {:.2}x, guest-observed downtime {:.2}x, engine downtime {:.2}x",
                     ram,
                     ws,
                     median(&fer.total) / median(&qem.total),
                     median(&fer.guest_gap) / median(&qem.guest_gap),
                     median(&fer.downtime) / median(&qem.downtime),
                 );
+            }
+            if !fq.total.is_empty() {
                 println!(
                     "ratio  {:<5} {:<6} ferry-qemu/QEMU: total {:.2}x, guest-observed downtime {:.2}x",
                     ram,
