@@ -17,7 +17,9 @@
 //!
 //! * Live migration (a running guest, or any guest to `tcp:`, `unix:` or a
 //!   socket `fd:`): the engine's pre-copy on a thread that owns the guest
-//!   meanwhile; see [`live`]. The destination reads every stream with
+//!   meanwhile; see [`live`]. `stop`/`cont` meanwhile hold and release its
+//!   vCPUs through a `VcpuHold`, as QEMU stops a migrating guest without ending
+//!   the migration. The destination reads every stream with
 //!   `ferry_vmm::migration::receive`, answering on the return path when the
 //!   stream is a socket.
 
@@ -622,7 +624,10 @@ impl Backend for FerryBackend {
 
     fn cont(&mut self) -> Result<(), BackendError> {
         let mut inner = self.shared.lock()?;
-        inner.not_migrating("cont")?;
+        if inner.migrating {
+            drop(inner);
+            return self.cont_live();
+        }
         match inner.state {
             RunState::InMigrate => {
                 inner.autostart = true;
@@ -648,7 +653,10 @@ impl Backend for FerryBackend {
 
     fn stop(&mut self) -> Result<(), BackendError> {
         let mut inner = self.shared.lock()?;
-        inner.not_migrating("stop")?;
+        if inner.migrating {
+            drop(inner);
+            return self.stop_live();
+        }
         match inner.state {
             RunState::InMigrate => {
                 inner.autostart = false;

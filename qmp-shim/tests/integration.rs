@@ -1144,3 +1144,94 @@ fn live_migration_cancel_and_parameters_in_flight() {
     same_memory(&mut src, &mut qe, d, "inflight");
     let _ = b.child.kill();
 }
+
+/// `stop` and `cont` during a live migration, as `virsh suspend`/`resume` send
+/// them: the guest stops (no heartbeats, STOP, `paused`) while pages still flow,
+/// runs again on `cont`; stopped and cancelled, it stays stopped until `cont`;
+/// stopped and completed, it arrives stopped with its memory intact.
+#[test]
+fn stop_and_cont_during_a_live_migration() {
+    let name = "stop_and_cont_during_a_live_migration";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let (_a, mut src) = running_source(d, "a", &kernel);
+    let serial = d.join("a.serial");
+    let grows = |expect: bool| {
+        let before = serial_len(&serial);
+        std::thread::sleep(Duration::from_millis(300));
+        let grew = serial_len(&serial) > before;
+        assert_eq!(
+            grew,
+            expect,
+            "heartbeats while the guest should be {}",
+            if expect { "running" } else { "stopped" }
+        );
+    };
+    let destination = |tag: &str| -> (Qemu, String) {
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let q = spawn_guest(d, tag, &kernel, &["-incoming", &uri]);
+        Qmp::connect(&q.qmp);
+        (q, uri)
+    };
+
+    // 1. Stop and cont while the first pass crawls; then cancel while stopped.
+    let (_b, uri) = destination("b");
+    src.ok("migrate-set-parameters", json!({"max-bandwidth": 8 << 20}));
+    src.ok("migrate", json!({"uri": uri}));
+    src.wait_event("MIGRATION", Some("active"));
+    src.ok("stop", json!({}));
+    src.wait_event("STOP", None);
+    assert_eq!(src.status(), "paused");
+    grows(false);
+    // Pages still flow (counted per 8 MiB batch: one a second at this cap).
+    let sent = src.ok("query-migrate", json!({}))["ram"]["transferred"].as_u64();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = src.ok("query-migrate", json!({}));
+        assert_eq!(info["status"], "active", "{info}");
+        if info["ram"]["transferred"].as_u64() > sent {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pages stopped flowing: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    src.ok("cont", json!({}));
+    src.wait_event("RESUME", None);
+    assert_eq!(src.status(), "running");
+    grows(true);
+    src.ok("stop", json!({}));
+    src.wait_event("STOP", None);
+    src.ok("migrate_cancel", json!({}));
+    src.wait_event("MIGRATION", Some("cancelled"));
+    assert_eq!(src.status(), "paused");
+    grows(false);
+    assert!(!src.events.iter().any(|e| e["event"] == "RESUME"));
+    src.ok("cont", json!({}));
+    src.wait_event("RESUME", None);
+    grows(true);
+
+    // 2. Stopped during the migration, it completes and arrives stopped.
+    let (c, uri) = destination("c");
+    src.events.clear();
+    src.ok("migrate-set-parameters", json!({"max-bandwidth": 64 << 20}));
+    src.ok("migrate", json!({"uri": uri}));
+    src.wait_event("MIGRATION", Some("active"));
+    src.ok("stop", json!({}));
+    src.wait_event("STOP", None);
+    src.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    src.wait_event("MIGRATION", Some("completed"));
+    assert_eq!(
+        src.events.iter().filter(|e| e["event"] == "STOP").count(),
+        0,
+        "a second STOP at the switch-over"
+    );
+    assert_eq!(src.status(), "postmigrate");
+    let mut dst = Qmp::connect(&c.qmp);
+    wait_status(&mut dst, "paused");
+    same_memory(&mut src, &mut dst, d, "stopped");
+}

@@ -170,6 +170,11 @@ fn vcpu_loop(
                 }
                 continue;
             }
+            if ctx.throttle.is_held() {
+                // Held (stopped during a migration): stay out of the guest.
+                ctx.throttle.nap(&pause);
+                continue;
+            }
             match vcpu.run() {
                 Ok(exit) => {
                     if let Some(guest_exit) = handle_exit(index, exit, &ctx) {

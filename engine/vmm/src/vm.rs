@@ -222,6 +222,25 @@ impl Vm {
         Ok(())
     }
 
+    /// A handle that stops and restarts the vCPUs from another thread while a
+    /// migration owns the VM.
+    pub fn hold_handle(&self) -> crate::migration::VcpuHold {
+        let threads = self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
+        crate::migration::VcpuHold::new(self.throttle.clone(), threads)
+    }
+
+    /// Turns a hold (see [`Self::hold_handle`]) into a real pause, for whoever
+    /// gets the VM back from a migration: returns whether the VM was held.
+    pub fn take_hold(&mut self) -> Result<bool, VmmError> {
+        let hold = self.hold_handle();
+        if !hold.is_held() {
+            return Ok(false);
+        }
+        self.pause()?;
+        hold.release();
+        Ok(true)
+    }
+
     /// Starts throttling this VM's vCPUs (percent set on the returned handle).
     pub fn throttle(&self) -> crate::migration::Throttle {
         let threads: Vec<libc::pthread_t> =

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use ferry_vmm::migration::transport::Breaker;
 use ferry_vmm::migration::{
     self, Channel, MigrationControl, MigrationError, MigrationEvent, MigrationOutcome,
-    MigrationParams, MigrationUri,
+    MigrationParams, MigrationUri, VcpuHold,
 };
 use serde_json::json;
 
@@ -62,6 +62,10 @@ pub(super) struct Outgoing {
     /// Set once the engine returned.
     done: Arc<AtomicBool>,
     breaker: Option<Arc<Breaker>>,
+    /// Stops and restarts the vCPUs while the migration thread owns the guest.
+    hold: VcpuHold,
+    /// QMP `stop` came during the migration (and no `cont` since).
+    user_stopped: bool,
 }
 
 /// Whether `fd` is a socket (a peer that can answer) rather than a file or pipe.
@@ -190,6 +194,8 @@ impl FerryBackend {
                 cancel_requested: false,
                 done: Arc::clone(&done),
                 breaker: None,
+                hold: guest.hold_handle(),
+                user_stopped: false,
             });
         }
         let weak = Arc::downgrade(&self.shared);
@@ -256,6 +262,66 @@ impl FerryBackend {
             });
     }
 
+    /// QMP `stop` while the migration runs: the vCPUs leave the guest (so it
+    /// dirties nothing more) and the migration goes on, as in QEMU; the guest
+    /// stays stopped whatever the outcome, until `cont`.
+    pub(super) fn stop_live(&self) -> Result<(), BackendError> {
+        let Ok(mut o) = self.shared.outgoing.lock() else {
+            return Err(BackendError::Engine(
+                "the migration state is poisoned".into(),
+            ));
+        };
+        let Some(o) = o.as_mut().filter(|o| !o.done.load(Ordering::Acquire)) else {
+            return Ok(());
+        };
+        if o.user_stopped || o.stopped || !o.was_running {
+            // Already stopped (by `stop`, by the switch-over, or before).
+            return Ok(());
+        }
+        o.hold.hold();
+        o.user_stopped = true;
+        if let Ok(mut inner) = self.shared.inner.lock() {
+            inner.state = RunState::Paused;
+        }
+        self.shared.events.emit("STOP", None);
+        Ok(())
+    }
+
+    /// QMP `cont` while the migration runs: undoes a `stop` given during it.
+    pub(super) fn cont_live(&self) -> Result<(), BackendError> {
+        let Ok(mut o) = self.shared.outgoing.lock() else {
+            return Err(BackendError::Engine(
+                "the migration state is poisoned".into(),
+            ));
+        };
+        let Some(o) = o.as_mut().filter(|o| !o.done.load(Ordering::Acquire)) else {
+            return Ok(());
+        };
+        if o.stopped {
+            return Err(BackendError::BadState {
+                operation: "cont",
+                state: "finish-migrate",
+            });
+        }
+        if !o.user_stopped {
+            if o.was_running {
+                return Ok(());
+            }
+            return Err(BackendError::Migration(
+                "the guest was stopped when the migration began; ferry-qemu starts it \
+                 only after the migration ends (cancel it first)"
+                    .into(),
+            ));
+        }
+        o.hold.release();
+        o.user_stopped = false;
+        if let Ok(mut inner) = self.shared.inner.lock() {
+            inner.state = RunState::Running;
+        }
+        self.shared.events.emit("RESUME", None);
+        Ok(())
+    }
+
     /// `migrate-continue`: leaves `pre-switchover`.
     pub(super) fn continue_live(&self, state: MigrationStatus) -> Result<(), BackendError> {
         let current = self
@@ -315,7 +381,8 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
                 if let Ok(mut inner) = shared.inner.lock() {
                     inner.state = RunState::FinishMigrate;
                 }
-                if o.was_running {
+                // A guest stopped by QMP `stop` meanwhile had its STOP already.
+                if o.was_running && !o.user_stopped {
                     shared.events.emit("STOP", None);
                 }
             }
@@ -330,16 +397,29 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
 /// Puts the guest back and sends the last event.
 fn finish(
     shared: &Shared,
-    guest: Guest,
+    mut guest: Guest,
     before: RunState,
     result: Result<MigrationOutcome, (String, bool)>,
 ) {
-    let (cancel_requested, stopped) = shared
+    let (cancel_requested, stopped, user_stopped) = shared
         .outgoing
         .lock()
         .ok()
-        .and_then(|o| o.as_ref().map(|o| (o.cancel_requested, o.stopped)))
-        .unwrap_or((false, false));
+        .and_then(|o| {
+            o.as_ref()
+                .map(|o| (o.cancel_requested, o.stopped, o.user_stopped))
+        })
+        .unwrap_or((false, false, false));
+    // A `stop` during the migration becomes a real pause now.
+    let held = guest.take_hold().unwrap_or_else(|e| {
+        tracing::warn!("cannot pause the held guest: {e}");
+        true
+    });
+    let before = if user_stopped || held {
+        RunState::Paused
+    } else {
+        before
+    };
     let running = guest.is_running();
     let mut resumed = false;
     let status = {

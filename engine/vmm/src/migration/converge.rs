@@ -11,7 +11,7 @@
 //!    under the current throttle. Lift it at switch-over.
 //! 3. Past the total-time cap, cancel or force the switch-over, per policy.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,13 +34,36 @@ pub struct ThrottleState {
     pct: AtomicU8,
     /// Nanoseconds since `epoch()` until which vCPUs sleep; 0 = none.
     nap_until: AtomicU64,
+    /// Held (a `stop` while a migration owns the VM): vCPUs stay out of the
+    /// guest until released or until the VMM pauses them.
+    held: AtomicBool,
+    /// vCPU threads napping now.
+    napping: AtomicUsize,
 }
 
 impl ThrottleState {
-    /// Called by a vCPU thread after KVM_RUN was interrupted: sleeps out the current
-    /// nap in small steps, returning early when `stop` is set (a pause request).
+    /// Called by a vCPU thread after KVM_RUN was interrupted, and before it enters
+    /// the guest while held: sleeps out the current nap (or the hold) in small
+    /// steps, returning early when `stop` is set (a pause request).
     pub fn nap(&self, stop: &AtomicBool) {
+        self.napping.fetch_add(1, Ordering::AcqRel);
+        self.nap_inner(stop);
+        self.napping.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    fn nap_inner(&self, stop: &AtomicBool) {
         loop {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            if self.held.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             let until = self.nap_until.load(Ordering::Acquire);
             if until == 0 || stop.load(Ordering::Acquire) {
                 return;
@@ -55,6 +78,47 @@ impl ThrottleState {
 
     pub fn percent(&self) -> u8 {
         self.pct.load(Ordering::Acquire)
+    }
+}
+
+/// Stops and restarts a VM's vCPUs from any thread, also while a migration owns
+/// the VM (QMP `stop`/`cont` during a migration). A hold keeps vCPUs out of the
+/// guest without pausing them the VMM's way, so the migration's own pause at
+/// switch-over and its resume after a failure work as before; whoever gets the
+/// VM back turns a hold into a real pause (see [`crate::Vm::take_hold`]).
+#[derive(Debug, Clone)]
+pub struct VcpuHold {
+    state: Arc<ThrottleState>,
+    threads: Vec<libc::pthread_t>,
+}
+
+impl VcpuHold {
+    pub(crate) fn new(state: Arc<ThrottleState>, threads: Vec<libc::pthread_t>) -> Self {
+        Self { state, threads }
+    }
+
+    /// Keeps every vCPU out of the guest; returns once each running one has
+    /// left it (or after 100 ms, for vCPUs the VMM paused itself meanwhile).
+    pub fn hold(&self) {
+        self.state.held.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while self.state.napping.load(Ordering::Acquire) < self.threads.len()
+            && Instant::now() < deadline
+        {
+            for &t in &self.threads {
+                let _ = ferry_kvm::kick(t);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets held vCPUs run again.
+    pub fn release(&self) {
+        self.state.held.store(false, Ordering::Release);
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.state.is_held()
     }
 }
 

@@ -56,7 +56,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use converge::Throttle;
+pub use converge::{Throttle, VcpuHold};
 pub use incoming::{receive, receive_streams, ExtraStreams, IncomingOptions};
 pub use precopy::{migrate, MigrationOutcome};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
