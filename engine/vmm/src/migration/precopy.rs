@@ -770,7 +770,13 @@ fn run(
                 )))
             }
             Err(_) if ctl.is_cancelled() => return Err(MigrationError::Cancelled),
-            Err(e) => return Err(MigrationError::Refused(e)),
+            // No answer is not a refusal: the destination died, the link broke
+            // or it never answered.
+            Err(e) => {
+                return Err(MigrationError::Stream(format!(
+                    "the destination did not answer the handshake: {e}"
+                )))
+            }
         }
     }
     let sh = Shared {
