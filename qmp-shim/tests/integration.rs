@@ -455,11 +455,7 @@ fn qemu_cli_run_save_restore_keeps_the_guest() {
         &["-incoming", &format!("file:{}", save1.display())],
     );
     let mut q = Qmp::connect(&b.qmp);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while q.status() != "paused" {
-        assert!(Instant::now() < deadline, "restore never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(&mut q, "paused");
     let r2 = q.oracle(&d.join("b0.raw"));
     assert_eq!((r2.passes, r2.cursor), (r1.passes, r1.cursor));
     run_a_while(&mut q, &d.join("b.serial"));
@@ -509,11 +505,7 @@ fn qemu_cli_run_save_restore_keeps_the_guest() {
         &["-incoming", &format!("exec:cat {}", save3.display())],
     );
     let mut qe = Qmp::connect(&e.qmp);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while qe.status() != "paused" {
-        assert!(Instant::now() < deadline, "exec: restore never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(&mut qe, "paused");
     let r6 = qe.oracle(&d.join("e0.raw"));
     assert_eq!((r6.passes, r6.cursor), (r5.passes, r5.cursor));
     run_a_while(&mut qe, &d.join("e.serial"));

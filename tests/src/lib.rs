@@ -131,25 +131,14 @@ impl VmProcess {
 
     /// Sends one control command and returns the JSON reply.
     pub fn command(&self, line: &str) -> serde_json::Value {
-        // The socket file appears at bind(), an instant before listen(): retry refusals.
-        let mut tries = 0;
-        let mut s = loop {
-            match UnixStream::connect(&self.control) {
-                Ok(s) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 100 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("connect control socket {}: {e}", self.control.display()),
-            }
-        };
-        // No command (a whole migration included) may hang a test.
-        s.set_read_timeout(Some(Duration::from_secs(300)))
-            .expect("set timeout");
-        writeln!(s, "{line}").expect("send command");
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply).expect("read reply");
-        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
+        control_command(&self.control, line)
+    }
+
+    /// Sends one control command on its own connection in a thread (a
+    /// `migrate` that answers only when it ends); join it for the reply.
+    pub fn command_in_thread(&self, line: &str) -> std::thread::JoinHandle<serde_json::Value> {
+        let (control, line) = (self.control.clone(), line.to_string());
+        std::thread::spawn(move || control_command(&control, &line))
     }
 
     /// Like `command`, but the reply must say ok.
@@ -260,4 +249,28 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// Sends `line` on a new connection to the control socket at `control` and
+/// returns the JSON reply.
+fn control_command(control: &Path, line: &str) -> serde_json::Value {
+    // The socket file appears at bind(), an instant before listen(): retry refusals.
+    let mut tries = 0;
+    let mut s = loop {
+        match UnixStream::connect(control) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("connect control socket {}: {e}", control.display()),
+        }
+    };
+    // No command (a whole migration included) may hang a test.
+    s.set_read_timeout(Some(Duration::from_secs(300)))
+        .expect("set timeout");
+    writeln!(s, "{line}").expect("send command");
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).expect("read reply");
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
 }

@@ -179,15 +179,7 @@ fn slow_migration_with(
         src.ok(&format!("migrate-set {set}"));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let control = src.control.clone();
-    let t = std::thread::spawn(move || {
-        use std::io::{BufRead, BufReader, Write};
-        let mut c = std::os::unix::net::UnixStream::connect(control).expect("connect");
-        writeln!(c, "migrate {uri}").expect("send");
-        let mut line = String::new();
-        BufReader::new(c).read_line(&mut line).expect("reply");
-        serde_json::from_str(&line).expect("json")
-    });
+    let t = src.command_in_thread(&format!("migrate {uri}"));
     // Wait until pages flow.
     for _ in 0..200 {
         let q = src.ok("query-migrate");

@@ -138,15 +138,7 @@ fn slow_start(
     let uri = format!("unix:{}", s.path(&format!("{tag}.sock")).display());
     let dst = VmProcess::spawn(s, tag, &["incoming", &uri]);
     std::thread::sleep(Duration::from_millis(200));
-    let control = src.control.clone();
-    let t = std::thread::spawn(move || {
-        use std::io::{BufRead, BufReader, Write};
-        let mut c = std::os::unix::net::UnixStream::connect(control).expect("connect");
-        writeln!(c, "migrate {uri}").expect("send");
-        let mut line = String::new();
-        BufReader::new(c).read_line(&mut line).expect("reply");
-        serde_json::from_str(&line).expect("json")
-    });
+    let t = src.command_in_thread(&format!("migrate {uri}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let q = src.ok("query-migrate");
