@@ -153,6 +153,9 @@ pub struct MigrationRamStats {
     pub precopy_bytes: u64,
     /// Bytes sent while the guest was stopped (switch-over).
     pub downtime_bytes: u64,
+    /// Bytes of pages sent over page streams (QEMU's multifd): all of
+    /// `transferred` when the migration used more than one stream, else 0.
+    pub multifd_bytes: u64,
 }
 
 /// `query-migrate`.
@@ -179,7 +182,16 @@ pub struct MigrationParameters {
     pub max_bandwidth: u64,
     /// Milliseconds.
     pub downtime_limit_ms: u64,
+    /// Page streams of a migration with the `multifd` capability on (QEMU's
+    /// `multifd-channels`): the source opens this many connections, the
+    /// destination takes at most this many. 1 to
+    /// [`MAX_MULTIFD_CHANNELS`].
+    pub multifd_channels: u32,
 }
+
+/// Most `multifd-channels` ferry-qemu takes: the engine's stream limit
+/// (QEMU takes up to 255).
+pub const MAX_MULTIFD_CHANNELS: u32 = ferry_vmm::migration::MAX_STREAMS;
 
 impl Default for MigrationParameters {
     fn default() -> Self {
@@ -187,6 +199,19 @@ impl Default for MigrationParameters {
         Self {
             max_bandwidth: 134_217_728,
             downtime_limit_ms: 300,
+            multifd_channels: 2,
+        }
+    }
+}
+
+impl MigrationParameters {
+    /// The page streams a migration uses with these capabilities: the
+    /// `multifd-channels` with `multifd` on, one stream without.
+    pub fn streams(&self, caps: &MigrationCapabilities) -> u32 {
+        if caps.multifd {
+            self.multifd_channels
+        } else {
+            1
         }
     }
 }
@@ -198,6 +223,9 @@ pub struct MigrationCapabilities {
     pub pause_before_switchover: bool,
     pub return_path: bool,
     pub late_block_activate: bool,
+    /// Page streams over several connections (`tcp:` and `unix:` only), as
+    /// many as `multifd-channels`.
+    pub multifd: bool,
 }
 
 /// Why a backend operation failed; mapped to QMP classes in
@@ -263,6 +291,14 @@ pub trait Backend: Send + std::fmt::Debug {
     fn query_migrate(&self) -> MigrationInfo;
     /// Applies new parameters (also to a running migration).
     fn set_migrate_parameters(&mut self, params: &MigrationParameters) -> Result<(), BackendError>;
+    /// The page streams an incoming migration accepted from now on takes:
+    /// `Some(multifd-channels)` with the `multifd` capability on, `None`
+    /// with it off (one stream). Read when the source connects, so it also
+    /// applies to `-incoming tcp:`/`unix:` given at startup. Backends
+    /// without an incoming side ignore it.
+    fn set_incoming_multifd(&mut self, _channels: Option<u32>) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Saves the (paused) VM to `target` (a checkpoint, QEMU's
     /// `migrate "exec:cat > file"` / `file:` use).
     fn save(&mut self, target: MigrationTarget) -> Result<(), BackendError>;

@@ -20,8 +20,10 @@
 //!   meanwhile; see [`live`]. `stop`/`cont` meanwhile hold and release its
 //!   vCPUs through a `VcpuHold`, as QEMU stops a migrating guest without ending
 //!   the migration. The destination reads every stream with
-//!   `ferry_vmm::migration::receive`, answering on the return path when the
-//!   stream is a socket.
+//!   `ferry_vmm::migration::receive_streams`, answering on the return path
+//!   when the stream is a socket; with the multifd capability on and a
+//!   `tcp:`/`unix:` listener it takes up to `multifd-channels` page streams,
+//!   the extra connections arriving on the same listener.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -36,7 +38,7 @@ use ferry_vmm::checkpoint;
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
-    self, Channel, IncomingOptions, Listener, MigrationUri, TransportError,
+    self, Channel, ExtraStreams, IncomingOptions, Listener, MigrationUri, TransportError,
 };
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
 use serde_json::json;
@@ -93,6 +95,9 @@ struct Shared {
     migration: Mutex<MigrationInfo>,
     /// The live migration in flight, or the last one.
     outgoing: Mutex<Option<live::Outgoing>>,
+    /// The page streams an incoming migration takes: `Some(multifd-channels)`
+    /// with the multifd capability on, `None` (one stream) without.
+    incoming_multifd: Mutex<Option<u32>>,
     events: EventSink,
 }
 
@@ -137,6 +142,7 @@ impl FerryBackend {
                 }),
                 migration: Mutex::new(MigrationInfo::default()),
                 outgoing: Mutex::new(None),
+                incoming_multifd: Mutex::new(None),
                 events,
             }),
         }
@@ -345,18 +351,21 @@ impl FerryBackend {
                     shared.migration_status(MigrationStatus::Failed);
                     exit_after_events(1);
                 };
-                let channel = match source {
-                    IncomingSource::Listen(l) => match l.accept() {
-                        Ok(ch) => IncomingSource::Socket(ch),
+                // The listener stays open: the page streams of a multifd
+                // migration connect to it after the main connection.
+                let (channel, listener) = match source {
+                    IncomingSource::Listen(l) => match l.accept_next() {
+                        Ok(ch) => (IncomingSource::Socket(ch), Some(l)),
                         Err(e) => fail(e.to_string()),
                     },
-                    other => other,
+                    other => (other, None),
                 };
                 let start = Instant::now();
                 shared.migration_status(MigrationStatus::Active);
                 // A pipe (libvirt's iohelper) is drained to EOF after the
                 // stream, so the writer never blocks or sees EPIPE.
                 let mut drain = None;
+                let mut main_breaker = None;
                 let (reader, writer): (Box<dyn ReadHalf>, Option<Box<dyn WriteHalf>>) =
                     match channel {
                         IncomingSource::Stream(file) => {
@@ -368,12 +377,29 @@ impl FerryBackend {
                             (Box::new(file), None)
                         }
                         IncomingSource::Socket(ch) => {
+                            main_breaker = ch.breaker().ok();
                             let writer = ch.has_return_path.then_some(ch.writer);
                             (ch.reader, writer)
                         }
                         IncomingSource::Listen(_) => fail("no connection".into()),
                     };
-                let result = migration::receive(reader, writer, &opts);
+                // Read once the source is here: `-incoming tcp:` listens
+                // before QMP can turn multifd on.
+                let multifd = shared.incoming_multifd.lock().map_or(None, |m| *m);
+                // Without multifd nobody else may connect, as in QEMU.
+                let listener = listener.filter(|_| multifd.is_some());
+                let extra = match (&listener, multifd, writer.is_some()) {
+                    (Some(listener), Some(channels), true) => {
+                        tracing::info!("incoming migration: multifd, up to {channels} streams");
+                        Some(ExtraStreams {
+                            listener,
+                            max_streams: channels,
+                            main_breaker,
+                        })
+                    }
+                    _ => None,
+                };
+                let result = migration::receive_streams(reader, writer, extra, &opts);
                 if let Some(mut d) = drain {
                     let _ = std::thread::Builder::new()
                         .name("incoming-drain".into())
@@ -473,6 +499,7 @@ impl FerryBackend {
                                 pages_per_second: (stats.ram_pages as f64 / secs) as u64,
                                 precopy_bytes: 0,
                                 downtime_bytes: stats.bytes,
+                                multifd_bytes: 0,
                             });
                         });
                         shared.migration_status(MigrationStatus::Completed);
@@ -791,6 +818,16 @@ impl Backend for FerryBackend {
         // A save writes as fast as it can; a live migration takes them at
         // its next pass.
         live::set_params(&self.shared, params);
+        Ok(())
+    }
+
+    fn set_incoming_multifd(&mut self, channels: Option<u32>) -> Result<(), BackendError> {
+        let mut m = self
+            .shared
+            .incoming_multifd
+            .lock()
+            .map_err(|_| BackendError::Engine("internal error: VM state poisoned".into()))?;
+        *m = channels;
         Ok(())
     }
 

@@ -1227,3 +1227,309 @@ fn stop_and_cont_during_a_live_migration() {
     wait_status(&mut dst, "paused");
     same_memory(&mut src, &mut dst, d, "stopped");
 }
+
+/// Connections a destination accepted on TCP `port` that are open now:
+/// ESTABLISHED sockets whose local port it is (/proc/net/tcp and tcp6).
+fn tcp_accepted(port: u16) -> usize {
+    let want = format!(":{port:04X}");
+    let open = |l: &&str| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&want) && f[3] == "01"
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|text| text.lines().skip(1).filter(open).count())
+        .sum()
+}
+
+/// Connections a destination accepted on the unix socket `path` that are
+/// open now: connected sockets bound to it (/proc/net/unix).
+fn unix_accepted(path: &Path) -> usize {
+    let path = path.display().to_string();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 7 && f[5] == "03" && f[7] == path
+        })
+        .count()
+}
+
+/// libvirt 9.0's `virsh migrate --live --parallel --parallel-connections N`,
+/// one side: the capabilities ferry-qemu lists, set as libvirt sets them
+/// (pause-before-switchover on the source, late-block-activate on the
+/// destination, multifd and return-path on both), then the parameters.
+fn parallel_setup(q: &mut Qmp, source: bool, channels: u32, extra: Value) {
+    let caps = q.ok("query-migrate-capabilities", json!({}));
+    assert!(
+        caps.as_array()
+            .is_some_and(|c| c.iter().any(|c| c["capability"] == "multifd")),
+        "multifd is not listed: {caps}"
+    );
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "pause-before-switchover", "state": source},
+            {"capability": "late-block-activate", "state": !source},
+            {"capability": "multifd", "state": true},
+            {"capability": "return-path", "state": true},
+        ]}),
+    );
+    let mut params = json!({"tls-creds": "", "tls-hostname": "", "multifd-channels": channels});
+    if let (Some(p), Some(x)) = (params.as_object_mut(), extra.as_object()) {
+        p.extend(x.clone());
+    }
+    q.ok("migrate-set-parameters", params);
+    assert_eq!(
+        q.ok("query-migrate-parameters", json!({}))["multifd-channels"],
+        channels
+    );
+}
+
+/// A multifd migration from `src` whose destination already listens: waits
+/// in pre-switchover, checks there that `accepted()` connections are open (the
+/// page streams) and that query-migrate sums them, then lets it complete.
+fn parallel_migrate(src: &mut Qmp, uri: &str, channels: usize, accepted: &dyn Fn() -> usize) {
+    src.events.clear();
+    src.ok(
+        "migrate",
+        json!({"detach": true, "resume": false, "uri": uri}),
+    );
+    src.wait_event("MIGRATION", Some("active"));
+    src.wait_event("MIGRATION", Some("pre-switchover"));
+    assert_eq!(accepted(), channels, "page streams open at pre-switchover");
+    let info = src.ok("query-migrate", json!({}));
+    let ram = &info["ram"];
+    // Totals over every stream: the main connection alone carries 1/N of
+    // the pages.
+    assert!(
+        ram["transferred"].as_u64() >= ram["normal-bytes"].as_u64()
+            && ram["normal-bytes"].as_u64() > Some(32 << 20),
+        "{info}"
+    );
+    assert_eq!(ram["multifd-bytes"], ram["transferred"], "{info}");
+    src.ok("migrate-continue", json!({"state": "pre-switchover"}));
+    src.wait_event("MIGRATION", Some("completed"));
+    let info = src.ok("query-migrate", json!({}));
+    check_completed(&info);
+    assert_eq!(info["ram"]["multifd-bytes"], info["ram"]["transferred"]);
+    eprintln!(
+        "multifd {uri} ({channels} streams): total-time {} ms, downtime {} ms, {} MB",
+        info["total-time"],
+        info["downtime"],
+        info["ram"]["transferred"].as_u64().unwrap_or(0) >> 20
+    );
+}
+
+/// `virsh migrate --parallel` as libvirt 9.0 drives QEMU 7.2, by hand: the
+/// multifd capability and `multifd-channels` on both sides, `migrate tcp:`
+/// (libvirt lets QEMU connect for multifd) with 2 streams, then on to a third
+/// process over `unix:` with 4; the page streams are really open (counted in
+/// /proc/net), query-migrate reports their totals, and the memory oracle
+/// passes on every side.
+#[test]
+fn multifd_migrations_over_tcp_and_unix() {
+    let name = "multifd_migrations_over_tcp_and_unix";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let (_a, mut qa) = running_source(d, "a", &kernel);
+
+    // A → B over TCP, 2 streams, libvirt's sequence.
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    qb.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    let saved = qb.ok("query-migrate-parameters", json!({}));
+    parallel_setup(&mut qb, false, 2, json!({}));
+    let port = free_port();
+    let any = if Path::new("/proc/sys/net/ipv6").exists() {
+        "[::]"
+    } else {
+        "0.0.0.0"
+    };
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:{any}:{port}")}),
+    );
+    parallel_setup(
+        &mut qa,
+        true,
+        2,
+        json!({"max-bandwidth": 9_223_372_036_853_727_232u64}),
+    );
+    parallel_migrate(&mut qa, &format!("tcp:127.0.0.1:{port}"), 2, &|| {
+        tcp_accepted(port)
+    });
+    qb.wait_event("MIGRATION", Some("completed"));
+    assert_eq!(qb.status(), "paused");
+    let r1 = same_memory(&mut qa, &mut qb, d, "mfd-ab");
+    drop(qa);
+    drop(_a);
+    // Finish: cont, then libvirt resets what it set.
+    qb.ok("cont", json!({}));
+    qb.wait_event("RESUME", None);
+    qb.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "pause-before-switchover", "state": false},
+            {"capability": "late-block-activate", "state": false},
+            {"capability": "multifd", "state": false},
+            {"capability": "return-path", "state": false},
+        ]}),
+    );
+    qb.ok(
+        "migrate-set-parameters",
+        json!({
+            "max-bandwidth": saved["max-bandwidth"],
+            "downtime-limit": saved["downtime-limit"],
+            "multifd-channels": saved["multifd-channels"],
+            "tls-creds": "", "tls-hostname": "",
+        }),
+    );
+    assert_eq!(
+        qb.ok("query-migrate-parameters", json!({}))["multifd-channels"],
+        2
+    );
+    let before = serial_len(&d.join("b.serial"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serial_len(&d.join("b.serial")) <= before + 20 {
+        assert!(Instant::now() < deadline, "B does not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // B → C over a unix socket, 4 streams.
+    let c = spawn_guest(d, "c", &kernel, &["-incoming", "defer"]);
+    let mut qc = Qmp::connect(&c.qmp);
+    parallel_setup(&mut qc, false, 4, json!({}));
+    let sock = d.join("c.migrate");
+    qc.ok(
+        "migrate-incoming",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    parallel_setup(&mut qb, true, 4, json!({}));
+    parallel_migrate(&mut qb, &format!("unix:{}", sock.display()), 4, &|| {
+        unix_accepted(&sock)
+    });
+    wait_status(&mut qc, "paused");
+    let r2 = same_memory(&mut qb, &mut qc, d, "mfd-bc");
+    assert!(
+        (r2.passes, r2.cursor) > (r1.passes, r1.cursor),
+        "the guest did not go on between the migrations: {r1:?} then {r2:?}"
+    );
+    run_a_while(&mut qc, &d.join("c.serial"));
+    qc.oracle(&d.join("mfd-c1.raw"));
+}
+
+/// Mismatched multifd settings fail the migration the way QEMU 7.2's do,
+/// with the numbers named, and never harm the source: a destination with
+/// fewer channels or with multifd off is found out at the handshake (`setup`
+/// → `failed`, the guest never stops, the destination gives up); multifd to
+/// an `fd:` socket is refused at once. A destination with more channels
+/// than the source takes the source's number, and the source, still intact,
+/// then migrates.
+#[test]
+fn multifd_mismatches_fail_and_the_source_runs_on() {
+    let name = "multifd_mismatches_fail_and_the_source_runs_on";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let (_a, mut src) = running_source(d, "a", &kernel);
+    let serial = d.join("a.serial");
+    let still_runs = |src: &mut Qmp| {
+        assert_eq!(src.status(), "running");
+        let before = serial_len(&serial);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while serial_len(&serial) <= before + 20 {
+            assert!(Instant::now() < deadline, "the source stopped running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // A destination listening on TCP, multifd on with `channels` or off.
+    let destination = |tag: &str, channels: Option<u32>| -> (Qemu, Qmp, u16) {
+        let q = spawn_guest(d, tag, &kernel, &["-incoming", "defer"]);
+        let mut qmp = Qmp::connect(&q.qmp);
+        if let Some(n) = channels {
+            parallel_setup(&mut qmp, false, n, json!({}));
+        }
+        let port = free_port();
+        qmp.ok(
+            "migrate-incoming",
+            json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+        );
+        (q, qmp, port)
+    };
+    let gives_up = |q: &mut Qemu| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let code = loop {
+            if let Some(st) = q.child.try_wait().expect("wait") {
+                break st.code();
+            }
+            assert!(Instant::now() < deadline, "the destination lingers");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(code, Some(1), "the destination's exit status");
+    };
+    parallel_setup(&mut src, true, 4, json!({}));
+
+    // 1. The destination takes 2 of the 4 streams, 2. it has multifd off.
+    for (tag, channels, took) in [("b", Some(2), 2), ("c", None, 1)] {
+        let (mut q, _qmp, port) = destination(tag, channels);
+        src.events.clear();
+        src.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+        src.wait_event("MIGRATION", Some("failed"));
+        assert_eq!(migration_statuses(&src), ["setup"], "{:?}", src.events);
+        assert!(!src.events.iter().any(|e| e["event"] == "STOP"));
+        let info = src.ok("query-migrate", json!({}));
+        assert_eq!(info["status"], "failed", "{info}");
+        let e = info["error-desc"].as_str().unwrap_or_default();
+        assert!(
+            e.contains(&format!("took {took} of the 4 page streams"))
+                && e.contains("on both sides"),
+            "{info}"
+        );
+        still_runs(&mut src);
+        gives_up(&mut q);
+    }
+
+    // 3. multifd to an fd: socket (what libvirt uses without --parallel).
+    let (mut q, _qd, port) = destination("d", Some(4));
+    let sock = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let r = src.cmd_with_fd(
+        "getfd",
+        json!({"fdname": "migrate"}),
+        Some(sock.as_raw_fd()),
+    );
+    assert_eq!(r["return"], json!({}), "{r}");
+    drop(sock);
+    let r = src.cmd_with_fd("migrate", json!({"uri": "fd:migrate"}), None);
+    let e = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(
+        e.starts_with("multifd is not supported by current protocol"),
+        "{r}"
+    );
+    assert_eq!(src.ok("query-migrate", json!({}))["status"], "failed");
+    still_runs(&mut src);
+    let _ = q.child.kill();
+
+    // 4. The source offers 2, the destination takes up to 4: 2 streams.
+    let (_e, mut qe, port) = destination("e", Some(4));
+    parallel_setup(&mut src, true, 2, json!({}));
+    parallel_migrate(&mut src, &format!("tcp:127.0.0.1:{port}"), 2, &|| {
+        tcp_accepted(port)
+    });
+    wait_status(&mut qe, "paused");
+    same_memory(&mut src, &mut qe, d, "mfd-mismatch");
+}

@@ -165,8 +165,9 @@ pub fn page() -> Result<String, String> {
     doc.table(&header, &rows, &[false; 3]);
     doc.p(
         "Through ferry-qemu (QMP), libvirt and `ferry migrate`, only the downtime limit, \
-         the bandwidth cap and pause-before-switchover can be set (see each knob); the \
-         others keep their defaults there.",
+         the bandwidth cap and pause-before-switchover can be set (see each knob), and \
+         through ferry-qemu and libvirt also the page streams (QMP's `multifd` \
+         capability and `multifd-channels`); the others keep their defaults there.",
     );
 
     doc.ss("Downtime limit");
@@ -223,8 +224,19 @@ pub fn page() -> Result<String, String> {
          travels on the same stream; the destination refuses a page on the wrong stream \
          and a connection with a wrong token, and loads the vCPU and device state only \
          after every stream has ended. More streams shorten the migration of a guest \
-         that rewrites all its memory where there are cores to spare; ferry-qemu takes \
-         one stream.",
+         that rewrites all its memory where there are cores to spare.",
+        ferry_vmm::migration::MAX_STREAMS
+    ));
+    doc.p(&format!(
+        "Also: QMP `migrate-set-capabilities` `multifd` with `migrate-set-parameters` \
+         `multifd-channels` (1 to {}; QEMU's default of 2) on both ferry-qemu processes, \
+         which is what `virsh migrate --parallel --parallel-connections N` sends. The \
+         source proposes `multifd-channels` streams and fails the migration, naming both \
+         numbers, if the destination takes fewer (multifd off there, or fewer channels), \
+         as QEMU does; the source keeps running. A destination takes at most its \
+         `multifd-channels`, and as many as a source with fewer offers. With multifd on, \
+         `fd:`, `exec:` and `file:` URIs are refused on both sides (`multifd is not \
+         supported by current protocol`), as in QEMU 7.2.",
         ferry_vmm::migration::MAX_STREAMS
     ));
     doc.ss("Manual dirty-log protection (clear-dirty-log)");

@@ -8,7 +8,9 @@ use serde_json::{json, Map, Value};
 use super::types::*;
 use super::{arg_str, Command, Ctx};
 use crate::argv::Incoming;
-use crate::backend::{MigrationInfo, MigrationStatus, MigrationTarget};
+use crate::backend::{
+    MigrationInfo, MigrationStatus, MigrationTarget, RunState, MAX_MULTIFD_CHANNELS,
+};
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{opt, req, CommandSchema, ObjectDef, Ty};
 
@@ -25,6 +27,7 @@ pub static QUERY_MIGRATE_CAPABILITIES: Command = Command {
             {"capability": "pause-before-switchover", "state": c.pause_before_switchover},
             {"capability": "return-path", "state": c.return_path},
             {"capability": "late-block-activate", "state": c.late_block_activate},
+            {"capability": "multifd", "state": c.multifd},
         ]))
     },
 };
@@ -67,6 +70,7 @@ fn migrate_set_capabilities(
             "pause-before-switchover" => caps.pause_before_switchover = state,
             "return-path" => caps.return_path = state,
             "late-block-activate" => caps.late_block_activate = state,
+            "multifd" => caps.multifd = state,
             other => {
                 return Err(CommandError::Parameter(format!(
                     "Parameter 'capability' does not accept value '{other}'"
@@ -74,8 +78,47 @@ fn migrate_set_capabilities(
             }
         }
     }
+    // QEMU 7.2 (migrate_caps_check): a destination reading fd: or exec:
+    // cannot take page streams.
+    if caps.multifd && ctx.vm.incoming_one_stream && ctx.vm.backend.status() == RunState::InMigrate
+    {
+        return Err(multifd_needs_sockets("the incoming migration's URI"));
+    }
+    ctx.vm.backend.set_incoming_multifd(
+        caps.multifd
+            .then_some(ctx.vm.migrate_params.multifd_channels),
+    )?;
     ctx.vm.migrate_caps = caps;
     Ok(json!({}))
+}
+
+/// QEMU's refusal of multifd where the URI carries one stream, with the fix.
+fn multifd_needs_sockets(what: &str) -> CommandError {
+    CommandError::Generic(format!(
+        "multifd is not supported by current protocol: {what} carries one stream; page \
+         streams need a tcp: or unix: URI, or turn the multifd capability off"
+    ))
+}
+
+/// `migrate-set-parameters` `multifd-channels`: QEMU's uint8 and range
+/// errors, then ferry's own limit.
+fn multifd_channels(v: &Value) -> Result<u32, CommandError> {
+    let n = v.as_u64().filter(|n| *n <= 255).ok_or_else(|| {
+        CommandError::Parameter("Parameter 'multifd-channels' expects uint8_t".into())
+    })?;
+    if n == 0 {
+        return Err(CommandError::Parameter(
+            "Parameter 'multifd_channels' expects a value between 1 and 255".into(),
+        ));
+    }
+    if n > u64::from(MAX_MULTIFD_CHANNELS) {
+        return Err(CommandError::Parameter(format!(
+            "Parameter 'multifd-channels': ferry-qemu opens at most {MAX_MULTIFD_CHANNELS} page \
+             streams, not {n}; set 1 to {MAX_MULTIFD_CHANNELS} (virsh migrate \
+             --parallel-connections)"
+        )));
+    }
+    Ok(n as u32)
 }
 
 fn migration_running(info: &MigrationInfo) -> bool {
@@ -102,6 +145,7 @@ pub static QUERY_MIGRATE_PARAMETERS: Command = Command {
         Ok(json!({
             "max-bandwidth": p.max_bandwidth,
             "downtime-limit": p.downtime_limit_ms,
+            "multifd-channels": p.multifd_channels,
             "tls-creds": "", "tls-hostname": "", "tls-authz": "",
         }))
     },
@@ -149,9 +193,22 @@ fn migrate_set_parameters(
             )
         })?;
     }
+    if let Some(v) = args.get("multifd-channels") {
+        p.multifd_channels = multifd_channels(v)?;
+    }
     ctx.vm.backend.set_migrate_parameters(&p)?;
+    let caps = ctx.vm.migrate_caps;
+    ctx.vm
+        .backend
+        .set_incoming_multifd(caps.multifd.then_some(p.multifd_channels))?;
     ctx.vm.migrate_params = p;
     Ok(json!({}))
+}
+
+/// Whether page streams (more connections to the same address) can go over
+/// `t`: `tcp:` and `unix:` only, as in QEMU 7.2.
+fn carries_streams(t: &MigrationTarget) -> bool {
+    matches!(t, MigrationTarget::Tcp(_) | MigrationTarget::Unix(_))
 }
 
 /// Resolves a migration URI; `fd:NAME` takes a `getfd` fd, `fd:N` an
@@ -204,6 +261,12 @@ fn migrate(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, Comman
     }
     let t = target(ctx, arg_str(args, "uri"))?;
     let (params, caps) = (ctx.vm.migrate_params, ctx.vm.migrate_caps);
+    if caps.multifd && !carries_streams(&t) {
+        return Err(multifd_needs_sockets(&format!(
+            "'{}'",
+            arg_str(args, "uri")
+        )));
+    }
     ctx.vm.backend.migrate(t, &params, &caps)?;
     Ok(json!({}))
 }
@@ -222,7 +285,15 @@ pub static MIGRATE_INCOMING: Command = Command {
         }
         let t = target(ctx, arg_str(args, "uri"))?;
         let caps = ctx.vm.migrate_caps;
+        let one_stream = !carries_streams(&t);
+        if caps.multifd && one_stream {
+            return Err(multifd_needs_sockets(&format!(
+                "'{}'",
+                arg_str(args, "uri")
+            )));
+        }
         ctx.vm.backend.migrate_incoming(t, &caps)?;
+        ctx.vm.incoming_one_stream = one_stream;
         Ok(json!({}))
     },
 };
@@ -282,7 +353,7 @@ pub fn migration_info_json(info: &MigrationInfo) -> Value {
                 "mbps": r.mbps, "dirty-sync-count": r.dirty_sync_count, "page-size": r.page_size,
                 "pages-per-second": r.pages_per_second, "precopy-bytes": r.precopy_bytes,
                 "downtime-bytes": r.downtime_bytes, "postcopy-bytes": 0, "postcopy-requests": 0,
-                "multifd-bytes": 0, "dirty-sync-missed-zero-copy": 0,
+                "multifd-bytes": r.multifd_bytes, "dirty-sync-missed-zero-copy": 0,
             }),
         );
     }

@@ -369,3 +369,110 @@ fn socket_session_events_getfd_and_reconnect() {
         "getfd fd kept on the monitor"
     );
 }
+
+/// The multifd capability and `multifd-channels`, as QEMU 7.2 takes them:
+/// listed, set on both sides, QEMU's range errors (and ferry's limit of 16),
+/// and refused with URIs that carry one stream.
+#[test]
+fn multifd_capability_and_channels() {
+    let mut c = Client::negotiated("-machine pc -accel kvm -m 128 -incoming defer", true);
+    let caps = c.cmd(json!({"execute": "query-migrate-capabilities"}))["return"].clone();
+    assert!(
+        caps.as_array()
+            .expect("list")
+            .contains(&json!({"capability": "multifd", "state": false})),
+        "{caps}"
+    );
+    let params =
+        |c: &mut Client| c.cmd(json!({"execute": "query-migrate-parameters"}))["return"].clone();
+    // QEMU's default, which libvirt reads and restores.
+    assert_eq!(params(&mut c)["multifd-channels"], 2);
+    let set = |c: &mut Client, v: Value| {
+        c.cmd(json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": v}}))
+    };
+    for (v, want) in [
+        (
+            json!(0),
+            "Parameter 'multifd_channels' expects a value between 1 and 255",
+        ),
+        (json!(256), "Parameter 'multifd-channels' expects uint8_t"),
+        (json!(-1), "Parameter 'multifd-channels' expects uint8_t"),
+        (
+            json!("4"),
+            "Invalid parameter type for 'multifd-channels', expected: integer",
+        ),
+    ] {
+        let r = set(&mut c, v.clone());
+        assert_eq!(
+            r["error"],
+            json!({"class": "GenericError", "desc": want}),
+            "multifd-channels {v}"
+        );
+    }
+    let r = set(&mut c, json!(17));
+    let e = r["error"]["desc"].as_str().expect("refused");
+    assert!(e.contains("at most 16 page streams, not 17"), "{e}");
+    assert_eq!(
+        params(&mut c)["multifd-channels"],
+        2,
+        "a refused value is not kept"
+    );
+    assert_eq!(set(&mut c, json!(4)), json!({"return": {}}));
+    assert_eq!(params(&mut c)["multifd-channels"], 4);
+
+    let on = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+    assert_eq!(
+        c.cmd(json!({"execute": "migrate-set-capabilities", "arguments": on})),
+        json!({"return": {}})
+    );
+    let caps = c.cmd(json!({"execute": "query-migrate-capabilities"}))["return"].clone();
+    assert!(caps
+        .as_array()
+        .expect("list")
+        .contains(&json!({"capability": "multifd", "state": true})));
+
+    // One-stream URIs are refused on both sides, before anything starts.
+    for uri in ["exec:cat >/dev/null", "file:/nonexistent/x"] {
+        for cmd in ["migrate", "migrate-incoming"] {
+            let r = c.cmd(json!({"execute": cmd, "arguments": {"uri": uri}}));
+            let e = r["error"]["desc"].as_str().unwrap_or_default();
+            assert!(
+                e.starts_with("multifd is not supported by current protocol")
+                    && e.contains("tcp: or unix:"),
+                "{cmd} {uri}: {r}"
+            );
+        }
+    }
+    let r = c.cmd(json!({"execute": "migrate-incoming", "arguments": {"uri": "unix:/tmp/m.sock"}}));
+    assert_eq!(r, json!({"return": {}}));
+}
+
+/// QEMU 7.2 refuses the multifd capability on a destination already reading
+/// a one-stream URI (`-incoming fd:`), and takes it for `-incoming tcp:`.
+#[test]
+fn multifd_refused_while_reading_an_fd() {
+    let inmigrate = |args: &str| {
+        let inv = argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
+        let events = EventSink::new();
+        let mut fake = FakeBackend::new(events.clone());
+        fake.state = crate::backend::RunState::InMigrate;
+        let mut c = Client::new(args, true);
+        c.vm = Mutex::new(Vm::new(Box::new(fake), inv, None, events));
+        assert_eq!(
+            c.cmd(json!({"execute": "qmp_capabilities"})),
+            json!({"return": {}})
+        );
+        c
+    };
+    let on = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+    let mut c = inmigrate("-machine pc -accel kvm -m 128 -incoming fd:3");
+    let r = c.cmd(json!({"execute": "migrate-set-capabilities", "arguments": on.clone()}));
+    let e = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(
+        e.starts_with("multifd is not supported by current protocol"),
+        "{r}"
+    );
+    let mut c = inmigrate("-machine pc -accel kvm -m 128 -incoming tcp:127.0.0.1:4444");
+    let r = c.cmd(json!({"execute": "migrate-set-capabilities", "arguments": on}));
+    assert_eq!(r, json!({"return": {}}));
+}

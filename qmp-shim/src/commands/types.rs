@@ -53,6 +53,7 @@ pub static MIGRATION_CAPABILITY: EnumDef = EnumDef {
         "pause-before-switchover",
         "return-path",
         "late-block-activate",
+        "multifd",
     ],
 };
 
@@ -198,6 +199,7 @@ pub static MIGRATION_CAPABILITY_STATUS: ObjectDef = ObjectDef {
 pub static MIGRATION_PARAMETERS_MEMBERS: &[Member] = &[
     opt("max-bandwidth", Ty::Int),
     opt("downtime-limit", Ty::Int),
+    opt("multifd-channels", Ty::Int),
     opt("tls-creds", Ty::Str),
     opt("tls-hostname", Ty::Str),
     opt("tls-authz", Ty::Str),

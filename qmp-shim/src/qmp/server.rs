@@ -20,7 +20,7 @@ use super::error::{to_qmp, CommandError};
 use super::events::EventSink;
 use super::json::{Piece, Splitter};
 use super::schema;
-use crate::argv::Invocation;
+use crate::argv::{Incoming, Invocation};
 use crate::backend::{Backend, MachineConfig, MigrationCapabilities, MigrationParameters};
 use crate::commands::{self, Ctx};
 
@@ -66,6 +66,9 @@ pub struct Vm {
     pub chardevs: Vec<ChardevInfo>,
     pub migrate_params: MigrationParameters,
     pub migrate_caps: MigrationCapabilities,
+    /// The incoming migration reads a URI that carries one stream (`fd:`,
+    /// `file:`, `exec:`): QEMU refuses the multifd capability then.
+    pub incoming_one_stream: bool,
     pub events: EventSink,
     /// Set by `quit`; the connection exits the process after replying.
     pub quit: bool,
@@ -78,6 +81,10 @@ impl Vm {
         config: Option<MachineConfig>,
         events: EventSink,
     ) -> Self {
+        let incoming_one_stream = matches!(
+            invocation.incoming,
+            Some(Incoming::Fd(_) | Incoming::File(_) | Incoming::Exec(_))
+        );
         Self {
             backend,
             invocation,
@@ -86,6 +93,7 @@ impl Vm {
             chardevs: Vec::new(),
             migrate_params: MigrationParameters::default(),
             migrate_caps: MigrationCapabilities::default(),
+            incoming_one_stream,
             events,
             quit: false,
         }

@@ -23,6 +23,12 @@
 //!
 //! The terminal event is sent only once the guest is back in `Inner`, so a
 //! client that reacts to it (libvirt's `cont` after a failure) finds it there.
+//!
+//! With the multifd capability, the engine proposes `multifd-channels` page
+//! streams and the destination answers how many it takes. Fewer than
+//! proposed means the destination has multifd off or fewer channels; QEMU
+//! fails such a migration, and so does ferry-qemu, right after the handshake
+//! (`setup` → `failed`, the guest never stopped), naming both numbers.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
@@ -66,6 +72,9 @@ pub(super) struct Outgoing {
     hold: VcpuHold,
     /// QMP `stop` came during the migration (and no `cont` since).
     user_stopped: bool,
+    /// Why the migration was stopped after the handshake: the destination
+    /// took fewer page streams than multifd-channels.
+    mismatch: Option<String>,
 }
 
 /// Whether `fd` is a socket (a peer that can answer) rather than a file or pipe.
@@ -165,6 +174,7 @@ impl FerryBackend {
             downtime_limit_ms: params.downtime_limit_ms,
             max_bandwidth: engine_bandwidth(params.max_bandwidth),
             pause_before_switchover: caps.pause_before_switchover,
+            multifd_channels: params.streams(caps),
             ..MigrationParams::default()
         });
         let (mut guest, before) = {
@@ -196,6 +206,7 @@ impl FerryBackend {
                 breaker: None,
                 hold: guest.hold_handle(),
                 user_stopped: false,
+                mismatch: None,
             });
         }
         let weak = Arc::downgrade(&self.shared);
@@ -372,6 +383,17 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
     let mut cancelling = false;
     if let Ok(mut o) = shared.outgoing.lock() {
         if let Some(o) = o.as_mut() {
+            if next == MigrationStatus::Active && o.mismatch.is_none() {
+                o.mismatch = streams_mismatch(&o.ctl);
+                if o.mismatch.is_some() {
+                    // Pages have not flowed yet: the guest runs on, and the
+                    // end (`failed`) is sent by `finish`.
+                    o.ctl.cancel();
+                }
+            }
+            if o.mismatch.is_some() {
+                return;
+            }
             cancelling = o.cancel_requested;
             if switchover && o.precopy_bytes.is_none() {
                 o.precopy_bytes = Some(o.ctl.stats().ram.transferred);
@@ -394,6 +416,21 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
     }
 }
 
+/// With multifd: why the streams the destination took (the engine's figure,
+/// set before `active`) do not do, if they do not.
+fn streams_mismatch(ctl: &MigrationControl) -> Option<String> {
+    let wanted = ctl.params().multifd_channels;
+    let took = ctl.stats().streams;
+    (wanted > 1 && took < wanted).then(|| {
+        format!(
+            "the destination took {took} of the {wanted} page streams (multifd-channels) \
+             offered: multifd is off there or its multifd-channels is lower; set the multifd \
+             capability and multifd-channels alike on both sides (virsh migrate --parallel \
+             does)"
+        )
+    })
+}
+
 /// Puts the guest back and sends the last event.
 fn finish(
     shared: &Shared,
@@ -401,15 +438,27 @@ fn finish(
     before: RunState,
     result: Result<MigrationOutcome, (String, bool)>,
 ) {
-    let (cancel_requested, stopped, user_stopped) = shared
+    let (cancel_requested, stopped, user_stopped, mismatch) = shared
         .outgoing
         .lock()
         .ok()
         .and_then(|o| {
-            o.as_ref()
-                .map(|o| (o.cancel_requested, o.stopped, o.user_stopped))
+            o.as_ref().map(|o| {
+                (
+                    o.cancel_requested,
+                    o.stopped,
+                    o.user_stopped,
+                    o.mismatch.clone(),
+                )
+            })
         })
-        .unwrap_or((false, false, false));
+        .unwrap_or((false, false, false, None));
+    // Stopped for a stream mismatch: that is the reason, not the cancel that
+    // stopped the engine.
+    let result = match (result, mismatch) {
+        (Err((_, unconfirmed)), Some(why)) => Err((why, unconfirmed)),
+        (r, _) => r,
+    };
     // A `stop` during the migration becomes a real pause now.
     let held = guest.take_hold().unwrap_or_else(|e| {
         tracing::warn!("cannot pause the held guest: {e}");
@@ -522,6 +571,9 @@ pub(super) fn fill_info(shared: &Shared, info: &mut MigrationInfo) {
             pages_per_second: r.pages_per_second,
             precopy_bytes: precopy,
             downtime_bytes: r.transferred.saturating_sub(precopy),
+            // Every page goes over the page streams once there are several
+            // (the main connection is stream 0).
+            multifd_bytes: if st.streams > 1 { r.transferred } else { 0 },
         });
     }
 }
