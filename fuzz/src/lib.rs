@@ -5,6 +5,7 @@
 //! | target       | surface                                          | module        |
 //! |--------------|--------------------------------------------------|---------------|
 //! | `receiver`   | the migration-stream receiver (`migration::receive`, return path included) | [`stream`] |
+//! | `streams`    | the receiver's page streams (`migration::receive_streams`: Join sections on extra connections to a real listener) | [`streams`] |
 //! | `checkpoint` | the checkpoint loader (`checkpoint::restore`)    | [`stream`]    |
 //! | `qmp`        | the QMP framing, parser and dispatcher           | [`qmp`]       |
 //! | `argv`       | the QEMU command-line parser                     | [`argv`]      |
@@ -27,11 +28,13 @@
 //!
 //! Settings (environment): `FERRY_FUZZ_SECS` (time per target, default 15),
 //! `FERRY_FUZZ_SEED` (default: from the clock, printed), `FERRY_FUZZ_ITERS`
-//! (stop after this many mutated inputs).
+//! (stop after this many mutated inputs), `FERRY_FUZZ_CLASSES=1` (print the
+//! outcome classes seen at the end).
 
 pub mod argv;
 pub mod qmp;
 pub mod stream;
+pub mod streams;
 
 use std::collections::BTreeSet;
 use std::panic::{self, AssertUnwindSafe};
@@ -531,6 +534,11 @@ impl Fuzzer {
         report.elapsed = start.elapsed();
         report.outcome_classes = classes.len();
         report.pool = pool.len();
+        if std::env::var("FERRY_FUZZ_CLASSES").as_deref() == Ok("1") {
+            for c in &classes {
+                eprintln!("  class: {c}");
+            }
+        }
         eprintln!(
             "fuzz {}: {} executions in {:.1} s ({:.0}/s), {} outcome classes, pool {}, slowest input {:?}",
             self.target.name,
