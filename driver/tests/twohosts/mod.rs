@@ -1,14 +1,63 @@
 //! Two libvirt hosts on this machine for integration tests: a Rust handle over
 //! `twohosts.sh` (namespaces, daemons, veth 10.77.0.1 <-> 10.77.0.2, shared dir).
 //! `TwoHosts::up()` tears down leftovers first; dropping the handle tears down.
+//! Shared by several test binaries, each of which uses a part of it.
+#![allow(dead_code)]
+
+pub mod lab;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/twohosts/twohosts.sh");
 pub const DEST_B: &str = "qemu+tcp://hostb/system";
 pub const DEST_A: &str = "qemu+tcp://hosta/system";
+
+/// Host `h`'s end of the veth pair between the hosts (twohosts.sh's `VETH`).
+pub fn veth(h: &str) -> &'static str {
+    match h {
+        "A" => "fdrvA",
+        "B" => "fdrvB",
+        _ => panic!("no host {h}: A or B"),
+    }
+}
+
+/// What a process holds, from /proc/PID/{fd,status}.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStats {
+    pub fds: usize,
+    pub threads: u64,
+    pub rss_kib: u64,
+}
+
+impl ProcStats {
+    /// `None` once the process is gone.
+    pub fn of(pid: u32) -> Option<ProcStats> {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |key: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            line[key.len()..].split_whitespace().next()?.parse().ok()
+        };
+        Some(ProcStats {
+            fds,
+            threads: field("Threads:")?,
+            rss_kib: field("VmRSS:")?,
+        })
+    }
+}
+
+impl std::fmt::Display for ProcStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fds {} threads {} rss {} KiB",
+            self.fds, self.threads, self.rss_kib
+        )
+    }
+}
 
 #[derive(Debug)]
 pub struct TwoHosts {
@@ -173,6 +222,100 @@ impl TwoHosts {
     /// A host's private /var/lib/libvirt, seen from outside.
     pub fn private_var_lib(&self, h: &str) -> PathBuf {
         self.dir.join("hosts").join(h).join("var-lib-libvirt")
+    }
+
+    /// Brings host `h`'s end of the link between the hosts down or up: with
+    /// one end down nothing passes either way, and TCP connections over it
+    /// stall (they do not break) until it is up again.
+    pub fn set_link(&self, h: &str, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let out = self.sh(h, &["ip", "link", "set", veth(h), state]);
+        assert!(
+            out.status.success(),
+            "ip link set {} {state} on host {h}: {}",
+            veth(h),
+            text(&out)
+        );
+    }
+
+    /// Takes host `h`'s end of the link down until [`LinkDown::restore`] (or
+    /// the drop of what this returns, also when a test fails).
+    pub fn cut_link(&self, h: &'static str) -> LinkDown<'_> {
+        self.set_link(h, false);
+        LinkDown {
+            hosts: self,
+            h,
+            since: Instant::now(),
+            restored: false,
+        }
+    }
+
+    /// The pid of host `h`'s libvirtd.
+    pub fn libvirtd_pid(&self, h: &str) -> u32 {
+        let file = self.dir.join(format!("hosts/{h}/run-libvirt/libvirtd.pid"));
+        let pid = std::fs::read_to_string(&file).unwrap_or_default();
+        pid.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no libvirtd pid in {}: {pid:?}", file.display()))
+    }
+
+    /// The live processes of host `h` (in its network namespace) whose
+    /// command line contains `needle`.
+    pub fn pids_with(&self, h: &str, needle: &str) -> Vec<u32> {
+        use std::os::unix::fs::MetadataExt;
+        let ns = std::fs::metadata(self.dir.join(format!("ns/{h}.net")))
+            .map(|m| format!("net:[{}]", m.ino()))
+            .expect("host namespace file");
+        let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|l| l.to_string_lossy() == ns)
+            })
+            .filter(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                // Zombies have an empty command line: they are not running.
+                String::from_utf8_lossy(&cmd).contains(needle)
+            })
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    /// The emulator processes of domain `dom` on host `h` (libvirt names the
+    /// guest on the command line: `-name guest=DOM,...`).
+    pub fn emulator_pids(&self, h: &str, dom: &str) -> Vec<u32> {
+        self.pids_with(h, &format!("guest={dom},"))
+    }
+}
+
+/// The link between the hosts, held down by [`TwoHosts::cut_link`].
+#[derive(Debug)]
+pub struct LinkDown<'a> {
+    hosts: &'a TwoHosts,
+    h: &'static str,
+    since: Instant,
+    restored: bool,
+}
+
+impl LinkDown<'_> {
+    /// Brings the link up again; returns how long it was down.
+    pub fn restore(mut self) -> Duration {
+        self.hosts.set_link(self.h, true);
+        self.restored = true;
+        self.since.elapsed()
+    }
+}
+
+impl Drop for LinkDown<'_> {
+    fn drop(&mut self) {
+        if !self.restored {
+            // No assert here: this also runs while a failed test unwinds.
+            let _ = self
+                .hosts
+                .sh(self.h, &["ip", "link", "set", veth(self.h), "up"]);
+        }
     }
 }
 
