@@ -129,9 +129,26 @@ fn io_err<'a>(
     }
 }
 
+/// A dead peer (a cut link, a host gone) fails a TCP migration after about this
+/// long instead of the kernel's 15 minutes of retransmissions: unacknowledged data
+/// times out (TCP_USER_TIMEOUT), and an idle connection is probed (keep-alive).
+pub const DEAD_LINK_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn configure_tcp(s: &TcpStream) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = DEAD_LINK_TIMEOUT.as_secs() as u32;
+    s.set_nodelay(true)?;
+    setsockopt(s, sockopt::TcpUserTimeout, &(secs * 1000))?;
+    setsockopt(s, sockopt::KeepAlive, &true)?;
+    setsockopt(s, sockopt::TcpKeepIdle, &(secs / 3))?;
+    setsockopt(s, sockopt::TcpKeepInterval, &(secs / 6))?;
+    setsockopt(s, sockopt::TcpKeepCount, &4)?;
+    Ok(())
+}
+
 impl Channel {
     fn from_tcp(s: TcpStream, uri: &MigrationUri) -> Result<Self, TransportError> {
-        s.set_nodelay(true).map_err(io_err("configure", uri))?;
+        configure_tcp(&s).map_err(io_err("configure", uri))?;
         Self::from_fd(OwnedFd::from(s), uri)
     }
 
