@@ -355,7 +355,10 @@ pub fn run_bundle(b: &Bundle, expect: &Expect) -> Run {
         (Ok(a), Ok(s)) => (a, s),
         (Err(e), _) | (_, Err(e)) => return harness_error(format!("listener: {e}")),
     };
-    let listener = Listener::Tcp(tcp, MigrationUri::Tcp(addr.to_string()));
+    let listener = match Listener::from_tcp(tcp) {
+        Ok(l) => l,
+        Err(e) => return harness_error(e.to_string()),
+    };
     let (tx, rx) = mpsc::channel();
     let max_streams = b.max_streams;
     let known = expect.known.clone();
@@ -1021,7 +1024,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
 
     let dest = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| e.to_string())?;
     let dest_addr = dest.local_addr().map_err(|e| e.to_string())?;
-    let dest = Listener::Tcp(dest, MigrationUri::Tcp(dest_addr.to_string()));
+    let dest = Listener::from_tcp(dest).map_err(|e| e.to_string())?;
     let receiving = std::thread::spawn(move || -> Result<(), String> {
         let ch = dest.accept_next().map_err(|e| e.to_string())?;
         let main_breaker = ch.breaker().ok();

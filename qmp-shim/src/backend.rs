@@ -216,6 +216,15 @@ impl MigrationParameters {
     }
 }
 
+/// TLS for the next migration: the credentials the `tls-creds` parameter names
+/// (client ones on the source, server ones on the destination) and
+/// `tls-hostname`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationTls {
+    pub creds: ferry_vmm::migration::TlsCreds,
+    pub hostname: Option<String>,
+}
+
 /// Migration capabilities that change behaviour (`migrate-set-capabilities`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MigrationCapabilities {
@@ -298,6 +307,16 @@ pub trait Backend: Send + std::fmt::Debug {
     /// without an incoming side ignore it.
     fn set_incoming_multifd(&mut self, _channels: Option<u32>) -> Result<(), BackendError> {
         Ok(())
+    }
+    /// TLS for the migrations started from now on (`migrate`, `migrate-incoming`);
+    /// `None`: plain. Backends that cannot encrypt refuse credentials.
+    fn set_migration_tls(&mut self, tls: Option<MigrationTls>) -> Result<(), BackendError> {
+        match tls {
+            Some(_) => Err(BackendError::NotYetSupported {
+                operation: "TLS migration",
+            }),
+            None => Ok(()),
+        }
     }
     /// Saves the (paused) VM to `target` (a checkpoint, QEMU's
     /// `migrate "exec:cat > file"` / `file:` use).

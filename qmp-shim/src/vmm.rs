@@ -73,6 +73,8 @@ struct Inner {
     incoming_started: bool,
     /// A live migration owns the guest (`guest` is `None` meanwhile).
     migrating: bool,
+    /// TLS for the next migration (`tls-creds`), set before it starts.
+    tls: Option<MigrationTls>,
 }
 
 impl Inner {
@@ -139,6 +141,7 @@ impl FerryBackend {
                     autostart: false,
                     incoming_started: false,
                     migrating: false,
+                    tls: None,
                 }),
                 migration: Mutex::new(MigrationInfo::default()),
                 outgoing: Mutex::new(None),
@@ -319,10 +322,30 @@ fn open_incoming(source: MigrationTarget) -> Result<IncomingSource, BackendError
     }
 }
 
+/// TLS set for a stream that is a file or a pipe.
+fn tls_needs_a_socket() -> BackendError {
+    BackendError::Migration(
+        "tls-creds is set, but a file or a pipe cannot carry TLS: migrate over tcp:, unix: \
+         or an fd: socket, or clear tls-creds"
+            .into(),
+    )
+}
+
 impl FerryBackend {
     /// Reads a guest (a checkpoint or a live migration stream) on a thread;
     /// see the module docs.
-    fn start_incoming(&self, source: IncomingSource) -> Result<(), BackendError> {
+    fn start_incoming(&self, mut source: IncomingSource) -> Result<(), BackendError> {
+        let tls = self.shared.lock()?.tls.clone();
+        if let Some(t) = &tls {
+            match &mut source {
+                IncomingSource::Listen(l) => l
+                    .set_tls(t.creds.clone())
+                    .map_err(|e| BackendError::Migration(e.to_string()))?,
+                // Its handshake runs on the incoming thread.
+                IncomingSource::Socket(_) => {}
+                IncomingSource::Stream(_) => return Err(tls_needs_a_socket()),
+            }
+        }
         let opts = {
             let mut inner = self.shared.lock()?;
             if inner.incoming_started || inner.guest.is_some() {
@@ -357,6 +380,13 @@ impl FerryBackend {
                     IncomingSource::Listen(l) => match l.accept_next() {
                         Ok(ch) => (IncomingSource::Socket(ch), Some(l)),
                         Err(e) => fail(e.to_string()),
+                    },
+                    IncomingSource::Socket(ch) => match &tls {
+                        Some(t) => match ch.secure(&t.creds, None) {
+                            Ok(ch) => (IncomingSource::Socket(ch), None),
+                            Err(e) => fail(e.to_string()),
+                        },
+                        None => (IncomingSource::Socket(ch), None),
                     },
                     other => (other, None),
                 };
@@ -439,6 +469,9 @@ impl FerryBackend {
     fn start_save(&self, target: MigrationTarget) -> Result<(), BackendError> {
         {
             let inner = self.shared.lock()?;
+            if inner.tls.is_some() {
+                return Err(tls_needs_a_socket());
+            }
             if inner.guest.is_none() {
                 return Err(BackendError::BadState {
                     operation: "migrate",
@@ -812,6 +845,11 @@ impl Backend for FerryBackend {
             .unwrap_or_default();
         live::fill_info(&self.shared, &mut info);
         info
+    }
+
+    fn set_migration_tls(&mut self, tls: Option<MigrationTls>) -> Result<(), BackendError> {
+        self.shared.lock()?.tls = tls;
+        Ok(())
     }
 
     fn set_migrate_parameters(&mut self, params: &MigrationParameters) -> Result<(), BackendError> {

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_testguest::{check, FileImage, OracleReport};
+use ferry_tests::pki::Ca;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Value};
 
@@ -1532,4 +1533,161 @@ fn multifd_mismatches_fail_and_the_source_runs_on() {
     });
     wait_status(&mut qe, "paused");
     same_memory(&mut src, &mut qe, d, "mfd-mismatch");
+}
+
+/// An error reply's description.
+fn error_desc(q: &mut Qmp, name: &str, args: Value) -> String {
+    let reply = q.cmd_with_fd(name, args, None);
+    reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} did not fail: {reply}"))
+        .to_string()
+}
+
+/// Encrypted migration between two ferry-qemu driven over QMP the way libvirt's
+/// `virsh migrate --tls` drives QEMU: `object-add tls-creds-x509` (server
+/// credentials on the destination, client ones on the source),
+/// `migrate-set-parameters tls-creds/tls-hostname`, a socket libvirtd connected
+/// handed over with `getfd` and `migrate fd:`. A source whose certificate another
+/// CA signed is refused before any page moves and runs on; the destination keeps
+/// waiting and then takes the real source; the oracle passes on both sides.
+#[test]
+fn tls_migration_with_x509_objects_refuses_a_stranger_first() {
+    let name = "tls_migration_with_x509_objects_refuses_a_stranger_first";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let ca = Ca::new(&d.join("ca"), "ferry test CA");
+    let server = ca.issue(&d.join("server"), "server", "hostb", &["hostb.example"]);
+    let client = ca.issue(&d.join("client"), "client", "hosta", &[]);
+    let rogue = Ca::new(&d.join("rogue-ca"), "rogue CA");
+    let stranger = rogue.issue(&d.join("stranger"), "client", "hosta", &[]);
+    std::fs::copy(server.join("ca-cert.pem"), stranger.join("ca-cert.pem")).expect("copy CA");
+    let x509 = |id: &str, dir: &Path, endpoint: &str| {
+        json!({"qom-type": "tls-creds-x509", "id": id, "dir": dir.to_str().expect("utf-8"),
+               "endpoint": endpoint, "verify-peer": true})
+    };
+
+    let (_a, mut qa) = running_source(d, "a", &kernel);
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    let types = qb.ok("qom-list-types", json!({}));
+    assert!(
+        types
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "tls-creds-x509")),
+        "libvirt's --tls needs tls-creds-x509 listed: {types}"
+    );
+    qb.ok(
+        "object-add",
+        x509("objlibvirt_migrate_tls0", &server, "server"),
+    );
+    qb.ok(
+        "migrate-set-parameters",
+        json!({"tls-creds": "objlibvirt_migrate_tls0", "tls-hostname": ""}),
+    );
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qb.ok("migrate-incoming", json!({"uri": uri}));
+    qb.wait_event("MIGRATION", Some("setup"));
+
+    // Mistakes are named, and leave nothing behind.
+    let err = error_desc(
+        &mut qa,
+        "object-add",
+        x509("c", &d.join("nowhere"), "client"),
+    );
+    assert!(
+        err.contains("nowhere/ca-cert.pem") && err.contains("No such file"),
+        "{err}"
+    );
+    let err = error_desc(
+        &mut qa,
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "c", "endpoint": "client"}),
+    );
+    assert_eq!(err, "Missing 'dir' property value");
+    let err = error_desc(
+        &mut qa,
+        "object-add",
+        json!({"qom-type": "secret", "id": "s"}),
+    );
+    assert!(err.contains("'secret' is not supported"), "{err}");
+    let err = error_desc(&mut qa, "object-del", json!({"id": "c"}));
+    assert_eq!(err, "object 'c' not found");
+    // Server credentials cannot start an outgoing migration.
+    qa.ok("object-add", x509("wrong-end", &server, "server"));
+    qa.ok("migrate-set-parameters", json!({"tls-creds": "wrong-end"}));
+    let err = error_desc(&mut qa, "migrate", json!({"uri": uri}));
+    assert_eq!(err, "Expected TLS credentials for a client endpoint");
+    qa.ok("object-del", json!({"id": "wrong-end"}));
+
+    // The stranger.
+    qa.ok(
+        "object-add",
+        x509("objlibvirt_migrate_tls0", &stranger, "client"),
+    );
+    let err = error_desc(
+        &mut qa,
+        "object-add",
+        x509("objlibvirt_migrate_tls0", &client, "client"),
+    );
+    assert!(err.contains("duplicate"), "{err}");
+    qa.ok(
+        "migrate-set-parameters",
+        json!({"tls-creds": "objlibvirt_migrate_tls0", "tls-hostname": "hostb.example"}),
+    );
+    qa.ok("migrate", json!({"uri": uri}));
+    let info = poll_until_done(&mut qa);
+    assert_eq!(info["status"], "failed", "{info}");
+    let why = info["error-desc"].as_str().unwrap_or_default();
+    assert!(why.contains("refused the TLS session"), "{info}");
+    assert_eq!(
+        info["ram"]["transferred"].as_u64().unwrap_or(0),
+        0,
+        "{info}"
+    );
+    eprintln!("stranger refused: {why}");
+    assert_eq!(qa.status(), "running");
+    assert_eq!(qb.status(), "inmigrate");
+
+    // The real source, over a socket "libvirtd" connected, as libvirt does.
+    qa.ok("object-del", json!({"id": "objlibvirt_migrate_tls0"}));
+    qa.ok(
+        "object-add",
+        x509("objlibvirt_migrate_tls0", &client, "client"),
+    );
+    let params = qa.ok("query-migrate-parameters", json!({}));
+    assert_eq!(params["tls-creds"], "objlibvirt_migrate_tls0", "{params}");
+    assert_eq!(params["tls-hostname"], "hostb.example", "{params}");
+    let sock = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to dst");
+    let r = qa.cmd_with_fd(
+        "getfd",
+        json!({"fdname": "migrate"}),
+        Some(sock.as_raw_fd()),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    drop(sock);
+    qa.ok("migrate", json!({"uri": "fd:migrate"}));
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    eprintln!(
+        "tls: total-time {} ms, downtime {} ms, {} MB",
+        info["total-time"],
+        info["downtime"],
+        info["ram"]["transferred"].as_u64().unwrap_or(0) >> 20
+    );
+    qb.wait_event("MIGRATION", Some("completed"));
+    wait_status(&mut qb, "paused");
+    same_memory(&mut qa, &mut qb, d, "tls");
+    // libvirt's clean-up.
+    qa.ok("object-del", json!({"id": "objlibvirt_migrate_tls0"}));
+    qa.ok(
+        "migrate-set-parameters",
+        json!({"tls-creds": "", "tls-hostname": ""}),
+    );
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod heartbeat;
 pub mod migrate;
+pub mod pki;
 pub mod proxy;
 
 /// Path of a binary of this workspace, built in the same profile as the tests.

@@ -29,6 +29,8 @@ pub struct RunConfig {
     /// Sample both processes' memory outside guest RAM during the migration
     /// (`RunResult::memory`); costs a read of /proc/PID/smaps per sample.
     pub measure_memory: bool,
+    /// More `ferry-vm incoming` arguments (e.g. `--tls-creds x509:DIR`).
+    pub incoming_args: Vec<String>,
 }
 
 /// What one migration measured.
@@ -90,17 +92,21 @@ pub fn rss_outside_guest(pid: u32) -> Option<u64> {
 
 /// Waits until the dirtier completed at least `passes` passes (read through `peek`).
 fn wait_passes(vm: &VmProcess, passes: u64, timeout: Duration) -> Result<(), String> {
+    wait_header(vm, ferry_testguest::header::PASSES, passes, timeout)
+        .map_err(|_| format!("the guest did not finish {passes} passes in {timeout:?}"))
+}
+
+/// Waits until the dirtier's header field at `offset` reaches `at_least`.
+fn wait_header(vm: &VmProcess, offset: usize, at_least: u64, timeout: Duration) -> Result<(), ()> {
     let deadline = Instant::now() + timeout;
-    let addr = ferry_testguest::HEADER_GPA + ferry_testguest::header::PASSES as u64;
+    let addr = ferry_testguest::HEADER_GPA + offset as u64;
     loop {
         let v = vm.command(&format!("peek {addr:x}"));
-        if v["value"].as_u64().unwrap_or(0) >= passes {
+        if v["value"].as_u64().unwrap_or(0) >= at_least {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "the guest did not finish {passes} passes in {timeout:?}"
-            ));
+            return Err(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -137,11 +143,21 @@ pub fn run_ferry(
     src.wait_for_control();
     if guest_ws_pages(&cfg.append) {
         wait_passes(&src, 2, Duration::from_secs(300))?;
+    } else if cfg.append.split_whitespace().any(|w| w == "fill=1") {
+        wait_header(
+            &src,
+            ferry_testguest::header::FILL_DONE,
+            1,
+            Duration::from_secs(300),
+        )
+        .map_err(|()| "the guest did not finish its fill in 300 s".to_string())?;
     } else {
         std::thread::sleep(Duration::from_millis(500));
     }
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = VmProcess::spawn_serial(s, "dst", &["incoming", &uri], &dst_serial);
+    let mut dst_args = vec!["incoming", uri.as_str()];
+    dst_args.extend(cfg.incoming_args.iter().map(String::as_str));
+    let mut dst = VmProcess::spawn_serial(s, "dst", &dst_args, &dst_serial);
     src.ok(&format!(
         "migrate-set downtime-limit={}",
         cfg.downtime_limit_ms

@@ -152,8 +152,13 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (
         "object",
         "TYPE,id=ID[,...]",
-        "Only `memory-backend-ram` (the `-machine memory-backend`, with `size`) and \
-         `secret`; other object types are refused.",
+        "Only `memory-backend-ram` (the `-machine memory-backend`, with `size`), \
+         `secret`, and the migration TLS credentials `tls-creds-x509` (`dir`, `endpoint`, \
+         `verify-peer`) and `tls-creds-psk` (`dir`, `endpoint`, `username`), loaded at \
+         startup as QEMU does and also creatable with QMP `object-add`; name them with \
+         the `tls-creds` migration parameter (libvirt's `virsh migrate --tls`). Encrypted \
+         keys (`passwordid`), GnuTLS `priority` strings and `tls-authz` are refused; \
+         other object types are refused.",
     ),
     ("blockdev", "OPTS", "Refused: ferry has no disks yet."),
     (

@@ -158,6 +158,16 @@ pub fn page() -> Result<String, String> {
             &d.multifd_channels.to_string(),
         ],
         ["clear-dirty-log", "on, off", on_off(d.clear_dirty_log)],
+        [
+            "tls-creds",
+            "x509:DIR[,verify-peer=on|off], psk:DIR[,username=NAME], none",
+            "none",
+        ],
+        [
+            "tls-hostname",
+            "the name the destination's certificate must carry",
+            "the host of the tcp: URI",
+        ],
     ]
     .iter()
     .map(|[key, value, default]| vec![format!("`{key}`"), value.to_string(), default.to_string()])
@@ -238,6 +248,35 @@ pub fn page() -> Result<String, String> {
          `fd:`, `exec:` and `file:` URIs are refused on both sides (`multifd is not \
          supported by current protocol`), as in QEMU 7.2.",
         ferry_vmm::migration::MAX_STREAMS
+    ));
+    doc.ss("Encryption and authentication (tls-creds)");
+    doc.p(
+        "With `tls-creds`, every connection of the migration (the main one and each \
+         extra page stream) completes a TLS handshake before any byte of the stream \
+         moves; the destination demands the same with `ferry-vm incoming --tls-creds` \
+         (through ferry-qemu: a `tls-creds-x509` or `tls-creds-psk` object named by the \
+         `tls-creds` migration parameter, which is what libvirt's `--tls` sets up). The \
+         credentials are laid out as QEMU reads them. x509: DIR holds `ca-cert.pem` \
+         (optionally `ca-crl.pem`), `server-cert.pem` and `server-key.pem` on the \
+         destination, `client-cert.pem` and `client-key.pem` on the source; with \
+         `verify-peer` (the default) the destination refuses a source without a \
+         certificate signed by the CA, and the source refuses a destination whose \
+         certificate the CA did not sign or that does not name `tls-hostname` (or the \
+         host of the `tcp:` URI; `unix:` and `fd:` need `tls-hostname`). PSK: \
+         DIR/keys.psk holds `USERNAME:HEXKEY` lines; the source presents `username` \
+         (default `qemu`) and both ends must hold the same key (TLS 1.3). A destination \
+         refuses a connection whose handshake fails, logs it and keeps waiting for the \
+         real source; the source's migration fails before any page moves and the guest \
+         runs on. Encrypted private keys are not supported; `file:` and pipes cannot \
+         carry TLS. ferry-bench --tls none,x509,psk measures the cost.",
+    );
+    doc.ss("Dead links");
+    doc.p(&format!(
+        "TCP migration connections carry TCP_USER_TIMEOUT and keep-alive probes: a link \
+         that stops carrying packets (a cut cable, a host gone) fails the migration after \
+         about {} s instead of the kernel's default of about 15 minutes, and the source \
+         runs on (or stays paused, if the destination may already run the guest).",
+        ferry_vmm::migration::transport::DEAD_LINK_TIMEOUT.as_secs()
     ));
     doc.ss("Manual dirty-log protection (clear-dirty-log)");
     doc.p("With `clear-dirty-log` on, where the kernel offers \

@@ -43,7 +43,7 @@ pub enum FormatError {
 
     /// The stream ended before its End section.
     #[error(
-        "the stream ended early (after {offset} bytes, {inside}): the sender died, \
+        "the stream ended early (after {offset} bytes, {inside}): the other end died, \
          the link was cut or the file is truncated"
     )]
     Truncated {

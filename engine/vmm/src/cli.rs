@@ -159,6 +159,13 @@ pub enum Command {
         /// that sets multifd-channels; a source that proposes more gets this many.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::migration::MAX_STREAMS)))]
         max_streams: u32,
+        /// Demand TLS on every connection, with server credentials as QEMU's
+        /// tls-creds objects have them: x509:DIR[,verify-peer=on|off] (DIR holds
+        /// ca-cert.pem, server-cert.pem, server-key.pem) or psk:DIR (DIR/keys.psk holds
+        /// USERNAME:HEXKEY lines). A connection that fails the handshake is refused
+        /// and the wait goes on.
+        #[arg(long, value_name = "CREDS")]
+        tls_creds: Option<String>,
         #[command(flatten)]
         common: Common,
     },

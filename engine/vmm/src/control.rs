@@ -6,7 +6,8 @@
 //! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
 //! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover, pause-before-switchover
-//! 0|1, multifd-channels 1..16, clear-dirty-log 0|1).
+//! 0|1, multifd-channels 1..16, clear-dirty-log 0|1, tls-creds x509:DIR[,verify-peer=on|off]
+//! or psk:DIR[,username=NAME] or none, tls-hostname NAME).
 //! The QEMU-compatible QMP monitor is `ferry-qemu`'s; this is the thin local entry.
 
 use std::fs::File;
@@ -390,6 +391,15 @@ fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
             "auto-converge" => p.auto_converge = flag()?,
             "pause-before-switchover" => p.pause_before_switchover = flag()?,
             "clear-dirty-log" => p.clear_dirty_log = flag()?,
+            "tls-creds" if v == "none" || v.is_empty() => p.tls = None,
+            "tls-creds" => {
+                let spec = migration::CredsSpec::parse(v).map_err(|e| e.to_string())?;
+                p.tls = Some(
+                    migration::TlsCreds::load(spec, migration::Endpoint::Client)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            "tls-hostname" => p.tls_hostname = (!v.is_empty()).then(|| v.to_string()),
             "multifd-channels" => {
                 let max = migration::MAX_STREAMS;
                 p.multifd_channels = match u32::try_from(num()?) {

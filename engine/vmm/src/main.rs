@@ -12,7 +12,9 @@ use clap::Parser;
 use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
-use ferry_vmm::migration::{self, ExtraStreams, IncomingOptions, Listener, MigrationUri};
+use ferry_vmm::migration::{
+    self, CredsSpec, Endpoint, ExtraStreams, IncomingOptions, Listener, MigrationUri, TlsCreds,
+};
 
 fn migration_err(e: migration::TransportError) -> ferry_vmm::VmmError {
     ferry_vmm::VmmError::Config(e.to_string())
@@ -26,6 +28,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -65,10 +68,20 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             uri,
             mem,
             max_streams,
+            tls_creds,
             common,
         } => {
             let uri: MigrationUri = uri.parse().map_err(migration_err)?;
-            let listener = Listener::bind(&uri).map_err(migration_err)?;
+            let tls = tls_creds
+                .map(|spec| {
+                    CredsSpec::parse(&spec).and_then(|s| TlsCreds::load(s, Endpoint::Server))
+                })
+                .transpose()
+                .map_err(|e| ferry_vmm::VmmError::Config(e.to_string()))?;
+            let mut listener = Listener::bind(&uri).map_err(migration_err)?;
+            if let Some(creds) = tls {
+                listener.set_tls(creds).map_err(migration_err)?;
+            }
             if let Some(port) = listener.local_port() {
                 eprintln!("ferry-vm: listening on port {port}");
             }

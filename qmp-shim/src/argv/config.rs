@@ -184,6 +184,12 @@ impl Invocation {
         for o in &self.objects {
             match o.kind.as_str() {
                 "secret" => {}
+                // Loaded here to fail at startup, as QEMU does; the QMP layer
+                // creates them (commands/objects.rs).
+                t if crate::commands::TLS_TYPES.contains(&t) => {
+                    crate::commands::create_tls(t, &o.props)
+                        .map_err(|e| ArgvError::invalid("-object", t, &e))?;
+                }
                 "memory-backend-ram" if o.id.as_deref() == backend_id && backend_id.is_some() => {
                     let bytes = o
                         .props

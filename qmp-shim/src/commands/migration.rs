@@ -3,8 +3,10 @@
 
 use std::os::fd::OwnedFd;
 
+use ferry_vmm::migration::Endpoint;
 use serde_json::{json, Map, Value};
 
+use super::objects::migration_tls;
 use super::types::*;
 use super::{arg_str, Command, Ctx};
 use crate::argv::Incoming;
@@ -146,7 +148,9 @@ pub static QUERY_MIGRATE_PARAMETERS: Command = Command {
             "max-bandwidth": p.max_bandwidth,
             "downtime-limit": p.downtime_limit_ms,
             "multifd-channels": p.multifd_channels,
-            "tls-creds": "", "tls-hostname": "", "tls-authz": "",
+            "tls-creds": ctx.vm.tls_params.creds,
+            "tls-hostname": ctx.vm.tls_params.hostname,
+            "tls-authz": ctx.vm.tls_params.authz,
         }))
     },
 };
@@ -169,12 +173,20 @@ fn migrate_set_parameters(
     ctx: &mut Ctx<'_>,
     args: &Map<String, Value>,
 ) -> Result<Value, CommandError> {
-    for tls in ["tls-creds", "tls-hostname", "tls-authz"] {
-        if !arg_str(args, tls).is_empty() {
-            return Err(CommandError::Generic(format!(
-                "Parameter '{tls}': TLS migration is not supported by ferry-qemu"
-            )));
-        }
+    if !arg_str(args, "tls-authz").is_empty() {
+        return Err(CommandError::Generic(
+            "Parameter 'tls-authz': authorization objects are not supported by ferry-qemu; \
+             with tls-creds-x509 and verify-peer, the CA decides which sources may connect"
+                .into(),
+        ));
+    }
+    let mut tls = ctx.vm.tls_params.clone();
+    if let Some(v) = args.get("tls-creds").and_then(Value::as_str) {
+        // Resolved when a migration starts, as QEMU does.
+        tls.creds = v.to_string();
+    }
+    if let Some(v) = args.get("tls-hostname").and_then(Value::as_str) {
+        tls.hostname = v.to_string();
     }
     let mut p = ctx.vm.migrate_params;
     if let Some(v) = args.get("max-bandwidth") {
@@ -202,6 +214,7 @@ fn migrate_set_parameters(
         .backend
         .set_incoming_multifd(caps.multifd.then_some(p.multifd_channels))?;
     ctx.vm.migrate_params = p;
+    ctx.vm.tls_params = tls;
     Ok(json!({}))
 }
 
@@ -259,6 +272,7 @@ fn migrate(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, Comman
             )));
         }
     }
+    let tls = migration_tls(ctx, Endpoint::Client)?;
     let t = target(ctx, arg_str(args, "uri"))?;
     let (params, caps) = (ctx.vm.migrate_params, ctx.vm.migrate_caps);
     if caps.multifd && !carries_streams(&t) {
@@ -267,6 +281,7 @@ fn migrate(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, Comman
             arg_str(args, "uri")
         )));
     }
+    ctx.vm.backend.set_migration_tls(tls)?;
     ctx.vm.backend.migrate(t, &params, &caps)?;
     Ok(json!({}))
 }
@@ -283,6 +298,7 @@ pub static MIGRATE_INCOMING: Command = Command {
                 "The incoming migration has not been configured with '-incoming defer'".into(),
             ));
         }
+        let tls = migration_tls(ctx, Endpoint::Server)?;
         let t = target(ctx, arg_str(args, "uri"))?;
         let caps = ctx.vm.migrate_caps;
         let one_stream = !carries_streams(&t);
@@ -292,6 +308,7 @@ pub static MIGRATE_INCOMING: Command = Command {
                 arg_str(args, "uri")
             )));
         }
+        ctx.vm.backend.set_migration_tls(tls)?;
         ctx.vm.backend.migrate_incoming(t, &caps)?;
         ctx.vm.incoming_one_stream = one_stream;
         Ok(json!({}))

@@ -9,6 +9,7 @@ mod fds;
 mod machine;
 mod meta;
 mod migration;
+mod objects;
 mod qom;
 pub mod types;
 
@@ -16,6 +17,8 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
 use serde_json::{Map, Value};
+
+pub use objects::{create_tls, TlsObject, TlsParameters, TLS_TYPES};
 
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{self, CommandSchema, EventDef};
@@ -83,6 +86,8 @@ pub static COMMANDS: &[&Command] = &[
     &migration::MIGRATE_CANCEL,
     &migration::MIGRATE_CONTINUE,
     &migration::QUERY_MIGRATE,
+    &objects::OBJECT_ADD,
+    &objects::OBJECT_DEL,
     &fds::GETFD,
     &fds::CLOSEFD,
     &fds::ADD_FD,

@@ -41,6 +41,10 @@ const TYPES: &[(&str, &str, bool)] = &[
     ("memory-backend", "object", true),
     ("memory-backend-ram", "memory-backend", false),
     ("secret", "object", false),
+    // object-add (commands/objects.rs): libvirt's --tls looks for tls-creds-x509.
+    ("tls-creds", "object", true),
+    ("tls-creds-x509", "tls-creds", false),
+    ("tls-creds-psk", "tls-creds", false),
 ];
 
 /// `(name, type, description)`.

@@ -276,9 +276,27 @@ fn migration_flow_on_fake_backend() {
         c.cmd(json!({"execute": "query-migrate-parameters"}))["return"]["max-bandwidth"],
         10485760
     );
+    // Credentials are looked up when a migration starts, as in QEMU.
     let tls = json!({"tls-creds": "tls0"});
+    assert_eq!(
+        c.cmd(json!({"execute": "migrate-set-parameters", "arguments": tls})),
+        json!({"return": {}})
+    );
+    let r = c.cmd(json!({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:4444"}}));
+    assert_eq!(r["error"]["desc"], "No TLS credentials with id 'tls0'");
+    let authz = json!({"tls-authz": "authz0"});
+    let r = c.cmd(json!({"execute": "migrate-set-parameters", "arguments": authz}));
     assert!(
-        c.cmd(json!({"execute": "migrate-set-parameters", "arguments": tls}))["error"].is_object()
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tls-authz"),
+        "{r}"
+    );
+    let off = json!({"tls-creds": ""});
+    assert_eq!(
+        c.cmd(json!({"execute": "migrate-set-parameters", "arguments": off})),
+        json!({"return": {}})
     );
     let r =
         c.cmd(json!({"execute": "migrate", "arguments": {"uri": "fd:migrate", "detach": true}}));

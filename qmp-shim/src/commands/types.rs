@@ -74,6 +74,12 @@ pub static SHUTDOWN_CAUSE: EnumDef = EnumDef {
     ],
 };
 
+/// Which end of a connection TLS credentials are for.
+pub static TLS_CREDS_ENDPOINT: EnumDef = EnumDef {
+    name: "QCryptoTLSCredsEndpoint",
+    values: &["client", "server"],
+};
+
 pub static QMP_CAPABILITY: EnumDef = EnumDef {
     name: "QMPCapability",
     values: &["oob"],

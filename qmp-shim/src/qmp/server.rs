@@ -22,7 +22,7 @@ use super::json::{Piece, Splitter};
 use super::schema;
 use crate::argv::{Incoming, Invocation};
 use crate::backend::{Backend, MachineConfig, MigrationCapabilities, MigrationParameters};
-use crate::commands::{self, Ctx};
+use crate::commands::{self, Ctx, TlsObject, TlsParameters};
 
 /// QEMU version ferry-qemu reports (libvirt 9.0 needs >= 4.2.0).
 pub const QEMU_VERSION: (u64, u64, u64) = (7, 2, 0);
@@ -69,6 +69,10 @@ pub struct Vm {
     /// The incoming migration reads a URI that carries one stream (`fd:`,
     /// `file:`, `exec:`): QEMU refuses the multifd capability then.
     pub incoming_one_stream: bool,
+    /// `object-add`ed (or `-object`) TLS credentials, by id.
+    pub objects: BTreeMap<String, TlsObject>,
+    /// `tls-creds`, `tls-hostname`, `tls-authz`.
+    pub tls_params: TlsParameters,
     pub events: EventSink,
     /// Set by `quit`; the connection exits the process after replying.
     pub quit: bool,
@@ -85,7 +89,21 @@ impl Vm {
             invocation.incoming,
             Some(Incoming::Fd(_) | Incoming::File(_) | Incoming::Exec(_))
         );
+        // Checked when the command line was (argv/config.rs): loaded again here.
+        let objects = invocation
+            .objects
+            .iter()
+            .filter_map(|o| {
+                let id = o.id.clone()?;
+                match commands::create_tls(&o.kind, &o.props) {
+                    Ok(obj) => Some((id, obj)),
+                    Err(_) => None,
+                }
+            })
+            .collect();
         Self {
+            objects,
+            tls_params: TlsParameters::default(),
             backend,
             invocation,
             config,

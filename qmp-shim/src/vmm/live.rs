@@ -170,11 +170,14 @@ impl FerryBackend {
                 "There's a migration process in progress".into(),
             ));
         }
+        let tls = self.shared.lock()?.tls.clone();
         let ctl = MigrationControl::new(MigrationParams {
             downtime_limit_ms: params.downtime_limit_ms,
             max_bandwidth: engine_bandwidth(params.max_bandwidth),
             pause_before_switchover: caps.pause_before_switchover,
             multifd_channels: params.streams(caps),
+            tls: tls.as_ref().map(|t| t.creds.clone()),
+            tls_hostname: tls.and_then(|t| t.hostname),
             ..MigrationParams::default()
         });
         let (mut guest, before) = {

@@ -9,9 +9,10 @@ use std::process::ExitCode;
 use ferry_tests::migrate::{
     qemu_binary, run_ferry, run_ferry_qemu, run_qemu, RunConfig, RunResult,
 };
+use ferry_tests::pki::{psk_dir, Ca};
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
 
 #[derive(Default)]
 struct Series {
@@ -108,6 +109,7 @@ fn main() -> ExitCode {
     let mut limit = 300u64;
     let mut checkpoint = false;
     let mut streams = vec![1u32];
+    let mut tls_modes = vec!["none".to_string()];
     let mut memory = false;
     let mut ferry_qemu = true;
     let mut settings = Vec::new();
@@ -120,6 +122,7 @@ fn main() -> ExitCode {
             "--repeats" => repeats = val().parse().unwrap_or(1),
             "--max-bandwidth" | "--bandwidth" => bw = val().parse::<u64>().unwrap_or(0) << 20,
             "--streams" => streams = val().split(',').map(|n| n.parse().unwrap_or(1)).collect(),
+            "--tls" => tls_modes = val().split(',').map(String::from).collect(),
             "--memory" => memory = true,
             "--set" => settings.push(val()),
             "--no-ferry-qemu" => ferry_qemu = false,
@@ -135,6 +138,46 @@ fn main() -> ExitCode {
     if checkpoint {
         return checkpoint_bench(repeats);
     }
+    if let Some(bad) = tls_modes
+        .iter()
+        .find(|m| !["none", "x509", "psk"].contains(&m.as_str()))
+    {
+        eprintln!("ferry-bench: --tls takes none, x509 and psk, not '{bad}'\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    // Credentials for the TLS series, made once (kept until the end).
+    let pki = Scratch::new();
+    let tls = |mode: &str| -> (Vec<String>, Vec<String>) {
+        match mode {
+            "x509" => {
+                let ca = Ca::new(&pki.path("ca"), "ferry-bench CA");
+                let server = ca.issue(&pki.path("server"), "server", "dst", &["127.0.0.1"]);
+                let client = ca.issue(&pki.path("client"), "client", "src", &[]);
+                (
+                    vec![format!("tls-creds=x509:{}", client.display())],
+                    vec!["--tls-creds".into(), format!("x509:{}", server.display())],
+                )
+            }
+            "psk" => {
+                let dir = psk_dir(
+                    &pki.path("psk"),
+                    &[("qemu", "5e2d7c1f9a8b3e4d6c0f1a2b3c4d5e6f")],
+                );
+                (
+                    vec![format!("tls-creds=psk:{}", dir.display())],
+                    vec!["--tls-creds".into(), format!("psk:{}", dir.display())],
+                )
+            }
+            _ => (vec![], vec![]),
+        }
+    };
+    let tls_cfg: Vec<(String, Vec<String>, Vec<String>)> = tls_modes
+        .iter()
+        .map(|m| {
+            let (set, inc) = tls(m);
+            (m.clone(), set, inc)
+        })
+        .collect();
     let qemu = qemu && qemu_binary().is_some();
     println!(
         "ferry-bench: dirtier over loopback TCP, downtime limit {limit} ms, bandwidth {}, {repeats} repeat(s), QEMU {}",
@@ -145,7 +188,7 @@ fn main() -> ExitCode {
         "figures: min/median/max; times in ms; guest gap = largest heartbeat gap seen by the guest"
     );
     println!(
-        "{:<6} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
+        "{:<11} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
         "engine",
         "ram",
         "ws",
@@ -160,10 +203,11 @@ fn main() -> ExitCode {
     let mut failed = false;
     for ram in &rams {
         for ws in &wss {
-            let append = if ws == "idle" {
-                "ws=0".to_string()
-            } else {
-                format!("ws={ws}")
+            let append = match ws.as_str() {
+                "idle" => "ws=0".to_string(),
+                // Every page written once, then idle: pure page throughput.
+                "filled" => "ws=0 fill=1".to_string(),
+                _ => format!("ws={ws}"),
             };
             let cfg = RunConfig {
                 mem: ram.clone(),
@@ -172,17 +216,34 @@ fn main() -> ExitCode {
                 max_bandwidth: bw,
                 downtime_limit_ms: limit,
                 measure_memory: memory,
+                incoming_args: vec![],
             };
-            // One ferry series per stream count (multifd-channels).
-            let mut fers: Vec<(u32, Series)> =
-                streams.iter().map(|&n| (n, Series::default())).collect();
+            // One ferry series per stream count (multifd-channels) and TLS mode.
+            let mut fers: Vec<(u32, usize, Series)> = tls_cfg
+                .iter()
+                .enumerate()
+                .flat_map(|(t, _)| streams.iter().map(move |&n| (n, t, Series::default())))
+                .collect();
+            let series_name = |n: u32, t: usize| {
+                let mut name = if streams == [1] {
+                    "ferry".to_string()
+                } else {
+                    format!("ferry{n}")
+                };
+                if tls_cfg[t].0 != "none" {
+                    name = format!("{name}+{}", tls_cfg[t].0);
+                }
+                name
+            };
             let mut fq = Series::default();
             let mut qem = Series::default();
             for _ in 0..repeats {
-                for (n, fer) in &mut fers {
+                for (n, t, fer) in &mut fers {
                     let s = Scratch::new();
                     let mut cfg = cfg.clone();
                     cfg.settings.push(format!("multifd-channels={n}"));
+                    cfg.settings.extend(tls_cfg[*t].1.iter().cloned());
+                    cfg.incoming_args.extend(tls_cfg[*t].2.iter().cloned());
                     match run_ferry(&s, &cfg, |_| {}) {
                         Ok(r) => fer.add(&r),
                         Err(e) => fer.failures.push(e),
@@ -205,14 +266,7 @@ fn main() -> ExitCode {
             }
             let mut rows: Vec<(String, &Series)> = fers
                 .iter()
-                .map(|(n, s)| {
-                    let name = if streams == [1] {
-                        "ferry".to_string()
-                    } else {
-                        format!("ferry{n}")
-                    };
-                    (name, s)
-                })
+                .map(|(n, t, s)| (series_name(*n, *t), s))
                 .collect();
             if ferry_qemu {
                 rows.push(("f-qemu".into(), &fq));
@@ -222,7 +276,7 @@ fn main() -> ExitCode {
             }
             for (name, ser) in rows {
                 println!(
-                    "{:<6} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
+                    "{:<11} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
                     name,
                     ram,
                     ws,
@@ -259,17 +313,40 @@ fn main() -> ExitCode {
                     println!("       ! {name} {ram} {ws}: {f}");
                 }
             }
-            failed |= fers.iter().any(|(_, f)| !f.failures.is_empty()) || !fq.failures.is_empty();
+            failed |=
+                fers.iter().any(|(_, _, f)| !f.failures.is_empty()) || !fq.failures.is_empty();
+            // The cost of encryption: each TLS series against the plain one with the
+            // same stream count.
+            for (n, t, fer) in fers
+                .iter()
+                .filter(|(_, t, f)| tls_cfg[*t].0 != "none" && !f.total.is_empty())
+            {
+                let Some((_, u, plain)) = fers
+                    .iter()
+                    .find(|(m, u, p)| m == n && tls_cfg[*u].0 == "none" && !p.total.is_empty())
+                else {
+                    continue;
+                };
+                let rate = |s: &Series| median(&s.mib) / (median(&s.total) / 1000.0);
+                println!(
+                    "tls    {:<5} {:<6} {}/{}: total {:.2}x, downtime {:.2}x, guest gap {:.2}x; {:.0} against {:.0} MiB/s sent",
+                    ram,
+                    ws,
+                    series_name(*n, *t),
+                    series_name(*n, *u),
+                    median(&fer.total) / median(&plain.total),
+                    median(&fer.downtime) / median(&plain.downtime),
+                    median(&fer.guest_gap) / median(&plain.guest_gap),
+                    rate(fer),
+                    rate(plain),
+                );
+            }
             if !qemu || qem.total.is_empty() {
                 continue;
             }
             // One ratio line per stream count, then ferry-qemu's.
-            for (n, fer) in fers.iter().filter(|(_, f)| !f.total.is_empty()) {
-                let name = if streams == [1] {
-                    "ferry".to_string()
-                } else {
-                    format!("ferry{n}")
-                };
+            for (n, t, fer) in fers.iter().filter(|(_, _, f)| !f.total.is_empty()) {
+                let name = series_name(*n, *t);
                 println!(
                     "ratio  {:<5} {:<6} {name}/QEMU: total {:.2}x, guest-observed downtime {:.2}x, engine downtime {:.2}x",
                     ram,

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         max_bandwidth: 256 << 20,
         downtime_limit_ms: 300,
         measure_memory: false,
+        incoming_args: vec![],
     };
     let mut ws = "128M".to_string();
     let mut engine = "ferry-qemu".to_string();

@@ -49,6 +49,7 @@ pub(crate) mod converge;
 mod incoming;
 mod precopy;
 mod stats;
+pub mod tls;
 pub mod transport;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +61,7 @@ pub use converge::{Throttle, VcpuHold};
 pub use incoming::{receive, receive_streams, ExtraStreams, IncomingOptions};
 pub use precopy::{migrate, MigrationOutcome};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
+pub use tls::{CredsSpec, Endpoint, TlsCreds, TlsError};
 pub use transport::{Channel, Listener, MigrationUri, TransportError};
 
 use crate::vm::VmShape;
@@ -163,6 +165,12 @@ pub struct MigrationParams {
     /// 100%-hot 1 GiB guest's migration slower (median 4.9 s against 3.2 s) for about
     /// the same pause; see README.
     pub clear_dirty_log: bool,
+    /// Client TLS credentials (QEMU tls-creds): every connection of the migration
+    /// completes a TLS handshake before the stream starts. `None`: plain.
+    pub tls: Option<TlsCreds>,
+    /// The name the destination's certificate must carry (QEMU tls-hostname);
+    /// `None`: the host of the `tcp:` URI.
+    pub tls_hostname: Option<String>,
 }
 
 impl Default for MigrationParams {
@@ -178,6 +186,8 @@ impl Default for MigrationParams {
             pause_before_switchover: false,
             multifd_channels: 1,
             clear_dirty_log: false,
+            tls: None,
+            tls_hostname: None,
         }
     }
 }

@@ -13,9 +13,9 @@ use kvm_ioctls::VmFd;
 use super::converge::{Convergence, Decision, PassReport, DEVICE_STATE_PER_VCPU};
 use super::transport::{Breaker, WriteHalf};
 use super::{
-    stream_of, Channel, Handshake, MigrationControl, MigrationError, MigrationEvent,
-    MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin, TimeoutPolicy, MAX_STREAMS,
-    REPLY_VERSION,
+    stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
+    MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin,
+    TimeoutPolicy, TransportError, MAX_STREAMS, REPLY_VERSION,
 };
 use crate::checkpoint::{producer, SHAPE_VERSION};
 use crate::vm::Vm;
@@ -469,6 +469,7 @@ fn open_extra_streams(
     session: u64,
     streams: u32,
     breakers: &Mutex<Vec<Breaker>>,
+    params: &MigrationParams,
 ) -> Result<Vec<PageSender>, MigrationError> {
     let mut senders = Vec::new();
     for index in 1..streams {
@@ -477,6 +478,7 @@ fn open_extra_streams(
         if let (Ok(b), Ok(mut all)) = (channel.breaker(), breakers.lock()) {
             all.push(b);
         }
+        let channel = secure(channel, params).map_err(|e| fail(e.to_string()))?;
         let mut out = StreamWriter::new(
             BufWriter::with_capacity(1 << 20, channel.writer),
             &producer(),
@@ -617,7 +619,7 @@ pub(crate) fn ram_digest(ram: &GuestRam) -> Result<Vec<u32>, MigrationError> {
 /// before.
 pub fn migrate(
     vm: &mut Vm,
-    mut channel: Channel,
+    channel: Channel,
     ctl: &Arc<MigrationControl>,
 ) -> Result<MigrationOutcome, MigrationError> {
     let was_running = vm.is_running();
@@ -628,17 +630,19 @@ pub fn migrate(
         all.push(b);
     }
     let breakers = &ctl.breakers;
-    let replies = spawn_return_path(&mut channel);
     let mut point_of_no_return = false;
-    let result = run(
-        vm,
-        channel,
-        ctl,
-        replies,
-        breakers,
-        start,
-        &mut point_of_no_return,
-    );
+    let result = secure(channel, &ctl.params()).and_then(|mut channel| {
+        let replies = spawn_return_path(&mut channel);
+        run(
+            vm,
+            channel,
+            ctl,
+            replies,
+            breakers,
+            start,
+            &mut point_of_no_return,
+        )
+    });
     // Nothing left for a later cancel to break.
     let breakers = breakers
         .lock()
@@ -687,6 +691,25 @@ pub fn migrate(
             Err(e)
         }
     }
+}
+
+/// Runs the TLS handshake on a new connection when the migration has credentials.
+fn secure(channel: Channel, params: &MigrationParams) -> Result<Channel, MigrationError> {
+    let Some(creds) = &params.tls else {
+        return Ok(channel);
+    };
+    if creds.endpoint() != Endpoint::Client {
+        return Err(TransportError::Tls {
+            uri: channel
+                .reconnect_uri()
+                .map_or_else(|| "the destination".into(), ToString::to_string),
+            message: "the TLS credentials are for a server endpoint; the source needs \
+                      endpoint=client"
+                .into(),
+        }
+        .into());
+    }
+    Ok(channel.secure(creds, params.tls_hostname.as_deref())?)
 }
 
 /// How many streams to propose, and where to open the extra ones.
@@ -798,7 +821,9 @@ fn run(
     };
     let mut senders = vec![PageSender::new(out, 0, streams)];
     if let (Some(uri), true) = (&reconnect, streams > 1) {
-        senders.extend(open_extra_streams(uri, session, streams, breakers)?);
+        senders.extend(open_extra_streams(
+            uri, session, streams, breakers, &params,
+        )?);
     }
     for s in &mut senders {
         s.report(&sh);

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::tls::{Endpoint, TlsCreds};
+
 /// Where a migration stream goes or comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MigrationUri {
@@ -33,6 +35,8 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    #[error("TLS with {uri} failed: {message}")]
+    Tls { uri: String, message: String },
 }
 
 impl FromStr for MigrationUri {
@@ -96,6 +100,8 @@ pub struct Channel {
     /// multi-stream migration connect there too. `None` for `fd:` and `file:`,
     /// which carry one stream.
     reconnect: Option<MigrationUri>,
+    /// The URI, for messages.
+    label: String,
 }
 
 /// The reading half of a channel.
@@ -129,9 +135,26 @@ fn io_err<'a>(
     }
 }
 
+/// A dead peer (a cut link, a host gone) fails a TCP migration after about this
+/// long instead of the kernel's 15 minutes of retransmissions: unacknowledged data
+/// times out (TCP_USER_TIMEOUT), and an idle connection is probed (keep-alive).
+pub const DEAD_LINK_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn configure_tcp(s: &TcpStream) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = DEAD_LINK_TIMEOUT.as_secs() as u32;
+    s.set_nodelay(true)?;
+    setsockopt(s, sockopt::TcpUserTimeout, &(secs * 1000))?;
+    setsockopt(s, sockopt::KeepAlive, &true)?;
+    setsockopt(s, sockopt::TcpKeepIdle, &(secs / 3))?;
+    setsockopt(s, sockopt::TcpKeepInterval, &(secs / 6))?;
+    setsockopt(s, sockopt::TcpKeepCount, &4)?;
+    Ok(())
+}
+
 impl Channel {
     fn from_tcp(s: TcpStream, uri: &MigrationUri) -> Result<Self, TransportError> {
-        s.set_nodelay(true).map_err(io_err("configure", uri))?;
+        configure_tcp(&s).map_err(io_err("configure", uri))?;
         Self::from_fd(OwnedFd::from(s), uri)
     }
 
@@ -153,6 +176,47 @@ impl Channel {
             has_return_path: is_socket,
             shutdown: is_socket.then(|| OwnedFd::from(b)),
             reconnect: None,
+            label: uri.to_string(),
+        })
+    }
+
+    /// Secures the channel with TLS: runs the handshake as `creds`' endpoint before
+    /// anything else moves on it. A client checks the server's certificate against
+    /// `hostname`, or else the host of its `tcp:` URI.
+    pub fn secure(self, creds: &TlsCreds, hostname: Option<&str>) -> Result<Self, TransportError> {
+        let fail = |message: String| TransportError::Tls {
+            uri: self.label.clone(),
+            message,
+        };
+        let sock = match (&self.shutdown, self.has_return_path) {
+            (Some(fd), true) => fd
+                .try_clone()
+                .map_err(|e| fail(format!("cannot duplicate the socket: {e}")))?,
+            _ => {
+                return Err(fail(
+                    "TLS needs a socket; this is a file or a pipe (use tcp:, unix: or an fd: \
+                     socket, or turn TLS off)"
+                        .into(),
+                ))
+            }
+        };
+        let host = hostname
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .or_else(|| match &self.reconnect {
+                Some(MigrationUri::Tcp(addr)) => addr
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string()),
+                _ => None,
+            });
+        let (reader, writer) = creds.handshake(sock, host.as_deref()).map_err(fail)?;
+        Ok(Self {
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            has_return_path: true,
+            shutdown: self.shutdown,
+            reconnect: self.reconnect,
+            label: self.label,
         })
     }
 
@@ -207,6 +271,7 @@ impl Channel {
                     has_return_path: false,
                     shutdown: None,
                     reconnect: None,
+                    label: uri.to_string(),
                 })
             }
             MigrationUri::Fd(_) => Err(TransportError::BadUri(format!(
@@ -229,37 +294,80 @@ impl Channel {
 /// A bound incoming endpoint, so the caller can report readiness before a sender
 /// connects.
 #[derive(Debug)]
-pub enum Listener {
-    Tcp(TcpListener, MigrationUri),
-    Unix(UnixListener, MigrationUri),
-    File(PathBuf, MigrationUri),
+pub struct Listener {
+    kind: ListenerKind,
+    uri: MigrationUri,
+    /// Server credentials: every accepted connection completes a TLS handshake first.
+    tls: Option<TlsCreds>,
+}
+
+#[derive(Debug)]
+enum ListenerKind {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+    File(PathBuf),
 }
 
 impl Listener {
     pub fn bind(uri: &MigrationUri) -> Result<Self, TransportError> {
-        match uri {
-            MigrationUri::Tcp(addr) => Ok(Self::Tcp(
+        let kind = match uri {
+            MigrationUri::Tcp(addr) => ListenerKind::Tcp(
                 TcpListener::bind(addr.as_str()).map_err(io_err("listen on", uri))?,
-                uri.clone(),
-            )),
+            ),
             MigrationUri::Unix(p) => {
                 let _ = std::fs::remove_file(p);
-                Ok(Self::Unix(
-                    UnixListener::bind(p).map_err(io_err("listen on", uri))?,
-                    uri.clone(),
-                ))
+                ListenerKind::Unix(UnixListener::bind(p).map_err(io_err("listen on", uri))?)
             }
-            MigrationUri::File(p) => Ok(Self::File(p.clone(), uri.clone())),
-            MigrationUri::Fd(_) => Err(TransportError::BadUri(format!(
-                "{uri} (an fd: URI needs the descriptor handed over first)"
-            ))),
+            MigrationUri::File(p) => ListenerKind::File(p.clone()),
+            MigrationUri::Fd(_) => {
+                return Err(TransportError::BadUri(format!(
+                    "{uri} (an fd: URI needs the descriptor handed over first)"
+                )))
+            }
+        };
+        Ok(Self {
+            kind,
+            uri: uri.clone(),
+            tls: None,
+        })
+    }
+
+    /// A listener over a TCP socket the caller bound (and may keep a clone of, to
+    /// shut it down).
+    pub fn from_tcp(listener: TcpListener) -> Result<Self, TransportError> {
+        let addr = listener.local_addr().map_err(|e| {
+            TransportError::BadUri(format!("tcp: listener without an address: {e}"))
+        })?;
+        Ok(Self {
+            kind: ListenerKind::Tcp(listener),
+            uri: MigrationUri::Tcp(addr.to_string()),
+            tls: None,
+        })
+    }
+
+    /// Demands TLS with `creds` (server credentials) on every connection.
+    pub fn set_tls(&mut self, creds: TlsCreds) -> Result<(), TransportError> {
+        let fail = |message: &str| TransportError::Tls {
+            uri: self.uri.to_string(),
+            message: message.into(),
+        };
+        if matches!(self.kind, ListenerKind::File(_)) {
+            return Err(fail("TLS needs a socket; a file: migration cannot use it"));
         }
+        if creds.endpoint() != Endpoint::Server {
+            return Err(fail(
+                "the TLS credentials are for a client endpoint; the incoming side needs \
+                 endpoint=server",
+            ));
+        }
+        self.tls = Some(creds);
+        Ok(())
     }
 
     /// The bound TCP port (for `tcp:HOST:0`).
     pub fn local_port(&self) -> Option<u16> {
-        match self {
-            Self::Tcp(l, _) => l.local_addr().ok().map(|a| a.port()),
+        match &self.kind {
+            ListenerKind::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
             _ => None,
         }
     }
@@ -268,29 +376,47 @@ impl Listener {
         self.accept_next()
     }
 
+    /// Runs the TLS handshake on a fresh connection, if TLS is on.
+    fn secured(&self, ch: Channel) -> Result<Channel, TransportError> {
+        match &self.tls {
+            Some(creds) => ch.secure(creds, None),
+            None => Ok(ch),
+        }
+    }
+
     /// Waits for one sender (or opens the file) and keeps listening: a multi-stream
     /// migration's extra connections arrive here later ([`Listener::try_accept`]).
+    /// With TLS, a connection whose handshake fails is refused and the wait goes on:
+    /// a stranger cannot end the wait for the real source.
     pub fn accept_next(&self) -> Result<Channel, TransportError> {
-        match self {
-            Self::Tcp(l, uri) => {
-                l.set_nonblocking(false).map_err(io_err("configure", uri))?;
-                let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
-                Channel::from_tcp(s, uri)
-            }
-            Self::Unix(l, uri) => {
-                l.set_nonblocking(false).map_err(io_err("configure", uri))?;
-                let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
-                Channel::from_unix(s, uri)
-            }
-            Self::File(p, uri) => {
-                let f = File::open(p).map_err(io_err("open", uri))?;
-                Ok(Channel {
-                    reader: Box::new(f),
-                    writer: Box::new(io::sink()),
-                    has_return_path: false,
-                    shutdown: None,
-                    reconnect: None,
-                })
+        let uri = &self.uri;
+        loop {
+            let ch = match &self.kind {
+                ListenerKind::Tcp(l) => {
+                    l.set_nonblocking(false).map_err(io_err("configure", uri))?;
+                    let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
+                    Channel::from_tcp(s, uri)?
+                }
+                ListenerKind::Unix(l) => {
+                    l.set_nonblocking(false).map_err(io_err("configure", uri))?;
+                    let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
+                    Channel::from_unix(s, uri)?
+                }
+                ListenerKind::File(p) => {
+                    let f = File::open(p).map_err(io_err("open", uri))?;
+                    return Ok(Channel {
+                        reader: Box::new(f),
+                        writer: Box::new(io::sink()),
+                        has_return_path: false,
+                        shutdown: None,
+                        reconnect: None,
+                        label: uri.to_string(),
+                    });
+                }
+            };
+            match self.secured(ch) {
+                Ok(ch) => return Ok(ch),
+                Err(e) => tracing::warn!("refused a connection: {e}"),
             }
         }
     }
@@ -298,33 +424,41 @@ impl Listener {
     /// Accepts one more connection if one is waiting, without blocking: extra page
     /// streams of a multi-stream migration arrive on the listener the first
     /// connection came in on. `Ok(None)`: nobody is waiting (or a file, which has no
-    /// connections).
+    /// connections), or a connection failed its TLS handshake and was refused.
     pub fn try_accept(&self) -> Result<Option<Channel>, TransportError> {
-        let pending = |r: io::Result<()>, uri: &MigrationUri| r.map_err(io_err("poll", uri));
-        match self {
-            Self::Tcp(l, uri) => {
-                pending(l.set_nonblocking(true), uri)?;
+        let uri = &self.uri;
+        let pending = |r: io::Result<()>| r.map_err(io_err("poll", uri));
+        let ch = match &self.kind {
+            ListenerKind::Tcp(l) => {
+                pending(l.set_nonblocking(true))?;
                 match l.accept() {
                     Ok((s, _)) => {
-                        pending(s.set_nonblocking(false), uri)?;
-                        Channel::from_tcp(s, uri).map(Some)
+                        pending(s.set_nonblocking(false))?;
+                        Channel::from_tcp(s, uri)?
                     }
-                    Err(e) if would_block(&e) => Ok(None),
-                    Err(e) => Err(io_err("accept on", uri)(e)),
+                    Err(e) if would_block(&e) => return Ok(None),
+                    Err(e) => return Err(io_err("accept on", uri)(e)),
                 }
             }
-            Self::Unix(l, uri) => {
-                pending(l.set_nonblocking(true), uri)?;
+            ListenerKind::Unix(l) => {
+                pending(l.set_nonblocking(true))?;
                 match l.accept() {
                     Ok((s, _)) => {
-                        pending(s.set_nonblocking(false), uri)?;
-                        Channel::from_unix(s, uri).map(Some)
+                        pending(s.set_nonblocking(false))?;
+                        Channel::from_unix(s, uri)?
                     }
-                    Err(e) if would_block(&e) => Ok(None),
-                    Err(e) => Err(io_err("accept on", uri)(e)),
+                    Err(e) if would_block(&e) => return Ok(None),
+                    Err(e) => return Err(io_err("accept on", uri)(e)),
                 }
             }
-            Self::File(..) => Ok(None),
+            ListenerKind::File(..) => return Ok(None),
+        };
+        match self.secured(ch) {
+            Ok(ch) => Ok(Some(ch)),
+            Err(e) => {
+                tracing::warn!("refused a connection: {e}");
+                Ok(None)
+            }
         }
     }
 }

@@ -1,0 +1,206 @@
+//! `object-add` / `object-del` for the objects migration needs: QEMU's
+//! `tls-creds-x509` and `tls-creds-psk` (what libvirt's `virsh migrate --tls` adds,
+//! and what a QEMU user puts on the command line with `-object`), and how the
+//! `tls-creds` migration parameter resolves to them.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Map, Value};
+
+use super::types::TLS_CREDS_ENDPOINT;
+use super::{arg_str, Command, Ctx};
+use crate::backend::MigrationTls;
+use crate::qmp::error::CommandError;
+use crate::qmp::schema::{opt, req, CommandSchema, Ty};
+use ferry_vmm::migration::{CredsSpec, Endpoint, TlsCreds};
+
+/// The object types `object-add` creates.
+pub const TLS_TYPES: &[&str] = &["tls-creds-x509", "tls-creds-psk"];
+
+/// A user-created object.
+#[derive(Debug, Clone)]
+pub struct TlsObject {
+    pub qom_type: &'static str,
+    pub creds: TlsCreds,
+}
+
+/// The TLS migration parameters (`tls-creds`, `tls-hostname`, `tls-authz`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsParameters {
+    pub creds: String,
+    pub hostname: String,
+    pub authz: String,
+}
+
+fn bool_prop(props: &Map<String, Value>, name: &str, default: bool) -> Result<bool, String> {
+    match props.get(name) {
+        None => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        // The command-line form (-object tls-creds-x509,verify-peer=off) is text.
+        Some(Value::String(s)) => match s.as_str() {
+            "on" | "yes" | "true" | "y" => Ok(true),
+            "off" | "no" | "false" | "n" => Ok(false),
+            _ => Err(format!("Parameter '{name}' expects 'on' or 'off'")),
+        },
+        Some(_) => Err(format!(
+            "Invalid parameter type for '{name}', expected: boolean"
+        )),
+    }
+}
+
+fn str_prop<'a>(props: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    props.get(name).and_then(Value::as_str)
+}
+
+/// Builds a TLS credentials object from its QOM properties (QMP arguments or the
+/// `-object` option), loading the files now as QEMU does. The error texts are
+/// QEMU's where it has one.
+pub fn create_tls(qom_type: &str, props: &Map<String, Value>) -> Result<TlsObject, String> {
+    let qom_type = TLS_TYPES
+        .iter()
+        .copied()
+        .find(|t| *t == qom_type)
+        .ok_or_else(|| format!("object type '{qom_type}' is not supported by ferry-qemu"))?;
+    for (k, v) in props {
+        let known = match k.as_str() {
+            "qom-type" | "id" | "dir" | "endpoint" | "priority" | "loaded" => true,
+            "verify-peer" | "sanity-check" => qom_type == "tls-creds-x509",
+            "username" => qom_type == "tls-creds-psk",
+            "passwordid" => {
+                return Err(format!(
+                    "Property '{qom_type}.passwordid': encrypted private keys are not supported \
+                     by ferry-qemu; give the key unencrypted (mode 0600) instead ({v})"
+                ))
+            }
+            _ => false,
+        };
+        if !known {
+            return Err(format!("Property '{qom_type}.{k}' not found"));
+        }
+    }
+    if props.contains_key("priority") && !str_prop(props, "priority").is_some_and(str::is_empty) {
+        return Err(format!(
+            "Property '{qom_type}.priority': GnuTLS priority strings are not supported by \
+             ferry-qemu (it uses OpenSSL's TLS 1.2/1.3 defaults)"
+        ));
+    }
+    let dir = match str_prop(props, "dir") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => return Err("Missing 'dir' property value".into()),
+    };
+    let endpoint = match str_prop(props, "endpoint").unwrap_or("client") {
+        "client" => Endpoint::Client,
+        "server" => Endpoint::Server,
+        other => {
+            return Err(format!(
+                "Parameter 'endpoint' does not accept value '{other}'"
+            ))
+        }
+    };
+    let spec = if qom_type == "tls-creds-x509" {
+        // The checks sanity-check asks for are the ones the load always runs.
+        bool_prop(props, "sanity-check", true)?;
+        CredsSpec::X509 {
+            dir,
+            verify_peer: bool_prop(props, "verify-peer", true)?,
+        }
+    } else {
+        CredsSpec::Psk {
+            dir,
+            username: str_prop(props, "username")
+                .filter(|u| !u.is_empty())
+                .unwrap_or("qemu")
+                .to_string(),
+        }
+    };
+    bool_prop(props, "loaded", true)?;
+    let creds = TlsCreds::load(spec, endpoint).map_err(|e| e.to_string())?;
+    Ok(TlsObject { qom_type, creds })
+}
+
+/// QEMU's rule for object ids: a letter, then letters, digits, '-', '.', '_'.
+fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+fn object_add(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, CommandError> {
+    let qom_type = arg_str(args, "qom-type");
+    let id = arg_str(args, "id");
+    if !id_wellformed(id) {
+        return Err(CommandError::Parameter(
+            "Parameter 'id' expects an identifier".into(),
+        ));
+    }
+    if ctx.vm.objects.contains_key(id) {
+        return Err(CommandError::Generic(format!(
+            "attempt to add duplicate property '{id}' to object (type 'container')"
+        )));
+    }
+    let obj = create_tls(qom_type, args).map_err(CommandError::Generic)?;
+    ctx.vm.objects.insert(id.to_string(), obj);
+    Ok(json!({}))
+}
+
+fn object_del(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, CommandError> {
+    let id = arg_str(args, "id");
+    match ctx.vm.objects.remove(id) {
+        Some(_) => Ok(json!({})),
+        None => Err(CommandError::Generic(format!("object '{id}' not found"))),
+    }
+}
+
+pub static OBJECT_ADD: Command = Command {
+    schema: CommandSchema {
+        name: "object-add",
+        args: &[
+            req("qom-type", Ty::Str),
+            req("id", Ty::Str),
+            opt("dir", Ty::Str),
+            opt("endpoint", Ty::Enum(&TLS_CREDS_ENDPOINT)),
+            opt("verify-peer", Ty::Bool),
+            opt("sanity-check", Ty::Bool),
+            opt("username", Ty::Str),
+            opt("priority", Ty::Str),
+            opt("loaded", Ty::Bool),
+            opt("passwordid", Ty::Str),
+        ],
+        ret: None,
+    },
+    handler: object_add,
+};
+
+pub static OBJECT_DEL: Command = Command {
+    schema: CommandSchema {
+        name: "object-del",
+        args: &[req("id", Ty::Str)],
+        ret: None,
+    },
+    handler: object_del,
+};
+
+/// The credentials the `tls-creds` parameter names, checked for `endpoint` (the
+/// source is a client, the destination a server); `None` when TLS is off.
+pub fn migration_tls(
+    ctx: &Ctx<'_>,
+    endpoint: Endpoint,
+) -> Result<Option<MigrationTls>, CommandError> {
+    let p = &ctx.vm.tls_params;
+    if p.creds.is_empty() {
+        return Ok(None);
+    }
+    let obj = ctx.vm.objects.get(&p.creds).ok_or_else(|| {
+        CommandError::Generic(format!("No TLS credentials with id '{}'", p.creds))
+    })?;
+    if obj.creds.endpoint() != endpoint {
+        return Err(CommandError::Generic(format!(
+            "Expected TLS credentials for a {} endpoint",
+            endpoint.as_str()
+        )));
+    }
+    Ok(Some(MigrationTls {
+        creds: obj.creds.clone(),
+        hostname: (!p.hostname.is_empty()).then(|| p.hostname.clone()),
+    }))
+}
