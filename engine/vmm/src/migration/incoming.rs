@@ -151,6 +151,10 @@ struct IncomingState {
     finished: u32,
     /// The first failure, which is the one reported.
     error: Option<MigrationError>,
+    /// The outcome is known: every stream ended (the VM loads) or one failed.
+    /// A failure that comes later (a stranger's late, bad Join) must not reach the
+    /// source: it would resume its guest while this side runs it.
+    decided: bool,
     /// Every accepted extra connection, broken when the migration ends.
     breakers: Vec<Breaker>,
 }
@@ -165,15 +169,21 @@ impl Incoming<'_> {
     /// Fails the migration: tells the source at once and breaks every connection,
     /// so the main reader and the other streams stop.
     fn fail(&self, e: MigrationError) {
-        tracing::warn!("incoming migration: {e}");
         let message = e.to_string();
         let first = match self.lock() {
-            Ok(mut st) if st.error.is_none() => {
+            Ok(mut st) if !st.decided => {
                 st.error = Some(e);
+                st.decided = true;
                 true
+            }
+            Ok(st) if st.error.is_none() => {
+                drop(st);
+                tracing::warn!("refused a connection after every page stream had ended: {message}");
+                return;
             }
             _ => false,
         };
+        tracing::warn!("incoming migration: {message}");
         if first {
             self.ret.send(&Reply::Error { message });
         }
@@ -210,6 +220,7 @@ impl Incoming<'_> {
                 return Err(e);
             }
             if st.finished + 1 >= self.streams {
+                st.decided = true;
                 return Ok(());
             }
             st = self.changed.wait(st).map_err(|_| {
