@@ -34,9 +34,7 @@
 //!   first; after a load, `Loaded` last and no `Error`; after a failure, an
 //!   `Error` and no `Loaded`.
 //!
-//! One violation of the last property is a known engine bug, allowed (and
-//! printed) until it is fixed: see [`is_known_late_join_bug`] and
-//! `fuzz/known-bugs/README.md`.
+//! This target found an engine bug (fixed): see [`is_known_late_join_bug`].
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -630,16 +628,15 @@ fn check_ram(vm: &ferry_vmm::Vm, streams: u32, known: &[Option<Pages>]) -> Vec<S
     bad
 }
 
-/// The known engine bug this target found (see
-/// `fuzz/known-bugs/streams-*-after-load.bin` and the ignored test
+/// The engine bug this target found (fixed: `Incoming::fail` does nothing once
+/// the outcome is decided; regression inputs
+/// `corpus/streams/regress-streams-*-after-load.bin` and the test
 /// `late_bad_join_does_not_fail_a_loaded_migration`): a connection with the
-/// right token whose Join is refused only after every stream reached its End
-/// fails the migration the destination has already loaded, so the source is
-/// told `Error` (and never `Loaded`) while the destination returns the VM.
-/// Matched exactly: the VM loaded with the right RAM, and the main return
-/// path is `Accepted`, then one join-check `Error`. Counted and printed each
-/// time, not failed, until the engine is fixed; `FERRY_FUZZ_STRICT=1` fails
-/// it like any other violation.
+/// right token whose Join was refused only after every stream reached its End
+/// failed the migration the destination had already loaded, so the source was
+/// told `Error` (and never `Loaded`) while the destination ran the VM: two
+/// running copies. Matches that exact symptom: the main return path is
+/// `Accepted`, then one join-check `Error`.
 pub fn is_known_late_join_bug(replies: &[Reply]) -> bool {
     match replies {
         [Reply::Accepted { .. }, Reply::Error { message }] => {
@@ -664,16 +661,6 @@ pub fn judge(expect: &Expect, run: &Run) -> Outcome {
                 return Outcome::Violation(format!("loaded, but {why}"));
             }
             match main_replies {
-                Some(Ok(r))
-                    if is_known_late_join_bug(r)
-                        && std::env::var("FERRY_FUZZ_STRICT").as_deref() != Ok("1") =>
-                {
-                    eprintln!(
-                        "fuzz streams: KNOWN ENGINE BUG seen (a loaded migration failed by a \
-                         late Join; see fuzz/known-bugs/): {r:?}"
-                    );
-                    return Outcome::Handled("streams: KNOWN ENGINE BUG late join".into());
-                }
                 Some(Ok(r)) => {
                     let first_ok = matches!(r.first(), Some(Reply::Ready | Reply::Accepted { .. }));
                     if !first_ok
