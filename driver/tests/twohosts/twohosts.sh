@@ -7,7 +7,8 @@
 # /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt, /run/libvirt and /etc/hosts
 # (bind mounts of $FT/hosts/<H>/...), its own virtlogd + libvirtd (--listen, TCP without
 # auth), a distinct host_uuid, and a veth pair between the two network namespaces.
-# $FT/shared is visible to both hosts at the same path (shared storage).
+# $FT/shared is visible to both hosts at the same path (shared storage); $FT/hosts/<H>/migrate-pki
+# is host H's migrate_tls_x509_cert_dir (qemu.conf) for virsh migrate --tls.
 # Nothing is created outside $FT except the veth pair, which lives inside the namespaces.
 #
 # usage:
@@ -93,7 +94,11 @@ user = "root"
 group = "root"
 namespaces = [ ]
 security_driver = "none"
+# TLS migration (virsh migrate --tls): each host its own x509 directory, empty
+# until a test puts a CA and certificates there (libvirtd wants it to exist)
+migrate_tls_x509_cert_dir = "$d/migrate-pki"
 EOF
+  mkdir -p $d/migrate-pki
   if [ -n "${FERRY_HOOK:-}" ]; then
     mkdir -p $d/etc-libvirt/hooks/qemu.d
     printf '#!/bin/sh\nexec %q hook "$@"\n' "$FERRY_HOOK" > $d/etc-libvirt/hooks/qemu.d/ferry

@@ -196,7 +196,13 @@ pub struct Convergence {
     /// Bytes/s of the link, from the passes so far (0 = not measured yet).
     pub bandwidth: f64,
     non_converging: u32,
+    /// Small passes not yet folded into `bandwidth`: bytes and seconds.
+    pending: (u64, f64),
 }
+
+/// A pass (or a run of small passes) must move this much to say something about the
+/// link: less can sit in socket buffers.
+const MIN_SAMPLE_BYTES: u64 = 4 << 20;
 
 /// One pass's measurements.
 #[derive(Debug, Clone, Copy)]
@@ -210,18 +216,21 @@ pub struct PassReport {
 impl Convergence {
     /// Folds a pass into the bandwidth estimate and returns the expected downtime.
     pub fn observe(&mut self, pass: &PassReport, cap: u64) -> Duration {
-        let secs = pass.elapsed.as_secs_f64();
-        // Passes that moved little say little about the link, unless nothing better
-        // is known yet (an idle guest never sends much).
-        if (pass.bytes_sent >= (4 << 20) || (self.bandwidth == 0.0 && pass.bytes_sent > 0))
-            && secs > 0.0
-        {
-            let rate = pass.bytes_sent as f64 / secs;
+        // Passes that moved little say little about the link alone: consecutive
+        // ones are summed until they moved enough (so the estimate recovers after a
+        // slow spell, e.g. a link outage, even once throttling keeps passes small),
+        // unless nothing better is known yet (an idle guest never sends much).
+        self.pending.0 += pass.bytes_sent;
+        self.pending.1 += pass.elapsed.as_secs_f64();
+        let (bytes, secs) = self.pending;
+        if (bytes >= MIN_SAMPLE_BYTES || (self.bandwidth == 0.0 && bytes > 0)) && secs > 0.0 {
+            let rate = bytes as f64 / secs;
             self.bandwidth = if self.bandwidth == 0.0 {
                 rate
             } else {
                 0.5 * self.bandwidth + 0.5 * rate
             };
+            self.pending = (0, 0.0);
         }
         if cap > 0 && (self.bandwidth == 0.0 || self.bandwidth > cap as f64) {
             self.bandwidth = cap as f64;
@@ -314,6 +323,30 @@ mod tests {
             c.decide(expected, Duration::from_millis(300)),
             Decision::SwitchOver
         );
+    }
+
+    #[test]
+    fn small_passes_together_bring_the_estimate_back_after_a_slow_spell() {
+        let mut c = Convergence::default();
+        let pass = |bytes: u64, ms: u64| PassReport {
+            bytes_sent: bytes,
+            elapsed: Duration::from_millis(ms),
+            dirty_bytes: 1 << 20,
+            device_bytes: 0,
+        };
+        // 100 MiB/s, then a pass across a 2 s outage.
+        c.observe(&pass(100 << 20, 1000), 0);
+        c.observe(&pass(10 << 20, 2100), 0);
+        let slow = c.bandwidth;
+        assert!(slow < (60 << 20) as f64, "{slow}");
+        // Throttled passes of 512 KiB in 5 ms (100 MiB/s): one alone says
+        // nothing, eight together do.
+        for _ in 0..7 {
+            c.observe(&pass(512 << 10, 5), 0);
+            assert_eq!(c.bandwidth, slow);
+        }
+        c.observe(&pass(512 << 10, 5), 0);
+        assert!(c.bandwidth > slow * 1.3, "{} after {slow}", c.bandwidth);
     }
 
     #[test]
