@@ -669,6 +669,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         vcpus: 2,
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
+        cpu: ferry_vmm::cpu::model::CpuModel::Host,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();

@@ -998,6 +998,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
         vcpus: 2,
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
+        cpu: ferry_vmm::cpu::model::CpuModel::Host,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();

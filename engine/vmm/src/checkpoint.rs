@@ -157,6 +157,13 @@ pub const MAX_RAM_RANGES: usize = 32;
 pub fn check_shape(shape: &VmShape, opts: &RestoreOptions) -> Result<(), VmmError> {
     let refuse =
         |why: String| VmmError::Restore(format!("the stream's VM shape is invalid: {why}"));
+    if shape.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
+        return Err(refuse(format!(
+            "{} CPUID leaves; KVM takes at most {}",
+            shape.cpuid.len(),
+            kvm_bindings::KVM_MAX_CPUID_ENTRIES
+        )));
+    }
     if shape.vcpus == 0 || shape.vcpus > crate::vm::MAX_VCPUS {
         return Err(refuse(format!(
             "{} vCPUs; ferry supports 1 to {}",

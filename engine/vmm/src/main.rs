@@ -49,6 +49,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             append,
             mem,
             smp,
+            cpu,
             common,
         } => {
             let mut vm = Vm::create(VmConfig {
@@ -56,6 +57,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 vcpus: smp,
                 backing: common.backing.into(),
                 serial: common.serial.clone(),
+                cpu,
             })?;
             vm.boot(&KernelConfig {
                 kernel,

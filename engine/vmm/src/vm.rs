@@ -15,7 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use ferry_kvm::{Backing, GuestRam};
 
-use crate::cpu::{checkpoint_msrs, vcpu_cpuid, VcpuState};
+use crate::cpu::model::{self, CpuModel, CpuidLeaf};
+use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::migration::converge::ThrottleState;
 use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
@@ -31,6 +32,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     pub backing: Backing,
     pub serial: SinkSpec,
+    /// The CPU the guest sees.
+    pub cpu: CpuModel,
 }
 
 /// What to boot.
@@ -49,6 +52,11 @@ pub struct VmShape {
     pub vcpus: u32,
     /// Devices by name, in a stable order.
     pub devices: Vec<String>,
+    /// The guest's CPU (without per-vCPU fields): a destination sets exactly this,
+    /// and refuses it if its host lacks a feature. Empty in streams from before
+    /// CPU models: the destination's host CPU then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid: Vec<CpuidLeaf>,
 }
 
 /// VM-wide KVM state: clock, interrupt controllers, PIT.
@@ -83,6 +91,8 @@ pub struct Vm {
     running: bool,
     sink: SerialSink,
     throttle: Arc<ThrottleState>,
+    /// The guest's CPUID (without per-vCPU fields), for the migration shape.
+    cpuid: Vec<CpuidLeaf>,
 }
 
 impl Vm {
@@ -134,14 +144,16 @@ impl Vm {
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
         let com1 = Arc::new(Mutex::new(Com1::new(irq, sink.clone())));
 
+        let base = model::resolve(&supported_cpuid(&kvm)?, &config.cpu)?;
+        let cpuid: Vec<CpuidLeaf> = base.iter().map(Into::into).collect();
         let mut fds: Vec<VcpuFd> = Vec::new();
         for i in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(i))
                 .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
             let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
-            let cpuid = vcpu_cpuid(&kvm, i, config.vcpus, tsc_khz)?;
-            fd.set_cpuid2(&cpuid)
+            let table = vcpu_cpuid(&base, i, config.vcpus, tsc_khz)?;
+            fd.set_cpuid2(&table)
                 .map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
             fds.push(fd);
         }
@@ -170,6 +182,7 @@ impl Vm {
             running: false,
             sink,
             throttle,
+            cpuid,
         })
     }
 
@@ -282,6 +295,7 @@ impl Vm {
             ram_ranges: self.ram.ranges(),
             vcpus: self.config.vcpus,
             devices: vec!["com1".into()],
+            cpuid: self.cpuid.clone(),
         }
     }
 
@@ -343,6 +357,11 @@ impl Vm {
             vcpus: shape.vcpus,
             backing,
             serial,
+            cpu: if shape.cpuid.is_empty() {
+                CpuModel::Host
+            } else {
+                CpuModel::Exact(shape.cpuid.clone())
+            },
         };
         Self::create_with_ranges(config, &shape.ram_ranges)
     }

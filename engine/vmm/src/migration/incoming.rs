@@ -672,6 +672,7 @@ mod tests {
             ram_ranges: vec![(0, 16 << 20)],
             vcpus: 1,
             devices: vec!["com1".into()],
+            cpuid: Vec::new(),
         };
         main.out
             .write_cbor(
@@ -743,6 +744,79 @@ mod tests {
         batch.push_data(0, &[0xaa; PAGE_SIZE]).expect("page");
         extra.out.write_ram_batch(&batch).expect("batch");
         failed_with(t, "arrived on stream 1, but belongs to stream 0");
+    }
+
+    /// A guest whose CPU has a feature this host lacks is refused in the
+    /// handshake, naming the feature: before any page moves.
+    #[test]
+    fn a_cpu_feature_this_host_lacks_is_refused_in_the_handshake() {
+        require_kvm();
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let mut cpuid: Vec<crate::cpu::model::CpuidLeaf> = crate::cpu::supported_cpuid(&kvm)
+            .expect("supported CPUID")
+            .iter()
+            .map(Into::into)
+            .collect();
+        // A feature bit this host does not offer: leaf 7 EBX, leaf 7 EDX or
+        // 0x8000_0001 ECX, whichever has a free bit.
+        let (leaf, name) = [7u32, 0x8000_0001]
+            .into_iter()
+            .find_map(|function| {
+                let l = cpuid
+                    .iter_mut()
+                    .find(|l| l.function == function && l.index == 0)?;
+                let reg = if function == 7 {
+                    &mut l.edx
+                } else {
+                    &mut l.ecx
+                };
+                let (bit, name) = if function == 7 {
+                    [
+                        (24, "amx-tile"),
+                        (23, "avx512-fp16"),
+                        (22, "amx-bf16"),
+                        (8, "avx512-vp2intersect"),
+                    ]
+                    .into_iter()
+                    .find(|(b, _)| *reg & (1 << b) == 0)?
+                } else {
+                    [(2, "svm"), (11, "xop"), (16, "fma4"), (21, "tbm")]
+                        .into_iter()
+                        .find(|(b, _)| *reg & (1 << b) == 0)?
+                };
+                *reg |= 1 << bit;
+                Some((function, name))
+            })
+            .expect("this host lacks some feature");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, t) = destination(dir.path());
+        let mut main = Peer::connect(&path);
+        let shape = VmShape {
+            ram_ranges: vec![(0, 16 << 20)],
+            vcpus: 1,
+            devices: vec!["com1".into()],
+            cpuid,
+        };
+        main.out
+            .write_cbor(
+                SectionId::Shape,
+                SHAPE_VERSION,
+                &Handshake {
+                    shape,
+                    digest: false,
+                    streams: 1,
+                    session: 0,
+                },
+            )
+            .expect("shape");
+        match main.reply() {
+            Reply::Error { message } => assert!(
+                message.contains("lacks features the guest's CPU has") && message.contains(name),
+                "leaf {leaf:#x}: {message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        failed_with(t, name);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! vCPU configuration (CPUID, MSRs) and the vCPU state captured in a checkpoint.
 
+pub mod model;
+
 use kvm_bindings::{
     kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -13,13 +15,24 @@ use crate::VmmError;
 const CPUID_TSC_LEAF: u32 = 0x4000_0010;
 const CPUID_HV_BASE: u32 = 0x4000_0000;
 
-/// The CPUID table a vCPU gets: what KVM supports, with per-vCPU APIC ids, the
-/// hypervisor bit, and the TSC frequency leaf.
-pub fn vcpu_cpuid(kvm: &Kvm, index: u32, vcpus: u32, tsc_khz: u32) -> Result<CpuId, VmmError> {
-    let supported = kvm
+/// What KVM supports on this host.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, VmmError> {
+    Ok(kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = supported.as_slice().to_vec();
+        .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?
+        .as_slice()
+        .to_vec())
+}
+
+/// The CPUID table a vCPU gets: the guest's CPU (`base`, from [`model::resolve`]),
+/// with per-vCPU APIC ids, the hypervisor bit, and the TSC frequency leaf.
+pub fn vcpu_cpuid(
+    base: &[kvm_bindings::kvm_cpuid_entry2],
+    index: u32,
+    vcpus: u32,
+    tsc_khz: u32,
+) -> Result<CpuId, VmmError> {
+    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = base.to_vec();
     for e in entries.iter_mut() {
         match e.function {
             1 => {

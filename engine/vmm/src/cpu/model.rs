@@ -1,0 +1,712 @@
+//! The CPU a guest sees: a CPU model (QEMU's `-cpu host`, `max`, `qemu64`, `kvm64`
+//! with `+feature`/`feature=off` changes) resolved against what KVM supports on this
+//! host, and the exact CPUID a migrated guest brings along, checked against this
+//! host before anything else is built (a guest must never lose a CPU feature it may
+//! be using: it would crash on the next instruction that needs it).
+
+use kvm_bindings::kvm_cpuid_entry2;
+use serde::{Deserialize, Serialize};
+
+use crate::VmmError;
+
+/// One CPUID leaf of a guest CPU, as the migration stream carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidLeaf {
+    pub function: u32,
+    pub index: u32,
+    pub flags: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+impl From<&kvm_cpuid_entry2> for CpuidLeaf {
+    fn from(e: &kvm_cpuid_entry2) -> Self {
+        Self {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+}
+
+impl From<&CpuidLeaf> for kvm_cpuid_entry2 {
+    fn from(l: &CpuidLeaf) -> Self {
+        Self {
+            function: l.function,
+            index: l.index,
+            flags: l.flags,
+            eax: l.eax,
+            ebx: l.ebx,
+            ecx: l.ecx,
+            edx: l.edx,
+            ..Default::default()
+        }
+    }
+}
+
+/// What CPU a guest gets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CpuModel {
+    /// Everything KVM supports on this host (`-cpu host`, `-cpu max`).
+    #[default]
+    Host,
+    /// A named model with features switched on (`true`) or off by name; with
+    /// `enforce`, a model feature this host lacks is an error instead of a warning
+    /// (QEMU's `enforce`).
+    Named {
+        name: String,
+        features: Vec<(String, bool)>,
+        enforce: bool,
+    },
+    /// Exactly these leaves: the CPU an incoming guest had at its source.
+    Exact(Vec<CpuidLeaf>),
+}
+
+impl CpuModel {
+    /// From QEMU's `-cpu` pieces: the model name and `(feature, value)` pairs
+    /// (`+f` is `(f, on)`, `-f` is `(f, off)`); `enforce` and `check` are options.
+    pub fn from_qemu(model: &str, features: &[(String, String)]) -> Result<Self, String> {
+        if !MODELS.contains(&model) {
+            return Err(format!(
+                "CPU model '{model}' is not supported; use one of {}",
+                MODELS.join(", ")
+            ));
+        }
+        let mut changes = Vec::new();
+        let mut enforce = false;
+        for (k, v) in features {
+            let on = match v.as_str() {
+                "on" | "true" | "yes" => true,
+                "off" | "false" | "no" => false,
+                _ => return Err(format!("CPU property '{k}={v}': expected on or off")),
+            };
+            match k.as_str() {
+                "enforce" => enforce = on,
+                "check" => {}
+                _ => {
+                    if feature_by_name(k).is_none() {
+                        return Err(format!("CPU feature '{k}' is unknown to ferry"));
+                    }
+                    changes.push((k.clone(), on));
+                }
+            }
+        }
+        if changes.is_empty() && matches!(model, "host" | "max") {
+            return Ok(Self::Host);
+        }
+        Ok(Self::Named {
+            name: model.to_string(),
+            features: changes,
+            enforce,
+        })
+    }
+
+    /// Parses `MODEL[,+feature][,-feature][,feature=on|off][,enforce]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let model = parts.next().unwrap_or_default();
+        let features: Vec<(String, String)> = parts
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                if let Some((k, v)) = p.split_once('=') {
+                    (k.to_string(), v.to_string())
+                } else if let Some(k) = p.strip_prefix('+') {
+                    (k.to_string(), "on".into())
+                } else if let Some(k) = p.strip_prefix('-') {
+                    (k.to_string(), "off".into())
+                } else {
+                    (p.to_string(), "on".into())
+                }
+            })
+            .collect();
+        Self::from_qemu(model, &features)
+    }
+}
+
+/// Register of a CPUID leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reg {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+/// A feature bit: (leaf, subleaf, register, bit, QEMU's name).
+type Feature = (u32, u32, Reg, u32, &'static str);
+
+use Reg::{Eax, Ebx, Ecx, Edx};
+
+/// The feature bits ferry knows by name (QEMU's names). Every bit of these
+/// registers is checked on migration; known ones are named in errors.
+const FEATURES: &[Feature] = &[
+    (1, 0, Edx, 0, "fpu"),
+    (1, 0, Edx, 1, "vme"),
+    (1, 0, Edx, 2, "de"),
+    (1, 0, Edx, 3, "pse"),
+    (1, 0, Edx, 4, "tsc"),
+    (1, 0, Edx, 5, "msr"),
+    (1, 0, Edx, 6, "pae"),
+    (1, 0, Edx, 7, "mce"),
+    (1, 0, Edx, 8, "cx8"),
+    (1, 0, Edx, 9, "apic"),
+    (1, 0, Edx, 11, "sep"),
+    (1, 0, Edx, 12, "mtrr"),
+    (1, 0, Edx, 13, "pge"),
+    (1, 0, Edx, 14, "mca"),
+    (1, 0, Edx, 15, "cmov"),
+    (1, 0, Edx, 16, "pat"),
+    (1, 0, Edx, 17, "pse36"),
+    (1, 0, Edx, 19, "clflush"),
+    (1, 0, Edx, 21, "ds"),
+    (1, 0, Edx, 22, "acpi"),
+    (1, 0, Edx, 23, "mmx"),
+    (1, 0, Edx, 24, "fxsr"),
+    (1, 0, Edx, 25, "sse"),
+    (1, 0, Edx, 26, "sse2"),
+    (1, 0, Edx, 27, "ss"),
+    (1, 0, Edx, 28, "ht"),
+    (1, 0, Ecx, 0, "pni"),
+    (1, 0, Ecx, 1, "pclmulqdq"),
+    (1, 0, Ecx, 3, "monitor"),
+    (1, 0, Ecx, 5, "vmx"),
+    (1, 0, Ecx, 9, "ssse3"),
+    (1, 0, Ecx, 12, "fma"),
+    (1, 0, Ecx, 13, "cx16"),
+    (1, 0, Ecx, 15, "pdcm"),
+    (1, 0, Ecx, 17, "pcid"),
+    (1, 0, Ecx, 19, "sse4.1"),
+    (1, 0, Ecx, 20, "sse4.2"),
+    (1, 0, Ecx, 21, "x2apic"),
+    (1, 0, Ecx, 22, "movbe"),
+    (1, 0, Ecx, 23, "popcnt"),
+    (1, 0, Ecx, 24, "tsc-deadline"),
+    (1, 0, Ecx, 25, "aes"),
+    (1, 0, Ecx, 26, "xsave"),
+    (1, 0, Ecx, 28, "avx"),
+    (1, 0, Ecx, 29, "f16c"),
+    (1, 0, Ecx, 30, "rdrand"),
+    (1, 0, Ecx, 31, "hypervisor"),
+    (7, 0, Ebx, 0, "fsgsbase"),
+    (7, 0, Ebx, 3, "bmi1"),
+    (7, 0, Ebx, 4, "hle"),
+    (7, 0, Ebx, 5, "avx2"),
+    (7, 0, Ebx, 7, "smep"),
+    (7, 0, Ebx, 8, "bmi2"),
+    (7, 0, Ebx, 9, "erms"),
+    (7, 0, Ebx, 10, "invpcid"),
+    (7, 0, Ebx, 11, "rtm"),
+    (7, 0, Ebx, 16, "avx512f"),
+    (7, 0, Ebx, 17, "avx512dq"),
+    (7, 0, Ebx, 18, "rdseed"),
+    (7, 0, Ebx, 19, "adx"),
+    (7, 0, Ebx, 20, "smap"),
+    (7, 0, Ebx, 21, "avx512ifma"),
+    (7, 0, Ebx, 23, "clflushopt"),
+    (7, 0, Ebx, 24, "clwb"),
+    (7, 0, Ebx, 28, "avx512cd"),
+    (7, 0, Ebx, 29, "sha-ni"),
+    (7, 0, Ebx, 30, "avx512bw"),
+    (7, 0, Ebx, 31, "avx512vl"),
+    (7, 0, Ecx, 1, "avx512vbmi"),
+    (7, 0, Ecx, 2, "umip"),
+    (7, 0, Ecx, 3, "pku"),
+    (7, 0, Ecx, 6, "avx512vbmi2"),
+    (7, 0, Ecx, 8, "gfni"),
+    (7, 0, Ecx, 9, "vaes"),
+    (7, 0, Ecx, 10, "vpclmulqdq"),
+    (7, 0, Ecx, 11, "avx512vnni"),
+    (7, 0, Ecx, 12, "avx512bitalg"),
+    (7, 0, Ecx, 14, "avx512-vpopcntdq"),
+    (7, 0, Ecx, 22, "rdpid"),
+    (7, 0, Ecx, 27, "movdiri"),
+    (7, 0, Ecx, 28, "movdir64b"),
+    (7, 0, Edx, 4, "fsrm"),
+    (7, 0, Edx, 8, "avx512-vp2intersect"),
+    (7, 0, Edx, 10, "md-clear"),
+    (7, 0, Edx, 14, "serialize"),
+    (7, 0, Edx, 16, "tsx-ldtrk"),
+    (7, 0, Edx, 22, "amx-bf16"),
+    (7, 0, Edx, 23, "avx512-fp16"),
+    (7, 0, Edx, 24, "amx-tile"),
+    (7, 0, Edx, 25, "amx-int8"),
+    (7, 0, Edx, 26, "spec-ctrl"),
+    (7, 0, Edx, 27, "stibp"),
+    (7, 0, Edx, 29, "arch-capabilities"),
+    (7, 0, Edx, 31, "ssbd"),
+    (7, 1, Eax, 4, "avx-vnni"),
+    (7, 1, Eax, 5, "avx512-bf16"),
+    (0xd, 1, Eax, 0, "xsaveopt"),
+    (0xd, 1, Eax, 1, "xsavec"),
+    (0xd, 1, Eax, 2, "xgetbv1"),
+    (0xd, 1, Eax, 3, "xsaves"),
+    (0x8000_0001, 0, Ecx, 0, "lahf-lm"),
+    (0x8000_0001, 0, Ecx, 2, "svm"),
+    (0x8000_0001, 0, Ecx, 5, "abm"),
+    (0x8000_0001, 0, Ecx, 6, "sse4a"),
+    (0x8000_0001, 0, Ecx, 7, "misalignsse"),
+    (0x8000_0001, 0, Ecx, 8, "3dnowprefetch"),
+    (0x8000_0001, 0, Ecx, 11, "xop"),
+    (0x8000_0001, 0, Ecx, 16, "fma4"),
+    (0x8000_0001, 0, Ecx, 21, "tbm"),
+    (0x8000_0001, 0, Edx, 11, "syscall"),
+    (0x8000_0001, 0, Edx, 20, "nx"),
+    (0x8000_0001, 0, Edx, 26, "pdpe1gb"),
+    (0x8000_0001, 0, Edx, 27, "rdtscp"),
+    (0x8000_0001, 0, Edx, 29, "lm"),
+    (0x8000_0008, 0, Ebx, 0, "clzero"),
+    (0x8000_0008, 0, Ebx, 9, "wbnoinvd"),
+    (0x8000_0008, 0, Ebx, 12, "amd-ibpb"),
+    (0x8000_0008, 0, Ebx, 25, "amd-ssbd"),
+];
+
+/// Registers whose every set bit a guest may rely on (feature flags).
+const FEATURE_REGS: &[(u32, u32, Reg)] = &[
+    (1, 0, Ecx),
+    (1, 0, Edx),
+    (7, 0, Ebx),
+    (7, 0, Ecx),
+    (7, 0, Edx),
+    (7, 1, Eax),
+    (0xd, 1, Eax),
+    (0x8000_0001, 0, Ecx),
+    (0x8000_0001, 0, Edx),
+    (0x8000_0008, 0, Ebx),
+];
+
+/// Bits that ferry sets itself or that follow guest state, never host support:
+/// leaf 1 ECX hypervisor (31) and OSXSAVE (27).
+fn ferry_owned(function: u32, index: u32, reg: Reg, bit: u32) -> bool {
+    (function, index, reg) == (1, 0, Ecx) && (bit == 31 || bit == 27)
+}
+
+fn reg_of(e: &kvm_cpuid_entry2, reg: Reg) -> u32 {
+    match reg {
+        Eax => e.eax,
+        Ebx => e.ebx,
+        Ecx => e.ecx,
+        Edx => e.edx,
+    }
+}
+
+fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
+    match reg {
+        Eax => &mut e.eax,
+        Ebx => &mut e.ebx,
+        Ecx => &mut e.ecx,
+        Edx => &mut e.edx,
+    }
+}
+
+fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
+    entries
+        .iter()
+        .find(|e| e.function == function && (e.index == index || index == 0 && e.flags & 1 == 0))
+}
+
+fn find_mut(
+    entries: &mut [kvm_cpuid_entry2],
+    function: u32,
+    index: u32,
+) -> Option<&mut kvm_cpuid_entry2> {
+    entries
+        .iter_mut()
+        .find(|e| e.function == function && (e.index == index || index == 0 && e.flags & 1 == 0))
+}
+
+fn feature_name(function: u32, index: u32, reg: Reg, bit: u32) -> String {
+    FEATURES
+        .iter()
+        .find(|f| (f.0, f.1, f.2, f.3) == (function, index, reg, bit))
+        .map_or_else(
+            || format!("CPUID.{function:#x}.{index}:{reg:?}[bit {bit}]").to_lowercase(),
+            |f| f.4.to_string(),
+        )
+}
+
+fn feature_by_name(name: &str) -> Option<&'static Feature> {
+    let norm = name.replace('_', "-");
+    let alias = match norm.as_str() {
+        "sse3" => "pni",
+        "sse4-1" => "sse4.1",
+        "sse4-2" => "sse4.2",
+        "lahf_lm" => "lahf-lm",
+        "tsc_deadline" => "tsc-deadline",
+        other => other,
+    };
+    FEATURES.iter().find(|f| f.4 == alias || f.4 == norm)
+}
+
+/// The feature bits of `guest` that `host` lacks, by name.
+pub fn missing_features(host: &[kvm_cpuid_entry2], guest: &[kvm_cpuid_entry2]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for &(function, index, reg) in FEATURE_REGS {
+        let Some(g) = find(guest, function, index) else {
+            continue;
+        };
+        let have = find(host, function, index).map_or(0, |h| reg_of(h, reg));
+        let want = reg_of(g, reg);
+        for bit in 0..32 {
+            if want & (1 << bit) != 0
+                && have & (1 << bit) == 0
+                && !ferry_owned(function, index, reg, bit)
+            {
+                missing.push(feature_name(function, index, reg, bit));
+            }
+        }
+    }
+    missing
+}
+
+/// A named model's definition (QEMU 7.2's, target/i386/cpu.c).
+struct NamedModel {
+    vendor: &'static [u8; 12],
+    family: u32,
+    model: u32,
+    stepping: u32,
+    model_id: &'static str,
+    level: u32,
+    xlevel: u32,
+}
+
+/// QEMU's PPRO_FEATURES, the base of both 64-bit models.
+const PPRO: &[&str] = &[
+    "fpu", "de", "pse", "tsc", "msr", "mce", "cx8", "pge", "cmov", "pat", "fxsr", "mmx", "sse",
+    "sse2", "pae", "sep", "apic",
+];
+
+fn named(name: &str) -> Option<(NamedModel, Vec<&'static str>)> {
+    let common = [
+        "mtrr", "clflush", "mca", "pse36", "pni", "cx16", "lm", "syscall", "nx",
+    ];
+    // What QEMU adds under KVM (kvm_default_props): x2apic, and the hypervisor bit.
+    let kvm = ["x2apic", "hypervisor"];
+    let mut features: Vec<&'static str> = PPRO.iter().chain(&common).chain(&kvm).copied().collect();
+    let model = match name {
+        "qemu64" => {
+            features.extend(["lahf-lm", "svm"]);
+            NamedModel {
+                vendor: b"AuthenticAMD",
+                family: 15,
+                model: 107,
+                stepping: 1,
+                model_id: "QEMU Virtual CPU version 2.5+",
+                level: 0xd,
+                xlevel: 0x8000_000a,
+            }
+        }
+        "kvm64" => {
+            features.push("vme");
+            NamedModel {
+                vendor: b"GenuineIntel",
+                family: 15,
+                model: 6,
+                stepping: 1,
+                model_id: "Common KVM processor",
+                level: 0xd,
+                xlevel: 0x8000_0008,
+            }
+        }
+        _ => return None,
+    };
+    Some((model, features))
+}
+
+/// The CPU models ferry offers, as `-cpu` names them.
+pub const MODELS: &[&str] = &["host", "max", "qemu64", "kvm64"];
+
+/// The base CPUID table (no per-vCPU fields) for `model` on a host that
+/// supports `supported`.
+pub fn resolve(
+    supported: &[kvm_cpuid_entry2],
+    model: &CpuModel,
+) -> Result<Vec<kvm_cpuid_entry2>, VmmError> {
+    match model {
+        CpuModel::Host => Ok(supported.to_vec()),
+        CpuModel::Exact(leaves) => {
+            let guest: Vec<kvm_cpuid_entry2> = leaves.iter().map(Into::into).collect();
+            let missing = missing_features(supported, &guest);
+            if !missing.is_empty() {
+                return Err(VmmError::Restore(format!(
+                    "this host's CPU lacks features the guest's CPU has: {}; the guest could \
+                     crash on its next use of one: migrate it to a host with these features, or \
+                     start it with a CPU model both hosts support (-cpu qemu64, kvm64)",
+                    missing.join(", ")
+                )));
+            }
+            Ok(guest)
+        }
+        CpuModel::Named {
+            name,
+            features,
+            enforce,
+        } => resolve_named(supported, name, features, *enforce),
+    }
+}
+
+fn resolve_named(
+    supported: &[kvm_cpuid_entry2],
+    name: &str,
+    changes: &[(String, bool)],
+    enforce: bool,
+) -> Result<Vec<kvm_cpuid_entry2>, VmmError> {
+    if name == "host" || name == "max" {
+        let mut entries = supported.to_vec();
+        apply_changes(&mut entries, supported, changes, enforce)?;
+        return Ok(entries);
+    }
+    let (m, wanted) = named(name).ok_or_else(|| {
+        VmmError::Config(format!(
+            "CPU model '{name}' is not supported; use one of {}",
+            MODELS.join(", ")
+        ))
+    })?;
+    let mut entries: Vec<kvm_cpuid_entry2> = supported
+        .iter()
+        .filter(|e| {
+            (e.function <= m.level)
+                || (0x4000_0000..0x8000_0000).contains(&e.function)
+                || (0x8000_0000..=m.xlevel).contains(&e.function)
+        })
+        .copied()
+        .collect();
+    // Clear every feature register, then set the model's features the host has.
+    for e in entries.iter_mut() {
+        for &(f, i, reg) in FEATURE_REGS {
+            if e.function == f && (e.index == i || (i == 0 && e.flags & 1 == 0)) {
+                *reg_mut(e, reg) = 0;
+            }
+        }
+    }
+    let mut lacking = Vec::new();
+    for feat in &wanted {
+        let Some(&(f, i, reg, bit, fname)) = feature_by_name(feat) else {
+            continue;
+        };
+        let has = find(supported, f, i).is_some_and(|h| reg_of(h, reg) & (1 << bit) != 0);
+        if has || ferry_owned(f, i, reg, bit) {
+            if let Some(e) = find_mut(&mut entries, f, i) {
+                *reg_mut(e, reg) |= 1 << bit;
+            }
+        } else {
+            lacking.push(fname);
+        }
+    }
+    if !lacking.is_empty() {
+        let msg = format!(
+            "host doesn't support requested features of CPU model '{name}': {}",
+            lacking.join(", ")
+        );
+        if enforce {
+            return Err(VmmError::Config(msg));
+        }
+        // QEMU's default (check, not enforce): the feature is left out, with a warning.
+        tracing::warn!("{msg}");
+    }
+    if let Some(e) = find_mut(&mut entries, 0, 0) {
+        e.eax = e.eax.min(m.level);
+        e.ebx = u32::from_le_bytes([m.vendor[0], m.vendor[1], m.vendor[2], m.vendor[3]]);
+        e.edx = u32::from_le_bytes([m.vendor[4], m.vendor[5], m.vendor[6], m.vendor[7]]);
+        e.ecx = u32::from_le_bytes([m.vendor[8], m.vendor[9], m.vendor[10], m.vendor[11]]);
+    }
+    if let Some(e) = find_mut(&mut entries, 1, 0) {
+        // Family 15: extended family 0; model above 15 goes to the extended model.
+        e.eax = (m.stepping & 0xf)
+            | ((m.model & 0xf) << 4)
+            | ((m.family.min(15) & 0xf) << 8)
+            | (((m.model >> 4) & 0xf) << 16)
+            | ((m.family.saturating_sub(15) & 0xff) << 20);
+    }
+    if let Some(e) = find_mut(&mut entries, 0x8000_0000, 0) {
+        e.eax = e.eax.min(m.xlevel);
+    }
+    let mut id = [0u8; 48];
+    let bytes = m.model_id.as_bytes();
+    id[..bytes.len().min(47)].copy_from_slice(&bytes[..bytes.len().min(47)]);
+    for (k, function) in (0x8000_0002u32..=0x8000_0004).enumerate() {
+        let word = |w: usize| {
+            let o = k * 16 + w * 4;
+            u32::from_le_bytes([id[o], id[o + 1], id[o + 2], id[o + 3]])
+        };
+        let leaf = kvm_cpuid_entry2 {
+            function,
+            eax: word(0),
+            ebx: word(1),
+            ecx: word(2),
+            edx: word(3),
+            ..Default::default()
+        };
+        match find_mut(&mut entries, function, 0) {
+            Some(e) => *e = leaf,
+            None => entries.push(leaf),
+        }
+    }
+    apply_changes(&mut entries, supported, changes, enforce)?;
+    Ok(entries)
+}
+
+/// `+feature` / `feature=on|off` on top of a model.
+fn apply_changes(
+    entries: &mut [kvm_cpuid_entry2],
+    supported: &[kvm_cpuid_entry2],
+    changes: &[(String, bool)],
+    enforce: bool,
+) -> Result<(), VmmError> {
+    for (name, on) in changes {
+        let &(f, i, reg, bit, fname) = feature_by_name(name).ok_or_else(|| {
+            VmmError::Config(format!(
+                "CPU feature '{name}' is unknown to ferry; known: {}",
+                FEATURES.iter().map(|f| f.4).collect::<Vec<_>>().join(" ")
+            ))
+        })?;
+        let Some(e) = find_mut(entries, f, i) else {
+            if *on {
+                return Err(VmmError::Config(format!(
+                    "CPU feature '{fname}' needs CPUID leaf {f:#x}, which this CPU model does not have"
+                )));
+            }
+            continue;
+        };
+        if *on {
+            let has = find(supported, f, i).is_some_and(|h| reg_of(h, reg) & (1 << bit) != 0)
+                || ferry_owned(f, i, reg, bit);
+            if !has {
+                let msg = format!("host doesn't support requested feature: {fname}");
+                if enforce {
+                    return Err(VmmError::Config(msg));
+                }
+                tracing::warn!("{msg}");
+                continue;
+            }
+            *reg_mut(e, reg) |= 1 << bit;
+        } else {
+            *reg_mut(e, reg) &= !(1 << bit);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    fn host() -> Vec<kvm_cpuid_entry2> {
+        vec![
+            kvm_cpuid_entry2 {
+                eax: 0x16,
+                ..leaf(0, 0, 0, 0, 0)
+            },
+            leaf(1, 0, 0, !(1 << 31), 0xffff_ffff),
+            kvm_cpuid_entry2 {
+                flags: 1,
+                ..leaf(7, 0, 0xffff_ffff, 0xffff_ffff, 0xffff_ffff)
+            },
+            kvm_cpuid_entry2 {
+                eax: 0x8000_0008,
+                ..leaf(0x8000_0000, 0, 0, 0, 0)
+            },
+            leaf(0x8000_0001, 0, 0, !(1 << 2), 0xffff_ffff),
+            leaf(0x14, 0, 1, 1, 1),
+        ]
+    }
+
+    #[test]
+    fn qemu64_masks_the_host_and_names_itself() {
+        let h = host();
+        let t = resolve(
+            &h,
+            &CpuModel::Named {
+                name: "qemu64".into(),
+                features: vec![],
+                enforce: false,
+            },
+        )
+        .unwrap();
+        let l1 = find(&t, 1, 0).unwrap();
+        assert_eq!(l1.ecx & (1 << 28), 0, "no avx in qemu64");
+        assert_ne!(l1.ecx & 1, 0, "pni");
+        assert_ne!(l1.ecx & (1 << 13), 0, "cx16");
+        assert_eq!(find(&t, 7, 0).unwrap().ebx, 0);
+        assert!(
+            find(&t, 0x14, 0).is_none(),
+            "leaves above level 0xd are gone"
+        );
+        let v = find(&t, 0, 0).unwrap();
+        assert_eq!(&v.ebx.to_le_bytes(), b"Auth");
+        // svm is not on this host: left out (with a warning), and an error when enforced.
+        assert_eq!(find(&t, 0x8000_0001, 0).unwrap().ecx & (1 << 2), 0);
+        let e = resolve(
+            &h,
+            &CpuModel::Named {
+                name: "qemu64".into(),
+                features: vec![],
+                enforce: true,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("svm"), "{e}");
+        // Feature changes by QEMU name.
+        let t = resolve(
+            &h,
+            &CpuModel::Named {
+                name: "kvm64".into(),
+                features: vec![
+                    ("avx".into(), true),
+                    ("lahf_lm".into(), true),
+                    ("nx".into(), false),
+                ],
+                enforce: true,
+            },
+        )
+        .unwrap();
+        assert_ne!(find(&t, 1, 0).unwrap().ecx & (1 << 28), 0);
+        assert_ne!(find(&t, 0x8000_0001, 0).unwrap().ecx & 1, 0);
+        assert_eq!(find(&t, 0x8000_0001, 0).unwrap().edx & (1 << 20), 0);
+        let e = resolve(
+            &h,
+            &CpuModel::Named {
+                name: "pentium".into(),
+                features: vec![],
+                enforce: false,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("qemu64"), "{e}");
+    }
+
+    #[test]
+    fn an_incoming_cpu_must_fit_this_host() {
+        let h = host();
+        let mut guest: Vec<CpuidLeaf> = h.iter().map(Into::into).collect();
+        assert!(resolve(&h, &CpuModel::Exact(guest.clone())).is_ok());
+        // The source had svm and avx512f... this host has no svm.
+        guest[4].ecx |= 1 << 2;
+        guest[1].ecx |= 1 << 31; // the hypervisor bit is ferry's own
+        let e = resolve(&h, &CpuModel::Exact(guest))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lacks features the guest's CPU has: svm;"),
+            "{e}"
+        );
+    }
+}
