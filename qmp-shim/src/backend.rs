@@ -30,6 +30,8 @@ pub struct MachineConfig {
     pub cpu_model: Option<String>,
     /// `(feature, value)` from `-cpu model,feat=on`.
     pub cpu_features: Vec<(String, String)>,
+    /// The CPU the guest sees: `-cpu` resolved (host without `-cpu`).
+    pub cpu: ferry_vmm::cpu::model::CpuModel,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: String,

@@ -181,6 +181,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         vcpus: config.vcpus,
         backing: Backing::Anonymous,
         serial: sink,
+        cpu: config.cpu.clone(),
     })
     .map_err(engine)?;
     guest

@@ -5,6 +5,7 @@
 //! which for these is indistinguishable from an idle one for the guests ferry
 //! targets (direct kernel boot, serial console).
 
+use ferry_vmm::cpu::model::CpuModel;
 use serde_json::Value;
 
 use super::opts::json_text;
@@ -35,7 +36,7 @@ pub const MODELLED_DEVICES: &[&str] = &["isa-serial"];
 pub const MACHINE_TYPES: &[&str] = &["pc-i440fx-7.2", "pc", "microvm"];
 
 /// CPU models accepted by `-cpu` (features are passed on to the engine).
-pub const CPU_MODELS: &[&str] = &["host", "max", "qemu64", "kvm64", "base"];
+pub const CPU_MODELS: &[&str] = ferry_vmm::cpu::model::MODELS;
 
 /// `-global` settings accepted (they configure devices ferry models as absent).
 const GLOBALS: &[&str] = &[
@@ -96,6 +97,7 @@ impl Invocation {
                 .as_ref()
                 .map(|c| c.features.clone())
                 .unwrap_or_default(),
+            cpu: self.cpu_model()?,
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             append: self.append.clone().unwrap_or_default(),
@@ -227,6 +229,16 @@ impl Invocation {
         Ok(size)
     }
 
+    /// `-cpu` as the engine's CPU model (the host's CPU without `-cpu`, as
+    /// `-accel kvm` QEMU users expect from ferry; libvirt always passes one).
+    fn cpu_model(&self) -> Result<CpuModel, ArgvError> {
+        match &self.cpu {
+            None => Ok(CpuModel::Host),
+            Some(c) => CpuModel::from_qemu(&c.model, &c.features)
+                .map_err(|e| ArgvError::unsupported("-cpu", e)),
+        }
+    }
+
     fn check_smp(&self) -> Result<u32, ArgvError> {
         let Some(smp) = &self.smp else { return Ok(1) };
         let cpus = smp.boot_cpus();
@@ -256,14 +268,7 @@ impl Invocation {
                 format!("property '{k}'"),
             ));
         }
-        if let Some(cpu) = &self.cpu {
-            if !CPU_MODELS.contains(&cpu.model.as_str()) {
-                return Err(ArgvError::unsupported(
-                    "-cpu",
-                    format!("CPU model '{}'", cpu.model),
-                ));
-            }
-        }
+        self.cpu_model()?;
         if let Some(d) = self.display.as_deref() {
             if d != "none" {
                 return Err(ArgvError::unsupported("-display", format!("display '{d}'")));
