@@ -65,6 +65,41 @@ fn unix_socket_hot_guest() {
     );
 }
 
+/// A guest started with QEMU's default libvirt model keeps that CPU on the
+/// destination (the shape carries its CPUID; the destination sets exactly it).
+#[test]
+fn qemu64_guest_migrates_with_its_cpu() {
+    require_kvm();
+    let s = Scratch::new();
+    let dirtier = s.dirtier.display().to_string();
+    let src = VmProcess::start(
+        &s,
+        "src",
+        &[
+            "run",
+            "--kernel",
+            &dirtier,
+            "-m",
+            "128M",
+            "--append",
+            "ws=16M",
+            "--cpu",
+            "qemu64,-svm",
+        ],
+    );
+    src.wait_serial("dirtier: ready", BOOT);
+    src.wait_heartbeats(100, BOOT);
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    migrate_ok(&s, src, &uri, &[]);
+    // A model or feature ferry does not know is refused by name.
+    let out = std::process::Command::new(ferry_tests::bin("ferry-vm"))
+        .args(["run", "--kernel", &dirtier, "--cpu", "qemu64,+warp-drive"])
+        .output()
+        .expect("run ferry-vm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("warp-drive"), "{err}");
+}
+
 #[test]
 fn tcp_idle_1g_guest_with_digest() {
     require_kvm();
