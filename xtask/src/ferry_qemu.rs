@@ -78,7 +78,14 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (
         "cpu",
         "MODEL[,FEATURE...]",
-        "The CPU model (see DEVICES); features are passed to the engine.",
+        "The CPU the guest sees: `host` or `max` (everything KVM offers here; also \
+         the default without -cpu), `qemu64` or `kvm64` (QEMU 7.2's definitions: vendor, \
+         family/model, model id and feature set, masked by what this host offers, with a \
+         warning for what it lacks, or an error with `enforce`), then `+FEATURE`, \
+         `-FEATURE` or `FEATURE=on|off` by QEMU's feature names. An unknown model or \
+         feature is refused. The guest keeps this CPU when it migrates: a destination \
+         whose host lacks one of its features refuses the migration before any page \
+         moves, naming the features.",
     ),
     (
         "kernel",
