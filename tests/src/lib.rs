@@ -244,6 +244,48 @@ impl VmProcess {
     }
 }
 
+/// Boots the dirtier with `ferry-vm run -m MEM --append APPEND EXTRA...` (tag
+/// `src`) and waits until it is ready and beating.
+pub fn dirtier_source(scratch: &Scratch, mem: &str, append: &str, extra: &[&str]) -> VmProcess {
+    let boot = Duration::from_secs(30);
+    let dirtier = scratch.dirtier.display().to_string();
+    let mut args = vec!["run", "--kernel", &dirtier, "-m", mem, "--append", append];
+    args.extend(extra);
+    let vm = VmProcess::start(scratch, "src", &args);
+    vm.wait_serial("dirtier: ready", boot);
+    vm.wait_heartbeats(200, boot);
+    vm
+}
+
+/// Migrates `src` to `dst` (a `ferry-vm incoming` listening on `uri`): the
+/// migration must complete, the source exit 0, and the guest beat on the
+/// destination with its memory passing the oracle. Returns the statistics.
+pub fn complete_migration(
+    scratch: &Scratch,
+    mut src: VmProcess,
+    mut dst: VmProcess,
+    uri: &str,
+) -> serde_json::Value {
+    let reply = src.ok(&format!("migrate {uri}"));
+    let stats = reply["migration"].clone();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let report = dst.oracle(scratch, "dst");
+    assert!(
+        report.working_set_pages == 0 || report.passes + report.cursor > 0,
+        "{report:?}"
+    );
+    dst.quit();
+    stats
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -4,48 +4,21 @@
 
 use std::time::Duration;
 
-use ferry_tests::{free_port, require_kvm, Scratch, VmProcess};
-
-const BOOT: Duration = Duration::from_secs(30);
+use ferry_tests::{complete_migration, dirtier_source, free_port, require_kvm, Scratch, VmProcess};
 
 fn source(s: &Scratch, mem: &str, append: &str) -> VmProcess {
-    let dirtier = s.dirtier.display().to_string();
-    let vm = VmProcess::start(
-        s,
-        "src",
-        &["run", "--kernel", &dirtier, "-m", mem, "--append", append],
-    );
-    vm.wait_serial("dirtier: ready", BOOT);
-    vm.wait_heartbeats(200, BOOT);
-    vm
+    dirtier_source(s, mem, append, &[])
 }
 
 /// Migrates `src` to a new `ferry-vm incoming` on `uri`, checks the destination.
-fn migrate_ok(s: &Scratch, mut src: VmProcess, uri: &str, settings: &[&str]) -> serde_json::Value {
-    let mut dst = VmProcess::spawn(s, "dst", &["incoming", uri]);
+fn migrate_ok(s: &Scratch, src: VmProcess, uri: &str, settings: &[&str]) -> serde_json::Value {
+    let dst = VmProcess::spawn(s, "dst", &["incoming", uri]);
     for set in settings {
         src.ok(&format!("migrate-set {set}"));
     }
     // Give the destination a moment to listen.
     std::thread::sleep(Duration::from_millis(300));
-    let reply = src.ok(&format!("migrate {uri}"));
-    let stats = reply["migration"].clone();
-    assert_eq!(stats["status"], "completed", "{stats}");
-    assert_eq!(
-        src.wait_exit(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        src.stderr_text()
-    );
-    dst.wait_for_control();
-    dst.wait_heartbeats(50, Duration::from_secs(10));
-    let report = dst.oracle(s, "dst");
-    assert!(
-        report.working_set_pages == 0 || report.passes + report.cursor > 0,
-        "{report:?}"
-    );
-    dst.quit();
-    stats
+    complete_migration(s, src, dst, uri)
 }
 
 #[test]
@@ -71,29 +44,18 @@ fn unix_socket_hot_guest() {
 fn qemu64_guest_migrates_with_its_cpu() {
     require_kvm();
     let s = Scratch::new();
-    let dirtier = s.dirtier.display().to_string();
-    let src = VmProcess::start(
-        &s,
-        "src",
-        &[
-            "run",
-            "--kernel",
-            &dirtier,
-            "-m",
-            "128M",
-            "--append",
-            "ws=16M",
-            "--cpu",
-            "qemu64,-svm",
-        ],
-    );
-    src.wait_serial("dirtier: ready", BOOT);
-    src.wait_heartbeats(100, BOOT);
+    let src = dirtier_source(&s, "128M", "ws=16M", &["--cpu", "qemu64,-svm"]);
     let uri = format!("unix:{}", s.path("mig.sock").display());
     migrate_ok(&s, src, &uri, &[]);
     // A model or feature ferry does not know is refused by name.
     let out = std::process::Command::new(ferry_tests::bin("ferry-vm"))
-        .args(["run", "--kernel", &dirtier, "--cpu", "qemu64,+warp-drive"])
+        .args([
+            "run",
+            "--kernel",
+            "/nonexistent",
+            "--cpu",
+            "qemu64,+warp-drive",
+        ])
         .output()
         .expect("run ferry-vm");
     let err = String::from_utf8_lossy(&out.stderr);

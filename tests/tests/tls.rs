@@ -9,20 +9,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_tests::pki::{psk_dir, Ca};
-use ferry_tests::{free_port, require_kvm, Scratch, VmProcess};
-
-const BOOT: Duration = Duration::from_secs(30);
+use ferry_tests::{complete_migration, dirtier_source, free_port, require_kvm, Scratch, VmProcess};
 
 fn source(s: &Scratch, mem: &str, append: &str) -> VmProcess {
-    let dirtier = s.dirtier.display().to_string();
-    let vm = VmProcess::start(
-        s,
-        "src",
-        &["run", "--kernel", &dirtier, "-m", mem, "--append", append],
-    );
-    vm.wait_serial("dirtier: ready", BOOT);
-    vm.wait_heartbeats(200, BOOT);
-    vm
+    dirtier_source(s, mem, append, &[])
 }
 
 fn x509(dir: &Path) -> String {
@@ -36,23 +26,8 @@ fn destination(s: &Scratch, uri: &str, creds: &str) -> VmProcess {
     dst
 }
 
-/// Completes a migration to `dst` and checks the guest there.
-fn migrate_ok(s: &Scratch, mut src: VmProcess, mut dst: VmProcess, uri: &str) -> serde_json::Value {
-    let reply = src.ok(&format!("migrate {uri}"));
-    let stats = reply["migration"].clone();
-    assert_eq!(stats["status"], "completed", "{stats}");
-    assert_eq!(
-        src.wait_exit(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        src.stderr_text()
-    );
-    dst.wait_for_control();
-    dst.wait_heartbeats(50, Duration::from_secs(10));
-    let report = dst.oracle(s, "dst");
-    assert!(report.passes + report.cursor > 0, "{report:?}");
-    dst.quit();
-    stats
+fn migrate_ok(s: &Scratch, src: VmProcess, dst: VmProcess, uri: &str) -> serde_json::Value {
+    complete_migration(s, src, dst, uri)
 }
 
 /// A migration that must fail at the TLS handshake: returns the source's error after
