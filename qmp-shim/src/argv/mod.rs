@@ -433,19 +433,10 @@ fn apply(
             if model.is_empty() {
                 return Err(ArgvError::invalid(option, arg, "missing CPU model name"));
             }
-            let mut features = Vec::new();
-            for f in parts.filter(|f| !f.is_empty()) {
-                let (k, v) = if let Some((k, v)) = f.split_once('=') {
-                    (k.to_string(), v.to_string())
-                } else if let Some(k) = f.strip_prefix('+') {
-                    (k.to_string(), "on".to_string())
-                } else if let Some(k) = f.strip_prefix('-') {
-                    (k.to_string(), "off".to_string())
-                } else {
-                    (f.to_string(), "on".to_string())
-                };
-                features.push((k, v));
-            }
+            let features = parts
+                .filter(|f| !f.is_empty())
+                .map(ferry_vmm::cpu::model::parse_feature)
+                .collect();
             inv.cpu = Some(CpuOpts { model, features });
         }
         "kernel" => inv.kernel = Some(PathBuf::from(arg)),

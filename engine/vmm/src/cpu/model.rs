@@ -111,21 +111,23 @@ impl CpuModel {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let model = parts.next().unwrap_or_default();
-        let features: Vec<(String, String)> = parts
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                if let Some((k, v)) = p.split_once('=') {
-                    (k.to_string(), v.to_string())
-                } else if let Some(k) = p.strip_prefix('+') {
-                    (k.to_string(), "on".into())
-                } else if let Some(k) = p.strip_prefix('-') {
-                    (k.to_string(), "off".into())
-                } else {
-                    (p.to_string(), "on".into())
-                }
-            })
-            .collect();
+        let features: Vec<(String, String)> =
+            parts.filter(|p| !p.is_empty()).map(parse_feature).collect();
         Self::from_qemu(model, &features)
+    }
+}
+
+/// One `-cpu` property: `+f` is `(f, on)`, `-f` is `(f, off)`, `f` is `(f, on)`,
+/// `k=v` is `(k, v)`.
+pub fn parse_feature(p: &str) -> (String, String) {
+    if let Some((k, v)) = p.split_once('=') {
+        (k.to_string(), v.to_string())
+    } else if let Some(k) = p.strip_prefix('+') {
+        (k.to_string(), "on".into())
+    } else if let Some(k) = p.strip_prefix('-') {
+        (k.to_string(), "off".into())
+    } else {
+        (p.to_string(), "on".into())
     }
 }
 
