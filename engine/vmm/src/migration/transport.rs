@@ -140,10 +140,10 @@ fn io_err<'a>(
 /// times out (TCP_USER_TIMEOUT), and an idle connection is probed (keep-alive).
 pub const DEAD_LINK_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn configure_tcp(s: &TcpStream) -> io::Result<()> {
+fn configure_tcp(s: &impl std::os::fd::AsFd) -> io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     let secs = DEAD_LINK_TIMEOUT.as_secs() as u32;
-    s.set_nodelay(true)?;
+    setsockopt(s, sockopt::TcpNoDelay, &true)?;
     setsockopt(s, sockopt::TcpUserTimeout, &(secs * 1000))?;
     setsockopt(s, sockopt::KeepAlive, &true)?;
     setsockopt(s, sockopt::TcpKeepIdle, &(secs / 3))?;
@@ -281,7 +281,17 @@ impl Channel {
     }
 
     /// A channel over an fd this process owns (inherited or received with SCM_RIGHTS).
+    /// A TCP socket (libvirt connects the migration socket itself and hands it over)
+    /// gets the same dead-link timeouts as one ferry connected.
     pub fn from_owned_fd(fd: OwnedFd, uri: &MigrationUri) -> Result<Self, TransportError> {
+        use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+        let tcp = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+            .ok()
+            .and_then(|a| a.family())
+            .is_some_and(|f| matches!(f, AddressFamily::Inet | AddressFamily::Inet6));
+        if tcp {
+            configure_tcp(&fd).map_err(io_err("configure", uri))?;
+        }
         Self::from_fd(fd, uri)
     }
 
