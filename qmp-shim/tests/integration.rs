@@ -1582,9 +1582,12 @@ fn tls_migration_with_x509_objects_refuses_a_stranger_first() {
             .is_some_and(|t| t.iter().any(|t| t["name"] == "tls-creds-x509")),
         "libvirt's --tls needs tls-creds-x509 listed: {types}"
     );
+    // libvirt 9.0's form: the properties nested in `props`.
     qb.ok(
         "object-add",
-        x509("objlibvirt_migrate_tls0", &server, "server"),
+        json!({"qom-type": "tls-creds-x509", "id": "objlibvirt_migrate_tls0",
+               "props": {"dir": server.to_str().expect("utf-8"), "endpoint": "server",
+                         "verify-peer": true}}),
     );
     qb.ok(
         "migrate-set-parameters",

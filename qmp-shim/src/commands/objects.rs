@@ -138,7 +138,13 @@ fn object_add(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, Com
             "attempt to add duplicate property '{id}' to object (type 'container')"
         )));
     }
-    let obj = create_tls(qom_type, args).map_err(CommandError::Generic)?;
+    // libvirt wraps the properties in 'props' (object-add before QEMU 6.0),
+    // which it does for any QEMU whose schema does not show a QAPI object-add.
+    let mut flat = args.clone();
+    if let Some(Value::Object(props)) = flat.remove("props") {
+        flat.extend(props);
+    }
+    let obj = create_tls(qom_type, &flat).map_err(CommandError::Generic)?;
     ctx.vm.objects.insert(id.to_string(), obj);
     Ok(json!({}))
 }
@@ -165,6 +171,7 @@ pub static OBJECT_ADD: Command = Command {
             opt("priority", Ty::Str),
             opt("loaded", Ty::Bool),
             opt("passwordid", Ty::Str),
+            opt("props", Ty::Any),
         ],
         ret: None,
     },
