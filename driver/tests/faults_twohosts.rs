@@ -1,17 +1,22 @@
 //! Faults during a live migration between two real libvirt hosts
 //! (tests/twohosts/): the link between the hosts cut (its veth end taken down)
 //! in the first pass and in a later one, then either aborted by the operator
-//! (`virsh domjobabort`) or restored after a few seconds, and the destination
-//! emulator killed. Every case ends with exactly one running copy of the
-//! guest, whose heartbeats go on and whose memory passes the oracle, and
-//! prints the error the operator saw.
+//! (`virsh domjobabort`), restored after a few seconds, or left down with
+//! nobody acting, and the destination emulator killed. Every case ends with
+//! exactly one running copy of the guest, whose heartbeats go on and whose
+//! memory passes the oracle, and prints the error the operator saw.
 //!
 //! The migrations are `virsh migrate --live --p2p` (libvirtd talks to libvirtd,
 //! as OpenStack Nova does) of a ferry-qemu dirtier domain, capped with
 //! `--bandwidth` so that a pass lasts long enough to cut the link in it.
-//! With the link down TCP just stalls: nothing times out in ferry, and libvirt
-//! notices a dead peer through its keepalive (5 s x 5 on the peer-to-peer
-//! connection), which is what ends a job whose link stays down.
+//! With the link down TCP stalls. Two clocks then run: libvirt's keepalive on
+//! the peer-to-peer connection (5 s x 5: the peer is given up about 30 s
+//! after the cut) and ferry's dead-link timeout on the TCP connections it
+//! opens or accepts (transport.rs, `DEAD_LINK_TIMEOUT`, 30 s). The source's
+//! migration socket, though, is one libvirtd connected and handed over
+//! (`fd:`), which ferry leaves without that timeout (seen: TCP_USER_TIMEOUT 0,
+//! no keep-alive), so on the source libvirt's keepalive is what ends a job
+//! whose link stays down. A link down for seconds fails neither.
 //!
 //! Skipped, with the reason printed, where the hosts cannot be brought up;
 //! in CI (`CI` set) that is a failure.
@@ -25,7 +30,7 @@ use twohosts::lab::{ms, JobInfo, Lab, Sample, CMDLINE};
 use twohosts::{text, DEST_B};
 
 /// How many #[test]s share the hosts: the last one to finish tears them down.
-const TESTS: usize = 5;
+const TESTS: usize = 6;
 
 fn lab() -> Option<twohosts::lab::LabGuard> {
     twohosts::lab::lab(TESTS)
@@ -167,6 +172,86 @@ fn link_cut_in_the_first_pass_then_domjobabort_the_source_runs_on() {
         b.iteration,
         abort.as_millis(),
         waited.as_millis(),
+        gone.as_millis(),
+        down.as_millis(),
+    );
+    lab.forget(dom);
+}
+
+/// Link cut in the first pass (256 MiB at 16 MiB/s) and left down; nobody
+/// aborts. The job fails by itself once a dead-peer clock runs out: libvirt's
+/// keepalive ("client socket is closed" on the source, the cancel logged as
+/// "Lost connection to destination host") or ferry's dead-link timeout (the
+/// stream's error in the job). Meanwhile and after, the guest runs on the
+/// source; the destination gives its incoming copy up by itself, the link
+/// still down. Prints which clock won and when.
+#[test]
+fn link_cut_in_the_first_pass_and_left_down_the_migration_fails_by_itself() {
+    let Some(lab) = lab() else { return };
+    let dom = "ferry-dead-link";
+    let mib = 256;
+    lab.start("A", dom, &lab.dirtier(dom, mib, CMDLINE));
+    let log_from = lab.daemon_log_len("A");
+    let mut child = lab.migrate_spawn("A", dom, DEST_B, &["--p2p", "--bandwidth", "16"]);
+    let s = lab.wait_sample(
+        "A",
+        dom,
+        &mut child,
+        30,
+        "8 MiB sent in the first pass",
+        |s| s.processed > 8 << 20,
+    );
+    assert_eq!(s.iteration, 0, "not in the first pass: {s:?}");
+
+    let link = lab.hosts.cut_link("A");
+    let cut = Instant::now();
+    let (_, b) = assert_stalled(&lab, dom, &mut child);
+    // Nobody acts. The guest runs on, not paused, while the job waits.
+    assert_eq!(lab.domstate("A", dom), "running", "{}", lab.diagnose(dom));
+    lab.heartbeats("A", dom);
+    let (out, _) = finish(&lab, dom, child, 90);
+    let failed_after = cut.elapsed();
+    let err = failed(&lab, dom, &out);
+    let log = lab.daemon_log_since("A", log_from);
+    // What ended the job on the source: libvirt giving the destination up, or
+    // the migration stream's own error (ferry's dead-link timeout).
+    let reason = log
+        .lines()
+        .find_map(|l| {
+            l.split_once("job 'migration out' failed: ")
+                .map(|(_, r)| format!("ferry: {r}"))
+                .or_else(|| {
+                    l.contains("Lost connection to destination host")
+                        .then(|| "libvirt keepalive: Lost connection to destination host".into())
+                })
+        })
+        .unwrap_or_else(|| panic!("A's libvirtd did not log why the job ended: {err}"));
+    assert!(
+        err.contains("client socket is closed")
+            || err.contains("keepalive")
+            || err.contains("Lost connection")
+            || err.contains("timed out"),
+        "not a dead peer's error: {err} (the source's reason: {reason})"
+    );
+    assert!(
+        failed_after >= Duration::from_secs(10) && failed_after <= Duration::from_secs(75),
+        "virsh migrate failed {failed_after:?} after the cut: {err}"
+    );
+    assert_eq!(lab.domstate("A", dom), "running", "{}", lab.diagnose(dom));
+    lab.heartbeats("A", dom);
+    // The destination gives up its incoming copy by itself, the link still down.
+    let gone = lab.wait_gone("B", dom, 60);
+    let down = link.restore();
+    lab.assert_runs_only_on("A", dom);
+    lab.heartbeats("A", dom);
+    let report = lab.oracle("A", dom, mib);
+    eprintln!(
+        "FAULT first-pass cut, left down, nobody acts: stalled at {:.1} MiB (pass {}); virsh \
+         migrate failed {} ms after the cut: {err:?}; the source's reason: {reason:?}; B clean \
+         {} ms later; link down {} ms in all; oracle on A: {report:?}",
+        b.processed as f64 / (1u64 << 20) as f64,
+        b.iteration,
+        failed_after.as_millis(),
         gone.as_millis(),
         down.as_millis(),
     );

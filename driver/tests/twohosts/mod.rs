@@ -219,6 +219,12 @@ impl TwoHosts {
         self.dir.join("shared")
     }
 
+    /// Host `h`'s x509 directory for TLS migration (its qemu.conf's
+    /// `migrate_tls_x509_cert_dir`): empty until a test puts credentials there.
+    pub fn tls_dir(&self, h: &str) -> PathBuf {
+        self.dir.join("hosts").join(h).join("migrate-pki")
+    }
+
     /// A host's private /var/lib/libvirt, seen from outside.
     pub fn private_var_lib(&self, h: &str) -> PathBuf {
         self.dir.join("hosts").join(h).join("var-lib-libvirt")
