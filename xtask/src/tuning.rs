@@ -158,16 +158,8 @@ pub fn page() -> Result<String, String> {
             &d.multifd_channels.to_string(),
         ],
         ["clear-dirty-log", "on, off", on_off(d.clear_dirty_log)],
-        [
-            "tls-creds",
-            "x509:DIR[,verify-peer=on|off], psk:DIR[,username=NAME], none",
-            "none",
-        ],
-        [
-            "tls-hostname",
-            "the name the destination's certificate must carry",
-            "the host of the tcp: URI",
-        ],
+        ["tls-creds", "x509:DIR, psk:DIR, none (below)", "none"],
+        ["tls-hostname", "a name", "the tcp: host"],
     ]
     .iter()
     .map(|[key, value, default]| vec![format!("`{key}`"), value.to_string(), default.to_string()])
