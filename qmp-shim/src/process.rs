@@ -168,6 +168,7 @@ fn start(args: &[String]) -> Result<i32, StartError> {
         Mode::Run => {}
     }
     let config = inv.machine_config()?;
+    let objects = crate::commands::load_objects(&inv.objects)?;
     let daemon_child = std::env::var_os(DAEMON_ENV).is_some();
     if inv.daemonize && !daemon_child {
         return daemonize_parent(args);
@@ -202,6 +203,7 @@ fn start(args: &[String]) -> Result<i32, StartError> {
         events.clone(),
     );
     vm.fdsets = fdsets;
+    vm.objects = objects;
     spawn_signal_thread(signals, events)?;
     let listeners = open_monitors(&inv, &mut vm)?;
     if let Some(p) = &inv.pidfile {

@@ -112,6 +112,19 @@ fn startup_errors_exit_1_with_the_reason() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("device 'vfio-pci' is not supported"));
+    // TLS credentials are loaded at startup: a bad directory is named.
+    let out = Command::new(BIN)
+        .args([
+            "-machine",
+            "none",
+            "-object",
+            "tls-creds-x509,id=tls0,dir=/nonexistent/pki,endpoint=server",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/pki/ca-cert.pem"), "{err}");
     // With -daemonize, the child's error comes back through the parent.
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(BIN)

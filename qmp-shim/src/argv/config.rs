@@ -186,12 +186,8 @@ impl Invocation {
         for o in &self.objects {
             match o.kind.as_str() {
                 "secret" => {}
-                // Loaded here to fail at startup, as QEMU does; the QMP layer
-                // creates them (commands/objects.rs).
-                t if crate::commands::TLS_TYPES.contains(&t) => {
-                    crate::commands::create_tls(t, &o.props)
-                        .map_err(|e| ArgvError::invalid("-object", t, &e))?;
-                }
+                // Loaded (once) at startup: commands::load_objects.
+                t if crate::commands::TLS_TYPES.contains(&t) => {}
                 "memory-backend-ram" if o.id.as_deref() == backend_id && backend_id.is_some() => {
                     let bytes = o
                         .props

@@ -18,7 +18,7 @@ use std::os::fd::OwnedFd;
 
 use serde_json::{Map, Value};
 
-pub use objects::{create_tls, TlsObject, TlsParameters, TLS_TYPES};
+pub use objects::{load_objects, TlsObject, TlsParameters, TLS_TYPES};
 
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{self, CommandSchema, EventDef};

@@ -3,12 +3,14 @@
 //! and what a QEMU user puts on the command line with `-object`), and how the
 //! `tls-creds` migration parameter resolves to them.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{json, Map, Value};
 
 use super::types::TLS_CREDS_ENDPOINT;
 use super::{arg_str, Command, Ctx};
+use crate::argv::{ArgvError, Typed};
 use crate::backend::MigrationTls;
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{opt, req, CommandSchema, Ty};
@@ -50,6 +52,28 @@ fn bool_prop(props: &Map<String, Value>, name: &str, default: bool) -> Result<bo
 
 fn str_prop<'a>(props: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
     props.get(name).and_then(Value::as_str)
+}
+
+/// The TLS credentials given with `-object`, by id, loaded once at startup as
+/// QEMU does: a bad directory fails the start, naming the file.
+pub fn load_objects(objects: &[Typed]) -> Result<BTreeMap<String, TlsObject>, ArgvError> {
+    let mut loaded = BTreeMap::new();
+    for o in objects
+        .iter()
+        .filter(|o| TLS_TYPES.contains(&o.kind.as_str()))
+    {
+        let bad = |why: &str| ArgvError::invalid("-object", &o.kind, why);
+        let id =
+            o.id.clone()
+                .ok_or_else(|| bad("Parameter 'id' is missing"))?;
+        let obj = create_tls(&o.kind, &o.props).map_err(|e| bad(&e))?;
+        if loaded.insert(id.clone(), obj).is_some() {
+            return Err(bad(&format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+    }
+    Ok(loaded)
 }
 
 /// Builds a TLS credentials object from its QOM properties (QMP arguments or the

@@ -89,20 +89,9 @@ impl Vm {
             invocation.incoming,
             Some(Incoming::Fd(_) | Incoming::File(_) | Incoming::Exec(_))
         );
-        // Checked when the command line was (argv/config.rs): loaded again here.
-        let objects = invocation
-            .objects
-            .iter()
-            .filter_map(|o| {
-                let id = o.id.clone()?;
-                match commands::create_tls(&o.kind, &o.props) {
-                    Ok(obj) => Some((id, obj)),
-                    Err(_) => None,
-                }
-            })
-            .collect();
         Self {
-            objects,
+            // `-object` credentials are loaded at startup (process.rs).
+            objects: BTreeMap::new(),
             tls_params: TlsParameters::default(),
             backend,
             invocation,
