@@ -306,10 +306,14 @@ fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     }
 }
 
+/// Whether `e` is leaf `function`, subleaf `index` (a leaf without significant
+/// subleaves, KVM_CPUID_FLAG_SIGNIFCANT_INDEX clear, answers for subleaf 0).
+fn is_leaf(e: &kvm_cpuid_entry2, function: u32, index: u32) -> bool {
+    e.function == function && (e.index == index || index == 0 && e.flags & 1 == 0)
+}
+
 fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
-    entries
-        .iter()
-        .find(|e| e.function == function && (e.index == index || index == 0 && e.flags & 1 == 0))
+    entries.iter().find(|e| is_leaf(e, function, index))
 }
 
 fn find_mut(
@@ -317,9 +321,7 @@ fn find_mut(
     function: u32,
     index: u32,
 ) -> Option<&mut kvm_cpuid_entry2> {
-    entries
-        .iter_mut()
-        .find(|e| e.function == function && (e.index == index || index == 0 && e.flags & 1 == 0))
+    entries.iter_mut().find(|e| is_leaf(e, function, index))
 }
 
 fn feature_name(function: u32, index: u32, reg: Reg, bit: u32) -> String {
@@ -481,7 +483,7 @@ fn resolve_named(
     // Clear every feature register, then set the model's features the host has.
     for e in entries.iter_mut() {
         for &(f, i, reg) in FEATURE_REGS {
-            if e.function == f && (e.index == i || (i == 0 && e.flags & 1 == 0)) {
+            if is_leaf(e, f, i) {
                 *reg_mut(e, reg) = 0;
             }
         }
