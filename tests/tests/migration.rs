@@ -149,13 +149,7 @@ fn destination_refusal_names_the_reason_and_source_runs_on() {
 }
 
 /// Starts a slow migration (a big filled guest over a capped link) in a thread.
-fn slow_migration(
-    s: &Scratch,
-) -> (
-    VmProcess,
-    VmProcess,
-    std::thread::JoinHandle<serde_json::Value>,
-) {
+fn slow_migration(s: &Scratch) -> (VmProcess, VmProcess, SlowMigrationThread) {
     slow_migration_with(s, &[])
 }
 
@@ -163,11 +157,7 @@ fn slow_migration(
 fn slow_migration_with(
     s: &Scratch,
     settings: &[&str],
-) -> (
-    VmProcess,
-    VmProcess,
-    std::thread::JoinHandle<serde_json::Value>,
-) {
+) -> (VmProcess, VmProcess, SlowMigrationThread) {
     let src = source(s, "1G", "ws=64M fill=1");
     let uri = format!("unix:{}", s.path("mig.sock").display());
     let dst = VmProcess::spawn(s, "dst", &["incoming", &uri]);
@@ -192,7 +182,16 @@ fn slow_migration_with(
 fn cancel_mid_migration_keeps_the_source() {
     require_kvm();
     let s = Scratch::new();
-    let (src, mut dst, t) = slow_migration(&s);
+    let (src, dst, t) = slow_migration(&s);
+    cancel_and_check(&s, src, dst, t);
+}
+
+/// The thread running a `slow_migration`'s `migrate` command.
+type SlowMigrationThread = std::thread::JoinHandle<serde_json::Value>;
+
+/// Cancels a running `slow_migration`: the reply says cancelled, the destination
+/// exits 1 and the source runs on with its memory intact.
+fn cancel_and_check(s: &Scratch, src: VmProcess, mut dst: VmProcess, t: SlowMigrationThread) {
     src.ok("migrate-cancel");
     let reply = t.join().expect("migrate thread");
     assert_eq!(reply["ok"], false, "{reply}");
@@ -204,7 +203,23 @@ fn cancel_mid_migration_keeps_the_source() {
         "{reply}"
     );
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
-    source_survives(&s, &src);
+    source_survives(s, &src);
+    src.quit();
+}
+
+/// Kills the destination of a running `slow_migration`: the migration fails and
+/// the source runs on with its memory intact.
+fn kill_destination_and_check(
+    s: &Scratch,
+    src: VmProcess,
+    mut dst: VmProcess,
+    t: SlowMigrationThread,
+) {
+    dst.child.kill().expect("kill destination");
+    let _ = dst.child.wait();
+    let reply = t.join().expect("migrate thread");
+    assert_eq!(reply["ok"], false, "{reply}");
+    source_survives(s, &src);
     src.quit();
 }
 
@@ -212,13 +227,8 @@ fn cancel_mid_migration_keeps_the_source() {
 fn killed_destination_keeps_the_source() {
     require_kvm();
     let s = Scratch::new();
-    let (src, mut dst, t) = slow_migration(&s);
-    dst.child.kill().expect("kill destination");
-    let _ = dst.child.wait();
-    let reply = t.join().expect("migrate thread");
-    assert_eq!(reply["ok"], false, "{reply}");
-    source_survives(&s, &src);
-    src.quit();
+    let (src, dst, t) = slow_migration(&s);
+    kill_destination_and_check(&s, src, dst, t);
 }
 
 #[test]
@@ -321,33 +331,17 @@ fn multifd_needs_a_socket_uri_and_bad_counts_are_refused() {
 fn killed_destination_keeps_the_source_with_streams() {
     require_kvm();
     let s = Scratch::new();
-    let (src, mut dst, t) = slow_migration_with(&s, &["multifd-channels=3"]);
+    let (src, dst, t) = slow_migration_with(&s, &["multifd-channels=3"]);
     assert_eq!(src.ok("query-migrate")["streams"], 3);
-    dst.child.kill().expect("kill destination");
-    let _ = dst.child.wait();
-    let reply = t.join().expect("migrate thread");
-    assert_eq!(reply["ok"], false, "{reply}");
-    source_survives(&s, &src);
-    src.quit();
+    kill_destination_and_check(&s, src, dst, t);
 }
 
 #[test]
 fn cancel_with_streams_keeps_the_source() {
     require_kvm();
     let s = Scratch::new();
-    let (src, mut dst, t) = slow_migration_with(&s, &["multifd-channels=2"]);
-    src.ok("migrate-cancel");
-    let reply = t.join().expect("migrate thread");
-    assert!(
-        reply["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("cancelled"),
-        "{reply}"
-    );
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
-    source_survives(&s, &src);
-    src.quit();
+    let (src, dst, t) = slow_migration_with(&s, &["multifd-channels=2"]);
+    cancel_and_check(&s, src, dst, t);
 }
 
 /// KVM_CLEAR_DIRTY_LOG right before pages are read (where the kernel offers it): a
