@@ -11,10 +11,6 @@ use std::time::{Duration, Instant};
 use ferry_tests::pki::{psk_dir, Ca};
 use ferry_tests::{complete_migration, dirtier_source, free_port, require_kvm, Scratch, VmProcess};
 
-fn source(s: &Scratch, mem: &str, append: &str) -> VmProcess {
-    dirtier_source(s, mem, append, &[])
-}
-
 fn x509(dir: &Path) -> String {
     format!("x509:{}", dir.display())
 }
@@ -24,10 +20,6 @@ fn destination(s: &Scratch, uri: &str, creds: &str) -> VmProcess {
     let dst = VmProcess::spawn(s, "dst", &["incoming", uri, "--tls-creds", creds]);
     std::thread::sleep(Duration::from_millis(300));
     dst
-}
-
-fn migrate_ok(s: &Scratch, src: VmProcess, dst: VmProcess, uri: &str) -> serde_json::Value {
-    complete_migration(s, src, dst, uri)
 }
 
 /// A migration that must fail at the TLS handshake: returns the source's error after
@@ -82,14 +74,14 @@ fn x509_with_peer_verification_and_two_streams_over_tcp() {
         &["127.0.0.1", "localhost"],
     );
     let client = ca.issue(&s.path("client"), "client", "src", &[]);
-    let src = source(&s, "256M", "ws=32M fill=1");
+    let src = dirtier_source(&s, "256M", "ws=32M fill=1", &[]);
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let dst = destination(&s, &uri, &x509(&server));
     src.ok(&format!(
         "migrate-set tls-creds={} multifd-channels=2",
         x509(&client)
     ));
-    let stats = migrate_ok(&s, src, dst, &uri);
+    let stats = complete_migration(&s, src, dst, &uri);
     assert_eq!(stats["streams"], 2, "{stats}");
     assert!(
         stats["ram"]["normal"].as_u64().unwrap_or(0) >= 8_000,
@@ -104,7 +96,7 @@ fn x509_by_hostname_over_unix_socket() {
     let ca = Ca::new(&s.path("ca"), "ferry test CA");
     let server = ca.issue(&s.path("server"), "server", "hostb", &["hostb.example"]);
     let client = ca.issue(&s.path("client"), "client", "hosta", &[]);
-    let src = source(&s, "128M", "ws=16M");
+    let src = dirtier_source(&s, "128M", "ws=16M", &[]);
     let uri = format!("unix:{}", s.path("mig.sock").display());
     let dst = destination(&s, &uri, &x509(&server));
     // A unix: URI names no host: without tls-hostname the source cannot check the
@@ -113,7 +105,7 @@ fn x509_by_hostname_over_unix_socket() {
     let err = refused(&s, &src, &uri);
     assert!(err.contains("tls-hostname"), "{err}");
     src.ok("migrate-set tls-hostname=hostb.example");
-    migrate_ok(&s, src, dst, &uri);
+    complete_migration(&s, src, dst, &uri);
 }
 
 #[test]
@@ -123,11 +115,11 @@ fn psk_over_unix_socket() {
     let key = "9f1c2e5d7a3b4c6d8e0f1a2b3c4d5e6f";
     let dst_keys = psk_dir(&s.path("dst-psk"), &[("other", "00ff"), ("qemu", key)]);
     let src_keys = psk_dir(&s.path("src-psk"), &[("qemu", key)]);
-    let src = source(&s, "128M", "ws=16M fill=1");
+    let src = dirtier_source(&s, "128M", "ws=16M fill=1", &[]);
     let uri = format!("unix:{}", s.path("mig.sock").display());
     let dst = destination(&s, &uri, &format!("psk:{}", dst_keys.display()));
     src.ok(&format!("migrate-set tls-creds=psk:{}", src_keys.display()));
-    migrate_ok(&s, src, dst, &uri);
+    complete_migration(&s, src, dst, &uri);
 }
 
 /// Strangers of every kind try one waiting destination in turn: each is refused
@@ -149,7 +141,7 @@ fn peers_without_valid_credentials_are_refused_before_any_page_moves() {
     std::fs::create_dir_all(&anonymous).expect("mkdir");
     std::fs::copy(server.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).expect("copy");
 
-    let src = source(&s, "128M", "ws=16M fill=1");
+    let src = dirtier_source(&s, "128M", "ws=16M fill=1", &[]);
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = destination(&s, &uri, &x509(&server));
 
@@ -192,7 +184,7 @@ fn peers_without_valid_credentials_are_refused_before_any_page_moves() {
     );
     // The real source, at last.
     src.ok("migrate-set tls-hostname=");
-    migrate_ok(&s, src, dst, &uri);
+    complete_migration(&s, src, dst, &uri);
 }
 
 /// A destination whose certificate the source's CA did not sign cannot pull a VM.
@@ -204,7 +196,7 @@ fn a_destination_with_a_foreign_certificate_gets_nothing() {
     let rogue = Ca::new(&s.path("rogue-ca"), "rogue CA");
     let rogue_server = rogue.issue(&s.path("rogue-server"), "server", "dst", &["127.0.0.1"]);
     let client = ca.issue(&s.path("client"), "client", "src", &[]);
-    let src = source(&s, "128M", "ws=16M fill=1");
+    let src = dirtier_source(&s, "128M", "ws=16M fill=1", &[]);
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     // The rogue destination does not even ask for a client certificate.
     let rogue_spec = format!("{},verify-peer=off", x509(&rogue_server));
@@ -250,7 +242,7 @@ fn a_destination_with_a_foreign_certificate_gets_nothing() {
 fn bad_credentials_are_named_when_set() {
     require_kvm();
     let s = Scratch::new();
-    let src = source(&s, "64M", "ws=0");
+    let src = dirtier_source(&s, "64M", "ws=0", &[]);
     let empty = s.path("empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
     let reply = src.command(&format!("migrate-set tls-creds={}", x509(&empty)));
