@@ -125,6 +125,23 @@ fn page_gpa(base: u64, first_page: u64, bit: u32) -> u64 {
     base + (first_page + u64::from(bit)) * PAGE_SIZE as u64
 }
 
+/// Calls `f(bit, gpa)` for every page set in `word`, the bitmap word of the pages
+/// from `word_page` of the slot at `base`, in address order.
+fn for_each_page(
+    word: u64,
+    base: u64,
+    word_page: u64,
+    mut f: impl FnMut(u32, u64) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    let mut w = word;
+    while w != 0 {
+        let bit = w.trailing_zeros();
+        w &= w - 1;
+        f(bit, page_gpa(base, word_page, bit))?;
+    }
+    Ok(())
+}
+
 /// The writing side of one page stream.
 type Out = StreamWriter<BufWriter<Box<dyn WriteHalf>>>;
 
@@ -328,16 +345,15 @@ impl PageSender {
             // Only this stream's pages: another stream may be reading the others.
             let mut any = 0;
             for (wi, word) in words.iter_mut().enumerate() {
-                let word_page = first_page + wi as u64 * 64;
-                let mut w = *word;
-                while w != 0 {
-                    let bit = w.trailing_zeros();
-                    w &= w - 1;
-                    if stream_of(page_gpa(base, word_page, bit), streams) != index {
-                        *word &= !(1 << bit);
+                let mut own = *word;
+                for_each_page(*word, base, first_page + wi as u64 * 64, |bit, gpa| {
+                    if stream_of(gpa, streams) != index {
+                        own &= !(1 << bit);
                     }
-                }
-                any |= *word;
+                    Ok(())
+                })?;
+                *word = own;
+                any |= own;
             }
             if any == 0 {
                 return Ok(());
@@ -349,13 +365,9 @@ impl PageSender {
                     .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             for (wi, &word) in words.iter().enumerate() {
-                let word_page = first_page + wi as u64 * 64;
-                let mut w = word;
-                while w != 0 {
-                    let bit = w.trailing_zeros();
-                    w &= w - 1;
-                    self.send(sh, ram, page_gpa(base, word_page, bit), skip_zero)?;
-                }
+                for_each_page(word, base, first_page + wi as u64 * 64, |_, gpa| {
+                    self.send(sh, ram, gpa, skip_zero)
+                })?;
             }
             Ok(())
         };
