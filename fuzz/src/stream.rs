@@ -586,6 +586,7 @@ fn exec_receiver(input: &[u8], kvm: bool) -> Outcome {
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         autostart: false,
+        virtio: Vec::new(),
     };
     let result = migration::receive(
         Box::new(Cursor::new(input.to_vec())),
@@ -634,6 +635,7 @@ pub fn restore_error(input: &[u8]) -> Option<String> {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
+        virtio: Vec::new(),
     };
     checkpoint::restore(Cursor::new(input.to_vec()), &opts)
         .err()
@@ -649,6 +651,7 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
+        virtio: Vec::new(),
     };
     match checkpoint::restore(Cursor::new(input.to_vec()), &opts) {
         Ok(vm) if vm.is_running() => Outcome::Violation("a restored VM runs before resume".into()),
@@ -670,6 +673,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         cpu: ferry_vmm::cpu::model::CpuModel::Host,
+        virtio: Vec::new(),
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();

@@ -553,6 +553,7 @@ fn destination(
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         autostart: false,
+        virtio: Vec::new(),
     };
     let extra = ExtraStreams {
         listener,
@@ -999,6 +1000,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         cpu: ferry_vmm::cpu::model::CpuModel::Host,
+        virtio: Vec::new(),
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();
@@ -1021,6 +1023,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
             serial: SinkSpec::Null,
             expect_mem_bytes: None,
             autostart: false,
+            virtio: Vec::new(),
         };
         let extra = ExtraStreams {
             listener: &dest,

@@ -182,6 +182,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         backing: Backing::Anonymous,
         serial: sink,
         cpu: config.cpu.clone(),
+        virtio: Vec::new(),
     })
     .map_err(engine)?;
     guest
@@ -362,6 +363,7 @@ impl FerryBackend {
                 expect_mem_bytes: inner.config.as_ref().map(|c| c.mem_bytes),
                 // Started below, under the lock, if `cont` came meanwhile.
                 autostart: false,
+                virtio: Vec::new(),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);

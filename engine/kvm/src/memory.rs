@@ -9,11 +9,9 @@ use kvm_bindings::{
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 /// Size of a guest page: ferry tracks, sends and checks memory in 4 KiB pages.
@@ -82,11 +80,19 @@ pub enum MemoryError {
     OutOfRange { gpa: u64, len: u64 },
 }
 
+/// Guest memory as ferry maps it: every write made through vm-memory (by devices,
+/// loaders) marks its pages in a per-region bitmap, which [`GuestRam::get_dirty_log`]
+/// merges into KVM's dirty log, so pages the VMM writes migrate like pages the guest
+/// writes.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One region of [`GuestMemory`].
+pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
+
 /// Guest RAM: the vm-memory mapping plus the KVM slot numbering ferry uses
 /// (slot N = the N-th RAM range in ascending guest-physical order).
 #[derive(Debug)]
 pub struct GuestRam {
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
     backing: Backing,
     /// Per slot: (guest physical base, size in bytes, host address).
     slots: Vec<(u64, u64, usize)>,
@@ -114,8 +120,8 @@ impl GuestRam {
             let region = map_region(gpa, size, backing)?;
             regions.push(region);
         }
-        let mem = GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let mem =
+            GuestMemory::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
         if backing != Backing::HugePages {
             for r in mem.iter() {
                 // SAFETY: the range is a mapping we own; MADV_HUGEPAGE only changes how
@@ -143,7 +149,7 @@ impl GuestRam {
     }
 
     /// The vm-memory view, for loaders and devices.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestMemory {
         &self.mem
     }
 
@@ -166,6 +172,9 @@ impl GuestRam {
     /// Calling it again with another `log_dirty` toggles logging on the same slots
     /// (turning logging on also resets the log).
     pub fn register(&self, vm: &VmFd, log_dirty: bool) -> Result<(), MemoryError> {
+        if log_dirty {
+            self.reset_vmm_dirty();
+        }
         for (slot, &(gpa, size, host)) in self.slots.iter().enumerate() {
             let slot = slot as u32;
             let region = kvm_userspace_memory_region {
@@ -196,18 +205,36 @@ impl GuestRam {
 
     /// Reads and resets KVM's dirty bitmap of every slot: one `Vec<u64>` per slot, bit i of
     /// word w = page w*64+i of that slot.
+    /// Pages the VMM wrote through [`GuestRam::memory`] since the last call are
+    /// included (and reset) too.
     pub fn get_dirty_log(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, MemoryError> {
         self.slots
             .iter()
+            .zip(self.mem.iter())
             .enumerate()
-            .map(|(slot, &(_, size, _))| {
-                vm.get_dirty_log(slot as u32, size as usize)
+            .map(|(slot, (&(_, size, _), region))| {
+                let mut words = vm
+                    .get_dirty_log(slot as u32, size as usize)
                     .map_err(|source| MemoryError::GetDirtyLog {
                         slot: slot as u32,
                         source,
-                    })
+                    })?;
+                for (w, vmm) in words
+                    .iter_mut()
+                    .zip(std::ops::Deref::deref(region).bitmap().get_and_reset())
+                {
+                    *w |= vmm;
+                }
+                Ok(words)
             })
             .collect()
+    }
+
+    /// Forgets which pages the VMM wrote (dirty tracking starts afresh).
+    pub fn reset_vmm_dirty(&self) {
+        for region in self.mem.iter() {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
     }
 
     /// Switches KVM's manual dirty-log protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
@@ -342,7 +369,7 @@ fn is_zero(words: &[u64]) -> bool {
         .all(|block| block.iter().fold(0u64, |acc, &w| acc | w) == 0)
 }
 
-fn map_region(gpa: u64, size: u64, backing: Backing) -> Result<GuestRegionMmap, MemoryError> {
+fn map_region(gpa: u64, size: u64, backing: Backing) -> Result<GuestRegion, MemoryError> {
     let err = |source: std::io::Error| MemoryError::Allocate {
         gpa,
         size,
@@ -351,7 +378,8 @@ fn map_region(gpa: u64, size: u64, backing: Backing) -> Result<GuestRegionMmap, 
     };
     let len = usize::try_from(size).map_err(|_| err(std::io::ErrorKind::InvalidInput.into()))?;
     let prot = libc::PROT_READ | libc::PROT_WRITE;
-    let builder = MmapRegionBuilder::new(len).with_mmap_prot(prot);
+    let builder =
+        MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len)).with_mmap_prot(prot);
     let builder = match backing {
         Backing::Anonymous => {
             builder.with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -375,7 +403,7 @@ fn map_region(gpa: u64, size: u64, backing: Backing) -> Result<GuestRegionMmap, 
     let region = builder
         .build()
         .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-    GuestRegionMmap::new(region, GuestAddress(gpa))
+    GuestRegion::new(region, GuestAddress(gpa))
         .ok_or_else(|| MemoryError::Layout(format!("range {gpa:#x}+{size:#x} wraps around")))
 }
 

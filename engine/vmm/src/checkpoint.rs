@@ -112,6 +112,8 @@ pub struct RestoreOptions {
     pub serial: SinkSpec,
     /// When set, the stream's RAM size must equal this (the user's `-m`).
     pub expect_mem_bytes: Option<u64>,
+    /// This host's virtio devices; they must match the checkpoint's.
+    pub virtio: Vec<crate::vm::VirtioSpec>,
 }
 
 /// Checks that a RAM batch only touches guest RAM, then copies it in.
@@ -224,6 +226,7 @@ pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
         serial: opts.serial.clone(),
         expect_mem_bytes: opts.expect_mem_bytes,
         autostart: false,
+        virtio: opts.virtio.clone(),
     };
     crate::migration::receive(Box::new(r), None, &incoming).map_err(|e| match e {
         crate::migration::MigrationError::Vmm(v) => v,

@@ -122,6 +122,71 @@ pub struct Common {
     /// Do not start the vCPUs (like QEMU's -S); `resume` on the control socket starts them.
     #[arg(long)]
     pub paused: bool,
+    /// A virtio-blk disk on PCI: PATH[,slot=N][,readonly=on][,serial=S] (raw image or
+    /// block device; repeat for more disks). Slots default to 4, 5, ... in order. A
+    /// migration destination or restore must be given the same disks (shared storage).
+    #[arg(long = "disk", value_parser = parse_disk)]
+    pub disks: Vec<DiskArg>,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone)]
+pub struct DiskArg {
+    pub config: crate::devices::virtio::blk::BlockConfig,
+    pub slot: Option<u8>,
+}
+
+fn parse_disk(text: &str) -> Result<DiskArg, String> {
+    let mut parts = text.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("missing PATH")?;
+    let mut arg = DiskArg {
+        config: crate::devices::virtio::blk::BlockConfig {
+            path: PathBuf::from(path),
+            read_only: false,
+            serial: None,
+        },
+        slot: None,
+    };
+    for part in parts {
+        match part.split_once('=') {
+            Some(("slot", v)) => {
+                let v = v
+                    .strip_prefix("0x")
+                    .map_or_else(|| v.parse(), |h| u8::from_str_radix(h, 16));
+                arg.slot = Some(v.map_err(|e| format!("slot: {e}"))?);
+            }
+            Some(("readonly", "on")) => arg.config.read_only = true,
+            Some(("readonly", "off")) => arg.config.read_only = false,
+            Some(("serial", v)) => arg.config.serial = Some(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "unknown disk option '{part}' (PATH[,slot=N][,readonly=on|off][,serial=S])"
+                ))
+            }
+        }
+    }
+    Ok(arg)
+}
+
+impl Common {
+    /// The virtio devices asked for, with default slots filled in.
+    pub fn virtio(&self) -> Vec<crate::vm::VirtioSpec> {
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let slot = d.slot.unwrap_or(4 + i as u8);
+                crate::vm::VirtioSpec {
+                    slot,
+                    id: format!("disk{i}"),
+                    device: crate::vm::VirtioDeviceSpec::Block(d.config.clone()),
+                }
+            })
+            .collect()
+    }
 }
 
 /// `ferry-vm`'s subcommands.

@@ -58,6 +58,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 backing: common.backing.into(),
                 serial: common.serial.clone(),
                 cpu,
+                virtio: common.virtio(),
             })?;
             vm.boot(&KernelConfig {
                 kernel,
@@ -106,6 +107,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     serial: common.serial.clone(),
                     expect_mem_bytes: mem,
                     autostart: !common.paused,
+                    virtio: common.virtio(),
                 },
             )
             .map_err(|e| match e {
@@ -124,6 +126,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),
                     expect_mem_bytes: mem,
+                    virtio: common.virtio(),
                 },
             )
             .map_err(|e| match e {

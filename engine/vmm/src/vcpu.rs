@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::cpu::VcpuState;
+use crate::devices::pci::PciBus;
 use crate::devices::serial::{Com1, COM1_BASE, COM1_LEN};
 use crate::VmmError;
 
@@ -36,6 +37,7 @@ pub(crate) enum VcpuCmd {
 #[derive(Clone)]
 pub(crate) struct VcpuContext {
     pub com1: Arc<Mutex<Com1>>,
+    pub pci: Arc<PciBus>,
     pub exits: Sender<GuestExit>,
     pub msr_indices: Arc<Vec<u32>>,
     pub throttle: Arc<crate::migration::converge::ThrottleState>,
@@ -217,11 +219,17 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<Gues
             None
         }
         VcpuExit::MmioRead(addr, data) => {
+            if ctx.pci.mmio_read(addr, data) {
+                return None;
+            }
             tracing::trace!("vCPU {index}: unclaimed MMIO read at {addr:#x}");
             data.fill(0xff);
             None
         }
-        VcpuExit::MmioWrite(addr, _) => {
+        VcpuExit::MmioWrite(addr, data) => {
+            if ctx.pci.mmio_write(addr, data) {
+                return None;
+            }
             tracing::trace!("vCPU {index}: unclaimed MMIO write at {addr:#x}");
             None
         }
@@ -261,6 +269,10 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
         }
         return None;
     }
+    if PciBus::claims_port(port) {
+        ctx.pci.io_write(port, data);
+        return None;
+    }
     let value = data
         .iter()
         .rev()
@@ -282,6 +294,10 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
                 *b = com1.read((port - COM1_BASE) as u8);
             }
         }
+        return;
+    }
+    if PciBus::claims_port(port) {
+        ctx.pci.io_read(port, data);
         return;
     }
     // Nothing else is decoded: an open bus reads all ones.

@@ -17,7 +17,10 @@ use ferry_kvm::{Backing, GuestRam};
 
 use crate::cpu::model::{self, CpuModel, CpuidLeaf};
 use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
+use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
+use crate::devices::virtio::blk::{Block, BlockConfig};
+use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState};
 use crate::migration::converge::ThrottleState;
 use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
 use crate::VmmError;
@@ -34,6 +37,72 @@ pub struct VmConfig {
     pub serial: SinkSpec,
     /// The CPU the guest sees.
     pub cpu: CpuModel,
+    /// Virtio devices on PCI bus 0.
+    pub virtio: Vec<VirtioSpec>,
+}
+
+/// A virtio device and where it sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioSpec {
+    /// PCI slot on bus 0 (1 to 31; 0 is the host bridge).
+    pub slot: u8,
+    /// Names the device in logs and errors (libvirt's device id).
+    pub id: String,
+    pub device: VirtioDeviceSpec,
+}
+
+/// Which virtio device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtioDeviceSpec {
+    Block(BlockConfig),
+}
+
+impl VirtioSpec {
+    fn build(&self) -> Result<Box<dyn VirtioDevice>, VmmError> {
+        let fail = |e: String| VmmError::Config(format!("{}: {e}", self.id));
+        Ok(match &self.device {
+            VirtioDeviceSpec::Block(c) => Box::new(Block::open(c).map_err(fail)?),
+        })
+    }
+}
+
+/// Builds the PCI bus with `specs`, checking their slots.
+fn build_pci(
+    specs: &[VirtioSpec],
+    ram: &Arc<GuestRam>,
+    vm: &Arc<VmFd>,
+) -> Result<PciBus, VmmError> {
+    let mut devices: Vec<(u8, Arc<Mutex<VirtioPci>>)> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        if spec.slot == 0 || spec.slot > MAX_SLOT {
+            return Err(VmmError::Config(format!(
+                "{}: PCI slot {} is out of range (1 to {MAX_SLOT}; 0 is the host bridge)",
+                spec.id, spec.slot
+            )));
+        }
+        if let Some(other) = specs
+            .iter()
+            .take_while(|o| !std::ptr::eq(*o, spec))
+            .find(|o| o.slot == spec.slot)
+        {
+            return Err(VmmError::Config(format!(
+                "{} and {} are both in PCI slot {:#x}",
+                other.id, spec.id, spec.slot
+            )));
+        }
+    }
+    for spec in specs {
+        let dev = VirtioPci::new(
+            spec.slot,
+            spec.id.clone(),
+            spec.build()?,
+            ram.clone(),
+            vm.clone(),
+        );
+        devices.push((spec.slot, Arc::new(Mutex::new(dev))));
+    }
+    devices.sort_by_key(|(slot, _)| *slot);
+    Ok(PciBus::new(devices))
 }
 
 /// What to boot.
@@ -73,6 +142,9 @@ pub struct VmState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesState {
     pub com1: SerialDeviceState,
+    /// Virtio devices by slot (absent in streams from before PCI devices).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio: Vec<VirtioPciState>,
 }
 
 /// A VM on /dev/kvm.
@@ -84,7 +156,8 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     com1: Arc<Mutex<Com1>>,
     com1_irq: EventFd,
-    vm: VmFd,
+    pci: Arc<PciBus>,
+    vm: Arc<VmFd>,
     _kvm: Kvm,
     ram: Arc<GuestRam>,
     exits: Receiver<GuestExit>,
@@ -117,9 +190,10 @@ impl Vm {
                 "cannot open /dev/kvm ({e}): load the kvm module and give this user access to /dev/kvm"
             ))
         })?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?,
+        );
         let ram = Arc::new(GuestRam::new(ranges, config.backing)?);
         ram.register(&vm, false)?;
         vm.set_tss_address(0xfffb_d000)
@@ -143,6 +217,7 @@ impl Vm {
             .try_clone()
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
         let com1 = Arc::new(Mutex::new(Com1::new(irq, sink.clone())));
+        let pci = Arc::new(build_pci(&config.virtio, &ram, &vm)?);
 
         let base = model::resolve(&supported_cpuid(&kvm)?, &config.cpu)?;
         let cpuid: Vec<CpuidLeaf> = base.iter().map(Into::into).collect();
@@ -162,6 +237,7 @@ impl Vm {
         let throttle = Arc::new(ThrottleState::default());
         let ctx = VcpuContext {
             com1: com1.clone(),
+            pci: pci.clone(),
             exits: exit_tx,
             msr_indices,
             throttle: throttle.clone(),
@@ -175,6 +251,7 @@ impl Vm {
             vcpus,
             com1,
             com1_irq,
+            pci,
             vm,
             _kvm: kvm,
             ram,
@@ -278,6 +355,11 @@ impl Vm {
         &self.ram
     }
 
+    /// PCI bus 0 and its virtio devices.
+    pub fn pci(&self) -> &Arc<PciBus> {
+        &self.pci
+    }
+
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm
     }
@@ -294,9 +376,20 @@ impl Vm {
         VmShape {
             ram_ranges: self.ram.ranges(),
             vcpus: self.config.vcpus,
-            devices: vec!["com1".into()],
+            devices: self.device_names(),
             cpuid: self.cpuid.clone(),
         }
+    }
+
+    /// The devices a destination must provide, in a stable order.
+    fn device_names(&self) -> Vec<String> {
+        let mut names = vec!["com1".to_string()];
+        for (_, dev) in self.pci.devices() {
+            if let Ok(dev) = dev.lock() {
+                names.push(dev.shape_name());
+            }
+        }
+        names
     }
 
     /// State of every vCPU; the VM must be paused.
@@ -336,21 +429,30 @@ impl Vm {
             .com1
             .lock()
             .map_err(|_| VmmError::Config("serial device lock poisoned".into()))?;
-        Ok(DevicesState { com1: com1.state() })
+        let mut virtio = Vec::new();
+        for (_, dev) in self.pci.devices() {
+            let mut dev = dev
+                .lock()
+                .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?;
+            // What the guest wrote must be on the disk before another host reads it.
+            dev.flush().map_err(VmmError::Config)?;
+            virtio.push(dev.state());
+        }
+        Ok(DevicesState {
+            com1: com1.state(),
+            virtio,
+        })
     }
 
     /// Creates a VM of exactly `shape` (for restore and incoming migration).
+    /// `virtio` are this host's devices (disk paths, taps), which must match the
+    /// shape's.
     pub fn create_for_shape(
         shape: &VmShape,
         backing: Backing,
         serial: SinkSpec,
+        virtio: Vec<VirtioSpec>,
     ) -> Result<Self, VmmError> {
-        if shape.devices != ["com1"] {
-            return Err(VmmError::Restore(format!(
-                "the VM has devices {:?}; this ferry provides only [\"com1\"]",
-                shape.devices
-            )));
-        }
         let mem_bytes = shape.ram_ranges.iter().map(|r| r.1).sum();
         let config = VmConfig {
             mem_bytes,
@@ -362,8 +464,18 @@ impl Vm {
             } else {
                 CpuModel::Exact(shape.cpuid.clone())
             },
+            virtio,
         };
-        Self::create_with_ranges(config, &shape.ram_ranges)
+        let vm = Self::create_with_ranges(config, &shape.ram_ranges)?;
+        let ours = vm.device_names();
+        if shape.devices != ours {
+            return Err(VmmError::Restore(format!(
+                "the VM has devices {:?}; this side was given {:?} (give it the same disks and \
+                 NICs in the same PCI slots, with the same sizes)",
+                shape.devices, ours
+            )));
+        }
+        Ok(vm)
     }
 
     /// Loads captured state into this (never run) VM. All of it was validated by the
@@ -409,6 +521,19 @@ impl Vm {
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
         let com1 =
             Com1::from_state(&devices.com1, irq, self.sink.clone()).map_err(VmmError::Restore)?;
+        if devices.virtio.len() != self.pci.devices().len() {
+            return Err(VmmError::Restore(format!(
+                "state for {} virtio devices, VM has {}",
+                devices.virtio.len(),
+                self.pci.devices().len()
+            )));
+        }
+        for (state, (_, dev)) in devices.virtio.iter().zip(self.pci.devices()) {
+            dev.lock()
+                .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?
+                .restore(state)
+                .map_err(VmmError::Restore)?;
+        }
         *self
             .com1
             .lock()

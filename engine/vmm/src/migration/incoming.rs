@@ -31,6 +31,8 @@ pub struct IncomingOptions {
     pub expect_mem_bytes: Option<u64>,
     /// Resume the VM once loaded (otherwise it stays paused, like QEMU with `-S`).
     pub autostart: bool,
+    /// This host's virtio devices (disks, NICs); they must match the source's.
+    pub virtio: Vec<crate::vm::VirtioSpec>,
 }
 
 /// Where the extra page streams of a multi-stream migration come from.
@@ -429,6 +431,7 @@ fn load(
         backing: opts.backing,
         serial: opts.serial.clone(),
         expect_mem_bytes: opts.expect_mem_bytes,
+        virtio: opts.virtio.clone(),
     };
     check_shape(&hs.shape, &restore_opts)?;
     let proposed = hs.streams.max(1);
@@ -442,7 +445,12 @@ fn load(
         .as_ref()
         .map_or(1, |x| x.max_streams.clamp(1, MAX_STREAMS));
     let streams = proposed.min(limit);
-    let mut vm = Vm::create_for_shape(&hs.shape, opts.backing, opts.serial.clone())?;
+    let mut vm = Vm::create_for_shape(
+        &hs.shape,
+        opts.backing,
+        opts.serial.clone(),
+        opts.virtio.clone(),
+    )?;
     if proposed > 1 {
         ret.send(&Reply::Accepted { streams });
     } else {
@@ -600,6 +608,7 @@ mod tests {
                 serial: SinkSpec::Null,
                 expect_mem_bytes: None,
                 autostart: false,
+                virtio: Vec::new(),
             };
             let extra = ExtraStreams {
                 listener: &listener,

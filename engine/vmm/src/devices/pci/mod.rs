@@ -1,0 +1,176 @@
+//! A PCI bus 0 reached through configuration mechanism #1 (ports 0xcf8-0xcff), as
+//! on QEMU's `pc` machine: an i440FX host bridge at 00.0 and the virtio devices at
+//! the slots their configuration names. Memory BARs are placed by the VMM (as
+//! firmware would) in the 32-bit hole; a guest may move them, and MMIO follows.
+
+mod config;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub use config::{ConfigSpace, BAR0_REG};
+
+use crate::devices::virtio::VirtioPci;
+
+/// CONFIG_ADDRESS register (a dword at 0xcf8).
+pub const CONFIG_ADDRESS: u16 = 0xcf8;
+/// CONFIG_DATA window (0xcfc-0xcff).
+pub const CONFIG_DATA: u16 = 0xcfc;
+/// Base of the window BARs are placed in (QEMU's `pc` machine uses the same hole).
+pub const BAR_WINDOW: u64 = 0xe000_0000;
+/// Each slot gets this much of the window for its BAR.
+pub const BAR_STRIDE: u64 = 0x10_0000;
+/// Highest device number on a bus.
+pub const MAX_SLOT: u8 = 31;
+
+/// The i440FX host bridge's configuration (read-only to the guest).
+fn host_bridge() -> ConfigSpace {
+    let mut c = ConfigSpace::new(0x8086, 0x1237, 0x06_00_00, 0x02);
+    c.set_subsystem(0x1af4, 0x1100);
+    c
+}
+
+/// Bus 0: the host bridge and the virtio functions (function 0 of their slot).
+#[derive(Debug)]
+pub struct PciBus {
+    address: AtomicU32,
+    bridge: Mutex<ConfigSpace>,
+    devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>,
+}
+
+impl PciBus {
+    /// A bus with `devices` at their slots (1..=31, distinct; checked by the caller).
+    pub fn new(devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>) -> Self {
+        Self {
+            address: AtomicU32::new(0),
+            bridge: Mutex::new(host_bridge()),
+            devices,
+        }
+    }
+
+    /// The virtio functions, by slot.
+    pub fn devices(&self) -> &[(u8, Arc<Mutex<VirtioPci>>)] {
+        &self.devices
+    }
+
+    /// Whether `port` belongs to the configuration mechanism.
+    pub fn claims_port(port: u16) -> bool {
+        (CONFIG_ADDRESS..CONFIG_ADDRESS + 4).contains(&port)
+            || (CONFIG_DATA..CONFIG_DATA + 4).contains(&port)
+    }
+
+    pub fn io_write(&self, port: u16, data: &[u8]) {
+        if port == CONFIG_ADDRESS && data.len() == 4 {
+            let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.address.store(value, Ordering::Release);
+            return;
+        }
+        if let Some((reg, offset)) = self.data_target(port, data.len()) {
+            self.with_function(reg, |f| match f {
+                Function::Bridge(_) => {}
+                Function::Virtio(dev) => dev.config_write(reg.register, offset, data),
+            });
+        }
+    }
+
+    pub fn io_read(&self, port: u16, data: &mut [u8]) {
+        if port == CONFIG_ADDRESS && data.len() == 4 {
+            data.copy_from_slice(&self.address.load(Ordering::Acquire).to_le_bytes());
+            return;
+        }
+        data.fill(0xff);
+        let Some((reg, offset)) = self.data_target(port, data.len()) else {
+            return;
+        };
+        let mut value = None;
+        self.with_function(reg, |f| {
+            value = Some(match f {
+                Function::Bridge(c) => c.read(reg.register),
+                Function::Virtio(dev) => dev.config_read(reg.register),
+            })
+        });
+        if let Some(v) = value {
+            let bytes = v.to_le_bytes();
+            data.copy_from_slice(&bytes[offset..offset + data.len()]);
+        }
+    }
+
+    /// An MMIO access at `addr`: true when a BAR claimed it.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        for (_, dev) in &self.devices {
+            let Ok(mut dev) = dev.lock() else { continue };
+            if let Some(offset) = dev.bar_offset(addr, data.len()) {
+                dev.bar_read(offset, data);
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        for (_, dev) in &self.devices {
+            let Ok(mut dev) = dev.lock() else { continue };
+            if let Some(offset) = dev.bar_offset(addr, data.len()) {
+                dev.bar_write(offset, data);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The register addressed by CONFIG_ADDRESS for an access to `port`, and the
+    /// byte offset in it; `None` when the enable bit is clear or the access is
+    /// misaligned.
+    fn data_target(&self, port: u16, len: usize) -> Option<(Target, usize)> {
+        if !(CONFIG_DATA..CONFIG_DATA + 4).contains(&port) {
+            return None;
+        }
+        let offset = usize::from(port - CONFIG_DATA);
+        if !matches!(len, 1 | 2 | 4) || offset % len != 0 {
+            return None;
+        }
+        let a = self.address.load(Ordering::Acquire);
+        if a & 0x8000_0000 == 0 {
+            return None;
+        }
+        Some((
+            Target {
+                bus: ((a >> 16) & 0xff) as u8,
+                slot: ((a >> 11) & 0x1f) as u8,
+                function: ((a >> 8) & 0x7) as u8,
+                register: ((a >> 2) & 0x3f) as usize,
+            },
+            offset,
+        ))
+    }
+
+    fn with_function(&self, t: Target, f: impl FnOnce(Function<'_>)) {
+        if t.bus != 0 || t.function != 0 {
+            return;
+        }
+        if t.slot == 0 {
+            if let Ok(c) = self.bridge.lock() {
+                f(Function::Bridge(&c));
+            }
+            return;
+        }
+        if let Some((_, dev)) = self.devices.iter().find(|(s, _)| *s == t.slot) {
+            if let Ok(mut dev) = dev.lock() {
+                f(Function::Virtio(&mut dev));
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    bus: u8,
+    slot: u8,
+    function: u8,
+    register: usize,
+}
+
+enum Function<'a> {
+    Bridge(&'a ConfigSpace),
+    Virtio(&'a mut VirtioPci),
+}

@@ -1,0 +1,301 @@
+//! virtio-blk on a raw image file or block device (virtio 1.1 section 5.2): read,
+//! write, flush and get-ID, with the write cache the driver negotiates
+//! (VIRTIO_BLK_F_FLUSH: writes land in the host page cache and a flush makes them
+//! durable; without it every write is synced before it completes).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use ferry_kvm::memory::GuestMemory;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use super::{VirtioDevice, F_VERSION_1};
+
+const SECTOR: u64 = 512;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+/// Entries per queue.
+const QUEUE_SIZE: u16 = 256;
+/// Largest request accepted (bytes of data).
+const MAX_REQUEST: usize = 4 << 20;
+/// Length of the serial returned by GET_ID.
+const ID_BYTES: usize = 20;
+
+/// How to build a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// A raw image file or block device (also `/proc/self/fd/N` for a passed fd).
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Up to 20 bytes returned by GET_ID (`/dev/disk/by-id/virtio-<serial>`).
+    pub serial: Option<String>,
+}
+
+/// A virtio-blk device.
+#[derive(Debug)]
+pub struct Block {
+    config: BlockConfig,
+    file: File,
+    /// Capacity in 512-byte sectors.
+    sectors: u64,
+}
+
+impl Block {
+    /// Opens the image; errors name the file and what to do.
+    pub fn open(config: &BlockConfig) -> Result<Self, String> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|e| {
+                format!(
+                    "cannot open disk image {} {}: {e}",
+                    config.path.display(),
+                    if config.read_only {
+                        "for reading"
+                    } else {
+                        "for reading and writing (mark it read-only if it must not change)"
+                    }
+                )
+            })?;
+        let bytes = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| format!("cannot size disk image {}: {e}", config.path.display()))?;
+        if bytes < SECTOR {
+            return Err(format!(
+                "disk image {} holds {bytes} bytes; a disk needs at least one 512-byte sector",
+                config.path.display()
+            ));
+        }
+        if config.serial.as_ref().is_some_and(|s| s.len() > ID_BYTES) {
+            return Err(format!(
+                "disk serial {:?} is longer than {ID_BYTES} bytes",
+                config.serial.as_deref().unwrap_or_default()
+            ));
+        }
+        Ok(Self {
+            config: config.clone(),
+            file,
+            sectors: bytes / SECTOR,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    fn config_bytes(&self) -> [u8; 0x40] {
+        let mut c = [0u8; 0x40];
+        c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
+        // size_max (8) stays 0: no limit per segment.
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
+        c
+    }
+
+    /// Runs one request; returns the status byte and the data bytes written to
+    /// the guest. `Err` when the chain cannot carry a status at all.
+    fn execute(
+        &mut self,
+        reader: &mut impl Read,
+        readable: usize,
+        data_out: &mut Vec<u8>,
+        writable: usize,
+        driver_features: u64,
+    ) -> Result<u8, String> {
+        let mut header = [0u8; 16];
+        if readable < header.len() {
+            return Err(format!("request header of {readable} bytes (needs 16)"));
+        }
+        if writable == 0 {
+            return Err("request without a writable status byte".into());
+        }
+        reader
+            .read_exact(&mut header)
+            .map_err(|e| format!("cannot read the request header: {e}"))?;
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let in_range = |len: usize| {
+            (len as u64) % SECTOR == 0
+                && len <= MAX_REQUEST
+                && sector
+                    .checked_add(len as u64 / SECTOR)
+                    .is_some_and(|end| end <= self.sectors)
+        };
+        Ok(match kind {
+            T_IN => {
+                let len = writable - 1;
+                if !in_range(len) {
+                    return Ok(S_IOERR);
+                }
+                data_out.resize(len, 0);
+                match self.file.read_exact_at(data_out, sector * SECTOR) {
+                    Ok(()) => S_OK,
+                    Err(e) => {
+                        tracing::warn!("virtio-blk: read of {len} bytes at sector {sector}: {e}");
+                        data_out.clear();
+                        S_IOERR
+                    }
+                }
+            }
+            T_OUT => {
+                let len = readable - header.len();
+                if self.config.read_only {
+                    return Ok(S_IOERR);
+                }
+                if !in_range(len) {
+                    return Ok(S_IOERR);
+                }
+                let mut data = vec![0u8; len];
+                if reader.read_exact(&mut data).is_err() {
+                    return Ok(S_IOERR);
+                }
+                let written = self
+                    .file
+                    .write_all_at(&data, sector * SECTOR)
+                    .and_then(|()| {
+                        if driver_features & F_FLUSH == 0 {
+                            self.file.sync_data()
+                        } else {
+                            Ok(())
+                        }
+                    });
+                match written {
+                    Ok(()) => S_OK,
+                    Err(e) => {
+                        tracing::warn!("virtio-blk: write of {len} bytes at sector {sector}: {e}");
+                        S_IOERR
+                    }
+                }
+            }
+            T_FLUSH => match self.file.sync_data() {
+                Ok(()) => S_OK,
+                Err(e) => {
+                    tracing::warn!("virtio-blk: flush: {e}");
+                    S_IOERR
+                }
+            },
+            T_GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                if let Some(s) = &self.config.serial {
+                    id[..s.len()].copy_from_slice(s.as_bytes());
+                }
+                let len = (writable - 1).min(ID_BYTES);
+                data_out.extend_from_slice(&id[..len]);
+                S_OK
+            }
+            _ => S_UNSUPP,
+        })
+    }
+}
+
+impl VirtioDevice for Block {
+    fn kind(&self) -> &'static str {
+        "virtio-blk"
+    }
+
+    fn device_id(&self) -> u16 {
+        2
+    }
+
+    fn pci_class(&self) -> u32 {
+        // Mass storage, SCSI (what QEMU's virtio-blk-pci reports).
+        0x01_00_00
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.config.read_only { F_RO } else { 0 };
+        F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | ro
+    }
+
+    fn queue_count(&self) -> usize {
+        1
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn read_config(&self, offset: usize, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn process(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        driver_features: u64,
+    ) -> Result<bool, String> {
+        let queue = queues
+            .get_mut(index)
+            .ok_or_else(|| format!("no queue {index}"))?;
+        let chains: Vec<_> = queue
+            .iter(mem)
+            .map_err(|e| format!("available ring: {e:?}"))?
+            .collect();
+        let mut used = false;
+        let mut data = Vec::new();
+        for chain in chains {
+            let head = chain.head_index();
+            let mut reader = chain
+                .clone()
+                .reader(mem)
+                .map_err(|e| format!("request {head}: {e:?}"))?;
+            let mut writer = chain
+                .writer(mem)
+                .map_err(|e| format!("request {head}: {e:?}"))?;
+            let (readable, writable) = (reader.available_bytes(), writer.available_bytes());
+            data.clear();
+            let status =
+                self.execute(&mut reader, readable, &mut data, writable, driver_features)?;
+            let mut status_part = writer
+                .split_at(writable - 1)
+                .map_err(|e| format!("request {head}: {e:?}"))?;
+            let mut written = 0;
+            if !data.is_empty() {
+                writer
+                    .write_all(&data)
+                    .map_err(|e| format!("request {head}: {e}"))?;
+                written = data.len();
+            }
+            status_part
+                .write_all(&[status])
+                .map_err(|e| format!("request {head}: {e}"))?;
+            queue
+                .add_used(mem, head, (written + 1) as u32)
+                .map_err(|e| format!("used ring: {e:?}"))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.file
+            .sync_data()
+            .map_err(|e| format!("cannot flush {}: {e}", self.config.path.display()))
+    }
+
+    fn identity(&self) -> String {
+        format!(
+            "{}s-{}",
+            self.sectors,
+            if self.config.read_only { "ro" } else { "rw" }
+        )
+    }
+}

@@ -1,0 +1,77 @@
+//! Virtio 1.x devices on PCI (the modern, non-transitional interface of virtio 1.1
+//! section 4.1): one 64-bit memory BAR holds the common configuration, ISR, device
+//! configuration, notification area and the MSI-X table and PBA. Interrupts are
+//! MSI-X only (the interrupt pin is 0), which every virtio driver of the last
+//! decade uses. Queues are rust-vmm's `virtio-queue` split rings; every write the
+//! devices make to guest memory goes through vm-memory and so lands in the dirty
+//! log a migration reads.
+//!
+//! Device work runs on the vCPU thread that wrote the notification (virtio-blk),
+//! or on a device thread (virtio-net receive), always under the device's lock,
+//! so a paused VM with its device threads parked has no request in flight.
+
+pub mod blk;
+mod persist;
+#[cfg(test)]
+mod tests;
+mod transport;
+
+pub use persist::{QueueSnapshot, VirtioPciState};
+pub use transport::{VirtioPci, BAR_SIZE};
+
+use ferry_kvm::memory::GuestMemory;
+use virtio_queue::Queue;
+
+/// VIRTIO_F_VERSION_1: the modern interface (required by this transport).
+pub const F_VERSION_1: u64 = 1 << 32;
+/// Driver status bits (virtio 1.1 section 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// A device behind the transport: its identity, features, configuration space
+/// and queue work.
+pub trait VirtioDevice: Send + std::fmt::Debug {
+    /// `virtio-blk`, `virtio-net`: names the device in logs, shapes and errors.
+    fn kind(&self) -> &'static str;
+    /// Virtio device ID (1 = network, 2 = block); the PCI device ID is 0x1040 + it.
+    fn device_id(&self) -> u16;
+    /// 24-bit PCI class code.
+    fn pci_class(&self) -> u32;
+    /// Feature bits offered, including [`F_VERSION_1`].
+    fn features(&self) -> u64;
+    fn queue_count(&self) -> usize;
+    fn queue_max_size(&self) -> u16 {
+        256
+    }
+    /// Reads the device-specific configuration at `offset` (out of range reads 0).
+    fn read_config(&self, offset: usize, data: &mut [u8]);
+    /// Writes to the device-specific configuration (ignored where read-only).
+    fn write_config(&mut self, _offset: usize, _data: &[u8]) {}
+    /// Does the work queue `index` has (driver notified it, or input arrived).
+    /// Returns whether used-ring entries were added. An error is the driver's
+    /// fault (a malformed request the device cannot even answer): the transport
+    /// then sets DEVICE_NEEDS_RESET.
+    fn process(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        driver_features: u64,
+    ) -> Result<bool, String>;
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+    /// Makes everything written so far durable and visible to another host (before
+    /// a migration's switch-over or a checkpoint).
+    fn flush(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// A fingerprint of how the device is configured that a destination must match
+    /// (e.g. capacity, read-only, MAC): part of the migration shape.
+    fn identity(&self) -> String;
+}
