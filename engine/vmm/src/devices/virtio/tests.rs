@@ -832,3 +832,26 @@ fn net_throughput_through_the_tap() {
     eprintln!("virtio-net through a tap, 1514-byte frames: TX {tx:.0} frames/s (device side; the tap drops what the host does not read), RX {rx:.0} frames/s ({got}/{n_rx}, lock-step 4 at a time)");
     assert_eq!(d.status(), 0xf);
 }
+
+#[test]
+fn net_receives_nothing_while_a_stop_holds_the_vm() {
+    let Some(tap) = TestTap::new(true) else {
+        return;
+    };
+    let vm = net_vm(&tap, GUEST_MAC);
+    let mut d = Driver::probe(&vm, NET_SLOT, 1);
+    d.init();
+    let hold = vm.hold_handle();
+    hold.hold();
+    post_rx(&mut d, 0);
+    d.notify(net::RX_QUEUE);
+    let frame = test_frame(GUEST_MAC, 100, 9);
+    tap.send(&frame);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.used(net::RX_QUEUE), None, "held: nothing received");
+    hold.release();
+    let (_, len) = d
+        .wait_used(net::RX_QUEUE, 2000)
+        .expect("frame after release");
+    assert_eq!(d.get(RXBUF + HDR as u64, len as usize - HDR), frame);
+}
