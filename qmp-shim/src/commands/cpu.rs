@@ -204,6 +204,10 @@ fn expand(
             _ if CpuModel::from_qemu("host", &[(k.clone(), "on".into())]).is_ok() => {
                 features.push((k.clone(), if on { "on" } else { "off" }.into()));
             }
+            // A feature ferry does not know is never given to a guest: off
+            // is what it already is, and `base` (the static expansion's model)
+            // only describes a CPU, as libvirt sends QEMU's expansions back.
+            _ if !on || name == "base" => {}
             _ => return Err(format!("Property '{name}-x86_64-cpu.{k}' not found")),
         }
     }
