@@ -1121,7 +1121,7 @@ vd_init:
         addq $0x400, %rax
         movl %eax, 0x28(%r13)               # queue_driver (avail ring)
         movl %edx, 0x2c(%r13)
-        movw $1, 0x400(%rax)                # avail flags: VIRTQ_AVAIL_F_NO_INTERRUPT
+        movw $1, (%rax)                     # avail flags: VIRTQ_AVAIL_F_NO_INTERRUPT
         addq $0x400, %rax
         movl %eax, 0x30(%r13)               # queue_device (used ring)
         movl %edx, 0x34(%r13)
