@@ -208,6 +208,84 @@ fn libvirt_accepts_ferry_qemu() {
         log.contains("Try to probe capabilities of"),
         "libvirt really probed"
     );
+    // The CPU models come from ferry's own answers (query-cpu-definitions,
+    // query-cpu-model-expansion): host-model is a model ferry runs, with
+    // fallback='forbid' (libvirt's mark of a QEMU-provided host model).
+    assert!(
+        stdout.contains("<mode name='host-model' supported='yes'>")
+            && stdout.contains("<model fallback='forbid'>kvm64</model>")
+            && stdout.contains("<mode name='custom' supported='yes'>"),
+        "{stdout}"
+    );
+    assert!(
+        log.contains(r#""execute":"query-cpu-definitions""#)
+            && log.contains(r#""execute":"query-cpu-model-expansion""#)
+    );
+}
+
+/// libvirt domains with each CPU mode on ferry-qemu (tests/libvirt-cpu.sh):
+/// host-passthrough (`-cpu host,migratable=on`), custom qemu64, host-model
+/// (libvirt writes kvm64 plus the features of ferry's expansion) and a
+/// host-passthrough guest with invtsc all start; the invtsc guest reports
+/// QEMU's blocker, `virsh migrate` refuses with it in the Begin phase, and
+/// the guest runs on.
+#[test]
+fn libvirt_cpu_modes_and_the_invtsc_blocker() {
+    let name = "libvirt_cpu_modes_and_the_invtsc_blocker";
+    if !libvirt_available(name) || !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("w");
+    let kernel = dir.path().join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/libvirt-cpu.sh");
+    let out = Command::new("timeout")
+        .args(["300", "unshare", "--mount", "--propagation", "private"])
+        .arg("bash")
+        .arg(script)
+        .arg(&work)
+        .arg(BIN)
+        .arg(&kernel)
+        .output()
+        .expect("run libvirt-cpu.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = |p: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("no '{p}' in:\n{stdout}"))
+            .to_string()
+    };
+    assert_eq!(
+        line("CPU passthrough "),
+        "CPU passthrough host,migratable=on started"
+    );
+    assert_eq!(line("CPU qemu64 "), "CPU qemu64 qemu64 started");
+    let hm = line("CPU hostmodel ");
+    assert!(
+        hm.starts_with("CPU hostmodel kvm64,") && hm.ends_with(" started"),
+        "{hm}"
+    );
+    assert_eq!(
+        line("CPU invtsc "),
+        "CPU invtsc host,migratable=off,invtsc=on started"
+    );
+    let blocker = "State blocked by non-migratable CPU device (invtsc flag)";
+    assert!(line("BLOCKED ").contains(blocker), "{stdout}");
+    assert!(!line("UNBLOCKED ").contains("blocked-reasons"), "{stdout}");
+    assert!(
+        line("MIGRATE ").contains(&format!("cannot migrate domain: {blocker}")),
+        "{stdout}"
+    );
+    // QEMU's migrate_prepare refusal, straight over QMP.
+    let qmp = line("QMPMIGRATE ");
+    assert!(
+        qmp.contains("GenericError") && qmp.contains(blocker),
+        "{qmp}"
+    );
+    assert_eq!(line("STATE invtsc "), "STATE invtsc running");
+    assert_eq!(line("LIBVIRTD "), "LIBVIRTD alive");
 }
 
 /// Guest RAM of the guests below.

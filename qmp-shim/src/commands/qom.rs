@@ -61,6 +61,8 @@ const CPU_PROPS: &[Prop] = &[
     ("type", "string", ""),
     ("realized", "bool", ""),
     ("hotpluggable", "bool", ""),
+    // -cpu host,migratable=on|off (CpuModel::from_qemu).
+    ("migratable", "bool", ""),
 ];
 
 const MACHINE_PROPS: &[Prop] = &[

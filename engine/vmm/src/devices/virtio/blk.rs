@@ -285,6 +285,23 @@ impl VirtioDevice for Block {
         Ok(used)
     }
 
+    /// Opens the image again: the source flushed its last writes after this side
+    /// first opened it, and a new open is what makes NFS-style shared storage
+    /// (close-to-open consistency) show them.
+    fn after_restore(&mut self) -> Result<(), String> {
+        let again = Self::open(&self.config)?;
+        if again.sectors != self.sectors {
+            return Err(format!(
+                "disk image {} changed size during the migration ({} to {} sectors)",
+                self.config.path.display(),
+                self.sectors,
+                again.sectors
+            ));
+        }
+        *self = again;
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), String> {
         self.file
             .sync_data()

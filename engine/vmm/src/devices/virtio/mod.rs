@@ -78,6 +78,12 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn flush(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// The device's state was just restored (migration destination, restore): let
+    /// go of anything read before the source's last writes, e.g. cached disk data
+    /// on shared storage.
+    fn after_restore(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// A fingerprint of how the device is configured that a destination must match
     /// (e.g. capacity, read-only, MAC): part of the migration shape.
     fn identity(&self) -> String;

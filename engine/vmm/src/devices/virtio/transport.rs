@@ -592,7 +592,8 @@ impl VirtioPci {
     }
 
     /// Loads `s` into this (never run) device, checking everything a hostile stream
-    /// could get wrong; on error nothing is changed.
+    /// could get wrong before changing anything; the device then reopens its backend
+    /// (a failure there leaves the VM unfit to run, which the caller discards).
     pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
         let who = format!("{}@{:02x}", self.device.kind(), self.slot);
         if s.slot != self.slot || s.kind != self.device.kind() {
@@ -646,6 +647,8 @@ impl VirtioPci {
         self.queues = queues;
         self.msix_table = s.msix_table.clone();
         self.msix_pba = s.msix_pba;
-        Ok(())
+        self.device
+            .after_restore()
+            .map_err(|e| format!("{who}: {e}"))
     }
 }
