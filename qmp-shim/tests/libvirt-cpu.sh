@@ -1,7 +1,8 @@
 #!/bin/bash
 # libvirt domains with ferry-qemu and each CPU mode: starts one domain per
 # <cpu> element below on a private libvirtd (as libvirt-domain.sh), prints
-# "CPU <name> <-cpu argument> <result>" per domain, the blocked-reasons of the
+# "CPU <name> <-cpu argument> <result>" per domain, "LIVECPU <name> <cpu XML>"
+# (libvirt's live XML) per started domain, the blocked-reasons of the
 # invtsc domain and virsh's answer to migrating it (to this same libvirtd,
 # over TCP on 127.0.0.1:16599: the Begin phase must refuse first).
 # Usage (as root):
@@ -75,12 +76,17 @@ XML
     arg=$(grep -o -- '-cpu [^ ]*' "/var/log/libvirt/qemu/$1.log" | tail -1 | cut -c6-)
     if [ $rc -eq 0 ]; then
         echo "CPU $1 ${arg:--} started"
+        # The live CPU, which libvirt fixes from the CPU object's properties.
+        echo "LIVECPU $1 $(V dumpxml "$1" | tr -d '\n' | grep -o '<cpu .*</cpu>\|<cpu [^>]*/>' | tr -s ' ')"
     else
         echo "CPU $1 ${arg:--} refused: $(echo "$out" | tr '\n' ' ')"
     fi
 }
 domain passthrough "<cpu mode='host-passthrough'/>"
 domain qemu64 "<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model></cpu>"
+# qemu64 with libvirt's default check (partial for KVM) and with check='full'.
+domain qemu64partial "<cpu mode='custom' match='exact'><model fallback='forbid'>qemu64</model></cpu>"
+domain qemu64full "<cpu mode='custom' match='exact' check='full'><model fallback='forbid'>qemu64</model></cpu>"
 domain hostmodel "<cpu mode='host-model'/>"
 domain invtsc "<cpu mode='host-passthrough' migratable='off'><feature policy='require' name='invtsc'/></cpu>"
 echo "BLOCKED $(V qemu-monitor-command invtsc '{"execute":"query-migrate"}')"

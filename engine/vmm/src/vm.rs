@@ -416,6 +416,12 @@ impl Vm {
         self.sink.pty_path.as_deref()
     }
 
+    /// The guest's CPUID (without per-vCPU fields): what its CPU model
+    /// resolved to on this host, or the CPU it brought along.
+    pub fn cpuid(&self) -> &[CpuidLeaf] {
+        &self.cpuid
+    }
+
     pub fn shape(&self) -> VmShape {
         VmShape {
             ram_ranges: self.ram.ranges(),

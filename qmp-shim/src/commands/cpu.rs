@@ -53,6 +53,75 @@ pub fn cpu_migration_blockers(ctx: &Ctx<'_>) -> Vec<String> {
     }
 }
 
+/// The CPUID vCPU `index` really has: the guest's CPU as ferry gave it to
+/// the vCPU (with its per-vCPU fields and the hypervisor bit). Before a
+/// guest exists (`-incoming defer`, nothing received yet) it is what `-cpu`
+/// resolves to on this host, as QEMU builds its CPU objects from `-cpu`
+/// alone. `None` without a VM or without KVM.
+pub fn vcpu_cpuid(ctx: &Ctx<'_>, index: u32) -> Option<Vec<kvm_cpuid_entry2>> {
+    let config = ctx.vm.config.as_ref()?;
+    let base: Vec<kvm_cpuid_entry2> = match ctx.vm.backend.guest_cpuid() {
+        Some(leaves) => leaves.iter().map(Into::into).collect(),
+        None => model::resolve(host_cpuid()?, &config.cpu).ok()?,
+    };
+    Some(
+        match ferry_vmm::cpu::vcpu_cpuid(&base, index, config.vcpus, 0) {
+            Ok(table) => table.as_slice().to_vec(),
+            Err(_) => base,
+        },
+    )
+}
+
+/// What `-cpu` asked for that this host cannot give, so the guest runs
+/// without it (QEMU's `unavailable-features` of a CPU object: the filtered
+/// features, with a warning unless `enforce`).
+pub fn vcpu_unavailable_features(ctx: &Ctx<'_>) -> Vec<&'static str> {
+    match (ctx.vm.config.as_ref(), host_cpuid()) {
+        (Some(config), Some(host)) => model::filtered_features(host, &config.cpu),
+        _ => Vec::new(),
+    }
+}
+
+/// The identity properties of QEMU's x86 CPU objects, `(name, type)`.
+const IDENTITY_PROPS: &[(&str, &str)] = &[
+    ("vendor", "string"),
+    ("family", "int"),
+    ("model", "int"),
+    ("stepping", "int"),
+    ("model-id", "string"),
+    ("level", "uint32"),
+    ("xlevel", "uint32"),
+];
+
+/// The properties of ferry's CPU objects beyond `type`, `realized` and
+/// `hotpluggable`, as `(name, type)`: a bool per feature ferry knows and per
+/// QEMU alias of one (libvirt reads every bool after start), the identity,
+/// and `unavailable-features`.
+pub fn cpu_properties() -> impl Iterator<Item = (&'static str, &'static str)> {
+    model::feature_names()
+        .chain(model::feature_aliases().map(|(alias, _)| alias))
+        .map(|n| (n, "bool"))
+        .chain(IDENTITY_PROPS.iter().copied())
+        .chain([("unavailable-features", "strList")])
+}
+
+/// The value of CPU property `name` (one of [`cpu_properties`]) of a vCPU
+/// with CPUID `entries` that lost `unavailable`.
+pub fn cpu_property(entries: &[kvm_cpuid_entry2], unavailable: &[&str], name: &str) -> Value {
+    let id = || model::identity(entries);
+    match name {
+        "vendor" => json!(id().vendor),
+        "family" => json!(id().family),
+        "model" => json!(id().model),
+        "stepping" => json!(id().stepping),
+        "model-id" => json!(id().model_id),
+        "level" => json!(id().level),
+        "xlevel" => json!(id().xlevel),
+        "unavailable-features" => json!(unavailable),
+        feature => json!(model::has_feature(entries, feature)),
+    }
+}
+
 /// The non-feature properties of a static expansion.
 const IDENTITY: &[&str] = &[
     "vendor",
@@ -311,6 +380,35 @@ mod tests {
             cpu_definitions(None)[0]["unavailable-features"],
             json!(["kvm"])
         );
+    }
+
+    #[test]
+    fn a_cpu_object_shows_what_the_vcpu_got_and_what_it_lost() {
+        let h = host(false);
+        let cpu = CpuModel::parse("qemu64").unwrap();
+        let entries = model::resolve(&h, &cpu).unwrap();
+        let lost = model::filtered_features(&h, &cpu);
+        assert_eq!(lost, ["pni", "svm"]);
+        let props: Vec<(&str, &str)> = cpu_properties().collect();
+        let get = |n: &str| {
+            assert!(props.iter().any(|(p, _)| *p == n), "{n} not listed");
+            cpu_property(&entries, &lost, n)
+        };
+        assert_eq!(get("lm"), json!(true));
+        assert_eq!(get("i64"), json!(true), "QEMU's alias of lm");
+        assert_eq!(get("pni"), json!(false));
+        assert_eq!(get("sse3"), json!(false));
+        assert_eq!(get("svm"), json!(false));
+        assert_eq!(get("avx"), json!(false), "not in qemu64");
+        assert_eq!(get("unavailable-features"), json!(["pni", "svm"]));
+        assert_eq!(get("vendor"), json!("AuthenticAMD"));
+        assert_eq!(get("model-id"), json!("QEMU Virtual CPU version 2.5+"));
+        // Every feature the engine knows is a bool property, once.
+        for f in model::feature_names() {
+            assert_eq!(props.iter().filter(|(p, _)| *p == f).count(), 1, "{f}");
+            assert_eq!(props.iter().find(|(p, _)| *p == f).unwrap().1, "bool");
+        }
+        assert!(props.contains(&("unavailable-features", "strList")));
     }
 
     fn one(k: &str, v: bool) -> Map<String, Value> {

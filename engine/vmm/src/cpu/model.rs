@@ -287,7 +287,7 @@ const FEATURES: &[Feature] = &[
     (0x8000_0007, 0, Edx, 8, "invtsc"),
     (0x8000_0008, 0, Ebx, 0, "clzero"),
     (0x8000_0008, 0, Ebx, 9, "wbnoinvd"),
-    (0x8000_0008, 0, Ebx, 12, "amd-ibpb"),
+    (0x8000_0008, 0, Ebx, 12, "ibpb"),
     (0x8000_0008, 0, Ebx, 25, "amd-ssbd"),
 ];
 
@@ -362,17 +362,34 @@ fn feature_name(function: u32, index: u32, reg: Reg, bit: u32) -> String {
         )
 }
 
+/// QEMU's other names of the features above, `(alias, name)`: the CPU object
+/// has a property by each (target/i386/cpu.c, x86_cpu_initfn), and `-cpu`
+/// takes them.
+const ALIASES: &[(&str, &str)] = &[
+    ("sse3", "pni"),
+    ("pclmuldq", "pclmulqdq"),
+    ("sse4-1", "sse4.1"),
+    ("sse4_1", "sse4.1"),
+    ("sse4-2", "sse4.2"),
+    ("sse4_2", "sse4.2"),
+    ("lahf_lm", "lahf-lm"),
+    ("i64", "lm"),
+    ("xd", "nx"),
+];
+
+/// QEMU's aliases of the features ferry knows, as `(alias, name)`.
+pub fn feature_aliases() -> impl Iterator<Item = (&'static str, &'static str)> {
+    ALIASES.iter().copied()
+}
+
 fn feature_by_name(name: &str) -> Option<&'static Feature> {
+    // `-cpu` also takes `_` for `-` (tsc_deadline).
     let norm = name.replace('_', "-");
-    let alias = match norm.as_str() {
-        "sse3" => "pni",
-        "sse4-1" => "sse4.1",
-        "sse4-2" => "sse4.2",
-        "lahf_lm" => "lahf-lm",
-        "tsc_deadline" => "tsc-deadline",
-        other => other,
-    };
-    FEATURES.iter().find(|f| f.4 == alias || f.4 == norm)
+    let alias = ALIASES
+        .iter()
+        .find(|(a, _)| *a == name || *a == norm)
+        .map_or(norm.as_str(), |(_, n)| n);
+    FEATURES.iter().find(|f| f.4 == alias)
 }
 
 /// The feature bits of `guest` that `host` lacks, by name.
@@ -417,6 +434,39 @@ pub fn unavailable_features(supported: &[kvm_cpuid_entry2], name: &str) -> Vec<&
     wanted
         .into_iter()
         .filter_map(feature_by_name)
+        .filter(|&&(f, i, reg, bit, _)| {
+            !ferry_owned(f, i, reg, bit)
+                && find(supported, f, i).is_none_or(|e| reg_of(e, reg) & (1 << bit) == 0)
+        })
+        .map(|f| f.4)
+        .collect()
+}
+
+/// The features `model` asks for that a host supporting `supported` cannot
+/// give, so the guest runs without them (QEMU's `filtered-features`, the CPU
+/// object's `unavailable-features`): the named model's features and those
+/// switched on by name, less those switched off. Empty for an exact CPU,
+/// which [`resolve`] refuses rather than filter.
+pub fn filtered_features(supported: &[kvm_cpuid_entry2], model: &CpuModel) -> Vec<&'static str> {
+    let (name, changes) = match model {
+        CpuModel::Host | CpuModel::Exact(_) => return Vec::new(),
+        CpuModel::Named { name, features, .. } => (name.as_str(), features.as_slice()),
+    };
+    let mut wanted: Vec<&'static Feature> = named(name)
+        .map(|(_, w)| w.into_iter().filter_map(feature_by_name).collect())
+        .unwrap_or_default();
+    for (k, on) in changes {
+        let Some(f) = feature_by_name(k) else {
+            continue;
+        };
+        wanted.retain(|w| w.4 != f.4);
+        if *on {
+            wanted.push(f);
+        }
+    }
+    FEATURES
+        .iter()
+        .filter(|f| wanted.iter().any(|w| w.4 == f.4))
         .filter(|&&(f, i, reg, bit, _)| {
             !ferry_owned(f, i, reg, bit)
                 && find(supported, f, i).is_none_or(|e| reg_of(e, reg) & (1 << bit) == 0)
@@ -824,6 +874,16 @@ mod tests {
         let e = CpuModel::parse("host,+invtsc,tsc-frequency=2000000000").unwrap_err();
         assert!(e.contains("KVM_SET_TSC_KHZ"), "{e}");
         assert_eq!(unavailable_features(&h, "qemu64"), ["svm"]);
+        // What a CPU object lost: the model's, plus those named, less those off.
+        let lost = |m: &str| filtered_features(&h, &CpuModel::parse(m).unwrap());
+        assert_eq!(lost("qemu64"), ["svm"]);
+        assert!(lost("qemu64,svm=off").is_empty());
+        assert!(lost("qemu64,-svm").is_empty());
+        assert_eq!(lost("kvm64,+svm,lahf_lm=on"), ["svm"]);
+        assert!(lost("host").is_empty());
+        assert!(lost("host,+invtsc").is_empty());
+        assert_eq!(lost("host,+svm"), ["svm"]);
+        assert!(has_feature(&get("qemu64"), "sse3") && has_feature(&get("qemu64"), "i64"));
         assert!(unavailable_features(&h, "host").is_empty());
         let id = identity(&get("qemu64"));
         assert_eq!(
