@@ -113,6 +113,7 @@
 
 pub mod disk;
 pub mod image;
+pub mod link;
 pub mod oracle;
 pub mod synth;
 

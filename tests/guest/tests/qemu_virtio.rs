@@ -8,9 +8,7 @@
 //!
 //! Skips (and says why) only when QEMU or `/dev/kvm` is missing.
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,20 +16,9 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use ferry_testguest::disk::{check_disk, DiskReport};
-use ferry_testguest::{
-    check, FileImage, OracleReport, DIRTIER_ELF, NET_ETHERTYPE, NET_PASS_MAGIC, NET_PING_MAGIC,
-    NET_PONG_MAGIC,
-};
-use nix::ifaddrs::getifaddrs;
-use nix::sys::socket::{
-    bind, recvfrom, sendto, setsockopt, socket, sockopt, AddressFamily, LinkAddr, MsgFlags,
-    SockFlag, SockProtocol, SockType,
-};
-use nix::sys::time::TimeVal;
+use ferry_testguest::link::{Link, Tap};
+use ferry_testguest::{check, FileImage, OracleReport, DIRTIER_ELF};
 
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-/// The test's own (locally administered) MAC on the tap.
-const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 const BLK_SECTORS: u64 = 8;
 const DISK_BYTES: u64 = 1 << 20;
 const MEM_MIB: u64 = 128;
@@ -41,56 +28,6 @@ fn qemu_binary() -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join("qemu-system-x86_64"))
         .find(|candidate| candidate.is_file())
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A tap device, deleted on drop (also when the test panics).
-struct Tap {
-    name: String,
-}
-
-impl Tap {
-    fn create(name: String) -> Self {
-        // A leftover from a killed run with the same pid would block the add.
-        let _ = ip(&["link", "del", &name]);
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"])
-            .unwrap_or_else(|e| panic!("cannot create tap {name} (needs root): {e}"));
-        let tap = Self { name };
-        ip(&["link", "set", &tap.name, "up"]).unwrap_or_else(|e| panic!("{e}"));
-        tap
-    }
-
-    fn ifindex(&self) -> usize {
-        let path = format!("/sys/class/net/{}/ifindex", self.name);
-        std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{path}: {e}"))
-            .trim()
-            .parse()
-            .expect("ifindex is a number")
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["link", "del", &self.name]) {
-            eprintln!("warning: {e}");
-        }
-    }
 }
 
 /// QEMU, killed on drop unless it already exited.
@@ -186,146 +123,6 @@ impl Qmp {
     }
 }
 
-/// An `AF_PACKET` socket bound to `tap` (all protocols), with a large
-/// receive buffer: the guest's frames queue up while the test does other
-/// things (a migration), and other links' traffic never reaches it.
-fn packet_socket(tap: &Tap) -> OwnedFd {
-    let fd = socket(
-        AddressFamily::Packet,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::EthAll,
-    )
-    .expect("open an AF_PACKET socket (needs root)");
-    setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 20_000)).expect("set SO_RCVTIMEO");
-    setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20)).expect("set SO_RCVBUFFORCE");
-    // The tap's link-layer address (its ifindex), protocol 0: keep ETH_P_ALL.
-    let link = getifaddrs()
-        .expect("list the network interfaces")
-        .filter(|a| a.interface_name == tap.name)
-        .find_map(|a| a.address.and_then(|a| a.as_link_addr().copied()))
-        .unwrap_or_else(|| panic!("no link-layer address for {}", tap.name));
-    bind(fd.as_raw_fd(), &link).unwrap_or_else(|e| panic!("bind to {}: {e}", tap.name));
-    fd
-}
-
-fn frame(dst: [u8; 6], magic: [u8; 8], value: u64) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&HOST_MAC);
-    f.extend_from_slice(&NET_ETHERTYPE.to_be_bytes());
-    f.extend_from_slice(&magic);
-    f.extend_from_slice(&value.to_le_bytes());
-    f.resize(60, 0);
-    f
-}
-
-/// The guest's frames on one tap, seen through an `AF_PACKET` socket of its
-/// own (every such socket sees every link's frames).
-struct Link<'a> {
-    sock: OwnedFd,
-    tap: &'a Tap,
-    ifindex: usize,
-    buf: Vec<u8>,
-    /// The tap's link address, from the guest's first frame on it.
-    addr: Option<LinkAddr>,
-    /// Passes of the FERRYNET frames seen.
-    passes: BTreeSet<u64>,
-}
-
-impl<'a> Link<'a> {
-    fn new(tap: &'a Tap) -> Self {
-        Self {
-            sock: packet_socket(tap),
-            tap,
-            ifindex: tap.ifindex(),
-            buf: vec![0u8; 2048],
-            addr: None,
-            passes: BTreeSet::new(),
-        }
-    }
-
-    /// The next frame from the guest on this tap within about 100 ms: its
-    /// destination, payload magic and value. FERRYNET passes are recorded.
-    /// (The socket sees every link's frames, other tests' included.)
-    fn next(&mut self) -> Option<([u8; 6], [u8; 8], u64)> {
-        let deadline = Instant::now() + Duration::from_millis(100);
-        while Instant::now() < deadline {
-            let (len, addr) = recvfrom::<LinkAddr>(self.sock.as_raw_fd(), &mut self.buf).ok()?;
-            let Some(addr) = addr else { continue };
-            let f = &self.buf[..len];
-            if addr.ifindex() != self.ifindex
-                || len < 30
-                || f[6..12] != GUEST_MAC
-                || f[12..14] != NET_ETHERTYPE.to_be_bytes()
-            {
-                continue;
-            }
-            let dst: [u8; 6] = f[..6].try_into().expect("6 bytes");
-            let magic: [u8; 8] = f[14..22].try_into().expect("8 bytes");
-            let value = u64::from_le_bytes(f[22..30].try_into().expect("8 bytes"));
-            if magic == NET_PASS_MAGIC {
-                assert_eq!(dst, [0xff; 6], "FERRYNET is a broadcast");
-                self.passes.insert(value);
-            }
-            self.addr = Some(addr);
-            return Some((dst, magic, value));
-        }
-        None
-    }
-
-    /// Waits for a FERRYNET frame of pass `min` or later.
-    fn wait_pass(&mut self, min: u64, guest: &Guest) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.passes.last().is_none_or(|&p| p < min) {
-            assert!(
-                Instant::now() < deadline,
-                "no FERRYNET frame for pass {min} or later on {} within 15 s (seen {:?}); \
-                 serial:\n{}",
-                self.tap.name,
-                self.passes.last(),
-                serial_text(&guest.serial)
-            );
-            self.next();
-        }
-    }
-
-    /// Sends FERRYPNG frames and waits for every FERRYPON answer.
-    fn ping(&mut self, pings: &[u64]) {
-        let addr = self.addr.expect("the guest sent a frame on this tap");
-        for &n in pings {
-            sendto(
-                self.sock.as_raw_fd(),
-                &frame(GUEST_MAC, NET_PING_MAGIC, n),
-                &addr,
-                MsgFlags::empty(),
-            )
-            .expect("send a ping into the tap");
-        }
-        let mut pongs = BTreeSet::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pongs.len() < pings.len() {
-            assert!(
-                Instant::now() < deadline,
-                "answers to {pings:x?} on {}: only {pongs:x?} within 10 s",
-                self.tap.name
-            );
-            if let Some((dst, magic, value)) = self.next() {
-                if magic == NET_PONG_MAGIC {
-                    assert_eq!(dst, HOST_MAC, "FERRYPON goes to the ping's source");
-                    assert!(pings.contains(&value), "FERRYPON for {value:#x}");
-                    pongs.insert(value);
-                }
-            }
-        }
-    }
-
-    /// Reads what is left in the socket (after the guest stopped).
-    fn drain(&mut self) {
-        while self.next().is_some() {}
-    }
-}
-
 /// A temporary directory with the guest ELF and a blank disk.
 struct Setup {
     qemu: PathBuf,
@@ -359,7 +156,7 @@ fn setup() -> Option<Setup> {
 }
 
 fn tap_name(index: u32) -> String {
-    format!("ferrytg{index}{}", std::process::id() % 100_000)
+    Tap::unique_name("ferrytg", index)
 }
 
 /// A running QEMU with the dirtier (blk=8 net=1) and its files.
@@ -487,7 +284,7 @@ fn dirtier_drives_virtio_blk_and_net_under_qemu() {
     wait_boot(&mut guest, &setup.dir.path().join("vm.stderr"));
     let booted = started.elapsed();
     // Until the disk has wrapped a few times; then pings.
-    link.wait_pass(3 * BLK_SECTORS, &guest);
+    link.wait_pass(3 * BLK_SECTORS, &guest.serial);
     link.ping(&PINGS);
     let (report, disk) = stop_and_check(&setup, guest, &mut link);
     eprintln!(
@@ -509,7 +306,7 @@ fn dirtier_virtio_survives_qemu_live_migration() {
     let (mut src_link, mut dst_link) = (Link::new(&tap_src), Link::new(&tap_dst));
     let mut src = start(&setup, "src", &tap_src, None);
     wait_boot(&mut src, &setup.dir.path().join("src.stderr"));
-    src_link.wait_pass(2 * BLK_SECTORS, &src);
+    src_link.wait_pass(2 * BLK_SECTORS, &src.serial);
     src_link.ping(&PINGS[..2]);
 
     let channel = setup.dir.path().join("migration.sock");
@@ -554,7 +351,7 @@ fn dirtier_virtio_survives_qemu_live_migration() {
     let last_src = *src_link.passes.last().expect("frames from the source");
 
     // The destination carries on: later passes, on its own tap, and pings.
-    dst_link.wait_pass(last_src + 2 * BLK_SECTORS, &dst);
+    dst_link.wait_pass(last_src + 2 * BLK_SECTORS, &dst.serial);
     dst_link.ping(&PINGS[2..]);
     let first_dst = *dst_link
         .passes
