@@ -399,6 +399,15 @@ impl Vm {
         &self.ram
     }
 
+    /// Each virtio device's id and I/O counters, by slot.
+    pub fn device_stats(&self) -> Vec<(String, crate::devices::virtio::DeviceStats)> {
+        self.pci
+            .devices()
+            .iter()
+            .filter_map(|(_, d)| d.lock().ok().map(|d| (d.id().to_string(), d.stats())))
+            .collect()
+    }
+
     /// PCI bus 0 and its virtio devices.
     pub fn pci(&self) -> &Arc<PciBus> {
         &self.pci

@@ -104,4 +104,13 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn timer(&mut self, _now: Instant) -> Option<Instant> {
         None
     }
+    /// The device's I/O counters (what `query-blockstats` and domstats show).
+    fn stats(&self) -> DeviceStats;
+}
+
+/// I/O counters of one device, since it was created on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceStats {
+    Block(blk::BlockStats),
+    Net(net::NetStats),
 }

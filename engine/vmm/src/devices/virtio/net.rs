@@ -397,6 +397,10 @@ impl VirtioDevice for Net {
         self.starved = false;
     }
 
+    fn stats(&self) -> super::DeviceStats {
+        super::DeviceStats::Net(self.stats)
+    }
+
     fn identity(&self) -> String {
         format!("mac={}", format_mac(&self.mac))
     }

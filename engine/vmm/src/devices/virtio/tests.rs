@@ -311,6 +311,24 @@ fn blk_reads_writes_flushes_and_reports_its_config() {
     assert_eq!(d.request(1, 0, 100, DATA).0, 1);
     assert_eq!(d.request(99, 0, 512, DATA).0, 2);
     assert_eq!(d.status(), 0xf);
+    let stats = vm.device_stats();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].0, "virtio-disk0");
+    let crate::devices::virtio::DeviceStats::Block(b) = stats[0].1 else {
+        panic!("{stats:?}");
+    };
+    assert_eq!(
+        b,
+        crate::devices::virtio::blk::BlockStats {
+            rd_bytes: 1024,
+            wr_bytes: 1024,
+            rd_operations: 1,
+            wr_operations: 1,
+            flush_operations: 1,
+            invalid_operations: 3,
+            ..Default::default()
+        }
+    );
 }
 
 #[test]

@@ -148,6 +148,16 @@ impl VirtioPci {
         self.device.kind()
     }
 
+    /// The id the device was configured with (libvirt's device id).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The device's I/O counters.
+    pub fn stats(&self) -> super::DeviceStats {
+        self.device.stats()
+    }
+
     /// `kind@slot:identity`: what a migration destination must provide.
     pub fn shape_name(&self) -> String {
         format!(
