@@ -160,8 +160,10 @@ pub trait DestProbe {
     /// The emulator at `path` with the domain's arch, machine and virt type.
     /// `Missing` says whether the binary or the machine type is missing.
     fn emulator(&mut self, dom: &DomainXml, path: &str) -> EmulatorProbe;
-    /// virConnectCompareCPU of `cpu_xml` against the destination host CPU.
-    fn compare_cpu(&mut self, cpu_xml: &str) -> Probe;
+    /// Whether the destination can run the guest CPU `cpu_xml`: compared with the
+    /// CPU the domain's emulator can give there (virsh hypervisor-cpu-compare), or
+    /// else with the destination's host CPU (virConnectCompareCPU).
+    fn compare_cpu(&mut self, dom: &DomainXml, cpu_xml: &str) -> Probe;
     fn host_uuid(&mut self) -> Option<String>;
 }
 
@@ -604,8 +606,19 @@ pub fn cpu_check(dom: &DomainXml, src: &mut dyn SourceProbe, dst: &mut dyn DestP
         .as_ref()
         .and_then(|c| c.model.clone())
         .unwrap_or_else(|| "host CPU".into());
-    match dst.compare_cpu(&xml) {
+    match dst.compare_cpu(dom, &xml) {
         Probe::Present(r) => Check::pass("cpu", format!("destination provides CPU {model}: {r}")),
+        Probe::Missing(why) if model_default_only(dom, &why) => Check::skip(
+            "cpu",
+            Some(format!("cpu {model}")),
+            format!(
+                "check='none' (libvirt's default CPU for the machine type): the \
+                     destination lacks part of {model} ({why}), and libvirt does not \
+                     check it; the emulator leaves out what a host lacks, as QEMU does, \
+                     and ferry's destination compares the running guest's CPU at the \
+                     migration handshake, refusing by name any feature it lacks"
+            ),
+        ),
         Probe::Missing(why) => Check::fail(
             "cpu",
             format!("cpu {model}"),
@@ -622,6 +635,25 @@ pub fn cpu_check(dom: &DomainXml, src: &mut dyn SourceProbe, dst: &mut dyn DestP
             format!("cannot compare the CPU on the destination: {why}"),
         ),
     }
+}
+
+/// Whether a CPU comparison failed only on features of the named model under
+/// libvirt's `check='none'` (features the guest does not explicitly require):
+/// libvirt does not check those, and the emulator leaves out what the host lacks.
+fn model_default_only(dom: &DomainXml, why: &str) -> bool {
+    let Some(cpu) = dom
+        .cpu
+        .as_ref()
+        .filter(|c| c.check.as_deref() == Some("none"))
+    else {
+        return false;
+    };
+    let Some((_, list)) = why.split_once("required features: ") else {
+        return false;
+    };
+    list.split(',')
+        .map(str::trim)
+        .all(|f| !cpu.required_features.iter().any(|r| r == f))
 }
 
 /// Same-host rule (libvirt: "Attempt to migrate guest to the same host").
@@ -730,7 +762,7 @@ mod tests {
                 None => EmulatorProbe::NoBinary("no such file".into()),
             }
         }
-        fn compare_cpu(&mut self, _cpu_xml: &str) -> Probe {
+        fn compare_cpu(&mut self, _dom: &DomainXml, _cpu_xml: &str) -> Probe {
             match self.cpu_missing {
                 Some(f) => {
                     Probe::Missing(format!("Host CPU does not provide required features: {f}"))
@@ -943,6 +975,29 @@ mod tests {
         // TCG guests do not depend on the host CPU.
         let r = run(include_str!("../tests/fixtures/base.xml"), &mut dst);
         assert!(!r.blocked);
+    }
+
+    /// libvirt's default CPU (check='none') on a destination without some of the
+    /// model's features is not blocked: libvirt does not check it, and the guest
+    /// runs without what its host lacks; ferry's handshake compares the real CPU.
+    #[test]
+    fn a_default_cpu_with_check_none_is_not_blocked() {
+        let xml = r#"<domain type='kvm'><name>g</name><os><type arch='x86_64'>hvm</type></os>
+          <cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model></cpu>
+          <devices><emulator>/usr/bin/ferry-qemu</emulator></devices></domain>"#;
+        let mut dst = FakeDest::good();
+        dst.cpu_missing = Some("pni, svm");
+        let r = run(xml, &mut dst);
+        assert!(!r.blocked, "{r:?}");
+        let cpu = r.checks.iter().find(|c| c.id == "cpu").expect("cpu check");
+        assert_eq!(cpu.status, Status::Skip);
+        assert!(cpu.message.contains("pni, svm"), "{}", cpu.message);
+        // With libvirt's checking on, the same answer blocks.
+        let r = run(&xml.replace("check='none'", "check='partial'"), &mut dst);
+        only_failure(&r, "cpu");
+        // So does a feature the guest requires by name.
+        let required = xml.replace("</model>", "</model><feature policy='require' name='svm'/>");
+        only_failure(&run(&required, &mut dst), "cpu");
     }
 
     #[test]

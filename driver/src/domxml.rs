@@ -134,6 +134,8 @@ pub struct Cpu {
     /// `mode=`: custom (default), host-model, host-passthrough, maximum.
     pub mode: String,
     pub model: Option<String>,
+    /// `check=`: none, partial or full (libvirt's own CPU checking).
+    pub check: Option<String>,
     /// Features with policy require/force (the ones the destination must provide).
     pub required_features: Vec<String>,
     /// The element verbatim, as virConnectCompareCPU wants it.
@@ -311,6 +313,7 @@ impl DomainXml {
         let cpu = child(root, "cpu").map(|c| Cpu {
             mode: c.attribute("mode").unwrap_or("custom").to_owned(),
             model: text(child(c, "model")),
+            check: c.attribute("check").map(str::to_owned),
             required_features: children(c, "feature")
                 .filter(|f| matches!(f.attribute("policy"), None | Some("require" | "force")))
                 .filter_map(|f| f.attribute("name").map(str::to_owned))

@@ -72,7 +72,7 @@ impl DestProbe for LocalDest {
         }
     }
 
-    fn compare_cpu(&mut self, _cpu_xml: &str) -> Probe {
+    fn compare_cpu(&mut self, _dom: &DomainXml, _cpu_xml: &str) -> Probe {
         Probe::Unknown("not available inside a hook".into())
     }
 

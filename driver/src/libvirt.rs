@@ -434,7 +434,10 @@ impl DestProbe for LibvirtDest<'_> {
         }
     }
 
-    fn compare_cpu(&mut self, cpu_xml: &str) -> Probe {
+    fn compare_cpu(&mut self, dom: &DomainXml, cpu_xml: &str) -> Probe {
+        if let Some(p) = hypervisor_cpu_compare(&self.conn.uri, dom, cpu_xml) {
+            return p;
+        }
         match self
             .conn
             .inner
@@ -453,6 +456,72 @@ impl DestProbe for LibvirtDest<'_> {
     fn host_uuid(&mut self) -> Option<String> {
         self.conn.host_uuid()
     }
+}
+
+/// `virsh hypervisor-cpu-compare` on the destination: the guest CPU against the
+/// CPU the domain's emulator can create there (what decides whether the guest can
+/// run), rather than against the host CPU libvirt reads itself, which knows
+/// nothing of the features KVM and the emulator leave out. The `virt` crate has
+/// no binding for virConnectCompareHypervisorCPU, hence virsh. `None` when virsh
+/// is not installed.
+fn hypervisor_cpu_compare(uri: &str, dom: &DomainXml, cpu_xml: &str) -> Option<Probe> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let file = std::env::temp_dir().join(format!(
+        "ferry-cpu-{}-{}.xml",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    if let Err(e) = std::fs::write(&file, cpu_xml) {
+        return Some(Probe::Unknown(format!(
+            "cannot write {}: {e}",
+            file.display()
+        )));
+    }
+    let mut cmd = std::process::Command::new("virsh");
+    cmd.args(["-q", "-c", uri, "hypervisor-cpu-compare", "--error"])
+        .args(["--virttype", &dom.virt_type]);
+    for (flag, value) in [
+        ("--emulator", &dom.emulator),
+        ("--arch", &dom.arch),
+        ("--machine", &dom.machine),
+    ] {
+        if let Some(v) = value {
+            cmd.args([flag, v]);
+        }
+    }
+    let out = cmd.arg(&file).output();
+    let _ = std::fs::remove_file(&file);
+    let out = match out {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Probe::Unknown(format!("cannot run virsh: {e}"))),
+    };
+    let said = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .lines()
+            .map(|l| l.trim().trim_start_matches("error: ").to_owned())
+            .filter(|l| !l.is_empty() && !l.starts_with("Failed to compare"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    Some(if out.status.success() {
+        let text = said(&out.stdout);
+        if text.contains("incompatible") {
+            Probe::Missing(text)
+        } else if text.contains("superset") {
+            Probe::Present("the emulator's CPU there is a superset".into())
+        } else {
+            Probe::Present("the emulator's CPU there is identical".into())
+        }
+    } else {
+        let text = said(&out.stderr);
+        if text.contains("incompatible") {
+            Probe::Missing(text)
+        } else {
+            Probe::Unknown(text)
+        }
+    })
 }
 
 /// How long to wait between two job-stats polls.
