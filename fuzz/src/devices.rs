@@ -214,8 +214,10 @@ pub fn exec_devices(input: &[u8]) -> Outcome {
         }
     }
     let active = got.iter().all(|s| s.status & 0x44 == 4);
-    drive(&vm);
-    Outcome::Handled(format!("devices: loaded, driven (active: {active})"))
+    let used = drive(&vm);
+    Outcome::Handled(format!(
+        "devices: loaded, driven (active: {active}, used entries added: {used})"
+    ))
 }
 
 fn cfg_addr(bus: &PciBus, slot: u8, reg: u8) {
@@ -240,8 +242,10 @@ fn cfg_write(bus: &PciBus, slot: u8, reg: u8, value: u32) {
 /// every queue notified (and one past the last), the ISR and the common
 /// configuration read, MSI-X enabled and every vector unmasked (pending
 /// interrupts delivered to the stream's addresses), then the device reset
-/// and notified again. The VM's vCPUs never run.
-fn drive(vm: &Vm) {
+/// and notified again. The VM's vCPUs never run. Returns whether the first
+/// round of notifications made a device add used entries.
+fn drive(vm: &Vm) -> bool {
+    let mut progressed = false;
     let bus = vm.pci().clone();
     bus.set_stopped(STOP_PAUSED, false);
     for (slot, dev) in bus.devices() {
@@ -250,12 +254,19 @@ fn drive(vm: &Vm) {
         cfg_write(&bus, slot, 0x04, cfg_read(&bus, slot, 0x04) | 0x6);
         let bar = u64::from(cfg_read(&bus, slot, 0x10) & !0xf)
             | (u64::from(cfg_read(&bus, slot, 0x14)) << 32);
-        let queues = dev.lock().map(|d| d.state().queues.len()).unwrap_or(0) as u64;
+        let next_used = |dev: &std::sync::Mutex<ferry_vmm::devices::virtio::VirtioPci>| {
+            dev.lock()
+                .map(|d| d.state().queues.iter().map(|q| q.next_used).collect())
+                .unwrap_or_else(|_| Vec::new())
+        };
+        let before: Vec<u16> = next_used(dev);
+        let queues = before.len() as u64;
         let at = |offset: u64| bar.wrapping_add(offset);
         let mut scratch = [0u8; 8];
         for q in 0..=queues {
             bus.mmio_write(at(0x3000 + 4 * q), &(q as u16).to_le_bytes());
         }
+        progressed |= next_used(dev) != before;
         bus.mmio_read(at(0x1000), &mut scratch[..1]);
         for offset in (0..0x38).step_by(4) {
             bus.mmio_read(at(offset), &mut scratch[..4]);
@@ -276,6 +287,7 @@ fn drive(vm: &Vm) {
         }
     }
     bus.set_stopped(STOP_PAUSED, true);
+    progressed
 }
 
 fn map_get<'a>(v: &'a mut Value, key: &str) -> Option<&'a mut Value> {

@@ -109,6 +109,12 @@ fn valid_seeds_are_accepted() {
                     matches!(&o, Outcome::Handled(c) if c.starts_with("devices: loaded")),
                     "{name}: {o:?}"
                 );
+                if name == "seed-blk-busy.mig" {
+                    assert!(
+                        matches!(&o, Outcome::Handled(c) if c.ends_with("used entries added: true)")),
+                        "{name}: the posted request was not served: {o:?}"
+                    );
+                }
                 seeds += 1;
             }
         }
