@@ -23,6 +23,7 @@ use ferry_kvm::Backing;
 use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::migration::{self, Handshake, IncomingOptions, Reply};
+use ferry_vmm::vm::VirtioSpec;
 
 use crate::{class_of, mutate_bytes, Outcome, Rng, Target};
 
@@ -149,7 +150,7 @@ impl RawStream {
 }
 
 /// Guest addresses worth aiming at, given the RAM ranges.
-fn edge_gpa(rng: &mut Rng, ranges: &[(u64, u64)]) -> u64 {
+pub fn edge_gpa(rng: &mut Rng, ranges: &[(u64, u64)]) -> u64 {
     let mut candidates = vec![
         0,
         !0xfff,
@@ -241,7 +242,7 @@ fn mutate_ram(rng: &mut Rng, payload: &mut Vec<u8>, ranges: &[(u64, u64)]) {
 }
 
 /// Replaces one node of a CBOR value tree; returns false if there was nothing to do.
-fn mutate_value(rng: &mut Rng, v: &mut Value, depth: usize) -> bool {
+pub fn mutate_value(rng: &mut Rng, v: &mut Value, depth: usize) -> bool {
     let descend = rng.chance(3, 4) && depth < 32;
     match v {
         Value::Array(items) if descend && !items.is_empty() => {
@@ -580,13 +581,29 @@ fn exec_receiver(input: &[u8], kvm: bool) -> Outcome {
     if !kvm {
         return format;
     }
+    match receive_checked(input, Vec::new()) {
+        Err(violation) => Outcome::Violation(violation),
+        Ok(Ok(_)) => Outcome::Handled("receiver: loaded".into()),
+        Ok(Err(message)) => Outcome::Handled(class_of("receiver", &message, 14)),
+    }
+}
+
+/// Runs the migration receiver on `input` (no autostart) with `virtio` as
+/// this host's devices, and checks the return path: it must be a valid stream
+/// of replies ending with the one that matches the result (the source acts on
+/// it), and a loaded VM must not run. `Ok(Ok(vm))`: loaded; `Ok(Err(message))`:
+/// refused with `message`; `Err`: a broken property.
+pub fn receive_checked(
+    input: &[u8],
+    virtio: Vec<VirtioSpec>,
+) -> Result<Result<ferry_vmm::Vm, String>, String> {
     let out = SharedBuf::default();
     let opts = IncomingOptions {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         autostart: false,
-        virtio: Vec::new(),
+        virtio,
     };
     let result = migration::receive(
         Box::new(Cursor::new(input.to_vec())),
@@ -594,37 +611,29 @@ fn exec_receiver(input: &[u8], kvm: bool) -> Outcome {
         &opts,
     );
     let sent = out.0.lock().map(|b| b.clone()).unwrap_or_default();
-    // The return path must be a valid stream of replies ending with the one
-    // that matches the result: the source acts on it.
-    let replies = match replies(&sent) {
-        Ok(r) => r,
-        Err(e) => return Outcome::Violation(format!("the return path is malformed: {e}")),
-    };
+    let replies = replies(&sent).map_err(|e| format!("the return path is malformed: {e}"))?;
     let last = replies.last().cloned();
     match result {
         Ok(vm) => {
             if vm.is_running() {
-                return Outcome::Violation("the VM runs without autostart".into());
+                return Err("the VM runs without autostart".into());
             }
             if last != Some(Reply::Loaded { running: false }) {
-                return Outcome::Violation(format!("loaded, but the last reply is {last:?}"));
+                return Err(format!("loaded, but the last reply is {last:?}"));
             }
             if replies.first() != Some(&Reply::Ready) {
-                return Outcome::Violation(format!("loaded without Ready first: {replies:?}"));
+                return Err(format!("loaded without Ready first: {replies:?}"));
             }
-            Outcome::Handled("receiver: loaded".into())
+            Ok(Ok(vm))
         }
         Err(e) => {
             let message = e.to_string();
             match last {
-                Some(Reply::Error { message: m }) if m == message => {}
-                other => {
-                    return Outcome::Violation(format!(
-                        "failed with {message:?}, but the last reply is {other:?}"
-                    ))
-                }
+                Some(Reply::Error { message: m }) if m == message => Ok(Err(message)),
+                other => Err(format!(
+                    "failed with {message:?}, but the last reply is {other:?}"
+                )),
             }
-            Outcome::Handled(class_of("receiver", &message, 14))
         }
     }
 }

@@ -3,7 +3,9 @@
 //! (default 15 s) from a printed seed. `FERRY_FUZZ_REGEN=1` rewrites the
 //! generated seeds of the corpus first.
 
-use ferry_fuzz::{argv, load_corpus, qmp, stream, streams, Fuzzer, Outcome, Target, SERIAL};
+use ferry_fuzz::{
+    argv, devices, load_corpus, qmp, stream, streams, Fuzzer, Outcome, Target, SERIAL,
+};
 
 fn campaign(target: Target) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -44,6 +46,14 @@ fn fuzz_streams() {
 fn fuzz_checkpoint() {
     let kvm = stream::require_kvm_or_skip();
     campaign(stream::checkpoint_target(kvm));
+}
+
+#[test]
+fn fuzz_devices() {
+    if !stream::require_kvm_or_skip() {
+        return;
+    }
+    campaign(devices::devices_target());
 }
 
 #[test]
@@ -89,6 +99,26 @@ fn valid_seeds_are_accepted() {
             }
         }
         assert!(seeds >= 2, "{seeds} multi-stream seeds");
+    }
+    if kvm {
+        let mut seeds = 0;
+        for (name, input) in load_corpus("devices").expect("devices corpus") {
+            if name.starts_with("seed-") {
+                let o = devices::exec_devices(&input);
+                assert!(
+                    matches!(&o, Outcome::Handled(c) if c.starts_with("devices: loaded")),
+                    "{name}: {o:?}"
+                );
+                if name == "seed-blk-busy.mig" {
+                    assert!(
+                        matches!(&o, Outcome::Handled(c) if c.ends_with("used entries added: true)")),
+                        "{name}: the posted request was not served: {o:?}"
+                    );
+                }
+                seeds += 1;
+            }
+        }
+        assert!(seeds >= 3, "{seeds} device seeds");
     }
     for (name, input) in load_corpus("checkpoint").expect("checkpoint corpus") {
         if name.starts_with("seed-") && kvm {
@@ -145,6 +175,17 @@ fn regenerate_if_asked() {
             let bytes = stream::with_shape(seed, f).expect("a Shape section");
             std::fs::write(dir(target).join(format!("{name}.bin")), bytes).expect("write");
         }
+    }
+
+    // A VM with a virtio-blk disk, in three driver states.
+    std::fs::create_dir_all(dir("devices")).expect("mkdir");
+    for (name, bytes) in devices::generate_seeds().expect("generate device seeds") {
+        if name == "seed-blk-busy.mig" {
+            for (name, input, _) in devices::regressions(&bytes) {
+                std::fs::write(dir("devices").join(format!("{name}.bin")), input).expect("write");
+            }
+        }
+        std::fs::write(dir("devices").join(name), bytes).expect("write");
     }
 
     // Real multi-stream migrations, and the regression seeds made from them.
@@ -526,5 +567,38 @@ fn late_bad_join_does_not_fail_a_loaded_migration() {
                 panic!("{name}, delay {delay}: {v}");
             }
         }
+    }
+}
+
+/// Each rule of the virtio device state's validation refuses its hand-made
+/// input with the error that names it (and the one that must load, loads);
+/// the committed copies (`corpus/devices/regress-devices-*.bin`) are these.
+#[test]
+fn device_state_regressions_behave() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !stream::require_kvm_or_skip() {
+        return;
+    }
+    let busy = std::fs::read(ferry_fuzz::corpus_dir("devices").join("seed-blk-busy.mig"))
+        .expect("the busy seed");
+    let cases = devices::regressions(&busy);
+    assert_eq!(cases.len(), 13);
+    for (name, input, want) in cases {
+        let spec = devices::disk_spec().expect("disk image");
+        match (
+            want,
+            stream::receive_checked(&input, vec![spec]).expect("return path"),
+        ) {
+            (None, Ok(_)) => {}
+            (Some(text), Err(e)) => assert!(e.contains(text), "{name}: {e}"),
+            (want, got) => panic!("{name}: wanted {want:?}, got {:?}", got.map(|_| "a VM")),
+        }
+        assert!(
+            matches!(devices::exec_devices(&input), Outcome::Handled(_)),
+            "{name}"
+        );
+        let file = ferry_fuzz::corpus_dir("devices").join(format!("{name}.bin"));
+        let committed = std::fs::read(&file).expect("committed regression seed");
+        assert!(committed == input, "{name}: regenerate the corpus");
     }
 }

@@ -13,6 +13,7 @@
 pub mod blk;
 pub mod net;
 mod persist;
+pub mod test_driver;
 #[cfg(test)]
 mod tests;
 mod transport;
