@@ -605,7 +605,7 @@ type DeviceEdit = fn(&mut VirtioPciState);
 /// `VirtioPci::restore`: (name, input, `Some(text)`: refused with an error
 /// containing it; `None`: loads).
 pub fn regressions(busy: &[u8]) -> Vec<(&'static str, Vec<u8>, Option<&'static str>)> {
-    let cases: [(&str, DeviceEdit, Option<&str>); 12] = [
+    let cases: [(&str, DeviceEdit, Option<&str>); 15] = [
         (
             "regress-devices-wrong-slot",
             |s| s.slot = 5,
@@ -661,7 +661,22 @@ pub fn regressions(busy: &[u8]) -> Vec<(&'static str, Vec<u8>, Option<&'static s
         (
             "regress-devices-desc-misaligned",
             |s| s.queues[0].desc_table += 8,
-            Some("queue 0: InvalidDescTableAlign"),
+            Some("queue 0: virtio queue descriptor table breaks alignment constraints"),
+        ),
+        (
+            "regress-devices-features-ok-without-version-1",
+            |s| s.driver_features &= !(1 << 32),
+            Some("FEATURES_OK without VERSION_1"),
+        ),
+        (
+            "regress-devices-vector-past-table",
+            |s| s.queues[0].vector = 7,
+            Some("an MSI-X vector past the 2-entry table"),
+        ),
+        (
+            "regress-devices-msix-control-bits",
+            |s| s.msix_table[0][3] = 0x8001,
+            Some("MSI-X table or pending bits no driver could have set"),
         ),
         // Not yet DRIVER_OK: the rings are checked when the driver sets it.
         (

@@ -582,7 +582,7 @@ fn device_state_regressions_behave() {
     let busy = std::fs::read(ferry_fuzz::corpus_dir("devices").join("seed-blk-busy.mig"))
         .expect("the busy seed");
     let cases = devices::regressions(&busy);
-    assert_eq!(cases.len(), 13);
+    assert_eq!(cases.len(), 16);
     for (name, input, want) in cases {
         let spec = devices::disk_spec().expect("disk image");
         match (

@@ -278,7 +278,7 @@ impl VirtioDevice for Block {
             .ok_or_else(|| format!("no queue {index}"))?;
         let chains: Vec<_> = queue
             .iter(mem)
-            .map_err(|e| format!("available ring: {e:?}"))?
+            .map_err(|e| format!("available ring: {e}"))?
             .collect();
         let mut used = false;
         let mut data = Vec::new();
@@ -287,17 +287,17 @@ impl VirtioDevice for Block {
             let mut reader = chain
                 .clone()
                 .reader(mem)
-                .map_err(|e| format!("request {head}: {e:?}"))?;
+                .map_err(|e| format!("request {head}: {e}"))?;
             let mut writer = chain
                 .writer(mem)
-                .map_err(|e| format!("request {head}: {e:?}"))?;
+                .map_err(|e| format!("request {head}: {e}"))?;
             let (readable, writable) = (reader.available_bytes(), writer.available_bytes());
             data.clear();
             let status =
                 self.execute(&mut reader, readable, &mut data, writable, driver_features)?;
             let mut status_part = writer
                 .split_at(writable - 1)
-                .map_err(|e| format!("request {head}: {e:?}"))?;
+                .map_err(|e| format!("request {head}: {e}"))?;
             let mut written = 0;
             if !data.is_empty() {
                 writer
@@ -310,7 +310,7 @@ impl VirtioDevice for Block {
                 .map_err(|e| format!("request {head}: {e}"))?;
             queue
                 .add_used(mem, head, (written + 1) as u32)
-                .map_err(|e| format!("used ring: {e:?}"))?;
+                .map_err(|e| format!("used ring: {e}"))?;
             used = true;
         }
         Ok(used)

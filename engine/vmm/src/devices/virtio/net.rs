@@ -216,7 +216,7 @@ impl Net {
         loop {
             let Some(chain) = queue
                 .iter(mem)
-                .map_err(|e| format!("available ring: {e:?}"))?
+                .map_err(|e| format!("available ring: {e}"))?
                 .next()
             else {
                 self.starved = true;
@@ -249,7 +249,7 @@ impl Net {
             header[10..12].copy_from_slice(&1u16.to_le_bytes());
             let mut writer = chain
                 .writer(mem)
-                .map_err(|e| format!("receive buffer {head}: {e:?}"))?;
+                .map_err(|e| format!("receive buffer {head}: {e}"))?;
             let room = writer.available_bytes();
             if room < HEADER_LEN {
                 return Err(format!(
@@ -274,7 +274,7 @@ impl Net {
                 .map_err(|e| format!("receive buffer {head}: {e}"))?;
             queue
                 .add_used(mem, head, (HEADER_LEN + frame.len()) as u32)
-                .map_err(|e| format!("used ring: {e:?}"))?;
+                .map_err(|e| format!("used ring: {e}"))?;
             self.stats.rx_frames += 1;
             used = true;
         }
@@ -284,14 +284,14 @@ impl Net {
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
         let chains: Vec<_> = queue
             .iter(mem)
-            .map_err(|e| format!("available ring: {e:?}"))?
+            .map_err(|e| format!("available ring: {e}"))?
             .collect();
         let mut used = false;
         for chain in chains {
             let head = chain.head_index();
             let mut reader = chain
                 .reader(mem)
-                .map_err(|e| format!("transmit buffer {head}: {e:?}"))?;
+                .map_err(|e| format!("transmit buffer {head}: {e}"))?;
             let len = reader.available_bytes();
             if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) {
                 return Err(format!(
@@ -319,7 +319,7 @@ impl Net {
             }
             queue
                 .add_used(mem, head, 0)
-                .map_err(|e| format!("used ring: {e:?}"))?;
+                .map_err(|e| format!("used ring: {e}"))?;
             used = true;
         }
         Ok(used)

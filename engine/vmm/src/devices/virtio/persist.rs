@@ -53,7 +53,7 @@ impl QueueSnapshot {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         };
-        Queue::try_from(state).map_err(|e| format!("{e:?}"))
+        Queue::try_from(state).map_err(|e| e.to_string())
     }
 }
 

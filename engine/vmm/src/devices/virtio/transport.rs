@@ -632,6 +632,25 @@ impl VirtioPci {
                 s.driver_features
             ));
         }
+        if s.status & status::FEATURES_OK != 0 && s.driver_features & F_VERSION_1 == 0 {
+            return Err(format!(
+                "{who}: FEATURES_OK without VERSION_1 (this device refuses that)"
+            ));
+        }
+        let vectors = self.msix_table.len();
+        let bad_vector = |v: u16| v != NO_VECTOR && usize::from(v) >= vectors;
+        if bad_vector(s.msix_config) || s.queues.iter().any(|q| bad_vector(q.vector)) {
+            return Err(format!(
+                "{who}: an MSI-X vector past the {vectors}-entry table"
+            ));
+        }
+        if s.msix_table.iter().any(|e| e[3] & !1 != 0)
+            || s.msix_pba.checked_shr(vectors as u32).unwrap_or(0) != 0
+        {
+            return Err(format!(
+                "{who}: MSI-X table or pending bits no driver could have set"
+            ));
+        }
         let max = self.device.queue_max_size();
         let mem = self.ram.memory();
         let mut queues = Vec::with_capacity(s.queues.len());
