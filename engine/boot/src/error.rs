@@ -107,6 +107,15 @@ pub enum BootError {
     #[error("cannot load the ELF kernel into guest memory")]
     LoadElf(#[source] linux_loader::loader::Error),
 
+    /// More vCPUs than the MP table can describe.
+    #[error("{vcpus} vCPUs asked for; the MP table describes 1 to {max} (-smp)")]
+    TooManyCpus {
+        /// What was asked for.
+        vcpus: u32,
+        /// The most the table takes.
+        max: u32,
+    },
+
     /// A write of boot data into guest memory failed.
     #[error(
         "cannot write the {what} at guest address {gpa:#x}; the guest memory must cover \

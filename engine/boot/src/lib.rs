@@ -44,12 +44,14 @@ mod error;
 mod extract;
 mod layout;
 mod loader;
+mod mptable;
 mod regs;
 
 pub use error::BootError;
 pub use extract::extract_vmlinux;
 pub use layout::*;
 pub use loader::{load_kernel, BootInfo, BootProtocol, ReadSeek};
+pub use mptable::{mptable, write_mptable, MPTABLE_MAX_CPUS, MPTABLE_START, MP_CONFIG_START};
 pub use regs::{boot_fpu, boot_regs, boot_sregs};
 
 #[cfg(test)]

@@ -302,6 +302,10 @@ impl Vm {
             &kernel.cmdline,
         )
         .map_err(|e| VmmError::Boot(format!("kernel {}: {e}", kernel.kernel.display())))?;
+        // Without firmware or ACPI, the MP table is how a Linux guest finds its other
+        // vCPUs and the I/O APIC.
+        ferry_boot::write_mptable(self.ram.memory(), self.config.vcpus)
+            .map_err(|e| VmmError::Boot(e.to_string()))?;
         let boot = BootVcpu { info };
         let state = boot.initial_state(self)?;
         self.vcpus[0].restore(state)?;
