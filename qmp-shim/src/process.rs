@@ -131,6 +131,16 @@ fn resolve_fdsets(config: &mut MachineConfig, fdsets: &FdSets) -> Result<(), Sta
             fix(log)?;
         }
     }
+    for d in &mut config.disks {
+        let path = resolve_fdset_path(&d.filename, fd_of).ok_or_else(|| {
+            StartError::Backend(BackendError::Engine(format!(
+                "disk {}: {}: no such fd set (-add-fd)",
+                d.id.as_deref().unwrap_or(&d.storage_node),
+                d.filename
+            )))
+        })?;
+        d.path = path.into();
+    }
     Ok(())
 }
 
@@ -140,7 +150,12 @@ pub fn run(args: &[String]) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferry-qemu: {e}");
-            if matches!(e, StartError::Argv(ArgvError::Unsupported { .. })) {
+            if matches!(
+                e,
+                StartError::Argv(
+                    ArgvError::Unsupported { .. } | ArgvError::UnsupportedBecause { .. }
+                )
+            ) {
                 eprintln!("ferry-qemu: {UNSUPPORTED_HINT}");
             }
             EXIT_FAILURE

@@ -36,10 +36,12 @@ use std::time::{Duration, Instant};
 use ferry_kvm::Backing;
 use ferry_vmm::checkpoint;
 use ferry_vmm::devices::serial::SinkSpec;
+use ferry_vmm::devices::virtio::blk::BlockConfig;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
     self, Channel, ExtraStreams, IncomingOptions, Listener, MigrationUri, TransportError,
 };
+use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
 use serde_json::json;
 
@@ -167,6 +169,28 @@ fn sink(inner: &Inner) -> SinkSpec {
         .map_or(SinkSpec::Null, SerialTee::sink)
 }
 
+/// The engine's virtio devices for `config`'s disks (and, later, NICs). A
+/// destination must be given the same ones: the engine's shape check
+/// refuses a stream from a VM with other devices.
+fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
+    config
+        .disks
+        .iter()
+        .map(|d| VirtioSpec {
+            slot: d.slot,
+            id: d
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("virtio-blk@{:02x}", d.slot)),
+            device: VirtioDeviceSpec::Block(BlockConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                serial: d.serial.clone(),
+            }),
+        })
+        .collect()
+}
+
 /// Builds and boots a fresh guest from `config` (stopped).
 fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
     let kernel = config.kernel.clone().ok_or_else(|| {
@@ -182,7 +206,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         backing: Backing::Anonymous,
         serial: sink,
         cpu: config.cpu.clone(),
-        virtio: Vec::new(),
+        virtio: virtio_specs(config),
     })
     .map_err(engine)?;
     guest
@@ -363,7 +387,7 @@ impl FerryBackend {
                 expect_mem_bytes: inner.config.as_ref().map(|c| c.mem_bytes),
                 // Started below, under the lock, if `cont` came meanwhile.
                 autostart: false,
-                virtio: Vec::new(),
+                virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);

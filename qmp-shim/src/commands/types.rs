@@ -371,6 +371,28 @@ pub static BLOCK_INFO: ObjectDef = ObjectDef {
         req("type", Ty::Str),
         req("removable", Ty::Bool),
         req("locked", Ty::Bool),
+        opt("inserted", Ty::Object(&BLOCK_DEVICE_INFO)),
+        opt("io-status", Ty::Str),
+    ],
+};
+
+pub static IMAGE_INFO: ObjectDef = ObjectDef {
+    name: "ImageInfo",
+    members: &[
+        req("filename", Ty::Str),
+        req("format", Ty::Str),
+        opt("dirty-flag", Ty::Bool),
+        opt("actual-size", Ty::Int),
+        req("virtual-size", Ty::Int),
+    ],
+};
+
+pub static BLOCKDEV_CACHE_INFO: ObjectDef = ObjectDef {
+    name: "BlockdevCacheInfo",
+    members: &[
+        req("writeback", Ty::Bool),
+        req("direct", Ty::Bool),
+        req("no-flush", Ty::Bool),
     ],
 };
 
@@ -381,6 +403,18 @@ pub static BLOCK_DEVICE_INFO: ObjectDef = ObjectDef {
         opt("node-name", Ty::Str),
         req("ro", Ty::Bool),
         req("drv", Ty::Str),
+        req("backing_file_depth", Ty::Int),
+        req("encrypted", Ty::Bool),
+        req("detect_zeroes", Ty::Str),
+        req("bps", Ty::Int),
+        req("bps_rd", Ty::Int),
+        req("bps_wr", Ty::Int),
+        req("iops", Ty::Int),
+        req("iops_rd", Ty::Int),
+        req("iops_wr", Ty::Int),
+        req("image", Ty::Object(&IMAGE_INFO)),
+        req("write_threshold", Ty::Int),
+        req("cache", Ty::Object(&BLOCKDEV_CACHE_INFO)),
     ],
 };
 
