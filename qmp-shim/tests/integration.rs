@@ -1707,3 +1707,185 @@ fn tls_migration_with_x509_objects_refuses_a_stranger_first() {
         json!({"tls-creds": "", "tls-hostname": ""}),
     );
 }
+
+/// A raw disk typed by hand (`-drive` + `-device virtio-blk-pci`) on the
+/// source and in libvirt's JSON `-blockdev` form on the destinations, on the
+/// same image file (shared storage): `query-block`, `query-named-block-nodes`
+/// and `qom-list` describe it as QEMU 7.2 does; a destination without the
+/// disk refuses the stream naming the source's virtio-blk device (the engine
+/// has it) and the source runs on; a destination with it takes the guest.
+#[test]
+fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
+    let name = "raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let image = d.join("disk.raw");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("image");
+    let img = image.display().to_string();
+
+    let drive = format!("file={img},format=raw,if=none,id=drive0,cache=none");
+    let a = spawn_guest(
+        d,
+        "a",
+        &kernel,
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=drive0,id=disk0",
+        ],
+    );
+    let mut qa = Qmp::connect(&a.qmp);
+    let blocks = qa.ok("query-block", json!({}));
+    assert_eq!(blocks.as_array().map(Vec::len), Some(1), "{blocks}");
+    let b0 = &blocks[0];
+    assert_eq!(b0["device"], "drive0", "{b0}");
+    assert_eq!(b0["qdev"], "/machine/peripheral/disk0/virtio-backend");
+    assert_eq!(b0["removable"], false);
+    let ins = &b0["inserted"];
+    assert_eq!(
+        (&ins["drv"], &ins["ro"], &ins["file"]),
+        (&json!("raw"), &json!(false), &json!(img))
+    );
+    assert_eq!(ins["image"]["virtual-size"], json!(16 << 20), "{ins}");
+    assert_eq!(ins["image"]["format"], "raw");
+    let nodes = qa.ok("query-named-block-nodes", json!({"flat": true}));
+    assert_eq!(
+        nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n["drv"].as_str().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        ["raw", "file"],
+        "{nodes}"
+    );
+    let peripheral = qa.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    assert!(
+        peripheral
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|p| p["name"] == "disk0" && p["type"] == "child<virtio-blk-pci>"),
+        "{peripheral}"
+    );
+    // Storage migration and hotplug are absent, so libvirt knows.
+    let commands = qa.ok("query-commands", json!({}));
+    for absent in [
+        "nbd-server-start",
+        "block-export-add",
+        "blockdev-mirror",
+        "blockdev-add",
+        "device_add",
+        "device_del",
+        "netdev_add",
+    ] {
+        assert!(
+            !commands
+                .as_array()
+                .expect("list")
+                .iter()
+                .any(|c| c["name"] == absent),
+            "{absent} is advertised"
+        );
+        let r = qa.cmd_with_fd(absent, json!({}), None);
+        assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
+    }
+    qa.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    qa.ok("cont", json!({}));
+    qa.wait_event("RESUME", None);
+    let serial = d.join("a.serial");
+    wait_for_serial(&serial, "dirtier: ready");
+
+    // 1. A destination without the disk: refused, the source runs on.
+    let mut b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    let port = free_port();
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
+    qa.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    qa.wait_event("MIGRATION", Some("failed"));
+    let info = qa.ok("query-migrate", json!({}));
+    let e = info["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("virtio-blk@03") && e.contains("same disks"),
+        "{info}"
+    );
+    eprintln!("destination without the disk: {e}");
+    assert_eq!(qa.status(), "running");
+    let before = serial_len(&serial);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serial_len(&serial) <= before + 20 {
+        assert!(Instant::now() < deadline, "the source stopped running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the destination lingers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(qb);
+
+    // 2. libvirt's form of the same disk, in the same slot: migrates.
+    let storage = json!({"driver": "file", "filename": img, "node-name": "libvirt-1-storage",
+        "cache": {"direct": true, "no-flush": false}, "auto-read-only": true,
+        "discard": "unmap"})
+    .to_string();
+    let format = json!({"node-name": "libvirt-1-format", "read-only": false,
+        "cache": {"direct": true, "no-flush": false}, "driver": "raw",
+        "file": "libvirt-1-storage"})
+    .to_string();
+    let device = json!({"driver": "virtio-blk-pci", "addr": "0x3",
+        "drive": "libvirt-1-format", "id": "virtio-disk0", "bootindex": 1,
+        "write-cache": "on"})
+    .to_string();
+    let c = spawn_guest(
+        d,
+        "c",
+        &kernel,
+        &[
+            "-blockdev",
+            &storage,
+            "-blockdev",
+            &format,
+            "-device",
+            &device,
+            "-incoming",
+            "defer",
+        ],
+    );
+    let mut qc = Qmp::connect(&c.qmp);
+    let blocks = qc.ok("query-block", json!({}));
+    assert_eq!(blocks[0]["device"], "", "{blocks}");
+    assert_eq!(blocks[0]["inserted"]["node-name"], "libvirt-1-format");
+    assert_eq!(
+        blocks[0]["qdev"],
+        "/machine/peripheral/virtio-disk0/virtio-backend"
+    );
+    let port = free_port();
+    qc.ok(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
+    qa.events.clear();
+    qa.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    wait_status(&mut qc, "paused");
+    same_memory(&mut qa, &mut qc, d, "disk");
+    drop(qa);
+    drop(a);
+    run_a_while(&mut qc, &d.join("c.serial"));
+}
