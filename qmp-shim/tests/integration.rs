@@ -1767,6 +1767,11 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
         ["raw", "file"],
         "{nodes}"
     );
+    let stats = qa.ok("query-blockstats", json!({}));
+    assert_eq!(stats[0]["device"], "drive0", "{stats}");
+    assert_eq!(stats[0]["qdev"], b0["qdev"], "{stats}");
+    assert_eq!(stats[0]["parent"]["node-name"], nodes[1]["node-name"]);
+    assert_eq!(stats[0]["stats"]["wr_highest_offset"], 0, "{stats}");
     let peripheral = qa.ok("qom-list", json!({"path": "/machine/peripheral"}));
     assert!(
         peripheral

@@ -69,6 +69,7 @@ pub static COMMANDS: &[&Command] = &[
     &devices::QUERY_BALLOON,
     &devices::QUERY_NAMED_BLOCK_NODES,
     &devices::QUERY_BLOCK,
+    &devices::QUERY_BLOCKSTATS,
     &devices::QUERY_JOBS,
     &machine::STOP,
     &machine::CONT,

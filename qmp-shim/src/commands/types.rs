@@ -418,6 +418,48 @@ pub static BLOCK_DEVICE_INFO: ObjectDef = ObjectDef {
     ],
 };
 
+pub static BLOCK_DEVICE_STATS: ObjectDef = ObjectDef {
+    name: "BlockDeviceStats",
+    members: &[
+        req("rd_bytes", Ty::Int),
+        req("wr_bytes", Ty::Int),
+        req("unmap_bytes", Ty::Int),
+        req("rd_operations", Ty::Int),
+        req("wr_operations", Ty::Int),
+        req("flush_operations", Ty::Int),
+        req("unmap_operations", Ty::Int),
+        req("rd_total_time_ns", Ty::Int),
+        req("wr_total_time_ns", Ty::Int),
+        req("flush_total_time_ns", Ty::Int),
+        req("unmap_total_time_ns", Ty::Int),
+        req("wr_highest_offset", Ty::Int),
+        req("rd_merged", Ty::Int),
+        req("wr_merged", Ty::Int),
+        req("unmap_merged", Ty::Int),
+        req("failed_rd_operations", Ty::Int),
+        req("failed_wr_operations", Ty::Int),
+        req("failed_flush_operations", Ty::Int),
+        req("failed_unmap_operations", Ty::Int),
+        req("invalid_rd_operations", Ty::Int),
+        req("invalid_wr_operations", Ty::Int),
+        req("invalid_flush_operations", Ty::Int),
+        req("invalid_unmap_operations", Ty::Int),
+        req("account_invalid", Ty::Bool),
+        req("account_failed", Ty::Bool),
+    ],
+};
+
+pub static BLOCK_STATS: ObjectDef = ObjectDef {
+    name: "BlockStats",
+    members: &[
+        opt("device", Ty::Str),
+        opt("qdev", Ty::Str),
+        opt("node-name", Ty::Str),
+        req("stats", Ty::Object(&BLOCK_DEVICE_STATS)),
+        opt("parent", Ty::Object(&BLOCK_STATS)),
+    ],
+};
+
 pub static JOB_INFO: ObjectDef = ObjectDef {
     name: "JobInfo",
     members: &[
