@@ -1781,10 +1781,22 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
             .any(|p| p["name"] == "disk0" && p["type"] == "child<virtio-blk-pci>"),
         "{peripheral}"
     );
-    // Storage migration and hotplug are absent, so libvirt knows.
+    // Storage migration and hotplug are absent, so libvirt knows; the NBD
+    // server libvirt's --copy-storage-all starts first says why.
+    let r = qa.cmd_with_fd(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "::", "port": "49153"}}}),
+        None,
+    );
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("cannot copy disks during a migration")),
+        "{r}"
+    );
     let commands = qa.ok("query-commands", json!({}));
     for absent in [
-        "nbd-server-start",
         "block-export-add",
         "blockdev-mirror",
         "blockdev-add",

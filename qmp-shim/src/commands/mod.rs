@@ -85,6 +85,7 @@ pub static COMMANDS: &[&Command] = &[
     &migration::MIGRATE,
     &migration::MIGRATE_INCOMING,
     &migration::MIGRATE_CANCEL,
+    &migration::NBD_SERVER_START,
     &migration::MIGRATE_CONTINUE,
     &migration::QUERY_MIGRATE,
     &objects::OBJECT_ADD,
