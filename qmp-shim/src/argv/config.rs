@@ -91,6 +91,23 @@ impl Invocation {
         let vcpus = self.check_smp()?;
         // Before the devices: a refused disk says more than its controller.
         let disks = self.disks(machine == MachineType::Pc)?;
+        let placed: Vec<(u8, String)> = disks
+            .iter()
+            .map(|d| {
+                (
+                    d.slot,
+                    d.id.clone().unwrap_or_else(|| "virtio-blk-pci".into()),
+                )
+            })
+            .collect();
+        let nics = self.nics(machine == MachineType::Pc, &placed)?;
+        if let Some(n) = nics.first() {
+            return Err(ArgvError::unsupported_because(
+                "-device",
+                format!("virtio-net NIC '{}'", n.id.as_deref().unwrap_or(&n.netdev)),
+                "this ferry-qemu has no NICs yet (virtio-net is not in its engine)",
+            ));
+        }
         self.check_misc()?;
         let serials = self.serials()?;
         Ok(Some(MachineConfig {
@@ -308,26 +325,10 @@ impl Invocation {
                 ));
             }
         }
-        if let Some(n) = self.netdevs.first() {
-            let id = n.id.as_deref().unwrap_or("?");
-            return Err(if n.kind == "user" {
-                ArgvError::unsupported_because(
-                    "-netdev",
-                    format!("user-mode networking ('{id}')"),
-                    "ferry has no slirp: use a bridge or tap interface \
-                     (<interface type='bridge'|'network'|'ethernet'>)",
-                )
-            } else {
-                ArgvError::unsupported_because(
-                    "-netdev",
-                    format!("network backend '{}' ('{id}')", n.kind),
-                    "this ferry-qemu has no NICs yet (virtio-net is not in its engine)",
-                )
-            });
-        }
         for d in &self.devices {
             if !MODELLED_DEVICES.contains(&d.kind.as_str())
                 && !MODELLED_AS_ABSENT.contains(&d.kind.as_str())
+                && !super::VIRTIO_NET.contains(&d.kind.as_str())
             {
                 return Err(match d.kind.as_str() {
                     "virtio-blk-pci-transitional" => ArgvError::unsupported_because(
@@ -336,10 +337,11 @@ impl Invocation {
                         "ferry's virtio devices are modern-only (virtio 1.0): use \
                          model='virtio' or 'virtio-non-transitional'",
                     ),
-                    k if k.starts_with("virtio-net") => ArgvError::unsupported_because(
+                    k @ "virtio-net-pci-transitional" => ArgvError::unsupported_because(
                         "-device",
                         format!("device '{k}'"),
-                        "this ferry-qemu has no NICs yet (virtio-net is not in its engine)",
+                        "ferry's virtio devices are modern-only (virtio 1.0): use \
+                         model='virtio' or 'virtio-non-transitional'",
                     ),
                     k => ArgvError::unsupported("-device", format!("device '{k}'")),
                 });

@@ -418,7 +418,7 @@ fn write_through(option: &str, what: &str) -> ArgvError {
 }
 
 /// A PCI address: `"0x4"`, `"4"`, `"0x4.0"`, `"0x1.0x2"`, or a devfn number.
-fn parse_addr(v: &Value) -> Option<(u8, u8)> {
+pub(super) fn parse_addr(v: &Value) -> Option<(u8, u8)> {
     let (slot, func) = match v {
         Value::Number(n) => {
             let devfn = n.as_u64()?;
@@ -511,6 +511,14 @@ fn check_blk_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
         )),
         other => refuse(format!("virtio-blk-pci property '{other}'")),
     }
+}
+
+/// A device that wants a PCI slot on bus 0.
+pub(super) struct SlotClaim {
+    /// Names it in errors (its id, else its driver).
+    pub name: String,
+    /// `addr=` as (slot, function).
+    pub addr: Option<(u8, u8)>,
 }
 
 /// A disk device before its slot is known.
@@ -645,62 +653,20 @@ impl Invocation {
         self.place(pending, pc)
     }
 
-    /// Gives every disk its slot: `addr=` as given (function 0 only, not a
-    /// slot another device names), else the first free slot from 3.
+    /// Gives every disk its slot (see [`Invocation::assign_slots`]).
     fn place(&self, pending: Vec<Pending>, pc: bool) -> Result<Vec<DiskConfig>, ArgvError> {
-        // Slots other devices on pci.0 name (the balloon, USB, ...).
-        let mut taken: Vec<(u8, String)> = vec![(0, "the host bridge".into())];
-        if pc {
-            taken.push((1, "PIIX3".into()));
-        }
-        for d in &self.devices {
-            if VIRTIO_BLK.contains(&d.kind.as_str()) {
-                continue;
-            }
-            if let Some((slot, _)) = d.props.get("addr").and_then(parse_addr) {
-                let who =
-                    d.id.as_deref()
-                        .map_or(d.kind.clone(), |id| format!("{},id={id}", d.kind));
-                taken.push((slot, who));
-            }
-        }
-        let name = |p: &Pending| p.id.clone().unwrap_or_else(|| "virtio-blk-pci".into());
-        for p in &pending {
-            let Some((slot, func)) = p.addr else { continue };
-            if func != 0 {
-                return Err(ArgvError::unsupported(
-                    "-device",
-                    format!(
-                        "PCI function {func} for {} (ferry's virtio devices are single-function: \
-                         use function 0)",
-                        name(p)
-                    ),
-                ));
-            }
-            if let Some((_, who)) = taken.iter().find(|(s, _)| *s == slot) {
-                return Err(ArgvError::invalid(
-                    "-device",
-                    &name(p),
-                    &format!("PCI: slot {slot} function 0 not available, in use by {who}"),
-                ));
-            }
-            taken.push((slot, name(p)));
-        }
-        let mut out = Vec::new();
-        for p in pending {
-            let slot = match p.addr {
-                Some((slot, _)) => slot,
-                None => {
-                    let slot = (FIRST_FREE_SLOT..=MAX_SLOT)
-                        .find(|s| taken.iter().all(|(t, _)| t != s))
-                        .ok_or_else(|| {
-                            ArgvError::unsupported("-device", "more than 29 PCI devices")
-                        })?;
-                    taken.push((slot, name(&p)));
-                    slot
-                }
-            };
-            out.push(DiskConfig {
+        let claims: Vec<SlotClaim> = pending
+            .iter()
+            .map(|p| SlotClaim {
+                name: p.id.clone().unwrap_or_else(|| "virtio-blk-pci".into()),
+                addr: p.addr,
+            })
+            .collect();
+        let slots = self.assign_slots(&claims, pc, VIRTIO_BLK, &[])?;
+        Ok(pending
+            .into_iter()
+            .zip(slots)
+            .map(|(p, slot)| DiskConfig {
                 id: p.id,
                 slot,
                 path: p.backing.filename.clone().into(),
@@ -711,7 +677,74 @@ impl Invocation {
                 format_node: p.backing.format_node,
                 storage_node: p.backing.storage_node,
                 storage_driver: p.backing.storage_driver,
-            });
+            })
+            .collect())
+    }
+
+    /// PCI slots for `claims` (the `-device`s of kinds `claimants`, and
+    /// devices QEMU would create itself, in order): `addr=` as given
+    /// (function 0 only, not a slot another device names), else the first
+    /// free slot from 3. Slots other `-device`s on pci.0 name (the balloon,
+    /// USB, ...) and `placed` (devices already given theirs) are left alone.
+    pub(super) fn assign_slots(
+        &self,
+        claims: &[SlotClaim],
+        pc: bool,
+        claimants: &[&str],
+        placed: &[(u8, String)],
+    ) -> Result<Vec<u8>, ArgvError> {
+        let mut taken: Vec<(u8, String)> = vec![(0, "the host bridge".into())];
+        if pc {
+            taken.push((1, "PIIX3".into()));
+        }
+        taken.extend(placed.iter().cloned());
+        for d in &self.devices {
+            if claimants.contains(&d.kind.as_str()) {
+                continue;
+            }
+            if let Some((slot, _)) = d.props.get("addr").and_then(parse_addr) {
+                let who =
+                    d.id.as_deref()
+                        .map_or(d.kind.clone(), |id| format!("{},id={id}", d.kind));
+                taken.push((slot, who));
+            }
+        }
+        for c in claims {
+            let Some((slot, func)) = c.addr else { continue };
+            if func != 0 {
+                return Err(ArgvError::unsupported(
+                    "-device",
+                    format!(
+                        "PCI function {func} for {} (ferry's virtio devices are single-function: \
+                         use function 0)",
+                        c.name
+                    ),
+                ));
+            }
+            if let Some((_, who)) = taken.iter().find(|(s, _)| *s == slot) {
+                return Err(ArgvError::invalid(
+                    "-device",
+                    &c.name,
+                    &format!("PCI: slot {slot} function 0 not available, in use by {who}"),
+                ));
+            }
+            taken.push((slot, c.name.clone()));
+        }
+        let mut out = Vec::new();
+        for c in claims {
+            let slot = match c.addr {
+                Some((slot, _)) => slot,
+                None => {
+                    let slot = (FIRST_FREE_SLOT..=MAX_SLOT)
+                        .find(|s| taken.iter().all(|(t, _)| t != s))
+                        .ok_or_else(|| {
+                            ArgvError::unsupported("-device", "more than 29 PCI devices")
+                        })?;
+                    taken.push((slot, c.name.clone()));
+                    slot
+                }
+            };
+            out.push(slot);
         }
         Ok(out)
     }

@@ -9,6 +9,7 @@
 
 mod config;
 mod disks;
+mod nics;
 pub mod opts;
 mod size;
 
@@ -20,6 +21,7 @@ pub use config::{
     SerialConfig, CPU_MODELS, MACHINE_TYPES, MODELLED_AS_ABSENT, MODELLED_DEVICES, UNSUPPORTED_HINT,
 };
 pub use disks::VIRTIO_BLK;
+pub use nics::{NicConfig, TapSource, VIRTIO_NET};
 pub use opts::Opts;
 pub use size::parse_size;
 

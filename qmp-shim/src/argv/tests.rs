@@ -556,27 +556,26 @@ fn disk_and_nic_refusals() {
         taken,
         "slot 4 function 0 not available, in use by virtio-balloon-pci,id=balloon0".into(),
     ));
-    for (netdev, want) in [
-        (
-            r#"{"type":"user","id":"hostnet0"}"#,
-            "-netdev: user-mode networking ('hostnet0') is not supported by ferry-qemu: ferry \
-             has no slirp: use a bridge or tap interface (<interface \
-             type='bridge'|'network'|'ethernet'>)",
-        ),
-        (
-            "tap,id=hostnet1,ifname=tap0,script=no,downscript=no",
-            "-netdev: network backend 'tap' ('hostnet1') is not supported by ferry-qemu: this \
-             ferry-qemu has no NICs yet",
-        ),
-    ] {
-        all.push((vec!["-netdev".into(), netdev.into()], want.into()));
-    }
     all.push((
         vec![
+            "-netdev".into(),
+            r#"{"type":"user","id":"hostnet0"}"#.into(),
+        ],
+        "-netdev: user-mode networking ('hostnet0') is not supported by ferry-qemu: ferry has \
+         no slirp: use a bridge or tap interface (<interface type='bridge'|'network'|'ethernet'>)"
+            .into(),
+    ));
+    // Until the engine has virtio-net, a well-formed NIC is refused last.
+    all.push((
+        vec![
+            "-netdev".into(),
+            r#"{"type":"tap","fd":"33","vhost":true,"vhostfd":"35","id":"hostnet0"}"#.into(),
             "-device".into(),
             r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:12:34:56","bus":"pci.0","addr":"0x3"}"#.into(),
         ],
-        "device 'virtio-net-pci' is not supported by ferry-qemu: this ferry-qemu has no NICs yet".into(),
+        "-device: virtio-net NIC 'net0' is not supported by ferry-qemu: this ferry-qemu has no \
+         NICs yet"
+            .into(),
     ));
     for (extra, want) in all {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -610,4 +609,145 @@ fn disk_and_nic_refusals() {
         "virtio-blk-pci,drive=d0",
     ]);
     assert!(twice.unwrap_err().to_string().contains("already in use"));
+}
+
+/// `DOMAIN` plus `extra` → the NICs (checked, with slots), past the disks.
+fn nics_of(extra: &[&str]) -> Result<Vec<super::NicConfig>, ArgvError> {
+    let mut args = argv(DOMAIN);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let inv = parse(&args)?;
+    let placed: Vec<(u8, String)> = inv
+        .disks(true)?
+        .iter()
+        .map(|d| (d.slot, d.id.clone().unwrap_or_default()))
+        .collect();
+    inv.nics(true, &placed)
+}
+
+#[test]
+fn nic_forms_libvirt_and_by_hand() {
+    // lab2's layout with a tap instead of user networking.
+    let n = nics_of(&[
+        "-blockdev",
+        LAB2_STORAGE,
+        "-blockdev",
+        LAB2_FORMAT,
+        "-device",
+        LAB2_DEVICE,
+        "-netdev",
+        r#"{"type":"tap","fd":"33","vhost":true,"vhostfd":"35","id":"hostnet0"}"#,
+        "-device",
+        r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:12:34:56","bus":"pci.0","addr":"0x2"}"#,
+        "-device",
+        BALLOON_AT_4,
+    ])
+    .expect("accepted");
+    assert_eq!(
+        n,
+        vec![super::NicConfig {
+            id: Some("net0".into()),
+            slot: 2,
+            netdev: "hostnet0".into(),
+            tap: super::TapSource::Fd(33),
+            mac: "52:54:00:12:34:56".into(),
+            vhost_fds: vec![35],
+        }]
+    );
+    // By hand: the disk takes slot 3, the NIC the next free one, QEMU's MAC.
+    let n = nics_of(&[
+        "-drive",
+        "file=/d.img,format=raw,if=virtio",
+        "-netdev",
+        "tap,id=n1,ifname=tap0,script=no,downscript=no,vnet_hdr=on",
+        "-device",
+        "virtio-net-pci,netdev=n1,csum=off,mrg_rxbuf=off",
+    ])
+    .expect("accepted");
+    assert_eq!(
+        (n[0].slot, &n[0].tap, n[0].mac.as_str()),
+        (
+            4,
+            &super::TapSource::Ifname("tap0".into()),
+            "52:54:00:12:34:56"
+        )
+    );
+    for (extra, want) in [
+        (
+            vec!["-netdev", "tap,id=n1,ifname=tap0"],
+            "script=the default /etc/qemu-if* ('n1') is not supported by ferry-qemu: ferry \
+             runs no scripts",
+        ),
+        (vec!["-netdev", "tap,id=n1"], "a tap without fd= or ifname="),
+        (
+            vec!["-netdev", "tap,id=n1,fd=33,queues=2"],
+            "a multi-queue tap",
+        ),
+        (vec!["-netdev", "tap,id=n1,fds=33:34"], "a multi-queue tap"),
+        (vec!["-netdev", "tap,id=n1,br=virbr0"], "the bridge helper"),
+        (
+            vec!["-netdev", "tap,id=n1,fd=33,ifname=t"],
+            "ifname= is invalid with fd=",
+        ),
+        (
+            vec!["-netdev", "socket,id=n1,listen=:1234"],
+            "network backend 'socket' ('n1') is not supported by ferry-qemu: ferry's NICs sit \
+             on a tap",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,mac=01:00:5e:00:00:01",
+            ],
+            "a multicast MAC",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,csum=on",
+            ],
+            "virtio-net csum=on (ferry's virtio-net offers VERSION_1, MAC and STATUS only)",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,mq=on",
+            ],
+            "virtio-net mq=on",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,host_mtu=9000",
+            ],
+            "virtio-net host_mtu=9000",
+        ),
+        (
+            vec!["-device", "virtio-net-pci,netdev=nope,id=net0"],
+            "Property 'netdev' can't find value 'nope'",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,addr=0x5",
+                "-drive",
+                "file=/d,format=raw,if=none,id=d0",
+                "-device",
+                "virtio-blk-pci,drive=d0,addr=0x5",
+            ],
+            "slot 5 function 0 not available, in use by virtio-net-pci",
+        ),
+    ] {
+        let err = nics_of(&extra).expect_err(want).to_string();
+        assert!(err.contains(want), "{extra:?}:\n got  {err}\n want {want}");
+    }
 }
