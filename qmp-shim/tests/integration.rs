@@ -1714,6 +1714,8 @@ fn tls_migration_with_x509_objects_refuses_a_stranger_first() {
 /// and `qom-list` describe it as QEMU 7.2 does; a destination without the
 /// disk refuses the stream naming the source's virtio-blk device (the engine
 /// has it) and the source runs on; a destination with it takes the guest.
+/// Then a save to `file:` restores with the disk (`-incoming file:`), and is
+/// refused without it.
 #[test]
 fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
     let name = "raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage";
@@ -1905,4 +1907,52 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
     drop(qa);
     drop(a);
     run_a_while(&mut qc, &d.join("c.serial"));
+
+    // 3. Save to file: and restore with -incoming file:, with the disk (the
+    // guest goes on) and without it (refused, exit status 1).
+    let saved = d.join("disk.ferry");
+    qc.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    qc.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", saved.display())}),
+    );
+    qc.wait_event("MIGRATION", Some("completed"));
+    let r = qc.oracle(&d.join("c-saved.raw"));
+    drop(qc);
+    drop(c);
+    let incoming = format!("file:{}", saved.display());
+    let mut e = spawn_guest(d, "e", &kernel, &["-incoming", &incoming]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = e.child.try_wait().expect("wait") {
+            break st.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a restore without the disk lingers"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(1), "restore without the disk");
+    let f = spawn_guest(
+        d,
+        "f",
+        &kernel,
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=drive0,id=disk0",
+            "-incoming",
+            &incoming,
+        ],
+    );
+    let mut qf = Qmp::connect(&f.qmp);
+    wait_status(&mut qf, "paused");
+    let rf = qf.oracle(&d.join("f0.raw"));
+    assert_eq!((rf.passes, rf.cursor), (r.passes, r.cursor));
+    run_a_while(&mut qf, &d.join("f.serial"));
 }
