@@ -149,7 +149,11 @@ fn refuse_driver(option: &str, node: &str, driver: &str) -> ArgvError {
     } else if NETWORK_PROTOCOLS.contains(&driver) {
         (format!("network storage (driver '{driver}')"), NETWORK_FIX)
     } else {
-        (format!("block driver '{driver}'"), CONVERT_FIX)
+        (
+            format!("block driver '{driver}'"),
+            "ferry serves raw images and block devices only: a `file` or `host_device` node, \
+             optionally under a `raw` one (no filters such as copy-on-read or throttle)",
+        )
     };
     ArgvError::unsupported_because(option, format!("{what} of block node '{node}'"), fix)
 }

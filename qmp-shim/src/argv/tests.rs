@@ -471,6 +471,15 @@ fn disk_and_nic_refusals() {
              storage on the host (iscsiadm for iSCSI",
         ),
         (
+            vec![
+                "-blockdev".into(),
+                r#"{"driver":"copy-on-read","node-name":"cor","file":"libvirt-1-format"}"#.into(),
+            ],
+            "-blockdev: block driver 'copy-on-read' of block node 'cor' is not supported by \
+             ferry-qemu: ferry serves raw images and block devices only: a `file` or \
+             `host_device` node",
+        ),
+        (
             vec!["-drive".into(), "file=nbd:host:10809,format=raw,if=virtio".into()],
             "-drive: network storage (driver 'nbd')",
         ),
