@@ -351,6 +351,11 @@ pub trait Backend: Send + std::fmt::Debug {
     /// Saves the (paused) VM to `target` (a checkpoint, QEMU's
     /// `migrate "exec:cat > file"` / `file:` use).
     fn save(&mut self, target: MigrationTarget) -> Result<(), BackendError>;
+    /// The CPUID the guest's vCPUs were given (without per-vCPU fields), once
+    /// a guest was built or received; `None` before.
+    fn guest_cpuid(&self) -> Option<Vec<ferry_vmm::cpu::model::CpuidLeaf>> {
+        None
+    }
     /// The serial ports' chardevs as `(label, filename)` for `query-chardev`
     /// (`pty:/dev/pts/N` tells libvirt where the console is).
     fn serial_chardevs(&self) -> Vec<(String, String)> {

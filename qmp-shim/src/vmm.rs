@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use ferry_kvm::Backing;
 use ferry_vmm::checkpoint;
+use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::devices::virtio::blk::BlockConfig;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
@@ -77,9 +78,18 @@ struct Inner {
     migrating: bool,
     /// TLS for the next migration (`tls-creds`), set before it starts.
     tls: Option<MigrationTls>,
+    /// The CPUID of the last guest built or received (kept while a live
+    /// migration owns the guest).
+    cpuid: Option<Vec<CpuidLeaf>>,
 }
 
 impl Inner {
+    /// Makes `guest` this process's guest.
+    fn set_guest(&mut self, guest: Guest) {
+        self.cpuid = Some(guest.cpuid().to_vec());
+        self.guest = Some(guest);
+    }
+
     /// Refuses `operation` while a live migration owns the guest.
     fn not_migrating(&self, operation: &'static str) -> Result<(), BackendError> {
         if self.migrating {
@@ -144,6 +154,7 @@ impl FerryBackend {
                     incoming_started: false,
                     migrating: false,
                     tls: None,
+                    cpuid: None,
                 }),
                 migration: Mutex::new(MigrationInfo::default()),
                 outgoing: Mutex::new(None),
@@ -474,7 +485,7 @@ impl FerryBackend {
                 let Ok(mut inner) = shared.inner.lock() else {
                     exit_after_events(1);
                 };
-                inner.guest = Some(guest);
+                inner.set_guest(guest);
                 inner.state = RunState::Paused;
                 shared.migration_status(MigrationStatus::Completed);
                 if inner.autostart {
@@ -649,7 +660,7 @@ fn reboot(inner: &mut Inner, run: bool) -> Result<(), BackendError> {
         guest.resume().map_err(engine)?;
         inner.state = RunState::Running;
     }
-    inner.guest = Some(guest);
+    inner.set_guest(guest);
     Ok(())
 }
 
@@ -682,7 +693,7 @@ impl Backend for FerryBackend {
                     guest.resume().map_err(engine)?;
                     inner.state = RunState::Running;
                 }
-                inner.guest = Some(guest);
+                inner.set_guest(guest);
                 Ok(())
             }
             Some(Incoming::Defer) => {
@@ -898,6 +909,10 @@ impl Backend for FerryBackend {
 
     fn save(&mut self, target: MigrationTarget) -> Result<(), BackendError> {
         self.start_save(target)
+    }
+
+    fn guest_cpuid(&self) -> Option<Vec<CpuidLeaf>> {
+        self.shared.inner.lock().ok()?.cpuid.clone()
     }
 
     fn serial_chardevs(&self) -> Vec<(String, String)> {

@@ -208,6 +208,143 @@ fn libvirt_accepts_ferry_qemu() {
         log.contains("Try to probe capabilities of"),
         "libvirt really probed"
     );
+    // The CPU models come from ferry's own answers (query-cpu-definitions,
+    // query-cpu-model-expansion): host-model is a model ferry runs, with
+    // fallback='forbid' (libvirt's mark of a QEMU-provided host model).
+    assert!(
+        stdout.contains("<mode name='host-model' supported='yes'>")
+            && stdout.contains("<model fallback='forbid'>kvm64</model>")
+            && stdout.contains("<mode name='custom' supported='yes'>"),
+        "{stdout}"
+    );
+    assert!(
+        log.contains(r#""execute":"query-cpu-definitions""#)
+            && log.contains(r#""execute":"query-cpu-model-expansion""#)
+    );
+}
+
+/// libvirt domains with each CPU mode on ferry-qemu (tests/libvirt-cpu.sh):
+/// host-passthrough (`-cpu host,migratable=on`), custom qemu64, host-model
+/// (libvirt writes kvm64 plus the features of ferry's expansion) and a
+/// host-passthrough guest with invtsc all start; the invtsc guest reports
+/// QEMU's blocker, `virsh migrate` refuses with it in the Begin phase, and
+/// the guest runs on. After each start libvirt reads the vCPU's feature
+/// bools and `unavailable-features` and fixes its live XML as it does with
+/// QEMU: qemu64 with check='none' shows what this host's KVM lacks as
+/// disabled; with check='full' the start fails naming the differences; with
+/// the default check libvirt refuses before starting when the host lacks a
+/// qemu64 feature.
+#[test]
+fn libvirt_cpu_modes_and_the_invtsc_blocker() {
+    let name = "libvirt_cpu_modes_and_the_invtsc_blocker";
+    if !libvirt_available(name) || !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("w");
+    let kernel = dir.path().join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/libvirt-cpu.sh");
+    let out = Command::new("timeout")
+        .args(["300", "unshare", "--mount", "--propagation", "private"])
+        .arg("bash")
+        .arg(script)
+        .arg(&work)
+        .arg(BIN)
+        .arg(&kernel)
+        .output()
+        .expect("run libvirt-cpu.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = |p: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("no '{p}' in:\n{stdout}"))
+            .to_string()
+    };
+    assert_eq!(
+        line("CPU passthrough "),
+        "CPU passthrough host,migratable=on started"
+    );
+    assert_eq!(
+        line("LIVECPU passthrough "),
+        "LIVECPU passthrough <cpu mode='host-passthrough' check='none' migratable='on'/>"
+    );
+    // What this host's KVM cannot give qemu64 (pni and svm on the nested
+    // KVM this was written on): libvirt must learn it from the CPU object.
+    let kvm = kvm_ioctls::Kvm::new().expect("kvm");
+    let host = ferry_vmm::cpu::supported_cpuid(&kvm).expect("supported cpuid");
+    let lacking = ferry_vmm::cpu::model::unavailable_features(&host, "qemu64");
+    // check='none': it starts, QEMU's way, without what the host lacks, and
+    // libvirt's live XML says so (policy='disable'), plus what KVM adds.
+    assert_eq!(line("CPU qemu64 "), "CPU qemu64 qemu64 started");
+    let live = line("LIVECPU qemu64 ");
+    assert!(live.contains("check='full'"), "{live}");
+    for f in &lacking {
+        assert!(
+            live.contains(&format!("<feature policy='disable' name='{f}'/>")),
+            "{f}: {live}"
+        );
+    }
+    for f in ["x2apic", "hypervisor", "lahf_lm"] {
+        assert!(
+            live.contains(&format!("<feature policy='require' name='{f}'/>")),
+            "{f}: {live}"
+        );
+    }
+    // Default check (partial for KVM): libvirt compares with the host CPU
+    // before it starts anything.
+    let partial = line("CPU qemu64partial ");
+    if lacking.is_empty() {
+        assert!(partial.ends_with(" started"), "{partial}");
+    } else {
+        assert!(
+            partial.contains("the CPU is incompatible with host CPU"),
+            "{partial}"
+        );
+    }
+    // check='full': the started CPU must be exactly the model; it is not
+    // (KVM's x2apic and hypervisor bits, QEMU's lahf_lm, the lacking ones).
+    let full = line("CPU qemu64full ");
+    assert!(
+        full.contains("guest CPU doesn't match specification: extra features: x2apic,hypervisor"),
+        "{full}"
+    );
+    if !lacking.is_empty() {
+        assert!(
+            full.contains(&format!("missing features: {}", lacking.join(","))),
+            "{full}"
+        );
+    }
+    let hm = line("CPU hostmodel ");
+    assert!(
+        hm.starts_with("CPU hostmodel kvm64,") && hm.ends_with(" started"),
+        "{hm}"
+    );
+    let live = line("LIVECPU hostmodel ");
+    assert!(
+        live.contains("<model fallback='forbid'>kvm64</model>") && live.contains("check='full'"),
+        "{live}"
+    );
+    assert_eq!(
+        line("CPU invtsc "),
+        "CPU invtsc host,migratable=off,invtsc=on started"
+    );
+    let blocker = "State blocked by non-migratable CPU device (invtsc flag)";
+    assert!(line("BLOCKED ").contains(blocker), "{stdout}");
+    assert!(!line("UNBLOCKED ").contains("blocked-reasons"), "{stdout}");
+    assert!(
+        line("MIGRATE ").contains(&format!("cannot migrate domain: {blocker}")),
+        "{stdout}"
+    );
+    // QEMU's migrate_prepare refusal, straight over QMP.
+    let qmp = line("QMPMIGRATE ");
+    assert!(
+        qmp.contains("GenericError") && qmp.contains(blocker),
+        "{qmp}"
+    );
+    assert_eq!(line("STATE invtsc "), "STATE invtsc running");
+    assert_eq!(line("LIBVIRTD "), "LIBVIRTD alive");
 }
 
 /// Guest RAM of the guests below.

@@ -14,8 +14,19 @@ pub fn page() -> String {
         "`ferry-vm` runs one KVM virtual machine: it boots a kernel directly (`run`), \
          restores a checkpoint (`restore`), or waits for a live migration (`incoming`), \
          then runs the guest until it powers off, resets, is told to `quit` on the \
-         control socket, or migrates away. Guests get RAM, vCPUs and a 16550 serial \
-         port (COM1); there is no firmware and there are no disks or NICs.",
+         control socket, or migrates away. Guests get RAM, vCPUs, a 16550 serial \
+         port (COM1) and, on PCI bus 0, virtio-blk disks (`--disk`, raw images or \
+         block devices) and virtio-net cards on tap devices (`--net`); there is no \
+         firmware.",
+    );
+    doc.p(
+        "Disks and NICs are virtio 1.x PCI devices (modern interface, MSI-X). A \
+         migration destination or a restore must be given the same disks (shared \
+         storage: the same image, the same size) and NICs (same MAC) in the same PCI \
+         slots; otherwise it refuses the VM before any page moves, naming the devices. \
+         The source flushes its disks before the switch-over and the destination \
+         reopens them; after a migration or restore, each NIC announces the guest's MAC \
+         with 5 RARP frames over 350 ms, as QEMU does, so switches learn its new port.",
     );
     doc.p(
         "A checkpoint is a migration into a file: both use the same versioned, \
@@ -68,6 +79,11 @@ pub fn page() -> String {
         "ferry-vm run --kernel dirtier.elf -m 1G --append ws=64M --control /tmp/a.sock",
         "ferry-vm incoming tcp:0.0.0.0:4444 --serial file:/tmp/b.log --control /tmp/b.sock",
         "echo \"migrate tcp:127.0.0.1:4444\" | socat - UNIX-CONNECT:/tmp/a.sock",
+    ]);
+    doc.p("The same guest with a disk on shared storage and a NIC on a tap:");
+    doc.example(&[
+        "ferry-vm run --kernel dirtier.elf --append \"ws=64M blk=8 net=1\" --disk /nfs/vm.img --net tap=tap0 --control /tmp/a.sock",
+        "ferry-vm incoming tcp:0.0.0.0:4444 --disk /nfs/vm.img --net tap=tap1 --control /tmp/b.sock",
     ]);
     doc.p("Checkpoint a running guest and restore it later:");
     doc.example(&[

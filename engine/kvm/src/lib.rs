@@ -7,6 +7,7 @@
 
 pub mod fd;
 pub mod memory;
+pub mod tap;
 pub mod vcpu;
 
 pub use memory::{Backing, GuestRam, MemoryError, PAGE_SIZE};

@@ -127,6 +127,59 @@ pub struct Common {
     /// migration destination or restore must be given the same disks (shared storage).
     #[arg(long = "disk", value_parser = parse_disk)]
     pub disks: Vec<DiskArg>,
+    /// A virtio-net NIC on a tap: tap=IFNAME or fd=N (an open tap, as libvirt passes),
+    /// [,mac=52:54:00:xx:xx:xx][,slot=N]; repeat for more NICs. Slots default to the
+    /// free ones after the disks'; MACs to 52:54:00:12:34:56, :57, ... in order. A
+    /// migration destination or restore must be given NICs with the same MACs and
+    /// slots; its first resume announces them (RARP).
+    #[arg(long = "net", value_parser = parse_net)]
+    pub nets: Vec<NetArg>,
+}
+
+/// One `--net`.
+#[derive(Debug, Clone)]
+pub struct NetArg {
+    pub tap: TapArg,
+    pub mac: Option<[u8; 6]>,
+    pub slot: Option<u8>,
+}
+
+/// Where a NIC's tap comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapArg {
+    /// Open (or create) the tap of this name.
+    Name(String),
+    /// An open tap fd inherited from the parent.
+    Fd(i32),
+}
+
+fn parse_slot(v: &str) -> Result<u8, String> {
+    v.strip_prefix("0x")
+        .map_or_else(|| v.parse(), |h| u8::from_str_radix(h, 16))
+        .map_err(|e| format!("slot: {e}"))
+}
+
+fn parse_net(text: &str) -> Result<NetArg, String> {
+    const USAGE: &str = "tap=IFNAME|fd=N[,mac=52:54:00:xx:xx:xx][,slot=N]";
+    let (mut tap, mut mac, mut slot) = (None, None, None);
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() => tap = Some(TapArg::Name(v.to_string())),
+            Some(("fd", v)) => {
+                tap = Some(TapArg::Fd(
+                    v.parse().map_err(|e| format!("fd: {e} ({USAGE})"))?,
+                ))
+            }
+            Some(("mac", v)) => mac = Some(crate::devices::virtio::net::parse_mac(v)?),
+            Some(("slot", v)) => slot = Some(parse_slot(v)?),
+            _ => return Err(format!("unknown NIC option '{part}' ({USAGE})")),
+        }
+    }
+    Ok(NetArg {
+        tap: tap.ok_or_else(|| format!("a NIC needs tap=IFNAME or fd=N ({USAGE})"))?,
+        mac,
+        slot,
+    })
 }
 
 /// One `--disk`.
@@ -152,12 +205,7 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
     };
     for part in parts {
         match part.split_once('=') {
-            Some(("slot", v)) => {
-                let v = v
-                    .strip_prefix("0x")
-                    .map_or_else(|| v.parse(), |h| u8::from_str_radix(h, 16));
-                arg.slot = Some(v.map_err(|e| format!("slot: {e}"))?);
-            }
+            Some(("slot", v)) => arg.slot = Some(parse_slot(v)?),
             Some(("readonly", "on")) => arg.config.read_only = true,
             Some(("readonly", "off")) => arg.config.read_only = false,
             Some(("serial", v)) => arg.config.serial = Some(v.to_string()),
@@ -172,21 +220,72 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
 }
 
 impl Common {
-    /// The virtio devices asked for, with default slots filled in.
-    pub fn virtio(&self) -> Vec<crate::vm::VirtioSpec> {
-        self.disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let slot = d.slot.unwrap_or(4 + i as u8);
-                crate::vm::VirtioSpec {
-                    slot,
-                    id: format!("disk{i}"),
-                    device: crate::vm::VirtioDeviceSpec::Block(d.config.clone()),
+    /// The virtio devices asked for, with default slots and MACs filled in, and
+    /// the NICs' taps opened. Default slots are the free ones from 4 up, disks
+    /// first, then NICs, skipping every slot given explicitly: the same options
+    /// give the same slots on every host.
+    pub fn virtio(&self) -> Result<Vec<crate::vm::VirtioSpec>, crate::VmmError> {
+        use crate::devices::virtio::net::{NetConfig, Tap};
+        use crate::vm::{VirtioDeviceSpec, VirtioSpec};
+        let slots = self.slots();
+        let mut specs = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            specs.push(VirtioSpec {
+                slot: slots[i],
+                id: format!("disk{i}"),
+                device: VirtioDeviceSpec::Block(d.config.clone()),
+            });
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            let id = format!("net{i}");
+            let tap = match &n.tap {
+                TapArg::Name(name) => {
+                    Tap::open(name).map_err(|e| crate::VmmError::Config(format!("{id}: {e}")))?
                 }
-            })
+                TapArg::Fd(fd) => std::sync::Arc::new(
+                    ferry_kvm::fd::adopt_inherited(*fd)
+                        .map_err(|e| crate::VmmError::Config(format!("{id}: tap fd {fd}: {e}")))?,
+                ),
+            };
+            specs.push(VirtioSpec {
+                slot: slots[self.disks.len() + i],
+                id,
+                device: VirtioDeviceSpec::Net(NetConfig {
+                    tap,
+                    mac: n.mac.unwrap_or_else(|| default_mac(i)),
+                }),
+            });
+        }
+        Ok(specs)
+    }
+
+    /// The PCI slots of the disks, then the NICs, in order.
+    fn slots(&self) -> Vec<u8> {
+        let taken: Vec<u8> = (self.disks.iter().map(|d| d.slot))
+            .chain(self.nets.iter().map(|n| n.slot))
+            .flatten()
+            .collect();
+        let mut next = 4u8;
+        let mut default_slot = || {
+            while taken.contains(&next) {
+                next = next.saturating_add(1);
+            }
+            let s = next;
+            next = next.saturating_add(1);
+            s
+        };
+        (self.disks.iter().map(|d| d.slot))
+            .chain(self.nets.iter().map(|n| n.slot))
+            .map(|s| s.unwrap_or_else(&mut default_slot))
             .collect()
     }
+}
+
+/// The MAC of the `index`th NIC given none: QEMU's first default,
+/// 52:54:00:12:34:56, plus the index.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    let [.., hi, lo] = (0x3456u16.wrapping_add(index as u16)).to_be_bytes();
+    [0x52, 0x54, 0x00, 0x12, hi, lo]
 }
 
 /// `ferry-vm`'s subcommands.
@@ -313,6 +412,53 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("x").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn nets_parse_and_default_slots_never_collide_with_disks() {
+        let n = parse_net("tap=tap0,mac=52:54:00:aa:bb:cc,slot=0x9").unwrap();
+        assert_eq!(n.tap, TapArg::Name("tap0".into()));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]));
+        assert_eq!(n.slot, Some(9));
+        assert_eq!(parse_net("fd=7").unwrap().tap, TapArg::Fd(7));
+        assert!(parse_net("mac=52:54:00:aa:bb:cc")
+            .unwrap_err()
+            .contains("tap=IFNAME"));
+        assert!(parse_net("tap=t,mac=53:54:00:aa:bb:cc")
+            .unwrap_err()
+            .contains("multicast"));
+        assert!(parse_net("tap=t,mac=52:54:00").is_err());
+        assert!(parse_net("tap=t,vhost=on")
+            .unwrap_err()
+            .contains("unknown NIC option"));
+        assert_eq!(default_mac(0), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(default_mac(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
+        assert_eq!(default_mac(0xaa), [0x52, 0x54, 0, 0x12, 0x35, 0x00]);
+
+        // Slots without opening taps: the same rule `virtio()` applies.
+        let cli = Cli::try_parse_from([
+            "ferry-vm",
+            "restore",
+            "x",
+            "--disk",
+            "a",
+            "--disk",
+            "b,slot=5",
+            "--disk",
+            "c",
+            "--net",
+            "fd=100",
+            "--net",
+            "fd=101,slot=4",
+        ]);
+        let Ok(Cli {
+            command: Command::Restore { common, .. },
+        }) = cli
+        else {
+            panic!("{cli:?}");
+        };
+        let slots = common.slots();
+        assert_eq!(slots, [6, 5, 7, 8, 4]);
     }
 
     #[test]

@@ -58,7 +58,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 backing: common.backing.into(),
                 serial: common.serial.clone(),
                 cpu,
-                virtio: common.virtio(),
+                virtio: common.virtio()?,
             })?;
             vm.boot(&KernelConfig {
                 kernel,
@@ -107,7 +107,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     serial: common.serial.clone(),
                     expect_mem_bytes: mem,
                     autostart: !common.paused,
-                    virtio: common.virtio(),
+                    virtio: common.virtio()?,
                 },
             )
             .map_err(|e| match e {
@@ -126,7 +126,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),
                     expect_mem_bytes: mem,
-                    virtio: common.virtio(),
+                    virtio: common.virtio()?,
                 },
             )
             .map_err(|e| match e {

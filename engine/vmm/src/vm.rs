@@ -20,7 +20,8 @@ use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
 use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::devices::virtio::blk::{Block, BlockConfig};
-use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState};
+use crate::devices::virtio::net::{Net, NetConfig};
+use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState, STOP_HELD, STOP_PAUSED};
 use crate::migration::converge::ThrottleState;
 use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
 use crate::VmmError;
@@ -55,6 +56,8 @@ pub struct VirtioSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VirtioDeviceSpec {
     Block(BlockConfig),
+    /// A NIC on an open tap.
+    Net(NetConfig),
 }
 
 impl VirtioSpec {
@@ -62,6 +65,7 @@ impl VirtioSpec {
         let fail = |e: String| VmmError::Config(format!("{}: {e}", self.id));
         Ok(match &self.device {
             VirtioDeviceSpec::Block(c) => Box::new(Block::open(c).map_err(fail)?),
+            VirtioDeviceSpec::Net(c) => Box::new(Net::new(c).map_err(fail)?),
         })
     }
 }
@@ -102,7 +106,9 @@ fn build_pci(
         devices.push((spec.slot, Arc::new(Mutex::new(dev))));
     }
     devices.sort_by_key(|(slot, _)| *slot);
-    Ok(PciBus::new(devices))
+    let bus = PciBus::new(devices);
+    bus.start_workers().map_err(VmmError::Config)?;
+    Ok(bus)
 }
 
 /// What to boot.
@@ -166,6 +172,16 @@ pub struct Vm {
     throttle: Arc<ThrottleState>,
     /// The guest's CPUID (without per-vCPU fields), for the migration shape.
     cpuid: Vec<CpuidLeaf>,
+    /// The VM arrived (incoming migration or restore): its first resume
+    /// announces its NICs.
+    announce_on_resume: bool,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Device threads first: they hold the devices, which hold guest RAM.
+        self.pci.shutdown();
+    }
 }
 
 impl Vm {
@@ -260,6 +276,7 @@ impl Vm {
             sink,
             throttle,
             cpuid,
+            announce_on_resume: false,
         })
     }
 
@@ -291,16 +308,26 @@ impl Vm {
         Ok(())
     }
 
-    /// Lets every vCPU run.
+    /// Lets every vCPU and device run. The first resume of a VM that arrived
+    /// by incoming migration or restore also announces its NICs (see
+    /// [`Self::announce`]): this is the one hook every way of starting such a VM
+    /// goes through (incoming autostart, the control socket's and QMP's `cont`).
     pub fn resume(&mut self) -> Result<(), VmmError> {
+        self.pci.set_stopped(STOP_PAUSED, false);
         for v in &self.vcpus {
             v.resume()?;
         }
         self.running = true;
+        if std::mem::take(&mut self.announce_on_resume) {
+            self.announce();
+        }
         Ok(())
     }
 
-    /// Stops every vCPU and waits until none is inside the guest.
+    /// Stops every vCPU and waits until none is inside the guest; then stops the
+    /// devices, so that from the return on nothing writes guest memory (a
+    /// migration's final dirty sync and device capture, checkpoints). Frames that
+    /// arrive meanwhile wait in the tap.
     pub fn pause(&mut self) -> Result<(), VmmError> {
         for v in &self.vcpus {
             v.request_pause();
@@ -308,15 +335,32 @@ impl Vm {
         for v in &self.vcpus {
             v.wait_paused()?;
         }
+        self.pci.set_stopped(STOP_PAUSED, true);
         self.running = false;
         Ok(())
+    }
+
+    /// Whether the next resume announces the NICs (the VM arrived by incoming
+    /// migration or restore and has not run since).
+    pub fn will_announce(&self) -> bool {
+        self.announce_on_resume
+    }
+
+    /// Tells the network where the VM now is, as QEMU's `announce_self` and
+    /// vMotion do after a switch-over: each NIC sends 5 RARP frames from its MAC
+    /// (at 0, 50, 150, 250 and 350 ms) from its device thread; this returns at
+    /// once.
+    pub fn announce(&self) {
+        self.pci.announce();
     }
 
     /// A handle that stops and restarts the vCPUs from another thread while a
     /// migration owns the VM.
     pub fn hold_handle(&self) -> crate::migration::VcpuHold {
         let threads = self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
-        crate::migration::VcpuHold::new(self.throttle.clone(), threads)
+        let pci = self.pci.clone();
+        let stop_devices = move |on: bool| pci.set_stopped(STOP_HELD, on);
+        crate::migration::VcpuHold::new(self.throttle.clone(), threads, Arc::new(stop_devices))
     }
 
     /// Turns a hold (see [`Self::hold_handle`]) into a real pause, for whoever
@@ -355,6 +399,15 @@ impl Vm {
         &self.ram
     }
 
+    /// Each virtio device's id and I/O counters, by slot.
+    pub fn device_stats(&self) -> Vec<(String, crate::devices::virtio::DeviceStats)> {
+        self.pci
+            .devices()
+            .iter()
+            .filter_map(|(_, d)| d.lock().ok().map(|d| (d.id().to_string(), d.stats())))
+            .collect()
+    }
+
     /// PCI bus 0 and its virtio devices.
     pub fn pci(&self) -> &Arc<PciBus> {
         &self.pci
@@ -370,6 +423,12 @@ impl Vm {
 
     pub fn serial_pty(&self) -> Option<&std::path::Path> {
         self.sink.pty_path.as_deref()
+    }
+
+    /// The guest's CPUID (without per-vCPU fields): what its CPU model
+    /// resolved to on this host, or the CPU it brought along.
+    pub fn cpuid(&self) -> &[CpuidLeaf] {
+        &self.cpuid
     }
 
     pub fn shape(&self) -> VmShape {
@@ -538,6 +597,7 @@ impl Vm {
             .com1
             .lock()
             .map_err(|_| VmmError::Config("serial device lock poisoned".into()))? = com1;
+        self.announce_on_resume = true;
         Ok(())
     }
 }

@@ -253,7 +253,8 @@ impl Invocation {
     /// `-accel kvm` QEMU users expect from ferry; libvirt always passes one).
     fn cpu_model(&self) -> Result<CpuModel, ArgvError> {
         match &self.cpu {
-            None => Ok(CpuModel::Host),
+            // QEMU's `-cpu host`: migratable, so without invtsc.
+            None => CpuModel::from_qemu("host", &[]).map_err(|e| ArgvError::unsupported("-cpu", e)),
             Some(c) => CpuModel::from_qemu(&c.model, &c.features)
                 .map_err(|e| ArgvError::unsupported("-cpu", e)),
         }

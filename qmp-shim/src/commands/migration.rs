@@ -272,6 +272,10 @@ fn migrate(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, Comman
             )));
         }
     }
+    // QEMU's migrate_prepare: a blocker refuses before anything starts.
+    if let Some(reason) = super::cpu::cpu_migration_blockers(ctx).into_iter().next() {
+        return Err(CommandError::Generic(reason));
+    }
     let tls = migration_tls(ctx, Endpoint::Client)?;
     let t = target(ctx, arg_str(args, "uri"))?;
     let (params, caps) = (ctx.vm.migrate_params, ctx.vm.migrate_caps);
@@ -375,7 +379,12 @@ pub static QUERY_MIGRATE: Command = Command {
         args: &[],
         ret: Some(Ty::Object(&MIGRATION_INFO)),
     },
-    handler: |ctx, _| Ok(migration_info_json(&ctx.vm.backend.query_migrate())),
+    handler: |ctx, _| {
+        let mut info = ctx.vm.backend.query_migrate();
+        info.blocked_reasons
+            .extend(super::cpu::cpu_migration_blockers(ctx));
+        Ok(migration_info_json(&info))
+    },
 };
 
 /// `MigrationInfo` as QEMU shows it (absent fields left out).

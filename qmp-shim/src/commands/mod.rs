@@ -4,6 +4,7 @@
 //! Commands that need a VM go through [`crate::backend::Backend`]; the probe
 //! commands answer from static data describing what ferry really has.
 
+mod cpu;
 mod devices;
 mod fds;
 mod machine;
@@ -62,6 +63,8 @@ pub static COMMANDS: &[&Command] = &[
     &qom::QUERY_COMMAND_LINE_OPTIONS,
     &qom::QOM_LIST,
     &qom::QOM_GET,
+    &cpu::QUERY_CPU_DEFINITIONS,
+    &cpu::QUERY_CPU_MODEL_EXPANSION,
     &devices::QUERY_HOTPLUGGABLE_CPUS,
     &devices::QUERY_CPUS_FAST,
     &devices::QUERY_IOTHREADS,

@@ -105,6 +105,8 @@ const CPU_PROPS: &[Prop] = &[
     ("type", "string", ""),
     ("realized", "bool", ""),
     ("hotpluggable", "bool", ""),
+    // -cpu host,migratable=on|off (CpuModel::from_qemu).
+    ("migratable", "bool", ""),
 ];
 
 const MACHINE_PROPS: &[Prop] = &[
@@ -247,10 +249,14 @@ fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Val
     if !TYPES.iter().any(|(n, _, _)| *n == name) {
         return Ok(json!([]));
     }
+    if is_a(name, "cpu") {
+        let features: Vec<Prop> = super::cpu::cpu_properties()
+            .map(|(n, t)| (n, t, ""))
+            .collect();
+        return Ok(props_json(&[CPU_PROPS, &features].concat()));
+    }
     let props = if is_a(name, "machine") {
         MACHINE_PROPS
-    } else if is_a(name, "cpu") {
-        CPU_PROPS
     } else if name == "isa-serial" {
         ISA_SERIAL_PROPS
     } else if VIRTIO_BLK.contains(&name) {
@@ -388,11 +394,21 @@ fn qom_object(ctx: &Ctx<'_>, path: &str) -> Option<Vec<(String, String, Value)>>
             return None;
         }
         let ty = super::devices::cpu_type(ctx);
-        return Some(vec![
+        let mut props = vec![
             entry("type", "string", json!(ty)),
             entry("realized", "bool", json!(true)),
             entry("hotpluggable", "bool", json!(false)),
-        ]);
+        ];
+        // The features the vCPU really has and what -cpu asked for in vain:
+        // libvirt reads both after start and fixes the live XML from them.
+        if let Some(cpuid) = super::cpu::vcpu_cpuid(ctx, i) {
+            let unavailable = super::cpu::vcpu_unavailable_features(ctx);
+            props.extend(
+                super::cpu::cpu_properties()
+                    .map(|(n, t)| entry(n, t, super::cpu::cpu_property(&cpuid, &unavailable, n))),
+            );
+        }
+        return Some(props);
     }
     match path {
         "" => Some(vec![

@@ -341,6 +341,13 @@ user_main:
         call do_fill
         movq $1, HDR_FILL_DONE
 4:
+        cmpq $0, blk_k(%rip)
+        je 6f
+        call blk_init
+6:      cmpq $0, net_on(%rip)
+        je 7f
+        call net_init
+7:
         leaq msg_ready(%rip), %rsi
         call puts
 
@@ -377,6 +384,7 @@ page_loop:
 4:      cmpq %r8, %rcx
         jb page_loop
 
+        call io_pass                        # virtio disk record, frames (blk=, net=)
         movq %r10, HDR_PASSES
         cmpq exit_after(%rip), %r10
         jne 5f
@@ -638,12 +646,27 @@ key:
         jmp skip
 1:      leaq key_fill(%rip), %rdi
         call match_key
-        jne skip
+        jne 1f
         call parse_u64
         xorl %ecx, %ecx
         testq %rax, %rax
         setnz %cl
         movq %rcx, fill(%rip)
+        jmp skip
+1:      leaq key_blk(%rip), %rdi
+        call match_key
+        jne 1f
+        call parse_u64
+        movq %rax, blk_k(%rip)
+        jmp skip
+1:      leaq key_net(%rip), %rdi
+        call match_key
+        jne skip
+        call parse_u64
+        xorl %ecx, %ecx
+        testq %rax, %rax
+        setnz %cl
+        movq %rcx, net_on(%rip)
 skip:
         movzbl (%rsi), %eax
         cmpl $' ', %eax
@@ -785,6 +808,754 @@ write_header:
         ret
 
 /* ------------------------------------------------------------------------ */
+/* Virtio 1.0 PCI drivers (modern transport only), ring 3, polled.           */
+/*                                                                          */
+/* PCI configuration mechanism #1 (ports 0xcf8/0xcfc, dword accesses only),  */
+/* bus 0. Each device: find it by vendor/device id, set Memory Space, Bus    */
+/* Master and INTx Disable in the command register, walk the capability      */
+/* list for the virtio vendor capabilities (common, notify, ISR, device      */
+/* cfg; the first of each type wins), then reset, ACKNOWLEDGE, DRIVER,       */
+/* features (VERSION_1 plus the device's wanted low bits), FEATURES_OK and   */
+/* re-read, config_msix_vector and queue_msix_vector = NO_VECTOR (MSI-X      */
+/* stays disabled), split virtqueues of min(max, 16) entries (a power of 2)  */
+/* in .bss, queue_enable, DRIVER_OK. Completions are found by polling the    */
+/* used ring's idx. Any failure prints "<dev>: ERR <reason>" and halts.      */
+
+        .set VD_PREFIX, 0                   # struct vdev
+        .set VD_CFG, 8                      # 0x80000000 | bus 0 | dev << 11 | fn << 8
+        .set VD_COMMON, 16                  # = 8 + 8 * cfg_type for types 1..4
+        .set VD_NOTIFY, 24
+        .set VD_ISR, 32
+        .set VD_DEVCFG, 40
+        .set VD_NOTIFY_MULT, 48
+        .set VD_ID, 56                      # vendor | device << 16
+        .set VD_NQ, 64                      # queues used
+        .set VD_FEAT_LO, 72                 # feature bits 0..31 required and accepted
+        .set VD_POLL, 80                    # called while waiting (0 = none)
+        .set VD_Q, 96                       # struct vq[2], 64 bytes each
+        .set Q_SIZE, 0
+        .set Q_RING, 8                      # page: desc +0, avail +0x400, used +0x800
+        .set Q_NOTIFY, 16                   # notify address
+        .set Q_AVAIL, 24                    # next avail idx (16-bit)
+        .set Q_USED, 32                     # next used idx to consume (16-bit)
+        .set Q_INDEX, 40
+        .set QMAX, 16
+
+        .set CC_STATUS, 0x14                # virtio_pci_common_cfg offsets
+        .set CC_GENERATION, 0x15
+        .set CC_QSELECT, 0x16
+        .set CC_QSIZE, 0x18
+
+        .set NRX, 8                         # receive buffers posted
+        .set RXBUF, 2048                    # bytes each (12-byte header + 1514 fit)
+        .set TXLEN, 12 + 60                 # virtio_net_hdr_v1 + minimum Ethernet frame
+        .set PONGQ, 16                      # pending FERRYPON replies (power of 2)
+        .set IO_TIMEOUT_MS, 30000
+
+/* pci_rd: %eax = config dword at offset %ecx of the function at %edi. */
+/* Clobbers %edx.                                                       */
+pci_rd:
+        movl %edi, %eax
+        orl %ecx, %eax
+        andl $~3, %eax
+        movw $0xcf8, %dx
+        outl %eax, %dx
+        movw $0xcfc, %dx
+        inl %dx, %eax
+        ret
+
+/* pci_wr: write %eax to config dword %ecx of the function at %edi. Clobbers %edx. */
+pci_wr:
+        pushq %rax
+        movl %edi, %eax
+        orl %ecx, %eax
+        andl $~3, %eax
+        movw $0xcf8, %dx
+        outl %eax, %dx
+        popq %rax
+        movw $0xcfc, %dx
+        outl %eax, %dx
+        ret
+
+/* vd_fail: print "<prefix>ERR <reason at %rsi>" and stop (%r15 = device): */
+/* ring 3 cannot hlt, and `int n` from ring 3 is not reliable under nested  */
+/* KVM (its emulator handles software interrupts in real mode only, the     */
+/* guest gets #UD), so it spins without heartbeats.                         */
+/* vd_fail_num: the same with the number %rax after the reason.             */
+vd_fail_num:
+        movq %rax, fail_num(%rip)
+        movq $1, fail_has_num(%rip)
+vd_fail:
+        pushq %rsi
+        movq VD_PREFIX(%r15), %rsi
+        call puts
+        leaq msg_err(%rip), %rsi
+        call puts
+        popq %rsi
+        call puts
+        cmpq $0, fail_has_num(%rip)
+        je 1f
+        movq fail_num(%rip), %rax
+        call print_dec
+1:      movb $'\n', %al
+        call putc
+2:      pause
+        jmp 2b
+
+/* vd_start_wait: the current wait times out IO_TIMEOUT_MS from now. */
+vd_start_wait:
+        call rdtsc64
+        addq io_ticks(%rip), %rax
+        movq %rax, wait_until(%rip)
+        ret
+
+/* vd_wait_tick: heartbeat, pause; CF = 1 once the wait timed out. Clobbers rax, rdx. */
+vd_wait_tick:
+        call hb_poll
+        pause
+        call rdtsc64
+        cmpq %rax, wait_until(%rip)
+        ret
+
+/* vd_find: set VD_CFG to the first bus-0 function with VD_ID; else fail. */
+vd_find:
+        xorl %ebx, %ebx                     # dev << 11 | fn << 8
+1:      movl %ebx, %edi
+        orl $0x80000000, %edi
+        xorl %ecx, %ecx
+        call pci_rd
+        cmpl VD_ID(%r15), %eax
+        je 4f
+        testl $0x700, %ebx
+        jnz 2f                              # function 1..7: next function
+        cmpw $0xffff, %ax
+        je 3f                               # no device
+        movl $0x0c, %ecx
+        call pci_rd
+        btl $23, %eax                       # header type bit 7: multi-function
+        jnc 3f
+2:      addl $0x100, %ebx                   # next function (fn 7 carries to next device)
+        jmp 5f
+3:      addl $0x800, %ebx                   # next device, function 0
+5:      cmpl $0x10000, %ebx
+        jb 1b
+        leaq err_nodev(%rip), %rsi
+        jmp vd_fail
+4:      movq %rdi, VD_CFG(%r15)
+        ret
+
+/* bar_addr: %esi = BAR index, %rdi = function -> %rax = BAR address (32- or */
+/* 64-bit memory BAR, assigned). Clobbers rcx, rdx, rsi.                     */
+bar_addr:
+        pushq %rbx
+        cmpl $5, %esi
+        ja 9f
+        leal 0x10(,%rsi,4), %ecx
+        call pci_rd
+        testb $1, %al                       # I/O space BAR
+        jnz 9f
+        movl %eax, %ebx
+        andl $~0xf, %ebx
+        shrl $1, %eax
+        andl $3, %eax
+        jz 2f                               # 32-bit BAR
+        cmpl $2, %eax
+        jne 9f
+        cmpl $5, %esi                       # a 64-bit BAR takes two slots
+        jae 9f
+        addl $4, %ecx
+        call pci_rd
+        shlq $32, %rax
+        orq %rax, %rbx
+2:      testq %rbx, %rbx                    # unassigned
+        jz 9f
+        movq %rbx, %rax
+        popq %rbx
+        ret
+9:      leaq err_bar(%rip), %rsi
+        jmp vd_fail
+
+/* vd_caps: walk the capability list, record each virtio structure's address. */
+vd_caps:
+        movq VD_CFG(%r15), %rdi
+        movl $4, %ecx
+        call pci_rd
+        btl $20, %eax                       # status: capabilities list
+        jnc 9f
+        movl $0x34, %ecx
+        call pci_rd
+        movzbl %al, %r12d
+        movl $48, %r13d                     # at most 48 capabilities (loop guard)
+1:      andl $0xfc, %r12d
+        jz 8f
+        decl %r13d
+        jz 8f
+        movl %r12d, %ecx
+        call pci_rd                         # cap_vndr, cap_next, cap_len, cfg_type
+        movl %eax, %r14d
+        shrl $8, %r14d
+        andl $0xff, %r14d                   # next
+        cmpb $0x09, %al                     # vendor specific
+        jne 7f
+        shrl $24, %eax                      # cfg_type
+        cmpl $1, %eax
+        jb 7f
+        cmpl $4, %eax
+        ja 7f
+        leaq 8(%r15,%rax,8), %rbx           # its slot
+        cmpq $0, (%rbx)
+        jne 7f                              # the first of each type wins
+        movl %eax, %r11d
+        cmpl $2, %r11d                      # notify: notify_off_multiplier at +16
+        jne 2f
+        leal 16(%r12), %ecx
+        call pci_rd
+        movq %rax, VD_NOTIFY_MULT(%r15)
+2:      leal 8(%r12), %ecx
+        call pci_rd
+        movl %eax, %r8d                     # offset
+        leal 12(%r12), %ecx
+        call pci_rd
+        movl %eax, %r9d                     # length
+        leal 4(%r12), %ecx
+        call pci_rd
+        movzbl %al, %esi                    # bar
+        call bar_addr
+        addq %r8, %rax
+        movq %rax, %rdx
+        addq %r9, %rdx
+        movabsq $MAP_LIMIT, %rcx
+        cmpq %rcx, %rdx                     # must lie in the identity map
+        ja 10f
+        movq %rax, (%rbx)
+7:      movl %r14d, %r12d
+        jmp 1b
+8:      cmpq $0, VD_COMMON(%r15)
+        je 9f
+        cmpq $0, VD_NOTIFY(%r15)
+        je 9f
+        cmpq $0, VD_DEVCFG(%r15)
+        je 9f
+        ret
+9:      leaq err_caps(%rip), %rsi
+        jmp vd_fail
+10:     leaq err_bar(%rip), %rsi
+        jmp vd_fail
+
+/* vd_init: %r15 = device. Everything up to (not including) DRIVER_OK; */
+/* leaves %r13 = common cfg. Clobbers everything but %r15.             */
+vd_init:
+        movq tsc_khz(%rip), %rax
+        imulq $IO_TIMEOUT_MS, %rax
+        movq %rax, io_ticks(%rip)
+        call vd_find
+        movq VD_CFG(%r15), %rdi
+        movl $4, %ecx
+        call pci_rd
+        andl $0xffff, %eax                  # status half 0: its RW1C bits stay
+        orl $0x406, %eax                    # Memory Space, Bus Master, INTx Disable
+        call pci_wr
+        call vd_caps
+        movq VD_COMMON(%r15), %r13
+        movb $0, CC_STATUS(%r13)            # reset, then wait for status 0
+        call vd_start_wait
+1:      testb $0xff, CC_STATUS(%r13)
+        jz 2f
+        call vd_wait_tick
+        jnc 1b
+        leaq err_reset(%rip), %rsi
+        jmp vd_fail
+2:      movb $1, CC_STATUS(%r13)            # ACKNOWLEDGE
+        movb $3, CC_STATUS(%r13)            # DRIVER
+        movl $1, 0x00(%r13)                 # device_feature_select = 1
+        testl $1, 0x04(%r13)                # VIRTIO_F_VERSION_1 (bit 32)
+        jnz 3f
+        leaq err_version(%rip), %rsi
+        jmp vd_fail
+3:      movl $0, 0x00(%r13)
+        movl 0x04(%r13), %eax
+        movl VD_FEAT_LO(%r15), %ecx
+        andl %ecx, %eax
+        cmpl %ecx, %eax
+        je 4f
+        leaq err_feature(%rip), %rsi
+        jmp vd_fail
+4:      movl $0, 0x08(%r13)                 # driver_feature_select = 0
+        movl %ecx, 0x0c(%r13)
+        movl $1, 0x08(%r13)
+        movl $1, 0x0c(%r13)                 # VERSION_1
+        movb $0x0b, CC_STATUS(%r13)         # FEATURES_OK
+        testb $0x08, CC_STATUS(%r13)
+        jnz 5f
+        leaq err_features_ok(%rip), %rsi
+        jmp vd_fail
+5:      movw $0xffff, 0x10(%r13)            # config_msix_vector = NO_VECTOR
+        xorl %r12d, %r12d                   # queue index
+        leaq VD_Q(%r15), %rbx
+6:      movw %r12w, CC_QSELECT(%r13)
+        movzwl CC_QSIZE(%r13), %eax         # maximum; 0 = no such queue
+        testl %eax, %eax
+        jnz 7f
+        leaq err_queue(%rip), %rsi
+        jmp vd_fail
+7:      movl $QMAX, %ecx
+8:      cmpl %eax, %ecx                     # largest power of 2 <= min(max, QMAX)
+        jbe 9f
+        shrl $1, %ecx
+        jmp 8b
+9:      movw %cx, CC_QSIZE(%r13)
+        movq %rcx, Q_SIZE(%rbx)
+        movq %r12, Q_INDEX(%rbx)
+        movq $0, Q_AVAIL(%rbx)
+        movq $0, Q_USED(%rbx)
+        movw $0xffff, 0x1a(%r13)            # queue_msix_vector = NO_VECTOR
+        movq Q_RING(%rbx), %rdi
+        xorl %eax, %eax
+        movl $512, %ecx
+        rep stosq                           # clear the ring page
+        movq Q_RING(%rbx), %rax
+        movl %eax, 0x20(%r13)               # queue_desc, low then high
+        movq %rax, %rdx
+        shrq $32, %rdx
+        movl %edx, 0x24(%r13)
+        addq $0x400, %rax
+        movl %eax, 0x28(%r13)               # queue_driver (avail ring)
+        movl %edx, 0x2c(%r13)
+        movw $1, (%rax)                     # avail flags: VIRTQ_AVAIL_F_NO_INTERRUPT
+        addq $0x400, %rax
+        movl %eax, 0x30(%r13)               # queue_device (used ring)
+        movl %edx, 0x34(%r13)
+        movzwl 0x1e(%r13), %eax             # queue_notify_off
+        imulq VD_NOTIFY_MULT(%r15), %rax
+        addq VD_NOTIFY(%r15), %rax
+        movq %rax, Q_NOTIFY(%rbx)
+        movw $1, 0x1c(%r13)                 # queue_enable
+        incl %r12d
+        addq $64, %rbx
+        cmpq VD_NQ(%r15), %r12
+        jb 6b
+        ret
+
+/* vq_submit: make descriptor chain %eax available on queue %rbx. */
+/* Clobbers rcx, rdx, rsi.                                        */
+vq_submit:
+        movq Q_RING(%rbx), %rsi
+        movq Q_AVAIL(%rbx), %rcx
+        movq Q_SIZE(%rbx), %rdx
+        decq %rdx
+        andq %rcx, %rdx
+        movw %ax, 0x404(%rsi,%rdx,2)        # avail ring[idx % size]
+        incl %ecx
+        movzwl %cx, %ecx
+        movq %rcx, Q_AVAIL(%rbx)
+        movw %cx, 0x402(%rsi)               # avail idx
+        ret
+
+/* vq_kick: notify the device of queue %rbx. Clobbers rax, rdx. */
+vq_kick:
+        mfence
+        movq Q_NOTIFY(%rbx), %rdx
+        movq Q_INDEX(%rbx), %rax
+        movw %ax, (%rdx)
+        ret
+
+/* vq_wait: wait for the next used element of queue %rbx; %eax = its id, */
+/* %ecx = its length. Clobbers rdx, rsi.                                 */
+vq_wait:
+        pushq %r12
+        call vd_start_wait
+        xorl %r12d, %r12d
+1:      movq Q_RING(%rbx), %rsi
+        movzwl 0x802(%rsi), %eax            # used idx
+        cmpq Q_USED(%rbx), %rax
+        jne 5f
+        movq VD_POLL(%r15), %rax
+        testq %rax, %rax
+        jz 2f
+        call *%rax
+2:      incl %r12d
+        testl $0xfff, %r12d
+        jnz 3f
+        movq VD_COMMON(%r15), %rax
+        testb $0x40, CC_STATUS(%rax)        # DEVICE_NEEDS_RESET
+        jnz 4f
+3:      call vd_wait_tick
+        jnc 1b
+        leaq err_timeout(%rip), %rsi
+        jmp vd_fail
+4:      leaq err_needs_reset(%rip), %rsi
+        jmp vd_fail
+5:      movq Q_USED(%rbx), %rcx
+        movq Q_SIZE(%rbx), %rdx
+        decq %rdx
+        andq %rcx, %rdx
+        movl 0x804(%rsi,%rdx,8), %eax       # used ring[idx % size].id
+        incl %ecx
+        movzwl %cx, %ecx
+        movq %rcx, Q_USED(%rbx)
+        movl 0x808(%rsi,%rdx,8), %ecx       # .len
+        popq %r12
+        ret
+
+/* ---- virtio-blk ---------------------------------------------------------- */
+
+blk_init:
+        leaq blk_dev(%rip), %r15
+        call vd_init
+        movq VD_DEVCFG(%r15), %rsi
+1:      movzbl CC_GENERATION(%r13), %ecx
+        movl (%rsi), %eax                   # capacity, low then high
+        movl 4(%rsi), %edx
+        movzbl CC_GENERATION(%r13), %edi
+        cmpl %ecx, %edi
+        jne 1b
+        shlq $32, %rdx
+        orq %rdx, %rax
+        movq %rax, blk_capacity(%rip)
+        movb $0x0f, CC_STATUS(%r13)         # DRIVER_OK
+        leaq msg_blk(%rip), %rsi
+        call puts
+        leaq msg_capacity(%rip), %rsi
+        call puts
+        movq blk_capacity(%rip), %rax
+        call print_dec
+        movb $'\n', %al
+        call putc
+        movq blk_k(%rip), %rax
+        cmpq blk_capacity(%rip), %rax
+        jbe 2f
+        leaq err_capacity(%rip), %rsi
+        jmp vd_fail
+2:      ret
+
+/* blk_req: one request: %eax = type (0 IN, 1 OUT), %rdx = sector, %rdi = 512-byte buffer. */
+blk_req:
+        leaq blk_dev(%rip), %r15
+        leaq blk_dev + VD_Q(%rip), %rbx
+        movl %eax, blk_hdr(%rip)
+        movl $0, blk_hdr + 4(%rip)
+        movq %rdx, blk_hdr + 8(%rip)
+        movb $0xff, blk_status(%rip)
+        movq Q_RING(%rbx), %rsi
+        leaq blk_hdr(%rip), %rcx
+        movq %rcx, 0(%rsi)                  # desc 0: header, device-readable
+        movl $16, 8(%rsi)
+        movw $1, 12(%rsi)                   # NEXT
+        movw $1, 14(%rsi)
+        movq %rdi, 16(%rsi)                 # desc 1: data
+        movl $512, 24(%rsi)
+        movl $1, %ecx                       # NEXT (OUT: device-readable)
+        testl %eax, %eax
+        jnz 1f
+        movl $3, %ecx                       # NEXT | WRITE (IN)
+1:      movw %cx, 28(%rsi)
+        movw $2, 30(%rsi)
+        leaq blk_status(%rip), %rcx
+        movq %rcx, 32(%rsi)                 # desc 2: status byte, device-writable
+        movl $1, 40(%rsi)
+        movw $2, 44(%rsi)
+        movw $0, 46(%rsi)
+        xorl %eax, %eax
+        call vq_submit
+        call vq_kick
+        call vq_wait
+        testl %eax, %eax
+        jz 2f
+        leaq err_used(%rip), %rsi
+        jmp vd_fail
+2:      movzbl blk_status(%rip), %eax
+        testl %eax, %eax
+        jz 3f
+        leaq err_status(%rip), %rsi
+        jmp vd_fail_num
+3:      ret
+
+/* blk_pass: pass %r10: write its record to sector p mod K, read it back. */
+blk_pass:
+        movq %r10, %rax
+        xorl %edx, %edx
+        divq blk_k(%rip)
+        movq %rdx, %r12                     # sector
+        leaq blk_wbuf(%rip), %rdi
+        movabsq $0x4b4c425952524546, %rax   # "FERRYBLK"
+        movq %rax, (%rdi)
+        movq %r10, 8(%rdi)
+        movq %r12, 16(%rdi)
+        movq %r10, %rax
+        notq %rax
+        movq %rax, 24(%rdi)
+        movabsq $0x9e3779b97f4a7c15, %r11
+        movl $4, %ecx
+1:      leaq (%r10,%rcx), %rax              # word k = (p + k) * 0x9e3779b97f4a7c15
+        imulq %r11, %rax
+        movq %rax, (%rdi,%rcx,8)
+        incl %ecx
+        cmpl $64, %ecx
+        jb 1b
+        movl $1, %eax                       # VIRTIO_BLK_T_OUT
+        movq %r12, %rdx
+        call blk_req
+        leaq blk_rbuf(%rip), %rdi
+        xorl %eax, %eax
+        movl $64, %ecx
+        rep stosq
+        xorl %eax, %eax                     # VIRTIO_BLK_T_IN
+        movq %r12, %rdx
+        leaq blk_rbuf(%rip), %rdi
+        call blk_req
+        leaq blk_wbuf(%rip), %rsi
+        leaq blk_rbuf(%rip), %rdi
+        movl $64, %ecx
+        repe cmpsq
+        je 2f
+        leaq err_readback(%rip), %rsi
+        jmp vd_fail
+2:      ret
+
+/* ---- virtio-net ---------------------------------------------------------- */
+
+net_init:
+        leaq net_dev(%rip), %r15
+        call vd_init
+        movq VD_DEVCFG(%r15), %rsi
+        leaq net_mac(%rip), %rdi
+1:      movzbl CC_GENERATION(%r13), %ecx
+        xorl %edx, %edx
+2:      movb (%rsi,%rdx), %al               # mac[0..6], byte accesses
+        movb %al, (%rdi,%rdx)
+        incl %edx
+        cmpl $6, %edx
+        jb 2b
+        movzbl CC_GENERATION(%r13), %eax
+        cmpl %ecx, %eax
+        jne 1b
+        movb $0x0f, CC_STATUS(%r13)         # DRIVER_OK
+        leaq msg_net(%rip), %rsi
+        call puts
+        leaq msg_mac(%rip), %rsi
+        call puts
+        xorl %r12d, %r12d
+3:      testl %r12d, %r12d
+        jz 4f
+        movb $':', %al
+        call putc
+4:      leaq net_mac(%rip), %rsi
+        movzbl (%rsi,%r12), %eax
+        call print_hex2
+        incl %r12d
+        cmpl $6, %r12d
+        jb 3b
+        movb $'\n', %al
+        call putc
+        leaq net_dev + VD_Q(%rip), %rbx     # receiveq1: post min(NRX, size) buffers
+        movq Q_SIZE(%rbx), %r12
+        cmpq $NRX, %r12
+        jbe 5f
+        movl $NRX, %r12d
+5:      xorl %r14d, %r14d
+6:      movq Q_RING(%rbx), %rsi
+        movl %r14d, %eax
+        shll $4, %eax
+        addq %rax, %rsi                     # desc r14
+        movl %r14d, %eax
+        imull $RXBUF, %eax
+        leaq net_rxbufs(%rip), %rcx
+        addq %rcx, %rax
+        movq %rax, (%rsi)
+        movl $RXBUF, 8(%rsi)
+        movw $2, 12(%rsi)                   # WRITE
+        movw $0, 14(%rsi)
+        movl %r14d, %eax
+        call vq_submit
+        incl %r14d
+        cmpl %r12d, %r14d
+        jb 6b
+        call vq_kick
+        ret
+
+/* print_hex2: %al as two lower-case hex digits. Clobbers rax, rcx, rdx. */
+print_hex2:
+        movl %eax, %ecx
+        shrb $4, %al
+        call 1f
+        movl %ecx, %eax
+        andb $0xf, %al
+1:      cmpb $10, %al
+        jb 2f
+        addb $('a' - '0' - 10), %al
+2:      addb $'0', %al
+        jmp putc
+
+/* net_rx_poll: consume used receive buffers, queue a FERRYPON for each */
+/* FERRYPNG, re-post every buffer. %r15 = net_dev. Clobbers rax, rcx,    */
+/* rdx, rsi, rdi.                                                        */
+net_rx_poll:
+        pushq %rbx
+        pushq %r12
+        pushq %r13
+        leaq net_dev + VD_Q(%rip), %rbx
+        xorl %r13d, %r13d                   # buffers re-posted
+1:      movq Q_RING(%rbx), %rsi
+        movzwl 0x802(%rsi), %eax
+        cmpq Q_USED(%rbx), %rax
+        je 8f
+        movq Q_USED(%rbx), %rcx
+        movq Q_SIZE(%rbx), %rdx
+        decq %rdx
+        andq %rcx, %rdx
+        movl 0x804(%rsi,%rdx,8), %r12d      # id
+        incl %ecx
+        movzwl %cx, %ecx
+        movq %rcx, Q_USED(%rbx)
+        movl 0x808(%rsi,%rdx,8), %ecx       # len
+        cmpl $NRX, %r12d
+        jb 2f
+        leaq err_used(%rip), %rsi
+        jmp vd_fail
+2:      cmpl $(12 + 14 + 16), %ecx
+        jb 5f
+        movl %r12d, %edi
+        imull $RXBUF, %edi
+        leaq net_rxbufs(%rip), %rax
+        addq %rax, %rdi
+        cmpw $0xb588, 24(%rdi)              # ethertype 0x88b5 (network order)
+        jne 5f
+        movabsq $0x474e505952524546, %rax   # "FERRYPNG"
+        cmpq %rax, 26(%rdi)
+        jne 5f
+        movq pong_tail(%rip), %rax
+        movq %rax, %rdx
+        subq pong_head(%rip), %rdx
+        cmpq $PONGQ, %rdx
+        jae 5f                              # queue full: drop
+        andl $(PONGQ - 1), %eax
+        shll $4, %eax
+        leaq pong_q(%rip), %rdx
+        addq %rax, %rdx
+        movl 18(%rdi), %eax                 # source MAC
+        movl %eax, (%rdx)
+        movzwl 22(%rdi), %eax
+        movw %ax, 4(%rdx)
+        movq 34(%rdi), %rax                 # n
+        movq %rax, 8(%rdx)
+        incq pong_tail(%rip)
+5:      movl %r12d, %eax                    # re-post (descriptor unchanged)
+        call vq_submit
+        incl %r13d
+        jmp 1b
+8:      testl %r13d, %r13d
+        jz 9f
+        call vq_kick
+9:      popq %r13
+        popq %r12
+        popq %rbx
+        ret
+
+/* net_frame: build the frame to the MAC at %rsi with payload magic %rax, */
+/* value %rdx in net_txbuf. Clobbers rax, rcx, rdx, rdi.                  */
+net_frame:
+        pushq %rax
+        pushq %rdx
+        leaq net_txbuf(%rip), %rdi
+        xorl %eax, %eax
+        movl $(TXLEN + 7) / 8, %ecx
+        rep stosq
+        leaq net_txbuf(%rip), %rdi
+        movl (%rsi), %eax                   # destination
+        movl %eax, 12(%rdi)
+        movzwl 4(%rsi), %eax
+        movw %ax, 16(%rdi)
+        movl net_mac(%rip), %eax            # source
+        movl %eax, 18(%rdi)
+        movzwl net_mac + 4(%rip), %eax
+        movw %ax, 22(%rdi)
+        movw $0xb588, 24(%rdi)              # ethertype 0x88b5
+        popq %rdx
+        popq %rax
+        movq %rax, 26(%rdi)
+        movq %rdx, 34(%rdi)
+        ret
+
+/* net_tx: send net_txbuf on transmitq1 and wait until the device used it. */
+net_tx:
+        leaq net_dev + VD_Q + 64(%rip), %rbx
+        movq Q_RING(%rbx), %rsi
+        leaq net_txbuf(%rip), %rax
+        movq %rax, (%rsi)
+        movl $TXLEN, 8(%rsi)
+        movl $0, 12(%rsi)                   # device-readable, no next
+        xorl %eax, %eax
+        call vq_submit
+        call vq_kick
+        call vq_wait
+        testl %eax, %eax
+        jz 1f
+        leaq err_used(%rip), %rsi
+        jmp vd_fail
+1:      ret
+
+/* net_pass: pass %r10: broadcast FERRYNET p, poll receive, answer pings. */
+net_pass:
+        leaq net_dev(%rip), %r15
+        leaq bcast_mac(%rip), %rsi
+        movabsq $0x54454e5952524546, %rax   # "FERRYNET"
+        movq %r10, %rdx
+        call net_frame
+        call net_tx
+        call net_rx_poll
+        movl $PONGQ, %r14d                  # at most this many replies per pass
+1:      movq pong_head(%rip), %rax
+        cmpq pong_tail(%rip), %rax
+        je 9f
+        andl $(PONGQ - 1), %eax
+        shll $4, %eax
+        leaq pong_q(%rip), %rsi
+        addq %rax, %rsi
+        movq 8(%rsi), %rdx
+        movabsq $0x4e4f505952524546, %rax   # "FERRYPON"
+        call net_frame
+        incq pong_head(%rip)
+        call net_tx
+        decl %r14d
+        jnz 1b
+9:      ret
+
+/* io_pass: the per-pass virtio work for pass %r10. Preserves all registers */
+/* but rax and rdx.                                                         */
+io_pass:
+        pushq %rbx
+        pushq %rcx
+        pushq %rsi
+        pushq %rdi
+        pushq %r8
+        pushq %r9
+        pushq %r10
+        pushq %r11
+        pushq %r12
+        pushq %r13
+        pushq %r14
+        pushq %r15
+        cmpq $0, blk_k(%rip)
+        je 1f
+        call blk_pass
+1:      cmpq $0, net_on(%rip)
+        je 2f
+        call net_pass
+2:      popq %r15
+        popq %r14
+        popq %r13
+        popq %r12
+        popq %r11
+        popq %r10
+        popq %r9
+        popq %r8
+        popq %rdi
+        popq %rsi
+        popq %rcx
+        popq %rbx
+        ret
+
+/* ------------------------------------------------------------------------ */
 
         .section .rodata
 msg_exc:                .asciz "EXC "
@@ -801,6 +1572,28 @@ key_hb:                 .asciz "hb="
 key_fill:               .asciz "fill="
 key_poweroff:           .asciz "poweroff="
 key_reset:              .asciz "reset="
+key_blk:                .asciz "blk="
+key_net:                .asciz "net="
+msg_blk:                .asciz "blk: "
+msg_net:                .asciz "net: "
+msg_err:                .asciz "ERR "
+msg_capacity:           .asciz "capacity="
+msg_mac:                .asciz "mac="
+err_nodev:              .asciz "no device"
+err_bar:                .asciz "bar"
+err_caps:               .asciz "capabilities"
+err_reset:              .asciz "reset timeout"
+err_version:            .asciz "no VERSION_1"
+err_feature:            .asciz "feature not offered"
+err_features_ok:        .asciz "FEATURES_OK not kept"
+err_queue:              .asciz "queue unavailable"
+err_timeout:            .asciz "timeout"
+err_needs_reset:        .asciz "DEVICE_NEEDS_RESET"
+err_used:               .asciz "used ring"
+err_status:             .asciz "status "
+err_capacity:           .asciz "capacity"
+err_readback:           .asciz "readback"
+bcast_mac:              .byte 0xff, 0xff, 0xff, 0xff, 0xff, 0xff
 
         .section .data
         .balign 16
@@ -830,15 +1623,15 @@ tss:
         .fill 102, 1, 0
         .word tss_iobitmap - tss
         /* I/O bitmap: the ports ring 3 may use even without IOPL: COM1 (0x3f8-0x3ff),
-           the ACPI PM1a control word (0x604-0x605, poweroff) and the reset control
-           register (0xcf9). */
+           the ACPI PM1a control word (0x604-0x605, poweroff), the reset control
+           register (0xcf9) and PCI configuration mechanism #1 (0xcf8-0xcff, virtio). */
 tss_iobitmap:
         .fill 0x3f8 / 8, 1, 0xff            # 0x000-0x3f7
         .byte 0                             # 0x3f8-0x3ff
         .fill (0x600 - 0x400) / 8, 1, 0xff  # 0x400-0x5ff
         .byte 0xcf                          # 0x600-0x607: 0x604, 0x605 open
         .fill (0xcf8 - 0x608) / 8, 1, 0xff  # 0x608-0xcf7
-        .byte 0xfd                          # 0xcf8-0xcff: 0xcf9 open
+        .byte 0                             # 0xcf8-0xcff: PCI config, reset
         .byte 0xff                          # required terminator byte
 tss_end:
 
@@ -862,6 +1655,26 @@ total_pages:    .quad 0
 nranges:        .quad 0
 ranges:         .fill 2 * MAX_RANGES, 8, 0
 rtab:           .fill 2 * MAX_RANGES, 8, 0
+blk_k:          .quad 0
+net_on:         .quad 0
+io_ticks:       .quad 0
+wait_until:     .quad 0
+fail_num:       .quad 0
+fail_has_num:   .quad 0
+blk_capacity:   .quad 0
+net_mac:        .quad 0
+pong_head:      .quad 0
+pong_tail:      .quad 0
+        /* struct vdev: prefix, cfg, common, notify, isr, devcfg, notify mult, */
+        /* id, queues, low features, poll fn, pad; then 2 x struct vq.          */
+blk_dev:
+        .quad msg_blk, 0, 0, 0, 0, 0, 0, 0x10421af4, 1, 0, 0, 0
+        .quad 0, blk_ring, 0, 0, 0, 0, 0, 0
+        .quad 0, 0, 0, 0, 0, 0, 0, 0
+net_dev:
+        .quad msg_net, 0, 0, 0, 0, 0, 0, 0x10411af4, 2, 1 << 5, net_rx_poll, 0
+        .quad 0, net_ring0, 0, 0, 0, 0, 0, 0
+        .quad 0, net_ring1, 0, 0, 0, 0, 0, 0
 
         .section .bss
         .balign 4096
@@ -874,3 +1687,15 @@ kstack: .skip 8192
 kstack_top:
 ustack: .skip 16384
 ustack_top:
+        /* virtio: rings and I/O buffers (device DMA stays below 2 MiB) */
+        .balign 4096
+blk_ring:       .skip 4096
+net_ring0:      .skip 4096
+net_ring1:      .skip 4096
+net_rxbufs:     .skip NRX * RXBUF
+net_txbuf:      .skip 128
+blk_wbuf:       .skip 512
+blk_rbuf:       .skip 512
+blk_hdr:        .skip 16
+blk_status:     .skip 16
+pong_q:         .skip PONGQ * 16

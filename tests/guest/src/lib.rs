@@ -23,11 +23,16 @@
 //! | `poweroff=<n>` | power off (ACPI PM1a SLP_EN, port 0x604) after pass n | never |
 //! | `reset=<n>` | reset (port 0xcf9) after pass n | never |
 //! | `fill=0\|1` | once at boot, write the fill signature into every other usable page | `0` |
+//! | `blk=<K>` | drive a virtio-blk disk: every pass writes a record to one of sectors `0..K` and reads it back (`0` = no disk driver) | `0` |
+//! | `net=0\|1` | drive a virtio-net card: every pass broadcasts a frame and answers pings | `0` |
 //!
 //! Serial output (COM1): `dirtier: ws=<pages> stride=<s> fill=<0|1>`, then
-//! heartbeat dots (also during the fill), `dirtier: ready` just before the
-//! first pass, then heartbeat dots only. A CPU exception prints
-//! `EXC <vector>` and halts.
+//! heartbeat dots (also during the fill), `blk: capacity=<sectors>` and
+//! `net: mac=<xx:xx:xx:xx:xx:xx>` when those drivers are on, `dirtier: ready`
+//! just before the first pass, then heartbeat dots only. A CPU exception
+//! prints `EXC <vector>` and halts. A virtio failure prints
+//! `blk: ERR <reason>` or `net: ERR <reason>` and stops (ring 3 spins
+//! without heartbeats): see [Virtio devices](#virtio-devices).
 //!
 //! Usable RAM is the PVH memory map's RAM ranges clipped to `[2 MiB, 64 GiB)`,
 //! whole pages, first 8 ranges, sorted by address. Usable page index `i` maps
@@ -39,12 +44,76 @@
 //! to `p`. Fill pages carry their GPA at offset 0, `FERRYFIL` at offset 8 and
 //! the bitwise-not GPA at offset 4088.
 //!
+//! # Virtio devices
+//!
+//! With `blk=` or `net=` the guest drives virtio 1.0 PCI devices (modern
+//! transport only: vendor `0x1af4`, device `0x1042` for blk, `0x1041` for
+//! net, the first such function on bus 0), polled, from ring 3. It uses PCI
+//! configuration mechanism #1 (ports `0xcf8`/`0xcfc`, dword accesses only),
+//! sets Memory Space, Bus Master and INTx Disable in the command register
+//! (BARs must already be assigned, as firmware would), reads the BARs (32- or
+//! 64-bit memory, below 64 GiB) and walks the capability list for the common,
+//! notify, ISR and device configuration structures (the first of each type).
+//! Then: reset (and wait for status 0), ACKNOWLEDGE, DRIVER, features
+//! (`VIRTIO_F_VERSION_1`, plus `VIRTIO_NET_F_MAC` for net; nothing else),
+//! FEATURES_OK and re-read, `config_msix_vector = 0xffff`, per queue
+//! `queue_size = min(max, 16)` rounded down to a power of 2,
+//! `queue_msix_vector = 0xffff`, ring addresses (two 32-bit writes each),
+//! `queue_enable = 1`; device configuration; DRIVER_OK. MSI-X stays disabled
+//! and IF stays 0: completions are found by polling the used ring's `idx`,
+//! notifications write the queue index (16 bits) to the queue's notify
+//! address. Rings and buffers live in the image's `.bss`, below 2 MiB.
+//!
+//! Failures print `<dev>: ERR <reason>` and stop the guest: `no device`,
+//! `bar`, `capabilities`, `reset timeout`, `no VERSION_1`,
+//! `feature not offered`, `FEATURES_OK not kept`, `queue unavailable`,
+//! `timeout` (no completion within 30 s of TSC time), `DEVICE_NEEDS_RESET`,
+//! `used ring` (an unexpected used id), `status <n>` (a blk request's status
+//! byte), `capacity` (K sectors do not fit the disk), `readback`.
+//!
+//! **Disk (`blk=K`).** At boot `blk: capacity=<sectors>` (device
+//! configuration `capacity`). In pass `p`, after the sweep and before the
+//! header's pass count becomes `p`, the guest writes one 512-byte record to
+//! sector `p mod K`, waits for completion, reads the sector back into
+//! another buffer and compares all 512 bytes ([`disk::record`] builds one):
+//!
+//! | offset | bytes | content (little-endian) |
+//! |--------|-------|-------------------------|
+//! | 0 | 8 | `FERRYBLK` |
+//! | 8 | 8 | pass `p` |
+//! | 16 | 8 | sector `p mod K` |
+//! | 24 | 8 | `!p` |
+//! | `8k`, k = 4..63 | 8 | `(p + k) * 0x9e3779b97f4a7c15` (wrapping) |
+//!
+//! [`disk::check_disk`] decides whether a disk image is one the guest could
+//! have written by the time its header said `P` passes.
+//!
+//! **Network (`net=1`).** At boot `net: mac=<mac>` (device configuration).
+//! Receive queue 0 holds 8 posted buffers of 2048 bytes (one device-writable
+//! descriptor each); transmit queue 1 sends one descriptor: a 12-byte zero
+//! `virtio_net_hdr_v1` and a 60-byte frame. Frames (all ethertype
+//! [`NET_ETHERTYPE`] `0x88b5`, payload padded with zeros to 60 bytes):
+//!
+//! | frame | destination | source | payload |
+//! |-------|-------------|--------|---------|
+//! | every pass `p`, after the disk record | `ff:ff:ff:ff:ff:ff` | device MAC | `FERRYNET`, u64 `p` (LE) |
+//! | ping, to the guest | any | sender | `FERRYPNG`, u64 `n` |
+//! | reply to a ping | the ping's source | device MAC | `FERRYPON`, the same 8 bytes `n` |
+//!
+//! The guest polls its receive queue once per pass and while waiting for a
+//! transmit to complete; every used receive buffer is posted again. Up to 16
+//! pings wait for their replies (more are dropped); replies go out after the
+//! pass's `FERRYNET`. blk and net act once per pass, so they need `ws` > 0.
+//!
 //! # The oracle
 //!
 //! [`check`] reads a memory image through [`PhysMem`] and decides whether it
 //! is a state the guest could have been in: see [`oracle`] for the rules.
+//! [`disk::check_disk`] does the same for the `blk=K` disk.
 
+pub mod disk;
 pub mod image;
+pub mod link;
 pub mod oracle;
 pub mod synth;
 
@@ -72,6 +141,14 @@ pub const MAX_RANGES: usize = 8;
 pub const FILL_SIGNATURE: [u8; 8] = *b"FERRYFIL";
 /// Offset of the trailing counter (working set) or `!GPA` (fill) in a page.
 pub const PAGE_TAIL_OFFSET: usize = 4088;
+/// Ethertype of every frame the guest sends or answers (`net=1`).
+pub const NET_ETHERTYPE: u16 = 0x88b5;
+/// Payload magic of the frame the guest broadcasts every pass.
+pub const NET_PASS_MAGIC: [u8; 8] = *b"FERRYNET";
+/// Payload magic of a ping to the guest.
+pub const NET_PING_MAGIC: [u8; 8] = *b"FERRYPNG";
+/// Payload magic of the guest's reply to a ping.
+pub const NET_PONG_MAGIC: [u8; 8] = *b"FERRYPON";
 
 /// Byte offsets of the header's little-endian u64 fields.
 pub mod header {

@@ -1,12 +1,14 @@
-//! ferry-oracle: check a dirtier guest memory image.
+//! ferry-oracle: check a dirtier guest memory image (and, with `--disk`, the
+//! disk its `blk=K` driver wrote).
 //!
-//! EXIT STATUS: 0 the image passes; 1 the oracle rejects it (including "no
-//! dirtier header"); 2 usage error or the image cannot be read.
+//! EXIT STATUS: 0 the image (and disk) pass; 1 the oracle rejects one of them
+//! (including "no dirtier header"); 2 usage error or an image cannot be read.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ferry_testguest::disk::{check_disk, DiskReport, SECTOR_SIZE};
 use ferry_testguest::{check, FileImage, OracleError, OracleReport};
 
 /// Check a raw memory image of the dirtier test guest (file offset = GPA - base).
@@ -21,6 +23,13 @@ struct Cli {
     /// Print one JSON object instead of a one-line verdict.
     #[arg(long)]
     json: bool,
+    /// Also check this raw disk image, written by the guest's `blk=K` driver,
+    /// against the memory image's pass count (take both while the guest is stopped).
+    #[arg(long, requires = "blk")]
+    disk: Option<PathBuf>,
+    /// The guest's `blk=K`: the records' sectors are 0..K.
+    #[arg(long, requires = "disk", value_parser = clap::value_parser!(u64).range(1..))]
+    blk: Option<u64>,
 }
 
 fn parse_u64(text: &str) -> Result<u64, String> {
@@ -50,6 +59,31 @@ fn verdict(report: &OracleReport) -> String {
     )
 }
 
+fn disk_verdict(report: &DiskReport) -> String {
+    format!(
+        "; disk PASS: {} records in {} sectors{}",
+        report.records,
+        report.sectors,
+        if report.ahead {
+            ", next pass's record already written"
+        } else {
+            ""
+        }
+    )
+}
+
+/// The first `k` sectors of the disk image at `path`.
+fn read_disk(path: &std::path::Path, k: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut disk = Vec::new();
+    file.take(k.saturating_mul(SECTOR_SIZE as u64))
+        .read_to_end(&mut disk)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(disk)
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -72,11 +106,35 @@ fn main() -> ExitCode {
             serde_json::json!({ "verdict": "error", "error": open }),
             format!("error: {open}"),
         ),
-        Ok(Ok(report)) => (
-            0,
-            serde_json::json!({ "verdict": "pass", "report": report }),
-            verdict(&report),
-        ),
+        Ok(Ok(report)) => match (&cli.disk, cli.blk) {
+            (Some(path), Some(k)) => match read_disk(path, k) {
+                Err(open) => (
+                    2,
+                    serde_json::json!({ "verdict": "error", "report": report, "error": open }),
+                    format!("error: {open}"),
+                ),
+                Ok(disk) => match check_disk(&disk, k, report.passes) {
+                    Ok(disk) => (
+                        0,
+                        serde_json::json!({ "verdict": "pass", "report": report, "disk": disk }),
+                        verdict(&report) + &disk_verdict(&disk),
+                    ),
+                    Err(error) => (
+                        1,
+                        serde_json::json!({
+                            "verdict": "fail", "report": report,
+                            "kind": error.kind(), "error": error.to_string(),
+                        }),
+                        format!("FAIL: disk: {error}"),
+                    ),
+                },
+            },
+            _ => (
+                0,
+                serde_json::json!({ "verdict": "pass", "report": report }),
+                verdict(&report),
+            ),
+        },
         Ok(Err(error)) => {
             let text = error_chain(&error);
             let (code, verdict) = if error.is_io() {

@@ -70,7 +70,10 @@ pub enum CpuModel {
 
 impl CpuModel {
     /// From QEMU's `-cpu` pieces: the model name and `(feature, value)` pairs
-    /// (`+f` is `(f, on)`, `-f` is `(f, off)`); `enforce` and `check` are options.
+    /// (`+f` is `(f, on)`, `-f` is `(f, off)`); `enforce`, `check` and
+    /// `migratable` are options. As in QEMU, `host` and `max` leave out the
+    /// features that cannot migrate (invtsc) unless `migratable=off` or the
+    /// feature is asked for by name.
     pub fn from_qemu(model: &str, features: &[(String, String)]) -> Result<Self, String> {
         if !MODELS.contains(&model) {
             return Err(format!(
@@ -80,7 +83,15 @@ impl CpuModel {
         }
         let mut changes = Vec::new();
         let mut enforce = false;
+        let mut migratable = true;
         for (k, v) in features {
+            if matches!(k.as_str(), "tsc-frequency" | "tsc_frequency") {
+                return Err(format!(
+                    "CPU property '{k}={v}' is not supported: ferry cannot fix the guest's TSC \
+                     frequency (KVM_SET_TSC_KHZ) when it creates the vCPUs; leave it out (a \
+                     guest with invtsc then cannot migrate, as in QEMU)"
+                ));
+            }
             let on = match v.as_str() {
                 "on" | "true" | "yes" => true,
                 "off" | "false" | "no" => false,
@@ -89,6 +100,7 @@ impl CpuModel {
             match k.as_str() {
                 "enforce" => enforce = on,
                 "check" => {}
+                "migratable" => migratable = on,
                 _ => {
                     if feature_by_name(k).is_none() {
                         return Err(format!("CPU feature '{k}' is unknown to ferry"));
@@ -97,8 +109,18 @@ impl CpuModel {
                 }
             }
         }
-        if changes.is_empty() && matches!(model, "host" | "max") {
-            return Ok(Self::Host);
+        if matches!(model, "host" | "max") {
+            for &f in UNMIGRATABLE {
+                let named = changes
+                    .iter()
+                    .any(|(k, _)| feature_by_name(k).is_some_and(|n| n.4 == f));
+                if migratable && !named {
+                    changes.insert(0, (f.to_string(), false));
+                }
+            }
+            if changes.is_empty() {
+                return Ok(Self::Host);
+            }
         }
         Ok(Self::Named {
             name: model.to_string(),
@@ -262,9 +284,10 @@ const FEATURES: &[Feature] = &[
     (0x8000_0001, 0, Edx, 26, "pdpe1gb"),
     (0x8000_0001, 0, Edx, 27, "rdtscp"),
     (0x8000_0001, 0, Edx, 29, "lm"),
+    (0x8000_0007, 0, Edx, 8, "invtsc"),
     (0x8000_0008, 0, Ebx, 0, "clzero"),
     (0x8000_0008, 0, Ebx, 9, "wbnoinvd"),
-    (0x8000_0008, 0, Ebx, 12, "amd-ibpb"),
+    (0x8000_0008, 0, Ebx, 12, "ibpb"),
     (0x8000_0008, 0, Ebx, 25, "amd-ssbd"),
 ];
 
@@ -279,8 +302,13 @@ const FEATURE_REGS: &[(u32, u32, Reg)] = &[
     (0xd, 1, Eax),
     (0x8000_0001, 0, Ecx),
     (0x8000_0001, 0, Edx),
+    (0x8000_0007, 0, Edx),
     (0x8000_0008, 0, Ebx),
 ];
+
+/// Features a guest cannot take to another host (QEMU's unmigratable flags):
+/// the invariant TSC promises a TSC rate the destination may not have.
+pub const UNMIGRATABLE: &[&str] = &["invtsc"];
 
 /// Bits that ferry sets itself or that follow guest state, never host support:
 /// leaf 1 ECX hypervisor (31) and OSXSAVE (27).
@@ -334,17 +362,34 @@ fn feature_name(function: u32, index: u32, reg: Reg, bit: u32) -> String {
         )
 }
 
+/// QEMU's other names of the features above, `(alias, name)`: the CPU object
+/// has a property by each (target/i386/cpu.c, x86_cpu_initfn), and `-cpu`
+/// takes them.
+const ALIASES: &[(&str, &str)] = &[
+    ("sse3", "pni"),
+    ("pclmuldq", "pclmulqdq"),
+    ("sse4-1", "sse4.1"),
+    ("sse4_1", "sse4.1"),
+    ("sse4-2", "sse4.2"),
+    ("sse4_2", "sse4.2"),
+    ("lahf_lm", "lahf-lm"),
+    ("i64", "lm"),
+    ("xd", "nx"),
+];
+
+/// QEMU's aliases of the features ferry knows, as `(alias, name)`.
+pub fn feature_aliases() -> impl Iterator<Item = (&'static str, &'static str)> {
+    ALIASES.iter().copied()
+}
+
 fn feature_by_name(name: &str) -> Option<&'static Feature> {
+    // `-cpu` also takes `_` for `-` (tsc_deadline).
     let norm = name.replace('_', "-");
-    let alias = match norm.as_str() {
-        "sse3" => "pni",
-        "sse4-1" => "sse4.1",
-        "sse4-2" => "sse4.2",
-        "lahf_lm" => "lahf-lm",
-        "tsc_deadline" => "tsc-deadline",
-        other => other,
-    };
-    FEATURES.iter().find(|f| f.4 == alias || f.4 == norm)
+    let alias = ALIASES
+        .iter()
+        .find(|(a, _)| *a == name || *a == norm)
+        .map_or(norm.as_str(), |(_, n)| n);
+    FEATURES.iter().find(|f| f.4 == alias)
 }
 
 /// The feature bits of `guest` that `host` lacks, by name.
@@ -366,6 +411,122 @@ pub fn missing_features(host: &[kvm_cpuid_entry2], guest: &[kvm_cpuid_entry2]) -
         }
     }
     missing
+}
+
+/// QEMU's names of the features ferry knows, in table order.
+pub fn feature_names() -> impl Iterator<Item = &'static str> {
+    FEATURES.iter().map(|f| f.4)
+}
+
+/// Whether feature `name` (QEMU's name or one of its aliases) is set in `entries`.
+pub fn has_feature(entries: &[kvm_cpuid_entry2], name: &str) -> bool {
+    feature_by_name(name).is_some_and(|&(f, i, reg, bit, _)| {
+        find(entries, f, i).is_some_and(|e| reg_of(e, reg) & (1 << bit) != 0)
+    })
+}
+
+/// The features of model `name` that a host supporting `supported` cannot give
+/// a guest (QEMU's `unavailable-features`); none for `host`, `max` and `base`.
+pub fn unavailable_features(supported: &[kvm_cpuid_entry2], name: &str) -> Vec<&'static str> {
+    let Some((_, wanted)) = named(name) else {
+        return Vec::new();
+    };
+    wanted
+        .into_iter()
+        .filter_map(feature_by_name)
+        .filter(|&&(f, i, reg, bit, _)| {
+            !ferry_owned(f, i, reg, bit)
+                && find(supported, f, i).is_none_or(|e| reg_of(e, reg) & (1 << bit) == 0)
+        })
+        .map(|f| f.4)
+        .collect()
+}
+
+/// The features `model` asks for that a host supporting `supported` cannot
+/// give, so the guest runs without them (QEMU's `filtered-features`, the CPU
+/// object's `unavailable-features`): the named model's features and those
+/// switched on by name, less those switched off. Empty for an exact CPU,
+/// which [`resolve`] refuses rather than filter.
+pub fn filtered_features(supported: &[kvm_cpuid_entry2], model: &CpuModel) -> Vec<&'static str> {
+    let (name, changes) = match model {
+        CpuModel::Host | CpuModel::Exact(_) => return Vec::new(),
+        CpuModel::Named { name, features, .. } => (name.as_str(), features.as_slice()),
+    };
+    let mut wanted: Vec<&'static Feature> = named(name)
+        .map(|(_, w)| w.into_iter().filter_map(feature_by_name).collect())
+        .unwrap_or_default();
+    for (k, on) in changes {
+        let Some(f) = feature_by_name(k) else {
+            continue;
+        };
+        wanted.retain(|w| w.4 != f.4);
+        if *on {
+            wanted.push(f);
+        }
+    }
+    FEATURES
+        .iter()
+        .filter(|f| wanted.iter().any(|w| w.4 == f.4))
+        .filter(|&&(f, i, reg, bit, _)| {
+            !ferry_owned(f, i, reg, bit)
+                && find(supported, f, i).is_none_or(|e| reg_of(e, reg) & (1 << bit) == 0)
+        })
+        .map(|f| f.4)
+        .collect()
+}
+
+/// What identifies a CPU besides its features, as QEMU's CPU properties name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuIdentity {
+    pub vendor: String,
+    pub family: u32,
+    pub model: u32,
+    pub stepping: u32,
+    pub model_id: String,
+    /// Highest basic leaf (QEMU's `level`).
+    pub level: u32,
+    /// Highest extended leaf (QEMU's `xlevel`).
+    pub xlevel: u32,
+}
+
+/// The identity of the CPU `entries` describe.
+pub fn identity(entries: &[kvm_cpuid_entry2]) -> CpuIdentity {
+    let l0 = find(entries, 0, 0).copied().unwrap_or_default();
+    let mut vendor = Vec::with_capacity(12);
+    for r in [l0.ebx, l0.edx, l0.ecx] {
+        vendor.extend_from_slice(&r.to_le_bytes());
+    }
+    let eax = find(entries, 1, 0).map_or(0, |e| e.eax);
+    let base_family = (eax >> 8) & 0xf;
+    let family = if base_family == 0xf {
+        base_family + ((eax >> 20) & 0xff)
+    } else {
+        base_family
+    };
+    let mut model = (eax >> 4) & 0xf;
+    if base_family == 6 || base_family == 0xf {
+        model |= ((eax >> 16) & 0xf) << 4;
+    }
+    let mut id = Vec::with_capacity(48);
+    for function in 0x8000_0002u32..=0x8000_0004 {
+        if let Some(e) = find(entries, function, 0) {
+            for r in [e.eax, e.ebx, e.ecx, e.edx] {
+                id.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+    }
+    let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+    CpuIdentity {
+        vendor: String::from_utf8_lossy(&vendor)
+            .trim_end_matches('\0')
+            .to_string(),
+        family,
+        model,
+        stepping: eax & 0xf,
+        model_id: String::from_utf8_lossy(&id[..end]).trim().to_string(),
+        level: l0.eax,
+        xlevel: find(entries, 0x8000_0000, 0).map_or(0, |e| e.eax),
+    }
 }
 
 /// A named model's definition (QEMU 7.2's, target/i386/cpu.c).
@@ -695,6 +856,41 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("qemu64"), "{e}");
+    }
+
+    #[test]
+    fn host_leaves_out_invtsc_unless_asked_as_qemu_does() {
+        let mut h = host();
+        h.push(leaf(0x8000_0007, 0, 0, 0, 1 << 8));
+        let get = |m: &str| resolve(&h, &CpuModel::parse(m).unwrap()).unwrap();
+        assert!(!has_feature(&get("host"), "invtsc"));
+        assert!(!has_feature(&get("max,migratable=on"), "invtsc"));
+        assert!(has_feature(&get("host,migratable=off"), "invtsc"));
+        assert!(has_feature(&get("host,+invtsc"), "invtsc"));
+        assert!(
+            !has_feature(&get("kvm64"), "invtsc"),
+            "named models clear it"
+        );
+        let e = CpuModel::parse("host,+invtsc,tsc-frequency=2000000000").unwrap_err();
+        assert!(e.contains("KVM_SET_TSC_KHZ"), "{e}");
+        assert_eq!(unavailable_features(&h, "qemu64"), ["svm"]);
+        // What a CPU object lost: the model's, plus those named, less those off.
+        let lost = |m: &str| filtered_features(&h, &CpuModel::parse(m).unwrap());
+        assert_eq!(lost("qemu64"), ["svm"]);
+        assert!(lost("qemu64,svm=off").is_empty());
+        assert!(lost("qemu64,-svm").is_empty());
+        assert_eq!(lost("kvm64,+svm,lahf_lm=on"), ["svm"]);
+        assert!(lost("host").is_empty());
+        assert!(lost("host,+invtsc").is_empty());
+        assert_eq!(lost("host,+svm"), ["svm"]);
+        assert!(has_feature(&get("qemu64"), "sse3") && has_feature(&get("qemu64"), "i64"));
+        assert!(unavailable_features(&h, "host").is_empty());
+        let id = identity(&get("qemu64"));
+        assert_eq!(
+            (id.vendor.as_str(), id.family, id.model),
+            ("AuthenticAMD", 15, 107)
+        );
+        assert_eq!(id.model_id, "QEMU Virtual CPU version 2.5+");
     }
 
     #[test]

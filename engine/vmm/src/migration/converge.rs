@@ -86,20 +86,41 @@ impl ThrottleState {
 /// guest without pausing them the VMM's way, so the migration's own pause at
 /// switch-over and its resume after a failure work as before; whoever gets the
 /// VM back turns a hold into a real pause (see [`crate::Vm::take_hold`]).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VcpuHold {
     state: Arc<ThrottleState>,
     threads: Vec<libc::pthread_t>,
+    /// Stops (true) or lets run the VM's devices (their receive threads).
+    stop_devices: Arc<dyn Fn(bool) + Send + Sync>,
+}
+
+impl std::fmt::Debug for VcpuHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuHold")
+            .field("state", &self.state)
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
 }
 
 impl VcpuHold {
-    pub(crate) fn new(state: Arc<ThrottleState>, threads: Vec<libc::pthread_t>) -> Self {
-        Self { state, threads }
+    pub(crate) fn new(
+        state: Arc<ThrottleState>,
+        threads: Vec<libc::pthread_t>,
+        stop_devices: Arc<dyn Fn(bool) + Send + Sync>,
+    ) -> Self {
+        Self {
+            state,
+            threads,
+            stop_devices,
+        }
     }
 
-    /// Keeps every vCPU out of the guest; returns once each running one has
-    /// left it (or after 100 ms, for vCPUs the VMM paused itself meanwhile).
+    /// Keeps every vCPU out of the guest and stops the devices (a held guest
+    /// receives no frames); returns once each running vCPU has left it (or after
+    /// 100 ms, for vCPUs the VMM paused itself meanwhile).
     pub fn hold(&self) {
+        (self.stop_devices)(true);
         self.state.held.store(true, Ordering::Release);
         let deadline = Instant::now() + Duration::from_millis(100);
         while self.state.napping.load(Ordering::Acquire) < self.threads.len()
@@ -112,9 +133,10 @@ impl VcpuHold {
         }
     }
 
-    /// Lets held vCPUs run again.
+    /// Lets held vCPUs and devices run again.
     pub fn release(&self) {
         self.state.held.store(false, Ordering::Release);
+        (self.stop_devices)(false);
     }
 
     pub fn is_held(&self) -> bool {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 pub use config::{ConfigSpace, BAR0_REG};
 
-use crate::devices::virtio::VirtioPci;
+use crate::devices::virtio::{VirtioPci, Worker};
 
 /// CONFIG_ADDRESS register (a dword at 0xcf8).
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -36,6 +36,8 @@ pub struct PciBus {
     address: AtomicU32,
     bridge: Mutex<ConfigSpace>,
     devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>,
+    /// Device threads (virtio-net receive); emptied by [`Self::shutdown`].
+    workers: Mutex<Vec<Worker>>,
 }
 
 impl PciBus {
@@ -45,6 +47,54 @@ impl PciBus {
             address: AtomicU32::new(0),
             bridge: Mutex::new(host_bridge()),
             devices,
+            workers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts the device threads of the devices that have host input. The
+    /// devices start stopped ([`crate::devices::virtio::STOP_PAUSED`]): the threads
+    /// touch nothing until the VM first runs.
+    pub fn start_workers(&self) -> Result<(), String> {
+        let mut workers = self
+            .workers
+            .lock()
+            .map_err(|_| "device thread list poisoned".to_string())?;
+        for (_, dev) in &self.devices {
+            if let Some(w) = Worker::spawn(dev)? {
+                workers.push(w);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops and joins every device thread (also done when the bus is dropped).
+    pub fn shutdown(&self) {
+        let workers = self
+            .workers
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        drop(workers);
+    }
+
+    /// Stops (`on`) or lets run every device for reason `why` (a `STOP_*` bit of
+    /// [`crate::devices::virtio`]). Once this returns with `on`, no device
+    /// touches guest memory until the last reason is lifted: each device checks
+    /// under its lock.
+    pub fn set_stopped(&self, why: u8, on: bool) {
+        for (_, dev) in &self.devices {
+            if let Ok(mut dev) = dev.lock() {
+                dev.set_stopped(why, on);
+            }
+        }
+    }
+
+    /// Makes every NIC announce itself (RARP), from its device thread.
+    pub fn announce(&self) {
+        for (_, dev) in &self.devices {
+            if let Ok(mut dev) = dev.lock() {
+                dev.announce();
+            }
         }
     }
 

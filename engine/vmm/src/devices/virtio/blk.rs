@@ -42,6 +42,21 @@ pub struct BlockConfig {
     pub serial: Option<String>,
 }
 
+/// Request counters of one disk (QEMU's `query-blockstats` names).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStats {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub failed_rd_operations: u64,
+    pub failed_wr_operations: u64,
+    pub failed_flush_operations: u64,
+    /// Requests refused as malformed or unsupported (out of range, bad type).
+    pub invalid_operations: u64,
+}
+
 /// A virtio-blk device.
 #[derive(Debug)]
 pub struct Block {
@@ -49,6 +64,7 @@ pub struct Block {
     file: File,
     /// Capacity in 512-byte sectors.
     sectors: u64,
+    stats: BlockStats,
 }
 
 impl Block {
@@ -88,6 +104,7 @@ impl Block {
             config: config.clone(),
             file,
             sectors: bytes / SECTOR,
+            stats: BlockStats::default(),
         })
     }
 
@@ -138,13 +155,19 @@ impl Block {
             T_IN => {
                 let len = writable - 1;
                 if !in_range(len) {
+                    self.stats.invalid_operations += 1;
                     return Ok(S_IOERR);
                 }
                 data_out.resize(len, 0);
                 match self.file.read_exact_at(data_out, sector * SECTOR) {
-                    Ok(()) => S_OK,
+                    Ok(()) => {
+                        self.stats.rd_operations += 1;
+                        self.stats.rd_bytes += len as u64;
+                        S_OK
+                    }
                     Err(e) => {
                         tracing::warn!("virtio-blk: read of {len} bytes at sector {sector}: {e}");
+                        self.stats.failed_rd_operations += 1;
                         data_out.clear();
                         S_IOERR
                     }
@@ -152,14 +175,10 @@ impl Block {
             }
             T_OUT => {
                 let len = readable - header.len();
-                if self.config.read_only {
-                    return Ok(S_IOERR);
-                }
-                if !in_range(len) {
-                    return Ok(S_IOERR);
-                }
                 let mut data = vec![0u8; len];
-                if reader.read_exact(&mut data).is_err() {
+                if self.config.read_only || !in_range(len) || reader.read_exact(&mut data).is_err()
+                {
+                    self.stats.invalid_operations += 1;
                     return Ok(S_IOERR);
                 }
                 let written = self
@@ -173,17 +192,26 @@ impl Block {
                         }
                     });
                 match written {
-                    Ok(()) => S_OK,
+                    Ok(()) => {
+                        self.stats.wr_operations += 1;
+                        self.stats.wr_bytes += len as u64;
+                        S_OK
+                    }
                     Err(e) => {
                         tracing::warn!("virtio-blk: write of {len} bytes at sector {sector}: {e}");
+                        self.stats.failed_wr_operations += 1;
                         S_IOERR
                     }
                 }
             }
             T_FLUSH => match self.file.sync_data() {
-                Ok(()) => S_OK,
+                Ok(()) => {
+                    self.stats.flush_operations += 1;
+                    S_OK
+                }
                 Err(e) => {
                     tracing::warn!("virtio-blk: flush: {e}");
+                    self.stats.failed_flush_operations += 1;
                     S_IOERR
                 }
             },
@@ -196,7 +224,10 @@ impl Block {
                 data_out.extend_from_slice(&id[..len]);
                 S_OK
             }
-            _ => S_UNSUPP,
+            _ => {
+                self.stats.invalid_operations += 1;
+                S_UNSUPP
+            }
         })
     }
 }
@@ -285,10 +316,33 @@ impl VirtioDevice for Block {
         Ok(used)
     }
 
+    /// Opens the image again: the source flushed its last writes after this side
+    /// first opened it, and a new open is what makes NFS-style shared storage
+    /// (close-to-open consistency) show them.
+    fn after_restore(&mut self) -> Result<(), String> {
+        let again = Self::open(&self.config)?;
+        if again.sectors != self.sectors {
+            return Err(format!(
+                "disk image {} changed size during the migration ({} to {} sectors)",
+                self.config.path.display(),
+                self.sectors,
+                again.sectors
+            ));
+        }
+        let stats = self.stats;
+        *self = again;
+        self.stats = stats;
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), String> {
         self.file
             .sync_data()
             .map_err(|e| format!("cannot flush {}: {e}", self.config.path.display()))
+    }
+
+    fn stats(&self) -> super::DeviceStats {
+        super::DeviceStats::Block(self.stats)
     }
 
     fn identity(&self) -> String {

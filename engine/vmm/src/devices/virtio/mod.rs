@@ -11,13 +11,20 @@
 //! so a paused VM with its device threads parked has no request in flight.
 
 pub mod blk;
+pub mod net;
 mod persist;
 #[cfg(test)]
 mod tests;
 mod transport;
+mod worker;
 
 pub use persist::{QueueSnapshot, VirtioPciState};
-pub use transport::{VirtioPci, BAR_SIZE};
+pub use transport::{VirtioPci, BAR_SIZE, STOP_HELD, STOP_PAUSED};
+pub use worker::Worker;
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Instant;
 
 use ferry_kvm::memory::GuestMemory;
 use virtio_queue::Queue;
@@ -71,7 +78,39 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn flush(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// The device's state was just restored (migration destination, restore): let
+    /// go of anything read before the source's last writes, e.g. cached disk data
+    /// on shared storage.
+    fn after_restore(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// A fingerprint of how the device is configured that a destination must match
     /// (e.g. capacity, read-only, MAC): part of the migration shape.
     fn identity(&self) -> String;
+    /// For a device with input from the host (virtio-net: the tap), the fd its
+    /// device thread polls and the queue that input fills; `None`: no thread.
+    fn input(&self) -> Option<(Arc<OwnedFd>, usize)> {
+        None
+    }
+    /// Whether the input queue may have room: false once it ran out of buffers,
+    /// until the driver notifies it (polling the input is useless meanwhile).
+    fn can_take_input(&self) -> bool {
+        false
+    }
+    /// Starts announcing the device on the network (virtio-net: RARP frames).
+    fn announce(&mut self, _now: Instant) {}
+    /// Timed work (the announce rounds), called by the device thread; returns
+    /// when it next wants to be called.
+    fn timer(&mut self, _now: Instant) -> Option<Instant> {
+        None
+    }
+    /// The device's I/O counters (what `query-blockstats` and domstats show).
+    fn stats(&self) -> DeviceStats;
+}
+
+/// I/O counters of one device, since it was created on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceStats {
+    Block(blk::BlockStats),
+    Net(net::NetStats),
 }

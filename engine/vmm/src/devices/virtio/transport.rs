@@ -1,7 +1,10 @@
 //! The virtio-pci modern transport: PCI config space with the virtio vendor
 //! capabilities and MSI-X, and the BAR's registers.
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ferry_kvm::GuestRam;
 use kvm_bindings::kvm_msi;
@@ -24,6 +27,12 @@ const MSIX_TABLE: u64 = 0x4000;
 const MSIX_PBA: u64 = 0x6000;
 /// Size of BAR0.
 pub const BAR_SIZE: u64 = 0x8000;
+/// Why a device is stopped (bits of `stopped`): the VMM paused the VM (also at
+/// a migration's switch-over, and before a new VM first runs), or a `stop`
+/// holds the vCPUs while a migration owns the VM. A stopped device touches no
+/// guest memory; notifications wait until it runs again.
+pub const STOP_PAUSED: u8 = 1;
+pub const STOP_HELD: u8 = 2;
 /// "No MSI-X vector".
 const NO_VECTOR: u16 = 0xffff;
 /// MSI-X message control bits (in the capability's dword 0, upper half).
@@ -52,6 +61,14 @@ pub struct VirtioPci {
     isr: u8,
     msix_table: Vec<[u32; 4]>,
     msix_pba: u64,
+    /// `STOP_*` bits; 0 = running.
+    stopped: u8,
+    /// Queues notified while stopped, processed when the device runs again.
+    pending_kicks: u64,
+    /// Wakes the device thread (see `worker.rs`), if the device has one.
+    waker: Option<UnixStream>,
+    /// The device thread is servicing the input queue (it needs no wake-up).
+    in_service: bool,
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -116,6 +133,10 @@ impl VirtioPci {
             queues,
             isr: 0,
             msix_pba: 0,
+            stopped: STOP_PAUSED,
+            pending_kicks: 0,
+            waker: None,
+            in_service: false,
         }
     }
 
@@ -125,6 +146,16 @@ impl VirtioPci {
 
     pub fn kind(&self) -> &'static str {
         self.device.kind()
+    }
+
+    /// The id the device was configured with (libvirt's device id).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The device's I/O counters.
+    pub fn stats(&self) -> super::DeviceStats {
+        self.device.stats()
     }
 
     /// `kind@slot:identity`: what a migration destination must provide.
@@ -362,6 +393,7 @@ impl VirtioPci {
 
     fn reset(&mut self) {
         self.device.reset();
+        self.pending_kicks = 0;
         for q in &mut self.queues {
             q.reset();
         }
@@ -393,8 +425,96 @@ impl VirtioPci {
         self.status & (status::DRIVER_OK | status::DEVICE_NEEDS_RESET) == status::DRIVER_OK
     }
 
+    /// Stops (`on`) or lets run the device for reason `why` (a `STOP_*` bit).
+    /// Once no reason is left, the notifications that came meanwhile are
+    /// processed and the device thread looks at its input again.
+    pub fn set_stopped(&mut self, why: u8, on: bool) {
+        let was = self.stopped;
+        if on {
+            self.stopped |= why;
+        } else {
+            self.stopped &= !why;
+        }
+        if was != 0 && self.stopped == 0 {
+            let pending = std::mem::take(&mut self.pending_kicks);
+            for i in 0..self.queues.len().min(64) {
+                if pending & (1 << i) != 0 {
+                    self.kick(i);
+                }
+            }
+            self.wake();
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped != 0
+    }
+
+    /// The device's host input (see [`VirtioDevice::input`]), for its thread.
+    pub fn input(&self) -> Option<(Arc<std::os::fd::OwnedFd>, usize)> {
+        self.device.input()
+    }
+
+    /// `kind@slot`: the name of the device's thread.
+    pub fn name(&self) -> String {
+        format!("{}@{:02x}", self.device.kind(), self.slot)
+    }
+
+    /// Where the device thread is woken (see `worker.rs`).
+    pub fn attach_waker(&mut self, waker: UnixStream) {
+        self.waker = Some(waker);
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = &mut self.waker {
+            // A full socket already holds a wake-up: nothing is lost.
+            let _ = w.write(&[1]);
+        }
+    }
+
+    /// One round of the device thread: due timed work, then the input queue
+    /// (unless stopped). Returns whether the thread should poll the input fd
+    /// and when it wants to be called next.
+    pub fn service(&mut self, now: Instant) -> (bool, Option<Instant>) {
+        let next = self.device.timer(now);
+        if self.stopped != 0 {
+            return (false, next);
+        }
+        let Some((_, q)) = self.device.input() else {
+            return (false, next);
+        };
+        if !self.device.can_take_input() {
+            // Out of buffers: the driver's notify wakes the thread.
+            return (false, next);
+        }
+        self.in_service = true;
+        self.kick(q);
+        self.in_service = false;
+        let poll = self.is_active()
+            && self.queues.get(q).is_some_and(|q| q.ready())
+            && self.device.can_take_input();
+        (poll, next)
+    }
+
+    /// Starts announcing the device (RARP for a NIC) from its thread.
+    pub fn announce(&mut self) {
+        self.device.announce(Instant::now());
+        self.wake();
+    }
+
     /// Processes queue `index` and interrupts the driver if it wants to hear.
+    /// While the device is stopped the notification waits.
     pub fn kick(&mut self, index: usize) {
+        if self.stopped != 0 {
+            if index < 64 {
+                self.pending_kicks |= 1 << index;
+            }
+            return;
+        }
+        if !self.in_service && self.device.input().is_some_and(|(_, q)| q == index) {
+            // The driver posted receive buffers: the thread may poll again.
+            self.wake();
+        }
         if !self.is_active() || !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
         }
@@ -482,7 +602,8 @@ impl VirtioPci {
     }
 
     /// Loads `s` into this (never run) device, checking everything a hostile stream
-    /// could get wrong; on error nothing is changed.
+    /// could get wrong before changing anything; the device then reopens its backend
+    /// (a failure there leaves the VM unfit to run, which the caller discards).
     pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
         let who = format!("{}@{:02x}", self.device.kind(), self.slot);
         if s.slot != self.slot || s.kind != self.device.kind() {
@@ -536,6 +657,8 @@ impl VirtioPci {
         self.queues = queues;
         self.msix_table = s.msix_table.clone();
         self.msix_pba = s.msix_pba;
-        Ok(())
+        self.device
+            .after_restore()
+            .map_err(|e| format!("{who}: {e}"))
     }
 }

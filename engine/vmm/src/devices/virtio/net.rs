@@ -1,0 +1,437 @@
+//! virtio-net on a tap device (virtio 1.1 section 5.1): one receive and one
+//! transmit queue, the MAC in the configuration space, link always up, no
+//! offloads. The tap is an open fd (libvirt passes one, as to QEMU's
+//! `-netdev tap,fd=N`), or one opened by name with [`Tap::open`].
+//!
+//! Transmit runs on the vCPU thread that notified queue 1: each chain is one
+//! frame, written to the non-blocking tap; when the tap is full the frame is
+//! dropped and counted, as a NIC would, and the vCPU never blocks. Receive runs
+//! on the NIC's device thread (see `worker.rs`), which polls the tap while the
+//! receive queue has buffers and stops polling it until the driver notifies
+//! queue 0 when it has none: frames then wait in the tap, none is dropped.
+//!
+//! Each frame in a buffer is preceded by the 12-byte `virtio_net_hdr_v1`. With
+//! no offloads negotiated it is all zero but `num_buffers` (1 on receive). When
+//! the tap has IFF_VNET_HDR (as libvirt's do), its header size is set to 12 and
+//! headers pass through; otherwise the device strips it on transmit and makes
+//! one up on receive.
+//!
+//! After an incoming migration or a restore, the first resume announces the
+//! NIC's MAC as QEMU's `qemu_announce_self` does (vMotion sends the same
+//! RARP): 5 RARP frames from the guest's MAC, 50 ms apart and then 100 ms more
+//! each time (capped at 550 ms), so switches learn the new port at once.
+
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_kvm::memory::GuestMemory;
+use ferry_kvm::tap;
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use super::{VirtioDevice, F_VERSION_1};
+
+/// VIRTIO_NET_F_MAC: the device has a MAC in its configuration space.
+const F_MAC: u64 = 1 << 5;
+/// VIRTIO_NET_F_STATUS: the configuration space has a link status.
+const F_STATUS: u64 = 1 << 16;
+/// VIRTIO_NET_S_LINK_UP.
+const S_LINK_UP: u16 = 1;
+/// `virtio_net_hdr_v1` (VERSION_1 always has `num_buffers`).
+pub const HEADER_LEN: usize = 12;
+/// Largest frame (without the header): 64 KiB plus an Ethernet and VLAN header,
+/// QEMU's limit too.
+pub const MAX_FRAME: usize = 65550;
+/// Queues: receive, transmit.
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// The announce schedule (QEMU's announce-initial, -step, -max, -rounds).
+const ANNOUNCE_ROUNDS: u32 = 5;
+const ANNOUNCE_INITIAL: Duration = Duration::from_millis(50);
+const ANNOUNCE_STEP: Duration = Duration::from_millis(100);
+const ANNOUNCE_MAX: Duration = Duration::from_millis(550);
+/// Ethertype of RARP.
+pub const ETH_P_RARP: u16 = 0x8035;
+
+/// How to build a virtio-net device.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// An open tap (IFF_TAP | IFF_NO_PI; IFF_VNET_HDR or not).
+    pub tap: Arc<OwnedFd>,
+    pub mac: [u8; 6],
+}
+
+impl PartialEq for NetConfig {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.tap, &other.tap) && self.mac == other.mac
+    }
+}
+
+impl Eq for NetConfig {}
+
+/// Opening taps by name, for use by hand (libvirt passes open fds instead).
+#[derive(Debug)]
+pub struct Tap;
+
+impl Tap {
+    /// Opens (creating it if this process may) tap `ifname` with IFF_VNET_HDR.
+    pub fn open(ifname: &str) -> Result<Arc<OwnedFd>, String> {
+        tap::open_tap(ifname, true).map(Arc::new).map_err(|e| {
+            format!(
+                "cannot open tap {ifname} through /dev/net/tun: {e} (creating a tap needs \
+                 CAP_NET_ADMIN; an existing one must be free and owned by this user)"
+            )
+        })
+    }
+}
+
+/// `52:54:00:12:34:56` for printing and parsing.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `52:54:00:12:34:56`; refuses multicast addresses, which no NIC has.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!(
+            "MAC {s:?} must be six hex bytes like 52:54:00:12:34:56"
+        ));
+    }
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        *b = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("MAC {s:?} must be six hex bytes like 52:54:00:12:34:56"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC {s} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// QEMU's announce frame (`announce_self_create`): a broadcast RARP "reverse
+/// request" from `mac` about `mac`, padded to 60 bytes.
+pub fn rarp_frame(mac: &[u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].fill(0xff);
+    f[6..12].copy_from_slice(mac);
+    f[12..14].copy_from_slice(&ETH_P_RARP.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(mac);
+    f[32..38].copy_from_slice(mac);
+    f
+}
+
+/// Frame counters of one NIC.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    pub tx_frames: u64,
+    /// Frames dropped on transmit because the tap was full or refused them.
+    pub tx_dropped: u64,
+    pub rx_frames: u64,
+    /// Frames dropped on receive because they did not fit the driver's buffer.
+    pub rx_dropped: u64,
+    pub announces: u64,
+}
+
+#[derive(Debug)]
+struct Announce {
+    /// Rounds sent so far.
+    sent: u32,
+    next: Instant,
+}
+
+/// A virtio-net device.
+#[derive(Debug)]
+pub struct Net {
+    tap: Arc<OwnedFd>,
+    mac: [u8; 6],
+    /// The tap reads and writes a 12-byte virtio-net header before each frame.
+    vnet_hdr: bool,
+    /// The receive queue had no buffer: wait for the driver's notify.
+    starved: bool,
+    buf: Vec<u8>,
+    stats: NetStats,
+    announce: Option<Announce>,
+}
+
+impl Net {
+    /// Takes the tap: makes it non-blocking and, when it has IFF_VNET_HDR, sets
+    /// its header size to ours and turns its offloads off.
+    pub fn new(config: &NetConfig) -> Result<Self, String> {
+        let fd = config.tap.as_fd();
+        let flags = tap::tun_get_iff(fd)
+            .map_err(|e| format!("the NIC's fd is not a tap (TUNGETIFF: {e})"))?;
+        if flags & tap::IFF_TAP == 0 || flags & tap::IFF_NO_PI == 0 {
+            return Err(format!(
+                "the NIC's fd is a tun device with flags {flags:#x}; it needs IFF_TAP | IFF_NO_PI"
+            ));
+        }
+        let vnet_hdr = flags & tap::IFF_VNET_HDR != 0;
+        if vnet_hdr {
+            tap::tun_set_vnet_hdr_sz(fd, HEADER_LEN as i32)
+                .map_err(|e| format!("cannot set the tap's header size (TUNSETVNETHDRSZ): {e}"))?;
+            tap::tun_set_offload(fd, 0)
+                .map_err(|e| format!("cannot turn the tap's offloads off (TUNSETOFFLOAD): {e}"))?;
+        }
+        let fl = fcntl(fd, FcntlArg::F_GETFL)
+            .map_err(|e| format!("cannot read the tap's file flags: {e}"))?;
+        fcntl(
+            fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| format!("cannot make the tap non-blocking: {e}"))?;
+        Ok(Self {
+            tap: config.tap.clone(),
+            mac: config.mac,
+            vnet_hdr,
+            starved: false,
+            buf: vec![0; HEADER_LEN + MAX_FRAME],
+            stats: NetStats::default(),
+            announce: None,
+        })
+    }
+
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
+        let mut used = false;
+        self.starved = false;
+        loop {
+            let Some(chain) = queue
+                .iter(mem)
+                .map_err(|e| format!("available ring: {e:?}"))?
+                .next()
+            else {
+                self.starved = true;
+                return Ok(used);
+            };
+            let head = chain.head_index();
+            let n = match nix::unistd::read(self.tap.as_fd(), &mut self.buf) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => {
+                    queue.go_to_previous_position();
+                    return Ok(used);
+                }
+                Err(e) => {
+                    tracing::warn!("virtio-net: cannot read the tap: {e}");
+                    queue.go_to_previous_position();
+                    return Ok(used);
+                }
+            };
+            let mut header = [0u8; HEADER_LEN];
+            let frame = if self.vnet_hdr {
+                if n < HEADER_LEN {
+                    queue.go_to_previous_position();
+                    continue;
+                }
+                header.copy_from_slice(&self.buf[..HEADER_LEN]);
+                &self.buf[HEADER_LEN..n]
+            } else {
+                &self.buf[..n]
+            };
+            header[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let mut writer = chain
+                .writer(mem)
+                .map_err(|e| format!("receive buffer {head}: {e:?}"))?;
+            let room = writer.available_bytes();
+            if room < HEADER_LEN {
+                return Err(format!(
+                    "receive buffer {head} of {room} bytes cannot hold the {HEADER_LEN}-byte header"
+                ));
+            }
+            if room < HEADER_LEN + frame.len() {
+                // The driver posted buffers smaller than the link's frames (it did
+                // not negotiate a mergeable or big-packet mode): a NIC drops those.
+                tracing::debug!(
+                    "virtio-net: {}-byte frame does not fit {room} bytes",
+                    frame.len()
+                );
+                self.stats.rx_dropped += 1;
+                queue.go_to_previous_position();
+                continue;
+            }
+            use std::io::Write;
+            writer
+                .write_all(&header)
+                .and_then(|()| writer.write_all(frame))
+                .map_err(|e| format!("receive buffer {head}: {e}"))?;
+            queue
+                .add_used(mem, head, (HEADER_LEN + frame.len()) as u32)
+                .map_err(|e| format!("used ring: {e:?}"))?;
+            self.stats.rx_frames += 1;
+            used = true;
+        }
+    }
+
+    /// Sends every frame the driver queued; a full tap drops them.
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
+        let chains: Vec<_> = queue
+            .iter(mem)
+            .map_err(|e| format!("available ring: {e:?}"))?
+            .collect();
+        let mut used = false;
+        for chain in chains {
+            let head = chain.head_index();
+            let mut reader = chain
+                .reader(mem)
+                .map_err(|e| format!("transmit buffer {head}: {e:?}"))?;
+            let len = reader.available_bytes();
+            if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) {
+                return Err(format!(
+                    "transmit buffer {head} of {len} bytes (a header and a frame of at most \
+                     {MAX_FRAME} bytes is {HEADER_LEN} to {} bytes)",
+                    HEADER_LEN + MAX_FRAME
+                ));
+            }
+            reader
+                .read_exact(&mut self.buf[..len])
+                .map_err(|e| format!("transmit buffer {head}: {e}"))?;
+            let out = if self.vnet_hdr {
+                &self.buf[..len]
+            } else {
+                &self.buf[HEADER_LEN..len]
+            };
+            match nix::unistd::write(self.tap.as_fd(), out) {
+                Ok(_) => self.stats.tx_frames += 1,
+                Err(e) => {
+                    if e != Errno::EAGAIN {
+                        tracing::debug!("virtio-net: tap refused a frame: {e}");
+                    }
+                    self.stats.tx_dropped += 1;
+                }
+            }
+            queue
+                .add_used(mem, head, 0)
+                .map_err(|e| format!("used ring: {e:?}"))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    fn send_rarp(&mut self) {
+        let frame = rarp_frame(&self.mac);
+        let mut out = [0u8; HEADER_LEN + 60];
+        let out: &[u8] = if self.vnet_hdr {
+            out[HEADER_LEN..].copy_from_slice(&frame);
+            &out
+        } else {
+            &frame
+        };
+        match nix::unistd::write(self.tap.as_fd(), out) {
+            Ok(_) => self.stats.announces += 1,
+            Err(e) => tracing::debug!("virtio-net: cannot send an announce: {e}"),
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn kind(&self) -> &'static str {
+        "virtio-net"
+    }
+
+    fn device_id(&self) -> u16 {
+        1
+    }
+
+    fn pci_class(&self) -> u32 {
+        // Network controller, Ethernet.
+        0x02_00_00
+    }
+
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_MAC | F_STATUS
+    }
+
+    fn queue_count(&self) -> usize {
+        2
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn read_config(&self, offset: usize, data: &mut [u8]) {
+        let mut c = [0u8; 8];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn process(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        _driver_features: u64,
+    ) -> Result<bool, String> {
+        let queue = queues
+            .get_mut(index)
+            .ok_or_else(|| format!("no queue {index}"))?;
+        match index {
+            RX_QUEUE => self.receive(queue, mem),
+            TX_QUEUE => self.transmit(queue, mem),
+            _ => Err(format!("no queue {index}")),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.starved = false;
+    }
+
+    fn stats(&self) -> super::DeviceStats {
+        super::DeviceStats::Net(self.stats)
+    }
+
+    fn identity(&self) -> String {
+        format!("mac={}", format_mac(&self.mac))
+    }
+
+    fn input(&self) -> Option<(Arc<OwnedFd>, usize)> {
+        Some((self.tap.clone(), RX_QUEUE))
+    }
+
+    fn can_take_input(&self) -> bool {
+        !self.starved
+    }
+
+    fn announce(&mut self, now: Instant) {
+        self.announce = Some(Announce { sent: 0, next: now });
+    }
+
+    fn timer(&mut self, now: Instant) -> Option<Instant> {
+        let a = self.announce.as_mut()?;
+        if now < a.next {
+            return Some(a.next);
+        }
+        let delay = (ANNOUNCE_INITIAL + ANNOUNCE_STEP * a.sent).min(ANNOUNCE_MAX);
+        a.sent += 1;
+        a.next = now + delay;
+        let done = a.sent >= ANNOUNCE_ROUNDS;
+        let next = a.next;
+        self.send_rarp();
+        if done {
+            self.announce = None;
+            return None;
+        }
+        Some(next)
+    }
+}

@@ -1,0 +1,102 @@
+//! The device thread of a virtio device with host input (virtio-net receive):
+//! it polls the input fd while the device can take input, and a socket that
+//! wakes it when that changes (the driver posted buffers, the VM resumed, an
+//! announce started, the VM is going away). All device work happens under the
+//! device's lock, in [`VirtioPci::service`], which does nothing while the device
+//! is stopped: a paused VM's guest memory is never written from here.
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::VirtioPci;
+
+/// A running device thread; dropping it stops and joins the thread.
+#[derive(Debug)]
+pub struct Worker {
+    exit: Arc<AtomicBool>,
+    wake: UnixStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts the thread of `dev` if the device has host input.
+    pub fn spawn(dev: &Arc<Mutex<VirtioPci>>) -> Result<Option<Self>, String> {
+        let (wake, theirs) =
+            UnixStream::pair().map_err(|e| format!("cannot create a socket pair: {e}"))?;
+        for s in [&wake, &theirs] {
+            s.set_nonblocking(true)
+                .map_err(|e| format!("cannot make a socket non-blocking: {e}"))?;
+        }
+        let name = {
+            let mut d = dev.lock().map_err(|_| "device lock poisoned".to_string())?;
+            if d.input().is_none() {
+                return Ok(None);
+            }
+            let writer = wake
+                .try_clone()
+                .map_err(|e| format!("cannot clone a socket: {e}"))?;
+            d.attach_waker(writer);
+            d.name()
+        };
+        let exit = Arc::new(AtomicBool::new(false));
+        let (dev, stop) = (dev.clone(), exit.clone());
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || run(&dev, theirs, &stop))
+            .map_err(|e| format!("cannot start the thread of {name}: {e}"))?;
+        Ok(Some(Self {
+            exit,
+            wake,
+            thread: Some(thread),
+        }))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.exit.store(true, Ordering::Release);
+        let _ = std::io::Write::write(&mut self.wake, &[1]);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(dev: &Mutex<VirtioPci>, mut wake: UnixStream, exit: &AtomicBool) {
+    let Some((input, _)) = dev.lock().ok().and_then(|d| d.input()) else {
+        return;
+    };
+    let mut drain = [0u8; 64];
+    while !exit.load(Ordering::Acquire) {
+        let (poll_input, next) = match dev.lock() {
+            Ok(mut d) => d.service(Instant::now()),
+            Err(_) => return,
+        };
+        let timeout = match next {
+            None => PollTimeout::NONE,
+            Some(t) => {
+                let ms = t.saturating_duration_since(Instant::now()).as_millis() + 1;
+                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::NONE)
+            }
+        };
+        let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+        if poll_input {
+            fds.push(PollFd::new(input.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!("device thread: poll failed: {e}");
+                return;
+            }
+        }
+        while matches!(wake.read(&mut drain), Ok(n) if n > 0) {}
+    }
+}

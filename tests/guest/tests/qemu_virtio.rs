@@ -1,0 +1,382 @@
+//! The dirtier's virtio drivers against QEMU's devices: boots the guest under
+//! `qemu-system-x86_64 -M pc -accel kvm` with `blk=8 net=1`, a virtio-blk
+//! disk and a virtio-net card on a tap device this test creates (root),
+//! pings the guest through the tap, then stops QEMU, saves guest memory and
+//! runs the memory oracle and the disk oracle; once as it is, once after a
+//! QEMU-to-QEMU live migration (same disk file, the destination on a second
+//! tap, as if on another host).
+//!
+//! Skips (and says why) only when QEMU or `/dev/kvm` is missing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+use ferry_testguest::disk::{check_disk, DiskReport};
+use ferry_testguest::link::{Link, Tap};
+use ferry_testguest::{check, FileImage, OracleReport, DIRTIER_ELF};
+
+const BLK_SECTORS: u64 = 8;
+const DISK_BYTES: u64 = 1 << 20;
+const MEM_MIB: u64 = 128;
+
+fn qemu_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("qemu-system-x86_64"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// QEMU, killed on drop unless it already exited.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn serial_text(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// Waits until the serial log contains `want`; panics on a guest error line.
+fn wait_serial(path: &Path, want: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = serial_text(path);
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains(": ERR ") || l.starts_with("EXC "))
+        {
+            panic!("guest failed: {line:?}; serial:\n{text}");
+        }
+        if text.contains(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {want:?} on the guest's serial within {timeout:?}; serial:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A minimal QMP client: one command at a time, events skipped.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot connect to QMP at {}: {e}", path.display()),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("set a QMP read timeout");
+        let mut qmp = Self {
+            reader: BufReader::new(stream.try_clone().expect("clone the QMP socket")),
+            writer: stream,
+        };
+        qmp.reply(); // greeting
+        qmp.execute("qmp_capabilities", serde_json::json!({}));
+        qmp
+    }
+
+    fn reply(&mut self) -> serde_json::Value {
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read from QMP");
+            assert!(n > 0, "QMP closed the connection");
+            let value: serde_json::Value = serde_json::from_str(&line).expect("QMP sends JSON");
+            if value.get("event").is_none() {
+                return value;
+            }
+        }
+    }
+
+    fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let request = serde_json::json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{request}").expect("write to QMP");
+        let reply = self.reply();
+        assert!(
+            reply.get("return").is_some(),
+            "QMP {command} failed: {reply}"
+        );
+        reply
+    }
+}
+
+/// A temporary directory with the guest ELF and a blank disk.
+struct Setup {
+    qemu: PathBuf,
+    dir: TempDir,
+    elf: PathBuf,
+    disk: PathBuf,
+}
+
+fn setup() -> Option<Setup> {
+    let Some(qemu) = qemu_binary() else {
+        eprintln!("skipped: qemu-system-x86_64 is not on PATH");
+        return None;
+    };
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let elf = dir.path().join("dirtier.elf");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&elf, DIRTIER_ELF).expect("write the guest");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(DISK_BYTES))
+        .expect("create the disk");
+    Some(Setup {
+        qemu,
+        dir,
+        elf,
+        disk,
+    })
+}
+
+fn tap_name(index: u32) -> String {
+    Tap::unique_name("ferrytg", index)
+}
+
+/// A running QEMU with the dirtier (blk=8 net=1) and its files.
+struct Guest {
+    vm: Qemu,
+    serial: PathBuf,
+    qmp: PathBuf,
+}
+
+fn start(setup: &Setup, name: &str, tap: &Tap, incoming: Option<&Path>) -> Guest {
+    let serial = setup.dir.path().join(format!("{name}.serial"));
+    let qmp = setup.dir.path().join(format!("{name}.qmp"));
+    let stderr = std::fs::File::create(setup.dir.path().join(format!("{name}.stderr")))
+        .expect("create a log");
+    let mut command = Command::new(&setup.qemu);
+    command
+        .args(["-M", "pc", "-accel", "kvm", "-m"])
+        .arg(MEM_MIB.to_string())
+        .args(["-nodefaults", "-display", "none"])
+        .args(["-monitor", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&setup.elf)
+        .arg("-append")
+        .arg(format!("ws=1M hb=100 pause=5 blk={BLK_SECTORS} net=1"))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=d0",
+            setup.disk.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"])
+        .arg("-netdev")
+        .arg(format!(
+            "tap,id=n0,ifname={},script=no,downscript=no",
+            tap.name
+        ))
+        .args([
+            "-device",
+            "virtio-net-pci,netdev=n0,disable-legacy=on,mac=52:54:00:12:34:56",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    if let Some(path) = incoming {
+        command
+            .arg("-incoming")
+            .arg(format!("unix:{}", path.display()));
+    }
+    Guest {
+        vm: Qemu(command.spawn().expect("start QEMU")),
+        serial,
+        qmp,
+    }
+}
+
+/// Waits for the boot lines of a freshly booted guest.
+fn wait_boot(guest: &mut Guest, stderr: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let text = loop {
+        if let Ok(Some(status)) = guest.vm.0.try_wait() {
+            panic!(
+                "QEMU exited ({status}) before the guest was ready: {}",
+                String::from_utf8_lossy(&std::fs::read(stderr).unwrap_or_default())
+            );
+        }
+        let text = wait_serial(&guest.serial, "", Duration::ZERO);
+        if text.contains("dirtier: ready") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no \"dirtier: ready\" on the guest's serial within 40 s; serial:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        text.contains(&format!("blk: capacity={}\n", DISK_BYTES / 512)),
+        "{text}"
+    );
+    assert!(text.contains("net: mac=52:54:00:12:34:56\n"), "{text}");
+}
+
+/// Stops the guest, saves its memory, quits QEMU; then both oracles, and
+/// the FERRYNET frames seen must fit the pass count.
+fn stop_and_check(setup: &Setup, mut guest: Guest, link: &mut Link) -> (OracleReport, DiskReport) {
+    let memory = setup.dir.path().join("memory.img");
+    let mut qmp = Qmp::connect(&guest.qmp);
+    qmp.execute("stop", serde_json::json!({}));
+    qmp.execute(
+        "pmemsave",
+        serde_json::json!({ "val": 0, "size": MEM_MIB << 20, "filename": memory }),
+    );
+    qmp.execute("quit", serde_json::json!({}));
+    let _ = guest.vm.0.wait();
+    link.drain();
+    // No error line while it ran.
+    wait_serial(&guest.serial, "", Duration::ZERO);
+
+    let image = FileImage::open(&memory, 0).expect("open the memory image");
+    let report = check(&image).unwrap_or_else(|e| panic!("memory oracle: {e}"));
+    let disk = std::fs::read(&setup.disk).expect("read the disk");
+    let disk_report = check_disk(&disk, BLK_SECTORS, report.passes)
+        .unwrap_or_else(|e| panic!("disk oracle (header passes {}): {e}", report.passes));
+    let last = *link.passes.last().expect("FERRYNET frames were seen");
+    assert!(
+        last <= report.passes + 1,
+        "header passes {}, but a FERRYNET frame for pass {last}",
+        report.passes
+    );
+    (report, disk_report)
+}
+
+const PINGS: [u64; 4] = [0xfe00_0000_0000_0000, 1, 2, u64::MAX];
+
+#[test]
+fn dirtier_drives_virtio_blk_and_net_under_qemu() {
+    let Some(setup) = setup() else { return };
+    let started = Instant::now();
+    let tap = Tap::create(tap_name(0));
+    let mut link = Link::new(&tap);
+    let mut guest = start(&setup, "vm", &tap, None);
+    wait_boot(&mut guest, &setup.dir.path().join("vm.stderr"));
+    let booted = started.elapsed();
+    // Until the disk has wrapped a few times; then pings.
+    link.wait_pass(3 * BLK_SECTORS, &guest.serial);
+    link.ping(&PINGS);
+    let (report, disk) = stop_and_check(&setup, guest, &mut link);
+    eprintln!(
+        "booted in {booted:.1?}; {} passes, {} FERRYNET frames seen, {} disk records \
+         (next pass's written: {}) after {:.1?}",
+        report.passes,
+        link.passes.len(),
+        disk.records,
+        disk.ahead,
+        started.elapsed(),
+    );
+}
+
+#[test]
+fn dirtier_virtio_survives_qemu_live_migration() {
+    let Some(setup) = setup() else { return };
+    let started = Instant::now();
+    let (tap_src, tap_dst) = (Tap::create(tap_name(1)), Tap::create(tap_name(2)));
+    let (mut src_link, mut dst_link) = (Link::new(&tap_src), Link::new(&tap_dst));
+    let mut src = start(&setup, "src", &tap_src, None);
+    wait_boot(&mut src, &setup.dir.path().join("src.stderr"));
+    src_link.wait_pass(2 * BLK_SECTORS, &src.serial);
+    src_link.ping(&PINGS[..2]);
+
+    let channel = setup.dir.path().join("migration.sock");
+    let dst = start(&setup, "dst", &tap_dst, Some(&channel));
+    let mut dst_qmp = Qmp::connect(&dst.qmp);
+    let mut src_qmp = Qmp::connect(&src.qmp);
+    src_qmp.execute(
+        "migrate",
+        serde_json::json!({ "uri": format!("unix:{}", channel.display()) }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = src_qmp.execute("query-migrate", serde_json::json!({}));
+        match status["return"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed" | "cancelled") => panic!("migration failed: {status}"),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration not done in 30 s: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The source says "completed" before the destination has loaded the state.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = dst_qmp.execute("query-status", serde_json::json!({}));
+        if status["return"]["running"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "destination not running 10 s after the migration: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    src_qmp.execute("quit", serde_json::json!({}));
+    let _ = src.vm.0.wait();
+    src_link.drain();
+    drop(dst_qmp);
+    let last_src = *src_link.passes.last().expect("frames from the source");
+
+    // The destination carries on: later passes, on its own tap, and pings.
+    dst_link.wait_pass(last_src + 2 * BLK_SECTORS, &dst.serial);
+    dst_link.ping(&PINGS[2..]);
+    let first_dst = *dst_link
+        .passes
+        .first()
+        .expect("frames from the destination");
+    let (report, disk) = stop_and_check(&setup, dst, &mut dst_link);
+    // Every pass sent its frame, on one tap or the other.
+    let last = *dst_link.passes.last().expect("frames from the destination");
+    let missing: Vec<u64> = (1..=last)
+        .filter(|p| !src_link.passes.contains(p) && !dst_link.passes.contains(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "no FERRYNET frame for passes {missing:?} (source's last {last_src}, destination's \
+         first {first_dst})"
+    );
+    // The destination's serial has no boot lines: the guest did not restart.
+    let text = serial_text(&setup.dir.path().join("dst.serial"));
+    assert!(!text.contains("dirtier:"), "{text}");
+    eprintln!(
+        "source passes up to {last_src}, destination from {first_dst} to {}; {} disk records \
+         (next pass's written: {}) after {:.1?}",
+        report.passes,
+        disk.records,
+        disk.ahead,
+        started.elapsed(),
+    );
+}

@@ -1,0 +1,223 @@
+//! Virtio devices under a real guest driver: the dirtier with `blk=K` writes a
+//! record to its virtio-blk disk every pass and reads it back. After a live
+//! migration (or a checkpoint and restore) the guest keeps going on the other side
+//! with the same disk (shared storage), and two oracles judge the result: the
+//! memory oracle, and the disk oracle, which checks the disk holds exactly the
+//! records of the guest's last K passes. A lost device write (used ring, read
+//! buffer, status byte) stops the guest with `blk: ERR ...` instead.
+//!
+//! With `net=1` on a tap (root), the guest broadcasts a frame every pass and
+//! answers pings; after a migration the destination announces the guest's MAC
+//! with RARP frames (as QEMU and vMotion do) and the guest answers on the new tap.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_testguest::link::{Link, Tap};
+use ferry_tests::{dirtier_source, require_kvm, Scratch, VmProcess};
+
+const K: u64 = 8;
+
+fn disk(s: &Scratch, name: &str, bytes: u64) -> String {
+    let path = s.path(name);
+    let f = std::fs::File::create(&path).expect("create disk image");
+    f.set_len(bytes).expect("size disk image");
+    path.display().to_string()
+}
+
+fn disk_source(s: &Scratch, disk: &str) -> VmProcess {
+    let src = dirtier_source(
+        s,
+        "128M",
+        &format!("ws=4M blk={K}"),
+        &["--disk", &format!("{disk},serial=ferry-disk")],
+    );
+    let serial = String::from_utf8_lossy(&src.serial_output()).into_owned();
+    assert!(serial.contains("blk: capacity=2048"), "{serial}");
+    src
+}
+
+/// Pauses `vm`, runs the memory oracle, then the disk oracle with the header's
+/// pass count; returns the passes.
+fn check_both(s: &Scratch, vm: &VmProcess, tag: &str, disk: &str) -> u64 {
+    let report = vm.oracle(s, tag);
+    let serial = String::from_utf8_lossy(&vm.serial_output()).into_owned();
+    assert!(
+        !serial.contains("ERR"),
+        "the guest's driver failed: {serial}"
+    );
+    let bytes = std::fs::read(Path::new(disk)).expect("read disk image");
+    ferry_testguest::disk::check_disk(&bytes, K, report.passes)
+        .unwrap_or_else(|e| panic!("disk oracle failed after {} passes: {e}", report.passes));
+    report.passes
+}
+
+fn wait_passes(vm: &VmProcess, s: &Scratch, at_least: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let passes = vm.oracle(s, "progress").passes;
+        vm.ok("resume");
+        if passes >= at_least {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest made only {passes} passes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn disk_records_survive_a_live_migration_over_two_streams() {
+    require_kvm();
+    let s = Scratch::new();
+    let img = disk(&s, "shared.img", 1 << 20);
+    let mut src = disk_source(&s, &img);
+    wait_passes(&src, &s, 2 * K);
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dst = VmProcess::spawn(&s, "dst", &["incoming", &uri, "--disk", &img]);
+    src.ok("migrate-set multifd-channels=2");
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let first = check_both(&s, &dst, "dst1", &img);
+    dst.ok("resume");
+    // The destination's driver goes on using the device: more records, in order.
+    wait_passes(&dst, &s, first + 2 * K);
+    check_both(&s, &dst, "dst2", &img);
+    dst.quit();
+}
+
+#[test]
+fn a_destination_without_the_disk_is_refused_and_the_source_runs_on() {
+    require_kvm();
+    let s = Scratch::new();
+    let img = disk(&s, "shared.img", 1 << 20);
+    let src = disk_source(&s, &img);
+    for (tag, extra) in [
+        ("nodisk", vec![]),
+        (
+            "otherdisk",
+            vec!["--disk".to_string(), disk(&s, "small.img", 512 << 10)],
+        ),
+    ] {
+        let uri = format!("unix:{}", s.path(&format!("{tag}.sock")).display());
+        let mut args = vec!["incoming".to_string(), uri.clone()];
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut dst = VmProcess::spawn(&s, tag, &args);
+        std::thread::sleep(Duration::from_millis(300));
+        let reply = src.command(&format!("migrate {uri}"));
+        assert_eq!(reply["ok"], false, "{reply}");
+        let err = reply["error"].as_str().unwrap_or_default().to_string();
+        assert!(err.contains("virtio-blk@04:2048s-rw"), "{err}");
+        assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+        assert!(
+            dst.stderr_text().contains("same disks"),
+            "{}",
+            dst.stderr_text()
+        );
+    }
+    src.wait_heartbeats(50, Duration::from_secs(10));
+    let passes = check_both(&s, &src, "src", &img);
+    assert!(passes > 0);
+    src.quit();
+}
+
+#[test]
+fn a_checkpoint_restores_onto_the_same_disk() {
+    require_kvm();
+    let s = Scratch::new();
+    let img = disk(&s, "disk.img", 1 << 20);
+    let src = disk_source(&s, &img);
+    wait_passes(&src, &s, K);
+    let ckpt = s.path("vm.ckpt");
+    src.ok("pause");
+    src.ok(&format!("checkpoint {}", ckpt.display()));
+    let before = check_both(&s, &src, "before", &img);
+    src.quit();
+
+    let ckpt = ckpt.display().to_string();
+    let mut wrong = VmProcess::spawn(&s, "wrong", &["restore", &ckpt]);
+    assert_eq!(wrong.wait_exit(Duration::from_secs(30)), Some(1));
+    assert!(
+        wrong.stderr_text().contains("virtio-blk@04"),
+        "{}",
+        wrong.stderr_text()
+    );
+
+    let restored = VmProcess::start(&s, "restored", &["restore", &ckpt, "--disk", &img]);
+    restored.wait_heartbeats(50, Duration::from_secs(20));
+    wait_passes(&restored, &s, before + K);
+    check_both(&s, &restored, "after", &img);
+    restored.quit();
+}
+
+#[test]
+fn a_nic_answers_before_and_after_a_live_migration_and_is_announced() {
+    require_kvm();
+    let s = Scratch::new();
+    let img = disk(&s, "shared.img", 1 << 20);
+    let (tap_a, tap_b) = (
+        Tap::create(Tap::unique_name("ferryva", 0)),
+        Tap::create(Tap::unique_name("ferryvb", 1)),
+    );
+    let (mut link_a, mut link_b) = (Link::new(&tap_a), Link::new(&tap_b));
+    let mut src = dirtier_source(
+        &s,
+        "128M",
+        &format!("ws=4M blk={K} net=1"),
+        &["--disk", &img, "--net", &format!("tap={}", tap_a.name)],
+    );
+    let serial = String::from_utf8_lossy(&src.serial_output()).into_owned();
+    assert!(serial.contains("net: mac=52:54:00:12:34:56"), "{serial}");
+    link_a.wait_pass(2 * K, &src.serial);
+    link_a.ping(&[0x11, 0x12, 0x13]);
+
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dst = VmProcess::spawn(
+        &s,
+        "dst",
+        &[
+            "incoming",
+            &uri,
+            "--disk",
+            &img,
+            "--net",
+            &format!("tap={}", tap_b.name),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    link_a.drain();
+    let last_on_a = *link_a.passes.last().expect("passes on tap A");
+    dst.wait_for_control();
+    link_b.wait_pass(last_on_a + 2 * K, &dst.serial);
+    link_b.ping(&[0x21, 0x22]);
+    // QEMU's announce: 5 RARPs over 350 ms, on the destination's tap only.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while link_b.rarps.len() < 5 && std::time::Instant::now() < deadline {
+        link_b.next_frame();
+    }
+    assert_eq!(
+        link_b.rarps.len(),
+        5,
+        "RARP announcements on the destination"
+    );
+    assert!(link_a.rarps.is_empty(), "the source announced nothing");
+    // No pass frame went missing across the switch-over: the guest's passes on
+    // tap B continue where tap A stopped.
+    let first_on_b = *link_b.passes.first().expect("passes on tap B");
+    assert!(
+        first_on_b <= last_on_a + 1,
+        "A ended at {last_on_a}, B began at {first_on_b}"
+    );
+    check_both(&s, &dst, "dst", &img);
+    dst.quit();
+}
