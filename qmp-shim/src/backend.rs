@@ -41,6 +41,11 @@ pub struct MachineConfig {
     pub absent_devices: Vec<String>,
     /// virtio-blk disks on PCI bus 0 (`-blockdev`/`-drive` + `-device`).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs on PCI bus 0 (`-netdev tap` + `-device virtio-net-pci`).
+    pub nics: Vec<crate::argv::NicConfig>,
+    /// Their taps, opened at startup (`process::open_taps`), in `nics` order:
+    /// every boot of the guest and an incoming migration use these.
+    pub taps: Vec<ferry_vmm::devices::virtio::net::NetConfig>,
     pub name: Option<String>,
     pub uuid: Option<String>,
     /// `-S`: build paused ("prelaunch"); `cont` starts the vCPUs.

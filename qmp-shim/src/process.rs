@@ -144,6 +144,39 @@ fn resolve_fdsets(config: &mut MachineConfig, fdsets: &FdSets) -> Result<(), Sta
     Ok(())
 }
 
+/// Opens every NIC's tap: libvirt's inherited `fd=N`, or `ifname=` through
+/// /dev/net/tun. The vhost-net fds libvirt opened (`vhostfd=`) are closed:
+/// ferry has no vhost-net, and the guest cannot tell.
+fn open_taps(config: &mut MachineConfig) -> Result<(), StartError> {
+    use ferry_vmm::devices::virtio::net::{parse_mac, NetConfig, Tap};
+    let fail = |nic: &crate::argv::NicConfig, e: String| {
+        StartError::Backend(BackendError::Engine(format!(
+            "NIC {}: {e}",
+            nic.id.as_deref().unwrap_or(&nic.netdev)
+        )))
+    };
+    let mut taps = Vec::new();
+    for nic in &config.nics {
+        let tap = match &nic.tap {
+            crate::argv::TapSource::Fd(n) => std::sync::Arc::new(
+                crate::fd::adopt_inherited(*n)
+                    .map_err(|e| fail(nic, format!("tap fd {n}: {e}")))?,
+            ),
+            crate::argv::TapSource::Ifname(name) => Tap::open(name).map_err(|e| fail(nic, e))?,
+        };
+        for v in &nic.vhost_fds {
+            drop(
+                crate::fd::adopt_inherited(*v)
+                    .map_err(|e| fail(nic, format!("vhostfd {v}: {e}")))?,
+            );
+        }
+        let mac = parse_mac(&nic.mac).map_err(|e| fail(nic, e))?;
+        taps.push(NetConfig { tap, mac });
+    }
+    config.taps = taps;
+    Ok(())
+}
+
 /// `main` in library form; returns the exit status.
 pub fn run(args: &[String]) -> i32 {
     match start(args) {
@@ -210,6 +243,7 @@ fn start(args: &[String]) -> Result<i32, StartError> {
     let mut config = config;
     if let Some(c) = &mut config {
         resolve_fdsets(c, &fdsets)?;
+        open_taps(c)?;
     }
     let mut vm = Vm::new(
         select_backend(&inv, events.clone()),

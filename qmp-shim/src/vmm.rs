@@ -180,10 +180,22 @@ fn sink(inner: &Inner) -> SinkSpec {
         .map_or(SinkSpec::Null, SerialTee::sink)
 }
 
-/// The engine's virtio devices for `config`'s disks (and, later, NICs). A
+/// The engine's virtio devices for `config`'s disks and NICs. A
 /// destination must be given the same ones: the engine's shape check
 /// refuses a stream from a VM with other devices.
 fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
+    let nics = config
+        .nics
+        .iter()
+        .zip(&config.taps)
+        .map(|(n, tap)| VirtioSpec {
+            slot: n.slot,
+            id: n
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("virtio-net@{:02x}", n.slot)),
+            device: VirtioDeviceSpec::Net(tap.clone()),
+        });
     config
         .disks
         .iter()
@@ -199,6 +211,7 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
                 serial: d.serial.clone(),
             }),
         })
+        .chain(nics)
         .collect()
 }
 

@@ -2093,3 +2093,89 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
     assert_eq!((rf.passes, rf.cursor), (r.passes, r.cursor));
     run_a_while(&mut qf, &d.join("f.serial"));
 }
+
+/// A NIC typed by hand (`-netdev tap,ifname=` + `-device virtio-net-pci`):
+/// qom-list names it, and the engine has it: a destination without it refuses
+/// the stream naming the source's virtio-net device, the source running on;
+/// one with the same NIC (its own tap) takes the guest.
+#[test]
+fn tap_nic_by_hand_is_in_the_guest_and_its_migration_shape() {
+    let name = "tap_nic_by_hand_is_in_the_guest_and_its_migration_shape";
+    if !kvm_usable(name) {
+        return;
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP {name}: no /dev/net/tun");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let nic = |tap: &str| {
+        vec![
+            "-netdev".to_string(),
+            format!("tap,id=hostnet0,ifname={tap},script=no,downscript=no"),
+            "-device".to_string(),
+            "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:fe:00:01,addr=0x5".to_string(),
+        ]
+    };
+    let pid = std::process::id() % 10000;
+    let (tap_a, tap_c) = (format!("fq{pid}a"), format!("fq{pid}c"));
+    let args_a = nic(&tap_a);
+    let args_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let a = spawn_guest(d, "a", &kernel, &args_a);
+    let mut qa = Qmp::connect(&a.qmp);
+    let peripheral = qa.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    assert!(
+        peripheral
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|p| p["name"] == "net0" && p["type"] == "child<virtio-net-pci>"),
+        "{peripheral}"
+    );
+    qa.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    qa.ok("cont", json!({}));
+    qa.wait_event("RESUME", None);
+    wait_for_serial(&d.join("a.serial"), "dirtier: ready");
+
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qb.ok("migrate-incoming", json!({"uri": uri}));
+    qa.ok("migrate", json!({"uri": uri}));
+    qa.wait_event("MIGRATION", Some("failed"));
+    let info = qa.ok("query-migrate", json!({}));
+    let e = info["error-desc"].as_str().unwrap_or_default();
+    assert!(e.contains("virtio-net@05"), "{info}");
+    assert_eq!(qa.status(), "running");
+    drop(qb);
+    drop(b);
+
+    let mut args_c = nic(&tap_c);
+    args_c.extend(["-incoming".to_string(), "defer".to_string()]);
+    let args_c: Vec<&str> = args_c.iter().map(String::as_str).collect();
+    let c = spawn_guest(d, "c", &kernel, &args_c);
+    let mut qc = Qmp::connect(&c.qmp);
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qc.ok("migrate-incoming", json!({"uri": uri}));
+    qa.ok("migrate", json!({"uri": uri}));
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    wait_status(&mut qc, "paused");
+    same_memory(&mut qa, &mut qc, d, "nic");
+    drop(qa);
+    drop(a);
+    run_a_while(&mut qc, &d.join("c.serial"));
+    drop(qc);
+    drop(c);
+    for tap in [&tap_a, &tap_c] {
+        let _ = Command::new("ip").args(["link", "del", tap]).output();
+    }
+}

@@ -196,11 +196,11 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (
         "netdev",
         "OPTS",
-        "`tap` with `fd=N` (what libvirt passes; `vhost=on` and `vhostfd=` are accepted: \
-         ferry has no vhost-net and the guest cannot tell) or \
-         `ifname=TAP,script=no,downscript=no` (ferry runs no scripts) is checked, but a \
-         NIC is refused until ferry's engine has virtio-net. `user` (ferry has no slirp), \
-         the bridge helper, multi-queue taps and other backends are refused with the fix.",
+        "`tap` with `fd=N` (what libvirt passes; `vhost=on` and `vhostfd=` are accepted and \
+         the vhost fd closed: ferry has no vhost-net and the guest cannot tell) or \
+         `ifname=TAP,script=no,downscript=no` (ferry runs no scripts), for `-device \
+         virtio-net-pci,netdev=ID`. `user` (ferry has no slirp), the bridge helper, \
+         multi-queue taps and other backends are refused with the fix.",
     ),
     (
         "incoming",
@@ -282,7 +282,8 @@ pub fn page() -> Result<String, String> {
     );
     doc.p(
         "ferry is not a general-purpose QEMU: guests boot a kernel directly and get \
-         RAM, vCPUs, 16550 serial ports and virtio-blk disks on raw images. Every option, device or value that \
+         RAM, vCPUs, 16550 serial ports, virtio-blk disks on raw images and virtio-net \
+         NICs on taps. Every option, device or value that \
          ferry-qemu cannot honour is refused with a message naming it; the guest never \
          runs with something silently missing. Options take one dash or two, and the \
          `key=value` and JSON forms QEMU accepts.",
@@ -331,10 +332,17 @@ pub fn page() -> Result<String, String> {
          ferry does not count disk requests yet.",
     );
     doc.tp(
+        "NICs",
+        "`virtio-net-pci` (modern-only) on a tap, slots as for disks; `mac` (QEMU's \
+         default 52:54:00:12:34:56 and up without it), `bootindex`. The guest sees \
+         VERSION_1, MAC and STATUS: offloads, `mq`, other queue sizes, `host_mtu` and \
+         option ROMs are refused. A migration destination needs the same NICs in the same \
+         slots.",
+    );
+    doc.tp(
         "Refused",
         "Every other `-device` driver, naming it: host devices (`vfio-pci`, `usb-host`), \
-         SCSI controllers and passthrough, USB redirection, NICs (until ferry's engine has \
-         virtio-net) and displays.",
+         SCSI controllers and passthrough, USB redirection and displays.",
     );
 
     doc.sh("QMP COMMANDS");

@@ -14,7 +14,7 @@ use crate::backend::{MachineConfig, MachineType};
 
 /// Printed after a refusal, for the operator.
 pub const UNSUPPORTED_HINT: &str =
-    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, 16550 serial ports and virtio-blk disks on raw images";
+    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, 16550 serial ports, virtio-blk disks on raw images and virtio-net NICs on taps";
 
 /// `-device` drivers accepted but not modelled (libvirt adds them by default).
 pub const MODELLED_AS_ABSENT: &[&str] = &[
@@ -34,6 +34,8 @@ pub const MODELLED_DEVICES: &[&str] = &[
     "isa-serial",
     "virtio-blk-pci",
     "virtio-blk-pci-non-transitional",
+    "virtio-net-pci",
+    "virtio-net-pci-non-transitional",
 ];
 
 /// Machine types ferry accepts; `query-machines` advertises the same.
@@ -101,13 +103,6 @@ impl Invocation {
             })
             .collect();
         let nics = self.nics(machine == MachineType::Pc, &placed)?;
-        if let Some(n) = nics.first() {
-            return Err(ArgvError::unsupported_because(
-                "-device",
-                format!("virtio-net NIC '{}'", n.id.as_deref().unwrap_or(&n.netdev)),
-                "this ferry-qemu has no NICs yet (virtio-net is not in its engine)",
-            ));
-        }
         self.check_misc()?;
         let serials = self.serials()?;
         Ok(Some(MachineConfig {
@@ -132,6 +127,8 @@ impl Invocation {
                 .map(|d| d.id.clone().unwrap_or_else(|| d.kind.clone()))
                 .collect(),
             disks,
+            nics,
+            taps: Vec::new(),
             name: self.name.as_ref().and_then(|n| n.guest.clone()),
             uuid: self.uuid.clone(),
             start_paused: self.start_paused,

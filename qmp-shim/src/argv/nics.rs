@@ -2,9 +2,8 @@
 //! writes them (`{"type":"tap","fd":"N","vhost":true,"vhostfd":"M",...}`)
 //! and as people type them (`tap,id=X,ifname=tapN,script=no,downscript=no`).
 //!
-//! Decided here so that the forms, the refusals and the PCI slots are
-//! settled; the engine's virtio-net is not in this build yet, so
-//! `machine_config` refuses a guest with a NIC after these checks.
+//! The taps are opened at startup (`process::open_taps`) and become the
+//! engine's virtio-net devices.
 //!
 //! * `vhost=on`/`vhostfd=`: accepted; ferry has no vhost-net, the guest
 //!   cannot tell (vhost only moves the host side into the kernel). The fd

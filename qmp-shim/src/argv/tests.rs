@@ -574,18 +574,6 @@ fn disk_and_nic_refusals() {
          no slirp: use a bridge or tap interface (<interface type='bridge'|'network'|'ethernet'>)"
             .into(),
     ));
-    // Until the engine has virtio-net, a well-formed NIC is refused last.
-    all.push((
-        vec![
-            "-netdev".into(),
-            r#"{"type":"tap","fd":"33","vhost":true,"vhostfd":"35","id":"hostnet0"}"#.into(),
-            "-device".into(),
-            r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:12:34:56","bus":"pci.0","addr":"0x3"}"#.into(),
-        ],
-        "-device: virtio-net NIC 'net0' is not supported by ferry-qemu: this ferry-qemu has no \
-         NICs yet"
-            .into(),
-    ));
     for (extra, want) in all {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let err = disks_of(&extra).expect_err(&want).to_string();

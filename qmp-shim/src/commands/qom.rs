@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::types::*;
 use super::{arg_str, Command, Ctx};
-use crate::argv::{MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BLK};
+use crate::argv::{MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BLK, VIRTIO_NET};
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{opt, req, CommandSchema, Ty};
 
@@ -31,6 +31,8 @@ const TYPES: &[(&str, &str, bool)] = &[
     ("isa-serial", "device", false),
     ("virtio-blk-pci", "device", false),
     ("virtio-blk-pci-non-transitional", "device", false),
+    ("virtio-net-pci", "device", false),
+    ("virtio-net-pci-non-transitional", "device", false),
     ("piix3-usb-uhci", "device", false),
     ("piix4-usb-uhci", "device", false),
     ("qemu-xhci", "device", false),
@@ -98,6 +100,24 @@ const VIRTIO_BLK_PROPS: &[Prop] = &[
         "BlockdevOnError",
         "Error handling policy, report/ignore/enospc/stop/auto",
     ),
+    ("disable-legacy", "OnOffAuto", "on/off/auto"),
+];
+
+/// The virtio-net-pci properties ferry accepts (argv/nics.rs).
+const VIRTIO_NET_PROPS: &[Prop] = &[
+    ("netdev", "str", "ID of a netdev to use as a backend"),
+    (
+        "mac",
+        "str",
+        "Ethernet 6-byte MAC Address, example: 52:54:00:12:34:56",
+    ),
+    ("bootindex", "int32", ""),
+    (
+        "addr",
+        "int32",
+        "Slot and optional function number, example: 06.0 or 06",
+    ),
+    ("romfile", "str", ""),
     ("disable-legacy", "OnOffAuto", "on/off/auto"),
 ];
 
@@ -219,6 +239,9 @@ fn device_list_properties(
     if VIRTIO_BLK.contains(&name) {
         return Ok(props_json(VIRTIO_BLK_PROPS));
     }
+    if VIRTIO_NET.contains(&name) {
+        return Ok(props_json(VIRTIO_NET_PROPS));
+    }
     debug_assert!(MODELLED_DEVICES.contains(&"isa-serial"));
     if MODELLED_AS_ABSENT.contains(&name) {
         // Accepted on the command line, no guest-visible properties.
@@ -261,6 +284,8 @@ fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Val
         ISA_SERIAL_PROPS
     } else if VIRTIO_BLK.contains(&name) {
         VIRTIO_BLK_PROPS
+    } else if VIRTIO_NET.contains(&name) {
+        VIRTIO_NET_PROPS
     } else if is_a(name, "memory-backend") {
         MEMORY_BACKEND_PROPS
     } else if name == "secret" {
