@@ -1852,7 +1852,9 @@ fn tls_migration_with_x509_objects_refuses_a_stranger_first() {
 /// disk refuses the stream naming the source's virtio-blk device (the engine
 /// has it) and the source runs on; a destination with it takes the guest.
 /// Then a save to `file:` restores with the disk (`-incoming file:`), and is
-/// refused without it.
+/// refused without it. The dirtier's virtio-blk driver (`blk=8`) finds the
+/// disk and writes a record per pass: the disk oracle checks the image
+/// against the guest's pass count after the migration and after the restore.
 #[test]
 fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
     let name = "raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage";
@@ -1870,6 +1872,8 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
     let img = image.display().to_string();
 
     let drive = format!("file={img},format=raw,if=none,id=drive0,cache=none");
+    // The dirtier writes a record per pass to its first BLK_K sectors.
+    let append = format!("ws=16M fill=1 blk={BLK_K}");
     let a = spawn_guest(
         d,
         "a",
@@ -1879,6 +1883,8 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
             &drive,
             "-device",
             "virtio-blk-pci,drive=drive0,id=disk0",
+            "-append",
+            &append,
         ],
     );
     let mut qa = Qmp::connect(&a.qmp);
@@ -1962,6 +1968,8 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
     qa.wait_event("RESUME", None);
     let serial = d.join("a.serial");
     wait_for_serial(&serial, "dirtier: ready");
+    // The guest's driver found the disk (16 MiB = 32768 sectors).
+    wait_for_serial(&serial, "blk: capacity=32768");
 
     // 1. A destination without the disk: refused, the source runs on.
     let mut b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
@@ -2018,6 +2026,8 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
             &format,
             "-device",
             &device,
+            "-append",
+            &append,
             "-incoming",
             "defer",
         ],
@@ -2044,6 +2054,7 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
     drop(qa);
     drop(a);
     run_a_while(&mut qc, &d.join("c.serial"));
+    disk_oracle(&mut qc, d, &image, "c-disk");
 
     // 3. Save to file: and restore with -incoming file:, with the disk (the
     // guest goes on) and without it (refused, exit status 1).
@@ -2083,6 +2094,8 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
             &drive,
             "-device",
             "virtio-blk-pci,drive=drive0,id=disk0",
+            "-append",
+            &append,
             "-incoming",
             &incoming,
         ],
@@ -2092,6 +2105,22 @@ fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
     let rf = qf.oracle(&d.join("f0.raw"));
     assert_eq!((rf.passes, rf.cursor), (r.passes, r.cursor));
     run_a_while(&mut qf, &d.join("f.serial"));
+    let after = disk_oracle(&mut qf, d, &image, "f-disk");
+    assert!(after > r.passes, "the restored guest wrote no more records");
+}
+
+/// Sectors of the dirtier's disk records (`blk=K`).
+const BLK_K: u64 = 8;
+
+/// The memory oracle of the stopped guest, then the disk oracle of `image`
+/// with its pass count; returns the passes.
+fn disk_oracle(q: &mut Qmp, d: &Path, image: &Path, tag: &str) -> u64 {
+    let report = q.oracle(&d.join(format!("{tag}.raw")));
+    let bytes = std::fs::read(image).expect("read the disk image");
+    ferry_testguest::disk::check_disk(&bytes, BLK_K, report.passes)
+        .unwrap_or_else(|e| panic!("{tag}: disk oracle after {} passes: {e}", report.passes));
+    assert!(report.passes >= 1, "{tag}: the guest wrote no record");
+    report.passes
 }
 
 /// A NIC typed by hand (`-netdev tap,ifname=` + `-device virtio-net-pci`):
