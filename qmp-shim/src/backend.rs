@@ -361,6 +361,11 @@ pub trait Backend: Send + std::fmt::Debug {
     fn guest_cpuid(&self) -> Option<Vec<ferry_vmm::cpu::model::CpuidLeaf>> {
         None
     }
+    /// Each disk's request counters, by engine device id (see
+    /// `vmm::disk_device_id`); empty while no guest is held.
+    fn disk_stats(&self) -> Vec<(String, ferry_vmm::devices::virtio::blk::BlockStats)> {
+        Vec::new()
+    }
     /// The serial ports' chardevs as `(label, filename)` for `query-chardev`
     /// (`pty:/dev/pts/N` tells libvirt where the console is).
     fn serial_chardevs(&self) -> Vec<(String, String)> {

@@ -180,6 +180,12 @@ fn sink(inner: &Inner) -> SinkSpec {
         .map_or(SinkSpec::Null, SerialTee::sink)
 }
 
+/// The engine's id of disk `d`: its qdev id, else its kind and slot.
+pub fn disk_device_id(d: &DiskConfig) -> String {
+    d.id.clone()
+        .unwrap_or_else(|| format!("virtio-blk@{:02x}", d.slot))
+}
+
 /// The engine's virtio devices for `config`'s disks and NICs. A
 /// destination must be given the same ones: the engine's shape check
 /// refuses a stream from a VM with other devices.
@@ -201,10 +207,7 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
         .iter()
         .map(|d| VirtioSpec {
             slot: d.slot,
-            id: d
-                .id
-                .clone()
-                .unwrap_or_else(|| format!("virtio-blk@{:02x}", d.slot)),
+            id: disk_device_id(d),
             device: VirtioDeviceSpec::Block(BlockConfig {
                 path: d.path.clone(),
                 read_only: d.read_only,
@@ -926,6 +929,21 @@ impl Backend for FerryBackend {
 
     fn guest_cpuid(&self) -> Option<Vec<CpuidLeaf>> {
         self.shared.inner.lock().ok()?.cpuid.clone()
+    }
+
+    fn disk_stats(&self) -> Vec<(String, ferry_vmm::devices::virtio::blk::BlockStats)> {
+        let Ok(inner) = self.shared.inner.lock() else {
+            return Vec::new();
+        };
+        inner.guest.as_ref().map_or_else(Vec::new, |g| {
+            g.device_stats()
+                .into_iter()
+                .filter_map(|(id, s)| match s {
+                    ferry_vmm::devices::virtio::DeviceStats::Block(b) => Some((id, b)),
+                    _ => None,
+                })
+                .collect()
+        })
     }
 
     fn serial_chardevs(&self) -> Vec<(String, String)> {

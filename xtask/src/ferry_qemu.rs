@@ -328,8 +328,8 @@ pub fn page() -> Result<String, String> {
          block sizes, packed rings, EVENT_IDX, DISCARD, WRITE_ZEROES, `write-cache=off`, \
          iothreads or an error policy other than `report` is refused. A migration \
          destination needs the same disks in the same slots (shared storage): the stream \
-         is refused otherwise and the source runs on. `query-blockstats` counters are 0: \
-         ferry does not count disk requests yet.",
+         is refused otherwise and the source runs on. `query-blockstats` has the requests, \
+         bytes and failures the engine counts (times and merges read 0).",
     );
     doc.tp(
         "NICs",

@@ -220,10 +220,8 @@ pub static QUERY_BLOCK: Command = Command {
     },
 };
 
-/// `BlockDeviceStats` with every counter 0: ferry's virtio-blk does not
-/// count requests yet, so `virsh domblkstat` shows zeros. libvirt needs the
-/// reply for `virsh domblkinfo` and `domstats --block` (capacity and
-/// allocation come from `query-named-block-nodes`).
+/// `BlockDeviceStats` with every counter 0 (the protocol node's: ferry
+/// counts requests per device).
 fn uncounted_stats() -> Value {
     let mut m = serde_json::Map::new();
     for member in BLOCK_DEVICE_STATS.members {
@@ -236,6 +234,30 @@ fn uncounted_stats() -> Value {
     Value::Object(m)
 }
 
+/// The device's counters from the engine (`virsh domblkstat`; libvirt also
+/// needs the reply for `domblkinfo` and `domstats --block`). Times, merges
+/// and `wr_highest_offset` are not measured: 0. While a live migration owns
+/// the guest the counters read 0.
+fn counted_stats(s: Option<&ferry_vmm::devices::virtio::blk::BlockStats>) -> Value {
+    let mut v = uncounted_stats();
+    if let Some(s) = s {
+        for (k, n) in [
+            ("rd_bytes", s.rd_bytes),
+            ("wr_bytes", s.wr_bytes),
+            ("rd_operations", s.rd_operations),
+            ("wr_operations", s.wr_operations),
+            ("flush_operations", s.flush_operations),
+            ("failed_rd_operations", s.failed_rd_operations),
+            ("failed_wr_operations", s.failed_wr_operations),
+            ("failed_flush_operations", s.failed_flush_operations),
+            ("invalid_rd_operations", s.invalid_operations),
+        ] {
+            v[k] = json!(n);
+        }
+    }
+    v
+}
+
 pub static QUERY_BLOCKSTATS: Command = Command {
     schema: CommandSchema {
         name: "query-blockstats",
@@ -244,6 +266,11 @@ pub static QUERY_BLOCKSTATS: Command = Command {
     },
     handler: |ctx, args| {
         let nodes = args.get("query-nodes").and_then(Value::as_bool) == Some(true);
+        let counters = ctx.vm.backend.disk_stats();
+        let of = |d: &DiskConfig| {
+            let id = crate::vmm::disk_device_id(d);
+            counted_stats(counters.iter().find(|(i, _)| *i == id).map(|(_, s)| s))
+        };
         let storage =
             |d: &DiskConfig| json!({"node-name": d.storage_node, "stats": uncounted_stats()});
         let mut anon = 0;
@@ -252,7 +279,7 @@ pub static QUERY_BLOCKSTATS: Command = Command {
             if nodes {
                 // One entry per named node, as QEMU's query-nodes=true.
                 if let Some(f) = &d.format_node {
-                    out.push(json!({"node-name": f, "stats": uncounted_stats(),
+                    out.push(json!({"node-name": f, "stats": of(d),
                                     "parent": storage(d)}));
                 }
                 out.push(storage(d));
@@ -263,7 +290,7 @@ pub static QUERY_BLOCKSTATS: Command = Command {
                 anon += 1;
             }
             let mut entry = json!({"device": d.backend_name, "qdev": qdev,
-                                   "stats": uncounted_stats()});
+                                   "stats": of(d)});
             match &d.format_node {
                 Some(f) => {
                     entry["node-name"] = json!(f);
