@@ -15,7 +15,7 @@ use crate::qmp::events::EventSink;
 /// The machine family (what `-machine` named).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MachineType {
-    /// `pc` / `pc-i440fx-7.2`: ferry's x86 machine (no PCI devices modelled).
+    /// `pc` / `pc-i440fx-7.2`: ferry's x86 machine (PCI slot 1 is PIIX3's).
     Pc,
     /// `microvm`.
     Microvm,
@@ -39,6 +39,13 @@ pub struct MachineConfig {
     pub serials: Vec<SerialConfig>,
     /// Device ids accepted on the command line but modelled as absent.
     pub absent_devices: Vec<String>,
+    /// virtio-blk disks on PCI bus 0 (`-blockdev`/`-drive` + `-device`).
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs on PCI bus 0 (`-netdev tap` + `-device virtio-net-pci`).
+    pub nics: Vec<crate::argv::NicConfig>,
+    /// Their taps, opened at startup (`process::open_taps`), in `nics` order:
+    /// every boot of the guest and an incoming migration use these.
+    pub taps: Vec<ferry_vmm::devices::virtio::net::NetConfig>,
     pub name: Option<String>,
     pub uuid: Option<String>,
     /// `-S`: build paused ("prelaunch"); `cont` starts the vCPUs.
@@ -47,6 +54,32 @@ pub struct MachineConfig {
     pub no_reboot: bool,
     /// `-incoming`: restore from this source instead of booting.
     pub incoming: Option<Incoming>,
+}
+
+/// A virtio-blk-pci disk on a raw image or block device, and the names QEMU
+/// would give it (for `query-block`, `query-named-block-nodes`, `qom-list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The qdev id (`virtio-disk0`); `None` for an anonymous device.
+    pub id: Option<String>,
+    /// PCI slot on bus 0.
+    pub slot: u8,
+    /// The image as given (may be `/dev/fdset/N`): what QMP reports.
+    pub filename: String,
+    /// What the engine opens (`/dev/fdset/N` resolved to `/proc/self/fd/M`).
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    /// The BlockBackend name: `-drive id=` (`drive-virtio-disk0`); `""` for
+    /// `-blockdev` disks, as QEMU reports them.
+    pub backend_name: String,
+    /// The format node (`libvirt-1-format`), or the protocol node when the
+    /// device sits on it directly.
+    pub format_node: Option<String>,
+    /// The protocol node (`libvirt-1-storage`).
+    pub storage_node: String,
+    /// `file` or `host_device`.
+    pub storage_driver: String,
 }
 
 /// QEMU's RunState values that ferry can be in (`query-status`).
@@ -327,6 +360,11 @@ pub trait Backend: Send + std::fmt::Debug {
     /// a guest was built or received; `None` before.
     fn guest_cpuid(&self) -> Option<Vec<ferry_vmm::cpu::model::CpuidLeaf>> {
         None
+    }
+    /// Each disk's request counters, by engine device id (see
+    /// `vmm::disk_device_id`); empty while no guest is held.
+    fn disk_stats(&self) -> Vec<(String, ferry_vmm::devices::virtio::blk::BlockStats)> {
+        Vec::new()
     }
     /// The serial ports' chardevs as `(label, filename)` for `query-chardev`
     /// (`pty:/dev/pts/N` tells libvirt where the console is).

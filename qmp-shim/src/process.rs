@@ -131,6 +131,49 @@ fn resolve_fdsets(config: &mut MachineConfig, fdsets: &FdSets) -> Result<(), Sta
             fix(log)?;
         }
     }
+    for d in &mut config.disks {
+        let path = resolve_fdset_path(&d.filename, fd_of).ok_or_else(|| {
+            StartError::Backend(BackendError::Engine(format!(
+                "disk {}: {}: no such fd set (-add-fd)",
+                d.id.as_deref().unwrap_or(&d.storage_node),
+                d.filename
+            )))
+        })?;
+        d.path = path.into();
+    }
+    Ok(())
+}
+
+/// Opens every NIC's tap: libvirt's inherited `fd=N`, or `ifname=` through
+/// /dev/net/tun. The vhost-net fds libvirt opened (`vhostfd=`) are closed:
+/// ferry has no vhost-net, and the guest cannot tell.
+fn open_taps(config: &mut MachineConfig) -> Result<(), StartError> {
+    use ferry_vmm::devices::virtio::net::{parse_mac, NetConfig, Tap};
+    let fail = |nic: &crate::argv::NicConfig, e: String| {
+        StartError::Backend(BackendError::Engine(format!(
+            "NIC {}: {e}",
+            nic.id.as_deref().unwrap_or(&nic.netdev)
+        )))
+    };
+    let mut taps = Vec::new();
+    for nic in &config.nics {
+        let tap = match &nic.tap {
+            crate::argv::TapSource::Fd(n) => std::sync::Arc::new(
+                crate::fd::adopt_inherited(*n)
+                    .map_err(|e| fail(nic, format!("tap fd {n}: {e}")))?,
+            ),
+            crate::argv::TapSource::Ifname(name) => Tap::open(name).map_err(|e| fail(nic, e))?,
+        };
+        for v in &nic.vhost_fds {
+            drop(
+                crate::fd::adopt_inherited(*v)
+                    .map_err(|e| fail(nic, format!("vhostfd {v}: {e}")))?,
+            );
+        }
+        let mac = parse_mac(&nic.mac).map_err(|e| fail(nic, e))?;
+        taps.push(NetConfig { tap, mac });
+    }
+    config.taps = taps;
     Ok(())
 }
 
@@ -140,7 +183,12 @@ pub fn run(args: &[String]) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferry-qemu: {e}");
-            if matches!(e, StartError::Argv(ArgvError::Unsupported { .. })) {
+            if matches!(
+                e,
+                StartError::Argv(
+                    ArgvError::Unsupported { .. } | ArgvError::UnsupportedBecause { .. }
+                )
+            ) {
                 eprintln!("ferry-qemu: {UNSUPPORTED_HINT}");
             }
             EXIT_FAILURE
@@ -195,6 +243,7 @@ fn start(args: &[String]) -> Result<i32, StartError> {
     let mut config = config;
     if let Some(c) = &mut config {
         resolve_fdsets(c, &fdsets)?;
+        open_taps(c)?;
     }
     let mut vm = Vm::new(
         select_backend(&inv, events.clone()),

@@ -37,10 +37,12 @@ use ferry_kvm::Backing;
 use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::serial::SinkSpec;
+use ferry_vmm::devices::virtio::blk::BlockConfig;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
     self, Channel, ExtraStreams, IncomingOptions, Listener, MigrationUri, TransportError,
 };
+use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
 use serde_json::json;
 
@@ -178,6 +180,44 @@ fn sink(inner: &Inner) -> SinkSpec {
         .map_or(SinkSpec::Null, SerialTee::sink)
 }
 
+/// The engine's id of disk `d`: its qdev id, else its kind and slot.
+pub fn disk_device_id(d: &DiskConfig) -> String {
+    d.id.clone()
+        .unwrap_or_else(|| format!("virtio-blk@{:02x}", d.slot))
+}
+
+/// The engine's virtio devices for `config`'s disks and NICs. A
+/// destination must be given the same ones: the engine's shape check
+/// refuses a stream from a VM with other devices.
+fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
+    let nics = config
+        .nics
+        .iter()
+        .zip(&config.taps)
+        .map(|(n, tap)| VirtioSpec {
+            slot: n.slot,
+            id: n
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("virtio-net@{:02x}", n.slot)),
+            device: VirtioDeviceSpec::Net(tap.clone()),
+        });
+    config
+        .disks
+        .iter()
+        .map(|d| VirtioSpec {
+            slot: d.slot,
+            id: disk_device_id(d),
+            device: VirtioDeviceSpec::Block(BlockConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                serial: d.serial.clone(),
+            }),
+        })
+        .chain(nics)
+        .collect()
+}
+
 /// Builds and boots a fresh guest from `config` (stopped).
 fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
     let kernel = config.kernel.clone().ok_or_else(|| {
@@ -193,7 +233,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         backing: Backing::Anonymous,
         serial: sink,
         cpu: config.cpu.clone(),
-        virtio: Vec::new(),
+        virtio: virtio_specs(config),
     })
     .map_err(engine)?;
     guest
@@ -374,7 +414,7 @@ impl FerryBackend {
                 expect_mem_bytes: inner.config.as_ref().map(|c| c.mem_bytes),
                 // Started below, under the lock, if `cont` came meanwhile.
                 autostart: false,
-                virtio: Vec::new(),
+                virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);
@@ -889,6 +929,21 @@ impl Backend for FerryBackend {
 
     fn guest_cpuid(&self) -> Option<Vec<CpuidLeaf>> {
         self.shared.inner.lock().ok()?.cpuid.clone()
+    }
+
+    fn disk_stats(&self) -> Vec<(String, ferry_vmm::devices::virtio::blk::BlockStats)> {
+        let Ok(inner) = self.shared.inner.lock() else {
+            return Vec::new();
+        };
+        inner.guest.as_ref().map_or_else(Vec::new, |g| {
+            g.device_stats()
+                .into_iter()
+                .filter_map(|(id, s)| match s {
+                    ferry_vmm::devices::virtio::DeviceStats::Block(b) => Some((id, b)),
+                    _ => None,
+                })
+                .collect()
+        })
     }
 
     fn serial_chardevs(&self) -> Vec<(String, String)> {

@@ -1844,3 +1844,376 @@ fn tls_migration_with_x509_objects_refuses_a_stranger_first() {
         json!({"tls-creds": "", "tls-hostname": ""}),
     );
 }
+
+/// A raw disk typed by hand (`-drive` + `-device virtio-blk-pci`) on the
+/// source and in libvirt's JSON `-blockdev` form on the destinations, on the
+/// same image file (shared storage): `query-block`, `query-named-block-nodes`
+/// and `qom-list` describe it as QEMU 7.2 does; a destination without the
+/// disk refuses the stream naming the source's virtio-blk device (the engine
+/// has it) and the source runs on; a destination with it takes the guest.
+/// Then a save to `file:` restores with the disk (`-incoming file:`), and is
+/// refused without it. The dirtier's virtio-blk driver (`blk=8`) finds the
+/// disk and writes a record per pass: the disk oracle checks the image
+/// against the guest's pass count after the migration and after the restore.
+#[test]
+fn raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage() {
+    let name = "raw_disk_by_hand_and_libvirt_form_migrates_with_shared_storage";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let image = d.join("disk.raw");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("image");
+    let img = image.display().to_string();
+
+    let drive = format!("file={img},format=raw,if=none,id=drive0,cache=none");
+    // The dirtier writes a record per pass to its first BLK_K sectors.
+    let append = format!("ws=16M fill=1 blk={BLK_K}");
+    let a = spawn_guest(
+        d,
+        "a",
+        &kernel,
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=drive0,id=disk0",
+            "-append",
+            &append,
+        ],
+    );
+    let mut qa = Qmp::connect(&a.qmp);
+    let blocks = qa.ok("query-block", json!({}));
+    assert_eq!(blocks.as_array().map(Vec::len), Some(1), "{blocks}");
+    let b0 = &blocks[0];
+    assert_eq!(b0["device"], "drive0", "{b0}");
+    assert_eq!(b0["qdev"], "/machine/peripheral/disk0/virtio-backend");
+    assert_eq!(b0["removable"], false);
+    let ins = &b0["inserted"];
+    assert_eq!(
+        (&ins["drv"], &ins["ro"], &ins["file"]),
+        (&json!("raw"), &json!(false), &json!(img))
+    );
+    assert_eq!(ins["image"]["virtual-size"], json!(16 << 20), "{ins}");
+    assert_eq!(ins["image"]["format"], "raw");
+    let nodes = qa.ok("query-named-block-nodes", json!({"flat": true}));
+    assert_eq!(
+        nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n["drv"].as_str().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        ["raw", "file"],
+        "{nodes}"
+    );
+    let stats = qa.ok("query-blockstats", json!({}));
+    assert_eq!(stats[0]["device"], "drive0", "{stats}");
+    assert_eq!(stats[0]["qdev"], b0["qdev"], "{stats}");
+    assert_eq!(stats[0]["parent"]["node-name"], nodes[1]["node-name"]);
+    assert_eq!(stats[0]["stats"]["wr_operations"], 0, "{stats}");
+    let peripheral = qa.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    assert!(
+        peripheral
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|p| p["name"] == "disk0" && p["type"] == "child<virtio-blk-pci>"),
+        "{peripheral}"
+    );
+    // Storage migration and hotplug are absent, so libvirt knows; the NBD
+    // server libvirt's --copy-storage-all starts first says why.
+    let r = qa.cmd_with_fd(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "::", "port": "49153"}}}),
+        None,
+    );
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("cannot copy disks during a migration")),
+        "{r}"
+    );
+    let commands = qa.ok("query-commands", json!({}));
+    for absent in [
+        "block-export-add",
+        "blockdev-mirror",
+        "blockdev-add",
+        "device_add",
+        "device_del",
+        "netdev_add",
+    ] {
+        assert!(
+            !commands
+                .as_array()
+                .expect("list")
+                .iter()
+                .any(|c| c["name"] == absent),
+            "{absent} is advertised"
+        );
+        let r = qa.cmd_with_fd(absent, json!({}), None);
+        assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
+    }
+    qa.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    qa.ok("cont", json!({}));
+    qa.wait_event("RESUME", None);
+    let serial = d.join("a.serial");
+    wait_for_serial(&serial, "dirtier: ready");
+    // The guest's driver found the disk (16 MiB = 32768 sectors).
+    wait_for_serial(&serial, "blk: capacity=32768");
+
+    // 1. A destination without the disk: refused, the source runs on.
+    let mut b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    let port = free_port();
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
+    qa.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    qa.wait_event("MIGRATION", Some("failed"));
+    let info = qa.ok("query-migrate", json!({}));
+    let e = info["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("virtio-blk@03") && e.contains("same disks"),
+        "{info}"
+    );
+    eprintln!("destination without the disk: {e}");
+    assert_eq!(qa.status(), "running");
+    let before = serial_len(&serial);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serial_len(&serial) <= before + 20 {
+        assert!(Instant::now() < deadline, "the source stopped running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the destination lingers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(qb);
+
+    // 2. libvirt's form of the same disk, in the same slot: migrates.
+    let storage = json!({"driver": "file", "filename": img, "node-name": "libvirt-1-storage",
+        "cache": {"direct": true, "no-flush": false}, "auto-read-only": true,
+        "discard": "unmap"})
+    .to_string();
+    let format = json!({"node-name": "libvirt-1-format", "read-only": false,
+        "cache": {"direct": true, "no-flush": false}, "driver": "raw",
+        "file": "libvirt-1-storage"})
+    .to_string();
+    let device = json!({"driver": "virtio-blk-pci", "addr": "0x3",
+        "drive": "libvirt-1-format", "id": "virtio-disk0", "bootindex": 1,
+        "write-cache": "on"})
+    .to_string();
+    let c = spawn_guest(
+        d,
+        "c",
+        &kernel,
+        &[
+            "-blockdev",
+            &storage,
+            "-blockdev",
+            &format,
+            "-device",
+            &device,
+            "-append",
+            &append,
+            "-incoming",
+            "defer",
+        ],
+    );
+    let mut qc = Qmp::connect(&c.qmp);
+    let blocks = qc.ok("query-block", json!({}));
+    assert_eq!(blocks[0]["device"], "", "{blocks}");
+    assert_eq!(blocks[0]["inserted"]["node-name"], "libvirt-1-format");
+    assert_eq!(
+        blocks[0]["qdev"],
+        "/machine/peripheral/virtio-disk0/virtio-backend"
+    );
+    let port = free_port();
+    qc.ok(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
+    qa.events.clear();
+    qa.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    wait_status(&mut qc, "paused");
+    same_memory(&mut qa, &mut qc, d, "disk");
+    drop(qa);
+    drop(a);
+    run_a_while(&mut qc, &d.join("c.serial"));
+    disk_oracle(&mut qc, d, &image, "c-disk");
+    // The guest's record writes are counted (since this process got it).
+    let stats = qc.ok("query-blockstats", json!({}));
+    assert!(
+        stats[0]["stats"]["wr_operations"].as_u64() > Some(0)
+            && stats[0]["stats"]["wr_bytes"].as_u64() >= Some(512),
+        "{stats}"
+    );
+
+    // 3. Save to file: and restore with -incoming file:, with the disk (the
+    // guest goes on) and without it (refused, exit status 1).
+    let saved = d.join("disk.ferry");
+    qc.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    // (C's own incoming migration left a `completed` behind.)
+    qc.events.clear();
+    qc.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", saved.display())}),
+    );
+    qc.wait_event("MIGRATION", Some("completed"));
+    let r = qc.oracle(&d.join("c-saved.raw"));
+    drop(qc);
+    drop(c);
+    let incoming = format!("file:{}", saved.display());
+    let mut e = spawn_guest(d, "e", &kernel, &["-incoming", &incoming]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = e.child.try_wait().expect("wait") {
+            break st.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a restore without the disk lingers"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(1), "restore without the disk");
+    let f = spawn_guest(
+        d,
+        "f",
+        &kernel,
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=drive0,id=disk0",
+            "-append",
+            &append,
+            "-incoming",
+            &incoming,
+        ],
+    );
+    let mut qf = Qmp::connect(&f.qmp);
+    wait_status(&mut qf, "paused");
+    let rf = qf.oracle(&d.join("f0.raw"));
+    assert_eq!((rf.passes, rf.cursor), (r.passes, r.cursor));
+    run_a_while(&mut qf, &d.join("f.serial"));
+    let after = disk_oracle(&mut qf, d, &image, "f-disk");
+    assert!(after > r.passes, "the restored guest wrote no more records");
+}
+
+/// Sectors of the dirtier's disk records (`blk=K`).
+const BLK_K: u64 = 8;
+
+/// The memory oracle of the stopped guest, then the disk oracle of `image`
+/// with its pass count; returns the passes.
+fn disk_oracle(q: &mut Qmp, d: &Path, image: &Path, tag: &str) -> u64 {
+    let report = q.oracle(&d.join(format!("{tag}.raw")));
+    let bytes = std::fs::read(image).expect("read the disk image");
+    ferry_testguest::disk::check_disk(&bytes, BLK_K, report.passes)
+        .unwrap_or_else(|e| panic!("{tag}: disk oracle after {} passes: {e}", report.passes));
+    assert!(report.passes >= 1, "{tag}: the guest wrote no record");
+    report.passes
+}
+
+/// A NIC typed by hand (`-netdev tap,ifname=` + `-device virtio-net-pci`):
+/// qom-list names it, and the engine has it: a destination without it refuses
+/// the stream naming the source's virtio-net device, the source running on;
+/// one with the same NIC (its own tap) takes the guest.
+#[test]
+fn tap_nic_by_hand_is_in_the_guest_and_its_migration_shape() {
+    let name = "tap_nic_by_hand_is_in_the_guest_and_its_migration_shape";
+    if !kvm_usable(name) {
+        return;
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP {name}: no /dev/net/tun");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let nic = |tap: &str| {
+        vec![
+            "-netdev".to_string(),
+            format!("tap,id=hostnet0,ifname={tap},script=no,downscript=no"),
+            "-device".to_string(),
+            "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:fe:00:01,addr=0x5".to_string(),
+        ]
+    };
+    let pid = std::process::id() % 10000;
+    let (tap_a, tap_c) = (format!("fq{pid}a"), format!("fq{pid}c"));
+    let args_a = nic(&tap_a);
+    let args_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let a = spawn_guest(d, "a", &kernel, &args_a);
+    let mut qa = Qmp::connect(&a.qmp);
+    let peripheral = qa.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    assert!(
+        peripheral
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|p| p["name"] == "net0" && p["type"] == "child<virtio-net-pci>"),
+        "{peripheral}"
+    );
+    qa.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    qa.ok("cont", json!({}));
+    qa.wait_event("RESUME", None);
+    wait_for_serial(&d.join("a.serial"), "dirtier: ready");
+
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qb.ok("migrate-incoming", json!({"uri": uri}));
+    qa.ok("migrate", json!({"uri": uri}));
+    qa.wait_event("MIGRATION", Some("failed"));
+    let info = qa.ok("query-migrate", json!({}));
+    let e = info["error-desc"].as_str().unwrap_or_default();
+    assert!(e.contains("virtio-net@05"), "{info}");
+    assert_eq!(qa.status(), "running");
+    drop(qb);
+    drop(b);
+
+    let mut args_c = nic(&tap_c);
+    args_c.extend(["-incoming".to_string(), "defer".to_string()]);
+    let args_c: Vec<&str> = args_c.iter().map(String::as_str).collect();
+    let c = spawn_guest(d, "c", &kernel, &args_c);
+    let mut qc = Qmp::connect(&c.qmp);
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qc.ok("migrate-incoming", json!({"uri": uri}));
+    qa.ok("migrate", json!({"uri": uri}));
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    wait_status(&mut qc, "paused");
+    same_memory(&mut qa, &mut qc, d, "nic");
+    drop(qa);
+    drop(a);
+    run_a_while(&mut qc, &d.join("c.serial"));
+    drop(qc);
+    drop(c);
+    for tap in [&tap_a, &tap_c] {
+        let _ = Command::new("ip").args(["link", "del", tap]).output();
+    }
+}

@@ -12,7 +12,7 @@ use crate::roff::{esc, Doc};
 
 /// Options parsed only so that the refusal can name them.
 const REFUSED: &[&str] = &[
-    "spice", "vga", "vnc", "drive", "bios", "L", "numa", "smbios", "fw_cfg",
+    "spice", "vga", "vnc", "bios", "L", "numa", "smbios", "fw_cfg",
 ];
 
 /// (option, argument synopsis, description) for every option in `argv::OPTIONS`.
@@ -167,13 +167,41 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
          keys (`passwordid`), GnuTLS `priority` strings and `tls-authz` are refused; \
          other object types are refused.",
     ),
-    ("blockdev", "OPTS", "Refused: ferry has no disks yet."),
+    (
+        "blockdev",
+        "OPTS",
+        "A block node, in the JSON or `key=value` form: `file` or `host_device` \
+         (`filename`, also `/dev/fdset/N` from `-add-fd`), optionally under a `raw` format \
+         node (`file` names it or holds it inline), as libvirt writes them. Options that \
+         change only how the host does I/O (`cache`, `aio`, `discard`, `detect-zeroes`, \
+         `locking`, `auto-read-only`) are accepted; `read-only` makes the disk read-only. \
+         Other formats (`qcow2`, `vmdk`, ...) are refused with the fix (`qemu-img convert \
+         -O raw`), network protocols (`iscsi`, `nbd`, `rbd`, `gluster`, ...) with theirs \
+         (attach the storage on the host and give the block device).",
+    ),
+    (
+        "drive",
+        "OPTS",
+        "A raw image: `file=PATH,format=raw` with `if=none,id=ID` (attached by `-device \
+         virtio-blk-pci,drive=ID`) or `if=virtio[,addr=SLOT]`; `readonly`, \
+         `cache=none|writeback|unsafe`, `aio`, `discard`, `detect-zeroes`, `file.locking`. \
+         A drive without `format=` (ferry does not guess), other formats, other \
+         interfaces, write-through cache modes and `snapshot=on` are refused.",
+    ),
     (
         "device",
         "DRIVER[,PROP=VALUE...]",
         "A device (see DEVICES); any other driver is refused by name.",
     ),
-    ("netdev", "OPTS", "Refused: ferry has no NICs yet."),
+    (
+        "netdev",
+        "OPTS",
+        "`tap` with `fd=N` (what libvirt passes; `vhost=on` and `vhostfd=` are accepted and \
+         the vhost fd closed: ferry has no vhost-net and the guest cannot tell) or \
+         `ifname=TAP,script=no,downscript=no` (ferry runs no scripts), for `-device \
+         virtio-net-pci,netdev=ID`. `user` (ferry has no slirp), the bridge helper, \
+         multi-queue taps and other backends are refused with the fix.",
+    ),
     (
         "incoming",
         "URI",
@@ -185,7 +213,6 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     ("spice", "OPTS", "Refused, by name."),
     ("vga", "TYPE", "Refused, by name."),
     ("vnc", "DISPLAY", "Refused, by name."),
-    ("drive", "OPTS", "Refused, by name: ferry has no disks yet."),
     ("bios", "FILE", "Refused, by name: ferry has no firmware."),
     ("L", "DIR", "Refused, by name: ferry has no firmware."),
     ("numa", "OPTS", "Refused, by name."),
@@ -255,7 +282,8 @@ pub fn page() -> Result<String, String> {
     );
     doc.p(
         "ferry is not a general-purpose QEMU: guests boot a kernel directly and get \
-         RAM, vCPUs and 16550 serial ports. Every option, device or value that \
+         RAM, vCPUs, 16550 serial ports, virtio-blk disks on raw images and virtio-net \
+         NICs on taps. Every option, device or value that \
          ferry-qemu cannot honour is refused with a message naming it; the guest never \
          runs with something silently missing. Options take one dash or two, and the \
          `key=value` and JSON forms QEMU accepts.",
@@ -292,9 +320,29 @@ pub fn page() -> Result<String, String> {
         ),
     );
     doc.tp(
+        "Disks",
+        "`virtio-blk-pci` (modern-only, virtio 1.0) on bus `pci.0` at `addr=SLOT` \
+         (function 0), else in the first free slot from 3; `drive`, `serial` (up to 20 \
+         bytes), `write-cache=on`, `share-rw`, `bootindex` are accepted. The guest sees \
+         VERSION_1, SEG_MAX, BLK_SIZE, FLUSH and RO: asking for more queues, other queue or \
+         block sizes, packed rings, EVENT_IDX, DISCARD, WRITE_ZEROES, `write-cache=off`, \
+         iothreads or an error policy other than `report` is refused. A migration \
+         destination needs the same disks in the same slots (shared storage): the stream \
+         is refused otherwise and the source runs on. `query-blockstats` has the requests, \
+         bytes and failures the engine counts (times and merges read 0).",
+    );
+    doc.tp(
+        "NICs",
+        "`virtio-net-pci` (modern-only) on a tap, slots as for disks; `mac` (QEMU's \
+         default 52:54:00:12:34:56 and up without it), `bootindex`. The guest sees \
+         VERSION_1, MAC and STATUS: offloads, `mq`, other queue sizes, `host_mtu` and \
+         option ROMs are refused. A migration destination needs the same NICs in the same \
+         slots.",
+    );
+    doc.tp(
         "Refused",
         "Every other `-device` driver, naming it: host devices (`vfio-pci`, `usb-host`), \
-         SCSI passthrough, USB redirection, disks, NICs and displays.",
+         SCSI controllers and passthrough, USB redirection and displays.",
     );
 
     doc.sh("QMP COMMANDS");

@@ -14,7 +14,7 @@ use crate::backend::{MachineConfig, MachineType};
 
 /// Printed after a refusal, for the operator.
 pub const UNSUPPORTED_HINT: &str =
-    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot and 16550 serial ports";
+    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, 16550 serial ports, virtio-blk disks on raw images and virtio-net NICs on taps";
 
 /// `-device` drivers accepted but not modelled (libvirt adds them by default).
 pub const MODELLED_AS_ABSENT: &[&str] = &[
@@ -30,7 +30,13 @@ pub const MODELLED_AS_ABSENT: &[&str] = &[
 ];
 
 /// `-device` drivers ferry models.
-pub const MODELLED_DEVICES: &[&str] = &["isa-serial"];
+pub const MODELLED_DEVICES: &[&str] = &[
+    "isa-serial",
+    "virtio-blk-pci",
+    "virtio-blk-pci-non-transitional",
+    "virtio-net-pci",
+    "virtio-net-pci-non-transitional",
+];
 
 /// Machine types ferry accepts; `query-machines` advertises the same.
 pub const MACHINE_TYPES: &[&str] = &["pc-i440fx-7.2", "pc", "microvm"];
@@ -85,6 +91,18 @@ impl Invocation {
         };
         let mem_bytes = self.check_memory()?;
         let vcpus = self.check_smp()?;
+        // Before the devices: a refused disk says more than its controller.
+        let disks = self.disks(machine == MachineType::Pc)?;
+        let placed: Vec<(u8, String)> = disks
+            .iter()
+            .map(|d| {
+                (
+                    d.slot,
+                    d.id.clone().unwrap_or_else(|| "virtio-blk-pci".into()),
+                )
+            })
+            .collect();
+        let nics = self.nics(machine == MachineType::Pc, &placed)?;
         self.check_misc()?;
         let serials = self.serials()?;
         Ok(Some(MachineConfig {
@@ -108,6 +126,9 @@ impl Invocation {
                 .filter(|d| MODELLED_AS_ABSENT.contains(&d.kind.as_str()))
                 .map(|d| d.id.clone().unwrap_or_else(|| d.kind.clone()))
                 .collect(),
+            disks,
+            nics,
+            taps: Vec::new(),
             name: self.name.as_ref().and_then(|n| n.guest.clone()),
             uuid: self.uuid.clone(),
             start_paused: self.start_paused,
@@ -302,34 +323,26 @@ impl Invocation {
                 ));
             }
         }
-        if let Some(b) = self.blockdevs.first() {
-            return Err(ArgvError::unsupported(
-                "-blockdev",
-                format!(
-                    "block node '{}' (driver '{}'): ferry has no disks",
-                    b.id.as_deref().unwrap_or("?"),
-                    b.kind
-                ),
-            ));
-        }
-        if let Some(n) = self.netdevs.first() {
-            return Err(ArgvError::unsupported(
-                "-netdev",
-                format!(
-                    "network backend '{}' ({})",
-                    n.kind,
-                    n.id.as_deref().unwrap_or("?")
-                ),
-            ));
-        }
         for d in &self.devices {
             if !MODELLED_DEVICES.contains(&d.kind.as_str())
                 && !MODELLED_AS_ABSENT.contains(&d.kind.as_str())
+                && !super::VIRTIO_NET.contains(&d.kind.as_str())
             {
-                return Err(ArgvError::unsupported(
-                    "-device",
-                    format!("device '{}'", d.kind),
-                ));
+                return Err(match d.kind.as_str() {
+                    "virtio-blk-pci-transitional" => ArgvError::unsupported_because(
+                        "-device",
+                        format!("device '{}'", d.kind),
+                        "ferry's virtio devices are modern-only (virtio 1.0): use \
+                         model='virtio' or 'virtio-non-transitional'",
+                    ),
+                    k @ "virtio-net-pci-transitional" => ArgvError::unsupported_because(
+                        "-device",
+                        format!("device '{k}'"),
+                        "ferry's virtio devices are modern-only (virtio 1.0): use \
+                         model='virtio' or 'virtio-non-transitional'",
+                    ),
+                    k => ArgvError::unsupported("-device", format!("device '{k}'")),
+                });
             }
         }
         for c in &self.chardevs {

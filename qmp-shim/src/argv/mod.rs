@@ -8,6 +8,8 @@
 //!   honour and refuses the rest with a message naming it.
 
 mod config;
+mod disks;
+mod nics;
 pub mod opts;
 mod size;
 
@@ -18,6 +20,8 @@ use serde_json::{Map, Value};
 pub use config::{
     SerialConfig, CPU_MODELS, MACHINE_TYPES, MODELLED_AS_ABSENT, MODELLED_DEVICES, UNSUPPORTED_HINT,
 };
+pub use disks::VIRTIO_BLK;
+pub use nics::{NicConfig, TapSource, VIRTIO_NET};
 pub use opts::Opts;
 pub use size::parse_size;
 
@@ -41,6 +45,13 @@ pub enum ArgvError {
     /// The option parsed, but ferry cannot honour it.
     #[error("{option}: {what} is not supported by ferry-qemu")]
     Unsupported { option: String, what: String },
+    /// As `Unsupported`, with what to do instead.
+    #[error("{option}: {what} is not supported by ferry-qemu: {fix}")]
+    UnsupportedBecause {
+        option: String,
+        what: String,
+        fix: String,
+    },
     /// A bare argument (QEMU would take it as a disk image).
     #[error("{arg}: disk images given as positional arguments are not supported by ferry-qemu")]
     Positional { arg: String },
@@ -59,6 +70,18 @@ impl ArgvError {
         Self::Unsupported {
             option: option.to_string(),
             what: what.into(),
+        }
+    }
+
+    pub(crate) fn unsupported_because(
+        option: &str,
+        what: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Self::UnsupportedBecause {
+            option: option.to_string(),
+            what: what.into(),
+            fix: fix.into(),
         }
     }
 }
@@ -294,6 +317,8 @@ pub struct Invocation {
     pub add_fds: Vec<AddFd>,
     pub objects: Vec<Typed>,
     pub blockdevs: Vec<Typed>,
+    /// `-drive` (key=value only, as QEMU).
+    pub drives: Vec<Opts>,
     pub devices: Vec<Typed>,
     pub netdevs: Vec<Typed>,
     pub audiodevs: Vec<Typed>,
@@ -342,6 +367,7 @@ pub const OPTIONS: &[(&str, bool)] = &[
     ("add-fd", true),
     ("object", true),
     ("blockdev", true),
+    ("drive", true),
     ("device", true),
     ("netdev", true),
     ("incoming", true),
@@ -350,7 +376,6 @@ pub const OPTIONS: &[(&str, bool)] = &[
     ("spice", true),
     ("vga", true),
     ("vnc", true),
-    ("drive", true),
     ("bios", true),
     ("L", true),
     ("numa", true),
@@ -585,6 +610,7 @@ fn apply(
             inv.blockdevs
                 .push(from_props(option, arg, "driver", props, "node-name")?);
         }
+        "drive" => inv.drives.push(Opts::parse(option, arg, None)?),
         "incoming" => {
             inv.incoming = Some(
                 Incoming::parse(arg)

@@ -240,7 +240,6 @@ fn policy_accepts_a_kvm_domain_and_refuses_what_guests_would_notice() {
         (" -machine q35", "q35"),
         (" -global foo.bar=1", "foo.bar"),
         (" -vnc :0", "-vnc"),
-        (" -netdev tap,fd=3,id=n0", "tap"),
         (
             " -object memory-backend-file,id=m,mem-path=/x,size=1G",
             "memory-backend-file",
@@ -312,10 +311,440 @@ fn expected_with_kvm(source: &str) -> &'static str {
     match lab.split('.').next().unwrap_or_default() {
         // `argv` = wrap/argv.log#3, the lab11 domain started through the wrapper.
         "lab1" | "lab11" | "argv" => "accept",
-        "lab2" | "lab3" | "lab4" | "lab5" | "lab6" => "-blockdev",
+        // The disk is fine; the NIC is user-mode networking.
+        "lab2" => {
+            "-netdev: user-mode networking ('hostnet0') is not supported by ferry-qemu: \
+                   ferry has no slirp"
+        }
+        // A raw file / block device on virtio-blk.
+        "lab3" => "accept",
+        "lab4" if source == "hosta/lab4.log#1" => "device 'virtio-scsi-pci'",
+        "lab4" => "accept",
+        "lab5" | "lab6" => "network storage (driver 'iscsi') of block node",
         "lab8spice" => "-spice",
         "lab9tcp" => "usb-redir",
         "lab10" => "nvme",
         other => panic!("no expectation for {other}"),
+    }
+}
+
+/// A KVM domain as libvirt 9.0 writes it, without disks (lab2's other lines).
+const DOMAIN: &str = "-S -machine pc-i440fx-7.2,usb=off -accel kvm -cpu host -m 256 -nodefaults \
+                      -kernel /k -device piix3-usb-uhci,id=usb,bus=pci.0,addr=0x1.0x2";
+
+/// `DOMAIN` plus `extra` (whole arguments, JSON included) → the disks.
+fn disks_of(extra: &[&str]) -> Result<Vec<crate::backend::DiskConfig>, ArgvError> {
+    let mut args = argv(DOMAIN);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Ok(parse(&args)?.machine_config()?.expect("vm").disks)
+}
+
+const LAB2_STORAGE: &str = r#"{"driver":"file","filename":"/tmp/lab-libvirt/shared/lab2.raw","node-name":"libvirt-1-storage","cache":{"direct":true,"no-flush":false},"auto-read-only":true,"discard":"unmap"}"#;
+const LAB2_FORMAT: &str = r#"{"node-name":"libvirt-1-format","read-only":false,"cache":{"direct":true,"no-flush":false},"driver":"raw","file":"libvirt-1-storage"}"#;
+const LAB2_DEVICE: &str = r#"{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x3","drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1,"write-cache":"on"}"#;
+const BALLOON_AT_4: &str =
+    r#"{"driver":"virtio-balloon-pci","id":"balloon0","bus":"pci.0","addr":"0x4"}"#;
+
+#[test]
+fn libvirt_blockdev_disk_as_in_the_lab() {
+    let d = disks_of(&[
+        "-blockdev",
+        LAB2_STORAGE,
+        "-blockdev",
+        LAB2_FORMAT,
+        "-device",
+        LAB2_DEVICE,
+        "-device",
+        BALLOON_AT_4,
+    ])
+    .expect("accepted");
+    assert_eq!(d.len(), 1);
+    let d = &d[0];
+    assert_eq!(d.id.as_deref(), Some("virtio-disk0"));
+    assert_eq!(d.slot, 3);
+    assert_eq!(d.filename, "/tmp/lab-libvirt/shared/lab2.raw");
+    assert_eq!(d.path, std::path::Path::new(&d.filename));
+    assert!(!d.read_only);
+    assert_eq!(d.serial, None);
+    assert_eq!(d.backend_name, "");
+    assert_eq!(d.format_node.as_deref(), Some("libvirt-1-format"));
+    assert_eq!(d.storage_node, "libvirt-1-storage");
+    assert_eq!(d.storage_driver, "file");
+}
+
+#[test]
+fn block_devices_fdsets_read_only_serial_and_a_device_on_the_protocol_node() {
+    let d = disks_of(&[
+        "-blockdev",
+        r#"{"driver":"host_device","filename":"/dev/loop0","node-name":"libvirt-2-storage","auto-read-only":true,"discard":"unmap","aio":"native","locking":"off"}"#,
+        "-blockdev",
+        r#"{"node-name":"libvirt-2-format","read-only":true,"driver":"raw","file":"libvirt-2-storage"}"#,
+        "-device",
+        r#"{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x5","drive":"libvirt-2-format","id":"virtio-disk1","serial":"DISK-1","share-rw":true,"num-queues":1,"queue-size":256,"event_idx":false}"#,
+        "-add-fd",
+        "set=3,fd=40",
+        "-blockdev",
+        "driver=file,filename=/dev/fdset/3,node-name=n3,cache.direct=on",
+        "-device",
+        "virtio-blk-pci-non-transitional,drive=n3,id=virtio-disk2,addr=06.0,write-cache=auto",
+    ])
+    .expect("accepted");
+    assert_eq!(d.len(), 2);
+    assert_eq!(
+        (d[0].slot, d[0].read_only, d[0].serial.as_deref()),
+        (5, true, Some("DISK-1"))
+    );
+    assert_eq!(d[0].storage_driver, "host_device");
+    assert_eq!((d[1].slot, d[1].filename.as_str()), (6, "/dev/fdset/3"));
+    assert_eq!(d[1].format_node, None);
+    assert_eq!(d[1].storage_node, "n3");
+    // An inline protocol node under raw, as hand-written JSON does it.
+    let d = disks_of(&[
+        "-blockdev",
+        r#"{"driver":"raw","node-name":"disk","file":{"driver":"file","filename":"/img"}}"#,
+        "-device",
+        "virtio-blk-pci,drive=disk",
+    ])
+    .expect("accepted");
+    assert_eq!((d[0].filename.as_str(), d[0].slot), ("/img", 3));
+    assert_eq!(d[0].id, None);
+}
+
+#[test]
+fn drive_forms_by_hand_and_slots_around_other_devices() {
+    let d = disks_of(&[
+        "-device",
+        r#"{"driver":"virtio-balloon-pci","id":"balloon0","bus":"pci.0","addr":"0x3"}"#,
+        "-drive",
+        "file=/a,,b.img,format=raw,if=none,id=drive0,cache=none,aio=native,discard=unmap",
+        "-device",
+        "virtio-blk-pci,drive=drive0,id=disk0",
+        "-drive",
+        "file=/c.img,format=raw,if=virtio,readonly=on",
+        "-drive",
+        "file=/d.img,format=raw,if=virtio,addr=0x9",
+    ])
+    .expect("accepted");
+    assert_eq!(d.len(), 3);
+    // The balloon holds 3: the first free slots are 4 and 5.
+    assert_eq!(
+        (
+            d[0].slot,
+            d[0].filename.as_str(),
+            d[0].backend_name.as_str()
+        ),
+        (4, "/a,b.img", "drive0")
+    );
+    assert_eq!(d[0].id.as_deref(), Some("disk0"));
+    assert_eq!(
+        (d[1].slot, d[1].read_only, d[1].id.as_deref()),
+        (5, true, None)
+    );
+    assert_eq!(d[2].slot, 9);
+    assert!(d[0]
+        .format_node
+        .as_deref()
+        .is_some_and(|n| n.starts_with("#block")));
+}
+
+/// Every refusal names the option and what to do.
+#[test]
+fn disk_and_nic_refusals() {
+    let qcow2 = r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage"}"#;
+    let iscsi = r#"{"driver":"iscsi","portal":"10.77.0.1:3260","target":"iqn.2026-11.lab:lun1","lun":1,"transport":"tcp","node-name":"libvirt-1-storage"}"#;
+    let dev = |extra: &str| {
+        format!(
+            r#"{{"driver":"virtio-blk-pci","bus":"pci.0","drive":"libvirt-1-format","id":"virtio-disk0"{extra}}}"#
+        )
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["-blockdev".into(), LAB2_STORAGE.into(), "-blockdev".into(), qcow2.into()],
+            "-blockdev: disk format 'qcow2' of block node 'libvirt-1-format' is not supported by \
+             ferry-qemu: ferry serves raw images and block devices only: convert the image with \
+             `qemu-img convert -O raw IMAGE IMAGE.raw`",
+        ),
+        (
+            vec!["-blockdev".into(), iscsi.into()],
+            "-blockdev: network storage (driver 'iscsi') of block node 'libvirt-1-storage' is not \
+             supported by ferry-qemu: ferry serves raw images and block devices only: attach the \
+             storage on the host (iscsiadm for iSCSI",
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                r#"{"driver":"copy-on-read","node-name":"cor","file":"libvirt-1-format"}"#.into(),
+            ],
+            "-blockdev: block driver 'copy-on-read' of block node 'cor' is not supported by \
+             ferry-qemu: ferry serves raw images and block devices only: a `file` or \
+             `host_device` node",
+        ),
+        (
+            vec!["-drive".into(), "file=nbd:host:10809,format=raw,if=virtio".into()],
+            "-drive: network storage (driver 'nbd')",
+        ),
+        (
+            vec!["-drive".into(), "file=/x.qcow2,format=qcow2,if=virtio".into()],
+            "-drive: disk format 'qcow2' of block node 'virtio0-hd0'",
+        ),
+        (
+            vec!["-drive".into(), "file=/x.img,if=virtio".into()],
+            "add format=raw",
+        ),
+        (
+            vec!["-drive".into(), "file=/x.img,format=raw".into()],
+            "-drive: interface 'ide' (drive 'ide0-hd0') is not supported by ferry-qemu: ferry's \
+             disks are virtio-blk",
+        ),
+        (
+            vec!["-drive".into(), "file=/x.img,format=raw,if=virtio,cache=writethrough".into()],
+            "a write-through disk (writethrough) is not supported by ferry-qemu: ferry's \
+             virtio-blk shows the guest a write-back cache it flushes: use cache='none' or \
+             'writeback'",
+        ),
+        (
+            vec!["-drive".into(), "file=/x.img,format=raw,if=virtio,snapshot=on".into()],
+            "snapshot=on",
+        ),
+        (
+            vec!["-drive".into(), "file=/x.img,format=raw,if=virtio,throttling.iops-total=5".into()],
+            "-drive: parameter 'throttling.iops-total'",
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                r#"{"driver":"raw","node-name":"f","offset":512,"file":{"driver":"file","filename":"/i"}}"#.into(),
+            ],
+            "raw 'offset' of block node 'f' (a window of the image",
+        ),
+    ];
+    let lab2_with = |device: String| {
+        vec![
+            "-blockdev".to_string(),
+            LAB2_STORAGE.into(),
+            "-blockdev".into(),
+            LAB2_FORMAT.into(),
+            "-device".into(),
+            device,
+        ]
+    };
+    let device_cases = [
+        (dev(r#","bus":"pci.1""#), "bus 'pci.1' (virtio-disk0) is not supported by ferry-qemu: ferry has one PCI bus, pci.0"),
+        (dev(r#","addr":"0x4.0x1""#), "PCI function 1 for virtio-disk0"),
+        (dev(r#","addr":"0x1""#), "slot 1 function 0 not available, in use by PIIX3"),
+        (dev(r#","num-queues":4"#), "virtio-blk num-queues=4 (ferry's virtio-blk has one request queue)"),
+        (dev(r#","packed":true"#), "virtio-blk packed=on"),
+        (dev(r#","event_idx":"on""#), "virtio-blk event_idx=on"),
+        (dev(r#","discard":true"#), "virtio-blk discard=on"),
+        (dev(r#","queue-size":1024"#), "queue-size=1024"),
+        (dev(r#","logical_block_size":4096"#), "logical_block_size=4096"),
+        (dev(r#","iothread":"iothread1""#), "iothread 'iothread1' is not supported by ferry-qemu: ferry runs disk requests without iothreads"),
+        (dev(r#","write-cache":"off""#), "a write-through disk (write-cache=off)"),
+        (dev(r#","werror":"stop""#), "werror=stop is not supported by ferry-qemu: ferry reports I/O errors to the guest"),
+        (dev(r#","serial":"123456789012345678901""#), "virtio-blk carries 20 bytes"),
+        (dev(r#","multifunction":true"#), "multifunction=on"),
+        (dev(r#","disable-modern":true"#), "modern-only"),
+        (dev(r#","frobnicate":1"#), "virtio-blk-pci property 'frobnicate'"),
+        (
+            r#"{"driver":"virtio-blk-pci-transitional","drive":"libvirt-1-format"}"#.to_string(),
+            "device 'virtio-blk-pci-transitional' is not supported by ferry-qemu: ferry's virtio \
+             devices are modern-only",
+        ),
+    ];
+    let mut all: Vec<(Vec<String>, String)> =
+        cases.into_iter().map(|(a, w)| (a, w.to_string())).collect();
+    all.extend(
+        device_cases
+            .into_iter()
+            .map(|(d, w)| (lab2_with(d), w.to_string())),
+    );
+    // The balloon holds slot 4 (libvirt's lab2 layout): a disk may not.
+    let mut taken = lab2_with(dev(r#","addr":"0x4""#));
+    taken.extend(["-device".to_string(), BALLOON_AT_4.into()]);
+    all.push((
+        taken,
+        "slot 4 function 0 not available, in use by virtio-balloon-pci,id=balloon0".into(),
+    ));
+    all.push((
+        vec![
+            "-netdev".into(),
+            r#"{"type":"user","id":"hostnet0"}"#.into(),
+        ],
+        "-netdev: user-mode networking ('hostnet0') is not supported by ferry-qemu: ferry has \
+         no slirp: use a bridge or tap interface (<interface type='bridge'|'network'|'ethernet'>)"
+            .into(),
+    ));
+    for (extra, want) in all {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let err = disks_of(&extra).expect_err(&want).to_string();
+        assert!(err.contains(&want), "{extra:?}:\n got  {err}\n want {want}");
+        assert!(
+            matches!(
+                disks_of(&extra),
+                Err(ArgvError::Unsupported { .. }
+                    | ArgvError::UnsupportedBecause { .. }
+                    | ArgvError::Invalid { .. })
+            ),
+            "{err}"
+        );
+    }
+    // Dangling references and a drive used twice are command-line errors.
+    assert!(disks_of(&["-device", "virtio-blk-pci,drive=nope"])
+        .unwrap_err()
+        .to_string()
+        .contains("Cannot find device='nope' nor node-name='nope'"));
+    assert!(disks_of(&["-device", "virtio-blk-pci,id=x"])
+        .unwrap_err()
+        .to_string()
+        .contains("drive property not set"));
+    let twice = disks_of(&[
+        "-drive",
+        "file=/x,format=raw,if=none,id=d0",
+        "-device",
+        "virtio-blk-pci,drive=d0",
+        "-device",
+        "virtio-blk-pci,drive=d0",
+    ]);
+    assert!(twice.unwrap_err().to_string().contains("already in use"));
+}
+
+/// `DOMAIN` plus `extra` → the NICs (checked, with slots), past the disks.
+fn nics_of(extra: &[&str]) -> Result<Vec<super::NicConfig>, ArgvError> {
+    let mut args = argv(DOMAIN);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let inv = parse(&args)?;
+    let placed: Vec<(u8, String)> = inv
+        .disks(true)?
+        .iter()
+        .map(|d| (d.slot, d.id.clone().unwrap_or_default()))
+        .collect();
+    inv.nics(true, &placed)
+}
+
+#[test]
+fn nic_forms_libvirt_and_by_hand() {
+    // lab2's layout with a tap instead of user networking.
+    let n = nics_of(&[
+        "-blockdev",
+        LAB2_STORAGE,
+        "-blockdev",
+        LAB2_FORMAT,
+        "-device",
+        LAB2_DEVICE,
+        "-netdev",
+        r#"{"type":"tap","fd":"33","vhost":true,"vhostfd":"35","id":"hostnet0"}"#,
+        "-device",
+        r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:12:34:56","bus":"pci.0","addr":"0x2"}"#,
+        "-device",
+        BALLOON_AT_4,
+    ])
+    .expect("accepted");
+    assert_eq!(
+        n,
+        vec![super::NicConfig {
+            id: Some("net0".into()),
+            slot: 2,
+            netdev: "hostnet0".into(),
+            tap: super::TapSource::Fd(33),
+            mac: "52:54:00:12:34:56".into(),
+            vhost_fds: vec![35],
+        }]
+    );
+    // By hand: the disk takes slot 3, the NIC the next free one, QEMU's MAC.
+    let n = nics_of(&[
+        "-drive",
+        "file=/d.img,format=raw,if=virtio",
+        "-netdev",
+        "tap,id=n1,ifname=tap0,script=no,downscript=no,vnet_hdr=on",
+        "-device",
+        "virtio-net-pci,netdev=n1,csum=off,mrg_rxbuf=off",
+    ])
+    .expect("accepted");
+    assert_eq!(
+        (n[0].slot, &n[0].tap, n[0].mac.as_str()),
+        (
+            4,
+            &super::TapSource::Ifname("tap0".into()),
+            "52:54:00:12:34:56"
+        )
+    );
+    for (extra, want) in [
+        (
+            vec!["-netdev", "tap,id=n1,ifname=tap0"],
+            "script=the default /etc/qemu-if* ('n1') is not supported by ferry-qemu: ferry \
+             runs no scripts",
+        ),
+        (vec!["-netdev", "tap,id=n1"], "a tap without fd= or ifname="),
+        (
+            vec!["-netdev", "tap,id=n1,fd=33,queues=2"],
+            "a multi-queue tap",
+        ),
+        (vec!["-netdev", "tap,id=n1,fds=33:34"], "a multi-queue tap"),
+        (vec!["-netdev", "tap,id=n1,br=virbr0"], "the bridge helper"),
+        (
+            vec!["-netdev", "tap,id=n1,fd=33,ifname=t"],
+            "ifname= is invalid with fd=",
+        ),
+        (
+            vec!["-netdev", "socket,id=n1,listen=:1234"],
+            "network backend 'socket' ('n1') is not supported by ferry-qemu: ferry's NICs sit \
+             on a tap",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,mac=01:00:5e:00:00:01",
+            ],
+            "a multicast MAC",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,csum=on",
+            ],
+            "virtio-net csum=on (ferry's virtio-net offers VERSION_1, MAC and STATUS only)",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,mq=on",
+            ],
+            "virtio-net mq=on",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,host_mtu=9000",
+            ],
+            "virtio-net host_mtu=9000",
+        ),
+        (
+            vec!["-device", "virtio-net-pci,netdev=nope,id=net0"],
+            "Property 'netdev' can't find value 'nope'",
+        ),
+        (
+            vec![
+                "-netdev",
+                "tap,id=n1,fd=33",
+                "-device",
+                "virtio-net-pci,netdev=n1,addr=0x5",
+                "-drive",
+                "file=/d,format=raw,if=none,id=d0",
+                "-device",
+                "virtio-blk-pci,drive=d0,addr=0x5",
+            ],
+            "slot 5 function 0 not available, in use by virtio-net-pci",
+        ),
+    ] {
+        let err = nics_of(&extra).expect_err(want).to_string();
+        assert!(err.contains(want), "{extra:?}:\n got  {err}\n want {want}");
     }
 }

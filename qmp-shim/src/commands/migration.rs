@@ -319,6 +319,30 @@ pub static MIGRATE_INCOMING: Command = Command {
     },
 };
 
+/// What libvirt's `virsh migrate --copy-storage-all|--copy-storage-inc`
+/// hears: its destination starts an NBD server first (REPORT §5). ferry-qemu
+/// has no NBD server, block mirror or runtime `blockdev-add`; this one command
+/// is present so that libvirt's error says why instead of "command not found".
+/// The destination's Prepare fails with it and the guest runs on at the
+/// source.
+pub const NO_STORAGE_COPY: &str = "ferry-qemu cannot copy disks during a migration (it has no \
+     NBD server and no block mirror): put the disks on storage both hosts see and migrate \
+     without --copy-storage-all/--copy-storage-inc";
+
+pub static NBD_SERVER_START: Command = Command {
+    schema: CommandSchema {
+        name: "nbd-server-start",
+        args: &[
+            req("addr", Ty::Any),
+            opt("tls-creds", Ty::Str),
+            opt("tls-authz", Ty::Str),
+            opt("max-connections", Ty::Int),
+        ],
+        ret: None,
+    },
+    handler: |_, _| Err(CommandError::Generic(NO_STORAGE_COPY.into())),
+};
+
 pub static MIGRATE_CANCEL: Command = Command {
     schema: CommandSchema {
         name: "migrate_cancel",

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::types::*;
 use super::{arg_str, Command, Ctx};
-use crate::argv::{MODELLED_AS_ABSENT, MODELLED_DEVICES};
+use crate::argv::{MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BLK, VIRTIO_NET};
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{opt, req, CommandSchema, Ty};
 
@@ -29,6 +29,10 @@ const TYPES: &[(&str, &str, bool)] = &[
     ("kvm64-x86_64-cpu", "x86_64-cpu", false),
     ("base-x86_64-cpu", "x86_64-cpu", false),
     ("isa-serial", "device", false),
+    ("virtio-blk-pci", "device", false),
+    ("virtio-blk-pci-non-transitional", "device", false),
+    ("virtio-net-pci", "device", false),
+    ("virtio-net-pci-non-transitional", "device", false),
     ("piix3-usb-uhci", "device", false),
     ("piix4-usb-uhci", "device", false),
     ("qemu-xhci", "device", false),
@@ -55,6 +59,66 @@ const ISA_SERIAL_PROPS: &[Prop] = &[
     ("iobase", "uint32", ""),
     ("irq", "uint32", ""),
     ("chardev", "str", "ID of a chardev to use as a backend"),
+];
+
+/// The virtio-blk-pci properties ferry accepts (argv/disks.rs; some only
+/// with the value ferry has, e.g. num-queues=1).
+const VIRTIO_BLK_PROPS: &[Prop] = &[
+    (
+        "drive",
+        "str",
+        "Node name or ID of a block device to use as a backend",
+    ),
+    ("serial", "str", ""),
+    ("write-cache", "OnOffAuto", "on/off/auto"),
+    ("share-rw", "bool", ""),
+    ("bootindex", "int32", ""),
+    (
+        "addr",
+        "int32",
+        "Slot and optional function number, example: 06.0 or 06",
+    ),
+    ("num-queues", "uint16", ""),
+    ("queue-size", "uint16", ""),
+    (
+        "logical_block_size",
+        "size",
+        "A power of two between 512 B and 2 MiB",
+    ),
+    (
+        "physical_block_size",
+        "size",
+        "A power of two between 512 B and 2 MiB",
+    ),
+    (
+        "werror",
+        "BlockdevOnError",
+        "Error handling policy, report/ignore/enospc/stop/auto",
+    ),
+    (
+        "rerror",
+        "BlockdevOnError",
+        "Error handling policy, report/ignore/enospc/stop/auto",
+    ),
+    ("disable-legacy", "OnOffAuto", "on/off/auto"),
+];
+
+/// The virtio-net-pci properties ferry accepts (argv/nics.rs).
+const VIRTIO_NET_PROPS: &[Prop] = &[
+    ("netdev", "str", "ID of a netdev to use as a backend"),
+    (
+        "mac",
+        "str",
+        "Ethernet 6-byte MAC Address, example: 52:54:00:12:34:56",
+    ),
+    ("bootindex", "int32", ""),
+    (
+        "addr",
+        "int32",
+        "Slot and optional function number, example: 06.0 or 06",
+    ),
+    ("romfile", "str", ""),
+    ("disable-legacy", "OnOffAuto", "on/off/auto"),
 ];
 
 const CPU_PROPS: &[Prop] = &[
@@ -172,6 +236,12 @@ fn device_list_properties(
     if name == "isa-serial" {
         return Ok(props_json(ISA_SERIAL_PROPS));
     }
+    if VIRTIO_BLK.contains(&name) {
+        return Ok(props_json(VIRTIO_BLK_PROPS));
+    }
+    if VIRTIO_NET.contains(&name) {
+        return Ok(props_json(VIRTIO_NET_PROPS));
+    }
     debug_assert!(MODELLED_DEVICES.contains(&"isa-serial"));
     if MODELLED_AS_ABSENT.contains(&name) {
         // Accepted on the command line, no guest-visible properties.
@@ -212,6 +282,10 @@ fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Val
         MACHINE_PROPS
     } else if name == "isa-serial" {
         ISA_SERIAL_PROPS
+    } else if VIRTIO_BLK.contains(&name) {
+        VIRTIO_BLK_PROPS
+    } else if VIRTIO_NET.contains(&name) {
+        VIRTIO_NET_PROPS
     } else if is_a(name, "memory-backend") {
         MEMORY_BACKEND_PROPS
     } else if name == "secret" {

@@ -371,6 +371,28 @@ pub static BLOCK_INFO: ObjectDef = ObjectDef {
         req("type", Ty::Str),
         req("removable", Ty::Bool),
         req("locked", Ty::Bool),
+        opt("inserted", Ty::Object(&BLOCK_DEVICE_INFO)),
+        opt("io-status", Ty::Str),
+    ],
+};
+
+pub static IMAGE_INFO: ObjectDef = ObjectDef {
+    name: "ImageInfo",
+    members: &[
+        req("filename", Ty::Str),
+        req("format", Ty::Str),
+        opt("dirty-flag", Ty::Bool),
+        opt("actual-size", Ty::Int),
+        req("virtual-size", Ty::Int),
+    ],
+};
+
+pub static BLOCKDEV_CACHE_INFO: ObjectDef = ObjectDef {
+    name: "BlockdevCacheInfo",
+    members: &[
+        req("writeback", Ty::Bool),
+        req("direct", Ty::Bool),
+        req("no-flush", Ty::Bool),
     ],
 };
 
@@ -381,6 +403,60 @@ pub static BLOCK_DEVICE_INFO: ObjectDef = ObjectDef {
         opt("node-name", Ty::Str),
         req("ro", Ty::Bool),
         req("drv", Ty::Str),
+        req("backing_file_depth", Ty::Int),
+        req("encrypted", Ty::Bool),
+        req("detect_zeroes", Ty::Str),
+        req("bps", Ty::Int),
+        req("bps_rd", Ty::Int),
+        req("bps_wr", Ty::Int),
+        req("iops", Ty::Int),
+        req("iops_rd", Ty::Int),
+        req("iops_wr", Ty::Int),
+        req("image", Ty::Object(&IMAGE_INFO)),
+        req("write_threshold", Ty::Int),
+        req("cache", Ty::Object(&BLOCKDEV_CACHE_INFO)),
+    ],
+};
+
+pub static BLOCK_DEVICE_STATS: ObjectDef = ObjectDef {
+    name: "BlockDeviceStats",
+    members: &[
+        req("rd_bytes", Ty::Int),
+        req("wr_bytes", Ty::Int),
+        req("unmap_bytes", Ty::Int),
+        req("rd_operations", Ty::Int),
+        req("wr_operations", Ty::Int),
+        req("flush_operations", Ty::Int),
+        req("unmap_operations", Ty::Int),
+        req("rd_total_time_ns", Ty::Int),
+        req("wr_total_time_ns", Ty::Int),
+        req("flush_total_time_ns", Ty::Int),
+        req("unmap_total_time_ns", Ty::Int),
+        req("wr_highest_offset", Ty::Int),
+        req("rd_merged", Ty::Int),
+        req("wr_merged", Ty::Int),
+        req("unmap_merged", Ty::Int),
+        req("failed_rd_operations", Ty::Int),
+        req("failed_wr_operations", Ty::Int),
+        req("failed_flush_operations", Ty::Int),
+        req("failed_unmap_operations", Ty::Int),
+        req("invalid_rd_operations", Ty::Int),
+        req("invalid_wr_operations", Ty::Int),
+        req("invalid_flush_operations", Ty::Int),
+        req("invalid_unmap_operations", Ty::Int),
+        req("account_invalid", Ty::Bool),
+        req("account_failed", Ty::Bool),
+    ],
+};
+
+pub static BLOCK_STATS: ObjectDef = ObjectDef {
+    name: "BlockStats",
+    members: &[
+        opt("device", Ty::Str),
+        opt("qdev", Ty::Str),
+        opt("node-name", Ty::Str),
+        req("stats", Ty::Object(&BLOCK_DEVICE_STATS)),
+        opt("parent", Ty::Object(&BLOCK_STATS)),
     ],
 };
 

@@ -218,6 +218,13 @@ impl Advertised {
                 "ferry-qemu does not offer {name} (not in its query-commands, so libvirt does not send it)"
             ));
         }
+        if name == "nbd-server-start" && got == "error:GenericError" {
+            return Some(
+                "ferry-qemu cannot copy storage: its nbd-server-start says why, and libvirt's \
+                 --copy-storage-all stops there with the guest running on at the source"
+                    .into(),
+            );
+        }
         if name == "qom-get" && got.starts_with("error:") {
             let path = args["path"].as_str().unwrap_or("");
             let prop = args["property"].as_str().unwrap_or("");

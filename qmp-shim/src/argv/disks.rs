@@ -1,0 +1,755 @@
+//! Disks: `-blockdev` node graphs and `-drive`, attached to the guest by
+//! `-device virtio-blk-pci` (or `-drive if=virtio`), decided into
+//! [`DiskConfig`]s for the engine's virtio-blk.
+//!
+//! ferry serves raw images and block devices only: a `file`/`host_device`
+//! protocol node, optionally under a `raw` format node, as libvirt 9.0 writes
+//! them. Other formats and network protocols are refused with what to do
+//! instead. Options that only change how the host does I/O (cache mode,
+//! `aio`, `discard` passing, locking) are accepted; options the guest would
+//! notice and ferry's virtio-blk cannot do (more queues, packed rings,
+//! EVENT_IDX, DISCARD, other block sizes, ...) are refused, never dropped.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde_json::{Map, Value};
+
+use super::opts::{json_text, parse_bool, parse_u64, Opts};
+use super::{ArgvError, Invocation};
+use crate::backend::DiskConfig;
+
+/// `-device` drivers that become a ferry virtio-blk disk. Plain
+/// `virtio-blk-pci` is transitional in QEMU (legacy + modern); ferry's is
+/// modern-only, which every virtio 1.0 driver (Linux 4.0 and later) uses.
+pub const VIRTIO_BLK: &[&str] = &["virtio-blk-pci", "virtio-blk-pci-non-transitional"];
+
+/// First PCI slot given to a device without `addr=` (QEMU's pc has the host
+/// bridge in 0, PIIX3 in 1 and, without -nodefaults, VGA in 2).
+const FIRST_FREE_SLOT: u8 = 3;
+/// Highest PCI slot on bus 0.
+const MAX_SLOT: u8 = 31;
+/// Bytes virtio-blk's GET_ID carries.
+const SERIAL_BYTES: usize = 20;
+
+/// The fix printed for images ferry cannot serve as they are.
+const CONVERT_FIX: &str = "ferry serves raw images and block devices only: convert the image \
+     with `qemu-img convert -O raw IMAGE IMAGE.raw` and use <driver name='qemu' type='raw'/> \
+     (format=raw)";
+
+/// The fix printed for network storage.
+const NETWORK_FIX: &str = "ferry serves raw images and block devices only: attach the storage \
+     on the host (iscsiadm for iSCSI, rbd map for Ceph, nbd-client for NBD, a mount for NFS or \
+     Gluster) and give the block device or file (<disk type='block'> or <disk type='file'>)";
+
+/// Image formats QEMU knows that are not raw.
+const OTHER_FORMATS: &[&str] = &[
+    "qcow2",
+    "qcow",
+    "qed",
+    "vmdk",
+    "vdi",
+    "vhdx",
+    "vpc",
+    "luks",
+    "parallels",
+    "dmg",
+    "bochs",
+    "cloop",
+    "vvfat",
+    "preallocate",
+    "compress",
+];
+
+/// Network protocols QEMU knows.
+const NETWORK_PROTOCOLS: &[&str] = &[
+    "iscsi", "nbd", "rbd", "gluster", "ssh", "http", "https", "ftp", "ftps", "nfs", "nvme", "curl",
+    "vxhs", "sheepdog",
+];
+
+/// `-blockdev` properties of a `file`/`host_device` node that change only how
+/// the host does I/O.
+const PROTOCOL_KEYS: &[&str] = &[
+    "filename",
+    "cache.direct",
+    "cache.no-flush",
+    "auto-read-only",
+    "read-only",
+    "discard",
+    "detect-zeroes",
+    "aio",
+    "aio-max-batch",
+    "locking",
+    "force-share",
+    "drop-cache",
+    "x-check-cache-dropped",
+];
+
+/// `-blockdev` properties of a `raw` node ferry honours (`file` is the child).
+const RAW_KEYS: &[&str] = &[
+    "file",
+    "cache.direct",
+    "cache.no-flush",
+    "auto-read-only",
+    "read-only",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+];
+
+/// A JSON object flattened to dotted keys with text values
+/// (`{"cache":{"direct":true}}` → `cache.direct=on`), so the JSON and the
+/// key=value forms are checked alike.
+type Flat = BTreeMap<String, String>;
+
+fn flatten(prefix: &str, map: &Map<String, Value>, out: &mut Flat) {
+    for (k, v) in map {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Object(inner) => flatten(&key, inner, out),
+            other => {
+                out.insert(key, json_text(other));
+            }
+        }
+    }
+}
+
+/// A node of the block graph (from `-blockdev`, or made for a `-drive`).
+#[derive(Debug, Clone)]
+struct Node {
+    name: String,
+    driver: String,
+    props: Flat,
+}
+
+/// What a `drive=` reference leads to.
+#[derive(Debug, Clone)]
+struct Backing {
+    filename: String,
+    storage_driver: String,
+    read_only: bool,
+    format_node: Option<String>,
+    storage_node: String,
+    backend_name: String,
+}
+
+fn bool_prop(option: &str, props: &Flat, key: &str) -> Result<bool, ArgvError> {
+    props
+        .get(key)
+        .map_or(Ok(false), |v| parse_bool(option, key, v))
+}
+
+/// Refuses a driver ferry cannot serve, with the fix.
+fn refuse_driver(option: &str, node: &str, driver: &str) -> ArgvError {
+    let (what, fix) = if OTHER_FORMATS.contains(&driver) {
+        (format!("disk format '{driver}'"), CONVERT_FIX)
+    } else if NETWORK_PROTOCOLS.contains(&driver) {
+        (format!("network storage (driver '{driver}')"), NETWORK_FIX)
+    } else {
+        (
+            format!("block driver '{driver}'"),
+            "ferry serves raw images and block devices only: a `file` or `host_device` node, \
+             optionally under a `raw` one (no filters such as copy-on-read or throttle)",
+        )
+    };
+    ArgvError::unsupported_because(option, format!("{what} of block node '{node}'"), fix)
+}
+
+/// Checks a `file`/`host_device` node; returns whether it is read-only.
+fn check_protocol(option: &str, node: &Node) -> Result<bool, ArgvError> {
+    if let Some(k) = node
+        .props
+        .keys()
+        .find(|k| !PROTOCOL_KEYS.contains(&k.as_str()))
+    {
+        return Err(ArgvError::unsupported(
+            option,
+            format!(
+                "property '{k}' of block node '{}' (driver '{}')",
+                node.name, node.driver
+            ),
+        ));
+    }
+    if !node.props.contains_key("filename") {
+        return Err(ArgvError::invalid(
+            option,
+            &node.name,
+            "parameter 'filename' is missing",
+        ));
+    }
+    bool_prop(option, &node.props, "read-only")
+}
+
+/// The protocol node under a `raw` node: a node-name, or an inline object
+/// (`"file":{"driver":"file","filename":...}`, `file.filename=...`).
+fn raw_child(option: &str, node: &Node, nodes: &[Node]) -> Result<Node, ArgvError> {
+    if let Some(k) = node
+        .props
+        .keys()
+        .find(|k| !RAW_KEYS.contains(&k.as_str()) && !k.starts_with("file."))
+    {
+        let what = match k.as_str() {
+            "offset" | "size" => format!(
+                "raw '{k}' of block node '{}' (a window of the image; give the guest a whole \
+                 image or block device)",
+                node.name
+            ),
+            _ => format!(
+                "property '{k}' of block node '{}' (driver 'raw')",
+                node.name
+            ),
+        };
+        return Err(ArgvError::unsupported(option, what));
+    }
+    if let Some(name) = node.props.get("file") {
+        return nodes
+            .iter()
+            .find(|n| &n.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                ArgvError::invalid(
+                    option,
+                    &node.name,
+                    &format!("Cannot find device='' nor node-name='{name}'"),
+                )
+            });
+    }
+    let inline: Flat = node
+        .props
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("file.").map(|k| (k.to_string(), v.clone())))
+        .collect();
+    if inline.is_empty() {
+        return Err(ArgvError::invalid(
+            option,
+            &node.name,
+            "parameter 'file' is missing",
+        ));
+    }
+    let mut props = inline;
+    let driver = props.remove("driver").unwrap_or_else(|| "file".into());
+    Ok(Node {
+        name: format!("{}-file", node.name),
+        driver,
+        props,
+    })
+}
+
+/// Resolves node `name` into what a device would use.
+fn backing_of_node(option: &str, name: &str, nodes: &[Node]) -> Result<Backing, ArgvError> {
+    let node = nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+        ArgvError::invalid(
+            "-device",
+            name,
+            &format!("Cannot find device='{name}' nor node-name='{name}'"),
+        )
+    })?;
+    let (format_node, storage, format_ro) = match node.driver.as_str() {
+        "raw" => {
+            let child = raw_child(option, node, nodes)?;
+            (
+                Some(node.name.clone()),
+                child,
+                bool_prop(option, &node.props, "read-only")?,
+            )
+        }
+        _ => (None, node.clone(), false),
+    };
+    match storage.driver.as_str() {
+        "file" | "host_device" => {}
+        "raw" => {
+            return Err(ArgvError::unsupported(
+                option,
+                format!(
+                    "a raw node on a raw node ('{}' on '{}')",
+                    node.name, storage.name
+                ),
+            ))
+        }
+        other => return Err(refuse_driver(option, &storage.name, other)),
+    }
+    let storage_ro = check_protocol(option, &storage)?;
+    Ok(Backing {
+        filename: storage.props.get("filename").cloned().unwrap_or_default(),
+        storage_driver: storage.driver.clone(),
+        read_only: format_ro || storage_ro,
+        format_node,
+        storage_node: storage.name,
+        backend_name: String::new(),
+    })
+}
+
+/// `-drive` keys ferry honours (`file.locking` etc.: see PROTOCOL_KEYS).
+const DRIVE_KEYS: &[&str] = &[
+    "file",
+    "format",
+    "if",
+    "id",
+    "readonly",
+    "cache",
+    "aio",
+    "discard",
+    "detect-zeroes",
+    "media",
+    "snapshot",
+    "werror",
+    "rerror",
+    "addr",
+    "index",
+    "node-name",
+    "auto-read-only",
+    "force-share",
+];
+
+/// One `-drive`: its id, the backing, and the slot for `if=virtio`.
+#[derive(Debug)]
+struct Drive {
+    id: String,
+    backing: Backing,
+    /// `if=virtio`: the device QEMU creates itself, with `addr=` if given.
+    virtio_addr: Option<Option<Value>>,
+}
+
+fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
+    let option = "-drive";
+    if let Some(k) = o.pairs().iter().map(|(k, _)| k.as_str()).find(|k| {
+        !DRIVE_KEYS.contains(k)
+            && !k
+                .strip_prefix("file.")
+                .is_some_and(|f| PROTOCOL_KEYS.contains(&f))
+    }) {
+        return Err(ArgvError::unsupported(option, format!("parameter '{k}'")));
+    }
+    let file = o
+        .get("file")
+        .ok_or_else(|| ArgvError::unsupported(option, "a drive without file= (an empty drive)"))?;
+    let iface = o.get("if").unwrap_or("ide");
+    let id = o
+        .get("id")
+        .map_or_else(|| format!("{iface}{index}-hd0"), str::to_string);
+    let virtio_addr = match iface {
+        "none" => None,
+        "virtio" => Some(o.get("addr").map(|a| Value::String(a.to_string()))),
+        other => {
+            return Err(ArgvError::unsupported_because(
+                option,
+                format!("interface '{other}' (drive '{id}')"),
+                "ferry's disks are virtio-blk: use if=virtio, or if=none with \
+                 -device virtio-blk-pci,drive=ID (<target bus='virtio'/>)",
+            ))
+        }
+    };
+    if iface == "none" && o.get("addr").is_some() {
+        return Err(ArgvError::invalid(option, &id, "addr= needs if=virtio"));
+    }
+    match o.get("format") {
+        Some("raw") => {}
+        Some(f) => return Err(refuse_driver(option, &id, f)),
+        None => {
+            return Err(ArgvError::unsupported_because(
+                option,
+                format!("a drive without format= ('{id}'; QEMU would guess the format)"),
+                "ferry serves raw images only and does not guess: add format=raw",
+            ))
+        }
+    }
+    if let Some((proto, _)) = file.split_once(':') {
+        if NETWORK_PROTOCOLS.contains(&proto) || proto == "json" {
+            return Err(refuse_driver(option, &id, proto));
+        }
+    }
+    if o.get("media").is_some_and(|m| m != "disk") {
+        return Err(ArgvError::unsupported(
+            option,
+            format!("media '{}' (a CD-ROM)", o.get("media").unwrap_or_default()),
+        ));
+    }
+    if o.get_bool(option, "snapshot")? == Some(true) {
+        return Err(ArgvError::unsupported(
+            option,
+            "snapshot=on (a temporary overlay)",
+        ));
+    }
+    for key in ["werror", "rerror"] {
+        check_error_policy(option, key, o.get(key))?;
+    }
+    match o.get("cache") {
+        None | Some("none" | "writeback" | "unsafe") => {}
+        Some(c @ ("writethrough" | "directsync")) => return Err(write_through(option, c)),
+        Some(c) => return Err(ArgvError::invalid(option, c, "invalid cache option")),
+    }
+    let read_only = o.get_bool(option, "readonly")?.unwrap_or(false);
+    Ok(Drive {
+        backing: Backing {
+            filename: file.to_string(),
+            storage_driver: if file.starts_with("/dev/") && !file.starts_with("/dev/fdset/") {
+                "host_device".into()
+            } else {
+                "file".into()
+            },
+            read_only,
+            // QEMU names the nodes of a -drive itself.
+            format_node: Some(format!("#block{}", 100 + 2 * index)),
+            storage_node: format!("#block{}", 101 + 2 * index),
+            backend_name: id.clone(),
+        },
+        id,
+        virtio_addr,
+    })
+}
+
+fn check_error_policy(option: &str, key: &str, value: Option<&str>) -> Result<(), ArgvError> {
+    match value {
+        None | Some("report") => Ok(()),
+        Some(v) => Err(ArgvError::unsupported_because(
+            option,
+            format!("{key}={v}"),
+            "ferry reports I/O errors to the guest: use error_policy='report' (or leave it out)",
+        )),
+    }
+}
+
+fn write_through(option: &str, what: &str) -> ArgvError {
+    ArgvError::unsupported_because(
+        option,
+        format!("a write-through disk ({what})"),
+        "ferry's virtio-blk shows the guest a write-back cache it flushes: use \
+         cache='none' or 'writeback'",
+    )
+}
+
+/// A PCI address: `"0x4"`, `"4"`, `"0x4.0"`, `"0x1.0x2"`, or a devfn number.
+pub(super) fn parse_addr(v: &Value) -> Option<(u8, u8)> {
+    let (slot, func) = match v {
+        Value::Number(n) => {
+            let devfn = n.as_u64()?;
+            (devfn >> 3, devfn & 7)
+        }
+        Value::String(s) => {
+            let hex = |t: &str| {
+                let t = t
+                    .strip_prefix("0x")
+                    .or_else(|| t.strip_prefix("0X"))
+                    .unwrap_or(t);
+                u64::from_str_radix(t, 16).ok()
+            };
+            match s.split_once('.') {
+                Some((a, b)) => (hex(a)?, hex(b)?),
+                None => (hex(s)?, 0),
+            }
+        }
+        _ => return None,
+    };
+    (slot <= u64::from(MAX_SLOT) && func < 8).then_some((slot as u8, func as u8))
+}
+
+/// `virtio-blk-pci` properties and what ferry does with them.
+fn check_blk_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
+    let text = json_text(value);
+    let flag = |v: &str| parse_bool("-device", key, v);
+    let refuse = |what: String| Err(ArgvError::unsupported("-device", what));
+    let num = || parse_u64(&text);
+    match key {
+        // Host-side only, or handled elsewhere.
+        "bus" | "addr" | "drive" | "serial" | "bootindex" | "share-rw" | "ioeventfd" => Ok(()),
+        "write-cache" => match text.as_str() {
+            "on" | "auto" => Ok(()),
+            _ => Err(write_through("-device", "write-cache=off")),
+        },
+        "werror" | "rerror" => check_error_policy("-device", key, Some(&text)),
+        "num-queues" if num() == Some(1) => Ok(()),
+        "num-queues" => refuse(format!(
+            "virtio-blk num-queues={text} (ferry's virtio-blk has one request queue)"
+        )),
+        "queue-size" if num() == Some(256) => Ok(()),
+        "queue-size" => refuse(format!(
+            "virtio-blk queue-size={text} (ferry's queues hold 256 entries)"
+        )),
+        "vectors" if num() == Some(2) => Ok(()),
+        "vectors" => refuse(format!(
+            "virtio-blk vectors={text} (ferry gives it 2 MSI-X vectors)"
+        )),
+        "logical_block_size" | "physical_block_size" if num() == Some(512) => Ok(()),
+        "logical_block_size" | "physical_block_size" => {
+            refuse(format!("{key}={text} (ferry's disks have 512-byte blocks)"))
+        }
+        "min_io_size" | "opt_io_size" | "discard_granularity" if num() == Some(0) => Ok(()),
+        "multifunction" if flag(&text)? => {
+            refuse("multifunction=on (ferry's virtio devices are single-function)".into())
+        }
+        "disable-legacy" if flag(&text)? => Ok(()),
+        "disable-modern" if !flag(&text)? => Ok(()),
+        "disable-legacy" | "disable-modern" => refuse(format!(
+            "{key}={text} (ferry's virtio devices are modern-only, virtio 1.0)"
+        )),
+        // Features ferry's virtio-blk does not offer: "off" is what it does.
+        "event_idx"
+        | "indirect_desc"
+        | "packed"
+        | "discard"
+        | "write-zeroes"
+        | "config-wce"
+        | "scsi"
+        | "multifunction"
+        | "page-per-vq"
+        | "iommu_platform"
+        | "ats"
+        | "x-pcie-lnksta-dllla"
+            if !flag(&text)? =>
+        {
+            Ok(())
+        }
+        "event_idx" | "indirect_desc" | "packed" | "discard" | "write-zeroes" | "config-wce"
+        | "scsi" | "page-per-vq" | "iommu_platform" | "ats" => refuse(format!(
+            "virtio-blk {key}=on (ferry's virtio-blk offers VERSION_1, SEG_MAX, BLK_SIZE, \
+             FLUSH and RO only)"
+        )),
+        "iothread" => Err(ArgvError::unsupported_because(
+            "-device",
+            format!("iothread '{text}'"),
+            "ferry runs disk requests without iothreads: remove <driver iothread=...> and \
+             <iothreads>",
+        )),
+        other => refuse(format!("virtio-blk-pci property '{other}'")),
+    }
+}
+
+/// A device that wants a PCI slot on bus 0.
+pub(super) struct SlotClaim {
+    /// Names it in errors (its id, else its driver).
+    pub name: String,
+    /// `addr=` as (slot, function).
+    pub addr: Option<(u8, u8)>,
+}
+
+/// A disk device before its slot is known.
+struct Pending {
+    id: Option<String>,
+    addr: Option<(u8, u8)>,
+    backing: Backing,
+    serial: Option<String>,
+}
+
+impl Invocation {
+    /// The virtio-blk disks, with their PCI slots; `pc` reserves slot 1
+    /// (PIIX3).
+    pub(super) fn disks(&self, pc: bool) -> Result<Vec<DiskConfig>, ArgvError> {
+        let mut nodes = Vec::new();
+        for b in &self.blockdevs {
+            let name = b.id.clone().ok_or_else(|| {
+                ArgvError::invalid("-blockdev", &b.kind, "parameter 'node-name' is missing")
+            })?;
+            let mut props = Flat::new();
+            flatten("", &b.props, &mut props);
+            nodes.push(Node {
+                name,
+                driver: b.kind.clone(),
+                props,
+            });
+        }
+        // Every node is opened by QEMU, used or not: check them all.
+        for n in &nodes {
+            match n.driver.as_str() {
+                "file" | "host_device" => {
+                    check_protocol("-blockdev", n)?;
+                }
+                "raw" => {
+                    backing_of_node("-blockdev", &n.name, &nodes)?;
+                }
+                other => return Err(refuse_driver("-blockdev", &n.name, other)),
+            }
+        }
+        let drives = self
+            .drives
+            .iter()
+            .enumerate()
+            .map(|(i, o)| parse_drive(o, i))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut pending = Vec::new();
+        let mut used: HashSet<String> = HashSet::new();
+        for d in self
+            .devices
+            .iter()
+            .filter(|d| VIRTIO_BLK.contains(&d.kind.as_str()))
+        {
+            let name = d.id.as_deref().unwrap_or(&d.kind);
+            for (k, v) in &d.props {
+                check_blk_prop(k, v)?;
+            }
+            if let Some(bus) = d.props.get("bus").map(json_text) {
+                if bus != "pci.0" {
+                    return Err(ArgvError::unsupported_because(
+                        "-device",
+                        format!("bus '{bus}' ({name})"),
+                        "ferry has one PCI bus, pci.0 (use machine type pc, not q35)",
+                    ));
+                }
+            }
+            let drive = d
+                .props
+                .get("drive")
+                .map(json_text)
+                .ok_or_else(|| ArgvError::invalid("-device", name, "drive property not set"))?;
+            if !used.insert(drive.clone()) {
+                return Err(ArgvError::invalid(
+                    "-device",
+                    name,
+                    &format!("drive '{drive}' is already in use by another device"),
+                ));
+            }
+            let backing = match drives.iter().find(|dr| dr.id == drive) {
+                Some(dr) if dr.virtio_addr.is_some() => {
+                    return Err(ArgvError::invalid(
+                        "-device",
+                        name,
+                        &format!("drive '{drive}' is if=virtio: it has its own device"),
+                    ))
+                }
+                Some(dr) => dr.backing.clone(),
+                None => backing_of_node("-blockdev", &drive, &nodes)?,
+            };
+            let serial = d.props.get("serial").map(json_text);
+            if serial.as_ref().is_some_and(|s| s.len() > SERIAL_BYTES) {
+                return Err(ArgvError::unsupported(
+                    "-device",
+                    format!(
+                        "serial '{}' ({name}; virtio-blk carries {SERIAL_BYTES} bytes)",
+                        serial.unwrap_or_default()
+                    ),
+                ));
+            }
+            pending.push(Pending {
+                id: d.id.clone(),
+                addr: d
+                    .props
+                    .get("addr")
+                    .map(|a| {
+                        parse_addr(a).ok_or_else(|| {
+                            ArgvError::invalid("-device", &json_text(a), "invalid PCI address")
+                        })
+                    })
+                    .transpose()?,
+                backing,
+                serial,
+            });
+        }
+        for dr in &drives {
+            if let Some(addr) = &dr.virtio_addr {
+                pending.push(Pending {
+                    id: None,
+                    addr: addr
+                        .as_ref()
+                        .map(|a| {
+                            parse_addr(a).ok_or_else(|| {
+                                ArgvError::invalid("-drive", &json_text(a), "invalid PCI address")
+                            })
+                        })
+                        .transpose()?,
+                    backing: dr.backing.clone(),
+                    serial: None,
+                });
+            }
+        }
+        self.place(pending, pc)
+    }
+
+    /// Gives every disk its slot (see [`Invocation::assign_slots`]).
+    fn place(&self, pending: Vec<Pending>, pc: bool) -> Result<Vec<DiskConfig>, ArgvError> {
+        let claims: Vec<SlotClaim> = pending
+            .iter()
+            .map(|p| SlotClaim {
+                name: p.id.clone().unwrap_or_else(|| "virtio-blk-pci".into()),
+                addr: p.addr,
+            })
+            .collect();
+        let slots = self.assign_slots(&claims, pc, VIRTIO_BLK, &[])?;
+        Ok(pending
+            .into_iter()
+            .zip(slots)
+            .map(|(p, slot)| DiskConfig {
+                id: p.id,
+                slot,
+                path: p.backing.filename.clone().into(),
+                filename: p.backing.filename,
+                read_only: p.backing.read_only,
+                serial: p.serial,
+                backend_name: p.backing.backend_name,
+                format_node: p.backing.format_node,
+                storage_node: p.backing.storage_node,
+                storage_driver: p.backing.storage_driver,
+            })
+            .collect())
+    }
+
+    /// PCI slots for `claims` (the `-device`s of kinds `claimants`, and
+    /// devices QEMU would create itself, in order): `addr=` as given
+    /// (function 0 only, not a slot another device names), else the first
+    /// free slot from 3. Slots other `-device`s on pci.0 name (the balloon,
+    /// USB, ...) and `placed` (devices already given theirs) are left alone.
+    pub(super) fn assign_slots(
+        &self,
+        claims: &[SlotClaim],
+        pc: bool,
+        claimants: &[&str],
+        placed: &[(u8, String)],
+    ) -> Result<Vec<u8>, ArgvError> {
+        let mut taken: Vec<(u8, String)> = vec![(0, "the host bridge".into())];
+        if pc {
+            taken.push((1, "PIIX3".into()));
+        }
+        taken.extend(placed.iter().cloned());
+        for d in &self.devices {
+            if claimants.contains(&d.kind.as_str()) {
+                continue;
+            }
+            if let Some((slot, _)) = d.props.get("addr").and_then(parse_addr) {
+                let who =
+                    d.id.as_deref()
+                        .map_or(d.kind.clone(), |id| format!("{},id={id}", d.kind));
+                taken.push((slot, who));
+            }
+        }
+        for c in claims {
+            let Some((slot, func)) = c.addr else { continue };
+            if func != 0 {
+                return Err(ArgvError::unsupported(
+                    "-device",
+                    format!(
+                        "PCI function {func} for {} (ferry's virtio devices are single-function: \
+                         use function 0)",
+                        c.name
+                    ),
+                ));
+            }
+            if let Some((_, who)) = taken.iter().find(|(s, _)| *s == slot) {
+                return Err(ArgvError::invalid(
+                    "-device",
+                    &c.name,
+                    &format!("PCI: slot {slot} function 0 not available, in use by {who}"),
+                ));
+            }
+            taken.push((slot, c.name.clone()));
+        }
+        let mut out = Vec::new();
+        for c in claims {
+            let slot = match c.addr {
+                Some((slot, _)) => slot,
+                None => {
+                    let slot = (FIRST_FREE_SLOT..=MAX_SLOT)
+                        .find(|s| taken.iter().all(|(t, _)| t != s))
+                        .ok_or_else(|| {
+                            ArgvError::unsupported("-device", "more than 29 PCI devices")
+                        })?;
+                    taken.push((slot, c.name.clone()));
+                    slot
+                }
+            };
+            out.push(slot);
+        }
+        Ok(out)
+    }
+}
