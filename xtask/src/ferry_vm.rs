@@ -26,7 +26,7 @@ pub fn page() -> String {
          slots; otherwise it refuses the VM before any page moves, naming the devices. \
          The source flushes its disks before the switch-over and the destination \
          reopens them; after a migration or restore, each NIC announces the guest's MAC \
-         with 5 RARP frames over 350 ms, as QEMU does, so switches learn its new port.",
+         with 5 RARP frames over about 0.8 s (QEMU's schedule), so switches learn its new port.",
     );
     doc.p(
         "A checkpoint is a migration into a file: both use the same versioned, \
