@@ -256,6 +256,31 @@ impl TwoHosts {
         }
     }
 
+    /// The file that holds host `h`'s network namespace (for `setns`).
+    pub fn netns(&self, h: &str) -> PathBuf {
+        self.dir.join(format!("ns/{h}.net"))
+    }
+
+    /// A bridge `name` in host `h`'s network namespace, up and promiscuous
+    /// (its own end, where a test listens, gets every frame, also unicast to
+    /// MACs it has not learnt), deleted on drop (also when a test fails).
+    pub fn bridge(&self, h: &'static str, name: &'static str) -> Bridge<'_> {
+        // A leftover of a killed run would block the add.
+        let _ = self.sh(h, &["ip", "link", "del", name]);
+        for args in [
+            &["ip", "link", "add", name, "type", "bridge"][..],
+            &["ip", "link", "set", name, "promisc", "on", "up"],
+        ] {
+            let out = self.sh(h, args);
+            assert!(out.status.success(), "{args:?} on host {h}: {}", text(&out));
+        }
+        Bridge {
+            hosts: self,
+            h,
+            name,
+        }
+    }
+
     /// The pid of host `h`'s libvirtd.
     pub fn libvirtd_pid(&self, h: &str) -> u32 {
         let file = self.dir.join(format!("hosts/{h}/run-libvirt/libvirtd.pid"));
@@ -269,7 +294,7 @@ impl TwoHosts {
     /// command line contains `needle`.
     pub fn pids_with(&self, h: &str, needle: &str) -> Vec<u32> {
         use std::os::unix::fs::MetadataExt;
-        let ns = std::fs::metadata(self.dir.join(format!("ns/{h}.net")))
+        let ns = std::fs::metadata(self.netns(h))
             .map(|m| format!("net:[{}]", m.ino()))
             .expect("host namespace file");
         let mut pids: Vec<u32> = std::fs::read_dir("/proc")
@@ -322,6 +347,21 @@ impl Drop for LinkDown<'_> {
                 .hosts
                 .sh(self.h, &["ip", "link", "set", veth(self.h), "up"]);
         }
+    }
+}
+
+/// A bridge in one host's network namespace, made by [`TwoHosts::bridge`].
+#[derive(Debug)]
+pub struct Bridge<'a> {
+    hosts: &'a TwoHosts,
+    pub h: &'static str,
+    pub name: &'static str,
+}
+
+impl Drop for Bridge<'_> {
+    fn drop(&mut self) {
+        // No assert here: this also runs while a failed test unwinds.
+        let _ = self.hosts.sh(self.h, &["ip", "link", "del", self.name]);
     }
 }
 

@@ -1,14 +1,18 @@
 //! The host side of the dirtier's network card, for tests (root): a tap device
-//! the test creates and deletes, and an `AF_PACKET` socket on it that sees the
-//! guest's frames, pings the guest and watches for its RARP announcements.
+//! the test creates and deletes, and an `AF_PACKET` socket on it (or on any
+//! interface, such as a bridge the guest's tap is a port of, also in another
+//! network namespace) that sees the guest's frames, pings the guest and
+//! watches for its RARP announcements.
 
 use std::collections::BTreeSet;
+use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::ifaddrs::getifaddrs;
+use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{
     bind, recvfrom, sendto, setsockopt, socket, sockopt, AddressFamily, LinkAddr, MsgFlags,
     SockFlag, SockProtocol, SockType,
@@ -62,15 +66,6 @@ impl Tap {
     pub fn unique_name(prefix: &str, index: u32) -> String {
         format!("{prefix}{index}{}", std::process::id() % 100_000)
     }
-
-    fn ifindex(&self) -> usize {
-        let path = format!("/sys/class/net/{}/ifindex", self.name);
-        std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{path}: {e}"))
-            .trim()
-            .parse()
-            .expect("ifindex is a number")
-    }
 }
 
 impl Drop for Tap {
@@ -81,10 +76,11 @@ impl Drop for Tap {
     }
 }
 
-/// An `AF_PACKET` socket bound to `tap` (all protocols), with a large
-/// receive buffer: the guest's frames queue up while the test does other
-/// things (a migration), and other links' traffic never reaches it.
-fn packet_socket(tap: &Tap) -> OwnedFd {
+/// An `AF_PACKET` socket bound to interface `name` of this thread's network
+/// namespace (all protocols), with a large receive buffer: the guest's frames
+/// queue up while the test does other things (a migration), and other links'
+/// traffic never reaches it. Also returns the interface's index.
+fn packet_socket(name: &str) -> (OwnedFd, usize) {
     let fd = socket(
         AddressFamily::Packet,
         SockType::Raw,
@@ -94,14 +90,16 @@ fn packet_socket(tap: &Tap) -> OwnedFd {
     .expect("open an AF_PACKET socket (needs root)");
     setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 20_000)).expect("set SO_RCVTIMEO");
     setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20)).expect("set SO_RCVBUFFORCE");
-    // The tap's link-layer address (its ifindex), protocol 0: keep ETH_P_ALL.
+    // The link-layer address (its ifindex), protocol 0: keep ETH_P_ALL.
+    // (getifaddrs asks over netlink, which sees this thread's namespace;
+    // /sys/class/net shows the one sysfs was mounted in.)
     let link = getifaddrs()
         .expect("list the network interfaces")
-        .filter(|a| a.interface_name == tap.name)
+        .filter(|a| a.interface_name == name)
         .find_map(|a| a.address.and_then(|a| a.as_link_addr().copied()))
-        .unwrap_or_else(|| panic!("no link-layer address for {}", tap.name));
-    bind(fd.as_raw_fd(), &link).unwrap_or_else(|e| panic!("bind to {}: {e}", tap.name));
-    fd
+        .unwrap_or_else(|| panic!("no link-layer address for {name}"));
+    bind(fd.as_raw_fd(), &link).unwrap_or_else(|e| panic!("bind to {name}: {e}"));
+    (fd, link.ifindex())
 }
 
 /// A dirtier frame from the test: `magic` + `value`, padded to 60 bytes.
@@ -120,15 +118,16 @@ fn serial_text(path: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
 }
 
-/// The guest's frames on one tap, seen through an `AF_PACKET` socket of its
-/// own.
+/// The guest's frames on one interface (its tap, or a bridge), seen through
+/// an `AF_PACKET` socket of its own.
 #[derive(Debug)]
-pub struct Link<'a> {
+pub struct Link {
     sock: OwnedFd,
-    tap: &'a Tap,
+    /// The interface's name, for messages.
+    name: String,
     ifindex: usize,
     buf: Vec<u8>,
-    /// The tap's link address, from the guest's first frame on it.
+    /// The interface's link address, from the guest's first frame on it.
     addr: Option<LinkAddr>,
     /// Passes of the FERRYNET frames seen.
     pub passes: BTreeSet<u64>,
@@ -136,12 +135,20 @@ pub struct Link<'a> {
     pub rarps: Vec<Instant>,
 }
 
-impl<'a> Link<'a> {
-    pub fn new(tap: &'a Tap) -> Self {
+impl Link {
+    pub fn new(tap: &Tap) -> Self {
+        Self::on(&tap.name)
+    }
+
+    /// A link on interface `name` of this thread's network namespace (with
+    /// a bridge, frames to the test's [`HOST_MAC`] reach it only when the
+    /// bridge is promiscuous or has that address).
+    pub fn on(name: &str) -> Self {
+        let (sock, ifindex) = packet_socket(name);
         Self {
-            sock: packet_socket(tap),
-            tap,
-            ifindex: tap.ifindex(),
+            sock,
+            name: name.to_owned(),
+            ifindex,
             buf: vec![0u8; 2048],
             addr: None,
             passes: BTreeSet::new(),
@@ -149,7 +156,25 @@ impl<'a> Link<'a> {
         }
     }
 
-    /// The next dirtier frame from the guest on this tap within about 100 ms:
+    /// [`Link::on`] interface `name` of the network namespace bound at
+    /// `netns` (a file such as `ip netns` or `unshare --net=FILE` keeps): a
+    /// thread of its own enters the namespace and opens the socket there,
+    /// which stays in that namespace whichever thread uses it.
+    pub fn in_netns(netns: &Path, name: &str) -> Self {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns =
+                    File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+                setns(&ns, CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("enter {}: {e}", netns.display()));
+                Self::on(name)
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// The next dirtier frame from the guest on this interface within about 100 ms:
     /// its destination, payload magic and value. FERRYNET passes and RARP
     /// frames from the guest's MAC are recorded on the way.
     pub fn next_frame(&mut self) -> Option<([u8; 6], [u8; 8], u64)> {
@@ -190,7 +215,7 @@ impl<'a> Link<'a> {
                 Instant::now() < deadline,
                 "no FERRYNET frame for pass {min} or later on {} within 15 s (seen {:?}); \
                  serial:\n{}",
-                self.tap.name,
+                self.name,
                 self.passes.last(),
                 serial_text(serial)
             );
@@ -200,7 +225,7 @@ impl<'a> Link<'a> {
 
     /// Sends FERRYPNG frames and waits for every FERRYPON answer.
     pub fn ping(&mut self, pings: &[u64]) {
-        let addr = self.addr.expect("the guest sent a frame on this tap");
+        let addr = self.addr.expect("the guest sent a frame on this interface");
         for &n in pings {
             sendto(
                 self.sock.as_raw_fd(),
@@ -208,7 +233,7 @@ impl<'a> Link<'a> {
                 &addr,
                 MsgFlags::empty(),
             )
-            .expect("send a ping into the tap");
+            .expect("send a ping into the interface");
         }
         let mut pongs = BTreeSet::new();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -216,7 +241,7 @@ impl<'a> Link<'a> {
             assert!(
                 Instant::now() < deadline,
                 "answers to {pings:x?} on {}: only {pongs:x?} within 10 s",
-                self.tap.name
+                self.name
             );
             if let Some((dst, magic, value)) = self.next_frame() {
                 if magic == NET_PONG_MAGIC {
