@@ -200,7 +200,7 @@ fn a_nic_answers_before_and_after_a_live_migration_and_is_announced() {
     dst.wait_for_control();
     link_b.wait_pass(last_on_a + 2 * K, &dst.serial);
     link_b.ping(&[0x21, 0x22]);
-    // QEMU's announce: 5 RARPs over 350 ms, on the destination's tap only.
+    // QEMU's announce: 5 RARPs over about 0.8 s, on the destination's tap only.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while link_b.rarps.len() < 5 && std::time::Instant::now() < deadline {
         link_b.next_frame();
