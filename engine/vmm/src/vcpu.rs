@@ -269,7 +269,7 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
         }
         return None;
     }
-    if PciBus::claims_port(port) {
+    if PciBus::claims_port(port, data.len()) {
         ctx.pci.io_write(port, data);
         return None;
     }
@@ -296,7 +296,7 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
         }
         return;
     }
-    if PciBus::claims_port(port) {
+    if PciBus::claims_port(port, data.len()) {
         ctx.pci.io_read(port, data);
         return;
     }

@@ -103,10 +103,11 @@ impl PciBus {
         &self.devices
     }
 
-    /// Whether `port` belongs to the configuration mechanism.
-    pub fn claims_port(port: u16) -> bool {
-        (CONFIG_ADDRESS..CONFIG_ADDRESS + 4).contains(&port)
-            || (CONFIG_DATA..CONFIG_DATA + 4).contains(&port)
+    /// Whether an access of `len` bytes at `port` belongs to the configuration
+    /// mechanism: CONFIG_ADDRESS only as a dword (a byte at 0xcf9 is the reset
+    /// control register), CONFIG_DATA at any width.
+    pub fn claims_port(port: u16, len: usize) -> bool {
+        (port == CONFIG_ADDRESS && len == 4) || (CONFIG_DATA..CONFIG_DATA + 4).contains(&port)
     }
 
     pub fn io_write(&self, port: u16, data: &[u8]) {
@@ -223,4 +224,18 @@ struct Target {
 enum Function<'a> {
     Bridge(&'a ConfigSpace),
     Virtio(&'a mut VirtioPci),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_register_at_0xcf9_is_not_the_config_address() {
+        assert!(PciBus::claims_port(0xcf8, 4));
+        assert!(!PciBus::claims_port(0xcf8, 1));
+        assert!(!PciBus::claims_port(0xcf9, 1));
+        assert!(PciBus::claims_port(0xcfd, 1));
+        assert!(!PciBus::claims_port(0xd00, 4));
+    }
 }
