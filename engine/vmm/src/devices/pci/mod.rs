@@ -82,18 +82,20 @@ impl PciBus {
     /// touches guest memory until the last reason is lifted: each device checks
     /// under its lock.
     pub fn set_stopped(&self, why: u8, on: bool) {
-        for (_, dev) in &self.devices {
-            if let Ok(mut dev) = dev.lock() {
-                dev.set_stopped(why, on);
-            }
-        }
+        self.for_each(|dev| dev.set_stopped(why, on));
     }
 
     /// Makes every NIC announce itself (RARP), from its device thread.
     pub fn announce(&self) {
+        self.for_each(VirtioPci::announce);
+    }
+
+    /// Runs `f` on every virtio function in slot order, each under its lock (a
+    /// device whose lock is poisoned is skipped).
+    pub fn for_each(&self, mut f: impl FnMut(&mut VirtioPci)) {
         for (_, dev) in &self.devices {
             if let Ok(mut dev) = dev.lock() {
-                dev.announce();
+                f(&mut dev);
             }
         }
     }
@@ -148,21 +150,21 @@ impl PciBus {
 
     /// An MMIO access at `addr`: true when a BAR claimed it.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
-        for (_, dev) in &self.devices {
-            let Ok(mut dev) = dev.lock() else { continue };
-            if let Some(offset) = dev.bar_offset(addr, data.len()) {
-                dev.bar_read(offset, data);
-                return true;
-            }
-        }
-        false
+        let len = data.len();
+        self.at_bar(addr, len, |dev, offset| dev.bar_read(offset, data))
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.at_bar(addr, data.len(), |dev, offset| dev.bar_write(offset, data))
+    }
+
+    /// Runs `f` with the function whose BAR decodes `len` bytes at `addr` and the
+    /// offset in that BAR; false when no BAR does.
+    fn at_bar(&self, addr: u64, len: usize, f: impl FnOnce(&mut VirtioPci, u64)) -> bool {
         for (_, dev) in &self.devices {
             let Ok(mut dev) = dev.lock() else { continue };
-            if let Some(offset) = dev.bar_offset(addr, data.len()) {
-                dev.bar_write(offset, data);
+            if let Some(offset) = dev.bar_offset(addr, len) {
+                f(&mut dev, offset);
                 return true;
             }
         }

@@ -597,7 +597,7 @@ fn net_throughput_through_the_tap() {
     let into = test_frame(GUEST_MAC, 1514, 8);
     let t = Instant::now();
     let mut got = 0;
-    for k in 0..n_rx / 4 {
+    for _ in 0..n_rx / 4 {
         for j in 0..4 {
             d.post(net::RX_QUEUE, &[(RXBUF + j * 0x1000, 2048, true)]);
         }
@@ -610,7 +610,6 @@ fn net_throughput_through_the_tap() {
                 got += 1;
             }
         }
-        let _ = k;
     }
     let rx = f64::from(got) / t.elapsed().as_secs_f64();
     eprintln!("virtio-net through a tap, 1514-byte frames: TX {tx:.0} frames/s (device side; the tap drops what the host does not read), RX {rx:.0} frames/s ({got}/{n_rx}, lock-step 4 at a time)");
