@@ -270,8 +270,8 @@ fn libvirt_cpu_modes_and_the_invtsc_blocker() {
         line("LIVECPU passthrough "),
         "LIVECPU passthrough <cpu mode='host-passthrough' check='none' migratable='on'/>"
     );
-    // What this host's KVM cannot give qemu64 (pni and svm on the nested
-    // KVM this was written on): libvirt must learn it from the CPU object.
+    // What this host's KVM cannot give qemu64 (pni on some nested KVMs):
+    // libvirt must learn it from the CPU object.
     let kvm = kvm_ioctls::Kvm::new().expect("kvm");
     let host = ferry_vmm::cpu::supported_cpuid(&kvm).expect("supported cpuid");
     let lacking = ferry_vmm::cpu::model::unavailable_features(&host, "qemu64");

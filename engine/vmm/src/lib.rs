@@ -35,6 +35,17 @@ pub enum VmmError {
     Io(String, #[source] std::io::Error),
     #[error("vCPU {0} thread has exited")]
     VcpuGone(u32),
+    #[error(
+        "cannot restore: this host's KVM cannot load MSRs of vCPU {vcpu} that the guest can \
+         read: {}; start the guest with a CPU model both hosts run (ferry-vm --cpu qemu64; \
+         libvirt's <cpu mode='custom'><model>qemu64</model></cpu>) or move it to a host whose \
+         kernel has these MSRs",
+        .refused.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    MsrsRefused {
+        vcpu: u32,
+        refused: Vec<cpu::msrs::RefusedMsr>,
+    },
 }
 
 /// An error and its sources, once each: "cannot open x: No such file or directory".

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -39,7 +39,10 @@ pub(crate) struct VcpuContext {
     pub com1: Arc<Mutex<Com1>>,
     pub pci: Arc<PciBus>,
     pub exits: Sender<GuestExit>,
-    pub msr_indices: Arc<Vec<u32>>,
+    /// The MSRs a capture reads: the guest CPU's, and those a restore loaded.
+    pub msr_indices: Arc<RwLock<Vec<u32>>>,
+    /// The guest's CPUID (without per-vCPU fields).
+    pub cpuid: Arc<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     pub throttle: Arc<crate::migration::converge::ThrottleState>,
 }
 
@@ -201,10 +204,24 @@ fn vcpu_loop(
         match cmds.recv() {
             Ok(VcpuCmd::Resume) => running = true,
             Ok(VcpuCmd::Capture(reply)) => {
-                let _ = reply.send(VcpuState::capture(index, &vcpu, &ctx.msr_indices));
+                let indices = ctx
+                    .msr_indices
+                    .read()
+                    .map(|l| l.clone())
+                    .unwrap_or_default();
+                let _ = reply.send(VcpuState::capture(index, &vcpu, &indices));
             }
             Ok(VcpuCmd::Restore(state, reply)) => {
-                let _ = reply.send(state.restore(&vcpu));
+                let result = state.restore(&vcpu, &ctx.cpuid).map(|loaded| {
+                    if let Ok(mut list) = ctx.msr_indices.write() {
+                        for i in loaded {
+                            if !list.contains(&i) {
+                                list.push(i);
+                            }
+                        }
+                    }
+                });
+                let _ = reply.send(result);
             }
             Ok(VcpuCmd::Stop) | Err(_) => return,
         }

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -244,7 +244,10 @@ impl Vm {
                 .map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
             fds.push(fd);
         }
-        let msr_indices = Arc::new(checkpoint_msrs(&kvm, &fds[0])?);
+        let host_cpu = matches!(config.cpu, CpuModel::Host);
+        let msr_indices = Arc::new(RwLock::new(checkpoint_msrs(
+            &kvm, &fds[0], &base, host_cpu,
+        )?));
         let (exit_tx, exit_rx) = mpsc::channel();
         let throttle = Arc::new(ThrottleState::default());
         let ctx = VcpuContext {
@@ -252,6 +255,7 @@ impl Vm {
             pci: pci.clone(),
             exits: exit_tx,
             msr_indices,
+            cpuid: Arc::new(base),
             throttle: throttle.clone(),
         };
         let mut vcpus = Vec::with_capacity(fds.len());

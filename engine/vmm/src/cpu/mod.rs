@@ -1,6 +1,7 @@
 //! vCPU configuration (CPUID, MSRs) and the vCPU state captured in a checkpoint.
 
 pub mod model;
+pub mod msrs;
 
 use kvm_bindings::{
     kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
@@ -55,23 +56,17 @@ pub fn vcpu_cpuid(
     CpuId::from_entries(&entries).map_err(|e| VmmError::Config(format!("CPUID table: {e:?}")))
 }
 
-/// The MSRs a checkpoint carries: every index KVM lists that this host can read back.
-pub fn checkpoint_msrs(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, VmmError> {
+/// The MSRs a checkpoint carries for a vCPU with CPUID `cpuid` ([`msrs::guest_msrs`]).
+pub fn checkpoint_msrs(
+    kvm: &Kvm,
+    probe: &VcpuFd,
+    cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+    host_cpu: bool,
+) -> Result<Vec<u32>, VmmError> {
     let list = kvm
         .get_msr_index_list()
         .map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
-    let mut readable = Vec::with_capacity(list.as_slice().len());
-    for &index in list.as_slice() {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
-        if matches!(probe.get_msrs(&mut one), Ok(1)) {
-            readable.push(index);
-        }
-    }
-    Ok(readable)
+    Ok(msrs::guest_msrs(list.as_slice(), probe, cpuid, host_cpu))
 }
 
 /// Everything KVM holds for one vCPU.
@@ -126,8 +121,13 @@ impl VcpuState {
         })
     }
 
-    /// Loads this state into a vCPU that has its CPUID set and has not run.
-    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VmmError> {
+    /// Loads this state into a vCPU that has its CPUID (`cpuid`) set and has
+    /// not run; returns the MSRs it loaded.
+    pub fn restore(
+        &self,
+        vcpu: &VcpuFd,
+        cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+    ) -> Result<Vec<u32>, VmmError> {
         let k = |what| move |e| VmmError::Kvm(what, e);
         if self.tsc_khz != 0 {
             if let Ok(here) = vcpu.get_tsc_khz() {
@@ -153,20 +153,27 @@ impl VcpuState {
         vcpu.set_debug_regs(&self.debug_regs)
             .map_err(k("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic).map_err(k("KVM_SET_LAPIC"))?;
-        let msrs = Msrs::from_entries(&self.msrs)
-            .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
-        let set = vcpu.set_msrs(&msrs).map_err(k("KVM_SET_MSRS"))?;
-        if set != self.msrs.len() {
-            return Err(VmmError::Restore(format!(
-                "this host's KVM refused MSR {:#x} of vCPU {} (set {set} of {}): the source \
-                 CPU has a feature this host lacks",
-                self.msrs[set].index,
+        let load = msrs::load_msrs(vcpu, cpuid, &self.msrs);
+        if !load.refused.is_empty() {
+            return Err(VmmError::MsrsRefused {
+                vcpu: self.index,
+                refused: load.refused,
+            });
+        }
+        if !load.skipped.is_empty() {
+            tracing::info!(
+                "vCPU {}: MSRs this host's KVM does not load and the guest cannot tell apart, \
+                 skipped: {}",
                 self.index,
-                self.msrs.len()
-            )));
+                load.skipped
+                    .iter()
+                    .map(|&i| msrs::msr_name(i))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         vcpu.set_vcpu_events(&self.events)
             .map_err(k("KVM_SET_VCPU_EVENTS"))?;
-        Ok(())
+        Ok(load.loaded)
     }
 }

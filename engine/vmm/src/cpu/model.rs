@@ -288,7 +288,8 @@ const FEATURES: &[Feature] = &[
     (0x8000_0008, 0, Ebx, 0, "clzero"),
     (0x8000_0008, 0, Ebx, 9, "wbnoinvd"),
     (0x8000_0008, 0, Ebx, 12, "ibpb"),
-    (0x8000_0008, 0, Ebx, 25, "amd-ssbd"),
+    (0x8000_0008, 0, Ebx, 24, "amd-ssbd"),
+    (0x8000_0008, 0, Ebx, 25, "virt-ssbd"),
 ];
 
 /// Registers whose every set bit a guest may rely on (feature flags).
@@ -304,7 +305,58 @@ const FEATURE_REGS: &[(u32, u32, Reg)] = &[
     (0x8000_0001, 0, Edx),
     (0x8000_0007, 0, Edx),
     (0x8000_0008, 0, Ebx),
+    (CPUID_KVM_FEATURES, 0, Eax),
 ];
+
+/// KVM's paravirtual feature leaf (EAX: KVM_FEATURE_* bits).
+const CPUID_KVM_FEATURES: u32 = 0x4000_0001;
+
+/// KVM's paravirtual features by bit, as QEMU names them (`kvmclock` is both
+/// the old and the new clock MSRs; ferry calls the new one `kvmclock2`).
+const KVM_FEATURES: &[(u32, &str)] = &[
+    (0, "kvmclock"),
+    (1, "kvm-nopiodelay"),
+    (2, "kvm-mmu"),
+    (3, "kvmclock2"),
+    (4, "kvm-asyncpf"),
+    (5, "kvm-steal-time"),
+    (6, "kvm-pv-eoi"),
+    (7, "kvm-pv-unhalt"),
+    (9, "kvm-pv-tlb-flush"),
+    (10, "kvm-asyncpf-vmexit"),
+    (11, "kvm-pv-ipi"),
+    (12, "kvm-poll-control"),
+    (13, "kvm-pv-sched-yield"),
+    (14, "kvm-asyncpf-int"),
+    (15, "kvm-msi-ext-dest-id"),
+    (16, "kvm-hc-map-gpa-range"),
+    (17, "kvm-migration-control"),
+    (24, "kvmclock-stable-bit"),
+];
+
+/// The paravirtual features a named model gets under KVM (QEMU's
+/// `kvm_default_props`: kvmclock, kvm-nopiodelay, kvm-asyncpf, kvm-steal-time,
+/// kvm-pv-eoi, kvmclock-stable-bit), whatever else this host's kernel offers:
+/// a newer kernel's additions would tie the guest to kernels that have them.
+const KVM_DEFAULT_FEATURES: u32 = 1 | 1 << 1 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 24;
+
+/// Whether bit `bit` of register `reg` (0 EAX, 1 EBX, 2 ECX, 3 EDX) of leaf
+/// `function`, subleaf `index` is set in `entries`.
+pub fn cpuid_bit(
+    entries: &[kvm_cpuid_entry2],
+    function: u32,
+    index: u32,
+    reg: u8,
+    bit: u32,
+) -> bool {
+    let reg = match reg {
+        0 => Eax,
+        1 => Ebx,
+        2 => Ecx,
+        _ => Edx,
+    };
+    find(entries, function, index).is_some_and(|e| reg_of(e, reg) & (1 << bit) != 0)
+}
 
 /// Features a guest cannot take to another host (QEMU's unmigratable flags):
 /// the invariant TSC promises a TSC rate the destination may not have.
@@ -353,6 +405,11 @@ fn find_mut(
 }
 
 fn feature_name(function: u32, index: u32, reg: Reg, bit: u32) -> String {
+    if (function, index, reg) == (CPUID_KVM_FEATURES, 0, Eax) {
+        if let Some((_, name)) = KVM_FEATURES.iter().find(|(b, _)| *b == bit) {
+            return (*name).to_string();
+        }
+    }
     FEATURES
         .iter()
         .find(|f| (f.0, f.1, f.2, f.3) == (function, index, reg, bit))
@@ -550,12 +607,13 @@ fn named(name: &str) -> Option<(NamedModel, Vec<&'static str>)> {
     let common = [
         "mtrr", "clflush", "mca", "pse36", "pni", "cx16", "lm", "syscall", "nx",
     ];
-    // What QEMU adds under KVM (kvm_default_props): x2apic, and the hypervisor bit.
+    // What QEMU changes under KVM (kvm_default_props): x2apic and the hypervisor
+    // bit on, svm off (qemu64 defines it, but nested state does not migrate).
     let kvm = ["x2apic", "hypervisor"];
     let mut features: Vec<&'static str> = PPRO.iter().chain(&common).chain(&kvm).copied().collect();
     let model = match name {
         "qemu64" => {
-            features.extend(["lahf-lm", "svm"]);
+            features.push("lahf-lm");
             NamedModel {
                 vendor: b"AuthenticAMD",
                 family: 15,
@@ -713,7 +771,71 @@ fn resolve_named(
         }
     }
     apply_changes(&mut entries, supported, changes, enforce)?;
-    Ok(entries)
+    let pv = find(supported, CPUID_KVM_FEATURES, 0).map_or(0, |e| e.eax);
+    if let Some(e) = find_mut(&mut entries, CPUID_KVM_FEATURES, 0) {
+        e.eax |= pv & KVM_DEFAULT_FEATURES;
+    }
+    Ok(portable_leaves(entries))
+}
+
+/// XSAVE state components (bit of XCR0) and the feature that brings each.
+const XSAVE_COMPONENTS: &[(u32, &str)] = &[
+    (2, "avx"),
+    (3, "mpx"),
+    (4, "mpx"),
+    (5, "avx512f"),
+    (6, "avx512f"),
+    (7, "avx512f"),
+    (9, "pku"),
+    (17, "amx-tile"),
+    (18, "amx-tile"),
+];
+
+/// A named model's leaves with nothing of this host's left that the model does
+/// not define and a guest could depend on: no PMU (leaf 0xa, as QEMU's
+/// `pmu=off`), leaf 7 without subleaves past 1, the XSAVE leaf describing only
+/// the state components of the model's features (none without xsave), and no
+/// SVM leaf without svm. What remains of the host's (cache and topology
+/// descriptions, address sizes) travels with the guest and binds nothing.
+fn portable_leaves(mut entries: Vec<kvm_cpuid_entry2>) -> Vec<kvm_cpuid_entry2> {
+    let has = |entries: &[kvm_cpuid_entry2], name: &str| has_feature(entries, name);
+    let xsave = has(&entries, "xsave");
+    let svm = has(&entries, "svm");
+    let mut components: u64 = if xsave { 0b11 } else { 0 };
+    for &(bit, feature) in XSAVE_COMPONENTS {
+        if xsave && has(&entries, feature) {
+            components |= 1 << bit;
+        }
+    }
+    let has_7_1 = find(&entries, 7, 1).is_some_and(|e| e.eax != 0);
+    entries.retain(|e| match e.function {
+        7 => e.index <= 1,
+        0xd => e.index <= 1 || components & (1u64 << e.index.min(63)) != 0,
+        _ => true,
+    });
+    let mut max_size = 576;
+    for e in entries.iter().filter(|e| e.function == 0xd && e.index >= 2) {
+        max_size = max_size.max(e.ebx + e.eax);
+    }
+    for e in entries.iter_mut() {
+        match (e.function, e.index) {
+            (7, 0) => e.eax = u32::from(has_7_1),
+            (0xa, _) => (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0),
+            (0xd, 0) => {
+                e.eax = components as u32;
+                e.edx = (components >> 32) as u32;
+                e.ebx = 576.min(max_size);
+                e.ecx = max_size;
+                if !xsave {
+                    (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
+                }
+            }
+            (0xd, 1) => (e.ebx, e.ecx, e.edx) = (0, 0, 0),
+            (0x8000_000a, _) if !svm => (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0),
+            _ => {}
+        }
+    }
+    entries
 }
 
 /// `+feature` / `feature=on|off` on top of a model.
@@ -815,18 +937,24 @@ mod tests {
         );
         let v = find(&t, 0, 0).unwrap();
         assert_eq!(&v.ebx.to_le_bytes(), b"Auth");
-        // svm is not on this host: left out (with a warning), and an error when enforced.
+        // qemu64 under KVM has no svm (QEMU's kvm_default_props), so enforce passes;
+        // asked for by name, svm (not on this host) is left out with a warning,
+        // and an error when enforced.
         assert_eq!(find(&t, 0x8000_0001, 0).unwrap().ecx & (1 << 2), 0);
-        let e = resolve(
-            &h,
-            &CpuModel::Named {
-                name: "qemu64".into(),
-                features: vec![],
-                enforce: true,
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let enforced = |features: Vec<(String, bool)>| {
+            resolve(
+                &h,
+                &CpuModel::Named {
+                    name: "qemu64".into(),
+                    features,
+                    enforce: true,
+                },
+            )
+        };
+        assert!(enforced(vec![]).is_ok());
+        let e = enforced(vec![("svm".into(), true)])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("svm"), "{e}");
         // Feature changes by QEMU name.
         let t = resolve(
@@ -873,10 +1001,11 @@ mod tests {
         );
         let e = CpuModel::parse("host,+invtsc,tsc-frequency=2000000000").unwrap_err();
         assert!(e.contains("KVM_SET_TSC_KHZ"), "{e}");
-        assert_eq!(unavailable_features(&h, "qemu64"), ["svm"]);
+        assert!(unavailable_features(&h, "qemu64").is_empty());
         // What a CPU object lost: the model's, plus those named, less those off.
         let lost = |m: &str| filtered_features(&h, &CpuModel::parse(m).unwrap());
-        assert_eq!(lost("qemu64"), ["svm"]);
+        assert!(lost("qemu64").is_empty());
+        assert_eq!(lost("qemu64,+svm"), ["svm"]);
         assert!(lost("qemu64,svm=off").is_empty());
         assert!(lost("qemu64,-svm").is_empty());
         assert_eq!(lost("kvm64,+svm,lahf_lm=on"), ["svm"]);
@@ -891,6 +1020,58 @@ mod tests {
             ("AuthenticAMD", 15, 107)
         );
         assert_eq!(id.model_id, "QEMU Virtual CPU version 2.5+");
+    }
+
+    /// A named model keeps nothing of the host that the guest could come to
+    /// depend on and another host's KVM may lack or refuse.
+    #[test]
+    fn named_models_leave_the_host_behind() {
+        let mut h = host();
+        let regs = |function, index, eax, ebx, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: 1,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        h[2].eax = 2; // leaf 7 with subleaves 1 and 2
+        h.extend([
+            regs(7, 1, 0xffff_ffff, 0xffff_ffff, 0xffff_ffff, 0xffff_ffff),
+            regs(7, 2, 0, 0, 0, 0xffff_ffff),
+            regs(0xa, 0, 0x0804_3004, 0, 0, 0x603),
+            regs(0xd, 0, 0x6_02e7, 0x340, 0x2b00, 0),
+            regs(0xd, 1, 0xf, 0, 0x1800, 0),
+            regs(0xd, 2, 0x100, 0x240, 0, 0),
+            regs(0xd, 17, 0x40, 0xac0, 2, 0),
+            regs(0x4000_0001, 0, 0x0102_7eff, 0, 0, 0),
+        ]);
+        let t = resolve(&h, &CpuModel::parse("qemu64").unwrap()).unwrap();
+        assert_eq!(find(&t, 7, 0).map(|e| e.eax), Some(0), "no subleaf of 7");
+        assert!(find(&t, 7, 2).is_none());
+        assert_eq!(find(&t, 7, 1).map(|e| e.eax), Some(0));
+        let a = find(&t, 0xa, 0).unwrap();
+        assert_eq!((a.eax, a.edx), (0, 0), "no PMU");
+        assert!(t
+            .iter()
+            .filter(|e| e.function == 0xd)
+            .all(|e| e.eax == 0 && e.ecx == 0));
+        assert!(find(&t, 0xd, 17).is_none(), "no AMX state without amx-tile");
+        assert_eq!(
+            find(&t, 0x4000_0001, 0).map(|e| e.eax),
+            Some(KVM_DEFAULT_FEATURES),
+            "QEMU's default paravirtual features only"
+        );
+        // With xsave and avx, the XSAVE leaf lists x87, SSE and AVX state.
+        let t = resolve(&h, &CpuModel::parse("qemu64,+xsave,+avx").unwrap()).unwrap();
+        let d = find(&t, 0xd, 0).unwrap();
+        assert_eq!((d.eax, d.edx, d.ecx), (0b111, 0, 0x340));
+        assert!(find(&t, 0xd, 2).is_some() && find(&t, 0xd, 17).is_none());
+        // A host CPU is the host's.
+        let t = resolve(&h, &CpuModel::Host).unwrap();
+        assert_eq!(find(&t, 0x4000_0001, 0).map(|e| e.eax), Some(0x0102_7eff));
     }
 
     #[test]
