@@ -308,11 +308,14 @@ pub enum Command {
         /// Number of vCPUs.
         #[arg(long, default_value_t = 1)]
         smp: u32,
-        /// The CPU the guest sees, in QEMU's -cpu syntax: host (everything this
-        /// host's KVM offers; the default), max, qemu64 or kvm64, then
-        /// ,+FEATURE / ,-FEATURE / ,FEATURE=on|off and ,enforce. A migrated guest
-        /// keeps its CPU: a destination whose host lacks one of its features refuses it.
-        #[arg(long, default_value = "host", value_parser = crate::cpu::model::CpuModel::parse)]
+        /// The CPU the guest sees, in QEMU's -cpu syntax: qemu64 (the default, as
+        /// in QEMU and libvirt: it runs and migrates on every x86-64 host), kvm64,
+        /// host or max (everything this host's KVM offers: fastest, but such a
+        /// guest moves only to hosts with the same CPU features and kernel MSRs),
+        /// then ,+FEATURE / ,-FEATURE / ,FEATURE=on|off and ,enforce. A migrated
+        /// guest keeps its CPU: a destination whose host lacks one of its features
+        /// refuses it.
+        #[arg(long, default_value = "qemu64", value_parser = crate::cpu::model::CpuModel::parse)]
         cpu: crate::cpu::model::CpuModel,
         #[command(flatten)]
         common: Common,

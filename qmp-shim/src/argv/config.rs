@@ -246,12 +246,13 @@ impl Invocation {
         Ok(size)
     }
 
-    /// `-cpu` as the engine's CPU model (the host's CPU without `-cpu`, as
-    /// `-accel kvm` QEMU users expect from ferry; libvirt always passes one).
+    /// `-cpu` as the engine's CPU model; without `-cpu`, QEMU's default qemu64
+    /// (what libvirt's domains without `<cpu>` get).
     fn cpu_model(&self) -> Result<CpuModel, ArgvError> {
         match &self.cpu {
-            // QEMU's `-cpu host`: migratable, so without invtsc.
-            None => CpuModel::from_qemu("host", &[]).map_err(|e| ArgvError::unsupported("-cpu", e)),
+            None => {
+                CpuModel::from_qemu("qemu64", &[]).map_err(|e| ArgvError::unsupported("-cpu", e))
+            }
             Some(c) => CpuModel::from_qemu(&c.model, &c.features)
                 .map_err(|e| ArgvError::unsupported("-cpu", e)),
         }
