@@ -389,6 +389,7 @@ fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
             "max-total-time" => p.max_total_time_ms = num()?,
             "verify" => p.verify_digest = flag()?,
             "auto-converge" => p.auto_converge = flag()?,
+            "dirty-limit" => p.dirty_limit = flag()?,
             "pause-before-switchover" => p.pause_before_switchover = flag()?,
             "clear-dirty-log" => p.clear_dirty_log = flag()?,
             "tls-creds" if v == "none" || v.is_empty() => p.tls = None,

@@ -8,17 +8,61 @@
 //! 2. If the guest dirties memory faster than half the bandwidth for two passes in a
 //!    row, throttle ("stun during page send"): take away just enough vCPU time that the
 //!    dirty rate falls to half the bandwidth, computed from the dirty rate measured
-//!    under the current throttle. Lift it at switch-over.
+//!    under the current throttle, and at least 5 points or half the vCPU time left
+//!    more each pass that still outruns the link. Lift it at switch-over.
+//!    A percentage of CPU time does not bound a dirty rate: how many pages a guest
+//!    dirties in its last 1% depends on the host (the cost of a dirty-logging write
+//!    fault differs between kernels), and the measured rate saturates once a pass
+//!    rewrites the whole working set. So past `max-cpu-throttle` the dirty limit
+//!    (on by default) goes on halving the vCPUs' share of time, down to
+//!    [`MIN_RUN_PPM`], until the rest fits the link: the dirty rate falls with the
+//!    time the guest runs, so every migration converges, after at most
+//!    log2(1% / 0.02%) < 6 more non-converging passes, each as long as sending
+//!    the working set once takes.
 //! 3. Past the total-time cap, cancel or force the switch-over, per policy.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// One throttle period: the vCPUs run `(100 - pct)%` of it and sleep the rest, so a
-/// throttled guest never stalls longer than this.
+/// One throttle period: the vCPUs run their share of it and nap the rest, so a
+/// throttled guest stalls no longer than this, until its share of time is so
+/// small that a run would be shorter than [`MIN_RUN`].
 pub const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
+
+/// The shortest run between two naps (a kick takes tens of µs to land): below
+/// it, the period grows instead, up to a nap of [`MAX_NAP`].
+pub const MIN_RUN: Duration = Duration::from_micros(200);
+
+/// The longest nap of a throttled vCPU.
+pub const MAX_NAP: Duration = Duration::from_secs(1);
+
+/// The smallest share of time, in parts per million, that the dirty limit
+/// leaves the vCPUs: [`MIN_RUN`] in every [`MAX_NAP`].
+pub const MIN_RUN_PPM: u32 = 200;
+
+const PPM: u32 = 1_000_000;
+
+/// How long vCPUs run, then nap, in one throttle cycle when they nap `nap_ppm`
+/// parts per million of the time.
+pub fn cycle(nap_ppm: u32) -> (Duration, Duration) {
+    let nap_ppm = nap_ppm.min(PPM - MIN_RUN_PPM);
+    let period = THROTTLE_PERIOD.as_nanos() as u64;
+    let run = period * u64::from(PPM - nap_ppm) / u64::from(PPM);
+    if run >= MIN_RUN.as_nanos() as u64 {
+        return (
+            Duration::from_nanos(run),
+            Duration::from_nanos(period - run),
+        );
+    }
+    let run = MIN_RUN.as_nanos() as u64;
+    let nap = run * u64::from(nap_ppm) / u64::from(PPM - nap_ppm);
+    (
+        Duration::from_nanos(run),
+        Duration::from_nanos(nap).min(MAX_NAP),
+    )
+}
 
 /// Device state estimate per vCPU used before the real size is known.
 pub const DEVICE_STATE_PER_VCPU: u64 = 16 << 10;
@@ -31,7 +75,8 @@ fn epoch() -> Instant {
 /// Shared with the vCPU threads: how long they must nap when kicked.
 #[derive(Debug, Default)]
 pub struct ThrottleState {
-    pct: AtomicU8,
+    /// Share of the time vCPUs nap, parts per million.
+    nap_ppm: AtomicU32,
     /// Nanoseconds since `epoch()` until which vCPUs sleep; 0 = none.
     nap_until: AtomicU64,
     /// Held (a `stop` while a migration owns the VM): vCPUs stay out of the
@@ -76,8 +121,14 @@ impl ThrottleState {
         }
     }
 
+    /// The throttle as QEMU reports it (`cpu-throttle-percentage`, at most 99).
     pub fn percent(&self) -> u8 {
-        self.pct.load(Ordering::Acquire)
+        (self.nap_ppm() / 10_000).min(99) as u8
+    }
+
+    /// Share of the time vCPUs nap, parts per million.
+    pub fn nap_ppm(&self) -> u32 {
+        self.nap_ppm.load(Ordering::Acquire)
     }
 }
 
@@ -161,18 +212,17 @@ impl Throttle {
             .name("throttle".into())
             .spawn(move || {
                 while !st.load(Ordering::Acquire) {
-                    let pct = u64::from(s.pct.load(Ordering::Acquire));
-                    let period = THROTTLE_PERIOD.as_nanos() as u64;
-                    if pct == 0 {
+                    let ppm = s.nap_ppm();
+                    if ppm == 0 {
                         std::thread::sleep(THROTTLE_PERIOD);
                         continue;
                     }
-                    let nap = period * pct / 100;
-                    std::thread::sleep(Duration::from_nanos(period - nap));
-                    let until = epoch().elapsed().as_nanos() as u64 + nap;
+                    let (run, nap) = cycle(ppm);
+                    std::thread::sleep(run);
+                    let until = epoch().elapsed().as_nanos() as u64 + nap.as_nanos() as u64;
                     s.nap_until.store(until, Ordering::Release);
                     kick();
-                    std::thread::sleep(Duration::from_nanos(nap));
+                    std::thread::sleep(nap);
                 }
             })
             .ok();
@@ -183,9 +233,12 @@ impl Throttle {
         }
     }
 
-    pub fn set(&self, pct: u8) {
-        self.state.pct.store(pct.min(99), Ordering::Release);
-        if pct == 0 {
+    /// Lets vCPUs nap `nap_ppm` parts per million of the time (0: not at all).
+    pub fn set_ppm(&self, nap_ppm: u32) {
+        self.state
+            .nap_ppm
+            .store(nap_ppm.min(PPM - MIN_RUN_PPM), Ordering::Release);
+        if nap_ppm == 0 {
             self.state.nap_until.store(0, Ordering::Release);
         }
     }
@@ -193,11 +246,15 @@ impl Throttle {
     pub fn percent(&self) -> u8 {
         self.state.percent()
     }
+
+    pub fn nap_ppm(&self) -> u32 {
+        self.state.nap_ppm()
+    }
 }
 
 impl Drop for Throttle {
     fn drop(&mut self) {
-        self.set(0);
+        self.set_ppm(0);
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.ticker.take() {
             let _ = t.join();
@@ -279,28 +336,45 @@ impl Convergence {
         }
     }
 
-    /// The throttle (percent) this pass calls for: 0 while the link keeps up, else the
-    /// share of vCPU time to take away so that the dirty rate falls to half the link.
-    pub fn throttle_for(&mut self, dirty_rate: f64, current_pct: u8, max_pct: u8) -> u8 {
+    /// The throttle this pass calls for, as the share of time vCPUs nap (parts
+    /// per million, at most `max_ppm`): 0 while the link keeps up, else enough
+    /// that the dirty rate falls to half the link, computed from the rate
+    /// measured under the current throttle, and at least 5 points or half the
+    /// time left more than now (a saturated measurement, a rate that does not
+    /// scale with the time the guest runs, cannot stall it).
+    pub fn throttle_for(&mut self, dirty_rate: f64, current_ppm: u32, max_ppm: u32) -> u32 {
         if self.bandwidth <= 0.0 {
-            return current_pct;
+            return current_ppm;
         }
         let target = 0.5 * self.bandwidth;
         if dirty_rate <= target {
             self.non_converging = 0;
-            return current_pct;
+            return current_ppm;
         }
         self.non_converging += 1;
-        if self.non_converging < 2 && current_pct == 0 {
+        if self.non_converging < 2 && current_ppm == 0 {
             return 0;
         }
+        let ppm = f64::from(PPM);
+        let current = current_ppm.min(PPM - MIN_RUN_PPM);
+        let run = f64::from(PPM - current) / ppm;
         // Dirty rate the guest would have unthrottled.
-        let free = dirty_rate / (1.0 - f64::from(current_pct) / 100.0).max(0.01);
-        let need = (1.0 - target / free) * 100.0;
-        // Never throttle less than now while the guest still outruns the link, and step
-        // up by at least 5 points so that a noisy measurement cannot stall progress.
-        let pct = need.max(f64::from(current_pct) + 5.0).ceil();
-        pct.clamp(0.0, f64::from(max_pct)) as u8
+        let free = dirty_rate / run;
+        let need = (1.0 - target / free) * ppm;
+        let step = 50_000.min((PPM - current) / 2);
+        let nap = need.max(f64::from(current + step)).ceil();
+        nap.clamp(0.0, f64::from(max_ppm.min(PPM - MIN_RUN_PPM))) as u32
+    }
+}
+
+/// The most a migration with `params` may throttle, parts per million of the
+/// vCPUs' time: `max-cpu-throttle`, or with the dirty limit on, as much as it
+/// takes to converge (all but [`MIN_RUN_PPM`]).
+pub fn max_nap_ppm(max_throttle_pct: u8, dirty_limit: bool) -> u32 {
+    if dirty_limit {
+        PPM - MIN_RUN_PPM
+    } else {
+        u32::from(max_throttle_pct.min(99)) * 10_000
     }
 }
 
@@ -394,15 +468,71 @@ mod tests {
             bandwidth: 100.0,
             ..Default::default()
         };
+        let pct = |p: u32| p * 10_000;
         // Keeps up: no throttle.
-        assert_eq!(c.throttle_for(40.0, 0, 99), 0);
+        assert_eq!(c.throttle_for(40.0, 0, pct(99)), 0);
         // First pass that outruns the link: wait one more.
-        assert_eq!(c.throttle_for(200.0, 0, 99), 0);
+        assert_eq!(c.throttle_for(200.0, 0, pct(99)), 0);
         // Second: take away enough that 200 -> 50: 75%.
-        assert_eq!(c.throttle_for(200.0, 0, 99), 75);
-        // Under 75% the guest still dirties 80 (free rate 320): need 85%.
-        assert_eq!(c.throttle_for(80.0, 75, 99), 85);
+        assert_eq!(c.throttle_for(200.0, 0, pct(99)), pct(75));
+        // Under 75% the guest still dirties 80 (free rate 320): need 84.375%.
+        assert_eq!(c.throttle_for(80.0, pct(75), pct(99)), 843_750);
         // Capped.
-        assert_eq!(c.throttle_for(1000.0, 85, 90), 90);
+        assert_eq!(c.throttle_for(1000.0, pct(85), pct(90)), pct(90));
+    }
+
+    /// The case a percentage cannot end: at 99% the guest still rewrites its
+    /// whole working set every pass (the measured rate saturates and does not
+    /// fall). With the dirty limit the share of time left halves each pass, so
+    /// the rate the guest could reach falls below the link within a bound.
+    #[test]
+    fn the_dirty_limit_ends_what_a_percentage_cannot() {
+        let mut c = Convergence {
+            bandwidth: 16.0,
+            ..Default::default()
+        };
+        let max = max_nap_ppm(99, true);
+        // Unthrottled, the guest could dirty 3000 a second; what a pass sees is
+        // capped at the working set's 32 per pass of 2 s.
+        let seen = |nap: u32| (3000.0 * f64::from(PPM - nap) / f64::from(PPM)).min(16.0);
+        let mut nap = 0;
+        let mut passes = 0;
+        while seen(nap) > 8.0 {
+            nap = c.throttle_for(seen(nap), nap, max);
+            passes += 1;
+            assert!(
+                passes < 20,
+                "no convergence: {nap} ppm after {passes} passes"
+            );
+        }
+        assert!(nap > 990_000, "{nap}");
+        // Without it, QEMU's cap holds, and so does the non-convergence.
+        let mut c = Convergence {
+            bandwidth: 16.0,
+            ..Default::default()
+        };
+        let cap = max_nap_ppm(99, false);
+        let mut nap = 0;
+        for _ in 0..30 {
+            nap = c.throttle_for(seen(nap), nap, cap);
+        }
+        assert_eq!(nap, cap);
+        assert!(seen(nap) > 8.0);
+    }
+
+    #[test]
+    fn a_tiny_share_of_time_lengthens_the_cycle_not_the_run() {
+        assert_eq!(
+            cycle(250_000),
+            (Duration::from_millis(15), Duration::from_millis(5))
+        );
+        assert_eq!(
+            cycle(990_000),
+            (Duration::from_micros(200), Duration::from_micros(19_800))
+        );
+        let (run, nap) = cycle(999_000);
+        assert_eq!(run, MIN_RUN);
+        assert_eq!(nap, Duration::from_micros(199_800));
+        assert_eq!(cycle(PPM).1, MAX_NAP - Duration::from_micros(200));
     }
 }

@@ -149,8 +149,12 @@ pub struct MigrationParams {
     pub on_timeout: TimeoutPolicy,
     /// Slow vCPUs when the guest dirties memory faster than the link drains it.
     pub auto_converge: bool,
-    /// Highest throttle, percent of vCPU time taken away.
+    /// Highest throttle, percent of vCPU time taken away (QEMU max-cpu-throttle).
     pub max_throttle_pct: u8,
+    /// Past `max_throttle_pct`, go on slowing the vCPUs until their dirty rate
+    /// fits the link (down to 0.02% of their time), so that every pre-copy ends
+    /// (see converge.rs); off: QEMU's behaviour, the throttle stops at the cap.
+    pub dirty_limit: bool,
     /// Compare a digest of all RAM on both sides before the destination resumes.
     pub verify_digest: bool,
     /// Stop in `pre-switchover` with vCPUs paused until [`MigrationControl::resume_switchover`]
@@ -182,6 +186,7 @@ impl Default for MigrationParams {
             on_timeout: TimeoutPolicy::Cancel,
             auto_converge: true,
             max_throttle_pct: 99,
+            dirty_limit: true,
             verify_digest: false,
             pause_before_switchover: false,
             multifd_channels: 1,

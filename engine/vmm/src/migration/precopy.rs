@@ -10,7 +10,9 @@ use ferry_format::{RamBatchBuilder, SectionId, StreamReader, StreamWriter};
 use ferry_kvm::{GuestRam, PAGE_SIZE};
 use kvm_ioctls::VmFd;
 
-use super::converge::{Convergence, Decision, PassReport, DEVICE_STATE_PER_VCPU};
+use super::converge::{
+    cycle, max_nap_ppm, Convergence, Decision, PassReport, DEVICE_STATE_PER_VCPU,
+};
 use super::transport::{Breaker, WriteHalf};
 use super::{
     stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
@@ -920,6 +922,7 @@ fn run(
             s.expected_downtime = expected.as_millis() as u64;
             s.total_time = start.elapsed().as_millis() as u64;
             s.cpu_throttle_percentage = throttle.percent();
+            s.dirty_limit_throttle_time_per_round = beyond_cap(throttle.nap_ppm(), &params);
             s.dirty_sync_us = sync_us;
             s.dirty_clear_us = sh.clear_ns.load(Ordering::Relaxed) / 1000;
         });
@@ -960,8 +963,8 @@ fn run(
             }
         }
         if params.auto_converge {
-            let pct = conv.throttle_for(dirty_rate, throttle.percent(), params.max_throttle_pct);
-            throttle.set(pct);
+            let max = max_nap_ppm(params.max_throttle_pct, params.dirty_limit);
+            throttle.set_ppm(conv.throttle_for(dirty_rate, throttle.nap_ppm(), max));
         }
         to_send = dirty.clone();
         prev_sync = dirty;
@@ -1052,4 +1055,13 @@ fn run(
         "migration completed"
     );
     Ok(ctl.stats())
+}
+
+/// Microseconds each vCPU naps per cycle under a throttle of `nap_ppm`, where
+/// the dirty limit took it past `max-cpu-throttle`; 0 below it.
+fn beyond_cap(nap_ppm: u32, params: &MigrationParams) -> u64 {
+    if nap_ppm <= max_nap_ppm(params.max_throttle_pct, false) {
+        return 0;
+    }
+    cycle(nap_ppm).1.as_micros() as u64
 }

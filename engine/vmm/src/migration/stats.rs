@@ -72,6 +72,9 @@ pub struct MigrationStats {
     pub expected_downtime: u64,
     pub ram: RamStats,
     pub cpu_throttle_percentage: u8,
+    /// Microseconds each vCPU naps per throttle cycle once the dirty limit took
+    /// the throttle past `max-cpu-throttle` (QEMU 8.1's name); 0 before that.
+    pub dirty_limit_throttle_time_per_round: u64,
     /// Passes over memory so far.
     pub passes: u64,
     /// Page streams (connections) in use: the multifd channels the destination
