@@ -91,7 +91,7 @@ pub fn generate_seed(state: SeedState) -> Result<Vec<u8>, String> {
         vcpus: 1,
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
-        cpu: ferry_vmm::cpu::model::CpuModel::Host,
+        cpu: ferry_vmm::cpu::model::CpuModel::parse("qemu64").expect("qemu64 is a model"),
         virtio: vec![disk_spec()?],
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;

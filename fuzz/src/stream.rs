@@ -681,7 +681,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         vcpus: 2,
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
-        cpu: ferry_vmm::cpu::model::CpuModel::Host,
+        cpu: ferry_vmm::cpu::model::CpuModel::parse("qemu64").expect("qemu64 is a model"),
         virtio: Vec::new(),
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;

@@ -999,7 +999,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
         vcpus: 2,
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
-        cpu: ferry_vmm::cpu::model::CpuModel::Host,
+        cpu: ferry_vmm::cpu::model::CpuModel::parse("qemu64").expect("qemu64 is a model"),
         virtio: Vec::new(),
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
