@@ -170,14 +170,15 @@ fn qemu() -> Option<&'static str> {
     }
 }
 
-/// A QEMU domain of the dirtier with `devices`, its CPU the host's own
-/// (host-passthrough): QEMU's default model for KVM, qemu64, names features
-/// (svm, pni) this machine's CPU does not report, which the destination's
-/// CompareCPU would refuse on its own.
+/// A QEMU domain of the dirtier with `devices`, its CPU the best this host's
+/// QEMU runs ([`ferry_tests::migrate::qemu_cpu`]: host-passthrough where it
+/// can; QEMU's default for KVM, qemu64, names features (svm, pni) some hosts'
+/// KVM does not report, which the destination's CompareCPU would refuse).
 fn qemu_dirtier(lab: &Lab, qemu: &str, dom: &str, mib: u64, devices: &str) -> String {
+    let cpu = ferry_tests::migrate::qemu_cpu(Path::new(qemu)).xml;
     let xml = lab.dirtier_on(qemu, dom, mib, CMDLINE).replacen(
         "<features>",
-        "<cpu mode='host-passthrough' check='none'/>\n  <features>",
+        &format!("{cpu}\n  <features>"),
         1,
     );
     with_devices(&xml, devices)

@@ -267,6 +267,64 @@ pub fn qemu_binary() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// A guest CPU for QEMU: as libvirt's `<cpu>` XML and as QEMU's `-cpu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QemuCpu {
+    pub xml: &'static str,
+    pub arg: &'static str,
+}
+
+/// The guest CPUs QEMU may get, best first: the host's own; the host's without
+/// arch-capabilities (QEMU 7.2 aborts on kernels whose KVM refuses its value of
+/// MSR 0x10a: "failed to set MSR 0x10a"); QEMU's portable default, qemu64.
+pub const QEMU_CPUS: &[QemuCpu] = &[
+    QemuCpu {
+        xml: "<cpu mode='host-passthrough' check='none'/>",
+        arg: "host",
+    },
+    QemuCpu {
+        xml: "<cpu mode='host-passthrough' check='none'>\
+              <feature policy='disable' name='arch-capabilities'/></cpu>",
+        arg: "host,arch-capabilities=off",
+    },
+    QemuCpu {
+        xml: "<cpu mode='custom' match='exact' check='none'>\
+              <model fallback='forbid'>qemu64</model></cpu>",
+        arg: "qemu64",
+    },
+];
+
+/// The first of [`QEMU_CPUS`] that this host's QEMU (`qemu`) starts a KVM
+/// guest with, probed once: QEMU set up, its vCPU registers loaded, `quit`.
+pub fn qemu_cpu(qemu: &Path) -> QemuCpu {
+    static CHOSEN: std::sync::OnceLock<QemuCpu> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        for &cpu in QEMU_CPUS {
+            let mut child = Command::new(qemu)
+                .args(["-accel", "kvm", "-M", "pc", "-cpu", cpu.arg, "-nodefaults"])
+                .args(["-display", "none", "-S", "-monitor", "stdio"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run QEMU");
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(b"quit\n");
+            }
+            let out = child.wait_with_output().expect("wait for QEMU");
+            if out.status.success() {
+                return cpu;
+            }
+            eprintln!(
+                "QEMU cannot run -cpu {} here: {}",
+                cpu.arg,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        panic!("this host's QEMU runs none of the CPUs {QEMU_CPUS:?}");
+    })
+}
+
 /// A QEMU process with a QMP socket.
 struct Qemu {
     child: Child,
@@ -290,7 +348,7 @@ impl Qemu {
             "microvm",
             "-enable-kvm",
             "-cpu",
-            "host",
+            qemu_cpu(bin).arg,
             "-m",
             &cfg.mem,
         ])
