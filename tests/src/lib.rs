@@ -130,6 +130,22 @@ impl VmProcess {
         }
     }
 
+    /// Waits until a `ferry-vm incoming` on a socket listens (its "listening
+    /// on" line): a source may connect from then on.
+    pub fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.stderr_text().contains("ferry-vm: listening on ") {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "ferry-vm exited before it listened ({status}): {}",
+                    self.stderr_text()
+                );
+            }
+            assert!(Instant::now() < deadline, "ferry-vm never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends one control command and returns the JSON reply.
     pub fn command(&self, line: &str) -> serde_json::Value {
         control_command(&self.control, line)

@@ -12,12 +12,11 @@ fn source(s: &Scratch, mem: &str, append: &str) -> VmProcess {
 
 /// Migrates `src` to a new `ferry-vm incoming` on `uri`, checks the destination.
 fn migrate_ok(s: &Scratch, src: VmProcess, uri: &str, settings: &[&str]) -> serde_json::Value {
-    let dst = VmProcess::spawn(s, "dst", &["incoming", uri]);
+    let mut dst = VmProcess::spawn(s, "dst", &["incoming", uri]);
     for set in settings {
         src.ok(&format!("migrate-set {set}"));
     }
-    // Give the destination a moment to listen.
-    std::thread::sleep(Duration::from_millis(300));
+    dst.wait_listening();
     complete_migration(s, src, dst, uri)
 }
 
@@ -137,7 +136,7 @@ fn destination_refusal_names_the_reason_and_source_runs_on() {
     let src = source(&s, "256M", "ws=16M");
     let uri = format!("unix:{}", s.path("mig.sock").display());
     let mut dst = VmProcess::spawn(&s, "dst", &["incoming", &uri, "-m", "512M"]);
-    std::thread::sleep(Duration::from_millis(300));
+    dst.wait_listening();
     let reply = src.command(&format!("migrate {uri}"));
     assert_eq!(reply["ok"], false, "{reply}");
     let err = reply["error"].as_str().unwrap_or_default();
@@ -160,12 +159,12 @@ fn slow_migration_with(
 ) -> (VmProcess, VmProcess, SlowMigrationThread) {
     let src = source(s, "1G", "ws=64M fill=1");
     let uri = format!("unix:{}", s.path("mig.sock").display());
-    let dst = VmProcess::spawn(s, "dst", &["incoming", &uri]);
+    let mut dst = VmProcess::spawn(s, "dst", &["incoming", &uri]);
     src.ok("migrate-set max-bandwidth=67108864");
     for set in settings {
         src.ok(&format!("migrate-set {set}"));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    dst.wait_listening();
     let t = src.command_in_thread(&format!("migrate {uri}"));
     // Wait until pages flow.
     for _ in 0..200 {
@@ -293,7 +292,7 @@ fn multifd_destination_takes_fewer_streams() {
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = VmProcess::spawn(&s, "dst", &["incoming", &uri, "--max-streams", "2"]);
     src.ok("migrate-set multifd-channels=4");
-    std::thread::sleep(Duration::from_millis(300));
+    dst.wait_listening();
     let reply = src.ok(&format!("migrate {uri}"));
     assert_eq!(reply["migration"]["streams"], 2, "{reply}");
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));

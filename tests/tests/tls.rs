@@ -17,8 +17,8 @@ fn x509(dir: &Path) -> String {
 
 /// A destination waiting with `creds` on `uri`.
 fn destination(s: &Scratch, uri: &str, creds: &str) -> VmProcess {
-    let dst = VmProcess::spawn(s, "dst", &["incoming", uri, "--tls-creds", creds]);
-    std::thread::sleep(Duration::from_millis(300));
+    let mut dst = VmProcess::spawn(s, "dst", &["incoming", uri, "--tls-creds", creds]);
+    dst.wait_listening();
     dst
 }
 

@@ -78,7 +78,7 @@ fn disk_records_survive_a_live_migration_over_two_streams() {
     let uri = format!("unix:{}", s.path("mig.sock").display());
     let mut dst = VmProcess::spawn(&s, "dst", &["incoming", &uri, "--disk", &img]);
     src.ok("migrate-set multifd-channels=2");
-    std::thread::sleep(Duration::from_millis(300));
+    dst.wait_listening();
     let reply = src.ok(&format!("migrate {uri}"));
     assert_eq!(reply["migration"]["status"], "completed", "{reply}");
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
@@ -110,7 +110,7 @@ fn a_destination_without_the_disk_is_refused_and_the_source_runs_on() {
         args.extend(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut dst = VmProcess::spawn(&s, tag, &args);
-        std::thread::sleep(Duration::from_millis(300));
+        dst.wait_listening();
         let reply = src.command(&format!("migrate {uri}"));
         assert_eq!(reply["ok"], false, "{reply}");
         let err = reply["error"].as_str().unwrap_or_default().to_string();
@@ -191,7 +191,7 @@ fn a_nic_answers_before_and_after_a_live_migration_and_is_announced() {
             &format!("tap={}", tap_b.name),
         ],
     );
-    std::thread::sleep(Duration::from_millis(300));
+    dst.wait_listening();
     let reply = src.ok(&format!("migrate {uri}"));
     assert_eq!(reply["migration"]["status"], "completed", "{reply}");
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));

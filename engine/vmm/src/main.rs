@@ -88,6 +88,10 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             if let Some(port) = listener.local_port() {
                 eprintln!("ferry-vm: listening on port {port}");
             }
+            if matches!(uri, MigrationUri::Tcp(_) | MigrationUri::Unix(_)) {
+                // A source may connect from now on (scripts and tests wait for this line).
+                eprintln!("ferry-vm: listening on {uri}");
+            }
             let ch = listener.accept_next().map_err(migration_err)?;
             let main_breaker = ch.breaker().ok();
             // A file carries one stream: only sockets can have more connections.
