@@ -26,7 +26,7 @@ mod twohosts;
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use twohosts::lab::{ms, JobInfo, Lab, Sample, CMDLINE};
+use twohosts::lab::{ms, JobInfo, Lab, Sample, CMDLINE, MAX_PASSES};
 use twohosts::{text, DEST_B};
 
 /// How many #[test]s share the hosts: the last one to finish tears them down.
@@ -335,7 +335,7 @@ fn link_down_seconds_in_the_first_pass_and_the_migration_completes() {
         s.processed > b.processed + (1 << 20)
     });
     let resumed = t0.elapsed();
-    let (out, waited) = finish(&lab, dom, child, 120);
+    let (out, waited) = lab.wait_migration_end("A", dom, child, MAX_PASSES);
     assert!(
         out.status.success(),
         "virsh migrate after the outage: {}\n{}",

@@ -17,7 +17,7 @@ mod twohosts;
 
 use std::time::{Duration, Instant};
 
-use twohosts::lab::{ms, Lab};
+use twohosts::lab::{ms, Lab, MAX_PASSES};
 use twohosts::{text, ProcStats, DEST_A, DEST_B};
 
 /// How many #[test]s share the hosts: the last one to finish tears them down.
@@ -279,18 +279,22 @@ fn parallel_connections_migrate_over_two_streams() {
     let mut args = parallel.to_vec();
     args.extend(["--bandwidth", "32"]);
     let t0 = Instant::now();
-    let mut child = lab.migrate_spawn("A", dom, DEST_B, &args);
-    let mut seen = 0;
-    while child.try_wait().expect("try_wait").is_none() {
-        seen = seen.max(migration_connections(&lab, "B"));
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "virsh migrate --parallel did not end in 120 s\n{}",
-            lab.diagnose(dom)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().expect("virsh migrate");
+    let child = lab.migrate_spawn("A", dom, DEST_B, &args);
+    // B's connections, counted while the migration runs.
+    let counting = std::sync::atomic::AtomicBool::new(true);
+    let (seen, (out, _)) = std::thread::scope(|scope| {
+        let counter = scope.spawn(|| {
+            let mut seen = 0;
+            while counting.load(std::sync::atomic::Ordering::Acquire) {
+                seen = seen.max(migration_connections(&lab, "B"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            seen
+        });
+        let end = lab.wait_migration_end("A", dom, child, MAX_PASSES);
+        counting.store(false, std::sync::atomic::Ordering::Release);
+        (counter.join().expect("the connection counter"), end)
+    });
     let wall = t0.elapsed();
     assert!(
         out.status.success(),

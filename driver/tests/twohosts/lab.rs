@@ -20,6 +20,16 @@ pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"
 /// The dirtier's command line in the fixtures.
 pub const CMDLINE: &str = "ws=16M fill=1";
 
+/// The passes a migration of the lab's guests (downtime limit 300 ms) may take
+/// before a test calls it non-converging, on any host and under any load: the
+/// engine's throttle reaches 99% in at most 20 passes (5 points a pass at
+/// least), its dirty limit then halves the vCPUs' time at least every pass
+/// (about 6 more down to 0.02%), and at most 5 passes shrink the rest after it
+/// fits; with room for the passes a link outage restarts. (A pass that does not
+/// converge lasts at least the downtime limit: the count measures the policy,
+/// not the machine's speed.)
+pub const MAX_PASSES: u64 = 60;
+
 /// The emulator under test and the two hosts its domains run on.
 #[derive(Debug)]
 pub struct Lab {
@@ -428,6 +438,61 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Waits for `child` (a `virsh migrate` of `dom` from `h`) to end, as long
+    /// as the migration keeps its promise: it ends within `max_passes` passes
+    /// (the engine's dirty limit bounds them whatever the host and its load),
+    /// and data keeps moving (no reading of `domjobinfo` changes for
+    /// `STALLED`: a hung job). Panics otherwise, after aborting the job.
+    pub fn wait_migration_end(
+        &self,
+        h: &str,
+        dom: &str,
+        mut child: Child,
+        max_passes: u64,
+    ) -> (std::process::Output, Duration) {
+        const STALLED: Duration = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut last: Option<Sample> = None;
+        let mut moved_at = Instant::now();
+        while child.try_wait().expect("try_wait").is_none() {
+            let failure = match self.sample(h, dom) {
+                Some(s) if s.iteration > max_passes => Some(format!(
+                    "the migration of {dom} did not end in {max_passes} passes: {s:?}"
+                )),
+                Some(s) => {
+                    if last.as_ref().is_none_or(|l| {
+                        (l.processed, l.remaining, l.iteration)
+                            != (s.processed, s.remaining, s.iteration)
+                    }) {
+                        moved_at = Instant::now();
+                        last = Some(s);
+                    }
+                    None
+                }
+                None => None,
+            };
+            let failure = failure.or_else(|| {
+                (moved_at.elapsed() > STALLED).then(|| {
+                    format!(
+                        "the migration of {dom} made no progress for {} s (last reading \
+                         {last:?})",
+                        STALLED.as_secs()
+                    )
+                })
+            });
+            if let Some(why) = failure {
+                let diagnosis = self.diagnose(dom);
+                // The job would go on in libvirtd and disturb the tests after this one.
+                self.hosts.virsh(h, &["domjobabort", dom]);
+                let _ = child.kill();
+                panic!("{why}\n{diagnosis}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().expect("virsh migrate output");
+        (out, t0.elapsed())
     }
 
     /// `dom` runs on `h` and only there: running in libvirt's view with one
