@@ -78,10 +78,13 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (
         "cpu",
         "MODEL[,FEATURE...]",
-        "The CPU the guest sees: `host` or `max` (everything KVM offers here; also \
-         the default without -cpu), `qemu64` or `kvm64` (QEMU 7.2's definitions: vendor, \
-         family/model, model id and feature set, masked by what this host offers, with a \
-         warning for what it lacks, or an error with `enforce`), then `+FEATURE`, \
+        "The CPU the guest sees: `qemu64` (the default without -cpu, as in QEMU) or \
+         `kvm64` (QEMU 7.2's definitions: vendor, family/model, model id and feature set, \
+         masked by what this host offers, with a warning for what it lacks, or an error \
+         with `enforce`; under KVM qemu64 has no svm, and named models get no PMU and \
+         only QEMU's default KVM paravirtual features, so they migrate between kernels \
+         and CPUs), `host` or `max` (everything KVM offers here: such a guest moves only \
+         to hosts with its CPU features and kernel MSRs), then `+FEATURE`, \
          `-FEATURE` or `FEATURE=on|off` by QEMU's feature names. An unknown model or \
          feature is refused. The guest keeps this CPU when it migrates: a destination \
          whose host lacks one of its features refuses the migration before any page \

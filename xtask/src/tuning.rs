@@ -140,6 +140,7 @@ pub fn page() -> Result<String, String> {
             },
         ],
         ["auto-converge", "on, off", on_off(d.auto_converge)],
+        ["dirty-limit", "on, off", on_off(d.dirty_limit)],
         ["verify", "on, off", on_off(d.verify_digest)],
         [
             "max-total-time",
@@ -195,14 +196,27 @@ pub fn page() -> Result<String, String> {
         "Also: QMP `migrate-set-parameters` `max-bandwidth` (bytes/s); `virsh \
          migrate-setspeed` and `ferry migrate --bandwidth` (MiB/s).",
     );
-    doc.ss("Throttling (auto-converge)");
+    doc.ss("Throttling (auto-converge, dirty-limit)");
     doc.p(&format!(
         "If the guest dirties memory faster than half the bandwidth for two passes in a \
          row, ferry takes away just enough vCPU time that the dirty rate falls to half \
-         the bandwidth (at most {}% of it). Throttled vCPUs nap in periods of 20 ms, so \
-         the guest never stalls longer than that. The throttle is lifted at switch-over.",
+         the bandwidth, and at least 5 points or half the time left more after each pass \
+         that still outruns the link (up to {}%: QEMU's max-cpu-throttle). Throttled \
+         vCPUs nap in periods of 20 ms, so the guest stalls no longer than that. The \
+         throttle is lifted at switch-over.",
         d.max_throttle_pct
     ));
+    doc.p(
+        "A percentage does not bound a dirty rate: how many pages a guest rewrites in \
+         its last 1% of the time depends on the host (the cost of a dirty-logging write \
+         fault differs between kernels). With `dirty-limit` on (the default), a \
+         throttle at its maximum that still does not converge goes on halving the \
+         vCPUs' time, down to 0.02% (runs of 200 us, naps of up to 1 s), until the \
+         dirty rate fits the link: every migration then ends, within about six passes \
+         past the maximum. query-migrate reports the nap per cycle past the maximum as \
+         `dirty-limit-throttle-time-per-round` (us). `dirty-limit=off` stops at the \
+         maximum, as QEMU does; a migration may then never end (set `max-total-time`).",
+    );
     doc.ss("Digest verify");
     doc.p(
         "With `verify` on, the source sends a digest of all guest RAM after the final \
