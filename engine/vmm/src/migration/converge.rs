@@ -212,17 +212,22 @@ impl Throttle {
             .name("throttle".into())
             .spawn(move || {
                 while !st.load(Ordering::Acquire) {
+                    // Parked, not asleep: dropping the throttle wakes the ticker at
+                    // once (a nap may last up to MAX_NAP).
                     let ppm = s.nap_ppm();
                     if ppm == 0 {
-                        std::thread::sleep(THROTTLE_PERIOD);
+                        std::thread::park_timeout(THROTTLE_PERIOD);
                         continue;
                     }
                     let (run, nap) = cycle(ppm);
-                    std::thread::sleep(run);
+                    std::thread::park_timeout(run);
+                    if st.load(Ordering::Acquire) {
+                        break;
+                    }
                     let until = epoch().elapsed().as_nanos() as u64 + nap.as_nanos() as u64;
                     s.nap_until.store(until, Ordering::Release);
                     kick();
-                    std::thread::sleep(nap);
+                    std::thread::park_timeout(nap);
                 }
             })
             .ok();
@@ -257,6 +262,7 @@ impl Drop for Throttle {
         self.set_ppm(0);
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.ticker.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }

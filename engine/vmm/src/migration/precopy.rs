@@ -971,10 +971,12 @@ fn run(
     }
     sh.first_pass.store(false, Ordering::Release);
 
-    // Switch-over: stop the guest; from here the downtime counts.
+    // Switch-over: stop the guest; from here the downtime counts. The throttle goes
+    // once the vCPUs are stopped: lifted first, a guest throttled to a few runs per
+    // second would run free until they stop and dirty its whole working set again.
     let throttle_pct = throttle.percent();
-    drop(throttle);
     vm.pause()?;
+    drop(throttle);
     let down_start = Instant::now();
     if params.pause_before_switchover {
         ctl.emit(MigrationEvent::Status(MigrationStatus::PreSwitchover));
