@@ -10,11 +10,10 @@
 //! or psk:DIR[,username=NAME] or none, tls-hostname NAME).
 //! The QEMU-compatible QMP monitor is `ferry-qemu`'s; this is the thin local entry.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ use crate::checkpoint;
 use crate::migration::{
     self, Channel, MigrationControl, MigrationStatus, MigrationUri, TimeoutPolicy,
 };
+use crate::private_file::PrivateFile;
 use crate::vcpu::GuestExit;
 use crate::vm::Vm;
 use crate::VmmError;
@@ -59,7 +59,8 @@ const LAST_REPLY_WAIT: Duration = Duration::from_secs(2);
 /// (zero pages and the MMIO hole are left as holes: the file is sparse).
 pub fn dump_memory(ram: &GuestRam, path: &Path) -> Result<u64, VmmError> {
     let io = |e| VmmError::Io(format!("cannot write memory image {}", path.display()), e);
-    let file = File::create(path).map_err(io)?;
+    let out = PrivateFile::create(path).map_err(io)?;
+    let file = out.file();
     let mut page = vec![0u8; PAGE_SIZE];
     let mut end = 0;
     for (base, size) in ram.ranges() {
@@ -74,37 +75,23 @@ pub fn dump_memory(ram: &GuestRam, path: &Path) -> Result<u64, VmmError> {
         end = base + size;
     }
     file.set_len(end).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    out.commit().map_err(io)?;
     Ok(end)
 }
 
-/// Writes a checkpoint to `path` atomically (a temporary file renamed into place), so a
-/// failure — a full disk — never leaves a half-written checkpoint under that name.
+/// Writes a checkpoint to `path` atomically and for its owner alone
+/// ([`PrivateFile`]), so a failure (a full disk) never leaves a half-written
+/// checkpoint under that name, nor over the checkpoint that was there.
 pub fn checkpoint_to_file(vm: &Vm, path: &Path) -> Result<checkpoint::CheckpointStats, VmmError> {
-    let tmp = PathBuf::from(format!("{}.partial", path.display()));
-    let io = |what: String| move |e| VmmError::Io(what, e);
-    let file = File::create(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
-    let result = checkpoint::save(vm, std::io::BufWriter::with_capacity(1 << 20, file)).and_then(
-        |(w, stats)| {
-            let file = w
-                .into_inner()
-                .map_err(|e| VmmError::Io("cannot flush the checkpoint".into(), e.into_error()))?;
-            file.sync_all()
-                .map_err(io(format!("cannot sync {}", tmp.display())))?;
-            Ok(stats)
-        },
-    );
-    match result {
-        Ok(stats) => {
-            std::fs::rename(&tmp, path)
-                .map_err(io(format!("cannot rename to {}", path.display())))?;
-            Ok(stats)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    let io = |e| VmmError::Io(format!("cannot write checkpoint {}", path.display()), e);
+    let mut out = PrivateFile::create(path).map_err(io)?;
+    let (w, stats) = checkpoint::save(
+        vm,
+        std::io::BufWriter::with_capacity(1 << 20, out.file_mut()),
+    )?;
+    w.into_inner().map_err(|e| io(e.into_error()))?;
+    out.commit().map_err(io)?;
+    Ok(stats)
 }
 
 fn listen(path: &Path, ctl: Arc<MigrationControl>) -> Result<Receiver<Request>, VmmError> {

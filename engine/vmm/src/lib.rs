@@ -7,6 +7,7 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod migration;
+pub mod private_file;
 pub mod vcpu;
 pub mod vm;
 
