@@ -189,6 +189,16 @@ fn cancel_mid_migration_keeps_the_source() {
     require_kvm();
     let s = Scratch::new();
     let (src, dst, t) = slow_migration(&s);
+    // Mid-way through the first pass (1 GiB at 64 MiB/s), query-migrate already
+    // reports the rates libvirt's domjobinfo shows, not zeros until a pass ends.
+    let q = src.ok("query-migrate");
+    assert_eq!(q["passes"], 0, "{q}");
+    let mbps = q["ram"]["mbps"].as_f64().unwrap_or(0.0);
+    assert!(mbps > 0.0 && mbps < 64.0 * 8.4 * 1.5, "{q}");
+    assert!(
+        q["ram"]["pages-per-second"].as_u64().unwrap_or(0) > 0,
+        "{q}"
+    );
     cancel_and_check(&s, src, dst, t);
 }
 

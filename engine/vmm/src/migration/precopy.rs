@@ -167,7 +167,13 @@ struct Shared<'a> {
     limiter: Mutex<RateWindow>,
     /// Time spent in KVM_CLEAR_DIRTY_LOG, all streams together.
     clear_ns: AtomicU64,
+    /// Where the last live rate sample started: when, bytes, pages.
+    rate_sample: Mutex<(Instant, u64, u64)>,
 }
+
+/// How often query-migrate's rates (`mbps`, `pages-per-second`) are refreshed
+/// while a pass runs.
+const RATE_SAMPLE: Duration = Duration::from_millis(100);
 
 /// The bandwidth cap's window: bytes sent (by all streams) since `start`.
 struct RateWindow {
@@ -184,6 +190,22 @@ impl Shared<'_> {
             self.normal.load(Ordering::Acquire),
             self.duplicate.load(Ordering::Acquire),
         )
+    }
+
+    /// Bytes/s and pages/s since the last sample, once `RATE_SAMPLE` has passed
+    /// (then a new sample starts), given the totals now.
+    fn sample_rate(&self, bytes: u64, pages: u64) -> Option<(f64, u64)> {
+        let mut sample = self.rate_sample.lock().ok()?;
+        let (start, b0, p0) = *sample;
+        let secs = start.elapsed().as_secs_f64();
+        if secs < RATE_SAMPLE.as_secs_f64() {
+            return None;
+        }
+        *sample = (Instant::now(), bytes, pages);
+        Some((
+            bytes.saturating_sub(b0) as f64 / secs,
+            (pages.saturating_sub(p0) as f64 / secs) as u64,
+        ))
     }
 
     /// Records a stream's failure; the first one is the migration's error.
@@ -407,8 +429,14 @@ impl PageSender {
         let duplicate = sh.duplicate.fetch_add(self.duplicate, Ordering::AcqRel) + self.duplicate;
         (self.normal, self.duplicate) = (0, 0);
         let first = sh.first_pass.load(Ordering::Acquire);
+        let rate = sh.sample_rate(bytes, normal + duplicate);
         sh.ctl.update_stats(|s| {
             record_pages(s, bytes, normal, duplicate);
+            if let Some((bytes_per_sec, pages_per_sec)) = rate {
+                // Live, as QEMU's: libvirt's domjobinfo shows them mid-pass.
+                s.ram.mbps = bytes_per_sec * 8.0 / 1e6;
+                s.ram.pages_per_second = pages_per_sec;
+            }
             if first {
                 // During the first pass everything not yet looked at remains.
                 let seen = (normal + duplicate) * PAGE_SIZE as u64;
@@ -827,6 +855,7 @@ fn run(
         duplicate: AtomicU64::new(0),
         first_pass: AtomicBool::new(true),
         clear_ns: AtomicU64::new(0),
+        rate_sample: Mutex::new((Instant::now(), 0, 0)),
         limiter: Mutex::new(RateWindow {
             start: Instant::now(),
             bytes: 0,
