@@ -12,7 +12,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -94,20 +94,42 @@ pub fn checkpoint_to_file(vm: &Vm, path: &Path) -> Result<checkpoint::Checkpoint
     Ok(stats)
 }
 
+/// Control connections served at once; one more is told so and closed.
+const MAX_CONNECTIONS: usize = 16;
+
 fn listen(path: &Path, ctl: Arc<MigrationControl>) -> Result<Receiver<Request>, VmmError> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)
+    let listener = crate::private_file::bind_socket(path)
         .map_err(|e| VmmError::Io(format!("cannot listen on {}", path.display()), e))?;
     let (tx, rx) = mpsc::channel();
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
+            use std::sync::atomic::Ordering;
+            for mut stream in listener.incoming().flatten() {
+                if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::AcqRel);
+                    let _ = writeln!(
+                        stream,
+                        "{}",
+                        json!({"ok": false, "error": format!(
+                            "{MAX_CONNECTIONS} control connections are open: close one"
+                        )})
+                    );
+                    continue;
+                }
                 let tx = tx.clone();
                 let ctl = ctl.clone();
-                let _ = std::thread::Builder::new()
+                let done = open.clone();
+                let spawned = std::thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_connection(stream, tx, ctl));
+                    .spawn(move || {
+                        serve_connection(stream, tx, ctl);
+                        done.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    open.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         })
         .map_err(|e| VmmError::Io("cannot start the control thread".into(), e))?;

@@ -3,9 +3,12 @@
 //! with O_EXCL (a planted file or symlink there is never followed or
 //! overwritten), then synced, renamed into place and the directory synced, so
 //! the name holds the old file or the whole new one, also after a crash.
+//! Sockets that control a VM or carry its memory likewise ([`bind_socket`]).
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use tempfile::NamedTempFile;
@@ -50,6 +53,33 @@ impl PrivateFile {
     }
 }
 
+/// Listens on a unix socket at `path` that only this user can connect to
+/// (mode 0600 from the moment it has its name: bound in a private directory,
+/// then renamed into place). A stale socket at `path` is replaced; anything
+/// else there is refused, never deleted.
+pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket: remove it, or choose another path",
+                    path.display()
+                ),
+            ))
+        }
+        _ => {}
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(".ferry-sock.")
+        .tempdir_in(parent(path))?;
+    let tmp = dir.path().join("s");
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
+}
+
 fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -81,6 +111,27 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    #[test]
+    fn sockets_are_the_owners_and_nothing_else_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.sock");
+        let l = bind_socket(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(l);
+        // A stale socket is replaced.
+        let _l = bind_socket(&path).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A regular file is refused and kept.
+        let file = dir.path().join("notes.txt");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = bind_socket(&file).unwrap_err().to_string();
+        assert!(e.contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     }
 
     #[test]

@@ -324,10 +324,9 @@ impl Listener {
             MigrationUri::Tcp(addr) => ListenerKind::Tcp(
                 TcpListener::bind(addr.as_str()).map_err(io_err("listen on", uri))?,
             ),
-            MigrationUri::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                ListenerKind::Unix(UnixListener::bind(p).map_err(io_err("listen on", uri))?)
-            }
+            MigrationUri::Unix(p) => ListenerKind::Unix(
+                crate::private_file::bind_socket(p).map_err(io_err("listen on", uri))?,
+            ),
             MigrationUri::File(p) => ListenerKind::File(p.clone()),
             MigrationUri::Fd(_) => {
                 return Err(TransportError::BadUri(format!(
