@@ -222,6 +222,16 @@ pub struct MigrationParameters {
     /// destination takes at most this many. 1 to
     /// [`MAX_MULTIFD_CHANNELS`].
     pub multifd_channels: u32,
+    /// QEMU's auto-converge steps (used with the `auto-converge` capability):
+    /// percent of vCPU time to take away first, then more per step, or with
+    /// `tailslow` only what the rates call for; at most `max_cpu_throttle`; a
+    /// step when a pass dirtied more than `throttle_trigger_threshold` percent
+    /// of what it sent, twice.
+    pub cpu_throttle_initial: u8,
+    pub cpu_throttle_increment: u8,
+    pub cpu_throttle_tailslow: bool,
+    pub max_cpu_throttle: u8,
+    pub throttle_trigger_threshold: u8,
 }
 
 /// Most `multifd-channels` ferry-qemu takes: the engine's stream limit
@@ -235,11 +245,33 @@ impl Default for MigrationParameters {
             max_bandwidth: 134_217_728,
             downtime_limit_ms: 300,
             multifd_channels: 2,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            cpu_throttle_tailslow: false,
+            max_cpu_throttle: 99,
+            throttle_trigger_threshold: 50,
         }
     }
 }
 
 impl MigrationParameters {
+    /// The engine's throttle: QEMU's auto-converge steps with the capability
+    /// on; without it, ferry's own adaptive throttle (QEMU would not throttle
+    /// at all: ferry keeps its guarantee that a pre-copy ends). Either way the
+    /// dirty limit carries on past `max-cpu-throttle`.
+    pub fn throttle(&self, caps: &MigrationCapabilities) -> ferry_vmm::migration::ThrottlePolicy {
+        if caps.auto_converge {
+            ferry_vmm::migration::ThrottlePolicy::Qemu {
+                initial: self.cpu_throttle_initial,
+                increment: self.cpu_throttle_increment,
+                tailslow: self.cpu_throttle_tailslow,
+                trigger_threshold: self.throttle_trigger_threshold,
+            }
+        } else {
+            ferry_vmm::migration::ThrottlePolicy::Adaptive
+        }
+    }
+
     /// The page streams a migration uses with these capabilities: the
     /// `multifd-channels` with `multifd` on, one stream without.
     pub fn streams(&self, caps: &MigrationCapabilities) -> u32 {
@@ -270,6 +302,8 @@ pub struct MigrationCapabilities {
     /// Page streams over several connections (`tcp:` and `unix:` only), as
     /// many as `multifd-channels`.
     pub multifd: bool,
+    /// QEMU's auto-converge throttle steps (see [`MigrationParameters`]).
+    pub auto_converge: bool,
 }
 
 /// Why a backend operation failed; mapped to QMP classes in

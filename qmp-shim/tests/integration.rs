@@ -2217,3 +2217,77 @@ fn tap_nic_by_hand_is_in_the_guest_and_its_migration_shape() {
         let _ = Command::new("ip").args(["link", "del", tap]).output();
     }
 }
+
+/// `auto-converge` as libvirt turns it on (`virsh migrate --auto-converge
+/// --auto-converge-initial 30 --auto-converge-increment 20`): advertised,
+/// its parameters checked with QEMU's ranges, and the throttle steps QEMU's
+/// way (initial, then +increment every second pass that dirtied more than
+/// half of what it sent) up to max-cpu-throttle.
+#[test]
+fn auto_converge_steps_the_throttle_as_qemu_does() {
+    let name = "auto_converge_steps_the_throttle_as_qemu_does";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let (_a, mut src) = running_source(d, "a", &kernel);
+    let caps = src.ok("query-migrate-capabilities", json!({}));
+    assert!(
+        caps.as_array()
+            .expect("capabilities")
+            .contains(&json!({"capability": "auto-converge", "state": false})),
+        "{caps}"
+    );
+    let e = error_desc(
+        &mut src,
+        "migrate-set-parameters",
+        json!({"max-cpu-throttle": 100}),
+    );
+    assert_eq!(
+        e,
+        "Parameter 'max_cpu_throttle' expects an integer in the range of 1 to 99"
+    );
+    src.ok(
+        "migrate-set-parameters",
+        json!({"cpu-throttle-initial": 30, "cpu-throttle-increment": 20,
+               "max-cpu-throttle": 70, "max-bandwidth": 32 << 20, "downtime-limit": 0}),
+    );
+    let p = src.ok("query-migrate-parameters", json!({}));
+    assert_eq!(
+        (&p["cpu-throttle-initial"], &p["cpu-throttle-increment"]),
+        (&json!(30), &json!(20)),
+        "{p}"
+    );
+    assert_eq!(p["max-cpu-throttle"], 70, "{p}");
+    src.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+    );
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let _b = spawn_guest(d, "b", &kernel, &["-incoming", &uri]);
+    src.ok("migrate", json!({"uri": uri}));
+    src.wait_event("MIGRATION", Some("active"));
+    // A downtime limit of 0 never converges: watch the throttle rise.
+    let mut seen: Vec<u64> = Vec::new();
+    while seen.last().is_none_or(|&t| t < 70) {
+        let info = src.ok("query-migrate", json!({}));
+        assert_eq!(info["status"], "active", "{info}");
+        // Three steps, two passes each, after the first pass: bounded by passes.
+        assert!(
+            info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) < 40,
+            "no throttle steps to 70%: {seen:?} {info}"
+        );
+        let t = info["cpu-throttle-percentage"].as_u64().unwrap_or(0);
+        if t > 0 && seen.last() != Some(&t) {
+            seen.push(t);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(seen, [30, 50, 70], "QEMU's steps");
+    src.ok("migrate_cancel", json!({}));
+    src.wait_event("MIGRATION", Some("cancelled"));
+}

@@ -170,7 +170,15 @@ pub fn page() -> Result<String, String> {
         "Through ferry-qemu (QMP), libvirt and `ferry migrate`, only the downtime limit, \
          the bandwidth cap and pause-before-switchover can be set (see each knob), and \
          through ferry-qemu and libvirt also the page streams (QMP's `multifd` \
-         capability and `multifd-channels`); the others keep their defaults there.",
+         capability and `multifd-channels`) and the throttle: QMP's `auto-converge` \
+         capability (`virsh migrate --auto-converge`, Nova's \
+         live_migration_permit_auto_converge) switches from ferry's adaptive throttle to \
+         QEMU's steps, `cpu-throttle-initial` (20), `cpu-throttle-increment` (10), \
+         `cpu-throttle-tailslow`, `max-cpu-throttle` (99) and \
+         `throttle-trigger-threshold` (50) as QEMU defines them (libvirt's \
+         `--auto-converge-initial` and `--auto-converge-increment`); the dirty limit \
+         carries on past `max-cpu-throttle` either way. The others keep their defaults \
+         there.",
     );
 
     doc.ss("Downtime limit");

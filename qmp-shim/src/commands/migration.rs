@@ -30,6 +30,7 @@ pub static QUERY_MIGRATE_CAPABILITIES: Command = Command {
             {"capability": "return-path", "state": c.return_path},
             {"capability": "late-block-activate", "state": c.late_block_activate},
             {"capability": "multifd", "state": c.multifd},
+            {"capability": "auto-converge", "state": c.auto_converge},
         ]))
     },
 };
@@ -73,6 +74,7 @@ fn migrate_set_capabilities(
             "return-path" => caps.return_path = state,
             "late-block-activate" => caps.late_block_activate = state,
             "multifd" => caps.multifd = state,
+            "auto-converge" => caps.auto_converge = state,
             other => {
                 return Err(CommandError::Parameter(format!(
                     "Parameter 'capability' does not accept value '{other}'"
@@ -148,6 +150,11 @@ pub static QUERY_MIGRATE_PARAMETERS: Command = Command {
             "max-bandwidth": p.max_bandwidth,
             "downtime-limit": p.downtime_limit_ms,
             "multifd-channels": p.multifd_channels,
+            "cpu-throttle-initial": p.cpu_throttle_initial,
+            "cpu-throttle-increment": p.cpu_throttle_increment,
+            "cpu-throttle-tailslow": p.cpu_throttle_tailslow,
+            "max-cpu-throttle": p.max_cpu_throttle,
+            "throttle-trigger-threshold": p.throttle_trigger_threshold,
             "tls-creds": ctx.vm.tls_params.creds,
             "tls-hostname": ctx.vm.tls_params.hostname,
             "tls-authz": ctx.vm.tls_params.authz,
@@ -207,6 +214,37 @@ fn migrate_set_parameters(
     }
     if let Some(v) = args.get("multifd-channels") {
         p.multifd_channels = multifd_channels(v)?;
+    }
+    // QEMU 7.2's ranges and texts (migrate_params_check).
+    let percent = |name: &str, low: u64, high: u64| -> Result<Option<u8>, CommandError> {
+        args.get(name)
+            .map(|v| {
+                v.as_u64()
+                    .filter(|n| (low..=high).contains(n))
+                    .map(|n| n as u8)
+                    .ok_or_else(|| {
+                        CommandError::Parameter(format!(
+                            "Parameter '{}' expects an integer in the range of {low} to {high}",
+                            name.replace('-', "_")
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    if let Some(n) = percent("cpu-throttle-initial", 1, 99)? {
+        p.cpu_throttle_initial = n;
+    }
+    if let Some(n) = percent("cpu-throttle-increment", 1, 99)? {
+        p.cpu_throttle_increment = n;
+    }
+    if let Some(n) = percent("max-cpu-throttle", 1, 99)? {
+        p.max_cpu_throttle = n;
+    }
+    if let Some(n) = percent("throttle-trigger-threshold", 1, 100)? {
+        p.throttle_trigger_threshold = n;
+    }
+    if let Some(v) = args.get("cpu-throttle-tailslow").and_then(Value::as_bool) {
+        p.cpu_throttle_tailslow = v;
     }
     ctx.vm.backend.set_migrate_parameters(&p)?;
     let caps = ctx.vm.migrate_caps;

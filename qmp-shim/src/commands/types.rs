@@ -54,6 +54,7 @@ pub static MIGRATION_CAPABILITY: EnumDef = EnumDef {
         "return-path",
         "late-block-activate",
         "multifd",
+        "auto-converge",
     ],
 };
 
@@ -206,6 +207,11 @@ pub static MIGRATION_PARAMETERS_MEMBERS: &[Member] = &[
     opt("max-bandwidth", Ty::Int),
     opt("downtime-limit", Ty::Int),
     opt("multifd-channels", Ty::Int),
+    opt("cpu-throttle-initial", Ty::Int),
+    opt("cpu-throttle-increment", Ty::Int),
+    opt("cpu-throttle-tailslow", Ty::Bool),
+    opt("max-cpu-throttle", Ty::Int),
+    opt("throttle-trigger-threshold", Ty::Int),
     opt("tls-creds", Ty::Str),
     opt("tls-hostname", Ty::Str),
     opt("tls-authz", Ty::Str),

@@ -176,6 +176,8 @@ impl FerryBackend {
             max_bandwidth: engine_bandwidth(params.max_bandwidth),
             pause_before_switchover: caps.pause_before_switchover,
             multifd_channels: params.streams(caps),
+            throttle: params.throttle(caps),
+            max_throttle_pct: params.max_cpu_throttle,
             tls: tls.as_ref().map(|t| t.creds.clone()),
             tls_hostname: tls.and_then(|t| t.hostname),
             ..MigrationParams::default()
@@ -522,6 +524,19 @@ pub(super) fn set_params(shared: &Shared, p: &MigrationParameters) {
             o.ctl.set_params(|x| {
                 x.downtime_limit_ms = p.downtime_limit_ms;
                 x.max_bandwidth = engine_bandwidth(p.max_bandwidth);
+                x.max_throttle_pct = p.max_cpu_throttle;
+                if let ferry_vmm::migration::ThrottlePolicy::Qemu {
+                    initial,
+                    increment,
+                    tailslow,
+                    trigger_threshold,
+                } = &mut x.throttle
+                {
+                    *initial = p.cpu_throttle_initial;
+                    *increment = p.cpu_throttle_increment;
+                    *tailslow = p.cpu_throttle_tailslow;
+                    *trigger_threshold = p.throttle_trigger_threshold;
+                }
             });
         }
     }

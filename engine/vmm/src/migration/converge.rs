@@ -26,6 +26,8 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::ThrottlePolicy;
+
 /// One throttle period: the vCPUs run their share of it and nap the rest, so a
 /// throttled guest stalls no longer than this, until its share of time is so
 /// small that a run would be shorter than [`MIN_RUN`].
@@ -281,6 +283,8 @@ pub struct Convergence {
     /// Bytes/s of the link, from the passes so far (0 = not measured yet).
     pub bandwidth: f64,
     non_converging: u32,
+    /// QEMU's dirty_rate_high_cnt: passes in a row that dirtied too much.
+    dirty_rate_high: u32,
     /// Small passes not yet folded into `bandwidth`: bytes and seconds.
     pending: (u64, f64),
 }
@@ -370,6 +374,53 @@ impl Convergence {
         let step = 50_000.min((PPM - current) / 2);
         let nap = need.max(f64::from(current + step)).ceil();
         nap.clamp(0.0, f64::from(max_ppm.min(PPM - MIN_RUN_PPM))) as u32
+    }
+}
+
+impl Convergence {
+    /// QEMU's auto-converge (migration_trigger_throttle, mig_throttle_guest_down),
+    /// as the share of time vCPUs nap (ppm): when a pass dirtied more than
+    /// `trigger_threshold`% of the bytes it sent, twice in a row, throttle
+    /// `initial`% the first time, then `increment` points more each time (with
+    /// `tailslow`, only as much as brings the dirty bytes to the threshold, at
+    /// most `increment`), up to `max_pct`.
+    pub fn qemu_throttle_for(
+        &mut self,
+        dirty_bytes: u64,
+        sent_bytes: u64,
+        current_ppm: u32,
+        policy: ThrottlePolicy,
+        max_pct: u8,
+    ) -> u32 {
+        let ThrottlePolicy::Qemu {
+            initial,
+            increment,
+            tailslow,
+            trigger_threshold,
+        } = policy
+        else {
+            return current_ppm;
+        };
+        let threshold = sent_bytes as f64 * f64::from(trigger_threshold) / 100.0;
+        if dirty_bytes as f64 <= threshold {
+            return current_ppm;
+        }
+        self.dirty_rate_high += 1;
+        if self.dirty_rate_high < 2 {
+            return current_ppm;
+        }
+        self.dirty_rate_high = 0;
+        let now = f64::from(current_ppm) / 10_000.0;
+        let pct = if current_ppm == 0 {
+            f64::from(initial)
+        } else if !tailslow {
+            now + f64::from(increment)
+        } else {
+            let cpu_now = 100.0 - now;
+            let cpu_ideal = cpu_now * (threshold / dirty_bytes as f64);
+            now + (cpu_now - cpu_ideal).min(f64::from(increment))
+        };
+        (pct.min(f64::from(max_pct.min(99))) * 10_000.0).round() as u32
     }
 }
 
@@ -524,6 +575,45 @@ mod tests {
         }
         assert_eq!(nap, cap);
         assert!(seen(nap) > 8.0);
+    }
+
+    #[test]
+    fn qemu_auto_converge_steps_as_qemu_does() {
+        let mut c = Convergence::default();
+        let q = ThrottlePolicy::Qemu {
+            initial: 20,
+            increment: 10,
+            tailslow: false,
+            trigger_threshold: 50,
+        };
+        // Dirtied half of what was sent or less: no throttle.
+        assert_eq!(c.qemu_throttle_for(50, 100, 0, q, 99), 0);
+        // Twice more than half: initial, then +increment each second time.
+        assert_eq!(c.qemu_throttle_for(80, 100, 0, q, 99), 0);
+        assert_eq!(c.qemu_throttle_for(80, 100, 0, q, 99), 200_000);
+        assert_eq!(c.qemu_throttle_for(80, 100, 200_000, q, 99), 200_000);
+        assert_eq!(c.qemu_throttle_for(80, 100, 200_000, q, 99), 300_000);
+        // Capped at max-cpu-throttle.
+        let mut c = Convergence::default();
+        c.qemu_throttle_for(80, 100, 950_000, q, 99);
+        assert_eq!(c.qemu_throttle_for(80, 100, 950_000, q, 99), 990_000);
+        // Tailslow: only what brings 60 dirtied down to the threshold of 50
+        // (the guest at 80% CPU needs 80 * 50/60 = 66.7%: +13.3 points, at
+        // most the increment).
+        let mut c = Convergence::default();
+        let t = ThrottlePolicy::Qemu {
+            initial: 20,
+            increment: 30,
+            tailslow: true,
+            trigger_threshold: 50,
+        };
+        c.qemu_throttle_for(60, 100, 200_000, t, 99);
+        assert_eq!(c.qemu_throttle_for(60, 100, 200_000, t, 99), 333_333);
+        // ferry's own policy is not QEMU's.
+        assert_eq!(
+            c.qemu_throttle_for(90, 100, 0, ThrottlePolicy::Adaptive, 99),
+            0
+        );
     }
 
     #[test]

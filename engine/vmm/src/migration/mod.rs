@@ -151,6 +151,8 @@ pub struct MigrationParams {
     pub auto_converge: bool,
     /// Highest throttle, percent of vCPU time taken away (QEMU max-cpu-throttle).
     pub max_throttle_pct: u8,
+    /// How the throttle rises: ferry's own, or QEMU's auto-converge steps.
+    pub throttle: ThrottlePolicy,
     /// Past `max_throttle_pct`, go on slowing the vCPUs until their dirty rate
     /// fits the link (down to 0.02% of their time), so that every pre-copy ends
     /// (see converge.rs); off: QEMU's behaviour, the throttle stops at the cap.
@@ -186,6 +188,7 @@ impl Default for MigrationParams {
             on_timeout: TimeoutPolicy::Cancel,
             auto_converge: true,
             max_throttle_pct: 99,
+            throttle: ThrottlePolicy::Adaptive,
             dirty_limit: true,
             verify_digest: false,
             pause_before_switchover: false,
@@ -195,6 +198,22 @@ impl Default for MigrationParams {
             tls_hostname: None,
         }
     }
+}
+
+/// How the throttle rises while a guest outruns the link (converge.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThrottlePolicy {
+    /// ferry's: just enough vCPU time away, from the measured dirty rate.
+    Adaptive,
+    /// QEMU's auto-converge: once a pass dirtied more than `trigger_threshold`
+    /// percent of what it sent, twice, start at `initial` percent, then add
+    /// `increment` (with `tailslow`, only what the measured rates call for).
+    Qemu {
+        initial: u8,
+        increment: u8,
+        tailslow: bool,
+        trigger_threshold: u8,
+    },
 }
 
 /// What happens when a migration runs longer than its cap.

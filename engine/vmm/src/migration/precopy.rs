@@ -17,7 +17,7 @@ use super::transport::{Breaker, WriteHalf};
 use super::{
     stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
     MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin,
-    TimeoutPolicy, TransportError, MAX_STREAMS, REPLY_VERSION,
+    ThrottlePolicy, TimeoutPolicy, TransportError, MAX_STREAMS, REPLY_VERSION,
 };
 use crate::checkpoint::{producer, SHAPE_VERSION};
 use crate::vm::Vm;
@@ -992,8 +992,22 @@ fn run(
             }
         }
         if params.auto_converge {
+            let now = throttle.nap_ppm();
             let max = max_nap_ppm(params.max_throttle_pct, params.dirty_limit);
-            throttle.set_ppm(conv.throttle_for(dirty_rate, throttle.nap_ppm(), max));
+            let cap = max_nap_ppm(params.max_throttle_pct, false);
+            let nap = match params.throttle {
+                ThrottlePolicy::Adaptive => conv.throttle_for(dirty_rate, now, max),
+                // QEMU's steps up to its cap; past it, the dirty limit as above.
+                _ if now >= cap && max > cap => conv.throttle_for(dirty_rate, now, max),
+                qemu => conv.qemu_throttle_for(
+                    report.dirty_bytes,
+                    sent,
+                    now,
+                    qemu,
+                    params.max_throttle_pct,
+                ),
+            };
+            throttle.set_ppm(nap);
         }
         to_send = dirty.clone();
         prev_sync = dirty;
