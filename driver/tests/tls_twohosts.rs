@@ -78,6 +78,7 @@ impl Pki {
         let out = lab.hosts.tls_dir(h);
         self.ca.issue(&out, "server", name, &[name, ip]);
         self.ca.issue(&out, "client", name, &[name]);
+        keys_for_the_emulator(&out);
     }
 
     /// Puts `role`'s certificate and key from `from` (issued elsewhere) into
@@ -88,6 +89,33 @@ impl Pki {
             std::fs::copy(from.join(&name), lab.hosts.tls_dir(h).join(&name))
                 .unwrap_or_else(|e| panic!("install {name} on host {h}: {e}"));
         }
+        keys_for_the_emulator(&lab.hosts.tls_dir(h));
+    }
+}
+
+/// The emulator reads the keys in `dir` (libvirt gives QEMU the directory)
+/// as its user, libvirt-qemu: as libvirt asks of an operator, they are
+/// readable by that group (0640 root:libvirt-qemu), not by everyone.
+fn keys_for_the_emulator(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).expect("read the x509 dir").flatten() {
+        let path = entry.path();
+        if !path.to_string_lossy().ends_with("-key.pem") {
+            continue;
+        }
+        let out = std::process::Command::new("chgrp")
+            .arg("libvirt-qemu")
+            .arg(&path)
+            .output()
+            .expect("run chgrp");
+        assert!(
+            out.status.success(),
+            "chgrp {}: {}",
+            path.display(),
+            text(&out)
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640))
+            .expect("chmod the key");
     }
 }
 

@@ -65,7 +65,7 @@ pub fn disk_spec() -> Result<VirtioSpec, String> {
         slot: SLOT,
         id: "virtio-disk0".into(),
         device: VirtioDeviceSpec::Block(ferry_vmm::devices::virtio::blk::BlockConfig {
-            path: image()?,
+            image: ferry_vmm::devices::virtio::blk::BlockImage::Path(image()?),
             read_only: false,
             serial: Some("ferry-fuzz".into()),
         }),

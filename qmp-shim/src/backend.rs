@@ -66,8 +66,9 @@ pub struct DiskConfig {
     pub slot: u8,
     /// The image as given (may be `/dev/fdset/N`): what QMP reports.
     pub filename: String,
-    /// What the engine opens (`/dev/fdset/N` resolved to `/proc/self/fd/M`).
-    pub path: PathBuf,
+    /// What the engine uses: the path, or for `/dev/fdset/N` the fd set's
+    /// descriptor itself (`process::resolve_fdsets`), never reopened.
+    pub image: ferry_vmm::devices::virtio::blk::BlockImage,
     pub read_only: bool,
     pub serial: Option<String>,
     /// The BlockBackend name: `-drive id=` (`drive-virtio-disk0`); `""` for

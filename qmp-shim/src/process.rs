@@ -18,6 +18,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use ferry_vmm::devices::virtio::blk::BlockImage;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
 
@@ -27,7 +28,7 @@ use crate::argv::{
 use crate::backend::{Backend, BackendError, MachineConfig, NoVm};
 use crate::qmp::events::EventSink;
 use crate::qmp::server::{serve_monitor, ChardevInfo, FdSetEntry, FdSets, Vm};
-use crate::vmm::{exit_after_events, resolve_fdset_path, FerryBackend};
+use crate::vmm::{exit_after_events, fdset_fd, FdAccess, FdSetError, FerryBackend};
 
 /// Set in the environment of the re-executed daemon child.
 pub const DAEMON_ENV: &str = "FERRY_QEMU_DAEMON_CHILD";
@@ -53,6 +54,12 @@ pub enum StartError {
         fd: i32,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    FdSet {
+        what: String,
+        #[source]
+        source: FdSetError,
     },
     #[error("cannot write pid file {path}: {source}")]
     Pidfile {
@@ -105,41 +112,38 @@ fn spawn_signal_thread(set: SigSet, events: EventSink) -> Result<(), StartError>
         .map_err(|e| StartError::Daemonize(format!("cannot start the signal thread: {e}")))
 }
 
-/// Points `/dev/fdset/N` chardev paths of the serial ports at set N's fd.
+/// Gives the serial ports' and disks' `/dev/fdset/N` files the descriptors
+/// libvirt passed in set N, used as passed (see [`fdset_fd`]).
 fn resolve_fdsets(config: &mut MachineConfig, fdsets: &FdSets) -> Result<(), StartError> {
-    let fd_of = |set: u64| {
-        fdsets
-            .get(&set)
-            .and_then(|v| v.first())
-            .map(|e| e.fd.as_raw_fd())
-    };
     for s in &mut config.serials {
-        let c = &mut s.chardev;
-        let fix = |p: &mut String| {
-            *p = resolve_fdset_path(p, fd_of).ok_or_else(|| {
-                StartError::Backend(BackendError::Engine(format!(
-                    "chardev '{}': {p}: no such fd set (-add-fd)",
-                    c.id
-                )))
-            })?;
-            Ok::<(), StartError>(())
+        let c = &s.chardev;
+        let fail = |source| StartError::FdSet {
+            what: format!("chardev '{}'", c.id),
+            source,
         };
-        if let ChardevBackend::File { path } = &mut c.backend {
-            fix(path)?;
+        if let ChardevBackend::File { path } = &c.backend {
+            s.fds.path = fdset_fd(path, fdsets, FdAccess::Write).map_err(fail)?;
         }
-        if let Some(log) = &mut c.logfile {
-            fix(log)?;
+        if let Some(log) = &c.logfile {
+            s.fds.logfile = fdset_fd(log, fdsets, FdAccess::Write).map_err(fail)?;
         }
     }
     for d in &mut config.disks {
-        let path = resolve_fdset_path(&d.filename, fd_of).ok_or_else(|| {
-            StartError::Backend(BackendError::Engine(format!(
-                "disk {}: {}: no such fd set (-add-fd)",
-                d.id.as_deref().unwrap_or(&d.storage_node),
-                d.filename
-            )))
+        let need = if d.read_only {
+            FdAccess::Read
+        } else {
+            FdAccess::ReadWrite
+        };
+        let fd = fdset_fd(&d.filename, fdsets, need).map_err(|source| StartError::FdSet {
+            what: format!("disk {}", d.id.as_deref().unwrap_or(&d.storage_node)),
+            source,
         })?;
-        d.path = path.into();
+        if let Some(fd) = fd {
+            d.image = BlockImage::Fd {
+                fd,
+                name: d.filename.clone(),
+            };
+        }
     }
     Ok(())
 }

@@ -38,17 +38,20 @@ use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::devices::virtio::blk::BlockConfig;
+use ferry_vmm::devices::SharedFd;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
     self, Channel, ExtraStreams, IncomingOptions, Listener, MigrationUri, TransportError,
 };
 use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use serde_json::json;
 
 use crate::argv::Incoming;
 use crate::backend::*;
 use crate::qmp::events::EventSink;
+use crate::qmp::server::FdSets;
 use crate::serial::SerialTee;
 
 mod live;
@@ -209,7 +212,7 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
             slot: d.slot,
             id: disk_device_id(d),
             device: VirtioDeviceSpec::Block(BlockConfig {
-                path: d.path.clone(),
+                image: d.image.clone(),
                 read_only: d.read_only,
                 serial: d.serial.clone(),
             }),
@@ -690,7 +693,7 @@ impl Backend for FerryBackend {
                     s.index, s.chardev.id
                 )));
             }
-            serial = Some(SerialTee::open(&s.chardev).map_err(engine)?);
+            serial = Some(SerialTee::open(&s.chardev, &s.fds).map_err(engine)?);
         }
         {
             let mut inner = self.shared.lock()?;
@@ -1015,14 +1018,99 @@ pub fn vcpu_thread_id(index: u32) -> i64 {
     i64::from(std::process::id())
 }
 
-/// Rewrites `/dev/fdset/N` chardev paths to the fd of set N (as
-/// `/proc/self/fd/M`, which opens that fd's file or pipe).
-pub fn resolve_fdset_path(path: &str, fd_of_set: impl Fn(u64) -> Option<i32>) -> Option<String> {
+/// What a file from an fd set is used for: the descriptor's access mode
+/// must allow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdAccess {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+impl FdAccess {
+    fn fits(self, mode: OFlag) -> bool {
+        match self {
+            Self::Read => mode == OFlag::O_RDONLY || mode == OFlag::O_RDWR,
+            Self::Write => mode == OFlag::O_WRONLY || mode == OFlag::O_RDWR,
+            Self::ReadWrite => mode == OFlag::O_RDWR,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "reading",
+            Self::Write => "writing",
+            Self::ReadWrite => "reading and writing",
+        }
+    }
+}
+
+/// Why a `/dev/fdset/N` path has no descriptor to use.
+#[derive(Debug, thiserror::Error)]
+pub enum FdSetError {
+    #[error("{path}: not an fd set: /dev/fdset/ takes a set number (-add-fd set=N,fd=M)")]
+    BadSet { path: String },
+    #[error("{path}: no such fd set: pass its descriptor with -add-fd set={set},fd=N")]
+    NoSet { path: String, set: u64 },
+    #[error(
+        "{path}: fd set {set} holds no descriptor open for {}: pass one opened \
+         that way with -add-fd set={set},fd=N",
+        need.as_str()
+    )]
+    NoFit {
+        path: String,
+        set: u64,
+        need: FdAccess,
+    },
+    #[error("{path}: cannot duplicate fd {fd} of set {set}: {source}")]
+    Dup {
+        path: String,
+        set: u64,
+        fd: i32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// For a `/dev/fdset/N` path, a descriptor of set N whose access mode allows
+/// `need` (a duplicate: the set keeps its own, as in QEMU), to be used as
+/// passed; `None` for any other path. Never a `/proc/self/fd/M` path:
+/// opening one checks the file's permissions again, which the emulator's
+/// user (libvirt-qemu) may not pass on virtlogd's pipe or a file libvirt
+/// opened for it.
+pub fn fdset_fd(
+    path: &str,
+    fdsets: &FdSets,
+    need: FdAccess,
+) -> Result<Option<SharedFd>, FdSetError> {
     let Some(n) = path.strip_prefix("/dev/fdset/") else {
-        return Some(path.to_string());
+        return Ok(None);
     };
-    let set: u64 = n.parse().ok()?;
-    fd_of_set(set).map(|fd| format!("/proc/self/fd/{fd}"))
+    let set: u64 = n.parse().map_err(|_| FdSetError::BadSet {
+        path: path.to_string(),
+    })?;
+    let entries = fdsets.get(&set).ok_or_else(|| FdSetError::NoSet {
+        path: path.to_string(),
+        set,
+    })?;
+    let entry = entries
+        .iter()
+        .find(|e| {
+            fcntl(&e.fd, FcntlArg::F_GETFL)
+                .is_ok_and(|f| need.fits(OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE))
+        })
+        .ok_or(FdSetError::NoFit {
+            path: path.to_string(),
+            set,
+            need,
+        })?;
+    let fd = entry.fd.try_clone().map_err(|source| FdSetError::Dup {
+        path: path.to_string(),
+        set,
+        fd: entry.fd.as_raw_fd(),
+        source,
+    })?;
+    Ok(Some(SharedFd::new(fd)))
 }
 
 #[cfg(test)]
@@ -1030,16 +1118,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fdset_paths() {
-        let look = |s| (s == 0).then_some(31);
+    fn fdset_paths_give_the_passed_fds() {
+        use crate::qmp::server::FdSetEntry;
+        use std::io::{Read, Write};
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        let mut sets = FdSets::new();
+        for (set, fd) in [(0, w), (1, r)] {
+            sets.entry(set)
+                .or_default()
+                .push(FdSetEntry { fd, opaque: None });
+        }
+        assert!(fdset_fd("/var/log/x", &sets, FdAccess::Write)
+            .expect("a path")
+            .is_none());
+        let log = fdset_fd("/dev/fdset/0", &sets, FdAccess::Write)
+            .expect("set 0")
+            .expect("an fd");
+        log.dup().expect("dup").write_all(b"x").expect("write");
+        let mut got = [0u8; 1];
+        File::from(sets[&1][0].fd.try_clone().expect("dup"))
+            .read_exact(&mut got)
+            .expect("read");
+        assert_eq!(&got, b"x", "the set's own pipe, not a reopen");
+        let err = |p, need| fdset_fd(p, &sets, need).expect_err(p).to_string();
         assert_eq!(
-            resolve_fdset_path("/dev/fdset/0", look).as_deref(),
-            Some("/proc/self/fd/31")
+            err("/dev/fdset/2", FdAccess::Write),
+            "/dev/fdset/2: no such fd set: pass its descriptor with -add-fd set=2,fd=N"
         );
-        assert_eq!(resolve_fdset_path("/dev/fdset/1", look), None);
+        assert!(err("/dev/fdset/x", FdAccess::Read).contains("not an fd set"));
         assert_eq!(
-            resolve_fdset_path("/var/log/x", look).as_deref(),
-            Some("/var/log/x")
+            err("/dev/fdset/1", FdAccess::ReadWrite),
+            "/dev/fdset/1: fd set 1 holds no descriptor open for reading and writing: \
+             pass one opened that way with -add-fd set=1,fd=N"
         );
+        assert!(fdset_fd("/dev/fdset/1", &sets, FdAccess::Read)
+            .expect("read end")
+            .is_some());
     }
 }

@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, IoSlice, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -241,6 +242,12 @@ fn libvirt_cpu_modes_and_the_invtsc_blocker() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    // The emulator (libvirt-qemu) must reach the kernel under it.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod the lab dir");
     let work = dir.path().join("w");
     let kernel = dir.path().join("dirtier.elf");
     std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
@@ -679,21 +686,18 @@ fn qemu_cli_run_save_restore_keeps_the_guest() {
     assert!(c.child.wait().expect("wait").success());
 }
 
-/// A libvirt domain with ferry-qemu as its emulator, driven by virsh
-/// through define, start, suspend/resume, save, restore and destroy against
-/// a private libvirtd + virtlogd (tests/libvirt-domain.sh); the oracle checks
-/// pmemsave dumps before the save and after the restore. Skips, saying why,
-/// when libvirtd is not installed, we are not root, or /dev/kvm is unusable.
-#[test]
-fn libvirt_runs_a_ferry_qemu_domain() {
-    let name = "libvirt_runs_a_ferry_qemu_domain";
-    if !libvirt_available(name) {
-        return;
-    }
-    if !kvm_usable(name) {
-        return;
-    }
+/// Runs tests/libvirt-domain.sh in `mode` (a private libvirtd + virtlogd
+/// configured as Debian ships them) in a fresh dir; returns that dir (the
+/// script's WORK is `w` in it) and the script's stdout. Panics with the
+/// domains' and libvirtd's logs when the script fails.
+fn libvirt_domain_lab(mode: &str, domains: &[&str]) -> (tempfile::TempDir, String) {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
+    // The emulator runs as libvirt-qemu: it must reach the kernel and its
+    // dump dir below (libvirt's DAC driver labels the files it is given,
+    // not the dirs above them).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the lab dir");
     let work = dir.path().join("w");
     let kernel = dir.path().join("dirtier.elf");
     std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
@@ -711,30 +715,67 @@ fn libvirt_runs_a_ferry_qemu_domain() {
         .arg(&work)
         .arg(BIN)
         .arg(&kernel)
+        .arg(mode)
         .output()
         .expect("run libvirt-domain.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let log = |p: &str| std::fs::read_to_string(work.join(p)).unwrap_or_default();
     assert!(
         out.status.success() && stdout.contains("STEP done"),
-        "libvirt-domain.sh failed: {}\nstdout:\n{stdout}\ndomain log:\n{}\nlibvirtd errors:\n{}",
+        "libvirt-domain.sh {mode} failed: {}\nstdout:\n{stdout}\ndomain logs:\n{}\nlibvirtd errors:\n{}",
         String::from_utf8_lossy(&out.stderr),
-        log("var-log-libvirt/qemu/ferrylab.log"),
+        domains
+            .iter()
+            .map(|d| log(&format!("var-log-libvirt/qemu/{d}.log")))
+            .collect::<Vec<_>>()
+            .join("\n"),
         log("var-log-libvirt/libvirtd.log")
             .lines()
             .filter(|l| l.contains(" error : ") && !l.contains("virGDBus") && !l.contains("cgroup"))
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // Packaged defaults, not root: the emulator is libvirt's user in a /dev
+    // of its own.
+    for d in domains {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("EMULATOR {d} ")))
+            .unwrap_or_else(|| panic!("no EMULATOR line for {d}:\n{stdout}"));
+        assert!(
+            line.contains(" user=libvirt-qemu ") && line.contains(" dev=private"),
+            "{line}"
+        );
+    }
+    (dir, stdout)
+}
+
+/// A libvirt domain with ferry-qemu as its emulator, driven by virsh
+/// through define, start, suspend/resume, save, restore and destroy against
+/// a private libvirtd + virtlogd configured as Debian ships them
+/// (tests/libvirt-domain.sh); the oracle checks pmemsave dumps before the
+/// save and after the restore. Skips, saying why, when libvirtd is not
+/// installed, we are not root, or /dev/kvm is unusable.
+#[test]
+fn libvirt_runs_a_ferry_qemu_domain() {
+    let name = "libvirt_runs_a_ferry_qemu_domain";
+    if !libvirt_available(name) {
+        return;
+    }
+    if !kvm_usable(name) {
+        return;
+    }
+    let (dir, _) = libvirt_domain_lab("lifecycle", &["ferrylab"]);
+    let work = dir.path().join("w");
+    let log = |p: &str| std::fs::read_to_string(work.join(p)).unwrap_or_default();
     let serial = log("var-log-libvirt/qemu/ferrylab-serial.log");
     assert!(
         serial.contains("dirtier: ready") && serial.contains("...."),
         "{serial}"
     );
-    let before = check(&FileImage::open(work.join("mem-before-save.raw"), 0).expect("dump"))
-        .expect("oracle: dump before the save");
-    let after = check(&FileImage::open(work.join("mem-after-restore.raw"), 0).expect("dump"))
-        .expect("oracle: dump after the restore");
+    let dump = |f: &str| FileImage::open(work.join("dumps").join(f), 0).expect("dump");
+    let before = check(&dump("mem-before-save.raw")).expect("oracle: dump before the save");
+    let after = check(&dump("mem-after-restore.raw")).expect("oracle: dump after the restore");
     assert!(
         (after.passes, after.cursor) > (before.passes, before.cursor),
         "the restored guest did not go on: {before:?} then {after:?}"
@@ -745,6 +786,199 @@ fn libvirt_runs_a_ferry_qemu_domain() {
         r#""execute":"migrate","arguments":{"detach":true,"resume":false,"uri":"fd:migrate"}"#
     ));
     assert!(libvirtd.contains(r#""execute":"migrate-incoming""#));
+}
+
+/// Issue 13 item 5: under libvirt's packaged defaults (emulator user
+/// libvirt-qemu, DAC, a private /dev) a domain with
+/// `<serial type='pty'><log file=.../>` and one with `<serial type='file'>`
+/// start, and their guests' output reaches the log and the file. libvirt
+/// passes both outputs as fd sets (`-add-fd`, `/dev/fdset/N`) holding
+/// virtlogd's pipes; ferry-qemu used to reopen them through /proc/self/fd
+/// and fail: "cannot open logfile /proc/self/fd/33: Permission denied".
+#[test]
+fn libvirt_serial_log_and_file_under_packaged_defaults() {
+    let name = "libvirt_serial_log_and_file_under_packaged_defaults";
+    if !libvirt_available(name) || !kvm_usable(name) {
+        return;
+    }
+    let (pty, file) = ("ferrylab-pty", "ferrylab-file");
+    let (dir, stdout) = libvirt_domain_lab("serial", &[pty, file]);
+    let work = dir.path().join("w");
+    for d in [pty, file] {
+        let qemu_log = std::fs::read_to_string(work.join(format!("var-log-libvirt/qemu/{d}.log")))
+            .expect("domain log");
+        assert!(qemu_log.contains("-add-fd set="), "{qemu_log}");
+        let out =
+            std::fs::read_to_string(work.join(format!("var-log-libvirt/qemu/{d}-serial.log")))
+                .unwrap_or_default();
+        assert!(
+            out.contains("dirtier: ready") && out.contains("...."),
+            "{d}: {out}"
+        );
+    }
+    assert!(stdout.contains("/dev/pts/"), "virsh ttyconsole: {stdout}");
+}
+
+/// A descriptor this process passes to a child as `-add-fd fd=N`: it stays
+/// open across exec (std opens everything close-on-exec).
+fn inheritable(f: &(impl AsRawFd + std::os::fd::AsFd)) -> String {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(f, FcntlArg::F_SETFD(FdFlag::empty())).expect("clear FD_CLOEXEC");
+    f.as_raw_fd().to_string()
+}
+
+/// libvirt's defaults without libvirt: ferry-qemu runs as an unprivileged
+/// user (nobody, with /dev/kvm's group, as libvirt-qemu with kvm) and gets
+/// its serial file, its log (a pipe, as virtlogd's) and its disk as fds
+/// (`-add-fd`, `/dev/fdset/N`) of files only root may open. It must use
+/// them as passed: reopening one through /proc/self/fd is refused
+/// (EACCES), the failure libvirt showed ("cannot open logfile
+/// /proc/self/fd/33"). The guest's output reaches the file and the pipe,
+/// its records reach the disk, and query-block sizes the disk from its fd.
+#[test]
+fn fdset_files_are_used_as_passed_by_an_unprivileged_emulator() {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let name = "fdset_files_are_used_as_passed_by_an_unprivileged_emulator";
+    if !nix::unistd::geteuid().is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run {name}");
+        eprintln!("SKIP {name}: needs root (files only root may open, another user)");
+        return;
+    }
+    if !kvm_usable(name) {
+        return;
+    }
+    let kvm = std::fs::metadata("/dev/kvm").expect("/dev/kvm");
+    if kvm.mode() & 0o060 != 0o060 {
+        eprintln!(
+            "SKIP {name}: /dev/kvm is mode {:o}: its group cannot use it (Debian's udev \
+             rule makes it root:kvm 0660)",
+            kvm.mode() & 0o777
+        );
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("getpwnam")
+        .expect("user nobody");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // Only root may open what is in `private`; the emulator's user reaches
+    // the kernel and its own `run` dir.
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let private = d.join("private");
+    std::fs::create_dir(&private).expect("mkdir");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let run = d.join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    nix::unistd::chown(&run, Some(nobody.uid), None).expect("chown");
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+
+    let image = private.join("disk.raw");
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&image)
+        .expect("image");
+    disk.set_len(16 << 20).expect("size the image");
+    let out_path = private.join("serial.out");
+    let out = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&out_path)
+        .expect("serial file");
+    let (log_r, log_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    let storage = json!({"driver": "file", "filename": "/dev/fdset/2",
+        "node-name": "libvirt-1-storage", "auto-read-only": true, "discard": "unmap"})
+    .to_string();
+    let format = json!({"node-name": "libvirt-1-format", "read-only": false,
+        "driver": "raw", "file": "libvirt-1-storage"})
+    .to_string();
+    let qmp = run.join("q.qmp");
+    let mut child = Command::new(BIN)
+        .args(["-M", "pc", "-enable-kvm", "-m", "128M", "-nodefaults"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .args(["-append", &format!("ws=16M fill=1 blk={BLK_K}")])
+        .arg("-add-fd")
+        .arg(format!(
+            "set=0,fd={},opaque=serial0-log",
+            inheritable(&log_w)
+        ))
+        .arg("-add-fd")
+        .arg(format!(
+            "set=1,fd={},opaque=serial0-source",
+            inheritable(&out)
+        ))
+        .arg("-add-fd")
+        .arg(format!("set=2,fd={}", inheritable(&disk)))
+        .args([
+            "-chardev",
+            "file,id=charserial0,path=/dev/fdset/1,append=on,logfile=/dev/fdset/0,logappend=on",
+            "-device",
+            "isa-serial,chardev=charserial0,id=serial0",
+            "-blockdev",
+            &storage,
+            "-blockdev",
+            &format,
+            "-device",
+            "virtio-blk-pci,drive=libvirt-1-format,id=virtio-disk0,addr=0x3",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .uid(nobody.uid.as_raw())
+        .gid(kvm.gid())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry-qemu");
+    // Only the child holds the pipe's write end now: EOF when it exits.
+    drop(log_w);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = std::fs::File::from(log_r);
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = log.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut logged = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !String::from_utf8_lossy(&logged).contains("dirtier: ready") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(bytes) => logged.extend(bytes),
+            Err(e) => {
+                let _ = child.kill();
+                let mut err = String::new();
+                let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+                panic!(
+                    "no 'dirtier: ready' in the log pipe ({e}); ferry-qemu: {:?}\n{err}\nlog: {}",
+                    child.wait(),
+                    String::from_utf8_lossy(&logged)
+                );
+            }
+        }
+    }
+    let q = Qemu { child, qmp };
+    wait_for_serial(&out_path, "dirtier: ready");
+    let mut qm = Qmp::connect(&q.qmp);
+    let blocks = qm.ok("query-block", json!({}));
+    assert_eq!(
+        blocks[0]["inserted"]["image"]["virtual-size"],
+        16 << 20,
+        "{blocks}"
+    );
+    assert_eq!(blocks[0]["inserted"]["file"], "/dev/fdset/2", "{blocks}");
+    // More passes, then the disk oracle (the dump goes to `run`).
+    qm.ok("stop", json!({}));
+    qm.wait_event("STOP", None);
+    run_a_while(&mut qm, &out_path);
+    disk_oracle(&mut qm, &run, &image, "fdset-disk");
 }
 
 /// A TCP port nobody listens on now.

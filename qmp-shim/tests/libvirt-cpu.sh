@@ -28,12 +28,11 @@ listen_addr = "127.0.0.1"
 tcp_port = "16599"
 auth_tcp = "none"
 CONF
+# qemu.conf as packaged (the emulator runs as libvirt-qemu in a private
+# /dev, DAC labels) but for cgroup_controllers: this machine's cgroupfs is
+# the host's; see libvirt-domain.sh.
 cat >> "$WORK/etc-libvirt/qemu.conf" <<'CONF'
 cgroup_controllers = [ ]
-user = "root"
-group = "root"
-namespaces = [ ]
-security_driver = "none"
 CONF
 mount --bind "$WORK/etc-libvirt" /etc/libvirt
 mount --bind "$WORK/var-lib-libvirt" /var/lib/libvirt

@@ -1,14 +1,22 @@
 #!/bin/bash
-# A libvirt domain whose <emulator> is ferry-qemu, through its lifecycle:
-# define, start, suspend/resume, pmemsave, save, restore, pmemsave, destroy.
-# Runs a private libvirtd + virtlogd (own mount namespace, as in
-# libvirt-probe.sh). Usage (as root):
-#   unshare --mount --propagation private bash libvirt-domain.sh WORK FERRY_QEMU KERNEL
-# Leaves in $WORK: mem-before-save.raw, mem-after-restore.raw (pmemsave dumps
-# of the 128 MiB guest), lab.save, the libvirt logs under var-log-libvirt/.
+# libvirt domains whose <emulator> is ferry-qemu, on a private libvirtd +
+# virtlogd (own mount namespace, as in libvirt-probe.sh) configured as Debian
+# ships it: the emulator runs as libvirt-qemu, in a private /dev, its files
+# labelled by the DAC driver. Usage (as root):
+#   unshare --mount --propagation private bash libvirt-domain.sh WORK FERRY_QEMU KERNEL [MODE]
+# MODE lifecycle (the default): one domain through define, start,
+#   suspend/resume, pmemsave, save, restore, pmemsave, destroy. Leaves in
+#   $WORK: dumps/mem-before-save.raw, dumps/mem-after-restore.raw (pmemsave
+#   dumps of the 128 MiB guest), lab.save.
+# MODE serial: a domain with <serial type='pty'><log file=.../> and one with
+#   <serial type='file'> (libvirt passes both outputs as fd sets: virtlogd's
+#   pipes) start; the guests' output reaches the log and the file.
+# Both leave the libvirt logs under $WORK/var-log-libvirt/ and print
+# "EMULATOR <domain> user=U group=G dev=private|shared groups=GIDS" and
+# "DEV <domain> <what its /dev holds>" per started domain.
 # Prints "STEP ..." lines; exits non-zero at the first failing step.
 set -euo pipefail; [ -n "${TRACE:-}" ] && set -x
-WORK=$1; BIN=$2; KERNEL=$3
+WORK=$1; BIN=$2; KERNEL=$3; MODE=${4:-lifecycle}
 NAME=ferrylab
 MEM=$((128 * 1024 * 1024))
 mkdir -p "$WORK"
@@ -27,14 +35,16 @@ cat >> "$WORK/etc-libvirt/libvirtd.conf" <<'CONF'
 log_filters = "1:qemu.qemu_monitor 1:qemu.qemu_monitor_json 1:qemu.qemu_process 1:qemu.qemu_capabilities 1:qemu.qemu_migration 1:qemu.qemu_driver 1:util.command 3:*"
 log_outputs = "1:file:/var/log/libvirt/libvirtd.log"
 CONF
-# /dev/kvm is root-only here: run the emulator as root, without libvirt's
-# per-VM /dev (namespaces) and without cgroups (shared with the host).
+# qemu.conf as packaged: user, group, namespaces and security_driver unset
+# (the emulator runs as libvirt-qemu:libvirt-qemu with its supplementary
+# group kvm, in a private /dev, files labelled by DAC; no AppArmor here).
+# One deviation, because this machine's cgroupfs is the host's (no cgroup
+# namespace): with controllers libvirt makes /sys/fs/cgroup/*/machine and
+# machine/qemu-ID-NAME.libvirt-qemu in it, and leaves the first behind
+# (measured); a second lab running at once (every libvirtd numbers domains
+# from 1) would share those cgroups.
 cat >> "$WORK/etc-libvirt/qemu.conf" <<'CONF'
 cgroup_controllers = [ ]
-user = "root"
-group = "root"
-namespaces = [ ]
-security_driver = "none"
 CONF
 mount --bind "$WORK/etc-libvirt" /etc/libvirt
 mount --bind "$WORK/var-lib-libvirt" /var/lib/libvirt
@@ -45,8 +55,9 @@ mkdir -p /run/libvirt
 mount --bind "$WORK/run-libvirt" /run/libvirt
 virtlogd -d -p /run/libvirt/virtlogd.pid
 libvirtd -d -p /run/libvirt/libvirtd.pid
+NAMES=("$NAME")
 cleanup() {
-    virsh -c qemu:///system destroy "$NAME" >/dev/null 2>&1 || true
+    for n in "${NAMES[@]}"; do virsh -c qemu:///system destroy "$n" >/dev/null 2>&1 || true; done
     kill "$(cat /run/libvirt/libvirtd.pid 2>/dev/null)" 2>/dev/null || true
     kill "$(cat /run/libvirt/virtlogd.pid 2>/dev/null)" 2>/dev/null || true
 }
@@ -68,8 +79,8 @@ state_is() {
     echo "domstate is '$s', expected '$1'" >&2
     return 1
 }
-serial_grows() {
-    local log=/var/log/libvirt/qemu/$NAME-serial.log a b
+serial_grows() {  # [FILE]: a file the guest's serial output goes to
+    local log=${1:-/var/log/libvirt/qemu/$NAME-serial.log} a b
     a=$(stat -c %s "$log" 2>/dev/null || echo 0)
     for _ in $(seq 100); do
         sleep 0.1
@@ -79,15 +90,33 @@ serial_grows() {
     echo "no heartbeats in $log (size $a)" >&2
     return 1
 }
+ready_in() {  # FILE: waits for the dirtier's first line there
+    for _ in $(seq 600); do
+        grep -q 'dirtier: ready' "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "no 'dirtier: ready' in $1" >&2
+    return 1
+}
+emulator_pid() { cat "/run/libvirt/qemu/$1.pid"; }
+# Who runs domain $1's emulator, and whether its /dev is its own (a mount
+# namespace of its own: libvirt's namespaces = [ "mount" ]).
+emulator() {
+    local pid dev=shared
+    pid=$(emulator_pid "$1")
+    [ "$(readlink "/proc/$pid/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] && dev=private
+    echo "EMULATOR $1 user=$(stat -c %U "/proc/$pid") group=$(stat -c %G "/proc/$pid") dev=$dev" \
+        "groups=$(awk '/^Groups:/ { $1 = ""; print }' "/proc/$pid/status" | tr -s ' ' | sed 's/^ //')"
+    echo "DEV $1 $(ls "/proc/$pid/root/dev" | tr '\n' ' ')"
+}
 pmemsave() {
     V qemu-monitor-command "$NAME" \
         "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":0,\"size\":$MEM,\"filename\":\"$1\"}}"
 }
-
-cat > "$WORK/$NAME.xml" <<XML
+define() {  # NAME SERIAL-XML
+    cat > "$WORK/$1.xml" <<XML
 <domain type='kvm'>
-  <name>$NAME</name>
-  <uuid>f0f0f0f0-1111-4222-8333-444444444444</uuid>
+  <name>$1</name>
   <memory unit='MiB'>128</memory>
   <vcpu>1</vcpu>
   <os>
@@ -98,37 +127,71 @@ cat > "$WORK/$NAME.xml" <<XML
   <on_poweroff>destroy</on_poweroff>
   <devices>
     <emulator>$WORK/bin/ferry-qemu</emulator>
-    <serial type='pty'>
-      <log file='/var/log/libvirt/qemu/$NAME-serial.log' append='on'/>
-      <target port='0'/>
-    </serial>
-    <console type='pty'><target type='serial' port='0'/></console>
+    $2
   </devices>
 </domain>
 XML
-step define;   V define "$WORK/$NAME.xml"
+    V define "$WORK/$1.xml"
+}
+
+if [ "$MODE" = serial ]; then
+    PTY=$NAME-pty FILE=$NAME-file
+    NAMES=("$PTY" "$FILE")
+    step define
+    define "$PTY" "<serial type='pty'>
+      <log file='/var/log/libvirt/qemu/$PTY-serial.log' append='on'/>
+      <target port='0'/>
+    </serial>
+    <console type='pty'><target type='serial' port='0'/></console>"
+    define "$FILE" "<serial type='file'>
+      <source path='/var/log/libvirt/qemu/$FILE-serial.log' append='on'/>
+      <target port='0'/>
+    </serial>"
+    for n in "${NAMES[@]}"; do
+        step "start $n"; V start "$n"
+        NAME=$n state_is running
+        emulator "$n"
+    done
+    for n in "${NAMES[@]}"; do
+        step "output $n"
+        ready_in "/var/log/libvirt/qemu/$n-serial.log"
+        serial_grows "/var/log/libvirt/qemu/$n-serial.log"
+    done
+    V ttyconsole "$PTY"
+    for n in "${NAMES[@]}"; do
+        step "destroy $n"; V destroy "$n"; NAME=$n state_is "shut off"
+    done
+    step done
+    exit 0
+fi
+
+define "$NAME" "<serial type='pty'>
+      <log file='/var/log/libvirt/qemu/$NAME-serial.log' append='on'/>
+      <target port='0'/>
+    </serial>
+    <console type='pty'><target type='serial' port='0'/></console>"
 step start;    V start "$NAME"
 state_is running
+emulator "$NAME"
+# pmemsave writes as the emulator's user, as QEMU's does: into a dir of its own.
+install -d -o "$(stat -c %u "/proc/$(emulator_pid "$NAME")")" "$WORK/dumps"
 step heartbeats; serial_grows
-for _ in $(seq 600); do
-    grep -q 'dirtier: ready' "/var/log/libvirt/qemu/$NAME-serial.log" && break
-    sleep 0.1
-done
-grep -q 'dirtier: ready' "/var/log/libvirt/qemu/$NAME-serial.log"
+ready_in "/var/log/libvirt/qemu/$NAME-serial.log"
 V ttyconsole "$NAME"
 step suspend;  V suspend "$NAME"; state_is paused
 step resume;   V resume "$NAME";  state_is running; serial_grows
 step pmemsave-before-save
 V suspend "$NAME"; state_is paused
-pmemsave "$WORK/mem-before-save.raw"
+pmemsave "$WORK/dumps/mem-before-save.raw"
 step save;     V save "$NAME" "$WORK/lab.save"
 state_is "shut off"
 step restore;  V restore --running "$WORK/lab.save"  # saved while paused: libvirt would restore it paused
 state_is running
+emulator "$NAME"
 serial_grows
 step pmemsave-after-restore
 V suspend "$NAME"; state_is paused
-pmemsave "$WORK/mem-after-restore.raw"
+pmemsave "$WORK/dumps/mem-after-restore.raw"
 V resume "$NAME"; state_is running
 step destroy;  V destroy "$NAME"; state_is "shut off"
 step done

@@ -157,7 +157,9 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (
         "add-fd",
         "fd=N,set=N[,opaque=TEXT]",
-        "Add an inherited file descriptor to fd set N, for `/dev/fdset/N` paths.",
+        "Add an inherited file descriptor to fd set N, for `/dev/fdset/N` paths (a chardev's \
+         `path` and `logfile`, a disk's `filename`): ferry-qemu uses the descriptor as passed \
+         and never opens the file again, as QEMU.",
     ),
     (
         "object",

@@ -257,6 +257,7 @@ impl Lab {
             text(&out),
             self.diagnose(dom)
         );
+        self.assert_packaged_defaults(h, dom);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = std::fs::read(self.serial_log(h, dom)).unwrap_or_default();
@@ -272,6 +273,33 @@ impl Lab {
                 self.diagnose(dom)
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `dom`'s emulator on `h` runs as libvirt runs it by default: as its
+    /// unprivileged user (libvirt-qemu), in a mount namespace of its own
+    /// (the private /dev of `namespaces = [ "mount" ]`).
+    pub fn assert_packaged_defaults(&self, h: &str, dom: &str) {
+        let pids = self.hosts.emulator_pids(h, dom);
+        assert!(!pids.is_empty(), "no emulator of {dom} on {h}");
+        let mnt = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        let daemon = mnt(self.hosts.libvirtd_pid(h));
+        for pid in pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().next())
+                .unwrap_or("?");
+            assert!(
+                uid != "0" && uid != "?",
+                "{dom} on {h}: emulator {pid} runs as uid {uid}, not libvirt's user"
+            );
+            assert_ne!(
+                mnt(pid),
+                daemon,
+                "{dom} on {h}: emulator {pid} shares libvirtd's /dev (namespaces off?)"
+            );
         }
     }
 
@@ -292,7 +320,7 @@ impl Lab {
 
     /// A pmemsave dump of `dom` on `h` (paused for it) judged by the oracle.
     pub fn oracle(&self, h: &str, dom: &str, mib: u64) -> OracleReport {
-        let dump = self.shared().join(format!("{dom}-{h}.raw"));
+        let dump = self.hosts.dumps().join(format!("{dom}-{h}.raw"));
         let cmd = format!(
             r#"{{"execute":"pmemsave","arguments":{{"val":0,"size":{},"filename":"{}"}}}}"#,
             mib << 20,

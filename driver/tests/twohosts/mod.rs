@@ -219,6 +219,12 @@ impl TwoHosts {
         self.dir.join("shared")
     }
 
+    /// A dir in the shared one that the emulator's user (libvirt-qemu, which
+    /// writes pmemsave dumps) may write to.
+    pub fn dumps(&self) -> PathBuf {
+        self.shared().join("dumps")
+    }
+
     /// Host `h`'s x509 directory for TLS migration (its qemu.conf's
     /// `migrate_tls_x509_cert_dir`): empty until a test puts credentials there.
     pub fn tls_dir(&self, h: &str) -> PathBuf {

@@ -7,7 +7,8 @@
 # /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt, /run/libvirt and /etc/hosts
 # (bind mounts of $FT/hosts/<H>/...), its own virtlogd + libvirtd (--listen, TCP without
 # auth), a distinct host_uuid, and a veth pair between the two network namespaces.
-# $FT/shared is visible to both hosts at the same path (shared storage); $FT/hosts/<H>/migrate-pki
+# $FT/shared is visible to both hosts at the same path (shared storage), $FT/shared/dumps
+# writable by the emulator's user (libvirt-qemu); $FT/hosts/<H>/migrate-pki
 # is host H's migrate_tls_x509_cert_dir (qemu.conf) for virsh migrate --tls.
 # Nothing is created outside $FT except the veth pair, which lives inside the namespaces.
 #
@@ -86,14 +87,12 @@ log_outputs = "1:file:/var/log/libvirt/libvirtd.log"
 EOF
   cat >> $qc <<EOF
 # ---- ferry twohosts ----
-# both daemons share one cgroupfs and would fight over machine/qemu-ID-NAME.libvirt-qemu
+# As packaged otherwise: user, group, namespaces and security_driver unset (the
+# emulator runs as libvirt-qemu in a private /dev, files labelled by DAC).
+# Both daemons share one cgroupfs (the host's: no cgroup namespace) and would
+# fight over machine/qemu-ID-NAME.libvirt-qemu (a migrating domain has the
+# same name on both, and each daemon numbers domains from 1).
 cgroup_controllers = [ ]
-# /dev/kvm may be root-only (0600): run the emulator as root, without libvirt's
-# per-VM /dev (namespaces) and without a security driver relabelling files
-user = "root"
-group = "root"
-namespaces = [ ]
-security_driver = "none"
 # TLS migration (virsh migrate --tls): each host its own x509 directory, empty
 # until a test puts a CA and certificates there (libvirtd wants it to exist)
 migrate_tls_x509_cert_dir = "$d/migrate-pki"
@@ -230,6 +229,8 @@ case "${1:-}" in
     check_prereqs
     down                 # leftovers of an earlier run (crashed test, ^C)
     mkdir -p $FT/shared; chmod 755 $FT $FT/shared
+    # pmemsave dumps: the emulator writes them as its user, Debian's libvirt-qemu
+    install -d -o libvirt-qemu -g libvirt-qemu -m 0755 $FT/shared/dumps
     make_tree A; make_tree B
     ns_up
     daemons_up

@@ -197,7 +197,7 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
         .ok_or("missing PATH")?;
     let mut arg = DiskArg {
         config: crate::devices::virtio::blk::BlockConfig {
-            path: PathBuf::from(path),
+            image: crate::devices::virtio::blk::BlockImage::Path(PathBuf::from(path)),
             read_only: false,
             serial: None,
         },

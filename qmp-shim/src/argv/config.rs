@@ -6,6 +6,7 @@
 //! targets (direct kernel boot, serial console).
 
 use ferry_vmm::cpu::model::CpuModel;
+use ferry_vmm::devices::SharedFd;
 use serde_json::Value;
 
 use super::opts::json_text;
@@ -59,6 +60,18 @@ pub struct SerialConfig {
     /// COM index (0 = ttyS0 at 0x3f8).
     pub index: u32,
     pub chardev: Chardev,
+    /// The chardev's `/dev/fdset/N` outputs, filled at startup.
+    pub fds: ChardevFds,
+}
+
+/// A chardev's outputs given as `/dev/fdset/N` (`path=` of a file backend,
+/// `logfile=`): the descriptors libvirt passed in those sets (`-add-fd`),
+/// used as passed, never reopened (`process::resolve_fdsets` fills them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChardevFds {
+    /// The file backend's `path=`.
+    pub path: Option<SharedFd>,
+    pub logfile: Option<SharedFd>,
 }
 
 impl Invocation {
@@ -372,6 +385,7 @@ impl Invocation {
                 out.push(SerialConfig {
                     index: next,
                     chardev: self.chardev("-serial", id)?,
+                    fds: ChardevFds::default(),
                 });
             }
         }
@@ -411,6 +425,7 @@ impl Invocation {
             out.push(SerialConfig {
                 index,
                 chardev: self.chardev("-device", &id)?,
+                fds: ChardevFds::default(),
             });
         }
         // QEMU's default serial (without -nodefaults) is stdio with -nographic.
@@ -423,6 +438,7 @@ impl Invocation {
                     logfile: None,
                     logappend: false,
                 },
+                fds: ChardevFds::default(),
             });
         }
         out.sort_by_key(|s| s.index);

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use ferry_vmm::devices::virtio::blk::BlockImage;
 use serde_json::{Map, Value};
 
 use super::opts::{json_text, parse_bool, parse_u64, Opts};
@@ -673,7 +674,7 @@ impl Invocation {
             .map(|(p, slot)| DiskConfig {
                 id: p.id,
                 slot,
-                path: p.backing.filename.clone().into(),
+                image: BlockImage::Path(p.backing.filename.clone().into()),
                 filename: p.backing.filename,
                 read_only: p.backing.read_only,
                 serial: p.serial,

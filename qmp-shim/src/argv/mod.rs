@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 pub use config::{
-    SerialConfig, CPU_MODELS, MACHINE_TYPES, MODELLED_AS_ABSENT, MODELLED_DEVICES, UNSUPPORTED_HINT,
+    ChardevFds, SerialConfig, CPU_MODELS, MACHINE_TYPES, MODELLED_AS_ABSENT, MODELLED_DEVICES,
+    UNSUPPORTED_HINT,
 };
 pub use disks::VIRTIO_BLK;
 pub use nics::{NicConfig, TapSource, VIRTIO_NET};

@@ -363,7 +363,10 @@ fn libvirt_blockdev_disk_as_in_the_lab() {
     assert_eq!(d.id.as_deref(), Some("virtio-disk0"));
     assert_eq!(d.slot, 3);
     assert_eq!(d.filename, "/tmp/lab-libvirt/shared/lab2.raw");
-    assert_eq!(d.path, std::path::Path::new(&d.filename));
+    assert_eq!(
+        d.image,
+        ferry_vmm::devices::virtio::blk::BlockImage::Path(d.filename.clone().into())
+    );
     assert!(!d.read_only);
     assert_eq!(d.serial, None);
     assert_eq!(d.backend_name, "");

@@ -123,10 +123,12 @@ fn disks<'a>(ctx: &'a Ctx<'_>) -> &'a [DiskConfig] {
 fn image_sizes(d: &DiskConfig) -> (u64, Option<u64>) {
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::MetadataExt;
-    let virtual_size = std::fs::File::open(&d.path)
-        .and_then(|mut f| f.seek(SeekFrom::End(0)))
-        .unwrap_or(0);
-    let actual = std::fs::metadata(&d.path)
+    let Ok(mut f) = d.image.open(true) else {
+        return (0, None);
+    };
+    let virtual_size = f.seek(SeekFrom::End(0)).unwrap_or(0);
+    let actual = f
+        .metadata()
         .ok()
         .filter(std::fs::Metadata::is_file)
         .map(|m| m.blocks() * 512);

@@ -1,4 +1,5 @@
-//! Where the guest's serial output goes: a file, stdout, a unix socket or a pty.
+//! Where the guest's serial output goes: a file, stdout, a unix socket, a pty
+//! or a descriptor the VMM was handed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -6,6 +7,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
+
+use crate::devices::SharedFd;
 
 /// A serial backend as given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +19,9 @@ pub enum SinkSpec {
     Stdout,
     /// Append to (create) a file.
     File(PathBuf),
+    /// Write to an open file, pipe or socket (a duplicate of it), never
+    /// reopened by path.
+    Fd(SharedFd),
     /// Listen on a unix socket and write to whoever connects (output before a client
     /// connects is dropped, like QEMU's `server=on,wait=off`).
     UnixServer(PathBuf),
@@ -111,6 +117,7 @@ impl SerialSink {
                     .open(p)
                     .map_err(open_err(format!("file {}", p.display())))?,
             ),
+            SinkSpec::Fd(fd) => Target::File(fd.dup().map_err(open_err("a passed fd".into()))?),
             SinkSpec::UnixClient(p) => Target::Stream(Some(
                 UnixStream::connect(p).map_err(open_err(format!("unix:{}", p.display())))?,
             )),
@@ -220,6 +227,30 @@ mod tests {
         let err = "vc".parse::<SinkSpec>().unwrap_err().to_string();
         assert!(err.contains("unknown serial backend 'vc'"), "{err}");
         assert!("file:".parse::<SinkSpec>().is_err());
+    }
+
+    #[test]
+    fn fd_sink_writes_to_the_open_file_itself() {
+        // Unlinked: no path leads to it any more, as none the emulator's user
+        // may open leads to a pipe from virtlogd.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let fd = SharedFd::new(file.try_clone().unwrap().into());
+        let mut sink = SerialSink::open(&SinkSpec::Fd(fd.clone())).unwrap();
+        sink.write_all(b"abc").unwrap();
+        // Every sink built on it writes to the same file.
+        let mut again = SerialSink::open(&SinkSpec::Fd(fd)).unwrap();
+        again.write_all(b"de").unwrap();
+        let mut got = [0u8; 8];
+        let n = std::os::unix::fs::FileExt::read_at(&file, &mut got, 0).unwrap();
+        assert_eq!(&got[..n], b"abcde");
     }
 
     #[test]

@@ -4,14 +4,16 @@
 //! durable; without it every write is synced before it completes).
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use ferry_kvm::memory::GuestMemory;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::{VirtioDevice, F_VERSION_1};
+use crate::devices::SharedFd;
 
 const SECTOR: u64 = 512;
 const F_SEG_MAX: u64 = 1 << 2;
@@ -35,11 +37,57 @@ const ID_BYTES: usize = 20;
 /// How to build a virtio-blk device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
-    /// A raw image file or block device (also `/proc/self/fd/N` for a passed fd).
-    pub path: PathBuf,
+    pub image: BlockImage,
     pub read_only: bool,
     /// Up to 20 bytes returned by GET_ID (`/dev/disk/by-id/virtio-<serial>`).
     pub serial: Option<String>,
+}
+
+/// A disk's raw image file or block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockImage {
+    /// Opened by path.
+    Path(PathBuf),
+    /// Handed to this process open (libvirt's `-add-fd`): used through
+    /// duplicates, never reopened. `name` is what errors call it
+    /// (`/dev/fdset/3`).
+    Fd { fd: SharedFd, name: String },
+}
+
+impl BlockImage {
+    /// The image opened for reading, and for writing unless `read_only`; a
+    /// passed image must have been opened that way.
+    pub fn open(&self, read_only: bool) -> io::Result<File> {
+        match self {
+            Self::Path(p) => OpenOptions::new().read(true).write(!read_only).open(p),
+            Self::Fd { fd, .. } => {
+                let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+                let mode = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE;
+                let fits = mode == OFlag::O_RDWR || (read_only && mode == OFlag::O_RDONLY);
+                if !fits {
+                    let how = if mode == OFlag::O_RDONLY {
+                        "for reading only"
+                    } else {
+                        "for writing only"
+                    };
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("it was passed open {how}"),
+                    ));
+                }
+                fd.dup()
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BlockImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(p) => write!(f, "{}", p.display()),
+            Self::Fd { name, .. } => f.write_str(name),
+        }
+    }
 }
 
 /// Request counters of one disk (QEMU's `query-blockstats` names).
@@ -70,28 +118,24 @@ pub struct Block {
 impl Block {
     /// Opens the image; errors name the file and what to do.
     pub fn open(config: &BlockConfig) -> Result<Self, String> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(|e| {
-                format!(
-                    "cannot open disk image {} {}: {e}",
-                    config.path.display(),
-                    if config.read_only {
-                        "for reading"
-                    } else {
-                        "for reading and writing (mark it read-only if it must not change)"
-                    }
-                )
-            })?;
+        let mut file = config.image.open(config.read_only).map_err(|e| {
+            format!(
+                "cannot open disk image {} {}: {e}",
+                config.image,
+                if config.read_only {
+                    "for reading"
+                } else {
+                    "for reading and writing (mark it read-only if it must not change)"
+                }
+            )
+        })?;
         let bytes = file
             .seek(SeekFrom::End(0))
-            .map_err(|e| format!("cannot size disk image {}: {e}", config.path.display()))?;
+            .map_err(|e| format!("cannot size disk image {}: {e}", config.image))?;
         if bytes < SECTOR {
             return Err(format!(
                 "disk image {} holds {bytes} bytes; a disk needs at least one 512-byte sector",
-                config.path.display()
+                config.image
             ));
         }
         if config.serial.as_ref().is_some_and(|s| s.len() > ID_BYTES) {
@@ -318,15 +362,14 @@ impl VirtioDevice for Block {
 
     /// Opens the image again: the source flushed its last writes after this side
     /// first opened it, and a new open is what makes NFS-style shared storage
-    /// (close-to-open consistency) show them.
+    /// (close-to-open consistency) show them. A passed image
+    /// ([`BlockImage::Fd`]) has no path to open again: it is duplicated.
     fn after_restore(&mut self) -> Result<(), String> {
         let again = Self::open(&self.config)?;
         if again.sectors != self.sectors {
             return Err(format!(
                 "disk image {} changed size during the migration ({} to {} sectors)",
-                self.config.path.display(),
-                self.sectors,
-                again.sectors
+                self.config.image, self.sectors, again.sectors
             ));
         }
         let stats = self.stats;
@@ -338,7 +381,7 @@ impl VirtioDevice for Block {
     fn flush(&mut self) -> Result<(), String> {
         self.file
             .sync_data()
-            .map_err(|e| format!("cannot flush {}: {e}", self.config.path.display()))
+            .map_err(|e| format!("cannot flush {}: {e}", self.config.image))
     }
 
     fn stats(&self) -> super::DeviceStats {

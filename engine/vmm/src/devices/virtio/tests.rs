@@ -11,7 +11,7 @@ use ferry_kvm::Backing;
 
 use super::{status, STOP_PAUSED};
 use crate::devices::serial::SinkSpec;
-use crate::devices::virtio::blk::BlockConfig;
+use crate::devices::virtio::blk::{BlockConfig, BlockImage};
 use crate::devices::virtio::net::{self, NetConfig};
 use crate::vm::{VirtioDeviceSpec, VirtioSpec, Vm, VmConfig};
 
@@ -24,7 +24,7 @@ fn disk_spec(path: &Path, read_only: bool) -> VirtioSpec {
         slot: SLOT,
         id: "virtio-disk0".into(),
         device: VirtioDeviceSpec::Block(BlockConfig {
-            path: path.to_path_buf(),
+            image: BlockImage::Path(path.to_path_buf()),
             read_only,
             serial: Some("ferry-serial".into()),
         }),
@@ -47,6 +47,53 @@ fn disk(sectors: usize) -> tempfile::NamedTempFile {
     let f = tempfile::NamedTempFile::new().unwrap();
     f.as_file().set_len(sectors as u64 * 512).unwrap();
     f
+}
+
+/// A disk on an image handed over open (libvirt's `-add-fd`) writes to that
+/// open file: the image is unlinked, so no path could reach it. One open for
+/// reading only serves a read-only disk and is refused, by name, for a
+/// writable one.
+#[test]
+fn blk_uses_a_passed_image_as_given() {
+    use crate::devices::virtio::blk::Block;
+    use crate::devices::SharedFd;
+    use std::os::unix::fs::FileExt;
+    let img = disk(64);
+    let rw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img.path())
+        .unwrap();
+    let ro = std::fs::File::open(img.path()).unwrap();
+    img.close().unwrap();
+    let passed = |f: &std::fs::File, read_only| BlockConfig {
+        image: BlockImage::Fd {
+            fd: SharedFd::new(f.try_clone().unwrap().into()),
+            name: "/dev/fdset/3".into(),
+        },
+        read_only,
+        serial: None,
+    };
+    let err = Block::open(&passed(&ro, false)).unwrap_err();
+    assert!(
+        err.contains("/dev/fdset/3") && err.contains("passed open for reading only"),
+        "{err}"
+    );
+    assert_eq!(Block::open(&passed(&ro, true)).unwrap().sectors(), 64);
+
+    let vm = vm_with(VirtioSpec {
+        slot: SLOT,
+        id: "virtio-disk0".into(),
+        device: VirtioDeviceSpec::Block(passed(&rw, false)),
+    });
+    let mut d = Driver::probe(&vm, SLOT, 2);
+    d.init();
+    let pattern: Vec<u8> = (0..512u32).map(|i| (i * 5 + 1) as u8).collect();
+    d.put(DATA, &pattern);
+    assert_eq!(d.request(1, 2, 512, DATA), (0, 1));
+    let mut on_disk = vec![0u8; 512];
+    rw.read_exact_at(&mut on_disk, 2 * 512).unwrap();
+    assert_eq!(on_disk, pattern);
 }
 
 #[test]
