@@ -2502,7 +2502,9 @@ fn auto_converge_steps_the_throttle_as_qemu_does() {
     );
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
-    let _b = spawn_guest(d, "b", &kernel, &["-incoming", &uri]);
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", &uri]);
+    // Listening once its monitor answers (as the other tests' destinations).
+    assert_eq!(Qmp::connect(&b.qmp).status(), "inmigrate");
     src.ok("migrate", json!({"uri": uri}));
     src.wait_event("MIGRATION", Some("active"));
     // A downtime limit of 0 never converges: watch the throttle rise.

@@ -7,7 +7,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -53,11 +54,13 @@ impl PrivateFile {
     }
 }
 
-/// Listens on a unix socket at `path` that only this user can connect to
-/// (mode 0600 from the moment it has its name: bound in a private directory,
-/// then renamed into place). A stale socket at `path` is replaced; anything
-/// else there is refused, never deleted.
+/// Listens on a unix socket at `path` that only this user can connect to:
+/// mode 0600 from its creation (the socket's inode gets the mode before
+/// bind(2), which creates the file with it). A stale socket at `path` is
+/// replaced; anything else there is refused, never deleted.
 pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+    use nix::sys::stat::{fchmod, Mode};
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => {
             return Err(io::Error::new(
@@ -68,16 +71,19 @@ pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
                 ),
             ))
         }
-        _ => {}
+        Ok(_) => std::fs::remove_file(path)?,
+        Err(_) => {}
     }
-    let dir = tempfile::Builder::new()
-        .prefix(".ferry-sock.")
-        .tempdir_in(parent(path))?;
-    let tmp = dir.path().join("s");
-    let listener = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(listener)
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    fchmod(&sock, Mode::from_bits_truncate(0o600))?;
+    bind(sock.as_raw_fd(), &nix::sys::socket::UnixAddr::new(path)?)?;
+    listen(&sock, Backlog::new(128)?)?;
+    Ok(UnixListener::from(sock))
 }
 
 fn parent(path: &Path) -> &Path {
