@@ -325,6 +325,17 @@ pub fn qemu_cpu(qemu: &Path) -> QemuCpu {
     })
 }
 
+/// The `-cpu` a run of `bin` gets: ferry-qemu takes `host` on any host; QEMU
+/// gets what this host's QEMU can run ([`qemu_cpu`], probed with QEMU's own
+/// `-monitor`, which ferry-qemu does not have).
+fn guest_cpu(bin: &Path) -> &'static str {
+    if bin.file_name().is_some_and(|n| n == "ferry-qemu") {
+        "host"
+    } else {
+        qemu_cpu(bin).arg
+    }
+}
+
 /// A QEMU process with a QMP socket.
 struct Qemu {
     child: Child,
@@ -348,7 +359,7 @@ impl Qemu {
             "microvm",
             "-enable-kvm",
             "-cpu",
-            qemu_cpu(bin).arg,
+            guest_cpu(bin),
             "-m",
             &cfg.mem,
         ])
