@@ -262,10 +262,13 @@ pub struct MsrLoad {
 pub fn load_msrs(vcpu: &VcpuFd, cpuid: &[kvm_cpuid_entry2], msrs: &[kvm_msr_entry]) -> MsrLoad {
     let mut out = MsrLoad::default();
     for &m in msrs {
-        let here = read_msr(vcpu, m.index);
         if write_msr(vcpu, m) {
             out.loaded.push(m.index);
-        } else if here == Some(m.data) || guest_has(cpuid, m.index) == Some(false) {
+            continue;
+        }
+        // A refused write leaves the fresh vCPU's value: read it only then.
+        let here = read_msr(vcpu, m.index);
+        if here == Some(m.data) || guest_has(cpuid, m.index) == Some(false) {
             out.skipped.push(m.index);
         } else {
             out.refused.push(RefusedMsr {
