@@ -47,6 +47,7 @@
 //! |  7 | Reply    | CBOR: return-path message (dest to src) | 16 MiB            |
 //! |  8 | Digest   | CBOR: digest of all guest RAM           | 16 MiB            |
 //! |  9 | Join     | CBOR: opens an extra page stream        | 16 MiB            |
+//! | 10 | KeepAlive| empty, never critical; readers skip it  | 0 bytes           |
 //! |  * | other    | unknown to this version                 | 64 MiB            |
 //!
 //! ## RamPages payload

@@ -114,7 +114,9 @@ impl<R: Read> StreamReader<R> {
     fn next_section_inner(&mut self, buf: &mut Vec<u8>) -> Result<SectionHeader> {
         loop {
             let header = self.read_header()?;
-            if !header.id.is_known() {
+            // A keep-alive carries nothing: skipped like an unknown section, so
+            // a reader never sees one (and an older reader skips it too).
+            if !header.id.is_known() || header.id == SectionId::KeepAlive {
                 if header.critical {
                     return Err(FormatError::UnknownCriticalSection {
                         id: header.id.as_u32(),

@@ -40,6 +40,10 @@ pub enum SectionId {
     /// 9: the first section of an extra page stream of a multi-stream migration:
     /// which migration it belongs to and which stream it is; CBOR.
     Join,
+    /// 10: nothing, sent by a source that has nothing else to send for a while (a
+    /// migration paused before its switch-over), so the destination can tell a live
+    /// source from a dead one; empty, never critical: readers skip it.
+    KeepAlive,
     /// Any id this build does not know (including the invalid id 0). Build
     /// ids with [`SectionId::from_u32`]; an `Unknown(n)` holding a known `n`
     /// is treated as that known id everywhere except by `==`.
@@ -48,7 +52,7 @@ pub enum SectionId {
 
 impl SectionId {
     /// Every id this build knows, in id order.
-    pub const KNOWN: [SectionId; 9] = [
+    pub const KNOWN: [SectionId; 10] = [
         SectionId::Shape,
         SectionId::RamPages,
         SectionId::Vcpus,
@@ -58,6 +62,7 @@ impl SectionId {
         SectionId::Reply,
         SectionId::Digest,
         SectionId::Join,
+        SectionId::KeepAlive,
     ];
 
     /// Maps a wire id to a `SectionId`.
@@ -72,6 +77,7 @@ impl SectionId {
             7 => SectionId::Reply,
             8 => SectionId::Digest,
             9 => SectionId::Join,
+            10 => SectionId::KeepAlive,
             other => SectionId::Unknown(other),
         }
     }
@@ -88,6 +94,7 @@ impl SectionId {
             SectionId::Reply => 7,
             SectionId::Digest => 8,
             SectionId::Join => 9,
+            SectionId::KeepAlive => 10,
             SectionId::Unknown(id) => id,
         }
     }
@@ -104,6 +111,7 @@ impl SectionId {
             SectionId::Reply => Some("Reply"),
             SectionId::Digest => Some("Digest"),
             SectionId::Join => Some("Join"),
+            SectionId::KeepAlive => Some("KeepAlive"),
             SectionId::Unknown(_) => None,
         }
     }
@@ -256,6 +264,7 @@ impl Limits {
                 u64::from(self.max_batch_pages),
             )),
             SectionId::End => END_PAYLOAD_LEN as u64,
+            SectionId::KeepAlive => 0,
             id if id.is_cbor() => self.max_cbor_len.min(self.max_section_len),
             _ => self.max_section_len,
         }
@@ -357,7 +366,8 @@ mod tests {
         }
         assert_eq!(SectionId::from_u32(0), SectionId::Unknown(0));
         assert_eq!(SectionId::from_u32(9), SectionId::Join);
-        assert_eq!(SectionId::from_u32(10), SectionId::Unknown(10));
+        assert_eq!(SectionId::from_u32(10), SectionId::KeepAlive);
+        assert_eq!(SectionId::from_u32(11), SectionId::Unknown(11));
         // An Unknown spelling of a known id behaves as the known id.
         assert!(SectionId::Unknown(2).is_known());
         assert_eq!(SectionId::Unknown(2).to_string(), "RamPages (id 2)");

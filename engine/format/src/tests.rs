@@ -399,6 +399,32 @@ fn unknown_optional_section_skipped_but_checked() {
 }
 
 #[test]
+fn keepalives_are_skipped_counted_and_carry_nothing() {
+    let mut w = StreamWriter::new(Vec::new(), "t").unwrap();
+    w.write_cbor(SectionId::Vm, 1, &1u8).unwrap();
+    w.write_keepalive().unwrap();
+    w.write_keepalive().unwrap();
+    w.write_cbor(SectionId::Devices, 1, &2u8).unwrap();
+    let bytes = w.finish().unwrap();
+    let (mut r, _) = StreamReader::new(&bytes[..], Limits::default()).unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(r.next_section(&mut buf).unwrap().id, SectionId::Vm);
+    assert_eq!(r.next_section(&mut buf).unwrap().id, SectionId::Devices);
+    assert!(r.next_section(&mut buf).unwrap().is_end());
+    assert_eq!(r.sections_skipped(), 2);
+
+    // A keep-alive with a payload is refused.
+    let bytes = stream_of(&[raw_section(10, 1, 0, b"x")]);
+    assert!(matches!(
+        read_all(&bytes).unwrap_err(),
+        FormatError::SectionTooLarge {
+            section: SectionId::KeepAlive,
+            ..
+        }
+    ));
+}
+
+#[test]
 fn unsupported_section_version_refused() {
     let bytes = stream_of(&[raw_section(3, 2, 1, &cbor(&1u8))]);
     let e = read_all(&bytes).unwrap_err();

@@ -88,6 +88,13 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// Writes a KeepAlive section: nothing, so the reader knows the writer is
+    /// alive while it has nothing else to send. Readers skip it.
+    pub fn write_keepalive(&mut self) -> Result<()> {
+        let id = SectionId::KeepAlive;
+        self.write_section(id, id.current_version(), false, &[])
+    }
+
     /// Encodes `value` as CBOR and writes it as a critical section.
     pub fn write_cbor<T: Serialize + ?Sized>(
         &mut self,
