@@ -169,11 +169,12 @@ impl VcpuHold {
         }
     }
 
-    /// Keeps every vCPU out of the guest and stops the devices (a held guest
+    /// Keeps every vCPU out of the guest, then stops the devices (a held guest
     /// receives no frames); returns once each running vCPU has left it (or after
-    /// 100 ms, for vCPUs the VMM paused itself meanwhile).
+    /// 100 ms, for vCPUs the VMM paused itself meanwhile). The vCPUs go first, as
+    /// in [`crate::Vm::pause`]: a queue notification a vCPU sends while leaving
+    /// reaches a running device, not one already stopped.
     pub fn hold(&self) {
-        (self.stop_devices)(true);
         self.state.held.store(true, Ordering::Release);
         let deadline = Instant::now() + Duration::from_millis(100);
         while self.state.napping.load(Ordering::Acquire) < self.threads.len()
@@ -184,6 +185,7 @@ impl VcpuHold {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        (self.stop_devices)(true);
     }
 
     /// Lets held vCPUs and devices run again.

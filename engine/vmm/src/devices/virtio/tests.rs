@@ -257,6 +257,58 @@ fn state_round_trips_and_hostile_state_is_refused() {
     assert_eq!(d2.get(DATA, 512), vec![5; 512]);
 }
 
+/// A request the driver notified while the device was stopped (between a
+/// migration stopping the devices and the vCPUs leaving the guest, or a
+/// notification the device thread had not read yet) is pending on the source,
+/// which the device state does not carry: the destination's device serves it on
+/// its first start. (Before, the destination never looked at the queue again
+/// and the guest waited forever.)
+#[test]
+fn a_request_pending_at_the_switch_over_is_served_after_it() {
+    let img = disk(8);
+    let vm = vm_with(disk_spec(img.path(), false));
+    let mut d = Driver::probe(&vm, SLOT, 2);
+    d.init();
+    // Stopped as a switch-over stops it (the vCPUs are not run here).
+    vm.pci().set_stopped(STOP_PAUSED, true);
+    // The driver posts a write and notifies; the stopped device keeps it.
+    d.put(DATA, &[7; 512]);
+    let mut header = 1u32.to_le_bytes().to_vec();
+    header.extend_from_slice(&[0; 4]);
+    header.extend_from_slice(&2u64.to_le_bytes());
+    d.put(HEADER, &header);
+    d.put(STATUS, &[0xee]);
+    d.post(
+        0,
+        &[(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+    );
+    d.notify(0);
+    assert_eq!(d.used(0), None, "a stopped device served a request");
+    let saved = vm.capture_devices().unwrap();
+    let mut other = vm_with(disk_spec(img.path(), false));
+    for g in [DESC, AVAIL, USED, HEADER, DATA, STATUS] {
+        let mut page = vec![0u8; 4096];
+        vm.ram().read(g, &mut page).unwrap();
+        other.ram().write(g, &page).unwrap();
+    }
+    drop(vm);
+    other
+        .restore_state(
+            other.capture_vcpus().unwrap(),
+            &other.capture_vm().unwrap(),
+            &saved,
+        )
+        .unwrap();
+    // The first start, as `Vm::resume` starts the devices.
+    other.pci().set_stopped(STOP_PAUSED, false);
+    let mut d2 = Driver::probe(&other, SLOT, 2);
+    d2.rings[0].avail_idx = 1;
+    assert_eq!(d2.wait_used(0, 5000).map(|(_, len)| len), Some(1));
+    assert_eq!(d2.get(STATUS, 1), vec![0]);
+    let on_disk = std::fs::read(img.path()).unwrap();
+    assert_eq!(&on_disk[2 * 512..3 * 512], &[7; 512][..]);
+}
+
 #[test]
 fn bad_device_configuration_is_refused_with_the_reason() {
     let img = disk(8);

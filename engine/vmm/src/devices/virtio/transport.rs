@@ -676,6 +676,11 @@ impl VirtioPci {
         self.queues = queues;
         self.msix_table = s.msix_table.clone();
         self.msix_pba = s.msix_pba;
+        // A notification that reached the source's device while it was stopped
+        // (pending there, not part of the state) must not be lost: the first
+        // start looks at every queue, as if each had been notified.
+        let queues = self.queues.len().min(64) as u32;
+        self.pending_kicks = u64::MAX.checked_shr(64 - queues).unwrap_or(0);
         self.device
             .after_restore()
             .map_err(|e| format!("{who}: {e}"))
