@@ -127,6 +127,12 @@ pub struct MigrateArgs {
     /// Accept storage that is not shared (passes VIR_MIGRATE_UNSAFE)
     #[arg(long = "unsafe")]
     pub allow_unsafe: bool,
+    /// Encrypt and authenticate the migration stream with TLS (VIR_MIGRATE_TLS,
+    /// as `virsh migrate --tls`): both hosts need migrate_tls_x509_cert_dir (or
+    /// default_tls_x509_cert_dir) in qemu.conf; without it, only a network you
+    /// trust should carry the guest's memory
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[cfg(test)]

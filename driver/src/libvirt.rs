@@ -79,6 +79,8 @@ pub struct MigrateRequest {
     pub persistent: bool,
     pub undefine_source: bool,
     pub allow_unsafe: bool,
+    /// Encrypt and authenticate the migration stream (VIR_MIGRATE_TLS).
+    pub tls: bool,
     /// MiB/s.
     pub bandwidth: Option<u64>,
     /// Milliseconds.
@@ -102,6 +104,9 @@ impl MigrateRequest {
         }
         if self.allow_unsafe {
             f |= sys::VIR_MIGRATE_UNSAFE;
+        }
+        if self.tls {
+            f |= sys::VIR_MIGRATE_TLS;
         }
         f
     }

@@ -429,6 +429,15 @@ fn virsh_migrate_tls_refuses_a_foreign_ca_and_a_wrong_name_then_completes() {
         "TLS refused, destination certificate for hostc: {mismatch:?}; B clean {} ms later",
         gone.as_millis()
     );
+    // `ferry migrate --tls` asks libvirt for the same: refused the same way.
+    let out = lab.hosts.ferry("A", &["migrate", dom, DEST_B, "--tls"]);
+    let said = text(&out);
+    assert!(
+        !out.status.success() && said.contains("hostname mismatch"),
+        "ferry migrate --tls to a host with a certificate for hostc: {said}"
+    );
+    lab.wait_gone("B", dom, 30);
+    lab.assert_runs_only_on("A", dom);
     pki.good(&lab, "B");
 
     let wall = lab.migrate("A", dom, DEST_B, &["--tls"]);

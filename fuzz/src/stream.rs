@@ -602,6 +602,7 @@ pub fn receive_checked(
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
+        expect_vcpus: None,
         autostart: false,
         virtio,
     };
@@ -644,6 +645,7 @@ pub fn restore_error(input: &[u8]) -> Option<String> {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
+        expect_vcpus: None,
         virtio: Vec::new(),
     };
     checkpoint::restore(Cursor::new(input.to_vec()), &opts)
@@ -660,6 +662,7 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
+        expect_vcpus: None,
         virtio: Vec::new(),
     };
     match checkpoint::restore(Cursor::new(input.to_vec()), &opts) {

@@ -552,6 +552,7 @@ fn destination(
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
+        expect_vcpus: None,
         autostart: false,
         virtio: Vec::new(),
     };
@@ -1022,6 +1023,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
             backing: Backing::Anonymous,
             serial: SinkSpec::Null,
             expect_mem_bytes: None,
+            expect_vcpus: None,
             autostart: false,
             virtio: Vec::new(),
         };

@@ -41,7 +41,7 @@ use ferry_vmm::devices::virtio::blk::BlockConfig;
 use ferry_vmm::devices::SharedFd;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
-    self, Channel, ExtraStreams, IncomingOptions, Listener, MigrationUri, TransportError,
+    self, Channel, IncomingOptions, Listener, MigrationUri, ServeOptions, TransportError,
 };
 use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
@@ -415,6 +415,7 @@ impl FerryBackend {
                 backing: Backing::Anonymous,
                 serial: sink(&inner),
                 expect_mem_bytes: inner.config.as_ref().map(|c| c.mem_bytes),
+                expect_vcpus: inner.config.as_ref().map(|c| c.vcpus),
                 // Started below, under the lock, if `cont` came meanwhile.
                 autostart: false,
                 virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
@@ -431,67 +432,73 @@ impl FerryBackend {
                     shared.migration_status(MigrationStatus::Failed);
                     exit_after_events(1);
                 };
-                // The listener stays open: the page streams of a multifd
-                // migration connect to it after the main connection.
-                let (channel, listener) = match source {
-                    IncomingSource::Listen(l) => match l.accept_next() {
-                        Ok(ch) => (IncomingSource::Socket(ch), Some(l)),
-                        Err(e) => fail(e.to_string()),
-                    },
-                    IncomingSource::Socket(ch) => match &tls {
-                        Some(t) => match ch.secure(&t.creds, None) {
-                            Ok(ch) => (IncomingSource::Socket(ch), None),
-                            Err(e) => fail(e.to_string()),
+                let mut start = Instant::now();
+                let result = match source {
+                    // A source on the network: handshakes off the accept loop,
+                    // strangers refused while the wait goes on, an idle timeout.
+                    IncomingSource::Listen(l) => migration::serve(
+                        &l,
+                        &ServeOptions::default(),
+                        &opts,
+                        &mut || {
+                            start = Instant::now();
+                            shared.migration_status(MigrationStatus::Active);
                         },
-                        None => (IncomingSource::Socket(ch), None),
-                    },
-                    other => (other, None),
-                };
-                let start = Instant::now();
-                shared.migration_status(MigrationStatus::Active);
-                // A pipe (libvirt's iohelper) is drained to EOF after the
-                // stream, so the writer never blocks or sees EPIPE.
-                let mut drain = None;
-                let mut main_breaker = None;
-                let (reader, writer): (Box<dyn ReadHalf>, Option<Box<dyn WriteHalf>>) =
-                    match channel {
-                        IncomingSource::Stream(file) => {
-                            drain = file
-                                .metadata()
-                                .ok()
-                                .filter(|m| !m.is_file())
-                                .and_then(|_| file.try_clone().ok());
-                            (Box::new(file), None)
+                        // Read once the source is here: `-incoming tcp:` listens
+                        // before QMP can turn multifd on. Without multifd nobody
+                        // else may connect, as in QEMU.
+                        &|| {
+                            let multifd = shared.incoming_multifd.lock().map_or(None, |m| *m);
+                            if let Some(channels) = multifd {
+                                tracing::info!(
+                                    "incoming migration: multifd, up to {channels} streams"
+                                );
+                            }
+                            multifd.unwrap_or(1)
+                        },
+                    ),
+                    other => {
+                        let channel = match other {
+                            IncomingSource::Socket(ch) => match &tls {
+                                Some(t) => match ch.secure(&t.creds, None) {
+                                    Ok(ch) => IncomingSource::Socket(ch),
+                                    Err(e) => fail(e.to_string()),
+                                },
+                                None => IncomingSource::Socket(ch),
+                            },
+                            other => other,
+                        };
+                        start = Instant::now();
+                        shared.migration_status(MigrationStatus::Active);
+                        // A pipe (libvirt's iohelper) is drained to EOF after the
+                        // stream, so the writer never blocks or sees EPIPE.
+                        let mut drain = None;
+                        let (reader, writer): (Box<dyn ReadHalf>, Option<Box<dyn WriteHalf>>) =
+                            match channel {
+                                IncomingSource::Stream(file) => {
+                                    drain = file
+                                        .metadata()
+                                        .ok()
+                                        .filter(|m| !m.is_file())
+                                        .and_then(|_| file.try_clone().ok());
+                                    (Box::new(file), None)
+                                }
+                                IncomingSource::Socket(ch) => {
+                                    let writer = ch.has_return_path.then_some(ch.writer);
+                                    (ch.reader, writer)
+                                }
+                                IncomingSource::Listen(_) => fail("no connection".into()),
+                            };
+                        // One connection: an fd: socket or a pipe carries one stream.
+                        let result = migration::receive_streams(reader, writer, None, &opts);
+                        if let Some(mut d) = drain {
+                            let _ = std::thread::Builder::new()
+                                .name("incoming-drain".into())
+                                .spawn(move || std::io::copy(&mut d, &mut std::io::sink()));
                         }
-                        IncomingSource::Socket(ch) => {
-                            main_breaker = ch.breaker().ok();
-                            let writer = ch.has_return_path.then_some(ch.writer);
-                            (ch.reader, writer)
-                        }
-                        IncomingSource::Listen(_) => fail("no connection".into()),
-                    };
-                // Read once the source is here: `-incoming tcp:` listens
-                // before QMP can turn multifd on.
-                let multifd = shared.incoming_multifd.lock().map_or(None, |m| *m);
-                // Without multifd nobody else may connect, as in QEMU.
-                let listener = listener.filter(|_| multifd.is_some());
-                let extra = match (&listener, multifd, writer.is_some()) {
-                    (Some(listener), Some(channels), true) => {
-                        tracing::info!("incoming migration: multifd, up to {channels} streams");
-                        Some(ExtraStreams {
-                            listener,
-                            max_streams: channels,
-                            main_breaker,
-                        })
+                        result
                     }
-                    _ => None,
                 };
-                let result = migration::receive_streams(reader, writer, extra, &opts);
-                if let Some(mut d) = drain {
-                    let _ = std::thread::Builder::new()
-                        .name("incoming-drain".into())
-                        .spawn(move || std::io::copy(&mut d, &mut std::io::sink()));
-                }
                 let guest = match result {
                     Ok(g) => g,
                     Err(e) => fail(e.to_string()),

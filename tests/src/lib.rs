@@ -71,6 +71,9 @@ pub struct VmProcess {
     pub control: PathBuf,
     pub serial: PathBuf,
     pub stderr: PathBuf,
+    /// Guest RAM as its `-m` gave it (ferry-vm's default when none did): a
+    /// migration destination must be started with the same.
+    pub mem: String,
 }
 
 impl VmProcess {
@@ -104,11 +107,17 @@ impl VmProcess {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"));
         let child = cmd.spawn().expect("spawn ferry-vm");
+        let mem = args
+            .windows(2)
+            .find(|w| w[0] == "-m" || w[0] == "--mem")
+            .map_or("256M", |w| w[1])
+            .to_string();
         Self {
             child,
             control,
             serial,
             stderr,
+            mem,
         }
     }
 

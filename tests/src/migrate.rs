@@ -155,7 +155,7 @@ pub fn run_ferry(
         std::thread::sleep(Duration::from_millis(500));
     }
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst_args = vec!["incoming", uri.as_str()];
+    let mut dst_args = vec!["incoming", uri.as_str(), "-m", &cfg.mem];
     dst_args.extend(cfg.incoming_args.iter().map(String::as_str));
     let mut dst = VmProcess::spawn_serial(s, "dst", &dst_args, &dst_serial);
     src.ok(&format!(

@@ -82,7 +82,12 @@ fn record(s: &Scratch) {
     let mut dst = VmProcess::spawn(
         s,
         "dst",
-        &["incoming", &format!("unix:{}", dst_sock.display())],
+        &[
+            "incoming",
+            &format!("unix:{}", dst_sock.display()),
+            "-m",
+            "16M",
+        ],
     );
     let to_dst = connect_when_there(&dst_sock, &mut dst);
     let recorder = std::thread::spawn(move || {
@@ -144,7 +149,7 @@ fn golden_stream_arrives_and_runs() {
     let mut dst = VmProcess::spawn(
         &s,
         "dst",
-        &["incoming", &format!("unix:{}", sock.display())],
+        &["incoming", &format!("unix:{}", sock.display()), "-m", "16M"],
     );
     let mut conn = connect_when_there(&sock, &mut dst);
     let mut replies = conn.try_clone().expect("clone");

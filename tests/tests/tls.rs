@@ -15,9 +15,13 @@ fn x509(dir: &Path) -> String {
     format!("x509:{}", dir.display())
 }
 
-/// A destination waiting with `creds` on `uri`.
-fn destination(s: &Scratch, uri: &str, creds: &str) -> VmProcess {
-    let mut dst = VmProcess::spawn(s, "dst", &["incoming", uri, "--tls-creds", creds]);
+/// A destination for `src` waiting with `creds` on `uri`.
+fn destination(s: &Scratch, src: &VmProcess, uri: &str, creds: &str) -> VmProcess {
+    let mut dst = VmProcess::spawn(
+        s,
+        "dst",
+        &["incoming", uri, "-m", &src.mem, "--tls-creds", creds],
+    );
     dst.wait_listening();
     dst
 }
@@ -76,7 +80,7 @@ fn x509_with_peer_verification_and_two_streams_over_tcp() {
     let client = ca.issue(&s.path("client"), "client", "src", &[]);
     let src = dirtier_source(&s, "256M", "ws=32M fill=1", &[]);
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let dst = destination(&s, &uri, &x509(&server));
+    let dst = destination(&s, &src, &uri, &x509(&server));
     src.ok(&format!(
         "migrate-set tls-creds={} multifd-channels=2",
         x509(&client)
@@ -98,7 +102,7 @@ fn x509_by_hostname_over_unix_socket() {
     let client = ca.issue(&s.path("client"), "client", "hosta", &[]);
     let src = dirtier_source(&s, "128M", "ws=16M", &[]);
     let uri = format!("unix:{}", s.path("mig.sock").display());
-    let dst = destination(&s, &uri, &x509(&server));
+    let dst = destination(&s, &src, &uri, &x509(&server));
     // A unix: URI names no host: without tls-hostname the source cannot check the
     // destination's certificate, and says so.
     src.ok(&format!("migrate-set tls-creds={}", x509(&client)));
@@ -117,7 +121,7 @@ fn psk_over_unix_socket() {
     let src_keys = psk_dir(&s.path("src-psk"), &[("qemu", key)]);
     let src = dirtier_source(&s, "128M", "ws=16M fill=1", &[]);
     let uri = format!("unix:{}", s.path("mig.sock").display());
-    let dst = destination(&s, &uri, &format!("psk:{}", dst_keys.display()));
+    let dst = destination(&s, &src, &uri, &format!("psk:{}", dst_keys.display()));
     src.ok(&format!("migrate-set tls-creds=psk:{}", src_keys.display()));
     complete_migration(&s, src, dst, &uri);
 }
@@ -143,7 +147,7 @@ fn peers_without_valid_credentials_are_refused_before_any_page_moves() {
 
     let src = dirtier_source(&s, "128M", "ws=16M fill=1", &[]);
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = destination(&s, &uri, &x509(&server));
+    let mut dst = destination(&s, &src, &uri, &x509(&server));
 
     src.ok(&format!("migrate-set tls-creds={}", x509(&rogue_client)));
     let err = refused(&s, &src, &uri);
@@ -200,7 +204,7 @@ fn a_destination_with_a_foreign_certificate_gets_nothing() {
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     // The rogue destination does not even ask for a client certificate.
     let rogue_spec = format!("{},verify-peer=off", x509(&rogue_server));
-    let mut dst = destination(&s, &uri, &rogue_spec);
+    let mut dst = destination(&s, &src, &uri, &rogue_spec);
     src.ok(&format!("migrate-set tls-creds={}", x509(&client)));
     let err = refused(&s, &src, &uri);
     assert!(err.contains("certificate is not accepted"), "{err}");
@@ -220,7 +224,7 @@ fn a_destination_with_a_foreign_certificate_gets_nothing() {
         &s.path("name"),
         &[("mallory", "00112233445566778899aabbccddeeff")],
     );
-    let mut dst = destination(&s, &uri, &format!("psk:{}", dst_keys.display()));
+    let mut dst = destination(&s, &src, &uri, &format!("psk:{}", dst_keys.display()));
     src.ok(&format!(
         "migrate-set tls-creds=psk:{}",
         wrong_key.display()

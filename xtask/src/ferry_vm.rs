@@ -77,13 +77,21 @@ pub fn page() -> String {
     doc.p("Boot a guest on one side and migrate it to a second `ferry-vm`:");
     doc.example(&[
         "ferry-vm run --kernel dirtier.elf -m 1G --append ws=64M --control /tmp/a.sock",
-        "ferry-vm incoming tcp:0.0.0.0:4444 --serial file:/tmp/b.log --control /tmp/b.sock",
-        "echo \"migrate tcp:127.0.0.1:4444\" | socat - UNIX-CONNECT:/tmp/a.sock",
+        "ferry-vm incoming tcp:192.0.2.7:4444 -m 1G --serial file:/tmp/b.log --control /tmp/b.sock",
+        "echo \"migrate tcp:192.0.2.7:4444\" | socat - UNIX-CONNECT:/tmp/a.sock",
+    ]);
+    doc.p(
+        "Over a network that is not yours alone, with TLS (DIR holds ca-cert.pem and the \
+         server's or client's cert and key):",
+    );
+    doc.example(&[
+        "ferry-vm incoming tcp:192.0.2.7:4444 -m 1G --tls-creds x509:/etc/ferry/tls --control /tmp/b.sock",
+        "echo \"migrate-set tls-creds=x509:/etc/ferry/tls-client\" | socat - UNIX-CONNECT:/tmp/a.sock",
     ]);
     doc.p("The same guest with a disk on shared storage and a NIC on a tap:");
     doc.example(&[
         "ferry-vm run --kernel dirtier.elf --append \"ws=64M blk=8 net=1\" --disk /nfs/vm.img --net tap=tap0 --control /tmp/a.sock",
-        "ferry-vm incoming tcp:0.0.0.0:4444 --disk /nfs/vm.img --net tap=tap1 --control /tmp/b.sock",
+        "ferry-vm incoming tcp:192.0.2.7:4444 --disk /nfs/vm.img --net tap=tap1 --control /tmp/b.sock",
     ]);
     doc.p("Checkpoint a running guest and restore it later:");
     doc.example(&[

@@ -46,6 +46,7 @@ pub fn run(a: &MigrateArgs) -> i32 {
         persistent: a.persistent,
         undefine_source: a.undefinesource,
         allow_unsafe: a.allow_unsafe,
+        tls: a.tls,
         bandwidth: a.bandwidth,
         max_downtime: a.max_downtime,
     };

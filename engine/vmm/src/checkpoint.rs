@@ -105,6 +105,64 @@ pub fn save<W: Write>(vm: &Vm, w: W) -> Result<(W, CheckpointStats), VmmError> {
     Ok((w, stats))
 }
 
+/// A stream's VM is not the VM this side was configured to receive.
+///
+/// The `Display` text is for this side's operator and names both sides' values;
+/// [`ShapeMismatch::public`] is what the peer of a migration is told, and names only
+/// what its own stream said: a stranger learns nothing of this side's
+/// configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeMismatch {
+    #[error(
+        "the VM in this stream has {} MiB of RAM but {} MiB were asked for: use -m {}M or \
+         the stream of another VM",
+        .stream >> 20, .configured >> 20, .stream >> 20
+    )]
+    Memory { stream: u64, configured: u64 },
+    #[error(
+        "the VM in this stream has {stream} vCPUs but {configured} were asked for: use \
+         -smp {stream} or the stream of another VM"
+    )]
+    Vcpus { stream: u32, configured: u32 },
+    #[error(
+        "the VM has devices {stream:?}; this side was given {configured:?} (give it the same \
+         disks and NICs in the same PCI slots, with the same sizes)"
+    )]
+    Devices {
+        stream: Vec<String>,
+        configured: Vec<String>,
+    },
+    #[error(
+        "this host's CPU lacks features the guest's CPU has: {}; the guest could crash on \
+         its next use of one: migrate it to a host with these features, or start it with a \
+         CPU model both hosts support (-cpu qemu64, kvm64)",
+        .missing.join(", ")
+    )]
+    CpuFeatures { missing: Vec<String> },
+}
+
+impl ShapeMismatch {
+    /// What the source of a migration is told: its own values only (the
+    /// destination's are in the destination's log).
+    pub fn public(&self) -> String {
+        let log = "(the destination's log says what it was configured with)";
+        match self {
+            Self::Memory { stream, .. } => format!(
+                "the destination is not configured for a VM with {} MiB of RAM {log}",
+                stream >> 20
+            ),
+            Self::Vcpus { stream, .. } => {
+                format!("the destination is not configured for a VM with {stream} vCPUs {log}")
+            }
+            Self::Devices { stream, .. } => {
+                format!("the destination is not configured with this VM's devices {stream:?} {log}")
+            }
+            // The guest's own features; the operator needs them to choose a host.
+            Self::CpuFeatures { .. } => self.to_string(),
+        }
+    }
+}
+
 /// Options for building a VM from a stream.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -112,6 +170,8 @@ pub struct RestoreOptions {
     pub serial: SinkSpec,
     /// When set, the stream's RAM size must equal this (the user's `-m`).
     pub expect_mem_bytes: Option<u64>,
+    /// When set, the stream's vCPU count must equal this (the user's `-smp`).
+    pub expect_vcpus: Option<u32>,
     /// This host's virtio devices; they must match the checkpoint's.
     pub virtio: Vec<crate::vm::VirtioSpec>,
 }
@@ -202,16 +262,19 @@ pub fn check_shape(shape: &VmShape, opts: &RestoreOptions) -> Result<(), VmmErro
             ferry_boot::MAX_RAM_BYTES >> 30
         )));
     }
-    if let Some(want) = opts.expect_mem_bytes {
-        if want != total {
-            return Err(VmmError::Restore(format!(
-                "the VM in this stream has {} MiB of RAM but {} MiB were asked for: use -m {}M \
-                 or the stream of another VM",
-                total >> 20,
-                want >> 20,
-                total >> 20
-            )));
+    if let Some(want) = opts.expect_mem_bytes.filter(|&w| w != total) {
+        return Err(ShapeMismatch::Memory {
+            stream: total,
+            configured: want,
         }
+        .into());
+    }
+    if let Some(want) = opts.expect_vcpus.filter(|&w| w != shape.vcpus) {
+        return Err(ShapeMismatch::Vcpus {
+            stream: shape.vcpus,
+            configured: want,
+        }
+        .into());
     }
     Ok(())
 }
@@ -225,6 +288,7 @@ pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
         backing: opts.backing,
         serial: opts.serial.clone(),
         expect_mem_bytes: opts.expect_mem_bytes,
+        expect_vcpus: opts.expect_vcpus,
         autostart: false,
         virtio: opts.virtio.clone(),
     };

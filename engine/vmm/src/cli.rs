@@ -68,7 +68,9 @@ pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
     (
         "migrate URI",
         "Live-migrate the VM to URI (tcp:HOST:PORT, unix:PATH, or file:PATH for a checkpoint); \
-         the reply comes when the migration has completed or failed.",
+         the reply comes when the migration has completed or failed. A file is the owner's \
+         alone (0600) and appears, synced, only once whole; after it the VM stays here, \
+         paused (resume runs it on), as QEMU's does.",
     ),
     (
         "query-migrate",
@@ -323,11 +325,18 @@ pub enum Command {
     /// Wait for an incoming live migration on URI (tcp:HOST:PORT, unix:PATH, file:PATH),
     /// then run the VM.
     Incoming {
-        /// Where to listen.
+        /// Where to listen: a specific address (tcp:192.0.2.7:4444), not every
+        /// interface, and with --tls-creds where the network is not trusted.
         uri: String,
-        /// Expected guest RAM; refused if the incoming VM's differs.
-        #[arg(short = 'm', long, value_parser = parse_size)]
-        mem: Option<u64>,
+        /// Guest RAM of the VM this destination takes, as its source was started
+        /// with; a stream with another size is refused. The VM is built from this
+        /// side's options, never from what a stream asks for.
+        #[arg(short = 'm', long, default_value = "256M", value_parser = parse_size)]
+        mem: u64,
+        /// Number of vCPUs of the VM this destination takes; a stream with another
+        /// count is refused.
+        #[arg(long, default_value_t = 1)]
+        smp: u32,
         /// Most page streams (connections, the first included) to accept from a source
         /// that sets multifd-channels; a source that proposes more gets this many.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::migration::MAX_STREAMS)))]

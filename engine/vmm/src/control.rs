@@ -319,10 +319,13 @@ fn migrate(vm: &mut Vm, uri: &str, ctl: &Arc<MigrationControl>) -> (Value, bool)
         .and_then(|u| Channel::connect(&u, Duration::from_secs(10)))
         .map_err(migration::MigrationError::from)
         .and_then(|ch| migration::migrate(vm, ch, ctl));
+    // After a migration into a file the VM stays, paused, as QEMU's does
+    // (`resume` runs it on); after a live one it runs elsewhere.
+    let to_file = uri.starts_with("file:");
     match result {
         Ok(migration::MigrationOutcome::Completed(stats)) => (
             json!({"ok": true, "migration": serde_json::to_value(&stats).unwrap_or_default()}),
-            true,
+            !to_file,
         ),
         Err(e) => (
             json!({"ok": false, "error": crate::error_chain(&e), "status": status(vm)}),

@@ -30,6 +30,8 @@ pub enum VmmError {
     Boot(String),
     #[error("cannot restore: {0}")]
     Restore(String),
+    #[error("cannot restore: {0}")]
+    Mismatch(#[from] checkpoint::ShapeMismatch),
     #[error(transparent)]
     Format(#[from] ferry_format::FormatError),
     #[error("{0}")]

@@ -13,7 +13,7 @@ use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
 use ferry_vmm::migration::{
-    self, CredsSpec, Endpoint, ExtraStreams, IncomingOptions, Listener, MigrationUri, TlsCreds,
+    self, CredsSpec, Endpoint, IncomingOptions, Listener, MigrationUri, ServeOptions, TlsCreds,
 };
 
 fn migration_err(e: migration::TransportError) -> ferry_vmm::VmmError {
@@ -70,6 +70,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
         Command::Incoming {
             uri,
             mem,
+            smp,
             max_streams,
             tls_creds,
             common,
@@ -92,27 +93,20 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 // A source may connect from now on (scripts and tests wait for this line).
                 eprintln!("ferry-vm: listening on {uri}");
             }
-            let ch = listener.accept_next().map_err(migration_err)?;
-            let main_breaker = ch.breaker().ok();
-            // A file carries one stream: only sockets can have more connections.
-            let max_streams = if ch.has_return_path { max_streams } else { 1 };
-            let reader = ch.reader;
-            let writer = ch.has_return_path.then_some(ch.writer);
-            let vm = migration::receive_streams(
-                reader,
-                writer,
-                Some(ExtraStreams {
-                    listener: &listener,
-                    max_streams,
-                    main_breaker,
-                }),
+            let vm = migration::serve(
+                &listener,
+                &ServeOptions::default(),
                 &IncomingOptions {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),
-                    expect_mem_bytes: mem,
+                    expect_mem_bytes: Some(mem),
+                    expect_vcpus: Some(smp),
                     autostart: !common.paused,
                     virtio: common.virtio()?,
                 },
+                &mut || {},
+                // A file carries one stream; the listener ignores more for it.
+                &|| max_streams,
             )
             .map_err(|e| match e {
                 migration::MigrationError::Vmm(v) => v,
@@ -130,6 +124,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),
                     expect_mem_bytes: mem,
+                    expect_vcpus: None,
                     virtio: common.virtio()?,
                 },
             )

@@ -527,11 +527,11 @@ impl Vm {
         let vm = Self::create_with_ranges(config, &shape.ram_ranges)?;
         let ours = vm.device_names();
         if shape.devices != ours {
-            return Err(VmmError::Restore(format!(
-                "the VM has devices {:?}; this side was given {:?} (give it the same disks and \
-                 NICs in the same PCI slots, with the same sizes)",
-                shape.devices, ours
-            )));
+            return Err(crate::checkpoint::ShapeMismatch::Devices {
+                stream: shape.devices.clone(),
+                configured: ours,
+            }
+            .into());
         }
         Ok(vm)
     }

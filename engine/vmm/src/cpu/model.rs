@@ -656,12 +656,7 @@ pub fn resolve(
             let guest: Vec<kvm_cpuid_entry2> = leaves.iter().map(Into::into).collect();
             let missing = missing_features(supported, &guest);
             if !missing.is_empty() {
-                return Err(VmmError::Restore(format!(
-                    "this host's CPU lacks features the guest's CPU has: {}; the guest could \
-                     crash on its next use of one: migrate it to a host with these features, or \
-                     start it with a CPU model both hosts support (-cpu qemu64, kvm64)",
-                    missing.join(", ")
-                )));
+                return Err(crate::checkpoint::ShapeMismatch::CpuFeatures { missing }.into());
             }
             Ok(guest)
         }

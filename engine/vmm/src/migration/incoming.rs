@@ -2,14 +2,15 @@
 //! apply pages and state, verify, answer on the return path.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_format::{RamBatch, SectionId, StreamReader, StreamWriter};
 use ferry_kvm::{Backing, GuestRam};
 
 use super::precopy::ram_digest;
+use super::tls::TlsCreds;
 use super::transport::{Breaker, Listener};
 use super::{
     stream_of, Channel, Handshake, MigrationError, Reply, StreamJoin, MAX_STREAMS, REPLY_VERSION,
@@ -28,7 +29,12 @@ pub struct IncomingOptions {
     pub backing: Backing,
     pub serial: SinkSpec,
     /// The stream's RAM size must equal this, when set (the user's `-m`).
+    /// [`serve`] demands it: a destination on the network builds the VM it was
+    /// configured for, never one a stream asks for.
     pub expect_mem_bytes: Option<u64>,
+    /// The stream's vCPU count must equal this, when set (the user's `-smp`);
+    /// [`serve`] demands it too.
+    pub expect_vcpus: Option<u32>,
     /// Resume the VM once loaded (otherwise it stays paused, like QEMU with `-S`).
     pub autostart: bool,
     /// This host's virtio devices (disks, NICs); they must match the source's.
@@ -117,7 +123,16 @@ pub fn receive_streams(
     opts: &IncomingOptions,
 ) -> Result<Vm, MigrationError> {
     let ret = ReturnPath::open(writer);
-    let result = load(reader, extra, opts, &ret);
+    let result = read_offer(reader, opts, None).and_then(|(reader, hs)| {
+        let vm = build(&hs, opts)?;
+        load(vm, reader, &hs, extra, opts, &ret, None)
+    });
+    conclude(result, &ret)
+}
+
+/// Tells the source how the migration ended: loaded (and running or not), or why
+/// not.
+fn conclude(result: Result<Vm, MigrationError>, ret: &ReturnPath) -> Result<Vm, MigrationError> {
     match result {
         Ok(vm) => {
             ret.send(&Reply::Loaded {
@@ -134,11 +149,332 @@ pub fn receive_streams(
     }
 }
 
+/// How a destination listening on the network treats whoever connects.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// A connection must complete its TLS handshake, preamble and Shape within
+    /// this, or it is dropped.
+    pub handshake_deadline: Duration,
+    /// Once pages flow, the source must send something (on any of its streams)
+    /// within this, or the migration fails: a source with nothing to send says
+    /// it is alive every [`KEEPALIVE_INTERVAL`].
+    pub idle_timeout: Duration,
+    /// Handshakes that may run at once; connections beyond them are closed
+    /// unread.
+    pub max_pending: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            handshake_deadline: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(60),
+            max_pending: 8,
+        }
+    }
+}
+
+/// How often a source that has nothing to send (paused before its switch-over)
+/// sends a KeepAlive section; well below [`ServeOptions::idle_timeout`].
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often a served migration's main connection wakes to check the idle
+/// timeout while nothing arrives.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// When the source of a served migration last sent anything.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    /// The idle timeout in ms; 0 while none applies (the handshake has a
+    /// deadline of its own).
+    limit_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            limit_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last_ms.fetch_max(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// `Some(limit)` once the source has been silent for longer than the limit.
+    fn expired(&self) -> Option<Duration> {
+        let limit = self.limit_ms.load(Ordering::Relaxed);
+        let idle = self
+            .now_ms()
+            .saturating_sub(self.last_ms.load(Ordering::Relaxed));
+        (limit > 0 && idle >= limit).then(|| Duration::from_millis(limit))
+    }
+}
+
+/// A reader that records every arrival in its [`Activity`] and, where the
+/// socket under it has a read timeout, waits on until the source has been
+/// silent for the idle timeout.
+#[derive(Debug)]
+struct IdleReader {
+    inner: Box<dyn ReadHalf>,
+    activity: Arc<Activity>,
+}
+
+impl std::io::Read for IdleReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::ErrorKind;
+        loop {
+            match self.inner.read(buf) {
+                Ok(n) => {
+                    self.activity.touch();
+                    return Ok(n);
+                }
+                // The socket's read timeout: nothing was consumed.
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if let Some(limit) = self.activity.expired() {
+                        return Err(std::io::Error::new(
+                            ErrorKind::TimedOut,
+                            format!(
+                                "the source sent nothing for {} s: it is gone or stuck",
+                                limit.as_secs_f64()
+                            ),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// What the source of a refused connection is told: the reason, where it names
+/// only what the source itself sent; otherwise a generic refusal. The full
+/// reason goes to this side's log.
+fn refusal(e: &MigrationError) -> String {
+    match e {
+        MigrationError::Vmm(VmmError::Mismatch(m)) => m.public(),
+        _ => "the destination refused this connection: it did not open a ferry migration it \
+              accepts (the destination's log says why)"
+            .into(),
+    }
+}
+
+/// Refuses connection `id`: the reason to this side's log, [`refusal`] to its
+/// source.
+fn refuse(id: u64, ret: &ReturnPath, e: &MigrationError) {
+    tracing::warn!(
+        "refused a connection (#{id}; the wait for the source goes on): {}",
+        crate::error_chain(e)
+    );
+    ret.send(&Reply::Error {
+        message: refusal(e),
+    });
+}
+
+/// A connection whose handshake ran on its own thread.
+struct Handshaken {
+    /// Sequence number, for the log.
+    id: u64,
+    ret: ReturnPath,
+    main: Option<Breaker>,
+    result: Result<(MainReader, Handshake), MigrationError>,
+    activity: Arc<Activity>,
+}
+
+/// A connection whose handshake is running.
+struct Pending {
+    id: u64,
+    deadline: Instant,
+    breaker: Option<Breaker>,
+    done: Arc<AtomicBool>,
+}
+
+/// Runs one connection's handshake: TLS, preamble, Shape, checked against this
+/// side's configuration. Runs on its own thread; the accept loop breaks the
+/// connection if it is not done by its deadline.
+fn handshake(
+    id: u64,
+    ch: Channel,
+    tls: Option<TlsCreds>,
+    opts: &IncomingOptions,
+    done: &AtomicBool,
+) -> Handshaken {
+    let main = ch.breaker().ok();
+    let activity = Activity::new();
+    let secured = super::transport::secure_accepted(tls.as_ref(), ch);
+    let (ret, result) = match secured {
+        Ok(ch) => {
+            let Channel {
+                reader,
+                writer,
+                has_return_path,
+                ..
+            } = ch;
+            let ret = ReturnPath::open(has_return_path.then_some(writer));
+            let result = read_offer(reader, opts, Some(Arc::clone(&activity)));
+            (ret, result)
+        }
+        Err(e) => (ReturnPath::open(None), Err(e.into())),
+    };
+    done.store(true, Ordering::Release);
+    Handshaken {
+        id,
+        ret,
+        main,
+        result,
+        activity,
+    }
+}
+
+/// Waits on `listener` for the source of a live migration and receives the VM
+/// from it, as a destination on the network must.
+///
+/// * Every connection runs its handshake (TLS, preamble, Shape) on a thread of
+///   its own, within `serve.handshake_deadline`: a silent or slow stranger holds
+///   up nobody; at most `serve.max_pending` run at once.
+/// * The Shape must be the VM this side was configured for (`opts`: RAM size and
+///   vCPU count are required, devices and CPU features checked): nothing is built
+///   from what a stream asks for.
+/// * A connection that fails its handshake is refused (its source is told only
+///   what it sent itself; the reason is logged here) and the wait goes on.
+/// * Once pages flow, the source must not fall silent for `serve.idle_timeout`.
+///
+/// `accepted` is called once a source's handshake is accepted, before any page
+/// moves; `max_streams` then says how many page streams this side takes.
+pub fn serve(
+    listener: &Listener,
+    serve: &ServeOptions,
+    opts: &IncomingOptions,
+    accepted: &mut dyn FnMut(),
+    max_streams: &dyn Fn() -> u32,
+) -> Result<Vm, MigrationError> {
+    if opts.expect_mem_bytes.is_none() || opts.expect_vcpus.is_none() {
+        return Err(VmmError::Config(
+            "a migration destination must be configured with its VM's RAM size and vCPU count \
+             (-m and -smp): it never builds the VM a stream asks for"
+                .into(),
+        )
+        .into());
+    }
+    if listener.is_file() {
+        // A file is this side's own: one stream, nobody to refuse.
+        let ch = listener.accept_next()?;
+        return receive_streams(ch.reader, None, None, opts);
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Handshaken>();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut next_id = 0u64;
+    let chosen = loop {
+        // Handshakes that finished: the first good one wins.
+        let mut winner = None;
+        while let Ok(h) = rx.try_recv() {
+            pending.retain(|p| p.id != h.id);
+            if winner.is_some() {
+                let e = MigrationError::Refused("another source's migration came first".into());
+                refuse(h.id, &h.ret, &e);
+                continue;
+            }
+            let offer = h
+                .result
+                .and_then(|(reader, hs)| Ok((build(&hs, opts)?, reader, hs)));
+            match offer {
+                Ok((vm, reader, hs)) => {
+                    tracing::info!("connection {}: accepted the migration", h.id);
+                    winner = Some((vm, reader, hs, h.ret, h.main, h.activity));
+                }
+                Err(e) => refuse(h.id, &h.ret, &e),
+            }
+        }
+        if let Some(w) = winner {
+            break w;
+        }
+        // Handshakes past their deadline: broken, their threads end.
+        let now = Instant::now();
+        for p in pending.iter().filter(|p| now >= p.deadline) {
+            if !p.done.load(Ordering::Acquire) {
+                tracing::warn!(
+                    "dropped connection {}: its handshake took longer than {} s",
+                    p.id,
+                    serve.handshake_deadline.as_secs_f64()
+                );
+                if let Some(b) = &p.breaker {
+                    b.break_channel();
+                }
+            }
+        }
+        pending.retain(|p| now < p.deadline || !p.done.load(Ordering::Acquire));
+        let Some(ch) = listener.accept_within(Duration::from_millis(20))? else {
+            continue;
+        };
+        next_id += 1;
+        let id = next_id;
+        if pending.len() >= serve.max_pending {
+            tracing::warn!(
+                "closed connection {id} unread: {} handshakes are already running",
+                pending.len()
+            );
+            continue;
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        pending.push(Pending {
+            id,
+            deadline: Instant::now() + serve.handshake_deadline,
+            breaker: ch.breaker().ok(),
+            done: Arc::clone(&done),
+        });
+        let (tx, tls, opts) = (tx.clone(), listener.tls().cloned(), opts.clone());
+        let spawned = std::thread::Builder::new()
+            .name("incoming-handshake".into())
+            .spawn(move || {
+                let _ = tx.send(handshake(id, ch, tls, &opts, &done));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a thread for connection {id}: {e}");
+        }
+    };
+    // The others lose: their connections break, their threads end.
+    for p in &pending {
+        if let Some(b) = &p.breaker {
+            b.break_channel();
+        }
+    }
+    let (vm, reader, hs, ret, main, activity) = chosen;
+    accepted();
+    if let Some(b) = &main {
+        if let Err(e) = b.set_read_timeout(Some(IDLE_POLL)) {
+            tracing::warn!("cannot set the idle timeout of the migration connection: {e}");
+        }
+    }
+    activity.limit_ms.store(
+        serve.idle_timeout.as_millis().max(1) as u64,
+        Ordering::Relaxed,
+    );
+    activity.touch();
+    let extra = ExtraStreams {
+        listener,
+        max_streams: max_streams(),
+        main_breaker: main,
+    };
+    let result = load(vm, reader, &hs, Some(extra), opts, &ret, Some(activity));
+    conclude(result, &ret)
+}
+
 /// What the threads receiving one migration share.
 struct Incoming<'a> {
     streams: u32,
     session: u64,
     ret: &'a ReturnPath,
+    /// When the source last sent anything on any stream (a served migration).
+    activity: Option<Arc<Activity>>,
     main_breaker: Option<Breaker>,
     state: Mutex<IncomingState>,
     changed: Condvar,
@@ -243,7 +579,7 @@ fn accept_streams<'scope>(
     let deadline = Instant::now() + JOIN_TIMEOUT;
     let mut accepted = 0u32;
     while !inc.aborted.load(Ordering::Acquire) && !inc.joined_all() {
-        match listener.try_accept() {
+        match listener.accept_within(Duration::from_millis(20)) {
             Ok(Some(ch)) => {
                 accepted += 1;
                 if accepted > inc.streams - 1 + MAX_STRANGERS {
@@ -255,7 +591,7 @@ fn accept_streams<'scope>(
                 }
                 let spawned = std::thread::Builder::new()
                     .name("incoming-stream".into())
-                    .spawn_scoped(scope, move || serve_stream(ch, inc, ram));
+                    .spawn_scoped(scope, move || serve_stream(ch, listener, inc, ram));
                 if let Err(e) = spawned {
                     inc.fail(MigrationError::Streams {
                         streams: inc.streams,
@@ -277,7 +613,7 @@ fn accept_streams<'scope>(
                     ),
                 });
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {}
             Err(e) => inc.fail(MigrationError::Streams {
                 streams: inc.streams,
                 reason: e.to_string(),
@@ -290,9 +626,25 @@ fn accept_streams<'scope>(
 /// connection that does not present this migration's session is refused (told so,
 /// and closed) without harming the migration; one that does and then misbehaves
 /// fails it.
-fn serve_stream(ch: Channel, inc: &Incoming<'_>, ram: &GuestRam) {
+fn serve_stream(ch: Channel, listener: &Listener, inc: &Incoming<'_>, ram: &GuestRam) {
     let limits = ferry_format::Limits::default();
+    // The TLS handshake runs here, off the accept loop: a slow stranger holds up
+    // only its own thread.
+    let ch = match listener.secured(ch) {
+        Ok(ch) => ch,
+        Err(e) => {
+            tracing::warn!("refused a connection: {e}");
+            return;
+        }
+    };
     let Channel { reader, writer, .. } = ch;
+    let reader: Box<dyn ReadHalf> = match &inc.activity {
+        Some(activity) => Box::new(IdleReader {
+            inner: reader,
+            activity: Arc::clone(activity),
+        }),
+        None => reader,
+    };
     let mut buf = Vec::new();
     let join = StreamReader::new(BufReader::with_capacity(1 << 20, reader), limits).and_then(
         |(mut r, _)| {
@@ -408,13 +760,25 @@ fn apply_stripe(
     Ok(())
 }
 
-fn load(
+/// The reading side of a connection, framed.
+type MainReader = StreamReader<BufReader<Box<dyn ReadHalf>>>;
+
+/// Reads the preamble and the Shape of a stream and checks the shape against
+/// `opts` (this side's configuration): nothing is built yet. With `activity`,
+/// every byte read counts as a sign of life of the source.
+fn read_offer(
     reader: Box<dyn ReadHalf>,
-    extra: Option<ExtraStreams<'_>>,
     opts: &IncomingOptions,
-    ret: &ReturnPath,
-) -> Result<Vm, MigrationError> {
+    activity: Option<Arc<Activity>>,
+) -> Result<(MainReader, Handshake), MigrationError> {
     let limits = ferry_format::Limits::default();
+    let reader: Box<dyn ReadHalf> = match activity {
+        Some(activity) => Box::new(IdleReader {
+            inner: reader,
+            activity,
+        }),
+        None => reader,
+    };
     let (mut reader, _preamble) =
         StreamReader::new(BufReader::with_capacity(1 << 20, reader), limits)?;
     let mut buf = Vec::new();
@@ -431,6 +795,7 @@ fn load(
         backing: opts.backing,
         serial: opts.serial.clone(),
         expect_mem_bytes: opts.expect_mem_bytes,
+        expect_vcpus: opts.expect_vcpus,
         virtio: opts.virtio.clone(),
     };
     check_shape(&hs.shape, &restore_opts)?;
@@ -441,16 +806,37 @@ fn load(
         ))
         .into());
     }
-    let limit = extra
-        .as_ref()
-        .map_or(1, |x| x.max_streams.clamp(1, MAX_STREAMS));
-    let streams = proposed.min(limit);
-    let mut vm = Vm::create_for_shape(
+    Ok((reader, hs))
+}
+
+/// Builds the VM of an accepted handshake: this side's devices must be the
+/// stream's, and this host must run the guest's CPU.
+fn build(hs: &Handshake, opts: &IncomingOptions) -> Result<Vm, MigrationError> {
+    Ok(Vm::create_for_shape(
         &hs.shape,
         opts.backing,
         opts.serial.clone(),
         opts.virtio.clone(),
-    )?;
+    )?)
+}
+
+/// Receives the pages and state of an accepted handshake into `vm`.
+fn load(
+    mut vm: Vm,
+    mut reader: MainReader,
+    hs: &Handshake,
+    extra: Option<ExtraStreams<'_>>,
+    opts: &IncomingOptions,
+    ret: &ReturnPath,
+    activity: Option<Arc<Activity>>,
+) -> Result<Vm, MigrationError> {
+    let limits = ferry_format::Limits::default();
+    let mut buf = Vec::new();
+    let proposed = hs.streams.max(1);
+    let limit = extra
+        .as_ref()
+        .map_or(1, |x| x.max_streams.clamp(1, MAX_STREAMS));
+    let streams = proposed.min(limit);
     if proposed > 1 {
         ret.send(&Reply::Accepted { streams });
     } else {
@@ -464,6 +850,7 @@ fn load(
         streams,
         session: hs.session,
         ret,
+        activity,
         main_breaker,
         state: Mutex::new(IncomingState {
             joined: vec![false; streams as usize],
@@ -596,26 +983,28 @@ mod tests {
         );
     }
 
+    /// RAM of the VM the test destinations are configured for.
+    const MEM: u64 = 16 << 20;
+
     /// A destination taking up to 4 streams on a unix socket in `dir`, on a thread.
     fn destination(dir: &Path) -> (PathBuf, JoinHandle<Result<(), String>>) {
+        served(dir, ServeOptions::default())
+    }
+
+    /// [`destination`] with `serve`'s deadlines.
+    fn served(dir: &Path, serve_opts: ServeOptions) -> (PathBuf, JoinHandle<Result<(), String>>) {
         let path = dir.join("mig.sock");
         let listener = Listener::bind(&MigrationUri::Unix(path.clone())).expect("bind");
         let t = std::thread::spawn(move || {
-            let ch = listener.accept_next().map_err(|e| e.to_string())?;
-            let main_breaker = ch.breaker().ok();
             let opts = IncomingOptions {
                 backing: Backing::Anonymous,
                 serial: SinkSpec::Null,
-                expect_mem_bytes: None,
+                expect_mem_bytes: Some(MEM),
+                expect_vcpus: Some(1),
                 autostart: false,
                 virtio: Vec::new(),
             };
-            let extra = ExtraStreams {
-                listener: &listener,
-                max_streams: 4,
-                main_breaker,
-            };
-            receive_streams(ch.reader, Some(ch.writer), Some(extra), &opts)
+            serve(&listener, &serve_opts, &opts, &mut || {}, &|| 4)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         });
@@ -676,13 +1065,28 @@ mod tests {
     /// Opens a migration of a 16 MiB VM proposing `streams` streams; returns the main
     /// connection after the destination accepted.
     fn handshake(path: &Path, streams: u32) -> Peer {
-        let mut main = Peer::connect(path);
-        let shape = VmShape {
-            ram_ranges: vec![(0, 16 << 20)],
-            vcpus: 1,
-            devices: vec!["com1".into()],
-            cpuid: Vec::new(),
+        let mut main = offer(path, shape(MEM, &["com1"]), streams);
+        let want = if streams > 1 {
+            Reply::Accepted { streams }
+        } else {
+            Reply::Ready
         };
+        assert_eq!(main.reply(), want);
+        main
+    }
+
+    fn shape(mem: u64, devices: &[&str]) -> VmShape {
+        VmShape {
+            ram_ranges: vec![(0, mem)],
+            vcpus: 1,
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+            cpuid: Vec::new(),
+        }
+    }
+
+    /// Sends a handshake offering `shape`; the reply is the caller's to read.
+    fn offer(path: &Path, shape: VmShape, streams: u32) -> Peer {
+        let mut main = Peer::connect(path);
         main.out
             .write_cbor(
                 SectionId::Shape,
@@ -691,11 +1095,10 @@ mod tests {
                     shape,
                     digest: false,
                     streams,
-                    session: SESSION,
+                    session: if streams > 1 { SESSION } else { 0 },
                 },
             )
             .expect("shape");
-        assert_eq!(main.reply(), Reply::Accepted { streams });
         main
     }
 
@@ -825,7 +1228,157 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        failed_with(t, name);
+        // The destination waits on for its real source.
+        let _ok = handshake(&path, 1);
+        assert!(!t.is_finished());
+    }
+
+    /// A stranger on the incoming port learns nothing of the destination's
+    /// configuration, nothing is built for it, and the wait goes on: the real
+    /// source is accepted after it. (Before: the stranger was told the
+    /// destination's device list and the destination exited; a Shape asking for
+    /// 16 GiB and 8 vCPUs was built.)
+    #[test]
+    fn a_stranger_learns_nothing_and_the_destination_waits_on() {
+        require_kvm();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, t) = destination(dir.path());
+        // Not a ferry stream at all.
+        let mut junk = UnixStream::connect(&path).expect("connect");
+        junk.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("junk");
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut junk, &mut answer);
+        // Other devices, then a big VM: refused naming only what was sent.
+        for (mem, devices) in [
+            (MEM, vec!["com1", "virtio-blk@04:8192s-rw"]),
+            (16 << 30, vec!["com1"]),
+        ] {
+            let mut stranger = offer(&path, shape(mem, &devices), 1);
+            let mut big = shape(mem, &devices);
+            big.vcpus = 8;
+            match stranger.reply() {
+                Reply::Error { message } => {
+                    assert!(message.contains("not configured"), "{message}");
+                    assert!(!message.contains("this side was given"), "{message}");
+                    // The destination's own size never appears.
+                    assert!(!message.contains(" 16 MiB"), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+            let mut stranger = offer(&path, big, 1);
+            assert!(matches!(stranger.reply(), Reply::Error { .. }));
+        }
+        assert!(!t.is_finished(), "a stranger ended the wait");
+        let _real = handshake(&path, 1);
+        assert!(!t.is_finished());
+    }
+
+    /// A stranger that connects and says nothing (or drips bytes) neither
+    /// blocks the real source nor outlives its handshake deadline. (Before: it
+    /// held the listener until the real source gave up.)
+    #[test]
+    fn a_silent_stranger_holds_up_nobody_and_is_dropped_at_its_deadline() {
+        require_kvm();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, t) = served(
+            dir.path(),
+            ServeOptions {
+                handshake_deadline: Duration::from_millis(1500),
+                ..ServeOptions::default()
+            },
+        );
+        let mut silent = UnixStream::connect(&path).expect("connect");
+        let mut dripping = UnixStream::connect(&path).expect("connect");
+        dripping.write_all(b"FE").expect("drip");
+        let started = Instant::now();
+        let _real = handshake(&path, 1);
+        assert!(!t.is_finished());
+        // The losers' connections are closed: reads see the end at once.
+        for s in [&mut silent, &mut dripping] {
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(s, &mut rest);
+        }
+        // Dropped by the deadline at the latest (or as losers, sooner).
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    /// A handshake that never completes is cut at its deadline while nobody
+    /// else connects.
+    #[test]
+    fn a_dripping_handshake_is_cut_at_its_deadline() {
+        require_kvm();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, t) = served(
+            dir.path(),
+            ServeOptions {
+                handshake_deadline: Duration::from_millis(500),
+                ..ServeOptions::default()
+            },
+        );
+        let mut dripping = UnixStream::connect(&path).expect("connect");
+        // A byte at a time, each before a per-read timeout would fire: only a
+        // deadline on the whole handshake stops it.
+        let mut cut = false;
+        for _ in 0..200 {
+            if dripping.write_all(b"F").is_err() {
+                cut = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(cut, "a handshake dripping for 10 s was never cut");
+        assert!(!t.is_finished());
+    }
+
+    /// Once the pages flow, a source that falls silent is dropped after the idle
+    /// timeout; one that sends keep-alives is not.
+    #[test]
+    fn a_silent_source_times_out_and_keepalives_keep_one_alive() {
+        require_kvm();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, t) = served(
+            dir.path(),
+            ServeOptions {
+                idle_timeout: Duration::from_millis(1500),
+                ..ServeOptions::default()
+            },
+        );
+        let mut main = handshake(&path, 1);
+        for _ in 0..10 {
+            main.out.write_keepalive().expect("keep-alive");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert!(!t.is_finished(), "a source sending keep-alives was dropped");
+        match main.reply() {
+            Reply::Error { message } => assert!(message.contains("sent nothing"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        failed_with(t, "sent nothing for 1.5 s");
+    }
+
+    /// A destination on the network must know the VM it takes.
+    #[test]
+    fn serving_needs_the_configured_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = Listener::bind(&MigrationUri::Unix(dir.path().join("s"))).expect("bind");
+        let opts = IncomingOptions {
+            backing: Backing::Anonymous,
+            serial: SinkSpec::Null,
+            expect_mem_bytes: None,
+            expect_vcpus: Some(1),
+            autostart: false,
+            virtio: Vec::new(),
+        };
+        let Err(e) = serve(
+            &listener,
+            &ServeOptions::default(),
+            &opts,
+            &mut || {},
+            &|| 1,
+        ) else {
+            panic!("a destination without its size served");
+        };
+        assert!(e.to_string().contains("RAM size and vCPU count"), "{e}");
     }
 
     #[test]

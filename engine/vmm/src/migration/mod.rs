@@ -58,7 +58,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub use converge::{Throttle, VcpuHold};
-pub use incoming::{receive, receive_streams, ExtraStreams, IncomingOptions};
+pub use incoming::{
+    receive, receive_streams, serve, ExtraStreams, IncomingOptions, ServeOptions,
+    KEEPALIVE_INTERVAL,
+};
 pub use precopy::{migrate, MigrationOutcome};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
 pub use tls::{CredsSpec, Endpoint, TlsCreds, TlsError};
@@ -328,18 +331,22 @@ impl MigrationControl {
     }
 
     /// Waits for `resume_switchover` or cancel; true if the switch-over may go on.
-    pub(crate) fn wait_switchover(&self) -> bool {
+    /// Waits up to `timeout` for the go-ahead of a pause-before-switchover:
+    /// `Some(true)` go on, `Some(false)` cancelled, `None` still waiting.
+    pub(crate) fn wait_switchover_for(&self, timeout: std::time::Duration) -> Option<bool> {
         let (lock, cv) = &self.switchover;
-        let Ok(mut go) = lock.lock() else {
-            return false;
+        let Ok(go) = lock.lock() else {
+            return Some(false);
         };
-        while !*go && !self.is_cancelled() {
-            go = match cv.wait(go) {
-                Ok(g) => g,
-                Err(_) => return false,
-            };
+        let go = match cv.wait_timeout_while(go, timeout, |go| !*go && !self.is_cancelled()) {
+            Ok((go, _)) => *go,
+            Err(_) => return Some(false),
+        };
+        if self.is_cancelled() {
+            Some(false)
+        } else {
+            go.then_some(true)
         }
-        *go && !self.is_cancelled()
     }
 
     /// Where events go (QMP's MIGRATION / MIGRATION_PASS).

@@ -661,10 +661,13 @@ pub(crate) fn ram_digest(ram: &GuestRam) -> Result<Vec<u32>, MigrationError> {
 /// before.
 pub fn migrate(
     vm: &mut Vm,
-    channel: Channel,
+    mut channel: Channel,
     ctl: &Arc<MigrationControl>,
 ) -> Result<MigrationOutcome, MigrationError> {
     let was_running = vm.is_running();
+    // A `file:` migration's file takes its name only once it is whole and synced.
+    let file = channel.take_file();
+    let to_file = file.is_some();
     let start = Instant::now();
     ctl.reset();
     ctl.emit(MigrationEvent::Status(MigrationStatus::Setup));
@@ -685,6 +688,14 @@ pub fn migrate(
             &mut point_of_no_return,
         )
     });
+    let result = match (result, file) {
+        (Ok(stats), Some(file)) => file.commit().map(|()| stats).map_err(|e| {
+            MigrationError::Stream(format!(
+                "cannot sync the migration file and move it into place: {e}"
+            ))
+        }),
+        (result, _) => result,
+    };
     // Nothing left for a later cancel to break.
     let breakers = breakers
         .lock()
@@ -707,7 +718,9 @@ pub fn migrate(
         }
         Err(e) => {
             breakers.iter().for_each(Breaker::break_channel);
-            let unconfirmed = point_of_no_return && !matches!(e, MigrationError::Refused(_));
+            // A file has no reader that could be running the VM: its VM resumes.
+            let unconfirmed =
+                point_of_no_return && !to_file && !matches!(e, MigrationError::Refused(_));
             let e = if unconfirmed {
                 MigrationError::Unconfirmed(e.to_string())
             } else if ctl.is_cancelled() && !matches!(e, MigrationError::Refused(_)) {
@@ -1023,8 +1036,22 @@ fn run(
     let down_start = Instant::now();
     if params.pause_before_switchover {
         ctl.emit(MigrationEvent::Status(MigrationStatus::PreSwitchover));
-        if !ctl.wait_switchover() {
-            return Err(MigrationError::Cancelled);
+        // Nothing flows while this waits: keep-alives tell the destination that
+        // this source is alive (it drops a source silent for its idle timeout).
+        loop {
+            match ctl.wait_switchover_for(super::KEEPALIVE_INTERVAL) {
+                Some(true) => break,
+                Some(false) => return Err(MigrationError::Cancelled),
+                None => {
+                    let main = senders
+                        .first_mut()
+                        .ok_or_else(|| MigrationError::Stream("no page stream is open".into()))?;
+                    main.out.write_keepalive()?;
+                    main.out.get_mut().flush().map_err(|e| {
+                        MigrationError::Stream(format!("cannot send a keep-alive: {e}"))
+                    })?;
+                }
+            }
         }
     }
     // Downtime counts from the pause, as QEMU counts it, also while a

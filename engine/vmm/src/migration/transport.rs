@@ -102,6 +102,9 @@ pub struct Channel {
     reconnect: Option<MigrationUri>,
     /// The URI, for messages.
     label: String,
+    /// A `file:` channel's file, which appears under its name only once the
+    /// migration completed ([`Channel::take_file`]).
+    file: Option<crate::private_file::PrivateFile>,
 }
 
 /// The reading half of a channel.
@@ -116,6 +119,24 @@ impl<T: Write + Send + std::fmt::Debug> WriteHalf for T {}
 pub struct Breaker(Option<OwnedFd>);
 
 impl Breaker {
+    /// Bounds each read of the channel's socket to `timeout` (`None`: no bound);
+    /// a read that waits longer fails with `WouldBlock` and consumes nothing. No
+    /// effect on files and pipes.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        use nix::sys::time::TimeVal;
+        let Some(fd) = &self.0 else {
+            return Ok(());
+        };
+        let tv = timeout.map_or(TimeVal::new(0, 0), |t| {
+            // A zero timeval means "no timeout": round up to 1 µs.
+            let t = t.max(Duration::from_micros(1));
+            TimeVal::new(t.as_secs() as i64, t.subsec_micros().into())
+        });
+        setsockopt(fd, sockopt::ReceiveTimeout, &tv)?;
+        Ok(())
+    }
+
     /// Shuts the socket down both ways: blocked reads and writes return at once.
     pub fn break_channel(&self) {
         if let Some(fd) = &self.0 {
@@ -177,6 +198,7 @@ impl Channel {
             shutdown: is_socket.then(|| OwnedFd::from(b)),
             reconnect: None,
             label: uri.to_string(),
+            file: None,
         })
     }
 
@@ -217,6 +239,7 @@ impl Channel {
             shutdown: self.shutdown,
             reconnect: self.reconnect,
             label: self.label,
+            file: self.file,
         })
     }
 
@@ -224,6 +247,12 @@ impl Channel {
     /// `unix:` channels opened by [`Channel::connect`]); `None` for `fd:` and `file:`.
     pub fn reconnect_uri(&self) -> Option<&MigrationUri> {
         self.reconnect.as_ref()
+    }
+
+    /// The file a `file:` channel writes, to commit (sync, rename into place,
+    /// sync the directory) once everything was written; `None` for others.
+    pub fn take_file(&mut self) -> Option<crate::private_file::PrivateFile> {
+        self.file.take()
     }
 
     /// A breaker for this channel.
@@ -264,7 +293,11 @@ impl Channel {
                 Ok(ch)
             }
             MigrationUri::File(p) => {
-                let f = File::create(p).map_err(io_err("create", uri))?;
+                // The owner's alone, and never a half-written file under the
+                // name: a temporary file, renamed when the migration completed.
+                let file =
+                    crate::private_file::PrivateFile::create(p).map_err(io_err("create", uri))?;
+                let f = file.file().try_clone().map_err(io_err("create", uri))?;
                 Ok(Self {
                     reader: Box::new(io::empty()),
                     writer: Box::new(f),
@@ -272,6 +305,7 @@ impl Channel {
                     shutdown: None,
                     reconnect: None,
                     label: uri.to_string(),
+                    file: Some(file),
                 })
             }
             MigrationUri::Fd(_) => Err(TransportError::BadUri(format!(
@@ -385,57 +419,29 @@ impl Listener {
         self.accept_next()
     }
 
-    /// Runs the TLS handshake on a fresh connection, if TLS is on.
-    fn secured(&self, ch: Channel) -> Result<Channel, TransportError> {
-        match &self.tls {
-            Some(creds) => ch.secure(creds, None),
-            None => Ok(ch),
-        }
-    }
-
-    /// Waits for one sender (or opens the file) and keeps listening: a multi-stream
-    /// migration's extra connections arrive here later ([`Listener::try_accept`]).
-    /// With TLS, a connection whose handshake fails is refused and the wait goes on:
-    /// a stranger cannot end the wait for the real source.
-    pub fn accept_next(&self) -> Result<Channel, TransportError> {
+    /// Waits up to `timeout` for a connection and returns it as it came, before
+    /// any TLS handshake ([`Listener::secured`] runs that): the caller runs
+    /// handshakes off its accept loop. `Ok(None)`: nobody came (always for a file).
+    pub(crate) fn accept_within(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<Channel>, TransportError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
         let uri = &self.uri;
-        loop {
-            let ch = match &self.kind {
-                ListenerKind::Tcp(l) => {
-                    l.set_nonblocking(false).map_err(io_err("configure", uri))?;
-                    let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
-                    Channel::from_tcp(s, uri)?
-                }
-                ListenerKind::Unix(l) => {
-                    l.set_nonblocking(false).map_err(io_err("configure", uri))?;
-                    let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
-                    Channel::from_unix(s, uri)?
-                }
-                ListenerKind::File(p) => {
-                    let f = File::open(p).map_err(io_err("open", uri))?;
-                    return Ok(Channel {
-                        reader: Box::new(f),
-                        writer: Box::new(io::sink()),
-                        has_return_path: false,
-                        shutdown: None,
-                        reconnect: None,
-                        label: uri.to_string(),
-                    });
-                }
-            };
-            match self.secured(ch) {
-                Ok(ch) => return Ok(ch),
-                Err(e) => tracing::warn!("refused a connection: {e}"),
-            }
+        let fd = match &self.kind {
+            ListenerKind::Tcp(l) => l.as_fd(),
+            ListenerKind::Unix(l) => l.as_fd(),
+            ListenerKind::File(_) => return Ok(None),
+        };
+        let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(io_err("poll", uri)(e.into())),
         }
-    }
-
-    /// Accepts one more connection if one is waiting, without blocking: extra page
-    /// streams of a multi-stream migration arrive on the listener the first
-    /// connection came in on. `Ok(None)`: nobody is waiting (or a file, which has no
-    /// connections), or a connection failed its TLS handshake and was refused.
-    pub fn try_accept(&self) -> Result<Option<Channel>, TransportError> {
-        let uri = &self.uri;
         let pending = |r: io::Result<()>| r.map_err(io_err("poll", uri));
         let ch = match &self.kind {
             ListenerKind::Tcp(l) => {
@@ -460,15 +466,74 @@ impl Listener {
                     Err(e) => return Err(io_err("accept on", uri)(e)),
                 }
             }
-            ListenerKind::File(..) => return Ok(None),
+            ListenerKind::File(_) => return Ok(None),
         };
-        match self.secured(ch) {
-            Ok(ch) => Ok(Some(ch)),
-            Err(e) => {
-                tracing::warn!("refused a connection: {e}");
-                Ok(None)
+        Ok(Some(ch))
+    }
+
+    /// Whether this listener is a file (one stream, read at once, nobody to refuse).
+    pub(crate) fn is_file(&self) -> bool {
+        matches!(self.kind, ListenerKind::File(_))
+    }
+
+    /// Runs the TLS handshake on a fresh connection, if TLS is on.
+    pub(crate) fn secured(&self, ch: Channel) -> Result<Channel, TransportError> {
+        secure_accepted(self.tls.as_ref(), ch)
+    }
+
+    /// The server credentials every connection must present TLS with, if any.
+    pub(crate) fn tls(&self) -> Option<&TlsCreds> {
+        self.tls.as_ref()
+    }
+
+    /// Waits for one sender (or opens the file) and keeps listening. With TLS, a
+    /// connection whose handshake fails is refused and the wait goes on. The
+    /// handshake runs here, so a slow peer holds up the caller: a destination on
+    /// the network uses [`crate::migration::serve`], which runs each on a thread.
+    pub fn accept_next(&self) -> Result<Channel, TransportError> {
+        let uri = &self.uri;
+        loop {
+            let ch = match &self.kind {
+                ListenerKind::Tcp(l) => {
+                    l.set_nonblocking(false).map_err(io_err("configure", uri))?;
+                    let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
+                    Channel::from_tcp(s, uri)?
+                }
+                ListenerKind::Unix(l) => {
+                    l.set_nonblocking(false).map_err(io_err("configure", uri))?;
+                    let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
+                    Channel::from_unix(s, uri)?
+                }
+                ListenerKind::File(p) => {
+                    let f = File::open(p).map_err(io_err("open", uri))?;
+                    return Ok(Channel {
+                        reader: Box::new(f),
+                        writer: Box::new(io::sink()),
+                        has_return_path: false,
+                        shutdown: None,
+                        reconnect: None,
+                        label: uri.to_string(),
+                        file: None,
+                    });
+                }
+            };
+            match self.secured(ch) {
+                Ok(ch) => return Ok(ch),
+                Err(e) => tracing::warn!("refused a connection: {e}"),
             }
         }
+    }
+}
+
+/// Runs the server side of a TLS handshake on an accepted connection, when
+/// `tls` is set.
+pub(crate) fn secure_accepted(
+    tls: Option<&TlsCreds>,
+    ch: Channel,
+) -> Result<Channel, TransportError> {
+    match tls {
+        Some(creds) => ch.secure(creds, None),
+        None => Ok(ch),
     }
 }
 
