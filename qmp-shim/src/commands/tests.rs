@@ -513,3 +513,25 @@ fn multifd_refused_while_reading_an_fd() {
     let r = c.cmd(json!({"execute": "migrate-set-capabilities", "arguments": on}));
     assert_eq!(r, json!({"return": {}}));
 }
+
+/// Issue 15: `migrate fd:N` with a number ferry-qemu was never given (here
+/// a file it opened itself, as it opens a guest's disk image) is refused,
+/// not written into and then closed under its owner.
+#[test]
+fn migrate_fd_takes_only_descriptors_passed_to_ferry_qemu() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let mut disk = tempfile::tempfile().expect("disk image");
+    disk.write_all(b"guest disk").expect("write");
+    let n = disk.as_raw_fd();
+    let want = format!("fd {n} was not passed to ferry-qemu: pass it with getfd or add-fd");
+    let mut c = Client::negotiated("-machine pc -accel kvm -m 128", true);
+    let r = c.cmd(json!({"execute": "migrate", "arguments": {"uri": format!("fd:{n}")}}));
+    assert_eq!(r["error"], json!({"class": "GenericError", "desc": want}));
+    let mut c = Client::negotiated("-machine pc -accel kvm -m 128 -incoming defer", true);
+    let r = c.cmd(json!({"execute": "migrate-incoming", "arguments": {"uri": format!("fd:{n}")}}));
+    assert_eq!(r["error"], json!({"class": "GenericError", "desc": want}));
+    assert!(
+        fcntl(disk.as_fd(), FcntlArg::F_GETFD).is_ok(),
+        "the disk's fd is still open"
+    );
+}
