@@ -27,9 +27,9 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,7 @@ use serde_json::json;
 
 use crate::argv::Incoming;
 use crate::backend::*;
+use crate::exec::StreamEnd;
 use crate::qmp::events::EventSink;
 use crate::qmp::server::FdSets;
 use crate::serial::SerialTee;
@@ -270,18 +271,10 @@ fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError>
             })
         }
         MigrationTarget::Exec(cmd) => {
-            let mut child = Command::new("/bin/sh")
-                .arg("-c")
-                .arg(&cmd)
-                .stdin(Stdio::piped())
-                .spawn()
-                .map_err(|e| BackendError::Migration(format!("exec:{cmd}: {e}")))?;
-            let stdin = child
-                .stdin
-                .take()
-                .ok_or_else(|| BackendError::Migration(format!("exec:{cmd}: no pipe")))?;
+            let (child, stdin) =
+                crate::exec::spawn_exec(&cmd, StreamEnd::Stdin).map_err(BackendError::Migration)?;
             Ok(SaveTarget {
-                out: Box::new(stdin),
+                out: Box::new(File::from(stdin)),
                 child: Some(child),
             })
         }
@@ -350,17 +343,8 @@ fn open_incoming(source: MigrationTarget) -> Result<IncomingSource, BackendError
             .map_err(transport),
         MigrationTarget::Exec(cmd) => {
             // QEMU's `-incoming exec:CMD`: the stream is the shell's stdout.
-            let mut child = Command::new("/bin/sh")
-                .arg("-c")
-                .arg(&cmd)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .map_err(|e| BackendError::Migration(format!("exec:{cmd}: {e}")))?;
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| BackendError::Migration(format!("exec:{cmd}: no pipe")))?;
+            let (mut child, stdout) = crate::exec::spawn_exec(&cmd, StreamEnd::Stdout)
+                .map_err(BackendError::Migration)?;
             // Reaped when it exits; a failing command shows as a short stream,
             // which the receiver refuses, and its status is logged here.
             std::thread::Builder::new()
@@ -373,7 +357,7 @@ fn open_incoming(source: MigrationTarget) -> Result<IncomingSource, BackendError
                     Ok(_) => {}
                 })
                 .map_err(engine)?;
-            Ok(IncomingSource::Stream(File::from(OwnedFd::from(stdout))))
+            Ok(IncomingSource::Stream(File::from(stdout)))
         }
     }
 }
@@ -856,6 +840,9 @@ impl Backend for FerryBackend {
     ) -> Result<(), BackendError> {
         // A stopped guest into a file or pipe is a checkpoint; anything else
         // (a running guest, or a peer that answers) is a live migration.
+        if let MigrationTarget::Exec(cmd) = &target {
+            crate::exec::check_spawn(cmd).map_err(BackendError::Migration)?;
+        }
         let running = self.shared.lock()?.state == RunState::Running;
         let to_peer = match &target {
             MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => true,

@@ -2527,3 +2527,62 @@ fn auto_converge_steps_the_throttle_as_qemu_does() {
     src.ok("migrate_cancel", json!({}));
     src.wait_event("MIGRATION", Some("cancelled"));
 }
+
+/// libvirt's `-sandbox` (QEMU 7.2's seccomp makes fork/exec fail with
+/// spawn=deny).
+const LIBVIRT_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Issue 15: with `-sandbox on,spawn=deny` ferry-qemu ran `exec:` commands
+/// anyway (only a warning said the sandbox was not enforced). Now every
+/// `exec:` (`-incoming`, a save of a stopped guest, a live migration) is
+/// refused with the cause, and no command runs.
+#[test]
+fn sandbox_spawn_deny_refuses_every_exec() {
+    let name = "sandbox_spawn_deny_refuses_every_exec";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let marker = d.join("ran");
+    let touch = format!("exec:touch {}", marker.display());
+    // -incoming exec: fails at startup, with the reason on stderr.
+    let mut q = spawn_guest(
+        d,
+        "incoming",
+        &kernel,
+        &["-sandbox", LIBVIRT_SANDBOX, "-incoming", &touch],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = q.child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "startup fails");
+    assert!(!marker.exists(), "-incoming exec: ran under spawn=deny");
+    drop(q);
+    // migrate exec: of a stopped guest (a save) and of a running one.
+    let q = spawn_guest(d, "src", &kernel, &["-sandbox", LIBVIRT_SANDBOX]);
+    let mut qmp = Qmp::connect(&q.qmp);
+    for running in [false, true] {
+        if running {
+            qmp.ok("cont", json!({}));
+        }
+        let r = qmp.cmd_with_fd("migrate", json!({"uri": touch}), None);
+        let e = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("Failed to fork process") && e.contains("spawn=deny"),
+            "running {running}: {r}"
+        );
+        assert!(!marker.exists(), "exec: ran under spawn=deny");
+    }
+    assert_eq!(qmp.status(), "running");
+}
