@@ -33,7 +33,7 @@ use std::process::Child;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_kvm::Backing;
+use ferry_kvm::{Backing, GuestRam};
 use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::serial::SinkSpec;
@@ -43,6 +43,7 @@ use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
     self, Channel, ExtraStreams, IncomingOptions, Listener, MigrationUri, TransportError,
 };
+use ferry_vmm::private_file::PrivateFile;
 use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -822,13 +823,20 @@ impl Backend for FerryBackend {
     }
 
     fn pmemsave(&mut self, addr: u64, size: u64, path: &Path) -> Result<(), BackendError> {
-        let inner = self.shared.lock()?;
-        inner.not_migrating("pmemsave")?;
-        let guest = inner.guest.as_ref().ok_or(BackendError::BadState {
-            operation: "pmemsave",
-            state: state_name(inner.state),
-        })?;
-        write_phys(guest, addr, size, path)
+        // The RAM mapping outlives the lock (it is shared): the VM is not
+        // held while the file is written, nor while a FIFO waits for its
+        // reader.
+        let ram = {
+            let inner = self.shared.lock()?;
+            inner.not_migrating("pmemsave")?;
+            let guest = inner.guest.as_ref().ok_or(BackendError::BadState {
+                operation: "pmemsave",
+                state: state_name(inner.state),
+            })?;
+            Arc::clone(guest.ram())
+        };
+        check_phys_range(&ram.ranges(), addr, size).map_err(BackendError::Engine)?;
+        write_phys(&ram, addr, size, path)
             .map_err(|e| BackendError::Engine(format!("pmemsave {}: {e}", path.display())))
     }
 
@@ -950,15 +958,62 @@ impl Backend for FerryBackend {
     }
 }
 
+/// Refuses a pmemsave range that does not lie within guest RAM's span
+/// (QEMU's words for a bad range), before anything is opened or written.
+fn check_phys_range(ranges: &[(u64, u64)], addr: u64, size: u64) -> Result<(), String> {
+    let ram_end = ranges.iter().map(|(b, s)| b + s).max().unwrap_or(0);
+    match addr.checked_add(size) {
+        Some(end) if end <= ram_end => Ok(()),
+        _ => Err(format!(
+            "Invalid addr 0x{addr:x}/size {size} specified: guest RAM ends at 0x{ram_end:x}"
+        )),
+    }
+}
+
+/// Where a memory dump goes: a regular file is written privately and
+/// atomically ([`PrivateFile`]); a FIFO or character device, which cannot
+/// be renamed over, seeked or synced, is written as a stream.
+enum DumpOut {
+    Private(PrivateFile),
+    Stream(File),
+}
+
+impl DumpOut {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.file_type().is_fifo() || m.file_type().is_char_device() => {
+                // No create, no truncate: the reader is on the other side.
+                File::options().write(true).open(path).map(Self::Stream)
+            }
+            _ => PrivateFile::create(path).map(Self::Private),
+        }
+    }
+
+    fn file(&mut self) -> &mut File {
+        match self {
+            Self::Private(p) => p.file_mut(),
+            Self::Stream(f) => f,
+        }
+    }
+
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            Self::Private(p) => p.commit(),
+            Self::Stream(_) => Ok(()),
+        }
+    }
+}
+
 /// Writes guest-physical `[addr, addr+size)` to `path` (QEMU's pmemsave);
-/// addresses outside RAM read as zero.
-fn write_phys(guest: &Guest, addr: u64, size: u64, path: &Path) -> std::io::Result<()> {
+/// holes between RAM ranges read as zero. The range was checked with
+/// [`check_phys_range`].
+fn write_phys(ram: &GuestRam, addr: u64, size: u64, path: &Path) -> std::io::Result<()> {
     let end = addr
         .checked_add(size)
         .ok_or_else(|| std::io::Error::other("address range wraps around"))?;
-    let ram = guest.ram();
     let ranges = ram.ranges();
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut out = DumpOut::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut gpa = addr;
     while gpa < end {
@@ -982,10 +1037,10 @@ fn write_phys(guest: &Guest, addr: u64, size: u64, path: &Path) -> std::io::Resu
                 n
             }
         };
-        out.write_all(&buf[..n])?;
+        out.file().write_all(&buf[..n])?;
         gpa += n as u64;
     }
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    out.finish()
 }
 
 /// The thread id of vCPU `index` (its thread is named `vcpu<index>`), or the
@@ -1103,6 +1158,22 @@ pub fn fdset_fd(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pmemsave_ranges_stay_within_guest_ram() {
+        // 128 MiB below the PCI hole, 64 MiB above 4 GiB.
+        let ranges = [(0, 128 << 20), (4 << 30, 64 << 20)];
+        assert!(check_phys_range(&ranges, 0, 128 << 20).is_ok());
+        assert!(check_phys_range(&ranges, 0, (4 << 30) + (64 << 20)).is_ok());
+        assert!(check_phys_range(&ranges, (4 << 30) + (64 << 20), 0).is_ok());
+        let e = check_phys_range(&ranges, (4 << 30) + (64 << 20), 1).unwrap_err();
+        assert!(
+            e.starts_with("Invalid addr 0x104000000/size 1 specified"),
+            "{e}"
+        );
+        assert!(check_phys_range(&ranges, u64::MAX, 2).is_err(), "wraps");
+        assert!(check_phys_range(&[], 0, 1).is_err(), "no RAM");
+    }
 
     #[test]
     fn fdset_paths_give_the_passed_fds() {

@@ -2586,3 +2586,67 @@ fn sandbox_spawn_deny_refuses_every_exec() {
     }
     assert_eq!(qmp.status(), "running");
 }
+
+/// Issue 15: pmemsave took any range (zero-filling past the end of RAM,
+/// while holding the VM), failed with EINVAL on a FIFO (QEMU streams into
+/// one) and wrote regular files in place with the umask's mode. Now a
+/// range outside guest RAM is refused before anything is opened, a FIFO
+/// gets the bytes streamed, and a regular file appears whole, mode 0600.
+#[test]
+fn pmemsave_checks_the_range_streams_to_a_fifo_and_writes_privately() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let name = "pmemsave_checks_the_range_streams_to_a_fifo_and_writes_privately";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let q = spawn_guest(d, "pmem", &kernel, &[]);
+    let mut qmp = Qmp::connect(&q.qmp);
+    let save = |qmp: &mut Qmp, addr: u64, size: u64, path: &Path| {
+        qmp.cmd_with_fd(
+            "pmemsave",
+            json!({"val": addr, "size": size, "filename": path.display().to_string()}),
+            None,
+        )
+    };
+    // Past the end of RAM: refused, nothing created.
+    let outside = d.join("outside.dump");
+    let r = save(&mut qmp, MEM, 4096, &outside);
+    let e = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(e.contains("Invalid addr"), "{r}");
+    assert!(!outside.exists());
+    // A regular file: replaced whole, the owner's alone.
+    let file = d.join("mem.dump");
+    std::fs::write(&file, b"old").expect("old file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let size = 1 << 20;
+    assert_eq!(save(&mut qmp, 0, size, &file), json!({"return": {}}));
+    let want = std::fs::read(&file).expect("dump");
+    assert_eq!(want.len() as u64, size);
+    let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // A FIFO: streamed to its reader.
+    let fifo = d.join("mem.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            std::fs::File::open(&fifo)
+                .and_then(|mut f| f.read_to_end(&mut got))
+                .map(|_| got)
+        })
+    };
+    let r = save(&mut qmp, 0, size, &fifo);
+    let got = reader.join().expect("reader").expect("read the FIFO");
+    assert_eq!(r, json!({"return": {}}));
+    assert!(
+        got == want,
+        "the FIFO got {} bytes, not the dump",
+        got.len()
+    );
+}
