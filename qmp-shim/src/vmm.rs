@@ -251,10 +251,12 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
     Ok(guest)
 }
 
-/// Where a save goes: the writer, and the `exec:` child to wait for.
+/// Where a save goes: the writer, the `exec:` child to wait for, and for
+/// `file:` the private file that replaces PATH once the save is whole.
 struct SaveTarget {
     out: Box<dyn Write + Send>,
     child: Option<Child>,
+    file: Option<PrivateFile>,
 }
 
 fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError> {
@@ -262,13 +264,18 @@ fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError>
         MigrationTarget::Fd(fd) => Ok(SaveTarget {
             out: Box::new(File::from(fd)),
             child: None,
+            file: None,
         }),
         MigrationTarget::File(p) => {
-            let f = File::create(&p)
-                .map_err(|e| BackendError::Migration(format!("{}: {e}", p.display())))?;
+            // Mode 0600 under a temporary name; PATH keeps the previous
+            // save until this one is whole and synced (write_checkpoint).
+            let fail = |e: std::io::Error| BackendError::Migration(format!("{}: {e}", p.display()));
+            let file = PrivateFile::create(&p).map_err(fail)?;
+            let out = file.file().try_clone().map_err(fail)?;
             Ok(SaveTarget {
-                out: Box::new(f),
+                out: Box::new(out),
                 child: None,
+                file: Some(file),
             })
         }
         MigrationTarget::Exec(cmd) => {
@@ -277,6 +284,7 @@ fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError>
             Ok(SaveTarget {
                 out: Box::new(File::from(stdin)),
                 child: Some(child),
+                file: None,
             })
         }
         MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => Err(BackendError::Migration(
@@ -290,7 +298,7 @@ fn write_checkpoint(
     guest: &Guest,
     target: SaveTarget,
 ) -> Result<checkpoint::CheckpointStats, String> {
-    let SaveTarget { out, child } = target;
+    let SaveTarget { out, child, file } = target;
     let result = checkpoint::save(guest, BufWriter::with_capacity(1 << 20, out))
         .map_err(|e| e.to_string())
         .and_then(|(w, stats)| {
@@ -298,6 +306,12 @@ fn write_checkpoint(
             let mut inner = w.into_inner().map_err(|e| e.error().to_string())?;
             inner.flush().map_err(|e| e.to_string())?;
             Ok(stats)
+        })
+        .and_then(|stats| match file {
+            // fsync, rename over PATH, fsync the directory; a failed save
+            // drops `file`, which removes the temporary.
+            Some(f) => f.commit().map(|()| stats).map_err(|e| e.to_string()),
+            None => Ok(stats),
         });
     if let Some(mut child) = child {
         let status = child.wait().map_err(|e| e.to_string())?;

@@ -2650,3 +2650,54 @@ fn pmemsave_checks_the_range_streams_to_a_fifo_and_writes_privately() {
         got.len()
     );
 }
+
+/// Issue 15: `migrate file:PATH` of a stopped guest truncated PATH and
+/// wrote it in place: a save that died half-way (here: the file size
+/// limit kills ferry-qemu with SIGXFSZ) left a partial file over the good
+/// checkpoint. Now the good one stays until a whole new one is synced and
+/// renamed over it, mode 0600.
+#[test]
+fn a_failed_save_to_file_keeps_the_old_checkpoint() {
+    use std::os::unix::fs::PermissionsExt;
+    let name = "a_failed_save_to_file_keeps_the_old_checkpoint";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let save = d.join("vm.save");
+    std::fs::write(&save, b"the good checkpoint").expect("old save");
+    std::fs::set_permissions(&save, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let uri = json!({"uri": format!("file:{}", save.display())});
+
+    let mut q = spawn_guest(d, "dies", &kernel, &[]);
+    let mut qmp = Qmp::connect(&q.qmp);
+    let limited = Command::new("prlimit")
+        .arg(format!("--pid={}", q.child.id()))
+        .arg("--fsize=1024")
+        .status()
+        .expect("run prlimit");
+    assert!(limited.success());
+    qmp.send("migrate", uri.clone(), None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while q.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the save never hit the limit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kept = std::fs::read(&save).expect("old save");
+    assert!(
+        kept == b"the good checkpoint",
+        "a failed save replaced the good one ({} bytes)",
+        kept.len()
+    );
+
+    let q = spawn_guest(d, "saves", &kernel, &[]);
+    let mut qmp = Qmp::connect(&q.qmp);
+    qmp.ok("migrate", uri);
+    qmp.wait_event("MIGRATION", Some("completed"));
+    let m = std::fs::metadata(&save).expect("new save");
+    assert!(m.len() > 4096, "a whole checkpoint: {} bytes", m.len());
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+}
