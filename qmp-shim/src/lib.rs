@@ -7,11 +7,13 @@
 //!   source of `query-qmp-schema` and `query-commands`.
 //! * [`backend`]: the VM operations behind QMP, implemented by the engine.
 //! * [`vmm`]: the backend on ferry-vmm; [`serial`]: chardev outputs of COM1.
+//! * [`exec`]: `exec:` URIs' commands and `-sandbox spawn=deny`.
 //! * [`process`]: startup (monitors, `-daemonize`, `-pidfile`, signals).
 
 pub mod argv;
 pub mod backend;
 pub mod commands;
+pub mod exec;
 use ferry_kvm::fd;
 pub mod process;
 pub mod qmp;

@@ -225,8 +225,15 @@ fn start(args: &[String]) -> Result<i32, StartError> {
     if inv.daemonize && !daemon_child {
         return daemonize_parent(args);
     }
-    if inv.sandbox.is_some() {
-        eprintln!("ferry-qemu: warning: -sandbox is accepted but not enforced by ferry-qemu");
+    if let Some(opts) = &inv.sandbox {
+        let policy = crate::exec::SandboxPolicy::from_opts(opts)?;
+        crate::exec::apply_sandbox(policy);
+        if policy.deny_spawn {
+            eprintln!(
+                "ferry-qemu: warning: -sandbox: spawn=deny is enforced (exec: URIs are \
+                 refused); ferry-qemu installs no seccomp filter for the other settings"
+            );
+        }
     }
 
     // Before any thread exists, so that every thread inherits the mask.

@@ -27,13 +27,13 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_kvm::Backing;
+use ferry_kvm::{Backing, GuestRam};
 use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::serial::SinkSpec;
@@ -43,6 +43,7 @@ use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
     self, Channel, IncomingOptions, Listener, MigrationUri, ServeOptions, TransportError,
 };
+use ferry_vmm::private_file::PrivateFile;
 use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -50,6 +51,7 @@ use serde_json::json;
 
 use crate::argv::Incoming;
 use crate::backend::*;
+use crate::exec::StreamEnd;
 use crate::qmp::events::EventSink;
 use crate::qmp::server::FdSets;
 use crate::serial::SerialTee;
@@ -249,10 +251,12 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
     Ok(guest)
 }
 
-/// Where a save goes: the writer, and the `exec:` child to wait for.
+/// Where a save goes: the writer, the `exec:` child to wait for, and for
+/// `file:` the private file that replaces PATH once the save is whole.
 struct SaveTarget {
     out: Box<dyn Write + Send>,
     child: Option<Child>,
+    file: Option<PrivateFile>,
 }
 
 fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError> {
@@ -260,29 +264,27 @@ fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError>
         MigrationTarget::Fd(fd) => Ok(SaveTarget {
             out: Box::new(File::from(fd)),
             child: None,
+            file: None,
         }),
         MigrationTarget::File(p) => {
-            let f = File::create(&p)
-                .map_err(|e| BackendError::Migration(format!("{}: {e}", p.display())))?;
+            // Mode 0600 under a temporary name; PATH keeps the previous
+            // save until this one is whole and synced (write_checkpoint).
+            let fail = |e: std::io::Error| BackendError::Migration(format!("{}: {e}", p.display()));
+            let file = PrivateFile::create(&p).map_err(fail)?;
+            let out = file.file().try_clone().map_err(fail)?;
             Ok(SaveTarget {
-                out: Box::new(f),
+                out: Box::new(out),
                 child: None,
+                file: Some(file),
             })
         }
         MigrationTarget::Exec(cmd) => {
-            let mut child = Command::new("/bin/sh")
-                .arg("-c")
-                .arg(&cmd)
-                .stdin(Stdio::piped())
-                .spawn()
-                .map_err(|e| BackendError::Migration(format!("exec:{cmd}: {e}")))?;
-            let stdin = child
-                .stdin
-                .take()
-                .ok_or_else(|| BackendError::Migration(format!("exec:{cmd}: no pipe")))?;
+            let (child, stdin) =
+                crate::exec::spawn_exec(&cmd, StreamEnd::Stdin).map_err(BackendError::Migration)?;
             Ok(SaveTarget {
-                out: Box::new(stdin),
+                out: Box::new(File::from(stdin)),
                 child: Some(child),
+                file: None,
             })
         }
         MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => Err(BackendError::Migration(
@@ -296,7 +298,7 @@ fn write_checkpoint(
     guest: &Guest,
     target: SaveTarget,
 ) -> Result<checkpoint::CheckpointStats, String> {
-    let SaveTarget { out, child } = target;
+    let SaveTarget { out, child, file } = target;
     let result = checkpoint::save(guest, BufWriter::with_capacity(1 << 20, out))
         .map_err(|e| e.to_string())
         .and_then(|(w, stats)| {
@@ -304,6 +306,12 @@ fn write_checkpoint(
             let mut inner = w.into_inner().map_err(|e| e.error().to_string())?;
             inner.flush().map_err(|e| e.to_string())?;
             Ok(stats)
+        })
+        .and_then(|stats| match file {
+            // fsync, rename over PATH, fsync the directory; a failed save
+            // drops `file`, which removes the temporary.
+            Some(f) => f.commit().map(|()| stats).map_err(|e| e.to_string()),
+            None => Ok(stats),
         });
     if let Some(mut child) = child {
         let status = child.wait().map_err(|e| e.to_string())?;
@@ -350,17 +358,8 @@ fn open_incoming(source: MigrationTarget) -> Result<IncomingSource, BackendError
             .map_err(transport),
         MigrationTarget::Exec(cmd) => {
             // QEMU's `-incoming exec:CMD`: the stream is the shell's stdout.
-            let mut child = Command::new("/bin/sh")
-                .arg("-c")
-                .arg(&cmd)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .map_err(|e| BackendError::Migration(format!("exec:{cmd}: {e}")))?;
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| BackendError::Migration(format!("exec:{cmd}: no pipe")))?;
+            let (mut child, stdout) = crate::exec::spawn_exec(&cmd, StreamEnd::Stdout)
+                .map_err(BackendError::Migration)?;
             // Reaped when it exits; a failing command shows as a short stream,
             // which the receiver refuses, and its status is logged here.
             std::thread::Builder::new()
@@ -373,7 +372,7 @@ fn open_incoming(source: MigrationTarget) -> Result<IncomingSource, BackendError
                     Ok(_) => {}
                 })
                 .map_err(engine)?;
-            Ok(IncomingSource::Stream(File::from(OwnedFd::from(stdout))))
+            Ok(IncomingSource::Stream(File::from(stdout)))
         }
     }
 }
@@ -845,13 +844,20 @@ impl Backend for FerryBackend {
     }
 
     fn pmemsave(&mut self, addr: u64, size: u64, path: &Path) -> Result<(), BackendError> {
-        let inner = self.shared.lock()?;
-        inner.not_migrating("pmemsave")?;
-        let guest = inner.guest.as_ref().ok_or(BackendError::BadState {
-            operation: "pmemsave",
-            state: state_name(inner.state),
-        })?;
-        write_phys(guest, addr, size, path)
+        // The RAM mapping outlives the lock (it is shared): the VM is not
+        // held while the file is written, nor while a FIFO waits for its
+        // reader.
+        let ram = {
+            let inner = self.shared.lock()?;
+            inner.not_migrating("pmemsave")?;
+            let guest = inner.guest.as_ref().ok_or(BackendError::BadState {
+                operation: "pmemsave",
+                state: state_name(inner.state),
+            })?;
+            Arc::clone(guest.ram())
+        };
+        check_phys_range(&ram.ranges(), addr, size).map_err(BackendError::Engine)?;
+        write_phys(&ram, addr, size, path)
             .map_err(|e| BackendError::Engine(format!("pmemsave {}: {e}", path.display())))
     }
 
@@ -863,6 +869,9 @@ impl Backend for FerryBackend {
     ) -> Result<(), BackendError> {
         // A stopped guest into a file or pipe is a checkpoint; anything else
         // (a running guest, or a peer that answers) is a live migration.
+        if let MigrationTarget::Exec(cmd) = &target {
+            crate::exec::check_spawn(cmd).map_err(BackendError::Migration)?;
+        }
         let running = self.shared.lock()?.state == RunState::Running;
         let to_peer = match &target {
             MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => true,
@@ -970,15 +979,62 @@ impl Backend for FerryBackend {
     }
 }
 
+/// Refuses a pmemsave range that does not lie within guest RAM's span
+/// (QEMU's words for a bad range), before anything is opened or written.
+fn check_phys_range(ranges: &[(u64, u64)], addr: u64, size: u64) -> Result<(), String> {
+    let ram_end = ranges.iter().map(|(b, s)| b + s).max().unwrap_or(0);
+    match addr.checked_add(size) {
+        Some(end) if end <= ram_end => Ok(()),
+        _ => Err(format!(
+            "Invalid addr 0x{addr:x}/size {size} specified: guest RAM ends at 0x{ram_end:x}"
+        )),
+    }
+}
+
+/// Where a memory dump goes: a regular file is written privately and
+/// atomically ([`PrivateFile`]); a FIFO or character device, which cannot
+/// be renamed over, seeked or synced, is written as a stream.
+enum DumpOut {
+    Private(PrivateFile),
+    Stream(File),
+}
+
+impl DumpOut {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.file_type().is_fifo() || m.file_type().is_char_device() => {
+                // No create, no truncate: the reader is on the other side.
+                File::options().write(true).open(path).map(Self::Stream)
+            }
+            _ => PrivateFile::create(path).map(Self::Private),
+        }
+    }
+
+    fn file(&mut self) -> &mut File {
+        match self {
+            Self::Private(p) => p.file_mut(),
+            Self::Stream(f) => f,
+        }
+    }
+
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            Self::Private(p) => p.commit(),
+            Self::Stream(_) => Ok(()),
+        }
+    }
+}
+
 /// Writes guest-physical `[addr, addr+size)` to `path` (QEMU's pmemsave);
-/// addresses outside RAM read as zero.
-fn write_phys(guest: &Guest, addr: u64, size: u64, path: &Path) -> std::io::Result<()> {
+/// holes between RAM ranges read as zero. The range was checked with
+/// [`check_phys_range`].
+fn write_phys(ram: &GuestRam, addr: u64, size: u64, path: &Path) -> std::io::Result<()> {
     let end = addr
         .checked_add(size)
         .ok_or_else(|| std::io::Error::other("address range wraps around"))?;
-    let ram = guest.ram();
     let ranges = ram.ranges();
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut out = DumpOut::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut gpa = addr;
     while gpa < end {
@@ -1002,10 +1058,10 @@ fn write_phys(guest: &Guest, addr: u64, size: u64, path: &Path) -> std::io::Resu
                 n
             }
         };
-        out.write_all(&buf[..n])?;
+        out.file().write_all(&buf[..n])?;
         gpa += n as u64;
     }
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    out.finish()
 }
 
 /// The thread id of vCPU `index` (its thread is named `vcpu<index>`), or the
@@ -1123,6 +1179,22 @@ pub fn fdset_fd(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pmemsave_ranges_stay_within_guest_ram() {
+        // 128 MiB below the PCI hole, 64 MiB above 4 GiB.
+        let ranges = [(0, 128 << 20), (4 << 30, 64 << 20)];
+        assert!(check_phys_range(&ranges, 0, 128 << 20).is_ok());
+        assert!(check_phys_range(&ranges, 0, (4 << 30) + (64 << 20)).is_ok());
+        assert!(check_phys_range(&ranges, (4 << 30) + (64 << 20), 0).is_ok());
+        let e = check_phys_range(&ranges, (4 << 30) + (64 << 20), 1).unwrap_err();
+        assert!(
+            e.starts_with("Invalid addr 0x104000000/size 1 specified"),
+            "{e}"
+        );
+        assert!(check_phys_range(&ranges, u64::MAX, 2).is_err(), "wraps");
+        assert!(check_phys_range(&[], 0, 1).is_err(), "no RAM");
+    }
 
     #[test]
     fn fdset_paths_give_the_passed_fds() {

@@ -2530,3 +2530,177 @@ fn auto_converge_steps_the_throttle_as_qemu_does() {
     src.ok("migrate_cancel", json!({}));
     src.wait_event("MIGRATION", Some("cancelled"));
 }
+
+/// libvirt's `-sandbox` (QEMU 7.2's seccomp makes fork/exec fail with
+/// spawn=deny).
+const LIBVIRT_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Issue 15: with `-sandbox on,spawn=deny` ferry-qemu ran `exec:` commands
+/// anyway (only a warning said the sandbox was not enforced). Now every
+/// `exec:` (`-incoming`, a save of a stopped guest, a live migration) is
+/// refused with the cause, and no command runs.
+#[test]
+fn sandbox_spawn_deny_refuses_every_exec() {
+    let name = "sandbox_spawn_deny_refuses_every_exec";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let marker = d.join("ran");
+    let touch = format!("exec:touch {}", marker.display());
+    // -incoming exec: fails at startup, with the reason on stderr.
+    let mut q = spawn_guest(
+        d,
+        "incoming",
+        &kernel,
+        &["-sandbox", LIBVIRT_SANDBOX, "-incoming", &touch],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = q.child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "startup fails");
+    assert!(!marker.exists(), "-incoming exec: ran under spawn=deny");
+    drop(q);
+    // migrate exec: of a stopped guest (a save) and of a running one.
+    let q = spawn_guest(d, "src", &kernel, &["-sandbox", LIBVIRT_SANDBOX]);
+    let mut qmp = Qmp::connect(&q.qmp);
+    for running in [false, true] {
+        if running {
+            qmp.ok("cont", json!({}));
+        }
+        let r = qmp.cmd_with_fd("migrate", json!({"uri": touch}), None);
+        let e = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("Failed to fork process") && e.contains("spawn=deny"),
+            "running {running}: {r}"
+        );
+        assert!(!marker.exists(), "exec: ran under spawn=deny");
+    }
+    assert_eq!(qmp.status(), "running");
+}
+
+/// Issue 15: pmemsave took any range (zero-filling past the end of RAM,
+/// while holding the VM), failed with EINVAL on a FIFO (QEMU streams into
+/// one) and wrote regular files in place with the umask's mode. Now a
+/// range outside guest RAM is refused before anything is opened, a FIFO
+/// gets the bytes streamed, and a regular file appears whole, mode 0600.
+#[test]
+fn pmemsave_checks_the_range_streams_to_a_fifo_and_writes_privately() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let name = "pmemsave_checks_the_range_streams_to_a_fifo_and_writes_privately";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let q = spawn_guest(d, "pmem", &kernel, &[]);
+    let mut qmp = Qmp::connect(&q.qmp);
+    let save = |qmp: &mut Qmp, addr: u64, size: u64, path: &Path| {
+        qmp.cmd_with_fd(
+            "pmemsave",
+            json!({"val": addr, "size": size, "filename": path.display().to_string()}),
+            None,
+        )
+    };
+    // Past the end of RAM: refused, nothing created.
+    let outside = d.join("outside.dump");
+    let r = save(&mut qmp, MEM, 4096, &outside);
+    let e = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(e.contains("Invalid addr"), "{r}");
+    assert!(!outside.exists());
+    // A regular file: replaced whole, the owner's alone.
+    let file = d.join("mem.dump");
+    std::fs::write(&file, b"old").expect("old file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let size = 1 << 20;
+    assert_eq!(save(&mut qmp, 0, size, &file), json!({"return": {}}));
+    let want = std::fs::read(&file).expect("dump");
+    assert_eq!(want.len() as u64, size);
+    let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // A FIFO: streamed to its reader.
+    let fifo = d.join("mem.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            std::fs::File::open(&fifo)
+                .and_then(|mut f| f.read_to_end(&mut got))
+                .map(|_| got)
+        })
+    };
+    let r = save(&mut qmp, 0, size, &fifo);
+    let got = reader.join().expect("reader").expect("read the FIFO");
+    assert_eq!(r, json!({"return": {}}));
+    assert!(
+        got == want,
+        "the FIFO got {} bytes, not the dump",
+        got.len()
+    );
+}
+
+/// Issue 15: `migrate file:PATH` of a stopped guest truncated PATH and
+/// wrote it in place: a save that died half-way (here: the file size
+/// limit kills ferry-qemu with SIGXFSZ) left a partial file over the good
+/// checkpoint. Now the good one stays until a whole new one is synced and
+/// renamed over it, mode 0600.
+#[test]
+fn a_failed_save_to_file_keeps_the_old_checkpoint() {
+    use std::os::unix::fs::PermissionsExt;
+    let name = "a_failed_save_to_file_keeps_the_old_checkpoint";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let save = d.join("vm.save");
+    std::fs::write(&save, b"the good checkpoint").expect("old save");
+    std::fs::set_permissions(&save, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let uri = json!({"uri": format!("file:{}", save.display())});
+
+    let mut q = spawn_guest(d, "dies", &kernel, &[]);
+    let mut qmp = Qmp::connect(&q.qmp);
+    let limited = Command::new("prlimit")
+        .arg(format!("--pid={}", q.child.id()))
+        .arg("--fsize=1024")
+        .status()
+        .expect("run prlimit");
+    assert!(limited.success());
+    qmp.send("migrate", uri.clone(), None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while q.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the save never hit the limit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kept = std::fs::read(&save).expect("old save");
+    assert!(
+        kept == b"the good checkpoint",
+        "a failed save replaced the good one ({} bytes)",
+        kept.len()
+    );
+
+    let q = spawn_guest(d, "saves", &kernel, &[]);
+    let mut qmp = Qmp::connect(&q.qmp);
+    qmp.ok("migrate", uri);
+    qmp.wait_event("MIGRATION", Some("completed"));
+    let m = std::fs::metadata(&save).expect("new save");
+    assert!(m.len() > 4096, "a whole checkpoint: {} bytes", m.len());
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+}

@@ -22,6 +22,12 @@ fn migration_err(e: migration::TransportError) -> ferry_vmm::VmmError {
 use ferry_vmm::{GuestExit, KernelConfig, Vm, VmConfig};
 
 fn main() -> ExitCode {
+    // First, before anything opens a file: `--net fd=N` takes only an fd
+    // inherited at exec.
+    if let Err(e) = ferry_kvm::fd::record_inherited() {
+        eprintln!("ferry-vm: cannot list inherited file descriptors in /proc/self/fd: {e}");
+        return ExitCode::from(EXIT_ERROR);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")

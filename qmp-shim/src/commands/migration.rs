@@ -262,8 +262,25 @@ fn carries_streams(t: &MigrationTarget) -> bool {
     matches!(t, MigrationTarget::Tcp(_) | MigrationTarget::Unix(_))
 }
 
+/// Why `fd:N` was refused, with the way to pass a descriptor that works.
+/// Only a number inherited at exec and not yet used (by an `-add-fd` set, a
+/// chardev, a NIC, an earlier migration) is taken: any other number is one
+/// of ferry-qemu's own files (a disk image, a socket), or nothing.
+fn adopt_error(n: i32, e: &std::io::Error) -> CommandError {
+    CommandError::Generic(match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            format!("fd {n} was not passed to ferry-qemu: pass it with getfd or add-fd")
+        }
+        std::io::ErrorKind::AlreadyExists => format!(
+            "fd {n} is already in use by ferry-qemu (an fd set, a chardev, a NIC or an \
+             earlier migration): pass a new descriptor with getfd"
+        ),
+        _ => format!("fd {n}: {e}: pass a descriptor with getfd or add-fd"),
+    })
+}
+
 /// Resolves a migration URI; `fd:NAME` takes a `getfd` fd, `fd:N` an
-/// inherited one.
+/// inherited one nothing has claimed (see [`adopt_error`]).
 fn target(ctx: &mut Ctx<'_>, uri: &str) -> Result<MigrationTarget, CommandError> {
     if let Some(name) = uri.strip_prefix("fd:") {
         if let Some(fd) = ctx.monitor_fds.remove(name) {
@@ -272,8 +289,7 @@ fn target(ctx: &mut Ctx<'_>, uri: &str) -> Result<MigrationTarget, CommandError>
         let n: i32 = name.parse().map_err(|_| {
             CommandError::Generic(format!("File descriptor named '{name}' has not been found"))
         })?;
-        let fd: OwnedFd = crate::fd::adopt_inherited(n)
-            .map_err(|e| CommandError::Generic(format!("fd {n}: {e}")))?;
+        let fd: OwnedFd = crate::fd::adopt_inherited(n).map_err(|e| adopt_error(n, &e))?;
         return Ok(MigrationTarget::Fd(fd));
     }
     match Incoming::parse(uri) {

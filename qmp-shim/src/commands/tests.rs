@@ -351,19 +351,34 @@ fn read_json(r: &mut impl BufRead) -> Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
 }
 
-#[test]
-fn socket_session_events_getfd_and_reconnect() {
-    let vm = Arc::new(vm("-machine pc -accel kvm -m 128", true));
+/// A client on one end of a socket pair, the server's connection on the
+/// other (in a thread that returns the monitor state); greeting read.
+fn connect_pair(
+    vm: &Arc<Mutex<Vm>>,
+) -> (
+    BufReader<UnixStream>,
+    UnixStream,
+    std::thread::JoinHandle<MonitorState>,
+) {
     let (server, client) = UnixStream::pair().expect("pair");
-    let vm2 = Arc::clone(&vm);
+    let vm2 = Arc::clone(vm);
     let t = std::thread::spawn(move || {
         let mut st = MonitorState::default();
         let _ = serve_connection(server, &vm2, &mut st);
         st
     });
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
     let mut r = BufReader::new(client.try_clone().expect("clone"));
-    let mut w = client;
     assert_eq!(read_json(&mut r)["QMP"]["capabilities"], json!(["oob"]));
+    (r, client, t)
+}
+
+#[test]
+fn socket_session_events_getfd_and_reconnect() {
+    let vm = Arc::new(vm("-machine pc -accel kvm -m 128", true));
+    let (mut r, mut w, t) = connect_pair(&vm);
     w.write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":1}{\"execute\":\"stop\",\"id\":2}\r\n")
         .expect("w");
     let mut got = [read_json(&mut r), read_json(&mut r), read_json(&mut r)];
@@ -512,4 +527,133 @@ fn multifd_refused_while_reading_an_fd() {
     let mut c = inmigrate("-machine pc -accel kvm -m 128 -incoming tcp:127.0.0.1:4444");
     let r = c.cmd(json!({"execute": "migrate-set-capabilities", "arguments": on}));
     assert_eq!(r, json!({"return": {}}));
+}
+
+/// Issue 15: `migrate fd:N` with a number ferry-qemu was never given (here
+/// a file it opened itself, as it opens a guest's disk image) is refused,
+/// not written into and then closed under its owner.
+#[test]
+fn migrate_fd_takes_only_descriptors_passed_to_ferry_qemu() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let mut disk = tempfile::tempfile().expect("disk image");
+    disk.write_all(b"guest disk").expect("write");
+    let n = disk.as_raw_fd();
+    let want = format!("fd {n} was not passed to ferry-qemu: pass it with getfd or add-fd");
+    let mut c = Client::negotiated("-machine pc -accel kvm -m 128", true);
+    let r = c.cmd(json!({"execute": "migrate", "arguments": {"uri": format!("fd:{n}")}}));
+    assert_eq!(r["error"], json!({"class": "GenericError", "desc": want}));
+    let mut c = Client::negotiated("-machine pc -accel kvm -m 128 -incoming defer", true);
+    let r = c.cmd(json!({"execute": "migrate-incoming", "arguments": {"uri": format!("fd:{n}")}}));
+    assert_eq!(r["error"], json!({"class": "GenericError", "desc": want}));
+    assert!(
+        fcntl(disk.as_fd(), FcntlArg::F_GETFD).is_ok(),
+        "the disk's fd is still open"
+    );
+}
+
+/// Issue 15: 64 KiB of random bytes (a stray `"` among them) used to wedge
+/// the monitor until 1 MiB had passed. Like QEMU's JSON streamer, the
+/// framing now recovers: one error for the garbage, and the command on the
+/// next line is served.
+#[test]
+fn garbage_gets_one_error_and_the_next_line_is_served() {
+    let vm = Arc::new(vm("-machine pc -accel kvm -m 128", true));
+    let (mut r, mut w, _t) = connect_pair(&vm);
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .expect("w");
+    assert_eq!(read_json(&mut r), json!({"return": {}}));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut garbage: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .map(|b| if b == b'\n' { b'"' } else { b })
+        .collect();
+    garbage.extend_from_slice(b"\n{\"execute\":\"query-status\",\"id\":\"after\"}\n");
+    // Written from a thread: the server answers while it reads.
+    let writer = std::thread::spawn(move || w.write_all(&garbage).map(|()| w));
+    let first = read_json(&mut r);
+    assert_eq!(first["error"]["class"], "GenericError", "{first}");
+    let second = read_json(&mut r);
+    assert_eq!(
+        second["id"], "after",
+        "one error, then the command: {second}"
+    );
+    assert_eq!(second["return"]["status"], "prelaunch");
+    writer.join().expect("writer").expect("written");
+}
+
+/// Issue 15: a client that connects and never negotiates is dropped after
+/// the negotiation timeout, so the next client is served (one at a time,
+/// as in QEMU). A negotiated client may stay idle.
+#[test]
+fn a_client_that_never_negotiates_does_not_block_the_next() {
+    use crate::qmp::server::{serve_monitor_with, ConnectionLimits};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("qmp.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let vm = Arc::new(vm("-machine pc -accel kvm -m 128", true));
+    let limits = ConnectionLimits {
+        negotiation_timeout: Duration::from_millis(300),
+        ..ConnectionLimits::default()
+    };
+    std::thread::spawn(move || serve_monitor_with(listener, vm, limits));
+    let connect = || {
+        let s = UnixStream::connect(&path).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        (BufReader::new(s.try_clone().expect("clone")), s)
+    };
+    let (mut idle_r, _idle_w) = connect();
+    assert!(read_json(&mut idle_r).get("QMP").is_some());
+    let (mut r, mut w) = connect();
+    assert!(
+        read_json(&mut r).get("QMP").is_some(),
+        "the second client is greeted once the idle one is dropped"
+    );
+    let mut rest = String::new();
+    assert_eq!(idle_r.read_line(&mut rest).expect("EOF"), 0, "{rest}");
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .expect("w");
+    assert_eq!(read_json(&mut r), json!({"return": {}}));
+    std::thread::sleep(Duration::from_millis(600));
+    w.write_all(b"{\"execute\":\"query-status\",\"id\":1}\n")
+        .expect("w");
+    assert_eq!(read_json(&mut r)["id"], 1, "negotiated: never timed out");
+}
+
+/// Issue 15: events used to be written by the thread that emits them, with
+/// a 10 s timeout: a client that does not read stalled the emitter (a
+/// migration's switch-over) for 10 s. Now `emit` only queues; the
+/// connection's own thread writes, and a client whose queue overflows is
+/// disconnected.
+#[test]
+fn events_never_wait_for_a_client_that_does_not_read() {
+    let vm = Arc::new(vm("-machine pc -accel kvm -m 128", true));
+    let (mut r, mut w, t) = connect_pair(&vm);
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .expect("w");
+    assert_eq!(read_json(&mut r), json!({"return": {}}));
+    let events = vm.lock().expect("vm").events.clone();
+    let pad = "x".repeat(200);
+    let start = std::time::Instant::now();
+    for n in 0..20_000 {
+        events.emit("MIGRATION_PASS", Some(json!({"pass": n, "pad": pad})));
+    }
+    let took = start.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "emit blocked {took:?}"
+    );
+    // The client is disconnected: what it reads now ends.
+    let mut line = String::new();
+    while r.read_line(&mut line).expect("read until EOF") > 0 {
+        line.clear();
+    }
+    drop(w);
+    t.join().expect("connection ended");
 }

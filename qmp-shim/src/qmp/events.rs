@@ -1,10 +1,12 @@
-//! QMP events: timestamped, broadcast to every negotiated connection.
+//! QMP events: timestamped, broadcast to every negotiated connection
+//! through its [`Outbox`].
 
-use std::io::Write;
+use std::collections::VecDeque;
+use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
@@ -44,30 +46,155 @@ impl Event {
     }
 }
 
+/// What waits to be written to one client: its replies and events, in the
+/// order they were queued (an event emitted while a command runs precedes
+/// that command's reply, as in QEMU: libvirt checks the MIGRATION status
+/// right after `migrate` returns). Queuing never blocks; the connection's
+/// own writer thread ([`Outbox::run_writer`]) does the writing. A client
+/// that lets more than the limit pile up is disconnected, like a QEMU
+/// monitor whose client stops reading: dropping events instead would leave
+/// libvirt with a wrong idea of the VM.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    changed: Condvar,
+    limit: usize,
+    /// Shut down on overflow, so that the reader and writer see the end.
+    socket: Option<UnixStream>,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    queue: VecDeque<String>,
+    /// Bytes queued or being written.
+    bytes: usize,
+    writing: bool,
+    closed: bool,
+    overflowed: bool,
+}
+
+impl Outbox {
+    /// An outbox holding at most `limit` bytes; `socket` (a clone of the
+    /// connection) is shut down when it overflows.
+    pub fn new(limit: usize, socket: Option<UnixStream>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(OutboxState::default()),
+            changed: Condvar::new(),
+            limit,
+            socket,
+        })
+    }
+
+    /// Queues `msg`; false when the outbox is closed, or overflows now (it
+    /// is closed then and the client disconnected).
+    pub fn push(&self, msg: &Value) -> bool {
+        let mut text = msg.to_string();
+        text.push_str("\r\n");
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        if s.closed {
+            return false;
+        }
+        if s.bytes + text.len() > self.limit {
+            s.closed = true;
+            s.overflowed = true;
+            s.queue.clear();
+            drop(s);
+            self.changed.notify_all();
+            tracing::warn!(
+                "QMP client does not read: over {} bytes are waiting for it; disconnecting it",
+                self.limit
+            );
+            if let Some(sock) = &self.socket {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            return false;
+        }
+        s.bytes += text.len();
+        s.queue.push_back(text);
+        drop(s);
+        self.changed.notify_all();
+        true
+    }
+
+    /// No more messages: the writer writes what is queued, then ends.
+    pub fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.closed = true;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits at most `timeout` for everything queued to be written.
+    pub fn flush(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut s) = self.state.lock() else {
+            return;
+        };
+        while s.bytes > 0 && !s.overflowed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match self.changed.wait_timeout(s, left) {
+                Ok((g, _)) => s = g,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Writes queued messages to `w` until the outbox is closed and empty;
+    /// run on the connection's writer thread. Fails on a write error or an
+    /// overflow (the outbox is closed then).
+    pub fn run_writer(&self, w: &mut impl Write) -> io::Result<()> {
+        let poisoned = || io::Error::other("QMP outbox poisoned");
+        loop {
+            let mut s = self.state.lock().map_err(|_| poisoned())?;
+            while s.queue.is_empty() && !s.closed {
+                s = self.changed.wait(s).map_err(|_| poisoned())?;
+            }
+            if s.overflowed {
+                return Err(io::Error::other(
+                    "the client does not read its replies and events",
+                ));
+            }
+            let Some(text) = s.queue.pop_front() else {
+                return Ok(()); // closed, all written
+            };
+            s.writing = true;
+            drop(s);
+            let r = w.write_all(text.as_bytes());
+            let mut s = self.state.lock().map_err(|_| poisoned())?;
+            s.writing = false;
+            s.bytes = s.bytes.saturating_sub(text.len());
+            if r.is_err() {
+                s.closed = true;
+                s.queue.clear();
+                s.bytes = 0;
+            }
+            drop(s);
+            self.changed.notify_all();
+            r?;
+        }
+    }
+}
+
 /// Where one connection's events go.
 #[derive(Debug)]
 enum Subscriber {
     /// A queue (tests, or a consumer with its own writer).
     Queue(Sender<Value>),
-    /// Written at once, under the lock its replies are written with: an
-    /// event emitted while a command runs reaches the client before that
-    /// command's reply, as in QEMU (libvirt checks the MIGRATION status
-    /// right after `migrate` returns).
-    Stream(Arc<Mutex<UnixStream>>),
+    /// A QMP connection's outbox: queued, never written by the emitter.
+    Outbox(Arc<Outbox>),
 }
 
 impl Subscriber {
-    /// Delivers `msg`; false when the subscriber is gone.
+    /// Delivers `msg` without blocking; false when the subscriber is gone.
     fn send(&self, msg: &Value) -> bool {
         match self {
             Self::Queue(tx) => tx.send(msg.clone()).is_ok(),
-            Self::Stream(w) => {
-                let mut text = msg.to_string();
-                text.push_str("\r\n");
-                w.lock()
-                    .map(|mut s| s.write_all(text.as_bytes()).is_ok())
-                    .unwrap_or(false)
-            }
+            Self::Outbox(o) => o.push(msg),
         }
     }
 }
@@ -88,6 +215,7 @@ impl EventSink {
     }
 
     /// Sends `name` with `data` to every subscriber; dead ones are dropped.
+    /// Never blocks on a client.
     pub fn emit(&self, name: &str, data: Option<Value>) {
         let msg = Event::new(name, data).to_json();
         if let Ok(mut subs) = self.subscribers.lock() {
@@ -102,11 +230,11 @@ impl EventSink {
         }
     }
 
-    /// Adds a connection whose events are written to `stream` directly
-    /// (under the same lock as its replies).
-    pub fn subscribe_stream(&self, id: u64, stream: Arc<Mutex<UnixStream>>) {
+    /// Adds a connection whose events are queued in `outbox`, with its
+    /// replies, for its own writer thread.
+    pub fn subscribe_outbox(&self, id: u64, outbox: Arc<Outbox>) {
         if let Ok(mut subs) = self.subscribers.lock() {
-            subs.push((id, Subscriber::Stream(stream)));
+            subs.push((id, Subscriber::Outbox(outbox)));
         }
     }
 

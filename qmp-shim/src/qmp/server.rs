@@ -2,22 +2,25 @@
 //!
 //! One thread per monitor accepts one connection at a time (like QEMU); a
 //! second client waits in the listen backlog until the first goes away, so
-//! libvirt can reconnect after a restart. Replies are written by the reading
-//! thread, events by the thread that emits them, both under one lock, so an
-//! event emitted by a command precedes its reply (as in QEMU).
+//! libvirt can reconnect after a restart. A client that does not negotiate
+//! within [`NEGOTIATION_TIMEOUT`] is dropped, so that it cannot hold the
+//! monitor. Replies and events go through the connection's [`Outbox`] and
+//! are written by its own writer thread, so an event emitted by a command
+//! precedes its reply (as in QEMU) and emitting never waits for a client.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, IoSliceMut, Write};
+use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use serde_json::{json, Map, Value};
 
 use super::error::{to_qmp, CommandError};
-use super::events::EventSink;
+use super::events::{EventSink, Outbox};
 use super::json::{Piece, Splitter};
 use super::schema;
 use crate::argv::{Incoming, Invocation};
@@ -128,6 +131,8 @@ pub struct Outcome {
     pub reply: Option<Value>,
     /// `quit` was executed: exit after sending the reply.
     pub quit: bool,
+    /// The text was not JSON: the rest of its line is dropped.
+    pub malformed: bool,
 }
 
 /// Handles one complete JSON text; `received` holds fds that arrived with
@@ -146,6 +151,7 @@ pub fn handle_message(
             return Outcome {
                 reply: Some(to_qmp(&err).to_json()),
                 quit: false,
+                malformed: true,
             };
         }
     };
@@ -162,6 +168,7 @@ pub fn handle_message(
     Outcome {
         reply: Some(reply),
         quit,
+        malformed: false,
     }
 }
 
@@ -175,6 +182,13 @@ pub fn framing_error(piece: &Piece) -> Option<Value> {
             super::json::MAX_NESTING
         ),
         Piece::Unbalanced => "JSON parse error, stray '}' or ']'".to_string(),
+        Piece::Stray(b) if b.is_ascii_graphic() => {
+            format!("JSON parse error, stray '{}'", char::from(*b))
+        }
+        Piece::Stray(b) => format!("JSON parse error, stray byte {b:#04x}"),
+        Piece::ControlInString(b) => {
+            format!("JSON parse error, control character {b:#04x} in a string")
+        }
     };
     Some(to_qmp(&CommandError::Input(desc)).to_json())
 }
@@ -271,13 +285,46 @@ fn dispatch(
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
+/// How long a client may stay connected without negotiating
+/// (`qmp_capabilities`) before it is dropped, so that the next one is served.
+pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes of replies and events queued for one client; a client that
+/// lets more pile up (it does not read) is disconnected.
+pub const MAX_QUEUED_BYTES: usize = 1 << 20;
+/// How long the writer thread waits for a client to take one message.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `quit` waits for its reply to be written.
+const QUIT_FLUSH: Duration = Duration::from_secs(1);
+
+/// Per-connection limits ([`Default`]: the constants above; tests shorten
+/// them).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub negotiation_timeout: Duration,
+    pub max_queued_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            negotiation_timeout: NEGOTIATION_TIMEOUT,
+            max_queued_bytes: MAX_QUEUED_BYTES,
+        }
+    }
+}
+
 /// Serves monitor connections on `listener` forever (one at a time).
 pub fn serve_monitor(listener: UnixListener, vm: Arc<Mutex<Vm>>) {
+    serve_monitor_with(listener, vm, ConnectionLimits::default());
+}
+
+/// [`serve_monitor`] with explicit limits.
+pub fn serve_monitor_with(listener: UnixListener, vm: Arc<Mutex<Vm>>, limits: ConnectionLimits) {
     let mut state = MonitorState::default();
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
-                if let Err(e) = serve_connection(s, &vm, &mut state) {
+                if let Err(e) = serve_connection_with(s, &vm, &mut state, limits) {
                     tracing::debug!("monitor connection ended: {e}");
                 }
             }
@@ -286,72 +333,192 @@ pub fn serve_monitor(listener: UnixListener, vm: Arc<Mutex<Vm>>) {
     }
 }
 
-fn write_json(w: &Mutex<UnixStream>, v: &Value) -> io::Result<()> {
-    let mut text = v.to_string();
-    text.push_str("\r\n");
-    let mut s = w.lock().map_err(|_| io::Error::other("writer poisoned"))?;
-    s.write_all(text.as_bytes())
-}
-
 /// Serves one connection until EOF, an I/O error, or `quit` (which exits
-/// the process after the reply).
+/// the process after the reply), with the default limits.
 pub fn serve_connection(
     stream: UnixStream,
     vm: &Arc<Mutex<Vm>>,
     state: &mut MonitorState,
 ) -> io::Result<()> {
-    let out = stream.try_clone()?;
-    // A client that stops reading must not stall the guest (events are
-    // written by whoever emits them): give up on it after a while.
-    out.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let writer = Arc::new(Mutex::new(out));
-    write_json(&writer, &greeting())?;
+    serve_connection_with(stream, vm, state, ConnectionLimits::default())
+}
+
+/// [`serve_connection`] with explicit limits.
+pub fn serve_connection_with(
+    stream: UnixStream,
+    vm: &Arc<Mutex<Vm>>,
+    state: &mut MonitorState,
+    limits: ConnectionLimits,
+) -> io::Result<()> {
+    let mut out = stream.try_clone()?;
+    // Only the writer thread waits on the client, and not forever.
+    out.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let outbox = Outbox::new(limits.max_queued_bytes, Some(stream.try_clone()?));
+    let writer = {
+        let outbox = Arc::clone(&outbox);
+        std::thread::Builder::new()
+            .name("qmp-writer".into())
+            .spawn(move || {
+                if let Err(e) = outbox.run_writer(&mut out) {
+                    tracing::debug!("monitor client dropped: {e}");
+                    outbox.close();
+                    let _ = out.shutdown(std::net::Shutdown::Both);
+                }
+            })?
+    };
     let conn_id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+    let result = read_requests(&stream, vm, state, &outbox, conn_id, limits);
+    let events = vm.lock().map(|v| v.events.clone());
+    if let Ok(events) = events {
+        events.unsubscribe(conn_id);
+    }
+    if result.is_err() {
+        // Do not wait for a client that is being dropped.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    outbox.close();
+    let _ = writer.join();
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+/// The reading half of a connection: requests in, replies to `outbox`.
+fn read_requests(
+    stream: &UnixStream,
+    vm: &Arc<Mutex<Vm>>,
+    state: &mut MonitorState,
+    outbox: &Arc<Outbox>,
+    conn_id: u64,
+    limits: ConnectionLimits,
+) -> io::Result<()> {
+    let gone = || io::Error::other("the client does not read its replies and events");
+    if !outbox.push(&greeting()) {
+        return Err(gone());
+    }
     let events = vm
         .lock()
         .map_err(|_| io::Error::other("VM state poisoned"))?
         .events
         .clone();
+    let deadline = Instant::now() + limits.negotiation_timeout;
     let mut session = Session::default();
     let mut splitter = Splitter::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let result = loop {
-        let (n, mut fds) = match read_with_fds(stream.as_raw_fd(), &mut buf) {
-            Ok(r) => r,
-            Err(e) => break Err(e),
-        };
-        if n == 0 {
-            break Ok(());
+    loop {
+        if !session.negotiated {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timed_out = || {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client did not send qmp_capabilities within {:?}",
+                        limits.negotiation_timeout
+                    ),
+                )
+            };
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            stream.set_read_timeout(Some(left))?;
+            let (n, fds) = match read_with_fds(stream.as_raw_fd(), &mut buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(timed_out())
+                }
+                r => r?,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            splitter.feed(&buf[..n]);
+            let mut conn = Connection {
+                session: &mut session,
+                splitter: &mut splitter,
+                outbox,
+                events: &events,
+                id: conn_id,
+            };
+            conn.serve_pieces(vm, state, fds)?;
+            if session.negotiated {
+                stream.set_read_timeout(None)?;
+            }
+        } else {
+            let (n, fds) = read_with_fds(stream.as_raw_fd(), &mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            splitter.feed(&buf[..n]);
+            let mut conn = Connection {
+                session: &mut session,
+                splitter: &mut splitter,
+                outbox,
+                events: &events,
+                id: conn_id,
+            };
+            conn.serve_pieces(vm, state, fds)?;
         }
-        for piece in splitter.push(&buf[..n]) {
+    }
+}
+
+/// One connection's reading state, borrowed for [`Connection::serve_pieces`].
+struct Connection<'a> {
+    session: &'a mut Session,
+    splitter: &'a mut Splitter,
+    outbox: &'a Arc<Outbox>,
+    events: &'a EventSink,
+    id: u64,
+}
+
+impl Connection<'_> {
+    /// Handles every piece the splitter has, queuing the replies.
+    fn serve_pieces(
+        &mut self,
+        vm: &Arc<Mutex<Vm>>,
+        state: &mut MonitorState,
+        mut fds: Vec<OwnedFd>,
+    ) -> io::Result<()> {
+        while let Some(piece) = self.splitter.next_piece() {
             let out = match &piece {
                 Piece::Message(text) => {
-                    let was = session.negotiated;
-                    let o = handle_message(vm, state, &mut session, text, &mut fds);
-                    if !was && session.negotiated {
+                    let was = self.session.negotiated;
+                    let o = handle_message(vm, state, self.session, text, &mut fds);
+                    if !was && self.session.negotiated {
                         // Events flow only after negotiation, as in QEMU.
-                        events.subscribe_stream(conn_id, Arc::clone(&writer));
+                        self.events
+                            .subscribe_outbox(self.id, Arc::clone(self.outbox));
                     }
                     o
                 }
                 other => Outcome {
                     reply: framing_error(other),
                     quit: false,
+                    malformed: false,
                 },
             };
+            if out.malformed {
+                // Not JSON: drop the rest of its line, as after a framing
+                // error.
+                self.splitter.resync();
+            }
             if let Some(reply) = &out.reply {
-                write_json(&writer, reply)?;
+                if !self.outbox.push(reply) {
+                    return Err(io::Error::other(
+                        "the client does not read its replies and events",
+                    ));
+                }
             }
             if out.quit {
                 tracing::info!("quit requested over QMP");
+                self.outbox.flush(QUIT_FLUSH);
                 std::process::exit(0);
             }
         }
-        fds.clear();
-    };
-    events.unsubscribe(conn_id);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    result
+        Ok(())
+    }
 }
 
 /// Reads bytes and any SCM_RIGHTS fds that came with them.

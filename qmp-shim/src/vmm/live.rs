@@ -30,8 +30,8 @@
 //! fails such a migration, and so does ferry-qemu, right after the handshake
 //! (`setup` → `failed`, the guest never stopped), naming both numbers.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::{Child, Command, Stdio};
+use std::os::fd::{AsFd, AsRawFd};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -45,6 +45,7 @@ use serde_json::json;
 
 use super::{engine, state_name, FerryBackend, Guest, Shared};
 use crate::backend::*;
+use crate::exec::StreamEnd;
 
 /// How long `Channel::connect` may take for `tcp:`/`unix:`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,17 +129,7 @@ fn open_channel(target: MigrationTarget) -> Result<(Channel, Option<Child>), Str
                 .map_err(|e| e.to_string());
         }
         MigrationTarget::Exec(cmd) => {
-            let mut child = Command::new("/bin/sh")
-                .arg("-c")
-                .arg(&cmd)
-                .stdin(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("exec:{cmd}: {e}"))?;
-            let stdin = child
-                .stdin
-                .take()
-                .ok_or_else(|| format!("exec:{cmd}: no pipe"))?;
-            let fd = OwnedFd::from(stdin);
+            let (child, fd) = crate::exec::spawn_exec(&cmd, StreamEnd::Stdin)?;
             let uri = MigrationUri::Fd(fd.as_raw_fd());
             return Channel::from_owned_fd(fd, &uri)
                 .map(|c| (c, Some(child)))
