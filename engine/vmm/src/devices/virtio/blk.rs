@@ -218,10 +218,15 @@ impl Block {
                 }
             }
             T_OUT => {
+                // The length is the guest's claim (up to 256 descriptors of 4 GiB
+                // each): checked against the limit before anything is allocated.
                 let len = readable - header.len();
+                if self.config.read_only || !in_range(len) {
+                    self.stats.invalid_operations += 1;
+                    return Ok(S_IOERR);
+                }
                 let mut data = vec![0u8; len];
-                if self.config.read_only || !in_range(len) || reader.read_exact(&mut data).is_err()
-                {
+                if reader.read_exact(&mut data).is_err() {
                     self.stats.invalid_operations += 1;
                     return Ok(S_IOERR);
                 }
@@ -394,5 +399,35 @@ impl VirtioDevice for Block {
             self.sectors,
             if self.config.read_only { "ro" } else { "rw" }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write request whose descriptors claim the most a 256-entry chain can
+    /// (256 buffers of 4 GiB - 1) is refused before its data is allocated: the
+    /// allocation alone used to abort the VMM.
+    #[test]
+    fn a_write_claiming_a_huge_length_is_refused_before_allocating() {
+        let img = tempfile::NamedTempFile::new().expect("temp image");
+        img.as_file().set_len(64 * SECTOR).expect("size the image");
+        let mut blk = Block::open(&BlockConfig {
+            image: BlockImage::Path(img.path().to_path_buf()),
+            read_only: false,
+            serial: None,
+        })
+        .expect("open the image");
+        let mut header = T_OUT.to_le_bytes().to_vec();
+        header.extend_from_slice(&[0; 12]);
+        let claimed = 256 * u32::MAX as usize;
+        let mut data = Vec::new();
+        let status = blk
+            .execute(&mut header.as_slice(), claimed, &mut data, 1, F_FLUSH)
+            .expect("the request carries a status");
+        assert_eq!(status, S_IOERR);
+        assert_eq!(blk.stats.invalid_operations, 1);
+        assert!(data.is_empty());
     }
 }
