@@ -691,7 +691,9 @@ fn ferry_migrate_json_progress_and_back() {
 
 /// The destination's hook refuses what only the destination can see, even
 /// when the source side is bypassed (plain virsh): here a ferry-qemu of
-/// another release at the domain's emulator path. libvirt shows the hook's text.
+/// another release at the domain's emulator path (a wrapper whose file carries
+/// that release's version line: the hook reads it, never runs it). libvirt
+/// shows the hook's text.
 #[test]
 fn destination_hook_refuses_another_ferry_release() {
     let Some(lab) = lab() else { return };
