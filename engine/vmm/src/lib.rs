@@ -30,6 +30,9 @@ pub enum VmmError {
     Boot(String),
     #[error("cannot restore: {0}")]
     Restore(String),
+    /// A disk image is locked by another VM or QEMU (or cannot be locked).
+    #[error("{0}")]
+    DiskLock(String),
     #[error(transparent)]
     Format(#[from] ferry_format::FormatError),
     #[error("{0}")]
