@@ -86,7 +86,9 @@ pub enum Command {
     /// (a script running `exec ferry hook "$@"`, or a symlink to ferry).
     /// On `GUEST migrate begin -` it runs the destination-side checks on the
     /// domain XML from stdin and exits 1 with the reasons on stderr, which
-    /// makes libvirt refuse the migration with that text.
+    /// makes libvirt refuse the migration with that text. It acts only on
+    /// domains whose emulator is a ferry-qemu (known by its file, which it
+    /// reads and never runs); other domains (QEMU's) pass untouched.
     #[command(after_help = "EXIT STATUS:\n  0  allow\n  1  refuse (reason on stderr)")]
     Hook {
         /// libvirt's arguments: GUEST OPERATION SUB-OPERATION EXTRA

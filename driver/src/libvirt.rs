@@ -470,19 +470,17 @@ impl DestProbe for LibvirtDest<'_> {
 /// no binding for virConnectCompareHypervisorCPU, hence virsh. `None` when virsh
 /// is not installed.
 fn hypervisor_cpu_compare(uri: &str, dom: &DomainXml, cpu_xml: &str) -> Option<Probe> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let file = std::env::temp_dir().join(format!(
-        "ferry-cpu-{}-{}.xml",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    if let Err(e) = std::fs::write(&file, cpu_xml) {
-        return Some(Probe::Unknown(format!(
-            "cannot write {}: {e}",
-            file.display()
-        )));
-    }
+    // A private file: random name, created O_EXCL and 0600, so nothing planted
+    // in the shared temporary directory (a symlink at a guessable name) is
+    // followed, and no other user reads or swaps the XML before virsh does.
+    let file = match write_private_xml(cpu_xml) {
+        Ok(f) => f,
+        Err(e) => {
+            return Some(Probe::Unknown(format!(
+                "cannot write the guest CPU to a temporary file: {e}"
+            )))
+        }
+    };
     let mut cmd = std::process::Command::new("virsh");
     cmd.args(["-q", "-c", uri, "hypervisor-cpu-compare", "--error"])
         .args(["--virttype", &dom.virt_type]);
@@ -495,8 +493,8 @@ fn hypervisor_cpu_compare(uri: &str, dom: &DomainXml, cpu_xml: &str) -> Option<P
             cmd.args([flag, v]);
         }
     }
-    let out = cmd.arg(&file).output();
-    let _ = std::fs::remove_file(&file);
+    let out = cmd.arg(file.path()).output();
+    drop(file);
     let out = match out {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -529,6 +527,19 @@ fn hypervisor_cpu_compare(uri: &str, dom: &DomainXml, cpu_xml: &str) -> Option<P
     })
 }
 
+/// `xml` in a new private file under the temporary directory, removed when
+/// the handle drops.
+fn write_private_xml(xml: &str) -> std::io::Result<tempfile::NamedTempFile> {
+    use std::io::Write;
+    let mut file = tempfile::Builder::new()
+        .prefix("ferry-cpu-")
+        .suffix(".xml")
+        .tempfile()?;
+    file.write_all(xml.as_bytes())?;
+    file.flush()?;
+    Ok(file)
+}
+
 /// How long to wait between two job-stats polls.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -542,6 +553,41 @@ mod tests {
         assert!(uri_is_local("qemu+unix:///system?socket=/run/x.sock"));
         assert!(!uri_is_local("qemu+tcp://hostb/system"));
         assert!(!uri_is_local("qemu+ssh://root@10.77.0.2/system"));
+    }
+
+    /// The guest CPU XML for `virsh hypervisor-cpu-compare` never goes through
+    /// a symlink planted at a name another user can guess: the file used to be
+    /// `$TMPDIR/ferry-cpu-PID-N.xml`, written with a plain write that followed
+    /// such a link and wrote the XML wherever it pointed.
+    #[test]
+    fn the_cpu_xml_file_follows_no_planted_symlink() {
+        let victim_dir = tempfile::tempdir().unwrap();
+        let victim = victim_dir.path().join("victim");
+        let planted: Vec<_> = (0..16)
+            .map(|n| {
+                let link =
+                    std::env::temp_dir().join(format!("ferry-cpu-{}-{n}.xml", std::process::id()));
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(&victim, &link).unwrap();
+                link
+            })
+            .collect();
+        let dom = DomainXml::parse("<domain type='kvm'><name>d</name></domain>").unwrap();
+        let probe = hypervisor_cpu_compare("test:///nowhere", &dom, "<cpu>planted</cpu>");
+        for link in &planted {
+            let _ = std::fs::remove_file(link);
+        }
+        assert!(
+            !victim.exists(),
+            "the XML was written through a planted symlink ({probe:?})"
+        );
+        let file = write_private_xml("<cpu/>").unwrap();
+        let meta = file.as_file().metadata().unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o600
+        );
+        assert_eq!(std::fs::read_to_string(file.path()).unwrap(), "<cpu/>");
     }
 
     #[test]

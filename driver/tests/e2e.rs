@@ -174,14 +174,37 @@ fn qemu() -> Option<&'static str> {
 /// QEMU runs ([`ferry_tests::migrate::qemu_cpu`]: host-passthrough where it
 /// can; QEMU's default for KVM, qemu64, names features (svm, pni) some hosts'
 /// KVM does not report, which the destination's CompareCPU would refuse).
+/// The domain's emulator is [`ferry_standin`]: QEMU runs it, and the
+/// destination's hook, which acts on ferry-qemu domains only, takes it for one.
 fn qemu_dirtier(lab: &Lab, qemu: &str, dom: &str, mib: u64, devices: &str) -> String {
     let cpu = ferry_tests::migrate::qemu_cpu(Path::new(qemu)).xml;
-    let xml = lab.dirtier_on(qemu, dom, mib, CMDLINE).replacen(
-        "<features>",
-        &format!("{cpu}\n  <features>"),
-        1,
-    );
+    let xml = lab
+        .dirtier_on(ferry_standin(lab, qemu), dom, mib, CMDLINE)
+        .replacen("<features>", &format!("{cpu}\n  <features>"), 1);
     with_devices(&xml, devices)
+}
+
+/// On both hosts, an emulator that runs `qemu` and whose file carries
+/// ferry-qemu's version line (of this release), so that ferry's hook takes its
+/// domains for ferry's: the devices ferry-qemu does not have (and the hook
+/// must refuse) run on it. The hook reads the file and never runs it.
+fn ferry_standin(lab: &Lab, qemu: &str) -> &'static str {
+    const PATH: &str = "/var/lib/libvirt/ferry-emu/qemu-as-ferry";
+    for h in ["A", "B"] {
+        let dir = lab.hosts.private_var_lib(h).join("ferry-emu");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let script = dir.join("qemu-as-ferry");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n# QEMU emulator version 7.2.0 (ferry-qemu {})\nexec {qemu} \"$@\"\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+        )
+        .expect("write the stand-in");
+        chmod_x(&script);
+    }
+    PATH
 }
 
 /// The ids of the failed checks of `ferry check --json` DOM DEST-B on A.
@@ -691,7 +714,9 @@ fn ferry_migrate_json_progress_and_back() {
 
 /// The destination's hook refuses what only the destination can see, even
 /// when the source side is bypassed (plain virsh): here a ferry-qemu of
-/// another release at the domain's emulator path. libvirt shows the hook's text.
+/// another release at the domain's emulator path (a wrapper whose file carries
+/// that release's version line: the hook reads it, never runs it). libvirt
+/// shows the hook's text.
 #[test]
 fn destination_hook_refuses_another_ferry_release() {
     let Some(lab) = lab() else { return };
@@ -1069,7 +1094,8 @@ fn running_domain_with_an_emulator_missing_on_the_destination_is_refused() {
 /// runs: USB redirection and smartcard passthrough to TCP peers on the source,
 /// and a host block device as CD-ROM (a loop device: a host node that
 /// libvirt would hand to the destination's emulator by the same name). QEMU
-/// runs them (ferry-qemu has none of these devices and refuses them by name).
+/// runs them (ferry-qemu has none of these devices and refuses them by name),
+/// as a ferry-qemu stand-in ([`ferry_standin`]).
 /// `ferry check` and `ferry migrate` refuse each; plain `virsh migrate` is
 /// refused by the destination's hook, which names all three; the guest runs on.
 /// USB and PCI host devices and SCSI LUNs/host devices cannot run on this

@@ -65,9 +65,10 @@ pub fn disk_spec() -> Result<VirtioSpec, String> {
         slot: SLOT,
         id: "virtio-disk0".into(),
         device: VirtioDeviceSpec::Block(ferry_vmm::devices::virtio::blk::BlockConfig {
-            image: ferry_vmm::devices::virtio::blk::BlockImage::Path(image()?),
-            read_only: false,
             serial: Some("ferry-fuzz".into()),
+            ..ferry_vmm::devices::virtio::blk::BlockConfig::new(
+                ferry_vmm::devices::virtio::blk::BlockImage::Path(image()?),
+            )
         }),
     })
 }

@@ -71,6 +71,10 @@ pub struct DiskConfig {
     pub image: ferry_vmm::devices::virtio::blk::BlockImage,
     pub read_only: bool,
     pub serial: Option<String>,
+    /// `share-rw=on` (libvirt's `<shareable/>`): the image lock shares writing.
+    pub shared: bool,
+    /// QEMU's image locks, unless the protocol node says `locking=off`.
+    pub locking: bool,
     /// The BlockBackend name: `-drive id=` (`drive-virtio-disk0`); `""` for
     /// `-blockdev` disks, as QEMU reports them.
     pub backend_name: String,

@@ -217,6 +217,8 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
                 image: d.image.clone(),
                 read_only: d.read_only,
                 serial: d.serial.clone(),
+                shared: d.shared,
+                locking: d.locking,
             }),
         })
         .chain(nics)

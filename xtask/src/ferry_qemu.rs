@@ -334,7 +334,14 @@ pub fn page() -> Result<String, String> {
          iothreads or an error policy other than `report` is refused. A migration \
          destination needs the same disks in the same slots (shared storage): the stream \
          is refused otherwise and the source runs on. `query-blockstats` has the requests, \
-         bytes and failures the engine counts (times and merges read 0).",
+         bytes and failures the engine counts (times and merges read 0). Images are locked \
+         as QEMU locks them (byte-range locks at 100 and 200), so ferry-qemu, ferry-vm, QEMU \
+         and `qemu-img` never write one image at once: a disk that writes refuses to share \
+         writing unless `share-rw=on` (libvirt's `<shareable/>`), a read-only disk refuses \
+         a writer that does not share, and `locking=off` on the protocol node takes no \
+         locks. A migration destination takes the locks when it loads the guest, after the \
+         source flushed and let go of them; a source that resumes after a failed migration \
+         takes them back, and `cont` on a source whose guest runs on the destination fails.",
     );
     doc.tp(
         "NICs",

@@ -124,9 +124,11 @@ pub struct Common {
     /// Do not start the vCPUs (like QEMU's -S); `resume` on the control socket starts them.
     #[arg(long)]
     pub paused: bool,
-    /// A virtio-blk disk on PCI: PATH[,slot=N][,readonly=on][,serial=S] (raw image or
-    /// block device; repeat for more disks). Slots default to 4, 5, ... in order. A
+    /// A virtio-blk disk on PCI: PATH[,slot=N][,readonly=on][,serial=S][,share-rw=on] (raw
+    /// image or block device; repeat for more disks). Slots default to 4, 5, ... in order. A
     /// migration destination or restore must be given the same disks (shared storage).
+    /// The image is locked as QEMU locks it: one VM (ferry or QEMU) writes it, unless all
+    /// of them say share-rw=on; a read-only disk refuses a writer that does not share.
     #[arg(long = "disk", value_parser = parse_disk)]
     pub disks: Vec<DiskArg>,
     /// A virtio-net NIC on a tap: tap=IFNAME or fd=N (an open tap, as libvirt passes),
@@ -198,11 +200,9 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
         .filter(|p| !p.is_empty())
         .ok_or("missing PATH")?;
     let mut arg = DiskArg {
-        config: crate::devices::virtio::blk::BlockConfig {
-            image: crate::devices::virtio::blk::BlockImage::Path(PathBuf::from(path)),
-            read_only: false,
-            serial: None,
-        },
+        config: crate::devices::virtio::blk::BlockConfig::new(
+            crate::devices::virtio::blk::BlockImage::Path(PathBuf::from(path)),
+        ),
         slot: None,
     };
     for part in parts {
@@ -211,9 +211,12 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
             Some(("readonly", "on")) => arg.config.read_only = true,
             Some(("readonly", "off")) => arg.config.read_only = false,
             Some(("serial", v)) => arg.config.serial = Some(v.to_string()),
+            Some(("share-rw", "on")) => arg.config.shared = true,
+            Some(("share-rw", "off")) => arg.config.shared = false,
             _ => {
                 return Err(format!(
-                    "unknown disk option '{part}' (PATH[,slot=N][,readonly=on|off][,serial=S])"
+                    "unknown disk option '{part}' \
+                     (PATH[,slot=N][,readonly=on|off][,serial=S][,share-rw=on|off])"
                 ))
             }
         }

@@ -32,6 +32,9 @@ pub enum VmmError {
     Restore(String),
     #[error("cannot restore: {0}")]
     Mismatch(#[from] checkpoint::ShapeMismatch),
+    /// A disk image is locked by another VM or QEMU (or cannot be locked).
+    #[error("{0}")]
+    DiskLock(String),
     #[error(transparent)]
     Format(#[from] ferry_format::FormatError),
     #[error("{0}")]

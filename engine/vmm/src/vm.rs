@@ -60,11 +60,26 @@ pub enum VirtioDeviceSpec {
     Net(NetConfig),
 }
 
+/// Whether a new VM's disks take their image locks at once, or (incoming
+/// migration, restore) only once the state is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disks {
+    Active,
+    Inactive,
+}
+
 impl VirtioSpec {
-    fn build(&self) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    fn build(&self, disks: Disks) -> Result<Box<dyn VirtioDevice>, VmmError> {
         let fail = |e: String| VmmError::Config(format!("{}: {e}", self.id));
         Ok(match &self.device {
-            VirtioDeviceSpec::Block(c) => Box::new(Block::open(c).map_err(fail)?),
+            VirtioDeviceSpec::Block(c) => {
+                let mut disk = Block::open_inactive(c).map_err(fail)?;
+                if disks == Disks::Active {
+                    disk.activate()
+                        .map_err(|e| VmmError::DiskLock(format!("{}: {e}", self.id)))?;
+                }
+                Box::new(disk)
+            }
             VirtioDeviceSpec::Net(c) => Box::new(Net::new(c).map_err(fail)?),
         })
     }
@@ -75,6 +90,7 @@ fn build_pci(
     specs: &[VirtioSpec],
     ram: &Arc<GuestRam>,
     vm: &Arc<VmFd>,
+    disks: Disks,
 ) -> Result<PciBus, VmmError> {
     let mut devices: Vec<(u8, Arc<Mutex<VirtioPci>>)> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
@@ -95,7 +111,7 @@ fn build_pci(
         let dev = VirtioPci::new(
             spec.slot,
             spec.id.clone(),
-            spec.build()?,
+            spec.build(disks)?,
             ram.clone(),
             vm.clone(),
         );
@@ -192,10 +208,14 @@ impl Vm {
         let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
             .map_err(|e| VmmError::Config(e.to_string()))?;
         let ranges: Vec<(u64, u64)> = layout.ranges().iter().map(|(a, s)| (a.0, *s)).collect();
-        Self::create_with_ranges(config, &ranges)
+        Self::create_with_ranges(config, &ranges, Disks::Active)
     }
 
-    fn create_with_ranges(config: VmConfig, ranges: &[(u64, u64)]) -> Result<Self, VmmError> {
+    fn create_with_ranges(
+        config: VmConfig,
+        ranges: &[(u64, u64)],
+        disks: Disks,
+    ) -> Result<Self, VmmError> {
         ferry_kvm::install_kick_handler().map_err(|e| VmmError::Config(e.to_string()))?;
         let kvm = Kvm::new().map_err(|e| {
             VmmError::NoKvm(format!(
@@ -229,7 +249,7 @@ impl Vm {
             .try_clone()
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
         let com1 = Arc::new(Mutex::new(Com1::new(irq, sink.clone())));
-        let pci = Arc::new(build_pci(&config.virtio, &ram, &vm)?);
+        let pci = Arc::new(build_pci(&config.virtio, &ram, &vm, disks)?);
 
         let base = model::resolve(&supported_cpuid(&kvm)?, &config.cpu)?;
         let cpuid: Vec<CpuidLeaf> = base.iter().map(Into::into).collect();
@@ -317,6 +337,10 @@ impl Vm {
     /// [`Self::announce`]): this is the one hook every way of starting such a VM
     /// goes through (incoming autostart, the control socket's and QMP's `cont`).
     pub fn resume(&mut self) -> Result<(), VmmError> {
+        // Disks that let go of their images (a migration's switch-over) take
+        // them back first: refused while another VM (the destination) holds
+        // them, so the guest never runs on two hosts at once.
+        self.activate_disks()?;
         self.pci.set_stopped(STOP_PAUSED, false);
         for v in &self.vcpus {
             v.resume()?;
@@ -502,6 +526,31 @@ impl Vm {
         })
     }
 
+    /// Takes every disk's image locks (see [`VirtioDevice::activate`]); a
+    /// no-op for disks that hold them.
+    pub fn activate_disks(&self) -> Result<(), VmmError> {
+        for (_, dev) in self.pci.devices() {
+            dev.lock()
+                .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?
+                .activate()
+                .map_err(VmmError::DiskLock)?;
+        }
+        Ok(())
+    }
+
+    /// Lets go of every disk's image locks, for a migration's destination to
+    /// take (see [`VirtioDevice::deactivate`]); the VM is paused and its disks
+    /// flushed. [`Vm::resume`] takes them back.
+    pub fn deactivate_disks(&self) -> Result<(), VmmError> {
+        for (_, dev) in self.pci.devices() {
+            dev.lock()
+                .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?
+                .deactivate()
+                .map_err(VmmError::DiskLock)?;
+        }
+        Ok(())
+    }
+
     /// Creates a VM of exactly `shape` (for restore and incoming migration).
     /// `virtio` are this host's devices (disk paths, taps), which must match the
     /// shape's.
@@ -524,7 +573,9 @@ impl Vm {
             },
             virtio,
         };
-        let vm = Self::create_with_ranges(config, &shape.ram_ranges)?;
+        // The disks take their locks when the state is loaded: a migration's
+        // source still runs on them now.
+        let vm = Self::create_with_ranges(config, &shape.ram_ranges, Disks::Inactive)?;
         let ours = vm.device_names();
         if shape.devices != ours {
             return Err(crate::checkpoint::ShapeMismatch::Devices {

@@ -6,7 +6,9 @@
 //! protocol node, optionally under a `raw` format node, as libvirt 9.0 writes
 //! them. Other formats and network protocols are refused with what to do
 //! instead. Options that only change how the host does I/O (cache mode,
-//! `aio`, `discard` passing, locking) are accepted; options the guest would
+//! `aio`, `discard` passing) are accepted; `locking=off` on the protocol node
+//! and `share-rw` on the device shape the image lock (see the engine's
+//! `devices::image_lock`), as in QEMU; options the guest would
 //! notice and ferry's virtio-blk cannot do (more queues, packed rings,
 //! EVENT_IDX, DISCARD, other block sizes, ...) are refused, never dropped.
 
@@ -132,9 +134,20 @@ struct Backing {
     filename: String,
     storage_driver: String,
     read_only: bool,
+    /// QEMU's image locks (`locking=off` on the protocol node turns them off).
+    locking: bool,
     format_node: Option<String>,
     storage_node: String,
     backend_name: String,
+}
+
+/// A protocol node's `locking` (on, off or auto: QEMU takes the locks unless
+/// it is off).
+fn locking(option: &str, value: Option<&str>) -> Result<bool, ArgvError> {
+    match value {
+        None | Some("auto") => Ok(true),
+        Some(v) => parse_bool(option, "locking", v),
+    }
 }
 
 fn bool_prop(option: &str, props: &Flat, key: &str) -> Result<bool, ArgvError> {
@@ -277,6 +290,7 @@ fn backing_of_node(option: &str, name: &str, nodes: &[Node]) -> Result<Backing, 
         filename: storage.props.get("filename").cloned().unwrap_or_default(),
         storage_driver: storage.driver.clone(),
         read_only: format_ro || storage_ro,
+        locking: locking(option, storage.props.get("locking").map(String::as_str))?,
         format_node,
         storage_node: storage.name,
         backend_name: String::new(),
@@ -392,6 +406,7 @@ fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
                 "file".into()
             },
             read_only,
+            locking: locking(option, o.get("file.locking"))?,
             // QEMU names the nodes of a -drive itself.
             format_node: Some(format!("#block{}", 100 + 2 * index)),
             storage_node: format!("#block{}", 101 + 2 * index),
@@ -532,6 +547,8 @@ struct Pending {
     addr: Option<(u8, u8)>,
     backing: Backing,
     serial: Option<String>,
+    /// `share-rw=on`: other VMs may write the image meanwhile.
+    shared: bool,
 }
 
 impl Invocation {
@@ -636,6 +653,12 @@ impl Invocation {
                     .transpose()?,
                 backing,
                 serial,
+                shared: d
+                    .props
+                    .get("share-rw")
+                    .map(|v| parse_bool("-device", "share-rw", &json_text(v)))
+                    .transpose()?
+                    .unwrap_or(false),
             });
         }
         for dr in &drives {
@@ -652,6 +675,7 @@ impl Invocation {
                         .transpose()?,
                     backing: dr.backing.clone(),
                     serial: None,
+                    shared: false,
                 });
             }
         }
@@ -678,6 +702,8 @@ impl Invocation {
                 filename: p.backing.filename,
                 read_only: p.backing.read_only,
                 serial: p.serial,
+                shared: p.shared,
+                locking: p.backing.locking,
                 backend_name: p.backing.backend_name,
                 format_node: p.backing.format_node,
                 storage_node: p.backing.storage_node,

@@ -398,6 +398,10 @@ fn block_devices_fdsets_read_only_serial_and_a_device_on_the_protocol_node() {
         (5, true, Some("DISK-1"))
     );
     assert_eq!(d[0].storage_driver, "host_device");
+    // share-rw (libvirt's <shareable/>) shares writing in the image lock;
+    // locking=off takes none, as in QEMU; by default both lock, unshared.
+    assert_eq!((d[0].shared, d[0].locking), (true, false));
+    assert_eq!((d[1].shared, d[1].locking), (false, true));
     assert_eq!((d[1].slot, d[1].filename.as_str()), (6, "/dev/fdset/3"));
     assert_eq!(d[1].format_node, None);
     assert_eq!(d[1].storage_node, "n3");
@@ -444,6 +448,15 @@ fn drive_forms_by_hand_and_slots_around_other_devices() {
         (5, true, None)
     );
     assert_eq!(d[2].slot, 9);
+    assert!(d.iter().all(|d| d.locking && !d.shared));
+    let d = disks_of(&[
+        "-drive",
+        "file=/e.img,format=raw,if=none,id=drive0,file.locking=off",
+        "-device",
+        "virtio-blk-pci,drive=drive0,share-rw=on",
+    ])
+    .expect("accepted");
+    assert_eq!((d[0].shared, d[0].locking), (true, false));
     assert!(d[0]
         .format_node
         .as_deref()

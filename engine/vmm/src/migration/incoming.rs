@@ -909,9 +909,20 @@ fn load(
             return Err(VmmError::Restore("the RAM digest has the wrong length".into()).into());
         }
     }
-    vm.restore_state(vcpus, &vm_state, &devices)?;
-    if opts.autostart {
-        vm.resume()?;
+    // Loading takes the disks' image locks; a failure from here lets go of
+    // them before the source hears of it (and resumes, taking them back).
+    let loaded = vm.restore_state(vcpus, &vm_state, &devices).and_then(|()| {
+        if opts.autostart {
+            vm.resume()
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = loaded {
+        if let Err(u) = vm.deactivate_disks() {
+            tracing::warn!("{u}");
+        }
+        return Err(e.into());
     }
     Ok(vm)
 }

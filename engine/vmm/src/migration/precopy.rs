@@ -1075,6 +1075,10 @@ fn run(
         .map_err(|_| MigrationError::Stream("the main stream is missing".into()))?;
     let before_devices = main.out.bytes_written();
     crate::checkpoint::write_state(vm, &mut main.out)?;
+    // The disks are flushed (write_state did it): let go of their image locks
+    // for the destination, which takes them when it loads this state. A
+    // failure from here resumes the guest, which takes them back.
+    vm.deactivate_disks()?;
     let device_bytes = main.out.bytes_written() - before_devices;
     let mut digest_ms = 0;
     if params.verify_digest {

@@ -13,6 +13,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::{VirtioDevice, F_VERSION_1};
+use crate::devices::image_lock::{self, ImageAccess, ImageLockError};
 use crate::devices::SharedFd;
 
 const SECTOR: u64 = 512;
@@ -41,6 +42,32 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Up to 20 bytes returned by GET_ID (`/dev/disk/by-id/virtio-<serial>`).
     pub serial: Option<String>,
+    /// Other VMs may write the image meanwhile (QEMU's `share-rw=on`,
+    /// libvirt's `<shareable/>`): the image lock shares writing.
+    pub shared: bool,
+    /// Take QEMU-compatible image locks ([`image_lock`]); off only where
+    /// asked (`locking=off`).
+    pub locking: bool,
+}
+
+impl BlockConfig {
+    /// A disk on `image`: writable, not shared, locked.
+    pub fn new(image: BlockImage) -> Self {
+        Self {
+            image,
+            read_only: false,
+            serial: None,
+            shared: false,
+            locking: true,
+        }
+    }
+
+    fn access(&self) -> ImageAccess {
+        ImageAccess {
+            write: !self.read_only,
+            share_write: self.shared,
+        }
+    }
 }
 
 /// A disk's raw image file or block device.
@@ -113,11 +140,23 @@ pub struct Block {
     /// Capacity in 512-byte sectors.
     sectors: u64,
     stats: BlockStats,
+    /// Whether this disk holds its image locks (it is active).
+    locked: bool,
 }
 
 impl Block {
-    /// Opens the image; errors name the file and what to do.
+    /// Opens the image and takes its locks; errors name the file and what to
+    /// do.
     pub fn open(config: &BlockConfig) -> Result<Self, String> {
+        let mut block = Self::open_inactive(config)?;
+        block.lock()?;
+        Ok(block)
+    }
+
+    /// Opens the image without taking its locks, as the destination of a
+    /// migration does while the source still runs on it: the locks come when
+    /// the migrated state is loaded ([`VirtioDevice::after_restore`]).
+    pub fn open_inactive(config: &BlockConfig) -> Result<Self, String> {
         let mut file = config.image.open(config.read_only).map_err(|e| {
             format!(
                 "cannot open disk image {} {}: {e}",
@@ -149,7 +188,32 @@ impl Block {
             file,
             sectors: bytes / SECTOR,
             stats: BlockStats::default(),
+            locked: false,
         })
+    }
+
+    /// Takes the image locks (no-op when held, or with locking off).
+    fn lock(&mut self) -> Result<(), String> {
+        if self.locked || !self.config.locking {
+            return Ok(());
+        }
+        image_lock::lock(&self.file, self.config.access()).map_err(|e| match e {
+            ImageLockError::Conflict { .. } => format!(
+                "disk image {} is in use: {e}; is another VM using it? Stop it, or share the \
+                 disk: read-only in both (readonly=on, <readonly/>) or writable by both \
+                 (share-rw=on, <shareable/>)",
+                self.config.image
+            ),
+            ImageLockError::Fcntl { .. } => format!(
+                "cannot lock disk image {}: {e}: {} (its file system needs byte-range locks)",
+                self.config.image,
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ),
+        })?;
+        self.locked = true;
+        Ok(())
     }
 
     /// Capacity in 512-byte sectors.
@@ -218,10 +282,15 @@ impl Block {
                 }
             }
             T_OUT => {
+                // The length is the guest's claim (up to 256 descriptors of 4 GiB
+                // each): checked against the limit before anything is allocated.
                 let len = readable - header.len();
+                if self.config.read_only || !in_range(len) {
+                    self.stats.invalid_operations += 1;
+                    return Ok(S_IOERR);
+                }
                 let mut data = vec![0u8; len];
-                if self.config.read_only || !in_range(len) || reader.read_exact(&mut data).is_err()
-                {
+                if reader.read_exact(&mut data).is_err() {
                     self.stats.invalid_operations += 1;
                     return Ok(S_IOERR);
                 }
@@ -273,6 +342,16 @@ impl Block {
                 S_UNSUPP
             }
         })
+    }
+}
+
+impl Drop for Block {
+    /// A passed image's open file outlives this disk (the process keeps the
+    /// descriptor libvirt gave it), and so would its locks.
+    fn drop(&mut self) {
+        if self.locked {
+            let _ = image_lock::unlock(&self.file);
+        }
     }
 }
 
@@ -364,17 +443,22 @@ impl VirtioDevice for Block {
     /// first opened it, and a new open is what makes NFS-style shared storage
     /// (close-to-open consistency) show them. A passed image
     /// ([`BlockImage::Fd`]) has no path to open again: it is duplicated.
+    /// Here the disk takes its image locks: the source let go of them once it
+    /// had flushed, before it sent the state this load comes from.
     fn after_restore(&mut self) -> Result<(), String> {
-        let again = Self::open(&self.config)?;
+        let mut again = Self::open_inactive(&self.config)?;
         if again.sectors != self.sectors {
             return Err(format!(
                 "disk image {} changed size during the migration ({} to {} sectors)",
                 self.config.image, self.sectors, again.sectors
             ));
         }
-        let stats = self.stats;
+        // A disk that held its locks (restored over a VM that was created
+        // active) lets go first: the new open file would conflict with it.
+        self.deactivate()?;
+        again.lock()?;
+        again.stats = self.stats;
         *self = again;
-        self.stats = stats;
         Ok(())
     }
 
@@ -382,6 +466,21 @@ impl VirtioDevice for Block {
         self.file
             .sync_data()
             .map_err(|e| format!("cannot flush {}: {e}", self.config.image))
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        self.lock()
+    }
+
+    /// Lets go of the image locks; the caller flushed first.
+    fn deactivate(&mut self) -> Result<(), String> {
+        if !self.locked {
+            return Ok(());
+        }
+        image_lock::unlock(&self.file)
+            .map_err(|e| format!("cannot unlock disk image {}: {e}", self.config.image))?;
+        self.locked = false;
+        Ok(())
     }
 
     fn stats(&self) -> super::DeviceStats {
@@ -394,5 +493,33 @@ impl VirtioDevice for Block {
             self.sectors,
             if self.config.read_only { "ro" } else { "rw" }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write request whose descriptors claim the most a 256-entry chain can
+    /// (256 buffers of 4 GiB - 1) is refused before its data is allocated: the
+    /// allocation alone used to abort the VMM.
+    #[test]
+    fn a_write_claiming_a_huge_length_is_refused_before_allocating() {
+        let img = tempfile::NamedTempFile::new().expect("temp image");
+        img.as_file().set_len(64 * SECTOR).expect("size the image");
+        let mut blk = Block::open(&BlockConfig::new(BlockImage::Path(
+            img.path().to_path_buf(),
+        )))
+        .expect("open the image");
+        let mut header = T_OUT.to_le_bytes().to_vec();
+        header.extend_from_slice(&[0; 12]);
+        let claimed = 256 * u32::MAX as usize;
+        let mut data = Vec::new();
+        let status = blk
+            .execute(&mut header.as_slice(), claimed, &mut data, 1, F_FLUSH)
+            .expect("the request carries a status");
+        assert_eq!(status, S_IOERR);
+        assert_eq!(blk.stats.invalid_operations, 1);
+        assert!(data.is_empty());
     }
 }

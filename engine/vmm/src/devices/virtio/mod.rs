@@ -79,6 +79,17 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn flush(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Takes the device's hold on its backend back (disk image locks), before
+    /// the VM runs: after [`VirtioDevice::deactivate`], or on a device built
+    /// inactive. A no-op when held.
+    fn activate(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Lets go of the device's hold on its backend (disk image locks) once
+    /// everything is flushed, so that a migration's destination can take it.
+    fn deactivate(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// The device's state was just restored (migration destination, restore): let
     /// go of anything read before the source's last writes, e.g. cached disk data
     /// on shared storage.

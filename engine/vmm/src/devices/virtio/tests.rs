@@ -24,9 +24,9 @@ fn disk_spec(path: &Path, read_only: bool) -> VirtioSpec {
         slot: SLOT,
         id: "virtio-disk0".into(),
         device: VirtioDeviceSpec::Block(BlockConfig {
-            image: BlockImage::Path(path.to_path_buf()),
             read_only,
             serial: Some("ferry-serial".into()),
+            ..BlockConfig::new(BlockImage::Path(path.to_path_buf()))
         }),
     }
 }
@@ -67,12 +67,11 @@ fn blk_uses_a_passed_image_as_given() {
     let ro = std::fs::File::open(img.path()).unwrap();
     img.close().unwrap();
     let passed = |f: &std::fs::File, read_only| BlockConfig {
-        image: BlockImage::Fd {
+        read_only,
+        ..BlockConfig::new(BlockImage::Fd {
             fd: SharedFd::new(f.try_clone().unwrap().into()),
             name: "/dev/fdset/3".into(),
-        },
-        read_only,
-        serial: None,
+        })
     };
     let err = Block::open(&passed(&ro, false)).unwrap_err();
     assert!(
@@ -215,6 +214,9 @@ fn state_round_trips_and_hostile_state_is_refused() {
     assert_eq!(d.request(1, 1, 512, DATA).0, 0);
     let saved = vm.capture_devices().unwrap();
     assert_eq!(saved.virtio.len(), 1);
+    // As at a migration's switch-over: the flushed disk lets go of its image
+    // locks, for the other VM to take.
+    vm.deactivate_disks().unwrap();
 
     let mut other = vm_with(disk_spec(img.path(), false));
     let vcpus = vm.capture_vcpus().unwrap();
@@ -285,7 +287,15 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
     d.notify(0);
     assert_eq!(d.used(0), None, "a stopped device served a request");
     let saved = vm.capture_devices().unwrap();
-    let mut other = vm_with(disk_spec(img.path(), false));
+    // The destination opens the image unlocked; the source lets go of it.
+    let mut other = Vm::create_for_shape(
+        &vm.shape(),
+        Backing::Anonymous,
+        SinkSpec::Null,
+        vec![disk_spec(img.path(), false)],
+    )
+    .unwrap();
+    vm.deactivate_disks().unwrap();
     for g in [DESC, AVAIL, USED, HEADER, DATA, STATUS] {
         let mut page = vec![0u8; 4096];
         vm.ram().read(g, &mut page).unwrap();
@@ -307,6 +317,191 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
     assert_eq!(d2.get(STATUS, 1), vec![0]);
     let on_disk = std::fs::read(img.path()).unwrap();
     assert_eq!(&on_disk[2 * 512..3 * 512], &[7; 512][..]);
+}
+
+fn try_vm(spec: VirtioSpec) -> Result<Vm, crate::VmmError> {
+    Vm::create(VmConfig {
+        mem_bytes: 16 << 20,
+        vcpus: 1,
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        cpu: crate::cpu::model::CpuModel::Host,
+        virtio: vec![spec],
+    })
+}
+
+fn shared_spec(path: &Path, read_only: bool) -> VirtioSpec {
+    let mut spec = disk_spec(path, read_only);
+    if let VirtioDeviceSpec::Block(c) = &mut spec.device {
+        c.shared = true;
+    }
+    spec
+}
+
+/// Two VMs never write one image: the second is refused, naming the image
+/// and the way out, as QEMU refuses it. Readers share; `share-rw` disks share
+/// writing with each other. (Before image locks both VMs ran.)
+#[test]
+fn a_second_vm_on_a_written_image_is_refused() {
+    let img = disk(8);
+    let first = vm_with(disk_spec(img.path(), false));
+    let refused = |e: crate::VmmError| {
+        let text = e.to_string();
+        assert!(
+            matches!(e, crate::VmmError::DiskLock(_))
+                && text.contains(&img.path().display().to_string())
+                && text.contains("is another VM using it?")
+                && text.contains("share-rw=on"),
+            "{text}"
+        );
+        text
+    };
+    let e = try_vm(disk_spec(img.path(), false)).expect_err("a second writer");
+    assert!(refused(e).contains("Failed to get \"write\" lock"));
+    let e = try_vm(disk_spec(img.path(), true)).expect_err("a reader of a written image");
+    assert!(refused(e).contains("Failed to get shared \"write\" lock"));
+    refused(try_vm(shared_spec(img.path(), false)).expect_err("a sharer and a writer"));
+    drop(first);
+
+    let a = vm_with(disk_spec(img.path(), true));
+    let b = vm_with(disk_spec(img.path(), true));
+    refused(try_vm(disk_spec(img.path(), false)).expect_err("a writer among readers"));
+    drop((a, b));
+    let a = vm_with(shared_spec(img.path(), false));
+    let b = vm_with(shared_spec(img.path(), false));
+    drop((a, b));
+}
+
+/// The destination of a migration opens the image while the source runs on
+/// it and takes the locks only when it loads the state, after the source let
+/// go at switch-over; the source then cannot resume on the image (no guest on
+/// two hosts), until the destination is gone.
+#[test]
+fn the_image_locks_move_with_a_migration() {
+    let img = disk(8);
+    let mut source = vm_with(disk_spec(img.path(), false));
+    let mut dest = Vm::create_for_shape(
+        &source.shape(),
+        Backing::Anonymous,
+        SinkSpec::Null,
+        vec![disk_spec(img.path(), false)],
+    )
+    .expect("the destination opens the image while the source holds it");
+    source.pause().unwrap();
+    let devices = source.capture_devices().unwrap();
+    let (vcpus, vmstate) = (
+        source.capture_vcpus().unwrap(),
+        source.capture_vm().unwrap(),
+    );
+    source.deactivate_disks().unwrap();
+    dest.restore_state(vcpus, &vmstate, &devices)
+        .expect("the destination takes the locks");
+    let e = source
+        .resume()
+        .expect_err("the source resumes on a taken image");
+    assert!(
+        e.to_string().contains("Failed to get \"write\" lock"),
+        "{e}"
+    );
+    drop(dest);
+    source
+        .resume()
+        .expect("the destination gone, the source takes them back");
+    source.pause().unwrap();
+}
+
+/// Whether some open file holds a lock on `byte` of `path` (`/proc/locks`).
+fn byte_locked(path: &Path, byte: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.iter()
+                .position(|w| w.ends_with(&format!(":{ino}")))
+                .and_then(|i| Some((f.get(i + 1)?.parse().ok()?, f.get(i + 2)?.parse().ok()?)))
+                .is_some_and(|(start, end): (u64, u64)| (start..=end).contains(&byte))
+        })
+}
+
+/// ferry and QEMU refuse each other's written images: QEMU fails with its
+/// own message while a ferry VM writes the image, and ferry refuses an image
+/// a running QEMU writes. Skipped where QEMU is not installed.
+#[test]
+fn ferry_and_qemu_refuse_each_others_images() {
+    use std::process::{Command, Stdio};
+    let qemu = "qemu-system-x86_64";
+    if Command::new(qemu).arg("-version").output().is_err() {
+        eprintln!("skipped: no {qemu}");
+        return;
+    }
+    let img = disk(8);
+    // A paused QEMU with the image on a virtio-blk disk; `timeout` ends one
+    // that was not refused.
+    let qemu_on = |timeout: &str, extra: &str| {
+        let mut c = Command::new("timeout");
+        c.args([
+            timeout,
+            qemu,
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+        ])
+        .args(["-display", "none", "-S", "-drive"])
+        .arg(format!(
+            "file={},format=raw,if=virtio{extra}",
+            img.path().display()
+        ))
+        .stdin(Stdio::null());
+        c
+    };
+    let vm = vm_with(disk_spec(img.path(), false));
+    for (extra, want) in [
+        ("", "Failed to get \"write\" lock"),
+        (",readonly=on", "Failed to get shared \"write\" lock"),
+    ] {
+        let out = qemu_on("20", extra).output().expect("run QEMU");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(124), "QEMU{extra} ran: {err}");
+        assert!(err.contains(want), "{err}");
+    }
+    drop(vm);
+
+    // Killed with its `timeout` (which ends it on SIGTERM).
+    let mut running = qemu_on("60", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start QEMU");
+    let until = Instant::now() + Duration::from_secs(30);
+    while !byte_locked(img.path(), 101) {
+        assert!(Instant::now() < until, "QEMU never took its write lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let writer = try_vm(disk_spec(img.path(), false)).map(drop);
+    let reader = try_vm(disk_spec(img.path(), true)).map(drop);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(running.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = running.wait();
+    for (result, want) in [
+        (writer, "Failed to get \"write\" lock"),
+        (reader, "Failed to get shared \"write\" lock"),
+    ] {
+        let text = result.expect_err("ferry on QEMU's image").to_string();
+        assert!(
+            text.contains(&img.path().display().to_string())
+                && text.contains(want)
+                && text.contains("is another VM using it?"),
+            "{text}"
+        );
+    }
+    vm_with(disk_spec(img.path(), false));
 }
 
 #[test]

@@ -576,6 +576,20 @@ impl VirtioPci {
         self.device.flush().map_err(|e| format!("{}: {e}", self.id))
     }
 
+    /// See [`VirtioDevice::activate`].
+    pub fn activate(&mut self) -> Result<(), String> {
+        self.device
+            .activate()
+            .map_err(|e| format!("{}: {e}", self.id))
+    }
+
+    /// See [`VirtioDevice::deactivate`].
+    pub fn deactivate(&mut self) -> Result<(), String> {
+        self.device
+            .deactivate()
+            .map_err(|e| format!("{}: {e}", self.id))
+    }
+
     /// The transport's state, for checkpoints; the VM must be paused.
     pub fn state(&self) -> VirtioPciState {
         VirtioPciState {
