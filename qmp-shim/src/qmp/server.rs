@@ -405,7 +405,10 @@ fn read_requests(
     let mut splitter = Splitter::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if !session.negotiated {
+        // Before negotiation each read waits only until the deadline: a client
+        // that never negotiates cannot hold the monitor.
+        let negotiating = !session.negotiated;
+        let (n, fds) = if negotiating {
             let left = deadline.saturating_duration_since(Instant::now());
             let timed_out = || {
                 io::Error::new(
@@ -420,7 +423,7 @@ fn read_requests(
                 return Err(timed_out());
             }
             stream.set_read_timeout(Some(left))?;
-            let (n, fds) = match read_with_fds(stream.as_raw_fd(), &mut buf) {
+            match read_with_fds(stream.as_raw_fd(), &mut buf) {
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -430,36 +433,24 @@ fn read_requests(
                     return Err(timed_out())
                 }
                 r => r?,
-            };
-            if n == 0 {
-                return Ok(());
-            }
-            splitter.feed(&buf[..n]);
-            let mut conn = Connection {
-                session: &mut session,
-                splitter: &mut splitter,
-                outbox,
-                events: &events,
-                id: conn_id,
-            };
-            conn.serve_pieces(vm, state, fds)?;
-            if session.negotiated {
-                stream.set_read_timeout(None)?;
             }
         } else {
-            let (n, fds) = read_with_fds(stream.as_raw_fd(), &mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            splitter.feed(&buf[..n]);
-            let mut conn = Connection {
-                session: &mut session,
-                splitter: &mut splitter,
-                outbox,
-                events: &events,
-                id: conn_id,
-            };
-            conn.serve_pieces(vm, state, fds)?;
+            read_with_fds(stream.as_raw_fd(), &mut buf)?
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        splitter.feed(&buf[..n]);
+        let mut conn = Connection {
+            session: &mut session,
+            splitter: &mut splitter,
+            outbox,
+            events: &events,
+            id: conn_id,
+        };
+        conn.serve_pieces(vm, state, fds)?;
+        if negotiating && session.negotiated {
+            stream.set_read_timeout(None)?;
         }
     }
 }

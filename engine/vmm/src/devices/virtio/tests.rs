@@ -32,15 +32,7 @@ fn disk_spec(path: &Path, read_only: bool) -> VirtioSpec {
 }
 
 fn vm_with(spec: VirtioSpec) -> Vm {
-    Vm::create(VmConfig {
-        mem_bytes: 16 << 20,
-        vcpus: 1,
-        backing: Backing::Anonymous,
-        serial: SinkSpec::Null,
-        cpu: crate::cpu::model::CpuModel::Host,
-        virtio: vec![spec],
-    })
-    .expect("VM with a disk")
+    try_vm(spec).expect("VM with a disk")
 }
 
 fn disk(sectors: usize) -> tempfile::NamedTempFile {
