@@ -244,23 +244,25 @@ fn cfg_write(bus: &PciBus, slot: u8, reg: u8, value: u32) {
 /// configuration read, MSI-X enabled and every vector unmasked (pending
 /// interrupts delivered to the stream's addresses), then the device reset
 /// and notified again. The VM's vCPUs never run. Returns whether the first
-/// round of notifications made a device add used entries.
+/// start and round of notifications made a device add used entries.
 fn drive(vm: &Vm) -> bool {
     let mut progressed = false;
     let bus = vm.pci().clone();
+    let next_used = |dev: &std::sync::Mutex<ferry_vmm::devices::virtio::VirtioPci>| -> Vec<u16> {
+        dev.lock()
+            .map(|d| d.state().queues.iter().map(|q| q.next_used).collect())
+            .unwrap_or_else(|_| Vec::new())
+    };
+    // Before the first start, which looks at every queue (a request the source
+    // had pending is served then).
+    let first: Vec<Vec<u16>> = bus.devices().iter().map(|(_, d)| next_used(d)).collect();
     bus.set_stopped(STOP_PAUSED, false);
-    for (slot, dev) in bus.devices() {
+    for ((slot, dev), before) in bus.devices().iter().zip(first) {
         let slot = *slot;
         // Memory decoding on (the stream may have left it off), where the BAR is.
         cfg_write(&bus, slot, 0x04, cfg_read(&bus, slot, 0x04) | 0x6);
         let bar = u64::from(cfg_read(&bus, slot, 0x10) & !0xf)
             | (u64::from(cfg_read(&bus, slot, 0x14)) << 32);
-        let next_used = |dev: &std::sync::Mutex<ferry_vmm::devices::virtio::VirtioPci>| {
-            dev.lock()
-                .map(|d| d.state().queues.iter().map(|q| q.next_used).collect())
-                .unwrap_or_else(|_| Vec::new())
-        };
-        let before: Vec<u16> = next_used(dev);
         let queues = before.len() as u64;
         let at = |offset: u64| bar.wrapping_add(offset);
         let mut scratch = [0u8; 8];

@@ -117,13 +117,13 @@ impl<R: Read> StreamReader<R> {
             // A keep-alive carries nothing: skipped like an unknown section, so
             // a reader never sees one (and an older reader skips it too).
             if !header.id.is_known() || header.id == SectionId::KeepAlive {
+                self.limits.check(header.id, header.length)?;
                 if header.critical {
                     return Err(FormatError::UnknownCriticalSection {
                         id: header.id.as_u32(),
                         version: header.version,
                     });
                 }
-                self.limits.check(header.id, header.length)?;
                 self.skip_payload(&header, buf)?;
                 self.sections += 1;
                 self.skipped += 1;
