@@ -102,12 +102,23 @@ pub fn print_job(domain: &str, s: &JobSnapshot, json: bool) {
     }
 }
 
+/// Whether a plain (not a TTY) progress line is due: the first one, then one
+/// per pass; where libvirt reports no pass, one per [`PLAIN_INTERVAL`].
+fn plain_line_due(last: Option<(Option<u64>, Instant)>, pass: Option<u64>) -> bool {
+    match (last, pass) {
+        (None, _) => true,
+        (Some((before, _)), Some(now)) => before != Some(now),
+        (Some((_, at)), None) => at.elapsed() >= PLAIN_INTERVAL * 10,
+    }
+}
+
 /// Progress of a running migration.
 #[derive(Debug)]
 pub struct Progress {
     json: bool,
     tty: bool,
-    last_line: Option<Instant>,
+    /// The pass (and when) the last plain line was printed for.
+    last_line: Option<(Option<u64>, Instant)>,
     drawn: bool,
 }
 
@@ -154,9 +165,10 @@ impl Progress {
             );
             let _ = err.flush();
             self.drawn = true;
-        } else if self.last_line.is_none_or(|t| t.elapsed() >= PLAIN_INTERVAL) {
+        } else if plain_line_due(self.last_line, s.mem_iteration) {
+            // Into a log: a line per pass, not a bar redrawn hundreds of times.
             eprintln!("migrating: {}", s.summary());
-            self.last_line = Some(Instant::now());
+            self.last_line = Some((s.mem_iteration, Instant::now()));
         }
     }
 
@@ -172,6 +184,15 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_progress_is_a_line_per_pass() {
+        let now = Instant::now();
+        assert!(plain_line_due(None, Some(1)));
+        assert!(!plain_line_due(Some((Some(1), now)), Some(1)));
+        assert!(plain_line_due(Some((Some(1), now)), Some(2)));
+        assert!(!plain_line_due(Some((None, now)), None));
+    }
     use crate::checks::Check;
 
     #[test]

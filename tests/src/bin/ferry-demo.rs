@@ -79,10 +79,12 @@ fn main() -> ExitCode {
         );
     }
     let s = Scratch::new();
+    let mut last = None;
+    let mut show = |v: &Value| progress(v, tty, json_out, &mut last);
     let result = if engine == "ferry-qemu" {
-        run_ferry_qemu(&s, &cfg, |v| progress(v, tty, json_out))
+        run_ferry_qemu(&s, &cfg, &mut show)
     } else {
-        run_ferry(&s, &cfg, |v| progress(v, tty, json_out))
+        run_ferry(&s, &cfg, &mut show)
     };
     if tty {
         eprintln!();
@@ -129,11 +131,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn progress(v: &Value, tty: bool, json_out: bool) {
+/// Draws the bar on a TTY; into a log or a pipe, prints a line per pass and
+/// state (not one per update: hundreds for one migration); JSON lines with
+/// `--json`. `last` is the (status, pass) of the last plain line.
+fn progress(v: &Value, tty: bool, json_out: bool, last: &mut Option<(String, u64)>) {
     if json_out {
         println!("{}", json!({"event": "progress", "stats": v}));
         return;
     }
+    let now = (v["status"].as_str().unwrap_or("?").to_string(), passes(v));
+    if !tty && last.as_ref() == Some(&now) {
+        return;
+    }
+    *last = Some(now);
     let total = v["ram"]["total"].as_f64().unwrap_or(0.0);
     let remaining = v["ram"]["remaining"].as_f64().unwrap_or(0.0);
     let sent = v["ram"]["transferred"].as_f64().unwrap_or(0.0);
