@@ -142,7 +142,7 @@ pub use ram::{
     RamBatch, RamBatchBuilder, RamPage, RamPageIter, PAGE_SIZE, RAM_BATCH_HEADER_LEN,
     RAM_ENTRY_FLAG_MASK, RAM_ENTRY_ZERO,
 };
-pub use reader::StreamReader;
+pub use reader::{PageSink, StreamReader};
 pub use section::{
     EndSummary, Limits, SectionHeader, SectionId, END_PAYLOAD_LEN, SECTION_FLAG_CRITICAL,
     SECTION_HEADER_LEN,

@@ -24,6 +24,71 @@ pub(crate) fn payload_len(count: u64, data_pages: u64) -> u64 {
     RAM_BATCH_HEADER_LEN as u64 + ENTRY_LEN as u64 * count + PAGE_SIZE as u64 * data_pages
 }
 
+/// Checks a batch header (`count`, `reserved`); returns the page count.
+pub(crate) fn check_batch_head(head: &[u8; RAM_BATCH_HEADER_LEN], limits: &Limits) -> Result<u32> {
+    let count = le_u32(&head[0..4]);
+    let reserved = le_u32(&head[4..8]);
+    if reserved != 0 {
+        return Err(malformed(format!(
+            "the reserved header field is {reserved:#x}, expected 0"
+        )));
+    }
+    if count == 0 {
+        return Err(malformed("the batch holds no pages"));
+    }
+    if count > limits.max_batch_pages {
+        return Err(malformed(format!(
+            "the batch holds {count} pages, over the limit of {}",
+            limits.max_batch_pages
+        )));
+    }
+    Ok(count)
+}
+
+/// What [`scan_entries`] found in a batch's entries.
+pub(crate) struct EntryScan {
+    pub data_pages: u64,
+    pub max_gpa_end: u64,
+}
+
+/// Validates a batch's entries (known flags, pages inside the address space).
+pub(crate) fn scan_entries(entries: &[u8]) -> Result<EntryScan> {
+    let mut data_pages: u64 = 0;
+    let mut max_gpa_end: u64 = 0;
+    for (i, raw) in entries.chunks_exact(ENTRY_LEN).enumerate() {
+        let entry = le_u64(raw);
+        let flags = entry & RAM_ENTRY_FLAG_MASK;
+        let gpa = entry & !RAM_ENTRY_FLAG_MASK;
+        if flags & !RAM_ENTRY_ZERO != 0 {
+            return Err(malformed(format!(
+                "entry {i} (GPA {gpa:#x}) has unknown flag bits {:#x}",
+                flags & !RAM_ENTRY_ZERO
+            )));
+        }
+        let end = gpa.checked_add(PAGE_SIZE as u64).ok_or_else(|| {
+            malformed(format!(
+                "entry {i}: the page at GPA {gpa:#x} extends past the 64-bit address space"
+            ))
+        })?;
+        max_gpa_end = max_gpa_end.max(end);
+        if flags & RAM_ENTRY_ZERO == 0 {
+            data_pages += 1;
+        }
+    }
+    Ok(EntryScan {
+        data_pages,
+        max_gpa_end,
+    })
+}
+
+/// The (GPA, is-zero) of each entry of validated `entries`.
+pub(crate) fn entries(entries: &[u8]) -> impl Iterator<Item = (u64, bool)> + '_ {
+    entries.chunks_exact(ENTRY_LEN).map(|raw| {
+        let entry = le_u64(raw);
+        (entry & !RAM_ENTRY_FLAG_MASK, entry & RAM_ENTRY_ZERO != 0)
+    })
+}
+
 fn malformed(reason: impl Into<String>) -> FormatError {
     FormatError::MalformedRamBatch {
         reason: reason.into(),
@@ -236,22 +301,9 @@ impl<'a> RamBatch<'a> {
                 payload.len()
             )));
         }
-        let count = le_u32(&payload[0..4]);
-        let reserved = le_u32(&payload[4..8]);
-        if reserved != 0 {
-            return Err(malformed(format!(
-                "the reserved header field is {reserved:#x}, expected 0"
-            )));
-        }
-        if count == 0 {
-            return Err(malformed("the batch holds no pages"));
-        }
-        if count > limits.max_batch_pages {
-            return Err(malformed(format!(
-                "the batch holds {count} pages, over the limit of {}",
-                limits.max_batch_pages
-            )));
-        }
+        let mut head = [0u8; RAM_BATCH_HEADER_LEN];
+        head.copy_from_slice(&payload[..RAM_BATCH_HEADER_LEN]);
+        let count = check_batch_head(&head, limits)?;
         // count <= u32::MAX, so this cannot overflow a usize on 64-bit hosts;
         // use checked arithmetic anyway for 32-bit ones.
         let entries_end = (count as usize)
@@ -265,28 +317,10 @@ impl<'a> RamBatch<'a> {
                 ))
             })?;
         let entries = &payload[RAM_BATCH_HEADER_LEN..entries_end];
-        let mut data_pages: u64 = 0;
-        let mut max_gpa_end: u64 = 0;
-        for (i, raw) in entries.chunks_exact(ENTRY_LEN).enumerate() {
-            let entry = le_u64(raw);
-            let flags = entry & RAM_ENTRY_FLAG_MASK;
-            let gpa = entry & !RAM_ENTRY_FLAG_MASK;
-            if flags & !RAM_ENTRY_ZERO != 0 {
-                return Err(malformed(format!(
-                    "entry {i} (GPA {gpa:#x}) has unknown flag bits {:#x}",
-                    flags & !RAM_ENTRY_ZERO
-                )));
-            }
-            let end = gpa.checked_add(PAGE_SIZE as u64).ok_or_else(|| {
-                malformed(format!(
-                    "entry {i}: the page at GPA {gpa:#x} extends past the 64-bit address space"
-                ))
-            })?;
-            max_gpa_end = max_gpa_end.max(end);
-            if flags & RAM_ENTRY_ZERO == 0 {
-                data_pages += 1;
-            }
-        }
+        let EntryScan {
+            data_pages,
+            max_gpa_end,
+        } = scan_entries(entries)?;
         let expected = payload_len(u64::from(count), data_pages);
         if payload.len() as u64 != expected {
             return Err(malformed(format!(

@@ -112,6 +112,16 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn next_section_inner(&mut self, buf: &mut Vec<u8>) -> Result<SectionHeader> {
+        let header = self.next_known_header(buf)?;
+        self.read_payload(&header, buf)?;
+        self.account(&header, buf)?;
+        Ok(header)
+    }
+
+    /// Reads headers, skipping unknown optional sections and keep-alives, up to
+    /// the header of the next section the caller must handle (checked against
+    /// the supported versions and the limits; its payload not read yet).
+    fn next_known_header(&mut self, buf: &mut Vec<u8>) -> Result<SectionHeader> {
         loop {
             let header = self.read_header()?;
             // A keep-alive carries nothing: skipped like an unknown section, so
@@ -138,23 +148,28 @@ impl<R: Read> StreamReader<R> {
                 });
             }
             self.limits.check(header.id, header.length)?;
-            self.read_payload(&header, buf)?;
-            match header.id {
-                SectionId::RamPages => {
-                    let batch = RamBatch::parse_with_limits(buf, &self.limits)?;
-                    self.ram_pages += batch.len() as u64;
-                    self.sections += 1;
-                }
-                SectionId::End => {
-                    let end = EndSummary::decode(buf)?;
-                    check_count("sections", end.sections, self.sections)?;
-                    check_count("RAM pages", end.ram_pages, self.ram_pages)?;
-                    self.end = Some(end);
-                }
-                _ => self.sections += 1,
-            }
             return Ok(header);
         }
+    }
+
+    /// Counts a section whose payload (in `buf`) was read and checksummed, and
+    /// checks End against the counts.
+    fn account(&mut self, header: &SectionHeader, buf: &[u8]) -> Result<()> {
+        match header.id {
+            SectionId::RamPages => {
+                let batch = RamBatch::parse_with_limits(buf, &self.limits)?;
+                self.ram_pages += batch.len() as u64;
+                self.sections += 1;
+            }
+            SectionId::End => {
+                let end = EndSummary::decode(buf)?;
+                check_count("sections", end.sections, self.sections)?;
+                check_count("RAM pages", end.ram_pages, self.ram_pages)?;
+                self.end = Some(end);
+            }
+            _ => self.sections += 1,
+        }
+        Ok(())
     }
 
     fn read_header(&mut self) -> Result<SectionHeader> {
@@ -281,6 +296,140 @@ impl<R: Read> StreamReader<R> {
     /// The inner reader (e.g. to carry on with another protocol after End).
     pub fn into_inner(self) -> R {
         self.inner
+    }
+}
+
+/// Where the pages of a RamPages section go as
+/// [`StreamReader::next_section_into`] reads them.
+pub trait PageSink {
+    /// The caller's error; a format error converts into it.
+    type Error: From<FormatError>;
+    /// Checks a batch before any of its page data is read: `gpas` are its
+    /// pages' guest-physical addresses (page-aligned), in entry order.
+    fn check(&mut self, gpas: &[u64]) -> std::result::Result<(), Self::Error>;
+    /// Takes one page of the batch: its 4096 bytes, or `None` for a zero page.
+    fn page(&mut self, gpa: u64, data: Option<&[u8]>) -> std::result::Result<(), Self::Error>;
+}
+
+impl<R: io::BufRead> StreamReader<R> {
+    /// [`next_section`](Self::next_section), except that the pages of a
+    /// RamPages section go to `sink` as they are read, straight from the
+    /// input's buffer, instead of into `buf` (which then holds the batch header
+    /// and entries only): no copy of the batch is made, and each page is still
+    /// in the cache when it is checksummed.
+    ///
+    /// The batch header and entries are validated (and shown to
+    /// [`PageSink::check`]) before any page is handed out, but the checksum
+    /// covers the whole section and is known only after its last page: a
+    /// RamPages section that fails it, or ends early, has already handed pages
+    /// to `sink`. Use this where pages go into memory that nothing runs from yet
+    /// (a VM being received) and that the caller discards on any error.
+    pub fn next_section_into<S: PageSink>(
+        &mut self,
+        buf: &mut Vec<u8>,
+        sink: &mut S,
+    ) -> std::result::Result<SectionHeader, S::Error> {
+        match self.state {
+            State::Open => {}
+            State::Ended => return Err(FormatError::ReadAfterEnd.into()),
+            State::Failed => return Err(FormatError::ReadAfterError.into()),
+        }
+        let result = (|| {
+            let header = self.next_known_header(buf)?;
+            if header.id == SectionId::RamPages {
+                self.read_pages(&header, buf, sink)?;
+            } else {
+                self.read_payload(&header, buf)?;
+                self.account(&header, buf)?;
+            }
+            Ok(header)
+        })();
+        match &result {
+            Ok(h) if h.is_end() => self.state = State::Ended,
+            Ok(_) => {}
+            Err(_) => self.state = State::Failed,
+        }
+        result
+    }
+
+    /// Reads a RamPages payload into `sink`: header and entries into `buf`,
+    /// validated; then each page.
+    fn read_pages<S: PageSink>(
+        &mut self,
+        header: &SectionHeader,
+        buf: &mut Vec<u8>,
+        sink: &mut S,
+    ) -> std::result::Result<(), S::Error> {
+        let mut hasher = crc32fast::Hasher::new();
+        let head_len = crate::ram::RAM_BATCH_HEADER_LEN;
+        let mut head = [0u8; crate::ram::RAM_BATCH_HEADER_LEN];
+        let have = usize::try_from(header.length).unwrap_or(usize::MAX);
+        if have < head_len {
+            // Too short for the batch header: parsing the payload says so.
+            self.read_payload(header, buf)?;
+            return Err(RamBatch::parse_with_limits(buf, &self.limits)
+                .err()
+                .unwrap_or_else(|| truncated_in(self.bytes, header.id))
+                .into());
+        }
+        if self.fill(&mut head)? < head_len {
+            return Err(truncated_in(self.bytes, header.id).into());
+        }
+        let count = crate::ram::check_batch_head(&head, &self.limits)?;
+        let entries_len = count as usize * 8;
+        buf.clear();
+        buf.extend_from_slice(&head);
+        buf.resize(head_len + entries_len, 0);
+        if self.fill(&mut buf[head_len..])? < entries_len {
+            return Err(truncated_in(self.bytes, header.id).into());
+        }
+        hasher.update(buf);
+        let scan = crate::ram::scan_entries(&buf[head_len..])?;
+        let expected = crate::ram::payload_len(u64::from(count), scan.data_pages);
+        if header.length != expected {
+            return Err(FormatError::MalformedRamBatch {
+                reason: format!(
+                    "the payload is {} bytes, but {count} entries with {} data pages need \
+                     exactly {expected}",
+                    header.length, scan.data_pages
+                ),
+            }
+            .into());
+        }
+        let gpas: Vec<u64> = crate::ram::entries(&buf[head_len..])
+            .map(|(gpa, _)| gpa)
+            .collect();
+        sink.check(&gpas)?;
+        let mut scratch = [0u8; crate::ram::PAGE_SIZE];
+        for (gpa, zero) in crate::ram::entries(&buf[head_len..]) {
+            if zero {
+                sink.page(gpa, None)?;
+                continue;
+            }
+            let avail = match self.inner.fill_buf() {
+                Ok(a) => a,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => &[],
+                Err(e) => return Err(FormatError::from(e).into()),
+            };
+            if avail.len() >= crate::ram::PAGE_SIZE {
+                let page = &avail[..crate::ram::PAGE_SIZE];
+                hasher.update(page);
+                sink.page(gpa, Some(page))?;
+                self.inner.consume(crate::ram::PAGE_SIZE);
+                self.bytes += crate::ram::PAGE_SIZE as u64;
+            } else {
+                // The page straddles the end of the input's buffer.
+                if self.fill(&mut scratch)? < crate::ram::PAGE_SIZE {
+                    return Err(truncated_in(self.bytes, header.id).into());
+                }
+                hasher.update(&scratch);
+                sink.page(gpa, Some(&scratch))?;
+            }
+        }
+        check_crc(header, hasher.finalize())?;
+        self.ram_pages += u64::from(count);
+        self.sections += 1;
+        Ok(())
     }
 }
 

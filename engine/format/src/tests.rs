@@ -889,3 +889,106 @@ fn random_garbage_sections_with_valid_crc_never_panic() {
         let _ = consume(&b);
     }
 }
+
+/// A [`PageSink`] that keeps what it is handed, and may refuse batches.
+#[derive(Default)]
+struct Collect {
+    checked: Vec<Vec<u64>>,
+    pages: Vec<(u64, Option<Vec<u8>>)>,
+    refuse_above: Option<u64>,
+}
+
+impl PageSink for Collect {
+    type Error = FormatError;
+    fn check(&mut self, gpas: &[u64]) -> Result<()> {
+        if let Some(limit) = self.refuse_above {
+            if let Some(g) = gpas.iter().find(|&&g| g >= limit) {
+                return Err(FormatError::MalformedRamBatch {
+                    reason: format!("page {g:#x} refused by the sink"),
+                });
+            }
+        }
+        self.checked.push(gpas.to_vec());
+        Ok(())
+    }
+    fn page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<()> {
+        self.pages.push((gpa, data.map(<[u8]>::to_vec)));
+        Ok(())
+    }
+}
+
+/// Reads a whole stream with `next_section_into` through a `capacity`-byte
+/// buffer: the non-RAM sections with their payloads, and the sink.
+fn read_into(
+    bytes: &[u8],
+    capacity: usize,
+    sink: &mut Collect,
+) -> Result<Vec<(SectionId, Vec<u8>)>> {
+    let input = io::BufReader::with_capacity(capacity, bytes);
+    let (mut r, _) = StreamReader::new(input, Limits::default())?;
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        let h = r.next_section_into(&mut buf, sink)?;
+        if h.id != SectionId::RamPages {
+            out.push((h.id, buf.clone()));
+        }
+        if h.is_end() {
+            return Ok(out);
+        }
+    }
+}
+
+/// Pages read in place equal the pages a whole-section read parses, whatever
+/// the input buffer's size (pages straddling its end included), and End's
+/// counts hold.
+#[test]
+fn pages_read_in_place_equal_the_parsed_ones() {
+    let bytes = sample_stream();
+    let mut want = Vec::new();
+    let mut other = Vec::new();
+    for (h, payload) in read_all(&bytes).unwrap() {
+        if h.id == SectionId::RamPages {
+            for p in RamBatch::parse(&payload).unwrap().iter() {
+                want.push((p.gpa, p.data.map(<[u8]>::to_vec)));
+            }
+        } else {
+            other.push((h.id, payload));
+        }
+    }
+    for capacity in [1, 100, 4095, 4096, 5000, 1 << 20] {
+        let mut sink = Collect::default();
+        let got = read_into(&bytes, capacity, &mut sink).unwrap();
+        assert_eq!(sink.pages, want, "capacity {capacity}");
+        assert_eq!(sink.checked, vec![vec![0, 0x1000, 0x2000], vec![0x3000]]);
+        assert_eq!(got, other, "capacity {capacity}");
+    }
+}
+
+/// A batch the sink refuses hands out no page; a flipped data byte fails the
+/// checksum (after the pages were handed out, as documented); a stream cut
+/// anywhere fails, never panics.
+#[test]
+fn pages_read_in_place_are_refused_like_parsed_ones() {
+    let bytes = sample_stream();
+    let mut sink = Collect {
+        refuse_above: Some(0x2000),
+        ..Collect::default()
+    };
+    let e = read_into(&bytes, 1 << 20, &mut sink).unwrap_err();
+    assert!(e.to_string().contains("refused by the sink"), "{e}");
+    assert!(sink.pages.is_empty());
+
+    let at = bytes.windows(PAGE_SIZE).position(|w| w == page(2)).unwrap();
+    let mut bad = bytes.clone();
+    bad[at + 100] ^= 1;
+    let e = read_into(&bad, 1 << 20, &mut Collect::default()).unwrap_err();
+    assert!(matches!(e, FormatError::ChecksumMismatch { .. }), "{e}");
+
+    for cut in 0..bytes.len() {
+        assert!(
+            read_into(&bytes[..cut], 4096, &mut Collect::default()).is_err(),
+            "cut at {cut}"
+        );
+    }
+}
