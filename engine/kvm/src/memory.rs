@@ -78,6 +78,13 @@ pub enum MemoryError {
     },
     #[error("guest physical range {gpa:#x}+{len:#x} is not inside guest RAM")]
     OutOfRange { gpa: u64, len: u64 },
+    #[error("cannot back guest RAM {gpa:#x}+{len:#x} with memory: {source}")]
+    Populate {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Guest memory as ferry maps it: every write made through vm-memory (by devices,
@@ -347,6 +354,27 @@ impl GuestRam {
         // SAFETY: as in `read`: the destination lies inside a live mapping of guest RAM,
         // which Rust code never borrows as a reference, and `src` is a distinct buffer.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), host as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    /// Backs `gpa..gpa+len` (page-aligned, inside one RAM range) with memory now:
+    /// the kernel allocates and zeroes it here (MADV_POPULATE_WRITE) instead of at
+    /// the first write, so a thread can pay for it ahead of the writer. Contents
+    /// are unchanged: populating a page already there does nothing.
+    pub fn populate(&self, gpa: u64, len: usize) -> Result<(), MemoryError> {
+        let host = self.host_range(gpa, len)?;
+        // SAFETY: host_range checked that the range lies inside a live mapping of
+        // guest RAM. MADV_POPULATE_WRITE only faults the pages in (writable), as a
+        // write of their current contents would; it never changes what they hold.
+        let rc =
+            unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            return Err(MemoryError::Populate {
+                gpa,
+                len: len as u64,
+                source: std::io::Error::last_os_error(),
+            });
+        }
         Ok(())
     }
 

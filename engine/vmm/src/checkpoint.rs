@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use ferry_format::{RamBatch, RamBatchBuilder, SectionId, StreamWriter};
+use ferry_format::{RamBatchBuilder, SectionId, StreamWriter};
 use ferry_kvm::{Backing, GuestRam, PAGE_SIZE};
 
 use crate::devices::serial::SinkSpec;
@@ -176,30 +176,19 @@ pub struct RestoreOptions {
     pub virtio: Vec<crate::vm::VirtioSpec>,
 }
 
-/// Checks that a RAM batch only touches guest RAM, then copies it in.
-pub fn apply_ram_batch(ram: &GuestRam, batch: &RamBatch<'_>) -> Result<u64, VmmError> {
-    let ranges = ram.ranges();
-    let inside = |gpa: u64| {
-        ranges
-            .iter()
-            .any(|&(b, s)| gpa >= b && gpa - b < s && s - (gpa - b) >= PAGE_SIZE as u64)
-    };
-    // Validate the whole batch before writing a byte of it.
-    for page in batch.iter() {
-        if !inside(page.gpa) {
-            return Err(VmmError::Restore(format!(
-                "the stream carries a page at guest address {:#x}, outside this VM's RAM {:x?}",
-                page.gpa, ranges
-            )));
-        }
+/// Checks that the page at `gpa` lies inside guest RAM (`ranges`).
+pub(crate) fn check_inside(ranges: &[(u64, u64)], gpa: u64) -> Result<(), VmmError> {
+    let inside = ranges
+        .iter()
+        .any(|&(b, s)| gpa >= b && gpa - b < s && s - (gpa - b) >= PAGE_SIZE as u64);
+    if inside {
+        Ok(())
+    } else {
+        Err(VmmError::Restore(format!(
+            "the stream carries a page at guest address {gpa:#x}, outside this VM's RAM \
+             {ranges:x?}"
+        )))
     }
-    let zero = [0u8; PAGE_SIZE];
-    let mut n = 0;
-    for page in batch.iter() {
-        ram.write(page.gpa, page.data.unwrap_or(&zero))?;
-        n += 1;
-    }
-    Ok(n)
 }
 
 /// Most RAM ranges (KVM memory slots) a stream may ask for; ferry's layout uses

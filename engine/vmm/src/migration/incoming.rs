@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_format::{RamBatch, SectionId, StreamReader, StreamWriter};
+use ferry_format::{SectionId, StreamReader, StreamWriter};
 use ferry_kvm::{Backing, GuestRam};
 
 use super::precopy::ram_digest;
@@ -15,7 +15,7 @@ use super::transport::{Breaker, Listener};
 use super::{
     stream_of, Channel, Handshake, MigrationError, Reply, StreamJoin, MAX_STREAMS, REPLY_VERSION,
 };
-use crate::checkpoint::{apply_ram_batch, check_shape, producer, RestoreOptions};
+use crate::checkpoint::{check_inside, check_shape, producer, RestoreOptions};
 use crate::cpu::VcpuState;
 use crate::devices::serial::SinkSpec;
 use crate::vm::{DevicesState, Vm, VmState};
@@ -475,6 +475,8 @@ struct Incoming<'a> {
     ret: &'a ReturnPath,
     /// When the source last sent anything on any stream (a served migration).
     activity: Option<Arc<Activity>>,
+    /// Where the pages arrive: see [`prefault`].
+    frontier: Frontier,
     main_breaker: Option<Breaker>,
     state: Mutex<IncomingState>,
     changed: Condvar,
@@ -708,13 +710,11 @@ fn serve_stream(ch: Channel, listener: &Listener, inc: &Incoming<'_>, ram: &Gues
         inc.fail(e);
         return;
     }
+    let mut sink = StripeSink::new(ram, index, inc.streams, &inc.frontier);
     let result = (|| loop {
-        let h = reader.next_section(&mut buf)?;
+        let h = reader.next_section_into(&mut buf, &mut sink)?;
         match h.id {
-            SectionId::RamPages => {
-                let batch = RamBatch::parse_with_limits(&buf, &limits)?;
-                apply_stripe(ram, &batch, index, inc.streams)?;
-            }
+            SectionId::RamPages => {}
             SectionId::End => return Ok(()),
             other => {
                 return Err(fail(format!(
@@ -740,24 +740,113 @@ fn serve_stream(ch: Channel, listener: &Listener, inc: &Incoming<'_>, ram: &Gues
     }
 }
 
-/// Applies a batch that arrived on stream `index`: every page of it must belong to
-/// that stream's stripes, so no two streams ever write the same page.
-fn apply_stripe(
-    ram: &GuestRam,
-    batch: &RamBatch<'_>,
+/// Writes the pages stream `index` receives straight into guest RAM, as the
+/// reader takes them from its buffer. Each batch is checked whole first: every
+/// page inside RAM and of this stream's stripes (so no two streams ever write
+/// the same page).
+struct StripeSink<'a> {
+    ram: &'a GuestRam,
+    ranges: Vec<(u64, u64)>,
     index: u32,
     streams: u32,
-) -> Result<(), MigrationError> {
-    if let Some(p) = batch.iter().find(|p| stream_of(p.gpa, streams) != index) {
-        return Err(VmmError::Restore(format!(
-            "the page at guest address {:#x} arrived on stream {index}, but belongs to stream {}",
-            p.gpa,
-            stream_of(p.gpa, streams)
-        ))
-        .into());
+    frontier: &'a Frontier,
+}
+
+impl<'a> StripeSink<'a> {
+    fn new(ram: &'a GuestRam, index: u32, streams: u32, frontier: &'a Frontier) -> Self {
+        Self {
+            ram,
+            ranges: ram.ranges(),
+            index,
+            streams,
+            frontier,
+        }
     }
-    apply_ram_batch(ram, batch)?;
-    Ok(())
+}
+
+/// The highest guest address a page arrived for, over all streams (+1 page; 0
+/// before the first).
+#[derive(Debug, Default)]
+struct Frontier(AtomicU64);
+
+/// How far ahead of the [`Frontier`] [`prefault`] backs guest RAM.
+const PREFAULT_WINDOW: u64 = 16 << 20;
+/// The step it backs RAM in: a transparent huge page.
+const PREFAULT_STEP: u64 = 2 << 20;
+
+/// Backs guest RAM with memory just ahead of where the pages arrive, on its
+/// own thread, until `stop`: the kernel's zeroing of fresh memory (three
+/// quarters of a receiver's time where RAM is first touched) then runs beside
+/// the copying instead of inside it. A first pass sends pages in address order,
+/// so the window ahead of the highest page written is what comes next; where
+/// the source skips zero pages the window may back up to PREFAULT_WINDOW of RAM
+/// the guest never used, per such gap.
+fn prefault(ram: &GuestRam, frontier: &Frontier, stop: &AtomicBool) {
+    let ranges = ram.ranges();
+    let mut done = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        let front = frontier.0.load(Ordering::Acquire);
+        let want = front.saturating_add(PREFAULT_WINDOW);
+        let from = done.max(front - front % PREFAULT_STEP);
+        if front == 0 || from >= want {
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        }
+        // The next step inside RAM at or after `from`, below `want`.
+        let step = ranges.iter().find_map(|&(base, size)| {
+            let at = from.max(base);
+            (at < base + size && at < want).then(|| (at, PREFAULT_STEP.min(base + size - at)))
+        });
+        let Some((at, len)) = step else {
+            // Past the end of RAM: nothing more to do.
+            if ranges.iter().all(|&(b, s)| from >= b + s) {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        };
+        if let Err(e) = ram.populate(at, len as usize) {
+            tracing::debug!("stopped backing guest RAM ahead of the stream: {e}");
+            return;
+        }
+        done = at + len;
+    }
+}
+
+impl ferry_format::PageSink for StripeSink<'_> {
+    type Error = MigrationError;
+
+    fn check(&mut self, gpas: &[u64]) -> Result<(), MigrationError> {
+        let (index, streams) = (self.index, self.streams);
+        for &gpa in gpas {
+            check_inside(&self.ranges, gpa)?;
+            if stream_of(gpa, streams) != index {
+                return Err(VmmError::Restore(format!(
+                    "the page at guest address {gpa:#x} arrived on stream {index}, but belongs \
+                     to stream {}",
+                    stream_of(gpa, streams)
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), MigrationError> {
+        match data {
+            Some(data) => {
+                self.frontier
+                    .0
+                    .fetch_max(gpa + ferry_format::PAGE_SIZE as u64, Ordering::Release);
+                self.ram.write(gpa, data)?;
+            }
+            // RAM nothing wrote yet reads as zero: leave it untouched (no fault,
+            // no zeroing); a page an earlier pass filled is zeroed.
+            None if self.ram.is_zero_page(gpa)? => {}
+            None => self.ram.write(gpa, &[0u8; ferry_format::PAGE_SIZE])?,
+        }
+        Ok(())
+    }
 }
 
 /// The reading side of a connection, framed.
@@ -851,6 +940,7 @@ fn load(
         session: hs.session,
         ret,
         activity,
+        frontier: Frontier::default(),
         main_breaker,
         state: Mutex::new(IncomingState {
             joined: vec![false; streams as usize],
@@ -861,6 +951,15 @@ fn load(
     };
     let ram: &GuestRam = vm.ram();
     let received = std::thread::scope(|scope| {
+        {
+            let inc = &inc;
+            let spawned = std::thread::Builder::new()
+                .name("incoming-prefault".into())
+                .spawn_scoped(scope, move || prefault(ram, &inc.frontier, &inc.aborted));
+            if let Err(e) = spawned {
+                tracing::warn!("no thread to back guest RAM ahead of the stream: {e}");
+            }
+        }
         if let (Some(listener), true) = (listener, streams > 1) {
             let inc = &inc;
             let spawned = std::thread::Builder::new()
@@ -873,7 +972,7 @@ fn load(
                 });
             }
         }
-        let result = read_main(&mut reader, &mut buf, ram, streams, &limits)
+        let result = read_main(&mut reader, &mut buf, ram, streams, &limits, &inc.frontier)
             .and_then(|sections| inc.wait_finished().map(|()| sections));
         // A page stream's failure is the cause; the main stream's is its echo.
         let result = result.map_err(|e| inc.take_error().unwrap_or(e));
@@ -937,21 +1036,20 @@ struct MainSections {
 }
 
 /// Reads the main stream to its End: stripe 0's pages, the state, the digest.
-fn read_main<R: std::io::Read>(
+fn read_main<R: std::io::BufRead>(
     reader: &mut StreamReader<R>,
     buf: &mut Vec<u8>,
     ram: &GuestRam,
     streams: u32,
     limits: &ferry_format::Limits,
+    frontier: &Frontier,
 ) -> Result<MainSections, MigrationError> {
     let mut m = MainSections::default();
+    let mut sink = StripeSink::new(ram, 0, streams, frontier);
     loop {
-        let header = reader.next_section(buf)?;
+        let header = reader.next_section_into(buf, &mut sink)?;
         match header.id {
-            SectionId::RamPages => {
-                let batch = RamBatch::parse_with_limits(buf, limits)?;
-                apply_stripe(ram, &batch, 0, streams)?;
-            }
+            SectionId::RamPages => {}
             SectionId::Vcpus => m.vcpus = Some(ferry_format::decode_cbor(header.id, buf, limits)?),
             SectionId::Vm => m.vm_state = Some(ferry_format::decode_cbor(header.id, buf, limits)?),
             SectionId::Devices => {
@@ -1390,6 +1488,65 @@ mod tests {
             panic!("a destination without its size served");
         };
         assert!(e.to_string().contains("RAM size and vCPU count"), "{e}");
+    }
+
+    /// Resident KiB of the mapping that contains `addr`, from /proc/self/smaps.
+    fn resident_kib(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = (a..b).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(kib) = line.strip_prefix("Rss:") {
+                    return kib.trim().trim_end_matches(" kB").parse().expect("Rss");
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
+
+    /// The destination backs RAM just ahead of where pages arrive, not the
+    /// guest's whole RAM (a guest's unused memory stays unbacked), and never
+    /// changes what RAM holds.
+    #[test]
+    fn prefault_backs_the_window_ahead_of_the_pages_only() {
+        let ram = GuestRam::new(&[(0, 256 << 20)], Backing::Anonymous).expect("RAM");
+        use vm_memory::GuestMemoryBackend;
+        let host = ram.memory().iter().next().expect("a region").as_ptr() as usize;
+        ram.write(8 << 20, &[0x5a; 4096]).expect("write");
+        let before = resident_kib(host);
+        let frontier = Frontier::default();
+        frontier.0.store((8 << 20) + 4096, Ordering::Release);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| prefault(&ram, &frontier, &stop));
+            // Done once the window is backed: it then only waits.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while resident_kib(host) < before + (PREFAULT_WINDOW >> 10) - 4096 {
+                assert!(Instant::now() < deadline, "the window was never backed");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::Release);
+            t.join().expect("prefault thread");
+        });
+        let after = resident_kib(host);
+        let most = ((8 << 20) + PREFAULT_WINDOW + PREFAULT_STEP) >> 10;
+        assert!(
+            after <= most,
+            "{after} KiB resident, at most {most} expected"
+        );
+        let mut page = [0u8; 4096];
+        ram.read(8 << 20, &mut page).expect("read");
+        assert_eq!(page, [0x5a; 4096]);
     }
 
     #[test]
