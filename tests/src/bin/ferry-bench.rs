@@ -12,7 +12,7 @@ use ferry_tests::migrate::{
 use ferry_tests::pki::{psk_dir, Ca};
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,64M,50%,100%] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
 
 #[derive(Default)]
 struct Series {
@@ -207,7 +207,11 @@ fn main() -> ExitCode {
                 "idle" => "ws=0".to_string(),
                 // Every page written once, then idle: pure page throughput.
                 "filled" => "ws=0 fill=1".to_string(),
-                _ => format!("ws={ws}"),
+                // A working set over RAM whose every page was written once.
+                _ => match ws.strip_suffix("+fill") {
+                    Some(ws) => format!("ws={ws} fill=1"),
+                    None => format!("ws={ws}"),
+                },
             };
             let cfg = RunConfig {
                 mem: ram.clone(),
