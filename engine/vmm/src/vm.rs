@@ -529,24 +529,27 @@ impl Vm {
     /// Takes every disk's image locks (see [`VirtioDevice::activate`]); a
     /// no-op for disks that hold them.
     pub fn activate_disks(&self) -> Result<(), VmmError> {
-        for (_, dev) in self.pci.devices() {
-            dev.lock()
-                .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?
-                .activate()
-                .map_err(VmmError::DiskLock)?;
-        }
-        Ok(())
+        self.each_disk_lock(VirtioPci::activate)
     }
 
     /// Lets go of every disk's image locks, for a migration's destination to
     /// take (see [`VirtioDevice::deactivate`]); the VM is paused and its disks
     /// flushed. [`Vm::resume`] takes them back.
     pub fn deactivate_disks(&self) -> Result<(), VmmError> {
+        self.each_disk_lock(VirtioPci::deactivate)
+    }
+
+    /// Runs `step` (take or release image locks) on every virtio device, in
+    /// slot order, stopping at the first failure.
+    fn each_disk_lock(
+        &self,
+        step: impl Fn(&mut VirtioPci) -> Result<(), String>,
+    ) -> Result<(), VmmError> {
         for (_, dev) in self.pci.devices() {
-            dev.lock()
-                .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?
-                .deactivate()
-                .map_err(VmmError::DiskLock)?;
+            let mut dev = dev
+                .lock()
+                .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?;
+            step(&mut dev).map_err(VmmError::DiskLock)?;
         }
         Ok(())
     }

@@ -228,6 +228,17 @@ struct IdleReader {
     activity: Arc<Activity>,
 }
 
+/// `reader`, its arrivals recorded in `activity` when there is one.
+fn watched(reader: Box<dyn ReadHalf>, activity: Option<Arc<Activity>>) -> Box<dyn ReadHalf> {
+    match activity {
+        Some(activity) => Box::new(IdleReader {
+            inner: reader,
+            activity,
+        }),
+        None => reader,
+    }
+}
+
 impl std::io::Read for IdleReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::io::ErrorKind;
@@ -294,6 +305,7 @@ struct Handshaken {
 struct Pending {
     id: u64,
     deadline: Instant,
+    /// Taken when the connection is broken at its deadline.
     breaker: Option<Breaker>,
     done: Arc<AtomicBool>,
 }
@@ -397,21 +409,19 @@ pub fn serve(
         if let Some(w) = winner {
             break w;
         }
-        // Handshakes past their deadline: broken, their threads end.
+        // Handshakes past their deadline: broken, once (their threads end and
+        // what they send is refused); each counts until its result is read above.
         let now = Instant::now();
-        for p in pending.iter().filter(|p| now >= p.deadline) {
-            if !p.done.load(Ordering::Acquire) {
+        for p in pending.iter_mut().filter(|p| now >= p.deadline) {
+            if let (false, Some(b)) = (p.done.load(Ordering::Acquire), p.breaker.take()) {
                 tracing::warn!(
                     "dropped connection {}: its handshake took longer than {} s",
                     p.id,
                     serve.handshake_deadline.as_secs_f64()
                 );
-                if let Some(b) = &p.breaker {
-                    b.break_channel();
-                }
+                b.break_channel();
             }
         }
-        pending.retain(|p| now < p.deadline || !p.done.load(Ordering::Acquire));
         let Some(ch) = listener.accept_within(Duration::from_millis(20))? else {
             continue;
         };
@@ -640,13 +650,7 @@ fn serve_stream(ch: Channel, listener: &Listener, inc: &Incoming<'_>, ram: &Gues
         }
     };
     let Channel { reader, writer, .. } = ch;
-    let reader: Box<dyn ReadHalf> = match &inc.activity {
-        Some(activity) => Box::new(IdleReader {
-            inner: reader,
-            activity: Arc::clone(activity),
-        }),
-        None => reader,
-    };
+    let reader = watched(reader, inc.activity.clone());
     let mut buf = Vec::new();
     let join = StreamReader::new(BufReader::with_capacity(1 << 20, reader), limits).and_then(
         |(mut r, _)| {
@@ -861,13 +865,7 @@ fn read_offer(
     activity: Option<Arc<Activity>>,
 ) -> Result<(MainReader, Handshake), MigrationError> {
     let limits = ferry_format::Limits::default();
-    let reader: Box<dyn ReadHalf> = match activity {
-        Some(activity) => Box::new(IdleReader {
-            inner: reader,
-            activity,
-        }),
-        None => reader,
-    };
+    let reader = watched(reader, activity);
     let (mut reader, _preamble) =
         StreamReader::new(BufReader::with_capacity(1 << 20, reader), limits)?;
     let mut buf = Vec::new();

@@ -330,7 +330,6 @@ impl MigrationControl {
         }
     }
 
-    /// Waits for `resume_switchover` or cancel; true if the switch-over may go on.
     /// Waits up to `timeout` for the go-ahead of a pause-before-switchover:
     /// `Some(true)` go on, `Some(false)` cancelled, `None` still waiting.
     pub(crate) fn wait_switchover_for(&self, timeout: std::time::Duration) -> Option<bool> {

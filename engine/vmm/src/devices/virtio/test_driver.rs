@@ -230,7 +230,9 @@ impl<'a> Driver<'a> {
 
     /// virtio-blk: submits a 3-descriptor request (header, data, status) and
     /// returns the status byte and the used length.
-    pub fn request(&mut self, kind: u32, sector: u64, data_len: u32, data_addr: u64) -> (u8, u32) {
+    /// Posts a virtio-blk request on queue 0 (header, data, status), without
+    /// notifying the device.
+    pub fn post_request(&mut self, kind: u32, sector: u64, data_len: u32, data_addr: u64) {
         let mut header = kind.to_le_bytes().to_vec();
         header.extend_from_slice(&[0; 4]);
         header.extend_from_slice(&sector.to_le_bytes());
@@ -245,6 +247,10 @@ impl<'a> Driver<'a> {
                 (STATUS, 1, true),
             ],
         );
+    }
+
+    pub fn request(&mut self, kind: u32, sector: u64, data_len: u32, data_addr: u64) -> (u8, u32) {
+        self.post_request(kind, sector, data_len, data_addr);
         self.notify(0);
         let (_, len) = self.used(0).expect("request completed synchronously");
         (self.get(STATUS, 1)[0], len)

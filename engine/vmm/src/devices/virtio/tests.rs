@@ -267,15 +267,7 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
     vm.pci().set_stopped(STOP_PAUSED, true);
     // The driver posts a write and notifies; the stopped device keeps it.
     d.put(DATA, &[7; 512]);
-    let mut header = 1u32.to_le_bytes().to_vec();
-    header.extend_from_slice(&[0; 4]);
-    header.extend_from_slice(&2u64.to_le_bytes());
-    d.put(HEADER, &header);
-    d.put(STATUS, &[0xee]);
-    d.post(
-        0,
-        &[(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)],
-    );
+    d.post_request(1, 2, 512, DATA);
     d.notify(0);
     assert_eq!(d.used(0), None, "a stopped device served a request");
     let saved = vm.capture_devices().unwrap();
