@@ -185,6 +185,19 @@ pub fn unlock(fd: &impl AsFd) -> Result<(), ImageLockError> {
     Ok(())
 }
 
+/// Whether an open file holds a lock on `byte` of the image at `path`, as a
+/// fresh open file of it sees (`F_OFD_GETLK`), and of which kind. For tests:
+/// `/proc/locks` would show the same, but its listing skips entries while
+/// other threads take and drop locks.
+#[cfg(test)]
+pub(crate) fn lock_on(path: &std::path::Path, byte: i64) -> Option<libc::c_int> {
+    let probe = std::fs::File::open(path).expect("open the image to probe its locks");
+    let mut lk = range(libc::F_WRLCK, byte, 1);
+    fcntl(&probe, FcntlArg::F_OFD_GETLK(&mut lk)).expect("F_OFD_GETLK");
+    let kind = libc::c_int::from(lk.l_type);
+    (kind != libc::F_UNLCK).then_some(kind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,22 +224,21 @@ mod tests {
             .expect("open the image")
     }
 
-    /// The bytes of the image's inode that `/proc/locks` lists as OFD locks.
+    /// The byte ranges of the image that open files hold locks on; every
+    /// lock must be a shared one, as QEMU's are.
     fn locked_bytes(path: &std::path::Path) -> Vec<(i64, i64)> {
-        use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata(path).expect("stat").ino();
-        let locks = std::fs::read_to_string("/proc/locks").expect("/proc/locks");
-        let mut bytes: Vec<(i64, i64)> = locks
-            .lines()
-            .filter(|l| l.contains("OFDLCK"))
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let i = f.iter().position(|w| w.ends_with(&format!(":{ino}")))?;
-                Some((f.get(i + 1)?.parse().ok()?, f.get(i + 2)?.parse().ok()?))
-            })
-            .collect();
-        bytes.sort_unstable();
-        bytes
+        let mut ranges: Vec<(i64, i64)> = Vec::new();
+        for byte in 0..300 {
+            let Some(kind) = lock_on(path, byte) else {
+                continue;
+            };
+            assert_eq!(kind, libc::F_RDLCK, "byte {byte}");
+            match ranges.last_mut() {
+                Some((_, end)) if *end + 1 == byte => *end = byte,
+                _ => ranges.push((byte, byte)),
+            }
+        }
+        ranges
     }
 
     #[test]

@@ -394,22 +394,6 @@ fn the_image_locks_move_with_a_migration() {
     source.pause().unwrap();
 }
 
-/// Whether some open file holds a lock on `byte` of `path` (`/proc/locks`).
-fn byte_locked(path: &Path, byte: u64) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let ino = std::fs::metadata(path).unwrap().ino();
-    std::fs::read_to_string("/proc/locks")
-        .unwrap()
-        .lines()
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.iter()
-                .position(|w| w.ends_with(&format!(":{ino}")))
-                .and_then(|i| Some((f.get(i + 1)?.parse().ok()?, f.get(i + 2)?.parse().ok()?)))
-                .is_some_and(|(start, end): (u64, u64)| (start..=end).contains(&byte))
-        })
-}
-
 /// ferry and QEMU refuse each other's written images: QEMU fails with its
 /// own message while a ferry VM writes the image, and ferry refuses an image
 /// a running QEMU writes. Skipped where QEMU is not installed.
@@ -462,7 +446,7 @@ fn ferry_and_qemu_refuse_each_others_images() {
         .spawn()
         .expect("start QEMU");
     let until = Instant::now() + Duration::from_secs(30);
-    while !byte_locked(img.path(), 101) {
+    while crate::devices::image_lock::lock_on(img.path(), 101).is_none() {
         assert!(Instant::now() < until, "QEMU never took its write lock");
         std::thread::sleep(Duration::from_millis(20));
     }
