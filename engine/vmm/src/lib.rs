@@ -6,6 +6,7 @@ pub mod cli;
 pub mod control;
 pub mod cpu;
 pub mod devices;
+pub mod dirty_rate;
 pub mod migration;
 pub mod private_file;
 pub mod vcpu;

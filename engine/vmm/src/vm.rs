@@ -20,7 +20,7 @@ use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
 use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::devices::virtio::blk::{Block, BlockConfig};
-use crate::devices::virtio::net::{Net, NetConfig};
+use crate::devices::virtio::net::{AnnounceSchedule, Net, NetConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState, STOP_HELD, STOP_PAUSED};
 use crate::migration::converge::ThrottleState;
 use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
@@ -187,6 +187,9 @@ pub struct Vm {
     /// The VM arrived (incoming migration or restore): its first resume
     /// announces its NICs.
     announce_on_resume: bool,
+    /// The schedule of that announce (QEMU's `announce-*` migration
+    /// parameters).
+    announce_schedule: AnnounceSchedule,
 }
 
 impl Drop for Vm {
@@ -297,6 +300,7 @@ impl Vm {
             throttle,
             cpuid,
             announce_on_resume: false,
+            announce_schedule: AnnounceSchedule::default(),
         })
     }
 
@@ -375,11 +379,28 @@ impl Vm {
     }
 
     /// Tells the network where the VM now is, as QEMU's `announce_self` and
-    /// vMotion do after a switch-over: each NIC sends 5 RARP frames from its MAC
-    /// (QEMU's schedule: gaps of 50, 150, 250 and 350 ms, about 0.8 s in all)
-    /// from its device thread; this returns at once.
+    /// vMotion do after a switch-over: each NIC sends RARP frames from its MAC
+    /// on the VM's announce schedule (QEMU's default: 5 frames, gaps of 50,
+    /// 150, 250 and 350 ms, about 0.8 s in all) from its device thread; this
+    /// returns at once.
     pub fn announce(&self) {
-        self.pci.announce();
+        self.pci.announce(self.announce_schedule, None);
+    }
+
+    /// QEMU's `announce-self`: the NICs named in `only` (by device id; all if
+    /// `None`) announce on `schedule`. Returns the ids of those that do.
+    pub fn announce_with(
+        &self,
+        schedule: AnnounceSchedule,
+        only: Option<&[String]>,
+    ) -> Vec<String> {
+        self.pci.announce(schedule, only)
+    }
+
+    /// The schedule of the announce an arrived VM sends on its first resume
+    /// (QEMU's `announce-*` migration parameters).
+    pub fn set_announce_schedule(&mut self, schedule: AnnounceSchedule) {
+        self.announce_schedule = schedule;
     }
 
     /// A handle that stops and restarts the vCPUs from another thread while a

@@ -85,9 +85,25 @@ impl PciBus {
         self.for_each(|dev| dev.set_stopped(why, on));
     }
 
-    /// Makes every NIC announce itself (RARP), from its device thread.
-    pub fn announce(&self) {
-        self.for_each(VirtioPci::announce);
+    /// Makes the NICs announce themselves (RARP) on `schedule`, from their
+    /// device threads: those whose id is in `only`, or every one if `None`
+    /// (ids no NIC has are ignored, as QEMU ignores them). Returns the ids of
+    /// the NICs that announce.
+    pub fn announce(
+        &self,
+        schedule: crate::devices::virtio::net::AnnounceSchedule,
+        only: Option<&[String]>,
+    ) -> Vec<String> {
+        let mut announced = Vec::new();
+        self.for_each(|dev| {
+            if dev.kind() == "virtio-net"
+                && only.is_none_or(|ids| ids.iter().any(|i| i == dev.id()))
+            {
+                dev.announce(schedule);
+                announced.push(dev.id().to_string());
+            }
+        });
+        announced
     }
 
     /// Runs `f` on every virtio function in slot order, each under its lock (a

@@ -109,8 +109,9 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn can_take_input(&self) -> bool {
         false
     }
-    /// Starts announcing the device on the network (virtio-net: RARP frames).
-    fn announce(&mut self, _now: Instant) {}
+    /// Starts announcing the device on the network (virtio-net: RARP frames
+    /// on `schedule`).
+    fn announce(&mut self, _now: Instant, _schedule: net::AnnounceSchedule) {}
     /// Timed work (the announce rounds), called by the device thread; returns
     /// when it next wants to be called.
     fn timer(&mut self, _now: Instant) -> Option<Instant> {

@@ -18,8 +18,10 @@
 //!
 //! After an incoming migration or a restore, the first resume announces the
 //! NIC's MAC as QEMU's `qemu_announce_self` does (vMotion sends the same
-//! RARP): 5 RARP frames from the guest's MAC, 50 ms apart and then 100 ms more
-//! each time (capped at 550 ms), so switches learn the new port at once.
+//! RARP): by default 5 RARP frames from the guest's MAC, 50 ms apart and then
+//! 100 ms more each time (capped at 550 ms), so switches learn the new port at
+//! once. [`AnnounceSchedule`] holds QEMU's parameters of that schedule;
+//! `announce-self` sends one on demand.
 
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
@@ -49,11 +51,6 @@ pub const MAX_FRAME: usize = 65550;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 const QUEUE_SIZE: u16 = 256;
-/// The announce schedule (QEMU's announce-initial, -step, -max, -rounds).
-const ANNOUNCE_ROUNDS: u32 = 5;
-const ANNOUNCE_INITIAL: Duration = Duration::from_millis(50);
-const ANNOUNCE_STEP: Duration = Duration::from_millis(100);
-const ANNOUNCE_MAX: Duration = Duration::from_millis(550);
 /// Ethertype of RARP.
 pub const ETH_P_RARP: u16 = 0x8035;
 
@@ -147,8 +144,42 @@ pub struct NetStats {
     pub announces: u64,
 }
 
+/// When a NIC sends its announce frames (QEMU's `AnnounceParameters`, its
+/// `announce-initial`, `-max`, `-rounds` and `-step` migration parameters):
+/// `rounds` frames, the first at once, then gaps of `initial`, `initial +
+/// step`, `initial + 2 step`, ... each at most `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnounceSchedule {
+    pub initial: Duration,
+    pub max: Duration,
+    pub rounds: u32,
+    pub step: Duration,
+}
+
+impl Default for AnnounceSchedule {
+    /// QEMU's defaults: 5 rounds, gaps of 50, 150, 250 and 350 ms.
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(550),
+            rounds: 5,
+            step: Duration::from_millis(100),
+        }
+    }
+}
+
+impl AnnounceSchedule {
+    /// The gap after frame `sent` (0-based) of the schedule.
+    fn gap(&self, sent: u32) -> Duration {
+        self.initial
+            .saturating_add(self.step.saturating_mul(sent))
+            .min(self.max)
+    }
+}
+
 #[derive(Debug)]
 struct Announce {
+    schedule: AnnounceSchedule,
     /// Rounds sent so far.
     sent: u32,
     next: Instant,
@@ -413,8 +444,13 @@ impl VirtioDevice for Net {
         !self.starved
     }
 
-    fn announce(&mut self, now: Instant) {
-        self.announce = Some(Announce { sent: 0, next: now });
+    fn announce(&mut self, now: Instant, schedule: AnnounceSchedule) {
+        // A new announce replaces one under way, as QEMU restarts its timer.
+        self.announce = (schedule.rounds > 0).then_some(Announce {
+            schedule,
+            sent: 0,
+            next: now,
+        });
     }
 
     fn timer(&mut self, now: Instant) -> Option<Instant> {
@@ -422,10 +458,10 @@ impl VirtioDevice for Net {
         if now < a.next {
             return Some(a.next);
         }
-        let delay = (ANNOUNCE_INITIAL + ANNOUNCE_STEP * a.sent).min(ANNOUNCE_MAX);
+        let delay = a.schedule.gap(a.sent);
         a.sent += 1;
         a.next = now + delay;
-        let done = a.sent >= ANNOUNCE_ROUNDS;
+        let done = a.sent >= a.schedule.rounds;
         let next = a.next;
         self.send_rarp();
         if done {

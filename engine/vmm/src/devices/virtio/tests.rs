@@ -819,6 +819,40 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
     assert!(tap.recv(net::ETH_P_RARP, 50).is_none());
 }
 
+/// `announce-self`: only the NICs named announce, unknown names are ignored
+/// (as QEMU ignores them), and the schedule's rounds are sent.
+#[test]
+fn announce_self_names_the_nics_and_follows_the_schedule() {
+    let Some(tap) = TestTap::new(true) else {
+        return;
+    };
+    let vm = net_vm(&tap, GUEST_MAC);
+    let id = vm.pci().devices()[0].1.lock().unwrap().id().to_string();
+    let schedule = net::AnnounceSchedule {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(20),
+        rounds: 3,
+        step: Duration::from_millis(5),
+    };
+    assert!(vm
+        .announce_with(schedule, Some(&["net9".to_string()]))
+        .is_empty());
+    assert!(tap.recv(net::ETH_P_RARP, 100).is_none(), "an unnamed NIC");
+    let named = vm.announce_with(schedule, Some(std::slice::from_ref(&id)));
+    assert_eq!(named, std::slice::from_ref(&id));
+    let mut frames = 0;
+    while tap.recv(net::ETH_P_RARP, 500).is_some() {
+        frames += 1;
+    }
+    assert_eq!(frames, 3);
+    let none = net::AnnounceSchedule {
+        rounds: 0,
+        ..schedule
+    };
+    assert_eq!(vm.announce_with(none, None), [id]);
+    assert!(tap.recv(net::ETH_P_RARP, 100).is_none(), "zero rounds");
+}
+
 #[test]
 fn net_device_thread_ends_with_the_vm() {
     let Some(tap) = TestTap::new(true) else {

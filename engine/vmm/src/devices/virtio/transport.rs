@@ -497,8 +497,8 @@ impl VirtioPci {
     }
 
     /// Starts announcing the device (RARP for a NIC) from its thread.
-    pub fn announce(&mut self) {
-        self.device.announce(Instant::now());
+    pub fn announce(&mut self, schedule: super::net::AnnounceSchedule) {
+        self.device.announce(Instant::now(), schedule);
         self.wake();
     }
 
