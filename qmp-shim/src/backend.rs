@@ -1,11 +1,13 @@
 //! The VM operations the QMP layer needs, as a trait the engine implements.
 //!
-//! The QMP layer never sees engine types: it hands a [`MachineConfig`] to
-//! [`Backend::create`] and drives the VM through the methods below. Events
+//! The QMP layer never holds the engine's VM: it hands a [`MachineConfig`]
+//! to [`Backend::create`] and drives the VM through the methods below (the
+//! engine's plain data types, such as its stats, pass through). Events
 //! (STOP, RESUME, MIGRATION, ...) flow back through the [`EventSink`] given at
 //! construction. Guests run on [`crate::vmm::FerryBackend`] (ferry-vmm); the
 //! capability probe (`-machine none`) has no guest and uses [`NoVm`].
 
+use ferry_vmm::devices::virtio::net::AnnounceSchedule;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
@@ -237,6 +239,9 @@ pub struct MigrationParameters {
     pub cpu_throttle_tailslow: bool,
     pub max_cpu_throttle: u8,
     pub throttle_trigger_threshold: u8,
+    /// QEMU's `announce-initial`, `-max`, `-rounds`, `-step`: the RARP
+    /// schedule of a guest that arrived, and of HMP `announce_self`.
+    pub announce: AnnounceSchedule,
 }
 
 /// Most `multifd-channels` ferry-qemu takes: the engine's stream limit
@@ -255,6 +260,7 @@ impl Default for MigrationParameters {
             cpu_throttle_tailslow: false,
             max_cpu_throttle: 99,
             throttle_trigger_threshold: 50,
+            announce: AnnounceSchedule::default(),
         }
     }
 }
@@ -398,6 +404,28 @@ pub trait Backend: Send + std::fmt::Debug {
     /// The CPUID the guest's vCPUs were given (without per-vCPU fields), once
     /// a guest was built or received; `None` before.
     fn guest_cpuid(&self) -> Option<Vec<ferry_vmm::cpu::model::CpuidLeaf>> {
+        None
+    }
+    /// `announce-self`: the NICs named in `interfaces` (all if `None`) send
+    /// RARP frames on `schedule`.
+    fn announce_self(
+        &mut self,
+        _schedule: AnnounceSchedule,
+        _interfaces: Option<&[String]>,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::NoMachine)
+    }
+    /// `calc-dirty-rate` in page-sampling mode: starts measuring the guest's
+    /// dirty rate over `calc_time_s` seconds; returns at once.
+    fn calc_dirty_rate(
+        &mut self,
+        _calc_time_s: u64,
+        _sample_pages: u64,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::NoMachine)
+    }
+    /// The last (or running) dirty-rate measurement; `None`: none ever started.
+    fn query_dirty_rate(&self) -> Option<ferry_vmm::dirty_rate::Measurement> {
         None
     }
     /// Each disk's request counters, by engine device id (see

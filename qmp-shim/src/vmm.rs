@@ -38,7 +38,9 @@ use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::devices::virtio::blk::BlockConfig;
+use ferry_vmm::devices::virtio::net::AnnounceSchedule;
 use ferry_vmm::devices::SharedFd;
+use ferry_vmm::dirty_rate::DirtyRateMeter;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
     self, Channel, IncomingOptions, Listener, MigrationUri, ServeOptions, TransportError,
@@ -86,11 +88,14 @@ struct Inner {
     /// The CPUID of the last guest built or received (kept while a live
     /// migration owns the guest).
     cpuid: Option<Vec<CpuidLeaf>>,
+    /// The announce schedule every guest gets (the `announce-*` parameters).
+    announce: AnnounceSchedule,
 }
 
 impl Inner {
     /// Makes `guest` this process's guest.
-    fn set_guest(&mut self, guest: Guest) {
+    fn set_guest(&mut self, mut guest: Guest) {
+        guest.set_announce_schedule(self.announce);
         self.cpuid = Some(guest.cpuid().to_vec());
         self.guest = Some(guest);
     }
@@ -105,6 +110,16 @@ impl Inner {
         }
         Ok(())
     }
+
+    /// The guest, for `operation`: refused while a live migration owns it or
+    /// while there is none (an incoming migration not loaded yet).
+    fn guest_for(&self, operation: &'static str) -> Result<&Guest, BackendError> {
+        self.not_migrating(operation)?;
+        self.guest.as_ref().ok_or(BackendError::BadState {
+            operation,
+            state: state_name(self.state),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -117,6 +132,8 @@ struct Shared {
     /// The page streams an incoming migration takes: `Some(multifd-channels)`
     /// with the multifd capability on, `None` (one stream) without.
     incoming_multifd: Mutex<Option<u32>>,
+    /// `calc-dirty-rate` measurements.
+    dirty_rate: DirtyRateMeter,
     events: EventSink,
 }
 
@@ -160,10 +177,12 @@ impl FerryBackend {
                     migrating: false,
                     tls: None,
                     cpuid: None,
+                    announce: AnnounceSchedule::default(),
                 }),
                 migration: Mutex::new(MigrationInfo::default()),
                 outgoing: Mutex::new(None),
                 incoming_multifd: Mutex::new(None),
+                dirty_rate: DirtyRateMeter::default(),
                 events,
             }),
         }
@@ -851,12 +870,7 @@ impl Backend for FerryBackend {
         // reader.
         let ram = {
             let inner = self.shared.lock()?;
-            inner.not_migrating("pmemsave")?;
-            let guest = inner.guest.as_ref().ok_or(BackendError::BadState {
-                operation: "pmemsave",
-                state: state_name(inner.state),
-            })?;
-            Arc::clone(guest.ram())
+            Arc::clone(inner.guest_for("pmemsave")?.ram())
         };
         check_phys_range(&ram.ranges(), addr, size).map_err(BackendError::Engine)?;
         write_phys(&ram, addr, size, path)
@@ -931,7 +945,40 @@ impl Backend for FerryBackend {
         // A save writes as fast as it can; a live migration takes them at
         // its next pass.
         live::set_params(&self.shared, params);
+        let mut inner = self.shared.lock()?;
+        inner.announce = params.announce;
+        if let Some(g) = inner.guest.as_mut() {
+            g.set_announce_schedule(params.announce);
+        }
         Ok(())
+    }
+
+    fn announce_self(
+        &mut self,
+        schedule: AnnounceSchedule,
+        interfaces: Option<&[String]>,
+    ) -> Result<(), BackendError> {
+        let inner = self.shared.lock()?;
+        inner
+            .guest_for("announce-self")?
+            .announce_with(schedule, interfaces);
+        Ok(())
+    }
+
+    fn calc_dirty_rate(&mut self, calc_time_s: u64, sample_pages: u64) -> Result<(), BackendError> {
+        let ram = {
+            let inner = self.shared.lock()?;
+            Arc::clone(inner.guest_for("calc-dirty-rate")?.ram())
+        };
+        self.shared
+            .dirty_rate
+            .start(ram, calc_time_s, sample_pages)
+            .map_err(engine)
+    }
+
+    fn query_dirty_rate(&self) -> Option<ferry_vmm::dirty_rate::Measurement> {
+        let m = self.shared.dirty_rate.last();
+        (m.status != ferry_vmm::dirty_rate::Status::Unstarted).then_some(m)
     }
 
     fn set_incoming_multifd(&mut self, channels: Option<u32>) -> Result<(), BackendError> {

@@ -765,8 +765,23 @@ fn libvirt_runs_a_ferry_qemu_domain() {
     if !kvm_usable(name) {
         return;
     }
-    let (dir, _) = libvirt_domain_lab("lifecycle", &["ferrylab"]);
+    let (dir, stdout) = libvirt_domain_lab("lifecycle", &["ferrylab"]);
     let work = dir.path().join("w");
+    // virsh domdirtyrate-calc + domstats --dirtyrate: the guest rewrites 16
+    // of its 128 MiB, so the rate is above 0 and at most all of RAM per second.
+    let rate: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("DIRTYRATE "))
+        .unwrap_or_else(|| panic!("no dirty rate in:\n{stdout}"))
+        .trim()
+        .parse()
+        .expect("MB/s");
+    assert!((1..=128).contains(&rate), "{rate} MB/s");
+    assert!(stdout.contains("HMP announce_self []"), "{stdout}");
+    assert!(
+        stdout.contains("HMP info status [VM status: running]"),
+        "{stdout}"
+    );
     let log = |p: &str| std::fs::read_to_string(work.join(p)).unwrap_or_default();
     let serial = log("var-log-libvirt/qemu/ferrylab-serial.log");
     assert!(
@@ -2703,4 +2718,183 @@ fn a_failed_save_to_file_keeps_the_old_checkpoint() {
     let m = std::fs::metadata(&save).expect("new save");
     assert!(m.len() > 4096, "a whole checkpoint: {} bytes", m.len());
     assert_eq!(m.permissions().mode() & 0o777, 0o600);
+}
+
+/// Polls `query-dirty-rate` until the measurement under way ends.
+fn dirty_rate_measured(q: &mut Qmp) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = q.ok("query-dirty-rate", json!({}));
+        if info["status"] == "measured" {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "never measured: {info}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 16, item 5: `calc-dirty-rate`/`query-dirty-rate` (`virsh
+/// domdirtyrate-calc`, `domstats --dirtyrate`) measure the dirtier's working
+/// set and nothing when the guest is stopped; `announce-self` and HMP
+/// `announce_self` (Nova's `enable_qemu_monitor_announce_self`) send RARP
+/// frames into the NIC's tap, with the `announce-*` parameters; QEMU's
+/// ranges and texts for bad values.
+#[test]
+fn dirty_rate_announce_self_and_hmp() {
+    let name = "dirty_rate_announce_self_and_hmp";
+    if !kvm_usable(name) {
+        return;
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP {name}: no /dev/net/tun");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let tap = format!("fq{}d", std::process::id() % 10000);
+    let netdev = format!("tap,id=hostnet0,ifname={tap},script=no,downscript=no");
+    let q = spawn_guest(
+        d,
+        "dr",
+        &kernel,
+        &[
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:fe:00:02,addr=0x5",
+        ],
+    );
+    let mut qmp = Qmp::connect(&q.qmp);
+    let hmp = |q: &mut Qmp, line: &str| -> String {
+        q.ok("human-monitor-command", json!({"command-line": line}))
+            .as_str()
+            .expect("text")
+            .to_string()
+    };
+    assert_eq!(qmp.ok("query-dirty-rate", json!({}))["status"], "unstarted");
+    assert_eq!(
+        hmp(&mut qmp, "info status"),
+        "VM status: paused (prelaunch)\r\n"
+    );
+
+    // Stopped: nothing changes.
+    qmp.ok("calc-dirty-rate", json!({"calc-time": 1}));
+    let info = dirty_rate_measured(&mut qmp);
+    assert_eq!(info["dirty-rate"], 0, "{info}");
+    assert_eq!(
+        (info["calc-time"].clone(), info["sample-pages"].clone()),
+        (json!(1), json!(512))
+    );
+
+    // Running: the 16 MiB working set of 128 MiB is an eighth of any sample.
+    qmp.ok("cont", json!({}));
+    qmp.wait_event("RESUME", None);
+    wait_for_serial(&d.join("dr.serial"), "dirtier: ready");
+    qmp.ok(
+        "calc-dirty-rate",
+        json!({"calc-time": 1, "sample-pages": 4096}),
+    );
+    let busy = error_desc(&mut qmp, "calc-dirty-rate", json!({"calc-time": 1}));
+    assert_eq!(busy, "the dirty rate is already being measured.");
+    let info = dirty_rate_measured(&mut qmp);
+    let rate = info["dirty-rate"].as_u64().expect("a rate");
+    assert!((1..=128).contains(&rate), "{info}");
+    let text = hmp(&mut qmp, "info dirty_rate");
+    assert!(
+        text.contains(&format!("Dirty rate: {rate} (MB/s)")),
+        "{text}"
+    );
+    for (args, want) in [
+        (json!({"calc-time": 0}), "calc-time is out of range[1, 60]."),
+        (
+            json!({"calc-time": 61}),
+            "calc-time is out of range[1, 60].",
+        ),
+        (
+            json!({"calc-time": 1, "sample-pages": 5000}),
+            "sample-pages is out of range[128, 4096].",
+        ),
+        (
+            json!({"calc-time": 1, "mode": "dirty-ring"}),
+            "mode dirty-ring is not enabled, use other method instead.",
+        ),
+    ] {
+        assert_eq!(error_desc(&mut qmp, "calc-dirty-rate", args), want);
+    }
+
+    // Announce: the tap (up) receives the RARP frames ferry-qemu writes.
+    let up = Command::new("ip")
+        .args(["link", "set", &tap, "up"])
+        .status()
+        .expect("ip");
+    assert!(up.success());
+    let rx = || -> u64 {
+        std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/rx_packets"))
+            .expect("tap stats")
+            .trim()
+            .parse()
+            .expect("a count")
+    };
+    let wait_rx = |want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while rx() < want {
+            assert!(Instant::now() < deadline, "{} frames, not {want}", rx());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let before = rx();
+    qmp.ok(
+        "migrate-set-parameters",
+        json!({"announce-rounds": 3, "announce-initial": 10, "announce-step": 10}),
+    );
+    let p = qmp.ok("query-migrate-parameters", json!({}));
+    assert_eq!(
+        (
+            &p["announce-initial"],
+            &p["announce-max"],
+            &p["announce-rounds"],
+            &p["announce-step"]
+        ),
+        (&json!(10), &json!(550), &json!(3), &json!(10))
+    );
+    assert_eq!(hmp(&mut qmp, "announce_self"), "");
+    wait_rx(before + 3);
+    qmp.ok(
+        "announce-self",
+        json!({"initial": 10, "max": 20, "rounds": 2, "step": 5, "interfaces": ["net0"], "id": "a"}),
+    );
+    wait_rx(before + 5);
+    // A NIC not named sends nothing; the frames above were all there were.
+    qmp.ok(
+        "announce-self",
+        json!({"initial": 10, "max": 20, "rounds": 4, "step": 5, "interfaces": ["net9"]}),
+    );
+    hmp(&mut qmp, "announce_self net9");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx(), before + 5);
+    let e = error_desc(
+        &mut qmp,
+        "announce-self",
+        json!({"initial": 10, "max": 20, "rounds": 1001, "step": 5}),
+    );
+    assert_eq!(e, "Parameter 'rounds' expects a value between 0 and 1000");
+    let e = error_desc(
+        &mut qmp,
+        "migrate-set-parameters",
+        json!({"announce-step": 0}),
+    );
+    assert_eq!(
+        e,
+        "Parameter 'announce_step' expects a value between 0 and 10000"
+    );
+    assert_eq!(hmp(&mut qmp, "info status"), "VM status: running\r\n");
+    assert_eq!(
+        hmp(&mut qmp, "frobnicate 1"),
+        "unknown command: 'frobnicate'\r\n"
+    );
+    drop(qmp);
+    drop(q);
+    let _ = Command::new("ip").args(["link", "del", &tap]).output();
 }

@@ -180,6 +180,17 @@ ready_in "/var/log/libvirt/qemu/$NAME-serial.log"
 V ttyconsole "$NAME"
 step suspend;  V suspend "$NAME"; state_is paused
 step resume;   V resume "$NAME";  state_is running; serial_grows
+# The dirty rate as an operator checks it before a migration, and Nova's
+# announce_self workaround (HMP through libvirt).
+step dirtyrate; V domdirtyrate-calc "$NAME" --seconds 1
+for _ in $(seq 600); do
+    V domstats --dirtyrate "$NAME" | grep -q 'dirtyrate.calc_status=2' && break
+    sleep 0.1
+done
+V domstats --dirtyrate "$NAME" | sed -n 's/^ *dirtyrate\.megabytes_per_second=/DIRTYRATE /p'
+step hmp
+echo "HMP announce_self [$(V qemu-monitor-command --hmp "$NAME" announce_self | tr -d '\r\n')]"
+echo "HMP info status [$(V qemu-monitor-command --hmp "$NAME" info status | tr -d '\r\n')]"
 step pmemsave-before-save
 V suspend "$NAME"; state_is paused
 pmemsave "$WORK/dumps/mem-before-save.raw"

@@ -155,6 +155,10 @@ pub static QUERY_MIGRATE_PARAMETERS: Command = Command {
             "cpu-throttle-tailslow": p.cpu_throttle_tailslow,
             "max-cpu-throttle": p.max_cpu_throttle,
             "throttle-trigger-threshold": p.throttle_trigger_threshold,
+            "announce-initial": p.announce.initial.as_millis() as u64,
+            "announce-max": p.announce.max.as_millis() as u64,
+            "announce-rounds": p.announce.rounds,
+            "announce-step": p.announce.step.as_millis() as u64,
             "tls-creds": ctx.vm.tls_params.creds,
             "tls-hostname": ctx.vm.tls_params.hostname,
             "tls-authz": ctx.vm.tls_params.authz,
@@ -246,6 +250,7 @@ fn migrate_set_parameters(
     if let Some(v) = args.get("cpu-throttle-tailslow").and_then(Value::as_bool) {
         p.cpu_throttle_tailslow = v;
     }
+    p.announce = super::monitor::announce_schedule(args, "announce-", p.announce)?;
     ctx.vm.backend.set_migrate_parameters(&p)?;
     let caps = ctx.vm.migrate_caps;
     ctx.vm

@@ -10,6 +10,7 @@ mod fds;
 mod machine;
 mod meta;
 mod migration;
+mod monitor;
 mod objects;
 mod qom;
 pub mod types;
@@ -91,6 +92,10 @@ pub static COMMANDS: &[&Command] = &[
     &migration::NBD_SERVER_START,
     &migration::MIGRATE_CONTINUE,
     &migration::QUERY_MIGRATE,
+    &monitor::ANNOUNCE_SELF,
+    &monitor::CALC_DIRTY_RATE,
+    &monitor::QUERY_DIRTY_RATE,
+    &monitor::HUMAN_MONITOR_COMMAND,
     &objects::OBJECT_ADD,
     &objects::OBJECT_DEL,
     &fds::GETFD,
