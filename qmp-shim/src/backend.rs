@@ -215,6 +215,9 @@ pub struct MigrationInfo {
     pub cpu_throttle_percentage: Option<u64>,
     /// Why the VM cannot migrate now (libvirt refuses in Begin if set).
     pub blocked_reasons: Vec<String>,
+    /// ferry's own (`x-switchover-returns`): switch-overs that would have
+    /// overrun the downtime limit and went back to pre-copy.
+    pub switchover_returns: Option<u64>,
 }
 
 /// Migration tunables ferry honours (`migrate-set-parameters`).

@@ -2898,3 +2898,54 @@ fn dirty_rate_announce_self_and_hmp() {
     drop(q);
     let _ = Command::new("ip").args(["link", "del", &tap]).output();
 }
+
+/// Issue 16, item 6: a link that slows at the switch-over (here: the
+/// bandwidth cap drops to 1 MiB/s while libvirt's pre-switchover pause
+/// waits) would keep the guest paused for seconds; the source resumes the
+/// guest and goes back to pre-copy (`active`, RESUME, counted in
+/// `x-switchover-returns`) instead, without asking for a second go-ahead,
+/// and completes once the link is fast again, memory intact.
+#[test]
+fn a_switchover_that_would_overrun_goes_back_to_precopy() {
+    let name = "a_switchover_that_would_overrun_goes_back_to_precopy";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let (a, mut qa) = running_source(d, "a", &kernel);
+    qa.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    );
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    qb.ok("migrate-incoming", json!({"uri": uri}));
+    qa.ok("migrate", json!({"uri": uri}));
+    qa.wait_event("MIGRATION", Some("pre-switchover"));
+    qa.events.clear();
+    qa.ok("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
+    qa.ok("migrate-continue", json!({"state": "pre-switchover"}));
+    qa.wait_event("MIGRATION", Some("device"));
+    qa.wait_event("MIGRATION", Some("active"));
+    qa.wait_event("RESUME", None);
+    assert_eq!(qa.status(), "running");
+    let info = qa.ok("query-migrate", json!({}));
+    assert!(info["x-switchover-returns"].as_u64() >= Some(1), "{info}");
+    qa.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    assert!(
+        !migration_statuses(&qa).contains(&"pre-switchover".to_string()),
+        "a second go-ahead was asked for: {:?}",
+        migration_statuses(&qa)
+    );
+    wait_status(&mut qb, "paused");
+    same_memory(&mut qa, &mut qb, d, "overrun");
+    drop((qa, a));
+    run_a_while(&mut qb, &d.join("b.serial"));
+    drop((qb, b));
+}

@@ -472,6 +472,7 @@ pub fn migration_info_json(info: &MigrationInfo) -> Value {
         ("downtime", info.downtime_ms),
         ("expected-downtime", info.expected_downtime_ms),
         ("cpu-throttle-percentage", info.cpu_throttle_percentage),
+        ("x-switchover-returns", info.switchover_returns),
     ] {
         if let Some(v) = v {
             m.insert(k.into(), json!(v));

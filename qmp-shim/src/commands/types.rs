@@ -262,6 +262,7 @@ pub static MIGRATION_INFO: ObjectDef = ObjectDef {
         opt("cpu-throttle-percentage", Ty::Int),
         opt("error-desc", Ty::Str),
         opt("blocked-reasons", Ty::Array(&Ty::Str)),
+        opt("x-switchover-returns", Ty::Int),
     ],
 };
 

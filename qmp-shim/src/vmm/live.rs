@@ -391,6 +391,24 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
                 return;
             }
             cancelling = o.cancel_requested;
+            if next == MigrationStatus::Active && o.stopped {
+                // The switch-over would have overrun the downtime limit: the
+                // guest runs again and pre-copy goes on (as it stopped, so
+                // it resumes, with its RESUME).
+                o.stopped = false;
+                o.precopy_bytes = None;
+                let runs = o.was_running && !o.user_stopped;
+                if let Ok(mut inner) = shared.inner.lock() {
+                    inner.state = if runs {
+                        RunState::Running
+                    } else {
+                        RunState::Paused
+                    };
+                }
+                if runs {
+                    shared.events.emit("RESUME", None);
+                }
+            }
             if switchover && o.precopy_bytes.is_none() {
                 o.precopy_bytes = Some(o.ctl.stats().ram.transferred);
             }
@@ -550,6 +568,7 @@ pub(super) fn fill_info(shared: &Shared, info: &mut MigrationInfo) {
         o.start.elapsed().as_millis() as u64
     });
     info.cpu_throttle_percentage = Some(u64::from(st.cpu_throttle_percentage));
+    info.switchover_returns = Some(u64::from(st.switchover_returns));
     match status {
         MigrationStatus::Setup => {}
         MigrationStatus::Completed => info.downtime_ms = Some(st.downtime),

@@ -376,6 +376,11 @@ pub enum MigrationError {
     Refused(String),
     #[error("migration cancelled")]
     Cancelled,
+    /// The switch-over would have paused the guest past the downtime limit:
+    /// the source went back to pre-copy (internal to the source; never the
+    /// migration's outcome).
+    #[error("the switch-over would overrun the downtime limit")]
+    SwitchoverOverrun,
     #[error("migration took longer than its {0} ms limit and was cancelled")]
     TimedOut(u64),
     #[error("the migration stream broke: {0}")]

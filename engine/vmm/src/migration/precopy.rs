@@ -174,7 +174,32 @@ struct Shared<'a> {
     clear_ns: AtomicU64,
     /// Where the last live rate sample started: when, bytes, pages.
     rate_sample: Mutex<(Instant, u64, u64)>,
+    /// While the switch-over sends the rest: the bound on the guest's pause.
+    guard: Mutex<Option<DowntimeGuard>>,
+    /// The guard fired: every stream stops at its next batch, and the guest
+    /// runs again.
+    overrun: AtomicBool,
 }
+
+/// The switch-over's bound on the pause (issue 16, item 6): if sending the
+/// rest would keep the guest paused past `limit` (the downtime limit, the
+/// link slowed or the estimate was wrong), the source resumes the guest and
+/// goes on with pre-copy instead of stretching the pause.
+#[derive(Debug, Clone, Copy)]
+struct DowntimeGuard {
+    start: Instant,
+    bytes_at_start: u64,
+    /// Bytes the rest takes (pages at their full size).
+    rest_bytes: u64,
+    limit: Duration,
+}
+
+/// At most this many returns to pre-copy per migration; then the switch-over
+/// goes through however long it takes (the dirty limit still bounds the rest).
+pub const MAX_SWITCHOVER_RETURNS: u32 = 5;
+/// The guard's limit is at least this: below it, the time to resume the
+/// guest and go back would cost more than it saves.
+const MIN_GUARD: Duration = Duration::from_millis(50);
 
 /// How often query-migrate's rates (`mbps`, `pages-per-second`) are refreshed
 /// while a pass runs.
@@ -243,6 +268,39 @@ impl Shared<'_> {
             .lock()
             .map_err(|_| MigrationError::Stream("the return path lock is poisoned".into()))?;
         check_abort(self.ctl, &replies)
+    }
+
+    /// Whether the switch-over's send, measured so far, would keep the guest
+    /// paused past its guard's limit (a quarter of the limit in, once the
+    /// rate is known): then it stops, for every stream, at the next batch.
+    fn overran(&self) -> bool {
+        if self.overrun.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(g) = self.guard.lock().ok().and_then(|g| *g) else {
+            return false;
+        };
+        let elapsed = g.start.elapsed();
+        if elapsed < g.limit / 4 {
+            return false;
+        }
+        let sent = self
+            .bytes
+            .load(Ordering::Acquire)
+            .saturating_sub(g.bytes_at_start);
+        let left = g.rest_bytes.saturating_sub(sent);
+        let projected = if left == 0 {
+            elapsed
+        } else if sent == 0 {
+            Duration::MAX
+        } else {
+            elapsed.saturating_add(elapsed.mul_f64(left as f64 / sent as f64))
+        };
+        let over = projected > g.limit.saturating_add(g.limit / 4);
+        if over {
+            self.overrun.store(true, Ordering::Release);
+        }
+        over
     }
 
     /// A new cap applies from now on, not to what was sent under the old one.
@@ -419,7 +477,11 @@ impl PageSender {
         self.batch.clear();
         self.report(sh);
         sh.check_abort()?;
-        sh.pace(len)
+        sh.pace(len)?;
+        if sh.overran() {
+            return Err(MigrationError::SwitchoverOverrun);
+        }
+        Ok(())
     }
 
     /// Adds what this stream sent since the last report to the shared counters and
@@ -476,8 +538,9 @@ fn send_pass(
                 let spawned = std::thread::Builder::new()
                     .name(format!("migration-{index}"))
                     .spawn_scoped(scope, move || {
-                        if let Err(e) = s.send_map(sh, ram, map, prev, skip_zero, clear) {
-                            sh.fail(e);
+                        match s.send_map(sh, ram, map, prev, skip_zero, clear) {
+                            Ok(()) | Err(MigrationError::SwitchoverOverrun) => {}
+                            Err(e) => sh.fail(e),
                         }
                     });
                 if let Err(e) = spawned.as_ref() {
@@ -489,8 +552,9 @@ fn send_pass(
                 (index, spawned)
             })
             .collect();
-        if let Err(e) = main.send_map(sh, ram, map, prev, skip_zero, clear) {
-            sh.fail(e);
+        match main.send_map(sh, ram, map, prev, skip_zero, clear) {
+            Ok(()) | Err(MigrationError::SwitchoverOverrun) => {}
+            Err(e) => sh.fail(e),
         }
         for (index, w) in workers {
             if let Ok(handle) = w {
@@ -505,6 +569,9 @@ fn send_pass(
     });
     if sh.failed.load(Ordering::Acquire) {
         return Err(sh.take_error());
+    }
+    if sh.overrun.load(Ordering::Acquire) {
+        return Err(MigrationError::SwitchoverOverrun);
     }
     Ok(())
 }
@@ -879,6 +946,8 @@ fn run(
             bytes: 0,
             cap: params.max_bandwidth,
         }),
+        guard: Mutex::new(None),
+        overrun: AtomicBool::new(false),
     };
     let mut senders = vec![PageSender::new(out, 0, streams)];
     if let (Some(uri), true) = (&reconnect, streams > 1) {
@@ -916,157 +985,214 @@ fn run(
     let mut extra_passes = 0;
     let mut last_dirty_bytes: Option<u64> = None;
     let mut sync_us = 0u64;
-    loop {
-        pass += 1;
-        let params = ctl.params();
-        sh.set_cap(params.max_bandwidth);
-        let pass_start = Instant::now();
-        let bytes_before = sh.bytes.load(Ordering::Acquire);
-        let first = pass == 1;
-        sh.first_pass.store(first, Ordering::Release);
-        // Cold pages first: those not dirtied in the previous sync too.
-        let clear = manual.then(|| vm.vm_fd());
-        send_pass(
-            &mut senders,
-            &sh,
-            &ram,
-            &to_send,
-            Some(&prev_sync),
-            first,
-            clear,
-        )?;
-        // A pass with almost nothing to send still lets the guest run a little, so a
-        // limit that cannot be met does not spin on empty passes.
-        if let Some(rest) = MIN_PASS.checked_sub(pass_start.elapsed()) {
-            std::thread::sleep(rest);
-        }
-        let elapsed = pass_start.elapsed();
-        let sent = sh.bytes.load(Ordering::Acquire) - bytes_before;
-
-        // Sync: what the guest dirtied while we sent.
-        let mut dirty = PageMap::new(&ram, false);
-        let sync_start = Instant::now();
-        dirty.merge(&ram.get_dirty_log(vm.vm_fd())?);
-        sync_us += sync_start.elapsed().as_micros() as u64;
-        let dirty_pages = dirty.count();
-        let report = PassReport {
-            bytes_sent: sent,
-            elapsed,
-            dirty_bytes: dirty_pages * PAGE_SIZE as u64,
-            device_bytes: device_estimate,
-        };
-        let expected = conv.observe(&report, params.max_bandwidth);
-        let dirty_rate = report.dirty_bytes as f64 / elapsed.as_secs_f64().max(1e-3);
-        let (transferred, normal, duplicate) = sh.totals();
-        ctl.update_stats(|s| {
-            s.passes = pass;
-            s.ram.dirty_sync_count = pass;
-            record_pages(s, transferred, normal, duplicate);
-            s.ram.remaining = report.dirty_bytes;
-            s.ram.dirty_pages_rate = (dirty_rate / PAGE_SIZE as f64) as u64;
-            s.ram.mbps = sent as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-6);
-            s.ram.pages_per_second = (conv.bandwidth / PAGE_SIZE as f64) as u64;
-            s.expected_downtime = expected.as_millis() as u64;
-            s.total_time = start.elapsed().as_millis() as u64;
-            s.cpu_throttle_percentage = throttle.percent();
-            s.dirty_limit_throttle_time_per_round = beyond_cap(throttle.nap_ppm(), &params);
-            s.dirty_sync_us = sync_us;
-            s.dirty_clear_us = sh.clear_ns.load(Ordering::Relaxed) / 1000;
-        });
-        ctl.emit(MigrationEvent::Pass(pass));
-        tracing::debug!(
-            pass,
-            sent,
-            ?elapsed,
-            dirty_pages,
-            ?expected,
-            throttle = throttle.percent(),
-            "pre-copy pass"
-        );
-
-        let limit = Duration::from_millis(params.downtime_limit_ms);
-        if conv.decide(expected, limit) == Decision::SwitchOver {
-            // The rest fits the limit. While each pass still shrinks it by a quarter,
-            // one more pass (with the guest running) buys a shorter pause.
-            let shrinking = last_dirty_bytes.is_none_or(|last| report.dirty_bytes * 4 < last * 3);
-            if extra_passes >= MAX_EXTRA_PASSES || report.dirty_bytes <= SMALL_REST || !shrinking {
-                prev_sync = dirty;
-                break;
+    let mut forced = false;
+    let mut returns = 0u32;
+    let mut went_ahead = false;
+    let (throttle_pct, down_start, rest_pages) = loop {
+        loop {
+            pass += 1;
+            let params = ctl.params();
+            sh.set_cap(params.max_bandwidth);
+            let pass_start = Instant::now();
+            let bytes_before = sh.bytes.load(Ordering::Acquire);
+            let first = pass == 1;
+            sh.first_pass.store(first, Ordering::Release);
+            // Cold pages first: those not dirtied in the previous sync too.
+            let clear = manual.then(|| vm.vm_fd());
+            send_pass(
+                &mut senders,
+                &sh,
+                &ram,
+                &to_send,
+                Some(&prev_sync),
+                first,
+                clear,
+            )?;
+            // A pass with almost nothing to send still lets the guest run a little, so a
+            // limit that cannot be met does not spin on empty passes.
+            if let Some(rest) = MIN_PASS.checked_sub(pass_start.elapsed()) {
+                std::thread::sleep(rest);
             }
-            extra_passes += 1;
-        }
-        last_dirty_bytes = Some(report.dirty_bytes);
-        if params.max_total_time_ms > 0
-            && start.elapsed() > Duration::from_millis(params.max_total_time_ms)
-        {
-            match params.on_timeout {
-                TimeoutPolicy::Cancel => {
-                    return Err(MigrationError::TimedOut(params.max_total_time_ms))
-                }
-                TimeoutPolicy::ForceSwitchover => {
+            let elapsed = pass_start.elapsed();
+            let sent = sh.bytes.load(Ordering::Acquire) - bytes_before;
+
+            // Sync: what the guest dirtied while we sent.
+            let mut dirty = PageMap::new(&ram, false);
+            let sync_start = Instant::now();
+            dirty.merge(&ram.get_dirty_log(vm.vm_fd())?);
+            sync_us += sync_start.elapsed().as_micros() as u64;
+            let dirty_pages = dirty.count();
+            let report = PassReport {
+                bytes_sent: sent,
+                elapsed,
+                dirty_bytes: dirty_pages * PAGE_SIZE as u64,
+                device_bytes: device_estimate,
+            };
+            let expected = conv.observe(&report, params.max_bandwidth);
+            let dirty_rate = report.dirty_bytes as f64 / elapsed.as_secs_f64().max(1e-3);
+            let (transferred, normal, duplicate) = sh.totals();
+            ctl.update_stats(|s| {
+                s.passes = pass;
+                s.ram.dirty_sync_count = pass;
+                record_pages(s, transferred, normal, duplicate);
+                s.ram.remaining = report.dirty_bytes;
+                s.ram.dirty_pages_rate = (dirty_rate / PAGE_SIZE as f64) as u64;
+                s.ram.mbps = sent as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-6);
+                s.ram.pages_per_second = (conv.bandwidth / PAGE_SIZE as f64) as u64;
+                s.expected_downtime = expected.as_millis() as u64;
+                s.total_time = start.elapsed().as_millis() as u64;
+                s.cpu_throttle_percentage = throttle.percent();
+                s.dirty_limit_throttle_time_per_round = beyond_cap(throttle.nap_ppm(), &params);
+                s.dirty_sync_us = sync_us;
+                s.dirty_clear_us = sh.clear_ns.load(Ordering::Relaxed) / 1000;
+            });
+            ctl.emit(MigrationEvent::Pass(pass));
+            tracing::debug!(
+                pass,
+                sent,
+                ?elapsed,
+                dirty_pages,
+                ?expected,
+                throttle = throttle.percent(),
+                "pre-copy pass"
+            );
+
+            let limit = Duration::from_millis(params.downtime_limit_ms);
+            if conv.decide(expected, limit) == Decision::SwitchOver {
+                // The rest fits the limit. While each pass still shrinks it by a quarter,
+                // one more pass (with the guest running) buys a shorter pause.
+                let shrinking =
+                    last_dirty_bytes.is_none_or(|last| report.dirty_bytes * 4 < last * 3);
+                if extra_passes >= MAX_EXTRA_PASSES
+                    || report.dirty_bytes <= SMALL_REST
+                    || !shrinking
+                {
                     prev_sync = dirty;
                     break;
                 }
+                extra_passes += 1;
             }
+            last_dirty_bytes = Some(report.dirty_bytes);
+            if params.max_total_time_ms > 0
+                && start.elapsed() > Duration::from_millis(params.max_total_time_ms)
+            {
+                match params.on_timeout {
+                    TimeoutPolicy::Cancel => {
+                        return Err(MigrationError::TimedOut(params.max_total_time_ms))
+                    }
+                    TimeoutPolicy::ForceSwitchover => {
+                        forced = true;
+                        prev_sync = dirty;
+                        break;
+                    }
+                }
+            }
+            if params.auto_converge {
+                let now = throttle.nap_ppm();
+                let max = max_nap_ppm(params.max_throttle_pct, params.dirty_limit);
+                let cap = max_nap_ppm(params.max_throttle_pct, false);
+                let nap = match params.throttle {
+                    ThrottlePolicy::Adaptive => conv.throttle_for(dirty_rate, now, max),
+                    // QEMU's steps up to its cap; past it, the dirty limit as above.
+                    _ if now >= cap && max > cap => conv.throttle_for(dirty_rate, now, max),
+                    qemu => conv.qemu_throttle_for(
+                        report.dirty_bytes,
+                        sent,
+                        now,
+                        qemu,
+                        params.max_throttle_pct,
+                    ),
+                };
+                throttle.set_ppm(nap);
+            }
+            to_send = dirty.clone();
+            prev_sync = dirty;
         }
-        if params.auto_converge {
-            let now = throttle.nap_ppm();
-            let max = max_nap_ppm(params.max_throttle_pct, params.dirty_limit);
-            let cap = max_nap_ppm(params.max_throttle_pct, false);
-            let nap = match params.throttle {
-                ThrottlePolicy::Adaptive => conv.throttle_for(dirty_rate, now, max),
-                // QEMU's steps up to its cap; past it, the dirty limit as above.
-                _ if now >= cap && max > cap => conv.throttle_for(dirty_rate, now, max),
-                qemu => conv.qemu_throttle_for(
-                    report.dirty_bytes,
-                    sent,
-                    now,
-                    qemu,
-                    params.max_throttle_pct,
-                ),
-            };
-            throttle.set_ppm(nap);
-        }
-        to_send = dirty.clone();
-        prev_sync = dirty;
-    }
-    sh.first_pass.store(false, Ordering::Release);
+        sh.first_pass.store(false, Ordering::Release);
 
-    // Switch-over: stop the guest; from here the downtime counts. The throttle goes
-    // once the vCPUs are stopped: lifted first, a guest throttled to a few runs per
-    // second would run free until they stop and dirty its whole working set again.
-    let throttle_pct = throttle.percent();
-    vm.pause()?;
-    drop(throttle);
-    let down_start = Instant::now();
-    if params.pause_before_switchover {
-        ctl.emit(MigrationEvent::Status(MigrationStatus::PreSwitchover));
-        // Nothing flows while this waits: keep-alives tell the destination that
-        // this source is alive (it drops a source silent for its idle timeout).
-        loop {
-            match ctl.wait_switchover_for(super::KEEPALIVE_INTERVAL) {
-                Some(true) => break,
-                Some(false) => return Err(MigrationError::Cancelled),
-                None => {
-                    let main = senders
-                        .first_mut()
-                        .ok_or_else(|| MigrationError::Stream("no page stream is open".into()))?;
-                    main.out.write_keepalive()?;
-                    main.out.get_mut().flush().map_err(|e| {
-                        MigrationError::Stream(format!("cannot send a keep-alive: {e}"))
-                    })?;
+        // Switch-over: stop the guest; from here the downtime counts. The throttle goes
+        // once the vCPUs are stopped: lifted first, a guest throttled to a few runs per
+        // second would run free until they stop and dirty its whole working set again.
+        let throttle_pct = throttle.percent();
+        let throttle_ppm = throttle.nap_ppm();
+        vm.pause()?;
+        throttle.set_ppm(0);
+        let down_start = Instant::now();
+        // libvirt gives its go-ahead once: a switch-over after a return to
+        // pre-copy goes on without asking again.
+        if params.pause_before_switchover && !went_ahead {
+            went_ahead = true;
+            ctl.emit(MigrationEvent::Status(MigrationStatus::PreSwitchover));
+            // Nothing flows while this waits: keep-alives tell the destination that
+            // this source is alive (it drops a source silent for its idle timeout).
+            loop {
+                match ctl.wait_switchover_for(super::KEEPALIVE_INTERVAL) {
+                    Some(true) => break,
+                    Some(false) => return Err(MigrationError::Cancelled),
+                    None => {
+                        let main = senders.first_mut().ok_or_else(|| {
+                            MigrationError::Stream("no page stream is open".into())
+                        })?;
+                        main.out.write_keepalive()?;
+                        main.out.get_mut().flush().map_err(|e| {
+                            MigrationError::Stream(format!("cannot send a keep-alive: {e}"))
+                        })?;
+                    }
                 }
             }
         }
-    }
-    // Downtime counts from the pause, as QEMU counts it, also while a
-    // pause-before-switchover waits for the go-ahead.
-    ctl.emit(MigrationEvent::Status(MigrationStatus::Device));
-    let mut rest = prev_sync;
-    rest.merge(&ram.get_dirty_log(vm.vm_fd())?);
-    let rest_pages = rest.count();
-    // The guest is paused: nothing can dirty a page again, nothing needs clearing.
-    send_pass(&mut senders, &sh, &ram, &rest, None, false, None)?;
+        // Downtime counts from the pause, as QEMU counts it, also while a
+        // pause-before-switchover waits for the go-ahead.
+        ctl.emit(MigrationEvent::Status(MigrationStatus::Device));
+        let mut rest = prev_sync;
+        rest.merge(&ram.get_dirty_log(vm.vm_fd())?);
+        let rest_pages = rest.count();
+        // The guest is paused: nothing can dirty a page again, nothing needs
+        // clearing. Unless the timeout forced this switch-over, the send is
+        // guarded: if it would keep the guest paused past the downtime limit,
+        // the guest runs again and pre-copy goes on.
+        let guarded = !forced && returns < MAX_SWITCHOVER_RETURNS;
+        if guarded {
+            let limit = Duration::from_millis(ctl.params().downtime_limit_ms).max(MIN_GUARD);
+            if let Ok(mut g) = sh.guard.lock() {
+                *g = Some(DowntimeGuard {
+                    start: Instant::now(),
+                    bytes_at_start: sh.bytes.load(Ordering::Acquire),
+                    rest_bytes: rest_pages * PAGE_SIZE as u64,
+                    limit,
+                });
+            }
+        }
+        let sent = send_pass(&mut senders, &sh, &ram, &rest, None, false, None);
+        if let Ok(mut g) = sh.guard.lock() {
+            *g = None;
+        }
+        match sent {
+            Ok(()) => break (throttle_pct, down_start, rest_pages),
+            Err(MigrationError::SwitchoverOverrun) => {
+                sh.overrun.store(false, Ordering::Release);
+                returns += 1;
+                vm.resume()?;
+                throttle.set_ppm(throttle_ppm);
+                let paused_ms = down_start.elapsed().as_millis() as u64;
+                ctl.update_stats(|s| s.switchover_returns = returns);
+                ctl.emit(MigrationEvent::Status(MigrationStatus::Active));
+                tracing::info!(
+                    returns,
+                    rest_pages,
+                    paused_ms,
+                    "switch-over would overrun the downtime limit: back to pre-copy"
+                );
+                // Everything of the rest goes again (what was sent is harmless
+                // to resend), and whatever the guest dirties from now on.
+                to_send = rest.clone();
+                prev_sync = rest;
+                extra_passes = 0;
+                last_dirty_bytes = None;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     // Every extra stream ends before the main stream's End: the destination loads
     // the state only once all of them are complete.
     for s in senders.drain(1..) {

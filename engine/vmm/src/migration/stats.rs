@@ -91,6 +91,9 @@ pub struct MigrationStats {
     pub dirty_clear_us: u64,
     /// Milliseconds spent computing and checking the RAM digest (0 if off).
     pub digest_ms: u64,
+    /// Switch-overs that would have overrun the downtime limit and went back
+    /// to pre-copy with the guest running.
+    pub switchover_returns: u32,
     /// Why it failed, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,
