@@ -93,6 +93,17 @@ pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
          fewer), clear-dirty-log (on or off: KVM's manual dirty-log protection where the \
          kernel offers it).",
     ),
+    (
+        "announce",
+        "Make every NIC announce the guest's MAC again (RARP frames, QEMU's schedule), as \
+         QEMU's announce-self does.",
+    ),
+    (
+        "dirty-rate [SECONDS [PAGES-PER-GIB]]",
+        "With SECONDS (1 to 60), start measuring how fast the guest dirties its memory, as \
+         QEMU's calc-dirty-rate does in page-sampling mode (PAGES-PER-GIB 128 to 4096, \
+         default 512); without, report the last measurement (status, MiB/s).",
+    ),
     ("quit", "Stop the VM and exit with status 0."),
 ];
 

@@ -257,13 +257,13 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
         "resume" | "cont" => vm.resume().map(|_| json!({"status": status(vm)})),
         "quit" => return (json!({"ok": true}), true),
         "peek" => u64::from_str_radix(arg.trim_start_matches("0x"), 16)
-            .map_err(|_| VmmError::Config(format!("peek needs a hex guest address, not '{arg}'")))
+            .map_err(|_| VmmError::Command(format!("peek needs a hex guest address, not '{arg}'")))
             .and_then(|gpa| {
                 let mut b = [0u8; 8];
                 vm.ram().read(gpa, &mut b)?;
                 Ok(json!({"gpa": gpa, "value": u64::from_le_bytes(b)}))
             }),
-        "checkpoint" | "dump" if arg.is_empty() => Err(VmmError::Config(format!(
+        "checkpoint" | "dump" if arg.is_empty() => Err(VmmError::Command(format!(
             "'{cmd}' needs a file path: {cmd} PATH"
         ))),
         "checkpoint" => with_paused(vm, |vm| {
@@ -282,8 +282,14 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
             let size = dump_memory(vm.ram(), Path::new(arg))?;
             Ok(json!({"path": arg, "size": size}))
         }),
-        _ => Err(VmmError::Config(format!(
-            "unknown command '{cmd}': use status, pause, resume, checkpoint PATH, dump PATH or quit"
+        "announce" => Ok(json!({"nics": vm.announce_with(
+            crate::devices::virtio::net::AnnounceSchedule::default(),
+            None
+        )})),
+        "dirty-rate" => dirty_rate(vm, arg),
+        _ => Err(VmmError::Command(format!(
+            "unknown command '{cmd}': use status, pause, resume, checkpoint PATH, dump PATH, \
+             announce, dirty-rate [SECONDS [PAGES-PER-GIB]] or quit"
         ))),
     };
     match result {
@@ -293,6 +299,40 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
         }
         Err(e) => (json!({"ok": false, "error": crate::error_chain(&e)}), false),
     }
+}
+
+/// `dirty-rate SECONDS [PAGES-PER-GIB]` starts measuring the guest's dirty
+/// rate (QEMU's calc-dirty-rate, page-sampling); `dirty-rate` alone reports
+/// the last measurement.
+fn dirty_rate(vm: &Vm, arg: &str) -> Result<Value, VmmError> {
+    let meter = vm.dirty_rate();
+    let words: Vec<&str> = arg.split_whitespace().collect();
+    if let [secs, rest @ ..] = words.as_slice() {
+        let number = |w: &str| {
+            w.parse::<u64>().map_err(|_| {
+                VmmError::Command(format!(
+                    "dirty-rate takes SECONDS [PAGES-PER-GIB] as numbers, not '{w}'"
+                ))
+            })
+        };
+        let sample = match rest {
+            [] => crate::dirty_rate::DEFAULT_SAMPLE_PAGES,
+            [n] => number(n)?,
+            _ => {
+                return Err(VmmError::Command(
+                    "dirty-rate takes at most SECONDS and PAGES-PER-GIB".into(),
+                ))
+            }
+        };
+        meter.start(vm.ram().clone(), number(secs)?, sample)?;
+    }
+    let m = meter.last();
+    Ok(json!({
+        "status": m.status.as_str(),
+        "calc-time": m.calc_time_s,
+        "sample-pages": m.sample_pages,
+        "dirty-rate": m.dirty_rate,
+    }))
 }
 
 /// Runs `f` with the VM paused, and resumes it afterwards if it was running — also when

@@ -42,6 +42,12 @@ pub enum VmmError {
     Io(String, #[source] std::io::Error),
     #[error("vCPU {0} thread has exited")]
     VcpuGone(u32),
+    /// A control-socket command was malformed or unknown (the text says how
+    /// to write it).
+    #[error("{0}")]
+    Command(String),
+    #[error(transparent)]
+    DirtyRate(#[from] dirty_rate::DirtyRateError),
     #[error(
         "cannot restore: this host's KVM cannot load MSRs of vCPU {vcpu} that the guest can \
          read: {}; start the guest with a CPU model both hosts run (ferry-vm --cpu qemu64; \

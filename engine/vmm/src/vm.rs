@@ -190,6 +190,8 @@ pub struct Vm {
     /// The schedule of that announce (QEMU's `announce-*` migration
     /// parameters).
     announce_schedule: AnnounceSchedule,
+    /// Measures the guest's dirty rate on request (`calc-dirty-rate`).
+    dirty_rate: crate::dirty_rate::DirtyRateMeter,
 }
 
 impl Drop for Vm {
@@ -301,6 +303,7 @@ impl Vm {
             cpuid,
             announce_on_resume: false,
             announce_schedule: AnnounceSchedule::default(),
+            dirty_rate: crate::dirty_rate::DirtyRateMeter::default(),
         })
     }
 
@@ -395,6 +398,11 @@ impl Vm {
         only: Option<&[String]>,
     ) -> Vec<String> {
         self.pci.announce(schedule, only)
+    }
+
+    /// This VM's dirty-rate meter (one measurement at a time).
+    pub fn dirty_rate(&self) -> &crate::dirty_rate::DirtyRateMeter {
+        &self.dirty_rate
     }
 
     /// The schedule of the announce an arrived VM sends on its first resume
