@@ -801,6 +801,16 @@ fn rng_forms_libvirt_and_by_hand() {
             },
         }]
     );
+    // What libvirt 9.0 really writes for ferry-qemu (key=value; seen in the
+    // libvirt_runs_a_ferry_qemu_domain lab): the same device.
+    let kv = rngs_of(&[
+        "-object",
+        "rng-random,id=objrng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-pci,rng=objrng0,id=rng0,max-bytes=1024,period=1000,bus=pci.0,addr=0x6",
+    ])
+    .expect("accepted");
+    assert_eq!(kv, r);
     // <backend model='builtin'/>, no <rate>: QEMU's defaults.
     let r = rngs_of(&[
         "-object",
