@@ -477,9 +477,10 @@ impl VirtioPci {
         }
     }
 
-    /// One round of the device thread: due timed work, then the input queue
-    /// (unless stopped). Returns whether the thread should poll the input fd
-    /// and when it wants to be called next.
+    /// One round of the device thread: due timed work, then (unless stopped)
+    /// the queue that waits on time (virtio-rng) and the input queue. Returns
+    /// whether the thread should poll the input fd and when it wants to be
+    /// called next.
     pub fn service(&mut self, now: Instant) -> (bool, Option<Instant>) {
         let mut next = self.device.timer(now);
         if self.stopped != 0 {

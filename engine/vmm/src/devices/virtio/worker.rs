@@ -3,9 +3,9 @@
 //! device can take input, sleeps until the device's next timer, and polls a
 //! socket that wakes it when that changes (the driver posted buffers, a request
 //! waits for the rate limit, the VM resumed, an announce started, the VM is
-//! going away). All device work happens under the
-//! device's lock, in [`VirtioPci::service`], which does nothing while the device
-//! is stopped: a paused VM's guest memory is never written from here.
+//! going away). All device work happens under the device's lock, in
+//! [`VirtioPci::service`], which does nothing while the device is stopped: a
+//! paused VM's guest memory is never written from here.
 
 use std::io::Read;
 use std::os::fd::AsFd;
