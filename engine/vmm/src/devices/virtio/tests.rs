@@ -1092,7 +1092,15 @@ fn rng_waits_for_the_window_without_spinning() {
         }
         None
     };
-    let before = switches().expect("the device thread exists");
+    // The thread names itself once it runs: wait for that (bounded).
+    let until = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        if let Some(n) = switches() {
+            break n;
+        }
+        assert!(Instant::now() < until, "no thread named {thread}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     std::thread::sleep(Duration::from_millis(500));
     let after = switches().expect("the device thread exists");
     assert!(
