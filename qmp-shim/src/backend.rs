@@ -48,6 +48,9 @@ pub struct MachineConfig {
     /// Their taps, opened at startup (`process::open_taps`), in `nics` order:
     /// every boot of the guest and an incoming migration use these.
     pub taps: Vec<ferry_vmm::devices::virtio::net::NetConfig>,
+    /// virtio-rng entropy devices on PCI bus 0 (`-object rng-random|rng-builtin`
+    /// + `-device virtio-rng-pci`); their sources are opened with the VM.
+    pub rngs: Vec<crate::argv::RngDeviceConfig>,
     pub name: Option<String>,
     pub uuid: Option<String>,
     /// `-S`: build paused ("prelaunch"); `cont` starts the vCPUs.

@@ -210,7 +210,7 @@ pub fn disk_device_id(d: &DiskConfig) -> String {
         .unwrap_or_else(|| format!("virtio-blk@{:02x}", d.slot))
 }
 
-/// The engine's virtio devices for `config`'s disks and NICs. A
+/// The engine's virtio devices for `config`'s disks, NICs and entropy devices. A
 /// destination must be given the same ones: the engine's shape check
 /// refuses a stream from a VM with other devices.
 fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
@@ -226,6 +226,14 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
                 .unwrap_or_else(|| format!("virtio-net@{:02x}", n.slot)),
             device: VirtioDeviceSpec::Net(tap.clone()),
         });
+    let rngs = config.rngs.iter().map(|r| VirtioSpec {
+        slot: r.slot,
+        id: r
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("virtio-rng@{:02x}", r.slot)),
+        device: VirtioDeviceSpec::Rng(r.config.clone()),
+    });
     config
         .disks
         .iter()
@@ -241,6 +249,7 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
             }),
         })
         .chain(nics)
+        .chain(rngs)
         .collect()
 }
 

@@ -801,6 +801,20 @@ fn libvirt_runs_a_ferry_qemu_domain() {
         r#""execute":"migrate","arguments":{"detach":true,"resume":false,"uri":"fd:migrate"}"#
     ));
     assert!(libvirtd.contains(r#""execute":"migrate-incoming""#));
+    // The domain's <rng model='virtio'> with <rate>, as libvirt 9.0 writes it
+    // for ferry-qemu (key=value: ferry-qemu does not claim QAPIfied -object
+    // and JSON -device), at the start and at the restore.
+    let argv: String = log("var-log-libvirt/qemu/ferrylab.log")
+        .lines()
+        .filter(|l| l.contains("rng"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for want in [
+        "-object rng-random,id=objrng0,filename=/dev/urandom",
+        "-device virtio-rng-pci,rng=objrng0,id=rng0,max-bytes=1024,period=1000,bus=pci.0,addr=0x",
+    ] {
+        assert_eq!(argv.matches(want).count(), 2, "{want}:\n{argv}");
+    }
 }
 
 /// Issue 13 item 5: under libvirt's packaged defaults (emulator user

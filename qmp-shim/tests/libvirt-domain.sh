@@ -4,7 +4,7 @@
 # ships it: the emulator runs as libvirt-qemu, in a private /dev, its files
 # labelled by the DAC driver. Usage (as root):
 #   unshare --mount --propagation private bash libvirt-domain.sh WORK FERRY_QEMU KERNEL [MODE]
-# MODE lifecycle (the default): one domain through define, start,
+# MODE lifecycle (the default): one domain (with a virtio-rng) through define, start,
 #   suspend/resume, pmemsave, save, restore, pmemsave, destroy. Leaves in
 #   $WORK: dumps/mem-before-save.raw, dumps/mem-after-restore.raw (pmemsave
 #   dumps of the 128 MiB guest), lab.save.
@@ -165,11 +165,17 @@ if [ "$MODE" = serial ]; then
     exit 0
 fi
 
+# With an entropy device as Nova gives one (rate-limited), which must
+# survive the save and restore with the rest.
 define "$NAME" "<serial type='pty'>
       <log file='/var/log/libvirt/qemu/$NAME-serial.log' append='on'/>
       <target port='0'/>
     </serial>
-    <console type='pty'><target type='serial' port='0'/></console>"
+    <console type='pty'><target type='serial' port='0'/></console>
+    <rng model='virtio'>
+      <rate period='1000' bytes='1024'/>
+      <backend model='random'>/dev/urandom</backend>
+    </rng>"
 step start;    V start "$NAME"
 state_is running
 emulator "$NAME"

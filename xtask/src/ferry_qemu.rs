@@ -287,8 +287,8 @@ pub fn page() -> Result<String, String> {
     );
     doc.p(
         "ferry is not a general-purpose QEMU: guests boot a kernel directly and get \
-         RAM, vCPUs, 16550 serial ports, virtio-blk disks on raw images and virtio-net \
-         NICs on taps. Every option, device or value that \
+         RAM, vCPUs, 16550 serial ports, virtio-blk disks on raw images, virtio-net \
+         NICs on taps and virtio-rng entropy devices. Every option, device or value that \
          ferry-qemu cannot honour is refused with a message naming it; the guest never \
          runs with something silently missing. Options take one dash or two, and the \
          `key=value` and JSON forms QEMU accepts.",
@@ -350,6 +350,19 @@ pub fn page() -> Result<String, String> {
          VERSION_1, MAC and STATUS: offloads, `mq`, other queue sizes, `host_mtu` and \
          option ROMs are refused. A migration destination needs the same NICs in the same \
          slots.",
+    );
+    doc.tp(
+        "Entropy devices",
+        "`virtio-rng-pci` (modern-only), slots as for disks, with `rng=ID` naming an \
+         `-object rng-random,id=ID[,filename=PATH]` (a file read in order, QEMU's default \
+         `/dev/urandom`, opened when the VM is built) or `rng-builtin,id=ID` (the host's \
+         getrandom, also what a device without `rng=` gets, as in QEMU 7.2): libvirt's \
+         `<rng model='virtio'>` with `<backend model='random'|'builtin'>`. `max-bytes` and \
+         `period` are QEMU's rate limit (at most max-bytes bytes per period ms; defaults \
+         2^63-1 and 65536), with QEMU's error texts for bad values; the window's state \
+         migrates with the guest. `rng-egd` and other backends are refused with the fix. \
+         A migration destination needs the device in the same slot (its source file may \
+         differ).",
     );
     doc.tp(
         "Refused",

@@ -16,14 +16,15 @@ pub fn page() -> String {
          then runs the guest until it powers off, resets, is told to `quit` on the \
          control socket, or migrates away. Guests get RAM, vCPUs, a 16550 serial \
          port (COM1) and, on PCI bus 0, virtio-blk disks (`--disk`, raw images or \
-         block devices) and virtio-net cards on tap devices (`--net`); there is no \
-         firmware.",
+         block devices), virtio-net cards on tap devices (`--net`) and virtio-rng \
+         entropy devices (`--rng`, from a file or the host's getrandom, with QEMU's \
+         rate limit); there is no firmware.",
     );
     doc.p(
-        "Disks and NICs are virtio 1.x PCI devices (modern interface, MSI-X). A \
-         migration destination or a restore must be given the same disks (shared \
-         storage: the same image, the same size) and NICs (same MAC) in the same PCI \
-         slots; otherwise it refuses the VM before any page moves, naming the devices. \
+        "Disks, NICs and entropy devices are virtio 1.x PCI devices (modern interface, \
+         MSI-X). A migration destination or a restore must be given the same disks \
+         (shared storage: the same image, the same size), NICs (same MAC) and entropy \
+         devices in the same PCI slots; otherwise it refuses the VM before any page moves, naming the devices. \
          The source flushes its disks before the switch-over and the destination \
          reopens them; after a migration or restore, each NIC announces the guest's MAC \
          with 5 RARP frames over about 0.8 s (QEMU's schedule), so switches learn its new port.",

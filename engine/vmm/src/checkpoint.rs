@@ -126,7 +126,7 @@ pub enum ShapeMismatch {
     Vcpus { stream: u32, configured: u32 },
     #[error(
         "the VM has devices {stream:?}; this side was given {configured:?} (give it the same \
-         disks and NICs in the same PCI slots, with the same sizes)"
+         disks, NICs and entropy devices in the same PCI slots, with the same sizes)"
     )]
     Devices {
         stream: Vec<String>,

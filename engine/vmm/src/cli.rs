@@ -149,6 +149,49 @@ pub struct Common {
     /// slots; its first resume announces them (RARP).
     #[arg(long = "net", value_parser = parse_net)]
     pub nets: Vec<NetArg>,
+    /// A virtio-rng entropy device: SOURCE[,max-bytes=N][,period=MS][,slot=N], where
+    /// SOURCE is a file read in order (/dev/urandom, /dev/random) or `builtin` (the
+    /// host's getrandom). At most max-bytes bytes per period milliseconds (QEMU's rate
+    /// limit; default none). Slots default to the free ones after the NICs'. A
+    /// migration destination or restore must be given one in the same slot.
+    #[arg(long = "rng", value_parser = parse_rng)]
+    pub rngs: Vec<RngArg>,
+}
+
+/// One `--rng`.
+#[derive(Debug, Clone)]
+pub struct RngArg {
+    pub config: crate::devices::virtio::rng::RngConfig,
+    pub slot: Option<u8>,
+}
+
+fn parse_rng(text: &str) -> Result<RngArg, String> {
+    use crate::devices::virtio::rng::{RngConfig, RngSource};
+    const USAGE: &str = "/dev/urandom|PATH|builtin[,max-bytes=N][,period=MS][,slot=N]";
+    let mut parts = text.split(',');
+    let source = match parts.next() {
+        Some("builtin") => RngSource::Builtin,
+        Some(p) if !p.is_empty() && !p.contains('=') => RngSource::File(PathBuf::from(p)),
+        _ => return Err(format!("an entropy device needs a source first ({USAGE})")),
+    };
+    let mut arg = RngArg {
+        config: RngConfig::new(source),
+        slot: None,
+    };
+    for part in parts {
+        match part.split_once('=') {
+            Some(("max-bytes", v)) => {
+                arg.config.max_bytes = v.parse().map_err(|e| format!("max-bytes: {e}"))?
+            }
+            Some(("period", v)) => {
+                arg.config.period_ms = v.parse().map_err(|e| format!("period: {e}"))?
+            }
+            Some(("slot", v)) => arg.slot = Some(parse_slot(v)?),
+            _ => return Err(format!("unknown entropy device option '{part}' ({USAGE})")),
+        }
+    }
+    arg.config.check()?;
+    Ok(arg)
 }
 
 /// One `--net`.
@@ -272,13 +315,22 @@ impl Common {
                 }),
             });
         }
+        for (i, r) in self.rngs.iter().enumerate() {
+            specs.push(VirtioSpec {
+                slot: slots[self.disks.len() + self.nets.len() + i],
+                id: format!("rng{i}"),
+                device: VirtioDeviceSpec::Rng(r.config.clone()),
+            });
+        }
         Ok(specs)
     }
 
-    /// The PCI slots of the disks, then the NICs, in order.
+    /// The PCI slots of the disks, then the NICs, then the entropy devices, in
+    /// order.
     fn slots(&self) -> Vec<u8> {
         let taken: Vec<u8> = (self.disks.iter().map(|d| d.slot))
             .chain(self.nets.iter().map(|n| n.slot))
+            .chain(self.rngs.iter().map(|r| r.slot))
             .flatten()
             .collect();
         let mut next = 4u8;
@@ -292,6 +344,7 @@ impl Common {
         };
         (self.disks.iter().map(|d| d.slot))
             .chain(self.nets.iter().map(|n| n.slot))
+            .chain(self.rngs.iter().map(|r| r.slot))
             .map(|s| s.unwrap_or_else(&mut default_slot))
             .collect()
     }
@@ -485,6 +538,51 @@ mod tests {
         };
         let slots = common.slots();
         assert_eq!(slots, [6, 5, 7, 8, 4]);
+    }
+
+    #[test]
+    fn rngs_parse_and_take_the_slots_after_the_nics() {
+        use crate::devices::virtio::rng::{RngSource, DEFAULT_MAX_BYTES, DEFAULT_PERIOD_MS};
+        let r = parse_rng("/dev/urandom").unwrap();
+        assert_eq!(r.config.source, RngSource::File("/dev/urandom".into()));
+        assert_eq!(
+            (r.config.max_bytes, r.config.period_ms, r.slot),
+            (DEFAULT_MAX_BYTES, DEFAULT_PERIOD_MS, None)
+        );
+        let r = parse_rng("builtin,max-bytes=1024,period=1000,slot=0xa").unwrap();
+        assert_eq!(r.config.source, RngSource::Builtin);
+        assert_eq!((r.config.max_bytes, r.config.period_ms), (1024, 1000));
+        assert_eq!(r.slot, Some(10));
+        assert!(parse_rng("max-bytes=1")
+            .unwrap_err()
+            .contains("source first"));
+        assert!(parse_rng("builtin,chardev=x")
+            .unwrap_err()
+            .contains("unknown entropy device option 'chardev=x'"));
+        assert_eq!(
+            parse_rng("builtin,period=0").unwrap_err(),
+            "'period' parameter expects a positive integer"
+        );
+        let cli = Cli::try_parse_from([
+            "ferry-vm",
+            "restore",
+            "x",
+            "--disk",
+            "a",
+            "--net",
+            "fd=100",
+            "--rng",
+            "builtin",
+            "--rng",
+            "/dev/random,slot=4",
+        ]);
+        let Ok(Cli {
+            command: Command::Restore { common, .. },
+        }) = cli
+        else {
+            panic!("{cli:?}");
+        };
+        assert_eq!(common.slots(), [5, 6, 7, 4]);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::devices::virtio::blk::{Block, BlockConfig};
 use crate::devices::virtio::net::{AnnounceSchedule, Net, NetConfig};
+use crate::devices::virtio::rng::{Rng, RngConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState, STOP_HELD, STOP_PAUSED};
 use crate::migration::converge::ThrottleState;
 use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
@@ -58,6 +59,8 @@ pub enum VirtioDeviceSpec {
     Block(BlockConfig),
     /// A NIC on an open tap.
     Net(NetConfig),
+    /// An entropy device; its source is opened when the VM is built.
+    Rng(RngConfig),
 }
 
 /// Whether a new VM's disks take their image locks at once, or (incoming
@@ -81,6 +84,7 @@ impl VirtioSpec {
                 Box::new(disk)
             }
             VirtioDeviceSpec::Net(c) => Box::new(Net::new(c).map_err(fail)?),
+            VirtioDeviceSpec::Rng(c) => Box::new(Rng::new(c).map_err(fail)?),
         })
     }
 }

@@ -15,7 +15,7 @@ use crate::backend::{MachineConfig, MachineType};
 
 /// Printed after a refusal, for the operator.
 pub const UNSUPPORTED_HINT: &str =
-    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, 16550 serial ports, virtio-blk disks on raw images and virtio-net NICs on taps";
+    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, 16550 serial ports, virtio-blk disks on raw images, virtio-net NICs on taps and virtio-rng entropy devices";
 
 /// `-device` drivers accepted but not modelled (libvirt adds them by default).
 pub const MODELLED_AS_ABSENT: &[&str] = &[
@@ -37,6 +37,8 @@ pub const MODELLED_DEVICES: &[&str] = &[
     "virtio-blk-pci-non-transitional",
     "virtio-net-pci",
     "virtio-net-pci-non-transitional",
+    "virtio-rng-pci",
+    "virtio-rng-pci-non-transitional",
 ];
 
 /// Machine types ferry accepts; `query-machines` advertises the same.
@@ -116,6 +118,16 @@ impl Invocation {
             })
             .collect();
         let nics = self.nics(machine == MachineType::Pc, &placed)?;
+        let placed: Vec<(u8, String)> = placed
+            .into_iter()
+            .chain(nics.iter().map(|n| {
+                (
+                    n.slot,
+                    n.id.clone().unwrap_or_else(|| "virtio-net-pci".into()),
+                )
+            }))
+            .collect();
+        let rngs = self.rngs(machine == MachineType::Pc, &placed)?;
         self.check_misc()?;
         let serials = self.serials()?;
         Ok(Some(MachineConfig {
@@ -142,6 +154,7 @@ impl Invocation {
             disks,
             nics,
             taps: Vec::new(),
+            rngs,
             name: self.name.as_ref().and_then(|n| n.guest.clone()),
             uuid: self.uuid.clone(),
             start_paused: self.start_paused,
@@ -220,6 +233,8 @@ impl Invocation {
         for o in &self.objects {
             match o.kind.as_str() {
                 "secret" => {}
+                // Checked with the devices that use them (argv/rngs.rs).
+                t if t.starts_with("rng-") => {}
                 // Loaded (once) at startup: commands::load_objects.
                 t if crate::commands::TLS_TYPES.contains(&t) => {}
                 "memory-backend-ram" if o.id.as_deref() == backend_id && backend_id.is_some() => {
@@ -349,12 +364,14 @@ impl Invocation {
                         "ferry's virtio devices are modern-only (virtio 1.0): use \
                          model='virtio' or 'virtio-non-transitional'",
                     ),
-                    k @ "virtio-net-pci-transitional" => ArgvError::unsupported_because(
-                        "-device",
-                        format!("device '{k}'"),
-                        "ferry's virtio devices are modern-only (virtio 1.0): use \
-                         model='virtio' or 'virtio-non-transitional'",
-                    ),
+                    k @ ("virtio-net-pci-transitional" | "virtio-rng-pci-transitional") => {
+                        ArgvError::unsupported_because(
+                            "-device",
+                            format!("device '{k}'"),
+                            "ferry's virtio devices are modern-only (virtio 1.0): use \
+                             model='virtio' or 'virtio-non-transitional'",
+                        )
+                    }
                     k => ArgvError::unsupported("-device", format!("device '{k}'")),
                 });
             }

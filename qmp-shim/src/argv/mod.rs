@@ -11,6 +11,7 @@ mod config;
 mod disks;
 mod nics;
 pub mod opts;
+mod rngs;
 mod size;
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ pub use config::{
 pub use disks::VIRTIO_BLK;
 pub use nics::{NicConfig, TapSource, VIRTIO_NET};
 pub use opts::Opts;
+pub use rngs::{RngDeviceConfig, DEFAULT_RNG_FILE, RNG_BACKENDS, VIRTIO_RNG};
 pub use size::parse_size;
 
 /// A command-line error; `Display` is the text QEMU-style tools print after

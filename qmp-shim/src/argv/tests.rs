@@ -764,3 +764,216 @@ fn nic_forms_libvirt_and_by_hand() {
         assert!(err.contains(want), "{extra:?}:\n got  {err}\n want {want}");
     }
 }
+
+/// `DOMAIN` plus `extra` → the entropy devices, through the whole policy.
+fn rngs_of(extra: &[&str]) -> Result<Vec<super::RngDeviceConfig>, ArgvError> {
+    let mut args = argv(DOMAIN);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Ok(parse(&args)?.machine_config()?.expect("vm").rngs)
+}
+
+#[test]
+fn rng_forms_libvirt_and_by_hand() {
+    use ferry_vmm::devices::virtio::rng::{RngConfig, RngSource};
+    // libvirt 9.0's <rng model='virtio'><rate period='1000' bytes='1024'/>
+    // <backend model='random'>/dev/urandom</backend></rng>, beside a NIC.
+    let r = rngs_of(&[
+        "-netdev",
+        r#"{"type":"tap","fd":"33","id":"hostnet0"}"#,
+        "-device",
+        r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:12:34:56","bus":"pci.0","addr":"0x3"}"#,
+        "-object",
+        r#"{"qom-type":"rng-random","id":"objrng0","filename":"/dev/urandom"}"#,
+        "-device",
+        r#"{"driver":"virtio-rng-pci","rng":"objrng0","id":"rng0","max-bytes":1024,"period":1000,"bus":"pci.0","addr":"0x6"}"#,
+    ])
+    .expect("accepted");
+    assert_eq!(
+        r,
+        vec![super::RngDeviceConfig {
+            id: Some("rng0".into()),
+            slot: 6,
+            backend: Some("objrng0".into()),
+            config: RngConfig {
+                source: RngSource::File("/dev/urandom".into()),
+                max_bytes: 1024,
+                period_ms: 1000,
+            },
+        }]
+    );
+    // What libvirt 9.0 really writes for ferry-qemu (key=value; seen in the
+    // libvirt_runs_a_ferry_qemu_domain lab): the same device.
+    let kv = rngs_of(&[
+        "-object",
+        "rng-random,id=objrng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-pci,rng=objrng0,id=rng0,max-bytes=1024,period=1000,bus=pci.0,addr=0x6",
+    ])
+    .expect("accepted");
+    assert_eq!(kv, r);
+    // <backend model='builtin'/>, no <rate>: QEMU's defaults.
+    let r = rngs_of(&[
+        "-object",
+        r#"{"qom-type":"rng-builtin","id":"objrng0"}"#,
+        "-device",
+        r#"{"driver":"virtio-rng-pci","rng":"objrng0","id":"rng0","bus":"pci.0","addr":"0x7"}"#,
+    ])
+    .expect("accepted");
+    assert_eq!(
+        (r[0].slot, &r[0].config),
+        (7, &RngConfig::new(RngSource::Builtin))
+    );
+    // By hand, key=value: after the disk (slot 3) and the NIC (slot 4); the
+    // default filename; a device without rng= gets QEMU 7.2's builtin.
+    let r = rngs_of(&[
+        "-drive",
+        "file=/d.img,format=raw,if=virtio",
+        "-netdev",
+        "tap,id=n1,ifname=tap0,script=no,downscript=no",
+        "-device",
+        "virtio-net-pci,netdev=n1",
+        "-object",
+        "rng-random,id=r0",
+        "-device",
+        "virtio-rng-pci,rng=r0,max-bytes=0x100,period=50",
+        "-device",
+        "virtio-rng-pci-non-transitional,disable-legacy=on,iommu_platform=off",
+    ])
+    .expect("accepted");
+    assert_eq!(
+        r.iter().map(|r| r.slot).collect::<Vec<_>>(),
+        [5, 6],
+        "{r:?}"
+    );
+    assert_eq!(
+        r[0].config,
+        RngConfig {
+            source: RngSource::File(super::DEFAULT_RNG_FILE.into()),
+            max_bytes: 256,
+            period_ms: 50,
+        }
+    );
+    assert_eq!(r[1].config.source, RngSource::Builtin);
+    assert_eq!(r[1].backend, None);
+
+    // Refusals name the option and the thing; bad values get QEMU's words.
+    let dev = |props: &str| {
+        format!(r#"{{"driver":"virtio-rng-pci","rng":"objrng0","id":"rng0"{props}}}"#)
+    };
+    let random = r#"{"qom-type":"rng-random","id":"objrng0","filename":"/dev/urandom"}"#;
+    for (extra, want) in [
+        (
+            vec![
+                "-chardev".to_string(),
+                "socket,id=charrng0,path=/run/egd.sock".into(),
+                "-object".into(),
+                r#"{"qom-type":"rng-egd","id":"objrng0","chardev":"charrng0"}"#.into(),
+                "-device".into(),
+                dev(""),
+            ],
+            "-object: entropy backend 'rng-egd' ('objrng0') is not supported by ferry-qemu: \
+             ferry reads entropy from a file or the host's getrandom",
+        ),
+        (
+            vec!["-object".into(), "rng-foo,id=objrng0".into()],
+            "-object: entropy backend 'rng-foo' ('objrng0') is not supported",
+        ),
+        (
+            vec![
+                "-object".into(),
+                "rng-random,id=r,filename=/dev/urandom,opened=on".into(),
+            ],
+            "-object: rng-random property 'opened' ('r') is not supported",
+        ),
+        (
+            vec!["-device".into(), dev("")],
+            "-device rng0: Property 'rng' can't find value 'objrng0'",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                dev(r#","period":0"#),
+            ],
+            "-device rng0: 'period' parameter expects a positive integer",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                dev(r#","max-bytes":9223372036854775808"#),
+            ],
+            "-device rng0: 'max-bytes' parameter must be non-negative, and less than 2^63",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                dev(r#","period":4294967296"#),
+            ],
+            "-device rng0: Parameter 'period' expects uint32_t",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                dev(r#","max-bytes":"lots""#),
+            ],
+            "-device rng0: Parameter 'max-bytes' expects uint64",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                dev(r#","bus":"pcie.0""#),
+            ],
+            "-device: bus 'pcie.0' (rng0) is not supported by ferry-qemu",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                dev(r#","packed":true"#),
+            ],
+            "-device: virtio-rng packed=on",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                dev(r#","vectors":4"#),
+            ],
+            "-device: virtio-rng-pci property 'vectors' is not supported",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                r#"{"driver":"virtio-rng-pci-transitional","rng":"objrng0"}"#.into(),
+            ],
+            "device 'virtio-rng-pci-transitional' is not supported by ferry-qemu: ferry's \
+             virtio devices are modern-only",
+        ),
+        (
+            vec![
+                "-object".into(),
+                random.into(),
+                "-device".into(),
+                dev(r#","addr":"0x1""#),
+            ],
+            "slot 1 function 0 not available, in use by PIIX3",
+        ),
+    ] {
+        let refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let err = rngs_of(&refs).unwrap_err().to_string();
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+}

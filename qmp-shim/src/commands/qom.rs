@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::types::*;
 use super::{arg_str, Command, Ctx};
-use crate::argv::{MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BLK, VIRTIO_NET};
+use crate::argv::{MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BLK, VIRTIO_NET, VIRTIO_RNG};
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{opt, req, CommandSchema, Ty};
 
@@ -33,6 +33,19 @@ const TYPES: &[(&str, &str, bool)] = &[
     ("virtio-blk-pci-non-transitional", "device", false),
     ("virtio-net-pci", "device", false),
     ("virtio-net-pci-non-transitional", "device", false),
+    // libvirt's <rng model='virtio'> needs virtio-rng-pci and the backend's
+    // type (rng-random, rng-builtin); rng-egd is left out, so libvirt refuses
+    // <backend model='egd'> itself.
+    ("virtio-rng-pci-base", "device", true),
+    ("virtio-rng-pci", "virtio-rng-pci-base", false),
+    (
+        "virtio-rng-pci-non-transitional",
+        "virtio-rng-pci-base",
+        false,
+    ),
+    ("rng-backend", "object", true),
+    ("rng-random", "rng-backend", false),
+    ("rng-builtin", "rng-backend", false),
     ("piix3-usb-uhci", "device", false),
     ("piix4-usb-uhci", "device", false),
     ("qemu-xhci", "device", false),
@@ -121,6 +134,19 @@ const VIRTIO_NET_PROPS: &[Prop] = &[
     ("disable-legacy", "OnOffAuto", "on/off/auto"),
 ];
 
+/// The virtio-rng-pci properties ferry accepts (argv/rngs.rs).
+const VIRTIO_RNG_PROPS: &[Prop] = &[
+    ("rng", "link<rng-backend>", ""),
+    ("max-bytes", "uint64", ""),
+    ("period", "uint32", ""),
+    (
+        "addr",
+        "int32",
+        "Slot and optional function number, example: 06.0 or 06",
+    ),
+    ("disable-legacy", "OnOffAuto", "on/off/auto"),
+];
+
 const CPU_PROPS: &[Prop] = &[
     ("type", "string", ""),
     ("realized", "bool", ""),
@@ -152,6 +178,8 @@ const MEMORY_BACKEND_PROPS: &[Prop] = &[
     ("type", "string", ""),
     ("size", "int", "Size of the memory region (ex: 500M)"),
 ];
+
+const RNG_RANDOM_PROPS: &[Prop] = &[("type", "string", ""), ("filename", "string", "")];
 
 const SECRET_PROPS: &[Prop] = &[
     ("type", "string", ""),
@@ -242,6 +270,9 @@ fn device_list_properties(
     if VIRTIO_NET.contains(&name) {
         return Ok(props_json(VIRTIO_NET_PROPS));
     }
+    if VIRTIO_RNG.contains(&name) {
+        return Ok(props_json(VIRTIO_RNG_PROPS));
+    }
     debug_assert!(MODELLED_DEVICES.contains(&"isa-serial"));
     if MODELLED_AS_ABSENT.contains(&name) {
         // Accepted on the command line, no guest-visible properties.
@@ -286,6 +317,10 @@ fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Val
         VIRTIO_BLK_PROPS
     } else if VIRTIO_NET.contains(&name) {
         VIRTIO_NET_PROPS
+    } else if VIRTIO_RNG.contains(&name) {
+        VIRTIO_RNG_PROPS
+    } else if name == "rng-random" {
+        RNG_RANDOM_PROPS
     } else if is_a(name, "memory-backend") {
         MEMORY_BACKEND_PROPS
     } else if name == "secret" {

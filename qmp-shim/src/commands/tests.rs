@@ -246,6 +246,33 @@ fn probe_answers() {
             && !names.contains(&"sev-guest")
             && !names.contains(&"vfio-pci")
     );
+    // What libvirt checks for <rng model='virtio'> with a random or builtin
+    // backend (QEMU_CAPS_DEVICE_VIRTIO_RNG, _OBJECT_RNG_RANDOM, _RNG_BUILTIN);
+    // without rng-egd, libvirt itself refuses <backend model='egd'>.
+    for t in ["virtio-rng-pci", "rng-random", "rng-builtin"] {
+        assert!(names.contains(&t), "{t} missing from {names:?}");
+    }
+    assert!(!names.contains(&"rng-egd"));
+    let backends = c.cmd(json!({"execute": "qom-list-types",
+        "arguments": {"implements": "rng-backend"}}))["return"]
+        .clone();
+    assert_eq!(
+        backends,
+        json!([{"name": "rng-random", "parent": "rng-backend"},
+               {"name": "rng-builtin", "parent": "rng-backend"}])
+    );
+    let r = c.cmd(
+        json!({"execute": "device-list-properties", "arguments": {"typename": "virtio-rng-pci"}}),
+    );
+    let props: Vec<&str> = r["return"]
+        .as_array()
+        .expect("l")
+        .iter()
+        .map(|p| p["name"].as_str().expect("n"))
+        .collect();
+    for p in ["rng", "max-bytes", "period"] {
+        assert!(props.contains(&p), "{p}: {props:?}");
+    }
     let caps = c.cmd(json!({"execute": "query-migrate-capabilities"}))["return"].clone();
     assert!(caps
         .as_array()

@@ -7,19 +7,21 @@
 //! log a migration reads.
 //!
 //! Device work runs on the vCPU thread that wrote the notification (virtio-blk),
-//! or on a device thread (virtio-net receive), always under the device's lock,
+//! or on a device thread (virtio-net receive, virtio-rng requests that waited
+//! for the rate limit's next window), always under the device's lock,
 //! so a paused VM with its device threads parked has no request in flight.
 
 pub mod blk;
 pub mod net;
 mod persist;
+pub mod rng;
 pub mod test_driver;
 #[cfg(test)]
 mod tests;
 mod transport;
 mod worker;
 
-pub use persist::{QueueSnapshot, VirtioPciState};
+pub use persist::{DeviceState, QueueSnapshot, VirtioPciState};
 pub use transport::{VirtioPci, BAR_SIZE, STOP_HELD, STOP_PAUSED};
 pub use worker::Worker;
 
@@ -47,7 +49,8 @@ pub mod status {
 pub trait VirtioDevice: Send + std::fmt::Debug {
     /// `virtio-blk`, `virtio-net`: names the device in logs, shapes and errors.
     fn kind(&self) -> &'static str;
-    /// Virtio device ID (1 = network, 2 = block); the PCI device ID is 0x1040 + it.
+    /// Virtio device ID (1 = network, 2 = block, 4 = entropy); the PCI device ID
+    /// is 0x1040 + it.
     fn device_id(&self) -> u16;
     /// 24-bit PCI class code.
     fn pci_class(&self) -> u32;
@@ -109,6 +112,25 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn can_take_input(&self) -> bool {
         false
     }
+    /// For a device whose queue work waits on time rather than on host input
+    /// (virtio-rng's rate limit): that queue. The device thread processes it
+    /// whenever it runs, and sleeps until [`VirtioDevice::timer`] says.
+    fn timed_queue(&self) -> Option<usize> {
+        None
+    }
+    /// The device's own state beyond the transport's (virtio-rng's rate-limit
+    /// window), for checkpoints and migrations; the VM is paused.
+    fn save_state(&self) -> Option<DeviceState> {
+        None
+    }
+    /// Loads what [`VirtioDevice::save_state`] gave on the source, checking it
+    /// as hostile and changing nothing when it refuses it.
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        match state {
+            None => Ok(()),
+            Some(_) => Err(format!("device state of another kind for {}", self.kind())),
+        }
+    }
     /// Starts announcing the device on the network (virtio-net: RARP frames
     /// on `schedule`).
     fn announce(&mut self, _now: Instant, _schedule: net::AnnounceSchedule) {}
@@ -126,4 +148,5 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
 pub enum DeviceStats {
     Block(blk::BlockStats),
     Net(net::NetStats),
+    Rng(rng::RngStats),
 }

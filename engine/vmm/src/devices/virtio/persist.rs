@@ -76,4 +76,15 @@ pub struct VirtioPciState {
     /// Entries of (address low, address high, data, vector control).
     pub msix_table: Vec<[u32; 4]>,
     pub msix_pba: u64,
+    /// The device's own state (absent for devices without one, and in
+    /// streams from before virtio-rng).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceState>,
+}
+
+/// A device's own state beyond the transport's, by device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// virtio-rng: the rate limit's window.
+    Rng(super::rng::RngState),
 }

@@ -13,6 +13,7 @@ use super::{status, STOP_PAUSED};
 use crate::devices::serial::SinkSpec;
 use crate::devices::virtio::blk::{BlockConfig, BlockImage};
 use crate::devices::virtio::net::{self, NetConfig};
+use crate::devices::virtio::rng;
 use crate::vm::{VirtioDeviceSpec, VirtioSpec, Vm, VmConfig};
 
 use super::test_driver::{Driver, Ring, AVAIL, DATA, DESC, HEADER, STATUS, USED};
@@ -933,4 +934,358 @@ fn net_receives_nothing_while_a_stop_holds_the_vm() {
         .wait_used(net::RX_QUEUE, 2000)
         .expect("frame after release");
     assert_eq!(d.get(RXBUF + HDR as u64, len as usize - HDR), frame);
+}
+
+// ---- virtio-rng ----
+
+const RNG_SLOT: u8 = 6;
+
+fn rng_spec(source: rng::RngSource, max_bytes: u64, period_ms: u32) -> VirtioSpec {
+    VirtioSpec {
+        slot: RNG_SLOT,
+        id: "rng0".into(),
+        device: VirtioDeviceSpec::Rng(rng::RngConfig {
+            source,
+            max_bytes,
+            period_ms,
+        }),
+    }
+}
+
+fn urandom() -> rng::RngSource {
+    rng::RngSource::File("/dev/urandom".into())
+}
+
+/// Posts one device-writable buffer of `len` bytes at `DATA + k * 0x1000`.
+fn post_entropy(d: &mut Driver<'_>, k: u64, len: u32) -> u16 {
+    d.put(DATA + k * 0x1000, &vec![0u8; len as usize]);
+    d.post(rng::REQUEST_QUEUE, &[(DATA + k * 0x1000, len, true)])
+}
+
+#[test]
+fn rng_fills_requests_from_its_source() {
+    // A file source gives its bytes in order: the guest gets exactly them.
+    let mut src = tempfile::NamedTempFile::new().unwrap();
+    let pattern: Vec<u8> = (0..300u32).map(|i| (i * 13 + 7) as u8).collect();
+    std::io::Write::write_all(&mut src, &pattern).unwrap();
+    let vm = vm_with(rng_spec(
+        rng::RngSource::File(src.path().to_path_buf()),
+        rng::DEFAULT_MAX_BYTES,
+        rng::DEFAULT_PERIOD_MS,
+    ));
+    let mut d = Driver::probe(&vm, RNG_SLOT, 4);
+    assert_eq!(d.rings.len(), 1, "one request queue");
+    d.init();
+    let head = post_entropy(&mut d, 0, 100);
+    d.notify(0);
+    assert_eq!(d.used(0), Some((u32::from(head), 100)));
+    assert_eq!(d.get(DATA, 100), pattern[..100]);
+    // Two buffers in one chain are filled in order.
+    d.put(DATA, &[0; 64]);
+    d.put(DATA + 0x1000, &[0; 64]);
+    d.post(0, &[(DATA, 40, true), (DATA + 0x1000, 60, true)]);
+    d.notify(0);
+    assert_eq!(d.used(0).map(|u| u.1), Some(100));
+    assert_eq!(d.get(DATA, 40), pattern[100..140]);
+    assert_eq!(d.get(DATA + 0x1000, 60), pattern[140..200]);
+    // At the file's end the request gets what is left, then waits.
+    post_entropy(&mut d, 2, 200);
+    d.notify(0);
+    assert_eq!(d.used(0).map(|u| u.1), Some(100));
+    assert_eq!(d.get(DATA + 0x2000, 100), pattern[200..300]);
+    post_entropy(&mut d, 3, 16);
+    d.notify(0);
+    assert_eq!(d.used(0), None, "nothing left in the file");
+    assert_eq!(d.status(), 0xf);
+
+    // /dev/urandom and the builtin source: bytes arrive and they differ.
+    for source in [urandom(), rng::RngSource::Builtin] {
+        let vm = vm_with(rng_spec(source.clone(), rng::DEFAULT_MAX_BYTES, 1000));
+        let mut d = Driver::probe(&vm, RNG_SLOT, 4);
+        d.init();
+        post_entropy(&mut d, 0, 256);
+        d.notify(0);
+        assert_eq!(d.used(0).map(|u| u.1), Some(256), "{source:?}");
+        let bytes = d.get(DATA, 256);
+        assert!(
+            bytes.iter().any(|&b| b != bytes[0]),
+            "{source:?} gave 256 equal bytes"
+        );
+        let stats = vm.device_stats();
+        assert_eq!(stats[0].0, "rng0");
+        let crate::devices::virtio::DeviceStats::Rng(s) = stats[0].1 else {
+            panic!("{stats:?}");
+        };
+        assert_eq!((s.bytes, s.requests), (256, 1));
+    }
+}
+
+#[test]
+fn rng_writes_land_in_the_dirty_log() {
+    let vm = vm_with(rng_spec(urandom(), rng::DEFAULT_MAX_BYTES, 1000));
+    let mut d = Driver::probe(&vm, RNG_SLOT, 4);
+    d.init();
+    vm.ram().register(vm.vm_fd(), true).unwrap();
+    let _ = vm.ram().get_dirty_log(vm.vm_fd()).unwrap();
+    post_entropy(&mut d, 3, 64);
+    let _ = vm.ram().get_dirty_log(vm.vm_fd()).unwrap();
+    d.notify(0);
+    assert_eq!(d.used(0).map(|u| u.1), Some(64));
+    let log = vm.ram().get_dirty_log(vm.vm_fd()).unwrap();
+    let dirty = |gpa: u64| log[0][(gpa / 4096 / 64) as usize] & (1 << ((gpa / 4096) % 64)) != 0;
+    assert!(dirty(DATA + 0x3000), "the entropy buffer");
+    assert!(dirty(USED), "used ring");
+    assert!(!dirty(0x30000), "an untouched page");
+}
+
+/// QEMU's rate limit: with max-bytes=N per period, a request larger than N
+/// gets N bytes, the next one waits for the next window, and the device
+/// thread serves it then without another notification. Bounds hold on a
+/// loaded host: the only timing asserted is "not before the window ended".
+#[test]
+fn rng_rate_limit_holds_and_the_next_window_serves_waiting_requests() {
+    const PERIOD: u64 = 400;
+    let vm = vm_with(rng_spec(urandom(), 16, PERIOD as u32));
+    let mut d = Driver::probe(&vm, RNG_SLOT, 4);
+    d.init();
+    let t0 = Instant::now();
+    post_entropy(&mut d, 0, 24);
+    d.notify(0);
+    assert_eq!(
+        d.used(0).map(|u| u.1),
+        Some(16),
+        "a short request: the quota"
+    );
+    // The quota is spent: this one waits for the window's end.
+    post_entropy(&mut d, 1, 8);
+    d.notify(0);
+    if let Some(early) = d.used(0) {
+        // Only possible if this host stalled past the window.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(PERIOD),
+            "served {early:?} within the window"
+        );
+        return;
+    }
+    let (_, len) = d
+        .wait_used(0, 20_000)
+        .expect("the next window served the waiting request");
+    assert_eq!(len, 8);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(PERIOD),
+        "served after {:?}, before the {PERIOD} ms window ended",
+        t0.elapsed()
+    );
+    let crate::devices::virtio::DeviceStats::Rng(s) = vm.device_stats()[0].1 else {
+        panic!();
+    };
+    assert_eq!(s.bytes, 24);
+    assert!(s.throttled >= 1, "{s:?}");
+    assert_eq!(d.status(), 0xf);
+}
+
+/// The device thread sleeps while a request waits for the window: it takes
+/// (almost) no CPU time meanwhile.
+#[test]
+fn rng_waits_for_the_window_without_spinning() {
+    // A slot of its own: the thread's name is this test's alone.
+    const SLOT: u8 = 0x1d;
+    let vm = vm_with(VirtioSpec {
+        slot: SLOT,
+        ..rng_spec(urandom(), 1, 60_000)
+    });
+    let mut d = Driver::probe(&vm, SLOT, 4);
+    d.init();
+    post_entropy(&mut d, 0, 1);
+    d.notify(0);
+    assert!(d.used(0).is_some());
+    post_entropy(&mut d, 1, 1);
+    d.notify(0);
+    assert!(d.used(0).is_none());
+    // The device thread's wake-ups (context switches) while the request waits:
+    // a thread sleeping until the window's end has none; one polling (even
+    // every millisecond) has hundreds.
+    let thread = format!("virtio-rng@{SLOT:02x}");
+    let switches = || -> Option<u64> {
+        for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let dir = t.path();
+            // Other tests' threads come and go meanwhile.
+            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            if comm.trim() == thread {
+                let status = std::fs::read_to_string(dir.join("status")).ok()?;
+                return Some(
+                    status
+                        .lines()
+                        .filter(|l| l.contains("ctxt_switches"))
+                        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                        .sum(),
+                );
+            }
+        }
+        None
+    };
+    // The thread names itself once it runs: wait for that (bounded).
+    let until = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        if let Some(n) = switches() {
+            break n;
+        }
+        assert!(Instant::now() < until, "no thread named {thread}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let after = switches().expect("the device thread exists");
+    assert!(
+        after - before <= 10,
+        "the device thread woke {} times in 500 ms while the request waited",
+        after - before
+    );
+    assert!(d.used(0).is_none(), "the window has not ended");
+}
+
+#[test]
+fn rng_hostile_requests_need_a_reset() {
+    let vm = vm_with(rng_spec(urandom(), rng::DEFAULT_MAX_BYTES, 1000));
+    let mut d = Driver::probe(&vm, RNG_SLOT, 4);
+    let needs_reset = |d: &Driver<'_>| d.status() & status::DEVICE_NEEDS_RESET != 0;
+    for bufs in [
+        vec![(DATA, 16u32, false)],
+        vec![(DATA, 16, true), (DATA + 0x1000, 16, false)],
+        vec![(1u64 << 40, 16, true)],
+        vec![(DATA, 0, true)],
+    ] {
+        d.init();
+        d.post(0, &bufs);
+        d.notify(0);
+        assert!(needs_reset(&d), "{bufs:?}");
+        assert_eq!(d.used(0), None, "{bufs:?}");
+    }
+    // A reset brings it back.
+    d.init();
+    post_entropy(&mut d, 0, 32);
+    d.notify(0);
+    assert_eq!(d.used(0).map(|u| u.1), Some(32));
+}
+
+/// A checkpoint of a VM with an entropy device, through a real stream: the
+/// queue and the rate-limit window arrive, the restored device carries on,
+/// and a destination without the device is refused by its shape.
+#[test]
+fn rng_survives_a_checkpoint_and_is_part_of_the_shape() {
+    const PERIOD: u32 = 60_000;
+    let vm = vm_with(rng_spec(urandom(), 16, PERIOD));
+    let mut d = Driver::probe(&vm, RNG_SLOT, 4);
+    d.init();
+    post_entropy(&mut d, 0, 10);
+    d.notify(0);
+    assert_eq!(d.used(0).map(|u| u.1), Some(10));
+    vm.pci().set_stopped(STOP_PAUSED, true);
+    let shape = vm.shape();
+    assert!(
+        shape
+            .devices
+            .contains(&format!("virtio-rng@{RNG_SLOT:02x}:entropy")),
+        "{:?}",
+        shape.devices
+    );
+    let saved = vm.capture_devices().unwrap();
+    let Some(crate::devices::virtio::DeviceState::Rng(s)) = &saved.virtio[0].device else {
+        panic!("{:?}", saved.virtio[0].device);
+    };
+    assert_eq!(s.quota_remaining, 6);
+    assert!(s.window_left_ms.is_some_and(|ms| ms <= u64::from(PERIOD)));
+    let (stream, _) = crate::checkpoint::save(&vm, Vec::new()).unwrap();
+
+    let opts = |virtio| crate::checkpoint::RestoreOptions {
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        expect_mem_bytes: None,
+        expect_vcpus: None,
+        virtio,
+    };
+    // Without the device, or with it elsewhere: refused, naming it.
+    let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("virtio-rng@06"), "{err}");
+    let mut moved = rng_spec(rng::RngSource::Builtin, 16, PERIOD);
+    moved.slot = 7;
+    let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![moved]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("virtio-rng@06"), "{err}");
+
+    // Another source on the destination is fine; the window came along.
+    let other = crate::checkpoint::restore(
+        std::io::Cursor::new(stream),
+        &opts(vec![rng_spec(rng::RngSource::Builtin, 16, PERIOD)]),
+    )
+    .unwrap();
+    let restored = other.capture_devices().unwrap();
+    assert_eq!(restored.virtio[0].queues, saved.virtio[0].queues);
+    let Some(crate::devices::virtio::DeviceState::Rng(r)) = &restored.virtio[0].device else {
+        panic!();
+    };
+    assert_eq!(r.quota_remaining, 6);
+    assert!(r.window_left_ms.is_some());
+    other.pci().set_stopped(STOP_PAUSED, false);
+    let mut d2 = Driver::attach(&other, RNG_SLOT, 4);
+    d2.rings[0].avail_idx = 1;
+    d2.rings[0].used_seen = 1;
+    // The restored window allows 6 more bytes, no more.
+    post_entropy(&mut d2, 1, 10);
+    d2.notify(0);
+    assert_eq!(d2.used(0).map(|u| u.1), Some(6));
+    post_entropy(&mut d2, 2, 10);
+    d2.notify(0);
+    assert_eq!(d2.used(0), None, "the restored window is spent");
+    let bytes = d2.get(DATA + 0x1000, 6);
+    assert_ne!(bytes, vec![0; 6]);
+}
+
+/// Device state for an rng that no ferry could have written, or for another
+/// device, is refused before anything changes.
+#[test]
+fn rng_hostile_state_is_refused() {
+    let vm = vm_with(rng_spec(urandom(), 16, 1000));
+    let mut d = Driver::probe(&vm, RNG_SLOT, 4);
+    d.init();
+    vm.pci().set_stopped(STOP_PAUSED, true);
+    let saved = vm.capture_devices().unwrap();
+    let mut other = vm_with(rng_spec(urandom(), 16, 1000));
+    let vcpus = || vm.capture_vcpus().unwrap();
+    let vmstate = vm.capture_vm().unwrap();
+    let mut bad = saved.clone();
+    bad.virtio[0].device = Some(crate::devices::virtio::DeviceState::Rng(rng::RngState {
+        quota_remaining: u64::MAX,
+        window_left_ms: None,
+    }));
+    let err = other
+        .restore_state(vcpus(), &vmstate, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("virtio-rng@06") && err.contains("quota"),
+        "{err}"
+    );
+    let before = other.capture_devices().unwrap().virtio;
+    assert_ne!(
+        before[0].status, saved.virtio[0].status,
+        "nothing was loaded"
+    );
+
+    // An rng's state for a disk is refused too.
+    let (img, img2) = (disk(8), disk(8));
+    let vm2 = vm_with(disk_spec(img.path(), false));
+    let mut disk_state = vm2.capture_devices().unwrap();
+    disk_state.virtio[0].device = saved.virtio[0].device.clone();
+    let mut other2 = vm_with(disk_spec(img2.path(), false));
+    let err = other2
+        .restore_state(vcpus(), &vmstate, &disk_state)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another kind"), "{err}");
+    other.restore_state(vcpus(), &vmstate, &saved).unwrap();
 }

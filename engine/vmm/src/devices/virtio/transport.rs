@@ -455,6 +455,11 @@ impl VirtioPci {
         self.device.input()
     }
 
+    /// Whether the device needs a thread: host input or timed work.
+    pub fn needs_thread(&self) -> bool {
+        self.device.input().is_some() || self.device.timed_queue().is_some()
+    }
+
     /// `kind@slot`: the name of the device's thread.
     pub fn name(&self) -> String {
         format!("{}@{:02x}", self.device.kind(), self.slot)
@@ -472,13 +477,21 @@ impl VirtioPci {
         }
     }
 
-    /// One round of the device thread: due timed work, then the input queue
-    /// (unless stopped). Returns whether the thread should poll the input fd
-    /// and when it wants to be called next.
+    /// One round of the device thread: due timed work, then (unless stopped)
+    /// the queue that waits on time (virtio-rng) and the input queue. Returns
+    /// whether the thread should poll the input fd and when it wants to be
+    /// called next.
     pub fn service(&mut self, now: Instant) -> (bool, Option<Instant>) {
-        let next = self.device.timer(now);
+        let mut next = self.device.timer(now);
         if self.stopped != 0 {
             return (false, next);
+        }
+        if let Some(q) = self.device.timed_queue() {
+            // Requests that waited for time (a new rate-limit window).
+            self.in_service = true;
+            self.kick(q);
+            self.in_service = false;
+            next = self.device.timer(Instant::now());
         }
         let Some((_, q)) = self.device.input() else {
             return (false, next);
@@ -532,6 +545,13 @@ impl VirtioPci {
                 }
             }
             Err(why) => self.needs_reset(&format!("queue {index}: {why}")),
+        }
+        if !self.in_service
+            && self.device.timed_queue() == Some(index)
+            && self.device.timer(Instant::now()).is_some()
+        {
+            // A request now waits for time: the device thread sets its alarm.
+            self.wake();
         }
     }
 
@@ -612,6 +632,7 @@ impl VirtioPci {
                 .collect(),
             msix_table: self.msix_table.clone(),
             msix_pba: self.msix_pba,
+            device: self.device.save_state(),
         }
     }
 
@@ -677,6 +698,10 @@ impl VirtioPci {
             }
             queues.push(q);
         }
+        // Last of the checks, and itself all-or-nothing.
+        self.device
+            .restore_state(s.device.as_ref())
+            .map_err(|e| format!("{who}: {e}"))?;
         self.config = config;
         self.device_feature_select = s.device_feature_select;
         self.driver_feature_select = s.driver_feature_select;

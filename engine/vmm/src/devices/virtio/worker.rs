@@ -1,9 +1,11 @@
-//! The device thread of a virtio device with host input (virtio-net receive):
-//! it polls the input fd while the device can take input, and a socket that
-//! wakes it when that changes (the driver posted buffers, the VM resumed, an
-//! announce started, the VM is going away). All device work happens under the
-//! device's lock, in [`VirtioPci::service`], which does nothing while the device
-//! is stopped: a paused VM's guest memory is never written from here.
+//! The device thread of a virtio device with host input (virtio-net receive)
+//! or timed work (virtio-rng's rate limit): it polls the input fd while the
+//! device can take input, sleeps until the device's next timer, and polls a
+//! socket that wakes it when that changes (the driver posted buffers, a request
+//! waits for the rate limit, the VM resumed, an announce started, the VM is
+//! going away). All device work happens under the device's lock, in
+//! [`VirtioPci::service`], which does nothing while the device is stopped: a
+//! paused VM's guest memory is never written from here.
 
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -26,7 +28,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts the thread of `dev` if the device has host input.
+    /// Starts the thread of `dev` if the device has host input or timed work.
     pub fn spawn(dev: &Arc<Mutex<VirtioPci>>) -> Result<Option<Self>, String> {
         let (wake, theirs) =
             UnixStream::pair().map_err(|e| format!("cannot create a socket pair: {e}"))?;
@@ -36,7 +38,7 @@ impl Worker {
         }
         let name = {
             let mut d = dev.lock().map_err(|_| "device lock poisoned".to_string())?;
-            if d.input().is_none() {
+            if !d.needs_thread() {
                 return Ok(None);
             }
             let writer = wake
@@ -70,9 +72,7 @@ impl Drop for Worker {
 }
 
 fn run(dev: &Mutex<VirtioPci>, mut wake: UnixStream, exit: &AtomicBool) {
-    let Some((input, _)) = dev.lock().ok().and_then(|d| d.input()) else {
-        return;
-    };
+    let input = dev.lock().ok().and_then(|d| d.input()).map(|(fd, _)| fd);
     let mut drain = [0u8; 64];
     while !exit.load(Ordering::Acquire) {
         let (poll_input, next) = match dev.lock() {
@@ -87,7 +87,7 @@ fn run(dev: &Mutex<VirtioPci>, mut wake: UnixStream, exit: &AtomicBool) {
             }
         };
         let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-        if poll_input {
+        if let Some(input) = input.as_ref().filter(|_| poll_input) {
             fds.push(PollFd::new(input.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, timeout) {
