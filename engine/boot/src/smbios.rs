@@ -17,7 +17,7 @@
 //! |------|--------|------|-------|
 //! | 0    | 0x000  | BIOS | always (QEMU leaves it to SeaBIOS; ferry has none, so its defaults are SeaBIOS 1.16.1's) |
 //! | 1    | 0x100  | system: manufacturer, product, version, serial, UUID, SKU, family | always |
-//! | 2    | 0x200  | baseboard | when a field is given |
+//! | 2    | 0x200  | baseboard | when given (`-smbios type=2`) |
 //! | 3    | 0x300  | chassis | always |
 //! | 4    | 0x400+ | one per socket | always |
 //! | 11   | 0xe00  | OEM strings | when strings are given |
@@ -151,9 +151,8 @@ pub enum SmbiosError {
     },
 }
 
-/// Type 0, BIOS information. Without any field set, SeaBIOS 1.16.1's values;
-/// with one set, the others are absent (QEMU then builds type 0 from the fields
-/// alone).
+/// Type 0, BIOS information: as given, unset strings absent (QEMU builds
+/// type 0 from the given fields alone).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BiosInfo {
     /// Vendor string.
@@ -166,16 +165,6 @@ pub struct BiosInfo {
     pub release: Option<(u8, u8)>,
     /// Whether UEFI is supported (characteristics extension bit).
     pub uefi: bool,
-}
-
-impl BiosInfo {
-    fn any_set(&self) -> bool {
-        self.vendor.is_some()
-            || self.version.is_some()
-            || self.date.is_some()
-            || self.release.is_some()
-            || self.uefi
-    }
 }
 
 /// Type 1, system information.
@@ -198,7 +187,7 @@ pub struct SystemInfo {
     pub family: Option<String>,
 }
 
-/// Type 2, baseboard information: built only when a field is set.
+/// Type 2, baseboard information.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BaseboardInfo {
     /// Manufacturer (default "QEMU").
@@ -234,12 +223,13 @@ pub struct ChassisInfo {
 /// and the machine's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmbiosConfig {
-    /// Type 0.
-    pub bios: BiosInfo,
+    /// Type 0; `None`: SeaBIOS 1.16.1's, which a QEMU 7.2 guest sees
+    /// unless `-smbios type=0` is given.
+    pub bios: Option<BiosInfo>,
     /// Type 1.
     pub system: SystemInfo,
-    /// Type 2, when any field is set.
-    pub baseboard: BaseboardInfo,
+    /// Type 2; `None`: no type 2, as QEMU without `-smbios type=2`.
+    pub baseboard: Option<BaseboardInfo>,
     /// Type 3.
     pub chassis: ChassisInfo,
     /// Type 11 strings; no type 11 when empty.
@@ -258,9 +248,9 @@ pub struct SmbiosConfig {
 impl Default for SmbiosConfig {
     fn default() -> Self {
         Self {
-            bios: BiosInfo::default(),
+            bios: None,
             system: SystemInfo::default(),
-            baseboard: BaseboardInfo::default(),
+            baseboard: None,
             chassis: ChassisInfo::default(),
             oem_strings: Vec::new(),
             sockets: 1,
@@ -293,29 +283,57 @@ impl SmbiosConfig {
         }
     }
 
-    /// Sets one field as QEMU's `-smbios type=TABLE,KEY=VALUE` does; type 11
-    /// `value` adds a string. A type 1 `uuid` is checked here.
+    /// Marks table type `table` as given, as `-smbios type=TABLE` does even
+    /// without fields: type 0 is then built from its fields alone, type 2 is
+    /// built.
+    ///
+    /// # Errors
+    /// [`SmbiosError::UnknownType`] for a type other than 0, 1, 2, 3 and 11.
+    pub fn add_table(&mut self, table: u64) -> Result<(), SmbiosError> {
+        match table {
+            0 => {
+                self.bios.get_or_insert_with(BiosInfo::default);
+            }
+            2 => {
+                self.baseboard.get_or_insert_with(BaseboardInfo::default);
+            }
+            1 | 3 | 11 => {}
+            _ => return Err(SmbiosError::UnknownType { table }),
+        }
+        Ok(())
+    }
+
+    /// Sets one field as QEMU's `-smbios type=TABLE,KEY=VALUE` does (the table
+    /// counts as given, see [`Self::add_table`]); type 11 `value` adds a
+    /// string. A type 1 `uuid` is checked here.
     ///
     /// # Errors
     /// [`SmbiosError::UnknownType`], [`SmbiosError::UnknownKey`], or the value
     /// is invalid (a bad UUID or release, a NUL byte).
     pub fn set(&mut self, table: u64, key: &str, value: &str) -> Result<(), SmbiosError> {
-        let t = match table {
-            0 | 1 | 2 | 3 | 11 => table as u8,
-            _ => return Err(SmbiosError::UnknownType { table }),
-        };
+        self.add_table(table)?;
+        let t = table as u8;
         let unknown = |known: &[&str]| SmbiosError::UnknownKey {
             table: t,
             key: key.to_string(),
             known: known.join(", "),
         };
         match (t, key) {
-            (0, "vendor") => self.bios.vendor = text(t, key, value)?,
-            (0, "version") => self.bios.version = text(t, key, value)?,
-            (0, "date") => self.bios.date = text(t, key, value)?,
-            (0, "release") => self.bios.release = Some(parse_release(value)?),
+            (0, "vendor") => {
+                self.bios.get_or_insert_with(BiosInfo::default).vendor = text(t, key, value)?
+            }
+            (0, "version") => {
+                self.bios.get_or_insert_with(BiosInfo::default).version = text(t, key, value)?
+            }
+            (0, "date") => {
+                self.bios.get_or_insert_with(BiosInfo::default).date = text(t, key, value)?
+            }
+            (0, "release") => {
+                self.bios.get_or_insert_with(BiosInfo::default).release =
+                    Some(parse_release(value)?)
+            }
             (0, "uefi") => {
-                self.bios.uefi = match value {
+                self.bios.get_or_insert_with(BiosInfo::default).uefi = match value {
                     "on" | "yes" | "true" => true,
                     "off" | "no" | "false" => false,
                     _ => {
@@ -336,12 +354,36 @@ impl SmbiosConfig {
             (1, "sku") => self.system.sku = text(t, key, value)?,
             (1, "family") => self.system.family = text(t, key, value)?,
             (1, _) => return Err(unknown(TYPE1_KEYS)),
-            (2, "manufacturer") => self.baseboard.manufacturer = text(t, key, value)?,
-            (2, "product") => self.baseboard.product = text(t, key, value)?,
-            (2, "version") => self.baseboard.version = text(t, key, value)?,
-            (2, "serial") => self.baseboard.serial = text(t, key, value)?,
-            (2, "asset") => self.baseboard.asset = text(t, key, value)?,
-            (2, "location") => self.baseboard.location = text(t, key, value)?,
+            (2, "manufacturer") => {
+                self.baseboard
+                    .get_or_insert_with(BaseboardInfo::default)
+                    .manufacturer = text(t, key, value)?
+            }
+            (2, "product") => {
+                self.baseboard
+                    .get_or_insert_with(BaseboardInfo::default)
+                    .product = text(t, key, value)?
+            }
+            (2, "version") => {
+                self.baseboard
+                    .get_or_insert_with(BaseboardInfo::default)
+                    .version = text(t, key, value)?
+            }
+            (2, "serial") => {
+                self.baseboard
+                    .get_or_insert_with(BaseboardInfo::default)
+                    .serial = text(t, key, value)?
+            }
+            (2, "asset") => {
+                self.baseboard
+                    .get_or_insert_with(BaseboardInfo::default)
+                    .asset = text(t, key, value)?
+            }
+            (2, "location") => {
+                self.baseboard
+                    .get_or_insert_with(BaseboardInfo::default)
+                    .location = text(t, key, value)?
+            }
             (2, _) => return Err(unknown(TYPE2_KEYS)),
             (3, "manufacturer") => self.chassis.manufacturer = text(t, key, value)?,
             (3, "version") => self.chassis.version = text(t, key, value)?,
@@ -514,17 +556,15 @@ pub fn smbios_tables(
 ) -> Result<SmbiosTables, SmbiosError> {
     let mut structures: Vec<Vec<u8>> = Vec::new();
 
-    // Type 0: QEMU's layout; SeaBIOS's strings unless the user gave fields.
-    let b = &config.bios;
-    let (vendor, version, date) = if b.any_set() {
-        (b.vendor.as_deref(), b.version.as_deref(), b.date.as_deref())
-    } else {
-        (
-            Some(DEFAULT_BIOS_VENDOR),
-            Some(DEFAULT_BIOS_VERSION),
-            Some(DEFAULT_BIOS_DATE),
-        )
+    // Type 0: QEMU's layout; SeaBIOS's strings unless the user gave the table.
+    let seabios = BiosInfo {
+        vendor: Some(DEFAULT_BIOS_VENDOR.into()),
+        version: Some(DEFAULT_BIOS_VERSION.into()),
+        date: Some(DEFAULT_BIOS_DATE.into()),
+        ..BiosInfo::default()
     };
+    let b = config.bios.as_ref().unwrap_or(&seabios);
+    let (vendor, version, date) = (b.vendor.as_deref(), b.version.as_deref(), b.date.as_deref());
     let (major, minor) = b.release.unwrap_or((0, 0));
     let mut t = Structure::new(0, 0x000);
     t.string(vendor)
@@ -555,8 +595,7 @@ pub fn smbios_tables(
     structures.push(t.finish());
 
     // Type 2, only when asked for.
-    let bb = &config.baseboard;
-    if *bb != BaseboardInfo::default() {
+    if let Some(bb) = &config.baseboard {
         let mut t = Structure::new(2, 0x200);
         t.string(or(&bb.manufacturer, DEFAULT_MANUFACTURER))
             .string(or(&bb.product, DEFAULT_PRODUCT))

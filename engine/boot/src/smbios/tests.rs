@@ -455,3 +455,17 @@ fn dmidecode_finds_the_tables_in_guest_memory_beside_the_mp_table() {
     let at = crate::MP_CONFIG_START as usize;
     assert_eq!(&image[at..at + mp.len()], &mp[..]);
 }
+
+#[test]
+fn a_table_given_without_fields_is_built_as_qemu_builds_it() {
+    let mut c = SmbiosConfig::default();
+    c.add_table(2).expect("type 2");
+    c.add_table(0).expect("type 0");
+    let t = smbios_tables(&c, &layout(64 * MIB)).expect("tables");
+    let p = parse(&t.table);
+    // Type 0 from no fields: no strings at all; type 2 with QEMU's defaults.
+    assert_eq!((p[0].kind, p[0].strings.len()), (0, 0));
+    assert_eq!(p[2].kind, 2);
+    assert_eq!(p[2].strings, vec!["QEMU", DEFAULT_PRODUCT, DEFAULT_VERSION]);
+    assert_eq!(c.add_table(17), Err(SmbiosError::UnknownType { table: 17 }));
+}
