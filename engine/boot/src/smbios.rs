@@ -15,7 +15,7 @@
 //!
 //! | type | handle | what | built |
 //! |------|--------|------|-------|
-//! | 0    | 0x000  | BIOS | always (QEMU leaves it to SeaBIOS; ferry has none, so its defaults are SeaBIOS 1.16.1's) |
+//! | 0    | 0x000  | BIOS | always (QEMU leaves it to SeaBIOS; ferry has none, so without `-smbios type=0` it is SeaBIOS's, as Debian 12 ships it) |
 //! | 1    | 0x100  | system: manufacturer, product, version, serial, UUID, SKU, family | always |
 //! | 2    | 0x200  | baseboard | when given (`-smbios type=2`) |
 //! | 3    | 0x300  | chassis | always |
@@ -53,8 +53,10 @@ pub const DEFAULT_PRODUCT: &str = "Standard PC (i440FX + PIIX, 1996)";
 pub const DEFAULT_VERSION: &str = "pc-i440fx-7.2";
 /// SeaBIOS's type 0 vendor (QEMU 7.2 leaves type 0 to SeaBIOS).
 pub const DEFAULT_BIOS_VENDOR: &str = "SeaBIOS";
-/// The SeaBIOS version QEMU 7.2 ships (`roms/seabios`).
-pub const DEFAULT_BIOS_VERSION: &str = "rel-1.16.1-0-g3208b098f51a-prebuilt.qemu.org";
+/// The SeaBIOS version a Debian 12 QEMU 7.2 guest sees (seabios 1.16.2-1):
+/// the reference lab's guests print `DMI: QEMU Standard PC (i440FX + PIIX,
+/// 1996), BIOS 1.16.2-debian-1.16.2-1 04/01/2014`.
+pub const DEFAULT_BIOS_VERSION: &str = "1.16.2-debian-1.16.2-1";
 /// SeaBIOS's fixed release date.
 pub const DEFAULT_BIOS_DATE: &str = "04/01/2014";
 
@@ -223,7 +225,7 @@ pub struct ChassisInfo {
 /// and the machine's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmbiosConfig {
-    /// Type 0; `None`: SeaBIOS 1.16.1's, which a QEMU 7.2 guest sees
+    /// Type 0; `None`: SeaBIOS's, which a QEMU 7.2 guest sees
     /// unless `-smbios type=0` is given.
     pub bios: Option<BiosInfo>,
     /// Type 1.
@@ -556,7 +558,8 @@ pub fn smbios_tables(
 ) -> Result<SmbiosTables, SmbiosError> {
     let mut structures: Vec<Vec<u8>> = Vec::new();
 
-    // Type 0: QEMU's layout; SeaBIOS's strings unless the user gave the table.
+    // Type 0: QEMU's, or SeaBIOS's where the user gave none (the same layout;
+    // SeaBIOS sets only the targeted-content-distribution extension bit).
     let seabios = BiosInfo {
         vendor: Some(DEFAULT_BIOS_VENDOR.into()),
         version: Some(DEFAULT_BIOS_VERSION.into()),
@@ -574,7 +577,11 @@ pub fn smbios_tables(
         .u8(0) // ROM size: 64 KiB
         .u64(0x08) // characteristics not supported
         .u8(0)
-        .u8(0x14 | if b.uefi { 0x08 } else { 0 }) // targeted content distribution, VM
+        .u8(match &config.bios {
+            // Targeted content distribution, VM, UEFI (QEMU's).
+            Some(b) => 0x14 | if b.uefi { 0x08 } else { 0 },
+            None => 0x04,
+        })
         .u8(major)
         .u8(minor)
         .u8(0xff) // no embedded controller

@@ -137,6 +137,10 @@ fn default_tables_are_qemu_pc_i440fx_7_2s() {
     assert_eq!(bios.str_at(4), Some("SeaBIOS"));
     assert_eq!(bios.str_at(5), Some(DEFAULT_BIOS_VERSION));
     assert_eq!(bios.str_at(8), Some("04/01/2014"));
+    assert_eq!(
+        bios.formatted[0x13], 0x04,
+        "SeaBIOS: targeted content distribution only"
+    );
     let sys = &p[1];
     assert_eq!(sys.strings, vec!["QEMU", DEFAULT_PRODUCT, "pc-i440fx-7.2"]);
     assert_eq!(
@@ -288,6 +292,10 @@ fn baseboard_chassis_bios_and_oem_strings_as_libvirt_passes_them() {
     assert_eq!((p[0].formatted[5], p[0].formatted[8]), (0, 0));
     assert_eq!((p[0].formatted[0x14], p[0].formatted[0x15]), (1, 2));
     assert_eq!(
+        p[0].formatted[0x13], 0x14,
+        "QEMU's: targeted content distribution, VM"
+    );
+    assert_eq!(
         p[2].strings,
         vec!["Board Inc", DEFAULT_PRODUCT, DEFAULT_VERSION, "slot 3"]
     );
@@ -391,7 +399,7 @@ fn assert_nova_fields(text: &str) {
     for want in [
         "SMBIOS 2.8 present.",
         "\tVendor: SeaBIOS",
-        "\tVersion: rel-1.16.1-0-g3208b098f51a-prebuilt.qemu.org",
+        "\tVersion: 1.16.2-debian-1.16.2-1",
         "\tManufacturer: OpenStack Foundation",
         "\tProduct Name: OpenStack Nova",
         "\tVersion: 26.1.0",
