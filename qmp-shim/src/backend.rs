@@ -53,6 +53,9 @@ pub struct MachineConfig {
     pub rngs: Vec<crate::argv::RngDeviceConfig>,
     pub name: Option<String>,
     pub uuid: Option<String>,
+    /// The SMBIOS tables the guest gets (`-smbios`, `-uuid`); `None` for
+    /// machines without them (microvm).
+    pub smbios: Option<ferry_boot::SmbiosConfig>,
     /// `-S`: build paused ("prelaunch"); `cont` starts the vCPUs.
     pub start_paused: bool,
     pub no_shutdown: bool,

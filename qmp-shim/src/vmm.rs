@@ -276,6 +276,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
             kernel,
             initrd: config.initrd.clone(),
             cmdline: config.append.clone(),
+            smbios: config.smbios.clone(),
         })
         .map_err(engine)?;
     Ok(guest)

@@ -815,6 +815,33 @@ fn libvirt_runs_a_ferry_qemu_domain() {
     ] {
         assert_eq!(argv.matches(want).count(), 2, "{want}:\n{argv}");
     }
+    // The domain is Nova's: <sysinfo> with <smbios mode='sysinfo'/> and the
+    // HPET off. libvirt passed them as QEMU 7.2 takes them, and the restored
+    // guest's first MiB holds the tables (dmidecode scans it as an OS does).
+    let domain_log = log("var-log-libvirt/qemu/ferrylab.log");
+    assert!(
+        domain_log.contains(
+            "-smbios 'type=1,manufacturer=OpenStack Foundation,product=OpenStack Nova,\
+             version=26.1.0,serial=c7a5fdbd-cdaf-9455-926a-d65c16db1809,\
+             uuid=c7a5fdbd-cdaf-9455-926a-d65c16db1809,family=Virtual Machine'"
+        ) && domain_log.contains("-no-hpet"),
+        "{domain_log}"
+    );
+    let dmi = Command::new("/usr/sbin/dmidecode")
+        .args(["--no-sysfs", "--dev-mem"])
+        .arg(work.join("dumps").join("mem-after-restore.raw"))
+        .output()
+        .expect("run dmidecode (scripts/deps --tests installs it)");
+    let dmi = String::from_utf8_lossy(&dmi.stdout);
+    for want in [
+        "\tManufacturer: OpenStack Foundation",
+        "\tProduct Name: OpenStack Nova",
+        "\tSerial Number: c7a5fdbd-cdaf-9455-926a-d65c16db1809",
+        "\tUUID: c7a5fdbd-cdaf-9455-926a-d65c16db1809",
+        "\tFamily: Virtual Machine",
+    ] {
+        assert!(dmi.contains(want), "dmidecode lacks {want:?}:\n{dmi}");
+    }
 }
 
 /// Issue 13 item 5: under libvirt's packaged defaults (emulator user
@@ -2962,4 +2989,114 @@ fn a_switchover_that_would_overrun_goes_back_to_precopy() {
     drop((qa, a));
     run_a_while(&mut qb, &d.join("b.serial"));
     drop((qb, b));
+}
+
+/// dmidecode's reading of the guest's first MiB (`pmemsave 0 1048576`),
+/// scanning 0xF0000 for the SMBIOS entry point as an OS does.
+fn dmidecode_low_mib(q: &mut Qmp, image: &Path) -> String {
+    let dmidecode = "/usr/sbin/dmidecode";
+    assert!(
+        Path::new(dmidecode).exists(),
+        "{dmidecode} is missing: scripts/deps --tests installs it"
+    );
+    q.ok(
+        "pmemsave",
+        json!({"val": 0, "size": 1 << 20, "filename": image.display().to_string()}),
+    );
+    let out = Command::new(dmidecode)
+        .args(["--no-sysfs", "--dev-mem"])
+        .arg(image)
+        .output()
+        .expect("run dmidecode");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "dmidecode: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// Issue 17: `-smbios type=1,...` as libvirt 9.0 writes it from Nova's
+/// `<sysinfo>` (with `-no-hpet` for `<timer name='hpet' present='no'/>`): the
+/// guest's first MiB holds SMBIOS tables that dmidecode finds by scanning
+/// 0xF0000 as an OS does, with the given fields and QEMU's defaults. They
+/// live in guest RAM: a restored guest keeps them even where the destination
+/// was started with other fields (its boot path, which builds them, is skipped).
+#[test]
+fn smbios_fields_reach_the_guest_as_dmidecode_reads_them() {
+    let name = "smbios_fields_reach_the_guest_as_dmidecode_reads_them";
+    if !kvm_usable(name) {
+        return;
+    }
+    const UUID: &str = "c7a5fdbd-cdaf-9455-926a-d65c16db1809";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let type1 = |serial: &str| {
+        format!(
+            "type=1,manufacturer=OpenStack Foundation,product=OpenStack Nova,version=26.1.0,\
+             serial={serial},uuid={UUID},family=Virtual Machine"
+        )
+    };
+    let args = |type1: &str| -> Vec<String> {
+        [
+            "-machine",
+            "pc-i440fx-7.2,usb=off",
+            "-smp",
+            "2,sockets=2,dies=1,cores=1,threads=1",
+            "-uuid",
+            UUID,
+            "-no-hpet",
+            "-smbios",
+            type1,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let src_args = args(&type1("8a7f,,rack 4"));
+    let src_args: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    let q = spawn_guest(d, "smbios", &kernel, &src_args);
+    let mut qmp = Qmp::connect(&q.qmp);
+    assert_eq!(qmp.ok("query-uuid", json!({}))["UUID"], UUID);
+    // The guest runs over its tables (they are in reserved memory) first.
+    run_a_while(&mut qmp, &d.join("smbios.serial"));
+    let text = dmidecode_low_mib(&mut qmp, &d.join("low.mem"));
+    for want in [
+        "SMBIOS 2.8 present.",
+        "\tVendor: SeaBIOS",
+        "\tManufacturer: OpenStack Foundation",
+        "\tProduct Name: OpenStack Nova",
+        "\tVersion: 26.1.0",
+        "\tSerial Number: 8a7f,rack 4",
+        "\tUUID: c7a5fdbd-cdaf-9455-926a-d65c16db1809",
+        "\tFamily: Virtual Machine",
+        "\tSocket Designation: CPU 1",
+        "\tMaximum Capacity: 128 MB",
+        "\tSize: 128 MB",
+        "\tVersion: pc-i440fx-7.2",
+    ] {
+        assert!(text.contains(want), "dmidecode lacks {want:?}:\n{text}");
+    }
+
+    let save = d.join("smbios.ferry");
+    qmp.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", save.display())}),
+    );
+    qmp.wait_event("MIGRATION", Some("completed"));
+    qmp.ok("quit", json!({}));
+    drop(q);
+    let mut dst_args = args(&type1("other"));
+    dst_args.extend(["-incoming".into(), format!("file:{}", save.display())]);
+    let dst_args: Vec<&str> = dst_args.iter().map(String::as_str).collect();
+    let b = spawn_guest(d, "smbios-dst", &kernel, &dst_args);
+    let mut qmp = Qmp::connect(&b.qmp);
+    wait_status(&mut qmp, "paused");
+    let after = dmidecode_low_mib(&mut qmp, &d.join("low-dst.mem"));
+    assert!(
+        after.contains("\tSerial Number: 8a7f,rack 4") && !after.contains("other"),
+        "the restored guest's tables were rebuilt:\n{after}"
+    );
 }

@@ -4,8 +4,10 @@
 # ships it: the emulator runs as libvirt-qemu, in a private /dev, its files
 # labelled by the DAC driver. Usage (as root):
 #   unshare --mount --propagation private bash libvirt-domain.sh WORK FERRY_QEMU KERNEL [MODE]
-# MODE lifecycle (the default): one domain (with a virtio-rng) through define, start,
-#   suspend/resume, pmemsave, save, restore, pmemsave, destroy. Leaves in
+# MODE lifecycle (the default): one domain, defined as Nova defines them
+#   (<sysinfo type='smbios'> with <smbios mode='sysinfo'/>, the HPET off,
+#   a rate-limited virtio-rng), through define, start, suspend/resume,
+#   pmemsave, save, restore, pmemsave, destroy. Leaves in
 #   $WORK: dumps/mem-before-save.raw, dumps/mem-after-restore.raw (pmemsave
 #   dumps of the 128 MiB guest), lab.save.
 # MODE serial: a domain with <serial type='pty'><log file=.../> and one with
@@ -113,16 +115,18 @@ pmemsave() {
     V qemu-monitor-command "$NAME" \
         "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":0,\"size\":$MEM,\"filename\":\"$1\"}}"
 }
-define() {  # NAME SERIAL-XML
+define() {  # NAME SERIAL-XML [DOMAIN-XML [OS-XML]]
     cat > "$WORK/$1.xml" <<XML
 <domain type='kvm'>
   <name>$1</name>
   <memory unit='MiB'>128</memory>
   <vcpu>1</vcpu>
+  ${3:-}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>$WORK/dirtier.elf</kernel>
     <cmdline>ws=16M fill=1</cmdline>
+    ${4:-}
   </os>
   <on_poweroff>destroy</on_poweroff>
   <devices>
@@ -165,8 +169,10 @@ if [ "$MODE" = serial ]; then
     exit 0
 fi
 
-# With an entropy device as Nova gives one (rate-limited), which must
-# survive the save and restore with the rest.
+# What Nova writes into every domain (nova/virt/libvirt/config.py), with
+# an entropy device as Nova gives one (rate-limited), which must survive
+# the save and restore with the rest.
+NOVA_UUID=c7a5fdbd-cdaf-9455-926a-d65c16db1809
 define "$NAME" "<serial type='pty'>
       <log file='/var/log/libvirt/qemu/$NAME-serial.log' append='on'/>
       <target port='0'/>
@@ -175,7 +181,24 @@ define "$NAME" "<serial type='pty'>
     <rng model='virtio'>
       <rate period='1000' bytes='1024'/>
       <backend model='random'>/dev/urandom</backend>
-    </rng>"
+    </rng>" \
+    "<uuid>$NOVA_UUID</uuid>
+  <sysinfo type='smbios'>
+    <system>
+      <entry name='manufacturer'>OpenStack Foundation</entry>
+      <entry name='product'>OpenStack Nova</entry>
+      <entry name='version'>26.1.0</entry>
+      <entry name='serial'>$NOVA_UUID</entry>
+      <entry name='uuid'>$NOVA_UUID</entry>
+      <entry name='family'>Virtual Machine</entry>
+    </system>
+  </sysinfo>
+  <clock offset='utc'>
+    <timer name='pit' tickpolicy='delay'/>
+    <timer name='rtc' tickpolicy='catchup'/>
+    <timer name='hpet' present='no'/>
+  </clock>" \
+    "<smbios mode='sysinfo'/>"
 step start;    V start "$NAME"
 state_is running
 emulator "$NAME"

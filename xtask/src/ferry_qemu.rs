@@ -11,9 +11,7 @@ use ferry_qemu::process::EXIT_FAILURE;
 use crate::roff::{esc, Doc};
 
 /// Options parsed only so that the refusal can name them.
-const REFUSED: &[&str] = &[
-    "spice", "vga", "vnc", "bios", "L", "numa", "smbios", "fw_cfg",
-];
+const REFUSED: &[&str] = &["spice", "vga", "vnc", "bios", "L", "numa", "fw_cfg"];
 
 /// (option, argument synopsis, description) for every option in `argv::OPTIONS`.
 const DESCRIPTIONS: &[(&str, &str, &str)] = &[
@@ -42,6 +40,11 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     ),
     ("no-reboot", "", "Treat a guest reset as a power-off."),
     ("no-acpi", "", "Accepted: ferry has no ACPI."),
+    (
+        "no-hpet",
+        "",
+        "Accepted: ferry has no HPET (what libvirt writes for <timer name='hpet' present='no'/>).",
+    ),
     ("enable-kvm", "", "The same as `-accel kvm`."),
     (
         "version",
@@ -105,7 +108,7 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (
         "uuid",
         "UUID",
-        "The guest's UUID, as `query-uuid` reports it.",
+        "The guest's UUID, as `query-uuid` reports it and the SMBIOS system UUID.",
     ),
     ("pidfile", "FILE", "Write the process id to FILE."),
     ("display", "none", "Only `none`: ferry-qemu has no display."),
@@ -215,13 +218,17 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
          (then QMP `migrate-incoming`).",
     ),
     ("audiodev", "none,id=ID", "Only the `none` driver."),
+    (
+        "smbios",
+        "type=N,KEY=VALUE[,...]",
+        "SMBIOS fields, as libvirt writes them from <sysinfo type='smbios'> with <smbios          mode='sysinfo'/>: `type=0` (`vendor`, `version`, `date`, `release`, `uefi`),          `type=1` (`manufacturer`, `product`, `version`, `serial`, `uuid`, `sku`,          `family`; `uuid` is also the guest's UUID), `type=2` (`manufacturer`, `product`,          `version`, `serial`, `asset`, `location`), `type=3` (`manufacturer`, `version`,          `serial`, `asset`, `sku`), `type=11` (`value`, repeated). A pc guest always gets          the SMBIOS 2.8 tables QEMU 7.2 builds for pc-i440fx-7.2 (entry point at 0xf1000,          where Linux finds it without EFI), unset fields keeping QEMU's defaults (type 1:          QEMU, Standard PC (i440FX + PIIX, 1996), pc-i440fx-7.2; type 0: SeaBIOS's);          microvm guests get none and refuse the option. Unknown keys are refused with QEMU's          error; `file=`, `type=11,path=` and `type=4` or `type=17` fields are refused,          named.",
+    ),
     ("spice", "OPTS", "Refused, by name."),
     ("vga", "TYPE", "Refused, by name."),
     ("vnc", "DISPLAY", "Refused, by name."),
     ("bios", "FILE", "Refused, by name: ferry has no firmware."),
     ("L", "DIR", "Refused, by name: ferry has no firmware."),
     ("numa", "OPTS", "Refused, by name."),
-    ("smbios", "OPTS", "Refused, by name."),
     ("fw_cfg", "OPTS", "Refused, by name."),
 ];
 

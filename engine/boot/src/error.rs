@@ -137,4 +137,8 @@ pub enum BootError {
         /// What went wrong.
         problem: String,
     },
+
+    /// The SMBIOS tables cannot be built from the configuration.
+    #[error("cannot build the SMBIOS tables")]
+    Smbios(#[from] crate::smbios::SmbiosError),
 }

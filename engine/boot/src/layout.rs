@@ -12,7 +12,8 @@
 //! 0x0000_9000  PML4, 0xa000 PDPTE, 0xb000 PDE: identity map of the first 1 GiB
 //! 0x0002_0000  kernel command line (at most 4096 bytes with its NUL)
 //! 0x0009_fc00  reserved up to 1 MiB (EBDA, VGA, BIOS): MP floating pointer
-//! 0x000f_0000  MP configuration table
+//! 0x000f_0000  MP configuration table (at most 1.5 KiB)
+//! 0x000f_1000  SMBIOS 2.1 entry point (_SM_), 0x000f_1020 its structure table
 //! 0x0010_0000  kernel (bzImage protected-mode code; ELF segments at their p_paddr)
 //!   ...        initrd at the top of low RAM
 //! 0xc000_0000  MMIO hole (no RAM) up to 4 GiB

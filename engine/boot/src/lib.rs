@@ -46,6 +46,7 @@ mod layout;
 mod loader;
 mod mptable;
 mod regs;
+mod smbios;
 
 pub use error::BootError;
 pub use extract::extract_vmlinux;
@@ -53,6 +54,7 @@ pub use layout::*;
 pub use loader::{load_kernel, BootInfo, BootProtocol, ReadSeek};
 pub use mptable::{mptable, write_mptable, MPTABLE_MAX_CPUS, MPTABLE_START, MP_CONFIG_START};
 pub use regs::{boot_fpu, boot_regs, boot_sregs};
+pub use smbios::*;
 
 #[cfg(test)]
 mod testutil;

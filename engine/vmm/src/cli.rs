@@ -240,6 +240,66 @@ fn parse_net(text: &str) -> Result<NetArg, String> {
     })
 }
 
+/// One `--smbios`: the table type and its fields, checked.
+#[derive(Debug, Clone)]
+pub struct SmbiosArg {
+    pub table: u64,
+    pub fields: Vec<(String, String)>,
+}
+
+impl SmbiosArg {
+    /// Sets these fields in `config`.
+    pub fn apply(
+        &self,
+        config: &mut ferry_boot::SmbiosConfig,
+    ) -> Result<(), ferry_boot::SmbiosError> {
+        for (k, v) in &self.fields {
+            config.set(self.table, k, v)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_smbios(text: &str) -> Result<SmbiosArg, String> {
+    const USAGE: &str = "type=N,KEY=VALUE,... (see --help)";
+    // Split at commas, ",," being a literal comma.
+    let mut parts: Vec<String> = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                parts.last_mut().expect("never empty").push(',');
+            } else {
+                parts.push(String::new());
+            }
+        } else {
+            parts.last_mut().expect("never empty").push(c);
+        }
+    }
+    let mut table = None;
+    let mut fields = Vec::new();
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some(("type", v)) => {
+                table = Some(
+                    v.parse::<u64>()
+                        .map_err(|e| format!("type: {e} ({USAGE})"))?,
+                )
+            }
+            Some((k, v)) => fields.push((k.to_string(), v.to_string())),
+            None => return Err(format!("'{part}' is not KEY=VALUE ({USAGE})")),
+        }
+    }
+    let arg = SmbiosArg {
+        table: table.ok_or_else(|| format!("type= is missing ({USAGE})"))?,
+        fields,
+    };
+    arg.apply(&mut ferry_boot::SmbiosConfig::default())
+        .map_err(|e| e.to_string())?;
+    Ok(arg)
+}
+
 /// One `--disk`.
 #[derive(Debug, Clone)]
 pub struct DiskArg {
@@ -386,6 +446,15 @@ pub enum Command {
         /// refuses it.
         #[arg(long, default_value = "qemu64", value_parser = crate::cpu::model::CpuModel::parse)]
         cpu: crate::cpu::model::CpuModel,
+        /// SMBIOS fields, in QEMU's -smbios syntax: type=0 (vendor, version, date,
+        /// release), type=1 (manufacturer, product, version, serial, uuid, sku,
+        /// family), type=2 (manufacturer, product, version, serial, asset,
+        /// location), type=3 (manufacturer, version, serial, asset, sku) or
+        /// type=11 (value, repeated), then ,KEY=VALUE (,, for a comma); repeat for
+        /// more. The guest always gets the tables QEMU 7.2 builds for its pc
+        /// machine, whose unset fields keep QEMU's defaults.
+        #[arg(long = "smbios", value_parser = parse_smbios)]
+        smbios: Vec<SmbiosArg>,
         #[command(flatten)]
         common: Common,
     },
@@ -583,6 +652,47 @@ mod tests {
             panic!("{cli:?}");
         };
         assert_eq!(common.slots(), [5, 6, 7, 4]);
+    }
+
+    #[test]
+    fn smbios_options_take_qemus_syntax_and_refuse_what_cannot_be_built() {
+        let cli = Cli::try_parse_from([
+            "ferry-vm",
+            "run",
+            "--kernel",
+            "k",
+            "--smp",
+            "2",
+            "--smbios",
+            "type=1,product=OpenStack Nova,serial=a,,b",
+            "--smbios",
+            "type=11,value=x,value=y",
+        ]);
+        let Ok(Cli {
+            command: Command::Run { smbios, .. },
+        }) = cli
+        else {
+            panic!("{cli:?}");
+        };
+        let mut config = ferry_boot::SmbiosConfig::for_vcpus(2);
+        for arg in &smbios {
+            arg.apply(&mut config).expect("valid");
+        }
+        assert_eq!(config.system.product.as_deref(), Some("OpenStack Nova"));
+        assert_eq!(config.system.serial.as_deref(), Some("a,b"));
+        assert_eq!(config.oem_strings, ["x", "y"]);
+        for (bad, words) in [
+            ("product=x", "type= is missing"),
+            ("type=1,colour=red", "no field 'colour'"),
+            ("type=1,uuid=nope", "8-4-4-4-12"),
+            ("type=9,x=y", "SMBIOS type 9"),
+            ("type=1,serial", "not KEY=VALUE"),
+        ] {
+            let err = Cli::try_parse_from(["ferry-vm", "run", "--kernel", "k", "--smbios", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(words), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -56,8 +56,14 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             mem,
             smp,
             cpu,
+            smbios,
             common,
         } => {
+            let mut tables = ferry_boot::SmbiosConfig::for_vcpus(smp);
+            for arg in &smbios {
+                arg.apply(&mut tables)
+                    .map_err(|e| ferry_vmm::VmmError::Config(format!("--smbios: {e}")))?;
+            }
             let mut vm = Vm::create(VmConfig {
                 mem_bytes: mem,
                 vcpus: smp,
@@ -70,6 +76,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 kernel,
                 initrd,
                 cmdline: append,
+                smbios: Some(tables),
             })?;
             (vm, common)
         }

@@ -133,6 +133,10 @@ pub struct KernelConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
+    /// SMBIOS tables to put below 1 MiB (QEMU's `pc` machine always has
+    /// them); `None` for none. The type 4 processor ID is filled in from the
+    /// guest's CPUID.
+    pub smbios: Option<ferry_boot::SmbiosConfig>,
 }
 
 /// The VM's shape: what a destination must match before any state is applied.
@@ -337,6 +341,16 @@ impl Vm {
         // vCPUs and the I/O APIC.
         ferry_boot::write_mptable(self.ram.memory(), self.config.vcpus)
             .map_err(|e| VmmError::Boot(e.to_string()))?;
+        // SMBIOS lives in guest RAM: a migration or checkpoint carries it, and an
+        // incoming VM, which is never booted, keeps the source's.
+        if let Some(smbios) = &kernel.smbios {
+            let mut smbios = smbios.clone();
+            if let Some(leaf1) = self.cpuid.iter().find(|l| l.function == 1) {
+                smbios.processor_id = u64::from(leaf1.eax) | (u64::from(leaf1.edx) << 32);
+            }
+            ferry_boot::write_smbios(self.ram.memory(), &layout, &smbios)
+                .map_err(|e| VmmError::Boot(crate::error_chain(&e)))?;
+        }
         let boot = BootVcpu { info };
         let state = boot.initial_state(self)?;
         self.vcpus[0].restore(state)?;

@@ -5,6 +5,7 @@
 //! which for these is indistinguishable from an idle one for the guests ferry
 //! targets (direct kernel boot, serial console).
 
+use ferry_boot::{SmbiosConfig, SmbiosError};
 use ferry_vmm::cpu::model::CpuModel;
 use ferry_vmm::devices::SharedFd;
 use serde_json::Value;
@@ -129,6 +130,7 @@ impl Invocation {
             .collect();
         let rngs = self.rngs(machine == MachineType::Pc, &placed)?;
         self.check_misc()?;
+        let (smbios, uuid) = self.smbios(machine, vcpus)?;
         let serials = self.serials()?;
         Ok(Some(MachineConfig {
             machine,
@@ -156,7 +158,8 @@ impl Invocation {
             taps: Vec::new(),
             rngs,
             name: self.name.as_ref().and_then(|n| n.guest.clone()),
-            uuid: self.uuid.clone(),
+            uuid,
+            smbios,
             start_paused: self.start_paused,
             no_shutdown: self.no_shutdown,
             no_reboot: self.no_reboot,
@@ -385,6 +388,113 @@ impl Invocation {
             }
         }
         Ok(())
+    }
+
+    /// The SMBIOS tables for `machine` from `-smbios` and `-uuid`, and the VM's
+    /// UUID (`-smbios type=1,uuid=` sets it, as in QEMU). Errors carry QEMU
+    /// 7.2's texts where QEMU refuses too.
+    fn smbios(
+        &self,
+        machine: MachineType,
+        vcpus: u32,
+    ) -> Result<(Option<SmbiosConfig>, Option<String>), ArgvError> {
+        const OPT: &str = "-smbios";
+        let mut uuid = self.uuid.clone();
+        if machine != MachineType::Pc {
+            if let Some((arg, _)) = self.smbios.first() {
+                return Err(ArgvError::unsupported_because(
+                    OPT,
+                    format!("'{arg}'"),
+                    "ferry builds SMBIOS tables for the pc machine only",
+                ));
+            }
+            return Ok((None, uuid));
+        }
+        let mut config = SmbiosConfig::for_vcpus(vcpus);
+        if let Some(smp) = &self.smp {
+            // QEMU 7.2's topology for pc-i440fx-7.2: cores preferred over sockets.
+            let sockets = smp.sockets.unwrap_or(1).max(1);
+            let threads = smp.threads.unwrap_or(1).max(1);
+            let dies = smp.dies.unwrap_or(1).max(1);
+            let cores = smp
+                .cores
+                .unwrap_or_else(|| (u64::from(vcpus) / (sockets * dies * threads)).max(1));
+            config.sockets = u32::try_from(sockets).unwrap_or(u32::MAX);
+            config.cores = u32::try_from(cores).unwrap_or(u32::MAX);
+            config.threads = u32::try_from(threads).unwrap_or(u32::MAX);
+        }
+        for (arg, o) in &self.smbios {
+            let invalid = |reason: &str| ArgvError::invalid(OPT, arg, reason);
+            if o.get("file").is_some() {
+                return Err(ArgvError::unsupported_because(
+                    OPT,
+                    "file= (binary SMBIOS structures)",
+                    "give the fields as type=N,KEY=VALUE (<sysinfo type='smbios'> entries)",
+                ));
+            }
+            let Some(table) = o.get("type") else {
+                return Err(invalid("Must specify type= or file="));
+            };
+            let table = super::opts::parse_u64(table).ok_or_else(|| invalid("out of range!"))?;
+            let keys: &[&str] = match table {
+                0 => ferry_boot::TYPE0_KEYS,
+                1 => ferry_boot::TYPE1_KEYS,
+                2 => ferry_boot::TYPE2_KEYS,
+                3 => ferry_boot::TYPE3_KEYS,
+                11 => &["value", "path"],
+                4 | 17 => {
+                    return Err(ArgvError::unsupported_because(
+                        OPT,
+                        format!("type={table} fields"),
+                        "ferry builds types 0, 1, 2, 3 and 11 from fields; drop the option",
+                    ))
+                }
+                128.. => return Err(invalid("out of range!")),
+                _ => {
+                    return Err(invalid(&format!(
+                        "Don't know how to build fields for SMBIOS type {table}"
+                    )))
+                }
+            };
+            for (k, v) in o.pairs() {
+                if k == "type" {
+                    continue;
+                }
+                if !keys.contains(&k.as_str()) {
+                    return Err(invalid(&format!("Invalid parameter '{k}'")));
+                }
+                if table == 11 && k == "path" {
+                    return Err(ArgvError::unsupported_because(
+                        OPT,
+                        "type=11,path= (OEM strings from a file)",
+                        "give each string as value= (<oemStrings><entry>)",
+                    ));
+                }
+                config.set(table, k, v).map_err(|e| match e {
+                    SmbiosError::BadUuid { .. } => invalid("Invalid UUID"),
+                    SmbiosError::BadRelease { .. } => invalid("Invalid release"),
+                    SmbiosError::BadBool { key, .. } => {
+                        invalid(&format!("Parameter '{key}' expects 'on' or 'off'"))
+                    }
+                    other => invalid(&other.to_string()),
+                })?;
+                if table == 1 && k == "uuid" {
+                    uuid = Some(v.to_ascii_lowercase());
+                }
+            }
+            config
+                .add_table(table)
+                .map_err(|e| invalid(&e.to_string()))?;
+        }
+        if config.system.uuid.is_none() {
+            if let Some(u) = &uuid {
+                config.system.uuid = Some(
+                    ferry_boot::parse_uuid(u)
+                        .map_err(|e| ArgvError::invalid("-uuid", u, &e.to_string()))?,
+                );
+            }
+        }
+        Ok((Some(config), uuid))
     }
 
     fn chardev(&self, option: &str, id: &str) -> Result<Chardev, ArgvError> {

@@ -308,6 +308,11 @@ pub struct Invocation {
     pub no_shutdown: bool,
     pub no_reboot: bool,
     pub no_acpi: bool,
+    /// `-no-hpet` (ferry has no HPET either way).
+    pub no_hpet: bool,
+    /// `-smbios`, in order: the argument as given and its pairs (checked in
+    /// config.rs, where QEMU checks them: at machine creation).
+    pub smbios: Vec<(String, Opts)>,
     pub boot: Option<Opts>,
     pub rtc: Option<Opts>,
     pub globals: Vec<String>,
@@ -340,6 +345,7 @@ pub const OPTIONS: &[(&str, bool)] = &[
     ("no-shutdown", false),
     ("no-reboot", false),
     ("no-acpi", false),
+    ("no-hpet", false),
     ("enable-kvm", false),
     ("version", false),
     ("help", false),
@@ -375,6 +381,7 @@ pub const OPTIONS: &[(&str, bool)] = &[
     ("netdev", true),
     ("incoming", true),
     ("audiodev", true),
+    ("smbios", true),
     // Parsed so that the refusal can name them (see config.rs).
     ("spice", true),
     ("vga", true),
@@ -382,7 +389,6 @@ pub const OPTIONS: &[(&str, bool)] = &[
     ("bios", true),
     ("L", true),
     ("numa", true),
-    ("smbios", true),
     ("fw_cfg", true),
 ];
 
@@ -433,6 +439,10 @@ fn apply(
         "no-shutdown" => inv.no_shutdown = true,
         "no-reboot" => inv.no_reboot = true,
         "no-acpi" => inv.no_acpi = true,
+        "no-hpet" => inv.no_hpet = true,
+        "smbios" => inv
+            .smbios
+            .push((arg.to_string(), Opts::parse(option, arg, None)?)),
         "enable-kvm" => inv.accel = vec![Accel::Kvm],
         "version" => inv.mode = Mode::Version,
         "help" | "h" => inv.mode = Mode::Help,

@@ -977,3 +977,108 @@ fn rng_forms_libvirt_and_by_hand() {
         assert!(err.contains(want), "{extra:?}: {err}");
     }
 }
+
+/// `<os><smbios mode='sysinfo'/>` with Nova's `<sysinfo>` and
+/// `<timer name='hpet' present='no'/>`, as libvirt 9.0 writes them for QEMU 7.2.
+#[test]
+fn nova_sysinfo_and_no_hpet_become_smbios_tables() {
+    const UUID: &str = "c7a5fdbd-cdaf-9455-926a-d65c16db1809";
+    let mut args = argv(
+        "-machine pc-i440fx-7.2,usb=off -accel kvm -m 256 -smp 4,sockets=2,dies=1,cores=2,threads=1 \
+         -kernel /k -no-hpet -uuid c7a5fdbd-cdaf-9455-926a-d65c16db1809",
+    );
+    let type1 = format!(
+        "type=1,manufacturer=OpenStack Foundation,product=OpenStack Nova,version=26.1.0,\
+         serial=9b0e3a55,,x,uuid={UUID},family=Virtual Machine"
+    );
+    args.extend(["-smbios".into(), type1]);
+    args.extend(["-smbios".into(), "type=0,vendor=Ferry,release=1.2".into()]);
+    args.extend(["-smbios".into(), "type=11,value=a,value=b".into()]);
+    let inv = parse(&args).expect("parses");
+    assert!(inv.no_hpet);
+    let cfg = inv.machine_config().expect("ok").expect("vm");
+    let s = cfg.smbios.expect("pc has SMBIOS");
+    assert_eq!(
+        s.system.manufacturer.as_deref(),
+        Some("OpenStack Foundation")
+    );
+    assert_eq!(s.system.product.as_deref(), Some("OpenStack Nova"));
+    assert_eq!(
+        s.system.serial.as_deref(),
+        Some("9b0e3a55,x"),
+        ",, is a comma"
+    );
+    assert_eq!(s.system.family.as_deref(), Some("Virtual Machine"));
+    assert_eq!(s.system.uuid, Some(ferry_boot::parse_uuid(UUID).unwrap()));
+    assert_eq!(s.bios.expect("type 0").release, Some((1, 2)));
+    assert_eq!(s.oem_strings, vec!["a", "b"]);
+    assert_eq!((s.sockets, s.cores, s.threads), (2, 2, 1));
+    assert_eq!(cfg.uuid.as_deref(), Some(UUID));
+
+    // -uuid alone is the system UUID; -smbios type=1,uuid= overrides it (QEMU).
+    let cfg = p(
+        "-machine pc -accel kvm -kernel /k -uuid 00112233-4455-6677-8899-aabbccddeeff \
+                 -smbios type=1,uuid=00000000-0000-0000-0000-000000000001",
+    )
+    .expect("parses")
+    .machine_config()
+    .expect("ok")
+    .expect("vm");
+    assert_eq!(
+        cfg.uuid.as_deref(),
+        Some("00000000-0000-0000-0000-000000000001")
+    );
+    let cfg = p("-machine pc -accel kvm -kernel /k -uuid 00112233-4455-6677-8899-aabbccddeeff")
+        .expect("parses")
+        .machine_config()
+        .expect("ok")
+        .expect("vm");
+    let s = cfg.smbios.expect("tables without -smbios too");
+    assert_eq!(s.system.uuid.expect("uuid")[0], 0x00);
+    assert_eq!(s.system.uuid.expect("uuid")[15], 0xff);
+    assert!(s.bios.is_none() && s.baseboard.is_none());
+}
+
+/// What QEMU 7.2 refuses, with its words; what ferry cannot build, named.
+#[test]
+fn smbios_refusals() {
+    let base = "-machine pc -accel kvm -kernel /k -smbios ";
+    for (arg, want) in [
+        (
+            "type=1,colour=red",
+            "-smbios type=1,colour=red: Invalid parameter 'colour'",
+        ),
+        ("type=1,uuid=nope", "-smbios type=1,uuid=nope: Invalid UUID"),
+        (
+            "type=0,release=x",
+            "-smbios type=0,release=x: Invalid release",
+        ),
+        ("serial=x", "-smbios serial=x: Must specify type= or file="),
+        ("type=5", "Don't know how to build fields for SMBIOS type 5"),
+        ("type=300", "out of range!"),
+        (
+            "file=/tmp/t.bin",
+            "-smbios: file= (binary SMBIOS structures) is not supported",
+        ),
+        ("type=11,path=/tmp/s", "type=11,path="),
+        ("type=4,sock_pfx=S", "type=4 fields"),
+        ("type=3,product=x", "Invalid parameter 'product'"),
+    ] {
+        let err = p(&format!("{base}{arg}"))
+            .expect("parses")
+            .machine_config()
+            .unwrap_err();
+        assert!(err.to_string().contains(want), "{arg}: {err}");
+    }
+    let err = p("-machine microvm -accel kvm -kernel /k -smbios type=1,serial=x")
+        .expect("parses")
+        .machine_config()
+        .unwrap_err();
+    assert!(err.to_string().contains("pc machine only"), "{err}");
+    let cfg = p("-machine microvm -accel kvm -kernel /k")
+        .expect("parses")
+        .machine_config()
+        .expect("ok")
+        .expect("vm");
+    assert_eq!(cfg.smbios, None);
+}
