@@ -2,7 +2,8 @@
 //!
 //! One command per line, one JSON object per reply:
 //! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `peek HEXGPA` (a u64 of
-//! guest RAM), `quit`,
+//! guest RAM), `announce` (the NICs' RARP frames), `dirty-rate [SECONDS [PAGES-PER-GIB]]`
+//! (QEMU's calc-dirty-rate), `quit`,
 //! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
 //! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover, pause-before-switchover
