@@ -339,6 +339,11 @@ impl Shared<'_> {
             let cap = self.limiter.lock().map(|w| w.cap).unwrap_or(0);
             while let Some(left) = until.checked_duration_since(Instant::now()) {
                 self.check_abort()?;
+                // A slow link at the switch-over: stop waiting as soon as the
+                // pause bound is known to be passed, not a whole batch later.
+                if self.overran() {
+                    return Err(MigrationError::SwitchoverOverrun);
+                }
                 let now = self.ctl.params().max_bandwidth;
                 if now != cap {
                     // A new cap starts a new window; these bytes are not owed.
