@@ -496,11 +496,7 @@ fn check_blk_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
         "multifunction" if flag(&text)? => {
             refuse("multifunction=on (ferry's virtio devices are single-function)".into())
         }
-        "disable-legacy" if flag(&text)? => Ok(()),
-        "disable-modern" if !flag(&text)? => Ok(()),
-        "disable-legacy" | "disable-modern" => refuse(format!(
-            "{key}={text} (ferry's virtio devices are modern-only, virtio 1.0)"
-        )),
+        "disable-legacy" | "disable-modern" => modern_only(key, &text),
         // Features ferry's virtio-blk does not offer: "off" is what it does.
         "event_idx"
         | "indirect_desc"
@@ -779,4 +775,28 @@ impl Invocation {
         }
         Ok(out)
     }
+}
+
+/// `disable-legacy`/`disable-modern` of any ferry virtio-pci device: they are
+/// modern-only (virtio 1.0), so only `disable-legacy=on` and
+/// `disable-modern=off` describe them.
+pub(super) fn modern_only(key: &str, text: &str) -> Result<(), ArgvError> {
+    if parse_bool("-device", key, text)? == (key == "disable-legacy") {
+        return Ok(());
+    }
+    Err(ArgvError::unsupported(
+        "-device",
+        format!("{key}={text} (ferry's virtio devices are modern-only, virtio 1.0)"),
+    ))
+}
+
+/// `romfile` of a ferry virtio-pci device: empty (no option ROM) or refused.
+pub(super) fn no_rom(text: &str) -> Result<(), ArgvError> {
+    if text.is_empty() {
+        return Ok(());
+    }
+    Err(ArgvError::unsupported(
+        "-device",
+        format!("romfile '{text}' (ferry boots kernels directly: no option ROMs)"),
+    ))
 }

@@ -16,7 +16,7 @@
 
 use serde_json::Value;
 
-use super::disks::{parse_addr, SlotClaim};
+use super::disks::{modern_only, no_rom, parse_addr, SlotClaim};
 use super::opts::{json_text, parse_bool, parse_u64};
 use super::{ArgvError, Invocation};
 
@@ -211,10 +211,7 @@ fn check_net_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
         "netdev" | "mac" | "bus" | "addr" | "bootindex" | "x-txtimer" | "x-txburst" | "tx" => {
             Ok(())
         }
-        "romfile" if text.is_empty() => Ok(()),
-        "romfile" => refuse(format!(
-            "romfile '{text}' (ferry boots kernels directly: no option ROMs)"
-        )),
+        "romfile" => no_rom(&text),
         "vectors" if num() == Some(3) => Ok(()),
         "rx_queue_size" | "tx_queue_size" if num() == Some(256) => Ok(()),
         "vectors" | "rx_queue_size" | "tx_queue_size" | "host_mtu" | "speed" | "duplex" => {
@@ -225,11 +222,7 @@ fn check_net_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
         "multifunction" if flag(&text)? => {
             refuse("multifunction=on (ferry's virtio devices are single-function)".into())
         }
-        "disable-legacy" if flag(&text)? => Ok(()),
-        "disable-modern" if !flag(&text)? => Ok(()),
-        "disable-legacy" | "disable-modern" => refuse(format!(
-            "{key}={text} (ferry's virtio devices are modern-only, virtio 1.0)"
-        )),
+        "disable-legacy" | "disable-modern" => modern_only(key, &text),
         // Offloads and features ferry's virtio-net does not offer (it has MAC
         // and STATUS): "off" is what it does.
         k if NOT_OFFERED.contains(&k) => {

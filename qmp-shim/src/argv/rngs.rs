@@ -17,7 +17,7 @@
 use ferry_vmm::devices::virtio::rng::{RngConfig, RngSource};
 use serde_json::Value;
 
-use super::disks::{parse_addr, SlotClaim};
+use super::disks::{modern_only, no_rom, parse_addr, SlotClaim};
 use super::opts::{json_text, parse_bool, parse_u64};
 use super::{ArgvError, Invocation};
 
@@ -117,15 +117,8 @@ fn check_rng_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
     let flag = |v: &str| parse_bool("-device", key, v);
     let refuse = |what: String| Err(ArgvError::unsupported("-device", what));
     match key {
-        "romfile" if text.is_empty() => Ok(()),
-        "romfile" => refuse(format!(
-            "romfile '{text}' (ferry boots kernels directly: no option ROMs)"
-        )),
-        "disable-legacy" if flag(&text)? => Ok(()),
-        "disable-modern" if !flag(&text)? => Ok(()),
-        "disable-legacy" | "disable-modern" => refuse(format!(
-            "{key}={text} (ferry's virtio devices are modern-only, virtio 1.0)"
-        )),
+        "romfile" => no_rom(&text),
+        "disable-legacy" | "disable-modern" => modern_only(key, &text),
         "multifunction" | "iommu_platform" | "ats" | "packed" | "event_idx" | "indirect_desc"
         | "page-per-vq" => {
             if flag(&text)? {
