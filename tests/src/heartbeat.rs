@@ -13,7 +13,12 @@ use std::time::Instant;
 #[derive(Debug, Clone, Default)]
 pub struct Heartbeats {
     stamps: Arc<Mutex<Vec<Instant>>>,
+    /// Guests that printed [`READY`] (it ends the fill: passes start then).
+    ready: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// What the dirtier prints just before its first pass, after any fill.
+pub const READY: &[u8] = b"dirtier: ready";
 
 impl Heartbeats {
     pub fn new() -> Self {
@@ -26,12 +31,16 @@ impl Heartbeats {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let stamps = self.stamps.clone();
+        let ready = self.ready.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
-                let stamps = stamps.clone();
+                let (stamps, ready) = (stamps.clone(), ready.clone());
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 4096];
+                    // The line may arrive split over reads: keep its last bytes.
+                    let mut tail: Vec<u8> = Vec::new();
+                    let mut seen = false;
                     while let Ok(n) = stream.read(&mut buf) {
                         if n == 0 {
                             return;
@@ -41,11 +50,25 @@ impl Heartbeats {
                         if let Ok(mut s) = stamps.lock() {
                             s.extend(std::iter::repeat_n(now, beats));
                         }
+                        if !seen {
+                            tail.extend_from_slice(&buf[..n]);
+                            if tail.windows(READY.len()).any(|w| w == READY) {
+                                seen = true;
+                                ready.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                            }
+                            let keep = tail.len().saturating_sub(READY.len());
+                            tail.drain(..keep);
+                        }
                     }
                 });
             }
         });
         Ok(format!("unix:{}", path.display()))
+    }
+
+    /// How many guests printed [`READY`] so far.
+    pub fn ready(&self) -> usize {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn count(&self) -> usize {

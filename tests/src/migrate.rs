@@ -464,9 +464,17 @@ fn run_qmp(
         .listen(&socket_path(s.dir.path(), "qdst"))
         .map_err(|e| e.to_string())?;
     let mut src = Qemu::start(&bin, s, "qsrc", cfg, &src_serial, None)?;
-    // Same warm-up as ferry: about two passes' worth of time.
+    // Same warm-up as ferry: the fill done (the guest says it is ready), then
+    // about two passes' worth of time.
     let warm = Instant::now();
-    while hb.count() < 1000 && warm.elapsed() < Duration::from_secs(60) {
+    while hb.ready() == 0 {
+        if warm.elapsed() > Duration::from_secs(300) {
+            return Err(format!(
+                "{} never said {:?}",
+                bin.display(),
+                "dirtier: ready"
+            ));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(1000));

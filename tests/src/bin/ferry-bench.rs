@@ -5,6 +5,7 @@
 //! time the guest was stalled, plus ferry/QEMU ratios.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use ferry_tests::migrate::{
     qemu_binary, run_ferry, run_ferry_qemu, run_qemu, RunConfig, RunResult,
@@ -12,7 +13,16 @@ use ferry_tests::migrate::{
 use ferry_tests::pki::{psk_dir, Ca};
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] | --checkpoint [--repeats N]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 4000)] | --checkpoint [--repeats N]";
+
+/// The pause before each run. Machines of this project's kind hand the memory a
+/// process freed back to the hypervisor under them about 2 s later (virtio-balloon
+/// free page reporting), and backing it again costs the next process about 1.4 s
+/// per GiB at first touch: a destination started right after another run's exit
+/// gets warm memory and one started later cold memory. Waiting this long before
+/// every run makes every destination's memory cold (as on a host that has not just
+/// freed a VM's worth of it), and the order of the engines rotates per repeat.
+const SETTLE: Duration = Duration::from_millis(4000);
 
 #[derive(Default)]
 struct Series {
@@ -113,6 +123,7 @@ fn main() -> ExitCode {
     let mut memory = false;
     let mut ferry_qemu = true;
     let mut settings = Vec::new();
+    let mut settle = SETTLE;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_default();
@@ -128,6 +139,7 @@ fn main() -> ExitCode {
             "--no-ferry-qemu" => ferry_qemu = false,
             "--downtime-limit" => limit = val().parse().unwrap_or(300),
             "--no-qemu" => qemu = false,
+            "--settle" => settle = Duration::from_millis(val().parse().unwrap_or(0)),
             "--checkpoint" => checkpoint = true,
             _ => {
                 eprintln!("{USAGE}");
@@ -188,7 +200,7 @@ fn main() -> ExitCode {
         "figures: min/median/max; times in ms; guest gap = largest heartbeat gap seen by the guest"
     );
     println!(
-        "{:<11} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
+        "{:<11} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10} {:>7}",
         "engine",
         "ram",
         "ws",
@@ -198,7 +210,8 @@ fn main() -> ExitCode {
         "MiB-sent",
         "passes",
         "throttle",
-        "stalled%"
+        "stalled%",
+        "MB/s"
     );
     let mut failed = false;
     for ram in &rams {
@@ -241,30 +254,32 @@ fn main() -> ExitCode {
             };
             let mut fq = Series::default();
             let mut qem = Series::default();
-            for _ in 0..repeats {
-                for (n, t, fer) in &mut fers {
+            // Runs in a rotating order, each after the host settled (see SETTLE).
+            let engines = fers.len() + usize::from(ferry_qemu) + usize::from(qemu);
+            for r in 0..repeats {
+                for k in 0..engines {
+                    let e = (k + r) % engines;
+                    std::thread::sleep(settle);
                     let s = Scratch::new();
-                    let mut cfg = cfg.clone();
-                    cfg.settings.push(format!("multifd-channels={n}"));
-                    cfg.settings.extend(tls_cfg[*t].1.iter().cloned());
-                    cfg.incoming_args.extend(tls_cfg[*t].2.iter().cloned());
-                    match run_ferry(&s, &cfg, |_| {}) {
-                        Ok(r) => fer.add(&r),
-                        Err(e) => fer.failures.push(e),
-                    }
-                }
-                if ferry_qemu {
-                    let s = Scratch::new();
-                    match run_ferry_qemu(&s, &cfg, |_| {}) {
-                        Ok(r) => fq.add(&r),
-                        Err(e) => fq.failures.push(e),
-                    }
-                }
-                if qemu {
-                    let s = Scratch::new();
-                    match run_qemu(&s, &cfg) {
-                        Ok(r) => qem.add(&r),
-                        Err(e) => qem.failures.push(e),
+                    if let Some((n, t, fer)) = fers.get_mut(e) {
+                        let mut cfg = cfg.clone();
+                        cfg.settings.push(format!("multifd-channels={n}"));
+                        cfg.settings.extend(tls_cfg[*t].1.iter().cloned());
+                        cfg.incoming_args.extend(tls_cfg[*t].2.iter().cloned());
+                        match run_ferry(&s, &cfg, |_| {}) {
+                            Ok(r) => fer.add(&r),
+                            Err(e) => fer.failures.push(e),
+                        }
+                    } else if ferry_qemu && e == fers.len() {
+                        match run_ferry_qemu(&s, &cfg, |_| {}) {
+                            Ok(r) => fq.add(&r),
+                            Err(e) => fq.failures.push(e),
+                        }
+                    } else {
+                        match run_qemu(&s, &cfg) {
+                            Ok(r) => qem.add(&r),
+                            Err(e) => qem.failures.push(e),
+                        }
                     }
                 }
             }
@@ -279,8 +294,10 @@ fn main() -> ExitCode {
                 rows.push(("qemu".into(), &qem));
             }
             for (name, ser) in rows {
+                // Bytes sent over the whole migration's time (median run of each).
+                let mb_s = median(&ser.mib) * 1.048576 / (median(&ser.total) / 1000.0);
                 println!(
-                    "{:<11} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10}",
+                    "{:<11} {:<5} {:<6} {:>16} {:>14} {:>14} {:>16} {:>9} {:>9} {:>10} {:>7.0}",
                     name,
                     ram,
                     ws,
@@ -291,6 +308,7 @@ fn main() -> ExitCode {
                     fmt3(&ser.passes),
                     fmt3(&ser.throttle),
                     fmt3(&ser.stalled),
+                    mb_s,
                 );
                 if !ser.sync_ms.is_empty() {
                     println!(
