@@ -11,7 +11,7 @@ use ferry_kvm::{Backing, GuestRam};
 
 use super::precopy::ram_digest;
 use super::tls::TlsCreds;
-use super::transport::{Breaker, Listener};
+use super::transport::{Breaker, Listener, Waker};
 use super::{
     stream_of, Channel, Handshake, MigrationError, Reply, StreamJoin, MAX_STREAMS, REPLY_VERSION,
 };
@@ -383,6 +383,11 @@ pub fn serve(
         return receive_streams(ch.reader, None, None, opts);
     }
     let (tx, rx) = std::sync::mpsc::channel::<Handshaken>();
+    // A finished handshake wakes the accept wait below: the source waits for
+    // its answer, and a 20 ms poll was most of its setup time.
+    let waker = Arc::new(Waker::new().map_err(|e| {
+        MigrationError::Stream(format!("cannot make the accept loop's wake-up pipe: {e}"))
+    })?);
     let mut pending: Vec<Pending> = Vec::new();
     let mut next_id = 0u64;
     let chosen = loop {
@@ -422,7 +427,7 @@ pub fn serve(
                 b.break_channel();
             }
         }
-        let Some(ch) = listener.accept_within(Duration::from_millis(20))? else {
+        let Some(ch) = listener.accept_within(Duration::from_millis(20), Some(&waker))? else {
             continue;
         };
         next_id += 1;
@@ -442,10 +447,12 @@ pub fn serve(
             done: Arc::clone(&done),
         });
         let (tx, tls, opts) = (tx.clone(), listener.tls().cloned(), opts.clone());
+        let waker = Arc::clone(&waker);
         let spawned = std::thread::Builder::new()
             .name("incoming-handshake".into())
             .spawn(move || {
                 let _ = tx.send(handshake(id, ch, tls, &opts, &done));
+                waker.wake();
             });
         if let Err(e) = spawned {
             tracing::warn!("cannot start a thread for connection {id}: {e}");
@@ -591,7 +598,7 @@ fn accept_streams<'scope>(
     let deadline = Instant::now() + JOIN_TIMEOUT;
     let mut accepted = 0u32;
     while !inc.aborted.load(Ordering::Acquire) && !inc.joined_all() {
-        match listener.accept_within(Duration::from_millis(20)) {
+        match listener.accept_within(Duration::from_millis(20), None) {
             Ok(Some(ch)) => {
                 accepted += 1;
                 if accepted > inc.streams - 1 + MAX_STRANGERS {

@@ -421,10 +421,12 @@ impl Listener {
 
     /// Waits up to `timeout` for a connection and returns it as it came, before
     /// any TLS handshake ([`Listener::secured`] runs that): the caller runs
-    /// handshakes off its accept loop. `Ok(None)`: nobody came (always for a file).
+    /// handshakes off its accept loop. `Ok(None)`: nobody came (always for a file),
+    /// or `waker` was woken.
     pub(crate) fn accept_within(
         &self,
         timeout: Duration,
+        waker: Option<&Waker>,
     ) -> Result<Option<Channel>, TransportError> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
@@ -436,11 +438,20 @@ impl Listener {
         };
         let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as i32)
             .unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(fd, PollFlags::POLLIN)];
+        if let Some(w) = waker {
+            fds.push(PollFd::new(w.rx.as_fd(), PollFlags::POLLIN));
+        }
         match poll(&mut fds, ms) {
             Ok(0) | Err(nix::errno::Errno::EINTR) => return Ok(None),
             Ok(_) => {}
             Err(e) => return Err(io_err("poll", uri)(e.into())),
+        }
+        if let Some(w) = waker {
+            w.drain();
+            if !fds[0].any().unwrap_or(false) {
+                return Ok(None);
+            }
         }
         let pending = |r: io::Result<()>| r.map_err(io_err("poll", uri));
         let ch = match &self.kind {
@@ -574,5 +585,31 @@ mod tests {
             let e = bad.parse::<MigrationUri>().unwrap_err().to_string();
             assert!(e.contains("unsupported migration URI"), "{bad}: {e}");
         }
+    }
+}
+
+/// Wakes a thread waiting in [`Listener::accept_within`] at once, rather than
+/// at its next timeout: a non-blocking pipe whose read end it polls too.
+#[derive(Debug)]
+pub(crate) struct Waker {
+    rx: OwnedFd,
+    tx: OwnedFd,
+}
+
+impl Waker {
+    pub(crate) fn new() -> io::Result<Self> {
+        let (rx, tx) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok(Self { rx, tx })
+    }
+
+    /// Wakes the waiter (a full pipe already will).
+    pub(crate) fn wake(&self) {
+        let _ = nix::unistd::write(&self.tx, &[1]);
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!(nix::unistd::read(&self.rx, &mut buf), Ok(n) if n > 0) {}
     }
 }
