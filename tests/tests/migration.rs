@@ -228,7 +228,34 @@ fn cancel_mid_migration_keeps_the_source() {
         q["ram"]["pages-per-second"].as_u64().unwrap_or(0) > 0,
         "{q}"
     );
+    // QEMU's count: the sync that started the first pass.
+    assert_eq!(q["ram"]["dirty-sync-count"], 1, "{q}");
+    // What remains (most of 1 GiB) at the link's rate: seconds, not the limit.
+    let expected = q["expected-downtime"].as_u64().unwrap_or(0);
+    assert!(expected > 2_000, "{q}");
+    // The guest's dirty rate (a 64 MiB working set) shows during the first pass
+    // (it runs about 16 s), once its first second of sampling is over.
+    let q = wait_query(&src, |q| q["ram"]["dirty-pages-rate"].as_u64() > Some(0));
+    assert_eq!(
+        q["passes"], 0,
+        "the rate came only with the pass's end: {q}"
+    );
+    let remaining = q["ram"]["remaining"].as_u64().unwrap_or(0);
+    assert!(remaining > 0 && remaining < 1 << 30, "{q}");
     cancel_and_check(&s, src, dst, t);
+}
+
+/// Polls `query-migrate` until `done` holds (or the migration is no longer
+/// active, which fails).
+fn wait_query(vm: &VmProcess, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    loop {
+        let q = vm.ok("query-migrate");
+        if done(&q) {
+            return q;
+        }
+        assert_eq!(q["status"], "active", "the migration ended first: {q}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The thread running a `slow_migration`'s `migrate` command.

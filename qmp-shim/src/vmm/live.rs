@@ -573,14 +573,8 @@ pub(super) fn fill_info(shared: &Shared, info: &mut MigrationInfo) {
         MigrationStatus::Setup => {}
         MigrationStatus::Completed => info.downtime_ms = Some(st.downtime),
         MigrationStatus::Failed | MigrationStatus::Cancelled => {}
-        _ => {
-            let limit = o.ctl.params().downtime_limit_ms;
-            info.expected_downtime_ms = Some(if st.ram.dirty_sync_count == 0 {
-                limit
-            } else {
-                st.expected_downtime
-            });
-        }
+        // The engine's estimate, live (the limit until a rate is measured).
+        _ => info.expected_downtime_ms = Some(st.expected_downtime),
     }
     if status != MigrationStatus::Setup {
         let r = &st.ram;

@@ -167,8 +167,11 @@ struct Shared<'a> {
     bytes: AtomicU64,
     normal: AtomicU64,
     duplicate: AtomicU64,
-    /// Pass 1 runs: query-migrate's `remaining` is what has not been looked at yet.
-    first_pass: AtomicBool,
+    /// What the running pass set out to send, in bytes (all of RAM in pass 1),
+    /// and the pages (sent with data or as zero) counted before it began:
+    /// query-migrate's `remaining` goes down as the pass goes on.
+    pass_rest: AtomicU64,
+    pass_pages: AtomicU64,
     limiter: Mutex<RateWindow>,
     /// Time spent in KVM_CLEAR_DIRTY_LOG, all streams together.
     clear_ns: AtomicU64,
@@ -205,6 +208,66 @@ const MIN_GUARD: Duration = Duration::from_millis(50);
 /// while a pass runs.
 const RATE_SAMPLE: Duration = Duration::from_millis(100);
 
+/// How often a long pass reads the dirty log for query-migrate's
+/// `dirty-pages-rate` (QEMU measures that rate over periods of 1 s too). Each
+/// read write-protects again the pages the guest dirtied since the last one, so
+/// it costs the guest a fault per such page: once a second is a few percent of
+/// a busy vCPU, ten times a second would be a third.
+const DIRTY_SAMPLE: Duration = Duration::from_secs(1);
+
+/// Reads the dirty log while a long pass runs, so `dirty-pages-rate` is known
+/// during a first pass of many seconds and not only once it ends. The pages read
+/// are kept, and the sync at the end of the pass adds them to its own: none is
+/// lost. Only with the classic dirty log, where a read also re-arms it; with
+/// manual protection the bits stay set until each chunk's clear, so a read
+/// mid-pass would count pages not yet sent.
+struct DirtySampler<'v> {
+    vm: &'v VmFd,
+    ram: &'v GuestRam,
+    state: Mutex<(Instant, PageMap)>,
+}
+
+impl<'v> DirtySampler<'v> {
+    fn new(vm: &'v VmFd, ram: &'v GuestRam, pass_start: Instant) -> Self {
+        Self {
+            vm,
+            ram,
+            state: Mutex::new((pass_start, PageMap::new(ram, false))),
+        }
+    }
+
+    /// Reads the log if [`DIRTY_SAMPLE`] passed since the pass began or the
+    /// last read (another stream reading it now is enough).
+    fn sample(&self, sh: &Shared<'_>) -> Result<(), MigrationError> {
+        let Ok(mut state) = self.state.try_lock() else {
+            return Ok(());
+        };
+        let secs = state.0.elapsed();
+        if secs < DIRTY_SAMPLE {
+            return Ok(());
+        }
+        let log = self.ram.get_dirty_log(self.vm)?;
+        state.0 = Instant::now();
+        let pages: u64 = log
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        state.1.merge(&log);
+        let rate = (pages as f64 / secs.as_secs_f64()) as u64;
+        sh.ctl.update_stats(|s| s.ram.dirty_pages_rate = rate);
+        Ok(())
+    }
+
+    /// The pages read during the pass.
+    fn into_pages(self) -> PageMap {
+        match self.state.into_inner() {
+            Ok((_, pages)) => pages,
+            Err(poisoned) => poisoned.into_inner().1,
+        }
+    }
+}
+
 /// The bandwidth cap's window: bytes sent (by all streams) since `start`.
 struct RateWindow {
     start: Instant,
@@ -214,6 +277,13 @@ struct RateWindow {
 
 impl Shared<'_> {
     /// Bytes on all streams, pages sent with data, pages sent as zero flags.
+    /// A pass (or the switch-over's send) sets out to send `rest_bytes`.
+    fn begin_pass(&self, rest_bytes: u64) {
+        let (_, normal, duplicate) = self.totals();
+        self.pass_pages.store(normal + duplicate, Ordering::Release);
+        self.pass_rest.store(rest_bytes, Ordering::Release);
+    }
+
     fn totals(&self) -> (u64, u64, u64) {
         (
             self.bytes.load(Ordering::Acquire),
@@ -418,20 +488,20 @@ impl PageSender {
         Ok(())
     }
 
-    /// Sends this stream's share of `map` (with `prev`: cold pages, those not in
-    /// `prev`, first), then flushes. With `clear` (manual dirty-log protection), the
-    /// dirty bits of each chunk of 2048 pages are reset (one KVM_CLEAR_DIRTY_LOG) right
-    /// before its pages are read, so a write after that marks the page dirty for the
-    /// next pass, and one before it is sent now and not again.
+    /// Sends this stream's share of the pass's pages, then flushes.
     fn send_map(
         &mut self,
         sh: &Shared<'_>,
         ram: &GuestRam,
-        map: &PageMap,
-        prev: Option<&PageMap>,
-        skip_zero: bool,
-        clear: Option<&VmFd>,
+        pass: &PassPlan<'_>,
     ) -> Result<(), MigrationError> {
+        let PassPlan {
+            map,
+            prev,
+            skip_zero,
+            clear,
+            sampler,
+        } = *pass;
         let (index, streams) = (self.index, self.streams);
         let mut chunk = |slot: u32, base: u64, first_page: u64, words: &mut [u64]| {
             // Only this stream's pages: another stream may be reading the others.
@@ -461,7 +531,10 @@ impl PageSender {
                     self.send(sh, ram, gpa, skip_zero)
                 })?;
             }
-            Ok(())
+            match sampler {
+                Some(d) => d.sample(sh),
+                None => Ok(()),
+            }
         };
         match prev {
             Some(prev) => {
@@ -500,40 +573,60 @@ impl PageSender {
         let normal = sh.normal.fetch_add(self.normal, Ordering::AcqRel) + self.normal;
         let duplicate = sh.duplicate.fetch_add(self.duplicate, Ordering::AcqRel) + self.duplicate;
         (self.normal, self.duplicate) = (0, 0);
-        let first = sh.first_pass.load(Ordering::Acquire);
         let rate = sh.sample_rate(bytes, normal + duplicate);
+        let seen = (normal + duplicate).saturating_sub(sh.pass_pages.load(Ordering::Acquire));
+        let remaining = sh
+            .pass_rest
+            .load(Ordering::Acquire)
+            .saturating_sub(seen * PAGE_SIZE as u64);
         sh.ctl.update_stats(|s| {
             record_pages(s, bytes, normal, duplicate);
+            // Live, as QEMU's: libvirt's domjobinfo and Nova's progress log
+            // show them mid-pass, not only once a pass ends.
+            s.ram.remaining = remaining;
             if let Some((bytes_per_sec, pages_per_sec)) = rate {
-                // Live, as QEMU's: libvirt's domjobinfo shows them mid-pass.
                 s.ram.mbps = bytes_per_sec * 8.0 / 1e6;
                 s.ram.pages_per_second = pages_per_sec;
-            }
-            if first {
-                // During the first pass everything not yet looked at remains.
-                let seen = (normal + duplicate) * PAGE_SIZE as u64;
-                s.ram.remaining = s.ram.total.saturating_sub(seen);
+                // QEMU's estimate: what remains at the rate the link just had.
+                if bytes_per_sec > 0.0 {
+                    s.expected_downtime = (remaining as f64 * 1e3 / bytes_per_sec) as u64;
+                }
             }
         });
     }
 }
 
-/// Sends `map` over all streams in parallel, each its stripes; returns once every
-/// stream has flushed its share, or with the first stream's error.
+/// What one pass (or the switch-over's send) sends, and how.
+#[derive(Clone, Copy)]
+struct PassPlan<'p> {
+    /// The pages to send.
+    map: &'p PageMap,
+    /// The previous sync's pages: those not in it (cold ones) go first.
+    prev: Option<&'p PageMap>,
+    /// Zero pages are not sent (pass 1: the destination's RAM starts zeroed).
+    skip_zero: bool,
+    /// Manual dirty-log protection: the dirty bits of each chunk of 2048 pages
+    /// are reset (one KVM_CLEAR_DIRTY_LOG) right before its pages are read, so a
+    /// write after that marks the page dirty for the next pass, and one before
+    /// it is sent now and not again.
+    clear: Option<&'p VmFd>,
+    /// Reads the classic dirty log once a second of a long pass.
+    sampler: Option<&'p DirtySampler<'p>>,
+}
+
+/// Sends a pass's pages over all streams in parallel, each its stripes; returns
+/// once every stream has flushed its share, or with the first stream's error.
 fn send_pass(
     senders: &mut [PageSender],
     sh: &Shared<'_>,
     ram: &GuestRam,
-    map: &PageMap,
-    prev: Option<&PageMap>,
-    skip_zero: bool,
-    clear: Option<&VmFd>,
+    pass: &PassPlan<'_>,
 ) -> Result<(), MigrationError> {
     let Some((main, extra)) = senders.split_first_mut() else {
         return Err(MigrationError::Stream("no page stream is open".into()));
     };
     if extra.is_empty() {
-        return main.send_map(sh, ram, map, prev, skip_zero, clear);
+        return main.send_map(sh, ram, pass);
     }
     std::thread::scope(|scope| {
         let workers: Vec<_> = extra
@@ -542,11 +635,9 @@ fn send_pass(
                 let index = s.index;
                 let spawned = std::thread::Builder::new()
                     .name(format!("migration-{index}"))
-                    .spawn_scoped(scope, move || {
-                        match s.send_map(sh, ram, map, prev, skip_zero, clear) {
-                            Ok(()) | Err(MigrationError::SwitchoverOverrun) => {}
-                            Err(e) => sh.fail(e),
-                        }
+                    .spawn_scoped(scope, move || match s.send_map(sh, ram, pass) {
+                        Ok(()) | Err(MigrationError::SwitchoverOverrun) => {}
+                        Err(e) => sh.fail(e),
                     });
                 if let Err(e) = spawned.as_ref() {
                     sh.fail(MigrationError::PageStream {
@@ -557,7 +648,7 @@ fn send_pass(
                 (index, spawned)
             })
             .collect();
-        match main.send_map(sh, ram, map, prev, skip_zero, clear) {
+        match main.send_map(sh, ram, pass) {
             Ok(()) | Err(MigrationError::SwitchoverOverrun) => {}
             Err(e) => sh.fail(e),
         }
@@ -943,7 +1034,8 @@ fn run(
         bytes: AtomicU64::new(0),
         normal: AtomicU64::new(0),
         duplicate: AtomicU64::new(0),
-        first_pass: AtomicBool::new(true),
+        pass_rest: AtomicU64::new(total_bytes),
+        pass_pages: AtomicU64::new(0),
         clear_ns: AtomicU64::new(0),
         rate_sample: Mutex::new((Instant::now(), 0, 0)),
         limiter: Mutex::new(RateWindow {
@@ -976,7 +1068,13 @@ fn run(
                 false
             });
     ram.register(vm.vm_fd(), true)?;
-    ctl.update_stats(|s| s.manual_dirty_protect = manual);
+    ctl.update_stats(|s| {
+        s.manual_dirty_protect = manual;
+        // Logging on is QEMU's first bitmap sync; until a rate is measured the
+        // expected downtime is the limit, as QEMU reports it.
+        s.ram.dirty_sync_count = 1;
+        s.expected_downtime = params.downtime_limit_ms;
+    });
     let setup_time = start.elapsed().as_millis() as u64;
     ctl.update_stats(|s| s.setup_time = setup_time);
     ctl.emit(MigrationEvent::Status(MigrationStatus::Active));
@@ -1001,18 +1099,18 @@ fn run(
             let pass_start = Instant::now();
             let bytes_before = sh.bytes.load(Ordering::Acquire);
             let first = pass == 1;
-            sh.first_pass.store(first, Ordering::Release);
+            sh.begin_pass(to_send.count() * PAGE_SIZE as u64);
             // Cold pages first: those not dirtied in the previous sync too.
             let clear = manual.then(|| vm.vm_fd());
-            send_pass(
-                &mut senders,
-                &sh,
-                &ram,
-                &to_send,
-                Some(&prev_sync),
-                first,
+            let sampler = (!manual).then(|| DirtySampler::new(vm.vm_fd(), &ram, pass_start));
+            let plan = PassPlan {
+                map: &to_send,
+                prev: Some(&prev_sync),
+                skip_zero: first,
                 clear,
-            )?;
+                sampler: sampler.as_ref(),
+            };
+            send_pass(&mut senders, &sh, &ram, &plan)?;
             // A pass with almost nothing to send still lets the guest run a little, so a
             // limit that cannot be met does not spin on empty passes.
             if let Some(rest) = MIN_PASS.checked_sub(pass_start.elapsed()) {
@@ -1021,8 +1119,12 @@ fn run(
             let elapsed = pass_start.elapsed();
             let sent = sh.bytes.load(Ordering::Acquire) - bytes_before;
 
-            // Sync: what the guest dirtied while we sent.
-            let mut dirty = PageMap::new(&ram, false);
+            // Sync: what the guest dirtied while we sent (with what a long pass
+            // already read).
+            let mut dirty = match sampler {
+                Some(d) => d.into_pages(),
+                None => PageMap::new(&ram, false),
+            };
             let sync_start = Instant::now();
             dirty.merge(&ram.get_dirty_log(vm.vm_fd())?);
             sync_us += sync_start.elapsed().as_micros() as u64;
@@ -1038,7 +1140,8 @@ fn run(
             let (transferred, normal, duplicate) = sh.totals();
             ctl.update_stats(|s| {
                 s.passes = pass;
-                s.ram.dirty_sync_count = pass;
+                // QEMU counts the sync that starts its first pass too.
+                s.ram.dirty_sync_count = pass + 1;
                 record_pages(s, transferred, normal, duplicate);
                 s.ram.remaining = report.dirty_bytes;
                 s.ram.dirty_pages_rate = (dirty_rate / PAGE_SIZE as f64) as u64;
@@ -1113,7 +1216,6 @@ fn run(
             to_send = dirty.clone();
             prev_sync = dirty;
         }
-        sh.first_pass.store(false, Ordering::Release);
 
         // Switch-over: stop the guest; from here the downtime counts. The throttle goes
         // once the vCPUs are stopped: lifted first, a guest throttled to a few runs per
@@ -1168,7 +1270,15 @@ fn run(
                 });
             }
         }
-        let sent = send_pass(&mut senders, &sh, &ram, &rest, None, false, None);
+        sh.begin_pass(rest_pages * PAGE_SIZE as u64);
+        let plan = PassPlan {
+            map: &rest,
+            prev: None,
+            skip_zero: false,
+            clear: None,
+            sampler: None,
+        };
+        let sent = send_pass(&mut senders, &sh, &ram, &plan);
         if let Ok(mut g) = sh.guard.lock() {
             *g = None;
         }
@@ -1253,7 +1363,7 @@ fn run(
         s.total_time = start.elapsed().as_millis() as u64;
         record_pages(s, transferred, normal, duplicate);
         s.ram.remaining = 0;
-        s.ram.dirty_sync_count = pass + 1;
+        s.ram.dirty_sync_count = pass + 2;
         s.device_state_bytes = device_bytes;
         s.digest_ms = digest_ms;
         s.cpu_throttle_percentage = throttle_pct;
