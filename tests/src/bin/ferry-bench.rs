@@ -13,16 +13,80 @@ use ferry_tests::migrate::{
 use ferry_tests::pki::{psk_dir, Ca};
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 4000)] | --checkpoint [--repeats N]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 1000)] [--host-memory warm|as-is] | --checkpoint [--repeats N]";
 
-/// The pause before each run. Machines of this project's kind hand the memory a
-/// process freed back to the hypervisor under them about 2 s later (virtio-balloon
-/// free page reporting), and backing it again costs the next process about 1.4 s
-/// per GiB at first touch: a destination started right after another run's exit
-/// gets warm memory and one started later cold memory. Waiting this long before
-/// every run makes every destination's memory cold (as on a host that has not just
-/// freed a VM's worth of it), and the order of the engines rotates per repeat.
-const SETTLE: Duration = Duration::from_millis(4000);
+/// The pause before each run (the last run's processes are gone, their memory
+/// freed); the order of the engines rotates per repeat as well.
+const SETTLE: Duration = Duration::from_millis(1000);
+
+/// Machines of this project's kind are VMs whose kernel hands free memory back
+/// to the hypervisor under them (virtio-balloon free page reporting, of free
+/// blocks of 2 MiB and up, within seconds). The next process to touch such
+/// memory waits for the hypervisor to back it again: about 1.4 s per GiB here,
+/// against 0.03-0.1 s for memory still backed. Which kind a destination gets
+/// depends on what ran before and when, and it moves a 1 GiB migration's time by
+/// seconds, for QEMU as for ferry. Unless `--host-memory as-is`, the bench turns
+/// reporting off while it runs (the kernel's `page_reporting_order` past the
+/// largest block) and touches once as much memory as the runs will use, so
+/// every run's first touch costs what it does on a host with its own memory.
+const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// Turns free page reporting off for its lifetime (see [`PAGE_REPORTING_ORDER`]).
+struct HostMemory {
+    restore: Option<String>,
+}
+
+impl HostMemory {
+    /// Reporting off and `bytes` of memory touched once; says what it did.
+    fn warm(bytes: u64) -> Self {
+        let restore = std::fs::read_to_string(PAGE_REPORTING_ORDER)
+            .ok()
+            .map(|s| s.trim().to_string());
+        let Some(order) = restore else {
+            println!("host memory: this kernel does not report free pages; first touch as it comes");
+            return Self { restore: None };
+        };
+        if let Err(e) = std::fs::write(PAGE_REPORTING_ORDER, "11") {
+            println!(
+                "host memory: cannot turn free page reporting off ({PAGE_REPORTING_ORDER}: {e}; \
+                 run as root): first touch may wait for the hypervisor, times vary by seconds"
+            );
+            return Self { restore: None };
+        }
+        // Touch every page once, then free it: backed, and no longer reported.
+        let mut chunks = Vec::new();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(1 << 30) as usize;
+            let mut v = vec![0u8; n];
+            for b in v.iter_mut().step_by(4096) {
+                *b = 1;
+            }
+            chunks.push(v);
+            left -= n as u64;
+        }
+        let touched: u64 = std::hint::black_box(&chunks).iter().map(|c| c.len() as u64).sum();
+        drop(chunks);
+        println!(
+            "host memory: free page reporting off for the run (was order {order}), {} MiB touched \
+             once: first touch costs what it costs on a host with its own memory",
+            touched >> 20
+        );
+        Self {
+            restore: Some(order),
+        }
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        if let Some(order) = &self.restore {
+            if let Err(e) = std::fs::write(PAGE_REPORTING_ORDER, order) {
+                eprintln!("ferry-bench: cannot restore {PAGE_REPORTING_ORDER} to {order}: {e}");
+            }
+        }
+    }
+}
 
 #[derive(Default)]
 struct Series {
@@ -124,6 +188,7 @@ fn main() -> ExitCode {
     let mut ferry_qemu = true;
     let mut settings = Vec::new();
     let mut settle = SETTLE;
+    let mut host_warm = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_default();
@@ -140,6 +205,14 @@ fn main() -> ExitCode {
             "--downtime-limit" => limit = val().parse().unwrap_or(300),
             "--no-qemu" => qemu = false,
             "--settle" => settle = Duration::from_millis(val().parse().unwrap_or(0)),
+            "--host-memory" => match val().as_str() {
+                "warm" => host_warm = true,
+                "as-is" => host_warm = false,
+                other => {
+                    eprintln!("ferry-bench: --host-memory takes warm or as-is, not '{other}'\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
             "--checkpoint" => checkpoint = true,
             _ => {
                 eprintln!("{USAGE}");
@@ -191,6 +264,13 @@ fn main() -> ExitCode {
         })
         .collect();
     let qemu = qemu && qemu_binary().is_some();
+    // Source and destination of the largest guest, and as much again.
+    let largest = rams
+        .iter()
+        .map(|r| ferry_tests::migrate::parse_mem(r))
+        .max()
+        .unwrap_or(0);
+    let _host = host_warm.then(|| HostMemory::warm(largest * 3));
     println!(
         "ferry-bench: dirtier over loopback TCP, downtime limit {limit} ms, bandwidth {}, {repeats} repeat(s), QEMU {}",
         if bw == 0 { "unlimited".into() } else { format!("{} MiB/s", bw >> 20) },
