@@ -1,8 +1,8 @@
 //! Adopting file descriptors this process did not open itself: inherited at
 //! exec (`-chardev socket,fd=N`, `-add-fd fd=N`, `-incoming fd:N`) or received
 //! with SCM_RIGHTS (`getfd`, `add-fd`). Rust's I/O-safety API needs `unsafe`
-//! for that; it is confined to this module (the crate denies `unsafe_code`
-//! everywhere else).
+//! for that, which is why this module lives in ferry-kvm, the one crate of the
+//! workspace with `unsafe` code (see the crate's docs).
 //!
 //! A number given on a command line or over a monitor is only trusted if it
 //! names a descriptor that was open when the process started

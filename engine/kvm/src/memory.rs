@@ -379,22 +379,36 @@ impl GuestRam {
     }
 
     /// Whether the page at `gpa` (page-aligned, inside RAM) is all zeroes.
+    ///
+    /// Like [`GuestRam::read`], it never makes a Rust reference to guest memory
+    /// (which the guest may write meanwhile): it copies one 64-byte block at a
+    /// time out of it and tests the copy.
     pub fn is_zero_page(&self, gpa: u64) -> Result<bool, MemoryError> {
         let host = self.host_range(gpa, PAGE_SIZE)?;
-        // SAFETY: host_range checked the page lies inside a live mapping; it is page-aligned
-        // (slot bases and `gpa` are), so reading it as 512 u64 words is aligned. The words
-        // may change while we read them; the answer is then stale, as documented for `read`.
-        let words = unsafe { std::slice::from_raw_parts(host as *const u64, PAGE_SIZE / 8) };
-        Ok(is_zero(words))
+        let mut block = [0u64; 8];
+        for offset in (0..PAGE_SIZE).step_by(64) {
+            // SAFETY: host_range checked that the page lies inside a live mapping of
+            // guest RAM, so `host + offset .. + 64` does; `block` is a distinct local
+            // buffer of 64 bytes. The bytes may change while we copy them; the answer
+            // is then stale, as documented for `read`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (host + offset) as *const u8,
+                    block.as_mut_ptr().cast::<u8>(),
+                    64,
+                )
+            };
+            if !is_zero(&block) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
-/// Whether all words are zero: OR-reduces 64-byte blocks (which the compiler turns
-/// into vector code) and stops at the first non-zero block.
+/// Whether all words are zero (an OR-reduction the compiler turns into vector code).
 fn is_zero(words: &[u64]) -> bool {
-    words
-        .chunks(8)
-        .all(|block| block.iter().fold(0u64, |acc, &w| acc | w) == 0)
+    words.iter().fold(0u64, |acc, &w| acc | w) == 0
 }
 
 fn map_region(gpa: u64, size: u64, backing: Backing) -> Result<GuestRegion, MemoryError> {
