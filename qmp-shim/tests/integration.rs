@@ -1300,8 +1300,8 @@ fn live_migration_tcp_then_unix_keeps_the_running_guest() {
     assert!((r3.passes, r3.cursor) > (r2.passes, r2.cursor));
 }
 
-/// The QMP conversation of a libvirt 9.0 live migration (REPORT §5 of the
-/// libvirt lab), replayed by hand: destination `-incoming defer` +
+/// The QMP conversation of a libvirt 9.0 live migration (as recorded between
+/// two libvirt hosts running QEMU 7.2), replayed by hand: destination `-incoming defer` +
 /// `migrate-incoming tcp:[::]:PORT`, source `getfd migrate` with a socket the
 /// "libvirtd" (this test) connected + `migrate fd:migrate`,
 /// pause-before-switchover answered by `migrate-continue`, then `cont` on the

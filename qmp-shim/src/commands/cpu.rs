@@ -4,7 +4,7 @@
 //! (invtsc without a fixed TSC frequency, as QEMU's target/i386/kvm/kvm.c).
 //!
 //! libvirt 9.0 segfaults when an advertised query-cpu-definitions returns an
-//! error (REPORT §3), so that handler never fails; expansion errors are
+//! error (seen in the libvirt lab's capability probe), so that handler never fails; expansion errors are
 //! GenericError, which libvirt tolerates.
 
 use std::sync::OnceLock;

@@ -2,7 +2,8 @@
 //! (query-hotpluggable-cpus, query-cpus-fast), iothreads, the balloon, block
 //! devices and jobs. ferry has one vCPU type, no iothreads, virtio-blk disks
 //! on raw images and no balloon, and answers as QEMU 7.2 does for such a
-//! machine (the disk replies are shaped like the libvirt lab's, REPORT §4).
+//! machine (the disk replies are shaped like those QEMU 7.2 gave libvirt 9.0
+//! when it started a guest with a disk, recorded in the libvirt lab).
 //!
 //! Block jobs, NBD exports and runtime `blockdev-add`/`device_add` are not
 //! implemented and so absent from `query-commands` and the schema: libvirt

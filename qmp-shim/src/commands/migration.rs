@@ -379,7 +379,8 @@ pub static MIGRATE_INCOMING: Command = Command {
 };
 
 /// What libvirt's `virsh migrate --copy-storage-all|--copy-storage-inc`
-/// hears: its destination starts an NBD server first (REPORT §5). ferry-qemu
+/// hears: its destination starts an NBD server first (libvirt 9.0's migration
+/// protocol, recorded in the libvirt lab). ferry-qemu
 /// has no NBD server, block mirror or runtime `blockdev-add`; this one command
 /// is present so that libvirt's error says why instead of "command not found".
 /// The destination's Prepare fails with it and the guest runs on at the

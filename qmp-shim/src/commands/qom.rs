@@ -296,7 +296,7 @@ pub static QOM_LIST_PROPERTIES: Command = Command {
 
 /// Never an error for a class ferry lacks: libvirt 9.0 asks about
 /// `memory-backend-file`/`-memfd` whether or not `qom-list-types` lists them,
-/// segfaults on DeviceNotFound (REPORT §0) and fails the probe on any other
+/// segfaults on DeviceNotFound (seen in the libvirt lab) and fails the probe on any other
 /// error. A class ferry does not have has no properties: `[]`.
 fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, CommandError> {
     let name = arg_str(args, "typename");
