@@ -702,7 +702,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         StreamWriter::new(Vec::new(), &checkpoint::producer()).map_err(|e| e.to_string())?;
     w.write_cbor(
         SectionId::Shape,
-        checkpoint::SHAPE_VERSION,
+        SectionId::Shape.current_version(),
         &Handshake {
             shape: vm.shape(),
             digest: true,

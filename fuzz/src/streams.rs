@@ -805,7 +805,7 @@ fn join_only(session: u64, index: u32, streams: u32) -> Vec<u8> {
     };
     let _ = w.write_cbor(
         SectionId::Join,
-        migration::REPLY_VERSION,
+        SectionId::Join.current_version(),
         &StreamJoin {
             session,
             index,

@@ -14,13 +14,6 @@ use crate::devices::serial::SinkSpec;
 use crate::vm::{Vm, VmShape};
 use crate::VmmError;
 
-/// Section versions this ferry writes and reads.
-pub const SHAPE_VERSION: u16 = 1;
-pub const VCPUS_VERSION: u16 = 1;
-pub const VM_VERSION: u16 = 1;
-pub const DEVICES_VERSION: u16 = 1;
-pub const RAM_VERSION: u16 = 1;
-
 /// Pages per RAM section.
 const BATCH_PAGES: usize = 4096;
 
@@ -71,9 +64,21 @@ pub fn write_ram<W: Write>(
 /// Writes the state of a paused VM besides its RAM: vCPUs, VM-wide state, devices.
 /// Checkpoints and migrations at switch-over both end with these sections.
 pub fn write_state<W: Write>(vm: &Vm, out: &mut StreamWriter<W>) -> Result<(), VmmError> {
-    out.write_cbor(SectionId::Vcpus, VCPUS_VERSION, &vm.capture_vcpus()?)?;
-    out.write_cbor(SectionId::Vm, VM_VERSION, &vm.capture_vm()?)?;
-    out.write_cbor(SectionId::Devices, DEVICES_VERSION, &vm.capture_devices()?)?;
+    out.write_cbor(
+        SectionId::Vcpus,
+        SectionId::Vcpus.current_version(),
+        &vm.capture_vcpus()?,
+    )?;
+    out.write_cbor(
+        SectionId::Vm,
+        SectionId::Vm.current_version(),
+        &vm.capture_vm()?,
+    )?;
+    out.write_cbor(
+        SectionId::Devices,
+        SectionId::Devices.current_version(),
+        &vm.capture_devices()?,
+    )?;
     Ok(())
 }
 
@@ -88,7 +93,7 @@ pub fn save<W: Write>(vm: &Vm, w: W) -> Result<(W, CheckpointStats), VmmError> {
     let mut out = StreamWriter::new(w, &producer())?;
     out.write_cbor(
         SectionId::Shape,
-        SHAPE_VERSION,
+        SectionId::Shape.current_version(),
         &crate::migration::Handshake {
             shape: vm.shape(),
             digest: false,

@@ -12,9 +12,7 @@ use ferry_kvm::{Backing, GuestRam};
 use super::precopy::ram_digest;
 use super::tls::TlsCreds;
 use super::transport::{Breaker, Listener, Waker};
-use super::{
-    stream_of, Channel, Handshake, MigrationError, Reply, StreamJoin, MAX_STREAMS, REPLY_VERSION,
-};
+use super::{stream_of, Channel, Handshake, MigrationError, Reply, StreamJoin, MAX_STREAMS};
 use crate::checkpoint::{check_inside, check_shape, producer, RestoreOptions};
 use crate::cpu::VcpuState;
 use crate::devices::serial::SinkSpec;
@@ -97,7 +95,7 @@ impl ReturnPath {
 }
 
 fn send_reply<W: Write>(out: &mut StreamWriter<W>, reply: &Reply) -> Result<(), String> {
-    out.write_cbor(SectionId::Reply, REPLY_VERSION, reply)
+    out.write_cbor(SectionId::Reply, SectionId::Reply.current_version(), reply)
         .map_err(|e| e.to_string())
         .and_then(|_| out.get_mut().flush().map_err(|e| e.to_string()))
 }
@@ -1083,7 +1081,6 @@ mod tests {
     use ferry_kvm::PAGE_SIZE;
 
     use super::*;
-    use crate::checkpoint::SHAPE_VERSION;
     use crate::devices::serial::SinkSpec;
     use crate::migration::MigrationUri;
     use crate::vm::VmShape;
@@ -1164,7 +1161,7 @@ mod tests {
             p.out
                 .write_cbor(
                     SectionId::Join,
-                    REPLY_VERSION,
+                    SectionId::Join.current_version(),
                     &StreamJoin {
                         session,
                         index,
@@ -1204,7 +1201,7 @@ mod tests {
         main.out
             .write_cbor(
                 SectionId::Shape,
-                SHAPE_VERSION,
+                SectionId::Shape.current_version(),
                 &Handshake {
                     shape,
                     digest: false,
@@ -1326,7 +1323,7 @@ mod tests {
         main.out
             .write_cbor(
                 SectionId::Shape,
-                SHAPE_VERSION,
+                SectionId::Shape.current_version(),
                 &Handshake {
                     shape,
                     digest: false,

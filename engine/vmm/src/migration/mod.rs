@@ -84,9 +84,6 @@ pub enum Reply {
     Accepted { streams: u32 },
 }
 
-/// Section version of [`Reply`] and [`Handshake`].
-pub const REPLY_VERSION: u16 = 1;
-
 /// What the first section of a migration stream carries: the VM's shape and what the
 /// sender will do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

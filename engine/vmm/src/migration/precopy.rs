@@ -17,9 +17,9 @@ use super::transport::{Breaker, WriteHalf};
 use super::{
     stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
     MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin,
-    ThrottlePolicy, TimeoutPolicy, TransportError, MAX_STREAMS, REPLY_VERSION,
+    ThrottlePolicy, TimeoutPolicy, TransportError, MAX_STREAMS,
 };
-use crate::checkpoint::{producer, SHAPE_VERSION};
+use crate::checkpoint::producer;
 use crate::vm::Vm;
 
 /// How long the source waits for the destination to accept the shape, and to confirm
@@ -154,7 +154,7 @@ type Out = StreamWriter<BufWriter<Box<dyn WriteHalf>>>;
 
 /// What the page streams of one migration share: the counters behind query-migrate,
 /// the bandwidth cap (over all streams together), and the reasons to stop.
-struct Shared<'a> {
+struct PageStreams<'a> {
     ctl: &'a MigrationControl,
     replies: Mutex<Receiver<Result<Reply, String>>>,
     /// Set once a stream failed: the others stop at their next batch.
@@ -238,7 +238,7 @@ impl<'v> DirtySampler<'v> {
 
     /// Reads the log if [`DIRTY_SAMPLE`] passed since the pass began or the
     /// last read (another stream reading it now is enough).
-    fn sample(&self, sh: &Shared<'_>) -> Result<(), MigrationError> {
+    fn sample(&self, sh: &PageStreams<'_>) -> Result<(), MigrationError> {
         let Ok(mut state) = self.state.try_lock() else {
             return Ok(());
         };
@@ -275,7 +275,7 @@ struct RateWindow {
     cap: u64,
 }
 
-impl Shared<'_> {
+impl PageStreams<'_> {
     /// Bytes on all streams, pages sent with data, pages sent as zero flags.
     /// A pass (or the switch-over's send) sets out to send `rest_bytes`.
     fn begin_pass(&self, rest_bytes: u64) {
@@ -463,7 +463,7 @@ impl PageSender {
 
     fn send(
         &mut self,
-        sh: &Shared<'_>,
+        sh: &PageStreams<'_>,
         ram: &GuestRam,
         gpa: u64,
         skip_zero: bool,
@@ -491,7 +491,7 @@ impl PageSender {
     /// Sends this stream's share of the pass's pages, then flushes.
     fn send_map(
         &mut self,
-        sh: &Shared<'_>,
+        sh: &PageStreams<'_>,
         ram: &GuestRam,
         pass: &PassPlan<'_>,
     ) -> Result<(), MigrationError> {
@@ -546,7 +546,7 @@ impl PageSender {
         self.flush(sh)
     }
 
-    fn flush(&mut self, sh: &Shared<'_>) -> Result<(), MigrationError> {
+    fn flush(&mut self, sh: &PageStreams<'_>) -> Result<(), MigrationError> {
         if self.batch.is_empty() {
             return Ok(());
         }
@@ -565,7 +565,7 @@ impl PageSender {
     /// Adds what this stream sent since the last report to the shared counters and
     /// publishes them (progress within a pass, for query-migrate while a long pass
     /// runs).
-    fn report(&mut self, sh: &Shared<'_>) {
+    fn report(&mut self, sh: &PageStreams<'_>) {
         let written = self.out.bytes_written();
         let delta = written - self.reported;
         self.reported = written;
@@ -618,7 +618,7 @@ struct PassPlan<'p> {
 /// once every stream has flushed its share, or with the first stream's error.
 fn send_pass(
     senders: &mut [PageSender],
-    sh: &Shared<'_>,
+    sh: &PageStreams<'_>,
     ram: &GuestRam,
     pass: &PassPlan<'_>,
 ) -> Result<(), MigrationError> {
@@ -695,7 +695,7 @@ fn open_extra_streams(
         )?;
         out.write_cbor(
             SectionId::Join,
-            REPLY_VERSION,
+            SectionId::Join.current_version(),
             &StreamJoin {
                 session,
                 index,
@@ -989,7 +989,7 @@ fn run(
     )?;
     out.write_cbor(
         SectionId::Shape,
-        SHAPE_VERSION,
+        SectionId::Shape.current_version(),
         &Handshake {
             shape: vm.shape(),
             digest: params.verify_digest,
@@ -1025,7 +1025,7 @@ fn run(
             }
         }
     }
-    let sh = Shared {
+    let sh = PageStreams {
         ctl,
         replies: Mutex::new(replies),
         failed: AtomicBool::new(false),
@@ -1330,8 +1330,11 @@ fn run(
     if params.verify_digest {
         let t = Instant::now();
         let digest = ram_digest(&ram)?;
-        main.out
-            .write_cbor(SectionId::Digest, REPLY_VERSION, &digest)?;
+        main.out.write_cbor(
+            SectionId::Digest,
+            SectionId::Digest.current_version(),
+            &digest,
+        )?;
         digest_ms = t.elapsed().as_millis() as u64;
     }
     main.report(&sh);
