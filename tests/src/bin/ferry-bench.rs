@@ -43,7 +43,9 @@ impl HostMemory {
             .ok()
             .map(|s| s.trim().to_string());
         let Some(order) = restore else {
-            println!("host memory: this kernel does not report free pages; first touch as it comes");
+            println!(
+                "host memory: this kernel does not report free pages; first touch as it comes"
+            );
             return Self { restore: None };
         };
         if let Err(e) = std::fs::write(PAGE_REPORTING_ORDER, "11") {
@@ -65,7 +67,10 @@ impl HostMemory {
             chunks.push(v);
             left -= n as u64;
         }
-        let touched: u64 = std::hint::black_box(&chunks).iter().map(|c| c.len() as u64).sum();
+        let touched: u64 = std::hint::black_box(&chunks)
+            .iter()
+            .map(|c| c.len() as u64)
+            .sum();
         drop(chunks);
         println!(
             "host memory: free page reporting off for the run (was order {order}), {} MiB touched \
@@ -205,14 +210,16 @@ fn main() -> ExitCode {
             "--downtime-limit" => limit = val().parse().unwrap_or(300),
             "--no-qemu" => qemu = false,
             "--settle" => settle = Duration::from_millis(val().parse().unwrap_or(0)),
-            "--host-memory" => match val().as_str() {
-                "warm" => host_warm = true,
-                "as-is" => host_warm = false,
-                other => {
-                    eprintln!("ferry-bench: --host-memory takes warm or as-is, not '{other}'\n{USAGE}");
-                    return ExitCode::from(2);
+            "--host-memory" => {
+                match val().as_str() {
+                    "warm" => host_warm = true,
+                    "as-is" => host_warm = false,
+                    other => {
+                        eprintln!("ferry-bench: --host-memory takes warm or as-is, not '{other}'\n{USAGE}");
+                        return ExitCode::from(2);
+                    }
                 }
-            },
+            }
             "--checkpoint" => checkpoint = true,
             _ => {
                 eprintln!("{USAGE}");
