@@ -1222,9 +1222,12 @@ fn run(
         // second would run free until they stop and dirty its whole working set again.
         let throttle_pct = throttle.percent();
         let throttle_ppm = throttle.nap_ppm();
+        // The pause counts from the stop request, as QEMU counts it from
+        // vm_stop: kicking the vCPUs out of the guest takes time too.
+        let down_start = Instant::now();
         vm.pause()?;
         throttle.set_ppm(0);
-        let down_start = Instant::now();
+        tracing::debug!(pause = ?down_start.elapsed(), "vCPUs stopped for the switch-over");
         // libvirt gives its go-ahead once: a switch-over after a return to
         // pre-copy goes on without asking again.
         if params.pause_before_switchover && !went_ahead {
