@@ -43,7 +43,7 @@ use ferry_vmm::migration::{
 };
 use serde_json::json;
 
-use super::{engine, state_name, FerryBackend, Guest, Shared};
+use super::{state_name, FerryBackend, Guest, Shared};
 use crate::backend::*;
 use crate::exec::StreamEnd;
 
@@ -173,7 +173,7 @@ impl FerryBackend {
             tls_hostname: tls.and_then(|t| t.hostname),
             ..MigrationParams::default()
         });
-        let (mut guest, before) = {
+        let (guest, before) = {
             let mut inner = self.shared.lock()?;
             if inner.state == RunState::InMigrate {
                 return Err(BackendError::Migration(
@@ -210,9 +210,13 @@ impl FerryBackend {
         self.shared.set_migration(|m| *m = MigrationInfo::default());
         self.shared.migration_status(MigrationStatus::Setup);
         let shared = Arc::clone(&self.shared);
+        // The guest goes to the thread once it runs: if it cannot start, the
+        // guest is still here to put back, running as before.
+        let (give, take) = std::sync::mpsc::sync_channel::<Guest>(1);
         let spawned = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
+                let Ok(mut guest) = take.recv() else { return };
                 let result = match open_channel(target) {
                     Ok((channel, child)) => {
                         if let (Ok(b), Ok(mut o)) = (channel.breaker(), shared.outgoing.lock()) {
@@ -233,14 +237,32 @@ impl FerryBackend {
                 done.store(true, Ordering::Release);
                 finish(&shared, guest, before, result);
             });
-        if let Err(e) = spawned {
-            // The closure (and the guest in it) is gone: nothing to put back.
-            self.shared
-                .set_migration(|m| m.error_desc = Some(e.to_string()));
-            self.shared.migration_status(MigrationStatus::Failed);
-            return Err(engine(e));
+        let (guest, why) = match spawned {
+            Ok(_) => match give.send(guest) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::SendError(g)) => {
+                    (g, "the migration thread ended before it began".to_string())
+                }
+            },
+            Err(e) => (guest, format!("cannot start the migration thread: {e}")),
+        };
+        self.put_back(guest, &why);
+        Err(BackendError::Migration(why))
+    }
+
+    /// A migration that never began: the guest goes back as it was (it was
+    /// not paused), and query-migrate says why it failed.
+    fn put_back(&self, guest: Guest, why: &str) {
+        if let Ok(mut o) = self.shared.outgoing.lock() {
+            *o = None;
         }
-        Ok(())
+        if let Ok(mut inner) = self.shared.lock() {
+            inner.guest = Some(guest);
+            inner.migrating = false;
+        }
+        self.shared
+            .set_migration(|m| m.error_desc = Some(why.to_string()));
+        self.shared.migration_status(MigrationStatus::Failed);
     }
 
     /// `migrate_cancel`: asks the engine to stop; the guest runs on.
