@@ -64,7 +64,7 @@ pub use incoming::{
 };
 pub use precopy::{migrate, MigrationOutcome};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
-pub use tls::{CredsSpec, Endpoint, TlsCreds, TlsError};
+pub use tls::{CredsSpec, Endpoint, TlsCreds, TlsError, TlsSessionError};
 pub use transport::{Channel, Listener, MigrationUri, TransportError};
 
 use crate::vm::VmShape;

@@ -17,7 +17,7 @@ use super::transport::{Breaker, WriteHalf};
 use super::{
     stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
     MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin,
-    ThrottlePolicy, TimeoutPolicy, TransportError, MAX_STREAMS,
+    ThrottlePolicy, TimeoutPolicy, TlsSessionError, TransportError, MAX_STREAMS,
 };
 use crate::checkpoint::producer;
 use crate::vm::Vm;
@@ -926,9 +926,11 @@ fn secure(channel: Channel, params: &MigrationParams) -> Result<Channel, Migrati
             uri: channel
                 .reconnect_uri()
                 .map_or_else(|| "the destination".into(), ToString::to_string),
-            message: "the TLS credentials are for a server endpoint; the source needs \
-                      endpoint=client"
-                .into(),
+            source: TlsSessionError::WrongEndpoint {
+                have: "server",
+                side: "source",
+                want: "client",
+            },
         }
         .into());
     }

@@ -121,7 +121,7 @@ impl CredsSpec {
     }
 }
 
-/// Errors of TLS credentials and handshakes.
+/// Errors of TLS credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("bad TLS credentials {0}")]
@@ -141,6 +141,61 @@ pub enum TlsError {
     },
     #[error("cannot set up TLS: {0}")]
     Setup(#[from] ErrorStack),
+}
+
+/// Why a TLS session could not be set up on one connection (the
+/// credentials loaded; [`TlsError`] is for those).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSessionError {
+    #[error("cannot start TLS: {0}")]
+    Start(#[source] ErrorStack),
+    #[error(
+        "no hostname to check the destination's certificate against: set the tls-hostname \
+         parameter (a unix: or fd: URI names no host)"
+    )]
+    NoHostname,
+    #[error("cannot check the destination's certificate against '{name}': {source}")]
+    Hostname {
+        name: String,
+        #[source]
+        source: ErrorStack,
+    },
+    #[error("cannot configure the socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("the {peer} did not complete the TLS handshake within {secs} s")]
+    Timeout { peer: &'static str, secs: u64 },
+    #[error("TLS handshake failed: the {peer}'s certificate is not accepted: {verify} ({detail})")]
+    CertificateRefused {
+        peer: &'static str,
+        verify: String,
+        detail: String,
+    },
+    #[error(
+        "TLS handshake failed: {detail}{}",
+        if *psk { " (with PSK: do both ends hold the same key for the same username in keys.psk?)" } else { "" }
+    )]
+    Handshake { detail: String, psk: bool },
+    #[error("cannot confirm the TLS session: {0}")]
+    Confirm(String),
+    #[error("the destination is not a ferry TLS endpoint")]
+    NotFerry,
+    #[error("the destination refused the TLS session: {0}")]
+    Refused(String),
+    #[error(
+        "TLS needs a socket; this is a file or a pipe (use tcp:, unix: or an fd: socket, or \
+         turn TLS off)"
+    )]
+    NotASocket,
+    #[error("TLS needs a socket; a file: migration cannot use it")]
+    FileListener,
+    #[error("the TLS credentials are for a {have} endpoint; the {side} needs endpoint={want}")]
+    WrongEndpoint {
+        have: &'static str,
+        side: &'static str,
+        want: &'static str,
+    },
+    #[error("cannot duplicate the socket: {0}")]
+    Dup(#[source] io::Error),
 }
 
 const X509_HINT: &str = " (an x509 credentials directory holds ca-cert.pem, and \
@@ -270,8 +325,8 @@ impl TlsCreds {
         &self,
         sock: OwnedFd,
         hostname: Option<&str>,
-    ) -> Result<(TlsReader, TlsWriter), String> {
-        let mut ssl = Ssl::new(&self.0.ctx).map_err(|e| e.to_string())?;
+    ) -> Result<(TlsReader, TlsWriter), TlsSessionError> {
+        let mut ssl = Ssl::new(&self.0.ctx).map_err(TlsSessionError::Start)?;
         let verify_name = matches!(
             self.0.spec,
             CredsSpec::X509 {
@@ -280,28 +335,30 @@ impl TlsCreds {
             }
         ) && self.0.endpoint == Endpoint::Client;
         if verify_name {
-            let name = hostname.filter(|h| !h.is_empty()).ok_or_else(|| {
-                "no hostname to check the destination's certificate against: set the \
-                 tls-hostname parameter (a unix: or fd: URI names no host)"
-                    .to_string()
-            })?;
+            let name = hostname
+                .filter(|h| !h.is_empty())
+                .ok_or(TlsSessionError::NoHostname)?;
+            let hostname_error = |source| TlsSessionError::Hostname {
+                name: name.to_string(),
+                source,
+            };
             match name.parse::<IpAddr>() {
                 Ok(ip) => ssl.param_mut().set_ip(ip),
                 Err(_) => {
-                    ssl.set_hostname(name).map_err(|e| e.to_string())?;
+                    ssl.set_hostname(name).map_err(hostname_error)?;
                     ssl.param_mut().set_host(name)
                 }
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(hostname_error)?;
         }
         let timeout = TimeVal::milliseconds(HANDSHAKE_TIMEOUT.as_millis() as i64);
         let set_timeouts = |t: TimeVal| {
             setsockopt(&sock, sockopt::ReceiveTimeout, &t)
                 .and_then(|()| setsockopt(&sock, sockopt::SendTimeout, &t))
-                .map_err(|e| format!("cannot configure the socket: {e}"))
+                .map_err(|e| TlsSessionError::Socket(e.into()))
         };
         set_timeouts(timeout)?;
-        let file = File::from(sock.try_clone().map_err(|e| e.to_string())?);
+        let file = File::from(sock.try_clone().map_err(TlsSessionError::Socket)?);
         let done = match self.0.endpoint {
             Endpoint::Client => ssl.connect(file),
             Endpoint::Server => ssl.accept(file),
@@ -314,28 +371,24 @@ impl TlsCreds {
         match self.0.endpoint {
             Endpoint::Server => stream
                 .write_all(&[ACCEPTED])
-                .map_err(|e| format!("cannot confirm the TLS session: {}", io_reason(&e)))?,
+                .map_err(|e| TlsSessionError::Confirm(io_reason(&e)))?,
             Endpoint::Client => {
                 let mut b = [0u8; 1];
                 match stream.read_exact(&mut b) {
                     Ok(()) if b[0] == ACCEPTED => {}
-                    Ok(()) => return Err("the destination is not a ferry TLS endpoint".into()),
-                    Err(e) => {
-                        return Err(format!(
-                            "the destination refused the TLS session: {}",
-                            io_reason(&e)
-                        ))
-                    }
+                    Ok(()) => return Err(TlsSessionError::NotFerry),
+                    Err(e) => return Err(TlsSessionError::Refused(io_reason(&e))),
                 }
             }
         }
         set_timeouts(TimeVal::zero())?;
-        let flags = fcntl(&sock, FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
+        let socket_error = |e: nix::Error| TlsSessionError::Socket(e.into());
+        let flags = fcntl(&sock, FcntlArg::F_GETFL).map_err(socket_error)?;
         fcntl(
             &sock,
             FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
         )
-        .map_err(|e| format!("cannot configure the socket: {e}"))?;
+        .map_err(socket_error)?;
         let shared = Arc::new(Session {
             ssl: Mutex::new(stream),
             sock,
@@ -367,32 +420,28 @@ fn ssl_reason(e: &openssl::ssl::Error) -> String {
         .map_or_else(|| e.to_string(), str::to_string)
 }
 
-fn handshake_error(e: HandshakeError<File>, endpoint: Endpoint, psk: bool) -> String {
+fn handshake_error(e: HandshakeError<File>, endpoint: Endpoint, psk: bool) -> TlsSessionError {
     let peer = match endpoint {
         Endpoint::Client => "destination",
         Endpoint::Server => "source",
     };
     match e {
-        HandshakeError::SetupFailure(e) => format!("cannot start TLS: {e}"),
-        HandshakeError::WouldBlock(_) => format!(
-            "the {peer} did not complete the TLS handshake within {} s",
-            HANDSHAKE_TIMEOUT.as_secs()
-        ),
+        HandshakeError::SetupFailure(e) => TlsSessionError::Start(e),
+        HandshakeError::WouldBlock(_) => TlsSessionError::Timeout {
+            peer,
+            secs: HANDSHAKE_TIMEOUT.as_secs(),
+        },
         HandshakeError::Failure(mid) => {
             let verify = mid.ssl().verify_result();
             let detail = ssl_reason(mid.error());
             if verify.as_raw() != 0 {
-                format!(
-                    "TLS handshake failed: the {peer}'s certificate is not accepted: {} ({detail})",
-                    verify.error_string()
-                )
-            } else if psk {
-                format!(
-                    "TLS handshake failed: {detail} (with PSK: do both ends hold the same key \
-                     for the same username in keys.psk?)"
-                )
+                TlsSessionError::CertificateRefused {
+                    peer,
+                    verify: verify.error_string().to_string(),
+                    detail,
+                }
             } else {
-                format!("TLS handshake failed: {detail}")
+                TlsSessionError::Handshake { detail, psk }
             }
         }
     }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::tls::{Endpoint, TlsCreds};
+use super::tls::{Endpoint, TlsCreds, TlsSessionError};
 
 /// Where a migration stream goes or comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +35,12 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
-    #[error("TLS with {uri} failed: {message}")]
-    Tls { uri: String, message: String },
+    #[error("TLS with {uri} failed: {source}")]
+    Tls {
+        uri: String,
+        #[source]
+        source: TlsSessionError,
+    },
 }
 
 impl FromStr for MigrationUri {
@@ -206,21 +210,13 @@ impl Channel {
     /// anything else moves on it. A client checks the server's certificate against
     /// `hostname`, or else the host of its `tcp:` URI.
     pub fn secure(self, creds: &TlsCreds, hostname: Option<&str>) -> Result<Self, TransportError> {
-        let fail = |message: String| TransportError::Tls {
+        let fail = |source: TlsSessionError| TransportError::Tls {
             uri: self.label.clone(),
-            message,
+            source,
         };
         let sock = match (&self.shutdown, self.has_return_path) {
-            (Some(fd), true) => fd
-                .try_clone()
-                .map_err(|e| fail(format!("cannot duplicate the socket: {e}")))?,
-            _ => {
-                return Err(fail(
-                    "TLS needs a socket; this is a file or a pipe (use tcp:, unix: or an fd: \
-                     socket, or turn TLS off)"
-                        .into(),
-                ))
-            }
+            (Some(fd), true) => fd.try_clone().map_err(|e| fail(TlsSessionError::Dup(e)))?,
+            _ => return Err(fail(TlsSessionError::NotASocket)),
         };
         let host = hostname
             .filter(|h| !h.is_empty())
@@ -390,18 +386,19 @@ impl Listener {
 
     /// Demands TLS with `creds` (server credentials) on every connection.
     pub fn set_tls(&mut self, creds: TlsCreds) -> Result<(), TransportError> {
-        let fail = |message: &str| TransportError::Tls {
+        let fail = |source: TlsSessionError| TransportError::Tls {
             uri: self.uri.to_string(),
-            message: message.into(),
+            source,
         };
         if matches!(self.kind, ListenerKind::File(_)) {
-            return Err(fail("TLS needs a socket; a file: migration cannot use it"));
+            return Err(fail(TlsSessionError::FileListener));
         }
         if creds.endpoint() != Endpoint::Server {
-            return Err(fail(
-                "the TLS credentials are for a client endpoint; the incoming side needs \
-                 endpoint=server",
-            ));
+            return Err(fail(TlsSessionError::WrongEndpoint {
+                have: "client",
+                side: "incoming side",
+                want: "server",
+            }));
         }
         self.tls = Some(creds);
         Ok(())
