@@ -17,7 +17,7 @@ use crate::qmp::events::EventSink;
 /// The machine family (what `-machine` named).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MachineType {
-    /// `pc` / `pc-i440fx-7.2`: ferry's x86 machine (PCI slot 1 is PIIX3's).
+    /// `pc` / `pc-i440fx-*`: ferry's x86 machine (PCI slot 1 is PIIX3's).
     Pc,
     /// `microvm`.
     Microvm,

@@ -202,7 +202,8 @@ fn libvirt_accepts_ferry_qemu() {
     );
     assert!(stdout.contains("<domain>kvm</domain>"), "{stdout}");
     assert!(
-        stdout.contains("<machine>pc-i440fx-7.2</machine>"),
+        stdout.contains("<machine>pc-i440fx-7.2</machine>")
+            && stdout.contains("<machine>pc-i440fx-4.2</machine>"),
         "{stdout}"
     );
     assert!(
@@ -234,7 +235,8 @@ fn libvirt_accepts_ferry_qemu() {
 /// QEMU: qemu64 with check='none' shows what this host's KVM lacks as
 /// disabled; with check='full' the start fails naming the differences; with
 /// the default check libvirt refuses before starting when the host lacks a
-/// qemu64 feature.
+/// qemu64 feature. A domain with `<type machine='pc-i440fx-4.2'>` starts;
+/// one with q35 is refused at define.
 #[test]
 fn libvirt_cpu_modes_and_the_invtsc_blocker() {
     let name = "libvirt_cpu_modes_and_the_invtsc_blocker";
@@ -351,6 +353,21 @@ fn libvirt_cpu_modes_and_the_invtsc_blocker() {
         "{qmp}"
     );
     assert_eq!(line("STATE invtsc "), "STATE invtsc running");
+    // Issue 17: a domain pinned to an older i440FX type starts as that type;
+    // libvirt refuses q35 itself, as query-machines does not offer it.
+    assert_eq!(
+        line("CPU i440fx42 "),
+        "CPU i440fx42 host,migratable=on started"
+    );
+    let machine = line("MACHINE i440fx42 ");
+    assert!(
+        machine.starts_with("MACHINE i440fx42 pc-i440fx-4.2,"),
+        "{machine}"
+    );
+    let qom = line("QOMMACHINE ");
+    assert!(qom.contains("pc-i440fx-4.2-machine"), "{qom}");
+    let q35 = line("Q35 ");
+    assert!(q35.contains("does not support machine type 'q35'"), "{q35}");
     assert_eq!(line("LIBVIRTD "), "LIBVIRTD alive");
 }
 

@@ -4,7 +4,9 @@
 # "CPU <name> <-cpu argument> <result>" per domain, "LIVECPU <name> <cpu XML>"
 # (libvirt's live XML) per started domain, the blocked-reasons of the
 # invtsc domain and virsh's answer to migrating it (to this same libvirtd,
-# over TCP on 127.0.0.1:16599: the Begin phase must refuse first).
+# over TCP on 127.0.0.1:16599: the Begin phase must refuse first). One more
+# domain pins pc-i440fx-4.2: "MACHINE" has its -machine argument, "QOMMACHINE"
+# its QOM type; "Q35" is virsh's answer to defining a q35 domain.
 # Usage (as root):
 #   unshare --mount --propagation private bash libvirt-cpu.sh WORK FERRY_QEMU KERNEL
 set -uo pipefail
@@ -52,14 +54,14 @@ cleanup() {
 }
 trap cleanup EXIT
 for _ in $(seq 100); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
-domain() {  # NAME CPU-XML
+domain() {  # NAME CPU-XML [MACHINE]
     NAMES+=("$1")
     cat > "$WORK/$1.xml" <<XML
 <domain type='kvm'>
   <name>$1</name>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>$WORK/dirtier.elf</kernel>
+  <os><type arch='x86_64' machine='${3:-pc}'>hvm</type><kernel>$WORK/dirtier.elf</kernel>
       <cmdline>ws=4M</cmdline></os>
   $2
   <on_poweroff>destroy</on_poweroff>
@@ -88,6 +90,13 @@ domain qemu64partial "<cpu mode='custom' match='exact'><model fallback='forbid'>
 domain qemu64full "<cpu mode='custom' match='exact' check='full'><model fallback='forbid'>qemu64</model></cpu>"
 domain hostmodel "<cpu mode='host-model'/>"
 domain invtsc "<cpu mode='host-passthrough' migratable='off'><feature policy='require' name='invtsc'/></cpu>"
+# A machine type pinned by an older QEMU (Nova keeps it per instance); q35
+# is not offered, so libvirt refuses it at define.
+domain i440fx42 "<cpu mode='host-passthrough'/>" pc-i440fx-4.2
+echo "MACHINE i440fx42 $(grep -o -- '-machine [^ ]*' /var/log/libvirt/qemu/i440fx42.log | tail -1 | cut -c10-)"
+echo "QOMMACHINE $(V qemu-monitor-command i440fx42 '{"execute":"qom-get","arguments":{"path":"/machine","property":"type"}}')"
+sed "s/machine='pc'/machine='q35'/; s/<name>passthrough</<name>q35</" "$WORK/passthrough.xml" > "$WORK/q35.xml"
+echo "Q35 $(V define "$WORK/q35.xml" 2>&1 | tr '\n' ' ')"
 echo "BLOCKED $(V qemu-monitor-command invtsc '{"execute":"query-migrate"}')"
 echo "UNBLOCKED $(V qemu-monitor-command passthrough '{"execute":"query-migrate"}')"
 echo "MIGRATE $(V migrate --live invtsc qemu+tcp://127.0.0.1:16599/system 2>&1 | tr '\n' ' ')"

@@ -4,7 +4,8 @@
 # /var/log/libvirt and /run/libvirt are bind mounts of copies under $WORK),
 # with ferry-qemu as the emulator. Usage (as root):
 #   unshare --mount --propagation private bash libvirt-probe.sh WORK FERRY_QEMU [VIRTTYPE]
-# Prints virsh's output; exits non-zero on failure. Leaves the libvirtd log in
+# Prints virsh's output (the default machine's, then pc-i440fx-4.2's); exits
+# non-zero on failure. Leaves the libvirtd log in
 # $WORK/var-log-libvirt/libvirtd.log.
 set -euo pipefail
 WORK=$1; BIN=$2; VIRTTYPE=${3:-kvm}
@@ -39,3 +40,6 @@ for _ in $(seq 100); do
 done
 virsh -c qemu:///system domcapabilities --emulatorbin "$WORK/bin/ferry-qemu" \
     --virttype "$VIRTTYPE" --arch x86_64
+# A versioned machine type (from the cached probe).
+virsh -c qemu:///system domcapabilities --emulatorbin "$WORK/bin/ferry-qemu" \
+    --virttype "$VIRTTYPE" --arch x86_64 --machine pc-i440fx-4.2

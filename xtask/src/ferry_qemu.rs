@@ -4,7 +4,8 @@
 //! commands (`commands::COMMANDS`) and events. An option without a description
 //! here stops the generator, so the page cannot fall behind the parser.
 
-use ferry_qemu::argv::{self, CPU_MODELS, MACHINE_TYPES, MODELLED_AS_ABSENT, MODELLED_DEVICES};
+use ferry_qemu::argv::{self, CPU_MODELS, MACHINES, MODELLED_AS_ABSENT, MODELLED_DEVICES};
+use ferry_qemu::backend::MachineType;
 use ferry_qemu::commands::{COMMANDS, EVENTS};
 use ferry_qemu::process::EXIT_FAILURE;
 
@@ -221,7 +222,19 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (
         "smbios",
         "type=N,KEY=VALUE[,...]",
-        "SMBIOS fields, as libvirt writes them from <sysinfo type='smbios'> with <smbios          mode='sysinfo'/>: `type=0` (`vendor`, `version`, `date`, `release`, `uefi`),          `type=1` (`manufacturer`, `product`, `version`, `serial`, `uuid`, `sku`,          `family`; `uuid` is also the guest's UUID), `type=2` (`manufacturer`, `product`,          `version`, `serial`, `asset`, `location`), `type=3` (`manufacturer`, `version`,          `serial`, `asset`, `sku`), `type=11` (`value`, repeated). A pc guest always gets          the SMBIOS 2.8 tables QEMU 7.2 builds for pc-i440fx-7.2 (entry point at 0xf1000,          where Linux finds it without EFI), unset fields keeping QEMU's defaults (type 1:          QEMU, Standard PC (i440FX + PIIX, 1996), pc-i440fx-7.2; type 0: SeaBIOS's);          microvm guests get none and refuse the option. Unknown keys are refused with QEMU's          error; `file=`, `type=11,path=` and `type=4` or `type=17` fields are refused,          named.",
+        "SMBIOS fields, as libvirt writes them from <sysinfo type='smbios'> with <smbios \
+         mode='sysinfo'/>: `type=0` (`vendor`, `version`, `date`, `release`, `uefi`), \
+         `type=1` (`manufacturer`, `product`, `version`, `serial`, `uuid`, `sku`, \
+         `family`; `uuid` is also the guest's UUID), `type=2` (`manufacturer`, `product`, \
+         `version`, `serial`, `asset`, `location`), `type=3` (`manufacturer`, `version`, \
+         `serial`, `asset`, `sku`), `type=11` (`value`, repeated). A pc guest always gets \
+         the SMBIOS 2.8 tables QEMU 7.2 builds for pc-i440fx-7.2 (entry point at 0xf1000, \
+         where Linux finds it without EFI), unset fields keeping QEMU's defaults (type 1: \
+         QEMU, Standard PC (i440FX + PIIX, 1996) and the machine type as started, \
+         pc-i440fx-7.2 for pc, which is also the type 2, 3 and 4 version; type 0: \
+         SeaBIOS's); microvm guests get none and refuse the option. Unknown keys are \
+         refused with QEMU's error; `file=`, `type=11,path=` and `type=4` or `type=17` \
+         fields are refused, named.",
     ),
     ("spice", "OPTS", "Refused, by name."),
     ("vga", "TYPE", "Refused, by name."),
@@ -275,6 +288,35 @@ fn list(items: &[&str]) -> String {
         .join(", ")
 }
 
+/// The machine types from ferry-qemu's table, and what a versioned one means.
+fn machine_types() -> String {
+    let name = |m: &argv::MachineDef| match (m.alias, m.is_default, m.deprecated) {
+        (Some(alias), true, _) => format!("`{}` (`{alias}`, the default)", m.name),
+        (_, _, true) => format!("`{}` (deprecated)", m.name),
+        _ => format!("`{}`", m.name),
+    };
+    let names: Vec<String> = MACHINES.iter().map(name).collect();
+    let i440fx = MACHINES
+        .iter()
+        .filter(|m| m.family == MachineType::Pc)
+        .count();
+    format!(
+        "{}. The {i440fx} `pc-i440fx-*` types are QEMU 7.2's, marked as QEMU marks them, \
+         so that a domain pinned to the machine type of the QEMU it was created on (Nova \
+         keeps it per instance) starts here. They all give the same machine: ferry has one \
+         guest ABI, and QEMU's per-version compatibility properties have no counterpart in \
+         ferry's devices; only the SMBIOS versions (types 1, 2, 3 and 4) name the type the \
+         guest was started with, as QEMU's do. A guest that ran on QEMU with an older type \
+         sees ferry's devices when it starts here, not that QEMU version's: it cannot be \
+         migrated from QEMU to ferry anyway (the migration streams differ), so it is started \
+         afresh. `q35`, `pc-q35-*` and `isapc` are refused at start: ferry has only the \
+         i440FX + PIIX chipset (no ICH9 LPC, PCIe root complex or MCFG); use `pc` (Nova: \
+         image property `hw_machine_type=pc`, or `[libvirt] hw_machine_type = x86_64=pc`). \
+         `query-machines` does not list them, so libvirt does not offer them.",
+        names.join(", ")
+    )
+}
+
 pub fn page() -> Result<String, String> {
     check_descriptions()?;
     let mut doc = Doc::new("ferry-qemu", "1", false);
@@ -321,7 +363,7 @@ pub fn page() -> Result<String, String> {
     }
 
     doc.sh("DEVICES");
-    doc.tp("Machine types", &list(MACHINE_TYPES));
+    doc.tp("Machine types", &machine_types());
     doc.tp("CPU models", &list(CPU_MODELS));
     doc.tp("Modelled devices", &list(MODELLED_DEVICES));
     doc.tp(

@@ -28,8 +28,10 @@
 //! | 127  | 0x7f00 | end of table | always |
 //!
 //! Unset strings take QEMU's defaults (manufacturer "QEMU", product
-//! "Standard PC (i440FX + PIIX, 1996)", version "pc-i440fx-7.2"); a string set
-//! to the empty string is absent, as in QEMU.
+//! "Standard PC (i440FX + PIIX, 1996)", version the machine type's name,
+//! [`SmbiosConfig::machine`]: "pc-i440fx-7.2" unless the guest was started
+//! with another `pc-i440fx-*`); a string set to the empty string is absent,
+//! as in QEMU.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -49,7 +51,8 @@ pub const SMBIOS_TABLE_MAX: usize = (HIMEM_START - SMBIOS_TABLE_START) as usize;
 pub const DEFAULT_MANUFACTURER: &str = "QEMU";
 /// QEMU's description of `pc-i440fx-7.2`: the default type 1 and 2 product.
 pub const DEFAULT_PRODUCT: &str = "Standard PC (i440FX + PIIX, 1996)";
-/// The machine type name: the default type 1, 2, 3 and 4 version.
+/// The default machine type name ([`SmbiosConfig::machine`]): the default
+/// type 1, 2, 3 and 4 version.
 pub const DEFAULT_VERSION: &str = "pc-i440fx-7.2";
 /// SeaBIOS's type 0 vendor (QEMU 7.2 leaves type 0 to SeaBIOS).
 pub const DEFAULT_BIOS_VENDOR: &str = "SeaBIOS";
@@ -176,7 +179,7 @@ pub struct SystemInfo {
     pub manufacturer: Option<String>,
     /// Product name (default "Standard PC (i440FX + PIIX, 1996)").
     pub product: Option<String>,
-    /// Version (default "pc-i440fx-7.2").
+    /// Version (default the machine type).
     pub version: Option<String>,
     /// Serial number.
     pub serial: Option<String>,
@@ -245,6 +248,10 @@ pub struct SmbiosConfig {
     /// Type 4 processor ID: CPUID leaf 1 EAX (low half) and EDX (high half)
     /// of the guest CPU.
     pub processor_id: u64,
+    /// The machine type's name (`pc-i440fx-4.2`; `pc` is `pc-i440fx-7.2`):
+    /// QEMU's default type 1, 2 and 3 version and its type 4 processor
+    /// version. [`DEFAULT_VERSION`] by default.
+    pub machine: String,
 }
 
 impl Default for SmbiosConfig {
@@ -259,6 +266,7 @@ impl Default for SmbiosConfig {
             cores: 1,
             threads: 1,
             processor_id: 0,
+            machine: DEFAULT_VERSION.to_string(),
         }
     }
 }
@@ -547,7 +555,7 @@ fn or<'a>(v: &'a Option<String>, default: &'a str) -> Option<&'a str> {
 }
 
 /// Builds the tables QEMU 7.2 builds for `pc-i440fx-7.2` with `config`, for
-/// guest RAM as `layout` lays it out.
+/// guest RAM as `layout` lays it out; the versions name `config.machine`.
 ///
 /// # Errors
 /// [`SmbiosError::TooLarge`] when the strings make the table too big for the
@@ -593,7 +601,7 @@ pub fn smbios_tables(
     let mut t = Structure::new(1, 0x100);
     t.string(or(&s.manufacturer, DEFAULT_MANUFACTURER))
         .string(or(&s.product, DEFAULT_PRODUCT))
-        .string(or(&s.version, DEFAULT_VERSION))
+        .string(or(&s.version, &config.machine))
         .string(s.serial.as_deref())
         .bytes(&uuid_wire_bytes(&s.uuid.unwrap_or([0; 16])))
         .u8(0x06) // wake-up type: power switch
@@ -606,7 +614,7 @@ pub fn smbios_tables(
         let mut t = Structure::new(2, 0x200);
         t.string(or(&bb.manufacturer, DEFAULT_MANUFACTURER))
             .string(or(&bb.product, DEFAULT_PRODUCT))
-            .string(or(&bb.version, DEFAULT_VERSION))
+            .string(or(&bb.version, &config.machine))
             .string(bb.serial.as_deref())
             .string(bb.asset.as_deref())
             .u8(0x01) // feature flags: a motherboard
@@ -622,7 +630,7 @@ pub fn smbios_tables(
     let mut t = Structure::new(3, 0x300);
     t.string(or(&c.manufacturer, DEFAULT_MANUFACTURER))
         .u8(0x01) // type: other
-        .string(or(&c.version, DEFAULT_VERSION))
+        .string(or(&c.version, &config.machine))
         .string(c.serial.as_deref())
         .string(c.asset.as_deref())
         .u8(0x03) // boot-up state: safe
@@ -646,7 +654,7 @@ pub fn smbios_tables(
             .u8(0x01) // family: other
             .string(Some(DEFAULT_MANUFACTURER))
             .u64(config.processor_id)
-            .string(Some(DEFAULT_VERSION))
+            .string(Some(config.machine.as_str()))
             .u8(0) // voltage
             .u16(0) // external clock: unknown
             .u16(T4_MAX_SPEED_MHZ)

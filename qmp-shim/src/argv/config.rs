@@ -42,8 +42,133 @@ pub const MODELLED_DEVICES: &[&str] = &[
     "virtio-rng-pci-non-transitional",
 ];
 
-/// Machine types ferry accepts; `query-machines` advertises the same.
-pub const MACHINE_TYPES: &[&str] = &["pc-i440fx-7.2", "pc", "microvm"];
+/// A machine type ferry builds, as QEMU 7.2 lists it (`-M help`,
+/// `query-machines`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineDef {
+    /// The name (`-machine TYPE`, `<type machine='TYPE'>`).
+    pub name: &'static str,
+    /// Its QOM type (`NAME-machine`).
+    pub qom_type: &'static str,
+    /// Another name for it (`pc` for `pc-i440fx-7.2`).
+    pub alias: Option<&'static str>,
+    /// The default machine (`-machine` left out).
+    pub is_default: bool,
+    /// QEMU 7.2 marks it deprecated (pc-i440fx-1.4 to 1.7).
+    pub deprecated: bool,
+    /// What ferry builds for it.
+    pub family: MachineType,
+}
+
+/// A `pc-i440fx-VERSION` row: ferry's one i440FX machine under QEMU's name.
+macro_rules! i440fx {
+    ($version:literal) => {
+        i440fx!($version, false)
+    };
+    ($version:literal, $deprecated:literal) => {
+        MachineDef {
+            name: concat!("pc-i440fx-", $version),
+            qom_type: concat!("pc-i440fx-", $version, "-machine"),
+            alias: None,
+            is_default: false,
+            deprecated: $deprecated,
+            family: MachineType::Pc,
+        }
+    };
+}
+
+/// The machine types ferry accepts: every `pc-i440fx-*` QEMU 7.2 has
+/// (`qemu-system-x86_64 -M help`) and microvm. All the `pc-i440fx-*` build
+/// the same machine: ferry has one guest ABI, and QEMU's per-version compat
+/// properties have no counterpart in ferry's devices; only the SMBIOS
+/// version string carries the name, as in QEMU. argv parsing,
+/// `query-machines` and `qom-list-types` all read this table. Q35 is left
+/// out on purpose: libvirt offers what `query-machines` lists.
+pub const MACHINES: &[MachineDef] = &[
+    MachineDef {
+        alias: Some("pc"),
+        is_default: true,
+        ..i440fx!("7.2")
+    },
+    i440fx!("7.1"),
+    i440fx!("7.0"),
+    i440fx!("6.2"),
+    i440fx!("6.1"),
+    i440fx!("6.0"),
+    i440fx!("5.2"),
+    i440fx!("5.1"),
+    i440fx!("5.0"),
+    i440fx!("4.2"),
+    i440fx!("4.1"),
+    i440fx!("4.0"),
+    i440fx!("3.1"),
+    i440fx!("3.0"),
+    i440fx!("2.12"),
+    i440fx!("2.11"),
+    i440fx!("2.10"),
+    i440fx!("2.9"),
+    i440fx!("2.8"),
+    i440fx!("2.7"),
+    i440fx!("2.6"),
+    i440fx!("2.5"),
+    i440fx!("2.4"),
+    i440fx!("2.3"),
+    i440fx!("2.2"),
+    i440fx!("2.1"),
+    i440fx!("2.0"),
+    i440fx!("1.7", true),
+    i440fx!("1.6", true),
+    i440fx!("1.5", true),
+    i440fx!("1.4", true),
+    MachineDef {
+        name: "microvm",
+        qom_type: "microvm-machine",
+        alias: None,
+        is_default: false,
+        deprecated: false,
+        family: MachineType::Microvm,
+    },
+];
+
+/// The machine `name` names (a name or an alias), if ferry builds it.
+pub fn machine_def(name: &str) -> Option<&'static MachineDef> {
+    MACHINES
+        .iter()
+        .find(|m| m.name == name || m.alias == Some(name))
+}
+
+/// Why ferry-qemu refuses machine type `name` (not in [`MACHINES`]), with
+/// what to use instead.
+fn machine_refusal(name: &str) -> ArgvError {
+    const OPT: &str = "-machine";
+    let what = format!("machine type '{name}'");
+    if name == "q35" || name.starts_with("pc-q35-") {
+        return ArgvError::unsupported_because(
+            OPT,
+            what,
+            "ferry has only the i440FX + PIIX chipset (no ICH9 LPC, PCIe root complex or \
+             MCFG): use machine='pc' or a pc-i440fx-* type (Nova: image property \
+             hw_machine_type=pc, or [libvirt] hw_machine_type = x86_64=pc in nova.conf)",
+        );
+    }
+    if name == "isapc" {
+        return ArgvError::unsupported_because(
+            OPT,
+            what,
+            "ferry has no ISA-only machine, only the i440FX + PIIX PC: use machine='pc' \
+             or a pc-i440fx-* type",
+        );
+    }
+    if name.starts_with("pc-i440fx-") {
+        return ArgvError::unsupported_because(
+            OPT,
+            what,
+            "ferry-qemu has QEMU 7.2's i440FX machine types, pc-i440fx-7.2 down to \
+             pc-i440fx-1.4, all the same machine: use one of those or machine='pc'",
+        );
+    }
+    ArgvError::unsupported(OPT, what)
+}
 
 /// CPU models accepted by `-cpu` (features are passed on to the engine).
 pub const CPU_MODELS: &[&str] = ferry_vmm::cpu::model::MODELS;
@@ -83,6 +208,13 @@ impl Invocation {
         self.machine.as_deref() == Some("none")
     }
 
+    /// The machine `-machine` names (`pc` without it), or why ferry refuses
+    /// it (the probe's `none` builds nothing and is not among them).
+    pub fn machine_def(&self) -> Result<&'static MachineDef, ArgvError> {
+        let name = self.machine.as_deref().unwrap_or("pc");
+        machine_def(name).ok_or_else(|| machine_refusal(name))
+    }
+
     /// The machine ferry should build, or the first thing it cannot honour.
     /// `Ok(None)` for `-machine none`.
     pub fn machine_config(&self) -> Result<Option<MachineConfig>, ArgvError> {
@@ -95,16 +227,8 @@ impl Invocation {
         if let Some((option, _)) = self.refused_options.first() {
             return Err(ArgvError::unsupported(option, "this option"));
         }
-        let machine = match self.machine.as_deref().unwrap_or("pc") {
-            "pc" | "pc-i440fx-7.2" => MachineType::Pc,
-            "microvm" => MachineType::Microvm,
-            other => {
-                return Err(ArgvError::unsupported(
-                    "-machine",
-                    format!("machine type '{other}'"),
-                ))
-            }
-        };
+        let def = self.machine_def()?;
+        let machine = def.family;
         let mem_bytes = self.check_memory()?;
         let vcpus = self.check_smp()?;
         // Before the devices: a refused disk says more than its controller.
@@ -130,7 +254,7 @@ impl Invocation {
             .collect();
         let rngs = self.rngs(machine == MachineType::Pc, &placed)?;
         self.check_misc()?;
-        let (smbios, uuid) = self.smbios(machine, vcpus)?;
+        let (smbios, uuid) = self.smbios(def, vcpus)?;
         let serials = self.serials()?;
         Ok(Some(MachineConfig {
             machine,
@@ -392,15 +516,16 @@ impl Invocation {
 
     /// The SMBIOS tables for `machine` from `-smbios` and `-uuid`, and the VM's
     /// UUID (`-smbios type=1,uuid=` sets it, as in QEMU). Errors carry QEMU
-    /// 7.2's texts where QEMU refuses too.
+    /// 7.2's texts where QEMU refuses too. The versions default to the
+    /// machine's name as QEMU writes it (`pc` is `pc-i440fx-7.2`).
     fn smbios(
         &self,
-        machine: MachineType,
+        machine: &MachineDef,
         vcpus: u32,
     ) -> Result<(Option<SmbiosConfig>, Option<String>), ArgvError> {
         const OPT: &str = "-smbios";
         let mut uuid = self.uuid.clone();
-        if machine != MachineType::Pc {
+        if machine.family != MachineType::Pc {
             if let Some((arg, _)) = self.smbios.first() {
                 return Err(ArgvError::unsupported_because(
                     OPT,
@@ -411,6 +536,7 @@ impl Invocation {
             return Ok((None, uuid));
         }
         let mut config = SmbiosConfig::for_vcpus(vcpus);
+        config.machine = machine.name.to_string();
         if let Some(smp) = &self.smp {
             // QEMU 7.2's topology for pc-i440fx-7.2: cores preferred over sockets.
             let sockets = smp.sockets.unwrap_or(1).max(1);

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 pub use config::{
-    ChardevFds, SerialConfig, CPU_MODELS, MACHINE_TYPES, MODELLED_AS_ABSENT, MODELLED_DEVICES,
-    UNSUPPORTED_HINT,
+    machine_def, ChardevFds, MachineDef, SerialConfig, CPU_MODELS, MACHINES, MODELLED_AS_ABSENT,
+    MODELLED_DEVICES, UNSUPPORTED_HINT,
 };
 pub use disks::VIRTIO_BLK;
 pub use nics::{NicConfig, TapSource, VIRTIO_NET};

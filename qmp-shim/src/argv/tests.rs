@@ -237,7 +237,6 @@ fn policy_accepts_a_kvm_domain_and_refuses_what_guests_would_notice() {
         (" -device vfio-pci,host=01:00.0", "vfio-pci"),
         (" -device nvme,serial=x", "nvme"),
         (" -accel tcg", "tcg"),
-        (" -machine q35", "q35"),
         (" -global foo.bar=1", "foo.bar"),
         (" -vnc :0", "-vnc"),
         (
@@ -257,6 +256,88 @@ fn policy_accepts_a_kvm_domain_and_refuses_what_guests_would_notice() {
             "{extra}: {err}"
         );
     }
+}
+
+/// Issue 17: a Nova instance keeps the machine type it was created with:
+/// every pc-i440fx-* of QEMU 7.2 builds ferry's pc machine, its SMBIOS
+/// versions naming the type as given (`pc` is pc-i440fx-7.2, as in QEMU).
+#[test]
+fn versioned_i440fx_machine_types_build_the_pc_machine() {
+    for (machine, version) in [
+        ("pc-i440fx-7.2", "pc-i440fx-7.2"),
+        ("pc", "pc-i440fx-7.2"),
+        ("pc-i440fx-4.2", "pc-i440fx-4.2"),
+        ("pc-i440fx-2.12", "pc-i440fx-2.12"),
+        ("pc-i440fx-2.0", "pc-i440fx-2.0"),
+        ("pc-i440fx-1.4", "pc-i440fx-1.4"),
+    ] {
+        let inv = p(&format!(
+            "-machine {machine},usb=off -accel kvm -m 256 -kernel /k"
+        ))
+        .expect("parses");
+        let cfg = inv.machine_config().expect(machine).expect("vm");
+        assert_eq!(cfg.machine, crate::backend::MachineType::Pc, "{machine}");
+        assert_eq!(cfg.smbios.expect("pc has SMBIOS").machine, version);
+        assert_eq!(inv.machine_def().expect("known").name, version);
+    }
+    let def = machine_def("pc-i440fx-1.4").expect("listed");
+    assert!(def.deprecated && !def.is_default && def.alias.is_none());
+    let def = machine_def("pc").expect("alias");
+    assert!(def.is_default && !def.deprecated && def.name == "pc-i440fx-7.2");
+    // A type field given wins over the machine's name, as in QEMU.
+    let cfg = p("-machine pc-i440fx-4.2 -accel kvm -kernel /k -smbios type=1,version=9")
+        .expect("parses")
+        .machine_config()
+        .expect("ok")
+        .expect("vm");
+    let s = cfg.smbios.expect("tables");
+    assert_eq!(
+        (s.system.version.as_deref(), s.machine.as_str()),
+        (Some("9"), "pc-i440fx-4.2")
+    );
+    for m in MACHINES {
+        assert_eq!(m.qom_type, format!("{}-machine", m.name));
+    }
+}
+
+/// Q35 and isapc are refused at start, saying why and what to use; so is a
+/// pc-i440fx-* QEMU 7.2 does not have (a newer QEMU's).
+#[test]
+fn q35_and_isapc_are_refused_with_the_reason_and_the_fix() {
+    let q35 = "-machine: machine type 'MACHINE' is not supported by ferry-qemu: ferry has only \
+               the i440FX + PIIX chipset (no ICH9 LPC, PCIe root complex or MCFG): use \
+               machine='pc' or a pc-i440fx-* type (Nova: image property hw_machine_type=pc, \
+               or [libvirt] hw_machine_type = x86_64=pc in nova.conf)";
+    for (machine, want) in [
+        ("q35", q35),
+        ("pc-q35-7.2", q35),
+        ("pc-q35-4.0.1", q35),
+        (
+            "isapc",
+            "-machine: machine type 'isapc' is not supported by ferry-qemu: ferry has no \
+             ISA-only machine",
+        ),
+        (
+            "pc-i440fx-8.0",
+            "-machine: machine type 'pc-i440fx-8.0' is not supported by ferry-qemu: \
+             ferry-qemu has QEMU 7.2's i440FX machine types, pc-i440fx-7.2 down to \
+             pc-i440fx-1.4",
+        ),
+        (
+            "virt",
+            "-machine: machine type 'virt' is not supported by ferry-qemu",
+        ),
+    ] {
+        let inv = p(&format!(
+            "-machine {machine},usb=off -accel kvm -m 256 -kernel /k"
+        ))
+        .expect("parses");
+        let err = inv.machine_config().unwrap_err();
+        let want = want.replace("MACHINE", machine);
+        assert!(err.to_string().starts_with(&want), "{machine}: {err}");
+        assert_eq!(inv.machine_def().unwrap_err(), err);
+    }
+    assert!(machine_def("q35").is_none() && machine_def("isapc").is_none());
 }
 
 /// Every command line libvirt 9.0 generated in the reference lab parses;

@@ -8,17 +8,19 @@ use serde_json::{json, Map, Value};
 
 use super::types::*;
 use super::{arg_str, Command, Ctx};
-use crate::argv::{MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BLK, VIRTIO_NET, VIRTIO_RNG};
+use crate::argv::{
+    MachineDef, MACHINES, MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BLK, VIRTIO_NET, VIRTIO_RNG,
+};
+use crate::backend::MachineType;
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{opt, req, CommandSchema, Ty};
 
-/// `(type, parent, abstract)`.
+/// `(type, parent, abstract)`; the machine types ferry builds follow, from
+/// [`MACHINES`] (see [`types`]).
 const TYPES: &[(&str, &str, bool)] = &[
     ("machine", "object", true),
     ("x86-machine", "machine", true),
     ("generic-pc-machine", "x86-machine", true),
-    ("pc-i440fx-7.2-machine", "generic-pc-machine", false),
-    ("microvm-machine", "x86-machine", false),
     ("none-machine", "machine", false),
     ("device", "object", true),
     ("cpu", "device", true),
@@ -63,6 +65,23 @@ const TYPES: &[(&str, &str, bool)] = &[
     ("tls-creds-x509", "tls-creds", false),
     ("tls-creds-psk", "tls-creds", false),
 ];
+
+/// A machine's QOM parent, as in QEMU.
+fn machine_parent(m: &MachineDef) -> &'static str {
+    match m.family {
+        MachineType::Pc => "generic-pc-machine",
+        MachineType::Microvm => "x86-machine",
+    }
+}
+
+/// Every QOM type ferry shows: [`TYPES`], then one per machine type.
+fn types() -> impl Iterator<Item = (&'static str, &'static str, bool)> {
+    TYPES.iter().copied().chain(
+        MACHINES
+            .iter()
+            .map(|m| (m.qom_type, machine_parent(m), false)),
+    )
+}
 
 /// `(name, type, description)`.
 type Prop = (&'static str, &'static str, &'static str);
@@ -209,7 +228,7 @@ fn is_a(ty: &str, ancestor: &str) -> bool {
         if cur == ancestor {
             return true;
         }
-        match TYPES.iter().find(|(n, _, _)| *n == cur) {
+        match types().find(|(n, _, _)| *n == cur) {
             Some((_, parent, _)) => cur = parent,
             None => return false,
         }
@@ -232,12 +251,11 @@ fn qom_list_types(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, C
         .and_then(Value::as_bool)
         .unwrap_or(false);
     Ok(Value::Array(
-        TYPES
-            .iter()
+        types()
             .filter(|(_, _, abs)| want_abstract || !abs)
             .filter(|(n, _, _)| implements.is_none_or(|i| is_a(n, i)))
             .map(|(n, p, abs)| {
-                if *abs {
+                if abs {
                     json!({"name": n, "parent": p, "abstract": true})
                 } else {
                     json!({"name": n, "parent": p})
@@ -300,7 +318,7 @@ pub static QOM_LIST_PROPERTIES: Command = Command {
 /// error. A class ferry does not have has no properties: `[]`.
 fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, CommandError> {
     let name = arg_str(args, "typename");
-    if !TYPES.iter().any(|(n, _, _)| *n == name) {
+    if !types().any(|(n, _, _)| n == name) {
         return Ok(json!([]));
     }
     if is_a(name, "cpu") {
@@ -337,19 +355,38 @@ pub static QUERY_MACHINES: Command = Command {
         args: &[],
         ret: Some(Ty::Array(&Ty::Object(&MACHINE_INFO))),
     },
-    handler: |_, _| {
-        Ok(json!([
-            {"name": "pc-i440fx-7.2", "alias": "pc", "is-default": true, "cpu-max": 255,
-             "hotpluggable-cpus": false, "numa-mem-supported": false, "deprecated": false,
-             "default-cpu-type": "qemu64-x86_64-cpu", "default-ram-id": "pc.ram"},
-            {"name": "microvm", "cpu-max": 255, "hotpluggable-cpus": false,
-             "numa-mem-supported": false, "deprecated": false,
-             "default-cpu-type": "qemu64-x86_64-cpu", "default-ram-id": "microvm.ram"},
-            {"name": "none", "cpu-max": 1, "hotpluggable-cpus": false,
-             "numa-mem-supported": false, "deprecated": false, "default-ram-id": "ram"},
-        ]))
-    },
+    handler: |_, _| Ok(query_machines()),
 };
+
+/// [`MACHINES`] as QEMU 7.2 describes them, then the probe's `none`. No
+/// `q35`: libvirt offers a domain the machine types listed here, and ferry
+/// cannot build that one.
+fn query_machines() -> Value {
+    let mut out: Vec<Value> = MACHINES
+        .iter()
+        .map(|m| {
+            let ram_id = match m.family {
+                MachineType::Pc => "pc.ram",
+                MachineType::Microvm => "microvm.ram",
+            };
+            let mut v = json!({"name": m.name, "cpu-max": 255, "hotpluggable-cpus": false,
+                "numa-mem-supported": false, "deprecated": m.deprecated,
+                "default-cpu-type": "qemu64-x86_64-cpu", "default-ram-id": ram_id});
+            if let Some(alias) = m.alias {
+                v["alias"] = json!(alias);
+            }
+            if m.is_default {
+                v["is-default"] = json!(true);
+            }
+            v
+        })
+        .collect();
+    out.push(
+        json!({"name": "none", "cpu-max": 1, "hotpluggable-cpus": false,
+         "numa-mem-supported": false, "deprecated": false, "default-ram-id": "ram"}),
+    );
+    Value::Array(out)
+}
 
 /// `(option, [(parameter, type)])` for the options libvirt asks about.
 const CLI_OPTIONS: &[(&str, &[(&str, &str)])] = &[
@@ -476,7 +513,15 @@ fn qom_object(ctx: &Ctx<'_>, path: &str) -> Option<Vec<(String, String, Value)>>
             entry("machine", "child<machine>", Value::Null),
         ]),
         "/machine" => Some(vec![
-            entry("type", "string", json!("pc-i440fx-7.2-machine")),
+            entry(
+                "type",
+                "string",
+                json!(ctx
+                    .vm
+                    .invocation
+                    .machine_def()
+                    .map_or("none-machine", |m| m.qom_type)),
+            ),
             entry("peripheral", "child<container>", Value::Null),
             entry("unattached", "child<container>", Value::Null),
         ]),

@@ -684,3 +684,115 @@ fn events_never_wait_for_a_client_that_does_not_read() {
     drop(w);
     t.join().expect("connection ended");
 }
+
+/// `qemu-system-x86_64 -M help` of QEMU 7.2 (Debian 12), its i440FX lines
+/// in its order: 7.2 (alias `pc`, the default) down to 2.0, then 1.7 to 1.4
+/// marked deprecated.
+const QEMU_7_2_I440FX: &[&str] = &[
+    "pc-i440fx-7.2",
+    "pc-i440fx-7.1",
+    "pc-i440fx-7.0",
+    "pc-i440fx-6.2",
+    "pc-i440fx-6.1",
+    "pc-i440fx-6.0",
+    "pc-i440fx-5.2",
+    "pc-i440fx-5.1",
+    "pc-i440fx-5.0",
+    "pc-i440fx-4.2",
+    "pc-i440fx-4.1",
+    "pc-i440fx-4.0",
+    "pc-i440fx-3.1",
+    "pc-i440fx-3.0",
+    "pc-i440fx-2.9",
+    "pc-i440fx-2.8",
+    "pc-i440fx-2.7",
+    "pc-i440fx-2.6",
+    "pc-i440fx-2.5",
+    "pc-i440fx-2.4",
+    "pc-i440fx-2.3",
+    "pc-i440fx-2.2",
+    "pc-i440fx-2.12",
+    "pc-i440fx-2.11",
+    "pc-i440fx-2.10",
+    "pc-i440fx-2.1",
+    "pc-i440fx-2.0",
+    "pc-i440fx-1.7",
+    "pc-i440fx-1.6",
+    "pc-i440fx-1.5",
+    "pc-i440fx-1.4",
+];
+
+/// Issue 17: query-machines lists exactly QEMU 7.2's pc-i440fx types (so
+/// libvirt accepts a domain pinned to any of them), marks what QEMU marks,
+/// and lists no Q35 (libvirt would offer it); qom-list-types has their QOM
+/// types and `/machine` is the one the guest was started with.
+#[test]
+fn query_machines_lists_qemu_7_2_i440fx_types_and_no_q35() {
+    let mut c = Client::negotiated(PROBE, false);
+    let machines = c.cmd(json!({"execute": "query-machines"}))["return"].clone();
+    let machines = machines.as_array().expect("list");
+    let mut i440fx: Vec<&str> = machines
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .filter(|n| n.starts_with("pc-i440fx-"))
+        .collect();
+    let mut want = QEMU_7_2_I440FX.to_vec();
+    i440fx.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(i440fx, want);
+    let names: Vec<&str> = machines.iter().filter_map(|m| m["name"].as_str()).collect();
+    assert_eq!(names.len(), QEMU_7_2_I440FX.len() + 2, "{names:?}");
+    assert!(names.contains(&"microvm") && names.contains(&"none"));
+    for m in machines {
+        let name = m["name"].as_str().expect("name");
+        let (alias, default) = if name == "pc-i440fx-7.2" {
+            (json!("pc"), json!(true))
+        } else {
+            (Value::Null, Value::Null)
+        };
+        assert_eq!((&m["alias"], &m["is-default"]), (&alias, &default), "{m}");
+        let deprecated = ["1.4", "1.5", "1.6", "1.7"]
+            .iter()
+            .any(|v| name == format!("pc-i440fx-{v}"));
+        assert_eq!(m["deprecated"], deprecated, "{m}");
+        if name.starts_with("pc-i440fx-") {
+            assert_eq!(
+                (&m["cpu-max"], &m["default-ram-id"], &m["default-cpu-type"]),
+                (&json!(255), &json!("pc.ram"), &json!("qemu64-x86_64-cpu")),
+                "{m}"
+            );
+        }
+    }
+    let r = c.cmd(json!({"execute": "qom-list-types",
+        "arguments": {"implements": "generic-pc-machine"}}));
+    let mut qom: Vec<String> = r["return"]
+        .as_array()
+        .expect("l")
+        .iter()
+        .map(|t| t["name"].as_str().expect("n").to_string())
+        .collect();
+    let mut want: Vec<String> = QEMU_7_2_I440FX
+        .iter()
+        .map(|n| format!("{n}-machine"))
+        .collect();
+    qom.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(qom, want);
+    let r = c.cmd(json!({"execute": "qom-list-types", "arguments": {"implements": "machine"}}));
+    let all = r.to_string();
+    assert!(!all.contains("q35") && !all.contains("isapc"), "{all}");
+
+    for (machine, qom_type) in [
+        ("pc-i440fx-4.2", "pc-i440fx-4.2-machine"),
+        ("pc", "pc-i440fx-7.2-machine"),
+        ("microvm", "microvm-machine"),
+    ] {
+        let mut c = Client::negotiated(&format!("-machine {machine} -accel kvm -m 128"), true);
+        let r = c.cmd(json!({"execute": "qom-get",
+            "arguments": {"path": "/machine", "property": "type"}}));
+        assert_eq!(r["return"], qom_type, "{machine}: {r}");
+    }
+    let r = c.cmd(json!({"execute": "qom-get",
+        "arguments": {"path": "/machine", "property": "type"}}));
+    assert_eq!(r["return"], "none-machine", "the probe: {r}");
+}

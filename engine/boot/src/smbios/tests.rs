@@ -173,6 +173,29 @@ fn default_tables_are_qemu_pc_i440fx_7_2s() {
     assert_eq!(&t.table[t.table.len() - 6..], &[127, 4, 0, 0x7f, 0, 0]);
 }
 
+/// A guest started with an older `pc-i440fx-*` sees that name where QEMU
+/// writes the machine type: types 1, 2 and 3 version, type 4 processor
+/// version; a version given still wins.
+#[test]
+fn versions_name_the_machine_type_the_guest_was_started_with() {
+    let mut c = SmbiosConfig::for_vcpus(2);
+    c.machine = "pc-i440fx-4.2".into();
+    c.add_table(2).expect("type 2");
+    let p = parse(&smbios_tables(&c, &layout(64 * MIB)).expect("tables").table);
+    let kinds: Vec<u8> = p.iter().map(|p| p.kind).collect();
+    assert_eq!(kinds, vec![0, 1, 2, 3, 4, 4, 16, 17, 19, 32, 127]);
+    assert_eq!(p[1].strings, vec!["QEMU", DEFAULT_PRODUCT, "pc-i440fx-4.2"]);
+    assert_eq!(p[2].strings, vec!["QEMU", DEFAULT_PRODUCT, "pc-i440fx-4.2"]);
+    assert_eq!(p[3].str_at(6), Some("pc-i440fx-4.2"));
+    for t in &p[4..6] {
+        assert_eq!(t.str_at(0x10), Some("pc-i440fx-4.2"));
+    }
+    c.set(1, "version", "26.1.0").expect("valid");
+    let p = parse(&smbios_tables(&c, &layout(64 * MIB)).expect("tables").table);
+    assert_eq!(p[1].str_at(6), Some("26.1.0"));
+    assert_eq!(p[3].str_at(6), Some("pc-i440fx-4.2"));
+}
+
 #[test]
 fn type1_string_set_holds_the_given_fields_in_order() {
     let mut c = nova();
