@@ -251,6 +251,16 @@ pub struct MigrationParameters {
     /// QEMU's `announce-initial`, `-max`, `-rounds`, `-step`: the RARP
     /// schedule of a guest that arrived, and of HMP `announce_self`.
     pub announce: AnnounceSchedule,
+    /// QEMU's `multifd-zlib-level` (0-9) and `multifd-zstd-level` (0-20): kept
+    /// and reported as QEMU does; they would apply only to compressed page
+    /// streams, and ferry takes only `multifd-compression` none.
+    pub multifd_zlib_level: u8,
+    pub multifd_zstd_level: u8,
+    /// QEMU's `max-postcopy-bandwidth` (bytes/s, 0 = no cap): kept and
+    /// reported; it would apply only to a post-copy phase, which ferry does not
+    /// have (the `postcopy-ram` capability is not offered, so libvirt refuses
+    /// `--postcopy` before it sets this).
+    pub max_postcopy_bandwidth: u64,
 }
 
 /// Most `multifd-channels` ferry-qemu takes: the engine's stream limit
@@ -269,6 +279,9 @@ impl Default for MigrationParameters {
             cpu_throttle_tailslow: false,
             max_cpu_throttle: 99,
             throttle_trigger_threshold: 50,
+            multifd_zlib_level: 1,
+            multifd_zstd_level: 1,
+            max_postcopy_bandwidth: 0,
             announce: AnnounceSchedule::default(),
         }
     }

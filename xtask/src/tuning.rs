@@ -178,7 +178,12 @@ pub fn page() -> Result<String, String> {
          `throttle-trigger-threshold` (50) as QEMU defines them (libvirt's \
          `--auto-converge-initial` and `--auto-converge-increment`); the dirty limit \
          carries on past `max-cpu-throttle` either way. The others keep their defaults \
-         there.",
+         there. `multifd-compression` takes only `none` (ferry sends no zero page and \
+         each other page once per pass; `zlib` and `zstd` are refused with that \
+         reason); `multifd-zlib-level`, `multifd-zstd-level` and \
+         `max-postcopy-bandwidth` are kept and reported as QEMU does, and change \
+         nothing: they apply to compression and to a post-copy phase, which ferry does \
+         not have.",
     );
 
     doc.ss("Downtime limit");

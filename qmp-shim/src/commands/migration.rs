@@ -159,6 +159,10 @@ pub static QUERY_MIGRATE_PARAMETERS: Command = Command {
             "announce-max": p.announce.max.as_millis() as u64,
             "announce-rounds": p.announce.rounds,
             "announce-step": p.announce.step.as_millis() as u64,
+            "multifd-compression": "none",
+            "multifd-zlib-level": p.multifd_zlib_level,
+            "multifd-zstd-level": p.multifd_zstd_level,
+            "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
             "tls-creds": ctx.vm.tls_params.creds,
             "tls-hostname": ctx.vm.tls_params.hostname,
             "tls-authz": ctx.vm.tls_params.authz,
@@ -249,6 +253,49 @@ fn migrate_set_parameters(
     }
     if let Some(v) = args.get("cpu-throttle-tailslow").and_then(Value::as_bool) {
         p.cpu_throttle_tailslow = v;
+    }
+    if let Some(method) = args
+        .get("multifd-compression")
+        .and_then(Value::as_str)
+        .filter(|m| *m != "none")
+    {
+        return Err(CommandError::Generic(format!(
+            "Parameter 'multifd-compression': ferry-qemu does not compress page streams \
+             ({method} asked): it sends no zero page and each other page once per pass, \
+             so compression would cost the guest's CPU for little; migrate without a \
+             compression method (virsh migrate without --compression-methods)"
+        )));
+    }
+    // QEMU 7.2's texts for the levels differ from the throttle's.
+    let level = |name: &str, high: u64| -> Result<Option<u8>, CommandError> {
+        args.get(name)
+            .map(|v| {
+                v.as_u64()
+                    .filter(|n| *n <= high)
+                    .map(|n| n as u8)
+                    .ok_or_else(|| {
+                        CommandError::Parameter(format!(
+                            "Parameter '{}' expects a value between 0 and {high}",
+                            name.replace('-', "_")
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    if let Some(n) = level("multifd-zlib-level", 9)? {
+        p.multifd_zlib_level = n;
+    }
+    if let Some(n) = level("multifd-zstd-level", 20)? {
+        p.multifd_zstd_level = n;
+    }
+    if let Some(v) = args.get("max-postcopy-bandwidth") {
+        p.max_postcopy_bandwidth = v.as_u64().ok_or_else(|| {
+            CommandError::Parameter(
+                "Parameter 'max-postcopy-bandwidth' expects an integer in the range of 0 to \
+                 2^63-1 bytes/second"
+                    .into(),
+            )
+        })?;
     }
     p.announce = super::monitor::announce_schedule(args, "announce-", p.announce)?;
     ctx.vm.backend.set_migrate_parameters(&p)?;

@@ -339,6 +339,47 @@ fn migration_flow_on_fake_backend() {
             .contains("tls-authz"),
         "{r}"
     );
+    // What newer libvirt and `virsh migrate --postcopy-bandwidth` set: kept and
+    // reported as QEMU does; compression is refused with the reason.
+    let more = json!({"multifd-compression": "none", "multifd-zlib-level": 9,
+                      "multifd-zstd-level": 20, "max-postcopy-bandwidth": 104857600});
+    assert_eq!(
+        c.cmd(json!({"execute": "migrate-set-parameters", "arguments": more})),
+        json!({"return": {}})
+    );
+    let q = c.cmd(json!({"execute": "query-migrate-parameters"}))["return"].clone();
+    assert_eq!(
+        (
+            &q["multifd-compression"],
+            &q["multifd-zlib-level"],
+            &q["multifd-zstd-level"],
+            &q["max-postcopy-bandwidth"]
+        ),
+        (&json!("none"), &json!(9), &json!(20), &json!(104857600)),
+        "{q}"
+    );
+    let zlib = json!({"multifd-compression": "zlib"});
+    let r = c.cmd(json!({"execute": "migrate-set-parameters", "arguments": zlib}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not compress page streams")),
+        "{r}"
+    );
+    let r = c.cmd(json!({"execute": "migrate-set-parameters",
+                         "arguments": {"multifd-zstd-level": 21}}));
+    assert_eq!(
+        r["error"]["desc"],
+        "Parameter 'multifd_zstd_level' expects a value between 0 and 20"
+    );
+    let r = c.cmd(json!({"execute": "migrate-set-parameters",
+                         "arguments": {"multifd-compression": "lz4"}}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("lz4")),
+        "{r}"
+    );
     let off = json!({"tls-creds": ""});
     assert_eq!(
         c.cmd(json!({"execute": "migrate-set-parameters", "arguments": off})),

@@ -216,10 +216,21 @@ pub static MIGRATION_PARAMETERS_MEMBERS: &[Member] = &[
     opt("announce-max", Ty::Int),
     opt("announce-rounds", Ty::Int),
     opt("announce-step", Ty::Int),
+    opt("multifd-compression", Ty::Enum(&MULTIFD_COMPRESSION)),
+    opt("multifd-zlib-level", Ty::Int),
+    opt("multifd-zstd-level", Ty::Int),
+    opt("max-postcopy-bandwidth", Ty::Int),
     opt("tls-creds", Ty::Str),
     opt("tls-hostname", Ty::Str),
     opt("tls-authz", Ty::Str),
 ];
+
+/// QEMU 7.2's MultiFDCompression (zstd where QEMU was built with it, as
+/// Debian's is); ferry takes `none` only (see `migrate-set-parameters`).
+pub static MULTIFD_COMPRESSION: EnumDef = EnumDef {
+    name: "MultiFDCompression",
+    values: &["none", "zlib", "zstd"],
+};
 
 pub static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
     name: "MigrationParameters",
