@@ -148,7 +148,8 @@ impl VcpuState {
             .map_err(k("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(k("KVM_SET_REGS"))?;
         vcpu.set_sregs(&self.sregs).map_err(k("KVM_SET_SREGS"))?;
-        ferry_kvm::set_xsave(vcpu, &self.xsave).map_err(k("KVM_SET_XSAVE"))?;
+        ferry_kvm::set_xsave(vcpu, &xsave_for_guest(&self.xsave, cpuid))
+            .map_err(k("KVM_SET_XSAVE"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(k("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debug_regs)
             .map_err(k("KVM_SET_DEBUGREGS"))?;
@@ -175,5 +176,75 @@ impl VcpuState {
         vcpu.set_vcpu_events(&self.events)
             .map_err(k("KVM_SET_VCPU_EVENTS"))?;
         Ok(load.loaded)
+    }
+}
+
+/// XCR0 components x87 and SSE: in every XSAVE image, whatever the CPUID says.
+const XFEATURES_FP_SSE: u64 = 0b11;
+
+/// `xsave` with only the state components the guest's CPUID lets it enable
+/// (leaf 0xD subleaf 0, EDX:EAX; x87 and SSE always). KVMs differ in what
+/// they put in a guest's image: an AMD host's saved PKRU (XSTATE_BV bit 9) for
+/// a qemu64 guest without PKU, and a KVM that gives the guest no PKRU refuses
+/// that image (KVM_SET_XSAVE: EINVAL; seen loading an AMD host's checkpoint on
+/// an Intel one). A guest cannot set an XCR0 bit its CPUID does not offer, so a
+/// component outside them is invisible to it and dropping it changes nothing.
+/// Only the standard (non-compacted) format KVM_GET_XSAVE writes is touched.
+fn xsave_for_guest(xsave: &kvm_xsave, cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> kvm_xsave {
+    let offered = cpuid
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0, |e| u64::from(e.eax) | (u64::from(e.edx) << 32));
+    let mut out = kvm_xsave {
+        region: xsave.region,
+        ..Default::default()
+    };
+    // XSTATE_BV at byte 512, XCOMP_BV at byte 520 (u32 words 128-131).
+    let word = |i: usize| u64::from(out.region[i]) | (u64::from(out.region[i + 1]) << 32);
+    let (bv, comp) = (word(128), word(130));
+    if comp & (1 << 63) != 0 {
+        return out;
+    }
+    let kept = bv & (offered | XFEATURES_FP_SSE);
+    if kept != bv {
+        tracing::debug!(
+            dropped = format_args!("{:#x}", bv & !kept),
+            "XSAVE components the guest's CPUID does not offer"
+        );
+        out.region[128] = kept as u32;
+        out.region[129] = (kept >> 32) as u32;
+    }
+    out
+}
+
+#[cfg(test)]
+mod xsave_tests {
+    use kvm_bindings::kvm_xsave;
+
+    #[test]
+    fn xsave_keeps_only_what_the_guest_cpuid_offers() {
+        let mut x = kvm_xsave::default();
+        x.region[128] = 0x203; // x87, SSE, PKRU
+        x.region[6] = 0x1f80;
+        let leaf = |eax: u32| kvm_bindings::kvm_cpuid_entry2 {
+            function: 0xd,
+            index: 0,
+            eax,
+            ..Default::default()
+        };
+        // qemu64: no XSAVE leaf at all: x87 and SSE stay, PKRU goes.
+        let y = super::xsave_for_guest(&x, &[]);
+        assert_eq!(
+            (y.region[128], y.region[129], y.region[6]),
+            (0x3, 0, 0x1f80)
+        );
+        // A guest with PKU keeps it.
+        assert_eq!(
+            super::xsave_for_guest(&x, &[leaf(0x207)]).region[128],
+            0x203
+        );
+        // A compacted image is left as it is.
+        x.region[131] = 1 << 31;
+        assert_eq!(super::xsave_for_guest(&x, &[]).region[128], 0x203);
     }
 }
