@@ -1330,6 +1330,61 @@ pub fn fdset_fd(
 mod tests {
     use super::*;
 
+    /// The balloon on ferry-vmm behind QMP: `balloon` reaches the guest's
+    /// device (its configuration space), a driver's write of `actual` becomes
+    /// one BALLOON_CHANGE with QEMU's value, and the polling interval set
+    /// before the guest exists reaches it.
+    #[test]
+    fn balloon_reaches_the_guest_and_its_changes_come_back_as_events() {
+        use ferry_vmm::devices::virtio::test_driver::Driver;
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            assert!(std::env::var_os("CI").is_none(), "CI must run every test");
+            eprintln!("SKIP: /dev/kvm is not usable here");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("dirtier.elf");
+        std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+        let args = format!(
+            "-S -machine pc -m 64 -kernel {} \
+             -device virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x5,guest-stats-polling-interval=7",
+            kernel.display()
+        );
+        let inv = crate::argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
+        let config = inv.machine_config().expect("config").expect("a guest");
+        let events = EventSink::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        events.subscribe(1, tx);
+        let mut backend = FerryBackend::new(events);
+        backend.create(&config).expect("guest");
+        assert_eq!(backend.balloon_info().expect("balloon").poll_interval, 7);
+        backend.set_balloon_target(1000).expect("target");
+        {
+            let inner = backend.shared.lock().expect("lock");
+            let guest = inner.guest.as_ref().expect("guest");
+            let d = Driver::attach(guest, 5, 5);
+            assert_eq!(d.read(d.device, 4), 1000, "num_pages in the guest");
+            d.write(d.device + 4, 4, 1000);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let change = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = rx.recv_timeout(left).expect("BALLOON_CHANGE");
+            if e["event"] == "BALLOON_CHANGE" {
+                break e;
+            }
+        };
+        assert_eq!(change["data"]["actual"], (64u64 << 20) - 1000 * 4096);
+        assert_eq!(backend.balloon_info().expect("balloon").actual, 1000);
+        // The watcher thread stays (as in a process); the guest goes.
+        backend.shared.lock().expect("lock").guest = None;
+    }
+
     #[test]
     fn pmemsave_ranges_stay_within_guest_ram() {
         // 128 MiB below the PCI hole, 64 MiB above 4 GiB.
