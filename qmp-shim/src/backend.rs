@@ -7,6 +7,7 @@
 //! construction. Guests run on [`crate::vmm::FerryBackend`] (ferry-vmm); the
 //! capability probe (`-machine none`) has no guest and uses [`NoVm`].
 
+use ferry_vmm::devices::virtio::balloon::BalloonInfo;
 use ferry_vmm::devices::virtio::net::AnnounceSchedule;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -51,6 +52,8 @@ pub struct MachineConfig {
     /// virtio-rng entropy devices on PCI bus 0 (`-object rng-random|rng-builtin`
     /// + `-device virtio-rng-pci`); their sources are opened with the VM.
     pub rngs: Vec<crate::argv::RngDeviceConfig>,
+    /// The memory balloon on PCI bus 0 (`-device virtio-balloon-pci`).
+    pub balloon: Option<crate::argv::BalloonDeviceConfig>,
     pub name: Option<String>,
     pub uuid: Option<String>,
     /// The SMBIOS tables the guest gets (`-smbios`, `-uuid`); `None` for
@@ -62,6 +65,13 @@ pub struct MachineConfig {
     pub no_reboot: bool,
     /// `-incoming`: restore from this source instead of booting.
     pub incoming: Option<Incoming>,
+}
+
+/// What QEMU calls the balloon's `actual` (`query-balloon`, BALLOON_CHANGE):
+/// guest RAM less the pages in the balloon (`actual_pages`, as the driver
+/// says).
+pub fn balloon_actual_bytes(ram: u64, actual_pages: u32) -> u64 {
+    ram.saturating_sub(u64::from(actual_pages) * ferry_vmm::devices::virtio::balloon::BALLOON_PAGE)
 }
 
 /// A virtio-blk-pci disk on a raw image or block device, and the names QEMU
@@ -361,6 +371,9 @@ pub enum BackendError {
     /// An engine failure, with its message.
     #[error("{0}")]
     Engine(String),
+    /// The guest has no balloon (QEMU's words; class DeviceNotActive).
+    #[error("No balloon device has been activated")]
+    NoBalloon,
 }
 
 /// The VM operations the QMP layer needs.
@@ -454,6 +467,19 @@ pub trait Backend: Send + std::fmt::Debug {
     /// `vmm::disk_device_id`); empty while no guest is held.
     fn disk_stats(&self) -> Vec<(String, ferry_vmm::devices::virtio::blk::BlockStats)> {
         Vec::new()
+    }
+    /// The balloon as the guest left it (`query-balloon`, `guest-stats`).
+    fn balloon_info(&self) -> Result<BalloonInfo, BackendError> {
+        Err(BackendError::NoBalloon)
+    }
+    /// Asks the guest to give back `pages` 4 KiB pages (`balloon`).
+    fn set_balloon_target(&mut self, _pages: u64) -> Result<(), BackendError> {
+        Err(BackendError::NoBalloon)
+    }
+    /// Gives the guest's stats buffer back every `secs` seconds (0: never),
+    /// QEMU's `guest-stats-polling-interval`.
+    fn set_balloon_stats_interval(&mut self, _secs: u32) -> Result<(), BackendError> {
+        Err(BackendError::NoBalloon)
     }
     /// The serial ports' chardevs as `(label, filename)` for `query-chardev`
     /// (`pty:/dev/pts/N` tells libvirt where the console is).

@@ -13,6 +13,9 @@ pub struct FakeBackend {
     pub events: EventSink,
     pub migration: MigrationInfo,
     pub last_params: Option<MigrationParameters>,
+    /// The balloon the guest would have: the target and interval set land
+    /// here.
+    pub balloon: ferry_vmm::devices::virtio::balloon::BalloonInfo,
 }
 
 impl FakeBackend {
@@ -22,6 +25,7 @@ impl FakeBackend {
             events,
             migration: MigrationInfo::default(),
             last_params: None,
+            balloon: Default::default(),
         }
     }
 }
@@ -117,6 +121,20 @@ impl Backend for FakeBackend {
         Ok(())
     }
     fn save(&mut self, _: MigrationTarget) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn balloon_info(
+        &self,
+    ) -> Result<ferry_vmm::devices::virtio::balloon::BalloonInfo, BackendError> {
+        Ok(self.balloon.clone())
+    }
+    fn set_balloon_target(&mut self, pages: u64) -> Result<(), BackendError> {
+        self.balloon.num_pages =
+            u32::try_from(pages).map_err(|e| BackendError::Engine(e.to_string()))?;
+        Ok(())
+    }
+    fn set_balloon_stats_interval(&mut self, secs: u32) -> Result<(), BackendError> {
+        self.balloon.poll_interval = secs;
         Ok(())
     }
 }

@@ -37,6 +37,7 @@ use ferry_kvm::{Backing, GuestRam};
 use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::serial::SinkSpec;
+use ferry_vmm::devices::virtio::balloon::BalloonInfo;
 use ferry_vmm::devices::virtio::blk::BlockConfig;
 use ferry_vmm::devices::virtio::net::AnnounceSchedule;
 use ferry_vmm::devices::SharedFd;
@@ -90,12 +91,23 @@ struct Inner {
     cpuid: Option<Vec<CpuidLeaf>>,
     /// The announce schedule every guest gets (the `announce-*` parameters).
     announce: AnnounceSchedule,
+    /// The balloon's stats polling interval (`guest-stats-polling-interval`),
+    /// which every guest built or received here gets.
+    balloon_interval: u32,
+    /// The balloon as last seen, for `query-balloon` while a live migration
+    /// owns the guest.
+    balloon_seen: Option<BalloonInfo>,
 }
 
 impl Inner {
     /// Makes `guest` this process's guest.
     fn set_guest(&mut self, mut guest: Guest) {
         guest.set_announce_schedule(self.announce);
+        if guest.balloon_info().is_some() {
+            if let Err(e) = guest.set_balloon_stats_interval(self.balloon_interval) {
+                tracing::warn!("cannot set the balloon's stats interval: {e}");
+            }
+        }
         self.cpuid = Some(guest.cpuid().to_vec());
         self.guest = Some(guest);
     }
@@ -178,6 +190,8 @@ impl FerryBackend {
                     tls: None,
                     cpuid: None,
                     announce: AnnounceSchedule::default(),
+                    balloon_interval: 0,
+                    balloon_seen: None,
                 }),
                 migration: Mutex::new(MigrationInfo::default()),
                 outgoing: Mutex::new(None),
@@ -210,7 +224,8 @@ pub fn disk_device_id(d: &DiskConfig) -> String {
         .unwrap_or_else(|| format!("virtio-blk@{:02x}", d.slot))
 }
 
-/// The engine's virtio devices for `config`'s disks, NICs and entropy devices. A
+/// The engine's virtio devices for `config`'s disks, NICs, entropy devices
+/// and balloon. A
 /// destination must be given the same ones: the engine's shape check
 /// refuses a stream from a VM with other devices.
 fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
@@ -234,6 +249,14 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
             .unwrap_or_else(|| format!("virtio-rng@{:02x}", r.slot)),
         device: VirtioDeviceSpec::Rng(r.config.clone()),
     });
+    let balloon = config.balloon.iter().map(|b| VirtioSpec {
+        slot: b.slot,
+        id: b
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("virtio-balloon@{:02x}", b.slot)),
+        device: VirtioDeviceSpec::Balloon(b.config),
+    });
     config
         .disks
         .iter()
@@ -250,6 +273,7 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
         })
         .chain(nics)
         .chain(rngs)
+        .chain(balloon)
         .collect()
 }
 
@@ -657,6 +681,7 @@ impl FerryBackend {
                 if let Some(exit) = exit {
                     on_guest_exit(&shared, &mut inner, exit);
                 }
+                balloon_watch(&shared, &mut inner);
             })
             .map_err(engine)?;
         Ok(())
@@ -706,12 +731,39 @@ fn on_guest_exit(shared: &Shared, inner: &mut Inner, exit: GuestExit) {
     }
 }
 
+/// QEMU's BALLOON_CHANGE when the guest's driver changed `actual` (checked
+/// with the guest's exits), and the balloon as last seen.
+fn balloon_watch(shared: &Shared, inner: &mut Inner) {
+    let Some(guest) = inner.guest.as_ref() else {
+        return;
+    };
+    let ram = inner.config.as_ref().map_or(0, |c| c.mem_bytes);
+    if let Some(actual) = guest.take_balloon_change() {
+        shared.events.emit(
+            "BALLOON_CHANGE",
+            Some(json!({
+                "actual": balloon_actual_bytes(ram, actual)
+            })),
+        );
+    }
+    inner.balloon_seen = guest.balloon_info();
+}
+
 /// Replaces the guest with a freshly booted one (running if `run`).
 fn reboot(inner: &mut Inner, run: bool) -> Result<(), BackendError> {
     let config = inner.config.clone().ok_or(BackendError::NoMachine)?;
+    // The balloon's target outlives a reset, as in QEMU.
+    let target = inner
+        .guest
+        .as_ref()
+        .and_then(Guest::balloon_info)
+        .map(|b| b.num_pages);
     // The old guest must release its RAM and vCPUs before the new one exists.
     inner.guest = None;
     let mut guest = boot(&config, sink(inner))?;
+    if let Some(pages) = target.filter(|&p| p > 0) {
+        guest.set_balloon_target(pages.into()).map_err(engine)?;
+    }
     if run {
         guest.resume().map_err(engine)?;
         inner.state = RunState::Running;
@@ -736,6 +788,7 @@ impl Backend for FerryBackend {
             let mut inner = self.shared.lock()?;
             inner.config = Some(config.clone());
             inner.serial = serial;
+            inner.balloon_interval = config.balloon.as_ref().map_or(0, |b| b.stats_interval);
             inner.autostart = !config.start_paused;
         }
         self.start_watcher()?;
@@ -1024,6 +1077,44 @@ impl Backend for FerryBackend {
         })
     }
 
+    fn balloon_info(&self) -> Result<BalloonInfo, BackendError> {
+        let inner = self.shared.lock()?;
+        match (&inner.guest, &inner.balloon_seen) {
+            (Some(g), _) => g.balloon_info().ok_or(BackendError::NoBalloon),
+            (None, Some(seen)) if inner.migrating => Ok(seen.clone()),
+            // An incoming guest not loaded yet: its balloon as QEMU's looks
+            // before the state arrives (empty).
+            (None, _) => Ok(BalloonInfo {
+                poll_interval: inner.balloon_interval,
+                ..BalloonInfo::default()
+            }),
+        }
+    }
+
+    fn set_balloon_target(&mut self, pages: u64) -> Result<(), BackendError> {
+        let inner = self.shared.lock()?;
+        inner.not_migrating("balloon")?;
+        match &inner.guest {
+            Some(g) => g.set_balloon_target(pages).map_err(engine),
+            // The incoming stream brings the source's target, as in QEMU.
+            None if inner.state == RunState::InMigrate => Ok(()),
+            None => Err(BackendError::BadState {
+                operation: "balloon",
+                state: state_name(inner.state),
+            }),
+        }
+    }
+
+    fn set_balloon_stats_interval(&mut self, secs: u32) -> Result<(), BackendError> {
+        let mut inner = self.shared.lock()?;
+        inner.not_migrating("guest-stats-polling-interval")?;
+        inner.balloon_interval = secs;
+        if let Some(g) = &inner.guest {
+            g.set_balloon_stats_interval(secs).map_err(engine)?;
+        }
+        Ok(())
+    }
+
     fn serial_chardevs(&self) -> Vec<(String, String)> {
         self.shared
             .inner
@@ -1238,6 +1329,61 @@ pub fn fdset_fd(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The balloon on ferry-vmm behind QMP: `balloon` reaches the guest's
+    /// device (its configuration space), a driver's write of `actual` becomes
+    /// one BALLOON_CHANGE with QEMU's value, and the polling interval set
+    /// before the guest exists reaches it.
+    #[test]
+    fn balloon_reaches_the_guest_and_its_changes_come_back_as_events() {
+        use ferry_vmm::devices::virtio::test_driver::Driver;
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            assert!(std::env::var_os("CI").is_none(), "CI must run every test");
+            eprintln!("SKIP: /dev/kvm is not usable here");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("dirtier.elf");
+        std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+        let args = format!(
+            "-S -machine pc -m 64 -kernel {} \
+             -device virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x5,guest-stats-polling-interval=7",
+            kernel.display()
+        );
+        let inv = crate::argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
+        let config = inv.machine_config().expect("config").expect("a guest");
+        let events = EventSink::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        events.subscribe(1, tx);
+        let mut backend = FerryBackend::new(events);
+        backend.create(&config).expect("guest");
+        assert_eq!(backend.balloon_info().expect("balloon").poll_interval, 7);
+        backend.set_balloon_target(1000).expect("target");
+        {
+            let inner = backend.shared.lock().expect("lock");
+            let guest = inner.guest.as_ref().expect("guest");
+            let d = Driver::attach(guest, 5, 5);
+            assert_eq!(d.read(d.device, 4), 1000, "num_pages in the guest");
+            d.write(d.device + 4, 4, 1000);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let change = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = rx.recv_timeout(left).expect("BALLOON_CHANGE");
+            if e["event"] == "BALLOON_CHANGE" {
+                break e;
+            }
+        };
+        assert_eq!(change["data"]["actual"], (64u64 << 20) - 1000 * 4096);
+        assert_eq!(backend.balloon_info().expect("balloon").actual, 1000);
+        // The watcher thread stays (as in a process); the guest goes.
+        backend.shared.lock().expect("lock").guest = None;
+    }
 
     #[test]
     fn pmemsave_ranges_stay_within_guest_ram() {

@@ -3117,3 +3117,107 @@ fn smbios_fields_reach_the_guest_as_dmidecode_reads_them() {
         "the restored guest's tables were rebuilt:\n{after}"
     );
 }
+
+/// `-device virtio-balloon-pci` as libvirt 9.0 writes it for
+/// `<memballoon model='virtio'><stats period='2'/></memballoon>`: a real
+/// device in the guest (QOM path, properties), answering `query-balloon`,
+/// `balloon` and `guest-stats` with QEMU's values and errors (the dirtier has
+/// no balloon driver, so `actual` stays 0 and no stats arrive), and part of
+/// the migration shape: a destination without it is refused, one with it
+/// takes the guest and its target.
+#[test]
+fn balloon_device_answers_libvirt_and_migrates() {
+    let name = "balloon_device_answers_libvirt_and_migrates";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let balloon = [
+        "-device",
+        r#"{"driver":"virtio-balloon-pci","id":"balloon0","bus":"pci.0","addr":"0x6"}"#,
+    ];
+    let a = spawn_guest(d, "a", &kernel, &balloon);
+    let mut qa = Qmp::connect(&a.qmp);
+    let peripheral = qa.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    assert!(
+        peripheral
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|p| p["name"] == "balloon0" && p["type"] == "child<virtio-balloon-pci>"),
+        "{peripheral}"
+    );
+    let path = "/machine/peripheral/balloon0";
+    qa.ok(
+        "qom-set",
+        json!({"path": path, "property": "guest-stats-polling-interval", "value": 2}),
+    );
+    assert_eq!(
+        qa.ok(
+            "qom-get",
+            json!({"path": path, "property": "guest-stats-polling-interval"})
+        ),
+        json!(2)
+    );
+    assert_eq!(qa.ok("query-balloon", json!({})), json!({"actual": MEM}));
+    assert_eq!(
+        error_desc(
+            &mut qa,
+            "qom-get",
+            json!({"path": path, "property": "guest-stats"})
+        ),
+        "guest hasn't updated any stats yet"
+    );
+    assert_eq!(
+        error_desc(&mut qa, "balloon", json!({"value": 0})),
+        "Parameter 'target' expects a size"
+    );
+    qa.ok("balloon", json!({"value": MEM / 2}));
+    qa.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    qa.ok("cont", json!({}));
+    qa.wait_event("RESUME", None);
+    wait_for_serial(&d.join("a.serial"), "dirtier: ready");
+    // Without a driver nothing moves: no BALLOON_CHANGE, actual unchanged.
+    assert_eq!(qa.ok("query-balloon", json!({})), json!({"actual": MEM}));
+
+    // A destination without the balloon refuses the stream, naming it.
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qb.ok("migrate-incoming", json!({"uri": uri}));
+    qa.ok("migrate", json!({"uri": uri}));
+    qa.wait_event("MIGRATION", Some("failed"));
+    let info = qa.ok("query-migrate", json!({}));
+    let e = info["error-desc"].as_str().unwrap_or_default();
+    assert!(e.contains("virtio-balloon@06"), "{info}");
+    assert_eq!(qa.status(), "running");
+    drop(qb);
+    drop(b);
+
+    let mut args_c = balloon.to_vec();
+    args_c.extend(["-incoming", "defer"]);
+    let c = spawn_guest(d, "c", &kernel, &args_c);
+    let mut qc = Qmp::connect(&c.qmp);
+    // Before the stream arrives: an empty balloon, as QEMU's.
+    assert_eq!(qc.ok("query-balloon", json!({})), json!({"actual": MEM}));
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qc.ok("migrate-incoming", json!({"uri": uri}));
+    qa.ok("migrate", json!({"uri": uri}));
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    wait_status(&mut qc, "paused");
+    same_memory(&mut qa, &mut qc, d, "balloon");
+    drop(qa);
+    drop(a);
+    assert_eq!(qc.ok("query-balloon", json!({})), json!({"actual": MEM}));
+    qc.ok("balloon", json!({"value": MEM}));
+    run_a_while(&mut qc, &d.join("c.serial"));
+}

@@ -337,7 +337,8 @@ pub fn page() -> Result<String, String> {
     doc.p(
         "ferry is not a general-purpose QEMU: guests boot a kernel directly and get \
          RAM, vCPUs, 16550 serial ports, virtio-blk disks on raw images, virtio-net \
-         NICs on taps and virtio-rng entropy devices. Every option, device or value that \
+         NICs on taps, virtio-rng entropy devices and a virtio-balloon. Every option, \
+         device or value that \
          ferry-qemu cannot honour is refused with a message naming it; the guest never \
          runs with something silently missing. Options take one dash or two, and the \
          `key=value` and JSON forms QEMU accepts.",
@@ -412,6 +413,22 @@ pub fn page() -> Result<String, String> {
          migrates with the guest. `rng-egd` and other backends are refused with the fix. \
          A migration destination needs the device in the same slot (its source file may \
          differ).",
+    );
+    doc.tp(
+        "Balloon",
+        "`virtio-balloon-pci` (modern-only, one per guest), slots as for disks: libvirt's \
+         `<memballoon model='virtio'>`, with `deflate-on-oom` (`autodeflate`) and \
+         `free-page-reporting` (`freePageReporting`) offering their features (QEMU's \
+         defaults: off) and `guest-stats-polling-interval`. QMP `balloon` sets the target \
+         (QEMU's check and text for a value of 0 or less; above RAM means RAM), \
+         `query-balloon` and `BALLOON_CHANGE` report what the guest's driver holds, \
+         `qom-get PATH guest-stats` has the guest's statistics by QEMU's names (-1, as a \
+         uint64, for those it never sent) and `qom-set PATH guest-stats-polling-interval` \
+         sets how often the guest refreshes them, PATH being `/machine/peripheral/ID`. \
+         Pages the guest puts in the balloon or reports free go back to the host and read \
+         as zeroes, so a migration does not send them. `free-page-hint=on` and \
+         `page-poison=on` are refused. The balloon's state migrates with the guest; a \
+         destination needs it in the same slot with the same features.",
     );
     doc.tp(
         "Refused",

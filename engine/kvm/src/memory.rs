@@ -78,6 +78,15 @@ pub enum MemoryError {
     },
     #[error("guest physical range {gpa:#x}+{len:#x} is not inside guest RAM")]
     OutOfRange { gpa: u64, len: u64 },
+    #[error("guest physical range {gpa:#x}+{len:#x} is not whole pages")]
+    Unaligned { gpa: u64, len: u64 },
+    #[error("cannot give guest RAM {gpa:#x}+{len:#x} back to the host: {source}")]
+    Discard {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot back guest RAM {gpa:#x}+{len:#x} with memory: {source}")]
     Populate {
         gpa: u64,
@@ -378,6 +387,47 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Whether `gpa..gpa+len` lies inside one RAM range.
+    pub fn contains(&self, gpa: u64, len: usize) -> bool {
+        self.host_range(gpa, len).is_ok()
+    }
+
+    /// Gives `gpa..gpa+len` (page-aligned, inside one RAM range) back to the
+    /// host: the memory is freed and the range reads as zeroes afterwards (a
+    /// later touch faults in fresh zeroed pages). Private anonymous RAM drops
+    /// its pages (MADV_DONTNEED); shared and memfd RAM also punches them out
+    /// of the shared object (MADV_REMOVE), which MADV_DONTNEED alone would
+    /// leave holding the old bytes. Huge-page RAM can only give back whole
+    /// huge pages: a smaller range is refused by the kernel and reported.
+    /// A virtio-balloon inflate and free page reporting use it.
+    pub fn discard(&self, gpa: u64, len: usize) -> Result<(), MemoryError> {
+        if gpa % PAGE_SIZE as u64 != 0 || len % PAGE_SIZE != 0 {
+            return Err(MemoryError::Unaligned {
+                gpa,
+                len: len as u64,
+            });
+        }
+        let host = self.host_range(gpa, len)?;
+        let advice = match self.backing {
+            Backing::Anonymous | Backing::HugePages => libc::MADV_DONTNEED,
+            Backing::Shared | Backing::Memfd => libc::MADV_REMOVE,
+        };
+        // SAFETY: host_range checked that the range lies inside a live mapping of
+        // guest RAM, which Rust code never borrows as a reference (every access
+        // copies through raw pointers, see `read`). Dropping its pages only makes
+        // them read as zeroes later; the mapping itself stays, so every later
+        // access (KVM's, through its MMU notifier, or ours) faults in a fresh page.
+        let rc = unsafe { libc::madvise(host as *mut libc::c_void, len, advice) };
+        if rc != 0 {
+            return Err(MemoryError::Discard {
+                gpa,
+                len: len as u64,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Whether the page at `gpa` (page-aligned, inside RAM) is all zeroes.
     ///
     /// Like [`GuestRam::read`], it never makes a Rust reference to guest memory
@@ -479,6 +529,44 @@ mod tests {
             assert!(ram.read((1 << 20) - 2, &mut buf).is_err());
             assert!(ram.read(2 << 20, &mut buf).is_err());
             assert!(ram.write(u64::MAX - 2, b"xx").is_err());
+        }
+    }
+
+    #[test]
+    fn discard_gives_pages_back_and_they_read_zero() {
+        for backing in [Backing::Anonymous, Backing::Shared, Backing::Memfd] {
+            let ram = GuestRam::new(&[(0, 1 << 20), (4 << 20, 1 << 20)], backing).unwrap();
+            ram.write(4 << 20, &[7; 3 * PAGE_SIZE]).unwrap();
+            ram.discard((4 << 20) + PAGE_SIZE as u64, PAGE_SIZE)
+                .unwrap();
+            let mut buf = vec![0u8; 3 * PAGE_SIZE];
+            ram.read(4 << 20, &mut buf).unwrap();
+            assert_eq!(&buf[..PAGE_SIZE], &[7; PAGE_SIZE][..], "{backing:?}");
+            assert!(
+                buf[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&b| b == 0),
+                "{backing:?}"
+            );
+            assert_eq!(&buf[2 * PAGE_SIZE..], &[7; PAGE_SIZE][..], "{backing:?}");
+            // The page comes back on touch.
+            ram.write((4 << 20) + PAGE_SIZE as u64, b"x").unwrap();
+            assert!(!ram.is_zero_page((4 << 20) + PAGE_SIZE as u64).unwrap());
+            // Outside RAM, across a range's end or unaligned: refused.
+            assert!(matches!(
+                ram.discard(2 << 20, PAGE_SIZE),
+                Err(MemoryError::OutOfRange { .. })
+            ));
+            assert!(ram
+                .discard((1 << 20) - PAGE_SIZE as u64, 2 * PAGE_SIZE)
+                .is_err());
+            assert!(matches!(
+                ram.discard(1, PAGE_SIZE),
+                Err(MemoryError::Unaligned { .. })
+            ));
+            assert!(matches!(
+                ram.discard(0, 100),
+                Err(MemoryError::Unaligned { .. })
+            ));
+            assert!(ram.contains(0, PAGE_SIZE) && !ram.contains(1 << 20, 1));
         }
     }
 

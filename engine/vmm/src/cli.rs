@@ -104,6 +104,13 @@ pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
          QEMU's calc-dirty-rate does in page-sampling mode (PAGES-PER-GIB 128 to 4096, \
          default 512); without, report the last measurement (status, MiB/s).",
     ),
+    (
+        "balloon [PAGES | stats SECONDS]",
+        "With PAGES, ask the guest to give that many 4 KiB pages back to the host (the \
+         balloon's target; 0 gives them all back to the guest); with stats SECONDS, have the \
+         guest refresh its memory statistics that often (0: never). Always report the \
+         balloon: target, actual (what the guest's driver holds) and the guest's statistics.",
+    ),
     ("quit", "Stop the VM and exit with status 0."),
 ];
 
@@ -156,6 +163,50 @@ pub struct Common {
     /// migration destination or restore must be given one in the same slot.
     #[arg(long = "rng", value_parser = parse_rng)]
     pub rngs: Vec<RngArg>,
+    /// The memory balloon (virtio-balloon): --balloon, or
+    /// --balloon=[deflate-on-oom=on][,free-page-reporting=on][,slot=N]. Pages the guest
+    /// puts in it go back to the host and read as zeroes (a migration does not send
+    /// them); free-page-reporting=on gives back the guest's free pages too. Its slot
+    /// defaults to the first free one after the entropy devices'. A migration
+    /// destination or restore must be given the same balloon.
+    #[arg(
+        long,
+        value_name = "OPTIONS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        value_parser = parse_balloon
+    )]
+    pub balloon: Option<BalloonArg>,
+}
+
+/// `--balloon`.
+#[derive(Debug, Clone)]
+pub struct BalloonArg {
+    pub config: crate::devices::virtio::balloon::BalloonConfig,
+    pub slot: Option<u8>,
+}
+
+fn parse_balloon(text: &str) -> Result<BalloonArg, String> {
+    const USAGE: &str = "[deflate-on-oom=on|off][,free-page-reporting=on|off][,slot=N]";
+    let mut arg = BalloonArg {
+        config: Default::default(),
+        slot: None,
+    };
+    let flag = |v: &str| match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{v}' is not on or off ({USAGE})")),
+    };
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some(("deflate-on-oom", v)) => arg.config.deflate_on_oom = flag(v)?,
+            Some(("free-page-reporting", v)) => arg.config.free_page_reporting = flag(v)?,
+            Some(("slot", v)) => arg.slot = Some(parse_slot(v)?),
+            _ => return Err(format!("unknown balloon option '{part}' ({USAGE})")),
+        }
+    }
+    Ok(arg)
 }
 
 /// One `--rng`.
@@ -382,15 +433,23 @@ impl Common {
                 device: VirtioDeviceSpec::Rng(r.config.clone()),
             });
         }
+        if let Some(b) = &self.balloon {
+            specs.push(VirtioSpec {
+                slot: slots[self.disks.len() + self.nets.len() + self.rngs.len()],
+                id: "balloon0".into(),
+                device: VirtioDeviceSpec::Balloon(b.config),
+            });
+        }
         Ok(specs)
     }
 
-    /// The PCI slots of the disks, then the NICs, then the entropy devices, in
-    /// order.
+    /// The PCI slots of the disks, then the NICs, then the entropy devices,
+    /// then the balloon, in order.
     fn slots(&self) -> Vec<u8> {
         let taken: Vec<u8> = (self.disks.iter().map(|d| d.slot))
             .chain(self.nets.iter().map(|n| n.slot))
             .chain(self.rngs.iter().map(|r| r.slot))
+            .chain(self.balloon.iter().map(|b| b.slot))
             .flatten()
             .collect();
         let mut next = 4u8;
@@ -405,6 +464,7 @@ impl Common {
         (self.disks.iter().map(|d| d.slot))
             .chain(self.nets.iter().map(|n| n.slot))
             .chain(self.rngs.iter().map(|r| r.slot))
+            .chain(self.balloon.iter().map(|b| b.slot))
             .map(|s| s.unwrap_or_else(&mut default_slot))
             .collect()
     }
@@ -652,6 +712,59 @@ mod tests {
             panic!("{cli:?}");
         };
         assert_eq!(common.slots(), [5, 6, 7, 4]);
+    }
+
+    #[test]
+    fn balloon_parses_and_takes_the_slot_after_the_rngs() {
+        let b = parse_balloon("").unwrap();
+        assert_eq!(
+            (
+                b.config.deflate_on_oom,
+                b.config.free_page_reporting,
+                b.slot
+            ),
+            (false, false, None)
+        );
+        let b = parse_balloon("deflate-on-oom=on,free-page-reporting=on,slot=0x9").unwrap();
+        assert!(b.config.deflate_on_oom && b.config.free_page_reporting);
+        assert_eq!(b.slot, Some(9));
+        assert!(parse_balloon("deflate-on-oom=yes")
+            .unwrap_err()
+            .contains("not on or off"));
+        assert!(parse_balloon("size=1")
+            .unwrap_err()
+            .contains("unknown balloon option 'size=1'"));
+        for command in ["run", "incoming", "restore"] {
+            let mut args = vec!["ferry-vm", command];
+            args.extend(match command {
+                "run" => ["--kernel", "k"].as_slice(),
+                "incoming" => ["tcp:127.0.0.1:1"].as_slice(),
+                _ => ["x"].as_slice(),
+            });
+            args.extend(["--rng", "builtin", "--balloon"]);
+            let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let common = match cli.command {
+                Command::Run { common, .. }
+                | Command::Incoming { common, .. }
+                | Command::Restore { common, .. } => common,
+            };
+            assert!(common.balloon.is_some(), "{command}");
+            assert_eq!(common.slots(), [4, 5], "{command}");
+        }
+        // --balloon=OPTIONS only: a following word stays the positional.
+        let cli = Cli::try_parse_from([
+            "ferry-vm",
+            "restore",
+            "--balloon",
+            "ckpt",
+            "--disk",
+            "a,slot=4",
+        ])
+        .unwrap();
+        let Command::Restore { common, .. } = cli.command else {
+            panic!();
+        };
+        assert_eq!(common.slots(), [4, 5]);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! One command per line, one JSON object per reply:
 //! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `peek HEXGPA` (a u64 of
 //! guest RAM), `announce` (the NICs' RARP frames), `dirty-rate [SECONDS [PAGES-PER-GIB]]`
-//! (QEMU's calc-dirty-rate), `quit`,
+//! (QEMU's calc-dirty-rate), `balloon [PAGES | stats SECONDS]` (the balloon's target
+//! and stats polling), `quit`,
 //! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
 //! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover, pause-before-switchover
@@ -288,9 +289,11 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
             None
         )})),
         "dirty-rate" => dirty_rate(vm, arg),
+        "balloon" => balloon(vm, arg),
         _ => Err(VmmError::Command(format!(
             "unknown command '{cmd}': use status, pause, resume, checkpoint PATH, dump PATH, \
-             announce, dirty-rate [SECONDS [PAGES-PER-GIB]] or quit"
+             announce, dirty-rate [SECONDS [PAGES-PER-GIB]], balloon [PAGES|stats SECONDS] \
+             or quit"
         ))),
     };
     match result {
@@ -300,6 +303,49 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
         }
         Err(e) => (json!({"ok": false, "error": crate::error_chain(&e)}), false),
     }
+}
+
+/// `balloon PAGES` sets the balloon's target (pages for the guest to give
+/// back), `balloon stats SECONDS` its stats polling interval; every form
+/// reports the balloon: target, actual, the guest's statistics.
+fn balloon(vm: &Vm, arg: &str) -> Result<Value, VmmError> {
+    let number = |w: &str| {
+        w.parse::<u64>().map_err(|_| {
+            VmmError::Command(format!(
+                "balloon takes PAGES or stats SECONDS as numbers, not '{w}'"
+            ))
+        })
+    };
+    match arg.split_whitespace().collect::<Vec<_>>().as_slice() {
+        [] => {}
+        ["stats", secs] => {
+            let secs = u32::try_from(number(secs)?).map_err(|_| {
+                VmmError::Command(format!("balloon stats takes at most {} s", u32::MAX))
+            })?;
+            vm.set_balloon_stats_interval(secs)?;
+        }
+        [pages] => vm.set_balloon_target(number(pages)?)?,
+        _ => {
+            return Err(VmmError::Command(
+                "balloon takes PAGES, stats SECONDS or nothing".into(),
+            ))
+        }
+    }
+    let info = vm.balloon_info().ok_or(VmmError::NoBalloon)?;
+    let stats: serde_json::Map<String, Value> = crate::devices::virtio::balloon::STAT_NAMES
+        .iter()
+        .zip(info.stats)
+        .filter_map(|(name, v)| Some((name.to_string(), json!(v?))))
+        .collect();
+    Ok(json!({
+        "target_pages": info.num_pages,
+        "actual_pages": info.actual,
+        "held_pages": info.counters.held_pages,
+        "reported_pages": info.counters.reported_pages,
+        "stats": stats,
+        "stats_last_update": info.stats_last_update,
+        "stats_interval": info.poll_interval,
+    }))
 }
 
 /// `dirty-rate SECONDS [PAGES-PER-GIB]` starts measuring the guest's dirty
@@ -473,4 +519,55 @@ fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
     }
     ctl.set_params(|q| *q = p);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::serial::SinkSpec;
+    use crate::devices::virtio::balloon::BalloonConfig;
+    use crate::vm::{VirtioDeviceSpec, VirtioSpec, VmConfig};
+
+    fn vm(virtio: Vec<VirtioSpec>) -> Vm {
+        Vm::create(VmConfig {
+            mem_bytes: 16 << 20,
+            vcpus: 1,
+            backing: ferry_kvm::Backing::Anonymous,
+            serial: SinkSpec::Null,
+            cpu: crate::cpu::model::CpuModel::Host,
+            virtio,
+        })
+        .expect("VM")
+    }
+
+    #[test]
+    fn balloon_command_sets_and_reports_the_balloon() {
+        let mut v = vm(vec![VirtioSpec {
+            slot: 5,
+            id: "balloon0".into(),
+            device: VirtioDeviceSpec::Balloon(BalloonConfig::default()),
+        }]);
+        let (r, _) = handle(&mut v, "balloon 1000");
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(
+            (r["target_pages"].as_u64(), r["actual_pages"].as_u64()),
+            (Some(1000), Some(0))
+        );
+        let (r, _) = handle(&mut v, "balloon stats 5");
+        assert_eq!(r["stats_interval"], 5, "{r}");
+        assert_eq!(r["stats"], json!({}), "the guest sent none");
+        let (r, _) = handle(&mut v, "balloon");
+        assert_eq!(r["target_pages"], 1000, "{r}");
+        for (bad, words) in [
+            ("balloon lots", "as numbers"),
+            ("balloon 99999999", "larger than guest RAM"),
+            ("balloon 1 2", "PAGES, stats SECONDS or nothing"),
+        ] {
+            let (r, _) = handle(&mut v, bad);
+            assert_eq!(r["ok"], false, "{bad}");
+            assert!(r["error"].as_str().unwrap().contains(words), "{bad}: {r}");
+        }
+        let (r, _) = handle(&mut vm(vec![]), "balloon");
+        assert_eq!(r["error"], "the VM has no balloon device", "{r}");
+    }
 }

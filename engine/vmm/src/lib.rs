@@ -48,6 +48,11 @@ pub enum VmmError {
     Command(String),
     #[error(transparent)]
     DirtyRate(#[from] dirty_rate::DirtyRateError),
+    #[error("the VM has no balloon device")]
+    NoBalloon,
+    /// The host asked the balloon for something it refuses (the text says what).
+    #[error("{0}")]
+    Balloon(String),
     #[error(
         "cannot restore: this host's KVM cannot load MSRs of vCPU {vcpu} that the guest can \
          read: {}; start the guest with a CPU model both hosts run (ferry-vm --cpu qemu64; \

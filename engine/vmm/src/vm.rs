@@ -19,6 +19,7 @@ use crate::cpu::model::{self, CpuModel, CpuidLeaf};
 use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
 use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
+use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonInfo};
 use crate::devices::virtio::blk::{Block, BlockConfig};
 use crate::devices::virtio::net::{AnnounceSchedule, Net, NetConfig};
 use crate::devices::virtio::rng::{Rng, RngConfig};
@@ -61,6 +62,8 @@ pub enum VirtioDeviceSpec {
     Net(NetConfig),
     /// An entropy device; its source is opened when the VM is built.
     Rng(RngConfig),
+    /// The memory balloon (one per VM).
+    Balloon(BalloonConfig),
 }
 
 /// Whether a new VM's disks take their image locks at once, or (incoming
@@ -72,7 +75,7 @@ enum Disks {
 }
 
 impl VirtioSpec {
-    fn build(&self, disks: Disks) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    fn build(&self, disks: Disks, ram: &Arc<GuestRam>) -> Result<Box<dyn VirtioDevice>, VmmError> {
         let fail = |e: String| VmmError::Config(format!("{}: {e}", self.id));
         Ok(match &self.device {
             VirtioDeviceSpec::Block(c) => {
@@ -85,6 +88,7 @@ impl VirtioSpec {
             }
             VirtioDeviceSpec::Net(c) => Box::new(Net::new(c).map_err(fail)?),
             VirtioDeviceSpec::Rng(c) => Box::new(Rng::new(c).map_err(fail)?),
+            VirtioDeviceSpec::Balloon(c) => Box::new(Balloon::new(*c, ram.clone())),
         })
     }
 }
@@ -110,12 +114,20 @@ fn build_pci(
                 other.id, spec.id, spec.slot
             )));
         }
+        let is_balloon = |s: &VirtioSpec| matches!(s.device, VirtioDeviceSpec::Balloon(_));
+        if is_balloon(spec) && specs[..i].iter().any(is_balloon) {
+            // QEMU's words: the host's target is one number.
+            return Err(VmmError::Config(format!(
+                "{}: Only one balloon device is supported",
+                spec.id
+            )));
+        }
     }
     for spec in specs {
         let dev = VirtioPci::new(
             spec.slot,
             spec.id.clone(),
-            spec.build(disks)?,
+            spec.build(disks, ram)?,
             ram.clone(),
             vm.clone(),
         );
@@ -480,6 +492,62 @@ impl Vm {
         self.pci
             .for_each(|d| stats.push((d.id().to_string(), d.stats())));
         stats
+    }
+
+    /// Runs `f` on the balloon's function; `None` without a balloon.
+    fn with_balloon<R>(&self, f: impl FnOnce(&mut VirtioPci) -> R) -> Option<R> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.pci.for_each(|dev| {
+            if dev.balloon().is_some() {
+                if let Some(f) = f.take() {
+                    out = Some(f(dev));
+                }
+            }
+        });
+        out
+    }
+
+    /// The balloon as the guest left it (target, actual, stats); `None`
+    /// without a balloon.
+    pub fn balloon_info(&self) -> Option<BalloonInfo> {
+        self.with_balloon(|dev| dev.balloon().map(|b| b.info()))
+            .flatten()
+    }
+
+    /// Asks the guest to give back `pages` 4 KiB pages (the balloon's size,
+    /// not the guest's): a configuration change tells the driver.
+    pub fn set_balloon_target(&self, pages: u64) -> Result<(), VmmError> {
+        self.with_balloon(|dev| {
+            let changed = dev
+                .balloon()
+                .map_or(Ok(false), |b| b.set_target(pages))
+                .map_err(VmmError::Balloon)?;
+            if changed {
+                dev.config_changed();
+            }
+            Ok(())
+        })
+        .unwrap_or(Err(VmmError::NoBalloon))
+    }
+
+    /// Gives the guest's stats buffer back every `secs` seconds for fresh
+    /// values (0: never).
+    pub fn set_balloon_stats_interval(&self, secs: u32) -> Result<(), VmmError> {
+        self.with_balloon(|dev| {
+            if let Some(b) = dev.balloon() {
+                b.set_poll_interval(secs);
+            }
+            dev.timer_changed();
+        })
+        .ok_or(VmmError::NoBalloon)
+    }
+
+    /// The balloon's `actual` (pages the driver says the balloon holds) if
+    /// the driver changed it since the last call: QEMU's BALLOON_CHANGE.
+    pub fn take_balloon_change(&self) -> Option<u32> {
+        self.with_balloon(|dev| dev.balloon().and_then(|b| b.take_actual_change()))
+            .flatten()
     }
 
     /// PCI bus 0 and its virtio devices.

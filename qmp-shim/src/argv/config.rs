@@ -16,7 +16,7 @@ use crate::backend::{MachineConfig, MachineType};
 
 /// Printed after a refusal, for the operator.
 pub const UNSUPPORTED_HINT: &str =
-    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, 16550 serial ports, virtio-blk disks on raw images, virtio-net NICs on taps and virtio-rng entropy devices";
+    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, 16550 serial ports, virtio-blk disks on raw images, virtio-net NICs on taps, virtio-rng entropy devices and a virtio-balloon";
 
 /// `-device` drivers accepted but not modelled (libvirt adds them by default).
 pub const MODELLED_AS_ABSENT: &[&str] = &[
@@ -27,7 +27,8 @@ pub const MODELLED_AS_ABSENT: &[&str] = &[
     "ich9-usb-uhci1",
     "ich9-usb-uhci2",
     "ich9-usb-uhci3",
-    "virtio-balloon-pci",
+    // The bus-less balloon of virtio-mmio and s390 machines; the PCI one is
+    // real (argv/balloons.rs).
     "virtio-balloon-device",
 ];
 
@@ -40,6 +41,8 @@ pub const MODELLED_DEVICES: &[&str] = &[
     "virtio-net-pci-non-transitional",
     "virtio-rng-pci",
     "virtio-rng-pci-non-transitional",
+    "virtio-balloon-pci",
+    "virtio-balloon-pci-non-transitional",
 ];
 
 /// A machine type ferry builds, as QEMU 7.2 lists it (`-M help`,
@@ -253,6 +256,16 @@ impl Invocation {
             }))
             .collect();
         let rngs = self.rngs(machine == MachineType::Pc, &placed)?;
+        let placed: Vec<(u8, String)> = placed
+            .into_iter()
+            .chain(rngs.iter().map(|r| {
+                (
+                    r.slot,
+                    r.id.clone().unwrap_or_else(|| "virtio-rng-pci".into()),
+                )
+            }))
+            .collect();
+        let balloon = self.balloon(machine == MachineType::Pc, &placed)?;
         self.check_misc()?;
         let (smbios, uuid) = self.smbios(def, vcpus)?;
         let serials = self.serials()?;
@@ -281,6 +294,7 @@ impl Invocation {
             nics,
             taps: Vec::new(),
             rngs,
+            balloon,
             name: self.name.as_ref().and_then(|n| n.guest.clone()),
             uuid,
             smbios,
@@ -491,14 +505,14 @@ impl Invocation {
                         "ferry's virtio devices are modern-only (virtio 1.0): use \
                          model='virtio' or 'virtio-non-transitional'",
                     ),
-                    k @ ("virtio-net-pci-transitional" | "virtio-rng-pci-transitional") => {
-                        ArgvError::unsupported_because(
-                            "-device",
-                            format!("device '{k}'"),
-                            "ferry's virtio devices are modern-only (virtio 1.0): use \
+                    k @ ("virtio-net-pci-transitional"
+                    | "virtio-rng-pci-transitional"
+                    | "virtio-balloon-pci-transitional") => ArgvError::unsupported_because(
+                        "-device",
+                        format!("device '{k}'"),
+                        "ferry's virtio devices are modern-only (virtio 1.0): use \
                              model='virtio' or 'virtio-non-transitional'",
-                        )
-                    }
+                    ),
                     k => ArgvError::unsupported("-device", format!("device '{k}'")),
                 });
             }

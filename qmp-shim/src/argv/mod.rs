@@ -7,6 +7,7 @@
 //! * [`Invocation::machine_config`] (in `config.rs`) decides what ferry can
 //!   honour and refuses the rest with a message naming it.
 
+mod balloons;
 mod config;
 mod disks;
 mod nics;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 
+pub use balloons::{BalloonDeviceConfig, VIRTIO_BALLOON};
 pub use config::{
     machine_def, ChardevFds, MachineDef, SerialConfig, CPU_MODELS, MACHINES, MODELLED_AS_ABSENT,
     MODELLED_DEVICES, UNSUPPORTED_HINT,

@@ -1163,3 +1163,110 @@ fn smbios_refusals() {
         .expect("vm");
     assert_eq!(cfg.smbios, None);
 }
+
+fn balloon_of(extra: &[&str]) -> Result<Option<super::BalloonDeviceConfig>, ArgvError> {
+    let mut args = argv(DOMAIN);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Ok(parse(&args)?.machine_config()?.expect("vm").balloon)
+}
+
+#[test]
+fn balloon_forms_libvirt_and_by_hand() {
+    use ferry_vmm::devices::virtio::balloon::BalloonConfig;
+    // libvirt 9.0's <memballoon model='virtio'> on lab2's layout: a real
+    // device, no longer one modelled as absent.
+    let mut args = argv(DOMAIN);
+    args.extend(
+        [
+            "-device",
+            LAB2_DEVICE,
+            "-blockdev",
+            LAB2_STORAGE,
+            "-blockdev",
+            LAB2_FORMAT,
+        ]
+        .map(String::from),
+    );
+    args.extend(["-device".to_string(), BALLOON_AT_4.to_string()]);
+    let config = parse(&args).unwrap().machine_config().unwrap().expect("vm");
+    assert_eq!(
+        config.balloon,
+        Some(super::BalloonDeviceConfig {
+            id: Some("balloon0".into()),
+            slot: 4,
+            config: BalloonConfig::default(),
+            stats_interval: 0,
+        })
+    );
+    assert!(config.absent_devices.iter().all(|d| d != "balloon0"));
+    // freePageReporting='on' autodeflate='on', JSON and key=value.
+    for dev in [
+        r#"{"driver":"virtio-balloon-pci","id":"balloon0","deflate-on-oom":true,"free-page-reporting":true,"bus":"pci.0","addr":"0x5"}"#,
+        "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on,bus=pci.0,addr=0x5",
+    ] {
+        let b = balloon_of(&["-device", dev]).unwrap().expect("balloon");
+        assert_eq!(
+            (b.slot, b.config),
+            (
+                5,
+                BalloonConfig {
+                    deflate_on_oom: true,
+                    free_page_reporting: true
+                }
+            ),
+            "{dev}"
+        );
+    }
+    // By hand: after the disk and the entropy device, QEMU's defaults; a
+    // polling interval from the start.
+    let b = balloon_of(&[
+        "-drive",
+        "file=/d.img,format=raw,if=virtio",
+        "-device",
+        "virtio-rng-pci",
+        "-device",
+        "virtio-balloon-pci-non-transitional,disable-legacy=on,guest-stats-polling-interval=10,free-page-hint=off",
+    ])
+    .unwrap()
+    .expect("balloon");
+    assert_eq!((b.id, b.slot, b.stats_interval), (None, 5, 10));
+    assert_eq!(balloon_of(&[]).unwrap(), None);
+
+    for (extra, want) in [
+        (
+            vec!["virtio-balloon-pci,id=b0", "virtio-balloon-pci,id=b1"],
+            "-device b1: Only one balloon device is supported",
+        ),
+        (
+            vec!["virtio-balloon-pci,free-page-hint=on"],
+            "-device: virtio-balloon free-page-hint=on is not supported by ferry-qemu: ferry's \
+             migration finds free pages by their zeroes",
+        ),
+        (
+            vec!["virtio-balloon-pci,deflate-on-oom=maybe"],
+            "parameter 'deflate-on-oom' expects 'on' or 'off'",
+        ),
+        (
+            vec!["virtio-balloon-pci,iothread=io0"],
+            "-device: virtio-balloon-pci property 'iothread' is not supported",
+        ),
+        (
+            vec!["virtio-balloon-pci,bus=pcie.0"],
+            "-device: bus 'pcie.0' (virtio-balloon-pci) is not supported",
+        ),
+        (
+            vec!["virtio-balloon-pci,guest-stats-polling-interval=4294967296"],
+            "timer value is too big",
+        ),
+        (vec!["virtio-balloon-pci-transitional"], "modern-only"),
+        (vec!["virtio-balloon-pci,disable-legacy=off"], "modern-only"),
+        (
+            vec!["virtio-balloon-pci,addr=0x1"],
+            "PCI: slot 1 function 0 not available, in use by PIIX3",
+        ),
+    ] {
+        let args: Vec<&str> = extra.iter().flat_map(|d| ["-device", *d]).collect();
+        let err = balloon_of(&args).unwrap_err().to_string();
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+}

@@ -1,9 +1,9 @@
 //! What libvirt asks about a started guest's devices: vCPUs
 //! (query-hotpluggable-cpus, query-cpus-fast), iothreads, the balloon, block
 //! devices and jobs. ferry has one vCPU type, no iothreads, virtio-blk disks
-//! on raw images and no balloon, and answers as QEMU 7.2 does for such a
-//! machine (the disk replies are shaped like those QEMU 7.2 gave libvirt 9.0
-//! when it started a guest with a disk, recorded in the libvirt lab).
+//! on raw images and at most one virtio-balloon, and answers as QEMU 7.2 does
+//! for such a machine (the disk replies are shaped like those QEMU 7.2 gave
+//! libvirt 9.0 when it started a guest with a disk, recorded in the libvirt lab).
 //!
 //! Block jobs, NBD exports and runtime `blockdev-add`/`device_add` are not
 //! implemented and so absent from `query-commands` and the schema: libvirt
@@ -13,10 +13,11 @@ use serde_json::{json, Value};
 
 use super::types::*;
 use super::{Command, Ctx};
-use crate::backend::DiskConfig;
+use crate::backend::{balloon_actual_bytes, BackendError, DiskConfig};
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{opt, req, CommandSchema, Ty};
 use crate::vmm::vcpu_thread_id;
+use ferry_vmm::devices::virtio::balloon::BALLOON_PAGE;
 
 /// The QOM path of vCPU `i` (QEMU's for CPUs created by -smp).
 pub fn cpu_qom_path(i: u32) -> String {
@@ -92,18 +93,41 @@ pub static QUERY_IOTHREADS: Command = Command {
 };
 
 /// QEMU's answer when no balloon device exists; libvirt treats it as "no
-/// balloon" (ferry models `virtio-balloon-pci` as absent).
+/// balloon".
 fn no_balloon() -> CommandError {
-    CommandError::DeviceNotActive("No balloon device has been activated".into())
+    CommandError::Backend(BackendError::NoBalloon)
 }
 
+/// Guest RAM in bytes, if the guest has a balloon.
+pub(super) fn balloon_ram(ctx: &Ctx<'_>) -> Result<u64, CommandError> {
+    match &ctx.vm.config {
+        Some(c) if c.balloon.is_some() => Ok(c.mem_bytes),
+        _ => Err(no_balloon()),
+    }
+}
+
+/// QEMU's `balloon`: `value` is the guest's memory target in bytes; above
+/// RAM it is RAM (QEMU clamps too), so the balloon holds the difference.
 pub static BALLOON: Command = Command {
     schema: CommandSchema {
         name: "balloon",
         args: &[req("value", Ty::Int)],
         ret: None,
     },
-    handler: |_, _| Err(no_balloon()),
+    handler: |ctx, args| {
+        let target = args.get("value").and_then(Value::as_i64).unwrap_or(0);
+        if target <= 0 {
+            return Err(CommandError::Parameter(
+                "Parameter 'target' expects a size".into(),
+            ));
+        }
+        let ram = balloon_ram(ctx)?;
+        let target = (target as u64).min(ram);
+        ctx.vm
+            .backend
+            .set_balloon_target((ram - target) / BALLOON_PAGE)?;
+        Ok(json!({}))
+    },
 };
 
 pub static QUERY_BALLOON: Command = Command {
@@ -112,7 +136,11 @@ pub static QUERY_BALLOON: Command = Command {
         args: &[],
         ret: Some(Ty::Object(&BALLOON_INFO)),
     },
-    handler: |_, _| Err(no_balloon()),
+    handler: |ctx, _| {
+        let ram = balloon_ram(ctx)?;
+        let info = ctx.vm.backend.balloon_info()?;
+        Ok(json!({"actual": balloon_actual_bytes(ram, info.actual)}))
+    },
 };
 
 /// The disks of this guest (none for the probe).

@@ -64,6 +64,7 @@ pub static COMMANDS: &[&Command] = &[
     &qom::QUERY_COMMAND_LINE_OPTIONS,
     &qom::QOM_LIST,
     &qom::QOM_GET,
+    &qom::QOM_SET,
     &cpu::QUERY_CPU_DEFINITIONS,
     &cpu::QUERY_CPU_MODEL_EXPANSION,
     &devices::QUERY_HOTPLUGGABLE_CPUS,

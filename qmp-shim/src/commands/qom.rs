@@ -9,11 +9,13 @@ use serde_json::{json, Map, Value};
 use super::types::*;
 use super::{arg_str, Command, Ctx};
 use crate::argv::{
-    MachineDef, MACHINES, MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BLK, VIRTIO_NET, VIRTIO_RNG,
+    MachineDef, MACHINES, MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BALLOON, VIRTIO_BLK,
+    VIRTIO_NET, VIRTIO_RNG,
 };
 use crate::backend::MachineType;
 use crate::qmp::error::CommandError;
 use crate::qmp::schema::{opt, req, CommandSchema, Ty};
+use ferry_vmm::devices::virtio::balloon::STAT_NAMES;
 
 /// `(type, parent, abstract)`; the machine types ferry builds follow, from
 /// [`MACHINES`] (see [`types`]).
@@ -56,6 +58,7 @@ const TYPES: &[(&str, &str, bool)] = &[
     ("ich9-usb-uhci2", "device", false),
     ("ich9-usb-uhci3", "device", false),
     ("virtio-balloon-pci", "device", false),
+    ("virtio-balloon-pci-non-transitional", "device", false),
     ("virtio-balloon-device", "device", false),
     ("memory-backend", "object", true),
     ("memory-backend-ram", "memory-backend", false),
@@ -158,6 +161,21 @@ const VIRTIO_RNG_PROPS: &[Prop] = &[
     ("rng", "link<rng-backend>", ""),
     ("max-bytes", "uint64", ""),
     ("period", "uint32", ""),
+    (
+        "addr",
+        "int32",
+        "Slot and optional function number, example: 06.0 or 06",
+    ),
+    ("disable-legacy", "OnOffAuto", "on/off/auto"),
+];
+
+/// The virtio-balloon-pci properties ferry accepts (argv/balloons.rs) and
+/// the QOM ones libvirt reads and sets.
+const VIRTIO_BALLOON_PROPS: &[Prop] = &[
+    ("deflate-on-oom", "bool", ""),
+    ("free-page-reporting", "bool", ""),
+    ("guest-stats", "any", ""),
+    ("guest-stats-polling-interval", "int", ""),
     (
         "addr",
         "int32",
@@ -291,6 +309,9 @@ fn device_list_properties(
     if VIRTIO_RNG.contains(&name) {
         return Ok(props_json(VIRTIO_RNG_PROPS));
     }
+    if VIRTIO_BALLOON.contains(&name) {
+        return Ok(props_json(VIRTIO_BALLOON_PROPS));
+    }
     debug_assert!(MODELLED_DEVICES.contains(&"isa-serial"));
     if MODELLED_AS_ABSENT.contains(&name) {
         // Accepted on the command line, no guest-visible properties.
@@ -337,6 +358,8 @@ fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Val
         VIRTIO_NET_PROPS
     } else if VIRTIO_RNG.contains(&name) {
         VIRTIO_RNG_PROPS
+    } else if VIRTIO_BALLOON.contains(&name) {
+        VIRTIO_BALLOON_PROPS
     } else if name == "rng-random" {
         RNG_RANDOM_PROPS
     } else if is_a(name, "memory-backend") {
@@ -537,10 +560,16 @@ fn qom_object(ctx: &Ctx<'_>, path: &str) -> Option<Vec<(String, String, Value)>>
         _ => {
             let id = path.strip_prefix("/machine/peripheral/")?;
             let (_, kind) = peripherals().into_iter().find(|(i, _)| i == id)?;
-            Some(vec![
+            let mut props = vec![
                 entry("type", "string", json!(kind)),
                 entry("realized", "bool", json!(true)),
-            ])
+            ];
+            if VIRTIO_BALLOON.contains(&kind.as_str()) {
+                // Read from the guest by `qom-get` (see balloon_property).
+                props.push(entry("guest-stats", "any", Value::Null));
+                props.push(entry("guest-stats-polling-interval", "int", Value::Null));
+            }
+            Some(props)
         }
     }
 }
@@ -567,6 +596,49 @@ pub static QOM_LIST: Command = Command {
     },
 };
 
+/// Whether `path` is the balloon's QOM path (`/machine/peripheral/ID`).
+fn is_balloon_path(ctx: &Ctx<'_>, path: &str) -> bool {
+    let id = ctx
+        .vm
+        .config
+        .as_ref()
+        .and_then(|c| c.balloon.as_ref())
+        .and_then(|b| b.id.as_deref());
+    id.is_some_and(|id| {
+        path.trim_end_matches('/')
+            .strip_prefix("/machine/peripheral/")
+            .is_some_and(|p| p == id)
+    })
+}
+
+/// The balloon's `guest-stats` as QEMU's `balloon_stats_get_all` gives them:
+/// every statistic by QEMU's name, those the guest never sent as QEMU's -1
+/// (a uint64, so 18446744073709551615 on the wire, which libvirt skips), and
+/// when they came. Before the guest sent any, QEMU's error (which libvirt
+/// turns into "the guest hasn't updated any stats yet").
+fn balloon_property(ctx: &mut Ctx<'_>, prop: &str) -> Option<Result<Value, CommandError>> {
+    let info = match prop {
+        "guest-stats" | "guest-stats-polling-interval" => ctx.vm.backend.balloon_info(),
+        _ => return None,
+    };
+    Some(info.map_err(CommandError::from).and_then(|info| {
+        if prop == "guest-stats-polling-interval" {
+            return Ok(json!(info.poll_interval));
+        }
+        if info.stats_last_update == 0 {
+            return Err(CommandError::Generic(
+                "guest hasn't updated any stats yet".into(),
+            ));
+        }
+        let stats: Map<String, Value> = STAT_NAMES
+            .iter()
+            .zip(info.stats)
+            .map(|(name, v)| (name.to_string(), json!(v.unwrap_or(u64::MAX))))
+            .collect();
+        Ok(json!({"stats": stats, "last-update": info.stats_last_update}))
+    }))
+}
+
 pub static QOM_GET: Command = Command {
     schema: CommandSchema {
         name: "qom-get",
@@ -575,6 +647,11 @@ pub static QOM_GET: Command = Command {
     },
     handler: |ctx, args| {
         let (path, prop) = (arg_str(args, "path"), arg_str(args, "property"));
+        if is_balloon_path(ctx, path) {
+            if let Some(answer) = balloon_property(ctx, prop) {
+                return answer;
+            }
+        }
         let props = qom_object(ctx, path).ok_or_else(|| no_device(path))?;
         let type_name = props
             .first()
@@ -587,5 +664,52 @@ pub static QOM_GET: Command = Command {
             .ok_or_else(|| {
                 CommandError::Generic(format!("Property '{type_name}.{prop}' not found"))
             })
+    },
+};
+
+/// `qom-set`: the balloon's `guest-stats-polling-interval` (seconds, QEMU's
+/// checks and words); every other property ferry shows is read-only.
+pub static QOM_SET: Command = Command {
+    schema: CommandSchema {
+        name: "qom-set",
+        args: &[
+            req("path", Ty::Str),
+            req("property", Ty::Str),
+            req("value", Ty::Any),
+        ],
+        ret: None,
+    },
+    handler: |ctx, args| {
+        let (path, prop) = (arg_str(args, "path"), arg_str(args, "property"));
+        if is_balloon_path(ctx, path) && prop == "guest-stats-polling-interval" {
+            let secs = args.get("value").and_then(Value::as_i64).ok_or_else(|| {
+                CommandError::Parameter(format!(
+                    "Invalid parameter type for '{prop}', expected: integer"
+                ))
+            })?;
+            if secs < 0 {
+                return Err(CommandError::Generic(
+                    "timer value must be greater than zero".into(),
+                ));
+            }
+            let secs = u32::try_from(secs)
+                .map_err(|_| CommandError::Generic("timer value is too big".into()))?;
+            ctx.vm.backend.set_balloon_stats_interval(secs)?;
+            return Ok(json!({}));
+        }
+        let props = qom_object(ctx, path).ok_or_else(|| no_device(path))?;
+        let type_name = props
+            .first()
+            .and_then(|p| p.2.as_str().map(str::to_string))
+            .unwrap_or_default();
+        if props.iter().any(|(n, _, _)| n == prop) {
+            Err(CommandError::Generic(
+                "Insufficient permission to perform this operation".into(),
+            ))
+        } else {
+            Err(CommandError::Generic(format!(
+                "Property '{type_name}.{prop}' not found"
+            )))
+        }
     },
 };

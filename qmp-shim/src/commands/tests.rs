@@ -837,3 +837,151 @@ fn query_machines_lists_qemu_7_2_i440fx_types_and_no_q35() {
         "arguments": {"path": "/machine", "property": "type"}}));
     assert_eq!(r["return"], "none-machine", "the probe: {r}");
 }
+
+/// A client of a guest with `args`' devices on the fake backend, whose
+/// balloon is `balloon`.
+fn guest_client(args: &str, balloon: ferry_vmm::devices::virtio::balloon::BalloonInfo) -> Client {
+    let inv = argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
+    let config = inv.machine_config().expect("config");
+    let events = EventSink::new();
+    let mut fake = FakeBackend::new(events.clone());
+    fake.balloon = balloon;
+    let mut c = Client {
+        vm: Mutex::new(Vm::new(Box::new(fake), inv, config, events)),
+        mon: MonitorState::default(),
+        session: Session::default(),
+    };
+    assert_eq!(
+        c.cmd(json!({"execute": "qmp_capabilities"})),
+        json!({"return": {}})
+    );
+    c
+}
+
+const BALLOON_GUEST: &str = "-machine pc -m 256 -kernel /k \
+                             -device virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x5";
+
+/// query-balloon, balloon, and the balloon's QOM properties libvirt reads
+/// and sets, with QEMU's answers and error texts.
+#[test]
+fn balloon_commands_answer_as_qemu_does() {
+    use ferry_vmm::devices::virtio::balloon::BalloonInfo;
+    let err = |class: &str, desc: &str| json!({"error": {"class": class, "desc": desc}});
+    let mut c = guest_client(BALLOON_GUEST, BalloonInfo::default());
+    let exec =
+        |c: &mut Client, cmd: &str, args: Value| c.cmd(json!({"execute": cmd, "arguments": args}));
+    assert_eq!(
+        exec(&mut c, "query-balloon", json!({})),
+        json!({"return": {"actual": 256u64 << 20}})
+    );
+    for bad in [0, -5] {
+        assert_eq!(
+            exec(&mut c, "balloon", json!({"value": bad})),
+            err("GenericError", "Parameter 'target' expects a size")
+        );
+    }
+    assert_eq!(
+        exec(&mut c, "balloon", json!({"value": 192u64 << 20})),
+        json!({"return": {}})
+    );
+    let pages = |c: &mut Client| {
+        let vm = c.vm.lock().unwrap();
+        let info = vm.backend.balloon_info().unwrap();
+        info.num_pages
+    };
+    assert_eq!(pages(&mut c), (64 << 20) / 4096);
+    // Above RAM: QEMU takes RAM, an empty balloon.
+    exec(&mut c, "balloon", json!({"value": 1u64 << 40}));
+    assert_eq!(pages(&mut c), 0);
+
+    let path = "/machine/peripheral/balloon0";
+    let listed = exec(&mut c, "qom-list", json!({"path": "/machine/peripheral"}));
+    assert!(
+        listed["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "balloon0" && p["type"] == "child<virtio-balloon-pci>"),
+        "{listed}"
+    );
+    let get = |c: &mut Client, prop: &str| {
+        c.cmd(json!({"execute": "qom-get", "arguments": {"path": path, "property": prop}}))
+    };
+    assert_eq!(
+        get(&mut c, "guest-stats"),
+        err("GenericError", "guest hasn't updated any stats yet")
+    );
+    let set = |c: &mut Client, prop: &str, value: Value| {
+        c.cmd(json!({"execute": "qom-set",
+                     "arguments": {"path": path, "property": prop, "value": value}}))
+    };
+    for (value, want) in [
+        (json!(-1), "timer value must be greater than zero"),
+        (json!(1u64 << 32), "timer value is too big"),
+        (
+            json!("ten"),
+            "Invalid parameter type for 'guest-stats-polling-interval', expected: integer",
+        ),
+    ] {
+        assert_eq!(
+            set(&mut c, "guest-stats-polling-interval", value),
+            err("GenericError", want)
+        );
+    }
+    assert_eq!(
+        set(&mut c, "guest-stats-polling-interval", json!(10)),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        get(&mut c, "guest-stats-polling-interval"),
+        json!({"return": 10})
+    );
+    assert_eq!(
+        set(&mut c, "realized", json!(false)),
+        err(
+            "GenericError",
+            "Insufficient permission to perform this operation"
+        )
+    );
+    assert_eq!(
+        set(&mut c, "colour", json!(1)),
+        err(
+            "GenericError",
+            "Property 'virtio-balloon-pci.colour' not found"
+        )
+    );
+
+    // A guest that sent stats (free and total only) and inflated 1000 pages.
+    let mut stats = [None; 10];
+    stats[4] = Some(100 << 20);
+    stats[5] = Some(250 << 20);
+    let mut c = guest_client(
+        BALLOON_GUEST,
+        BalloonInfo {
+            actual: 1000,
+            stats,
+            stats_last_update: 1_700_000_000,
+            ..BalloonInfo::default()
+        },
+    );
+    assert_eq!(
+        exec(&mut c, "query-balloon", json!({})),
+        json!({"return": {"actual": (256u64 << 20) - 1000 * 4096}})
+    );
+    let none = u64::MAX;
+    assert_eq!(
+        get(&mut c, "guest-stats"),
+        json!({"return": {"stats": {
+            "stat-swap-in": none, "stat-swap-out": none, "stat-major-faults": none,
+            "stat-minor-faults": none, "stat-free-memory": 100u64 << 20,
+            "stat-total-memory": 250u64 << 20, "stat-available-memory": none,
+            "stat-disk-caches": none, "stat-htlb-pgalloc": none, "stat-htlb-pgfail": none,
+        }, "last-update": 1_700_000_000}})
+    );
+
+    // Without a balloon: QEMU's DeviceNotActive, and no such property.
+    let mut c = guest_client("-machine pc -m 256 -kernel /k", BalloonInfo::default());
+    let none = err("DeviceNotActive", "No balloon device has been activated");
+    assert_eq!(exec(&mut c, "query-balloon", json!({})), none);
+    assert_eq!(exec(&mut c, "balloon", json!({"value": 1})), none);
+}

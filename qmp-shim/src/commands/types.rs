@@ -337,6 +337,10 @@ pub static EVENTS: &[EventDef] = &[
         data: &[req("status", Ty::Enum(&MIGRATION_STATUS))],
     },
     EventDef {
+        name: "BALLOON_CHANGE",
+        data: &[req("actual", Ty::Int)],
+    },
+    EventDef {
         name: "MIGRATION_PASS",
         data: &[req("pass", Ty::Int)],
     },

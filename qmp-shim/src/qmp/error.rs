@@ -72,7 +72,9 @@ pub fn to_qmp(err: &CommandError) -> QmpError {
         | CommandError::NotNegotiated
         | CommandError::AlreadyNegotiated => ErrorClass::CommandNotFound,
         CommandError::DeviceNotFound(_) => ErrorClass::DeviceNotFound,
-        CommandError::DeviceNotActive(_) => ErrorClass::DeviceNotActive,
+        CommandError::DeviceNotActive(_) | CommandError::Backend(BackendError::NoBalloon) => {
+            ErrorClass::DeviceNotActive
+        }
         CommandError::Input(_)
         | CommandError::Parameter(_)
         | CommandError::Backend(_)

@@ -8,9 +8,11 @@
 //!
 //! Device work runs on the vCPU thread that wrote the notification (virtio-blk),
 //! or on a device thread (virtio-net receive, virtio-rng requests that waited
-//! for the rate limit's next window), always under the device's lock,
+//! for the rate limit's next window, virtio-balloon's stats buffer going back
+//! to the driver), always under the device's lock,
 //! so a paused VM with its device threads parked has no request in flight.
 
+pub mod balloon;
 pub mod blk;
 pub mod net;
 mod persist;
@@ -49,7 +51,7 @@ pub mod status {
 pub trait VirtioDevice: Send + std::fmt::Debug {
     /// `virtio-blk`, `virtio-net`: names the device in logs, shapes and errors.
     fn kind(&self) -> &'static str;
-    /// Virtio device ID (1 = network, 2 = block, 4 = entropy); the PCI device ID
+    /// Virtio device ID (1 = network, 2 = block, 4 = entropy, 5 = balloon); the PCI device ID
     /// is 0x1040 + it.
     fn device_id(&self) -> u16;
     /// 24-bit PCI class code.
@@ -141,6 +143,11 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     }
     /// The device's I/O counters (what `query-blockstats` and domstats show).
     fn stats(&self) -> DeviceStats;
+    /// The balloon, for the host's requests (target, stats polling): only
+    /// virtio-balloon answers.
+    fn balloon(&mut self) -> Option<&mut balloon::Balloon> {
+        None
+    }
 }
 
 /// I/O counters of one device, since it was created on this host.
@@ -149,4 +156,5 @@ pub enum DeviceStats {
     Block(blk::BlockStats),
     Net(net::NetStats),
     Rng(rng::RngStats),
+    Balloon(balloon::BalloonStats),
 }

@@ -87,4 +87,6 @@ pub struct VirtioPciState {
 pub enum DeviceState {
     /// virtio-rng: the rate limit's window.
     Rng(super::rng::RngState),
+    /// virtio-balloon: target, actual, the held stats buffer, counters.
+    Balloon(super::balloon::BalloonState),
 }

@@ -357,6 +357,7 @@ impl VirtioDevice for Rng {
                 self.window_end = None;
                 Ok(())
             }
+            Some(_) => Err("device state of another kind for virtio-rng".into()),
         }
     }
 

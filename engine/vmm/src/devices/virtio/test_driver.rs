@@ -134,13 +134,28 @@ impl<'a> Driver<'a> {
 
     /// Reset, VERSION_1 only, every queue with 16 entries, DRIVER_OK.
     pub fn init(&mut self) {
+        self.init_features(super::F_VERSION_1);
+    }
+
+    /// [`Self::init`] accepting `features` (VERSION_1 and bits the device
+    /// offers).
+    pub fn init_features(&mut self, features: u64) {
         self.write(self.common + 0x14, 1, 0);
         self.write(self.common + 0x14, 1, 3);
         self.write(self.common, 4, 1);
         let high = self.read(self.common + 4, 4);
         assert_eq!(high & 1, 1, "VERSION_1 offered");
+        self.write(self.common, 4, 0);
+        let low = self.read(self.common + 4, 4);
+        assert_eq!(
+            low & features & 0xffff_ffff,
+            features & 0xffff_ffff,
+            "features offered"
+        );
+        self.write(self.common + 8, 4, 0);
+        self.write(self.common + 0xc, 4, features & 0xffff_ffff);
         self.write(self.common + 8, 4, 1);
-        self.write(self.common + 0xc, 4, 1);
+        self.write(self.common + 0xc, 4, features >> 32);
         self.write(self.common + 0x14, 1, 0xb);
         assert_eq!(self.status() & status::FEATURES_OK, status::FEATURES_OK);
         for i in 0..self.rings.len() {

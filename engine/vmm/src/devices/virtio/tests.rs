@@ -11,6 +11,7 @@ use ferry_kvm::Backing;
 
 use super::{status, STOP_PAUSED};
 use crate::devices::serial::SinkSpec;
+use crate::devices::virtio::balloon;
 use crate::devices::virtio::blk::{BlockConfig, BlockImage};
 use crate::devices::virtio::net::{self, NetConfig};
 use crate::devices::virtio::rng;
@@ -1288,4 +1289,369 @@ fn rng_hostile_state_is_refused() {
         .to_string();
     assert!(err.contains("another kind"), "{err}");
     other.restore_state(vcpus(), &vmstate, &saved).unwrap();
+}
+
+// ---- virtio-balloon ----
+
+const BALLOON_SLOT: u8 = 5;
+/// Where the tests' pages to balloon live: 1 MiB into the 16 MiB of RAM.
+const BALLOON_PAGES: u64 = 0x10_0000;
+
+fn balloon_spec(config: balloon::BalloonConfig) -> VirtioSpec {
+    VirtioSpec {
+        slot: BALLOON_SLOT,
+        id: "balloon0".into(),
+        device: VirtioDeviceSpec::Balloon(config),
+    }
+}
+
+fn balloon_stats(vm: &Vm) -> balloon::BalloonStats {
+    let stats = vm.device_stats();
+    let crate::devices::virtio::DeviceStats::Balloon(s) = stats[0].1 else {
+        panic!("{stats:?}");
+    };
+    s
+}
+
+/// Posts an array of PFNs on `queue` (read-only, at DATA + k pages).
+fn post_pfns(d: &mut Driver<'_>, queue: usize, k: u64, pfns: &[u32]) -> u16 {
+    let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+    d.put(DATA + k * 0x1000, &bytes);
+    d.post(queue, &[(DATA + k * 0x1000, bytes.len() as u32, false)])
+}
+
+/// Posts a stats buffer of (tag, value) pairs on the stats queue.
+fn post_stats(d: &mut Driver<'_>, k: u64, stats: &[(u16, u64)]) -> u16 {
+    let bytes: Vec<u8> = stats
+        .iter()
+        .flat_map(|(t, v)| t.to_le_bytes().into_iter().chain(v.to_le_bytes()))
+        .collect();
+    d.put(DATA + k * 0x1000, &bytes);
+    d.post(
+        balloon::STATS_QUEUE,
+        &[(DATA + k * 0x1000, bytes.len() as u32, false)],
+    )
+}
+
+/// An inflate gives the pages back to the host: they read as zero
+/// afterwards, their neighbours keep their bytes; a deflate acknowledges.
+#[test]
+fn balloon_inflate_discards_pages_and_deflate_acknowledges() {
+    let vm = vm_with(balloon_spec(balloon::BalloonConfig::default()));
+    let mut d = Driver::probe(&vm, BALLOON_SLOT, 5);
+    assert_eq!(d.rings.len(), 3, "inflate, deflate and stats queues");
+    d.init();
+    for i in 0..8u64 {
+        d.put(BALLOON_PAGES + i * 0x1000, &[0xa5; 4096]);
+    }
+    let pfn = (BALLOON_PAGES / 4096) as u32;
+    // Two runs: pages 0-2 and page 5.
+    let head = post_pfns(
+        &mut d,
+        balloon::INFLATE_QUEUE,
+        0,
+        &[pfn, pfn + 1, pfn + 2, pfn + 5],
+    );
+    d.notify(balloon::INFLATE_QUEUE);
+    assert_eq!(d.used(balloon::INFLATE_QUEUE), Some((u32::from(head), 0)));
+    for i in 0..8u64 {
+        let zero = [0, 1, 2, 5].contains(&i);
+        let page = d.get(BALLOON_PAGES + i * 0x1000, 4096);
+        assert_eq!(page == vec![0; 4096], zero, "page {i}");
+        if !zero {
+            assert_eq!(page, vec![0xa5; 4096], "page {i}");
+        }
+    }
+    let s = balloon_stats(&vm);
+    assert_eq!(
+        (s.inflated_pages, s.held_pages, s.discard_failures),
+        (4, 4, 0)
+    );
+    // A discarded page comes back on touch, zeroed, and keeps what is written.
+    d.put(BALLOON_PAGES, &[7; 16]);
+    assert_eq!(d.get(BALLOON_PAGES, 16), vec![7; 16]);
+
+    post_pfns(&mut d, balloon::DEFLATE_QUEUE, 1, &[pfn, pfn + 1]);
+    d.notify(balloon::DEFLATE_QUEUE);
+    assert_eq!(d.used(balloon::DEFLATE_QUEUE).map(|u| u.1), Some(0));
+    let s = balloon_stats(&vm);
+    assert_eq!((s.deflated_pages, s.held_pages), (2, 2));
+    assert_eq!(d.status(), 0xf);
+}
+
+/// The host's target reaches the driver through the configuration space
+/// with a configuration change; the driver's `actual` reaches the host.
+#[test]
+fn balloon_target_and_actual_go_through_the_config_space() {
+    let vm = vm_with(balloon_spec(balloon::BalloonConfig::default()));
+    let mut d = Driver::probe(&vm, BALLOON_SLOT, 5);
+    d.init();
+    let generation = d.read(d.common + 0x15, 1);
+    vm.set_balloon_target(1000).unwrap();
+    assert_eq!(d.read(d.device, 4), 1000, "num_pages");
+    assert_ne!(d.read(d.common + 0x15, 1), generation, "config generation");
+    let err = vm.set_balloon_target(4097).unwrap_err().to_string();
+    assert!(err.contains("larger than guest RAM"), "{err}");
+    assert_eq!(vm.take_balloon_change(), None);
+    d.write(d.device + 4, 4, 600);
+    assert_eq!(vm.take_balloon_change(), Some(600));
+    assert_eq!(vm.take_balloon_change(), None, "reported once");
+    d.write(d.device + 4, 4, 600);
+    assert_eq!(vm.take_balloon_change(), None, "unchanged");
+    d.write(d.device, 4, 5);
+    assert_eq!(d.read(d.device, 4), 1000, "num_pages is the host's");
+    let info = vm.balloon_info().unwrap();
+    assert_eq!((info.num_pages, info.actual), (1000, 600));
+    // A VM without a balloon says so.
+    let img = disk(8);
+    let other = vm_with(disk_spec(img.path(), false));
+    assert!(other.balloon_info().is_none());
+    assert!(other.set_balloon_target(1).is_err());
+}
+
+/// The driver's stats buffer is kept and its values read; at each polling
+/// interval it goes back to the driver, which refills it.
+#[test]
+fn balloon_stats_are_kept_and_polled() {
+    let vm = vm_with(balloon_spec(balloon::BalloonConfig::default()));
+    let mut d = Driver::probe(&vm, BALLOON_SLOT, 5);
+    d.init_features(super::F_VERSION_1 | balloon::F_STATS_VQ);
+    let q = balloon::STATS_QUEUE;
+    let head = post_stats(&mut d, 0, &[(4, 1234), (5, 5678), (99, 1), (0, 3)]);
+    d.notify(q);
+    assert_eq!(d.used(q), None, "the device keeps the buffer");
+    let info = vm.balloon_info().unwrap();
+    let mut want = [None; balloon::STAT_COUNT];
+    want[0] = Some(3);
+    want[4] = Some(1234);
+    want[5] = Some(5678);
+    assert_eq!(info.stats, want);
+    assert!(info.stats_last_update > 1_600_000_000);
+    // Polling off: it stays; on: it comes back within the interval (bounded
+    // generously for a loaded host).
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.used(q), None);
+    vm.set_balloon_stats_interval(1).unwrap();
+    assert_eq!(vm.balloon_info().unwrap().poll_interval, 1);
+    assert_eq!(d.wait_used(q, 20_000), Some((u32::from(head), 0)));
+    // The refill replaces every value (a stat no longer sent is gone).
+    post_stats(&mut d, 1, &[(4, 99)]);
+    d.notify(q);
+    let info = vm.balloon_info().unwrap();
+    assert_eq!(info.stats[4], Some(99));
+    assert_eq!(info.stats[5], None);
+    vm.set_balloon_stats_interval(0).unwrap();
+    assert_eq!(d.status(), 0xf);
+}
+
+/// Hostile input: PFNs outside RAM are skipped and counted; buffers of the
+/// wrong direction, odd lengths or outside guest memory need a reset.
+#[test]
+fn balloon_hostile_pfns_and_buffers_are_refused() {
+    let vm = vm_with(balloon_spec(balloon::BalloonConfig::default()));
+    let mut d = Driver::probe(&vm, BALLOON_SLOT, 5);
+    d.init();
+    d.put(BALLOON_PAGES, &[0xa5; 4096]);
+    let ram_pages = (16u32 << 20) / 4096;
+    post_pfns(
+        &mut d,
+        balloon::INFLATE_QUEUE,
+        0,
+        &[ram_pages, u32::MAX, (BALLOON_PAGES / 4096) as u32 + 1],
+    );
+    d.notify(balloon::INFLATE_QUEUE);
+    assert_eq!(d.used(balloon::INFLATE_QUEUE).map(|u| u.1), Some(0));
+    let s = balloon_stats(&vm);
+    assert_eq!((s.refused_pfns, s.inflated_pages), (2, 1));
+    assert_eq!(d.get(BALLOON_PAGES, 4096), vec![0xa5; 4096]);
+    assert_eq!(d.status(), 0xf);
+    let needs_reset = |d: &Driver<'_>| d.status() & status::DEVICE_NEEDS_RESET != 0;
+    for (q, bufs) in [
+        (balloon::INFLATE_QUEUE, vec![(DATA, 8u32, true)]),
+        (balloon::DEFLATE_QUEUE, vec![(DATA, 6, false)]),
+        (balloon::INFLATE_QUEUE, vec![(1u64 << 40, 8, false)]),
+        (
+            balloon::DEFLATE_QUEUE,
+            vec![(DATA, 4, false), (DATA, 4, true)],
+        ),
+        (balloon::INFLATE_QUEUE, vec![(DATA, 1 << 20, false)]),
+        (balloon::STATS_QUEUE, vec![(DATA, 15, false)]),
+        (balloon::STATS_QUEUE, vec![(DATA, 10, true)]),
+    ] {
+        d.init();
+        d.post(q, &bufs);
+        d.notify(q);
+        assert!(needs_reset(&d), "{q}: {bufs:?}");
+        assert_eq!(d.used(q), None, "{q}: {bufs:?}");
+    }
+    d.init();
+    post_pfns(
+        &mut d,
+        balloon::INFLATE_QUEUE,
+        0,
+        &[(BALLOON_PAGES / 4096) as u32],
+    );
+    d.notify(balloon::INFLATE_QUEUE);
+    assert!(d.used(balloon::INFLATE_QUEUE).is_some());
+    assert_eq!(d.get(BALLOON_PAGES, 4096), vec![0; 4096]);
+}
+
+/// Free page reporting: a fourth queue; reported pages go back to the host.
+#[test]
+fn balloon_free_page_reporting_gives_pages_back() {
+    let config = balloon::BalloonConfig {
+        free_page_reporting: true,
+        deflate_on_oom: true,
+    };
+    let vm = vm_with(balloon_spec(config));
+    let mut d = Driver::probe(&vm, BALLOON_SLOT, 5);
+    assert_eq!(d.rings.len(), 4);
+    d.init_features(super::F_VERSION_1 | balloon::F_REPORTING | balloon::F_DEFLATE_ON_OOM);
+    assert_eq!(d.status(), 0xf);
+    d.put(BALLOON_PAGES, &[1; 3 * 4096]);
+    let q = balloon::REPORTING_QUEUE;
+    let head = d.post(q, &[(BALLOON_PAGES, 2 * 4096, true)]);
+    d.notify(q);
+    assert_eq!(d.used(q), Some((u32::from(head), 0)));
+    assert_eq!(d.get(BALLOON_PAGES, 2 * 4096), vec![0; 2 * 4096]);
+    assert_eq!(d.get(BALLOON_PAGES + 2 * 4096, 4096), vec![1; 4096]);
+    assert_eq!(balloon_stats(&vm).reported_pages, 2);
+    for bufs in [
+        vec![(BALLOON_PAGES, 4096u32, false)],
+        vec![(BALLOON_PAGES + 1, 4096, true)],
+        vec![((16 << 20) - 4096, 8192, true)],
+    ] {
+        d.init();
+        d.post(q, &bufs);
+        d.notify(q);
+        assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0, "{bufs:?}");
+    }
+}
+
+/// A checkpoint carries the balloon (target, actual, the held stats buffer,
+/// the counters); it is part of the shape; hostile state is refused.
+#[test]
+fn balloon_survives_a_checkpoint_and_is_part_of_the_shape() {
+    let vm = vm_with(balloon_spec(balloon::BalloonConfig::default()));
+    let mut d = Driver::probe(&vm, BALLOON_SLOT, 5);
+    d.init_features(super::F_VERSION_1 | balloon::F_STATS_VQ);
+    vm.set_balloon_target(300).unwrap();
+    d.write(d.device + 4, 4, 1);
+    post_pfns(
+        &mut d,
+        balloon::INFLATE_QUEUE,
+        0,
+        &[(BALLOON_PAGES / 4096) as u32],
+    );
+    d.notify(balloon::INFLATE_QUEUE);
+    let stats_head = post_stats(&mut d, 1, &[(4, 42)]);
+    d.notify(balloon::STATS_QUEUE);
+    vm.pci().set_stopped(STOP_PAUSED, true);
+    let shape = vm.shape();
+    let name =
+        format!("virtio-balloon@{BALLOON_SLOT:02x}:deflate-on-oom=off,free-page-reporting=off");
+    assert!(shape.devices.contains(&name), "{:?}", shape.devices);
+    let saved = vm.capture_devices().unwrap();
+    let Some(crate::devices::virtio::DeviceState::Balloon(s)) = &saved.virtio[0].device else {
+        panic!("{:?}", saved.virtio[0].device);
+    };
+    assert_eq!(
+        (s.num_pages, s.actual, s.stats_head),
+        (300, 1, Some(stats_head))
+    );
+    let (stream, _) = crate::checkpoint::save(&vm, Vec::new()).unwrap();
+
+    let opts = |virtio| crate::checkpoint::RestoreOptions {
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        expect_mem_bytes: None,
+        expect_vcpus: None,
+        virtio,
+    };
+    let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("virtio-balloon@05"), "{err}");
+    let reporting = balloon_spec(balloon::BalloonConfig {
+        free_page_reporting: true,
+        deflate_on_oom: false,
+    });
+    let err =
+        crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![reporting]))
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("virtio-balloon@05"), "{err}");
+
+    let other = crate::checkpoint::restore(
+        std::io::Cursor::new(stream),
+        &opts(vec![balloon_spec(balloon::BalloonConfig::default())]),
+    )
+    .unwrap();
+    let restored = other.capture_devices().unwrap();
+    assert_eq!(restored.virtio[0].device, saved.virtio[0].device);
+    let info = other.balloon_info().unwrap();
+    assert_eq!(
+        (info.num_pages, info.actual, info.stats[4]),
+        (300, 1, Some(42))
+    );
+    assert_eq!(info.counters.held_pages, 1);
+    // The held buffer goes back to the driver from the destination.
+    other.pci().set_stopped(STOP_PAUSED, false);
+    other.set_balloon_stats_interval(1).unwrap();
+    let mut d2 = Driver::attach(&other, BALLOON_SLOT, 5);
+    d2.rings[balloon::STATS_QUEUE].avail_idx = 1;
+    assert_eq!(
+        d2.wait_used(balloon::STATS_QUEUE, 20_000),
+        Some((u32::from(stats_head), 0))
+    );
+
+    // Hostile state: refused, naming the device, before anything changes.
+    let mut fresh = vm_with(balloon_spec(balloon::BalloonConfig::default()));
+    let vcpus = || vm.capture_vcpus().unwrap();
+    let vmstate = vm.capture_vm().unwrap();
+    let mut bad = saved.clone();
+    bad.virtio[0].device = Some(crate::devices::virtio::DeviceState::Balloon(
+        balloon::BalloonState {
+            num_pages: u32::MAX,
+            ..s.clone()
+        },
+    ));
+    let err = fresh
+        .restore_state(vcpus(), &vmstate, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("virtio-balloon@05") && err.contains("target"),
+        "{err}"
+    );
+    let mut bad = saved.clone();
+    bad.virtio[0].device = None;
+    assert!(fresh.restore_state(vcpus(), &vmstate, &bad).is_err());
+    assert_eq!(
+        fresh.balloon_info().unwrap().num_pages,
+        0,
+        "nothing was loaded"
+    );
+    fresh.restore_state(vcpus(), &vmstate, &saved).unwrap();
+}
+
+#[test]
+fn only_one_balloon_per_vm() {
+    let mut second = balloon_spec(balloon::BalloonConfig::default());
+    second.slot = 6;
+    second.id = "balloon1".into();
+    let err = Vm::create(VmConfig {
+        mem_bytes: 16 << 20,
+        vcpus: 1,
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        cpu: crate::cpu::model::CpuModel::Host,
+        virtio: vec![balloon_spec(balloon::BalloonConfig::default()), second],
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("Only one balloon device is supported"),
+        "{err}"
+    );
 }

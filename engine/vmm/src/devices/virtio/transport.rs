@@ -69,6 +69,8 @@ pub struct VirtioPci {
     waker: Option<UnixStream>,
     /// The device thread is servicing the input queue (it needs no wake-up).
     in_service: bool,
+    /// A configuration change came while stopped: its interrupt waits.
+    pending_config: bool,
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -137,6 +139,7 @@ impl VirtioPci {
             pending_kicks: 0,
             waker: None,
             in_service: false,
+            pending_config: false,
         }
     }
 
@@ -405,6 +408,7 @@ impl VirtioPci {
         self.queue_select = 0;
         self.status = 0;
         self.isr = 0;
+        self.pending_config = false;
     }
 
     fn needs_reset(&mut self, why: &str) {
@@ -436,6 +440,10 @@ impl VirtioPci {
             self.stopped &= !why;
         }
         if was != 0 && self.stopped == 0 {
+            if std::mem::take(&mut self.pending_config) {
+                self.isr |= 2;
+                self.signal(self.msix_config);
+            }
             let pending = std::mem::take(&mut self.pending_kicks);
             for i in 0..self.queues.len().min(64) {
                 if pending & (1 << i) != 0 {
@@ -507,6 +515,32 @@ impl VirtioPci {
             && self.queues.get(q).is_some_and(|q| q.ready())
             && self.device.can_take_input();
         (poll, next)
+    }
+
+    /// The balloon behind this function, if it is one (see
+    /// [`VirtioDevice::balloon`]).
+    pub fn balloon(&mut self) -> Option<&mut super::balloon::Balloon> {
+        self.device.balloon()
+    }
+
+    /// Tells the driver the device configuration changed (virtio 1.2 section
+    /// 4.1.4.3: a new generation, ISR bit 1 and the configuration vector).
+    /// While the device is stopped the interrupt waits until it runs again:
+    /// a stopped VM's interrupt controllers may be captured already.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.stopped != 0 {
+            self.pending_config = true;
+            return;
+        }
+        self.isr |= 2;
+        self.signal(self.msix_config);
+    }
+
+    /// Wakes the device thread to look at the device's timer again (the
+    /// host changed it, e.g. the balloon's stats polling interval).
+    pub fn timer_changed(&mut self) {
+        self.wake();
     }
 
     /// Starts announcing the device (RARP for a NIC) from its thread.
