@@ -257,7 +257,7 @@ impl FerryBackend {
             *o = None;
         }
         if let Ok(mut inner) = self.shared.lock() {
-            inner.guest = Some(guest);
+            inner.set_guest(guest);
             inner.migrating = false;
         }
         self.shared
@@ -511,7 +511,9 @@ fn finish(
         let Ok(mut inner) = shared.inner.lock() else {
             return;
         };
-        inner.guest = Some(guest);
+        // What changed while the migration held the guest (the announce
+        // schedule, the balloon's stats interval) applies now.
+        inner.set_guest(guest);
         inner.migrating = false;
         match &result {
             Ok(_) => {
