@@ -14,7 +14,7 @@
 use ferry_vmm::devices::virtio::balloon::BalloonConfig;
 use serde_json::Value;
 
-use super::disks::{modern_only, no_rom, parse_addr, SlotClaim};
+use super::disks::{modern_only, no_rom, not_offered, parse_addr, SlotClaim};
 use super::opts::{json_text, parse_bool, parse_u64};
 use super::{ArgvError, Invocation};
 
@@ -52,15 +52,7 @@ fn check_balloon_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
         ),
         "free-page-hint" | "page-poison" => Ok(()),
         "multifunction" | "iommu_platform" | "ats" | "packed" | "event_idx" | "indirect_desc"
-        | "page-per-vq" => {
-            if flag(&text)? {
-                refuse(format!(
-                    "virtio-balloon {key}=on (ferry's virtio-balloon offers VERSION_1 only)"
-                ))
-            } else {
-                Ok(())
-            }
-        }
+        | "page-per-vq" => not_offered("virtio-balloon", "VERSION_1 only", key, &text),
         other => refuse(format!("virtio-balloon-pci property '{other}'")),
     }
 }

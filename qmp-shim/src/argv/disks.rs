@@ -790,6 +790,24 @@ pub(super) fn modern_only(key: &str, text: &str) -> Result<(), ArgvError> {
     ))
 }
 
+/// A virtio feature or transport property `device` (`virtio-rng`, ...) does
+/// not offer: `key=off` is what it does, `key=on` is refused naming what it
+/// offers (`offers`, e.g. "VERSION_1 only").
+pub(super) fn not_offered(
+    device: &str,
+    offers: &str,
+    key: &str,
+    text: &str,
+) -> Result<(), ArgvError> {
+    if !parse_bool("-device", key, text)? {
+        return Ok(());
+    }
+    Err(ArgvError::unsupported(
+        "-device",
+        format!("{device} {key}=on (ferry's {device} offers {offers})"),
+    ))
+}
+
 /// `romfile` of a ferry virtio-pci device: empty (no option ROM) or refused.
 pub(super) fn no_rom(text: &str) -> Result<(), ArgvError> {
     if text.is_empty() {

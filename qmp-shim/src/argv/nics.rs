@@ -16,7 +16,7 @@
 
 use serde_json::Value;
 
-use super::disks::{modern_only, no_rom, parse_addr, SlotClaim};
+use super::disks::{modern_only, no_rom, not_offered, parse_addr, SlotClaim};
 use super::opts::{json_text, parse_bool, parse_u64};
 use super::{ArgvError, Invocation};
 
@@ -226,13 +226,7 @@ fn check_net_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
         // Offloads and features ferry's virtio-net does not offer (it has MAC
         // and STATUS): "off" is what it does.
         k if NOT_OFFERED.contains(&k) => {
-            if flag(&text)? {
-                refuse(format!(
-                    "virtio-net {key}=on (ferry's virtio-net offers VERSION_1, MAC and STATUS only)"
-                ))
-            } else {
-                Ok(())
-            }
+            not_offered("virtio-net", "VERSION_1, MAC and STATUS only", key, &text)
         }
         other => refuse(format!("virtio-net-pci property '{other}'")),
     }

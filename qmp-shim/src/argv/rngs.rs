@@ -17,8 +17,8 @@
 use ferry_vmm::devices::virtio::rng::{RngConfig, RngSource};
 use serde_json::Value;
 
-use super::disks::{modern_only, no_rom, parse_addr, SlotClaim};
-use super::opts::{json_text, parse_bool, parse_u64};
+use super::disks::{modern_only, no_rom, not_offered, parse_addr, SlotClaim};
+use super::opts::{json_text, parse_u64};
 use super::{ArgvError, Invocation};
 
 /// `-device` drivers that become a ferry virtio-rng device (modern-only, as
@@ -114,21 +114,12 @@ fn uint_prop(name: &str, key: &str, v: &Value, max: u64, ty: &str) -> Result<u64
 /// `virtio-rng-pci` properties besides rng, max-bytes, period, bus and addr.
 fn check_rng_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
     let text = json_text(value);
-    let flag = |v: &str| parse_bool("-device", key, v);
     let refuse = |what: String| Err(ArgvError::unsupported("-device", what));
     match key {
         "romfile" => no_rom(&text),
         "disable-legacy" | "disable-modern" => modern_only(key, &text),
         "multifunction" | "iommu_platform" | "ats" | "packed" | "event_idx" | "indirect_desc"
-        | "page-per-vq" => {
-            if flag(&text)? {
-                refuse(format!(
-                    "virtio-rng {key}=on (ferry's virtio-rng offers VERSION_1 only)"
-                ))
-            } else {
-                Ok(())
-            }
-        }
+        | "page-per-vq" => not_offered("virtio-rng", "VERSION_1 only", key, &text),
         other => refuse(format!("virtio-rng-pci property '{other}'")),
     }
 }
