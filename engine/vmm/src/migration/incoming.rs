@@ -1051,16 +1051,28 @@ fn read_main<R: std::io::BufRead>(
     let mut sink = StripeSink::new(ram, 0, streams, frontier);
     loop {
         let header = reader.next_section_into(buf, &mut sink)?;
+        // Each state section comes once: a stream with two (of which one would
+        // silently win) is refused.
+        fn once<T: serde::de::DeserializeOwned>(
+            slot: &mut Option<T>,
+            id: SectionId,
+            buf: &[u8],
+            limits: &ferry_format::Limits,
+        ) -> Result<(), MigrationError> {
+            if slot.is_some() {
+                return Err(
+                    VmmError::Restore(format!("the stream carries a second {id} section")).into(),
+                );
+            }
+            *slot = Some(ferry_format::decode_cbor(id, buf, limits)?);
+            Ok(())
+        }
         match header.id {
             SectionId::RamPages => {}
-            SectionId::Vcpus => m.vcpus = Some(ferry_format::decode_cbor(header.id, buf, limits)?),
-            SectionId::Vm => m.vm_state = Some(ferry_format::decode_cbor(header.id, buf, limits)?),
-            SectionId::Devices => {
-                m.devices = Some(ferry_format::decode_cbor(header.id, buf, limits)?)
-            }
-            SectionId::Digest => {
-                m.digest = Some(ferry_format::decode_cbor(header.id, buf, limits)?)
-            }
+            SectionId::Vcpus => once(&mut m.vcpus, header.id, buf, limits)?,
+            SectionId::Vm => once(&mut m.vm_state, header.id, buf, limits)?,
+            SectionId::Devices => once(&mut m.devices, header.id, buf, limits)?,
+            SectionId::Digest => once(&mut m.digest, header.id, buf, limits)?,
             SectionId::End => return Ok(m),
             other => {
                 return Err(
