@@ -86,6 +86,9 @@ pub const SETTLE: Duration = Duration::from_secs(10);
 /// Longest a [`LATE`] connection waits for the main one to be written (its
 /// bytes after End may fill the socket buffers and never be read).
 const LATE_WAIT: Duration = Duration::from_secs(1);
+/// A return path the destination reset: its replies are unknown (see
+/// `read_replies`).
+const RESET: &str = "reset by the destination";
 /// How long reading back all the return paths may take.
 const REPLIES_WAIT: Duration = Duration::from_secs(3);
 /// Guest RAM up to which a loaded VM is checked page by page (beyond, only
@@ -525,6 +528,13 @@ fn read_replies(s: Option<&TcpStream>, deadline: std::time::Instant) -> Result<V
         match r.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            // The destination closed with bytes of ours unread (it stopped
+            // reading at the error): TCP resets, and the kernel drops what it
+            // had received for us, replies included. What was said is unknown.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                let _ = s.shutdown(Shutdown::Both);
+                return Err(RESET.into());
+            }
             Err(_) => break,
         }
     }
@@ -656,7 +666,11 @@ pub fn judge(expect: &Expect, run: &Run) -> Outcome {
     if let Some(v) = run.violations.first() {
         return Outcome::Violation(v.clone());
     }
-    let main_replies = run.replies.first();
+    // A reset return path tells nothing either way.
+    let main_replies = run
+        .replies
+        .first()
+        .filter(|r| !matches!(r, Err(m) if m == RESET));
     match &run.result {
         Ok(()) => {
             if let Some(why) = &expect.cannot_load {
