@@ -14,7 +14,7 @@
 use ferry_vmm::devices::virtio::balloon::BalloonConfig;
 use serde_json::Value;
 
-use super::disks::{modern_only, no_rom, not_offered, parse_addr, SlotClaim};
+use super::disks::{modern_only, no_rom, not_offered, parse_addr, SlotClaim, VERSION_1_ONLY};
 use super::opts::{json_text, parse_bool, parse_u64};
 use super::{ArgvError, Invocation};
 
@@ -51,8 +51,9 @@ fn check_balloon_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
             "virtio-balloon page-poison=on (ferry's balloon does not offer page poisoning)".into(),
         ),
         "free-page-hint" | "page-poison" => Ok(()),
-        "multifunction" | "iommu_platform" | "ats" | "packed" | "event_idx" | "indirect_desc"
-        | "page-per-vq" => not_offered("virtio-balloon", "VERSION_1 only", key, &text),
+        k if VERSION_1_ONLY.contains(&k) => {
+            not_offered("virtio-balloon", "VERSION_1 only", key, &text)
+        }
         other => refuse(format!("virtio-balloon-pci property '{other}'")),
     }
 }

@@ -790,6 +790,18 @@ pub(super) fn modern_only(key: &str, text: &str) -> Result<(), ArgvError> {
     ))
 }
 
+/// Transport and ring properties of a virtio-pci device that ferry's
+/// VERSION_1-only rng and balloon do not offer (see [`not_offered`]).
+pub(super) const VERSION_1_ONLY: &[&str] = &[
+    "multifunction",
+    "iommu_platform",
+    "ats",
+    "packed",
+    "event_idx",
+    "indirect_desc",
+    "page-per-vq",
+];
+
 /// A virtio feature or transport property `device` (`virtio-rng`, ...) does
 /// not offer: `key=off` is what it does, `key=on` is refused naming what it
 /// offers (`offers`, e.g. "VERSION_1 only").

@@ -17,7 +17,7 @@
 use ferry_vmm::devices::virtio::rng::{RngConfig, RngSource};
 use serde_json::Value;
 
-use super::disks::{modern_only, no_rom, not_offered, parse_addr, SlotClaim};
+use super::disks::{modern_only, no_rom, not_offered, parse_addr, SlotClaim, VERSION_1_ONLY};
 use super::opts::{json_text, parse_u64};
 use super::{ArgvError, Invocation};
 
@@ -118,8 +118,7 @@ fn check_rng_prop(key: &str, value: &Value) -> Result<(), ArgvError> {
     match key {
         "romfile" => no_rom(&text),
         "disable-legacy" | "disable-modern" => modern_only(key, &text),
-        "multifunction" | "iommu_platform" | "ats" | "packed" | "event_idx" | "indirect_desc"
-        | "page-per-vq" => not_offered("virtio-rng", "VERSION_1 only", key, &text),
+        k if VERSION_1_ONLY.contains(&k) => not_offered("virtio-rng", "VERSION_1 only", key, &text),
         other => refuse(format!("virtio-rng-pci property '{other}'")),
     }
 }

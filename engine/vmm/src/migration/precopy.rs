@@ -276,7 +276,6 @@ struct RateWindow {
 }
 
 impl PageStreams<'_> {
-    /// Bytes on all streams, pages sent with data, pages sent as zero flags.
     /// A pass (or the switch-over's send) sets out to send `rest_bytes`.
     fn begin_pass(&self, rest_bytes: u64) {
         let (_, normal, duplicate) = self.totals();
@@ -284,6 +283,7 @@ impl PageStreams<'_> {
         self.pass_rest.store(rest_bytes, Ordering::Release);
     }
 
+    /// Bytes on all streams, pages sent with data, pages sent as zero flags.
     fn totals(&self) -> (u64, u64, u64) {
         (
             self.bytes.load(Ordering::Acquire),
@@ -1076,9 +1076,8 @@ fn run(
         // expected downtime is the limit, as QEMU reports it.
         s.ram.dirty_sync_count = 1;
         s.expected_downtime = params.downtime_limit_ms;
+        s.setup_time = start.elapsed().as_millis() as u64;
     });
-    let setup_time = start.elapsed().as_millis() as u64;
-    ctl.update_stats(|s| s.setup_time = setup_time);
     ctl.emit(MigrationEvent::Status(MigrationStatus::Active));
 
     let throttle = vm.throttle();
