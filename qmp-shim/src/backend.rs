@@ -87,6 +87,8 @@ pub struct DiskConfig {
     /// What the engine uses: the path, or for `/dev/fdset/N` the fd set's
     /// descriptor itself (`process::resolve_fdsets`), never reopened.
     pub image: ferry_vmm::devices::virtio::blk::BlockImage,
+    /// Raw, or qcow2 with its backing chain.
+    pub format: ferry_vmm::devices::virtio::blk::ImageFormat,
     pub read_only: bool,
     pub serial: Option<String>,
     /// `share-rw=on` (libvirt's `<shareable/>`): the image lock shares writing.

@@ -265,6 +265,7 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
             id: disk_device_id(d),
             device: VirtioDeviceSpec::Block(BlockConfig {
                 image: d.image.clone(),
+                format: d.format.clone(),
                 read_only: d.read_only,
                 serial: d.serial.clone(),
                 shared: d.shared,

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use ferry_vmm::devices::virtio::blk::BlockImage;
+use ferry_vmm::devices::virtio::blk::{BlockImage, ImageFormat};
 use serde_json::{Map, Value};
 
 use super::opts::{json_text, parse_bool, parse_u64, Opts};
@@ -695,6 +695,7 @@ impl Invocation {
                 id: p.id,
                 slot,
                 image: BlockImage::Path(p.backing.filename.clone().into()),
+                format: ImageFormat::Raw,
                 filename: p.backing.filename,
                 read_only: p.backing.read_only,
                 serial: p.serial,

@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+pub mod disk_image;
 pub mod image_lock;
 pub mod pci;
 pub mod serial;

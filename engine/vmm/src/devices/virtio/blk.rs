@@ -1,11 +1,11 @@
-//! virtio-blk on a raw image file or block device (virtio 1.1 section 5.2): read,
-//! write, flush and get-ID, with the write cache the driver negotiates
+//! virtio-blk on a raw image file, a block device or a qcow2 chain
+//! ([`crate::devices::disk_image`]) (virtio 1.1 section 5.2): read, write,
+//! flush and get-ID, with the write cache the driver negotiates
 //! (VIRTIO_BLK_F_FLUSH: writes land in the host page cache and a flush makes them
 //! durable; without it every write is synced before it completes).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 use ferry_kvm::memory::GuestMemory;
@@ -13,7 +13,9 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::{VirtioDevice, F_VERSION_1};
-use crate::devices::image_lock::{self, ImageAccess, ImageLockError};
+pub use crate::devices::disk_image::{Backing, ImageFormat, Layer};
+use crate::devices::disk_image::{DiskImage, DiskImageError, Mode};
+use crate::devices::image_lock::ImageLockError;
 use crate::devices::SharedFd;
 
 const SECTOR: u64 = 512;
@@ -39,6 +41,8 @@ const ID_BYTES: usize = 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
     pub image: BlockImage,
+    /// Raw, or qcow2 with its backing chain.
+    pub format: ImageFormat,
     pub read_only: bool,
     /// Up to 20 bytes returned by GET_ID (`/dev/disk/by-id/virtio-<serial>`).
     pub serial: Option<String>,
@@ -55,22 +59,16 @@ impl BlockConfig {
     pub fn new(image: BlockImage) -> Self {
         Self {
             image,
+            format: ImageFormat::Raw,
             read_only: false,
             serial: None,
             shared: false,
             locking: true,
         }
     }
-
-    fn access(&self) -> ImageAccess {
-        ImageAccess {
-            write: !self.read_only,
-            share_write: self.shared,
-        }
-    }
 }
 
-/// A disk's raw image file or block device.
+/// A disk's image file or block device (one layer of a chain).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockImage {
     /// Opened by path.
@@ -136,12 +134,10 @@ pub struct BlockStats {
 #[derive(Debug)]
 pub struct Block {
     config: BlockConfig,
-    file: File,
+    image: DiskImage,
     /// Capacity in 512-byte sectors.
     sectors: u64,
     stats: BlockStats,
-    /// Whether this disk holds its image locks (it is active).
-    locked: bool,
 }
 
 impl Block {
@@ -149,71 +145,81 @@ impl Block {
     /// do.
     pub fn open(config: &BlockConfig) -> Result<Self, String> {
         let mut block = Self::open_inactive(config)?;
-        block.lock()?;
+        block.activate_image()?;
         Ok(block)
     }
 
-    /// Opens the image without taking its locks, as the destination of a
-    /// migration does while the source still runs on it: the locks come when
-    /// the migrated state is loaded ([`VirtioDevice::after_restore`]).
+    /// Opens the image without taking its locks or writing to it, as the
+    /// destination of a migration does while the source still runs on it:
+    /// the locks come when the migrated state is loaded
+    /// ([`VirtioDevice::after_restore`]).
     pub fn open_inactive(config: &BlockConfig) -> Result<Self, String> {
-        let mut file = config.image.open(config.read_only).map_err(|e| {
-            format!(
-                "cannot open disk image {} {}: {e}",
-                config.image,
-                if config.read_only {
-                    "for reading"
-                } else {
-                    "for reading and writing (mark it read-only if it must not change)"
-                }
-            )
-        })?;
-        let bytes = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| format!("cannot size disk image {}: {e}", config.image))?;
-        if bytes < SECTOR {
-            return Err(format!(
-                "disk image {} holds {bytes} bytes; a disk needs at least one 512-byte sector",
-                config.image
-            ));
-        }
         if config.serial.as_ref().is_some_and(|s| s.len() > ID_BYTES) {
             return Err(format!(
                 "disk serial {:?} is longer than {ID_BYTES} bytes",
                 config.serial.as_deref().unwrap_or_default()
             ));
         }
+        let image = DiskImage::open(config, Mode::Inactive).map_err(|e| e.to_string())?;
+        let bytes = image.size();
+        if bytes < SECTOR {
+            return Err(format!(
+                "disk image {} holds {bytes} bytes; a disk needs at least one 512-byte sector",
+                config.image
+            ));
+        }
         Ok(Self {
             config: config.clone(),
-            file,
+            image,
             sectors: bytes / SECTOR,
             stats: BlockStats::default(),
-            locked: false,
         })
     }
 
-    /// Takes the image locks (no-op when held, or with locking off).
-    fn lock(&mut self) -> Result<(), String> {
-        if self.locked || !self.config.locking {
-            return Ok(());
+    /// Makes the image the running disk: opened to write (a qcow2 chain is
+    /// read again from the files) and locked. A no-op when it is.
+    fn activate_image(&mut self) -> Result<(), String> {
+        if self.image.mode() == Mode::Inactive {
+            let image = DiskImage::open(&self.config, Mode::Active).map_err(|e| e.to_string())?;
+            if image.size() / SECTOR != self.sectors {
+                return Err(format!(
+                    "disk image {} changed size ({} to {} sectors)",
+                    self.config.image,
+                    self.sectors,
+                    image.size() / SECTOR
+                ));
+            }
+            self.image = image;
         }
-        image_lock::lock(&self.file, self.config.access()).map_err(|e| match e {
-            ImageLockError::Conflict { .. } => format!(
-                "disk image {} is in use: {e}; is another VM using it? Stop it, or share the \
-                 disk: read-only in both (readonly=on, <readonly/>) or writable by both \
-                 (share-rw=on, <shareable/>)",
-                self.config.image
+        if self.config.locking {
+            self.image.lock().map_err(|e| self.lock_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// What a lock failure tells the operator.
+    fn lock_error(&self, e: DiskImageError) -> String {
+        match &e {
+            DiskImageError::Lock {
+                image,
+                source: source @ ImageLockError::Conflict { .. },
+            } => format!(
+                "disk image {image} is in use: {source}; is another VM using it? Stop it, or \
+                 share the disk: read-only in both (readonly=on, <readonly/>) or writable by \
+                 both (share-rw=on, <shareable/>)"
             ),
-            ImageLockError::Fcntl { .. } => format!(
-                "cannot lock disk image {}: {e}: {} (its file system needs byte-range locks)",
-                self.config.image,
-                std::error::Error::source(&e)
+            DiskImageError::Lock {
+                image,
+                source: source @ ImageLockError::Fcntl { .. },
+            } => format!(
+                "cannot lock disk image {image}: {source}: {} (its file system needs \
+                 byte-range locks)",
+                std::error::Error::source(source)
                     .map(ToString::to_string)
                     .unwrap_or_default()
             ),
-        })?;
-        self.locked = true;
-        Ok(())
+            _ => e.to_string(),
+        }
     }
 
     /// Capacity in 512-byte sectors.
@@ -267,7 +273,7 @@ impl Block {
                     return Ok(S_IOERR);
                 }
                 data_out.resize(len, 0);
-                match self.file.read_exact_at(data_out, sector * SECTOR) {
+                match self.image.read_at(data_out, sector * SECTOR) {
                     Ok(()) => {
                         self.stats.rd_operations += 1;
                         self.stats.rd_bytes += len as u64;
@@ -294,16 +300,13 @@ impl Block {
                     self.stats.invalid_operations += 1;
                     return Ok(S_IOERR);
                 }
-                let written = self
-                    .file
-                    .write_all_at(&data, sector * SECTOR)
-                    .and_then(|()| {
-                        if driver_features & F_FLUSH == 0 {
-                            self.file.sync_data()
-                        } else {
-                            Ok(())
-                        }
-                    });
+                let written = self.image.write_at(&data, sector * SECTOR).and_then(|()| {
+                    if driver_features & F_FLUSH == 0 {
+                        self.image.flush()
+                    } else {
+                        Ok(())
+                    }
+                });
                 match written {
                     Ok(()) => {
                         self.stats.wr_operations += 1;
@@ -317,7 +320,7 @@ impl Block {
                     }
                 }
             }
-            T_FLUSH => match self.file.sync_data() {
+            T_FLUSH => match self.image.flush() {
                 Ok(()) => {
                     self.stats.flush_operations += 1;
                     S_OK
@@ -342,16 +345,6 @@ impl Block {
                 S_UNSUPP
             }
         })
-    }
-}
-
-impl Drop for Block {
-    /// A passed image's open file outlives this disk (the process keeps the
-    /// descriptor libvirt gave it), and so would its locks.
-    fn drop(&mut self) {
-        if self.locked {
-            let _ = image_lock::unlock(&self.file);
-        }
     }
 }
 
@@ -441,10 +434,11 @@ impl VirtioDevice for Block {
 
     /// Opens the image again: the source flushed its last writes after this side
     /// first opened it, and a new open is what makes NFS-style shared storage
-    /// (close-to-open consistency) show them. A passed image
-    /// ([`BlockImage::Fd`]) has no path to open again: it is duplicated.
-    /// Here the disk takes its image locks: the source let go of them once it
-    /// had flushed, before it sent the state this load comes from.
+    /// (close-to-open consistency) show them, and a qcow2 chain's metadata the
+    /// source wrote. A passed image ([`BlockImage::Fd`]) has no path to open
+    /// again: it is duplicated. Here the disk takes its image locks: the source
+    /// let go of them once it had flushed, before it sent the state this load
+    /// comes from.
     fn after_restore(&mut self) -> Result<(), String> {
         let mut again = Self::open_inactive(&self.config)?;
         if again.sectors != self.sectors {
@@ -456,30 +450,34 @@ impl VirtioDevice for Block {
         // A disk that held its locks (restored over a VM that was created
         // active) lets go first: the new open file would conflict with it.
         self.deactivate()?;
-        again.lock()?;
+        again.activate_image()?;
         again.stats = self.stats;
         *self = again;
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), String> {
-        self.file
-            .sync_data()
+        self.image
+            .flush()
             .map_err(|e| format!("cannot flush {}: {e}", self.config.image))
     }
 
     fn activate(&mut self) -> Result<(), String> {
-        self.lock()
+        self.activate_image()
     }
 
-    /// Lets go of the image locks; the caller flushed first.
+    /// Lets go of the image locks, and stops writing: a qcow2 chain is opened
+    /// again read-only, so no cached metadata can reach the files once the
+    /// destination owns them. The caller flushed first.
     fn deactivate(&mut self) -> Result<(), String> {
-        if !self.locked {
-            return Ok(());
-        }
-        image_lock::unlock(&self.file)
+        self.image
+            .unlock()
             .map_err(|e| format!("cannot unlock disk image {}: {e}", self.config.image))?;
-        self.locked = false;
+        if self.image.mode() == Mode::Active {
+            self.flush()?;
+            self.image =
+                DiskImage::open(&self.config, Mode::Inactive).map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 
