@@ -26,12 +26,12 @@ fn disk(s: &Scratch, name: &str, bytes: u64) -> String {
 }
 
 fn disk_source(s: &Scratch, disk: &str) -> VmProcess {
-    let src = dirtier_source(
-        s,
-        "128M",
-        &format!("ws=4M blk={K}"),
-        &["--disk", &format!("{disk},serial=ferry-disk")],
-    );
+    disk_source_with(s, &format!("{disk},serial=ferry-disk"))
+}
+
+/// The dirtier with `blk=K` on the disk `--disk ARG` (a 1 MiB one).
+fn disk_source_with(s: &Scratch, arg: &str) -> VmProcess {
+    let src = dirtier_source(s, "128M", &format!("ws=4M blk={K}"), &["--disk", arg]);
     let serial = String::from_utf8_lossy(&src.serial_output()).into_owned();
     assert!(serial.contains("blk: capacity=2048"), "{serial}");
     src
@@ -46,10 +46,35 @@ fn check_both(s: &Scratch, vm: &VmProcess, tag: &str, disk: &str) -> u64 {
         !serial.contains("ERR"),
         "the guest's driver failed: {serial}"
     );
-    let bytes = std::fs::read(Path::new(disk)).expect("read disk image");
+    let bytes = disk_bytes(s, disk);
     ferry_testguest::disk::check_disk(&bytes, K, report.passes)
         .unwrap_or_else(|e| panic!("disk oracle failed after {} passes: {e}", report.passes));
     report.passes
+}
+
+/// What the guest sees on `disk`: the file, or for a qcow2 image what
+/// `qemu-img` reads through its chain (`-U`: the VM holds the image locks).
+fn disk_bytes(s: &Scratch, disk: &str) -> Vec<u8> {
+    if !disk.ends_with(".qcow2") {
+        return std::fs::read(Path::new(disk)).expect("read disk image");
+    }
+    let out = s.path("guest-view.raw");
+    let out = out.to_str().expect("UTF-8 scratch path");
+    qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "raw", disk, out]);
+    std::fs::read(out).expect("read the converted image")
+}
+
+/// Runs qemu-img (qemu-utils), which must succeed.
+fn qemu_img(args: &[&str]) {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img: install qemu-utils (scripts/deps --tests)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn wait_passes(vm: &VmProcess, s: &Scratch, at_least: u64) {
@@ -94,6 +119,55 @@ fn disk_records_survive_a_live_migration_over_two_streams() {
     wait_passes(&dst, &s, first + 2 * K);
     check_both(&s, &dst, "dst2", &img);
     dst.quit();
+}
+
+/// The guest's disk is a qcow2 overlay on a raw base image, as Nova makes
+/// them: its records go through the chain before and after a live migration,
+/// the image `qemu-img check` finds clean afterwards, and the base (which
+/// holds data past the records) is never written.
+#[test]
+fn disk_records_on_a_qcow2_chain_survive_a_live_migration() {
+    require_kvm();
+    let s = Scratch::new();
+    let base = s.path("base.raw");
+    let mut base_data = vec![0u8; 1 << 20];
+    base_data[64 * 512..].fill(0xb5);
+    std::fs::write(&base, &base_data).expect("write the base image");
+    let top = s.path("disk.qcow2").display().to_string();
+    let b = base.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "raw", &top]);
+    let disk_arg = format!("{top},format=qcow2,serial=ferry-disk");
+    let mut src = disk_source_with(&s, &disk_arg);
+    wait_passes(&src, &s, 2 * K);
+    check_both(&s, &src, "src", &top);
+    src.ok("resume");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let dst_disk = format!("{top},format=qcow2");
+    let mut dst = VmProcess::spawn(
+        &s,
+        "dst",
+        &["incoming", &uri, "-m", &src.mem, "--disk", &dst_disk],
+    );
+    dst.wait_listening();
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.wait_for_control();
+    let first = check_both(&s, &dst, "dst1", &top);
+    dst.ok("resume");
+    wait_passes(&dst, &s, first + 2 * K);
+    check_both(&s, &dst, "dst2", &top);
+    let view = disk_bytes(&s, &top);
+    assert!(
+        view[64 * 512..] == base_data[64 * 512..],
+        "the base shows through"
+    );
+    dst.quit();
+    qemu_img(&["check", "-q", &top]);
+    assert!(
+        std::fs::read(&base).expect("read the base") == base_data,
+        "the base changed"
+    );
 }
 
 #[test]

@@ -142,11 +142,14 @@ pub struct Common {
     /// Do not start the vCPUs (like QEMU's -S); `resume` on the control socket starts them.
     #[arg(long)]
     pub paused: bool,
-    /// A virtio-blk disk on PCI: PATH[,slot=N][,readonly=on][,serial=S][,share-rw=on] (raw
-    /// image or block device; repeat for more disks). Slots default to 4, 5, ... in order. A
-    /// migration destination or restore must be given the same disks (shared storage).
-    /// The image is locked as QEMU locks it: one VM (ferry or QEMU) writes it, unless all
-    /// of them say share-rw=on; a read-only disk refuses a writer that does not share.
+    /// A virtio-blk disk on PCI:
+    /// PATH[,format=raw|qcow2][,slot=N][,readonly=on][,serial=S][,share-rw=on] (a raw image
+    /// or block device, or a qcow2 image with the backing chain its header names; repeat for
+    /// more disks). Slots default to 4, 5, ... in order. A migration destination or restore
+    /// must be given the same disks (shared storage). The image is locked as QEMU locks it:
+    /// one VM (ferry or QEMU) writes it, unless all of them say share-rw=on; a read-only
+    /// disk refuses a writer that does not share; backing images are read by many, written
+    /// by none.
     #[arg(long = "disk", value_parser = parse_disk)]
     pub disks: Vec<DiskArg>,
     /// A virtio-net NIC on a tap: tap=IFNAME or fd=N (an open tap, as libvirt passes),
@@ -359,6 +362,7 @@ pub struct DiskArg {
 }
 
 fn parse_disk(text: &str) -> Result<DiskArg, String> {
+    use crate::devices::virtio::blk::{Backing, ImageFormat};
     let mut parts = text.split(',');
     let path = parts
         .next()
@@ -373,6 +377,12 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
     for part in parts {
         match part.split_once('=') {
             Some(("slot", v)) => arg.slot = Some(parse_slot(v)?),
+            Some(("format", "raw")) => arg.config.format = ImageFormat::Raw,
+            Some(("format", "qcow2")) => {
+                arg.config.format = ImageFormat::Qcow2 {
+                    backing: Backing::FromHeader,
+                }
+            }
             Some(("readonly", "on")) => arg.config.read_only = true,
             Some(("readonly", "off")) => arg.config.read_only = false,
             Some(("serial", v)) => arg.config.serial = Some(v.to_string()),
@@ -380,8 +390,8 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
             Some(("share-rw", "off")) => arg.config.shared = false,
             _ => {
                 return Err(format!(
-                    "unknown disk option '{part}' \
-                     (PATH[,slot=N][,readonly=on|off][,serial=S][,share-rw=on|off])"
+                    "unknown disk option '{part}' (PATH[,format=raw|qcow2][,slot=N]\
+                     [,readonly=on|off][,serial=S][,share-rw=on|off])"
                 ))
             }
         }

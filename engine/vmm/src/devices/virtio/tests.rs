@@ -396,6 +396,115 @@ fn the_image_locks_move_with_a_migration() {
     source.pause().unwrap();
 }
 
+fn qcow2_spec(path: &Path) -> VirtioSpec {
+    let mut spec = disk_spec(path, false);
+    if let VirtioDeviceSpec::Block(c) = &mut spec.device {
+        c.format = crate::devices::virtio::blk::ImageFormat::Qcow2 {
+            backing: crate::devices::virtio::blk::Backing::FromHeader,
+        };
+    }
+    spec
+}
+
+/// A qcow2 overlay (`top`) on a 1 MiB raw base whose sector `n` is all
+/// `n + 1`, made with qemu-img.
+fn qcow2_chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use crate::devices::disk_image::qemu_img;
+    let base = dir.join("base.raw");
+    let data: Vec<u8> = (0..1u64 << 20).map(|i| (i / 512 + 1) as u8).collect();
+    std::fs::write(&base, data).unwrap();
+    let top = dir.join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "raw", t]);
+    (base, top)
+}
+
+/// A migration of a disk on a qcow2 chain: the source's writes (data and the
+/// cluster tables it allocated) are on the files at the switch-over and the
+/// destination reads them, writes on, and leaves a chain `qemu-img check`
+/// finds clean, with the base untouched. Two VMs on overlays of one base
+/// share it; a writer on the base is refused while they read it.
+#[test]
+fn a_qcow2_chain_moves_with_a_migration() {
+    use crate::devices::disk_image::qemu_img;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = qcow2_chain(dir.path());
+    let base_before = std::fs::read(&base).unwrap();
+    let mut source = vm_with(qcow2_spec(&top));
+    // A driver holds the device (its bus): each is dropped with its block.
+    {
+        let mut d = Driver::probe(&source, SLOT, 2);
+        d.init();
+        assert_eq!(d.read(d.device, 8), 2048, "the qcow2's virtual size");
+        assert_eq!(d.request(0, 9, 512, DATA), (0, 513));
+        assert_eq!(d.get(DATA, 512), vec![10; 512], "read through to the base");
+        d.put(DATA, &[0xa5; 1024]);
+        assert_eq!(d.request(1, 700, 1024, DATA), (0, 1));
+    }
+
+    let mut dest = Vm::create_for_shape(
+        &source.shape(),
+        Backing::Anonymous,
+        SinkSpec::Null,
+        vec![qcow2_spec(&top)],
+    )
+    .expect("the destination opens the chain while the source writes it");
+    source.pause().unwrap();
+    let devices = source.capture_devices().unwrap();
+    let (vcpus, vmstate) = (
+        source.capture_vcpus().unwrap(),
+        source.capture_vm().unwrap(),
+    );
+    // The rings live in guest RAM, which a migration copies.
+    for g in [DESC, AVAIL, USED, HEADER, DATA, STATUS] {
+        let mut page = vec![0u8; 4096];
+        source.ram().read(g, &mut page).unwrap();
+        dest.ram().write(g, &page).unwrap();
+    }
+    source.deactivate_disks().unwrap();
+    dest.restore_state(vcpus, &vmstate, &devices)
+        .expect("the destination takes the chain");
+    dest.pci().set_stopped(STOP_PAUSED, false);
+    {
+        let mut d = Driver::probe(&dest, SLOT, 2);
+        d.rings[0].avail_idx = 2;
+        d.rings[0].used_seen = 2;
+        d.put(DATA, &[0u8; 1024]);
+        assert_eq!(d.request(0, 700, 1024, DATA), (0, 1025));
+        assert_eq!(d.get(DATA, 1024), vec![0xa5; 1024], "the source's write");
+        d.put(DATA, &[0x3c; 512]);
+        assert_eq!(d.request(1, 1500, 512, DATA), (0, 1));
+        assert_eq!(d.request(4, 0, 0, DATA).0, 0, "flush");
+    }
+
+    // A second overlay on the same base runs beside it; a writer on the
+    // base is refused.
+    let other = dir.path().join("other.qcow2");
+    let (b, o) = (base.to_str().unwrap(), other.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "raw", o]);
+    let beside = vm_with(qcow2_spec(&other));
+    let e = try_vm(disk_spec(&base, false)).expect_err("a writer on a backing file");
+    assert!(
+        e.to_string().contains("Failed to get \"write\" lock"),
+        "{e}"
+    );
+    drop((beside, source, dest));
+
+    let t = top.to_str().unwrap();
+    qemu_img(&["check", "-q", t]);
+    let mut want = base_before.clone();
+    want[700 * 512..702 * 512].fill(0xa5);
+    want[1500 * 512..1501 * 512].fill(0x3c);
+    let expected = dir.path().join("expected.raw");
+    std::fs::write(&expected, &want).unwrap();
+    let e = expected.to_str().unwrap();
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "raw", t, e]);
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base changed"
+    );
+}
+
 /// ferry and QEMU refuse each other's written images: QEMU fails with its
 /// own message while a ferry VM writes the image, and ferry refuses an image
 /// a running QEMU writes. Skipped where QEMU is not installed.
