@@ -341,9 +341,17 @@ user_main:
         call do_fill
         movq $1, HDR_FILL_DONE
 4:
-        cmpq $0, blk_k(%rip)
+        cmpq $0, blkbench_mib(%rip)
+        je 5f
+        cmpq $0, blk_k(%rip)                # blkbench= drives the disk: blk=1 at least
+        jne 5f
+        movq $1, blk_k(%rip)
+5:      cmpq $0, blk_k(%rip)
         je 6f
         call blk_init
+        cmpq $0, blkbench_mib(%rip)
+        je 6f
+        call blk_bench
 6:      cmpq $0, net_on(%rip)
         je 7f
         call net_init
@@ -653,6 +661,13 @@ key:
         setnz %cl
         movq %rcx, fill(%rip)
         jmp skip
+1:      leaq key_blkbench(%rip), %rdi
+        call match_key
+        jne 1f
+        call parse_u64
+        movq %rax, blkbench_mib(%rip)
+        orl $1 << 9, blk_dev + VD_FEAT_LO(%rip)   # VIRTIO_BLK_F_FLUSH: a write-back cache
+        jmp skip
 1:      leaq key_blk(%rip), %rdi
         call match_key
         jne 1f
@@ -821,6 +836,7 @@ write_header:
 /* in .bss, queue_enable, DRIVER_OK. Completions are found by polling the    */
 /* used ring's idx. Any failure prints "<dev>: ERR <reason>" and halts.      */
 
+        .set BENCH_BYTES, 65536             # blkbench= request size
         .set VD_PREFIX, 0                   # struct vdev
         .set VD_CFG, 8                      # 0x80000000 | bus 0 | dev << 11 | fn << 8
         .set VD_COMMON, 16                  # = 8 + 8 * cfg_type for types 1..4
@@ -1228,7 +1244,8 @@ blk_init:
         jmp vd_fail
 2:      ret
 
-/* blk_req: one request: %eax = type (0 IN, 1 OUT), %rdx = sector, %rdi = 512-byte buffer. */
+/* blk_req: one request: %eax = type (0 IN, 1 OUT, 4 FLUSH), %rdx = sector, %rdi = a buffer */
+/* of blk_len bytes (512 unless blkbench=; FLUSH has no data descriptor).                   */
 blk_req:
         leaq blk_dev(%rip), %r15
         leaq blk_dev + VD_Q(%rip), %rbx
@@ -1242,8 +1259,12 @@ blk_req:
         movl $16, 8(%rsi)
         movw $1, 12(%rsi)                   # NEXT
         movw $1, 14(%rsi)
-        movq %rdi, 16(%rsi)                 # desc 1: data
-        movl $512, 24(%rsi)
+        cmpl $4, %eax
+        jne 4f
+        movw $2, 14(%rsi)                   # FLUSH: header, then the status byte
+4:      movq %rdi, 16(%rsi)                 # desc 1: data
+        movq blk_len(%rip), %rcx
+        movl %ecx, 24(%rsi)
         movl $1, %ecx                       # NEXT (OUT: device-readable)
         testl %eax, %eax
         jnz 1f
@@ -1311,6 +1332,64 @@ blk_pass:
         leaq err_readback(%rip), %rsi
         jmp vd_fail
 2:      ret
+
+/* blk_bench: `blkbench=M`: write M MiB from sector 0 in 64 KiB requests, flush, read
+   them back (each request's first word checked), printing `blkbench: start`,
+   `blkbench: written` (after the flush) and `blkbench: read` as each phase ends,
+   so the host times the phases from the serial port. */
+blk_bench:
+        movq blkbench_mib(%rip), %rax
+        shlq $11, %rax                      # sectors
+        cmpq blk_capacity(%rip), %rax
+        jbe 1f
+        leaq err_capacity(%rip), %rsi
+        jmp vd_fail
+1:      movq %rax, %r13                     # end sector
+        leaq blk_bbuf(%rip), %rdi
+        movabsq $0x48434e4542594652, %rax   # "FRYBENCH"
+        movl $BENCH_BYTES / 8, %ecx
+        rep stosq
+        movq $BENCH_BYTES, blk_len(%rip)
+        leaq msg_bench_start(%rip), %rsi
+        call puts
+        xorl %r12d, %r12d                   # sector
+2:      movl $1, %eax                       # VIRTIO_BLK_T_OUT
+        movq %r12, %rdx
+        leaq blk_bbuf(%rip), %rdi
+        pushq %r13
+        call blk_req
+        popq %r13
+        addq $BENCH_BYTES / 512, %r12
+        cmpq %r13, %r12
+        jb 2b
+        movl $4, %eax                       # VIRTIO_BLK_T_FLUSH
+        xorl %edx, %edx
+        leaq blk_bbuf(%rip), %rdi
+        pushq %r13
+        call blk_req
+        popq %r13
+        leaq msg_bench_written(%rip), %rsi
+        call puts
+        xorl %r12d, %r12d
+3:      movq $0, blk_bbuf(%rip)
+        xorl %eax, %eax                     # VIRTIO_BLK_T_IN
+        movq %r12, %rdx
+        leaq blk_bbuf(%rip), %rdi
+        pushq %r13
+        call blk_req
+        popq %r13
+        movabsq $0x48434e4542594652, %rax
+        cmpq blk_bbuf(%rip), %rax
+        je 4f
+        leaq err_readback(%rip), %rsi
+        jmp vd_fail
+4:      addq $BENCH_BYTES / 512, %r12
+        cmpq %r13, %r12
+        jb 3b
+        leaq msg_bench_read(%rip), %rsi
+        call puts
+        movq $512, blk_len(%rip)
+        ret
 
 /* ---- virtio-net ---------------------------------------------------------- */
 
@@ -1572,12 +1651,16 @@ key_hb:                 .asciz "hb="
 key_fill:               .asciz "fill="
 key_poweroff:           .asciz "poweroff="
 key_reset:              .asciz "reset="
+key_blkbench:           .asciz "blkbench="
 key_blk:                .asciz "blk="
 key_net:                .asciz "net="
 msg_blk:                .asciz "blk: "
 msg_net:                .asciz "net: "
 msg_err:                .asciz "ERR "
 msg_capacity:           .asciz "capacity="
+msg_bench_start:        .asciz "blkbench: start\n"
+msg_bench_written:      .asciz "blkbench: written\n"
+msg_bench_read:         .asciz "blkbench: read\n"
 msg_mac:                .asciz "mac="
 err_nodev:              .asciz "no device"
 err_bar:                .asciz "bar"
@@ -1656,6 +1739,8 @@ nranges:        .quad 0
 ranges:         .fill 2 * MAX_RANGES, 8, 0
 rtab:           .fill 2 * MAX_RANGES, 8, 0
 blk_k:          .quad 0
+blkbench_mib:   .quad 0
+blk_len:        .quad 512
 net_on:         .quad 0
 io_ticks:       .quad 0
 wait_until:     .quad 0
@@ -1698,4 +1783,6 @@ blk_wbuf:       .skip 512
 blk_rbuf:       .skip 512
 blk_hdr:        .skip 16
 blk_status:     .skip 16
+        .balign 4096
+blk_bbuf:       .skip BENCH_BYTES
 pong_q:         .skip PONGQ * 16

@@ -24,6 +24,7 @@
 //! | `reset=<n>` | reset (port 0xcf9) after pass n | never |
 //! | `fill=0\|1` | once at boot, write the fill signature into every other usable page | `0` |
 //! | `blk=<K>` | drive a virtio-blk disk: every pass writes a record to one of sectors `0..K` and reads it back (`0` = no disk driver) | `0` |
+//! | `blkbench=<M>` | at boot, before the first pass: write M MiB to the virtio-blk disk from sector 0 in 64 KiB requests (negotiating `VIRTIO_BLK_F_FLUSH`), flush, read them back, printing `blkbench: start`, `blkbench: written` and `blkbench: read` as each phase ends (`ferry-bench --disk` times them); implies `blk=1` when `blk=` is 0 | `0` |
 //! | `net=0\|1` | drive a virtio-net card: every pass broadcasts a frame and answers pings | `0` |
 //!
 //! Serial output (COM1): `dirtier: ws=<pages> stride=<s> fill=<0|1>`, then

@@ -13,7 +13,7 @@ use ferry_tests::migrate::{
 use ferry_tests::pki::{psk_dir, Ca};
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 1000)] [--host-memory warm|as-is] | --checkpoint [--repeats N]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 1000)] [--host-memory warm|as-is] | --checkpoint [--repeats N] | --disk [--disk-mib M] [--repeats N]";
 
 /// The pause before each run (the last run's processes are gone, their memory
 /// freed); the order of the engines rotates per repeat as well.
@@ -187,6 +187,8 @@ fn main() -> ExitCode {
     let mut bw = 0u64;
     let mut limit = 300u64;
     let mut checkpoint = false;
+    let mut disk = false;
+    let mut disk_mib = 256u64;
     let mut streams = vec![1u32];
     let mut tls_modes = vec!["none".to_string()];
     let mut memory = false;
@@ -221,6 +223,8 @@ fn main() -> ExitCode {
                 }
             }
             "--checkpoint" => checkpoint = true,
+            "--disk" => disk = true,
+            "--disk-mib" => disk_mib = val().parse().unwrap_or(256),
             _ => {
                 eprintln!("{USAGE}");
                 return ExitCode::from(2);
@@ -229,6 +233,9 @@ fn main() -> ExitCode {
     }
     if checkpoint {
         return checkpoint_bench(repeats);
+    }
+    if disk {
+        return disk_bench(disk_mib, repeats, settle);
     }
     if let Some(bad) = tls_modes
         .iter()
@@ -538,4 +545,77 @@ fn checkpoint_bench(repeats: usize) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `--disk`: guest disk throughput, ferry against QEMU on raw and qcow2
+/// images (see [`ferry_tests::diskbench`]); engines alternate per repeat.
+fn disk_bench(mib: u64, repeats: usize, settle: Duration) -> ExitCode {
+    use ferry_tests::diskbench::{run, Engine, Format};
+    let qemu = qemu_binary().is_some();
+    println!(
+        "ferry-bench --disk: the guest writes {mib} MiB in 64 KiB virtio-blk requests, \
+         flushes, reads them back; {repeats} repeat(s); QEMU {}",
+        if qemu {
+            "7.2 -M pc in the same run"
+        } else {
+            "not run"
+        }
+    );
+    println!("figures: MB/s (10^6 bytes), min/median/max; raw: every block allocated before; qcow2: a fresh image");
+    println!(
+        "{:<9} {:<6} {:>22} {:>22}",
+        "engine", "image", "write+flush MB/s", "read MB/s"
+    );
+    let engines: Vec<Engine> = if qemu {
+        vec![Engine::Ferry, Engine::Qemu]
+    } else {
+        vec![Engine::Ferry]
+    };
+    let s = Scratch::new();
+    let bytes = (mib << 20) as f64;
+    let mut failed = false;
+    for format in [Format::Raw, Format::Qcow2] {
+        let mut by_engine: Vec<(Engine, Vec<f64>, Vec<f64>)> =
+            engines.iter().map(|&e| (e, vec![], vec![])).collect();
+        for r in 0..repeats {
+            for k in 0..by_engine.len() {
+                let slot = (k + r) % by_engine.len();
+                let engine = by_engine[slot].0;
+                std::thread::sleep(settle);
+                match run(&s, engine, format, mib) {
+                    Ok(run) => {
+                        by_engine[slot].1.push(bytes / run.write_s / 1e6);
+                        by_engine[slot].2.push(bytes / run.read_s / 1e6);
+                    }
+                    Err(e) => {
+                        eprintln!("ferry-bench: {} on {}: {e}", engine.name(), format.name());
+                        failed = true;
+                    }
+                }
+            }
+        }
+        for (engine, w, r) in &by_engine {
+            println!(
+                "{:<9} {:<6} {:>22} {:>22}",
+                engine.name(),
+                format.name(),
+                fmt3(w),
+                fmt3(r)
+            );
+        }
+        if let [(_, fw, fr), (_, qw, qr)] = &by_engine[..] {
+            println!(
+                "{:<9} {:<6} {:>22.2} {:>22.2}",
+                "ratio",
+                format.name(),
+                median(fw) / median(qw),
+                median(fr) / median(qr)
+            );
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
