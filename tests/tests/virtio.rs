@@ -9,11 +9,18 @@
 //! With `net=1` on a tap (root), the guest broadcasts a frame every pass and
 //! answers pings; after a migration the destination announces the guest's MAC
 //! with RARP frames (as QEMU and vMotion do) and the guest answers on the new tap.
+//!
+//! With `rng=1` the guest takes 64 checked random bytes from its virtio-rng
+//! every pass, on both sides of a live migration; with `balloon=1` it follows
+//! the balloon's target set on the control socket, with pages past its working
+//! set that the host discards, answers stats requests, and carries the balloon
+//! across a live migration.
 
 use std::path::Path;
 use std::time::Duration;
 
 use ferry_testguest::link::{Link, Tap};
+use ferry_testguest::{OracleReport, BALLOON_STALE_MAGIC, PAGE_SIZE};
 use ferry_tests::{dirtier_source, require_kvm, Scratch, VmProcess};
 
 const K: u64 = 8;
@@ -310,4 +317,249 @@ fn a_nic_answers_before_and_after_a_live_migration_and_is_announced() {
     );
     check_both(&s, &dst, "dst", &img);
     dst.quit();
+}
+
+/// The guest's serial output must show no driver failure.
+fn assert_no_driver_error(vm: &VmProcess) {
+    let serial = String::from_utf8_lossy(&vm.serial_output()).into_owned();
+    assert!(
+        !serial.contains("ERR"),
+        "the guest's driver failed: {serial}"
+    );
+}
+
+/// The counters of `vm`'s device of `kind`, from the control socket's `devices`.
+fn device(vm: &VmProcess, kind: &str) -> serde_json::Value {
+    let reply = vm.ok("devices");
+    reply["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["kind"] == kind))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {kind} in {reply}"))
+}
+
+/// Waits until `what` holds of `vm`'s `line` reply (polled, generous deadline
+/// for a loaded 2-core machine); returns that reply.
+fn wait_reply(
+    vm: &VmProcess,
+    line: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = vm.ok(line);
+        if done(&reply) {
+            return reply;
+        }
+        assert_no_driver_error(vm);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {what}: {reply}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn rng_bytes(vm: &VmProcess) -> u64 {
+    device(vm, "virtio-rng")["bytes"]
+        .as_u64()
+        .expect("bytes is a number")
+}
+
+#[test]
+fn an_entropy_device_serves_bytes_before_and_after_a_live_migration() {
+    require_kvm();
+    let s = Scratch::new();
+    let mut src = dirtier_source(&s, "128M", "ws=4M rng=1", &["--rng", "builtin"]);
+    src.wait_serial("rng: ok", Duration::from_secs(10));
+    wait_passes(&src, &s, 2 * K);
+    // One 64-byte request a pass; the device counts what it served.
+    assert!(
+        rng_bytes(&src) >= 2 * K * 64,
+        "{}",
+        device(&src, "virtio-rng")
+    );
+    assert_no_driver_error(&src);
+
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dst = VmProcess::spawn(
+        &s,
+        "dst",
+        &["incoming", &uri, "-m", &src.mem, "--rng", "builtin"],
+    );
+    src.ok("migrate-set multifd-channels=2");
+    dst.wait_listening();
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let first = dst.oracle(&s, "dst1").passes;
+    dst.ok("resume");
+    // The driver goes on on the destination, whose device serves it afresh
+    // (its counters start on this host).
+    wait_passes(&dst, &s, first + 2 * K);
+    assert!(
+        rng_bytes(&dst) >= 2 * K * 64,
+        "{}",
+        device(&dst, "virtio-rng")
+    );
+    dst.oracle(&s, "dst2");
+    assert_no_driver_error(&dst);
+    dst.quit();
+}
+
+/// GPA of usable page `index` (the oracle's ranges, in order).
+fn usable_gpa(report: &OracleReport, mut index: u64) -> u64 {
+    for r in &report.ranges {
+        let pages = r.len / PAGE_SIZE;
+        if index < pages {
+            return r.start + index * PAGE_SIZE;
+        }
+        index -= pages;
+    }
+    panic!("usable page {index} past the ranges {:?}", report.ranges)
+}
+
+fn usable_pages(report: &OracleReport) -> u64 {
+    report.ranges.iter().map(|r| r.len / PAGE_SIZE).sum()
+}
+
+/// Sets the balloon's target and waits for the guest's driver to reach it.
+fn balloon_to(vm: &VmProcess, pages: u64) -> serde_json::Value {
+    let reply = vm.ok(&format!("balloon {pages}"));
+    assert_eq!(reply["target_pages"], pages, "{reply}");
+    wait_reply(vm, "balloon", &format!("at {pages} pages"), |r| {
+        r["actual_pages"] == pages
+    })
+}
+
+fn peek(vm: &VmProcess, gpa: u64) -> u64 {
+    vm.ok(&format!("peek {gpa:x}"))["value"]
+        .as_u64()
+        .expect("value is a number")
+}
+
+#[test]
+fn the_balloon_follows_its_target_answers_stats_and_migrates() {
+    require_kvm();
+    const TARGET: u64 = 1000;
+    const KEPT: u64 = 256;
+    let s = Scratch::new();
+    let mut src = dirtier_source(&s, "128M", "ws=4M balloon=1", &["--balloon"]);
+    let report = src.oracle(&s, "boot");
+    src.ok("resume");
+    let total = usable_pages(&report);
+    let pool = total - report.working_set_pages;
+    src.wait_serial(
+        &format!("balloon: pool={pool} stats=1"),
+        Duration::from_secs(10),
+    );
+    // Balloon page k is usable page total - 1 - k: the top of RAM first.
+    let balloon_page = |k: u64| usable_gpa(&report, total - 1 - k);
+
+    let reply = balloon_to(&src, TARGET);
+    assert_eq!(reply["held_pages"], TARGET, "{reply}");
+    let dev = device(&src, "virtio-balloon");
+    assert_eq!(dev["inflated_pages"], TARGET, "{dev}");
+    assert_eq!(dev["discard_failures"], 0, "{dev}");
+    assert_eq!(dev["refused_pfns"], 0, "{dev}");
+    // The guest left stale bytes in every page it gave; the host dropped them.
+    let stale = u64::from_le_bytes(BALLOON_STALE_MAGIC);
+    for k in [0, TARGET / 2, TARGET - 1] {
+        let v = peek(&src, balloon_page(k));
+        assert_eq!(v, 0, "balloon page {k} kept its bytes (stale {stale:#x})");
+    }
+
+    // Stats requests every second: the next answer counts the balloon.
+    src.ok("balloon stats 1");
+    let free = |pages: u64| json_u64((pool - pages) * PAGE_SIZE);
+    let reply = wait_reply(&src, "balloon", "stats after the inflate", |r| {
+        r["stats"]["stat-free-memory"] == free(TARGET)
+    });
+    assert_eq!(reply["stats"]["stat-total-memory"], total * PAGE_SIZE);
+    assert_eq!(reply["stats"]["stat-available-memory"], free(TARGET));
+
+    let reply = balloon_to(&src, 0);
+    assert_eq!(reply["held_pages"], 0, "{reply}");
+    let dev = device(&src, "virtio-balloon");
+    assert_eq!(dev["deflated_pages"], TARGET, "{dev}");
+    wait_reply(&src, "balloon", "stats after the deflate", |r| {
+        r["stats"]["stat-free-memory"] == free(0)
+    });
+    // The guest never touches a page it took back.
+    assert_eq!(peek(&src, balloon_page(0)), 0);
+
+    // A balloon holding pages migrates with the guest.
+    balloon_to(&src, KEPT);
+    wait_reply(&src, "balloon", "stats before the migration", |r| {
+        r["stats"]["stat-free-memory"] == free(KEPT)
+    });
+    src.oracle(&s, "src");
+    src.ok("resume");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dst = VmProcess::spawn(&s, "dst", &["incoming", &uri, "-m", &src.mem, "--balloon"]);
+    dst.wait_listening();
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let first = dst.oracle(&s, "dst1").passes;
+    dst.ok("resume");
+    let reply = dst.ok("balloon");
+    assert_eq!(
+        (&reply["target_pages"], &reply["actual_pages"]),
+        (&json_u64(KEPT), &json_u64(KEPT)),
+        "{reply}"
+    );
+    assert_eq!(reply["stats"]["stat-free-memory"], free(KEPT), "{reply}");
+    for k in [0, KEPT - 1] {
+        assert_eq!(peek(&dst, balloon_page(k)), 0, "balloon page {k} on dst");
+    }
+    // The guest's driver goes on with the destination's device, whose
+    // counters came with the balloon's state.
+    let dev = device(&dst, "virtio-balloon");
+    assert_eq!(dev["inflated_pages"], TARGET + KEPT, "{dev}");
+    assert_eq!(dev["held_pages"], KEPT, "{dev}");
+    balloon_to(&dst, 0);
+    let dev = device(&dst, "virtio-balloon");
+    assert_eq!(dev["deflated_pages"], TARGET + KEPT, "{dev}");
+    assert_eq!(dev["held_pages"], 0, "{dev}");
+    wait_passes(&dst, &s, first + 2 * K);
+    dst.oracle(&s, "dst2");
+    assert_no_driver_error(&dst);
+    dst.quit();
+}
+
+fn json_u64(v: u64) -> serde_json::Value {
+    serde_json::Value::from(v)
+}
+
+/// `balloon=1` with `fill=1` is refused: the fill owns every page the balloon
+/// could give, and the oracle checks them.
+#[test]
+fn a_balloon_with_a_fill_is_refused_by_the_guest() {
+    require_kvm();
+    let s = Scratch::new();
+    let dirtier = s.dirtier.display().to_string();
+    let vm = VmProcess::start(
+        &s,
+        "src",
+        &[
+            "run",
+            "--kernel",
+            &dirtier,
+            "-m",
+            "64M",
+            "--append",
+            "ws=1M fill=1 balloon=1",
+            "--balloon",
+        ],
+    );
+    vm.wait_serial("balloon: ERR fill=1", Duration::from_secs(30));
+    let serial = String::from_utf8_lossy(&vm.serial_output()).into_owned();
+    assert!(!serial.contains("dirtier: ready"), "{serial}");
+    vm.quit();
 }

@@ -111,6 +111,12 @@ pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
          guest refresh its memory statistics that often (0: never). Always report the \
          balloon: target, actual (what the guest's driver holds) and the guest's statistics.",
     ),
+    (
+        "devices",
+        "Report each virtio device's counters since it was created on this host: bytes \
+         and operations of disks, frames of NICs, bytes of entropy devices, pages of the \
+         balloon (inflated, deflated, discard failures).",
+    ),
     ("quit", "Stop the VM and exit with status 0."),
 ];
 

@@ -4,7 +4,7 @@
 //! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `peek HEXGPA` (a u64 of
 //! guest RAM), `announce` (the NICs' RARP frames), `dirty-rate [SECONDS [PAGES-PER-GIB]]`
 //! (QEMU's calc-dirty-rate), `balloon [PAGES | stats SECONDS]` (the balloon's target
-//! and stats polling), `quit`,
+//! and stats polling), `devices` (each virtio device's counters), `quit`,
 //! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
 //! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover, pause-before-switchover
@@ -290,10 +290,11 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
         )})),
         "dirty-rate" => dirty_rate(vm, arg),
         "balloon" => balloon(vm, arg),
+        "devices" => Ok(devices(vm)),
         _ => Err(VmmError::Command(format!(
             "unknown command '{cmd}': use status, pause, resume, checkpoint PATH, dump PATH, \
-             announce, dirty-rate [SECONDS [PAGES-PER-GIB]], balloon [PAGES|stats SECONDS] \
-             or quit"
+             announce, dirty-rate [SECONDS [PAGES-PER-GIB]], balloon [PAGES|stats SECONDS], \
+             devices or quit"
         ))),
     };
     match result {
@@ -346,6 +347,58 @@ fn balloon(vm: &Vm, arg: &str) -> Result<Value, VmmError> {
         "stats_last_update": info.stats_last_update,
         "stats_interval": info.poll_interval,
     }))
+}
+
+/// `devices`: each virtio device's id, kind and counters (since it was
+/// created on this host), by slot.
+fn devices(vm: &Vm) -> Value {
+    use crate::devices::virtio::DeviceStats;
+    let devices: Vec<Value> = vm
+        .device_stats()
+        .into_iter()
+        .map(|(id, stats)| match stats {
+            DeviceStats::Block(b) => json!({
+                "id": id,
+                "kind": "virtio-blk",
+                "rd_bytes": b.rd_bytes,
+                "wr_bytes": b.wr_bytes,
+                "rd_operations": b.rd_operations,
+                "wr_operations": b.wr_operations,
+                "flush_operations": b.flush_operations,
+                "failed_rd_operations": b.failed_rd_operations,
+                "failed_wr_operations": b.failed_wr_operations,
+                "failed_flush_operations": b.failed_flush_operations,
+                "invalid_operations": b.invalid_operations,
+            }),
+            DeviceStats::Net(n) => json!({
+                "id": id,
+                "kind": "virtio-net",
+                "tx_frames": n.tx_frames,
+                "tx_dropped": n.tx_dropped,
+                "rx_frames": n.rx_frames,
+                "rx_dropped": n.rx_dropped,
+                "announces": n.announces,
+            }),
+            DeviceStats::Rng(r) => json!({
+                "id": id,
+                "kind": "virtio-rng",
+                "bytes": r.bytes,
+                "requests": r.requests,
+                "throttled": r.throttled,
+            }),
+            DeviceStats::Balloon(b) => json!({
+                "id": id,
+                "kind": "virtio-balloon",
+                "held_pages": b.held_pages,
+                "inflated_pages": b.inflated_pages,
+                "deflated_pages": b.deflated_pages,
+                "reported_pages": b.reported_pages,
+                "refused_pfns": b.refused_pfns,
+                "discard_failures": b.discard_failures,
+            }),
+        })
+        .collect();
+    json!({ "devices": devices })
 }
 
 /// `dirty-rate SECONDS [PAGES-PER-GIB]` starts measuring the guest's dirty
@@ -569,5 +622,34 @@ mod tests {
         }
         let (r, _) = handle(&mut vm(vec![]), "balloon");
         assert_eq!(r["error"], "the VM has no balloon device", "{r}");
+    }
+
+    #[test]
+    fn devices_command_lists_each_device_with_its_counters() {
+        use crate::devices::virtio::rng::{RngConfig, RngSource};
+        let mut v = vm(vec![
+            VirtioSpec {
+                slot: 4,
+                id: "rng0".into(),
+                device: VirtioDeviceSpec::Rng(RngConfig::new(RngSource::Builtin)),
+            },
+            VirtioSpec {
+                slot: 5,
+                id: "balloon0".into(),
+                device: VirtioDeviceSpec::Balloon(BalloonConfig::default()),
+            },
+        ]);
+        let (r, _) = handle(&mut v, "devices");
+        assert_eq!(r["ok"], true, "{r}");
+        let d = &r["devices"];
+        assert_eq!(
+            (&d[0]["id"], &d[0]["kind"]),
+            (&json!("rng0"), &json!("virtio-rng"))
+        );
+        assert_eq!(d[0]["bytes"], 0, "{r}");
+        assert_eq!(d[1]["kind"], "virtio-balloon", "{r}");
+        assert_eq!(d[1]["discard_failures"], 0, "{r}");
+        let (r, _) = handle(&mut vm(vec![]), "devices");
+        assert_eq!(r["devices"], json!([]), "{r}");
     }
 }

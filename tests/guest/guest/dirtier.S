@@ -355,7 +355,13 @@ user_main:
 6:      cmpq $0, net_on(%rip)
         je 7f
         call net_init
-7:
+7:      cmpq $0, rng_on(%rip)
+        je 8f
+        call rng_init
+8:      cmpq $0, balloon_on(%rip)
+        je 9f
+        call balloon_init
+9:
         leaq msg_ready(%rip), %rsi
         call puts
 
@@ -676,12 +682,30 @@ key:
         jmp skip
 1:      leaq key_net(%rip), %rdi
         call match_key
-        jne skip
+        jne 1f
         call parse_u64
         xorl %ecx, %ecx
         testq %rax, %rax
         setnz %cl
         movq %rcx, net_on(%rip)
+        jmp skip
+1:      leaq key_rng(%rip), %rdi
+        call match_key
+        jne 1f
+        call parse_u64
+        xorl %ecx, %ecx
+        testq %rax, %rax
+        setnz %cl
+        movq %rcx, rng_on(%rip)
+        jmp skip
+1:      leaq key_balloon(%rip), %rdi
+        call match_key
+        jne skip
+        call parse_u64
+        xorl %ecx, %ecx
+        testq %rax, %rax
+        setnz %cl
+        movq %rcx, balloon_on(%rip)
 skip:
         movzbl (%rsi), %eax
         cmpl $' ', %eax
@@ -830,8 +854,9 @@ write_header:
 /* Master and INTx Disable in the command register, walk the capability      */
 /* list for the virtio vendor capabilities (common, notify, ISR, device      */
 /* cfg; the first of each type wins), then reset, ACKNOWLEDGE, DRIVER,       */
-/* features (VERSION_1 plus the device's wanted low bits), FEATURES_OK and   */
-/* re-read, config_msix_vector and queue_msix_vector = NO_VECTOR (MSI-X      */
+/* features (VERSION_1, the device's required low bits, its optional ones   */
+/* if offered), FEATURES_OK and re-read, config_msix_vector and              */
+/* queue_msix_vector = NO_VECTOR (MSI-X                                      */
 /* stays disabled), split virtqueues of min(max, 16) entries (a power of 2)  */
 /* in .bss, queue_enable, DRIVER_OK. Completions are found by polling the    */
 /* used ring's idx. Any failure prints "<dev>: ERR <reason>" and halts.      */
@@ -848,7 +873,9 @@ write_header:
         .set VD_NQ, 64                      # queues used
         .set VD_FEAT_LO, 72                 # feature bits 0..31 required and accepted
         .set VD_POLL, 80                    # called while waiting (0 = none)
-        .set VD_Q, 96                       # struct vq[2], 64 bytes each
+        .set VD_FEAT_OPT, 88                # bits 0..31 accepted if offered; after
+                                            # vd_negotiate: the ones accepted
+        .set VD_Q, 96                       # struct vq[VD_NQ], 64 bytes each
         .set Q_SIZE, 0
         .set Q_RING, 8                      # page: desc +0, avail +0x400, used +0x800
         .set Q_NOTIFY, 16                   # notify address
@@ -1061,6 +1088,12 @@ vd_caps:
 /* vd_init: %r15 = device. Everything up to (not including) DRIVER_OK; */
 /* leaves %r13 = common cfg. Clobbers everything but %r15.             */
 vd_init:
+        call vd_negotiate
+        jmp vd_queues
+
+/* vd_negotiate: find and reset the device, negotiate features up to     */
+/* FEATURES_OK; leaves %r13 = common cfg. Clobbers everything but %r15.  */
+vd_negotiate:
         movq tsc_khz(%rip), %rax
         imulq $IO_TIMEOUT_MS, %rax
         movq %rax, io_ticks(%rip)
@@ -1089,14 +1122,18 @@ vd_init:
         leaq err_version(%rip), %rsi
         jmp vd_fail
 3:      movl $0, 0x00(%r13)
-        movl 0x04(%r13), %eax
+        movl 0x04(%r13), %edx               # offered bits 0..31
         movl VD_FEAT_LO(%r15), %ecx
+        movl %edx, %eax
         andl %ecx, %eax
         cmpl %ecx, %eax
         je 4f
         leaq err_feature(%rip), %rsi
         jmp vd_fail
-4:      movl $0, 0x08(%r13)                 # driver_feature_select = 0
+4:      andl VD_FEAT_OPT(%r15), %edx        # the optional ones offered
+        movq %rdx, VD_FEAT_OPT(%r15)
+        orl %edx, %ecx
+        movl $0, 0x08(%r13)                 # driver_feature_select = 0
         movl %ecx, 0x0c(%r13)
         movl $1, 0x08(%r13)
         movl $1, 0x0c(%r13)                 # VERSION_1
@@ -1105,7 +1142,14 @@ vd_init:
         jnz 5f
         leaq err_features_ok(%rip), %rsi
         jmp vd_fail
-5:      movw $0xffff, 0x10(%r13)            # config_msix_vector = NO_VECTOR
+5:      ret
+
+/* vd_queues: %r15 = device after vd_negotiate: MSI-X vectors off, VD_NQ */
+/* queues set up and enabled; leaves %r13 = common cfg. Clobbers         */
+/* everything but %r15.                                                  */
+vd_queues:
+        movq VD_COMMON(%r15), %r13
+        movw $0xffff, 0x10(%r13)            # config_msix_vector = NO_VECTOR
         xorl %r12d, %r12d                   # queue index
         leaq VD_Q(%r15), %rbx
 6:      movw %r12w, CC_QSELECT(%r13)
@@ -1599,6 +1643,225 @@ net_pass:
         jnz 1b
 9:      ret
 
+/* ---- virtio-rng ---------------------------------------------------------- */
+
+        .set RNGLEN, 64                     # bytes asked for every pass
+
+rng_init:
+        leaq rng_dev(%rip), %r15
+        call vd_init
+        movb $0x0f, CC_STATUS(%r13)         # DRIVER_OK
+        leaq msg_rng(%rip), %rsi
+        call puts
+        leaq msg_ok(%rip), %rsi
+        jmp puts
+
+/* rng_pass: ask for RNGLEN bytes; a used length of 8 or more must not be */
+/* all zero nor the previous pass's bytes.                                */
+rng_pass:
+        leaq rng_dev(%rip), %r15
+        leaq rng_dev + VD_Q(%rip), %rbx
+        leaq rng_buf(%rip), %rdi
+        xorl %eax, %eax
+        movl $RNGLEN / 8, %ecx
+        rep stosq
+        movq Q_RING(%rbx), %rsi
+        leaq rng_buf(%rip), %rax
+        movq %rax, (%rsi)                   # desc 0: the buffer, device-writable
+        movl $RNGLEN, 8(%rsi)
+        movl $2, 12(%rsi)                   # flags WRITE, next 0
+        xorl %eax, %eax
+        call vq_submit
+        call vq_kick
+        call vq_wait
+        testl %eax, %eax
+        jz 1f
+        leaq err_used(%rip), %rsi
+        jmp vd_fail
+1:      movl %ecx, %eax
+        testl %ecx, %ecx
+        jz 2f
+        cmpl $RNGLEN, %ecx
+        jbe 3f
+2:      leaq err_length(%rip), %rsi
+        jmp vd_fail_num
+3:      cmpl $8, %ecx                       # too short to judge
+        jb 6f
+        leaq rng_buf(%rip), %rsi
+        xorl %eax, %eax
+        movl $RNGLEN / 8, %ecx
+4:      orq (%rsi), %rax
+        addq $8, %rsi
+        decl %ecx
+        jnz 4b
+        testq %rax, %rax
+        jnz 5f
+        leaq err_zero(%rip), %rsi
+        jmp vd_fail
+5:      leaq rng_buf(%rip), %rsi
+        leaq rng_prev(%rip), %rdi
+        movl $RNGLEN / 8, %ecx
+        repe cmpsq
+        jne 6f
+        leaq err_repeated(%rip), %rsi
+        jmp vd_fail
+6:      leaq rng_buf(%rip), %rsi
+        leaq rng_prev(%rip), %rdi
+        movl $RNGLEN / 8, %ecx
+        rep movsq
+        ret
+
+/* ---- virtio-balloon ------------------------------------------------------ */
+/* The balloon's pool is the usable pages past the working set; balloon page */
+/* k (0 = first inflated) is usable page total_pages - 1 - k, so the balloon */
+/* grows down from the top of usable RAM.                                    */
+
+        .set BAL_BATCH, 256                 # PFNs per inflate or deflate buffer
+        .set BAL_F_STATS_VQ, 1              # feature bit
+        .set BAL_STATS_LEN, 3 * 10          # three (le16 tag, le64 value) entries
+
+balloon_init:
+        leaq balloon_dev(%rip), %r15
+        cmpq $0, fill(%rip)
+        je 1f
+        leaq err_fill(%rip), %rsi           # the fill owns every page past the working set
+        jmp vd_fail
+1:      call vd_negotiate
+        movq VD_FEAT_OPT(%r15), %rax
+        btl $BAL_F_STATS_VQ, %eax
+        jc 2f
+        movq $2, VD_NQ(%r15)                # no statsq
+2:      call vd_queues
+        movq total_pages(%rip), %rax
+        subq ws_pages(%rip), %rax
+        movq %rax, bal_pool(%rip)
+        movb $0x0f, CC_STATUS(%r13)         # DRIVER_OK
+        leaq msg_balloon(%rip), %rsi
+        call puts
+        leaq msg_pool(%rip), %rsi
+        call puts
+        movq bal_pool(%rip), %rax
+        call print_dec
+        leaq msg_stats(%rip), %rsi
+        call puts
+        movq VD_NQ(%r15), %rax
+        subq $2, %rax
+        call print_dec
+        movb $'\n', %al
+        call putc
+        cmpq $3, VD_NQ(%r15)
+        jne 3f
+        call bal_stats_post
+3:      ret
+
+/* bal_stats_post: fill the stats buffer and make it available on statsq. */
+/* %r15 = balloon_dev. Clobbers rax, rbx, rcx, rdx, rsi, rdi.              */
+bal_stats_post:
+        leaq balloon_dev + VD_Q + 128(%rip), %rbx
+        leaq bal_stats(%rip), %rdi
+        movq total_pages(%rip), %rax
+        shlq $12, %rax
+        movw $5, 0(%rdi)                    # VIRTIO_BALLOON_S_MEMTOT: usable RAM
+        movq %rax, 2(%rdi)
+        movq bal_pool(%rip), %rax
+        subq bal_actual(%rip), %rax
+        shlq $12, %rax
+        movw $4, 10(%rdi)                   # S_MEMFREE: the pool not in the balloon
+        movq %rax, 12(%rdi)
+        movw $6, 20(%rdi)                   # S_AVAIL: the same
+        movq %rax, 22(%rdi)
+        movq Q_RING(%rbx), %rsi
+        movq %rdi, (%rsi)                   # desc 0: device-readable
+        movl $BAL_STATS_LEN, 8(%rsi)
+        movl $0, 12(%rsi)
+        xorl %eax, %eax
+        call vq_submit
+        jmp vq_kick
+
+/* bal_page: %rax = GPA of balloon page %r13. Clobbers rsi. */
+bal_page:
+        movq total_pages(%rip), %rax
+        decq %rax
+        subq %r13, %rax
+        leaq rtab(%rip), %rsi
+1:      cmpq (%rsi), %rax
+        jb 2f
+        addq $16, %rsi
+        jmp 1b
+2:      shlq $12, %rax
+        addq 8(%rsi), %rax
+        ret
+
+/* balloon_pass: answer a stats request, then inflate or deflate until     */
+/* actual = min(num_pages, pool), BAL_BATCH pages per buffer, writing      */
+/* actual after each buffer.                                               */
+balloon_pass:
+        leaq balloon_dev(%rip), %r15
+        cmpq $3, VD_NQ(%r15)
+        jne 1f
+        leaq balloon_dev + VD_Q + 128(%rip), %rbx
+        movq Q_RING(%rbx), %rsi
+        movzwl 0x802(%rsi), %eax            # the device gave the stats buffer back?
+        cmpq Q_USED(%rbx), %rax
+        je 1f
+        movq Q_USED(%rbx), %rcx
+        incl %ecx
+        movzwl %cx, %ecx
+        movq %rcx, Q_USED(%rbx)
+        call bal_stats_post
+1:      movq VD_DEVCFG(%r15), %rsi
+        movl (%rsi), %r12d                  # num_pages
+        cmpq bal_pool(%rip), %r12
+        jbe 2f
+        movq bal_pool(%rip), %r12           # the pool is all there is
+2:      movq bal_actual(%rip), %r13
+        xorl %r14d, %r14d                   # PFNs in the buffer
+        leaq bal_pfns(%rip), %rdi
+        movabsq $0x4c41425952524546, %r8    # "FERRYBAL"
+        cmpq %r12, %r13
+        je 9f
+        ja 5f
+3:      call bal_page                       # inflate balloon page actual
+        movq %r8, (%rax)                    # stale data the host must drop
+        shrq $12, %rax
+        movl %eax, (%rdi,%r14,4)
+        incl %r14d
+        incq %r13
+        cmpq %r12, %r13
+        jae 4f
+        cmpl $BAL_BATCH, %r14d
+        jb 3b
+4:      leaq balloon_dev + VD_Q(%rip), %rbx # inflateq
+        jmp 7f
+5:      decq %r13                           # deflate balloon page actual - 1
+        call bal_page
+        shrq $12, %rax
+        movl %eax, (%rdi,%r14,4)
+        incl %r14d
+        cmpq %r12, %r13
+        jbe 6f
+        cmpl $BAL_BATCH, %r14d
+        jb 5b
+6:      leaq balloon_dev + VD_Q + 64(%rip), %rbx # deflateq
+7:      movq Q_RING(%rbx), %rsi
+        movq %rdi, (%rsi)                   # desc 0: the PFNs, device-readable
+        leal (,%r14,4), %eax
+        movl %eax, 8(%rsi)
+        movl $0, 12(%rsi)
+        xorl %eax, %eax
+        call vq_submit
+        call vq_kick
+        call vq_wait
+        testl %eax, %eax
+        jz 8f
+        leaq err_used(%rip), %rsi
+        jmp vd_fail
+8:      movq %r13, bal_actual(%rip)
+        movq VD_DEVCFG(%r15), %rsi
+        movl %r13d, 4(%rsi)                 # actual
+        jmp 2b
+9:      ret
+
 /* io_pass: the per-pass virtio work for pass %r10. Preserves all registers */
 /* but rax and rdx.                                                         */
 io_pass:
@@ -1620,7 +1883,13 @@ io_pass:
 1:      cmpq $0, net_on(%rip)
         je 2f
         call net_pass
-2:      popq %r15
+2:      cmpq $0, rng_on(%rip)
+        je 3f
+        call rng_pass
+3:      cmpq $0, balloon_on(%rip)
+        je 4f
+        call balloon_pass
+4:      popq %r15
         popq %r14
         popq %r13
         popq %r12
@@ -1654,8 +1923,15 @@ key_reset:              .asciz "reset="
 key_blkbench:           .asciz "blkbench="
 key_blk:                .asciz "blk="
 key_net:                .asciz "net="
+key_rng:                .asciz "rng="
+key_balloon:            .asciz "balloon="
 msg_blk:                .asciz "blk: "
 msg_net:                .asciz "net: "
+msg_rng:                .asciz "rng: "
+msg_balloon:            .asciz "balloon: "
+msg_ok:                 .asciz "ok\n"
+msg_pool:               .asciz "pool="
+msg_stats:              .asciz " stats="
 msg_err:                .asciz "ERR "
 msg_capacity:           .asciz "capacity="
 msg_bench_start:        .asciz "blkbench: start\n"
@@ -1676,6 +1952,10 @@ err_used:               .asciz "used ring"
 err_status:             .asciz "status "
 err_capacity:           .asciz "capacity"
 err_readback:           .asciz "readback"
+err_length:             .asciz "length "
+err_zero:               .asciz "zero bytes"
+err_repeated:           .asciz "repeated bytes"
+err_fill:               .asciz "fill=1"
 bcast_mac:              .byte 0xff, 0xff, 0xff, 0xff, 0xff, 0xff
 
         .section .data
@@ -1742,6 +2022,10 @@ blk_k:          .quad 0
 blkbench_mib:   .quad 0
 blk_len:        .quad 512
 net_on:         .quad 0
+rng_on:         .quad 0
+balloon_on:     .quad 0
+bal_pool:       .quad 0
+bal_actual:     .quad 0
 io_ticks:       .quad 0
 wait_until:     .quad 0
 fail_num:       .quad 0
@@ -1751,7 +2035,8 @@ net_mac:        .quad 0
 pong_head:      .quad 0
 pong_tail:      .quad 0
         /* struct vdev: prefix, cfg, common, notify, isr, devcfg, notify mult, */
-        /* id, queues, low features, poll fn, pad; then 2 x struct vq.          */
+        /* id, queues, low features, poll fn, optional low features; then one  */
+        /* struct vq per queue.                                                */
 blk_dev:
         .quad msg_blk, 0, 0, 0, 0, 0, 0, 0x10421af4, 1, 0, 0, 0
         .quad 0, blk_ring, 0, 0, 0, 0, 0, 0
@@ -1760,6 +2045,14 @@ net_dev:
         .quad msg_net, 0, 0, 0, 0, 0, 0, 0x10411af4, 2, 1 << 5, net_rx_poll, 0
         .quad 0, net_ring0, 0, 0, 0, 0, 0, 0
         .quad 0, net_ring1, 0, 0, 0, 0, 0, 0
+rng_dev:
+        .quad msg_rng, 0, 0, 0, 0, 0, 0, 0x10441af4, 1, 0, 0, 0
+        .quad 0, rng_ring, 0, 0, 0, 0, 0, 0
+balloon_dev:
+        .quad msg_balloon, 0, 0, 0, 0, 0, 0, 0x10451af4, 3, 0, 0, 1 << BAL_F_STATS_VQ
+        .quad 0, bal_ring0, 0, 0, 0, 0, 0, 0
+        .quad 0, bal_ring1, 0, 0, 0, 0, 0, 0
+        .quad 0, bal_ring2, 0, 0, 0, 0, 0, 0
 
         .section .bss
         .balign 4096
@@ -1786,3 +2079,12 @@ blk_status:     .skip 16
         .balign 4096
 blk_bbuf:       .skip BENCH_BYTES
 pong_q:         .skip PONGQ * 16
+        .balign 4096
+rng_ring:       .skip 4096
+bal_ring0:      .skip 4096
+bal_ring1:      .skip 4096
+bal_ring2:      .skip 4096
+bal_pfns:       .skip BAL_BATCH * 4
+rng_buf:        .skip RNGLEN
+rng_prev:       .skip RNGLEN
+bal_stats:      .skip 32

@@ -26,14 +26,17 @@
 //! | `blk=<K>` | drive a virtio-blk disk: every pass writes a record to one of sectors `0..K` and reads it back (`0` = no disk driver) | `0` |
 //! | `blkbench=<M>` | at boot, before the first pass: write M MiB to the virtio-blk disk from sector 0 in 64 KiB requests (negotiating `VIRTIO_BLK_F_FLUSH`), flush, read them back, printing `blkbench: start`, `blkbench: written` and `blkbench: read` as each phase ends (`ferry-bench --disk` times them); implies `blk=1` when `blk=` is 0 | `0` |
 //! | `net=0\|1` | drive a virtio-net card: every pass broadcasts a frame and answers pings | `0` |
+//! | `rng=0\|1` | drive a virtio-rng device: every pass asks for 64 random bytes and checks them | `0` |
+//! | `balloon=0\|1` | drive a virtio-balloon: every pass follows the host's target with pages past the working set, and answers stats requests (refused with `fill=1`) | `0` |
 //!
 //! Serial output (COM1): `dirtier: ws=<pages> stride=<s> fill=<0|1>`, then
-//! heartbeat dots (also during the fill), `blk: capacity=<sectors>` and
-//! `net: mac=<xx:xx:xx:xx:xx:xx>` when those drivers are on, `dirtier: ready`
-//! just before the first pass, then heartbeat dots only. A CPU exception
-//! prints `EXC <vector>` and halts. A virtio failure prints
-//! `blk: ERR <reason>` or `net: ERR <reason>` and stops (ring 3 spins
-//! without heartbeats): see [Virtio devices](#virtio-devices).
+//! heartbeat dots (also during the fill), `blk: capacity=<sectors>`,
+//! `net: mac=<xx:xx:xx:xx:xx:xx>`, `rng: ok` and
+//! `balloon: pool=<pages> stats=<0|1>` when those drivers are on (in that
+//! order), `dirtier: ready` just before the first pass, then heartbeat dots
+//! only. A CPU exception prints `EXC <vector>` and halts. A virtio failure
+//! prints `<dev>: ERR <reason>` (`blk`, `net`, `rng`, `balloon`) and stops
+//! (ring 3 spins without heartbeats): see [Virtio devices](#virtio-devices).
 //!
 //! Usable RAM is the PVH memory map's RAM ranges clipped to `[2 MiB, 64 GiB)`,
 //! whole pages, first 8 ranges, sorted by address. Usable page index `i` maps
@@ -47,17 +50,19 @@
 //!
 //! # Virtio devices
 //!
-//! With `blk=` or `net=` the guest drives virtio 1.0 PCI devices (modern
-//! transport only: vendor `0x1af4`, device `0x1042` for blk, `0x1041` for
-//! net, the first such function on bus 0), polled, from ring 3. It uses PCI
+//! With `blk=`, `net=`, `rng=` or `balloon=` the guest drives virtio 1.0 PCI
+//! devices (modern transport only: vendor `0x1af4`, device `0x1042` for blk,
+//! `0x1041` for net, `0x1044` for rng, `0x1045` for the balloon, the first
+//! such function on bus 0), polled, from ring 3. It uses PCI
 //! configuration mechanism #1 (ports `0xcf8`/`0xcfc`, dword accesses only),
 //! sets Memory Space, Bus Master and INTx Disable in the command register
 //! (BARs must already be assigned, as firmware would), reads the BARs (32- or
 //! 64-bit memory, below 64 GiB) and walks the capability list for the common,
 //! notify, ISR and device configuration structures (the first of each type).
 //! Then: reset (and wait for status 0), ACKNOWLEDGE, DRIVER, features
-//! (`VIRTIO_F_VERSION_1`, plus `VIRTIO_NET_F_MAC` for net; nothing else),
-//! FEATURES_OK and re-read, `config_msix_vector = 0xffff`, per queue
+//! (`VIRTIO_F_VERSION_1`, plus `VIRTIO_NET_F_MAC` for net, plus
+//! `VIRTIO_BALLOON_F_STATS_VQ` for the balloon if the device offers it;
+//! nothing else), FEATURES_OK and re-read, `config_msix_vector = 0xffff`, per queue
 //! `queue_size = min(max, 16)` rounded down to a power of 2,
 //! `queue_msix_vector = 0xffff`, ring addresses (two 32-bit writes each),
 //! `queue_enable = 1`; device configuration; DRIVER_OK. MSI-X stays disabled
@@ -70,7 +75,9 @@
 //! `feature not offered`, `FEATURES_OK not kept`, `queue unavailable`,
 //! `timeout` (no completion within 30 s of TSC time), `DEVICE_NEEDS_RESET`,
 //! `used ring` (an unexpected used id), `status <n>` (a blk request's status
-//! byte), `capacity` (K sectors do not fit the disk), `readback`.
+//! byte), `capacity` (K sectors do not fit the disk), `readback`, `length <n>`
+//! (an rng used length of 0 or above 64), `zero bytes`, `repeated bytes`
+//! (rng), `fill=1` (balloon: the fill owns every page the balloon could use).
 //!
 //! **Disk (`blk=K`).** At boot `blk: capacity=<sectors>` (device
 //! configuration `capacity`). In pass `p`, after the sweep and before the
@@ -104,12 +111,48 @@
 //! The guest polls its receive queue once per pass and while waiting for a
 //! transmit to complete; every used receive buffer is posted again. Up to 16
 //! pings wait for their replies (more are dropped); replies go out after the
-//! pass's `FERRYNET`. blk and net act once per pass, so they need `ws` > 0.
+//! pass's `FERRYNET`.
+//!
+//! **Entropy (`rng=1`).** At boot `rng: ok`. In every pass, after the frames,
+//! the guest zeroes a 64-byte buffer, posts it as one device-writable
+//! descriptor on request queue 0 and waits for it. The used length must be 1
+//! to 64 (`length <n>`); when it is 8 or more the 64 bytes must not be all
+//! zero (`zero bytes`) nor equal to the previous pass's 64 bytes
+//! (`repeated bytes`).
+//!
+//! **Balloon (`balloon=1`).** Refused with `fill=1`. The balloon's pool is
+//! every usable page past the working set, `pool = total - N` pages; balloon
+//! page `k` (the `k`-th page inflated, from 0) is usable page
+//! `total - 1 - k`, so the balloon grows down from the top of usable RAM and
+//! never holds a page of the working set, the header or anything below
+//! 2 MiB. Queues: inflateq 0, deflateq 1 and, when `VIRTIO_BALLOON_F_STATS_VQ`
+//! was negotiated, statsq 2. At boot `balloon: pool=<pages> stats=<0|1>`,
+//! then (with stats) one stats buffer goes on statsq. In every pass, after
+//! the rng request:
+//!
+//! 1. If the device gave the stats buffer back, the guest refills it and
+//!    posts it again: three `(le16 tag, le64 value)` entries,
+//!    `VIRTIO_BALLOON_S_MEMTOT` (5) = usable RAM in bytes,
+//!    `S_MEMFREE` (4) and `S_AVAIL` (6) = `(pool - actual) * 4096`.
+//! 2. It reads `num_pages` from the device configuration; the target is
+//!    `min(num_pages, pool)` (a larger target leaves `actual` short of it).
+//!    While `actual` < target it inflates: for balloon pages `actual`,
+//!    `actual + 1`, ... it writes [`BALLOON_STALE_MAGIC`] at offset 0 of the
+//!    page (stale data that must be gone once the host took the page: the
+//!    page reads zero afterwards), puts its 32-bit PFN in a buffer of at most
+//!    256, sends the buffer on inflateq, waits for it, and writes `actual`.
+//!    While `actual` > target it deflates pages `actual - 1`, `actual - 2`,
+//!    ... the same way on deflateq, and never touches them again.
+//!
+//! blk, net, rng and the balloon act once per pass, so they need `ws` > 0.
 //!
 //! # The oracle
 //!
 //! [`check`] reads a memory image through [`PhysMem`] and decides whether it
 //! is a state the guest could have been in: see [`oracle`] for the rules.
+//! Balloon pages (`balloon=1`) are never pages it checks: they lie past the
+//! working set, and the fill, which would own them, is refused with a
+//! balloon.
 //! [`disk::check_disk`] does the same for the `blk=K` disk.
 
 pub mod disk;
@@ -150,6 +193,9 @@ pub const NET_PASS_MAGIC: [u8; 8] = *b"FERRYNET";
 pub const NET_PING_MAGIC: [u8; 8] = *b"FERRYPNG";
 /// Payload magic of the guest's reply to a ping.
 pub const NET_PONG_MAGIC: [u8; 8] = *b"FERRYPON";
+/// Written at offset 0 of a page just before the guest inflates the balloon
+/// with it (`balloon=1`): once the host has taken the page it reads zero.
+pub const BALLOON_STALE_MAGIC: [u8; 8] = *b"FERRYBAL";
 
 /// Byte offsets of the header's little-endian u64 fields.
 pub mod header {

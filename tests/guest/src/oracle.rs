@@ -17,6 +17,11 @@
 //! 4. Once the header says the fill is done, every usable page outside the
 //!    working set carries the fill signature ([`OracleError::FillLost`]).
 //!
+//! Without a fill, pages past the working set are not read: that is where
+//! a `balloon=1` guest takes its balloon pages from (and it refuses
+//! `fill=1`), so pages the host discarded, which read zero, and pages given
+//! back never reach these rules.
+//!
 //! A write lost on the very last page before the cursor looks exactly like a
 //! guest stopped one page earlier; callers that know where the guest stopped
 //! can compare [`OracleReport::cursor`].
