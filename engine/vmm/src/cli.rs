@@ -148,10 +148,9 @@ pub struct Common {
     /// Do not start the vCPUs (like QEMU's -S); `resume` on the control socket starts them.
     #[arg(long)]
     pub paused: bool,
-    /// A virtio-blk disk on PCI:
-    /// PATH[,format=raw|qcow2][,slot=N][,readonly=on][,serial=S][,share-rw=on] (a raw image
-    /// or block device, or a qcow2 image with the backing chain its header names; repeat for
-    /// more disks). Slots default to 4, 5, ... in order. A migration destination or restore
+    /// A virtio-blk disk on PCI: PATH, then comma-separated options: format=raw|qcow2,
+    /// slot=N, readonly=on, serial=S, share-rw=on (a raw image or block device, or a qcow2
+    /// image with the backing chain its header names; repeat for more disks). Slots default to 4, 5, ... in order. A migration destination or restore
     /// must be given the same disks (shared storage). The image is locked as QEMU locks it:
     /// one VM (ferry or QEMU) writes it, unless all of them say share-rw=on; a read-only
     /// disk refuses a writer that does not share; backing images are read by many, written
