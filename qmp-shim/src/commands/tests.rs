@@ -985,3 +985,128 @@ fn balloon_commands_answer_as_qemu_does() {
     assert_eq!(exec(&mut c, "query-balloon", json!({})), none);
     assert_eq!(exec(&mut c, "balloon", json!({"value": 1})), none);
 }
+
+/// `v` with what depends on the host's file system left out: `actual-size`
+/// (allocated bytes) and a protocol node's `virtual-size` (the file's
+/// length, which qemu-img's layout decides).
+fn host_independent(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let file = m.get("format").is_some_and(|f| f == "file");
+            Value::Object(
+                m.iter()
+                    .filter(|(k, _)| *k != "actual-size" && !(file && *k == "virtual-size"))
+                    .map(|(k, x)| (k.clone(), host_independent(x)))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(host_independent).collect()),
+        other => other.clone(),
+    }
+}
+
+/// `v` with every `stats` left out (the fixture keeps only the nodes).
+fn without_stats(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| *k != "stats")
+                .map(|(k, x)| (k.clone(), without_stats(x)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_stats).collect()),
+        other => other.clone(),
+    }
+}
+
+/// libvirt 9.0's -blockdev chain for a qcow2 over a raw base, made with
+/// qemu-img: query-block, query-named-block-nodes (nested and flat) and
+/// query-blockstats answer as QEMU 7.2 answered for the same chain
+/// (recorded in tests/fixtures/qemu-7.2-qcow2-chain.json), and the sizes
+/// libvirt's domblkinfo reads are the qcow2's.
+#[test]
+fn qcow2_chain_answers_as_qemu_7_2() {
+    let qemu_tool = |tool: &str, args: &[&str]| {
+        let out = std::process::Command::new(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("run {tool}: {e}: install qemu-utils (scripts/deps --tests)")
+            });
+        assert!(out.status.success(), "{tool} {args:?}: {out:?}");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("UTF-8 temp path");
+    let base = format!("{d}/base.raw");
+    let top = format!("{d}/top.qcow2");
+    qemu_tool("qemu-img", &["create", "-q", "-f", "raw", &base, "64M"]);
+    qemu_tool(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "raw", &top,
+        ],
+    );
+    qemu_tool("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 1M", &top]);
+    let args = format!(
+        "-machine pc -m 256 -kernel /k \
+         -blockdev {{\"driver\":\"file\",\"filename\":\"{base}\",\"node-name\":\"libvirt-2-storage\",\"auto-read-only\":true,\"discard\":\"unmap\"}} \
+         -blockdev {{\"node-name\":\"libvirt-2-format\",\"read-only\":true,\"driver\":\"raw\",\"file\":\"libvirt-2-storage\"}} \
+         -blockdev {{\"driver\":\"file\",\"filename\":\"{top}\",\"node-name\":\"libvirt-1-storage\",\"auto-read-only\":true,\"discard\":\"unmap\"}} \
+         -blockdev {{\"node-name\":\"libvirt-1-format\",\"read-only\":false,\"discard\":\"unmap\",\"driver\":\"qcow2\",\"file\":\"libvirt-1-storage\",\"backing\":\"libvirt-2-format\"}} \
+         -device virtio-blk-pci,bus=pci.0,addr=0x3,drive=libvirt-1-format,id=virtio-disk0,bootindex=1"
+    );
+    let mut c = guest_client(&args, Default::default());
+    let fixture: Value = serde_json::from_str(
+        &include_str!("../../tests/fixtures/qemu-7.2-qcow2-chain.json")
+            .replace("DIR/", &format!("{d}/")),
+    )
+    .expect("fixture");
+    let ask = |c: &mut Client, cmd: &str, args: Value| {
+        c.cmd(json!({"execute": cmd, "arguments": args}))["return"].clone()
+    };
+    let by_node = |v: Value| {
+        let mut a = v.as_array().expect("array").clone();
+        a.sort_by_key(|e| e["node-name"].as_str().unwrap_or_default().to_string());
+        Value::Array(a)
+    };
+    for (key, cmd, args) in [
+        ("query-block", "query-block", json!({})),
+        (
+            "query-named-block-nodes",
+            "query-named-block-nodes",
+            json!({}),
+        ),
+        (
+            "query-named-block-nodes flat",
+            "query-named-block-nodes",
+            json!({"flat": true}),
+        ),
+    ] {
+        assert_eq!(
+            host_independent(&ask(&mut c, cmd, args)),
+            host_independent(&fixture[key]),
+            "{key}"
+        );
+    }
+    assert_eq!(
+        without_stats(&ask(&mut c, "query-blockstats", json!({}))),
+        fixture["query-blockstats"]
+    );
+    // QEMU lists query-nodes in the order it made the nodes; ferry by disk.
+    assert_eq!(
+        by_node(without_stats(&ask(
+            &mut c,
+            "query-blockstats",
+            json!({"query-nodes": true})
+        ))),
+        by_node(fixture["query-blockstats query-nodes"].clone())
+    );
+    // domblkinfo: capacity is the qcow2's virtual size; the allocation is
+    // what the qcow2 file holds (more than the 1 MiB written, less than
+    // the disk).
+    let image = &ask(&mut c, "query-block", json!({}))[0]["inserted"]["image"];
+    assert_eq!(image["virtual-size"], 64 << 20);
+    let actual = image["actual-size"].as_u64().expect("actual-size");
+    assert!((1 << 20..64 << 20).contains(&actual), "{actual}");
+    assert_eq!(image["backing-image"]["virtual-size"], 64 << 20);
+}
