@@ -74,8 +74,9 @@ pub fn balloon_actual_bytes(ram: u64, actual_pages: u32) -> u64 {
     ram.saturating_sub(u64::from(actual_pages) * ferry_vmm::devices::virtio::balloon::BALLOON_PAGE)
 }
 
-/// A virtio-blk-pci disk on a raw image or block device, and the names QEMU
-/// would give it (for `query-block`, `query-named-block-nodes`, `qom-list`).
+/// A virtio-blk-pci disk on a raw or qcow2 image or a block device, and the
+/// names QEMU would give it (for `query-block`, `query-named-block-nodes`,
+/// `qom-list`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     /// The qdev id (`virtio-disk0`); `None` for an anonymous device.
@@ -89,6 +90,10 @@ pub struct DiskConfig {
     pub image: ferry_vmm::devices::virtio::blk::BlockImage,
     /// Raw, or qcow2 with its backing chain.
     pub format: ferry_vmm::devices::virtio::blk::ImageFormat,
+    /// The nodes of the backing images `format` names explicitly
+    /// (`"backing":"libvirt-2-format"`), top first: one per
+    /// `Backing::Image` layer, for QMP.
+    pub backing_nodes: Vec<BackingNodes>,
     pub read_only: bool,
     pub serial: Option<String>,
     /// `share-rw=on` (libvirt's `<shareable/>`): the image lock shares writing.
@@ -105,6 +110,22 @@ pub struct DiskConfig {
     pub storage_node: String,
     /// `file` or `host_device`.
     pub storage_driver: String,
+}
+
+/// The -blockdev nodes of one backing image of a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingNodes {
+    /// The `raw` or `qcow2` node (`libvirt-2-format`).
+    pub format_node: String,
+    /// Its protocol node (`libvirt-2-storage`).
+    pub storage_node: String,
+    /// `file` or `host_device`.
+    pub storage_driver: String,
+    /// The image as given (may be `/dev/fdset/N`).
+    pub filename: String,
+    /// The protocol node's `read-only` (the format node is read-only, as a
+    /// backing image is in QEMU).
+    pub storage_read_only: bool,
 }
 
 /// QEMU's RunState values that ferry can be in (`query-status`).

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use ferry_vmm::devices::virtio::blk::BlockImage;
+use ferry_vmm::devices::virtio::blk::{Backing, BlockImage, ImageFormat};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
 
@@ -144,8 +144,36 @@ fn resolve_fdsets(config: &mut MachineConfig, fdsets: &FdSets) -> Result<(), Sta
                 name: d.filename.clone(),
             };
         }
+        let what = format!("disk {}", d.id.as_deref().unwrap_or(&d.storage_node));
+        resolve_layer_fdsets(&mut d.format, fdsets, &what)?;
     }
     Ok(())
+}
+
+/// The `/dev/fdset/N` backing images of an explicit chain: read-only, as the
+/// engine opens them.
+fn resolve_layer_fdsets(
+    format: &mut ImageFormat,
+    fdsets: &FdSets,
+    what: &str,
+) -> Result<(), StartError> {
+    let ImageFormat::Qcow2 {
+        backing: Backing::Image(layer),
+    } = format
+    else {
+        return Ok(());
+    };
+    if let BlockImage::Path(p) = &layer.image {
+        let name = p.to_string_lossy().into_owned();
+        let fd = fdset_fd(&name, fdsets, FdAccess::Read).map_err(|source| StartError::FdSet {
+            what: format!("backing image {name} of {what}"),
+            source,
+        })?;
+        if let Some(fd) = fd {
+            layer.image = BlockImage::Fd { fd, name };
+        }
+    }
+    resolve_layer_fdsets(&mut layer.format, fdsets, what)
 }
 
 /// Opens every NIC's tap: libvirt's inherited `fd=N`, or `ifname=` through

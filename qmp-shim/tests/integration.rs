@@ -861,6 +861,53 @@ fn libvirt_runs_a_ferry_qemu_domain() {
     }
 }
 
+/// Issue 19 item 1: a libvirt domain whose disk is Nova's, a qcow2 over a
+/// raw base (`<driver type='qcow2'/>`), starts under ferry-qemu: libvirt
+/// writes the -blockdev chain, and `virsh domblklist`/`domblkinfo` answer
+/// with the qcow2's virtual size as the capacity.
+#[test]
+fn libvirt_starts_a_qcow2_disk_over_a_raw_base() {
+    let name = "libvirt_starts_a_qcow2_disk_over_a_raw_base";
+    if !libvirt_available(name) || !kvm_usable(name) {
+        return;
+    }
+    let (dir, stdout) = libvirt_domain_lab("qcow2", &["ferrylab"]);
+    let work = dir.path().join("w");
+    let top = work.join("images/disk.qcow2");
+    assert!(
+        stdout.contains(&format!("BLKLIST {}", top.display())),
+        "{stdout}"
+    );
+    let info = |what: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("BLKINFO {what} ")))
+            .unwrap_or_else(|| panic!("no {what} in:\n{stdout}"))
+            .parse()
+            .expect("bytes")
+    };
+    assert_eq!(info("Capacity"), 64 << 20, "{stdout}");
+    let file_len = std::fs::metadata(&top).expect("stat the image").len();
+    assert!(info("Physical") >= file_len.min(1 << 20), "{stdout}");
+    assert!(info("Allocation") < 64 << 20, "{stdout}");
+    for node in [
+        "NODE libvirt-1-format",
+        "NODE libvirt-1-storage",
+        "NODE libvirt-2-format",
+        "NODE libvirt-2-storage",
+    ] {
+        assert!(stdout.contains(node), "{node}:\n{stdout}");
+    }
+    let argv =
+        std::fs::read_to_string(work.join("var-log-libvirt/qemu/ferrylab.log")).unwrap_or_default();
+    assert!(
+        argv.contains(
+            r#""driver":"qcow2","file":"libvirt-1-storage","backing":"libvirt-2-format""#
+        ),
+        "{argv}"
+    );
+}
+
 /// Issue 13 item 5: under libvirt's packaged defaults (emulator user
 /// libvirt-qemu, DAC, a private /dev) a domain with
 /// `<serial type='pty'><log file=.../>` and one with `<serial type='file'>`

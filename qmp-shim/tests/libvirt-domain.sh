@@ -10,6 +10,9 @@
 #   pmemsave, save, restore, pmemsave, destroy. Leaves in
 #   $WORK: dumps/mem-before-save.raw, dumps/mem-after-restore.raw (pmemsave
 #   dumps of the 128 MiB guest), lab.save.
+# MODE qcow2: a domain whose disk is a qcow2 over a raw base image starts;
+#   prints "BLKLIST <path>", "BLKINFO Capacity|Allocation|Physical <bytes>"
+#   and "NODE <node-name>" (query-named-block-nodes) lines.
 # MODE serial: a domain with <serial type='pty'><log file=.../> and one with
 #   <serial type='file'> (libvirt passes both outputs as fd sets: virtlogd's
 #   pipes) start; the guests' output reaches the log and the file.
@@ -165,6 +168,36 @@ if [ "$MODE" = serial ]; then
     for n in "${NAMES[@]}"; do
         step "destroy $n"; V destroy "$n"; NAME=$n state_is "shut off"
     done
+    step done
+    exit 0
+fi
+
+if [ "$MODE" = qcow2 ]; then
+    # Nova's disk: a qcow2 over a raw _base, its backing chain as the
+    # header names it (libvirt reads it and writes the -blockdev chain).
+    mkdir -p "$WORK/images"
+    qemu-img create -q -f raw "$WORK/images/base.raw" 64M
+    qemu-img create -q -f qcow2 -b "$WORK/images/base.raw" -F raw "$WORK/images/disk.qcow2"
+    step define
+    define "$NAME" "<disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$WORK/images/disk.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='pty'>
+      <log file='/var/log/libvirt/qemu/$NAME-serial.log' append='on'/>
+      <target port='0'/>
+    </serial>"
+    step start; V start "$NAME"
+    state_is running
+    emulator "$NAME"
+    ready_in "/var/log/libvirt/qemu/$NAME-serial.log"
+    step domblk
+    V domblklist "$NAME" --details | sed -n 's/^ *file *disk *vda */BLKLIST /p'
+    V domblkinfo "$NAME" vda | sed -n 's/^\([A-Za-z]*\): *\([0-9]*\)$/BLKINFO \1 \2/p'
+    V qemu-monitor-command "$NAME" '{"execute":"query-named-block-nodes","arguments":{"flat":true}}' \
+        | tr ',' '\n' | sed -n 's/.*"node-name":"\([^"]*\)".*/NODE \1/p'
+    step destroy; V destroy "$NAME"; state_is "shut off"
     step done
     exit 0
 fi

@@ -180,18 +180,24 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
         "blockdev",
         "OPTS",
         "A block node, in the JSON or `key=value` form: `file` or `host_device` \
-         (`filename`, also `/dev/fdset/N` from `-add-fd`), optionally under a `raw` format \
-         node (`file` names it or holds it inline), as libvirt writes them. Options that \
-         change only how the host does I/O (`cache`, `aio`, `discard`, `detect-zeroes`, \
-         `locking`, `auto-read-only`) are accepted; `read-only` makes the disk read-only. \
-         Other formats (`qcow2`, `vmdk`, ...) are refused with the fix (`qemu-img convert \
-         -O raw`), network protocols (`iscsi`, `nbd`, `rbd`, `gluster`, ...) with theirs \
-         (attach the storage on the host and give the block device).",
+         (`filename`, also `/dev/fdset/N` from `-add-fd`), optionally under a `raw` or \
+         `qcow2` format node (`file` names it or holds it inline), as libvirt writes them. \
+         A `qcow2` node's `backing` names the backing image's `raw` or `qcow2` node (a \
+         chain, as libvirt writes it), is `null` (no backing image) or is left out (the \
+         backing file the image's header names). Options that change only how the host \
+         does I/O (`cache`, `aio`, `discard`, `detect-zeroes`, `locking`, \
+         `auto-read-only`, and qcow2's cache sizes, `lazy-refcounts`, `pass-discard-*`, \
+         `overlap-check`) are accepted; `read-only` makes the disk read-only. qcow2 \
+         external data files (`data-file`) and encryption (`encrypt`) are refused, other \
+         formats (`vmdk`, `vdi`, ...) with the fix (`qemu-img convert -O qcow2`), network \
+         protocols (`iscsi`, `nbd`, `rbd`, `gluster`, ...) with theirs (attach the storage \
+         on the host and give the block device).",
     ),
     (
         "drive",
         "OPTS",
-        "A raw image: `file=PATH,format=raw` with `if=none,id=ID` (attached by `-device \
+        "A raw or qcow2 image: `file=PATH,format=raw|qcow2` (a qcow2's backing file as \
+         its header names it) with `if=none,id=ID` (attached by `-device \
          virtio-blk-pci,drive=ID`) or `if=virtio[,addr=SLOT]`; `readonly`, \
          `cache=none|writeback|unsafe`, `aio`, `discard`, `detect-zeroes`, `file.locking`. \
          A drive without `format=` (ferry does not guess), other formats, other \
@@ -336,7 +342,7 @@ pub fn page() -> Result<String, String> {
     );
     doc.p(
         "ferry is not a general-purpose QEMU: guests boot a kernel directly and get \
-         RAM, vCPUs, 16550 serial ports, virtio-blk disks on raw images, virtio-net \
+         RAM, vCPUs, 16550 serial ports, virtio-blk disks on raw and qcow2 images, virtio-net \
          NICs on taps, virtio-rng entropy devices and a virtio-balloon. Every option, \
          device or value that \
          ferry-qemu cannot honour is refused with a message naming it; the guest never \

@@ -2,10 +2,14 @@
 //! `-device virtio-blk-pci` (or `-drive if=virtio`), decided into
 //! [`DiskConfig`]s for the engine's virtio-blk.
 //!
-//! ferry serves raw images and block devices only: a `file`/`host_device`
-//! protocol node, optionally under a `raw` format node, as libvirt 9.0 writes
-//! them. Other formats and network protocols are refused with what to do
-//! instead. Options that only change how the host does I/O (cache mode,
+//! ferry serves raw and qcow2 images and block devices: a `file`/`host_device`
+//! protocol node, optionally under a `raw` or `qcow2` format node, as libvirt
+//! 9.0 writes them. A qcow2 node's `backing` is another `raw` or `qcow2` node
+//! (libvirt's explicit chain, resolved here into the engine's
+//! [`ImageFormat`]), `null` (no backing image, whatever the header says) or
+//! absent (the header's backing file, as `-drive format=qcow2` has it).
+//! External data files, encryption, other formats and network protocols are
+//! refused with what to do instead. Options that only change how the host does I/O (cache mode,
 //! `aio`, `discard` passing) are accepted; `locking=off` on the protocol node
 //! and `share-rw` on the device shape the image lock (see the engine's
 //! `devices::image_lock`), as in QEMU; options the guest would
@@ -14,12 +18,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use ferry_vmm::devices::virtio::blk::{BlockImage, ImageFormat};
+use ferry_vmm::devices::disk_image::MAX_CHAIN;
+use ferry_vmm::devices::virtio::blk::{Backing as ImageBacking, BlockImage, ImageFormat, Layer};
 use serde_json::{Map, Value};
 
 use super::opts::{json_text, parse_bool, parse_u64, Opts};
 use super::{ArgvError, Invocation};
-use crate::backend::DiskConfig;
+use crate::backend::{BackingNodes, DiskConfig};
 
 /// `-device` drivers that become a ferry virtio-blk disk. Plain
 /// `virtio-blk-pci` is transitional in QEMU (legacy + modern); ferry's is
@@ -35,18 +40,31 @@ const MAX_SLOT: u8 = 31;
 const SERIAL_BYTES: usize = 20;
 
 /// The fix printed for images ferry cannot serve as they are.
-const CONVERT_FIX: &str = "ferry serves raw images and block devices only: convert the image \
-     with `qemu-img convert -O raw IMAGE IMAGE.raw` and use <driver name='qemu' type='raw'/> \
-     (format=raw)";
+const CONVERT_FIX: &str = "ferry serves raw and qcow2 images and block devices only: convert \
+     the image with `qemu-img convert -O qcow2 IMAGE IMAGE.qcow2` and use \
+     <driver name='qemu' type='qcow2'/> (format=qcow2)";
+
+/// The fix printed for a qcow2 image with an external data file.
+const DATA_FILE_FIX: &str = "ferry serves qcow2 images that hold their own data: merge the \
+     data file into a new image with `qemu-img convert -O qcow2 IMAGE NEW.qcow2` and leave out \
+     <dataStore>";
+
+/// The fix printed for an encrypted qcow2 image.
+const ENCRYPT_FIX: &str = "ferry reads no encrypted images: give the guest an unencrypted \
+     copy (`qemu-img convert --object secret,... --image-opts ... -O qcow2`) and leave out \
+     <encryption>";
+
+/// The fix printed for a backing image given inline or as a protocol node.
+const BACKING_NODE_FIX: &str = "give the backing image its own `raw` or `qcow2` -blockdev \
+     node and name that node in `backing` (as libvirt does)";
 
 /// The fix printed for network storage.
-const NETWORK_FIX: &str = "ferry serves raw images and block devices only: attach the storage \
-     on the host (iscsiadm for iSCSI, rbd map for Ceph, nbd-client for NBD, a mount for NFS or \
+const NETWORK_FIX: &str = "ferry serves local raw and qcow2 images and block devices only: \
+     attach the storage on the host (iscsiadm for iSCSI, rbd map for Ceph, nbd-client for NBD, a mount for NFS or \
      Gluster) and give the block device or file (<disk type='block'> or <disk type='file'>)";
 
-/// Image formats QEMU knows that are not raw.
+/// Image formats QEMU knows that are neither raw nor qcow2.
 const OTHER_FORMATS: &[&str] = &[
-    "qcow2",
     "qcow",
     "qed",
     "vmdk",
@@ -99,6 +117,32 @@ const RAW_KEYS: &[&str] = &[
     "force-share",
 ];
 
+/// `-blockdev` properties of a `qcow2` node ferry honours (`file` is the
+/// child, `backing` the backing node) or that change only how the host does
+/// I/O and caches metadata (`overlap-check.*` too): ferry's qcow2 writes
+/// refcounts eagerly and keeps its own caches.
+const QCOW2_KEYS: &[&str] = &[
+    "file",
+    "backing",
+    "cache.direct",
+    "cache.no-flush",
+    "auto-read-only",
+    "read-only",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "cache-size",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
+    "overlap-check",
+];
+
 /// A JSON object flattened to dotted keys with text values
 /// (`{"cache":{"direct":true}}` → `cache.direct=on`), so the JSON and the
 /// key=value forms are checked alike.
@@ -113,6 +157,10 @@ fn flatten(prefix: &str, map: &Map<String, Value>, out: &mut Flat) {
         };
         match v {
             Value::Object(inner) => flatten(&key, inner, out),
+            // QEMU reads `null` as the empty reference (`"backing":null`).
+            Value::Null => {
+                out.insert(key, String::new());
+            }
             other => {
                 out.insert(key, json_text(other));
             }
@@ -134,6 +182,12 @@ struct Backing {
     filename: String,
     storage_driver: String,
     read_only: bool,
+    /// The protocol node's own `read-only`.
+    storage_read_only: bool,
+    /// Raw, or qcow2 with its chain.
+    format: ImageFormat,
+    /// The nodes of the chain's explicit backing images, top first.
+    backing_nodes: Vec<BackingNodes>,
     /// QEMU's image locks (`locking=off` on the protocol node turns them off).
     locking: bool,
     format_node: Option<String>,
@@ -165,8 +219,9 @@ fn refuse_driver(option: &str, node: &str, driver: &str) -> ArgvError {
     } else {
         (
             format!("block driver '{driver}'"),
-            "ferry serves raw images and block devices only: a `file` or `host_device` node, \
-             optionally under a `raw` one (no filters such as copy-on-read or throttle)",
+            "ferry serves raw and qcow2 images and block devices only: a `file` or \
+             `host_device` node, optionally under a `raw` or `qcow2` one (no filters such as \
+             copy-on-read or throttle)",
         )
     };
     ArgvError::unsupported_because(option, format!("{what} of block node '{node}'"), fix)
@@ -197,9 +252,8 @@ fn check_protocol(option: &str, node: &Node) -> Result<bool, ArgvError> {
     bool_prop(option, &node.props, "read-only")
 }
 
-/// The protocol node under a `raw` node: a node-name, or an inline object
-/// (`"file":{"driver":"file","filename":...}`, `file.filename=...`).
-fn raw_child(option: &str, node: &Node, nodes: &[Node]) -> Result<Node, ArgvError> {
+/// Checks a `raw` node's properties.
+fn check_raw(option: &str, node: &Node) -> Result<(), ArgvError> {
     if let Some(k) = node
         .props
         .keys()
@@ -218,6 +272,70 @@ fn raw_child(option: &str, node: &Node, nodes: &[Node]) -> Result<Node, ArgvErro
         };
         return Err(ArgvError::unsupported(option, what));
     }
+    Ok(())
+}
+
+/// Checks a `qcow2` node's properties: what ferry's qcow2 cannot do is
+/// refused with the fix.
+fn check_qcow2(option: &str, node: &Node) -> Result<(), ArgvError> {
+    for k in node.props.keys() {
+        let head = k.split('.').next().unwrap_or(k);
+        match head {
+            "data-file" => {
+                return Err(ArgvError::unsupported_because(
+                    option,
+                    format!(
+                        "an external data file ('{k}' of block node '{}')",
+                        node.name
+                    ),
+                    DATA_FILE_FIX,
+                ))
+            }
+            "encrypt" => {
+                return Err(ArgvError::unsupported_because(
+                    option,
+                    format!(
+                        "an encrypted qcow2 image ('{k}' of block node '{}')",
+                        node.name
+                    ),
+                    ENCRYPT_FIX,
+                ))
+            }
+            "backing" if k != "backing" => {
+                return Err(ArgvError::unsupported_because(
+                    option,
+                    format!(
+                        "an inline backing image ('{k}' of block node '{}')",
+                        node.name
+                    ),
+                    BACKING_NODE_FIX,
+                ))
+            }
+            "file" | "overlap-check" => {}
+            "lazy-refcounts"
+            | "pass-discard-request"
+            | "pass-discard-snapshot"
+            | "pass-discard-other" => {
+                parse_bool(option, k, &node.props[k])?;
+            }
+            _ if QCOW2_KEYS.contains(&k.as_str()) => {}
+            _ => {
+                return Err(ArgvError::unsupported(
+                    option,
+                    format!(
+                        "property '{k}' of block node '{}' (driver 'qcow2')",
+                        node.name
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The protocol node under a format node: a node-name, or an inline object
+/// (`"file":{"driver":"file","filename":...}`, `file.filename=...`).
+fn format_child(option: &str, node: &Node, nodes: &[Node]) -> Result<Node, ArgvError> {
     if let Some(name) = node.props.get("file") {
         return nodes
             .iter()
@@ -261,25 +379,51 @@ fn backing_of_node(option: &str, name: &str, nodes: &[Node]) -> Result<Backing, 
             &format!("Cannot find device='{name}' nor node-name='{name}'"),
         )
     })?;
-    let (format_node, storage, format_ro) = match node.driver.as_str() {
+    resolve_node(option, node, nodes, &mut Vec::new())
+}
+
+/// Resolves `node` (a format or protocol node) into its image and chain;
+/// `above` holds the qcow2 nodes whose backing chain leads here, to find a
+/// cycle.
+fn resolve_node(
+    option: &str,
+    node: &Node,
+    nodes: &[Node],
+    above: &mut Vec<String>,
+) -> Result<Backing, ArgvError> {
+    let mut backing_nodes = Vec::new();
+    let (format_node, storage, format_ro, format) = match node.driver.as_str() {
         "raw" => {
-            let child = raw_child(option, node, nodes)?;
+            check_raw(option, node)?;
+            (
+                Some(node.name.clone()),
+                format_child(option, node, nodes)?,
+                bool_prop(option, &node.props, "read-only")?,
+                ImageFormat::Raw,
+            )
+        }
+        "qcow2" => {
+            check_qcow2(option, node)?;
+            let child = format_child(option, node, nodes)?;
+            let (backing, names) = qcow2_backing(option, node, nodes, above)?;
+            backing_nodes = names;
             (
                 Some(node.name.clone()),
                 child,
                 bool_prop(option, &node.props, "read-only")?,
+                ImageFormat::Qcow2 { backing },
             )
         }
-        _ => (None, node.clone(), false),
+        _ => (None, node.clone(), false, ImageFormat::Raw),
     };
     match storage.driver.as_str() {
         "file" | "host_device" => {}
-        "raw" => {
+        "raw" | "qcow2" => {
             return Err(ArgvError::unsupported(
                 option,
                 format!(
-                    "a raw node on a raw node ('{}' on '{}')",
-                    node.name, storage.name
+                    "a {} node on a {} node ('{}' on '{}')",
+                    node.driver, storage.driver, node.name, storage.name
                 ),
             ))
         }
@@ -290,11 +434,88 @@ fn backing_of_node(option: &str, name: &str, nodes: &[Node]) -> Result<Backing, 
         filename: storage.props.get("filename").cloned().unwrap_or_default(),
         storage_driver: storage.driver.clone(),
         read_only: format_ro || storage_ro,
+        storage_read_only: storage_ro,
+        format,
+        backing_nodes,
         locking: locking(option, storage.props.get("locking").map(String::as_str))?,
         format_node,
         storage_node: storage.name,
         backend_name: String::new(),
     })
+}
+
+/// A qcow2 node's backing image: the header's (no `backing`), none
+/// (`"backing":null`), or the `raw`/`qcow2` node it names, resolved as a
+/// device's node is; with the names of the nodes of an explicit chain.
+fn qcow2_backing(
+    option: &str,
+    node: &Node,
+    nodes: &[Node],
+    above: &mut Vec<String>,
+) -> Result<(ImageBacking, Vec<BackingNodes>), ArgvError> {
+    let name = match node.props.get("backing").map(String::as_str) {
+        None => return Ok((ImageBacking::FromHeader, Vec::new())),
+        Some("") => return Ok((ImageBacking::None, Vec::new())),
+        Some(name) => name,
+    };
+    if name == node.name || above.iter().any(|a| a == name) {
+        return Err(ArgvError::invalid(
+            option,
+            &node.name,
+            &format!(
+                "Making '{name}' a backing child of '{}' would create a cycle",
+                node.name
+            ),
+        ));
+    }
+    let child = nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+        ArgvError::invalid(
+            option,
+            &node.name,
+            &format!(
+                "Could not open backing file: Cannot find device='{name}' nor node-name='{name}'"
+            ),
+        )
+    })?;
+    match child.driver.as_str() {
+        "raw" | "qcow2" => {}
+        "file" | "host_device" => {
+            return Err(ArgvError::unsupported_because(
+                option,
+                format!(
+                    "protocol node '{name}' as the backing image of block node '{}'",
+                    node.name
+                ),
+                BACKING_NODE_FIX,
+            ))
+        }
+        other => return Err(refuse_driver(option, name, other)),
+    }
+    if above.len() + 2 > MAX_CHAIN {
+        return Err(ArgvError::unsupported(
+            option,
+            format!(
+                "a backing chain of more than {MAX_CHAIN} images (under block node '{}')",
+                node.name
+            ),
+        ));
+    }
+    above.push(node.name.clone());
+    let below = resolve_node(option, child, nodes, above)?;
+    above.pop();
+    let layer = Layer {
+        image: BlockImage::Path(below.filename.clone().into()),
+        format: below.format,
+    };
+    let mut names = vec![BackingNodes {
+        format_node: child.name.clone(),
+        storage_node: below.storage_node,
+        storage_driver: below.storage_driver,
+        filename: below.filename,
+        storage_read_only: below.storage_read_only,
+    }];
+    names.extend(below.backing_nodes);
+    Ok((ImageBacking::Image(Box::new(layer)), names))
 }
 
 /// `-drive` keys ferry honours (`file.locking` etc.: see PROTOCOL_KEYS).
@@ -360,17 +581,21 @@ fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
     if iface == "none" && o.get("addr").is_some() {
         return Err(ArgvError::invalid(option, &id, "addr= needs if=virtio"));
     }
-    match o.get("format") {
-        Some("raw") => {}
+    let format = match o.get("format") {
+        Some("raw") => ImageFormat::Raw,
+        // The backing file the header names, as QEMU's -drive opens it.
+        Some("qcow2") => ImageFormat::Qcow2 {
+            backing: ImageBacking::FromHeader,
+        },
         Some(f) => return Err(refuse_driver(option, &id, f)),
         None => {
             return Err(ArgvError::unsupported_because(
                 option,
                 format!("a drive without format= ('{id}'; QEMU would guess the format)"),
-                "ferry serves raw images only and does not guess: add format=raw",
+                "ferry does not guess an image's format: add format=raw or format=qcow2",
             ))
         }
-    }
+    };
     if let Some((proto, _)) = file.split_once(':') {
         if NETWORK_PROTOCOLS.contains(&proto) || proto == "json" {
             return Err(refuse_driver(option, &id, proto));
@@ -406,6 +631,9 @@ fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
                 "file".into()
             },
             read_only,
+            storage_read_only: read_only,
+            format,
+            backing_nodes: Vec::new(),
             locking: locking(option, o.get("file.locking"))?,
             // QEMU names the nodes of a -drive itself.
             format_node: Some(format!("#block{}", 100 + 2 * index)),
@@ -570,7 +798,7 @@ impl Invocation {
                 "file" | "host_device" => {
                     check_protocol("-blockdev", n)?;
                 }
-                "raw" => {
+                "raw" | "qcow2" => {
                     backing_of_node("-blockdev", &n.name, &nodes)?;
                 }
                 other => return Err(refuse_driver("-blockdev", &n.name, other)),
@@ -695,7 +923,8 @@ impl Invocation {
                 id: p.id,
                 slot,
                 image: BlockImage::Path(p.backing.filename.clone().into()),
-                format: ImageFormat::Raw,
+                format: p.backing.format,
+                backing_nodes: p.backing.backing_nodes,
                 filename: p.backing.filename,
                 read_only: p.backing.read_only,
                 serial: p.serial,

@@ -545,9 +545,216 @@ fn drive_forms_by_hand_and_slots_around_other_devices() {
 }
 
 /// Every refusal names the option and what to do.
+/// libvirt 9.0's -blockdev nodes for a Nova disk: a qcow2 over a raw
+/// `_base`, with `cache='none'`.
+const NOVA_CHAIN: [&str; 4] = [
+    r#"{"driver":"file","filename":"/var/lib/nova/instances/_base/abc","node-name":"libvirt-2-storage","cache":{"direct":true,"no-flush":false},"auto-read-only":true,"discard":"unmap"}"#,
+    r#"{"node-name":"libvirt-2-format","read-only":true,"cache":{"direct":true,"no-flush":false},"driver":"raw","file":"libvirt-2-storage"}"#,
+    r#"{"driver":"file","filename":"/var/lib/nova/instances/UUID/disk","node-name":"libvirt-1-storage","cache":{"direct":true,"no-flush":false},"auto-read-only":true,"discard":"unmap"}"#,
+    r#"{"node-name":"libvirt-1-format","read-only":false,"cache":{"direct":true,"no-flush":false},"discard":"unmap","driver":"qcow2","file":"libvirt-1-storage","backing":"libvirt-2-format"}"#,
+];
+const NOVA_DEVICE: &str =
+    "virtio-blk-pci,bus=pci.0,addr=0x3,drive=libvirt-1-format,id=virtio-disk0,bootindex=1";
+
+/// `-blockdev` for each of `nodes`, then `-device` for each of `devices`.
+fn blockdevs(
+    nodes: &[&str],
+    devices: &[&str],
+) -> Result<Vec<crate::backend::DiskConfig>, ArgvError> {
+    let mut args = Vec::new();
+    for n in nodes {
+        args.extend(["-blockdev", n]);
+    }
+    for d in devices {
+        args.extend(["-device", d]);
+    }
+    disks_of(&args)
+}
+
+fn qcow2_over(backing: Backing) -> ImageFormat {
+    ImageFormat::Qcow2 { backing }
+}
+
+fn layer(path: &str, format: ImageFormat) -> Backing {
+    Backing::Image(Box::new(Layer {
+        image: BlockImage::Path(path.into()),
+        format,
+    }))
+}
+
+use ferry_vmm::devices::virtio::blk::{Backing, BlockImage, ImageFormat, Layer};
+
+#[test]
+fn qcow2_chains_as_libvirt_and_by_hand() {
+    // libvirt's explicit chain: qcow2 over raw.
+    let d = blockdevs(&NOVA_CHAIN, &[NOVA_DEVICE]).expect("accepted");
+    assert_eq!(d.len(), 1);
+    let d = &d[0];
+    assert_eq!(d.filename, "/var/lib/nova/instances/UUID/disk");
+    assert_eq!(
+        d.format,
+        qcow2_over(layer("/var/lib/nova/instances/_base/abc", ImageFormat::Raw))
+    );
+    assert!(!d.read_only);
+    assert_eq!(d.format_node.as_deref(), Some("libvirt-1-format"));
+    assert_eq!(d.storage_node, "libvirt-1-storage");
+    assert_eq!(
+        d.backing_nodes,
+        vec![crate::backend::BackingNodes {
+            format_node: "libvirt-2-format".into(),
+            storage_node: "libvirt-2-storage".into(),
+            storage_driver: "file".into(),
+            filename: "/var/lib/nova/instances/_base/abc".into(),
+            storage_read_only: false,
+        }]
+    );
+
+    // qcow2 over qcow2 over raw, with qcow2's host-only tuning.
+    let d = blockdevs(
+        &[
+            "driver=file,filename=/b.raw,node-name=s3,read-only=on",
+            "driver=raw,node-name=f3,file=s3,read-only=on",
+            "driver=file,filename=/m.qcow2,node-name=s2",
+            r#"{"driver":"qcow2","node-name":"f2","file":"s2","backing":"f3","read-only":true,"lazy-refcounts":true,"l2-cache-size":1048576,"overlap-check":{"template":"all"}}"#,
+            r#"{"driver":"qcow2","node-name":"f1","file":{"driver":"file","filename":"/t.qcow2"},"backing":"f2","pass-discard-request":true,"cache-clean-interval":600,"refcount-cache-size":65536,"detect-zeroes":"unmap","force-share":false}"#,
+        ],
+        &["virtio-blk-pci,drive=f1,id=d0"],
+    )
+    .expect("accepted");
+    assert_eq!(
+        d[0].format,
+        qcow2_over(layer(
+            "/m.qcow2",
+            qcow2_over(layer("/b.raw", ImageFormat::Raw))
+        ))
+    );
+    assert_eq!(d[0].filename, "/t.qcow2");
+    assert_eq!(d[0].storage_node, "f1-file");
+    let names: Vec<_> = d[0]
+        .backing_nodes
+        .iter()
+        .map(|n| {
+            (
+                n.format_node.as_str(),
+                n.storage_node.as_str(),
+                n.storage_read_only,
+            )
+        })
+        .collect();
+    assert_eq!(names, vec![("f2", "s2", false), ("f3", "s3", true)]);
+
+    // "backing":null: no backing image; no backing at all: the header's.
+    let mut alone = NOVA_CHAIN[2..].to_vec();
+    let null = NOVA_CHAIN[3].replace(r#""backing":"libvirt-2-format""#, r#""backing":null"#);
+    alone[1] = &null;
+    let d = blockdevs(&alone, &[NOVA_DEVICE]).expect("accepted");
+    assert_eq!(d[0].format, qcow2_over(Backing::None));
+    assert!(d[0].backing_nodes.is_empty());
+    let absent = NOVA_CHAIN[3].replace(r#","backing":"libvirt-2-format""#, "");
+    alone[1] = &absent;
+    let d = blockdevs(&alone, &[NOVA_DEVICE]).expect("accepted");
+    assert_eq!(d[0].format, qcow2_over(Backing::FromHeader));
+    // key=value: an empty backing is null, as in QEMU.
+    let d = blockdevs(
+        &["driver=qcow2,node-name=q,file.filename=/q.qcow2,backing="],
+        &["virtio-blk-pci,drive=q"],
+    )
+    .expect("accepted");
+    assert_eq!(d[0].format, qcow2_over(Backing::None));
+
+    // -drive format=qcow2 follows the header, as QEMU's -drive does.
+    let d = disks_of(&[
+        "-drive",
+        "file=/x.qcow2,format=qcow2,if=none,id=drive0,cache=none",
+        "-device",
+        "virtio-blk-pci,drive=drive0,id=disk0",
+        "-drive",
+        "file=/y.qcow2,format=qcow2,if=virtio,readonly=on",
+    ])
+    .expect("accepted");
+    assert_eq!(d[0].format, qcow2_over(Backing::FromHeader));
+    assert_eq!(d[1].format, qcow2_over(Backing::FromHeader));
+    assert!(d[1].read_only);
+    // raw stays raw.
+    let d = blockdevs(&[LAB2_STORAGE, LAB2_FORMAT], &[LAB2_DEVICE]).expect("accepted");
+    assert_eq!(d[0].format, ImageFormat::Raw);
+}
+
+#[test]
+fn qcow2_refusals_name_the_node_and_the_fix() {
+    let top = |extra: &str| {
+        format!(
+            r#"{{"node-name":"libvirt-1-format","driver":"qcow2","file":"libvirt-1-storage"{extra}}}"#
+        )
+    };
+    let cases = [
+        (
+            top(r#","data-file":"libvirt-3-storage""#),
+            "-blockdev: an external data file ('data-file' of block node 'libvirt-1-format') is \
+             not supported by ferry-qemu: ferry serves qcow2 images that hold their own data",
+        ),
+        (
+            top(
+                r#","encrypt":{"format":"luks","key-secret":"libvirt-1-format-encryption-secret0"}"#,
+            ),
+            "-blockdev: an encrypted qcow2 image ('encrypt.format' of block node \
+             'libvirt-1-format') is not supported by ferry-qemu: ferry reads no encrypted images",
+        ),
+        (
+            top(r#","backing":"libvirt-9-format""#),
+            "-blockdev libvirt-1-format: Could not open backing file: Cannot find \
+             device='libvirt-9-format' nor node-name='libvirt-9-format'",
+        ),
+        (
+            top(r#","backing":"libvirt-1-format""#),
+            "-blockdev libvirt-1-format: Making 'libvirt-1-format' a backing child of \
+             'libvirt-1-format' would create a cycle",
+        ),
+        (
+            top(r#","backing":"libvirt-1-storage""#),
+            "protocol node 'libvirt-1-storage' as the backing image of block node \
+             'libvirt-1-format' is not supported by ferry-qemu: give the backing image its own",
+        ),
+        (
+            top(r#","backing":{"driver":"raw","file":"libvirt-1-storage"}"#),
+            "an inline backing image ('backing.driver' of block node 'libvirt-1-format')",
+        ),
+        (top(r#","lazy-refcounts":"maybe""#), "lazy-refcounts"),
+        (
+            top(r#","frobnicate":1"#),
+            "property 'frobnicate' of block node 'libvirt-1-format' (driver 'qcow2')",
+        ),
+    ];
+    for (node, want) in cases {
+        let err = blockdevs(&[NOVA_CHAIN[2], &node], &[NOVA_DEVICE])
+            .expect_err(want)
+            .to_string();
+        assert!(err.contains(want), "{node}:\n got  {err}\n want {want}");
+    }
+    // A cycle through two nodes, and a backing of another format.
+    let a = r#"{"node-name":"a","driver":"qcow2","file":{"driver":"file","filename":"/a"},"backing":"b"}"#;
+    let b = r#"{"node-name":"b","driver":"qcow2","file":{"driver":"file","filename":"/b"},"backing":"a"}"#;
+    let err = blockdevs(&[a, b], &["virtio-blk-pci,drive=a"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a backing child of") && err.contains("would create a cycle"),
+        "{err}"
+    );
+    let v = r#"{"node-name":"v","driver":"vmdk","file":{"driver":"file","filename":"/v"}}"#;
+    let q = r#"{"node-name":"q","driver":"qcow2","file":{"driver":"file","filename":"/q"},"backing":"v"}"#;
+    let err = blockdevs(&[v, q], &["virtio-blk-pci,drive=q"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("disk format 'vmdk' of block node 'v'"),
+        "{err}"
+    );
+}
+
 #[test]
 fn disk_and_nic_refusals() {
-    let qcow2 = r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage"}"#;
+    let vmdk = r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"vmdk","file":"libvirt-1-storage"}"#;
     let iscsi = r#"{"driver":"iscsi","portal":"10.77.0.1:3260","target":"iqn.2026-11.lab:lun1","lun":1,"transport":"tcp","node-name":"libvirt-1-storage"}"#;
     let dev = |extra: &str| {
         format!(
@@ -556,16 +763,16 @@ fn disk_and_nic_refusals() {
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec!["-blockdev".into(), LAB2_STORAGE.into(), "-blockdev".into(), qcow2.into()],
-            "-blockdev: disk format 'qcow2' of block node 'libvirt-1-format' is not supported by \
-             ferry-qemu: ferry serves raw images and block devices only: convert the image with \
-             `qemu-img convert -O raw IMAGE IMAGE.raw`",
+            vec!["-blockdev".into(), LAB2_STORAGE.into(), "-blockdev".into(), vmdk.into()],
+            "-blockdev: disk format 'vmdk' of block node 'libvirt-1-format' is not supported by \
+             ferry-qemu: ferry serves raw and qcow2 images and block devices only: convert the \
+             image with `qemu-img convert -O qcow2 IMAGE IMAGE.qcow2`",
         ),
         (
             vec!["-blockdev".into(), iscsi.into()],
             "-blockdev: network storage (driver 'iscsi') of block node 'libvirt-1-storage' is not \
-             supported by ferry-qemu: ferry serves raw images and block devices only: attach the \
-             storage on the host (iscsiadm for iSCSI",
+             supported by ferry-qemu: ferry serves local raw and qcow2 images and block devices \
+             only: attach the storage on the host (iscsiadm for iSCSI",
         ),
         (
             vec![
@@ -573,7 +780,7 @@ fn disk_and_nic_refusals() {
                 r#"{"driver":"copy-on-read","node-name":"cor","file":"libvirt-1-format"}"#.into(),
             ],
             "-blockdev: block driver 'copy-on-read' of block node 'cor' is not supported by \
-             ferry-qemu: ferry serves raw images and block devices only: a `file` or \
+             ferry-qemu: ferry serves raw and qcow2 images and block devices only: a `file` or \
              `host_device` node",
         ),
         (
@@ -581,12 +788,12 @@ fn disk_and_nic_refusals() {
             "-drive: network storage (driver 'nbd')",
         ),
         (
-            vec!["-drive".into(), "file=/x.qcow2,format=qcow2,if=virtio".into()],
-            "-drive: disk format 'qcow2' of block node 'virtio0-hd0'",
+            vec!["-drive".into(), "file=/x.vdi,format=vdi,if=virtio".into()],
+            "-drive: disk format 'vdi' of block node 'virtio0-hd0'",
         ),
         (
             vec!["-drive".into(), "file=/x.img,if=virtio".into()],
-            "add format=raw",
+            "add format=raw or format=qcow2",
         ),
         (
             vec!["-drive".into(), "file=/x.img,format=raw".into()],

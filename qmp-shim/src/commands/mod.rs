@@ -7,6 +7,7 @@
 mod cpu;
 mod devices;
 mod fds;
+mod image;
 mod machine;
 mod meta;
 mod migration;

@@ -410,6 +410,12 @@ pub static IMAGE_INFO: ObjectDef = ObjectDef {
         opt("dirty-flag", Ty::Bool),
         opt("actual-size", Ty::Int),
         req("virtual-size", Ty::Int),
+        opt("cluster-size", Ty::Int),
+        opt("backing-filename", Ty::Str),
+        opt("full-backing-filename", Ty::Str),
+        opt("backing-filename-format", Ty::Str),
+        opt("backing-image", Ty::Object(&IMAGE_INFO)),
+        opt("format-specific", Ty::Any),
     ],
 };
 
@@ -429,6 +435,7 @@ pub static BLOCK_DEVICE_INFO: ObjectDef = ObjectDef {
         opt("node-name", Ty::Str),
         req("ro", Ty::Bool),
         req("drv", Ty::Str),
+        opt("backing_file", Ty::Str),
         req("backing_file_depth", Ty::Int),
         req("encrypted", Ty::Bool),
         req("detect_zeroes", Ty::Str),
@@ -483,6 +490,7 @@ pub static BLOCK_STATS: ObjectDef = ObjectDef {
         opt("node-name", Ty::Str),
         req("stats", Ty::Object(&BLOCK_DEVICE_STATS)),
         opt("parent", Ty::Object(&BLOCK_STATS)),
+        opt("backing", Ty::Object(&BLOCK_STATS)),
     ],
 };
 
