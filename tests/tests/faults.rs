@@ -588,3 +588,61 @@ fn cancel_on_a_stalled_link_returns_promptly() {
     let _ = dst.wait_exit(WAIT);
     src.quit();
 }
+
+/// A destination that refuses in the middle of the page stream says why on the
+/// return path and closes: the source's next write then fails (connection
+/// reset), but what the operator reads is the destination's reason. The
+/// destination here is a stand-in that accepts the handshake, reads a little of
+/// the stream, refuses and closes with the rest unread (as a real one does on a
+/// bad page), and the source keeps running.
+#[test]
+fn a_destination_refusing_mid_stream_is_heard() {
+    use ferry_format::{Limits, StreamReader, StreamWriter};
+    use std::io::Read;
+    require_kvm();
+    let s = Scratch::new();
+    let src = start_source(&s, "src");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let reason = "the stand-in destination refuses page 0x1000 (a test)";
+    let dest = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().expect("the source connects");
+        let mut out =
+            StreamWriter::new(conn.try_clone().expect("clone"), "ferry-test").expect("preamble");
+        let (mut reader, _) = StreamReader::new(conn, Limits::default()).expect("its preamble");
+        let mut buf = Vec::new();
+        loop {
+            let h = reader.next_section(&mut buf).expect("a section");
+            if h.id == SectionId::Shape {
+                break;
+            }
+        }
+        out.write_cbor(
+            SectionId::Reply,
+            SectionId::Reply.current_version(),
+            "Ready",
+        )
+        .expect("send Ready");
+        let mut conn = reader.into_inner();
+        let mut chunk = vec![0u8; 1 << 20];
+        conn.read_exact(&mut chunk).expect("1 MiB of the stream");
+        let refusal = serde_json::json!({ "Error": { "message": reason } });
+        out.write_cbor(
+            SectionId::Reply,
+            SectionId::Reply.current_version(),
+            &refusal,
+        )
+        .expect("send the refusal");
+        // Closed with the stream's rest unread: the kernel resets the connection.
+    });
+    let reply = src.command(&format!("migrate tcp:{addr}"));
+    dest.join().expect("the stand-in destination");
+    assert_eq!(reply["ok"], false, "{reply}");
+    let err = reply["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains(reason) && err.contains("refused"),
+        "the source did not report the destination's reason: {err}"
+    );
+    src.wait_heartbeats(50, WAIT);
+    src.quit();
+}

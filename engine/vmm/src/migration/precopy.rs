@@ -156,7 +156,7 @@ type Out = StreamWriter<BufWriter<Box<dyn WriteHalf>>>;
 /// the bandwidth cap (over all streams together), and the reasons to stop.
 struct PageStreams<'a> {
     ctl: &'a MigrationControl,
-    replies: Mutex<Receiver<Result<Reply, String>>>,
+    replies: Arc<Mutex<Receiver<Result<Reply, String>>>>,
     /// Set once a stream failed: the others stop at their next batch.
     failed: AtomicBool,
     /// The first stream's error, which is the one reported.
@@ -806,6 +806,27 @@ fn wait_reply(
     }
 }
 
+/// How long a source whose stream broke waits for the destination's reason.
+const REASON_WAIT: Duration = Duration::from_secs(1);
+
+/// The reason a destination gave for ending the migration, if it gave one: a
+/// destination that refuses a stream says why on the return path and closes,
+/// and the source's next write fails (connection reset) while the reason
+/// waits to be read. The reason is what the operator needs, not the reset.
+/// Waits at most [`REASON_WAIT`], less when the return path ends.
+fn told_why(replies: &Mutex<Receiver<Result<Reply, String>>>) -> Option<String> {
+    let replies = replies.lock().ok()?;
+    let deadline = Instant::now() + REASON_WAIT;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match replies.recv_timeout(left) {
+            Ok(Ok(Reply::Error { message })) => return Some(message),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
 /// A digest of guest RAM: CRC-32 of every 1 MiB chunk, in address order.
 pub(crate) fn ram_digest(ram: &GuestRam) -> Result<Vec<u32>, MigrationError> {
     const CHUNK: u64 = 1 << 20;
@@ -844,8 +865,10 @@ pub fn migrate(
     }
     let breakers = &ctl.breakers;
     let mut point_of_no_return = false;
+    let mut return_path = None;
     let result = secure(channel, &ctl.params()).and_then(|mut channel| {
-        let replies = spawn_return_path(&mut channel);
+        let replies = Arc::new(Mutex::new(spawn_return_path(&mut channel)));
+        return_path = Some(Arc::clone(&replies));
         run(
             vm,
             channel,
@@ -885,6 +908,14 @@ pub fn migrate(
             Ok(MigrationOutcome::Completed(stats))
         }
         Err(e) => {
+            let e = match (&e, &return_path) {
+                (MigrationError::Stream(_) | MigrationError::PageStream { .. }, Some(replies))
+                    if !ctl.is_cancelled() =>
+                {
+                    told_why(replies).map_or(e, MigrationError::Refused)
+                }
+                _ => e,
+            };
             breakers.iter().for_each(Breaker::break_channel);
             // A file has no reader that could be running the VM: its VM resumes.
             let unconfirmed =
@@ -967,7 +998,7 @@ fn run(
     vm: &mut Vm,
     channel: Channel,
     ctl: &Arc<MigrationControl>,
-    replies: Receiver<Result<Reply, String>>,
+    replies: Arc<Mutex<Receiver<Result<Reply, String>>>>,
     breakers: &Mutex<Vec<Breaker>>,
     start: Instant,
     point_of_no_return: &mut bool,
@@ -1004,7 +1035,11 @@ fn run(
         .map_err(|e| MigrationError::Stream(format!("cannot send the handshake: {e}")))?;
     let mut streams = 1;
     if has_return_path {
-        match wait_reply(&replies, ctl, HANDSHAKE_TIMEOUT) {
+        let answer = match replies.lock() {
+            Ok(r) => wait_reply(&r, ctl, HANDSHAKE_TIMEOUT),
+            Err(_) => Err("the return path lock is poisoned".into()),
+        };
+        match answer {
             // A destination that predates page streams answers Ready: one stream.
             Ok(Reply::Ready) => {}
             Ok(Reply::Accepted { streams: n }) if wanted > 1 && (1..=wanted).contains(&n) => {
@@ -1029,7 +1064,7 @@ fn run(
     }
     let sh = PageStreams {
         ctl,
-        replies: Mutex::new(replies),
+        replies,
         failed: AtomicBool::new(false),
         first_error: Mutex::new(None),
         breakers,
