@@ -585,3 +585,116 @@ fn positions_are_checked_and_named_in_the_shape() {
     assert_eq!(ide.config(1).unwrap().read(2) >> 8, 0x01_01_80);
 }
 
+/// A VM with IDE drives: the PIIX3's functions answer config cycles in slot
+/// 1, its drives are part of the shape (a destination with other drives is
+/// refused by name), and its state goes through `capture_devices` and
+/// `restore_state` with the rest, in the middle of a transfer.
+#[test]
+fn a_vm_carries_its_ide_drives_in_shape_and_state() {
+    use crate::devices::pci::{CONFIG_ADDRESS, CONFIG_DATA};
+    use crate::devices::serial::SinkSpec;
+    use crate::vm::{Vm, VmConfig};
+
+    let iso = cd_image(4);
+    let cd = drive(iso.path(), IdeMedia::Cdrom, 1, 0);
+    let config = |ide: Vec<IdeDriveConfig>| VmConfig {
+        mem_bytes: 16 << 20,
+        vcpus: 1,
+        backing: ferry_kvm::Backing::Anonymous,
+        serial: SinkSpec::Null,
+        cpu: crate::cpu::model::CpuModel::Host,
+        virtio: Vec::new(),
+        ide,
+    };
+    let vm = Vm::create(config(vec![cd.clone()])).expect("a VM with a CD-ROM");
+    let bus = vm.pci().clone();
+    let cfg_read = |function: u32, reg: u32| {
+        let addr = 0x8000_0000u32 | (u32::from(PIIX3_SLOT) << 11) | (function << 8) | (reg << 2);
+        bus.io_write(CONFIG_ADDRESS, &addr.to_le_bytes());
+        let mut v = [0u8; 4];
+        bus.io_read(CONFIG_DATA, &mut v);
+        u32::from_le_bytes(v)
+    };
+    assert_eq!(cfg_read(0, 0), 0x7000_8086);
+    assert_eq!(cfg_read(1, 0), 0x7010_8086);
+    assert_eq!(cfg_read(2, 0), 0xffff_ffff, "no function 2");
+
+    // Half a sector read through the ports, then the state is taken.
+    let ide = vm.pci().ide().expect("the PIIX3").clone();
+    let io = |port: u16, v: u8| ide.lock().unwrap().io_write(port, &[v]);
+    for (reg, v) in [(6, 0xa0), (1, 0), (4, 0), (5, 8), (7, 0xa0)] {
+        io(0x170 + reg, v);
+    }
+    for b in [0x28u8, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0] {
+        io(0x170, b);
+    }
+    let mut first = vec![0u8; 1000];
+    ide.lock().unwrap().io_read(0x170, &mut first);
+    let saved = vm.capture_devices().unwrap();
+    assert!(saved.ide.is_some());
+
+    let names = vm.shape().devices;
+    assert!(
+        names.contains(&"ide-cd@1.0:16s-ro".to_string()),
+        "{names:?}"
+    );
+    let other = drive(iso.path(), IdeMedia::Cdrom, 0, 0);
+    let err = Vm::create_for_shape(
+        &vm.shape(),
+        ferry_kvm::Backing::Anonymous,
+        SinkSpec::Null,
+        Vec::new(),
+        vec![other],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("ide-cd@0.0:16s-ro"), "{err}");
+    let err = Vm::create_for_shape(
+        &vm.shape(),
+        ferry_kvm::Backing::Anonymous,
+        SinkSpec::Null,
+        Vec::new(),
+        Vec::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("piix3-ide@01.1"), "{err}");
+
+    let mut dest = Vm::create_for_shape(
+        &vm.shape(),
+        ferry_kvm::Backing::Anonymous,
+        SinkSpec::Null,
+        Vec::new(),
+        vec![cd.clone()],
+    )
+    .expect("the same drives");
+    let mut no_ide = saved.clone();
+    no_ide.ide = None;
+    let vmstate = dest.capture_vm().unwrap();
+    let vcpus = dest.capture_vcpus().unwrap();
+    let err = dest
+        .restore_state(dest.capture_vcpus().unwrap(), &vmstate, &no_ide)
+        .unwrap_err();
+    assert!(err.to_string().contains("IDE"), "{err}");
+    dest.restore_state(vcpus, &vmstate, &saved)
+        .expect("restore");
+    let ide = dest.pci().ide().unwrap().clone();
+    let mut rest = vec![0u8; 1048];
+    ide.lock().unwrap().io_read(0x170, &mut rest);
+    first.extend(rest);
+    let expect: Vec<u8> = (0..CD_SECTOR).map(|i| cd_byte(1, i)).collect();
+    assert_eq!(first, expect);
+    let mut st = [0u8];
+    ide.lock().unwrap().io_read(0x177, &mut st);
+    assert_eq!(st[0] & (DRQ | ERR), 0, "the read ended");
+
+    // A virtio device may not take the PIIX3's slot.
+    let mut clash = config(vec![cd]);
+    clash.virtio.push(crate::vm::VirtioSpec {
+        slot: PIIX3_SLOT,
+        id: "balloon0".into(),
+        device: crate::vm::VirtioDeviceSpec::Balloon(Default::default()),
+    });
+    let err = Vm::create(clash).unwrap_err().to_string();
+    assert!(err.contains("PIIX3"), "{err}");
+}
