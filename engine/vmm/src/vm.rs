@@ -789,6 +789,9 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
+        // The IDE state is checked before anything changes (its restore
+        // below checks it again, and applies it all or nothing).
+        self.check_ide_state(devices.ide.as_ref())?;
         let mut clock = vm.clock;
         clock.flags = 0;
         self.vm
@@ -830,20 +833,11 @@ impl Vm {
                 .restore(state)
                 .map_err(VmmError::Restore)?;
         }
-        match (self.pci.ide(), &devices.ide) {
-            (None, None) => {}
-            (Some(ide), Some(state)) => ide
-                .lock()
+        if let (Some(ide), Some(state)) = (self.pci.ide(), &devices.ide) {
+            ide.lock()
                 .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?,
-            (ours, _) => {
-                return Err(VmmError::Restore(format!(
-                    "the stream {} IDE controller state; this VM {} IDE drives",
-                    if ours.is_some() { "has no" } else { "has" },
-                    if ours.is_some() { "has" } else { "has no" }
-                )))
-            }
+                .map_err(VmmError::Restore)?;
         }
         *self
             .com1
@@ -851,6 +845,27 @@ impl Vm {
             .map_err(|_| VmmError::Config("serial device lock poisoned".into()))? = com1;
         self.announce_on_resume = true;
         Ok(())
+    }
+}
+
+impl Vm {
+    /// Refuses IDE state this VM could not load: present without IDE
+    /// drives, absent with them, or refused by the controller's checks.
+    fn check_ide_state(&self, state: Option<&IdeState>) -> Result<(), VmmError> {
+        match (self.pci.ide(), state) {
+            (None, None) => Ok(()),
+            (Some(ide), Some(state)) => ide
+                .lock()
+                .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?
+                .check(state)
+                .map(drop)
+                .map_err(VmmError::Restore),
+            (ours, _) => Err(VmmError::Restore(format!(
+                "the stream {} IDE controller state; this VM {} IDE drives",
+                if ours.is_some() { "has no" } else { "has" },
+                if ours.is_some() { "has" } else { "has no" }
+            ))),
+        }
     }
 }
 

@@ -480,6 +480,34 @@ impl Piix3 {
     /// Then the drives open their images again and take their locks (see
     /// `VirtioDevice::after_restore`), and the interrupt lines are set.
     pub fn restore(&mut self, s: &IdeState) -> Result<(), String> {
+        let (isa, ide) = self.check(s)?;
+        self.isa = isa;
+        self.ide = ide;
+        for (c, cs) in self.channels.iter_mut().zip(&s.channels) {
+            c.unit = usize::from(cs.unit);
+            c.control = cs.control;
+            c.pending = cs.irq;
+            for (d, ds) in c.drives.iter_mut().zip(&cs.drives) {
+                if let (Some(d), Some(ds)) = (d, ds) {
+                    d.s = ds.clone();
+                }
+            }
+        }
+        for d in self.drives_mut() {
+            d.after_restore()
+                .map_err(|e| format!("IDE drive {}: {e}", d.id))?;
+        }
+        let irq = self.irq.clone();
+        for c in &mut self.channels {
+            c.line = c.pending && c.control & CONTROL_NIEN == 0;
+            irq.set_level(c.irq, c.line);
+        }
+        Ok(())
+    }
+
+    /// Whether this controller could load `s` (see [`Self::restore`]);
+    /// returns the config spaces it would have. Changes nothing.
+    pub fn check(&self, s: &IdeState) -> Result<(ConfigSpace, ConfigSpace), String> {
         let mut isa = self.isa.clone();
         isa.restore(&s.isa_config)
             .map_err(|e| format!("PIIX3 ISA bridge: {e}"))?;
@@ -516,28 +544,7 @@ impl Piix3 {
                 }
             }
         }
-        self.isa = isa;
-        self.ide = ide;
-        for (c, cs) in self.channels.iter_mut().zip(&s.channels) {
-            c.unit = usize::from(cs.unit);
-            c.control = cs.control;
-            c.pending = cs.irq;
-            for (d, ds) in c.drives.iter_mut().zip(&cs.drives) {
-                if let (Some(d), Some(ds)) = (d, ds) {
-                    d.s = ds.clone();
-                }
-            }
-        }
-        for d in self.drives_mut() {
-            d.after_restore()
-                .map_err(|e| format!("IDE drive {}: {e}", d.id))?;
-        }
-        let irq = self.irq.clone();
-        for c in &mut self.channels {
-            c.line = c.pending && c.control & CONTROL_NIEN == 0;
-            irq.set_level(c.irq, c.line);
-        }
-        Ok(())
+        Ok((isa, ide))
     }
 }
 
