@@ -605,6 +605,7 @@ pub fn receive_checked(
         expect_vcpus: None,
         autostart: false,
         virtio,
+        ide: Vec::new(),
     };
     let result = migration::receive(
         Box::new(Cursor::new(input.to_vec())),
@@ -647,6 +648,7 @@ pub fn restore_error(input: &[u8]) -> Option<String> {
         expect_mem_bytes: None,
         expect_vcpus: None,
         virtio: Vec::new(),
+        ide: Vec::new(),
     };
     checkpoint::restore(Cursor::new(input.to_vec()), &opts)
         .err()
@@ -664,6 +666,7 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         expect_mem_bytes: None,
         expect_vcpus: None,
         virtio: Vec::new(),
+        ide: Vec::new(),
     };
     match checkpoint::restore(Cursor::new(input.to_vec()), &opts) {
         Ok(vm) if vm.is_running() => Outcome::Violation("a restored VM runs before resume".into()),
@@ -686,6 +689,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         serial: SinkSpec::Null,
         cpu: ferry_vmm::cpu::model::CpuModel::parse("qemu64").expect("qemu64 is a model"),
         virtio: Vec::new(),
+        ide: Vec::new(),
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();

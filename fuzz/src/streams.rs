@@ -565,6 +565,7 @@ fn destination(
         expect_vcpus: None,
         autostart: false,
         virtio: Vec::new(),
+        ide: Vec::new(),
     };
     let extra = ExtraStreams {
         listener,
@@ -1016,6 +1017,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
         serial: SinkSpec::Null,
         cpu: ferry_vmm::cpu::model::CpuModel::parse("qemu64").expect("qemu64 is a model"),
         virtio: Vec::new(),
+        ide: Vec::new(),
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();
@@ -1040,6 +1042,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
             expect_vcpus: None,
             autostart: false,
             virtio: Vec::new(),
+            ide: Vec::new(),
         };
         let extra = ExtraStreams {
             listener: &dest,

@@ -294,6 +294,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         serial: sink,
         cpu: config.cpu.clone(),
         virtio: virtio_specs(config),
+        ide: Vec::new(),
     })
     .map_err(engine)?;
     guest
@@ -474,6 +475,7 @@ impl FerryBackend {
                 // Started below, under the lock, if `cont` came meanwhile.
                 autostart: false,
                 virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
+                ide: Vec::new(),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);

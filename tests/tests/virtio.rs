@@ -15,6 +15,10 @@
 //! the balloon's target set on the control socket, with pages past its working
 //! set that the host discards, answers stats requests, and carries the balloon
 //! across a live migration.
+//!
+//! With `cdrom=LBA` the guest reads a file of a config drive (an ISO on an
+//! IDE CD-ROM, as Nova attaches it) by PIO at boot and again every pass, on
+//! both sides of a live migration.
 
 use std::path::Path;
 use std::time::Duration;
@@ -562,4 +566,93 @@ fn a_balloon_with_a_fill_is_refused_by_the_guest() {
     let serial = String::from_utf8_lossy(&vm.serial_output()).into_owned();
     assert!(!serial.contains("dirtier: ready"), "{serial}");
     vm.quit();
+}
+
+/// An ISO 9660 image made as Nova makes its config drive (`genisoimage -r -J
+/// -V config-2`, from `scripts/deps --tests`) holding `ferry.txt` with
+/// `content`; returns its path and the file's first sector, found in the
+/// root directory's records.
+fn config_drive(s: &Scratch, content: &[u8]) -> (String, u32) {
+    let dir = s.path("config-drive");
+    std::fs::create_dir_all(&dir).expect("create the drive's directory");
+    std::fs::write(dir.join("ferry.txt"), content).expect("write the file");
+    let iso = s.path("config.iso");
+    let out = std::process::Command::new("genisoimage")
+        .args(["-quiet", "-r", "-J", "-V", "config-2", "-o"])
+        .arg(&iso)
+        .arg(&dir)
+        .output()
+        .expect("run genisoimage (scripts/deps --tests installs it)");
+    assert!(out.status.success(), "genisoimage: {out:?}");
+    let bytes = std::fs::read(&iso).expect("read the ISO");
+    const SECTOR: usize = 2048;
+    let pvd = &bytes[16 * SECTOR..17 * SECTOR];
+    assert_eq!(&pvd[..6], b"\x01CD001", "a primary volume descriptor");
+    let u32_at =
+        |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    let root = &pvd[156..156 + 34];
+    let (extent, len) = (u32_at(root, 2) as usize, u32_at(root, 10) as usize);
+    let records = &bytes[extent * SECTOR..extent * SECTOR + len];
+    let mut at = 0;
+    while at < records.len() {
+        let record_len = usize::from(records[at]);
+        if record_len == 0 {
+            // Records do not cross sectors: the rest of this one is padding.
+            at = (at / SECTOR + 1) * SECTOR;
+            continue;
+        }
+        let name_len = usize::from(records[at + 32]);
+        if records[at + 33..at + 33 + name_len].starts_with(b"FERRY.TXT") {
+            return (iso.display().to_string(), u32_at(records, at + 2));
+        }
+        at += record_len;
+    }
+    panic!("ferry.txt is not in the ISO's root directory");
+}
+
+/// Nova's config drive: an ISO on an IDE CD-ROM. The dirtier with
+/// `cdrom=LBA` finds the ATAPI drive by its signature, reads the file's
+/// sector by PIO and prints its first bytes, then reads it again every pass
+/// and compares (`cdrom: ERR readback` otherwise); after a live migration
+/// it goes on reading on the destination, whose drive opened the same ISO.
+#[test]
+fn a_config_drive_on_an_ide_cdrom_reads_before_and_after_a_live_migration() {
+    require_kvm();
+    let s = Scratch::new();
+    let content = b"ferry config drive: instance-0001\n";
+    let (iso, lba) = config_drive(&s, content);
+    let hex: String = content[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let mut src = dirtier_source(
+        &s,
+        "128M",
+        &format!("ws=4M cdrom={lba}"),
+        &["--cdrom", &iso],
+    );
+    let serial = String::from_utf8_lossy(&src.serial_output()).into_owned();
+    assert!(
+        serial.contains(&format!("cdrom: lba={lba} data={hex}\n")),
+        "{serial}"
+    );
+    wait_passes(&src, &s, 2 * K);
+    assert_no_driver_error(&src);
+
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dst = VmProcess::spawn(
+        &s,
+        "dst",
+        &["incoming", &uri, "-m", &src.mem, "--cdrom", &iso],
+    );
+    dst.wait_listening();
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let first = dst.oracle(&s, "dst1").passes;
+    dst.ok("resume");
+    // Every pass on the destination reads the sector again from its drive.
+    wait_passes(&dst, &s, first + 2 * K);
+    dst.oracle(&s, "dst2");
+    assert_no_driver_error(&dst);
+    dst.quit();
 }

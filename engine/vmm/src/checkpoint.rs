@@ -179,6 +179,8 @@ pub struct RestoreOptions {
     pub expect_vcpus: Option<u32>,
     /// This host's virtio devices; they must match the checkpoint's.
     pub virtio: Vec<crate::vm::VirtioSpec>,
+    /// This host's IDE drives; they must match the checkpoint's.
+    pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
 }
 
 /// Checks that the page at `gpa` lies inside guest RAM (`ranges`).
@@ -285,6 +287,7 @@ pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
         expect_vcpus: opts.expect_vcpus,
         autostart: false,
         virtio: opts.virtio.clone(),
+        ide: opts.ide.clone(),
     };
     crate::migration::receive(Box::new(r), None, &incoming).map_err(|e| match e {
         crate::migration::MigrationError::Vmm(v) => v,

@@ -157,6 +157,19 @@ pub struct Common {
     /// by none.
     #[arg(long = "disk", value_parser = parse_disk)]
     pub disks: Vec<DiskArg>,
+    /// An IDE disk on the PIIX3 (PCI 00:01.1, ports 0x1f0 and 0x170): PATH, then
+    /// comma-separated options: format=raw|qcow2, bus=0|1, unit=0|1, readonly=on,
+    /// serial=S, share-rw=on (locked as --disk). Positions default to the free ones
+    /// from bus 0 unit 0 on, in order. A migration destination or restore must be
+    /// given the same IDE drives at the same positions.
+    #[arg(long = "ide-disk", value_name = "PATH", value_parser = parse_ide_disk)]
+    pub ide_disks: Vec<IdeArg>,
+    /// An IDE (ATAPI) CD-ROM on the PIIX3: PATH (an ISO image), then comma-separated
+    /// options: format=raw|qcow2, bus=0|1, unit=0|1, serial=S. Always read-only: its
+    /// lock shares the image with other readers. Positions default to the free ones
+    /// from bus 1 unit 0 on (QEMU's -cdrom), after the IDE disks'.
+    #[arg(long = "cdrom", value_name = "PATH", value_parser = parse_cdrom)]
+    pub cdroms: Vec<IdeArg>,
     /// A virtio-net NIC on a tap: tap=IFNAME or fd=N (an open tap, as libvirt passes),
     /// [,mac=52:54:00:xx:xx:xx][,slot=N]; repeat for more NICs. Slots default to the
     /// free ones after the disks'; MACs to 52:54:00:12:34:56, :57, ... in order. A
@@ -367,7 +380,6 @@ pub struct DiskArg {
 }
 
 fn parse_disk(text: &str) -> Result<DiskArg, String> {
-    use crate::devices::virtio::blk::{Backing, ImageFormat};
     let mut parts = text.split(',');
     let path = parts
         .next()
@@ -382,17 +394,7 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
     for part in parts {
         match part.split_once('=') {
             Some(("slot", v)) => arg.slot = Some(parse_slot(v)?),
-            Some(("format", "raw")) => arg.config.format = ImageFormat::Raw,
-            Some(("format", "qcow2")) => {
-                arg.config.format = ImageFormat::Qcow2 {
-                    backing: Backing::FromHeader,
-                }
-            }
-            Some(("readonly", "on")) => arg.config.read_only = true,
-            Some(("readonly", "off")) => arg.config.read_only = false,
-            Some(("serial", v)) => arg.config.serial = Some(v.to_string()),
-            Some(("share-rw", "on")) => arg.config.shared = true,
-            Some(("share-rw", "off")) => arg.config.shared = false,
+            _ if image_option(&mut arg.config, part) => {}
             _ => {
                 return Err(format!(
                     "unknown disk option '{part}' (PATH[,format=raw|qcow2][,slot=N]\
@@ -402,6 +404,91 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
         }
     }
     Ok(arg)
+}
+
+/// Applies one image option shared by `--disk` and the IDE drives
+/// (format, readonly, serial, share-rw); false if `part` is none of them.
+fn image_option(config: &mut crate::devices::virtio::blk::BlockConfig, part: &str) -> bool {
+    use crate::devices::virtio::blk::{Backing, ImageFormat};
+    match part.split_once('=') {
+        Some(("format", "raw")) => config.format = ImageFormat::Raw,
+        Some(("format", "qcow2")) => {
+            config.format = ImageFormat::Qcow2 {
+                backing: Backing::FromHeader,
+            }
+        }
+        Some(("readonly", "on")) => config.read_only = true,
+        Some(("readonly", "off")) => config.read_only = false,
+        Some(("serial", v)) => config.serial = Some(v.to_string()),
+        Some(("share-rw", "on")) => config.shared = true,
+        Some(("share-rw", "off")) => config.shared = false,
+        _ => return false,
+    }
+    true
+}
+
+/// One `--cdrom` or `--ide-disk`: the image, and the position if given.
+#[derive(Debug, Clone)]
+pub struct IdeArg {
+    pub config: crate::devices::virtio::blk::BlockConfig,
+    pub bus: Option<u8>,
+    pub unit: Option<u8>,
+}
+
+fn parse_ide(text: &str, cdrom: bool) -> Result<IdeArg, String> {
+    let mut parts = text.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("missing PATH")?;
+    let mut arg = IdeArg {
+        config: crate::devices::virtio::blk::BlockConfig::new(
+            crate::devices::virtio::blk::BlockImage::Path(PathBuf::from(path)),
+        ),
+        bus: None,
+        unit: None,
+    };
+    let position = |v: &str, what: &str| match v {
+        "0" => Ok(0),
+        "1" => Ok(1),
+        _ => Err(format!("IDE {what} '{v}' is not 0 or 1")),
+    };
+    for part in parts {
+        match part.split_once('=') {
+            Some(("bus", v)) => arg.bus = Some(position(v, "bus")?),
+            Some(("unit", v)) => arg.unit = Some(position(v, "unit")?),
+            Some(("readonly" | "share-rw", _)) if cdrom => {
+                return Err(format!(
+                    "CD-ROM option '{part}': a CD-ROM is always read-only"
+                ))
+            }
+            _ if image_option(&mut arg.config, part) => {}
+            _ if cdrom => {
+                return Err(format!(
+                    "unknown CD-ROM option '{part}' (PATH[,format=raw|qcow2][,bus=N]\
+                     [,unit=N][,serial=S])"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown IDE disk option '{part}' (PATH[,format=raw|qcow2][,bus=N]\
+                     [,unit=N][,readonly=on|off][,serial=S][,share-rw=on|off])"
+                ))
+            }
+        }
+    }
+    if cdrom {
+        arg.config.read_only = true;
+    }
+    Ok(arg)
+}
+
+fn parse_cdrom(text: &str) -> Result<IdeArg, String> {
+    parse_ide(text, true)
+}
+
+fn parse_ide_disk(text: &str) -> Result<IdeArg, String> {
+    parse_ide(text, false)
 }
 
 impl Common {
@@ -456,6 +543,55 @@ impl Common {
             });
         }
         Ok(specs)
+    }
+
+    /// The IDE drives asked for, IDE disks first, at their positions: given
+    /// ones, then the free ones in order (disks from bus 0 unit 0, CD-ROMs
+    /// from bus 1 unit 0, QEMU's -hda and -cdrom). Ids are QEMU's
+    /// (`ide0-hd0`, `ide1-cd0`).
+    pub fn ide(&self) -> Result<Vec<crate::devices::ide::IdeDriveConfig>, crate::VmmError> {
+        use crate::devices::ide::{IdeDriveConfig, IdeMedia};
+        let all: Vec<(&IdeArg, IdeMedia)> = (self.ide_disks.iter().map(|a| (a, IdeMedia::Disk)))
+            .chain(self.cdroms.iter().map(|a| (a, IdeMedia::Cdrom)))
+            .collect();
+        let mut taken: Vec<(u8, u8)> = all
+            .iter()
+            .filter_map(|(a, _)| Some((a.bus?, a.unit?)))
+            .collect();
+        let mut drives = Vec::new();
+        for (a, media) in all {
+            let order: [(u8, u8); 4] = match media {
+                IdeMedia::Disk => [(0, 0), (0, 1), (1, 0), (1, 1)],
+                IdeMedia::Cdrom => [(1, 0), (1, 1), (0, 0), (0, 1)],
+            };
+            let (bus, unit) = match (a.bus, a.unit) {
+                (Some(b), Some(u)) => (b, u),
+                (b, u) => {
+                    let free = order.into_iter().find(|&(ob, ou)| {
+                        b.is_none_or(|b| b == ob)
+                            && u.is_none_or(|u| u == ou)
+                            && !taken.contains(&(ob, ou))
+                    });
+                    let Some(p) = free else {
+                        return Err(crate::VmmError::Config(format!(
+                            "no free IDE position for {} (4 in all: bus 0 and 1, unit 0 and 1)",
+                            a.config.image
+                        )));
+                    };
+                    taken.push(p);
+                    p
+                }
+            };
+            let kind = if media == IdeMedia::Cdrom { "cd" } else { "hd" };
+            drives.push(IdeDriveConfig {
+                bus,
+                unit,
+                media,
+                id: format!("ide{bus}-{kind}{unit}"),
+                config: a.config.clone(),
+            });
+        }
+        Ok(drives)
     }
 
     /// The PCI slots of the disks, then the NICs, then the entropy devices,
@@ -682,6 +818,60 @@ mod tests {
         };
         let slots = common.slots();
         assert_eq!(slots, [6, 5, 7, 8, 4]);
+    }
+
+    #[test]
+    fn ide_drives_parse_and_take_qemus_positions() {
+        use crate::devices::ide::IdeMedia;
+        let c = parse_cdrom("config.iso,serial=cfg").unwrap();
+        assert!(c.config.read_only);
+        assert_eq!(c.config.serial.as_deref(), Some("cfg"));
+        assert!(parse_cdrom("x.iso,readonly=off")
+            .unwrap_err()
+            .contains("always read-only"));
+        assert!(parse_cdrom("x.iso,bus=2")
+            .unwrap_err()
+            .contains("not 0 or 1"));
+        assert!(parse_ide_disk("x,slot=3")
+            .unwrap_err()
+            .contains("unknown IDE disk option"));
+        let d = parse_ide_disk("d.qcow2,format=qcow2,bus=1,unit=1").unwrap();
+        assert_eq!((d.bus, d.unit), (Some(1), Some(1)));
+        assert!(!d.config.read_only);
+
+        let cli = Cli::try_parse_from([
+            "ferry-vm",
+            "restore",
+            "x",
+            "--cdrom",
+            "a.iso",
+            "--ide-disk",
+            "b.img",
+            "--cdrom",
+            "c.iso,bus=1,unit=1",
+            "--ide-disk",
+            "d.img,bus=1",
+        ]);
+        let Ok(Cli {
+            command: Command::Restore { common, .. },
+        }) = cli
+        else {
+            panic!("{cli:?}");
+        };
+        let drives = common.ide().unwrap();
+        let got: Vec<_> = drives
+            .iter()
+            .map(|d| (d.id.as_str(), d.bus, d.unit, d.media))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ide0-hd0", 0, 0, IdeMedia::Disk),
+                ("ide1-hd0", 1, 0, IdeMedia::Disk),
+                ("ide0-cd1", 0, 1, IdeMedia::Cdrom),
+                ("ide1-cd1", 1, 1, IdeMedia::Cdrom),
+            ]
+        );
     }
 
     #[test]

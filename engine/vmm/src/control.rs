@@ -589,6 +589,7 @@ mod tests {
             serial: SinkSpec::Null,
             cpu: crate::cpu::model::CpuModel::Host,
             virtio,
+            ide: Vec::new(),
         })
         .expect("VM")
     }

@@ -71,6 +71,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 serial: common.serial.clone(),
                 cpu,
                 virtio: common.virtio()?,
+                ide: common.ide()?,
             })?;
             vm.boot(&KernelConfig {
                 kernel,
@@ -116,6 +117,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     expect_vcpus: Some(smp),
                     autostart: !common.paused,
                     virtio: common.virtio()?,
+                    ide: common.ide()?,
                 },
                 &mut || {},
                 // A file carries one stream; the listener ignores more for it.
@@ -139,6 +141,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     expect_mem_bytes: mem,
                     expect_vcpus: None,
                     virtio: common.virtio()?,
+                    ide: common.ide()?,
                 },
             )
             .map_err(|e| match e {

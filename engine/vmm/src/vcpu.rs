@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::cpu::VcpuState;
+use crate::devices::ide::Piix3;
 use crate::devices::pci::PciBus;
 use crate::devices::serial::{Com1, COM1_BASE, COM1_LEN};
 use crate::VmmError;
@@ -290,6 +291,12 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
         ctx.pci.io_write(port, data);
         return None;
     }
+    if let Some(ide) = ctx.pci.ide().filter(|_| Piix3::claims_port(port)) {
+        if let Ok(mut ide) = ide.lock() {
+            ide.io_write(port, data);
+        }
+        return None;
+    }
     let value = data
         .iter()
         .rev()
@@ -315,6 +322,13 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
     }
     if PciBus::claims_port(port, data.len()) {
         ctx.pci.io_read(port, data);
+        return;
+    }
+    if let Some(ide) = ctx.pci.ide().filter(|_| Piix3::claims_port(port)) {
+        match ide.lock() {
+            Ok(mut ide) => ide.io_read(port, data),
+            Err(_) => data.fill(0xff),
+        }
         return;
     }
     // Nothing else is decoded: an open bus reads all ones.

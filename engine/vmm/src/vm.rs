@@ -17,6 +17,7 @@ use ferry_kvm::{Backing, GuestRam};
 
 use crate::cpu::model::{self, CpuModel, CpuidLeaf};
 use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
+use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
 use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonInfo};
@@ -42,6 +43,9 @@ pub struct VmConfig {
     pub cpu: CpuModel,
     /// Virtio devices on PCI bus 0.
     pub virtio: Vec<VirtioSpec>,
+    /// Drives on the PIIX3's IDE controller (PCI 00:01.1); with none, the VM
+    /// has no PIIX3 and slot 1 is free.
+    pub ide: Vec<IdeDriveConfig>,
 }
 
 /// A virtio device and where it sits.
@@ -93,9 +97,11 @@ impl VirtioSpec {
     }
 }
 
-/// Builds the PCI bus with `specs`, checking their slots.
+/// Builds the PCI bus with `specs` and, with IDE drives, the PIIX3, checking
+/// their slots.
 fn build_pci(
     specs: &[VirtioSpec],
+    ide: &[IdeDriveConfig],
     ram: &Arc<GuestRam>,
     vm: &Arc<VmFd>,
     disks: Disks,
@@ -106,6 +112,13 @@ fn build_pci(
             return Err(VmmError::Config(format!(
                 "{}: PCI slot {} is out of range (1 to {MAX_SLOT}; 0 is the host bridge)",
                 spec.id, spec.slot
+            )));
+        }
+        if spec.slot == PIIX3_SLOT && !ide.is_empty() {
+            return Err(VmmError::Config(format!(
+                "{}: PCI slot {PIIX3_SLOT:#x} holds the PIIX3 (IDE controller) on a VM with \
+                 IDE drives",
+                spec.id
             )));
         }
         if let Some(other) = specs[..i].iter().find(|o| o.slot == spec.slot) {
@@ -134,7 +147,24 @@ fn build_pci(
         devices.push((spec.slot, Arc::new(Mutex::new(dev))));
     }
     devices.sort_by_key(|(slot, _)| *slot);
-    let bus = PciBus::new(devices);
+    let piix3 = if ide.is_empty() {
+        None
+    } else {
+        let piix3 = Piix3::new(
+            ide,
+            disks == Disks::Active,
+            Arc::new(KvmIrqLine(vm.clone())),
+        )
+        .map_err(|e| {
+            if e.contains("in use") {
+                VmmError::DiskLock(e)
+            } else {
+                VmmError::Config(e)
+            }
+        })?;
+        Some(Arc::new(Mutex::new(piix3)))
+    };
+    let bus = PciBus::new(devices, piix3);
     bus.start_workers().map_err(VmmError::Config)?;
     Ok(bus)
 }
@@ -183,6 +213,11 @@ pub struct DevicesState {
     /// Virtio devices by slot (absent in streams from before PCI devices).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub virtio: Vec<VirtioPciState>,
+    /// The PIIX3 and its IDE drives (absent on a VM without IDE, and in
+    /// streams from before IDE: the shape check refuses those for a VM
+    /// with IDE drives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ide: Option<IdeState>,
 }
 
 /// A VM on /dev/kvm.
@@ -274,7 +309,7 @@ impl Vm {
             .try_clone()
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
         let com1 = Arc::new(Mutex::new(Com1::new(irq, sink.clone())));
-        let pci = Arc::new(build_pci(&config.virtio, &ram, &vm, disks)?);
+        let pci = Arc::new(build_pci(&config.virtio, &config.ide, &ram, &vm, disks)?);
 
         let base = model::resolve(&supported_cpuid(&kvm)?, &config.cpu)?;
         let cpuid: Vec<CpuidLeaf> = base.iter().map(Into::into).collect();
@@ -494,6 +529,14 @@ impl Vm {
         stats
     }
 
+    /// Each IDE drive's id and I/O counters, by position.
+    pub fn ide_stats(&self) -> Vec<(String, crate::devices::virtio::blk::BlockStats)> {
+        self.pci
+            .ide()
+            .and_then(|p| p.lock().ok().map(|p| p.stats()))
+            .unwrap_or_default()
+    }
+
     /// Runs `f` on the balloon's function; `None` without a balloon.
     fn with_balloon<R>(&self, f: impl FnOnce(&mut VirtioPci) -> R) -> Option<R> {
         let mut f = Some(f);
@@ -586,6 +629,11 @@ impl Vm {
     fn device_names(&self) -> Vec<String> {
         let mut names = vec!["com1".to_string()];
         self.pci.for_each(|dev| names.push(dev.shape_name()));
+        if let Some(ide) = self.pci.ide() {
+            if let Ok(ide) = ide.lock() {
+                names.extend(ide.shape_names());
+            }
+        }
         names
     }
 
@@ -635,30 +683,43 @@ impl Vm {
             dev.flush().map_err(VmmError::Config)?;
             virtio.push(dev.state());
         }
+        let ide = match self.pci.ide() {
+            Some(ide) => {
+                let mut ide = ide
+                    .lock()
+                    .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?;
+                ide.flush().map_err(VmmError::Config)?;
+                Some(ide.state())
+            }
+            None => None,
+        };
         Ok(DevicesState {
             com1: com1.state(),
             virtio,
+            ide,
         })
     }
 
     /// Takes every disk's image locks (see [`VirtioDevice::activate`]); a
     /// no-op for disks that hold them.
     pub fn activate_disks(&self) -> Result<(), VmmError> {
-        self.each_disk_lock(VirtioPci::activate)
+        self.each_disk_lock(VirtioPci::activate, Piix3::activate)
     }
 
     /// Lets go of every disk's image locks, for a migration's destination to
     /// take (see [`VirtioDevice::deactivate`]); the VM is paused and its disks
     /// flushed. [`Vm::resume`] takes them back.
     pub fn deactivate_disks(&self) -> Result<(), VmmError> {
-        self.each_disk_lock(VirtioPci::deactivate)
+        self.each_disk_lock(VirtioPci::deactivate, Piix3::deactivate)
     }
 
     /// Runs `step` (take or release image locks) on every virtio device, in
-    /// slot order, stopping at the first failure.
+    /// slot order, then `ide_step` on the IDE drives, stopping at the first
+    /// failure.
     fn each_disk_lock(
         &self,
         step: impl Fn(&mut VirtioPci) -> Result<(), String>,
+        ide_step: impl Fn(&mut Piix3) -> Result<(), String>,
     ) -> Result<(), VmmError> {
         for (_, dev) in self.pci.devices() {
             let mut dev = dev
@@ -666,17 +727,24 @@ impl Vm {
                 .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?;
             step(&mut dev).map_err(VmmError::DiskLock)?;
         }
+        if let Some(ide) = self.pci.ide() {
+            let mut ide = ide
+                .lock()
+                .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?;
+            ide_step(&mut ide).map_err(VmmError::DiskLock)?;
+        }
         Ok(())
     }
 
     /// Creates a VM of exactly `shape` (for restore and incoming migration).
-    /// `virtio` are this host's devices (disk paths, taps), which must match the
-    /// shape's.
+    /// `virtio` and `ide` are this host's devices (disk paths, taps), which
+    /// must match the shape's.
     pub fn create_for_shape(
         shape: &VmShape,
         backing: Backing,
         serial: SinkSpec,
         virtio: Vec<VirtioSpec>,
+        ide: Vec<IdeDriveConfig>,
     ) -> Result<Self, VmmError> {
         let mem_bytes = shape.ram_ranges.iter().map(|r| r.1).sum();
         let config = VmConfig {
@@ -690,6 +758,7 @@ impl Vm {
                 CpuModel::Exact(shape.cpuid.clone())
             },
             virtio,
+            ide,
         };
         // The disks take their locks when the state is loaded: a migration's
         // source still runs on them now.
@@ -720,6 +789,9 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
+        // The IDE state is checked before anything changes (its restore
+        // below checks it again, and applies it all or nothing).
+        self.check_ide_state(devices.ide.as_ref())?;
         let mut clock = vm.clock;
         clock.flags = 0;
         self.vm
@@ -761,12 +833,39 @@ impl Vm {
                 .restore(state)
                 .map_err(VmmError::Restore)?;
         }
+        if let (Some(ide), Some(state)) = (self.pci.ide(), &devices.ide) {
+            ide.lock()
+                .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?
+                .restore(state)
+                .map_err(VmmError::Restore)?;
+        }
         *self
             .com1
             .lock()
             .map_err(|_| VmmError::Config("serial device lock poisoned".into()))? = com1;
         self.announce_on_resume = true;
         Ok(())
+    }
+}
+
+impl Vm {
+    /// Refuses IDE state this VM could not load: present without IDE
+    /// drives, absent with them, or refused by the controller's checks.
+    fn check_ide_state(&self, state: Option<&IdeState>) -> Result<(), VmmError> {
+        match (self.pci.ide(), state) {
+            (None, None) => Ok(()),
+            (Some(ide), Some(state)) => ide
+                .lock()
+                .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?
+                .check(state)
+                .map(drop)
+                .map_err(VmmError::Restore),
+            (ours, _) => Err(VmmError::Restore(format!(
+                "the stream {} IDE controller state; this VM {} IDE drives",
+                if ours.is_some() { "has no" } else { "has" },
+                if ours.is_some() { "has" } else { "has no" }
+            ))),
+        }
     }
 }
 

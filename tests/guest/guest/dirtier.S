@@ -361,7 +361,10 @@ user_main:
 8:      cmpq $0, balloon_on(%rip)
         je 9f
         call balloon_init
-9:
+9:      cmpq $0, cd_on(%rip)
+        je 10f
+        call cdrom_init
+10:
         leaq msg_ready(%rip), %rsi
         call puts
 
@@ -688,6 +691,13 @@ key:
         testq %rax, %rax
         setnz %cl
         movq %rcx, net_on(%rip)
+        jmp skip
+1:      leaq key_cdrom(%rip), %rdi
+        call match_key
+        jne 1f
+        call parse_u64
+        movq %rax, cd_lba(%rip)
+        movq $1, cd_on(%rip)
         jmp skip
 1:      leaq key_rng(%rip), %rdi
         call match_key
@@ -1862,6 +1872,170 @@ balloon_pass:
         jmp 2b
 9:      ret
 
+/* ---- IDE CD-ROM (cdrom=LBA) -------------------------------------------- */
+/* Polled PIO with interrupts off (nIEN). cdrom_init resets both legacy      */
+/* channels (SRST) and takes the first unit with the ATAPI signature 0xEB14  */
+/* in its cylinder registers, reads sector cd_lba into cd_first and prints   */
+/* it; every pass reads it again into cd_buf and compares.                   */
+
+        .set IDE_BSY, 0x80
+        .set IDE_DRQ, 0x08
+        .set IDE_ERR, 0x01
+        .set CD_SHOW, 16                    # bytes of the sector printed at boot
+
+cdrom_init:
+        leaq cd_dev(%rip), %r15
+        xorl %ebx, %ebx                     # channel
+1:      leaq ide_ports(%rip), %rsi
+        movzwl (%rsi,%rbx,4), %r8d          # command block
+        movzwl 2(%rsi,%rbx,4), %edx         # device control
+        movb $0x06, %al                     # SRST, nIEN
+        outb %al, %dx
+        movb $0x02, %al                     # nIEN
+        outb %al, %dx
+        xorl %ecx, %ecx                     # unit
+2:      movl %ecx, %eax
+        shll $4, %eax
+        orl $0xa0, %eax
+        leal 6(%r8), %edx
+        outb %al, %dx
+        leal 4(%r8), %edx
+        inb %dx, %al
+        cmpb $0x14, %al
+        jne 3f
+        leal 5(%r8), %edx
+        inb %dx, %al
+        cmpb $0xeb, %al
+        jne 3f
+        movq %r8, cd_base(%rip)
+        movq %rcx, cd_unit(%rip)
+        jmp 4f
+3:      incl %ecx
+        cmpl $2, %ecx
+        jb 2b
+        incl %ebx
+        cmpl $2, %ebx
+        jb 1b
+        leaq err_nodev(%rip), %rsi
+        jmp vd_fail
+4:      leaq cd_first(%rip), %rdi
+        call cd_read
+        leaq msg_cdrom(%rip), %rsi
+        call puts
+        leaq msg_lba(%rip), %rsi
+        call puts
+        movq cd_lba(%rip), %rax
+        call print_dec
+        leaq msg_data(%rip), %rsi
+        call puts
+        leaq cd_first(%rip), %rbx
+        xorl %r12d, %r12d
+5:      movzbl (%rbx,%r12), %eax
+        call print_hex2
+        incl %r12d
+        cmpl $CD_SHOW, %r12d
+        jb 5b
+        movb $'\n', %al
+        jmp putc
+
+/* cdrom_pass: read the sector again; it must not have changed. */
+cdrom_pass:
+        leaq cd_buf(%rip), %rdi
+        call cd_read
+        leaq cd_first(%rip), %rsi
+        leaq cd_buf(%rip), %rdi
+        movl $2048, %ecx
+        repe cmpsb
+        je 1f
+        leaq err_readback(%rip), %rsi
+        jmp vd_fail
+1:      ret
+
+/* cd_read: READ(10) of the 2048-byte sector cd_lba into %rdi, byte-count   */
+/* limit 2048, by PIO. Clobbers rax, rcx, rdx, rsi, rdi, r8, r12, r14, r15. */
+cd_read:
+        leaq cd_dev(%rip), %r15
+        movq cd_base(%rip), %r8
+        movq %rdi, %r14
+        call vd_start_wait
+        call cd_wait_idle
+        movq cd_unit(%rip), %rax
+        shll $4, %eax
+        orl $0xa0, %eax
+        leal 6(%r8), %edx
+        outb %al, %dx
+        call cd_wait_idle
+        xorl %eax, %eax
+        leal 1(%r8), %edx
+        outb %al, %dx                       # features: PIO
+        leal 4(%r8), %edx
+        outb %al, %dx                       # byte-count limit 0x800
+        movb $0x08, %al
+        leal 5(%r8), %edx
+        outb %al, %dx
+        movb $0xa0, %al                     # PACKET
+        leal 7(%r8), %edx
+        outb %al, %dx
+1:      call cd_wait_idle
+        testb $IDE_DRQ, %al
+        jnz 2f
+        call vd_wait_tick
+        jnc 1b
+        leaq err_timeout(%rip), %rsi
+        jmp vd_fail
+2:      movl cd_lba(%rip), %eax
+        bswapl %eax
+        movl %eax, cd_packet + 2(%rip)
+        leaq cd_packet(%rip), %rsi
+        movl %r8d, %edx
+        movl $6, %ecx
+        rep outsw
+        xorl %r12d, %r12d                   # bytes received
+3:      call cd_wait_idle
+        testb $IDE_DRQ, %al
+        jz 4f
+        leal 4(%r8), %edx
+        inb %dx, %al
+        movzbl %al, %ecx
+        leal 5(%r8), %edx
+        inb %dx, %al
+        movzbl %al, %eax
+        shll $8, %eax
+        orl %eax, %ecx                      # bytes in this chunk
+        leal (%r12,%rcx), %eax
+        cmpl $2048, %eax
+        ja 5f
+        leaq (%r14,%r12), %rdi
+        addl %ecx, %r12d
+        shrl $1, %ecx
+        movl %r8d, %edx
+        rep insw
+        jmp 3b
+4:      cmpl $2048, %r12d
+        jne 5f
+        ret
+5:      movl %r12d, %eax
+        leaq err_length(%rip), %rsi
+        jmp vd_fail_num
+
+/* cd_wait_idle: wait until BSY clears; %al = status. ERR fails the guest   */
+/* with the status. Clobbers rax, rdx.                                      */
+cd_wait_idle:
+1:      leal 7(%r8), %edx
+        inb %dx, %al
+        testb $IDE_BSY, %al
+        jz 2f
+        call vd_wait_tick
+        jnc 1b
+        leaq err_timeout(%rip), %rsi
+        jmp vd_fail
+2:      testb $IDE_ERR, %al
+        jz 3f
+        movzbl %al, %eax
+        leaq err_status(%rip), %rsi
+        jmp vd_fail_num
+3:      ret
+
 /* io_pass: the per-pass virtio work for pass %r10. Preserves all registers */
 /* but rax and rdx.                                                         */
 io_pass:
@@ -1889,7 +2063,10 @@ io_pass:
 3:      cmpq $0, balloon_on(%rip)
         je 4f
         call balloon_pass
-4:      popq %r15
+4:      cmpq $0, cd_on(%rip)
+        je 5f
+        call cdrom_pass
+5:      popq %r15
         popq %r14
         popq %r13
         popq %r12
@@ -1925,6 +2102,10 @@ key_blk:                .asciz "blk="
 key_net:                .asciz "net="
 key_rng:                .asciz "rng="
 key_balloon:            .asciz "balloon="
+key_cdrom:              .asciz "cdrom="
+msg_cdrom:              .asciz "cdrom: "
+msg_lba:                .asciz "lba="
+msg_data:               .asciz " data="
 msg_blk:                .asciz "blk: "
 msg_net:                .asciz "net: "
 msg_rng:                .asciz "rng: "
@@ -1985,11 +2166,19 @@ idt_ptr:
 tss:
         .fill 102, 1, 0
         .word tss_iobitmap - tss
-        /* I/O bitmap: the ports ring 3 may use even without IOPL: COM1 (0x3f8-0x3ff),
+        /* I/O bitmap: the ports ring 3 may use even without IOPL: the legacy IDE
+           channels (0x170-0x177, 0x1f0-0x1f7, 0x376, 0x3f6), COM1 (0x3f8-0x3ff),
            the ACPI PM1a control word (0x604-0x605, poweroff), the reset control
            register (0xcf9) and PCI configuration mechanism #1 (0xcf8-0xcff, virtio). */
 tss_iobitmap:
-        .fill 0x3f8 / 8, 1, 0xff            # 0x000-0x3f7
+        .fill 0x170 / 8, 1, 0xff            # 0x000-0x16f
+        .byte 0                             # 0x170-0x177: IDE secondary
+        .fill (0x1f0 - 0x178) / 8, 1, 0xff  # 0x178-0x1ef
+        .byte 0                             # 0x1f0-0x1f7: IDE primary
+        .fill (0x370 - 0x1f8) / 8, 1, 0xff  # 0x1f8-0x36f
+        .byte 0xbf                          # 0x370-0x377: 0x376 open
+        .fill (0x3f0 - 0x378) / 8, 1, 0xff  # 0x378-0x3ef
+        .byte 0xbf                          # 0x3f0-0x3f7: 0x3f6 open
         .byte 0                             # 0x3f8-0x3ff
         .fill (0x600 - 0x400) / 8, 1, 0xff  # 0x400-0x5ff
         .byte 0xcf                          # 0x600-0x607: 0x604, 0x605 open
@@ -2024,6 +2213,14 @@ blk_len:        .quad 512
 net_on:         .quad 0
 rng_on:         .quad 0
 balloon_on:     .quad 0
+cd_on:          .quad 0
+cd_lba:         .quad 0
+cd_base:        .quad 0
+cd_unit:        .quad 0
+cd_dev:         .quad msg_cdrom             # a vdev prefix, for vd_fail
+ide_ports:      .word 0x1f0, 0x3f6, 0x170, 0x376
+cd_packet:      .byte 0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0
+        .balign 8
 bal_pool:       .quad 0
 bal_actual:     .quad 0
 io_ticks:       .quad 0
@@ -2088,3 +2285,5 @@ bal_pfns:       .skip BAL_BATCH * 4
 rng_buf:        .skip RNGLEN
 rng_prev:       .skip RNGLEN
 bal_stats:      .skip 32
+cd_first:       .skip 2048
+cd_buf:         .skip 2048

@@ -28,15 +28,34 @@
 //! | `net=0\|1` | drive a virtio-net card: every pass broadcasts a frame and answers pings | `0` |
 //! | `rng=0\|1` | drive a virtio-rng device: every pass asks for 64 random bytes and checks them | `0` |
 //! | `balloon=0\|1` | drive a virtio-balloon: every pass follows the host's target with pages past the working set, and answers stats requests (refused with `fill=1`) | `0` |
+//! | `cdrom=<LBA>` | read the 2048-byte sector LBA of the first ATAPI CD-ROM on the legacy IDE channels at boot and print its first 16 bytes; every pass reads it again and compares | none |
 //!
 //! Serial output (COM1): `dirtier: ws=<pages> stride=<s> fill=<0|1>`, then
 //! heartbeat dots (also during the fill), `blk: capacity=<sectors>`,
 //! `net: mac=<xx:xx:xx:xx:xx:xx>`, `rng: ok` and
-//! `balloon: pool=<pages> stats=<0|1>` when those drivers are on (in that
-//! order), `dirtier: ready` just before the first pass, then heartbeat dots
+//! `balloon: pool=<pages> stats=<0|1>` and `cdrom: lba=<LBA> data=<32 hex
+//! digits>` when those drivers are on (in that order), `dirtier: ready` just
+//! before the first pass, then heartbeat dots
 //! only. A CPU exception prints `EXC <vector>` and halts. A virtio failure
 //! prints `<dev>: ERR <reason>` (`blk`, `net`, `rng`, `balloon`) and stops
-//! (ring 3 spins without heartbeats): see [Virtio devices](#virtio-devices).
+//! (ring 3 spins without heartbeats): see [Virtio devices](#virtio-devices);
+//! so does an IDE failure (`cdrom`, see [IDE CD-ROM](#ide-cd-rom)).
+//!
+//! # IDE CD-ROM
+//!
+//! With `cdrom=<LBA>` the guest drives an ATAPI CD-ROM by polled PIO from
+//! ring 3, interrupts off (nIEN): it resets both legacy channels (SRST through
+//! 0x3f6 and 0x376), takes the first unit whose cylinder registers hold the
+//! ATAPI signature (0x14, 0xeb; primary before secondary, unit 0 before 1),
+//! and reads sector LBA with PACKET + READ(10), byte-count limit 2048,
+//! taking each DRQ chunk the drive offers (`rep insw` of the count in the
+//! cylinder registers). At boot it prints `cdrom: lba=<LBA> data=<hex>`
+//! (the sector's first 16 bytes); in every pass, after the virtio work, it
+//! reads the sector again and compares all 2048 bytes. Failures print
+//! `cdrom: ERR <reason>` and stop the guest: `no device`, `status <n>` (ERR
+//! in the status register), `timeout` (30 s of TSC time), `length <n>` (the
+//! drive offered more or fewer than 2048 bytes), `readback` (the sector
+//! changed).
 //!
 //! Usable RAM is the PVH memory map's RAM ranges clipped to `[2 MiB, 64 GiB)`,
 //! whole pages, first 8 ranges, sorted by address. Usable page index `i` maps

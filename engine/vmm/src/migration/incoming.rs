@@ -37,6 +37,8 @@ pub struct IncomingOptions {
     pub autostart: bool,
     /// This host's virtio devices (disks, NICs); they must match the source's.
     pub virtio: Vec<crate::vm::VirtioSpec>,
+    /// This host's IDE drives; they must match the source's.
+    pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
 }
 
 /// Where the extra page streams of a multi-stream migration come from.
@@ -889,6 +891,7 @@ fn read_offer(
         expect_mem_bytes: opts.expect_mem_bytes,
         expect_vcpus: opts.expect_vcpus,
         virtio: opts.virtio.clone(),
+        ide: opts.ide.clone(),
     };
     check_shape(&hs.shape, &restore_opts)?;
     let proposed = hs.streams.max(1);
@@ -909,6 +912,7 @@ fn build(hs: &Handshake, opts: &IncomingOptions) -> Result<Vm, MigrationError> {
         opts.backing,
         opts.serial.clone(),
         opts.virtio.clone(),
+        opts.ide.clone(),
     )?)
 }
 
@@ -1126,6 +1130,7 @@ mod tests {
                 expect_vcpus: Some(1),
                 autostart: false,
                 virtio: Vec::new(),
+                ide: Vec::new(),
             };
             serve(&listener, &serve_opts, &opts, &mut || {}, &|| 4)
                 .map(|_| ())
@@ -1491,6 +1496,7 @@ mod tests {
             expect_vcpus: Some(1),
             autostart: false,
             virtio: Vec::new(),
+            ide: Vec::new(),
         };
         let Err(e) = serve(
             &listener,

@@ -126,6 +126,11 @@ impl ConfigSpace {
         *r = (*r & !(0xff << shift)) | (u32::from(value) << shift);
     }
 
+    /// Makes the bits of `mask` in byte `offset` writable by the guest.
+    pub fn set_writable(&mut self, offset: usize, mask: u8) {
+        self.set_wmask_byte(offset, mask);
+    }
+
     fn set_wmask_byte(&mut self, offset: usize, mask: u8) {
         let shift = (offset % 4) * 8;
         let r = &mut self.wmask[offset / 4];

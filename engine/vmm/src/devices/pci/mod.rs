@@ -2,6 +2,8 @@
 //! on QEMU's `pc` machine: an i440FX host bridge at 00.0 and the virtio devices at
 //! the slots their configuration names. Memory BARs are placed by the VMM (as
 //! firmware would) in the 32-bit hole; a guest may move them, and MMIO follows.
+//! A VM with IDE drives has the PIIX3 in slot 1 (ISA bridge at function 0, IDE
+//! at function 1, [`crate::devices::ide`]).
 
 mod config;
 
@@ -10,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 pub use config::{ConfigSpace, BAR0_REG};
 
+use crate::devices::ide::{Piix3, PIIX3_SLOT};
 use crate::devices::virtio::{VirtioPci, Worker};
 
 /// CONFIG_ADDRESS register (a dword at 0xcf8).
@@ -36,17 +39,22 @@ pub struct PciBus {
     address: AtomicU32,
     bridge: Mutex<ConfigSpace>,
     devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>,
+    /// The PIIX3 in slot 1, on a VM with IDE drives.
+    ide: Option<Arc<Mutex<Piix3>>>,
     /// Device threads (virtio-net receive); emptied by [`Self::shutdown`].
     workers: Mutex<Vec<Worker>>,
 }
 
 impl PciBus {
-    /// A bus with `devices` at their slots (1..=31, distinct; checked by the caller).
-    pub fn new(devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>) -> Self {
+    /// A bus with `devices` at their slots (1..=31, distinct; checked by the
+    /// caller) and the PIIX3 `ide` in slot 1 (no virtio device may be there
+    /// then).
+    pub fn new(devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>, ide: Option<Arc<Mutex<Piix3>>>) -> Self {
         Self {
             address: AtomicU32::new(0),
             bridge: Mutex::new(host_bridge()),
             devices,
+            ide,
             workers: Mutex::new(Vec::new()),
         }
     }
@@ -121,6 +129,11 @@ impl PciBus {
         &self.devices
     }
 
+    /// The PIIX3 and its IDE drives, if the VM has them.
+    pub fn ide(&self) -> Option<&Arc<Mutex<Piix3>>> {
+        self.ide.as_ref()
+    }
+
     /// Whether an access of `len` bytes at `port` belongs to the configuration
     /// mechanism: CONFIG_ADDRESS only as a dword (a byte at 0xcf9 is the reset
     /// control register), CONFIG_DATA at any width.
@@ -138,6 +151,9 @@ impl PciBus {
             self.with_function(reg, |f| match f {
                 Function::Bridge(_) => {}
                 Function::Virtio(dev) => dev.config_write(reg.register, offset, data),
+                Function::Piix3(p, function) => {
+                    p.config_write(function, reg.register, offset, data)
+                }
             });
         }
     }
@@ -156,6 +172,9 @@ impl PciBus {
             value = Some(match f {
                 Function::Bridge(c) => c.read(reg.register),
                 Function::Virtio(dev) => dev.config_read(reg.register),
+                Function::Piix3(p, function) => p
+                    .config(function)
+                    .map_or(0xffff_ffff, |c| c.read(reg.register)),
             })
         });
         if let Some(v) = value {
@@ -214,7 +233,18 @@ impl PciBus {
     }
 
     fn with_function(&self, t: Target, f: impl FnOnce(Function<'_>)) {
-        if t.bus != 0 || t.function != 0 {
+        if t.bus != 0 {
+            return;
+        }
+        if let Some(ide) = self.ide.as_ref().filter(|_| t.slot == PIIX3_SLOT) {
+            if t.function <= 1 {
+                if let Ok(mut p) = ide.lock() {
+                    f(Function::Piix3(&mut p, t.function));
+                }
+            }
+            return;
+        }
+        if t.function != 0 {
             return;
         }
         if t.slot == 0 {
@@ -242,6 +272,8 @@ struct Target {
 enum Function<'a> {
     Bridge(&'a ConfigSpace),
     Virtio(&'a mut VirtioPci),
+    /// The PIIX3, and which of its functions.
+    Piix3(&'a mut Piix3, u8),
 }
 
 #[cfg(test)]

@@ -227,6 +227,61 @@ impl Block {
         self.sectors
     }
 
+    /// How the disk was configured.
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    /// Fills `buf` from byte `offset` of the disk: the way in for the other
+    /// front-ends on a disk (IDE), which share its image handling.
+    pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let done = self.image.read_at(buf, offset);
+        match done {
+            Ok(()) => {
+                self.stats.rd_operations += 1;
+                self.stats.rd_bytes += buf.len() as u64;
+            }
+            Err(_) => self.stats.failed_rd_operations += 1,
+        }
+        done
+    }
+
+    /// Writes `buf` at byte `offset` of the disk (refused on a read-only
+    /// one); see [`Self::read_at`].
+    pub(crate) fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.config.read_only {
+            self.stats.invalid_operations += 1;
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the disk is read-only",
+            ));
+        }
+        let done = self.image.write_at(buf, offset);
+        match done {
+            Ok(()) => {
+                self.stats.wr_operations += 1;
+                self.stats.wr_bytes += buf.len() as u64;
+            }
+            Err(_) => self.stats.failed_wr_operations += 1,
+        }
+        done
+    }
+
+    /// Makes what was written durable (a guest's FLUSH CACHE).
+    pub(crate) fn flush_image(&mut self) -> io::Result<()> {
+        let done = self.image.flush();
+        match done {
+            Ok(()) => self.stats.flush_operations += 1,
+            Err(_) => self.stats.failed_flush_operations += 1,
+        }
+        done
+    }
+
+    /// Whether the image's locks are held.
+    pub fn locked(&self) -> bool {
+        self.image.locked()
+    }
+
     fn config_bytes(&self) -> [u8; 0x40] {
         let mut c = [0u8; 0x40];
         c[0..8].copy_from_slice(&self.sectors.to_le_bytes());

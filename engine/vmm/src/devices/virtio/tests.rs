@@ -279,6 +279,7 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
         Backing::Anonymous,
         SinkSpec::Null,
         vec![disk_spec(img.path(), false)],
+        Vec::new(),
     )
     .unwrap();
     vm.deactivate_disks().unwrap();
@@ -313,6 +314,7 @@ fn try_vm(spec: VirtioSpec) -> Result<Vm, crate::VmmError> {
         serial: SinkSpec::Null,
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: vec![spec],
+        ide: Vec::new(),
     })
 }
 
@@ -371,6 +373,7 @@ fn the_image_locks_move_with_a_migration() {
         Backing::Anonymous,
         SinkSpec::Null,
         vec![disk_spec(img.path(), false)],
+        Vec::new(),
     )
     .expect("the destination opens the image while the source holds it");
     source.pause().unwrap();
@@ -447,6 +450,7 @@ fn a_qcow2_chain_moves_with_a_migration() {
         Backing::Anonymous,
         SinkSpec::Null,
         vec![qcow2_spec(&top)],
+        Vec::new(),
     )
     .expect("the destination opens the chain while the source writes it");
     source.pause().unwrap();
@@ -595,6 +599,7 @@ fn bad_device_configuration_is_refused_with_the_reason() {
         serial: SinkSpec::Null,
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: vec![spec],
+        ide: Vec::new(),
     })
     .unwrap_err()
     .to_string();
@@ -607,6 +612,7 @@ fn bad_device_configuration_is_refused_with_the_reason() {
         serial: SinkSpec::Null,
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: vec![missing.clone(), missing],
+        ide: Vec::new(),
     })
     .unwrap_err()
     .to_string();
@@ -885,6 +891,7 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
         Backing::Anonymous,
         SinkSpec::Null,
         vec![tap2.spec(other_mac)],
+        Vec::new(),
     )
     .unwrap_err()
     .to_string();
@@ -894,6 +901,7 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
         Backing::Anonymous,
         SinkSpec::Null,
         vec![tap2.spec(GUEST_MAC)],
+        Vec::new(),
     )
     .unwrap();
     dest.restore_state(
@@ -1314,6 +1322,7 @@ fn rng_survives_a_checkpoint_and_is_part_of_the_shape() {
         expect_mem_bytes: None,
         expect_vcpus: None,
         virtio,
+        ide: Vec::new(),
     };
     // Without the device, or with it elsewhere: refused, naming it.
     let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![]))
@@ -1676,6 +1685,7 @@ fn balloon_survives_a_checkpoint_and_is_part_of_the_shape() {
         expect_mem_bytes: None,
         expect_vcpus: None,
         virtio,
+        ide: Vec::new(),
     };
     let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![]))
         .unwrap_err()
@@ -1756,6 +1766,7 @@ fn only_one_balloon_per_vm() {
         serial: SinkSpec::Null,
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: vec![balloon_spec(balloon::BalloonConfig::default()), second],
+        ide: Vec::new(),
     })
     .unwrap_err()
     .to_string();
