@@ -88,6 +88,27 @@ fn qemu_img(args: &[&str]) {
     );
 }
 
+/// Migrates `src` live, over `streams` page streams on a unix socket, to a
+/// new `ferry-vm incoming` given `devices` (its disks, drives, ...): the
+/// migration must complete and the source exit 0. Returns the destination,
+/// its guest beating again.
+fn live_migrate(s: &Scratch, src: &mut VmProcess, devices: &[&str], streams: u32) -> VmProcess {
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut args = vec!["incoming", uri.as_str(), "-m", src.mem.as_str()];
+    args.extend_from_slice(devices);
+    let mut dst = VmProcess::spawn(s, "dst", &args);
+    if streams > 1 {
+        src.ok(&format!("migrate-set multifd-channels={streams}"));
+    }
+    dst.wait_listening();
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    dst
+}
+
 fn wait_passes(vm: &VmProcess, s: &Scratch, at_least: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -111,19 +132,7 @@ fn disk_records_survive_a_live_migration_over_two_streams() {
     let img = disk(&s, "shared.img", 1 << 20);
     let mut src = disk_source(&s, &img);
     wait_passes(&src, &s, 2 * K);
-    let uri = format!("unix:{}", s.path("mig.sock").display());
-    let mut dst = VmProcess::spawn(
-        &s,
-        "dst",
-        &["incoming", &uri, "-m", &src.mem, "--disk", &img],
-    );
-    src.ok("migrate-set multifd-channels=2");
-    dst.wait_listening();
-    let reply = src.ok(&format!("migrate {uri}"));
-    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
-    dst.wait_for_control();
-    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let dst = live_migrate(&s, &mut src, &["--disk", &img], 2);
     let first = check_both(&s, &dst, "dst1", &img);
     dst.ok("resume");
     // The destination's driver goes on using the device: more records, in order.
@@ -152,18 +161,8 @@ fn disk_records_on_a_qcow2_chain_survive_a_live_migration() {
     wait_passes(&src, &s, 2 * K);
     check_both(&s, &src, "src", &top);
     src.ok("resume");
-    let uri = format!("unix:{}", s.path("mig.sock").display());
     let dst_disk = format!("{top},format=qcow2");
-    let mut dst = VmProcess::spawn(
-        &s,
-        "dst",
-        &["incoming", &uri, "-m", &src.mem, "--disk", &dst_disk],
-    );
-    dst.wait_listening();
-    let reply = src.ok(&format!("migrate {uri}"));
-    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
-    dst.wait_for_control();
+    let dst = live_migrate(&s, &mut src, &["--disk", &dst_disk], 1);
     let first = check_both(&s, &dst, "dst1", &top);
     dst.ok("resume");
     wait_passes(&dst, &s, first + 2 * K);
@@ -386,19 +385,7 @@ fn an_entropy_device_serves_bytes_before_and_after_a_live_migration() {
     );
     assert_no_driver_error(&src);
 
-    let uri = format!("unix:{}", s.path("mig.sock").display());
-    let mut dst = VmProcess::spawn(
-        &s,
-        "dst",
-        &["incoming", &uri, "-m", &src.mem, "--rng", "builtin"],
-    );
-    src.ok("migrate-set multifd-channels=2");
-    dst.wait_listening();
-    let reply = src.ok(&format!("migrate {uri}"));
-    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
-    dst.wait_for_control();
-    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let dst = live_migrate(&s, &mut src, &["--rng", "builtin"], 2);
     let first = dst.oracle(&s, "dst1").passes;
     dst.ok("resume");
     // The driver goes on on the destination, whose device serves it afresh
@@ -502,14 +489,7 @@ fn the_balloon_follows_its_target_answers_stats_and_migrates() {
     });
     src.oracle(&s, "src");
     src.ok("resume");
-    let uri = format!("unix:{}", s.path("mig.sock").display());
-    let mut dst = VmProcess::spawn(&s, "dst", &["incoming", &uri, "-m", &src.mem, "--balloon"]);
-    dst.wait_listening();
-    let reply = src.ok(&format!("migrate {uri}"));
-    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
-    dst.wait_for_control();
-    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let dst = live_migrate(&s, &mut src, &["--balloon"], 1);
     let first = dst.oracle(&s, "dst1").passes;
     dst.ok("resume");
     let reply = dst.ok("balloon");
@@ -636,18 +616,7 @@ fn a_config_drive_on_an_ide_cdrom_reads_before_and_after_a_live_migration() {
     wait_passes(&src, &s, 2 * K);
     assert_no_driver_error(&src);
 
-    let uri = format!("unix:{}", s.path("mig.sock").display());
-    let mut dst = VmProcess::spawn(
-        &s,
-        "dst",
-        &["incoming", &uri, "-m", &src.mem, "--cdrom", &iso],
-    );
-    dst.wait_listening();
-    let reply = src.ok(&format!("migrate {uri}"));
-    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
-    dst.wait_for_control();
-    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let dst = live_migrate(&s, &mut src, &["--cdrom", &iso], 1);
     let first = dst.oracle(&s, "dst1").passes;
     dst.ok("resume");
     // Every pass on the destination reads the sector again from its drive.
