@@ -74,15 +74,17 @@ pub fn balloon_actual_bytes(ram: u64, actual_pages: u32) -> u64 {
     ram.saturating_sub(u64::from(actual_pages) * ferry_vmm::devices::virtio::balloon::BALLOON_PAGE)
 }
 
-/// A virtio-blk-pci disk on a raw or qcow2 image or a block device, and the
-/// names QEMU would give it (for `query-block`, `query-named-block-nodes`,
-/// `qom-list`).
+/// A disk on a raw or qcow2 image or a block device (a virtio-blk-pci
+/// disk, or an IDE disk or CD-ROM), and the names QEMU would give it (for
+/// `query-block`, `query-named-block-nodes`, `qom-list`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     /// The qdev id (`virtio-disk0`); `None` for an anonymous device.
     pub id: Option<String>,
-    /// PCI slot on bus 0.
+    /// PCI slot on bus 0 (an IDE drive's is PIIX3's, 1).
     pub slot: u8,
+    /// Where an IDE drive sits; `None` for a virtio-blk disk.
+    pub ide: Option<IdePosition>,
     /// The image as given (may be `/dev/fdset/N`): what QMP reports.
     pub filename: String,
     /// What the engine uses: the path, or for `/dev/fdset/N` the fd set's
@@ -110,6 +112,17 @@ pub struct DiskConfig {
     pub storage_node: String,
     /// `file` or `host_device`.
     pub storage_driver: String,
+}
+
+/// An IDE drive's place on the PIIX3 IDE controller, and what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdePosition {
+    /// Channel: 0 primary (`ide.0`), 1 secondary (`ide.1`).
+    pub bus: u8,
+    /// 0 master, 1 slave.
+    pub unit: u8,
+    /// An ATAPI CD-ROM (`ide-cd`), else an ATA disk (`ide-hd`).
+    pub cdrom: bool,
 }
 
 /// The -blockdev nodes of one backing image of a chain.

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use ferry_kvm::{Backing, GuestRam};
 use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
+use ferry_vmm::devices::ide::{IdeDriveConfig, IdeMedia};
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::devices::virtio::balloon::BalloonInfo;
 use ferry_vmm::devices::virtio::blk::BlockConfig;
@@ -220,8 +221,10 @@ fn sink(inner: &Inner) -> SinkSpec {
 
 /// The engine's id of disk `d`: its qdev id, else its kind and slot.
 pub fn disk_device_id(d: &DiskConfig) -> String {
-    d.id.clone()
-        .unwrap_or_else(|| format!("virtio-blk@{:02x}", d.slot))
+    d.id.clone().unwrap_or_else(|| match d.ide {
+        Some(at) => format!("ide0-{}-{}", at.bus, at.unit),
+        None => format!("virtio-blk@{:02x}", d.slot),
+    })
 }
 
 /// The engine's virtio devices for `config`'s disks, NICs, entropy devices
@@ -260,21 +263,50 @@ fn virtio_specs(config: &MachineConfig) -> Vec<VirtioSpec> {
     config
         .disks
         .iter()
+        .filter(|d| d.ide.is_none())
         .map(|d| VirtioSpec {
             slot: d.slot,
             id: disk_device_id(d),
-            device: VirtioDeviceSpec::Block(BlockConfig {
-                image: d.image.clone(),
-                format: d.format.clone(),
-                read_only: d.read_only,
-                serial: d.serial.clone(),
-                shared: d.shared,
-                locking: d.locking,
-            }),
+            device: VirtioDeviceSpec::Block(block_config(d)),
         })
         .chain(nics)
         .chain(rngs)
         .chain(balloon)
+        .collect()
+}
+
+/// What the engine opens for disk `d`.
+fn block_config(d: &DiskConfig) -> BlockConfig {
+    BlockConfig {
+        image: d.image.clone(),
+        format: d.format.clone(),
+        read_only: d.read_only,
+        serial: d.serial.clone(),
+        shared: d.shared,
+        locking: d.locking,
+    }
+}
+
+/// The engine's IDE drives for `config`'s IDE disks and CD-ROMs (on the
+/// PIIX3); a destination must be given the same ones.
+fn ide_drives(config: &MachineConfig) -> Vec<IdeDriveConfig> {
+    config
+        .disks
+        .iter()
+        .filter_map(|d| {
+            let at = d.ide?;
+            Some(IdeDriveConfig {
+                bus: at.bus,
+                unit: at.unit,
+                media: if at.cdrom {
+                    IdeMedia::Cdrom
+                } else {
+                    IdeMedia::Disk
+                },
+                id: disk_device_id(d),
+                config: block_config(d),
+            })
+        })
         .collect()
 }
 
@@ -294,7 +326,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         serial: sink,
         cpu: config.cpu.clone(),
         virtio: virtio_specs(config),
-        ide: Vec::new(),
+        ide: ide_drives(config),
     })
     .map_err(engine)?;
     guest
@@ -475,7 +507,7 @@ impl FerryBackend {
                 // Started below, under the lock, if `cont` came meanwhile.
                 autostart: false,
                 virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
-                ide: Vec::new(),
+                ide: inner.config.as_ref().map(ide_drives).unwrap_or_default(),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);
@@ -1076,6 +1108,7 @@ impl Backend for FerryBackend {
                     ferry_vmm::devices::virtio::DeviceStats::Block(b) => Some((id, b)),
                     _ => None,
                 })
+                .chain(g.ide_stats())
                 .collect()
         })
     }

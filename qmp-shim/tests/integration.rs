@@ -908,6 +908,46 @@ fn libvirt_starts_a_qcow2_disk_over_a_raw_base() {
     );
 }
 
+/// Issue 19 item 4: Nova's config drive, an ISO on an IDE CD-ROM
+/// (`<disk device='cdrom'><target bus='ide'/>`), in a domain libvirt starts
+/// under ferry-qemu: libvirt writes `-device ide-cd`, the guest finds the
+/// ATAPI drive and reads the file's sector, and `virsh domblklist` /
+/// `domblkinfo` show the drive with the ISO's size.
+#[test]
+fn libvirt_starts_a_config_drive_on_an_ide_cdrom() {
+    let name = "libvirt_starts_a_config_drive_on_an_ide_cdrom";
+    if !libvirt_available(name) || !kvm_usable(name) {
+        return;
+    }
+    let (dir, stdout) = libvirt_domain_lab("cdrom", &["ferrylab"]);
+    let work = dir.path().join("w");
+    let expect = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("EXPECT "))
+        .unwrap_or_else(|| panic!("no EXPECT in:\n{stdout}"));
+    let (lba, hex) = expect.split_once(' ').expect("EXPECT LBA HEX");
+    assert!(
+        stdout.contains(&format!("CDROM cdrom: lba={lba} data={hex}")),
+        "the guest did not read the config drive's file:\n{stdout}"
+    );
+    let iso = work.join("disk.config");
+    assert!(
+        stdout.contains(&format!("BLKLIST hdd {}", iso.display())),
+        "{stdout}"
+    );
+    let len = std::fs::metadata(&iso).expect("stat the ISO").len();
+    assert!(
+        stdout.contains(&format!("BLKINFO Capacity {len}")),
+        "{stdout}"
+    );
+    let argv =
+        std::fs::read_to_string(work.join("var-log-libvirt/qemu/ferrylab.log")).unwrap_or_default();
+    assert!(
+        argv.contains("-device ide-cd,bus=ide.1,unit=1,drive=libvirt-1-format,id=ide0-1-1"),
+        "{argv}"
+    );
+}
+
 /// Issue 13 item 5: under libvirt's packaged defaults (emulator user
 /// libvirt-qemu, DAC, a private /dev) a domain with
 /// `<serial type='pty'><log file=.../>` and one with `<serial type='file'>`

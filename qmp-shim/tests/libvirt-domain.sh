@@ -13,6 +13,11 @@
 # MODE qcow2: a domain whose disk is a qcow2 over a raw base image starts;
 #   prints "BLKLIST <path>", "BLKINFO Capacity|Allocation|Physical <bytes>"
 #   and "NODE <node-name>" (query-named-block-nodes) lines.
+# MODE cdrom: a domain with Nova's config drive (an ISO, genisoimage -r -J
+#   -V config-2, on an IDE CD-ROM: <disk device='cdrom'> <target bus='ide'>)
+#   starts; its guest reads the file's sector from the drive. Prints
+#   "CDROM <the guest's cdrom: line>", "EXPECT <lba> <hex of 16 bytes>",
+#   "BLKLIST <target> <path>" and "BLKINFO Capacity <bytes>".
 # MODE serial: a domain with <serial type='pty'><log file=.../> and one with
 #   <serial type='file'> (libvirt passes both outputs as fd sets: virtlogd's
 #   pipes) start; the guests' output reaches the log and the file.
@@ -128,7 +133,7 @@ define() {  # NAME SERIAL-XML [DOMAIN-XML [OS-XML]]
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>$WORK/dirtier.elf</kernel>
-    <cmdline>ws=16M fill=1</cmdline>
+    <cmdline>${CMDLINE:-ws=16M fill=1}</cmdline>
     ${4:-}
   </os>
   <on_poweroff>destroy</on_poweroff>
@@ -168,6 +173,38 @@ if [ "$MODE" = serial ]; then
     for n in "${NAMES[@]}"; do
         step "destroy $n"; V destroy "$n"; NAME=$n state_is "shut off"
     done
+    step done
+    exit 0
+fi
+
+if [ "$MODE" = cdrom ]; then
+    mkdir -p "$WORK/config-drive/openstack/latest"
+    printf 'ferry config drive: instance-0001\n' > "$WORK/config-drive/ferry.txt"
+    echo '{"uuid": "c7a5fdbd-cdaf-9455-926a-d65c16db1809"}' \
+        > "$WORK/config-drive/openstack/latest/meta_data.json"
+    genisoimage -quiet -r -J -V config-2 -o "$WORK/disk.config" "$WORK/config-drive"
+    LBA=$(isoinfo -l -i "$WORK/disk.config" | sed -n 's/.*\[ *\([0-9]*\) [0-9]*\] *FERRY\.TXT.*/\1/p')
+    echo "EXPECT $LBA $(head -c 16 "$WORK/config-drive/ferry.txt" | od -An -tx1 | tr -d ' \n')"
+    step define
+    CMDLINE="ws=4M cdrom=$LBA" define "$NAME" "<disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='$WORK/disk.config'/>
+      <target dev='hdd' bus='ide'/>
+      <readonly/>
+    </disk>
+    <serial type='pty'>
+      <log file='/var/log/libvirt/qemu/$NAME-serial.log' append='on'/>
+      <target port='0'/>
+    </serial>"
+    step start; V start "$NAME"
+    state_is running
+    emulator "$NAME"
+    ready_in "/var/log/libvirt/qemu/$NAME-serial.log"
+    sed -n 's/^.*\(cdrom: .*\)$/CDROM \1/p' "/var/log/libvirt/qemu/$NAME-serial.log"
+    step domblk
+    V domblklist "$NAME" | sed -n 's/^ *\(hd[a-d]\) *\(\/.*\)$/BLKLIST \1 \2/p'
+    V domblkinfo "$NAME" hdd | sed -n 's/^\(Capacity\): *\([0-9]*\)$/BLKINFO \1 \2/p'
+    step destroy; V destroy "$NAME"; state_is "shut off"
     step done
     exit 0
 fi

@@ -198,10 +198,12 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
         "OPTS",
         "A raw or qcow2 image: `file=PATH,format=raw|qcow2` (a qcow2's backing file as \
          its header names it) with `if=none,id=ID` (attached by `-device \
-         virtio-blk-pci,drive=ID`) or `if=virtio[,addr=SLOT]`; `readonly`, \
-         `cache=none|writeback|unsafe`, `aio`, `discard`, `detect-zeroes`, `file.locking`. \
-         A drive without `format=` (ferry does not guess), other formats, other \
-         interfaces, write-through cache modes and `snapshot=on` are refused.",
+         virtio-blk-pci|ide-hd|ide-cd,drive=ID`), `if=virtio[,addr=SLOT]` or `if=ide` \
+         (QEMU's default; `index=N` or `bus=`/`unit=`, `media=cdrom` for a CD-ROM); \
+         `readonly`, `cache=none|writeback|unsafe`, `aio`, `discard`, `detect-zeroes`, \
+         `file.locking`. A drive without `format=` (ferry does not guess) or without \
+         `file=` (an empty CD-ROM), other formats, other interfaces, write-through cache \
+         modes and `snapshot=on` are refused.",
     ),
     (
         "device",
@@ -398,6 +400,17 @@ pub fn page() -> Result<String, String> {
          locks. A migration destination takes the locks when it loads the guest, after the \
          source flushed and let go of them; a source that resumes after a failed migration \
          takes them back, and `cont` on a source whose guest runs on the destination fails.",
+    );
+    doc.tp(
+        "IDE drives",
+        "`ide-hd` and `ide-cd` on the PIIX3 IDE controller of a `pc` machine (PCI 00:01.1, \
+         legacy ports, IRQ 14 and 15, PIO): `bus=ide.0|ide.1`, `unit=0|1` (else the first \
+         free place), `drive`, `serial`, `bootindex`, `write-cache=on`. libvirt's `<disk \
+         bus='ide'>` becomes one: Nova's config drive is an ISO on an `ide-cd`, read-only, \
+         its image locked as a reader. A CD-ROM holds its medium from the start: an empty \
+         drive, eject and media change are refused or not offered. The drives, their \
+         registers and any transfer in flight migrate with the guest; a destination needs \
+         the same drives at the same places.",
     );
     doc.tp(
         "NICs",

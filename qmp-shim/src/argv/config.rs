@@ -43,6 +43,8 @@ pub const MODELLED_DEVICES: &[&str] = &[
     "virtio-rng-pci-non-transitional",
     "virtio-balloon-pci",
     "virtio-balloon-pci-non-transitional",
+    "ide-hd",
+    "ide-cd",
 ];
 
 /// A machine type ferry builds, as QEMU 7.2 lists it (`-M help`,

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 
 use super::opts::{json_text, parse_bool, parse_u64, Opts};
 use super::{ArgvError, Invocation};
-use crate::backend::{BackingNodes, DiskConfig};
+use crate::backend::{BackingNodes, DiskConfig, IdePosition};
 
 /// `-device` drivers that become a ferry virtio-blk disk. Plain
 /// `virtio-blk-pci` is transitional in QEMU (legacy + modern); ferry's is
@@ -37,7 +37,7 @@ const FIRST_FREE_SLOT: u8 = 3;
 /// Highest PCI slot on bus 0.
 const MAX_SLOT: u8 = 31;
 /// Bytes virtio-blk's GET_ID carries.
-const SERIAL_BYTES: usize = 20;
+pub(super) const SERIAL_BYTES: usize = 20;
 
 /// The fix printed for images ferry cannot serve as they are.
 const CONVERT_FIX: &str = "ferry serves raw and qcow2 images and block devices only: convert \
@@ -170,7 +170,7 @@ fn flatten(prefix: &str, map: &Map<String, Value>, out: &mut Flat) {
 
 /// A node of the block graph (from `-blockdev`, or made for a `-drive`).
 #[derive(Debug, Clone)]
-struct Node {
+pub(super) struct Node {
     name: String,
     driver: String,
     props: Flat,
@@ -178,10 +178,10 @@ struct Node {
 
 /// What a `drive=` reference leads to.
 #[derive(Debug, Clone)]
-struct Backing {
+pub(super) struct Backing {
     filename: String,
     storage_driver: String,
-    read_only: bool,
+    pub(super) read_only: bool,
     /// The protocol node's own `read-only`.
     storage_read_only: bool,
     /// Raw, or qcow2 with its chain.
@@ -371,7 +371,11 @@ fn format_child(option: &str, node: &Node, nodes: &[Node]) -> Result<Node, ArgvE
 }
 
 /// Resolves node `name` into what a device would use.
-fn backing_of_node(option: &str, name: &str, nodes: &[Node]) -> Result<Backing, ArgvError> {
+pub(super) fn backing_of_node(
+    option: &str,
+    name: &str,
+    nodes: &[Node],
+) -> Result<Backing, ArgvError> {
     let node = nodes.iter().find(|n| n.name == name).ok_or_else(|| {
         ArgvError::invalid(
             "-device",
@@ -535,18 +539,32 @@ const DRIVE_KEYS: &[&str] = &[
     "rerror",
     "addr",
     "index",
+    "bus",
+    "unit",
     "node-name",
     "auto-read-only",
     "force-share",
 ];
 
-/// One `-drive`: its id, the backing, and the slot for `if=virtio`.
+/// One `-drive`: its id, the backing, and the device QEMU creates for it.
 #[derive(Debug)]
-struct Drive {
-    id: String,
-    backing: Backing,
+pub(super) struct Drive {
+    pub(super) id: String,
+    pub(super) backing: Backing,
     /// `if=virtio`: the device QEMU creates itself, with `addr=` if given.
     virtio_addr: Option<Option<Value>>,
+    /// `if=ide`: the IDE drive QEMU creates itself.
+    pub(super) ide: Option<IdeDrive>,
+}
+
+/// Where `-drive if=ide` puts its drive: `index=` (bus = index / 2, unit =
+/// index % 2), or `bus=`/`unit=`, or the first free place; a CD-ROM with
+/// `media=cdrom`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct IdeDrive {
+    pub(super) bus: Option<u8>,
+    pub(super) unit: Option<u8>,
+    pub(super) cdrom: bool,
 }
 
 fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
@@ -559,24 +577,55 @@ fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
     }) {
         return Err(ArgvError::unsupported(option, format!("parameter '{k}'")));
     }
-    let file = o
-        .get("file")
-        .ok_or_else(|| ArgvError::unsupported(option, "a drive without file= (an empty drive)"))?;
     let iface = o.get("if").unwrap_or("ide");
+    let file = o.get("file").ok_or_else(|| {
+        ArgvError::unsupported_because(
+            option,
+            "a drive without file= (an empty drive)",
+            "ferry's drives hold their image from the start: give the drive its image (a \
+             CD-ROM its ISO, <source file=...>)",
+        )
+    })?;
     let id = o
         .get("id")
         .map_or_else(|| format!("{iface}{index}-hd0"), str::to_string);
     let virtio_addr = match iface {
-        "none" => None,
+        "none" | "ide" => None,
         "virtio" => Some(o.get("addr").map(|a| Value::String(a.to_string()))),
         other => {
             return Err(ArgvError::unsupported_because(
                 option,
                 format!("interface '{other}' (drive '{id}')"),
-                "ferry's disks are virtio-blk: use if=virtio, or if=none with \
-                 -device virtio-blk-pci,drive=ID (<target bus='virtio'/>)",
+                "ferry's disks are virtio-blk or IDE: use if=virtio, if=ide, or if=none \
+                 with -device virtio-blk-pci|ide-hd|ide-cd,drive=ID",
             ))
         }
+    };
+    let cdrom = match o.get("media") {
+        None | Some("disk") => false,
+        Some("cdrom") if iface == "ide" => true,
+        Some("cdrom") => {
+            return Err(ArgvError::unsupported_because(
+                option,
+                format!("media 'cdrom' on interface '{iface}' (drive '{id}')"),
+                "ferry's CD-ROMs are IDE: use if=ide (<target bus='ide'/>)",
+            ))
+        }
+        Some(m) => return Err(ArgvError::invalid(option, m, "invalid media")),
+    };
+    let ide = if iface == "ide" {
+        Some(super::ide::drive_position(o, &id, cdrom)?)
+    } else {
+        for key in ["index", "bus", "unit"] {
+            if o.get(key).is_some() && iface != "none" {
+                return Err(ArgvError::invalid(
+                    option,
+                    &id,
+                    &format!("{key}= is for if=ide drives"),
+                ));
+            }
+        }
+        None
     };
     if iface == "none" && o.get("addr").is_some() {
         return Err(ArgvError::invalid(option, &id, "addr= needs if=virtio"));
@@ -601,12 +650,6 @@ fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
             return Err(refuse_driver(option, &id, proto));
         }
     }
-    if o.get("media").is_some_and(|m| m != "disk") {
-        return Err(ArgvError::unsupported(
-            option,
-            format!("media '{}' (a CD-ROM)", o.get("media").unwrap_or_default()),
-        ));
-    }
     if o.get_bool(option, "snapshot")? == Some(true) {
         return Err(ArgvError::unsupported(
             option,
@@ -621,7 +664,7 @@ fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
         Some(c @ ("writethrough" | "directsync")) => return Err(write_through(option, c)),
         Some(c) => return Err(ArgvError::invalid(option, c, "invalid cache option")),
     }
-    let read_only = o.get_bool(option, "readonly")?.unwrap_or(false);
+    let read_only = o.get_bool(option, "readonly")?.unwrap_or(false) || cdrom;
     Ok(Drive {
         backing: Backing {
             filename: file.to_string(),
@@ -642,10 +685,15 @@ fn parse_drive(o: &Opts, index: usize) -> Result<Drive, ArgvError> {
         },
         id,
         virtio_addr,
+        ide,
     })
 }
 
-fn check_error_policy(option: &str, key: &str, value: Option<&str>) -> Result<(), ArgvError> {
+pub(super) fn check_error_policy(
+    option: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<(), ArgvError> {
     match value {
         None | Some("report") => Ok(()),
         Some(v) => Err(ArgvError::unsupported_because(
@@ -656,13 +704,42 @@ fn check_error_policy(option: &str, key: &str, value: Option<&str>) -> Result<()
     }
 }
 
-fn write_through(option: &str, what: &str) -> ArgvError {
+pub(super) fn write_through(option: &str, what: &str) -> ArgvError {
     ArgvError::unsupported_because(
         option,
         format!("a write-through disk ({what})"),
         "ferry's virtio-blk shows the guest a write-back cache it flushes: use \
          cache='none' or 'writeback'",
     )
+}
+
+/// The disk a device gets on `backing`: at PCI `slot`, or at `ide` on the
+/// PIIX3 IDE controller.
+pub(super) fn disk_config(
+    id: Option<String>,
+    slot: u8,
+    ide: Option<IdePosition>,
+    backing: Backing,
+    serial: Option<String>,
+    shared: bool,
+) -> DiskConfig {
+    DiskConfig {
+        id,
+        slot,
+        ide,
+        image: BlockImage::Path(backing.filename.clone().into()),
+        format: backing.format,
+        backing_nodes: backing.backing_nodes,
+        filename: backing.filename,
+        read_only: backing.read_only,
+        serial,
+        shared,
+        locking: backing.locking,
+        backend_name: backing.backend_name,
+        format_node: backing.format_node,
+        storage_node: backing.storage_node,
+        storage_driver: backing.storage_driver,
+    }
 }
 
 /// A PCI address: `"0x4"`, `"4"`, `"0x4.0"`, `"0x1.0x2"`, or a devfn number.
@@ -844,11 +921,11 @@ impl Invocation {
                 ));
             }
             let backing = match drives.iter().find(|dr| dr.id == drive) {
-                Some(dr) if dr.virtio_addr.is_some() => {
+                Some(dr) if dr.virtio_addr.is_some() || dr.ide.is_some() => {
                     return Err(ArgvError::invalid(
                         "-device",
                         name,
-                        &format!("drive '{drive}' is if=virtio: it has its own device"),
+                        &format!("drive '{drive}' is if=virtio or if=ide: it has its own device"),
                     ))
                 }
                 Some(dr) => dr.backing.clone(),
@@ -903,7 +980,9 @@ impl Invocation {
                 });
             }
         }
-        self.place(pending, pc)
+        let mut disks = self.place(pending, pc)?;
+        disks.extend(self.ide_drives(&drives, &nodes, &mut used, pc)?);
+        Ok(disks)
     }
 
     /// Gives every disk its slot (see [`Invocation::assign_slots`]).
@@ -919,22 +998,7 @@ impl Invocation {
         Ok(pending
             .into_iter()
             .zip(slots)
-            .map(|(p, slot)| DiskConfig {
-                id: p.id,
-                slot,
-                image: BlockImage::Path(p.backing.filename.clone().into()),
-                format: p.backing.format,
-                backing_nodes: p.backing.backing_nodes,
-                filename: p.backing.filename,
-                read_only: p.backing.read_only,
-                serial: p.serial,
-                shared: p.shared,
-                locking: p.backing.locking,
-                backend_name: p.backing.backend_name,
-                format_node: p.backing.format_node,
-                storage_node: p.backing.storage_node,
-                storage_driver: p.backing.storage_driver,
-            })
+            .map(|(p, slot)| disk_config(p.id, slot, None, p.backing, p.serial, p.shared))
             .collect())
     }
 

@@ -10,6 +10,7 @@
 mod balloons;
 mod config;
 mod disks;
+mod ide;
 mod nics;
 pub mod opts;
 mod rngs;
@@ -25,6 +26,7 @@ pub use config::{
     MODELLED_DEVICES, UNSUPPORTED_HINT,
 };
 pub use disks::VIRTIO_BLK;
+pub use ide::{IDE_DEVICES, PIIX3_SLOT};
 pub use nics::{NicConfig, TapSource, VIRTIO_NET};
 pub use opts::Opts;
 pub use rngs::{RngDeviceConfig, DEFAULT_RNG_FILE, RNG_BACKENDS, VIRTIO_RNG};

@@ -796,9 +796,9 @@ fn disk_and_nic_refusals() {
             "add format=raw or format=qcow2",
         ),
         (
-            vec!["-drive".into(), "file=/x.img,format=raw".into()],
-            "-drive: interface 'ide' (drive 'ide0-hd0') is not supported by ferry-qemu: ferry's \
-             disks are virtio-blk",
+            vec!["-drive".into(), "file=/x.img,format=raw,if=scsi".into()],
+            "-drive: interface 'scsi' (drive 'scsi0-hd0') is not supported by ferry-qemu: ferry's \
+             disks are virtio-blk or IDE",
         ),
         (
             vec!["-drive".into(), "file=/x.img,format=raw,if=virtio,cache=writethrough".into()],
@@ -1476,4 +1476,108 @@ fn balloon_forms_libvirt_and_by_hand() {
         let err = balloon_of(&args).unwrap_err().to_string();
         assert!(err.contains(want), "{extra:?}: {err}");
     }
+}
+
+/// libvirt 9.0's IDE disk and CD-ROMs (`<disk bus='ide'>` on `pc`, as
+/// `virsh domxml-to-native` writes them for QEMU 7.2): the disk at ide.0
+/// unit 0, the config drive's ISO read-only at ide.1 unit 1, on PIIX3's
+/// slot; `-drive if=ide` by index; what cannot be is refused by name.
+#[test]
+fn ide_drives_as_libvirt_writes_them() {
+    let d = blockdevs(
+        &[
+            r#"{"driver":"file","filename":"/i/disk.img","node-name":"libvirt-3-storage","cache":{"direct":true,"no-flush":false},"auto-read-only":true,"discard":"unmap"}"#,
+            r#"{"node-name":"libvirt-3-format","read-only":false,"cache":{"direct":true,"no-flush":false},"driver":"raw","file":"libvirt-3-storage"}"#,
+            r#"{"driver":"file","filename":"/i/disk.config","node-name":"libvirt-1-storage","cache":{"direct":true,"no-flush":false},"auto-read-only":true,"discard":"unmap"}"#,
+            r#"{"node-name":"libvirt-1-format","read-only":true,"cache":{"direct":true,"no-flush":false},"driver":"raw","file":"libvirt-1-storage"}"#,
+        ],
+        &[
+            r#"{"driver":"ide-hd","bus":"ide.0","unit":0,"drive":"libvirt-3-format","id":"ide0-0-0","bootindex":1,"write-cache":"on"}"#,
+            r#"{"driver":"ide-cd","bus":"ide.1","unit":1,"drive":"libvirt-1-format","id":"ide0-1-1","write-cache":"on"}"#,
+        ],
+    )
+    .expect("accepted");
+    let at: Vec<_> = d
+        .iter()
+        .map(|d| (d.id.as_deref(), d.slot, d.ide, d.read_only))
+        .collect();
+    let ide = |bus, unit, cdrom| Some(crate::backend::IdePosition { bus, unit, cdrom });
+    assert_eq!(
+        at,
+        vec![
+            (Some("ide0-0-0"), PIIX3_SLOT, ide(0, 0, false), false),
+            (Some("ide0-1-1"), PIIX3_SLOT, ide(1, 1, true), true),
+        ]
+    );
+    assert_eq!(d[1].filename, "/i/disk.config");
+
+    // -drive if=ide: by index, or the first free place; a CD-ROM read-only.
+    let d = disks_of(&[
+        "-drive",
+        "file=/a.img,format=raw,if=ide,index=1",
+        "-drive",
+        "file=/c.iso,format=raw,media=cdrom",
+        "-drive",
+        "file=/b.qcow2,format=qcow2,if=ide",
+    ])
+    .expect("accepted");
+    let at: Vec<_> = d
+        .iter()
+        .map(|d| (d.filename.as_str(), d.ide, d.read_only))
+        .collect();
+    assert_eq!(
+        at,
+        vec![
+            ("/a.img", ide(0, 1, false), false),
+            ("/c.iso", ide(0, 0, true), true),
+            ("/b.qcow2", ide(1, 0, false), false),
+        ]
+    );
+
+    for (args, want) in [
+        (
+            vec!["-device", "ide-cd,bus=ide.1,unit=0,id=ide0-1-0"],
+            "an empty CD-ROM drive (ide0-1-0) is not supported by ferry-qemu: ferry's CD-ROMs \
+             hold their medium from the start",
+        ),
+        (
+            vec![
+                "-drive",
+                "file=/a.img,format=raw,if=none,id=d0",
+                "-device",
+                "ide-hd,drive=d0,bus=ide.2",
+            ],
+            "bus 'ide.2' (ide-hd)",
+        ),
+        (
+            vec![
+                "-drive",
+                "file=/a.img,format=raw,if=ide,index=0",
+                "-drive",
+                "file=/b.img,format=raw,if=ide,bus=0,unit=0",
+            ],
+            "IDE unit 0 is in use (bus ide.0)",
+        ),
+        (
+            vec![
+                "-drive",
+                "file=/a.img,format=raw,if=none,id=d0",
+                "-device",
+                "ide-hd,drive=d0,model=FERRY",
+            ],
+            "IDE drive property 'model=FERRY' (ide-hd)",
+        ),
+        (
+            vec!["-drive", "file=/c.iso,format=raw,if=virtio,media=cdrom"],
+            "ferry's CD-ROMs are IDE",
+        ),
+    ] {
+        let e = disks_of(&args).expect_err("refused").to_string();
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    let e = p("-M microvm -drive file=/a.img,format=raw,if=ide")
+        .and_then(|i| i.machine_config())
+        .expect_err("no IDE on microvm")
+        .to_string();
+    assert!(e.contains("IDE drives need the pc machine"), "{e}");
 }

@@ -448,11 +448,15 @@ fn top_node(levels: &[Level]) -> Value {
     format_node_info(levels, 0, false).unwrap_or_else(|| storage_node_info(&levels[0]))
 }
 
-/// The QOM path of a disk's virtio backend, as QEMU names it.
+/// What QEMU calls the device a disk's backend is attached to: for
+/// virtio-blk its backend's QOM path (the backend has no id); for an IDE
+/// drive its id, or its path when it has none.
 fn disk_qdev(d: &DiskConfig, anon: usize) -> String {
-    match &d.id {
-        Some(id) => format!("/machine/peripheral/{id}/virtio-backend"),
-        None => format!("/machine/peripheral-anon/device[{anon}]/virtio-backend"),
+    match (&d.id, d.ide.is_some()) {
+        (Some(id), true) => id.clone(),
+        (None, true) => format!("/machine/peripheral-anon/device[{anon}]"),
+        (Some(id), false) => format!("/machine/peripheral/{id}/virtio-backend"),
+        (None, false) => format!("/machine/peripheral-anon/device[{anon}]/virtio-backend"),
     }
 }
 
@@ -492,11 +496,17 @@ pub static QUERY_BLOCK: Command = Command {
             if d.id.is_none() {
                 anon += 1;
             }
-            out.push(json!({
+            let cdrom = d.ide.is_some_and(|i| i.cdrom);
+            let mut entry = json!({
                 "io-status": "ok", "device": d.backend_name, "locked": false,
-                "removable": false, "inserted": top_node(&chain(d, n)), "qdev": qdev,
+                "removable": cdrom, "inserted": top_node(&chain(d, n)), "qdev": qdev,
                 "type": "unknown",
-            }));
+            });
+            if cdrom {
+                // A CD-ROM has a tray, closed: ferry's hold their medium.
+                entry["tray_open"] = json!(false);
+            }
+            out.push(entry);
         }
         Ok(Value::Array(out))
     },

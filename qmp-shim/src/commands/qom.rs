@@ -9,8 +9,8 @@ use serde_json::{json, Map, Value};
 use super::types::*;
 use super::{arg_str, Command, Ctx};
 use crate::argv::{
-    MachineDef, MACHINES, MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BALLOON, VIRTIO_BLK,
-    VIRTIO_NET, VIRTIO_RNG,
+    MachineDef, IDE_DEVICES, MACHINES, MODELLED_AS_ABSENT, MODELLED_DEVICES, VIRTIO_BALLOON,
+    VIRTIO_BLK, VIRTIO_NET, VIRTIO_RNG,
 };
 use crate::backend::MachineType;
 use crate::qmp::error::CommandError;
@@ -50,6 +50,11 @@ const TYPES: &[(&str, &str, bool)] = &[
     ("rng-backend", "object", true),
     ("rng-random", "rng-backend", false),
     ("rng-builtin", "rng-backend", false),
+    // PIIX3's IDE controller and its drives (argv/ide.rs).
+    ("piix3-ide", "device", false),
+    ("ide-device", "device", true),
+    ("ide-hd", "ide-device", false),
+    ("ide-cd", "ide-device", false),
     ("piix3-usb-uhci", "device", false),
     ("piix4-usb-uhci", "device", false),
     ("qemu-xhci", "device", false),
@@ -94,6 +99,26 @@ const ISA_SERIAL_PROPS: &[Prop] = &[
     ("iobase", "uint32", ""),
     ("irq", "uint32", ""),
     ("chardev", "str", "ID of a chardev to use as a backend"),
+];
+
+/// The ide-hd/ide-cd properties ferry accepts (argv/ide.rs).
+const IDE_PROPS: &[Prop] = &[
+    (
+        "drive",
+        "str",
+        "Node name or ID of a block device to use as a backend",
+    ),
+    ("unit", "uint32", ""),
+    ("serial", "str", ""),
+    ("bootindex", "int32", ""),
+    ("write-cache", "OnOffAuto", "on/off/auto"),
+    (
+        "logical_block_size",
+        "size",
+        "A power of two between 512 B and 2 MiB",
+    ),
+    ("werror", "BlockdevOnError", ""),
+    ("rerror", "BlockdevOnError", ""),
 ];
 
 /// The virtio-blk-pci properties ferry accepts (argv/disks.rs; some only
@@ -303,6 +328,9 @@ fn device_list_properties(
     if VIRTIO_BLK.contains(&name) {
         return Ok(props_json(VIRTIO_BLK_PROPS));
     }
+    if IDE_DEVICES.contains(&name) {
+        return Ok(props_json(IDE_PROPS));
+    }
     if VIRTIO_NET.contains(&name) {
         return Ok(props_json(VIRTIO_NET_PROPS));
     }
@@ -354,6 +382,8 @@ fn qom_list_properties(_: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Val
         ISA_SERIAL_PROPS
     } else if VIRTIO_BLK.contains(&name) {
         VIRTIO_BLK_PROPS
+    } else if IDE_DEVICES.contains(&name) {
+        IDE_PROPS
     } else if VIRTIO_NET.contains(&name) {
         VIRTIO_NET_PROPS
     } else if VIRTIO_RNG.contains(&name) {

@@ -398,6 +398,7 @@ pub static BLOCK_INFO: ObjectDef = ObjectDef {
         req("removable", Ty::Bool),
         req("locked", Ty::Bool),
         opt("inserted", Ty::Object(&BLOCK_DEVICE_INFO)),
+        opt("tray_open", Ty::Bool),
         opt("io-status", Ty::Str),
     ],
 };
