@@ -548,46 +548,13 @@ fn a_balloon_with_a_fill_is_refused_by_the_guest() {
     vm.quit();
 }
 
-/// An ISO 9660 image made as Nova makes its config drive (`genisoimage -r -J
-/// -V config-2`, from `scripts/deps --tests`) holding `ferry.txt` with
-/// `content`; returns its path and the file's first sector, found in the
-/// root directory's records.
+/// Nova's config drive holding `ferry.txt` with `content`; returns the
+/// ISO's path and the file's first sector.
 fn config_drive(s: &Scratch, content: &[u8]) -> (String, u32) {
-    let dir = s.path("config-drive");
-    std::fs::create_dir_all(&dir).expect("create the drive's directory");
-    std::fs::write(dir.join("ferry.txt"), content).expect("write the file");
     let iso = s.path("config.iso");
-    let out = std::process::Command::new("genisoimage")
-        .args(["-quiet", "-r", "-J", "-V", "config-2", "-o"])
-        .arg(&iso)
-        .arg(&dir)
-        .output()
-        .expect("run genisoimage (scripts/deps --tests installs it)");
-    assert!(out.status.success(), "genisoimage: {out:?}");
-    let bytes = std::fs::read(&iso).expect("read the ISO");
-    const SECTOR: usize = 2048;
-    let pvd = &bytes[16 * SECTOR..17 * SECTOR];
-    assert_eq!(&pvd[..6], b"\x01CD001", "a primary volume descriptor");
-    let u32_at =
-        |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
-    let root = &pvd[156..156 + 34];
-    let (extent, len) = (u32_at(root, 2) as usize, u32_at(root, 10) as usize);
-    let records = &bytes[extent * SECTOR..extent * SECTOR + len];
-    let mut at = 0;
-    while at < records.len() {
-        let record_len = usize::from(records[at]);
-        if record_len == 0 {
-            // Records do not cross sectors: the rest of this one is padding.
-            at = (at / SECTOR + 1) * SECTOR;
-            continue;
-        }
-        let name_len = usize::from(records[at + 32]);
-        if records[at + 33..at + 33 + name_len].starts_with(b"FERRY.TXT") {
-            return (iso.display().to_string(), u32_at(records, at + 2));
-        }
-        at += record_len;
-    }
-    panic!("ferry.txt is not in the ISO's root directory");
+    let lba = ferry_testguest::iso::config_drive(&iso, &[("ferry.txt", content)])
+        .unwrap_or_else(|e| panic!("the config drive: {e}"))[0];
+    (iso.display().to_string(), lba)
 }
 
 /// Nova's config drive: an ISO on an IDE CD-ROM. The dirtier with

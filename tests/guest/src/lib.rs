@@ -176,6 +176,7 @@
 
 pub mod disk;
 pub mod image;
+pub mod iso;
 pub mod link;
 pub mod oracle;
 pub mod synth;
