@@ -593,6 +593,40 @@ mod tests {
         assert_eq!(read(&alone, 2 * MIB, 4), vec![0xaa; 4]);
     }
 
+    /// A version 2 image (qemu-img's `compat=0.10`, as old clouds made them)
+    /// reads and writes as a version 3 one does, and stays version 2.
+    #[test]
+    fn a_version_2_image_reads_and_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = raw_base(dir.path(), "base.raw", MIB, 3);
+        let v2 = dir.path().join("v2.qcow2");
+        let (b, t) = (path_str(&base), path_str(&v2));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-b",
+            b,
+            "-F",
+            "raw",
+            t,
+        ]);
+        let img = DiskImage::open(&config(&v2, qcow2(Backing::FromHeader)), Mode::Active).unwrap();
+        assert_eq!(read(&img, 1024, 4), vec![5; 4], "the base shows through");
+        img.write_at(&[0x77; 8192], 65536).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        qemu_img(&["check", "-q", t]);
+        let info = String::from_utf8(qemu_img(&["info", t]).stdout).unwrap();
+        assert!(info.contains("compat: 0.10"), "{info}");
+        let again =
+            DiskImage::open(&config(&v2, qcow2(Backing::FromHeader)), Mode::Active).unwrap();
+        assert_eq!(read(&again, 65536, 8192), vec![0x77; 8192]);
+    }
+
     /// An inactive image (a migration's other side) writes nothing, not even
     /// to a qcow2 image it could open for writing.
     #[test]
