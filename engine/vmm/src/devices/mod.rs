@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 pub mod disk_image;
+pub mod fw_cfg;
 pub mod ide;
 pub mod image_lock;
 pub mod pci;
