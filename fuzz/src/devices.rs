@@ -95,6 +95,7 @@ pub fn generate_seed(state: SeedState) -> Result<Vec<u8>, String> {
         cpu: ferry_vmm::cpu::model::CpuModel::parse("qemu64").expect("qemu64 is a model"),
         virtio: vec![disk_spec()?],
         ide: Vec::new(),
+        fw_cfg: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     match state {

@@ -606,6 +606,7 @@ pub fn receive_checked(
         autostart: false,
         virtio,
         ide: Vec::new(),
+        fw_cfg: None,
     };
     let result = migration::receive(
         Box::new(Cursor::new(input.to_vec())),
@@ -649,6 +650,7 @@ pub fn restore_error(input: &[u8]) -> Option<String> {
         expect_vcpus: None,
         virtio: Vec::new(),
         ide: Vec::new(),
+        fw_cfg: None,
     };
     checkpoint::restore(Cursor::new(input.to_vec()), &opts)
         .err()
@@ -667,6 +669,7 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         expect_vcpus: None,
         virtio: Vec::new(),
         ide: Vec::new(),
+        fw_cfg: None,
     };
     match checkpoint::restore(Cursor::new(input.to_vec()), &opts) {
         Ok(vm) if vm.is_running() => Outcome::Violation("a restored VM runs before resume".into()),
@@ -690,6 +693,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         cpu: ferry_vmm::cpu::model::CpuModel::parse("qemu64").expect("qemu64 is a model"),
         virtio: Vec::new(),
         ide: Vec::new(),
+        fw_cfg: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();

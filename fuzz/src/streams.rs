@@ -566,6 +566,7 @@ fn destination(
         autostart: false,
         virtio: Vec::new(),
         ide: Vec::new(),
+        fw_cfg: None,
     };
     let extra = ExtraStreams {
         listener,
@@ -1018,6 +1019,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
         cpu: ferry_vmm::cpu::model::CpuModel::parse("qemu64").expect("qemu64 is a model"),
         virtio: Vec::new(),
         ide: Vec::new(),
+        fw_cfg: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();
@@ -1043,6 +1045,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
             autostart: false,
             virtio: Vec::new(),
             ide: Vec::new(),
+            fw_cfg: None,
         };
         let extra = ExtraStreams {
             listener: &dest,

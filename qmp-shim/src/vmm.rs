@@ -327,6 +327,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         cpu: config.cpu.clone(),
         virtio: virtio_specs(config),
         ide: ide_drives(config),
+        fw_cfg: None,
     })
     .map_err(engine)?;
     guest
@@ -508,6 +509,7 @@ impl FerryBackend {
                 autostart: false,
                 virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
                 ide: inner.config.as_ref().map(ide_drives).unwrap_or_default(),
+                fw_cfg: None,
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);

@@ -181,6 +181,8 @@ pub struct RestoreOptions {
     pub virtio: Vec<crate::vm::VirtioSpec>,
     /// This host's IDE drives; they must match the checkpoint's.
     pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
+    /// This host's fw_cfg; it must match the checkpoint's.
+    pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
 }
 
 /// Checks that the page at `gpa` lies inside guest RAM (`ranges`).
@@ -288,6 +290,7 @@ pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
         autostart: false,
         virtio: opts.virtio.clone(),
         ide: opts.ide.clone(),
+        fw_cfg: opts.fw_cfg.clone(),
     };
     crate::migration::receive(Box::new(r), None, &incoming).map_err(|e| match e {
         crate::migration::MigrationError::Vmm(v) => v,

@@ -590,6 +590,7 @@ mod tests {
             cpu: crate::cpu::model::CpuModel::Host,
             virtio,
             ide: Vec::new(),
+            fw_cfg: None,
         })
         .expect("VM")
     }

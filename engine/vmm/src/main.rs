@@ -72,6 +72,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 cpu,
                 virtio: common.virtio()?,
                 ide: common.ide()?,
+                fw_cfg: None,
             })?;
             vm.boot(&KernelConfig {
                 kernel,
@@ -118,6 +119,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     autostart: !common.paused,
                     virtio: common.virtio()?,
                     ide: common.ide()?,
+                    fw_cfg: None,
                 },
                 &mut || {},
                 // A file carries one stream; the listener ignores more for it.
@@ -142,6 +144,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     expect_vcpus: None,
                     virtio: common.virtio()?,
                     ide: common.ide()?,
+                    fw_cfg: None,
                 },
             )
             .map_err(|e| match e {

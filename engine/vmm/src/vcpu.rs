@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::cpu::VcpuState;
+use crate::devices::fw_cfg::FwCfg;
 use crate::devices::ide::Piix3;
 use crate::devices::pci::PciBus;
 use crate::devices::serial::{Com1, COM1_BASE, COM1_LEN};
@@ -39,6 +40,8 @@ pub(crate) enum VcpuCmd {
 pub(crate) struct VcpuContext {
     pub com1: Arc<Mutex<Com1>>,
     pub pci: Arc<PciBus>,
+    /// QEMU's fw_cfg, where the VM has it.
+    pub fw_cfg: Option<Arc<Mutex<FwCfg>>>,
     pub exits: Sender<GuestExit>,
     /// The MSRs a capture reads: the guest CPU's, and those a restore loaded.
     pub msr_indices: Arc<RwLock<Vec<u32>>>,
@@ -297,6 +300,12 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
         }
         return None;
     }
+    if let Some(fw_cfg) = ctx.fw_cfg.as_ref().filter(|_| FwCfg::claims_port(port)) {
+        if let Ok(mut fw_cfg) = fw_cfg.lock() {
+            fw_cfg.io_write(port, data);
+        }
+        return None;
+    }
     let value = data
         .iter()
         .rev()
@@ -327,6 +336,13 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
     if let Some(ide) = ctx.pci.ide().filter(|_| Piix3::claims_port(port)) {
         match ide.lock() {
             Ok(mut ide) => ide.io_read(port, data),
+            Err(_) => data.fill(0xff),
+        }
+        return;
+    }
+    if let Some(fw_cfg) = ctx.fw_cfg.as_ref().filter(|_| FwCfg::claims_port(port)) {
+        match fw_cfg.lock() {
+            Ok(mut fw_cfg) => fw_cfg.io_read(port, data),
             Err(_) => data.fill(0xff),
         }
         return;

@@ -17,6 +17,7 @@ use ferry_kvm::{Backing, GuestRam};
 
 use crate::cpu::model::{self, CpuModel, CpuidLeaf};
 use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
+use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState};
 use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
 use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
@@ -46,6 +47,9 @@ pub struct VmConfig {
     /// Drives on the PIIX3's IDE controller (PCI 00:01.1); with none, the VM
     /// has no PIIX3 and slot 1 is free.
     pub ide: Vec<IdeDriveConfig>,
+    /// QEMU's fw_cfg device (ports 0x510, 0x511, 0x514), with what it
+    /// offers; `None` for none.
+    pub fw_cfg: Option<FwCfgConfig>,
 }
 
 /// A virtio device and where it sits.
@@ -218,6 +222,10 @@ pub struct DevicesState {
     /// with IDE drives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ide: Option<IdeState>,
+    /// fw_cfg (absent on a VM without it, and in streams from before it:
+    /// the shape check refuses those for a VM with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fw_cfg: Option<FwCfgState>,
 }
 
 /// A VM on /dev/kvm.
@@ -230,6 +238,7 @@ pub struct Vm {
     com1: Arc<Mutex<Com1>>,
     com1_irq: EventFd,
     pci: Arc<PciBus>,
+    fw_cfg: Option<Arc<Mutex<FwCfg>>>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
     ram: Arc<GuestRam>,
@@ -310,6 +319,17 @@ impl Vm {
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
         let com1 = Arc::new(Mutex::new(Com1::new(irq, sink.clone())));
         let pci = Arc::new(build_pci(&config.virtio, &config.ide, &ram, &vm, disks)?);
+        let fw_cfg = match &config.fw_cfg {
+            Some(c) => {
+                let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
+                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                let vcpus = u16::try_from(config.vcpus).unwrap_or(u16::MAX);
+                let dev = FwCfg::for_vm(c, ram.clone(), &layout, vcpus)
+                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                Some(Arc::new(Mutex::new(dev)))
+            }
+            None => None,
+        };
 
         let base = model::resolve(&supported_cpuid(&kvm)?, &config.cpu)?;
         let cpuid: Vec<CpuidLeaf> = base.iter().map(Into::into).collect();
@@ -333,6 +353,7 @@ impl Vm {
         let ctx = VcpuContext {
             com1: com1.clone(),
             pci: pci.clone(),
+            fw_cfg: fw_cfg.clone(),
             exits: exit_tx,
             msr_indices,
             cpuid: Arc::new(base),
@@ -348,6 +369,7 @@ impl Vm {
             com1,
             com1_irq,
             pci,
+            fw_cfg,
             vm,
             _kvm: kvm,
             ram,
@@ -634,6 +656,11 @@ impl Vm {
                 names.extend(ide.shape_names());
             }
         }
+        if let Some(fw_cfg) = &self.fw_cfg {
+            if let Ok(fw_cfg) = fw_cfg.lock() {
+                names.extend(fw_cfg.shape_names());
+            }
+        }
         names
     }
 
@@ -693,10 +720,19 @@ impl Vm {
             }
             None => None,
         };
+        let fw_cfg = match &self.fw_cfg {
+            Some(dev) => Some(
+                dev.lock()
+                    .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
+                    .state(),
+            ),
+            None => None,
+        };
         Ok(DevicesState {
             com1: com1.state(),
             virtio,
             ide,
+            fw_cfg,
         })
     }
 
@@ -745,6 +781,7 @@ impl Vm {
         serial: SinkSpec,
         virtio: Vec<VirtioSpec>,
         ide: Vec<IdeDriveConfig>,
+        fw_cfg: Option<FwCfgConfig>,
     ) -> Result<Self, VmmError> {
         let mem_bytes = shape.ram_ranges.iter().map(|r| r.1).sum();
         let config = VmConfig {
@@ -759,6 +796,7 @@ impl Vm {
             },
             virtio,
             ide,
+            fw_cfg,
         };
         // The disks take their locks when the state is loaded: a migration's
         // source still runs on them now.
@@ -792,6 +830,7 @@ impl Vm {
         // The IDE state is checked before anything changes (its restore
         // below checks it again, and applies it all or nothing).
         self.check_ide_state(devices.ide.as_ref())?;
+        self.check_fw_cfg_state(devices.fw_cfg.as_ref())?;
         let mut clock = vm.clock;
         clock.flags = 0;
         self.vm
@@ -839,6 +878,12 @@ impl Vm {
                 .restore(state)
                 .map_err(VmmError::Restore)?;
         }
+        if let (Some(dev), Some(state)) = (&self.fw_cfg, &devices.fw_cfg) {
+            dev.lock()
+                .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
+                .restore(state)
+                .map_err(VmmError::Restore)?;
+        }
         *self
             .com1
             .lock()
@@ -866,6 +911,37 @@ impl Vm {
                 if ours.is_some() { "has" } else { "has no" }
             ))),
         }
+    }
+}
+
+impl Vm {
+    /// Refuses fw_cfg state this VM could not load: present without the
+    /// device, absent with it, or refused by the device's checks.
+    fn check_fw_cfg_state(&self, state: Option<&FwCfgState>) -> Result<(), VmmError> {
+        match (&self.fw_cfg, state) {
+            (None, None) => Ok(()),
+            (Some(dev), Some(state)) => dev
+                .lock()
+                .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
+                .check(state)
+                .map_err(VmmError::Restore),
+            (ours, _) => Err(VmmError::Restore(format!(
+                "the stream {} fw_cfg state; this VM {} fw_cfg",
+                if ours.is_some() { "has no" } else { "has" },
+                if ours.is_some() { "has" } else { "has no" }
+            ))),
+        }
+    }
+
+    /// The fw_cfg device, where the VM has one.
+    pub fn fw_cfg(&self) -> Option<&Arc<Mutex<FwCfg>>> {
+        self.fw_cfg.as_ref()
+    }
+
+    /// What the guest wrote into fw_cfg's `etc/vmcoreinfo` (kdump's note),
+    /// where the VM offers it.
+    pub fn vmcoreinfo(&self) -> Option<crate::devices::fw_cfg::VmcoreInfo> {
+        self.fw_cfg.as_ref()?.lock().ok()?.vmcoreinfo()
     }
 }
 

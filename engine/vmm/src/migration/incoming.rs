@@ -39,6 +39,8 @@ pub struct IncomingOptions {
     pub virtio: Vec<crate::vm::VirtioSpec>,
     /// This host's IDE drives; they must match the source's.
     pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
+    /// This host's fw_cfg; it must match the source's.
+    pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
 }
 
 /// Where the extra page streams of a multi-stream migration come from.
@@ -892,6 +894,7 @@ fn read_offer(
         expect_vcpus: opts.expect_vcpus,
         virtio: opts.virtio.clone(),
         ide: opts.ide.clone(),
+        fw_cfg: opts.fw_cfg.clone(),
     };
     check_shape(&hs.shape, &restore_opts)?;
     let proposed = hs.streams.max(1);
@@ -913,6 +916,7 @@ fn build(hs: &Handshake, opts: &IncomingOptions) -> Result<Vm, MigrationError> {
         opts.serial.clone(),
         opts.virtio.clone(),
         opts.ide.clone(),
+        opts.fw_cfg.clone(),
     )?)
 }
 
@@ -1131,6 +1135,7 @@ mod tests {
                 autostart: false,
                 virtio: Vec::new(),
                 ide: Vec::new(),
+                fw_cfg: None,
             };
             serve(&listener, &serve_opts, &opts, &mut || {}, &|| 4)
                 .map(|_| ())
@@ -1497,6 +1502,7 @@ mod tests {
             autostart: false,
             virtio: Vec::new(),
             ide: Vec::new(),
+            fw_cfg: None,
         };
         let Err(e) = serve(
             &listener,

@@ -328,3 +328,77 @@ fn hostile_state_is_refused_and_changes_nothing() {
     assert_eq!(dev.shape_names(), ["fw_cfg", "fw_cfg:etc/vmcoreinfo"]);
     assert_eq!(device(false).shape_names(), ["fw_cfg"]);
 }
+
+/// A VM with fw_cfg names it in its shape (a destination without it is
+/// refused by name) and carries its state through `capture_devices` and
+/// `restore_state`, in the middle of a read.
+#[test]
+fn a_vm_carries_its_fw_cfg_in_shape_and_state() {
+    use crate::devices::serial::SinkSpec;
+    use crate::vm::{Vm, VmConfig};
+
+    let fw_cfg = FwCfgConfig {
+        vmcoreinfo: true,
+        bootorder: Vec::new(),
+    };
+    let config = |fw_cfg: Option<FwCfgConfig>| VmConfig {
+        mem_bytes: 16 << 20,
+        vcpus: 1,
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        cpu: crate::cpu::model::CpuModel::Host,
+        virtio: Vec::new(),
+        ide: Vec::new(),
+        fw_cfg,
+    };
+    let vm = Vm::create(config(Some(fw_cfg.clone()))).expect("a VM with fw_cfg");
+    let dev = vm.fw_cfg().expect("fw_cfg").clone();
+    let sel = dev.lock().unwrap().file_key(VMCOREINFO_FILE).unwrap();
+    select(&mut dev.lock().unwrap(), sel);
+    assert_eq!(read(&mut dev.lock().unwrap(), 1), [1]);
+    let saved = vm.capture_devices().unwrap();
+    assert_eq!(saved.fw_cfg.as_ref().map(|s| s.offset), Some(1));
+    assert_eq!(vm.vmcoreinfo().map(|v| v.host_format), Some(1));
+
+    let names = vm.shape().devices;
+    assert!(names.contains(&"fw_cfg".to_string()), "{names:?}");
+    let shape_for = |fw_cfg| {
+        Vm::create_for_shape(
+            &vm.shape(),
+            Backing::Anonymous,
+            SinkSpec::Null,
+            Vec::new(),
+            Vec::new(),
+            fw_cfg,
+        )
+    };
+    let err = shape_for(None).unwrap_err().to_string();
+    assert!(err.contains("fw_cfg"), "{err}");
+    let err = shape_for(Some(FwCfgConfig::default()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fw_cfg:etc/vmcoreinfo"), "{err}");
+
+    let mut dest = shape_for(Some(fw_cfg)).expect("the same fw_cfg");
+    let vmstate = dest.capture_vm().unwrap();
+    let mut none = saved.clone();
+    none.fw_cfg = None;
+    let err = dest
+        .restore_state(dest.capture_vcpus().unwrap(), &vmstate, &none)
+        .unwrap_err();
+    assert!(err.to_string().contains("fw_cfg"), "{err}");
+    dest.restore_state(dest.capture_vcpus().unwrap(), &vmstate, &saved)
+        .expect("restore");
+    let dev = dest.fw_cfg().unwrap().clone();
+    assert_eq!(dev.lock().unwrap().state(), saved.fw_cfg.unwrap());
+    assert_eq!(
+        read(&mut dev.lock().unwrap(), 1),
+        [0],
+        "host_format's high byte"
+    );
+
+    // Without --fw-cfg the ports are not decoded and the state is absent.
+    let plain = Vm::create(config(None)).expect("a VM without fw_cfg");
+    assert!(plain.fw_cfg().is_none());
+    assert!(plain.capture_devices().unwrap().fw_cfg.is_none());
+}

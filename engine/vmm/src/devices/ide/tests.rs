@@ -605,6 +605,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: Vec::new(),
         ide,
+        fw_cfg: None,
     };
     let vm = Vm::create(config(vec![cd.clone()])).expect("a VM with a CD-ROM");
     let bus = vm.pci().clone();
@@ -645,6 +646,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         SinkSpec::Null,
         Vec::new(),
         vec![other],
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -655,6 +657,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         SinkSpec::Null,
         Vec::new(),
         Vec::new(),
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -666,6 +669,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         SinkSpec::Null,
         Vec::new(),
         vec![cd.clone()],
+        None,
     )
     .expect("the same drives");
     let mut no_ide = saved.clone();

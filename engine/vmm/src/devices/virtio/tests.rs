@@ -280,6 +280,7 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
         SinkSpec::Null,
         vec![disk_spec(img.path(), false)],
         Vec::new(),
+        None,
     )
     .unwrap();
     vm.deactivate_disks().unwrap();
@@ -315,6 +316,7 @@ fn try_vm(spec: VirtioSpec) -> Result<Vm, crate::VmmError> {
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: vec![spec],
         ide: Vec::new(),
+        fw_cfg: None,
     })
 }
 
@@ -374,6 +376,7 @@ fn the_image_locks_move_with_a_migration() {
         SinkSpec::Null,
         vec![disk_spec(img.path(), false)],
         Vec::new(),
+        None,
     )
     .expect("the destination opens the image while the source holds it");
     source.pause().unwrap();
@@ -451,6 +454,7 @@ fn a_qcow2_chain_moves_with_a_migration() {
         SinkSpec::Null,
         vec![qcow2_spec(&top)],
         Vec::new(),
+        None,
     )
     .expect("the destination opens the chain while the source writes it");
     source.pause().unwrap();
@@ -600,6 +604,7 @@ fn bad_device_configuration_is_refused_with_the_reason() {
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: vec![spec],
         ide: Vec::new(),
+        fw_cfg: None,
     })
     .unwrap_err()
     .to_string();
@@ -613,6 +618,7 @@ fn bad_device_configuration_is_refused_with_the_reason() {
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: vec![missing.clone(), missing],
         ide: Vec::new(),
+        fw_cfg: None,
     })
     .unwrap_err()
     .to_string();
@@ -892,6 +898,7 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
         SinkSpec::Null,
         vec![tap2.spec(other_mac)],
         Vec::new(),
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -902,6 +909,7 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
         SinkSpec::Null,
         vec![tap2.spec(GUEST_MAC)],
         Vec::new(),
+        None,
     )
     .unwrap();
     dest.restore_state(
@@ -1323,6 +1331,7 @@ fn rng_survives_a_checkpoint_and_is_part_of_the_shape() {
         expect_vcpus: None,
         virtio,
         ide: Vec::new(),
+        fw_cfg: None,
     };
     // Without the device, or with it elsewhere: refused, naming it.
     let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![]))
@@ -1686,6 +1695,7 @@ fn balloon_survives_a_checkpoint_and_is_part_of_the_shape() {
         expect_vcpus: None,
         virtio,
         ide: Vec::new(),
+        fw_cfg: None,
     };
     let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![]))
         .unwrap_err()
@@ -1767,6 +1777,7 @@ fn only_one_balloon_per_vm() {
         cpu: crate::cpu::model::CpuModel::Host,
         virtio: vec![balloon_spec(balloon::BalloonConfig::default()), second],
         ide: Vec::new(),
+        fw_cfg: None,
     })
     .unwrap_err()
     .to_string();
