@@ -199,6 +199,35 @@ pub struct Common {
         value_parser = parse_balloon
     )]
     pub balloon: Option<BalloonArg>,
+    /// QEMU's firmware configuration device (fw_cfg on ports 0x510, 0x511 and
+    /// 0x514, with DMA): --fw-cfg, or --fw-cfg=vmcoreinfo=on to also offer
+    /// etc/vmcoreinfo, where a Linux guest leaves the address of its kdump
+    /// note (QEMU's -device vmcoreinfo). The guest reads the RAM size, the
+    /// CPU count, bootorder and etc/e820 from it. A migration destination or
+    /// restore must be given the same option.
+    #[arg(
+        long = "fw-cfg",
+        value_name = "OPTIONS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        value_parser = parse_fw_cfg
+    )]
+    pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
+}
+
+fn parse_fw_cfg(text: &str) -> Result<crate::devices::fw_cfg::FwCfgConfig, String> {
+    const USAGE: &str = "[vmcoreinfo=on|off]";
+    let mut config = crate::devices::fw_cfg::FwCfgConfig::default();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        config.vmcoreinfo = match part.split_once('=') {
+            Some(("vmcoreinfo", "on")) => true,
+            Some(("vmcoreinfo", "off")) => false,
+            Some(("vmcoreinfo", v)) => return Err(format!("'{v}' is not on or off ({USAGE})")),
+            _ => return Err(format!("unknown fw_cfg option '{part}' ({USAGE})")),
+        };
+    }
+    Ok(config)
 }
 
 /// `--balloon`.
@@ -917,6 +946,46 @@ mod tests {
             panic!("{cli:?}");
         };
         assert_eq!(common.slots(), [5, 6, 7, 4]);
+    }
+
+    #[test]
+    fn fw_cfg_parses_with_or_without_options() {
+        use crate::devices::fw_cfg::FwCfgConfig;
+        assert_eq!(parse_fw_cfg(""), Ok(FwCfgConfig::default()));
+        assert!(parse_fw_cfg("vmcoreinfo=on").unwrap().vmcoreinfo);
+        assert!(!parse_fw_cfg("vmcoreinfo=off").unwrap().vmcoreinfo);
+        assert!(parse_fw_cfg("vmcoreinfo=yes")
+            .unwrap_err()
+            .contains("not on or off"));
+        assert!(parse_fw_cfg("bootorder=x")
+            .unwrap_err()
+            .contains("unknown fw_cfg option 'bootorder=x'"));
+        for command in ["run", "incoming", "restore"] {
+            let mut args = vec!["ferry-vm", command];
+            args.extend(match command {
+                "run" => ["--kernel", "k"],
+                "incoming" => ["--smp", "1"],
+                _ => ["--mem", "256M"],
+            });
+            if command == "incoming" {
+                args.push("tcp:127.0.0.1:4444");
+            } else if command == "restore" {
+                args.push("cp");
+            }
+            args.push("--fw-cfg=vmcoreinfo=on");
+            let cli = Cli::try_parse_from(&args).unwrap();
+            let (Command::Run { common, .. }
+            | Command::Incoming { common, .. }
+            | Command::Restore { common, .. }) = cli.command;
+            assert!(common.fw_cfg.unwrap().vmcoreinfo, "{command}");
+        }
+        // --fw-cfg alone: a following word stays the positional.
+        let cli = Cli::try_parse_from(["ferry-vm", "restore", "--fw-cfg", "cp"]).unwrap();
+        let Command::Restore { file, common, .. } = cli.command else {
+            panic!("restore")
+        };
+        assert_eq!(file, PathBuf::from("cp"));
+        assert_eq!(common.fw_cfg, Some(FwCfgConfig::default()));
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 cpu,
                 virtio: common.virtio()?,
                 ide: common.ide()?,
-                fw_cfg: None,
+                fw_cfg: common.fw_cfg.clone(),
             })?;
             vm.boot(&KernelConfig {
                 kernel,
@@ -119,7 +119,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     autostart: !common.paused,
                     virtio: common.virtio()?,
                     ide: common.ide()?,
-                    fw_cfg: None,
+                    fw_cfg: common.fw_cfg.clone(),
                 },
                 &mut || {},
                 // A file carries one stream; the listener ignores more for it.
@@ -144,7 +144,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     expect_vcpus: None,
                     virtio: common.virtio()?,
                     ide: common.ide()?,
-                    fw_cfg: None,
+                    fw_cfg: common.fw_cfg.clone(),
                 },
             )
             .map_err(|e| match e {
