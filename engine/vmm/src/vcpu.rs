@@ -350,3 +350,54 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
     // Nothing else is decoded: an open bus reads all ones.
     data.fill(0xff);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::fw_cfg::{key, FwCfgConfig, DATA_PORT, DMA_PORT, SELECTOR_PORT};
+    use crate::devices::serial::{SerialSink, SinkSpec};
+
+    fn context(fw_cfg: bool) -> VcpuContext {
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let sink = SerialSink::open(&SinkSpec::Null).expect("sink");
+        let ram = Arc::new(
+            ferry_kvm::GuestRam::new(&[(0, 16 << 20)], ferry_kvm::Backing::Anonymous).expect("RAM"),
+        );
+        let layout = ferry_boot::MemoryLayout::new(16 << 20).expect("layout");
+        let fw_cfg = fw_cfg.then(|| {
+            let dev = FwCfg::for_vm(&FwCfgConfig::default(), ram, &layout, 1).expect("fw_cfg");
+            Arc::new(Mutex::new(dev))
+        });
+        VcpuContext {
+            com1: Arc::new(Mutex::new(Com1::new(irq, sink))),
+            pci: Arc::new(PciBus::new(Vec::new(), None)),
+            fw_cfg,
+            exits: mpsc::channel().0,
+            msr_indices: Arc::new(RwLock::new(Vec::new())),
+            cpuid: Arc::new(Vec::new()),
+            throttle: Arc::new(Default::default()),
+        }
+    }
+
+    #[test]
+    fn fw_cfg_ports_reach_the_device_only_where_the_vm_has_it() {
+        let ctx = context(true);
+        assert!(io_out(SELECTOR_PORT, &key::SIGNATURE.to_le_bytes(), &ctx).is_none());
+        let mut sig = [0u8; 4];
+        for b in &mut sig {
+            let mut one = [0u8];
+            io_in(DATA_PORT, &mut one, &ctx);
+            *b = one[0];
+        }
+        assert_eq!(&sig, b"QEMU");
+        let mut dma = [0u8; 4];
+        io_in(DMA_PORT, &mut dma, &ctx);
+        assert_eq!(&dma, b"QEMU");
+
+        let ctx = context(false);
+        io_out(SELECTOR_PORT, &key::SIGNATURE.to_le_bytes(), &ctx);
+        let mut one = [0u8];
+        io_in(DATA_PORT, &mut one, &ctx);
+        assert_eq!(one, [0xff], "an open bus");
+    }
+}
