@@ -219,6 +219,52 @@ fn bad_checkpoints_are_refused() {
     );
 }
 
+/// A checkpoint of a VM with fw_cfg restores only where fw_cfg (and its
+/// etc/vmcoreinfo) is given again; elsewhere the refusal names it.
+#[test]
+fn fw_cfg_travels_in_checkpoints_and_is_required_by_name() {
+    require_kvm();
+    let s = Scratch::new();
+    let dirtier = s.dirtier.display().to_string();
+    let vm = VmProcess::start(
+        &s,
+        "src",
+        &[
+            "run",
+            "--kernel",
+            &dirtier,
+            "-m",
+            "64M",
+            "--append",
+            "ws=4M",
+            "--fw-cfg=vmcoreinfo=on",
+        ],
+    );
+    vm.wait_serial("dirtier: ready", BOOT);
+    let ckpt = s.path("fw_cfg.ckpt");
+    vm.ok("pause");
+    vm.ok(&format!("checkpoint {}", ckpt.display()));
+    vm.quit();
+    let bytes = std::fs::read(&ckpt).expect("read checkpoint");
+    refused(&s, "no-fw-cfg", &bytes, &[], "fw_cfg");
+    refused(
+        &s,
+        "no-vmcoreinfo",
+        &bytes,
+        &["--fw-cfg"],
+        "fw_cfg:etc/vmcoreinfo",
+    );
+    let ckpt = ckpt.to_str().expect("utf-8 path");
+    let vm = VmProcess::start(
+        &s,
+        "dst",
+        &["restore", ckpt, "--fw-cfg=vmcoreinfo=on", "--paused"],
+    );
+    vm.ok("resume");
+    vm.wait_heartbeats(10, Duration::from_secs(10));
+    vm.quit();
+}
+
 #[test]
 fn unbootable_kernel_is_refused() {
     require_kvm();
