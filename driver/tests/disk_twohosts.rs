@@ -11,7 +11,8 @@
 //! every instance, as libvirt writes it: a qcow2 root disk over a raw `_base`
 //! image, the config drive (an ISO on an IDE CD-ROM), a balloon with stats,
 //! a virtio-rng on `/dev/urandom`, a NIC on a bridge, a pty serial with a log
-//! file, SMBIOS from `<sysinfo>` and Nova's clock. Its guest drives them
+//! file, SMBIOS from `<sysinfo>`, Nova's clock and `<vmcoreinfo/>` (fw_cfg's
+//! `etc/vmcoreinfo`). Its guest drives them
 //! all; `virsh dommemstat`, `setmem` and `domblkinfo` answer from the
 //! devices, and it moves to the other host and back with every oracle
 //! passing: memory, the disk's records read through the qcow2 chain, the
@@ -220,7 +221,7 @@ fn a_nova_shaped_domain_runs_answers_and_migrates_both_ways() {
     <timer name='rtc' tickpolicy='catchup'/>
     <timer name='hpet' present='no'/>
   </clock>
-  <features>"
+  <features><vmcoreinfo state='on'/>"
             ),
             1,
         )

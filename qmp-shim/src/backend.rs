@@ -28,6 +28,8 @@ pub enum MachineType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineConfig {
     pub machine: MachineType,
+    /// `-device vmcoreinfo`: fw_cfg offers `etc/vmcoreinfo`.
+    pub vmcoreinfo: bool,
     pub mem_bytes: u64,
     pub vcpus: u32,
     pub cpu_model: Option<String>,

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use ferry_kvm::{Backing, GuestRam};
 use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
+use ferry_vmm::devices::fw_cfg::FwCfgConfig;
 use ferry_vmm::devices::ide::{IdeDriveConfig, IdeMedia};
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::devices::virtio::balloon::BalloonInfo;
@@ -310,6 +311,15 @@ fn ide_drives(config: &MachineConfig) -> Vec<IdeDriveConfig> {
         .collect()
 }
 
+/// QEMU's fw_cfg, which every `pc` machine has (with `etc/vmcoreinfo` for
+/// `-device vmcoreinfo`); a destination must have the same.
+fn fw_cfg(config: &MachineConfig) -> Option<FwCfgConfig> {
+    (config.machine == MachineType::Pc).then(|| FwCfgConfig {
+        vmcoreinfo: config.vmcoreinfo,
+        bootorder: Vec::new(),
+    })
+}
+
 /// Builds and boots a fresh guest from `config` (stopped).
 fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
     let kernel = config.kernel.clone().ok_or_else(|| {
@@ -327,7 +337,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         cpu: config.cpu.clone(),
         virtio: virtio_specs(config),
         ide: ide_drives(config),
-        fw_cfg: None,
+        fw_cfg: fw_cfg(config),
     })
     .map_err(engine)?;
     guest
@@ -509,7 +519,7 @@ impl FerryBackend {
                 autostart: false,
                 virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
                 ide: inner.config.as_ref().map(ide_drives).unwrap_or_default(),
-                fw_cfg: None,
+                fw_cfg: inner.config.as_ref().and_then(fw_cfg),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);

@@ -16,7 +16,7 @@ use crate::backend::{MachineConfig, MachineType};
 
 /// Printed after a refusal, for the operator.
 pub const UNSUPPORTED_HINT: &str =
-    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, 16550 serial ports, virtio-blk disks on raw images, virtio-net NICs on taps, virtio-rng entropy devices and a virtio-balloon";
+    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, fw_cfg, 16550 serial ports, virtio-blk disks on raw and qcow2 images, IDE disks and CD-ROMs, virtio-net NICs on taps, virtio-rng entropy devices and a virtio-balloon";
 
 /// `-device` drivers accepted but not modelled (libvirt adds them by default).
 pub const MODELLED_AS_ABSENT: &[&str] = &[
@@ -45,6 +45,7 @@ pub const MODELLED_DEVICES: &[&str] = &[
     "virtio-balloon-pci-non-transitional",
     "ide-hd",
     "ide-cd",
+    "vmcoreinfo",
 ];
 
 /// A machine type ferry builds, as QEMU 7.2 lists it (`-M help`,
@@ -286,6 +287,7 @@ impl Invocation {
             initrd: self.initrd.clone(),
             append: self.append.clone().unwrap_or_default(),
             serials,
+            vmcoreinfo: self.vmcoreinfo(machine)?,
             absent_devices: self
                 .devices
                 .iter()
@@ -442,6 +444,38 @@ impl Invocation {
             .ok()
             .filter(|c| *c <= 255)
             .ok_or_else(|| ArgvError::unsupported("-smp", format!("{cpus} vCPUs")))
+    }
+
+    /// `-device vmcoreinfo` (libvirt's `<vmcoreinfo state='on'/>`, which Nova
+    /// writes into every x86 domain): fw_cfg's `etc/vmcoreinfo`, where the
+    /// guest kernel leaves the address of its crash-dump note. One at most,
+    /// without properties, on `pc` (whose fw_cfg carries it).
+    fn vmcoreinfo(&self, machine: MachineType) -> Result<bool, ArgvError> {
+        let mut found = self.devices.iter().filter(|d| d.kind == "vmcoreinfo");
+        let Some(d) = found.next() else {
+            return Ok(false);
+        };
+        if found.next().is_some() {
+            return Err(ArgvError::invalid(
+                "-device",
+                "vmcoreinfo",
+                "at most one vmcoreinfo device is supported by QEMU",
+            ));
+        }
+        if let Some(k) = d.props.keys().find(|k| k.as_str() != "id") {
+            return Err(ArgvError::unsupported(
+                "-device",
+                format!("vmcoreinfo property '{k}'"),
+            ));
+        }
+        if machine != MachineType::Pc {
+            return Err(ArgvError::unsupported_because(
+                "-device",
+                "vmcoreinfo on a machine without fw_cfg",
+                "vmcoreinfo lives in the pc machine's fw_cfg: use machine type pc",
+            ));
+        }
+        Ok(true)
     }
 
     fn check_misc(&self) -> Result<(), ArgvError> {

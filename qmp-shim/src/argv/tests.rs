@@ -1581,3 +1581,28 @@ fn ide_drives_as_libvirt_writes_them() {
         .to_string();
     assert!(e.contains("IDE drives need the pc machine"), "{e}");
 }
+
+/// libvirt's `<vmcoreinfo state='on'/>` (Nova writes it into every x86
+/// domain) is `-device vmcoreinfo`: fw_cfg's `etc/vmcoreinfo` on `pc`.
+#[test]
+fn vmcoreinfo_as_libvirt_writes_it() {
+    let vm = |extra: &[&str]| -> Result<crate::backend::MachineConfig, ArgvError> {
+        let mut args = argv(DOMAIN);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Ok(parse(&args)?.machine_config()?.expect("vm"))
+    };
+    assert!(!vm(&[]).expect("accepted").vmcoreinfo);
+    assert!(
+        vm(&["-device", r#"{"driver":"vmcoreinfo"}"#])
+            .expect("accepted")
+            .vmcoreinfo
+    );
+    let e = vm(&["-device", "vmcoreinfo", "-device", "vmcoreinfo"])
+        .expect_err("two")
+        .to_string();
+    assert!(e.contains("at most one vmcoreinfo"), "{e}");
+    let e = vm(&["-device", "vmcoreinfo,foo=1"])
+        .expect_err("a property")
+        .to_string();
+    assert!(e.contains("vmcoreinfo property 'foo'"), "{e}");
+}

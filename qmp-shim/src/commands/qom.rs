@@ -52,6 +52,8 @@ const TYPES: &[(&str, &str, bool)] = &[
     ("rng-builtin", "rng-backend", false),
     // PIIX3's IDE controller and its drives (argv/ide.rs).
     ("piix3-ide", "device", false),
+    // fw_cfg's etc/vmcoreinfo (libvirt's <vmcoreinfo/>; argv/config.rs).
+    ("vmcoreinfo", "device", false),
     ("ide-device", "device", true),
     ("ide-hd", "ide-device", false),
     ("ide-cd", "ide-device", false),
