@@ -17,6 +17,7 @@ use ferry_kvm::{Backing, GuestRam};
 
 use crate::cpu::model::{self, CpuModel, CpuidLeaf};
 use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
+use crate::devices::disk_image::Mode;
 use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState};
 use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
 use crate::devices::pci::{PciBus, MAX_SLOT};
@@ -87,7 +88,12 @@ impl VirtioSpec {
         let fail = |e: String| VmmError::Config(format!("{}: {e}", self.id));
         Ok(match &self.device {
             VirtioDeviceSpec::Block(c) => {
-                let mut disk = Block::open_inactive(c).map_err(fail)?;
+                // Opened once, as it will run; locked below, with its own error.
+                let mode = match disks {
+                    Disks::Active => Mode::Active,
+                    Disks::Inactive => Mode::Inactive,
+                };
+                let mut disk = Block::open_as(c, mode).map_err(fail)?;
                 if disks == Disks::Active {
                     disk.activate()
                         .map_err(|e| VmmError::DiskLock(format!("{}: {e}", self.id)))?;

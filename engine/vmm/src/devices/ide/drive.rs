@@ -1,6 +1,7 @@
 //! One drive: its task file, ATA commands and PIO blocks. ATAPI packets are
 //! in [`super::atapi`].
 
+use crate::devices::disk_image::Mode;
 use crate::devices::virtio::blk::{Block, BlockStats};
 use crate::devices::virtio::{DeviceStats, VirtioDevice};
 
@@ -56,7 +57,8 @@ impl Drive {
         if cfg.media == IdeMedia::Cdrom {
             config.read_only = true;
         }
-        let mut disk = Block::open_inactive(&config)?;
+        let mode = if active { Mode::Active } else { Mode::Inactive };
+        let mut disk = Block::open_as(&config, mode)?;
         if active {
             disk.activate()?;
         }

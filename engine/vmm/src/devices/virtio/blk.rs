@@ -144,7 +144,7 @@ impl Block {
     /// Opens the image and takes its locks; errors name the file and what to
     /// do.
     pub fn open(config: &BlockConfig) -> Result<Self, String> {
-        let mut block = Self::open_inactive(config)?;
+        let mut block = Self::open_as(config, Mode::Active)?;
         block.activate_image()?;
         Ok(block)
     }
@@ -154,13 +154,19 @@ impl Block {
     /// the locks come when the migrated state is loaded
     /// ([`VirtioDevice::after_restore`]).
     pub fn open_inactive(config: &BlockConfig) -> Result<Self, String> {
+        Self::open_as(config, Mode::Inactive)
+    }
+
+    /// Opens the image in `mode`, taking no locks: [`Block::activate_image`]
+    /// takes them (and opens an inactive image again, to write).
+    pub(crate) fn open_as(config: &BlockConfig, mode: Mode) -> Result<Self, String> {
         if config.serial.as_ref().is_some_and(|s| s.len() > ID_BYTES) {
             return Err(format!(
                 "disk serial {:?} is longer than {ID_BYTES} bytes",
                 config.serial.as_deref().unwrap_or_default()
             ));
         }
-        let image = DiskImage::open(config, Mode::Inactive).map_err(|e| e.to_string())?;
+        let image = DiskImage::open(config, mode).map_err(|e| e.to_string())?;
         let bytes = image.size();
         if bytes < SECTOR {
             return Err(format!(
@@ -328,15 +334,10 @@ impl Block {
                     return Ok(S_IOERR);
                 }
                 data_out.resize(len, 0);
-                match self.image.read_at(data_out, sector * SECTOR) {
-                    Ok(()) => {
-                        self.stats.rd_operations += 1;
-                        self.stats.rd_bytes += len as u64;
-                        S_OK
-                    }
+                match self.read_at(data_out, sector * SECTOR) {
+                    Ok(()) => S_OK,
                     Err(e) => {
                         tracing::warn!("virtio-blk: read of {len} bytes at sector {sector}: {e}");
-                        self.stats.failed_rd_operations += 1;
                         data_out.clear();
                         S_IOERR
                     }
@@ -375,14 +376,10 @@ impl Block {
                     }
                 }
             }
-            T_FLUSH => match self.image.flush() {
-                Ok(()) => {
-                    self.stats.flush_operations += 1;
-                    S_OK
-                }
+            T_FLUSH => match self.flush_image() {
+                Ok(()) => S_OK,
                 Err(e) => {
                     tracing::warn!("virtio-blk: flush: {e}");
-                    self.stats.failed_flush_operations += 1;
                     S_IOERR
                 }
             },
@@ -495,16 +492,17 @@ impl VirtioDevice for Block {
     /// let go of them once it had flushed, before it sent the state this load
     /// comes from.
     fn after_restore(&mut self) -> Result<(), String> {
-        let mut again = Self::open_inactive(&self.config)?;
+        // A disk that held its locks (restored over a VM that was created
+        // active) lets go first, and stops writing: the new open file would
+        // conflict with its locks, and must read what it wrote.
+        self.deactivate()?;
+        let mut again = Self::open_as(&self.config, Mode::Active)?;
         if again.sectors != self.sectors {
             return Err(format!(
                 "disk image {} changed size during the migration ({} to {} sectors)",
                 self.config.image, self.sectors, again.sectors
             ));
         }
-        // A disk that held its locks (restored over a VM that was created
-        // active) lets go first: the new open file would conflict with it.
-        self.deactivate()?;
         again.activate_image()?;
         again.stats = self.stats;
         *self = again;
