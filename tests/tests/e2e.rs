@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_tests::{bin, oracle, require_kvm, Scratch, VmProcess};
+use ferry_tests::{bin, dirtier_source, oracle, require_kvm, Scratch, VmProcess};
 
 const BOOT: Duration = Duration::from_secs(30);
 
@@ -225,22 +225,7 @@ fn bad_checkpoints_are_refused() {
 fn fw_cfg_travels_in_checkpoints_and_is_required_by_name() {
     require_kvm();
     let s = Scratch::new();
-    let dirtier = s.dirtier.display().to_string();
-    let vm = VmProcess::start(
-        &s,
-        "src",
-        &[
-            "run",
-            "--kernel",
-            &dirtier,
-            "-m",
-            "64M",
-            "--append",
-            "ws=4M",
-            "--fw-cfg=vmcoreinfo=on",
-        ],
-    );
-    vm.wait_serial("dirtier: ready", BOOT);
+    let vm = dirtier_source(&s, "64M", "ws=4M", &["--fw-cfg=vmcoreinfo=on"]);
     let ckpt = s.path("fw_cfg.ckpt");
     vm.ok("pause");
     vm.ok(&format!("checkpoint {}", ckpt.display()));

@@ -307,6 +307,20 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
     assert_eq!(&on_disk[2 * 512..3 * 512], &[7; 512][..]);
 }
 
+/// How a checkpoint of one of these VMs is restored: with `virtio` as
+/// this side's devices, nothing else required.
+fn restore_opts(virtio: Vec<VirtioSpec>) -> crate::checkpoint::RestoreOptions {
+    crate::checkpoint::RestoreOptions {
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        expect_mem_bytes: None,
+        expect_vcpus: None,
+        virtio,
+        ide: Vec::new(),
+        fw_cfg: None,
+    }
+}
+
 fn try_vm(spec: VirtioSpec) -> Result<Vm, crate::VmmError> {
     Vm::create(VmConfig {
         mem_bytes: 16 << 20,
@@ -1324,31 +1338,26 @@ fn rng_survives_a_checkpoint_and_is_part_of_the_shape() {
     assert!(s.window_left_ms.is_some_and(|ms| ms <= u64::from(PERIOD)));
     let (stream, _) = crate::checkpoint::save(&vm, Vec::new()).unwrap();
 
-    let opts = |virtio| crate::checkpoint::RestoreOptions {
-        backing: Backing::Anonymous,
-        serial: SinkSpec::Null,
-        expect_mem_bytes: None,
-        expect_vcpus: None,
-        virtio,
-        ide: Vec::new(),
-        fw_cfg: None,
-    };
     // Without the device, or with it elsewhere: refused, naming it.
-    let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![]))
-        .unwrap_err()
-        .to_string();
+    let err =
+        crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &restore_opts(vec![]))
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("virtio-rng@06"), "{err}");
     let mut moved = rng_spec(rng::RngSource::Builtin, 16, PERIOD);
     moved.slot = 7;
-    let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![moved]))
-        .unwrap_err()
-        .to_string();
+    let err = crate::checkpoint::restore(
+        std::io::Cursor::new(stream.clone()),
+        &restore_opts(vec![moved]),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("virtio-rng@06"), "{err}");
 
     // Another source on the destination is fine; the window came along.
     let other = crate::checkpoint::restore(
         std::io::Cursor::new(stream),
-        &opts(vec![rng_spec(rng::RngSource::Builtin, 16, PERIOD)]),
+        &restore_opts(vec![rng_spec(rng::RngSource::Builtin, 16, PERIOD)]),
     )
     .unwrap();
     let restored = other.capture_devices().unwrap();
@@ -1688,32 +1697,26 @@ fn balloon_survives_a_checkpoint_and_is_part_of_the_shape() {
     );
     let (stream, _) = crate::checkpoint::save(&vm, Vec::new()).unwrap();
 
-    let opts = |virtio| crate::checkpoint::RestoreOptions {
-        backing: Backing::Anonymous,
-        serial: SinkSpec::Null,
-        expect_mem_bytes: None,
-        expect_vcpus: None,
-        virtio,
-        ide: Vec::new(),
-        fw_cfg: None,
-    };
-    let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![]))
-        .unwrap_err()
-        .to_string();
+    let err =
+        crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &restore_opts(vec![]))
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("virtio-balloon@05"), "{err}");
     let reporting = balloon_spec(balloon::BalloonConfig {
         free_page_reporting: true,
         deflate_on_oom: false,
     });
-    let err =
-        crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(vec![reporting]))
-            .unwrap_err()
-            .to_string();
+    let err = crate::checkpoint::restore(
+        std::io::Cursor::new(stream.clone()),
+        &restore_opts(vec![reporting]),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("virtio-balloon@05"), "{err}");
 
     let other = crate::checkpoint::restore(
         std::io::Cursor::new(stream),
-        &opts(vec![balloon_spec(balloon::BalloonConfig::default())]),
+        &restore_opts(vec![balloon_spec(balloon::BalloonConfig::default())]),
     )
     .unwrap();
     let restored = other.capture_devices().unwrap();
