@@ -10,5 +10,5 @@ pub mod memory;
 pub mod tap;
 pub mod vcpu;
 
-pub use memory::{Backing, GuestRam, MemoryError, PAGE_SIZE};
+pub use memory::{Backing, GuestRam, GuestRom, MemoryError, RomError, PAGE_SIZE, ROM_SLOT};
 pub use vcpu::{install_kick_handler, kick, kick_signal, set_xsave, KickError};

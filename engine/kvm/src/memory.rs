@@ -7,11 +7,12 @@ use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
     kvm_userspace_memory_region, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
 };
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 /// Size of a guest page: ferry tracks, sends and checks memory in 4 KiB pages.
@@ -459,6 +460,119 @@ impl GuestRam {
 /// Whether all words are zero (an OR-reduction the compiler turns into vector code).
 fn is_zero(words: &[u64]) -> bool {
     words.iter().fold(0u64, |acc, &w| acc | w) == 0
+}
+
+/// KVM slot of the firmware ROM: far above any RAM slot (one per RAM range).
+pub const ROM_SLOT: u32 = 0x100;
+
+/// Why a firmware ROM cannot be mapped or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RomError {
+    #[error("a ROM of {len} bytes at {gpa:#x} is empty, not page-sized or crosses 4 GiB")]
+    Layout { gpa: u64, len: usize },
+    #[error("cannot allocate {len} bytes for the ROM at {gpa:#x}: {source}")]
+    Allocate {
+        gpa: u64,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "this host's KVM cannot map read-only memory (KVM_CAP_READONLY_MEM), which \
+         firmware ROMs need: use a kernel with it, or boot the guest with a kernel instead"
+    )]
+    NoReadonlyMemory,
+    #[error("KVM refused the ROM slot at {gpa:#x} (+{len:#x}): {source}")]
+    SetUserMemoryRegion {
+        gpa: u64,
+        len: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("a ROM image of {got} bytes cannot replace this VM's ROM of {len} bytes")]
+    Size { got: usize, len: usize },
+}
+
+/// A firmware ROM (QEMU's `pc.bios`): guest-physical `gpa..gpa + len`, read-only to
+/// the guest (KVM_MEM_READONLY: its writes exit as MMIO and are dropped), written
+/// only by the VMM. It is not guest RAM: no dirty log, and a migration carries its
+/// contents as device state.
+#[derive(Debug)]
+pub struct GuestRom {
+    region: vm_memory::MmapRegion<()>,
+    gpa: u64,
+}
+
+impl GuestRom {
+    /// A ROM at `gpa` holding `image` (its length a multiple of the page size).
+    pub fn new(gpa: u64, image: &[u8]) -> Result<Self, RomError> {
+        let len = image.len();
+        let layout = || RomError::Layout { gpa, len };
+        let end = gpa.checked_add(len as u64).ok_or_else(layout)?;
+        if len == 0 || len % PAGE_SIZE != 0 || gpa % PAGE_SIZE as u64 != 0 || end > 1 << 32 {
+            return Err(layout());
+        }
+        let region = vm_memory::MmapRegion::new(len).map_err(|e| RomError::Allocate {
+            gpa,
+            len,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let rom = Self { region, gpa };
+        rom.write(image)?;
+        Ok(rom)
+    }
+
+    /// Guest-physical base.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// The ROM's bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.region.size()];
+        self.region.as_volatile_slice().copy_to(&mut out[..]);
+        out
+    }
+
+    /// Replaces the ROM's contents with `image`, of the same length (a migration or
+    /// restore brings the source's ROM, as QEMU migrates `pc.bios`).
+    pub fn write(&self, image: &[u8]) -> Result<(), RomError> {
+        let len = self.region.size();
+        if image.len() != len {
+            return Err(RomError::Size {
+                got: image.len(),
+                len,
+            });
+        }
+        self.region.as_volatile_slice().copy_from(image);
+        Ok(())
+    }
+
+    /// Maps the ROM into `vm` as slot [`ROM_SLOT`], read-only.
+    pub fn register(&self, vm: &VmFd) -> Result<(), RomError> {
+        let len = self.region.size();
+        let readonly = vm.check_extension(kvm_ioctls::Cap::ReadonlyMem);
+        if !readonly {
+            return Err(RomError::NoReadonlyMemory);
+        }
+        let region = kvm_userspace_memory_region {
+            slot: ROM_SLOT,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: self.gpa,
+            memory_size: len as u64,
+            userspace_addr: self.region.as_ptr() as u64,
+        };
+        // SAFETY: the mapping is owned by `self.region`, which outlives every VM it is
+        // registered with (the VMM drops the VmFd before the ROM), and the slot never
+        // points anywhere else.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+            RomError::SetUserMemoryRegion {
+                gpa: self.gpa,
+                len,
+                source,
+            }
+        })
+    }
 }
 
 fn map_region(gpa: u64, size: u64, backing: Backing) -> Result<GuestRegion, MemoryError> {
