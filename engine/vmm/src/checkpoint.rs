@@ -183,6 +183,8 @@ pub struct RestoreOptions {
     pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
     /// This host's fw_cfg; it must match the checkpoint's.
     pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
+    /// This host's firmware; the checkpoint's ROM replaces it, of the same size.
+    pub firmware: Option<crate::firmware::FirmwareConfig>,
 }
 
 /// Checks that the page at `gpa` lies inside guest RAM (`ranges`).
@@ -291,6 +293,7 @@ pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
         virtio: opts.virtio.clone(),
         ide: opts.ide.clone(),
         fw_cfg: opts.fw_cfg.clone(),
+        firmware: opts.firmware.clone(),
     };
     crate::migration::receive(Box::new(r), None, &incoming).map_err(|e| match e {
         crate::migration::MigrationError::Vmm(v) => v,

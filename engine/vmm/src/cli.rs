@@ -214,6 +214,43 @@ pub struct Common {
         value_parser = parse_fw_cfg
     )]
     pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
+    /// Boot through firmware instead of a kernel: --firmware for Debian's SeaBIOS
+    /// (/usr/share/seabios/bios-256k.bin, QEMU's default for its pc machine), or
+    /// --firmware=PATH for another BIOS image (QEMU's -bios). The vCPU starts at the
+    /// reset vector; the firmware finds the disks (IDE, virtio-blk) and boots the
+    /// first that has a boot sector. Implies --fw-cfg, whose files give the firmware
+    /// the memory map and the SMBIOS tables. A migration destination or restore must
+    /// be given it too, with an image of the same size: the source's ROM travels with
+    /// the guest.
+    #[arg(
+        long,
+        value_name = "PATH",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = crate::firmware::DEFAULT_BIOS,
+        value_parser = parse_firmware
+    )]
+    pub firmware: Option<crate::firmware::FirmwareConfig>,
+}
+
+impl Common {
+    /// The fw_cfg the VM gets: the one asked for, or the default one a VM booted
+    /// through firmware needs.
+    pub fn fw_cfg_config(&self) -> Option<crate::devices::fw_cfg::FwCfgConfig> {
+        self.fw_cfg
+            .clone()
+            .or_else(|| self.firmware.as_ref().map(|_| Default::default()))
+    }
+}
+
+fn parse_firmware(text: &str) -> Result<crate::firmware::FirmwareConfig, String> {
+    if text.is_empty() {
+        return Err("give the BIOS image's path, or --firmware alone for SeaBIOS".into());
+    }
+    Ok(crate::firmware::FirmwareConfig {
+        path: PathBuf::from(text),
+        ..Default::default()
+    })
 }
 
 fn parse_fw_cfg(text: &str) -> Result<crate::devices::fw_cfg::FwCfgConfig, String> {
@@ -660,16 +697,21 @@ pub fn default_mac(index: usize) -> [u8; 6] {
 /// `ferry-vm`'s subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Boot a kernel: a PVH ELF image, an ELF vmlinux or a bzImage.
+    /// Boot a kernel (a PVH ELF image, an ELF vmlinux or a bzImage), or boot from
+    /// the disks through firmware (--firmware).
     Run {
-        /// The kernel image.
-        #[arg(long)]
-        kernel: PathBuf,
+        /// The kernel image (required unless --firmware is given).
+        #[arg(
+            long,
+            required_unless_present = "firmware",
+            conflicts_with = "firmware"
+        )]
+        kernel: Option<PathBuf>,
         /// An initial ramdisk.
-        #[arg(long)]
+        #[arg(long, requires = "kernel")]
         initrd: Option<PathBuf>,
         /// The kernel command line.
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", requires = "kernel")]
         append: String,
         /// Guest RAM, e.g. 256M or 1G.
         #[arg(short = 'm', long, default_value = "256M", value_parser = parse_size)]

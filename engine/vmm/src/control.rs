@@ -591,6 +591,7 @@ mod tests {
             virtio,
             ide: Vec::new(),
             fw_cfg: None,
+            firmware: None,
         })
         .expect("VM")
     }

@@ -7,6 +7,7 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod dirty_rate;
+pub mod firmware;
 pub mod migration;
 pub mod private_file;
 pub mod vcpu;
@@ -48,6 +49,8 @@ pub enum VmmError {
     Command(String),
     #[error(transparent)]
     DirtyRate(#[from] dirty_rate::DirtyRateError),
+    #[error(transparent)]
+    Firmware(firmware::FirmwareError),
     #[error("the VM has no balloon device")]
     NoBalloon,
     /// The host asked the balloon for something it refuses (the text says what).

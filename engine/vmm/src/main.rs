@@ -64,6 +64,15 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 arg.apply(&mut tables)
                     .map_err(|e| ferry_vmm::VmmError::Config(format!("--smbios: {e}")))?;
             }
+            // Through firmware, the SMBIOS tables are fw_cfg files the firmware
+            // installs; with a kernel, ferry writes them below 1 MiB.
+            let firmware = common
+                .firmware
+                .clone()
+                .map(|fw| ferry_vmm::firmware::FirmwareConfig {
+                    smbios: Some(tables.clone()),
+                    ..fw
+                });
             let mut vm = Vm::create(VmConfig {
                 mem_bytes: mem,
                 vcpus: smp,
@@ -72,14 +81,17 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 cpu,
                 virtio: common.virtio()?,
                 ide: common.ide()?,
-                fw_cfg: common.fw_cfg.clone(),
+                fw_cfg: common.fw_cfg_config(),
+                firmware,
             })?;
-            vm.boot(&KernelConfig {
-                kernel,
-                initrd,
-                cmdline: append,
-                smbios: Some(tables),
-            })?;
+            if let Some(kernel) = kernel {
+                vm.boot(&KernelConfig {
+                    kernel,
+                    initrd,
+                    cmdline: append,
+                    smbios: Some(tables),
+                })?;
+            }
             (vm, common)
         }
         Command::Incoming {
@@ -119,7 +131,8 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     autostart: !common.paused,
                     virtio: common.virtio()?,
                     ide: common.ide()?,
-                    fw_cfg: common.fw_cfg.clone(),
+                    fw_cfg: common.fw_cfg_config(),
+                    firmware: common.firmware.clone(),
                 },
                 &mut || {},
                 // A file carries one stream; the listener ignores more for it.
@@ -144,7 +157,8 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     expect_vcpus: None,
                     virtio: common.virtio()?,
                     ide: common.ide()?,
-                    fw_cfg: common.fw_cfg.clone(),
+                    fw_cfg: common.fw_cfg_config(),
+                    firmware: common.firmware.clone(),
                 },
             )
             .map_err(|e| match e {

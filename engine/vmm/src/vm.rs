@@ -27,6 +27,7 @@ use crate::devices::virtio::blk::{Block, BlockConfig};
 use crate::devices::virtio::net::{AnnounceSchedule, Net, NetConfig};
 use crate::devices::virtio::rng::{Rng, RngConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState, STOP_HELD, STOP_PAUSED};
+use crate::firmware::{Firmware, FirmwareConfig, FirmwareState};
 use crate::migration::converge::ThrottleState;
 use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
 use crate::VmmError;
@@ -51,6 +52,9 @@ pub struct VmConfig {
     /// QEMU's fw_cfg device (ports 0x510, 0x511, 0x514), with what it
     /// offers; `None` for none.
     pub fw_cfg: Option<FwCfgConfig>,
+    /// Firmware to boot through (QEMU's `-bios`); `None` for a VM booted
+    /// with a kernel ([`Vm::boot`]). A VM with firmware needs fw_cfg.
+    pub firmware: Option<FirmwareConfig>,
 }
 
 /// A virtio device and where it sits.
@@ -232,6 +236,13 @@ pub struct DevicesState {
     /// the shape check refuses those for a VM with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fw_cfg: Option<FwCfgState>,
+    /// The i440FX host bridge's configuration registers (PAM, SMRAM); absent
+    /// in streams from before firmware boot, which keep the reset values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_host: Option<Vec<u32>>,
+    /// The firmware ROM (absent on a VM booted with a kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareState>,
 }
 
 /// A VM on /dev/kvm.
@@ -247,6 +258,8 @@ pub struct Vm {
     fw_cfg: Option<Arc<Mutex<FwCfg>>>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
+    /// The firmware ROM, mapped into `vm` (dropped after it).
+    firmware: Option<Firmware>,
     ram: Arc<GuestRam>,
     exits: Receiver<GuestExit>,
     running: bool,
@@ -325,6 +338,22 @@ impl Vm {
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
         let com1 = Arc::new(Mutex::new(Com1::new(irq, sink.clone())));
         let pci = Arc::new(build_pci(&config.virtio, &config.ide, &ram, &vm, disks)?);
+        let firmware = match &config.firmware {
+            Some(fw) => {
+                if config.fw_cfg.is_none() {
+                    return Err(VmmError::Config(
+                        "a VM booted through firmware needs fw_cfg, which SeaBIOS reads its \
+                         configuration from: give it one (ferry-vm --fw-cfg)"
+                            .into(),
+                    ));
+                }
+                let firmware = Firmware::load(fw).map_err(VmmError::Firmware)?;
+                firmware.register(&vm).map_err(VmmError::Firmware)?;
+                firmware.copy_isa_bios(&ram).map_err(VmmError::Firmware)?;
+                Some(firmware)
+            }
+            None => None,
+        };
         let fw_cfg = match &config.fw_cfg {
             Some(c) => {
                 let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
@@ -349,6 +378,14 @@ impl Vm {
             fd.set_cpuid2(&table)
                 .map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
             fds.push(fd);
+        }
+        if let (Some(fw), Some(dev)) = (&config.firmware, &fw_cfg) {
+            let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
+                .map_err(|e| VmmError::Config(e.to_string()))?;
+            let mut dev = dev
+                .lock()
+                .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?;
+            firmware_files(fw, &layout, &cpuid, &mut dev)?;
         }
         let host_cpu = matches!(config.cpu, CpuModel::Host);
         let msr_indices = Arc::new(RwLock::new(checkpoint_msrs(
@@ -378,6 +415,7 @@ impl Vm {
             fw_cfg,
             vm,
             _kvm: kvm,
+            firmware,
             ram,
             exits: exit_rx,
             running: false,
@@ -667,6 +705,9 @@ impl Vm {
                 names.extend(fw_cfg.shape_names());
             }
         }
+        if let Some(fw) = &self.firmware {
+            names.push(fw.shape_name());
+        }
         names
     }
 
@@ -739,6 +780,8 @@ impl Vm {
             virtio,
             ide,
             fw_cfg,
+            pci_host: Some(self.pci.bridge_registers()),
+            firmware: self.firmware.as_ref().map(Firmware::state),
         })
     }
 
@@ -788,6 +831,7 @@ impl Vm {
         virtio: Vec<VirtioSpec>,
         ide: Vec<IdeDriveConfig>,
         fw_cfg: Option<FwCfgConfig>,
+        firmware: Option<FirmwareConfig>,
     ) -> Result<Self, VmmError> {
         let mem_bytes = shape.ram_ranges.iter().map(|r| r.1).sum();
         let config = VmConfig {
@@ -803,6 +847,7 @@ impl Vm {
             virtio,
             ide,
             fw_cfg,
+            firmware,
         };
         // The disks take their locks when the state is loaded: a migration's
         // source still runs on them now.
@@ -837,6 +882,10 @@ impl Vm {
         // below checks it again, and applies it all or nothing).
         self.check_ide_state(devices.ide.as_ref())?;
         self.check_fw_cfg_state(devices.fw_cfg.as_ref())?;
+        self.check_firmware_state(devices.firmware.as_ref())?;
+        if let Some(regs) = &devices.pci_host {
+            self.pci.check_bridge(regs).map_err(VmmError::Restore)?;
+        }
         let mut clock = vm.clock;
         clock.flags = 0;
         self.vm
@@ -890,6 +939,12 @@ impl Vm {
                 .restore(state)
                 .map_err(VmmError::Restore)?;
         }
+        if let Some(regs) = &devices.pci_host {
+            self.pci.restore_bridge(regs).map_err(VmmError::Restore)?;
+        }
+        if let (Some(fw), Some(state)) = (&self.firmware, &devices.firmware) {
+            fw.restore(state).map_err(VmmError::Firmware)?;
+        }
         *self
             .com1
             .lock()
@@ -939,6 +994,20 @@ impl Vm {
         }
     }
 
+    /// Refuses firmware state this VM could not load: a ROM without
+    /// firmware, none with it, or a ROM of another size.
+    fn check_firmware_state(&self, state: Option<&FirmwareState>) -> Result<(), VmmError> {
+        match (&self.firmware, state) {
+            (None, None) => Ok(()),
+            (Some(fw), Some(state)) => fw.check(state).map_err(VmmError::Firmware),
+            (ours, _) => Err(VmmError::Restore(format!(
+                "the stream {} a firmware ROM; this VM {} booted through firmware",
+                if ours.is_some() { "has no" } else { "has" },
+                if ours.is_some() { "is" } else { "is not" }
+            ))),
+        }
+    }
+
     /// The fw_cfg device, where the VM has one.
     pub fn fw_cfg(&self) -> Option<&Arc<Mutex<FwCfg>>> {
         self.fw_cfg.as_ref()
@@ -949,6 +1018,33 @@ impl Vm {
     pub fn vmcoreinfo(&self) -> Option<crate::devices::fw_cfg::VmcoreInfo> {
         self.fw_cfg.as_ref()?.lock().ok()?.vmcoreinfo()
     }
+}
+
+/// The fw_cfg files a VM booted through firmware `fw` gets besides the
+/// device's own: the SMBIOS entry point and tables SeaBIOS installs (QEMU's
+/// `etc/smbios/smbios-anchor` and `etc/smbios/smbios-tables`).
+fn firmware_files(
+    fw: &FirmwareConfig,
+    layout: &ferry_boot::MemoryLayout,
+    cpuid: &[CpuidLeaf],
+    dev: &mut FwCfg,
+) -> Result<(), VmmError> {
+    if let Some(smbios) = &fw.smbios {
+        let mut smbios = smbios.clone();
+        if let Some(leaf1) = cpuid.iter().find(|l| l.function == 1) {
+            smbios.processor_id = u64::from(leaf1.eax) | (u64::from(leaf1.edx) << 32);
+        }
+        let tables = ferry_boot::smbios_tables(&smbios, layout)
+            .map_err(|e| VmmError::Boot(crate::error_chain(&e)))?;
+        for (name, data) in [
+            ("etc/smbios/smbios-anchor", tables.entry_point),
+            ("etc/smbios/smbios-tables", tables.table),
+        ] {
+            dev.add_file(name, data)
+                .map_err(|e| VmmError::Config(e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Initial register state of the boot vCPU for a loaded kernel.

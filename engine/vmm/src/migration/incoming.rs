@@ -41,6 +41,8 @@ pub struct IncomingOptions {
     pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
     /// This host's fw_cfg; it must match the source's.
     pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
+    /// This host's firmware; the source's ROM replaces it, of the same size.
+    pub firmware: Option<crate::firmware::FirmwareConfig>,
 }
 
 /// Where the extra page streams of a multi-stream migration come from.
@@ -895,6 +897,7 @@ fn read_offer(
         virtio: opts.virtio.clone(),
         ide: opts.ide.clone(),
         fw_cfg: opts.fw_cfg.clone(),
+        firmware: opts.firmware.clone(),
     };
     check_shape(&hs.shape, &restore_opts)?;
     let proposed = hs.streams.max(1);
@@ -917,6 +920,7 @@ fn build(hs: &Handshake, opts: &IncomingOptions) -> Result<Vm, MigrationError> {
         opts.virtio.clone(),
         opts.ide.clone(),
         opts.fw_cfg.clone(),
+        opts.firmware.clone(),
     )?)
 }
 
@@ -1136,6 +1140,7 @@ mod tests {
                 virtio: Vec::new(),
                 ide: Vec::new(),
                 fw_cfg: None,
+                firmware: None,
             };
             serve(&listener, &serve_opts, &opts, &mut || {}, &|| 4)
                 .map(|_| ())
@@ -1503,6 +1508,7 @@ mod tests {
             virtio: Vec::new(),
             ide: Vec::new(),
             fw_cfg: None,
+            firmware: None,
         };
         let Err(e) = serve(
             &listener,

@@ -26,10 +26,30 @@ pub const BAR_STRIDE: u64 = 0x10_0000;
 /// Highest device number on a bus.
 pub const MAX_SLOT: u8 = 31;
 
-/// The i440FX host bridge's configuration (read-only to the guest).
+/// i440FX PAM registers: PAM0 (0x59, the BIOS segment 0xf0000 in its high
+/// nibble) and PAM1-6 (0x5a-0x5f, two 16 KiB segments each from 0xc0000).
+pub const I440FX_PAM: usize = 0x59;
+/// Number of PAM registers.
+pub const I440FX_PAM_REGS: usize = 7;
+/// i440FX SMRAM control register.
+pub const I440FX_SMRAM: usize = 0x72;
+/// Its reset value: SMRAM closed and disabled, C_BASE_SEG = 0xa0000.
+const SMRAM_RESET: u8 = 0x02;
+
+/// The i440FX host bridge's configuration. The guest may write the PAM and
+/// SMRAM registers, as the firmware programs them; their values are kept and
+/// migrated but change no memory mapping: 0xc0000-0xfffff is always RAM (see
+/// [`crate::firmware`]), and ferry has no SMM, so SMRAM never opens.
 fn host_bridge() -> ConfigSpace {
     let mut c = ConfigSpace::new(0x8086, 0x1237, 0x06_00_00, 0x02);
     c.set_subsystem(0x1af4, 0x1100);
+    c.set_writable(I440FX_PAM, 0x30);
+    for i in 1..I440FX_PAM_REGS {
+        c.set_writable(I440FX_PAM + i, 0x33);
+    }
+    c.set_byte(I440FX_SMRAM, SMRAM_RESET);
+    // D_OPEN, D_CLS, D_LCK, G_SMRAME (QEMU's mask).
+    c.set_writable(I440FX_SMRAM, 0x78);
     c
 }
 
@@ -134,6 +154,31 @@ impl PciBus {
         self.ide.as_ref()
     }
 
+    /// The host bridge's registers (PAM and SMRAM are the guest's), for
+    /// checkpoints and streams.
+    pub fn bridge_registers(&self) -> Vec<u32> {
+        self.bridge
+            .lock()
+            .map(|c| c.registers())
+            .unwrap_or_default()
+    }
+
+    /// Refuses host bridge registers this bridge could not hold (another
+    /// length, other read-only bits); changes nothing.
+    pub fn check_bridge(&self, saved: &[u32]) -> Result<(), String> {
+        let mut probe = host_bridge();
+        probe.restore(saved)
+    }
+
+    /// Loads registers saved by [`Self::bridge_registers`], all or nothing.
+    pub fn restore_bridge(&self, saved: &[u32]) -> Result<(), String> {
+        let mut c = self
+            .bridge
+            .lock()
+            .map_err(|_| "PCI host bridge lock poisoned".to_string())?;
+        c.restore(saved)
+    }
+
     /// Whether an access of `len` bytes at `port` belongs to the configuration
     /// mechanism: CONFIG_ADDRESS only as a dword (a byte at 0xcf9 is the reset
     /// control register), CONFIG_DATA at any width.
@@ -149,7 +194,7 @@ impl PciBus {
         }
         if let Some((reg, offset)) = self.data_target(port, data.len()) {
             self.with_function(reg, |f| match f {
-                Function::Bridge(_) => {}
+                Function::Bridge(c) => c.write(reg.register, offset, data),
                 Function::Virtio(dev) => dev.config_write(reg.register, offset, data),
                 Function::Piix3(p, function) => {
                     p.config_write(function, reg.register, offset, data)
@@ -248,8 +293,8 @@ impl PciBus {
             return;
         }
         if t.slot == 0 {
-            if let Ok(c) = self.bridge.lock() {
-                f(Function::Bridge(&c));
+            if let Ok(mut c) = self.bridge.lock() {
+                f(Function::Bridge(&mut c));
             }
             return;
         }
@@ -270,7 +315,7 @@ struct Target {
 }
 
 enum Function<'a> {
-    Bridge(&'a ConfigSpace),
+    Bridge(&'a mut ConfigSpace),
     Virtio(&'a mut VirtioPci),
     /// The PIIX3, and which of its functions.
     Piix3(&'a mut Piix3, u8),
@@ -287,5 +332,53 @@ mod tests {
         assert!(!PciBus::claims_port(0xcf9, 1));
         assert!(PciBus::claims_port(0xcfd, 1));
         assert!(!PciBus::claims_port(0xd00, 4));
+    }
+
+    fn config_write(bus: &PciBus, register: u32, byte: usize, data: &[u8]) {
+        let address = 0x8000_0000u32 | (register & 0xfc);
+        bus.io_write(CONFIG_ADDRESS, &address.to_le_bytes());
+        bus.io_write(CONFIG_DATA + byte as u16, data);
+    }
+
+    fn config_read(bus: &PciBus, register: u32) -> u32 {
+        let address = 0x8000_0000u32 | (register & 0xfc);
+        bus.io_write(CONFIG_ADDRESS, &address.to_le_bytes());
+        let mut data = [0u8; 4];
+        bus.io_read(CONFIG_DATA, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    #[test]
+    fn the_firmware_programs_pam_and_smram_and_they_migrate() {
+        let bus = PciBus::new(Vec::new(), None);
+        // SeaBIOS's make_bios_writable: two dword writes over PAM0-6.
+        config_write(&bus, 0x58, 0, &0x3000_0000u32.to_le_bytes());
+        config_write(&bus, 0x5c, 0, &0x3333_3333u32.to_le_bytes());
+        assert_eq!(
+            config_read(&bus, 0x58),
+            0x3000_0000,
+            "PAM0's low nibble is reserved"
+        );
+        assert_eq!(config_read(&bus, 0x5c), 0x3333_3333);
+        // The IDs stay read-only.
+        config_write(&bus, 0x00, 0, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(config_read(&bus, 0x00), 0x1237_8086);
+        // SMRAM: reset value 0x02, only QEMU's bits writable.
+        assert_eq!(config_read(&bus, 0x70) >> 16 & 0xff, 0x02);
+        config_write(&bus, 0x70, 2, &[0xff]);
+        assert_eq!(config_read(&bus, 0x70) >> 16 & 0xff, 0x7a);
+
+        let saved = bus.bridge_registers();
+        let other = PciBus::new(Vec::new(), None);
+        other.check_bridge(&saved).unwrap();
+        other.restore_bridge(&saved).unwrap();
+        assert_eq!(config_read(&other, 0x5c), 0x3333_3333);
+
+        // Another device's registers are refused and change nothing.
+        let mut bad = saved.clone();
+        bad[0] = 0x7000_8086;
+        assert!(other.check_bridge(&bad).unwrap_err().contains("read-only"));
+        assert!(other.restore_bridge(&bad[..4]).is_err());
+        assert_eq!(config_read(&other, 0x00), 0x1237_8086);
     }
 }
