@@ -38,6 +38,12 @@ pub struct MachineConfig {
     /// The CPU the guest sees: `-cpu` resolved (host without `-cpu`).
     pub cpu: ferry_vmm::cpu::model::CpuModel,
     pub kernel: Option<PathBuf>,
+    /// Without `-kernel`, the guest boots through this BIOS image (`-bios`, or
+    /// SeaBIOS's `bios-256k.bin`, QEMU's default for `pc`); `None` with `-kernel`.
+    pub firmware: Option<PathBuf>,
+    /// `-boot strict=on`: the firmware boots only the devices that have a
+    /// `bootindex` (the `bootorder` file ends in `HALT`).
+    pub boot_strict: bool,
     pub initrd: Option<PathBuf>,
     pub append: String,
     /// 16550 ports with their chardev (pty, file, socket, stdio, fdset log).
@@ -112,6 +118,9 @@ pub struct DiskConfig {
     pub format_node: Option<String>,
     /// The protocol node (`libvirt-1-storage`).
     pub storage_node: String,
+    /// `bootindex=N` (libvirt's `<boot order='N'/>`, or `<os><boot dev='hd'/>`
+    /// on the first disk): the firmware tries lower numbers first.
+    pub bootindex: Option<u32>,
     /// `file` or `host_device`.
     pub storage_driver: String,
 }

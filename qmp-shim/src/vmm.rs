@@ -44,6 +44,7 @@ use ferry_vmm::devices::virtio::blk::BlockConfig;
 use ferry_vmm::devices::virtio::net::AnnounceSchedule;
 use ferry_vmm::devices::SharedFd;
 use ferry_vmm::dirty_rate::DirtyRateMeter;
+use ferry_vmm::firmware::FirmwareConfig;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
     self, Channel, IncomingOptions, Listener, MigrationUri, ServeOptions, TransportError,
@@ -316,19 +317,44 @@ fn ide_drives(config: &MachineConfig) -> Vec<IdeDriveConfig> {
 fn fw_cfg(config: &MachineConfig) -> Option<FwCfgConfig> {
     (config.machine == MachineType::Pc).then(|| FwCfgConfig {
         vmcoreinfo: config.vmcoreinfo,
-        bootorder: Vec::new(),
+        bootorder: bootorder(config),
     })
 }
 
-/// Builds and boots a fresh guest from `config` (stopped).
+/// The `bootorder` file QEMU builds: the OpenFirmware path of every disk
+/// with a `bootindex`, lowest first, then `HALT` under `-boot strict=on`.
+fn bootorder(config: &MachineConfig) -> Vec<String> {
+    let mut disks: Vec<(u32, String)> = config
+        .disks
+        .iter()
+        .filter_map(|d| {
+            let path = match d.ide {
+                Some(at) => format!("/pci@i0cf8/ide@1,1/drive@{}/disk@{}", at.bus, at.unit),
+                None => format!("/pci@i0cf8/scsi@{:x}/disk@0,0", d.slot),
+            };
+            d.bootindex.map(|i| (i, path))
+        })
+        .collect();
+    disks.sort();
+    let mut order: Vec<String> = disks.into_iter().map(|(_, p)| p).collect();
+    if config.boot_strict {
+        order.push("HALT".into());
+    }
+    order
+}
+
+/// The firmware a guest without `-kernel` boots through, with the SMBIOS
+/// tables it installs.
+fn firmware(config: &MachineConfig) -> Option<FirmwareConfig> {
+    config.firmware.as_ref().map(|path| FirmwareConfig {
+        path: path.clone(),
+        smbios: config.smbios.clone(),
+    })
+}
+
+/// Builds and boots a fresh guest from `config` (stopped): its kernel
+/// loaded, or its vCPUs at the firmware's reset vector.
 fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
-    let kernel = config.kernel.clone().ok_or_else(|| {
-        BackendError::Engine(
-            "ferry-qemu boots guests by direct kernel boot only: -kernel is required \
-             (<os><kernel> in the domain XML)"
-                .into(),
-        )
-    })?;
     let mut guest = Guest::create(VmConfig {
         mem_bytes: config.mem_bytes,
         vcpus: config.vcpus,
@@ -338,17 +364,19 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         virtio: virtio_specs(config),
         ide: ide_drives(config),
         fw_cfg: fw_cfg(config),
-        firmware: None,
+        firmware: firmware(config),
     })
     .map_err(engine)?;
-    guest
-        .boot(&KernelConfig {
-            kernel,
-            initrd: config.initrd.clone(),
-            cmdline: config.append.clone(),
-            smbios: config.smbios.clone(),
-        })
-        .map_err(engine)?;
+    if let Some(kernel) = &config.kernel {
+        guest
+            .boot(&KernelConfig {
+                kernel: kernel.clone(),
+                initrd: config.initrd.clone(),
+                cmdline: config.append.clone(),
+                smbios: config.smbios.clone(),
+            })
+            .map_err(engine)?;
+    }
     Ok(guest)
 }
 
@@ -521,7 +549,7 @@ impl FerryBackend {
                 virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
                 ide: inner.config.as_ref().map(ide_drives).unwrap_or_default(),
                 fw_cfg: inner.config.as_ref().and_then(fw_cfg),
-                firmware: None,
+                firmware: inner.config.as_ref().and_then(firmware),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);
@@ -1379,6 +1407,39 @@ pub fn fdset_fd(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// QEMU's `bootorder` file: OpenFirmware paths by `bootindex` (a
+    /// virtio-blk disk in slot 0xa, IDE drives by channel and unit), `HALT`
+    /// last under `-boot strict=on`; drives without a bootindex are left out.
+    #[test]
+    fn bootorder_lists_the_disks_by_bootindex_as_qemu_names_them() {
+        let args = "-machine pc -m 64 -boot strict=on \
+             -blockdev driver=file,filename=/a.img,node-name=a \
+             -blockdev driver=file,filename=/b.img,node-name=b \
+             -blockdev driver=file,filename=/c.iso,node-name=c,read-only=on \
+             -blockdev driver=file,filename=/d.img,node-name=d \
+             -device virtio-blk-pci,drive=a,addr=0xa,bootindex=2 \
+             -device ide-hd,drive=b,bus=ide.0,unit=1,bootindex=1 \
+             -device ide-cd,drive=c,bus=ide.1,unit=0,bootindex=3 \
+             -device virtio-blk-pci,drive=d,addr=0x5";
+        let inv = crate::argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
+        let config = inv.machine_config().expect("config").expect("a guest");
+        assert_eq!(
+            bootorder(&config),
+            [
+                "/pci@i0cf8/ide@1,1/drive@0/disk@1",
+                "/pci@i0cf8/scsi@a/disk@0,0",
+                "/pci@i0cf8/ide@1,1/drive@1/disk@0",
+                "HALT",
+            ]
+        );
+        let fw = fw_cfg(&config).expect("pc has fw_cfg");
+        assert_eq!(fw.bootorder, bootorder(&config));
+        assert_eq!(
+            firmware(&config).map(|f| f.path),
+            Some(std::path::PathBuf::from(ferry_vmm::firmware::DEFAULT_BIOS))
+        );
+    }
 
     /// The balloon on ferry-vmm behind QMP: `balloon` reaches the guest's
     /// device (its configuration space), a driver's write of `actual` becomes

@@ -5,6 +5,8 @@
 //! which for these is indistinguishable from an idle one for the guests ferry
 //! targets (direct kernel boot, serial console).
 
+use std::path::PathBuf;
+
 use ferry_boot::{SmbiosConfig, SmbiosError};
 use ferry_vmm::cpu::model::CpuModel;
 use ferry_vmm::devices::SharedFd;
@@ -15,8 +17,12 @@ use super::{Accel, ArgvError, Chardev, ChardevBackend, Invocation, SerialSpec, S
 use crate::backend::{MachineConfig, MachineType};
 
 /// Printed after a refusal, for the operator.
+/// Where QEMU finds a `-bios` given by name (Debian's QEMU data directory,
+/// and SeaBIOS's own).
+const BIOS_DIRS: &[&str] = &["/usr/share/qemu", "/usr/share/seabios"];
+
 pub const UNSUPPORTED_HINT: &str =
-    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot, fw_cfg, 16550 serial ports, virtio-blk disks on raw and qcow2 images, IDE disks and CD-ROMs, virtio-net NICs on taps, virtio-rng entropy devices and a virtio-balloon";
+    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot or SeaBIOS firmware boot, fw_cfg, 16550 serial ports, virtio-blk disks on raw and qcow2 images, IDE disks and CD-ROMs, virtio-net NICs on taps, virtio-rng entropy devices and a virtio-balloon";
 
 /// `-device` drivers accepted but not modelled (libvirt adds them by default).
 pub const MODELLED_AS_ABSENT: &[&str] = &[
@@ -284,6 +290,8 @@ impl Invocation {
                 .unwrap_or_default(),
             cpu: self.cpu_model()?,
             kernel: self.kernel.clone(),
+            firmware: self.firmware(machine)?,
+            boot_strict: self.boot_strict()?,
             initrd: self.initrd.clone(),
             append: self.append.clone().unwrap_or_default(),
             serials,
@@ -307,6 +315,58 @@ impl Invocation {
             no_reboot: self.no_reboot,
             incoming: self.incoming.clone(),
         }))
+    }
+
+    /// The BIOS a guest without `-kernel` boots through: `-bios FILE` (a path,
+    /// or a name QEMU finds in its data directories), else SeaBIOS's
+    /// `bios-256k.bin`, QEMU's default for `pc`. With `-kernel`, ferry boots
+    /// the kernel directly and needs none.
+    fn firmware(&self, machine: MachineType) -> Result<Option<PathBuf>, ArgvError> {
+        if self.kernel.is_some() {
+            return Ok(None);
+        }
+        if machine != MachineType::Pc {
+            return Err(ArgvError::unsupported_because(
+                "-kernel",
+                "a microvm guest without -kernel".to_string(),
+                "microvm has no firmware: give it <os><kernel>",
+            ));
+        }
+        let Some(bios) = &self.bios else {
+            return Ok(Some(PathBuf::from(ferry_vmm::firmware::DEFAULT_BIOS)));
+        };
+        if bios.components().count() > 1 || bios.exists() {
+            return Ok(Some(bios.clone()));
+        }
+        // QEMU looks a bare name up in its data directories (Debian's
+        // /usr/share/qemu links SeaBIOS's images there).
+        for dir in BIOS_DIRS {
+            let p = std::path::Path::new(dir).join(bios);
+            if p.exists() {
+                return Ok(Some(p));
+            }
+        }
+        Err(ArgvError::invalid(
+            "-bios",
+            &bios.display().to_string(),
+            &format!(
+                "could not find the BIOS in {} (install Debian's seabios, or give a path)",
+                BIOS_DIRS.join(", ")
+            ),
+        ))
+    }
+
+    /// `-boot strict=on|off` (libvirt writes `strict=on`); other `-boot`
+    /// keys (order, once, menu, splash, reboot-timeout) are accepted as QEMU
+    /// takes them: ferry's firmware boot follows the devices' `bootindex`.
+    fn boot_strict(&self) -> Result<bool, ArgvError> {
+        let Some(boot) = &self.boot else {
+            return Ok(false);
+        };
+        match boot.get("strict") {
+            None => Ok(false),
+            Some(v) => super::opts::parse_bool("-boot", "strict", v),
+        }
     }
 
     fn check_accel(&self) -> Result<(), ArgvError> {

@@ -722,8 +722,10 @@ pub(super) fn disk_config(
     backing: Backing,
     serial: Option<String>,
     shared: bool,
+    bootindex: Option<u32>,
 ) -> DiskConfig {
     DiskConfig {
+        bootindex,
         id,
         slot,
         ide,
@@ -740,6 +742,19 @@ pub(super) fn disk_config(
         storage_node: backing.storage_node,
         storage_driver: backing.storage_driver,
     }
+}
+
+/// A device's `bootindex` (a number, as JSON or text).
+pub(super) fn bootindex(props: &Map<String, Value>) -> Result<Option<u32>, ArgvError> {
+    props
+        .get("bootindex")
+        .map(|v| {
+            let text = json_text(v);
+            text.parse::<u32>().map_err(|_| {
+                ArgvError::invalid("-device", &text, "bootindex is not a number from 0")
+            })
+        })
+        .transpose()
 }
 
 /// A PCI address: `"0x4"`, `"4"`, `"0x4.0"`, `"0x1.0x2"`, or a devfn number.
@@ -850,6 +865,7 @@ struct Pending {
     serial: Option<String>,
     /// `share-rw=on`: other VMs may write the image meanwhile.
     shared: bool,
+    bootindex: Option<u32>,
 }
 
 impl Invocation {
@@ -960,6 +976,7 @@ impl Invocation {
                     .map(|v| parse_bool("-device", "share-rw", &json_text(v)))
                     .transpose()?
                     .unwrap_or(false),
+                bootindex: bootindex(&d.props)?,
             });
         }
         for dr in &drives {
@@ -977,6 +994,7 @@ impl Invocation {
                     backing: dr.backing.clone(),
                     serial: None,
                     shared: false,
+                    bootindex: None,
                 });
             }
         }
@@ -998,7 +1016,9 @@ impl Invocation {
         Ok(pending
             .into_iter()
             .zip(slots)
-            .map(|(p, slot)| disk_config(p.id, slot, None, p.backing, p.serial, p.shared))
+            .map(|(p, slot)| {
+                disk_config(p.id, slot, None, p.backing, p.serial, p.shared, p.bootindex)
+            })
             .collect())
     }
 

@@ -38,6 +38,7 @@ struct Request {
     cdrom: bool,
     backing: Backing,
     serial: Option<String>,
+    bootindex: Option<u32>,
 }
 
 /// `-drive if=ide`'s place: `index=N`, or `bus=`/`unit=`, or none (the
@@ -199,6 +200,7 @@ impl Invocation {
                 cdrom,
                 backing,
                 serial,
+                bootindex: super::disks::bootindex(&d.props)?,
                 name,
             });
         }
@@ -213,6 +215,7 @@ impl Invocation {
                     cdrom: at.cdrom,
                     backing: dr.backing.clone(),
                     serial: None,
+                    bootindex: None,
                 });
             }
         }
@@ -290,6 +293,7 @@ fn place(requests: Vec<Request>) -> Result<Vec<DiskConfig>, ArgvError> {
                 backing,
                 r.serial,
                 false,
+                r.bootindex,
             )
         })
         .collect())

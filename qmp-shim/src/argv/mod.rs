@@ -297,6 +297,8 @@ pub struct Invocation {
     pub smp: Option<SmpOpts>,
     pub cpu: Option<CpuOpts>,
     pub kernel: Option<PathBuf>,
+    /// `-bios FILE`: the firmware a guest without `-kernel` boots through.
+    pub bios: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
     pub name: Option<NameOpts>,
@@ -482,6 +484,7 @@ fn apply(
             inv.cpu = Some(CpuOpts { model, features });
         }
         "kernel" => inv.kernel = Some(PathBuf::from(arg)),
+        "bios" => inv.bios = Some(PathBuf::from(arg)),
         "initrd" => inv.initrd = Some(PathBuf::from(arg)),
         "append" => inv.append = Some(arg.to_string()),
         "name" => {

@@ -1510,6 +1510,7 @@ fn ide_drives_as_libvirt_writes_them() {
         ]
     );
     assert_eq!(d[1].filename, "/i/disk.config");
+    assert_eq!((d[0].bootindex, d[1].bootindex), (Some(1), None));
 
     // -drive if=ide: by index, or the first free place; a CD-ROM read-only.
     let d = disks_of(&[
@@ -1605,4 +1606,50 @@ fn vmcoreinfo_as_libvirt_writes_it() {
         .expect_err("a property")
         .to_string();
     assert!(e.contains("vmcoreinfo property 'foo'"), "{e}");
+}
+
+/// A `pc` guest without `-kernel` boots through firmware: SeaBIOS's
+/// `bios-256k.bin` by default, `-bios` by path or by the name QEMU finds in
+/// its data directories; with `-kernel`, none. `-boot strict=on` is kept.
+#[test]
+fn without_a_kernel_a_pc_guest_boots_through_firmware() {
+    let cfg = |args: &str| p(args).expect("parses").machine_config();
+    let c = cfg("-machine pc -accel kvm -m 256 -boot strict=on")
+        .expect("ok")
+        .expect("vm");
+    assert_eq!(
+        c.firmware.as_deref(),
+        Some(std::path::Path::new(ferry_vmm::firmware::DEFAULT_BIOS))
+    );
+    assert!(c.boot_strict);
+    let c = cfg("-machine pc -accel kvm -bios /x/my.bin")
+        .expect("ok")
+        .expect("vm");
+    assert_eq!(
+        c.firmware.as_deref(),
+        Some(std::path::Path::new("/x/my.bin"))
+    );
+    assert!(!c.boot_strict);
+    // By name, where Debian's QEMU keeps it (seabios is installed with it).
+    let c = cfg("-machine pc -accel kvm -bios bios-256k.bin")
+        .expect("ok")
+        .expect("vm");
+    let found = c.firmware.expect("found");
+    assert!(
+        found.is_absolute() && found.ends_with("bios-256k.bin"),
+        "{found:?}"
+    );
+    let err = cfg("-machine pc -accel kvm -bios no-such-bios.bin").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("could not find the BIOS in /usr/share/qemu"),
+        "{err}"
+    );
+    let c = cfg("-machine pc -accel kvm -kernel /k -bios bios-256k.bin")
+        .expect("ok")
+        .expect("vm");
+    assert_eq!(c.firmware, None, "a kernel boots directly");
+    let err = cfg("-machine microvm -accel kvm").unwrap_err();
+    assert!(err.to_string().contains("microvm has no firmware"), "{err}");
+    assert!(cfg("-machine pc -accel kvm -boot strict=maybe").is_err());
 }
