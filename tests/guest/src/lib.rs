@@ -174,6 +174,7 @@
 //! balloon.
 //! [`disk::check_disk`] does the same for the `blk=K` disk.
 
+pub mod bootdisk;
 pub mod disk;
 pub mod image;
 pub mod iso;

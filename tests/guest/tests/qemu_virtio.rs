@@ -6,15 +6,22 @@
 //! QEMU-to-QEMU live migration (same disk file, the destination on a second
 //! tap, as if on another host).
 //!
-//! Skips (and says why) only when QEMU or `/dev/kvm` is missing.
+//! Also boots the dirtier from a disk through SeaBIOS (`-bios`, no
+//! `-kernel`): the boot loader of [`ferry_testguest::bootdisk`] on an IDE,
+//! a virtio-blk (transitional) and a modern-only virtio-blk disk, then the
+//! memory oracle.
+//!
+//! Skips (and says why) only when QEMU, `/dev/kvm` or SeaBIOS is missing.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
+use ferry_testguest::bootdisk::boot_disk;
 use ferry_testguest::disk::{check_disk, DiskReport};
 use ferry_testguest::link::{Link, Tap};
 use ferry_testguest::{check, FileImage, OracleReport, DIRTIER_ELF};
@@ -378,5 +385,190 @@ fn dirtier_virtio_survives_qemu_live_migration() {
         disk.records,
         disk.ahead,
         started.elapsed(),
+    );
+}
+
+/// Debian's SeaBIOS, as QEMU's `-M pc` uses it.
+const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+/// Boot through SeaBIOS on a loaded 2-core host: SeaBIOS alone takes ~6 s.
+const FIRMWARE_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Heartbeats (`hb=100`) to see after `dirtier: ready` before the oracle.
+const BEATS_AFTER_READY: usize = 5;
+
+/// The guest's serial output as QEMU writes it to its stdout, each chunk
+/// with the moment it arrived.
+struct Serial {
+    chunks: mpsc::Receiver<(Instant, Vec<u8>)>,
+    text: String,
+    first_byte: Option<Instant>,
+}
+
+impl Serial {
+    fn new(mut out: impl Read + Send + 'static) -> Self {
+        let (send, chunks) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = out.read(&mut buf) {
+                if send.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            chunks,
+            text: String::new(),
+            first_byte: None,
+        }
+    }
+
+    /// Reads until `done(text)` holds; panics on a guest error line, when
+    /// QEMU closes the serial, or at `deadline`.
+    fn wait(&mut self, what: &str, deadline: Instant, done: impl Fn(&str) -> bool) {
+        loop {
+            if let Some(line) = self.text.lines().find(|l| l.contains(": ERR ")) {
+                panic!("guest failed: {line:?}; serial:\n{}", self.text);
+            }
+            if self.text.lines().any(|l| l.starts_with("EXC ")) {
+                panic!("guest exception; serial:\n{}", self.text);
+            }
+            if done(&self.text) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.chunks.recv_timeout(left) {
+                Ok((at, bytes)) => {
+                    self.first_byte.get_or_insert(at);
+                    self.text.push_str(&String::from_utf8_lossy(&bytes));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no {what} on the guest's serial in time; serial:\n{}",
+                        self.text
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "QEMU closed the serial before {what}; serial:\n{}",
+                        self.text
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Boots the dirtier from a boot disk (`drive` names it, `file=` follows)
+/// through SeaBIOS, waits for its heartbeats, then saves memory and runs
+/// the oracle.
+fn boot_through_seabios(name: &str, drive: &[&str]) {
+    let Some(setup) = setup() else { return };
+    if !Path::new(SEABIOS).is_file() {
+        eprintln!("skipped: {SEABIOS} is missing (apt-get install seabios)");
+        return;
+    }
+    let image = setup.dir.path().join(format!("{name}.img"));
+    boot_disk(&image, "ws=1M hb=100 pause=5 fill=1", None).expect("write the boot disk");
+    let qmp = setup.dir.path().join(format!("{name}.qmp"));
+    let stderr_path = setup.dir.path().join(format!("{name}.stderr"));
+    let stderr = std::fs::File::create(&stderr_path).expect("create a log");
+    let mut drive_args = vec![
+        "-drive".to_owned(),
+        format!("file={},format=raw,{}", image.display(), drive[0]),
+    ];
+    drive_args.extend(drive[1..].iter().map(|arg| (*arg).to_owned()));
+    let started = Instant::now();
+    let mut vm = Qemu(
+        Command::new(&setup.qemu)
+            .args(["-M", "pc", "-accel", "kvm", "-m"])
+            .arg(MEM_MIB.to_string())
+            .args(["-nodefaults", "-display", "none"])
+            .args(["-monitor", "none", "-no-reboot"])
+            .args(["-bios", SEABIOS])
+            .args(&drive_args)
+            .args(["-serial", "stdio"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start QEMU"),
+    );
+    let mut serial = Serial::new(vm.0.stdout.take().expect("QEMU's stdout is piped"));
+    let deadline = started + FIRMWARE_BOOT_TIMEOUT;
+    let ready_line = "dirtier: ready\n";
+    let first_line = |text: &str| text.contains('\n');
+    serial.wait("first line", deadline, first_line);
+    let first = serial.first_byte.expect("a line came") - started;
+    serial.wait("\"dirtier: ready\"", deadline, |text| {
+        text.contains(ready_line)
+    });
+    let ready = started.elapsed();
+    let beats = |text: &str| {
+        text.split_once(ready_line)
+            .is_some_and(|(_, after)| after.matches('.').count() >= BEATS_AFTER_READY)
+    };
+    serial.wait(
+        "heartbeats",
+        Instant::now() + Duration::from_secs(30),
+        beats,
+    );
+    assert!(
+        serial.text.starts_with("dirtier: ws=256 stride=1 fill=1\n"),
+        "the loader passed the command line; serial:\n{}",
+        serial.text
+    );
+
+    let memory = setup.dir.path().join(format!("{name}.mem"));
+    let mut qmp = Qmp::connect(&qmp);
+    qmp.execute("stop", serde_json::json!({}));
+    qmp.execute(
+        "pmemsave",
+        serde_json::json!({ "val": 0, "size": MEM_MIB << 20, "filename": memory }),
+    );
+    qmp.execute("quit", serde_json::json!({}));
+    let _ = vm.0.wait();
+    let image = FileImage::open(&memory, 0).expect("open the memory image");
+    let report = check(&image).unwrap_or_else(|e| panic!("memory oracle: {e}"));
+    assert!(report.passes >= 1, "{report:?}");
+    assert!(report.fill_done, "{report:?}");
+    // SeaBIOS's E820 map through the loader: RAM from 1 MiB to just below
+    // the top, where SeaBIOS keeps a reserved zone.
+    let [range] = report.ranges.as_slice() else {
+        panic!("one usable range expected: {report:?}");
+    };
+    assert_eq!(range.start, ferry_testguest::USABLE_RAM_START, "{report:?}");
+    let end = range.start + range.len;
+    assert!(
+        end <= MEM_MIB << 20 && end >= (MEM_MIB - 4) << 20,
+        "{report:?}"
+    );
+    eprintln!(
+        "{name}: first serial line {first:.1?} after QEMU started, \"dirtier: ready\" at \
+         {ready:.1?}; {} passes, {} fill pages, usable {:#x}..{end:#x}",
+        report.passes, report.filled_pages, range.start,
+    );
+}
+
+#[test]
+fn dirtier_boots_from_ide_disk_through_seabios() {
+    boot_through_seabios("ide", &["if=ide"]);
+}
+
+#[test]
+fn dirtier_boots_from_virtio_disk_through_seabios() {
+    boot_through_seabios("virtio", &["if=virtio"]);
+}
+
+/// The modern-only virtio-blk that ferry-vm offers.
+#[test]
+fn dirtier_boots_from_modern_virtio_disk_through_seabios() {
+    boot_through_seabios(
+        "modern",
+        &[
+            "if=none,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on",
+        ],
     );
 }
