@@ -114,6 +114,8 @@ payload_memsz:
         .long 0                             # 0x1a8: bytes in memory (.bss zeroed)
 payload_entry:
         .long 0                             # 0x1ac: PVH entry point
+        .long cmdline                       # 0x1b0: where the command line lands
+        .long payload                       # 0x1b4: where the payload lands
 
         .org 0x1fe
         .word 0xaa55

@@ -14,7 +14,9 @@
 //!
 //! Parameter block (little-endian u32s): 0x198 `FBL1`, 0x19c sectors to read
 //! after sector 0, 0x1a0 load address, 0x1a4 file size, 0x1a8 memory size,
-//! 0x1ac PVH entry (the ELF's Xen `PHYS32_ENTRY` note).
+//! 0x1ac PVH entry (the ELF's Xen `PHYS32_ENTRY` note); the assembler
+//! writes 0x1b0 and 0x1b4, the addresses where the loader expects the
+//! command line and the payload once read (`0x7c00 + 512 * LBA`).
 //!
 //! What the loader asks of the firmware: INT 13h AH=42h (extended read, a
 //! disk address packet with a segment:offset buffer, at most 127 sectors a
@@ -28,6 +30,14 @@
 //! address, zeroes the rest of the segment, and enters the PVH entry in
 //! 32-bit protected mode (flat CS 0x08, data 0x10, paging off, IF 0) with
 //! `%ebx` = `0x6000`.
+//!
+//! **Disks of the dirtier's own.** `blk=K` writes sectors `0..K` of the
+//! first modern virtio-blk function (device `0x1042`) on bus 0, and
+//! `cdrom=` reads the first ATAPI unit: a boot disk on IDE (a hard disk,
+//! not ATAPI) or on a transitional virtio-blk (`0x1001`) is never one of
+//! them. A boot disk on a modern-only virtio-blk must sit in a later PCI
+//! slot than the `blk=` disk, or `blk=` overwrites the loader (harmless to
+//! the running guest, fatal to its next boot).
 
 use std::path::{Path, PathBuf};
 
@@ -54,6 +64,12 @@ mod param {
     pub const FILESZ: usize = 0x1a4;
     pub const MEMSZ: usize = 0x1a8;
     pub const ENTRY: usize = 0x1ac;
+    /// Filled in by the assembler: where the loader expects the command
+    /// line and the payload in memory.
+    #[cfg(test)]
+    pub const CMDLINE_ADDR: usize = 0x1b0;
+    #[cfg(test)]
+    pub const PAYLOAD_ADDR: usize = 0x1b4;
 }
 
 /// Why a boot disk could not be built or written.
@@ -303,6 +319,12 @@ mod tests {
         ] {
             assert_eq!(u32_in(BOOT_LOADER, at), 0, "unfilled parameter at {at:#x}");
         }
+        // The loader and this builder agree on the layout.
+        let addr = |lba: usize| BOOT_SECTOR_ADDR + (lba * SECTOR) as u64;
+        let cmdline = u64::from(u32_in(BOOT_LOADER, param::CMDLINE_ADDR));
+        let payload = u64::from(u32_in(BOOT_LOADER, param::PAYLOAD_ADDR));
+        assert_eq!(cmdline, addr(cmdline_lba()));
+        assert_eq!(payload, addr(payload_lba()));
     }
 
     #[test]

@@ -424,16 +424,19 @@ impl Serial {
     /// Reads until `done(text)` holds; panics on a guest error line, when
     /// QEMU closes the serial, or at `deadline`.
     fn wait(&mut self, what: &str, deadline: Instant, done: impl Fn(&str) -> bool) {
-        loop {
-            if let Some(line) = self.text.lines().find(|l| l.contains(": ERR ")) {
-                panic!("guest failed: {line:?}; serial:\n{}", self.text);
+        self.read_until(what, deadline, |text| {
+            let mut lines = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+            if let Some(line) = lines.find(|l| l.contains(": ERR ") || l.starts_with("EXC ")) {
+                panic!("guest failed: {line:?}; serial:\n{text}");
             }
-            if self.text.lines().any(|l| l.starts_with("EXC ")) {
-                panic!("guest exception; serial:\n{}", self.text);
-            }
-            if done(&self.text) {
-                return;
-            }
+            done(text)
+        });
+    }
+
+    /// Reads until `done(text)` holds; panics when QEMU closes the serial
+    /// or at `deadline`.
+    fn read_until(&mut self, what: &str, deadline: Instant, done: impl Fn(&str) -> bool) {
+        while !done(&self.text) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.chunks.recv_timeout(left) {
                 Ok((at, bytes)) => {
@@ -457,20 +460,21 @@ impl Serial {
     }
 }
 
-/// Boots the dirtier from a boot disk (`drive` names it, `file=` follows)
-/// through SeaBIOS, waits for its heartbeats, then saves memory and runs
-/// the oracle.
-fn boot_through_seabios(name: &str, drive: &[&str]) {
-    let Some(setup) = setup() else { return };
-    if !Path::new(SEABIOS).is_file() {
-        eprintln!("skipped: {SEABIOS} is missing (apt-get install seabios)");
-        return;
-    }
-    let image = setup.dir.path().join(format!("{name}.img"));
-    boot_disk(&image, "ws=1M hb=100 pause=5 fill=1", None).expect("write the boot disk");
+/// QEMU running SeaBIOS with one disk, its serial on a pipe.
+struct Firmware {
+    vm: Qemu,
+    serial: Serial,
+    qmp: PathBuf,
+    started: Instant,
+}
+
+/// Starts QEMU `-M pc` with SeaBIOS and the disk image at `image` (`drive`
+/// names it: `drive[0]` follows `file=...,format=raw,`, the rest are more
+/// arguments).
+fn start_firmware(setup: &Setup, name: &str, image: &Path, drive: &[&str]) -> Firmware {
     let qmp = setup.dir.path().join(format!("{name}.qmp"));
-    let stderr_path = setup.dir.path().join(format!("{name}.stderr"));
-    let stderr = std::fs::File::create(&stderr_path).expect("create a log");
+    let stderr = std::fs::File::create(setup.dir.path().join(format!("{name}.stderr")))
+        .expect("create a log");
     let mut drive_args = vec![
         "-drive".to_owned(),
         format!("file={},format=raw,{}", image.display(), drive[0]),
@@ -494,11 +498,39 @@ fn boot_through_seabios(name: &str, drive: &[&str]) {
             .spawn()
             .expect("start QEMU"),
     );
-    let mut serial = Serial::new(vm.0.stdout.take().expect("QEMU's stdout is piped"));
+    let serial = Serial::new(vm.0.stdout.take().expect("QEMU's stdout is piped"));
+    Firmware {
+        vm,
+        serial,
+        qmp,
+        started,
+    }
+}
+
+fn seabios_setup() -> Option<Setup> {
+    let setup = setup()?;
+    if !Path::new(SEABIOS).is_file() {
+        eprintln!("skipped: {SEABIOS} is missing (apt-get install seabios)");
+        return None;
+    }
+    Some(setup)
+}
+
+/// Boots the dirtier from a boot disk through SeaBIOS, waits for its
+/// heartbeats, then saves memory and runs the oracle.
+fn boot_through_seabios(name: &str, drive: &[&str]) {
+    let Some(setup) = seabios_setup() else { return };
+    let image = setup.dir.path().join(format!("{name}.img"));
+    boot_disk(&image, "ws=1M hb=100 pause=5 fill=1", None).expect("write the boot disk");
+    let Firmware {
+        mut vm,
+        mut serial,
+        qmp,
+        started,
+    } = start_firmware(&setup, name, &image, drive);
     let deadline = started + FIRMWARE_BOOT_TIMEOUT;
     let ready_line = "dirtier: ready\n";
-    let first_line = |text: &str| text.contains('\n');
-    serial.wait("first line", deadline, first_line);
+    serial.wait("first line", deadline, |text| text.contains('\n'));
     let first = serial.first_byte.expect("a line came") - started;
     serial.wait("\"dirtier: ready\"", deadline, |text| {
         text.contains(ready_line)
@@ -540,7 +572,7 @@ fn boot_through_seabios(name: &str, drive: &[&str]) {
     assert_eq!(range.start, ferry_testguest::USABLE_RAM_START, "{report:?}");
     let end = range.start + range.len;
     assert!(
-        end <= MEM_MIB << 20 && end >= (MEM_MIB - 4) << 20,
+        ((MEM_MIB - 4) << 20..=MEM_MIB << 20).contains(&end),
         "{report:?}"
     );
     eprintln!(
@@ -548,6 +580,28 @@ fn boot_through_seabios(name: &str, drive: &[&str]) {
          {ready:.1?}; {} passes, {} fill pages, usable {:#x}..{end:#x}",
         report.passes, report.filled_pages, range.start,
     );
+}
+
+/// A disk cut short after the loader: the BIOS fails the read, the loader
+/// says so on COM1 and halts.
+#[test]
+fn boot_loader_reports_a_failed_read() {
+    let Some(setup) = seabios_setup() else { return };
+    let image = setup.dir.path().join("short.img");
+    boot_disk(&image, "ws=1M", None).expect("write the boot disk");
+    let loader = ferry_testguest::bootdisk::BOOT_LOADER.len() as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .and_then(|f| f.set_len(loader))
+        .expect("cut the disk short");
+    let mut firmware = start_firmware(&setup, "short", &image, &["if=ide"]);
+    let deadline = firmware.started + FIRMWARE_BOOT_TIMEOUT;
+    firmware
+        .serial
+        .read_until("the read error", deadline, |t| t.contains('\n'));
+    let text = &firmware.serial.text;
+    assert_eq!(text, "bootdisk: ERR read\n");
 }
 
 #[test]
