@@ -21,10 +21,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-use ferry_testguest::bootdisk::boot_disk;
+use ferry_testguest::bootdisk::{boot_disk, boot_image, cmdline_lba, SECTOR};
 use ferry_testguest::disk::{check_disk, DiskReport};
 use ferry_testguest::link::{Link, Tap};
-use ferry_testguest::{check, FileImage, OracleReport, DIRTIER_ELF};
+use ferry_testguest::{check, FileImage, OracleReport, PhysMem, DIRTIER_ELF};
 
 const BLK_SECTORS: u64 = 8;
 const DISK_BYTES: u64 = 1 << 20;
@@ -519,9 +519,34 @@ fn seabios_setup() -> Option<Setup> {
 /// Boots the dirtier from a boot disk through SeaBIOS, waits for its
 /// heartbeats, then saves memory and runs the oracle.
 fn boot_through_seabios(name: &str, drive: &[&str]) {
+    boot_through_seabios_reading(name, drive, 0);
+}
+
+/// Offset of the loader's "sectors to read after sector 0" (u32), in its
+/// parameter block (see `bootdisk`).
+const LOADER_SECTORS_PARAM: usize = 0x19c;
+
+/// [`boot_through_seabios`], with `extra` sectors of a pattern (u64 words
+/// `lba << 32 | word index`) after the payload for the loader to read as
+/// well. The loader leaves what it read in low memory from 0x7e00 up,
+/// where the dirtier never writes: the memory image must hold every sector
+/// read from the command line on, in its place.
+fn boot_through_seabios_reading(name: &str, drive: &[&str], extra: u32) {
     let Some(setup) = seabios_setup() else { return };
     let image = setup.dir.path().join(format!("{name}.img"));
-    boot_disk(&image, "ws=1M hb=100 pause=5 fill=1", None).expect("write the boot disk");
+    let mut bytes =
+        boot_image(DIRTIER_ELF, "ws=1M hb=100 pause=5 fill=1", None).expect("build the boot disk");
+    let param = LOADER_SECTORS_PARAM..LOADER_SECTORS_PARAM + 4;
+    let after_0 = u32::from_le_bytes(bytes[param.clone()].try_into().expect("4 bytes"));
+    for lba in after_0 + 1..after_0 + 1 + extra {
+        let sector = &mut bytes[lba as usize * SECTOR..][..SECTOR];
+        for (k, word) in sector.chunks_exact_mut(8).enumerate() {
+            word.copy_from_slice(&(u64::from(lba) << 32 | k as u64).to_le_bytes());
+        }
+    }
+    let read = (after_0 + extra) as usize * SECTOR;
+    bytes[param].copy_from_slice(&(after_0 + extra).to_le_bytes());
+    std::fs::write(&image, &bytes).expect("write the boot disk");
     let Firmware {
         mut vm,
         mut serial,
@@ -560,6 +585,19 @@ fn boot_through_seabios(name: &str, drive: &[&str]) {
     );
     qmp.execute("quit", serde_json::json!({}));
     let _ = vm.0.wait();
+    // The loader's own sectors hold its variables: from the command line on.
+    let from = cmdline_lba() * SECTOR;
+    let mut low = vec![0u8; SECTOR + read - from];
+    FileImage::open(&memory, 0)
+        .and_then(|image| image.read_phys(0x7c00 + from as u64, &mut low))
+        .expect("read low memory");
+    if let Some(at) = (0..low.len()).find(|&at| low[at] != bytes[from + at]) {
+        panic!(
+            "the loader's read of LBA {} is not at {:#x}",
+            (from + at) / SECTOR,
+            0x7c00 + (from + at) / SECTOR * SECTOR
+        );
+    }
     let image = FileImage::open(&memory, 0).expect("open the memory image");
     let report = check(&image).unwrap_or_else(|e| panic!("memory oracle: {e}"));
     assert!(report.passes >= 1, "{report:?}");
@@ -577,8 +615,11 @@ fn boot_through_seabios(name: &str, drive: &[&str]) {
     );
     eprintln!(
         "{name}: first serial line {first:.1?} after QEMU started, \"dirtier: ready\" at \
-         {ready:.1?}; {} passes, {} fill pages, usable {:#x}..{end:#x}",
-        report.passes, report.filled_pages, range.start,
+         {ready:.1?}; {} sectors read; {} passes, {} fill pages, usable {:#x}..{end:#x}",
+        read / SECTOR + 1,
+        report.passes,
+        report.filled_pages,
+        range.start,
     );
 }
 
@@ -624,5 +665,22 @@ fn dirtier_boots_from_modern_virtio_disk_through_seabios() {
             "-device",
             "virtio-blk-pci,drive=d0,disable-legacy=on",
         ],
+    );
+}
+
+/// More than 127 sectors, SeaBIOS's limit for one INT 13h call: the loader
+/// reads in several calls, each to its place.
+#[test]
+fn boot_loader_reads_in_several_calls() {
+    // The image must end below 0x90000: 0x7c00 + 512 * 1000 does.
+    boot_through_seabios_reading("big-ide", &["if=ide"], 900);
+    boot_through_seabios_reading(
+        "big-modern",
+        &[
+            "if=none,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on",
+        ],
+        900,
     );
 }
