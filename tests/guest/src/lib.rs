@@ -5,8 +5,9 @@
 //!
 //! [`DIRTIER_ELF`] is a tiny PVH-bootable x86-64 guest (`guest/dirtier.S`,
 //! assembled and linked by `build.rs` with the system `as` and `ld`). It boots
-//! under `qemu-system-x86_64 -M microvm -kernel` and under ferry's loader,
-//! switches to long mode, drops to ring 3 (IOPL 3, IF 0) and keeps rewriting a
+//! under `qemu-system-x86_64 -M microvm -kernel`, under ferry's loader, and
+//! from a disk through a BIOS (SeaBIOS; [`bootdisk`] writes the disk, its
+//! boot loader is `guest/bootsect.S`), switches to long mode, drops to ring 3 (IOPL 3, IF 0) and keeps rewriting a
 //! working set of guest pages so that a live migration always has dirty pages
 //! to chase. Every byte of the image lies in `[1 MiB, 2 MiB)`; the VMM must
 //! keep its boot structures (start info, memory map, command line) out of RAM
@@ -174,6 +175,7 @@
 //! balloon.
 //! [`disk::check_disk`] does the same for the `blk=K` disk.
 
+pub mod bootdisk;
 pub mod disk;
 pub mod image;
 pub mod iso;

@@ -6,18 +6,25 @@
 //! QEMU-to-QEMU live migration (same disk file, the destination on a second
 //! tap, as if on another host).
 //!
-//! Skips (and says why) only when QEMU or `/dev/kvm` is missing.
+//! Also boots the dirtier from a disk through SeaBIOS (`-bios`, no
+//! `-kernel`): the boot loader of [`ferry_testguest::bootdisk`] on an IDE,
+//! a virtio-blk (transitional) and a modern-only virtio-blk disk, then the
+//! memory oracle.
+//!
+//! Skips (and says why) only when QEMU, `/dev/kvm` or SeaBIOS is missing.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
+use ferry_testguest::bootdisk::{boot_disk, boot_image, cmdline_lba, SECTOR};
 use ferry_testguest::disk::{check_disk, DiskReport};
 use ferry_testguest::link::{Link, Tap};
-use ferry_testguest::{check, FileImage, OracleReport, DIRTIER_ELF};
+use ferry_testguest::{check, FileImage, OracleReport, PhysMem, DIRTIER_ELF};
 
 const BLK_SECTORS: u64 = 8;
 const DISK_BYTES: u64 = 1 << 20;
@@ -378,5 +385,302 @@ fn dirtier_virtio_survives_qemu_live_migration() {
         disk.records,
         disk.ahead,
         started.elapsed(),
+    );
+}
+
+/// Debian's SeaBIOS, as QEMU's `-M pc` uses it.
+const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+/// Boot through SeaBIOS on a loaded 2-core host: SeaBIOS alone takes ~6 s.
+const FIRMWARE_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Heartbeats (`hb=100`) to see after `dirtier: ready` before the oracle.
+const BEATS_AFTER_READY: usize = 5;
+
+/// The guest's serial output as QEMU writes it to its stdout, each chunk
+/// with the moment it arrived.
+struct Serial {
+    chunks: mpsc::Receiver<(Instant, Vec<u8>)>,
+    text: String,
+    first_byte: Option<Instant>,
+}
+
+impl Serial {
+    fn new(mut out: impl Read + Send + 'static) -> Self {
+        let (send, chunks) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = out.read(&mut buf) {
+                if send.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            chunks,
+            text: String::new(),
+            first_byte: None,
+        }
+    }
+
+    /// Reads until `done(text)` holds; panics on a guest error line, when
+    /// QEMU closes the serial, or at `deadline`.
+    fn wait(&mut self, what: &str, deadline: Instant, done: impl Fn(&str) -> bool) {
+        self.read_until(what, deadline, |text| {
+            let mut lines = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+            if let Some(line) = lines.find(|l| l.contains(": ERR ") || l.starts_with("EXC ")) {
+                panic!("guest failed: {line:?}; serial:\n{text}");
+            }
+            done(text)
+        });
+    }
+
+    /// Reads until `done(text)` holds; panics when QEMU closes the serial
+    /// or at `deadline`.
+    fn read_until(&mut self, what: &str, deadline: Instant, done: impl Fn(&str) -> bool) {
+        while !done(&self.text) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.chunks.recv_timeout(left) {
+                Ok((at, bytes)) => {
+                    self.first_byte.get_or_insert(at);
+                    self.text.push_str(&String::from_utf8_lossy(&bytes));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no {what} on the guest's serial in time; serial:\n{}",
+                        self.text
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "QEMU closed the serial before {what}; serial:\n{}",
+                        self.text
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// QEMU running SeaBIOS with one disk, its serial on a pipe.
+struct Firmware {
+    vm: Qemu,
+    serial: Serial,
+    qmp: PathBuf,
+    started: Instant,
+}
+
+/// Starts QEMU `-M pc` with SeaBIOS and the disk image at `image` (`drive`
+/// names it: `drive[0]` follows `file=...,format=raw,`, the rest are more
+/// arguments).
+fn start_firmware(setup: &Setup, name: &str, image: &Path, drive: &[&str]) -> Firmware {
+    let qmp = setup.dir.path().join(format!("{name}.qmp"));
+    let stderr = std::fs::File::create(setup.dir.path().join(format!("{name}.stderr")))
+        .expect("create a log");
+    let mut drive_args = vec![
+        "-drive".to_owned(),
+        format!("file={},format=raw,{}", image.display(), drive[0]),
+    ];
+    drive_args.extend(drive[1..].iter().map(|arg| (*arg).to_owned()));
+    let started = Instant::now();
+    let mut vm = Qemu(
+        Command::new(&setup.qemu)
+            .args(["-M", "pc", "-accel", "kvm", "-m"])
+            .arg(MEM_MIB.to_string())
+            .args(["-nodefaults", "-display", "none"])
+            .args(["-monitor", "none", "-no-reboot"])
+            .args(["-bios", SEABIOS])
+            .args(&drive_args)
+            .args(["-serial", "stdio"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start QEMU"),
+    );
+    let serial = Serial::new(vm.0.stdout.take().expect("QEMU's stdout is piped"));
+    Firmware {
+        vm,
+        serial,
+        qmp,
+        started,
+    }
+}
+
+fn seabios_setup() -> Option<Setup> {
+    let setup = setup()?;
+    if !Path::new(SEABIOS).is_file() {
+        eprintln!("skipped: {SEABIOS} is missing (apt-get install seabios)");
+        return None;
+    }
+    Some(setup)
+}
+
+/// Boots the dirtier from a boot disk through SeaBIOS, waits for its
+/// heartbeats, then saves memory and runs the oracle.
+fn boot_through_seabios(name: &str, drive: &[&str]) {
+    boot_through_seabios_reading(name, drive, 0);
+}
+
+/// Offset of the loader's "sectors to read after sector 0" (u32), in its
+/// parameter block (see `bootdisk`).
+const LOADER_SECTORS_PARAM: usize = 0x19c;
+
+/// [`boot_through_seabios`], with `extra` sectors of a pattern (u64 words
+/// `lba << 32 | word index`) after the payload for the loader to read as
+/// well. The loader leaves what it read in low memory from 0x7e00 up,
+/// where the dirtier never writes: the memory image must hold every sector
+/// read from the command line on, in its place.
+fn boot_through_seabios_reading(name: &str, drive: &[&str], extra: u32) {
+    let Some(setup) = seabios_setup() else { return };
+    let image = setup.dir.path().join(format!("{name}.img"));
+    let mut bytes =
+        boot_image(DIRTIER_ELF, "ws=1M hb=100 pause=5 fill=1", None).expect("build the boot disk");
+    let param = LOADER_SECTORS_PARAM..LOADER_SECTORS_PARAM + 4;
+    let after_0 = u32::from_le_bytes(bytes[param.clone()].try_into().expect("4 bytes"));
+    for lba in after_0 + 1..after_0 + 1 + extra {
+        let sector = &mut bytes[lba as usize * SECTOR..][..SECTOR];
+        for (k, word) in sector.chunks_exact_mut(8).enumerate() {
+            word.copy_from_slice(&(u64::from(lba) << 32 | k as u64).to_le_bytes());
+        }
+    }
+    let read = (after_0 + extra) as usize * SECTOR;
+    bytes[param].copy_from_slice(&(after_0 + extra).to_le_bytes());
+    std::fs::write(&image, &bytes).expect("write the boot disk");
+    let Firmware {
+        mut vm,
+        mut serial,
+        qmp,
+        started,
+    } = start_firmware(&setup, name, &image, drive);
+    let deadline = started + FIRMWARE_BOOT_TIMEOUT;
+    let ready_line = "dirtier: ready\n";
+    serial.wait("first line", deadline, |text| text.contains('\n'));
+    let first = serial.first_byte.expect("a line came") - started;
+    serial.wait("\"dirtier: ready\"", deadline, |text| {
+        text.contains(ready_line)
+    });
+    let ready = started.elapsed();
+    let beats = |text: &str| {
+        text.split_once(ready_line)
+            .is_some_and(|(_, after)| after.matches('.').count() >= BEATS_AFTER_READY)
+    };
+    serial.wait(
+        "heartbeats",
+        Instant::now() + Duration::from_secs(30),
+        beats,
+    );
+    assert!(
+        serial.text.starts_with("dirtier: ws=256 stride=1 fill=1\n"),
+        "the loader passed the command line; serial:\n{}",
+        serial.text
+    );
+
+    let memory = setup.dir.path().join(format!("{name}.mem"));
+    let mut qmp = Qmp::connect(&qmp);
+    qmp.execute("stop", serde_json::json!({}));
+    qmp.execute(
+        "pmemsave",
+        serde_json::json!({ "val": 0, "size": MEM_MIB << 20, "filename": memory }),
+    );
+    qmp.execute("quit", serde_json::json!({}));
+    let _ = vm.0.wait();
+    // The loader's own sectors hold its variables: from the command line on.
+    let from = cmdline_lba() * SECTOR;
+    let mut low = vec![0u8; SECTOR + read - from];
+    FileImage::open(&memory, 0)
+        .and_then(|image| image.read_phys(0x7c00 + from as u64, &mut low))
+        .expect("read low memory");
+    if let Some(at) = (0..low.len()).find(|&at| low[at] != bytes[from + at]) {
+        panic!(
+            "the loader's read of LBA {} is not at {:#x}",
+            (from + at) / SECTOR,
+            0x7c00 + (from + at) / SECTOR * SECTOR
+        );
+    }
+    let image = FileImage::open(&memory, 0).expect("open the memory image");
+    let report = check(&image).unwrap_or_else(|e| panic!("memory oracle: {e}"));
+    assert!(report.passes >= 1, "{report:?}");
+    assert!(report.fill_done, "{report:?}");
+    // SeaBIOS's E820 map through the loader: RAM from 1 MiB to just below
+    // the top, where SeaBIOS keeps a reserved zone.
+    let [range] = report.ranges.as_slice() else {
+        panic!("one usable range expected: {report:?}");
+    };
+    assert_eq!(range.start, ferry_testguest::USABLE_RAM_START, "{report:?}");
+    let end = range.start + range.len;
+    assert!(
+        ((MEM_MIB - 4) << 20..=MEM_MIB << 20).contains(&end),
+        "{report:?}"
+    );
+    eprintln!(
+        "{name}: first serial line {first:.1?} after QEMU started, \"dirtier: ready\" at \
+         {ready:.1?}; {} sectors read; {} passes, {} fill pages, usable {:#x}..{end:#x}",
+        read / SECTOR + 1,
+        report.passes,
+        report.filled_pages,
+        range.start,
+    );
+}
+
+/// A disk cut short after the loader: the BIOS fails the read, the loader
+/// says so on COM1 and halts.
+#[test]
+fn boot_loader_reports_a_failed_read() {
+    let Some(setup) = seabios_setup() else { return };
+    let image = setup.dir.path().join("short.img");
+    boot_disk(&image, "ws=1M", None).expect("write the boot disk");
+    let loader = ferry_testguest::bootdisk::BOOT_LOADER.len() as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .and_then(|f| f.set_len(loader))
+        .expect("cut the disk short");
+    let mut firmware = start_firmware(&setup, "short", &image, &["if=ide"]);
+    let deadline = firmware.started + FIRMWARE_BOOT_TIMEOUT;
+    firmware
+        .serial
+        .read_until("the read error", deadline, |t| t.contains('\n'));
+    let text = &firmware.serial.text;
+    assert_eq!(text, "bootdisk: ERR read\n");
+}
+
+#[test]
+fn dirtier_boots_from_ide_disk_through_seabios() {
+    boot_through_seabios("ide", &["if=ide"]);
+}
+
+#[test]
+fn dirtier_boots_from_virtio_disk_through_seabios() {
+    boot_through_seabios("virtio", &["if=virtio"]);
+}
+
+/// The modern-only virtio-blk that ferry-vm offers.
+#[test]
+fn dirtier_boots_from_modern_virtio_disk_through_seabios() {
+    boot_through_seabios(
+        "modern",
+        &[
+            "if=none,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on",
+        ],
+    );
+}
+
+/// More than 127 sectors, SeaBIOS's limit for one INT 13h call: the loader
+/// reads in several calls, each to its place.
+#[test]
+fn boot_loader_reads_in_several_calls() {
+    // The image must end below 0x90000: 0x7c00 + 512 * 1000 does.
+    boot_through_seabios_reading("big-ide", &["if=ide"], 900);
+    boot_through_seabios_reading(
+        "big-modern",
+        &[
+            "if=none,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on",
+        ],
+        900,
     );
 }
