@@ -1,0 +1,168 @@
+//! Firmware boot end to end: Debian's SeaBIOS in `ferry-vm --firmware` boots
+//! the dirtier from a disk (its own boot loader, through the BIOS disk
+//! services), and the guest moves: live migration from IDE, a checkpoint taken
+//! while the firmware itself runs (real mode, fw_cfg, PAM), restore from
+//! virtio-blk. The oracle judges every guest memory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_tests::{oracle, require_kvm, Scratch, VmProcess};
+
+const BOOT: Duration = Duration::from_secs(120);
+/// Debian's SeaBIOS, ferry-vm --firmware's default.
+const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+
+/// A boot disk for the dirtier with `cmdline`.
+fn boot_disk(s: &Scratch, name: &str, cmdline: &str) -> PathBuf {
+    let path = s.path(name);
+    ferry_testguest::bootdisk::boot_disk(&path, cmdline, None).expect("boot disk");
+    path
+}
+
+fn booted(s: &Scratch, tag: &str, args: &[&str]) -> VmProcess {
+    let vm = VmProcess::start(s, tag, args);
+    vm.wait_serial("dirtier: ready", BOOT);
+    vm.wait_heartbeats(100, BOOT);
+    vm
+}
+
+#[test]
+fn a_guest_seabios_booted_from_ide_live_migrates_intact() {
+    require_kvm();
+    let s = Scratch::new();
+    let disk = boot_disk(&s, "boot.img", "ws=8M fill=1");
+    let devices = ["--firmware", "--ide-disk", disk.to_str().expect("utf-8")];
+    let mut args = vec!["run", "-m", "128M"];
+    args.extend(devices);
+    let src = booted(&s, "src", &args);
+    // The command line came from the disk: an 8 MiB working set, filled.
+    let before = src.oracle(&s, "before");
+    assert!(
+        before.fill_done && before.working_set_pages == 2048,
+        "{before:?}"
+    );
+    src.ok("resume");
+
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dargs = vec!["incoming", uri.as_str(), "-m", "128M"];
+    dargs.extend(devices);
+    let mut dst = VmProcess::spawn(&s, "dst", &dargs);
+    dst.wait_listening();
+    let stats = ferry_tests::complete_migration(&s, src, dst, &uri);
+    assert!(
+        stats["ram"]["transferred"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+}
+
+/// A checkpoint taken a moment after the vCPU left the reset vector holds
+/// SeaBIOS mid-boot; restored in a new process, the firmware goes on, boots
+/// the dirtier from its virtio-blk disk, and the oracle passes. The ROM
+/// travels in the checkpoint: the restoring side's image is another file.
+#[test]
+fn a_checkpoint_taken_inside_the_firmware_restores_and_boots() {
+    require_kvm();
+    let s = Scratch::new();
+    let disk = boot_disk(&s, "boot.img", "ws=2M");
+    let disk_opt = format!("{},slot=6", disk.display());
+    let vm = VmProcess::start(
+        &s,
+        "src",
+        &[
+            "run",
+            "-m",
+            "64M",
+            "--firmware",
+            "--disk",
+            &disk_opt,
+            "--paused",
+        ],
+    );
+    vm.ok("resume");
+    vm.ok("pause");
+    let early = String::from_utf8_lossy(&vm.serial_output()).into_owned();
+    assert!(
+        !early.contains("dirtier"),
+        "the checkpoint should catch the firmware before the boot loader: {early}"
+    );
+    let ckpt = s.path("fw.ckpt");
+    vm.ok(&format!("checkpoint {}", ckpt.display()));
+    vm.quit();
+
+    // The same SeaBIOS under another name: the checkpoint's ROM replaces it.
+    let bios = s.path("copy-of-bios.bin");
+    std::fs::copy(SEABIOS, &bios).expect("copy SeaBIOS");
+    let fw = format!("--firmware={}", bios.display());
+    let restored = VmProcess::start(
+        &s,
+        "dst",
+        &[
+            "restore",
+            ckpt.to_str().expect("utf-8"),
+            &fw,
+            "--disk",
+            &disk_opt,
+        ],
+    );
+    restored.wait_serial("dirtier: ready", BOOT);
+    restored.wait_heartbeats(100, BOOT);
+    let report = restored.oracle(&s, "restored");
+    assert!(report.passes + report.cursor > 0, "{report:?}");
+    restored.quit();
+
+    // A restore without firmware is refused by name, before the guest runs.
+    let mut refused = VmProcess::spawn(
+        &s,
+        "nofw",
+        &[
+            "restore",
+            ckpt.to_str().expect("utf-8"),
+            "--fw-cfg",
+            "--disk",
+            &disk_opt,
+        ],
+    );
+    assert_eq!(refused.wait_exit(BOOT), Some(1));
+    let err = refused.stderr_text();
+    assert!(err.contains("rom:pc.bios"), "{err}");
+}
+
+/// The memory a firmware-booted guest sees is the map SeaBIOS reports: RAM
+/// from 1 MiB up, the BIOS's own areas reserved, and the dirtier's memory
+/// contract intact (checked on a raw dump).
+#[test]
+fn a_seabios_booted_guest_passes_the_oracle_on_a_dump() {
+    require_kvm();
+    let s = Scratch::new();
+    let disk = boot_disk(&s, "boot.img", "ws=4M");
+    let disk_opt = disk.display().to_string();
+    let vm = booted(
+        &s,
+        "src",
+        &[
+            "run",
+            "-m",
+            "96M",
+            "--firmware",
+            "--ide-disk",
+            &disk_opt,
+            "--smp",
+            "2",
+        ],
+    );
+    vm.ok("pause");
+    let image = s.path("mem.img");
+    vm.ok(&format!("dump {}", image.display()));
+    let report = oracle(&image);
+    assert!(report.passes + report.cursor > 0, "{report:?}");
+    // SeaBIOS's f-segment copy is in RAM where QEMU's pc shows it: the reset
+    // jump and the BIOS date (the last byte is the checksum SeaBIOS sets).
+    let mem = std::fs::read(&image).expect("dump");
+    let bios = std::fs::read(SEABIOS).expect("SeaBIOS");
+    assert_eq!(
+        &mem[0xffff0..0xfffff],
+        &bios[bios.len() - 16..bios.len() - 1]
+    );
+    vm.quit();
+}
