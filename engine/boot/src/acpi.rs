@@ -8,7 +8,7 @@
 //! | file | what |
 //! |------|------|
 //! | [`ACPI_RSDP_FILE`] `etc/acpi/rsdp` | the RSDP (revision 2, 36 bytes) |
-//! | [`ACPI_TABLES_FILE`] `etc/acpi/tables` | FACS, DSDT, FADT, MADT, RSDT, XSDT back to back; every pointer holds the offset of its target in this file |
+//! | [`ACPI_TABLES_FILE`] `etc/acpi/tables` | FACS, DSDT, FADT, MADT, WAET, RSDT, XSDT back to back; every pointer holds the offset of its target in this file |
 //! | [`ACPI_TABLE_LOADER_FILE`] `etc/table-loader` | QEMU's BIOS linker/loader script: 128-byte commands |
 //!
 //! SeaBIOS (`romfile_loader_execute("etc/table-loader")`) runs the script:
@@ -28,7 +28,8 @@
 //!
 //! # The tables
 //!
-//! - FADT revision 3 (ACPI 2.0, 244 bytes, as QEMU's piix): PM1a event block at
+//! - FADT revision 3 (ACPI 2.0, 244 bytes; QEMU 7.2's piix FADT is revision 1,
+//!   116 bytes, without the reset register and the 64-bit fields): PM1a event block at
 //!   `pm_base`, PM1a control at `pm_base + 4`, PM timer at `pm_base + 8`, GPE0
 //!   at `0xafe0` (4 bytes), SCI on IRQ 9, reset register `0xcf9` value 6,
 //!   century at CMOS `0x32`; flags WBINVD, PROC_C1, SLP_BUTTON (no sleep
@@ -45,6 +46,7 @@
 //! - DSDT: `\_SB.PCI0` (PNP0A03) with `_CRS` and `_PRT`, the PIIX3 ISA bridge
 //!   with the keyboard, COM1 and RTC, the IDE function, the given PCI
 //!   functions, a processor device (ACPI0007) per vCPU, `\_GPE` and `\_S5`.
+//! - WAET (Windows: the PM timer is good), as QEMU.
 //!
 //! # PCI interrupts
 //!
@@ -78,8 +80,12 @@ pub const ACPI_TABLES_FILE: &str = "etc/acpi/tables";
 /// fw_cfg file holding the BIOS linker/loader script.
 pub const ACPI_TABLE_LOADER_FILE: &str = "etc/table-loader";
 
-/// Where SeaBIOS programs the PIIX4 PM I/O base (PMBASE of 8086:7113).
-pub const ACPI_PM_BASE: u16 = 0xb000;
+/// Where SeaBIOS 1.16 programs the PIIX4 PM I/O base (PMBASE, config 0x40 of
+/// 8086:7113): its `acpi_pm_base`, 0x600. (Old SeaBIOS used 0xb000.) A guest
+/// of QEMU 7.2 `pc` with Debian's SeaBIOS 1.16.2 reports `ACPI: PM-Timer IO
+/// Port: 0x608`. QEMU builds its FADT after the firmware programmed PMBASE;
+/// ferry builds the tables first, so they name where SeaBIOS will put it.
+pub const ACPI_PM_BASE: u16 = 0x600;
 /// QEMU's PIIX4 GPE0 block.
 pub const ACPI_GPE0_BASE: u16 = 0xafe0;
 /// Length of the GPE0 block in bytes.
@@ -100,8 +106,10 @@ pub const ACPI_RESET_VALUE: u8 = 0x06;
 pub const ACPI_RTC_CENTURY: u8 = 0x32;
 /// Last address of the 32-bit PCI hole (the I/O APIC follows).
 pub const ACPI_PCI_HOLE_END: u32 = 0xfebf_ffff;
-/// Size of the 64-bit PCI window (QEMU's default `pci-hole64-size`).
-pub const ACPI_PCI_HOLE64_SIZE: u64 = 32 << 30;
+/// Size of the 64-bit PCI window: the i440FX's default `pci-hole64-size`
+/// (2 GiB; the Q35's is 32 GiB). A 512 MiB QEMU 7.2 `pc` guest reports
+/// `root bus resource [mem 0x100000000-0x17fffffff window]`.
+pub const ACPI_PCI_HOLE64_SIZE: u64 = 2 << 30;
 /// Most vCPUs the tables describe (ferry's vCPU limit, as the MP table).
 pub const ACPI_MAX_CPUS: u32 = MPTABLE_MAX_CPUS;
 /// Where [`write_acpi_tables`] puts the RSDP: 16-byte aligned in the BIOS
@@ -255,7 +263,7 @@ pub struct AcpiConfig {
     /// Bytes of RAM above 4 GiB: the 64-bit PCI window starts at the next
     /// GiB boundary past it.
     pub high_ram_bytes: u64,
-    /// Size of the 64-bit PCI window (0: none).
+    /// Size of the 64-bit PCI window (0: none), [`ACPI_PCI_HOLE64_SIZE`].
     pub pci_hole64_size: u64,
     /// OEM ID of every table and the RSDP.
     pub oem_id: [u8; 6],
@@ -831,6 +839,16 @@ fn madt(config: &AcpiConfig) -> Vec<u8> {
     t
 }
 
+/// Windows ACPI Emulated devices Table, as QEMU's: "ACPI PM timer good"
+/// (one read of the PM timer gives a reliable value; Windows then skips
+/// re-reading it). Other guests ignore it.
+fn waet(config: &AcpiConfig) -> Vec<u8> {
+    let mut t = header(b"WAET");
+    t.extend((1u32 << 1).to_le_bytes());
+    finish_table(&mut t, 1, config);
+    t
+}
+
 struct Linker {
     blob: Vec<u8>,
     commands: Vec<LoaderCommand>,
@@ -899,7 +917,8 @@ pub fn build_acpi_tables(config: &AcpiConfig) -> Result<(AcpiFwCfg, TableOffsets
     l.pointer(ACPI_TABLES_FILE, fadt_at + 40, 4); // DSDT
     l.pointer(ACPI_TABLES_FILE, fadt_at + 140, 8); // X_DSDT
     let madt_at = l.add(madt(config));
-    let entries = [fadt_at, madt_at];
+    let waet_at = l.add(waet(config));
+    let entries = [fadt_at, madt_at, waet_at];
 
     let mut rsdt = header(b"RSDT");
     for e in entries {

@@ -93,6 +93,7 @@ struct Found {
     dsdt: Vec<u8>,
     dsdt_addr: u64,
     madt: Vec<u8>,
+    waet: Vec<u8>,
 }
 
 fn check_table(t: &[u8], sig: &[u8; 4], revision: u8) {
@@ -125,7 +126,10 @@ fn walk(mem: &dyn Phys, rsdp_addr: u64) -> Found {
     let from_xsdt: Vec<u64> = xsdt[36..].chunks(8).map(|e| u64_at(e, 0)).collect();
     assert_eq!(from_rsdt, from_xsdt, "RSDT and XSDT list the same tables");
     let sigs: Vec<Vec<u8>> = from_rsdt.iter().map(|&a| mem.read(a, 4)).collect();
-    assert_eq!(sigs, [b"FACP".to_vec(), b"APIC".to_vec()]);
+    assert_eq!(sigs, [b"FACP".to_vec(), b"APIC".to_vec(), b"WAET".to_vec()]);
+    let waet = mem.table(from_rsdt[2]);
+    check_table(&waet, b"WAET", 1);
+    assert_eq!(u32_at(&waet, 36), 2, "ACPI PM timer good");
 
     let fadt_addr = from_rsdt[0];
     let fadt = mem.table(fadt_addr);
@@ -151,6 +155,7 @@ fn walk(mem: &dyn Phys, rsdp_addr: u64) -> Found {
         dsdt,
         dsdt_addr,
         madt,
+        waet,
     }
 }
 
@@ -171,7 +176,7 @@ fn linked_tables_chain_from_the_rsdp_with_valid_checksums() {
         assert_eq!(found.facs_addr, HIGH_ADDR);
         assert!(found.dsdt_addr > HIGH_ADDR && found.fadt_addr > HIGH_ADDR);
         assert_eq!(found.facs[32], 0, "FACS version as QEMU's");
-        assert_eq!(found.rsdt.len(), 36 + 2 * 4);
+        assert_eq!(found.rsdt.len(), 36 + 3 * 4);
     }
 }
 
@@ -272,9 +277,9 @@ fn fadt_describes_the_piix4_pm_as_qemu() {
     assert_eq!(u16_at(f, 46), 9, "SCI_INT");
     assert_eq!(u32_at(f, 48), 0xb2, "SMI_CMD");
     assert_eq!((f[52], f[53]), (0xf1, 0xf0), "ACPI_ENABLE, ACPI_DISABLE");
-    assert_eq!(u32_at(f, 56), 0xb000, "PM1a_EVT_BLK");
-    assert_eq!(u32_at(f, 64), 0xb004, "PM1a_CNT_BLK");
-    assert_eq!(u32_at(f, 76), 0xb008, "PM_TMR_BLK");
+    assert_eq!(u32_at(f, 56), 0x600, "PM1a_EVT_BLK");
+    assert_eq!(u32_at(f, 64), 0x604, "PM1a_CNT_BLK");
+    assert_eq!(u32_at(f, 76), 0x608, "PM_TMR_BLK");
     assert_eq!(u32_at(f, 80), 0xafe0, "GPE0_BLK");
     assert_eq!(&f[88..93], &[4, 2, 0, 4, 4], "block lengths");
     assert_eq!(u16_at(f, 96), 0xfff, "no C2");
@@ -292,9 +297,9 @@ fn fadt_describes_the_piix4_pm_as_qemu() {
     assert_eq!(f[128], 6, "reset value");
     assert_eq!(u64_at(f, 132), 0, "X_FIRMWARE_CTRL: the 32-bit one is used");
     for (at, bits, port) in [
-        (148, 32, 0xb000),
-        (172, 16, 0xb004),
-        (208, 32, 0xb008),
+        (148, 32, 0x600),
+        (172, 16, 0x604),
+        (208, 32, 0x608),
         (220, 32, 0xafe0),
     ] {
         assert_eq!(&f[at..at + 4], &[1, bits, 0, 0], "GAS at {at}");
@@ -392,12 +397,12 @@ fn table_loader_script_is_qemus_format() {
         Some(&(ACPI_RSDP_FILE.into(), 0, 36)),
         "the extended checksum last"
     );
-    // FADT FIRMWARE_CTRL, DSDT, X_DSDT; 2 RSDT and 2 XSDT entries; RSDP's 2.
+    // FADT FIRMWARE_CTRL, DSDT, X_DSDT; 3 RSDT and 3 XSDT entries; RSDP's 2.
     let pointers = commands
         .iter()
         .filter(|c| matches!(c, LoaderCommand::AddPointer { .. }))
         .count();
-    assert_eq!(pointers, 3 + 2 + 2 + 2);
+    assert_eq!(pointers, 3 + 3 + 3 + 2);
 }
 
 #[test]
@@ -518,10 +523,10 @@ fn pci_interrupts_follow_seabios_piix_routing() {
 fn pci0_windows_follow_the_ram_layout() {
     let small = AcpiConfig::new(1, &MemoryLayout::new(512 << 20).unwrap());
     assert_eq!(small.low_ram_end, 512 << 20);
-    assert_eq!(small.pci_hole64(), Some((4 * GIB, 36 * GIB - 1)));
+    assert_eq!(small.pci_hole64(), Some((4 * GIB, 6 * GIB - 1)));
     let big = config(1);
     assert_eq!(big.low_ram_end, 3 * GIB);
-    assert_eq!(big.pci_hole64(), Some((7 * GIB, 39 * GIB - 1)));
+    assert_eq!(big.pci_hole64(), Some((7 * GIB, 9 * GIB - 1)));
     let mut none = big.clone();
     none.pci_hole64_size = 0;
     assert_eq!(none.pci_hole64(), None);
@@ -579,6 +584,7 @@ fn dump_linked(c: &AcpiConfig, dir: &Path) -> Found {
         ("facp", &found.fadt),
         ("apic", &found.madt),
         ("facs", &found.facs),
+        ("waet", &found.waet),
     ] {
         std::fs::write(dir.join(format!("{name}.dat")), t).expect("write table");
     }
@@ -609,7 +615,7 @@ fn iasl_disassembles_the_tables() {
     let d = dir.path();
     let c = config(4);
     let found = dump_linked(&c, d);
-    for t in ["dsdt", "facp", "apic"] {
+    for t in ["dsdt", "facp", "apic", "waet"] {
         let out = run_tool(d, "iasl", &["-d", &format!("{t}.dat")]);
         assert!(
             !out.contains("Error") && !out.contains("Warning"),
@@ -624,9 +630,9 @@ fn iasl_disassembles_the_tables() {
         "SCI Interrupt : 0009".into(),
         "SMI Command Port : 000000B2".into(),
         "ACPI Enable Value : F1".into(),
-        "PM1A Event Block Address : 0000B000".into(),
-        "PM1A Control Block Address : 0000B004".into(),
-        "PM Timer Block Address : 0000B008".into(),
+        "PM1A Event Block Address : 00000600".into(),
+        "PM1A Control Block Address : 00000604".into(),
+        "PM Timer Block Address : 00000608".into(),
         "GPE0 Block Address : 0000AFE0".into(),
         "RTC Century Index : 32".into(),
         "8042 Present on ports 60/64 (V2) : 1".into(),
@@ -675,6 +681,11 @@ fn iasl_disassembles_the_tables() {
         assert!(dsdt.contains(want), "DSDT lacks {want:?}:\n{dsdt}");
     }
     assert!(!dsdt.contains("Device (C004)"));
+    assert!(
+        read("waet.dsl").contains("PM timer, one read only : 1"),
+        "{}",
+        read("waet.dsl")
+    );
 
     // Compile the disassembly again: iasl's semantic checks of ASL.
     let out = run_tool(d, "iasl", &["-p", "recompiled", "dsdt.dsl"]);
