@@ -221,8 +221,17 @@ pub struct PciFunction {
     pub slot: u8,
     /// Function, 0 to 7.
     pub function: u8,
-    /// Its INTx pin, if it has one.
+    /// Its INTx pin, if it has one. The `_PRT` routes every slot and pin, so
+    /// the tables do not depend on it; [`PciFunction::gsi`] says where the
+    /// VMM must wire it.
     pub pin: Option<IntxPin>,
+}
+
+impl PciFunction {
+    /// The GSI the function's INTx raises ([`pci_intx_gsi`]), if it has a pin.
+    pub fn gsi(&self) -> Option<u8> {
+        self.pin.map(|pin| pci_intx_gsi(self.slot, pin))
+    }
 }
 
 /// What the ACPI tables describe. [`AcpiConfig::new`] gives QEMU's `pc`

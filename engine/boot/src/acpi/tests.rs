@@ -517,6 +517,20 @@ fn pci_interrupts_follow_seabios_piix_routing() {
     assert_eq!(pci_intx_gsi(3, IntxPin::B), 11);
     assert_eq!(pci_intx_gsi(3, IntxPin::C), 10);
     assert_eq!(pci_intx_gsi(31, IntxPin::D), 10);
+    let virtio = PciFunction {
+        slot: 4,
+        function: 0,
+        pin: Some(IntxPin::A),
+    };
+    assert_eq!(virtio.gsi(), Some(11));
+    assert_eq!(
+        PciFunction {
+            pin: None,
+            ..virtio
+        }
+        .gsi(),
+        None
+    );
 }
 
 #[test]
