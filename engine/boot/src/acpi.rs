@@ -58,6 +58,21 @@
 //! (LNKA-LNKD, PNP0C0F) that read and write the PIIX3 PIRQ registers; the GSIs
 //! here are what those links hold after SeaBIOS, and the VMM need not emulate
 //! the PIRQ registers.
+//!
+//! # Compared with QEMU 7.2's `pc`
+//!
+//! Linux derives the same machine from these tables as from QEMU's (PM timer,
+//! interrupt overrides, CPUs, PCI windows, COM1, RTC, PCI INTx IRQs; see the
+//! `real_kernel` test). The differences, on purpose:
+//! - RSDP revision 2 with an XSDT beside the RSDT (QEMU: revision 0, RSDT
+//!   only); FADT revision 3 with the reset register and X_ fields (QEMU: 1).
+//! - No HPET table (Nova turns the HPET off), no HPET, floppy, parallel port
+//!   or PS/2 mouse devices, no PCI or CPU hotplug AML, no `_S3`/`_S4` (ferry
+//!   does not emulate sleep states; QEMU offers them unless `disable_s3/s4`).
+//! - `_PRT` to GSIs instead of LNKA-LNKD/LNKS link devices (see above).
+//! - No `_ADR` on PCI0 beside its `_HID` (ACPI allows one of them).
+//! - The I/O APIC ID is the vCPU count, as in ferry's MP table (QEMU: 0).
+//! - Processor devices (ACPI0007) instead of QEMU's `Processor` objects.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -882,8 +897,8 @@ impl Linker {
         at as u32
     }
 
-    /// Declares the `size`-byte field at `field` of the table at `table` a
-    /// pointer into the tables file.
+    /// Declares the `size`-byte field at offset `at` of file `dest` a pointer
+    /// into the tables file.
     fn pointer(&mut self, dest: &str, at: u32, size: u8) {
         self.commands.push(LoaderCommand::AddPointer {
             dest_file: dest.into(),
