@@ -141,4 +141,8 @@ pub enum BootError {
     /// The SMBIOS tables cannot be built from the configuration.
     #[error("cannot build the SMBIOS tables")]
     Smbios(#[from] crate::smbios::SmbiosError),
+
+    /// The ACPI tables cannot be built or placed.
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[from] crate::acpi::AcpiError),
 }

@@ -40,6 +40,7 @@
 
 #![forbid(unsafe_code)]
 
+mod acpi;
 mod error;
 mod extract;
 mod layout;
@@ -48,6 +49,7 @@ mod mptable;
 mod regs;
 mod smbios;
 
+pub use acpi::*;
 pub use error::BootError;
 pub use extract::extract_vmlinux;
 pub use layout::*;
