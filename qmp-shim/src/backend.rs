@@ -44,6 +44,9 @@ pub struct MachineConfig {
     /// `-boot strict=on`: the firmware boots only the devices that have a
     /// `bootindex` (the `bootorder` file ends in `HALT`).
     pub boot_strict: bool,
+    /// ACPI (the PIIX4 power management and the tables), unless `-no-acpi`
+    /// or `-machine acpi=off`: only a guest booted through firmware has it.
+    pub acpi: bool,
     pub initrd: Option<PathBuf>,
     pub append: String,
     /// 16550 ports with their chardev (pty, file, socket, stdio, fdset log).

@@ -349,6 +349,7 @@ fn firmware(config: &MachineConfig) -> Option<FirmwareConfig> {
     config.firmware.as_ref().map(|path| FirmwareConfig {
         path: path.clone(),
         smbios: config.smbios.clone(),
+        acpi: config.acpi,
     })
 }
 
@@ -998,8 +999,15 @@ impl Backend for FerryBackend {
     }
 
     fn system_powerdown(&mut self) -> Result<(), BackendError> {
-        // ferry models no ACPI power button: like QEMU with a guest that
-        // ignores it, the event is all that happens.
+        // The ACPI power button of a guest booted through firmware; a guest
+        // without ACPI, or one that did not enable the button, ignores it as
+        // in QEMU: the event is all that happens.
+        let inner = self.shared.lock()?;
+        let pressed = inner.guest.as_ref().is_some_and(|g| g.press_power_button());
+        tracing::info!(
+            "system_powerdown: the guest {} the power button",
+            if pressed { "sees" } else { "ignores" }
+        );
         self.shared.events.emit("POWERDOWN", None);
         Ok(())
     }

@@ -166,3 +166,124 @@ fn a_seabios_booted_guest_passes_the_oracle_on_a_dump() {
     );
     vm.quit();
 }
+
+fn u32_at(mem: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(mem[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(mem: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(mem[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The ACPI table at `at` (signature, whole length), its checksum checked.
+fn table(mem: &[u8], at: usize) -> (&[u8], &[u8]) {
+    let len = u32_at(mem, at + 4) as usize;
+    let t = &mem[at..at + len];
+    let sum = t.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+    assert_eq!(sum, 0, "{} checksum", String::from_utf8_lossy(&t[..4]));
+    (&t[..4], t)
+}
+
+/// SeaBIOS installs the tables ferry's fw_cfg offers it, and a guest finds
+/// them as an OS does: the SMBIOS entry point (read by Debian's `dmidecode`
+/// from the guest's memory) and the ACPI RSDP in the BIOS area, its XSDT
+/// leading to the FADT (PM timer at 0x608, where SeaBIOS put the PM block),
+/// a MADT with both vCPUs, and a DSDT that `iasl -d` disassembles.
+#[test]
+fn the_firmware_installs_ferrys_smbios_and_acpi_tables() {
+    require_kvm();
+    let s = Scratch::new();
+    let disk = boot_disk(&s, "boot.img", "ws=1M");
+    let disk_opt = disk.display().to_string();
+    let vm = booted(
+        &s,
+        "src",
+        &[
+            "run",
+            "-m",
+            "64M",
+            "--smp",
+            "2",
+            "--firmware",
+            "--ide-disk",
+            &disk_opt,
+            "--smbios",
+            "type=1,manufacturer=Ferry Labs,product=Nova-ish,serial=abc-123",
+        ],
+    );
+    vm.ok("pause");
+    let image = s.path("mem.img");
+    vm.ok(&format!("dump {}", image.display()));
+    vm.quit();
+
+    let out = std::process::Command::new("dmidecode")
+        .args(["--no-sysfs", "--dev-mem"])
+        .arg(&image)
+        .args(["-t", "1"])
+        .output()
+        .expect("dmidecode (apt-get install dmidecode)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for line in [
+        "Manufacturer: Ferry Labs",
+        "Product Name: Nova-ish",
+        "Serial Number: abc-123",
+    ] {
+        assert!(text.contains(line), "{line:?} not in:\n{text}");
+    }
+
+    let mem = std::fs::read(&image).expect("dump");
+    let rsdp = (0xe0000..0x10_0000)
+        .step_by(16)
+        .find(|&a| &mem[a..a + 8] == b"RSD PTR ")
+        .expect("an RSDP in the BIOS area");
+    assert_eq!(mem[rsdp + 15], 2, "ACPI 2.0 RSDP");
+    let xsdt = u64_at(&mem, rsdp + 24) as usize;
+    let (sig, x) = table(&mem, xsdt);
+    assert_eq!(sig, b"XSDT");
+    let entries: Vec<usize> = x[36..]
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8")) as usize)
+        .collect();
+    let find = |want: &[u8]| {
+        entries
+            .iter()
+            .map(|&a| table(&mem, a))
+            .find(|(sig, _)| *sig == want)
+            .unwrap_or_else(|| panic!("no {} table", String::from_utf8_lossy(want)))
+            .1
+    };
+    let fadt = find(b"FACP");
+    assert_eq!(u32_at(fadt, 76), 0x608, "PM timer block");
+    assert_eq!(u32_at(fadt, 64), 0x604, "PM1a control block");
+    let madt = find(b"APIC");
+    let mut at = 44;
+    let mut cpus = 0;
+    while at + 2 <= madt.len() {
+        let (kind, len) = (madt[at], madt[at + 1] as usize);
+        if kind == 0 {
+            cpus += 1;
+        }
+        at += len.max(2);
+    }
+    assert_eq!(cpus, 2, "one local APIC per vCPU");
+    let dsdt = u64_at(fadt, 140) as usize;
+    let (sig, dsdt) = table(&mem, dsdt);
+    assert_eq!(sig, b"DSDT");
+    let aml = s.path("dsdt.aml");
+    std::fs::write(&aml, dsdt).expect("write DSDT");
+    let out = std::process::Command::new("iasl")
+        .arg("-d")
+        .arg(&aml)
+        .output()
+        .expect("iasl (apt-get install acpica-tools)");
+    assert!(
+        out.status.success(),
+        "iasl -d: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dsl = std::fs::read_to_string(s.path("dsdt.dsl")).expect("iasl wrote dsdt.dsl");
+    for needle in ["PNP0A03", "_PRT", "_S5_", "PNP0501"] {
+        assert!(dsl.contains(needle), "{needle} not in the DSDT");
+    }
+}

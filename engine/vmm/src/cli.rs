@@ -117,6 +117,12 @@ pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
          and operations of disks, frames of NICs, bytes of entropy devices, pages of the \
          balloon (inflated, deflated, discard failures).",
     ),
+    (
+        "powerdown",
+        "Press the ACPI power button (a VM booted through firmware has one, unless \
+         --no-acpi): pressed is true when the guest enabled the button and sees the \
+         event. A guest that handles it powers off, and ferry-vm exits with status 0.",
+    ),
     ("quit", "Stop the VM and exit with status 0."),
 ];
 
@@ -231,6 +237,11 @@ pub struct Common {
         value_parser = parse_firmware
     )]
     pub firmware: Option<crate::firmware::FirmwareConfig>,
+    /// With --firmware: no ACPI (QEMU's -no-acpi): no PIIX4 power management
+    /// function (00:01.3) and no ACPI tables. A migration destination or
+    /// restore must be given the same.
+    #[arg(long, requires = "firmware")]
+    pub no_acpi: bool,
 }
 
 impl Common {
@@ -240,6 +251,16 @@ impl Common {
         self.fw_cfg
             .clone()
             .or_else(|| self.firmware.as_ref().map(|_| Default::default()))
+    }
+
+    /// The firmware the VM boots through, with or without ACPI.
+    pub fn firmware_config(&self) -> Option<crate::firmware::FirmwareConfig> {
+        self.firmware
+            .clone()
+            .map(|fw| crate::firmware::FirmwareConfig {
+                acpi: !self.no_acpi,
+                ..fw
+            })
     }
 }
 

@@ -291,10 +291,11 @@ fn handle(vm: &mut Vm, line: &str) -> (Value, bool) {
         "dirty-rate" => dirty_rate(vm, arg),
         "balloon" => balloon(vm, arg),
         "devices" => Ok(devices(vm)),
+        "powerdown" => Ok(json!({"pressed": vm.press_power_button()})),
         _ => Err(VmmError::Command(format!(
             "unknown command '{cmd}': use status, pause, resume, checkpoint PATH, dump PATH, \
              announce, dirty-rate [SECONDS [PAGES-PER-GIB]], balloon [PAGES|stats SECONDS], \
-             devices or quit"
+             devices, powerdown or quit"
         ))),
     };
     match result {

@@ -40,6 +40,10 @@ pub struct FirmwareConfig {
     /// `etc/smbios/smbios-anchor` and `etc/smbios/smbios-tables`); `None` for
     /// none. The type 4 processor ID is filled in from the guest's CPUID.
     pub smbios: Option<ferry_boot::SmbiosConfig>,
+    /// ACPI (QEMU's default; `-no-acpi` turns it off): the PIIX4 PM function
+    /// at 00:01.3 with its power button, and the ACPI tables fw_cfg offers
+    /// the firmware (`etc/acpi/tables`, `etc/acpi/rsdp`, `etc/table-loader`).
+    pub acpi: bool,
 }
 
 impl Default for FirmwareConfig {
@@ -47,6 +51,7 @@ impl Default for FirmwareConfig {
         Self {
             path: PathBuf::from(DEFAULT_BIOS),
             smbios: None,
+            acpi: true,
         }
     }
 }

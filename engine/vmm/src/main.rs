@@ -67,8 +67,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             // Through firmware, the SMBIOS tables are fw_cfg files the firmware
             // installs; with a kernel, ferry writes them below 1 MiB.
             let firmware = common
-                .firmware
-                .clone()
+                .firmware_config()
                 .map(|fw| ferry_vmm::firmware::FirmwareConfig {
                     smbios: Some(tables.clone()),
                     ..fw
@@ -132,7 +131,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     virtio: common.virtio()?,
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg_config(),
-                    firmware: common.firmware.clone(),
+                    firmware: common.firmware_config(),
                 },
                 &mut || {},
                 // A file carries one stream; the listener ignores more for it.
@@ -158,7 +157,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     virtio: common.virtio()?,
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg_config(),
-                    firmware: common.firmware.clone(),
+                    firmware: common.firmware_config(),
                 },
             )
             .map_err(|e| match e {

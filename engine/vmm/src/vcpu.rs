@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::cpu::VcpuState;
+use crate::devices::acpi_pm::PmAction;
 use crate::devices::fw_cfg::FwCfg;
 use crate::devices::ide::Piix3;
 use crate::devices::pci::PciBus;
@@ -273,7 +274,8 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<Gues
     }
 }
 
-/// ACPI PM1a control port (QEMU's q35 address): writing SLP_EN powers off.
+/// On a VM without ACPI (booted with a kernel), the PM1a control port where
+/// SeaBIOS 1.16 puts it: writing SLP_EN powers off (the dirtier's poweroff=N).
 const PM1A_CNT: u16 = 0x604;
 const SLP_EN: u16 = 1 << 13;
 /// Reset control register.
@@ -305,6 +307,14 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
             fw_cfg.io_write(port, data);
         }
         return None;
+    }
+    if let Some(Ok(mut pm)) = ctx.pci.pm().map(|pm| pm.lock()) {
+        if pm.claims_port(port) {
+            return match pm.io_write(port, data) {
+                PmAction::PowerOff => Some(GuestExit::Poweroff),
+                PmAction::None => None,
+            };
+        }
     }
     let value = data
         .iter()
@@ -347,6 +357,12 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
         }
         return;
     }
+    if let Some(Ok(mut pm)) = ctx.pci.pm().map(|pm| pm.lock()) {
+        if pm.claims_port(port) {
+            pm.io_read(port, data);
+            return;
+        }
+    }
     // Nothing else is decoded: an open bus reads all ones.
     data.fill(0xff);
 }
@@ -370,7 +386,7 @@ mod tests {
         });
         VcpuContext {
             com1: Arc::new(Mutex::new(Com1::new(irq, sink))),
-            pci: Arc::new(PciBus::new(Vec::new(), None)),
+            pci: Arc::new(PciBus::new(Vec::new(), None, None)),
             fw_cfg,
             exits: mpsc::channel().0,
             msr_indices: Arc::new(RwLock::new(Vec::new())),

@@ -17,6 +17,7 @@ use ferry_kvm::{Backing, GuestRam};
 
 use crate::cpu::model::{self, CpuModel, CpuidLeaf};
 use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
+use crate::devices::acpi_pm::{AcpiPm, AcpiPmState};
 use crate::devices::disk_image::Mode;
 use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState};
 use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
@@ -111,11 +112,13 @@ impl VirtioSpec {
     }
 }
 
-/// Builds the PCI bus with `specs` and, with IDE drives, the PIIX3, checking
-/// their slots.
+/// Builds the PCI bus with `specs` and, with IDE drives or `acpi`, the
+/// PIIX3 (with `acpi`, also the PIIX4 PM function beside it), checking their
+/// slots.
 fn build_pci(
     specs: &[VirtioSpec],
     ide: &[IdeDriveConfig],
+    acpi: bool,
     ram: &Arc<GuestRam>,
     vm: &Arc<VmFd>,
     disks: Disks,
@@ -128,10 +131,10 @@ fn build_pci(
                 spec.id, spec.slot
             )));
         }
-        if spec.slot == PIIX3_SLOT && !ide.is_empty() {
+        if spec.slot == PIIX3_SLOT && (!ide.is_empty() || acpi) {
             return Err(VmmError::Config(format!(
-                "{}: PCI slot {PIIX3_SLOT:#x} holds the PIIX3 (IDE controller) on a VM with \
-                 IDE drives",
+                "{}: PCI slot {PIIX3_SLOT:#x} holds the PIIX3 (IDE controller, ACPI power \
+                 management) on a VM with IDE drives or ACPI",
                 spec.id
             )));
         }
@@ -161,7 +164,7 @@ fn build_pci(
         devices.push((spec.slot, Arc::new(Mutex::new(dev))));
     }
     devices.sort_by_key(|(slot, _)| *slot);
-    let piix3 = if ide.is_empty() {
+    let piix3 = if ide.is_empty() && !acpi {
         None
     } else {
         let piix3 = Piix3::new(
@@ -178,7 +181,8 @@ fn build_pci(
         })?;
         Some(Arc::new(Mutex::new(piix3)))
     };
-    let bus = PciBus::new(devices, piix3);
+    let pm = acpi.then(|| Arc::new(Mutex::new(AcpiPm::new(Arc::new(KvmIrqLine(vm.clone()))))));
+    let bus = PciBus::new(devices, piix3, pm);
     bus.start_workers().map_err(VmmError::Config)?;
     Ok(bus)
 }
@@ -240,6 +244,9 @@ pub struct DevicesState {
     /// in streams from before firmware boot, which keep the reset values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_host: Option<Vec<u32>>,
+    /// The PIIX4 PM function (absent on a VM without ACPI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acpi_pm: Option<AcpiPmState>,
     /// The firmware ROM (absent on a VM booted with a kernel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<FirmwareState>,
@@ -337,7 +344,15 @@ impl Vm {
             .try_clone()
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
         let com1 = Arc::new(Mutex::new(Com1::new(irq, sink.clone())));
-        let pci = Arc::new(build_pci(&config.virtio, &config.ide, &ram, &vm, disks)?);
+        let acpi = config.firmware.as_ref().is_some_and(|f| f.acpi);
+        let pci = Arc::new(build_pci(
+            &config.virtio,
+            &config.ide,
+            acpi,
+            &ram,
+            &vm,
+            disks,
+        )?);
         let firmware = match &config.firmware {
             Some(fw) => {
                 if config.fw_cfg.is_none() {
@@ -385,7 +400,7 @@ impl Vm {
             let mut dev = dev
                 .lock()
                 .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?;
-            firmware_files(fw, &layout, &cpuid, &mut dev)?;
+            firmware_files(fw, &layout, &cpuid, &config, &mut dev)?;
         }
         let host_cpu = matches!(config.cpu, CpuModel::Host);
         let msr_indices = Arc::new(RwLock::new(checkpoint_msrs(
@@ -705,6 +720,9 @@ impl Vm {
                 names.extend(fw_cfg.shape_names());
             }
         }
+        if self.pci.pm().is_some() {
+            names.push(format!("piix4-pm@{PIIX3_SLOT:02x}.3"));
+        }
         if let Some(fw) = &self.firmware {
             names.push(fw.shape_name());
         }
@@ -781,6 +799,14 @@ impl Vm {
             ide,
             fw_cfg,
             pci_host: Some(self.pci.bridge_registers()),
+            acpi_pm: match self.pci.pm() {
+                Some(pm) => Some(
+                    pm.lock()
+                        .map_err(|_| VmmError::Config("PIIX4 PM lock poisoned".into()))?
+                        .state(),
+                ),
+                None => None,
+            },
             firmware: self.firmware.as_ref().map(Firmware::state),
         })
     }
@@ -886,6 +912,7 @@ impl Vm {
         if let Some(regs) = &devices.pci_host {
             self.pci.check_bridge(regs).map_err(VmmError::Restore)?;
         }
+        self.check_pm_state(devices.acpi_pm.as_ref())?;
         let mut clock = vm.clock;
         clock.flags = 0;
         self.vm
@@ -942,6 +969,12 @@ impl Vm {
         if let Some(regs) = &devices.pci_host {
             self.pci.restore_bridge(regs).map_err(VmmError::Restore)?;
         }
+        if let (Some(pm), Some(state)) = (self.pci.pm(), &devices.acpi_pm) {
+            pm.lock()
+                .map_err(|_| VmmError::Config("PIIX4 PM lock poisoned".into()))?
+                .restore(state)
+                .map_err(VmmError::Restore)?;
+        }
         if let (Some(fw), Some(state)) = (&self.firmware, &devices.firmware) {
             fw.restore(state).map_err(VmmError::Firmware)?;
         }
@@ -994,6 +1027,34 @@ impl Vm {
         }
     }
 
+    /// Refuses PIIX4 PM state this VM could not load: present without ACPI,
+    /// absent with it, or refused by the device's checks.
+    fn check_pm_state(&self, state: Option<&AcpiPmState>) -> Result<(), VmmError> {
+        match (self.pci.pm(), state) {
+            (None, None) => Ok(()),
+            (Some(pm), Some(state)) => pm
+                .lock()
+                .map_err(|_| VmmError::Config("PIIX4 PM lock poisoned".into()))?
+                .check(state)
+                .map_err(VmmError::Restore),
+            (ours, _) => Err(VmmError::Restore(format!(
+                "the stream {} ACPI power management state; this VM {} ACPI",
+                if ours.is_some() { "has no" } else { "has" },
+                if ours.is_some() { "has" } else { "has no" }
+            ))),
+        }
+    }
+
+    /// Presses the ACPI power button (QEMU's `system_powerdown`): true when
+    /// the guest enabled it and sees the event; false when it has no ACPI or
+    /// did not enable the button (then nothing happens, as in QEMU).
+    pub fn press_power_button(&self) -> bool {
+        self.pci
+            .pm()
+            .and_then(|pm| pm.lock().ok())
+            .is_some_and(|mut pm| pm.press_power_button())
+    }
+
     /// Refuses firmware state this VM could not load: a ROM without
     /// firmware, none with it, or a ROM of another size.
     fn check_firmware_state(&self, state: Option<&FirmwareState>) -> Result<(), VmmError> {
@@ -1027,8 +1088,32 @@ fn firmware_files(
     fw: &FirmwareConfig,
     layout: &ferry_boot::MemoryLayout,
     cpuid: &[CpuidLeaf],
+    config: &VmConfig,
     dev: &mut FwCfg,
 ) -> Result<(), VmmError> {
+    if fw.acpi {
+        let mut acpi = ferry_boot::AcpiConfig::new(config.vcpus, layout);
+        // The virtio functions interrupt through MSI-X only (no INTx pin).
+        acpi.pci = config
+            .virtio
+            .iter()
+            .map(|v| ferry_boot::PciFunction {
+                slot: v.slot,
+                function: 0,
+                pin: None,
+            })
+            .collect();
+        acpi.pci.sort_by_key(|f| f.slot);
+        // No i8042 yet: SeaBIOS then skips its PS/2 probe.
+        acpi.keyboard = false;
+        let files = ferry_boot::AcpiFwCfg::new(&acpi)
+            .map_err(|e| VmmError::Boot(crate::error_chain(&e)))?
+            .into_files();
+        for (name, data) in files {
+            dev.add_file(name, data)
+                .map_err(|e| VmmError::Config(e.to_string()))?;
+        }
+    }
     if let Some(smbios) = &fw.smbios {
         let mut smbios = smbios.clone();
         if let Some(leaf1) = cpuid.iter().find(|l| l.function == 1) {

@@ -292,6 +292,7 @@ impl Invocation {
             kernel: self.kernel.clone(),
             firmware: self.firmware(machine)?,
             boot_strict: self.boot_strict()?,
+            acpi: self.acpi()?,
             initrd: self.initrd.clone(),
             append: self.append.clone().unwrap_or_default(),
             serials,
@@ -354,6 +355,16 @@ impl Invocation {
                 BIOS_DIRS.join(", ")
             ),
         ))
+    }
+
+    /// ACPI unless `-no-acpi` or `-machine acpi=off` (libvirt writes the
+    /// latter or the former when `<features><acpi/>` is absent).
+    fn acpi(&self) -> Result<bool, ArgvError> {
+        let off = match self.machine_props.get("acpi") {
+            None | Some("auto") => false,
+            Some(v) => !super::opts::parse_bool("-machine", "acpi", v)?,
+        };
+        Ok(!(self.no_acpi || off))
     }
 
     /// `-boot strict=on|off` (libvirt writes `strict=on`); other `-boot`
@@ -540,6 +551,7 @@ impl Invocation {
 
     fn check_misc(&self) -> Result<(), ArgvError> {
         let allowed_machine = [
+            "acpi",
             "usb",
             "dump-guest-core",
             "memory-backend",

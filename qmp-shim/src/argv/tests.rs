@@ -1621,7 +1621,11 @@ fn without_a_kernel_a_pc_guest_boots_through_firmware() {
         c.firmware.as_deref(),
         Some(std::path::Path::new(ferry_vmm::firmware::DEFAULT_BIOS))
     );
-    assert!(c.boot_strict);
+    assert!(c.boot_strict && c.acpi);
+    for no_acpi in ["-machine pc,acpi=off -accel kvm", "-machine pc -accel kvm -no-acpi"] {
+        let c = cfg(no_acpi).expect("ok").expect("vm");
+        assert!(!c.acpi, "{no_acpi}");
+    }
     let c = cfg("-machine pc -accel kvm -bios /x/my.bin")
         .expect("ok")
         .expect("vm");

@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+pub mod acpi_pm;
 pub mod disk_image;
 pub mod fw_cfg;
 pub mod ide;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 pub use config::{ConfigSpace, BAR0_REG};
 
+use crate::devices::acpi_pm::{AcpiPm, PM_FUNCTION};
 use crate::devices::ide::{Piix3, PIIX3_SLOT};
 use crate::devices::virtio::{VirtioPci, Worker};
 
@@ -59,8 +60,10 @@ pub struct PciBus {
     address: AtomicU32,
     bridge: Mutex<ConfigSpace>,
     devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>,
-    /// The PIIX3 in slot 1, on a VM with IDE drives.
+    /// The PIIX3 in slot 1, on a VM with IDE drives or ACPI.
     ide: Option<Arc<Mutex<Piix3>>>,
+    /// The PIIX4 PM function (00:01.3), on a VM with ACPI (and then a PIIX3).
+    pm: Option<Arc<Mutex<AcpiPm>>>,
     /// Device threads (virtio-net receive); emptied by [`Self::shutdown`].
     workers: Mutex<Vec<Worker>>,
 }
@@ -68,15 +71,27 @@ pub struct PciBus {
 impl PciBus {
     /// A bus with `devices` at their slots (1..=31, distinct; checked by the
     /// caller) and the PIIX3 `ide` in slot 1 (no virtio device may be there
-    /// then).
-    pub fn new(devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>, ide: Option<Arc<Mutex<Piix3>>>) -> Self {
+    /// then), with the PM function `pm` beside it (only with a PIIX3: its
+    /// function 0 makes the slot multi-function).
+    pub fn new(
+        devices: Vec<(u8, Arc<Mutex<VirtioPci>>)>,
+        ide: Option<Arc<Mutex<Piix3>>>,
+        pm: Option<Arc<Mutex<AcpiPm>>>,
+    ) -> Self {
+        debug_assert!(pm.is_none() || ide.is_some(), "PIIX4 PM without a PIIX3");
         Self {
             address: AtomicU32::new(0),
             bridge: Mutex::new(host_bridge()),
             devices,
             ide,
+            pm,
             workers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The PIIX4 PM function, if the VM has ACPI.
+    pub fn pm(&self) -> Option<&Arc<Mutex<AcpiPm>>> {
+        self.pm.as_ref()
     }
 
     /// Starts the device threads of the devices that have host input. The
@@ -199,6 +214,7 @@ impl PciBus {
                 Function::Piix3(p, function) => {
                     p.config_write(function, reg.register, offset, data)
                 }
+                Function::Pm(pm) => pm.config_write(reg.register, offset, data),
             });
         }
     }
@@ -220,6 +236,7 @@ impl PciBus {
                 Function::Piix3(p, function) => p
                     .config(function)
                     .map_or(0xffff_ffff, |c| c.read(reg.register)),
+                Function::Pm(pm) => pm.config().read(reg.register),
             })
         });
         if let Some(v) = value {
@@ -282,7 +299,11 @@ impl PciBus {
             return;
         }
         if let Some(ide) = self.ide.as_ref().filter(|_| t.slot == PIIX3_SLOT) {
-            if t.function <= 1 {
+            if t.function == PM_FUNCTION {
+                if let Some(Ok(mut pm)) = self.pm.as_ref().map(|p| p.lock()) {
+                    f(Function::Pm(&mut pm));
+                }
+            } else if t.function <= 1 {
                 if let Ok(mut p) = ide.lock() {
                     f(Function::Piix3(&mut p, t.function));
                 }
@@ -319,6 +340,8 @@ enum Function<'a> {
     Virtio(&'a mut VirtioPci),
     /// The PIIX3, and which of its functions.
     Piix3(&'a mut Piix3, u8),
+    /// The PIIX4 PM function.
+    Pm(&'a mut AcpiPm),
 }
 
 #[cfg(test)]
@@ -350,7 +373,7 @@ mod tests {
 
     #[test]
     fn the_firmware_programs_pam_and_smram_and_they_migrate() {
-        let bus = PciBus::new(Vec::new(), None);
+        let bus = PciBus::new(Vec::new(), None, None);
         // SeaBIOS's make_bios_writable: two dword writes over PAM0-6.
         config_write(&bus, 0x58, 0, &0x3000_0000u32.to_le_bytes());
         config_write(&bus, 0x5c, 0, &0x3333_3333u32.to_le_bytes());
@@ -369,7 +392,7 @@ mod tests {
         assert_eq!(config_read(&bus, 0x70) >> 16 & 0xff, 0x7a);
 
         let saved = bus.bridge_registers();
-        let other = PciBus::new(Vec::new(), None);
+        let other = PciBus::new(Vec::new(), None, None);
         other.check_bridge(&saved).unwrap();
         other.restore_bridge(&saved).unwrap();
         assert_eq!(config_read(&other, 0x5c), 0x3333_3333);
