@@ -249,21 +249,27 @@ print_dec:
         addq $32, %rsp
         ret
 
-/* hb_poll: write '.' if >= hb_ticks TSC ticks passed since the last one.    */
+/* hb_poll: once >= poll_ticks TSC ticks passed since the last time: write  */
+/* '.' (hb > 0) and, with the ACPI PM block found (acpi=1), check the power  */
+/* button. poll_ticks is hb_ticks, or 10 ms when hb=0 with ACPI.             */
 /* Clobbers %rax and %rdx only.                                              */
 hb_poll:
-        cmpq $0, hb_ticks(%rip)
+        cmpq $0, poll_ticks(%rip)
         je 1f
         rdtsc
         shlq $32, %rdx
         orq %rax, %rdx
         movq %rdx, %rax
         subq last_hb(%rip), %rax
-        cmpq hb_ticks(%rip), %rax
+        cmpq poll_ticks(%rip), %rax
         jb 1f
         movq %rdx, last_hb(%rip)
+        cmpq $0, hb_ticks(%rip)
+        je 2f
         movb $'.', %al
         call putc
+2:      cmpw $0, pm_base(%rip)
+        jne acpi_poll                       # tail call
 1:      ret
 
 /* rdtsc64: %rax = TSC. Clobbers %rdx. */
@@ -315,6 +321,7 @@ user_main:
         movq tsc_khz(%rip), %rax
         mulq hb_ms(%rip)
         movq %rax, hb_ticks(%rip)
+        movq %rax, poll_ticks(%rip)
         movq tsc_khz(%rip), %rax
         mulq pause_ms(%rip)
         movq %rax, pause_ticks(%rip)
@@ -336,6 +343,10 @@ user_main:
         movb $'\n', %al
         call putc
 
+        cmpq $0, acpi_on(%rip)
+        je 3f
+        call acpi_init
+3:
         cmpq $0, fill(%rip)
         je 4f
         call do_fill
@@ -699,6 +710,15 @@ key:
         movq %rax, cd_lba(%rip)
         movq $1, cd_on(%rip)
         jmp skip
+1:      leaq key_acpi(%rip), %rdi
+        call match_key
+        jne 1f
+        call parse_u64
+        xorl %ecx, %ecx
+        testq %rax, %rax
+        setnz %cl
+        movq %rcx, acpi_on(%rip)
+        jmp skip
 1:      leaq key_rng(%rip), %rdi
         call match_key
         jne 1f
@@ -854,6 +874,139 @@ write_header:
         rep movsq
         movabsq $0x5452445952524546, %rax   # "FERRYDRT"
         movq %rax, HDR_MAGIC
+        ret
+
+/* ------------------------------------------------------------------------ */
+/* ACPI power button (acpi=1), ring 3, polled, as an OS on QEMU's `pc` does  */
+/* with what SeaBIOS leaves: the PIIX4 PM function at 00:01.3 (8086:7113),   */
+/* its PM I/O block at PMBA (config 0x40, bits 15:6) when PMREGMISC (config  */
+/* 0x80) bit 0 is set: PM1_STS +0, PM1_EN +2, PM1_CNT +4, PM_TMR +8.         */
+
+        .set PIIX4_PM_CFG, 0x80000000 | (1 << 11) | (3 << 8)   # 00:01.3
+        .set PIIX4_PM_ID, 0x71138086
+        .set PM1_STS, 0
+        .set PM1_EN, 2
+        .set PM1_CNT, 4
+        .set PWRBTN, 1 << 8                 # PWRBTN_STS / PWRBTN_EN
+        .set SCI_EN, 1 << 0
+        .set SLP_TYP_MASK, 7 << 10
+        .set SLP_TYP_S5, 0                  # QEMU's \_S5 package: { 0, 0, 0, 0 }
+        .set SLP_EN, 1 << 13
+        .set SMI_CMD, 0xb2
+        .set ACPI_ENABLE, 0xf1
+        .set SCI_EN_WAIT_MS, 1000
+
+/* acpi_init: find the PM block, open it in the TSS I/O bitmap, turn ACPI on */
+/* (ACPI_ENABLE to SMI_CMD when SCI_EN is clear, bounded wait for SCI_EN),   */
+/* clear a stale PWRBTN_STS, set PWRBTN_EN; then hb_poll checks the button.  */
+/* Without the block it says why and the guest carries on without ACPI.      */
+/* Preserves %rbx.                                                           */
+acpi_init:
+        pushq %rbx
+        movl $PIIX4_PM_CFG, %edi
+        xorl %ecx, %ecx
+        call pci_rd
+        leaq msg_acpi_nopm(%rip), %rsi
+        cmpl $PIIX4_PM_ID, %eax
+        jne 9f
+        movl $0x80, %ecx                    # PMREGMISC
+        call pci_rd
+        leaq msg_acpi_off(%rip), %rsi
+        testb $1, %al                       # PM I/O enabled
+        jz 9f
+        movl $0x40, %ecx                    # PMBA
+        call pci_rd
+        andl $0xffc0, %eax
+        jz 9f
+        movl %eax, %ebx                     # base
+        /* Ring 3 uses the bitmap (IOPL 3 does not hold under nested KVM):   */
+        /* open the 64-port block, 64-aligned: 8 bitmap bytes.               */
+        shrl $3, %eax
+        leaq tss_iobitmap(%rip), %rdi
+        movq $0, (%rdi,%rax)
+        leaq msg_acpi_pm(%rip), %rsi
+        call puts
+        movl $12, %ecx                      # base in hex, no leading zeros
+        xorl %esi, %esi                     # a digit printed
+2:      movl %ebx, %eax
+        shrl %cl, %eax
+        andl $0xf, %eax
+        orl %eax, %esi
+        jnz 5f
+        testl %ecx, %ecx
+        jnz 6f
+5:      cmpb $10, %al
+        jb 7f
+        addb $('a' - '0' - 10), %al
+7:      addb $'0', %al
+        call putc
+6:      subl $4, %ecx
+        jns 2b
+        movb $'\n', %al
+        call putc
+
+        leal PM1_CNT(%rbx), %edx
+        inw %dx, %ax
+        testw $SCI_EN, %ax
+        jnz 3f
+        movb $ACPI_ENABLE, %al
+        outb %al, $SMI_CMD
+        movq tsc_khz(%rip), %rax
+        imulq $SCI_EN_WAIT_MS, %rax
+        movq %rax, %r8
+        call rdtsc64
+        movq %rax, %r9
+1:      leal PM1_CNT(%rbx), %edx
+        inw %dx, %ax
+        testw $SCI_EN, %ax
+        jnz 3f
+        pause
+        call rdtsc64
+        subq %r9, %rax
+        cmpq %r8, %rax
+        jb 1b
+        leaq msg_acpi_sci(%rip), %rsi
+        call puts
+3:      movl %ebx, %edx                     # PM1_STS: write 1 to clear
+        movw $PWRBTN, %ax
+        outw %ax, %dx
+        leal PM1_EN(%rbx), %edx
+        inw %dx, %ax
+        orw $PWRBTN, %ax
+        outw %ax, %dx
+        cmpq $0, poll_ticks(%rip)
+        jne 4f
+        movq tsc_khz(%rip), %rax            # hb=0: check every 10 ms anyway
+        imulq $10, %rax
+        movq %rax, poll_ticks(%rip)
+4:      movw %bx, pm_base(%rip)
+        popq %rbx
+        ret
+9:      call puts
+        popq %rbx
+        ret
+
+/* acpi_poll: read PM1_STS; on PWRBTN_STS say so, clear it and enter S5 the */
+/* way an OS does: SLP_TYP = S5 and SLP_EN in PM1_CNT (SCI_EN kept). If the */
+/* machine stays on the guest carries on. Clobbers %rax and %rdx only.      */
+acpi_poll:
+        movzwl pm_base(%rip), %edx
+        inw %dx, %ax
+        testw $PWRBTN, %ax
+        jnz 1f
+        ret
+1:      pushq %rsi
+        leaq msg_acpi_button(%rip), %rsi
+        call puts
+        popq %rsi
+        movzwl pm_base(%rip), %edx
+        movw $PWRBTN, %ax
+        outw %ax, %dx
+        addl $PM1_CNT, %edx
+        inw %dx, %ax
+        andw $~(SLP_TYP_MASK | SLP_EN), %ax
+        orw $(SLP_TYP_S5 << 10) | SLP_EN, %ax
+        outw %ax, %dx
         ret
 
 /* ------------------------------------------------------------------------ */
@@ -2103,6 +2256,12 @@ key_net:                .asciz "net="
 key_rng:                .asciz "rng="
 key_balloon:            .asciz "balloon="
 key_cdrom:              .asciz "cdrom="
+key_acpi:               .asciz "acpi="
+msg_acpi_nopm:          .asciz "dirtier: acpi: no PIIX4 PM\n"
+msg_acpi_off:           .asciz "dirtier: acpi: PM I/O disabled\n"
+msg_acpi_pm:            .asciz "dirtier: acpi: pm at 0x"
+msg_acpi_sci:           .asciz "dirtier: acpi: SCI_EN never set\n"
+msg_acpi_button:        .asciz "dirtier: power button\n"
 msg_cdrom:              .asciz "cdrom: "
 msg_lba:                .asciz "lba="
 msg_data:               .asciz " data="
@@ -2166,12 +2325,16 @@ idt_ptr:
 tss:
         .fill 102, 1, 0
         .word tss_iobitmap - tss
-        /* I/O bitmap: the ports ring 3 may use even without IOPL: the legacy IDE
+        /* I/O bitmap, all 64K ports: the ports ring 3 may use even without IOPL:
+           APM control (0xb2, SMI_CMD for acpi=1), the legacy IDE
            channels (0x170-0x177, 0x1f0-0x1f7, 0x376, 0x3f6), COM1 (0x3f8-0x3ff),
            the ACPI PM1a control word (0x604-0x605, poweroff), the reset control
-           register (0xcf9) and PCI configuration mechanism #1 (0xcf8-0xcff, virtio). */
+           register (0xcf9) and PCI configuration mechanism #1 (0xcf8-0xcff, virtio).
+           acpi_init (ring 3) opens the PIIX4 PM block it finds (acpi=1). */
 tss_iobitmap:
-        .fill 0x170 / 8, 1, 0xff            # 0x000-0x16f
+        .fill 0xb0 / 8, 1, 0xff             # 0x000-0x0af
+        .byte 0xfb                          # 0x0b0-0x0b7: 0xb2 open
+        .fill (0x170 - 0xb8) / 8, 1, 0xff   # 0x0b8-0x16f
         .byte 0                             # 0x170-0x177: IDE secondary
         .fill (0x1f0 - 0x178) / 8, 1, 0xff  # 0x178-0x1ef
         .byte 0                             # 0x1f0-0x1f7: IDE primary
@@ -2184,6 +2347,7 @@ tss_iobitmap:
         .byte 0xcf                          # 0x600-0x607: 0x604, 0x605 open
         .fill (0xcf8 - 0x608) / 8, 1, 0xff  # 0x608-0xcf7
         .byte 0                             # 0xcf8-0xcff: PCI config, reset
+        .fill (0x10000 - 0xd00) / 8, 1, 0xff  # 0xd00-0xffff
         .byte 0xff                          # required terminator byte
 tss_end:
 
@@ -2201,6 +2365,9 @@ ws_pages:       .quad 0
 stride:         .quad 1
 tsc_khz:        .quad 0
 hb_ticks:       .quad 0
+poll_ticks:     .quad 0
+acpi_on:        .quad 0
+pm_base:        .quad 0                     # ACPI PM I/O base once found (acpi=1)
 pause_ticks:    .quad 0
 last_hb:        .quad 0
 total_pages:    .quad 0

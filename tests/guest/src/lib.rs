@@ -30,8 +30,11 @@
 //! | `rng=0\|1` | drive a virtio-rng device: every pass asks for 64 random bytes and checks them | `0` |
 //! | `balloon=0\|1` | drive a virtio-balloon: every pass follows the host's target with pages past the working set, and answers stats requests (refused with `fill=1`) | `0` |
 //! | `cdrom=<LBA>` | read the 2048-byte sector LBA of the first ATAPI CD-ROM on the legacy IDE channels at boot and print its first 16 bytes; every pass reads it again and compares | none |
+//! | `acpi=0\|1` | handle the ACPI power button as an OS does: find the PIIX4 PM block that firmware set up, turn ACPI on, and power off (S5) when the button is pressed (QMP `system_powerdown`); see [ACPI power button](#acpi-power-button) | `0` |
 //!
 //! Serial output (COM1): `dirtier: ws=<pages> stride=<s> fill=<0|1>`, then
+//! with `acpi=1` one `dirtier: acpi: ...` line (see
+//! [ACPI power button](#acpi-power-button)), then
 //! heartbeat dots (also during the fill), `blk: capacity=<sectors>`,
 //! `net: mac=<xx:xx:xx:xx:xx:xx>`, `rng: ok` and
 //! `balloon: pool=<pages> stats=<0|1>` and `cdrom: lba=<LBA> data=<32 hex
@@ -57,6 +60,35 @@
 //! in the status register), `timeout` (30 s of TSC time), `length <n>` (the
 //! drive offered more or fewer than 2048 bytes), `readback` (the sector
 //! changed).
+//!
+//! # ACPI power button
+//!
+//! With `acpi=1` the guest does, from ring 3 and polled, what an ACPI OS does
+//! on QEMU's `pc` machine with the PM I/O block as SeaBIOS leaves it:
+//!
+//! 1. PCI configuration mechanism #1, bus 0, device 1, function 3 (the
+//!    PIIX4 power-management function): vendor:device must be `8086:7113`,
+//!    else `dirtier: acpi: no PIIX4 PM` and the guest carries on without
+//!    ACPI. Bit 0 of config byte 0x80 (PMREGMISC, PM I/O enable) must be set
+//!    and config dword 0x40 (PMBA, base in bits 15:6) nonzero, else
+//!    `dirtier: acpi: PM I/O disabled` and the same. SeaBIOS sets base
+//!    0x600 (QEMU 7.2's `pc` with Debian's SeaBIOS 1.16): PM1_STS at base+0,
+//!    PM1_EN at base+2, PM1_CNT at base+4 (16-bit registers).
+//! 2. `dirtier: acpi: pm at 0x<base>` (lower-case hex, no leading zeros),
+//!    and the 64-port block is opened in the guest's TSS I/O bitmap.
+//! 3. If SCI_EN (PM1_CNT bit 0) is clear: ACPI_ENABLE (0xf1) to SMI_CMD
+//!    (port 0xb2), then up to 1 s (TSC) for SCI_EN, else
+//!    `dirtier: acpi: SCI_EN never set` (and it goes on anyway).
+//! 4. A stale PWRBTN_STS (PM1_STS bit 8) is cleared (write 1), PWRBTN_EN
+//!    (PM1_EN bit 8) is set.
+//! 5. At every heartbeat (every 10 ms of TSC time with `hb=0`) one 16-bit
+//!    read of PM1_STS. When PWRBTN_STS is set: `dirtier: power button` on
+//!    COM1, PWRBTN_STS cleared (write 1), then S5 as an OS enters it: PM1_CNT
+//!    = (PM1_CNT & !(SLP_TYP | SLP_EN)) | SLP_TYP(S5) << 10 | SLP_EN (bit
+//!    13), SLP_TYP(S5) = 0 from QEMU's `\_S5` package. If the machine stays
+//!    on, the guest carries on (and a later press starts over).
+//!
+//! Interrupts stay off: the SCI (IRQ 9) is never taken.
 //!
 //! Usable RAM is the PVH memory map's RAM ranges clipped to `[2 MiB, 64 GiB)`,
 //! whole pages, first 8 ranges, sorted by address. Usable page index `i` maps

@@ -9,7 +9,9 @@
 //! Also boots the dirtier from a disk through SeaBIOS (`-bios`, no
 //! `-kernel`): the boot loader of [`ferry_testguest::bootdisk`] on an IDE,
 //! a virtio-blk (transitional) and a modern-only virtio-blk disk, then the
-//! memory oracle.
+//! memory oracle. And `virsh shutdown` from an IDE boot disk: QMP
+//! `system_powerdown` powers the dirtier off with `acpi=1` (the `SHUTDOWN`
+//! event says `guest`, QEMU exits 0) and is ignored without it.
 //!
 //! Skips (and says why) only when QEMU, `/dev/kvm` or SeaBIOS is missing.
 
@@ -75,10 +77,12 @@ fn wait_serial(path: &Path, want: &str, timeout: Duration) -> String {
     }
 }
 
-/// A minimal QMP client: one command at a time, events skipped.
+/// A minimal QMP client: one command at a time; events are kept in
+/// `events`, in the order they came.
 struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    events: Vec<serde_json::Value>,
 }
 
 impl Qmp {
@@ -100,6 +104,7 @@ impl Qmp {
         let mut qmp = Self {
             reader: BufReader::new(stream.try_clone().expect("clone the QMP socket")),
             writer: stream,
+            events: Vec::new(),
         };
         qmp.reply(); // greeting
         qmp.execute("qmp_capabilities", serde_json::json!({}));
@@ -108,13 +113,44 @@ impl Qmp {
 
     fn reply(&mut self) -> serde_json::Value {
         loop {
-            let mut line = String::new();
-            let n = self.reader.read_line(&mut line).expect("read from QMP");
-            assert!(n > 0, "QMP closed the connection");
-            let value: serde_json::Value = serde_json::from_str(&line).expect("QMP sends JSON");
+            let value = self.message();
             if value.get("event").is_none() {
                 return value;
             }
+            self.events.push(value);
+        }
+    }
+
+    /// The next message, reply or event.
+    fn message(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read from QMP");
+        assert!(n > 0, "QMP closed the connection");
+        serde_json::from_str(&line).expect("QMP sends JSON")
+    }
+
+    /// Waits for the event `name` (perhaps already received) until
+    /// `deadline`; returns it.
+    fn wait_event(&mut self, name: &str, deadline: Instant) -> serde_json::Value {
+        loop {
+            if let Some(event) = self.events.iter().find(|e| e["event"] == name) {
+                return event.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no QMP {name} event in time: {:?}",
+                self.events
+            );
+            self.writer
+                .set_read_timeout(Some(left))
+                .expect("set a QMP read timeout");
+            let value = self.message();
+            assert!(
+                value.get("event").is_some(),
+                "a QMP reply with no command: {value}"
+            );
+            self.events.push(value);
         }
     }
 
@@ -682,5 +718,141 @@ fn boot_loader_reads_in_several_calls() {
             "virtio-blk-pci,drive=d0,disable-legacy=on",
         ],
         900,
+    );
+}
+
+/// Heartbeats (`hb=100`) the guest keeps beating after a `system_powerdown`
+/// it must ignore.
+const BEATS_AFTER_POWERDOWN: usize = 20;
+
+/// Boots the dirtier from an IDE boot disk through SeaBIOS with `cmdline`
+/// and waits for `dirtier: ready` and [`BEATS_AFTER_READY`] heartbeats.
+fn boot_beating(setup: &Setup, name: &str, cmdline: &str) -> Firmware {
+    let image = setup.dir.path().join(format!("{name}.img"));
+    boot_disk(&image, cmdline, None).expect("write the boot disk");
+    let mut firmware = start_firmware(setup, name, &image, &["if=ide"]);
+    let deadline = firmware.started + FIRMWARE_BOOT_TIMEOUT;
+    let ready_line = "dirtier: ready\n";
+    firmware
+        .serial
+        .wait("\"dirtier: ready\" and heartbeats", deadline, |text| {
+            text.split_once(ready_line)
+                .is_some_and(|(_, after)| after.matches('.').count() >= BEATS_AFTER_READY)
+        });
+    firmware
+}
+
+/// Waits until QEMU exits, at most until `deadline`.
+fn wait_exit(vm: &mut Qemu, deadline: Instant) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = vm.0.try_wait().expect("wait for QEMU") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "QEMU did not exit in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `virsh shutdown`: QMP `system_powerdown` presses the ACPI power button;
+/// the dirtier (`acpi=1`) finds the PIIX4 PM block where SeaBIOS put it,
+/// sees PWRBTN_STS and enters S5; QEMU reports a guest shutdown and exits 0.
+#[test]
+fn dirtier_powers_off_on_acpi_power_button() {
+    let Some(setup) = seabios_setup() else { return };
+    let Firmware {
+        mut vm,
+        mut serial,
+        qmp,
+        started,
+    } = boot_beating(&setup, "acpi", "ws=1M hb=100 pause=5 acpi=1");
+    let booted = started.elapsed();
+    let mut qmp = Qmp::connect(&qmp);
+    // The base the guest found is the one QEMU's PIIX4 PM decodes.
+    let base = qmp.execute(
+        "qom-get",
+        serde_json::json!({ "path": "/machine/acpi-device", "property": "pm_io_base" }),
+    )["return"]
+        .as_u64()
+        .expect("pm_io_base is a number");
+    assert!(
+        serial
+            .text
+            .contains(&format!("dirtier: acpi: pm at {base:#x}\n")),
+        "PM base {base:#x}; serial:\n{}",
+        serial.text
+    );
+    assert!(!serial.text.contains("SCI_EN never set"), "{}", serial.text);
+    assert!(!serial.text.contains("power button"), "{}", serial.text);
+
+    let pressed = Instant::now();
+    let deadline = pressed + FIRMWARE_BOOT_TIMEOUT;
+    qmp.execute("system_powerdown", serde_json::json!({}));
+    serial.wait("\"dirtier: power button\"", deadline, |text| {
+        text.contains("dirtier: power button\n")
+    });
+    let button = pressed.elapsed();
+    let shutdown = qmp.wait_event("SHUTDOWN", deadline);
+    assert_eq!(
+        shutdown["data"],
+        serde_json::json!({ "guest": true, "reason": "guest-shutdown" }),
+        "{shutdown}"
+    );
+    let status = wait_exit(&mut vm, deadline);
+    let exited = pressed.elapsed();
+    assert!(status.success(), "QEMU exited with {status}");
+    let events: Vec<_> = qmp.events.iter().map(|e| e["event"].clone()).collect();
+    assert_eq!(
+        events,
+        [
+            serde_json::json!("POWERDOWN"),
+            serde_json::json!("SHUTDOWN")
+        ],
+        "{:?}",
+        qmp.events
+    );
+    eprintln!(
+        "acpi: booted with heartbeats in {booted:.1?}; PM at {base:#x}; after \
+         system_powerdown: \"dirtier: power button\" in {button:.1?}, QEMU exited 0 in \
+         {exited:.1?}"
+    );
+}
+
+/// Without `acpi=1` the guest leaves the power button alone: after
+/// `system_powerdown` it keeps beating and QEMU keeps running.
+#[test]
+fn dirtier_ignores_power_button_without_acpi() {
+    let Some(setup) = seabios_setup() else { return };
+    let Firmware {
+        mut vm,
+        mut serial,
+        qmp,
+        ..
+    } = boot_beating(&setup, "noacpi", "ws=1M hb=100 pause=5");
+    assert!(!serial.text.contains("acpi"), "{}", serial.text);
+    let mut qmp = Qmp::connect(&qmp);
+    let pressed = Instant::now();
+    qmp.execute("system_powerdown", serde_json::json!({}));
+    let seen = serial.text.len();
+    serial.wait(
+        "heartbeats after system_powerdown",
+        pressed + FIRMWARE_BOOT_TIMEOUT,
+        |text| text[seen..].matches('.').count() >= BEATS_AFTER_POWERDOWN,
+    );
+    assert!(!serial.text.contains("power button"), "{}", serial.text);
+    assert!(
+        serial.text[seen..].chars().all(|c| c == '.'),
+        "only heartbeats after system_powerdown; serial:\n{}",
+        serial.text
+    );
+    let status = qmp.execute("query-status", serde_json::json!({}));
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    let events: Vec<_> = qmp.events.iter().map(|e| e["event"].clone()).collect();
+    assert_eq!(events, [serde_json::json!("POWERDOWN")], "{:?}", qmp.events);
+    assert!(matches!(vm.0.try_wait(), Ok(None)), "QEMU exited");
+    qmp.execute("quit", serde_json::json!({}));
+    let _ = vm.0.wait();
+    eprintln!(
+        "noacpi: {BEATS_AFTER_POWERDOWN} heartbeats in {:.1?} after system_powerdown, still running",
+        pressed.elapsed()
     );
 }
