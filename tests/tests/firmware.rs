@@ -56,6 +56,41 @@ fn a_guest_seabios_booted_from_ide_live_migrates_intact() {
     );
 }
 
+/// The ACPI power button of a firmware-booted guest still works after a
+/// live migration: the destination's `powerdown` reaches the guest (its PM
+/// enable bits came with it), which powers off through PM1 control, and
+/// ferry-vm exits 0. Before the guest enables the button, a press is
+/// reported as not seen.
+#[test]
+fn the_power_button_works_after_a_migration() {
+    require_kvm();
+    let s = Scratch::new();
+    let disk = boot_disk(&s, "boot.img", "ws=2M acpi=1");
+    let devices = ["--firmware", "--ide-disk", disk.to_str().expect("utf-8")];
+    let mut args = vec!["run", "-m", "64M", "--paused"];
+    args.extend(devices);
+    let src = VmProcess::start(&s, "src", &args);
+    assert_eq!(src.ok("powerdown")["pressed"], false, "not enabled yet");
+    src.ok("resume");
+    src.wait_serial("dirtier: acpi: pm at 0x600", BOOT);
+    src.wait_heartbeats(50, BOOT);
+
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dargs = vec!["incoming", uri.as_str(), "-m", "64M"];
+    dargs.extend(devices);
+    let mut dst = VmProcess::spawn(&s, "dst", &dargs);
+    dst.wait_listening();
+    let mut src = src;
+    let reply = src.ok(&format!("migrate {uri}"));
+    assert_eq!(reply["migration"]["status"], "completed", "{reply}");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    dst.wait_for_control();
+    dst.wait_heartbeats(20, BOOT);
+    assert_eq!(dst.ok("powerdown")["pressed"], true);
+    dst.wait_serial("dirtier: power button", BOOT);
+    assert_eq!(dst.wait_exit(BOOT), Some(0), "{}", dst.stderr_text());
+}
+
 /// A checkpoint taken a moment after the vCPU left the reset vector holds
 /// SeaBIOS mid-boot; restored in a new process, the firmware goes on, boots
 /// the dirtier from its virtio-blk disk, and the oracle passes. The ROM

@@ -1622,7 +1622,10 @@ fn without_a_kernel_a_pc_guest_boots_through_firmware() {
         Some(std::path::Path::new(ferry_vmm::firmware::DEFAULT_BIOS))
     );
     assert!(c.boot_strict && c.acpi);
-    for no_acpi in ["-machine pc,acpi=off -accel kvm", "-machine pc -accel kvm -no-acpi"] {
+    for no_acpi in [
+        "-machine pc,acpi=off -accel kvm",
+        "-machine pc -accel kvm -no-acpi",
+    ] {
         let c = cfg(no_acpi).expect("ok").expect("vm");
         assert!(!c.acpi, "{no_acpi}");
     }
