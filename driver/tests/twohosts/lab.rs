@@ -166,6 +166,35 @@ impl Lab {
         self.dirtier_on(&self.emu, name, mib, cmdline)
     }
 
+    /// The base fixture as domain `name` with `mib` of RAM that boots from
+    /// its disks through the firmware: `<boot dev='hd'/>`, no `<kernel>`.
+    pub fn firmware_domain(&self, name: &str, mib: u64) -> String {
+        let xml = self.dirtier(name, mib, CMDLINE);
+        let start = xml.find("<kernel>").expect("the fixture boots a kernel");
+        let end = xml.find("</cmdline>").expect("with a command line") + "</cmdline>".len();
+        format!("{}<boot dev='hd'/>{}", &xml[..start], &xml[end..])
+    }
+
+    /// Waits until `dom`'s serial log on `h` shows `needle` after byte `from`.
+    pub fn wait_serial_from(&self, h: &str, dom: &str, from: u64, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let log = std::fs::read(self.serial_log(h, dom)).unwrap_or_default();
+            if log
+                .get(from as usize..)
+                .is_some_and(|l| String::from_utf8_lossy(l).contains(needle))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{dom} on {h}: no {needle:?} in its serial log\n{}",
+                self.diagnose(dom)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// [`Lab::dirtier`] on another emulator.
     pub fn dirtier_on(&self, emu: &str, name: &str, mib: u64, cmdline: &str) -> String {
         let xml = fixture("base", emu, &self.shared());
