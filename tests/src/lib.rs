@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod bootbench;
 pub mod diskbench;
 pub mod heartbeat;
 pub mod migrate;

@@ -13,7 +13,7 @@ use ferry_tests::migrate::{
 use ferry_tests::pki::{psk_dir, Ca};
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 1000)] [--host-memory warm|as-is] | --checkpoint [--repeats N] | --disk [--disk-mib M] [--repeats N]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 1000)] [--host-memory warm|as-is] | --checkpoint [--repeats N] | --disk [--disk-mib M] [--repeats N] | --boot [--repeats N]";
 
 /// The pause before each run (the last run's processes are gone, their memory
 /// freed); the order of the engines rotates per repeat as well.
@@ -188,6 +188,7 @@ fn main() -> ExitCode {
     let mut limit = 300u64;
     let mut checkpoint = false;
     let mut disk = false;
+    let mut boot = false;
     let mut disk_mib = 256u64;
     let mut streams = vec![1u32];
     let mut tls_modes = vec!["none".to_string()];
@@ -224,6 +225,7 @@ fn main() -> ExitCode {
             }
             "--checkpoint" => checkpoint = true,
             "--disk" => disk = true,
+            "--boot" => boot = true,
             "--disk-mib" => disk_mib = val().parse().unwrap_or(256),
             _ => {
                 eprintln!("{USAGE}");
@@ -236,6 +238,9 @@ fn main() -> ExitCode {
     }
     if disk {
         return disk_bench(disk_mib, repeats, settle);
+    }
+    if boot {
+        return boot_bench(repeats, settle);
     }
     if let Some(bad) = tls_modes
         .iter()
@@ -545,6 +550,92 @@ fn checkpoint_bench(repeats: usize) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `--boot`: firmware boot time, ferry-vm and ferry-qemu against QEMU 7.2
+/// (see [`ferry_tests::bootbench`]); engines alternate per repeat.
+fn boot_bench(repeats: usize, settle: Duration) -> ExitCode {
+    use ferry_tests::bootbench::{run, Bus, Engine};
+    let qemu = qemu_binary().is_some();
+    println!(
+        "ferry-bench --boot: SeaBIOS boots the dirtier's boot disk (128 MiB guest); \
+         {repeats} repeat(s); QEMU {}",
+        if qemu {
+            "7.2 -M pc in the same run"
+        } else {
+            "not run"
+        }
+    );
+    println!("figures: seconds from the VMM's start, min/median/max");
+    println!(
+        "{:<11} {:<7} {:>20} {:>20}",
+        "engine", "disk", "first line s", "dirtier ready s"
+    );
+    let mut engines = vec![Engine::FerryVm, Engine::FerryQemu];
+    if qemu {
+        engines.push(Engine::Qemu);
+    }
+    let s = Scratch::new();
+    let disk = s.path("boot.img");
+    if let Err(e) = ferry_testguest::bootdisk::boot_disk(&disk, "ws=4M", None) {
+        eprintln!("ferry-bench: the boot disk: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut failed = false;
+    for bus in [Bus::Ide, Bus::Virtio] {
+        let mut by_engine: Vec<(Engine, Vec<f64>, Vec<f64>)> =
+            engines.iter().map(|&e| (e, vec![], vec![])).collect();
+        for r in 0..repeats {
+            for k in 0..by_engine.len() {
+                let slot = (k + r) % by_engine.len();
+                let engine = by_engine[slot].0;
+                std::thread::sleep(settle);
+                match run(&s, engine, bus, &disk) {
+                    Ok(run) => {
+                        by_engine[slot].1.push(run.first_line_s);
+                        by_engine[slot].2.push(run.ready_s);
+                    }
+                    Err(e) => {
+                        eprintln!("ferry-bench: {} from {}: {e}", engine.name(), bus.name());
+                        failed = true;
+                    }
+                }
+            }
+        }
+        for (engine, first, ready) in &by_engine {
+            println!(
+                "{:<11} {:<7} {:>20} {:>20}",
+                engine.name(),
+                bus.name(),
+                fmt3_2(first),
+                fmt3_2(ready)
+            );
+        }
+        if let Some((_, qf, qr)) = by_engine.iter().find(|(e, ..)| *e == Engine::Qemu) {
+            for (engine, f, r) in by_engine.iter().filter(|(e, ..)| *e != Engine::Qemu) {
+                println!(
+                    "{:<11} {:<7} {:>20.2} {:>20.2}",
+                    format!("ratio {}", &engine.name()[6..]),
+                    bus.name(),
+                    median(f) / median(qf),
+                    median(r) / median(qr)
+                );
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn fmt3_2(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let (a, m, b) = stats(v);
+    format!("{a:.2}/{m:.2}/{b:.2}")
 }
 
 /// `--disk`: guest disk throughput, ferry against QEMU on raw and qcow2
