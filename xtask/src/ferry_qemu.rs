@@ -12,7 +12,7 @@ use ferry_qemu::process::EXIT_FAILURE;
 use crate::roff::{esc, Doc};
 
 /// Options parsed only so that the refusal can name them.
-const REFUSED: &[&str] = &["spice", "vga", "vnc", "bios", "L", "numa", "fw_cfg"];
+const REFUSED: &[&str] = &["spice", "vga", "vnc", "L", "numa", "fw_cfg"];
 
 /// (option, argument synopsis, description) for every option in `argv::OPTIONS`.
 const DESCRIPTIONS: &[(&str, &str, &str)] = &[
@@ -40,7 +40,13 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
         "When the guest powers off, stay in the `shutdown` state instead of exiting.",
     ),
     ("no-reboot", "", "Treat a guest reset as a power-off."),
-    ("no-acpi", "", "Accepted: ferry has no ACPI."),
+    (
+        "no-acpi",
+        "",
+        "A guest booted through firmware gets no ACPI: no PIIX4 power management function \
+         and no ACPI tables (as `-machine acpi=off`, which libvirt writes when \
+         <features><acpi/> is absent).",
+    ),
     (
         "no-hpet",
         "",
@@ -97,7 +103,9 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (
         "kernel",
         "FILE",
-        "The kernel to boot directly: a PVH ELF image, an ELF vmlinux or a bzImage.",
+        "The kernel to boot directly (no option ROM in between): a PVH ELF image, an ELF \
+         vmlinux or a bzImage. Without -kernel, a pc guest boots from its disks through \
+         the firmware (see -bios).",
     ),
     ("initrd", "FILE", "An initial ramdisk."),
     ("append", "CMDLINE", "The kernel command line."),
@@ -236,8 +244,9 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
          `family`; `uuid` is also the guest's UUID), `type=2` (`manufacturer`, `product`, \
          `version`, `serial`, `asset`, `location`), `type=3` (`manufacturer`, `version`, \
          `serial`, `asset`, `sku`), `type=11` (`value`, repeated). A pc guest always gets \
-         the SMBIOS 2.8 tables QEMU 7.2 builds for pc-i440fx-7.2 (entry point at 0xf1000, \
-         where Linux finds it without EFI), unset fields keeping QEMU's defaults (type 1: \
+         the SMBIOS 2.8 tables QEMU 7.2 builds for pc-i440fx-7.2 (booted through \
+         firmware: as fw_cfg's etc/smbios files, which SeaBIOS installs; with -kernel: \
+         the entry point at 0xf1000, where Linux finds it without EFI), unset fields keeping QEMU's defaults (type 1: \
          QEMU, Standard PC (i440FX + PIIX, 1996) and the machine type as started, \
          pc-i440fx-7.2 for pc, which is also the type 2, 3 and 4 version; type 0: \
          SeaBIOS's); microvm guests get none and refuse the option. Unknown keys are \
@@ -247,8 +256,23 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     ("spice", "OPTS", "Refused, by name."),
     ("vga", "TYPE", "Refused, by name."),
     ("vnc", "DISPLAY", "Refused, by name."),
-    ("bios", "FILE", "Refused, by name: ferry has no firmware."),
-    ("L", "DIR", "Refused, by name: ferry has no firmware."),
+    (
+        "bios",
+        "FILE",
+        "The firmware a pc guest without -kernel boots through: a path, or a name found \
+         in /usr/share/qemu or /usr/share/seabios as QEMU finds it; without -bios, \
+         Debian's SeaBIOS (bios-256k.bin), QEMU's default. The image is a read-only ROM \
+         ending at 4 GiB, its last 128 KiB also at 0xe0000; fw_cfg gives the firmware the \
+         memory map, `bootorder` (from the devices' bootindex, HALT last with -boot \
+         strict=on), the SMBIOS tables and, unless -no-acpi, the ACPI tables with QEMU's \
+         table loader: RSDP 2.0, RSDT, XSDT, FADT 3, FACS, MADT, DSDT (PCI root bridge \
+         with _CRS and _PRT, COM1, RTC, IDE, \\_S5) and WAET, for the PIIX4 power \
+         management function at 00:01.3 (PM block at 0x600, where SeaBIOS 1.16 puts it, \
+         SCI on IRQ 9). system_powerdown presses its power button; system_reset and a \
+         guest reset boot the guest through the firmware again. The ROM migrates with \
+         the guest.",
+    ),
+    ("L", "DIR", "Refused, by name: ferry finds -bios by path or in Debian's directories."),
     ("numa", "OPTS", "Refused, by name."),
     ("fw_cfg", "OPTS", "Refused, by name."),
 ];
@@ -343,8 +367,8 @@ pub fn page() -> Result<String, String> {
          QEMU by accident.",
     );
     doc.p(
-        "ferry is not a general-purpose QEMU: guests boot a kernel directly and get \
-         RAM, vCPUs, 16550 serial ports, virtio-blk disks on raw and qcow2 images, virtio-net \
+        "ferry is not a general-purpose QEMU: guests boot from their disks through \
+         SeaBIOS, or a kernel directly, and get RAM, vCPUs, ACPI, 16550 serial ports, virtio-blk disks on raw and qcow2 images, virtio-net \
          NICs on taps, virtio-rng entropy devices and a virtio-balloon. Every option, \
          device or value that \
          ferry-qemu cannot honour is refused with a message naming it; the guest never \
@@ -355,8 +379,11 @@ pub fn page() -> Result<String, String> {
     doc.example(&[
         "<domain type='kvm'>",
         "  <os><type arch='x86_64' machine='pc'>hvm</type>",
-        "    <kernel>/var/lib/ferry/guest.elf</kernel></os>",
+        "    <boot dev='hd'/></os>",
+        "  <features><acpi/></features>",
         "  <devices><emulator>/usr/libexec/ferry/ferry-qemu</emulator>",
+        "    <disk type='file' device='disk'><source file='/var/lib/ferry/disk.qcow2'/>",
+        "      <driver name='qemu' type='qcow2'/><target dev='vda' bus='virtio'/></disk>",
         "    <serial type='pty'/></devices>",
         "</domain>",
     ]);
