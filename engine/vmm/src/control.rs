@@ -4,7 +4,8 @@
 //! `status`, `pause`, `resume`, `checkpoint PATH`, `dump PATH`, `peek HEXGPA` (a u64 of
 //! guest RAM), `announce` (the NICs' RARP frames), `dirty-rate [SECONDS [PAGES-PER-GIB]]`
 //! (QEMU's calc-dirty-rate), `balloon [PAGES | stats SECONDS]` (the balloon's target
-//! and stats polling), `devices` (each virtio device's counters), `quit`,
+//! and stats polling), `devices` (each virtio device's counters), `powerdown` (the ACPI power
+//! button), `quit`,
 //! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
 //! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover, pause-before-switchover
