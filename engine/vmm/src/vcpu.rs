@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::cpu::VcpuState;
 use crate::devices::acpi_pm::PmAction;
 use crate::devices::fw_cfg::FwCfg;
+use crate::devices::i8042::{I8042Action, I8042};
 use crate::devices::ide::Piix3;
 use crate::devices::pci::PciBus;
 use crate::devices::serial::{Com1, COM1_BASE, COM1_LEN};
@@ -43,6 +44,9 @@ pub(crate) struct VcpuContext {
     pub pci: Arc<PciBus>,
     /// QEMU's fw_cfg, where the VM has it.
     pub fw_cfg: Option<Arc<Mutex<FwCfg>>>,
+    /// The i8042 keyboard controller, where the VM has it (booted through
+    /// firmware); elsewhere only its reset command is decoded.
+    pub i8042: Option<Arc<Mutex<I8042>>>,
     pub exits: Sender<GuestExit>,
     /// The MSRs a capture reads: the guest CPU's, and those a restore loaded.
     pub msr_indices: Arc<RwLock<Vec<u32>>>,
@@ -308,6 +312,14 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
         }
         return None;
     }
+    if let Some(kbd) = ctx.i8042.as_ref().filter(|_| I8042::claims_port(port)) {
+        let mut kbd = kbd.lock().ok()?;
+        let reset = data
+            .iter()
+            .map(|&b| kbd.io_write(port, b))
+            .any(|a| a == I8042Action::Reset);
+        return reset.then(|| GuestExit::Reset("reset through the keyboard controller".into()));
+    }
     if let Some(Ok(mut pm)) = ctx.pci.pm().map(|pm| pm.lock()) {
         if pm.claims_port(port) {
             return match pm.io_write(port, data) {
@@ -357,6 +369,13 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
         }
         return;
     }
+    if let Some(kbd) = ctx.i8042.as_ref().filter(|_| I8042::claims_port(port)) {
+        match kbd.lock() {
+            Ok(mut kbd) => data.iter_mut().for_each(|b| *b = kbd.io_read(port)),
+            Err(_) => data.fill(0xff),
+        }
+        return;
+    }
     if let Some(Ok(mut pm)) = ctx.pci.pm().map(|pm| pm.lock()) {
         if pm.claims_port(port) {
             pm.io_read(port, data);
@@ -388,6 +407,7 @@ mod tests {
             com1: Arc::new(Mutex::new(Com1::new(irq, sink))),
             pci: Arc::new(PciBus::new(Vec::new(), None, None)),
             fw_cfg,
+            i8042: None,
             exits: mpsc::channel().0,
             msr_indices: Arc::new(RwLock::new(Vec::new())),
             cpuid: Arc::new(Vec::new()),

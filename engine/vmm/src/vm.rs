@@ -20,6 +20,7 @@ use crate::cpu::{checkpoint_msrs, supported_cpuid, vcpu_cpuid, VcpuState};
 use crate::devices::acpi_pm::{AcpiPm, AcpiPmState};
 use crate::devices::disk_image::Mode;
 use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState};
+use crate::devices::i8042::{I8042State, I8042};
 use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
 use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
@@ -244,6 +245,9 @@ pub struct DevicesState {
     /// in streams from before firmware boot, which keep the reset values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_host: Option<Vec<u32>>,
+    /// The i8042 (absent on a VM booted with a kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub i8042: Option<I8042State>,
     /// The PIIX4 PM function (absent on a VM without ACPI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acpi_pm: Option<AcpiPmState>,
@@ -263,6 +267,7 @@ pub struct Vm {
     com1_irq: EventFd,
     pci: Arc<PciBus>,
     fw_cfg: Option<Arc<Mutex<FwCfg>>>,
+    i8042: Option<Arc<Mutex<I8042>>>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
     /// The firmware ROM, mapped into `vm` (dropped after it).
@@ -369,6 +374,11 @@ impl Vm {
             }
             None => None,
         };
+        // QEMU's pc has an i8042; ferry gives one to the guests that boot as a
+        // pc does, through firmware.
+        let i8042 = firmware
+            .as_ref()
+            .map(|_| Arc::new(Mutex::new(I8042::new(Arc::new(KvmIrqLine(vm.clone()))))));
         let fw_cfg = match &config.fw_cfg {
             Some(c) => {
                 let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
@@ -412,6 +422,7 @@ impl Vm {
             com1: com1.clone(),
             pci: pci.clone(),
             fw_cfg: fw_cfg.clone(),
+            i8042: i8042.clone(),
             exits: exit_tx,
             msr_indices,
             cpuid: Arc::new(base),
@@ -428,6 +439,7 @@ impl Vm {
             com1_irq,
             pci,
             fw_cfg,
+            i8042,
             vm,
             _kvm: kvm,
             firmware,
@@ -723,6 +735,9 @@ impl Vm {
         if self.pci.pm().is_some() {
             names.push(format!("piix4-pm@{PIIX3_SLOT:02x}.3"));
         }
+        if self.i8042.is_some() {
+            names.push("i8042".to_string());
+        }
         if let Some(fw) = &self.firmware {
             names.push(fw.shape_name());
         }
@@ -799,6 +814,14 @@ impl Vm {
             ide,
             fw_cfg,
             pci_host: Some(self.pci.bridge_registers()),
+            i8042: match &self.i8042 {
+                Some(k) => Some(
+                    k.lock()
+                        .map_err(|_| VmmError::Config("i8042 lock poisoned".into()))?
+                        .state(),
+                ),
+                None => None,
+            },
             acpi_pm: match self.pci.pm() {
                 Some(pm) => Some(
                     pm.lock()
@@ -913,6 +936,24 @@ impl Vm {
             self.pci.check_bridge(regs).map_err(VmmError::Restore)?;
         }
         self.check_pm_state(devices.acpi_pm.as_ref())?;
+        if self.i8042.is_some() != devices.i8042.is_some() {
+            return Err(VmmError::Restore(format!(
+                "the stream {} i8042 state; this VM {} an i8042",
+                if devices.i8042.is_some() {
+                    "has"
+                } else {
+                    "has no"
+                },
+                if self.i8042.is_some() {
+                    "has"
+                } else {
+                    "has no"
+                }
+            )));
+        }
+        if let Some(state) = &devices.i8042 {
+            I8042::check(state).map_err(VmmError::Restore)?;
+        }
         let mut clock = vm.clock;
         clock.flags = 0;
         self.vm
@@ -968,6 +1009,12 @@ impl Vm {
         }
         if let Some(regs) = &devices.pci_host {
             self.pci.restore_bridge(regs).map_err(VmmError::Restore)?;
+        }
+        if let (Some(k), Some(state)) = (&self.i8042, &devices.i8042) {
+            k.lock()
+                .map_err(|_| VmmError::Config("i8042 lock poisoned".into()))?
+                .restore(state)
+                .map_err(VmmError::Restore)?;
         }
         if let (Some(pm), Some(state)) = (self.pci.pm(), &devices.acpi_pm) {
             pm.lock()
@@ -1104,8 +1151,8 @@ fn firmware_files(
             })
             .collect();
         acpi.pci.sort_by_key(|f| f.slot);
-        // No i8042 yet: SeaBIOS then skips its PS/2 probe.
-        acpi.keyboard = false;
+        // The i8042 (PNP0303 in the DSDT, the FADT's 8042 flag).
+        acpi.keyboard = true;
         let files = ferry_boot::AcpiFwCfg::new(&acpi)
             .map_err(|e| VmmError::Boot(crate::error_chain(&e)))?
             .into_files();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 pub mod acpi_pm;
 pub mod disk_image;
 pub mod fw_cfg;
+pub mod i8042;
 pub mod ide;
 pub mod image_lock;
 pub mod pci;
