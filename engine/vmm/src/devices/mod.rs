@@ -10,6 +10,7 @@ pub mod fw_cfg;
 pub mod ide;
 pub mod image_lock;
 pub mod pci;
+pub mod rtc;
 pub mod serial;
 pub mod virtio;
 
