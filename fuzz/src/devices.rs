@@ -96,6 +96,7 @@ pub fn generate_seed(state: SeedState) -> Result<Vec<u8>, String> {
         virtio: vec![disk_spec()?],
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     match state {

@@ -607,6 +607,7 @@ pub fn receive_checked(
         virtio,
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     };
     let result = migration::receive(
         Box::new(Cursor::new(input.to_vec())),
@@ -651,6 +652,7 @@ pub fn restore_error(input: &[u8]) -> Option<String> {
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     };
     checkpoint::restore(Cursor::new(input.to_vec()), &opts)
         .err()
@@ -670,6 +672,7 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     };
     match checkpoint::restore(Cursor::new(input.to_vec()), &opts) {
         Ok(vm) if vm.is_running() => Outcome::Violation("a restored VM runs before resume".into()),
@@ -694,6 +697,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();

@@ -567,6 +567,7 @@ fn destination(
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     };
     let extra = ExtraStreams {
         listener,
@@ -1020,6 +1021,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();
@@ -1046,6 +1048,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
             virtio: Vec::new(),
             ide: Vec::new(),
             fw_cfg: None,
+            rtc: None,
         };
         let extra = ExtraStreams {
             listener: &dest,

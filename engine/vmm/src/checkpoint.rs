@@ -183,6 +183,9 @@ pub struct RestoreOptions {
     pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
     /// This host's fw_cfg; it must match the checkpoint's.
     pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
+    /// This host's RTC; the checkpoint must have one exactly when this
+    /// does (its clock and CMOS come from the checkpoint).
+    pub rtc: Option<crate::devices::rtc::RtcConfig>,
 }
 
 /// Checks that the page at `gpa` lies inside guest RAM (`ranges`).
@@ -291,6 +294,7 @@ pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
         virtio: opts.virtio.clone(),
         ide: opts.ide.clone(),
         fw_cfg: opts.fw_cfg.clone(),
+        rtc: opts.rtc.clone(),
     };
     crate::migration::receive(Box::new(r), None, &incoming).map_err(|e| match e {
         crate::migration::MigrationError::Vmm(v) => v,

@@ -591,6 +591,7 @@ mod tests {
             virtio,
             ide: Vec::new(),
             fw_cfg: None,
+            rtc: None,
         })
         .expect("VM")
     }

@@ -73,6 +73,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 virtio: common.virtio()?,
                 ide: common.ide()?,
                 fw_cfg: common.fw_cfg.clone(),
+                rtc: None,
             })?;
             vm.boot(&KernelConfig {
                 kernel,
@@ -120,6 +121,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     virtio: common.virtio()?,
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg.clone(),
+                    rtc: None,
                 },
                 &mut || {},
                 // A file carries one stream; the listener ignores more for it.
@@ -145,6 +147,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     virtio: common.virtio()?,
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg.clone(),
+                    rtc: None,
                 },
             )
             .map_err(|e| match e {

@@ -21,6 +21,7 @@ use crate::devices::disk_image::Mode;
 use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState};
 use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
 use crate::devices::pci::{PciBus, MAX_SLOT};
+use crate::devices::rtc::{Rtc, RtcConfig, RtcState};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonInfo};
 use crate::devices::virtio::blk::{Block, BlockConfig};
@@ -51,6 +52,9 @@ pub struct VmConfig {
     /// QEMU's fw_cfg device (ports 0x510, 0x511, 0x514), with what it
     /// offers; `None` for none.
     pub fw_cfg: Option<FwCfgConfig>,
+    /// The MC146818 RTC and CMOS (ports 0x70, 0x71, IRQ 8), with its clock
+    /// and boot order; `None` for none.
+    pub rtc: Option<RtcConfig>,
 }
 
 /// A virtio device and where it sits.
@@ -232,6 +236,10 @@ pub struct DevicesState {
     /// the shape check refuses those for a VM with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fw_cfg: Option<FwCfgState>,
+    /// The RTC (absent on a VM without it, and in streams from before it:
+    /// the shape check refuses those for a VM with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtc: Option<RtcState>,
 }
 
 /// A VM on /dev/kvm.
@@ -245,6 +253,7 @@ pub struct Vm {
     com1_irq: EventFd,
     pci: Arc<PciBus>,
     fw_cfg: Option<Arc<Mutex<FwCfg>>>,
+    rtc: Option<Arc<Rtc>>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
     ram: Arc<GuestRam>,
@@ -268,6 +277,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         // Device threads first: they hold the devices, which hold guest RAM.
         self.pci.shutdown();
+        if let Some(rtc) = &self.rtc {
+            rtc.shutdown();
+        }
     }
 }
 
@@ -336,6 +348,16 @@ impl Vm {
             }
             None => None,
         };
+        let rtc = match &config.rtc {
+            Some(c) => {
+                let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
+                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                let dev = Rtc::for_vm(c, &layout, config.vcpus, Arc::new(KvmIrqLine(vm.clone())))
+                    .map_err(|e| VmmError::Config(crate::error_chain(&e)))?;
+                Some(Arc::new(dev))
+            }
+            None => None,
+        };
 
         let base = model::resolve(&supported_cpuid(&kvm)?, &config.cpu)?;
         let cpuid: Vec<CpuidLeaf> = base.iter().map(Into::into).collect();
@@ -360,6 +382,7 @@ impl Vm {
             com1: com1.clone(),
             pci: pci.clone(),
             fw_cfg: fw_cfg.clone(),
+            rtc: rtc.clone(),
             exits: exit_tx,
             msr_indices,
             cpuid: Arc::new(base),
@@ -376,6 +399,7 @@ impl Vm {
             com1_irq,
             pci,
             fw_cfg,
+            rtc,
             vm,
             _kvm: kvm,
             ram,
@@ -442,6 +466,9 @@ impl Vm {
         // them, so the guest never runs on two hosts at once.
         self.activate_disks()?;
         self.pci.set_stopped(STOP_PAUSED, false);
+        if let Some(rtc) = &self.rtc {
+            rtc.set_stopped(STOP_PAUSED, false);
+        }
         for v in &self.vcpus {
             v.resume()?;
         }
@@ -464,6 +491,9 @@ impl Vm {
             v.wait_paused()?;
         }
         self.pci.set_stopped(STOP_PAUSED, true);
+        if let Some(rtc) = &self.rtc {
+            rtc.set_stopped(STOP_PAUSED, true);
+        }
         self.running = false;
         Ok(())
     }
@@ -509,7 +539,13 @@ impl Vm {
     pub fn hold_handle(&self) -> crate::migration::VcpuHold {
         let threads = self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
         let pci = self.pci.clone();
-        let stop_devices = move |on: bool| pci.set_stopped(STOP_HELD, on);
+        let rtc = self.rtc.clone();
+        let stop_devices = move |on: bool| {
+            pci.set_stopped(STOP_HELD, on);
+            if let Some(rtc) = &rtc {
+                rtc.set_stopped(STOP_HELD, on);
+            }
+        };
         crate::migration::VcpuHold::new(self.throttle.clone(), threads, Arc::new(stop_devices))
     }
 
@@ -667,6 +703,9 @@ impl Vm {
                 names.extend(fw_cfg.shape_names());
             }
         }
+        if let Some(rtc) = &self.rtc {
+            names.extend(rtc.shape_names());
+        }
         names
     }
 
@@ -739,6 +778,7 @@ impl Vm {
             virtio,
             ide,
             fw_cfg,
+            rtc: self.rtc.as_ref().map(|r| r.state()),
         })
     }
 
@@ -788,6 +828,7 @@ impl Vm {
         virtio: Vec<VirtioSpec>,
         ide: Vec<IdeDriveConfig>,
         fw_cfg: Option<FwCfgConfig>,
+        rtc: Option<RtcConfig>,
     ) -> Result<Self, VmmError> {
         let mem_bytes = shape.ram_ranges.iter().map(|r| r.1).sum();
         let config = VmConfig {
@@ -803,6 +844,7 @@ impl Vm {
             virtio,
             ide,
             fw_cfg,
+            rtc,
         };
         // The disks take their locks when the state is loaded: a migration's
         // source still runs on them now.
@@ -837,6 +879,7 @@ impl Vm {
         // below checks it again, and applies it all or nothing).
         self.check_ide_state(devices.ide.as_ref())?;
         self.check_fw_cfg_state(devices.fw_cfg.as_ref())?;
+        self.check_rtc_state(devices.rtc.as_ref())?;
         let mut clock = vm.clock;
         clock.flags = 0;
         self.vm
@@ -889,6 +932,9 @@ impl Vm {
                 .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
                 .restore(state)
                 .map_err(VmmError::Restore)?;
+        }
+        if let (Some(dev), Some(state)) = (&self.rtc, &devices.rtc) {
+            dev.restore(state).map_err(VmmError::Restore)?;
         }
         *self
             .com1
@@ -948,6 +994,27 @@ impl Vm {
     /// where the VM offers it.
     pub fn vmcoreinfo(&self) -> Option<crate::devices::fw_cfg::VmcoreInfo> {
         self.fw_cfg.as_ref()?.lock().ok()?.vmcoreinfo()
+    }
+}
+
+impl Vm {
+    /// Refuses RTC state this VM could not load: present without the
+    /// device, absent with it, or refused by the device's checks.
+    fn check_rtc_state(&self, state: Option<&RtcState>) -> Result<(), VmmError> {
+        match (&self.rtc, state) {
+            (None, None) => Ok(()),
+            (Some(dev), Some(state)) => dev.check(state).map_err(VmmError::Restore),
+            (ours, _) => Err(VmmError::Restore(format!(
+                "the stream {} RTC state; this VM {} RTC",
+                if ours.is_some() { "has no" } else { "has" },
+                if ours.is_some() { "has an" } else { "has no" }
+            ))),
+        }
+    }
+
+    /// The RTC and its CMOS, where the VM has them.
+    pub fn rtc(&self) -> Option<&Arc<Rtc>> {
+        self.rtc.as_ref()
     }
 }
 

@@ -41,6 +41,9 @@ pub struct IncomingOptions {
     pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
     /// This host's fw_cfg; it must match the source's.
     pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
+    /// This host's RTC; the source must have one exactly when this does
+    /// (its clock and CMOS come from the source).
+    pub rtc: Option<crate::devices::rtc::RtcConfig>,
 }
 
 /// Where the extra page streams of a multi-stream migration come from.
@@ -895,6 +898,7 @@ fn read_offer(
         virtio: opts.virtio.clone(),
         ide: opts.ide.clone(),
         fw_cfg: opts.fw_cfg.clone(),
+        rtc: opts.rtc.clone(),
     };
     check_shape(&hs.shape, &restore_opts)?;
     let proposed = hs.streams.max(1);
@@ -917,6 +921,7 @@ fn build(hs: &Handshake, opts: &IncomingOptions) -> Result<Vm, MigrationError> {
         opts.virtio.clone(),
         opts.ide.clone(),
         opts.fw_cfg.clone(),
+        opts.rtc.clone(),
     )?)
 }
 
@@ -1136,6 +1141,7 @@ mod tests {
                 virtio: Vec::new(),
                 ide: Vec::new(),
                 fw_cfg: None,
+                rtc: None,
             };
             serve(&listener, &serve_opts, &opts, &mut || {}, &|| 4)
                 .map(|_| ())
@@ -1503,6 +1509,7 @@ mod tests {
             virtio: Vec::new(),
             ide: Vec::new(),
             fw_cfg: None,
+            rtc: None,
         };
         let Err(e) = serve(
             &listener,

@@ -350,6 +350,7 @@ fn a_vm_carries_its_fw_cfg_in_shape_and_state() {
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg,
+        rtc: None,
     };
     let vm = Vm::create(config(Some(fw_cfg.clone()))).expect("a VM with fw_cfg");
     let dev = vm.fw_cfg().expect("fw_cfg").clone();
@@ -370,6 +371,7 @@ fn a_vm_carries_its_fw_cfg_in_shape_and_state() {
             Vec::new(),
             Vec::new(),
             fw_cfg,
+            None,
         )
     };
     let err = shape_for(None).unwrap_err().to_string();

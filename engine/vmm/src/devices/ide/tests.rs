@@ -606,6 +606,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         virtio: Vec::new(),
         ide,
         fw_cfg: None,
+        rtc: None,
     };
     let vm = Vm::create(config(vec![cd.clone()])).expect("a VM with a CD-ROM");
     let bus = vm.pci().clone();
@@ -647,6 +648,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         Vec::new(),
         vec![other],
         None,
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -657,6 +659,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         SinkSpec::Null,
         Vec::new(),
         Vec::new(),
+        None,
         None,
     )
     .unwrap_err()
@@ -669,6 +672,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         SinkSpec::Null,
         Vec::new(),
         vec![cd.clone()],
+        None,
         None,
     )
     .expect("the same drives");

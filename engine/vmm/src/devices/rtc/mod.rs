@@ -387,6 +387,12 @@ pub fn pc_cmos(
     Ok(cmos)
 }
 
+/// Refuses boot letters QEMU's pc refuses (more than three, or other than
+/// a, b, c, d, n).
+pub fn check_boot_order(order: &str) -> Result<(), RtcError> {
+    boot_nibbles(order).map(drop)
+}
+
 /// CMOS 0x3d (first and second boot device) and 0x38 (third, high nibble)
 /// for QEMU's boot letters.
 fn boot_nibbles(order: &str) -> Result<(u8, u8), RtcError> {

@@ -525,3 +525,100 @@ fn the_thread_raises_periodic_interrupts_and_sleeps_otherwise() {
     rtc.shutdown();
     rtc.shutdown();
 }
+
+/// A VM with an RTC names it in its shape (a destination without it is
+/// refused by name, and the other way round) and carries its CMOS and clock
+/// through a checkpoint: NVRAM the guest wrote, the boot order, the index.
+#[test]
+fn a_vm_carries_its_rtc_through_a_checkpoint() {
+    use crate::checkpoint::RestoreOptions;
+    use crate::devices::serial::SinkSpec;
+    use crate::vm::{Vm, VmConfig};
+    use ferry_kvm::Backing;
+
+    let rtc = RtcConfig {
+        base: RtcBase::Date {
+            unix_secs: 1_150_560_081,
+        },
+        boot_order: "dc".into(),
+    };
+    let config = |rtc: Option<RtcConfig>| VmConfig {
+        mem_bytes: 64 << 20,
+        vcpus: 2,
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        cpu: crate::cpu::model::CpuModel::Host,
+        virtio: Vec::new(),
+        ide: Vec::new(),
+        fw_cfg: None,
+        rtc,
+    };
+    let vm = Vm::create(config(Some(rtc.clone()))).expect("a VM with an RTC");
+    let dev = vm.rtc().expect("an RTC").clone();
+    assert_eq!(dev.cmos_byte(nvram::CPUS), 1);
+    assert_eq!(dev.cmos_byte(nvram::BOOT_FIRST), 0x23);
+    // 48 MiB above 16 MiB in 64 KiB units.
+    assert_eq!(dev.cmos_byte(nvram::MEM_ABOVE_16M), 0x00);
+    assert_eq!(dev.cmos_byte(nvram::MEM_ABOVE_16M + 1), 0x03);
+    // The guest's clock started at the given date (2006, BCD).
+    assert_eq!(dev.cmos_byte(reg::YEAR), 0x06);
+    assert_eq!(dev.cmos_byte(reg::CENTURY), 0x20);
+    dev.io_write(INDEX_PORT, &[0x60]);
+    dev.io_write(DATA_PORT, &[0xa5]);
+    dev.io_write(INDEX_PORT, &[0x80 | 0x61]);
+    assert!(vm.shape().devices.contains(&"rtc".to_string()));
+    let saved = vm.capture_devices().unwrap();
+    let state = saved.rtc.clone().expect("RTC state");
+    assert_eq!(
+        (state.index, state.nmi_masked, state.cmos[0x60]),
+        (0x61, true, 0xa5)
+    );
+    let (stream, _) = crate::checkpoint::save(&vm, Vec::new()).unwrap();
+
+    let opts = |rtc: Option<RtcConfig>| RestoreOptions {
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        expect_mem_bytes: None,
+        expect_vcpus: None,
+        virtio: Vec::new(),
+        ide: Vec::new(),
+        fw_cfg: None,
+        rtc,
+    };
+    let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rtc"), "{err}");
+    // The destination's own base and boot order do not matter: the clock
+    // and CMOS come from the checkpoint.
+    let other = crate::checkpoint::restore(
+        std::io::Cursor::new(stream),
+        &opts(Some(RtcConfig::default())),
+    )
+    .expect("restore");
+    let back = other.rtc().expect("an RTC");
+    assert_eq!(back.cmos_byte(0x60), 0xa5);
+    assert_eq!(back.cmos_byte(nvram::BOOT_FIRST), 0x23);
+    assert!(back.nmi_masked());
+    assert_eq!(back.cmos_byte(reg::YEAR), 0x06);
+    let drift = back.guest_time_ns() - dev.guest_time_ns();
+    assert!(drift.abs() < 5 * SEC, "{drift} ns apart");
+    let restored = other.capture_devices().unwrap().rtc.unwrap();
+    assert_eq!(
+        (restored.offset_secs, restored.cmos[0x10..0x60].to_vec()),
+        (state.offset_secs, state.cmos[0x10..0x60].to_vec())
+    );
+
+    // A checkpoint without an RTC does not load on a VM with one.
+    let plain = Vm::create(config(None)).expect("a VM without an RTC");
+    assert!(plain.rtc().is_none());
+    assert!(plain.capture_devices().unwrap().rtc.is_none());
+    let (stream, _) = crate::checkpoint::save(&plain, Vec::new()).unwrap();
+    let err = crate::checkpoint::restore(
+        std::io::Cursor::new(stream),
+        &opts(Some(RtcConfig::default())),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rtc"), "{err}");
+}

@@ -281,6 +281,7 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
         vec![disk_spec(img.path(), false)],
         Vec::new(),
         None,
+        None,
     )
     .unwrap();
     vm.deactivate_disks().unwrap();
@@ -318,6 +319,7 @@ fn restore_opts(virtio: Vec<VirtioSpec>) -> crate::checkpoint::RestoreOptions {
         virtio,
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     }
 }
 
@@ -331,6 +333,7 @@ fn try_vm(spec: VirtioSpec) -> Result<Vm, crate::VmmError> {
         virtio: vec![spec],
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     })
 }
 
@@ -390,6 +393,7 @@ fn the_image_locks_move_with_a_migration() {
         SinkSpec::Null,
         vec![disk_spec(img.path(), false)],
         Vec::new(),
+        None,
         None,
     )
     .expect("the destination opens the image while the source holds it");
@@ -468,6 +472,7 @@ fn a_qcow2_chain_moves_with_a_migration() {
         SinkSpec::Null,
         vec![qcow2_spec(&top)],
         Vec::new(),
+        None,
         None,
     )
     .expect("the destination opens the chain while the source writes it");
@@ -619,6 +624,7 @@ fn bad_device_configuration_is_refused_with_the_reason() {
         virtio: vec![spec],
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     })
     .unwrap_err()
     .to_string();
@@ -633,6 +639,7 @@ fn bad_device_configuration_is_refused_with_the_reason() {
         virtio: vec![missing.clone(), missing],
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     })
     .unwrap_err()
     .to_string();
@@ -913,6 +920,7 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
         vec![tap2.spec(other_mac)],
         Vec::new(),
         None,
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -923,6 +931,7 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
         SinkSpec::Null,
         vec![tap2.spec(GUEST_MAC)],
         Vec::new(),
+        None,
         None,
     )
     .unwrap();
@@ -1781,6 +1790,7 @@ fn only_one_balloon_per_vm() {
         virtio: vec![balloon_spec(balloon::BalloonConfig::default()), second],
         ide: Vec::new(),
         fw_cfg: None,
+        rtc: None,
     })
     .unwrap_err()
     .to_string();
