@@ -73,7 +73,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 virtio: common.virtio()?,
                 ide: common.ide()?,
                 fw_cfg: common.fw_cfg.clone(),
-                rtc: None,
+                rtc: common.rtc.clone(),
             })?;
             vm.boot(&KernelConfig {
                 kernel,
@@ -121,7 +121,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     virtio: common.virtio()?,
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg.clone(),
-                    rtc: None,
+                    rtc: common.rtc.clone(),
                 },
                 &mut || {},
                 // A file carries one stream; the listener ignores more for it.
@@ -147,7 +147,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     virtio: common.virtio()?,
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg.clone(),
-                    rtc: None,
+                    rtc: common.rtc.clone(),
                 },
             )
             .map_err(|e| match e {
