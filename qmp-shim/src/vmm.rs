@@ -338,7 +338,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         virtio: virtio_specs(config),
         ide: ide_drives(config),
         fw_cfg: fw_cfg(config),
-        rtc: None,
+        rtc: config.rtc.clone(),
     })
     .map_err(engine)?;
     guest
@@ -521,7 +521,7 @@ impl FerryBackend {
                 virtio: inner.config.as_ref().map(virtio_specs).unwrap_or_default(),
                 ide: inner.config.as_ref().map(ide_drives).unwrap_or_default(),
                 fw_cfg: inner.config.as_ref().and_then(fw_cfg),
-                rtc: None,
+                rtc: inner.config.as_ref().and_then(|c| c.rtc.clone()),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);
