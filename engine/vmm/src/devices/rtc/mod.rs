@@ -516,7 +516,7 @@ impl Core {
         self.r(reg::A) & 0x60 == 0x60
     }
 
-    fn to_bcd(&self, v: i64) -> u8 {
+    fn encode(&self, v: i64) -> u8 {
         let v = v.rem_euclid(100) as u8;
         if self.r(reg::B) & b::DM != 0 {
             v
@@ -526,7 +526,7 @@ impl Core {
     }
 
     /// A register's value, or `None` for "don't care" (0xC0-0xFF).
-    fn from_bcd(&self, raw: u8) -> Option<i64> {
+    fn decode(&self, raw: u8) -> Option<i64> {
         if raw & 0xc0 == 0xc0 {
             return None;
         }
@@ -542,7 +542,7 @@ impl Core {
         if raw & 0xc0 == 0xc0 {
             return None;
         }
-        let hour = self.from_bcd(raw & 0x7f)?;
+        let hour = self.decode(raw & 0x7f)?;
         Some(if self.r(reg::B) & b::H24 == 0 {
             hour % 12 + if raw & PM != 0 { 12 } else { 0 }
         } else {
@@ -554,26 +554,26 @@ impl Core {
     /// format (QEMU's `rtc_set_cmos`).
     fn write_time_regs(&mut self, secs: i64) {
         let tm = Tm::from_unix(secs);
-        self.set(reg::SECONDS, self.to_bcd(tm.sec));
-        self.set(reg::MINUTES, self.to_bcd(tm.min));
+        self.set(reg::SECONDS, self.encode(tm.sec));
+        self.set(reg::MINUTES, self.encode(tm.min));
         let hours = if self.r(reg::B) & b::H24 != 0 {
-            self.to_bcd(tm.hour)
+            self.encode(tm.hour)
         } else {
             let h = if tm.hour % 12 == 0 { 12 } else { tm.hour % 12 };
-            self.to_bcd(h) | if tm.hour >= 12 { PM } else { 0 }
+            self.encode(h) | if tm.hour >= 12 { PM } else { 0 }
         };
         self.set(reg::HOURS, hours);
-        self.set(reg::DAY_OF_WEEK, self.to_bcd(tm.wday + 1));
-        self.set(reg::DAY_OF_MONTH, self.to_bcd(tm.day));
-        self.set(reg::MONTH, self.to_bcd(tm.month));
-        self.set(reg::YEAR, self.to_bcd(tm.year.rem_euclid(100)));
-        self.set(reg::CENTURY, self.to_bcd(tm.year.div_euclid(100)));
+        self.set(reg::DAY_OF_WEEK, self.encode(tm.wday + 1));
+        self.set(reg::DAY_OF_MONTH, self.encode(tm.day));
+        self.set(reg::MONTH, self.encode(tm.month));
+        self.set(reg::YEAR, self.encode(tm.year.rem_euclid(100)));
+        self.set(reg::CENTURY, self.encode(tm.year.div_euclid(100)));
     }
 
     /// The time the time bytes hold, in seconds since the epoch (QEMU's
     /// `rtc_get_time` and `mktimegm`; "don't care" values count as 0).
     fn regs_time(&self) -> i64 {
-        let v = |i: u8| self.from_bcd(self.r(i)).unwrap_or(0);
+        let v = |i: u8| self.decode(self.r(i)).unwrap_or(0);
         Tm {
             year: v(reg::YEAR) + v(reg::CENTURY) * 100,
             month: v(reg::MONTH),
@@ -628,7 +628,7 @@ impl Core {
     /// The first guest second after `after` whose time matches the alarm
     /// bytes, or `None` if none ever does.
     fn next_alarm(&self, after: i64) -> Option<i64> {
-        let want = |raw: u8, max: i64| match self.from_bcd(raw) {
+        let want = |raw: u8, max: i64| match self.decode(raw) {
             None => Ok(None),
             Some(v) if (0..max).contains(&v) => Ok(Some(v)),
             Some(_) => Err(()),

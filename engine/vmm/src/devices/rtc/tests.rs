@@ -459,7 +459,8 @@ fn hostile_state_is_refused_and_changes_nothing() {
     let line = Arc::new(Line::default());
     let (rtc, _) = manual_rtc(HOST, &line);
     let good = rtc.state();
-    let cases: Vec<(fn(&mut RtcState), &str)> = vec![
+    type Spoil = fn(&mut RtcState);
+    let cases: Vec<(Spoil, &str)> = vec![
         (|s| s.cmos.truncate(64), "64 bytes of CMOS"),
         (|s| s.cmos.push(0), "129 bytes"),
         (|s| s.index = 0x80, "index 0x80"),
