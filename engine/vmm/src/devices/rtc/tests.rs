@@ -623,3 +623,44 @@ fn a_vm_carries_its_rtc_through_a_checkpoint() {
     .to_string();
     assert!(err.contains("rtc"), "{err}");
 }
+
+/// The periodic interrupt reaches KVM's in-kernel PIC: IRQ 8 is the slave
+/// PIC's input 0, whose request bit the device's thread sets (on an edge,
+/// as the ISA RTC's) once PIE is on, and a read of register C lowers.
+#[test]
+fn the_periodic_interrupt_reaches_the_vms_slave_pic() {
+    use crate::devices::serial::SinkSpec;
+    use crate::vm::{Vm, VmConfig};
+
+    let vm = Vm::create(VmConfig {
+        mem_bytes: 16 << 20,
+        vcpus: 1,
+        backing: ferry_kvm::Backing::Anonymous,
+        serial: SinkSpec::Null,
+        cpu: crate::cpu::model::CpuModel::Host,
+        virtio: Vec::new(),
+        ide: Vec::new(),
+        fw_cfg: None,
+        rtc: Some(RtcConfig::default()),
+    })
+    .expect("a VM with an RTC");
+    // kvm_irqchip as bytes: chip_id, pad, then kvm_pic_state (last_irr, irr).
+    let slave_irr = |vm: &Vm| -> u8 {
+        let chip = vm.capture_vm().expect("irqchips").pic_slave;
+        let bytes: Vec<u8> = serde_json::from_value(serde_json::to_value(chip).unwrap()).unwrap();
+        bytes[9]
+    };
+    assert_eq!(slave_irr(&vm) & 1, 0);
+    let rtc = vm.rtc().expect("an RTC").clone();
+    // Only the vCPUs stay stopped: the RTC runs as after a resume.
+    rtc.set_stopped(STOP_PAUSED, false);
+    rtc.io_write(INDEX_PORT, &[reg::B]);
+    rtc.io_write(DATA_PORT, &[b::PIE | b::H24]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while slave_irr(&vm) & 1 == 0 {
+        assert!(std::time::Instant::now() < deadline, "IRQ 8 never came");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(port_read(&rtc, reg::C) & (c::IRQF | c::PF), c::IRQF | c::PF);
+    rtc.set_stopped(STOP_PAUSED, true);
+}
