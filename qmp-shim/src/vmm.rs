@@ -807,9 +807,19 @@ fn reboot(inner: &mut Inner, run: bool) -> Result<(), BackendError> {
         .as_ref()
         .and_then(Guest::balloon_info)
         .map(|b| b.num_pages);
+    // The RTC's clock (which the guest may have set) and NVRAM outlive a
+    // reset, as in QEMU.
+    let rtc = inner
+        .guest
+        .as_ref()
+        .and_then(|g| g.rtc().map(|r| r.state()));
     // The old guest must release its RAM and vCPUs before the new one exists.
     inner.guest = None;
     let mut guest = boot(&config, sink(inner))?;
+    if let (Some(state), Some(dev)) = (rtc, guest.rtc()) {
+        dev.restore(&state).map_err(BackendError::Engine)?;
+        dev.reset();
+    }
     if let Some(pages) = target.filter(|&p| p > 0) {
         guest.set_balloon_target(pages.into()).map_err(engine)?;
     }

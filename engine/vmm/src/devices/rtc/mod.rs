@@ -994,6 +994,26 @@ impl Rtc {
         self.lock().cmos[usize::from(index & 0x7f)] = value;
     }
 
+    /// A system reset (QEMU's `rtc_reset_enter` and `rtc_reset_hold`): the
+    /// clock and the NVRAM stay; the periodic, alarm and square-wave enables
+    /// and the flags of register C go, the line goes down, and so does the
+    /// shutdown status byte 0x0f unless it says S3 resume (0xfe).
+    pub fn reset(&self) {
+        let now = self.clock.now_ns();
+        let mut core = self.lock();
+        if core.cmos[0x0f] != 0xfe {
+            core.cmos[0x0f] = 0;
+        }
+        core.cmos[usize::from(reg::B)] &= !(b::PIE | b::AIE | b::SQWE);
+        core.cmos[usize::from(reg::C)] &= !(c::UF | c::IRQF | c::PF | c::AF);
+        core.update_second = core.guest_second(now);
+        core.alarm = None;
+        core.reprogram_periodic(now);
+        core.irq.set_level(RTC_IRQ, false);
+        drop(core);
+        self.shared.wake.notify_all();
+    }
+
     /// Whether the last index write masked NMIs (bit 7 of port 0x70).
     pub fn nmi_masked(&self) -> bool {
         self.lock().nmi_masked

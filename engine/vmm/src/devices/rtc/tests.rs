@@ -664,3 +664,30 @@ fn the_periodic_interrupt_reaches_the_vms_slave_pic() {
     assert_eq!(port_read(&rtc, reg::C) & (c::IRQF | c::PF), c::IRQF | c::PF);
     rtc.set_stopped(STOP_PAUSED, true);
 }
+
+#[test]
+fn a_reset_keeps_the_clock_and_nvram_and_drops_enables_and_flags() {
+    let line = Arc::new(Line::default());
+    let (rtc, clock) = manual_rtc(HOST, &line);
+    for (i, v) in [(0x0f, 0x05), (0x40, 0x77), (reg::A, 0x2f)] {
+        rtc.io_write(INDEX_PORT, &[i]);
+        rtc.io_write(DATA_PORT, &[v]);
+    }
+    rtc.io_write(INDEX_PORT, &[reg::B]);
+    rtc.io_write(DATA_PORT, &[b::PIE | b::AIE | b::UIE | b::H24]);
+    *clock.0.lock().unwrap() = HOST + 2 * SEC;
+    assert!(rtc.cmos_byte(reg::C) & c::IRQF != 0);
+    assert!(line.up());
+    rtc.reset();
+    assert!(!line.up());
+    assert_eq!(rtc.cmos_byte(reg::B), b::UIE | b::H24);
+    assert_eq!(rtc.cmos_byte(reg::C), 0);
+    assert_eq!(rtc.cmos_byte(0x0f), 0);
+    assert_eq!(rtc.cmos_byte(0x40), 0x77);
+    assert_eq!(rtc.cmos_byte(reg::A), 0x2f);
+    assert_eq!(rtc.guest_time_ns(), i128::from(LEAP_DAY + 2) * SEC);
+    // The S3 resume status survives.
+    rtc.set_cmos_byte(0x0f, 0xfe);
+    rtc.reset();
+    assert_eq!(rtc.cmos_byte(0x0f), 0xfe);
+}
