@@ -455,6 +455,11 @@ struct Core {
     nmi_masked: bool,
     /// The guest's time minus the host's, ns.
     offset_ns: i128,
+    /// What `offset_ns` was at start, from `-rtc base=` (this host's, not
+    /// migrated): QEMU's RTC_CHANGE reports the guest's offset from it.
+    base_offset_ns: i128,
+    /// The guest set the time since [`Rtc::take_time_change`] last looked.
+    time_changed: bool,
     /// The guest second whose update cycle was accounted last.
     update_second: i64,
     /// The next alarm after `update_second`, once computed: (the second
@@ -476,6 +481,8 @@ impl Core {
             index: 0,
             nmi_masked: false,
             offset_ns,
+            base_offset_ns: offset_ns,
+            time_changed: false,
             update_second: 0,
             alarm: None,
             periodic_next: None,
@@ -593,6 +600,7 @@ impl Core {
         self.offset_ns = i128::from(secs) * NS_PER_SEC + subsec_ns - now;
         self.update_second = secs;
         self.alarm = None;
+        self.time_changed = true;
     }
 
     /// Refreshes the time bytes while the clock runs.
@@ -1012,6 +1020,15 @@ impl Rtc {
         core.irq.set_level(RTC_IRQ, false);
         drop(core);
         self.shared.wake.notify_all();
+    }
+
+    /// Whether the guest set the clock since the last call, and if so the
+    /// guest's time less the time of `-rtc base=` in whole seconds: QEMU's
+    /// RTC_CHANGE `offset`.
+    pub fn take_time_change(&self) -> Option<i64> {
+        let mut core = self.lock();
+        std::mem::take(&mut core.time_changed)
+            .then(|| (core.offset_ns - core.base_offset_ns).div_euclid(NS_PER_SEC) as i64)
     }
 
     /// Whether the last index write masked NMIs (bit 7 of port 0x70).

@@ -201,6 +201,12 @@ fn a_guest_sets_the_time_under_set_and_the_clock_runs_on_from_it() {
         time_bytes(&mut core, HOST + 8 * SEC)[..3],
         [0x24, 0x30, 0x16]
     );
+    // Each setting is reported once (QEMU's RTC_CHANGE), from the base.
+    assert!(std::mem::take(&mut core.time_changed));
+    assert_eq!(
+        (core.offset_ns - core.base_offset_ns).div_euclid(SEC),
+        i128::from(1_150_560_081 + 29 * 60 + 2 - 7 - LEAP_DAY)
+    );
     // SET clears UIE, as QEMU does.
     write(&mut core, HOST + 8 * SEC, reg::B, b::SET | b::UIE | b::H24);
     assert_eq!(read(&mut core, HOST + 8 * SEC, reg::B), b::SET | b::H24);
@@ -452,6 +458,21 @@ fn state_round_trips_and_the_clock_follows_the_host() {
     assert_eq!(here, there);
     assert_eq!(dest.guest_time_ns(), i128::from(LEAP_DAY + 100) * SEC);
     assert_eq!(port_read(&dest, 0x50), 0xab);
+    // A restore is no setting of the clock by the guest.
+    assert_eq!(dest.take_time_change(), None);
+    // A guest setting the time under SET: one change, seconds from the base.
+    for (i, v) in [
+        (reg::B, b::SET | b::H24),
+        (reg::YEAR, 0x25),
+        (reg::B, b::H24),
+    ] {
+        dest.io_write(INDEX_PORT, &[i]);
+        dest.io_write(DATA_PORT, &[v]);
+    }
+    // 2025-02-29 is 2025-03-01 (mktimegm), 366 days on; the destination's
+    // base was 77 s behind the source's clock.
+    assert_eq!(dest.take_time_change(), Some(366 * 86_400 + 77));
+    assert_eq!(dest.take_time_change(), None);
 }
 
 #[test]
