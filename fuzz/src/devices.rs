@@ -97,6 +97,7 @@ pub fn generate_seed(state: SeedState) -> Result<Vec<u8>, String> {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     match state {

@@ -608,6 +608,7 @@ pub fn receive_checked(
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     };
     let result = migration::receive(
         Box::new(Cursor::new(input.to_vec())),
@@ -653,6 +654,7 @@ pub fn restore_error(input: &[u8]) -> Option<String> {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     };
     checkpoint::restore(Cursor::new(input.to_vec()), &opts)
         .err()
@@ -673,6 +675,7 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     };
     match checkpoint::restore(Cursor::new(input.to_vec()), &opts) {
         Ok(vm) if vm.is_running() => Outcome::Violation("a restored VM runs before resume".into()),
@@ -698,6 +701,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();

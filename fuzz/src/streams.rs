@@ -568,6 +568,7 @@ fn destination(
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     };
     let extra = ExtraStreams {
         listener,
@@ -1022,6 +1023,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     })
     .map_err(|e| format!("cannot create the seed VM: {e}"))?;
     let ram = vm.ram();
@@ -1049,6 +1051,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
             ide: Vec::new(),
             fw_cfg: None,
             firmware: None,
+            rtc: None,
         };
         let extra = ExtraStreams {
             listener: &dest,

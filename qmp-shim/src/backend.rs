@@ -30,6 +30,9 @@ pub struct MachineConfig {
     pub machine: MachineType,
     /// `-device vmcoreinfo`: fw_cfg offers `etc/vmcoreinfo`.
     pub vmcoreinfo: bool,
+    /// The MC146818 RTC and CMOS every `pc` machine has (`-rtc base=`,
+    /// `-boot order=`); `None` on machines without it.
+    pub rtc: Option<ferry_vmm::devices::rtc::RtcConfig>,
     pub mem_bytes: u64,
     pub vcpus: u32,
     pub cpu_model: Option<String>,

@@ -366,6 +366,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
         ide: ide_drives(config),
         fw_cfg: fw_cfg(config),
         firmware: firmware(config),
+        rtc: config.rtc.clone(),
     })
     .map_err(engine)?;
     if let Some(kernel) = &config.kernel {
@@ -551,6 +552,7 @@ impl FerryBackend {
                 ide: inner.config.as_ref().map(ide_drives).unwrap_or_default(),
                 fw_cfg: inner.config.as_ref().and_then(fw_cfg),
                 firmware: inner.config.as_ref().and_then(firmware),
+                rtc: inner.config.as_ref().and_then(|c| c.rtc.clone()),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);
@@ -760,6 +762,7 @@ impl FerryBackend {
                     on_guest_exit(&shared, &mut inner, exit);
                 }
                 balloon_watch(&shared, &mut inner);
+                rtc_watch(&shared, &inner);
             })
             .map_err(engine)?;
         Ok(())
@@ -809,6 +812,24 @@ fn on_guest_exit(shared: &Shared, inner: &mut Inner, exit: GuestExit) {
     }
 }
 
+/// QEMU 7.2's RTC_CHANGE when the guest set its RTC: `offset`, the guest's
+/// time less `-rtc base=`'s in seconds (libvirt keeps it for `<clock
+/// offset='variable'>`). Polled with the guest's exits, so settings closer
+/// together than that come as one event (QEMU rate-limits it to one a
+/// second).
+fn rtc_watch(shared: &Shared, inner: &Inner) {
+    let change = inner
+        .guest
+        .as_ref()
+        .and_then(|g| g.rtc())
+        .and_then(|r| r.take_time_change());
+    if let Some(offset) = change {
+        shared
+            .events
+            .emit("RTC_CHANGE", Some(json!({ "offset": offset })));
+    }
+}
+
 /// QEMU's BALLOON_CHANGE when the guest's driver changed `actual` (checked
 /// with the guest's exits), and the balloon as last seen.
 fn balloon_watch(shared: &Shared, inner: &mut Inner) {
@@ -836,9 +857,19 @@ fn reboot(inner: &mut Inner, run: bool) -> Result<(), BackendError> {
         .as_ref()
         .and_then(Guest::balloon_info)
         .map(|b| b.num_pages);
+    // The RTC's clock (which the guest may have set) and NVRAM outlive a
+    // reset, as in QEMU.
+    let rtc = inner
+        .guest
+        .as_ref()
+        .and_then(|g| g.rtc().map(|r| r.state()));
     // The old guest must release its RAM and vCPUs before the new one exists.
     inner.guest = None;
     let mut guest = boot(&config, sink(inner))?;
+    if let (Some(state), Some(dev)) = (rtc, guest.rtc()) {
+        dev.restore(&state).map_err(BackendError::Engine)?;
+        dev.reset();
+    }
     if let Some(pages) = target.filter(|&p| p > 0) {
         guest.set_balloon_target(pages.into()).map_err(engine)?;
     }
@@ -1501,6 +1532,65 @@ mod tests {
         assert_eq!(change["data"]["actual"], (64u64 << 20) - 1000 * 4096);
         assert_eq!(backend.balloon_info().expect("balloon").actual, 1000);
         // The watcher thread stays (as in a process); the guest goes.
+        backend.shared.lock().expect("lock").guest = None;
+    }
+
+    /// A pc guest's RTC on ferry-vmm behind QMP: the guest setting its
+    /// clock (under SET, as Linux's hwclock does) becomes one RTC_CHANGE
+    /// with the new offset from `-rtc base=`, in seconds.
+    #[test]
+    fn a_guest_setting_its_rtc_is_an_rtc_change_event() {
+        use ferry_vmm::devices::rtc::{b, reg, DATA_PORT, INDEX_PORT};
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            assert!(std::env::var_os("CI").is_none(), "CI must run every test");
+            eprintln!("SKIP: /dev/kvm is not usable here");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("dirtier.elf");
+        std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+        let args = format!(
+            "-S -machine pc -m 64 -rtc base=utc -kernel {}",
+            kernel.display()
+        );
+        let inv = crate::argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
+        let config = inv.machine_config().expect("config").expect("a guest");
+        let events = EventSink::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        events.subscribe(1, tx);
+        let mut backend = FerryBackend::new(events);
+        backend.create(&config).expect("guest");
+        {
+            let inner = backend.shared.lock().expect("lock");
+            let rtc = inner.guest.as_ref().expect("guest").rtc().expect("an RTC");
+            // One hour on: hours + 1 under SET (BCD, 24 h; a wrap past 23
+            // normalises to the next day, an hour on all the same).
+            rtc.io_write(INDEX_PORT, &[reg::B]);
+            rtc.io_write(DATA_PORT, &[b::SET | b::H24]);
+            rtc.io_write(INDEX_PORT, &[reg::HOURS]);
+            let mut h = [0u8];
+            rtc.io_read(DATA_PORT, &mut h);
+            let hour = (h[0] >> 4) * 10 + (h[0] & 0x0f) + 1;
+            rtc.io_write(DATA_PORT, &[((hour / 10) << 4) | (hour % 10)]);
+            rtc.io_write(INDEX_PORT, &[reg::B]);
+            rtc.io_write(DATA_PORT, &[b::H24]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let change = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = rx.recv_timeout(left).expect("RTC_CHANGE");
+            if e["event"] == "RTC_CHANGE" {
+                break e;
+            }
+        };
+        let offset = change["data"]["offset"].as_i64().expect("an offset");
+        // The clock ticked on while the test wrote: 3600 less a second or two.
+        assert!((3597..=3600).contains(&offset), "{change}");
         backend.shared.lock().expect("lock").guest = None;
     }
 

@@ -573,6 +573,110 @@ fn kvm_usable(test: &str) -> bool {
     ok
 }
 
+/// A `pc` guest (which has QEMU's MC146818 RTC, here from a given date)
+/// resets under `system_reset` and boots again, its RTC carried over as
+/// QEMU keeps it; `rtc-reset-reinjection` answers as QEMU's does.
+#[test]
+fn a_pc_guest_with_its_rtc_resets_and_boots_again() {
+    if !kvm_usable("a_pc_guest_with_its_rtc_resets_and_boots_again") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let serial = d.join("pc.serial");
+    let qmp = d.join("pc.qmp");
+    let child = Command::new(BIN)
+        .args(["-M", "pc", "-enable-kvm", "-m", "128M", "-nodefaults", "-S"])
+        .args(["-rtc", "base=2006-06-17T16:01:21,clock=vm,driftfix=slew"])
+        .args(["-boot", "order=dc"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .args(["-append", "ws=4M"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn ferry-qemu");
+    let guest = Qemu { child, qmp };
+    let mut q = Qmp::connect(&guest.qmp);
+    q.ok("cont", json!({}));
+    wait_for_serial(&serial, "dirtier: ready");
+    assert_eq!(q.ok("rtc-reset-reinjection", json!({})), json!({}));
+    let before = std::fs::read_to_string(&serial).expect("serial");
+    let boots = |s: &str| s.matches("dirtier: ready").count();
+    q.ok("system_reset", json!({}));
+    q.wait_event("RESET", None);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while boots(&std::fs::read_to_string(&serial).expect("serial")) <= boots(&before) {
+        assert!(Instant::now() < deadline, "the guest did not boot again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(q.status(), "running");
+}
+
+/// A `pc` dirtier (with its RTC) as the other tests' microvm one.
+fn spawn_pc_guest(dir: &Path, tag: &str, kernel: &Path, extra: &[&str]) -> Qemu {
+    let qmp = dir.join(format!("{tag}.qmp"));
+    let child = Command::new(BIN)
+        .args(["-M", "pc", "-enable-kvm", "-m", "128M", "-nodefaults"])
+        .args(["-rtc", "base=2006-06-17T16:01:21,driftfix=slew"])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", "ws=16M fill=1"])
+        .arg("-serial")
+        .arg(format!(
+            "file:{}",
+            dir.join(format!("{tag}.serial")).display()
+        ))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn ferry-qemu");
+    Qemu { child, qmp }
+}
+
+/// A running `pc` guest migrates with its RTC to another `pc` (its shape
+/// names the RTC, which both have) and runs on there.
+#[test]
+fn a_pc_guest_migrates_with_its_rtc() {
+    if !kvm_usable("a_pc_guest_migrates_with_its_rtc") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let a = spawn_pc_guest(d, "a", &kernel, &[]);
+    let mut qa = Qmp::connect(&a.qmp);
+    wait_for_serial(&d.join("a.serial"), "dirtier: ready");
+    let b = spawn_pc_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut qb = Qmp::connect(&b.qmp);
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    qb.ok("migrate-incoming", json!({"uri": uri}));
+    qb.wait_event("MIGRATION", Some("setup"));
+    qa.ok("migrate", json!({"uri": uri}));
+    let info = poll_until_done(&mut qa);
+    check_completed(&info);
+    qb.wait_event("MIGRATION", Some("completed"));
+    wait_status(&mut qb, "running");
+    let serial = d.join("b.serial");
+    let before = serial_len(&serial);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serial_len(&serial) <= before + 100 {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeats on the destination"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// QEMU's command line by hand: boot the dirtier paused, run, stop,
 /// pmemsave (oracle), save to `file:`, restore with `-incoming file:`,
 /// save again to `exec:`, restore with `-incoming defer` + `migrate-incoming

@@ -250,6 +250,43 @@ fn fw_cfg_travels_in_checkpoints_and_is_required_by_name() {
     vm.quit();
 }
 
+/// A checkpoint of a VM with an RTC restores only where --rtc is given
+/// again (the refusal names it), and a VM without one refuses a checkpoint
+/// with one; with --rtc the guest runs on.
+#[test]
+fn the_rtc_travels_in_checkpoints_and_is_required_by_name() {
+    require_kvm();
+    let s = Scratch::new();
+    let dirtier = s.dirtier.display().to_string();
+    let vm = VmProcess::start(
+        &s,
+        "src",
+        &[
+            "run",
+            "--kernel",
+            &dirtier,
+            "-m",
+            "64M",
+            "--append",
+            "ws=4M",
+            "--rtc=base=2006-06-17T16:01:21,order=dc",
+        ],
+    );
+    vm.wait_serial("dirtier: ready", BOOT);
+    let ckpt = s.path("rtc.ckpt");
+    vm.ok("pause");
+    vm.ok(&format!("checkpoint {}", ckpt.display()));
+    vm.quit();
+    let bytes = std::fs::read(&ckpt).expect("read checkpoint");
+    refused(&s, "no-rtc", &bytes, &[], "rtc");
+    let ckpt = ckpt.to_str().expect("utf-8 path");
+    // The destination's own base does not matter: the clock comes along.
+    let vm = VmProcess::start(&s, "dst", &["restore", ckpt, "--rtc", "--paused"]);
+    vm.ok("resume");
+    vm.wait_heartbeats(10, Duration::from_secs(10));
+    vm.quit();
+}
+
 #[test]
 fn unbootable_kernel_is_refused() {
     require_kvm();

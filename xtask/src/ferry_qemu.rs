@@ -121,11 +121,20 @@ const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     ),
     ("pidfile", "FILE", "Write the process id to FILE."),
     ("display", "none", "Only `none`: ferry-qemu has no display."),
-    ("boot", "OPTS", "Accepted: the kernel is booted directly."),
+    (
+        "boot",
+        "OPTS",
+        "Accepted: the kernel is booted directly; order= (a, c, d, n; three at most) \
+         goes into the RTC's CMOS as on QEMU's pc.",
+    ),
     (
         "rtc",
-        "base=utc|localtime[,clock=...][,driftfix=...]",
-        "Accepted with these parameters; others are refused.",
+        "base=utc|localtime|DATE[,clock=host|rt|vm][,driftfix=slew|none]",
+        "The pc machine's MC146818 RTC: its clock starts at the host's UTC, local time or \
+         DATE (2006-06-17 or 2006-06-17T16:01:21) and always runs with the host's wall \
+         clock (QEMU's clock=host; rt and vm are accepted and run the same); lost \
+         periodic interrupts are dropped (driftfix=slew is accepted and does not \
+         reinject them). Other parameters are refused.",
     ),
     (
         "global",

@@ -6,6 +6,7 @@
 //! the workspace forbids `unsafe` and goes through these functions.
 
 pub mod fd;
+pub mod host;
 pub mod memory;
 pub mod tap;
 pub mod vcpu;

@@ -185,6 +185,9 @@ pub struct RestoreOptions {
     pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
     /// This host's firmware; the checkpoint's ROM replaces it, of the same size.
     pub firmware: Option<crate::firmware::FirmwareConfig>,
+    /// This host's RTC; the checkpoint must have one exactly when this
+    /// does (its clock and CMOS come from the checkpoint).
+    pub rtc: Option<crate::devices::rtc::RtcConfig>,
 }
 
 /// Checks that the page at `gpa` lies inside guest RAM (`ranges`).
@@ -294,6 +297,7 @@ pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
         ide: opts.ide.clone(),
         fw_cfg: opts.fw_cfg.clone(),
         firmware: opts.firmware.clone(),
+        rtc: opts.rtc.clone(),
     };
     crate::migration::receive(Box::new(r), None, &incoming).map_err(|e| match e {
         crate::migration::MigrationError::Vmm(v) => v,

@@ -220,12 +220,30 @@ pub struct Common {
         value_parser = parse_fw_cfg
     )]
     pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
+    /// The PC's real-time clock and CMOS (an MC146818 on ports 0x70 and 0x71,
+    /// IRQ 8, as QEMU's pc has): --rtc, or
+    /// --rtc=base=utc|localtime|DATE[,order=LETTERS]. The guest's clock starts at the host's UTC, its local
+    /// time, or DATE (2006-06-17 or 2006-06-17T16:01:21, UTC) and runs with
+    /// the host's clock; order= is the CMOS boot order for firmware (QEMU's
+    /// -boot order=: a, c, d, n; default cad). The CMOS holds the RAM size
+    /// and CPU count as QEMU's pc fills them. A migration destination or
+    /// restore must be given --rtc too; the guest's clock and CMOS come with
+    /// the VM, and follow the destination's wall clock.
+    #[arg(
+        long = "rtc",
+        value_name = "OPTIONS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        value_parser = parse_rtc
+    )]
+    pub rtc: Option<crate::devices::rtc::RtcConfig>,
     /// Boot through firmware instead of a kernel: --firmware for Debian's SeaBIOS
     /// (/usr/share/seabios/bios-256k.bin, QEMU's default for its pc machine), or
     /// --firmware=PATH for another BIOS image (QEMU's -bios). The vCPU starts at the
     /// reset vector; the firmware finds the disks (IDE, virtio-blk) and boots the
     /// first that has a boot sector. Implies --fw-cfg, whose files give the firmware
-    /// the memory map and the SMBIOS tables. A migration destination or restore must
+    /// the memory map and the SMBIOS tables, and --rtc. A migration destination or restore must
     /// be given it too, with an image of the same size: the source's ROM travels with
     /// the guest.
     #[arg(
@@ -253,6 +271,14 @@ impl Common {
             .or_else(|| self.firmware.as_ref().map(|_| Default::default()))
     }
 
+    /// The RTC the VM gets: the one asked for, or the default one a VM booted
+    /// through firmware has (SeaBIOS reads the CMOS).
+    pub fn rtc_config(&self) -> Option<crate::devices::rtc::RtcConfig> {
+        self.rtc
+            .clone()
+            .or_else(|| self.firmware.as_ref().map(|_| Default::default()))
+    }
+
     /// The firmware the VM boots through, with or without ACPI.
     pub fn firmware_config(&self) -> Option<crate::firmware::FirmwareConfig> {
         self.firmware
@@ -272,6 +298,24 @@ fn parse_firmware(text: &str) -> Result<crate::firmware::FirmwareConfig, String>
         path: PathBuf::from(text),
         ..Default::default()
     })
+}
+
+fn parse_rtc(text: &str) -> Result<crate::devices::rtc::RtcConfig, String> {
+    use crate::devices::rtc::{RtcBase, RtcConfig};
+    const USAGE: &str = "[base=utc|localtime|DATE][,order=LETTERS]";
+    let mut config = RtcConfig::default();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some(("base", v)) => {
+                config.base = RtcBase::parse(v).map_err(|e| format!("{e} ({USAGE})"))?;
+            }
+            Some(("order", v)) => config.boot_order = v.to_string(),
+            _ => return Err(format!("unknown RTC option '{part}' ({USAGE})")),
+        }
+    }
+    // The boot letters are checked as the CMOS is filled: check them now.
+    crate::devices::rtc::check_boot_order(&config.boot_order).map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 fn parse_fw_cfg(text: &str) -> Result<crate::devices::fw_cfg::FwCfgConfig, String> {
@@ -1049,6 +1093,56 @@ mod tests {
         };
         assert_eq!(file, PathBuf::from("cp"));
         assert_eq!(common.fw_cfg, Some(FwCfgConfig::default()));
+    }
+
+    #[test]
+    fn rtc_parses_with_or_without_options() {
+        use crate::devices::rtc::{RtcBase, RtcConfig};
+        assert_eq!(parse_rtc(""), Ok(RtcConfig::default()));
+        assert_eq!(
+            parse_rtc("base=localtime").unwrap().base,
+            RtcBase::LocalTime
+        );
+        assert_eq!(
+            parse_rtc("base=2006-06-17T16:01:21,order=dc").unwrap(),
+            RtcConfig {
+                base: RtcBase::Date {
+                    unix_secs: 1_150_560_081
+                },
+                boot_order: "dc".into(),
+            }
+        );
+        assert!(parse_rtc("base=tomorrow").unwrap_err().contains("RTC base"));
+        assert!(parse_rtc("order=x").unwrap_err().contains("'x'"));
+        assert!(parse_rtc("clock=vm")
+            .unwrap_err()
+            .contains("unknown RTC option 'clock=vm'"));
+        for command in ["run", "incoming", "restore"] {
+            let mut args = vec!["ferry-vm", command];
+            args.extend(match command {
+                "run" => ["--kernel", "k"],
+                "incoming" => ["--smp", "1"],
+                _ => ["--mem", "256M"],
+            });
+            if command == "incoming" {
+                args.push("tcp:127.0.0.1:4444");
+            } else if command == "restore" {
+                args.push("cp");
+            }
+            args.push("--rtc=base=localtime");
+            let cli = Cli::try_parse_from(&args).unwrap();
+            let (Command::Run { common, .. }
+            | Command::Incoming { common, .. }
+            | Command::Restore { common, .. }) = cli.command;
+            assert_eq!(common.rtc.unwrap().base, RtcBase::LocalTime, "{command}");
+        }
+        // --rtc alone: a following word stays the positional.
+        let cli = Cli::try_parse_from(["ferry-vm", "restore", "--rtc", "cp"]).unwrap();
+        let Command::Restore { file, common, .. } = cli.command else {
+            panic!("restore")
+        };
+        assert_eq!(file, PathBuf::from("cp"));
+        assert_eq!(common.rtc, Some(RtcConfig::default()));
     }
 
     #[test]

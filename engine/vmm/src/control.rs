@@ -594,6 +594,7 @@ mod tests {
             ide: Vec::new(),
             fw_cfg: None,
             firmware: None,
+            rtc: None,
         })
         .expect("VM")
     }

@@ -82,6 +82,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 ide: common.ide()?,
                 fw_cfg: common.fw_cfg_config(),
                 firmware,
+                rtc: common.rtc_config(),
             })?;
             if let Some(kernel) = kernel {
                 vm.boot(&KernelConfig {
@@ -132,6 +133,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg_config(),
                     firmware: common.firmware_config(),
+                    rtc: common.rtc_config(),
                 },
                 &mut || {},
                 // A file carries one stream; the listener ignores more for it.
@@ -158,6 +160,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg_config(),
                     firmware: common.firmware_config(),
+                    rtc: common.rtc_config(),
                 },
             )
             .map_err(|e| match e {

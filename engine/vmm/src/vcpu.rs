@@ -14,6 +14,7 @@ use crate::devices::fw_cfg::FwCfg;
 use crate::devices::i8042::{I8042Action, I8042};
 use crate::devices::ide::Piix3;
 use crate::devices::pci::PciBus;
+use crate::devices::rtc::Rtc;
 use crate::devices::serial::{Com1, COM1_BASE, COM1_LEN};
 use crate::VmmError;
 
@@ -47,6 +48,8 @@ pub(crate) struct VcpuContext {
     /// The i8042 keyboard controller, where the VM has it (booted through
     /// firmware); elsewhere only its reset command is decoded.
     pub i8042: Option<Arc<Mutex<I8042>>>,
+    /// The MC146818 RTC and CMOS, where the VM has it.
+    pub rtc: Option<Arc<Rtc>>,
     pub exits: Sender<GuestExit>,
     /// The MSRs a capture reads: the guest CPU's, and those a restore loaded.
     pub msr_indices: Arc<RwLock<Vec<u32>>>,
@@ -328,6 +331,10 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
             };
         }
     }
+    if let Some(rtc) = ctx.rtc.as_ref().filter(|_| Rtc::claims_port(port)) {
+        rtc.io_write(port, data);
+        return None;
+    }
     let value = data
         .iter()
         .rev()
@@ -382,6 +389,10 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
             return;
         }
     }
+    if let Some(rtc) = ctx.rtc.as_ref().filter(|_| Rtc::claims_port(port)) {
+        rtc.io_read(port, data);
+        return;
+    }
     // Nothing else is decoded: an open bus reads all ones.
     data.fill(0xff);
 }
@@ -390,9 +401,21 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
 mod tests {
     use super::*;
     use crate::devices::fw_cfg::{key, FwCfgConfig, DATA_PORT, DMA_PORT, SELECTOR_PORT};
+    use crate::devices::rtc::{reg, RtcConfig, DATA_PORT as CMOS_DATA, INDEX_PORT as CMOS_INDEX};
     use crate::devices::serial::{SerialSink, SinkSpec};
 
+    #[derive(Debug)]
+    struct NoLine;
+
+    impl crate::devices::ide::IrqLine for NoLine {
+        fn set_level(&self, _: u32, _: bool) {}
+    }
+
     fn context(fw_cfg: bool) -> VcpuContext {
+        context_with(fw_cfg, false)
+    }
+
+    fn context_with(fw_cfg: bool, rtc: bool) -> VcpuContext {
         let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let sink = SerialSink::open(&SinkSpec::Null).expect("sink");
         let ram = Arc::new(
@@ -408,6 +431,11 @@ mod tests {
             pci: Arc::new(PciBus::new(Vec::new(), None, None)),
             fw_cfg,
             i8042: None,
+            rtc: rtc.then(|| {
+                let line = Arc::new(NoLine);
+                let dev = Rtc::for_vm(&RtcConfig::default(), &layout, 1, line).expect("RTC");
+                Arc::new(dev)
+            }),
             exits: mpsc::channel().0,
             msr_indices: Arc::new(RwLock::new(Vec::new())),
             cpuid: Arc::new(Vec::new()),
@@ -435,5 +463,30 @@ mod tests {
         let mut one = [0u8];
         io_in(DATA_PORT, &mut one, &ctx);
         assert_eq!(one, [0xff], "an open bus");
+    }
+
+    #[test]
+    fn rtc_ports_reach_the_device_only_where_the_vm_has_it() {
+        let cmos = |ctx: &VcpuContext, index: u8| {
+            assert!(io_out(CMOS_INDEX, &[index], ctx).is_none());
+            let mut one = [0u8];
+            io_in(CMOS_DATA, &mut one, ctx);
+            one[0]
+        };
+        let ctx = context_with(false, true);
+        assert_eq!(cmos(&ctx, reg::D), 0x80);
+        assert_eq!(cmos(&ctx, reg::B), 0x02);
+        // 16 MiB: 15 MiB of extended memory, in KiB.
+        assert_eq!(cmos(&ctx, 0x17), 0x00);
+        assert_eq!(cmos(&ctx, 0x18), 0x3c);
+        io_out(CMOS_INDEX, &[0x40], &ctx);
+        io_out(CMOS_DATA, &[0x5a], &ctx);
+        assert_eq!(cmos(&ctx, 0x40), 0x5a);
+        let mut one = [0u8];
+        io_in(CMOS_INDEX, &mut one, &ctx);
+        assert_eq!(one, [0xff], "the index port is write-only");
+
+        let ctx = context(true);
+        assert_eq!(cmos(&ctx, reg::D), 0xff, "an open bus");
     }
 }

@@ -23,6 +23,7 @@ use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState};
 use crate::devices::i8042::{I8042State, I8042};
 use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
 use crate::devices::pci::{PciBus, MAX_SLOT};
+use crate::devices::rtc::{Rtc, RtcConfig, RtcState};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonInfo};
 use crate::devices::virtio::blk::{Block, BlockConfig};
@@ -57,6 +58,23 @@ pub struct VmConfig {
     /// Firmware to boot through (QEMU's `-bios`); `None` for a VM booted
     /// with a kernel ([`Vm::boot`]). A VM with firmware needs fw_cfg.
     pub firmware: Option<FirmwareConfig>,
+    /// The MC146818 RTC and CMOS (ports 0x70, 0x71, IRQ 8), with its clock
+    /// and boot order; `None` for none.
+    pub rtc: Option<RtcConfig>,
+}
+
+/// This host's side of a VM that arrives (restore, incoming migration): how
+/// its RAM is backed, where COM1 goes, and its devices (disk paths, taps,
+/// firmware image), which must match the stream's.
+#[derive(Debug, Clone)]
+pub struct HostDevices {
+    pub backing: Backing,
+    pub serial: SinkSpec,
+    pub virtio: Vec<VirtioSpec>,
+    pub ide: Vec<IdeDriveConfig>,
+    pub fw_cfg: Option<FwCfgConfig>,
+    pub firmware: Option<FirmwareConfig>,
+    pub rtc: Option<RtcConfig>,
 }
 
 /// A virtio device and where it sits.
@@ -254,6 +272,10 @@ pub struct DevicesState {
     /// The firmware ROM (absent on a VM booted with a kernel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<FirmwareState>,
+    /// The RTC (absent on a VM without it, and in streams from before it:
+    /// the shape check refuses those for a VM with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtc: Option<RtcState>,
 }
 
 /// A VM on /dev/kvm.
@@ -268,6 +290,7 @@ pub struct Vm {
     pci: Arc<PciBus>,
     fw_cfg: Option<Arc<Mutex<FwCfg>>>,
     i8042: Option<Arc<Mutex<I8042>>>,
+    rtc: Option<Arc<Rtc>>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
     /// The firmware ROM, mapped into `vm` (dropped after it).
@@ -293,6 +316,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         // Device threads first: they hold the devices, which hold guest RAM.
         self.pci.shutdown();
+        if let Some(rtc) = &self.rtc {
+            rtc.shutdown();
+        }
     }
 }
 
@@ -390,6 +416,16 @@ impl Vm {
             }
             None => None,
         };
+        let rtc = match &config.rtc {
+            Some(c) => {
+                let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
+                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                let dev = Rtc::for_vm(c, &layout, config.vcpus, Arc::new(KvmIrqLine(vm.clone())))
+                    .map_err(|e| VmmError::Config(crate::error_chain(&e)))?;
+                Some(Arc::new(dev))
+            }
+            None => None,
+        };
 
         let base = model::resolve(&supported_cpuid(&kvm)?, &config.cpu)?;
         let cpuid: Vec<CpuidLeaf> = base.iter().map(Into::into).collect();
@@ -423,6 +459,7 @@ impl Vm {
             pci: pci.clone(),
             fw_cfg: fw_cfg.clone(),
             i8042: i8042.clone(),
+            rtc: rtc.clone(),
             exits: exit_tx,
             msr_indices,
             cpuid: Arc::new(base),
@@ -440,6 +477,7 @@ impl Vm {
             pci,
             fw_cfg,
             i8042,
+            rtc,
             vm,
             _kvm: kvm,
             firmware,
@@ -507,6 +545,9 @@ impl Vm {
         // them, so the guest never runs on two hosts at once.
         self.activate_disks()?;
         self.pci.set_stopped(STOP_PAUSED, false);
+        if let Some(rtc) = &self.rtc {
+            rtc.set_stopped(STOP_PAUSED, false);
+        }
         for v in &self.vcpus {
             v.resume()?;
         }
@@ -529,6 +570,9 @@ impl Vm {
             v.wait_paused()?;
         }
         self.pci.set_stopped(STOP_PAUSED, true);
+        if let Some(rtc) = &self.rtc {
+            rtc.set_stopped(STOP_PAUSED, true);
+        }
         self.running = false;
         Ok(())
     }
@@ -574,7 +618,13 @@ impl Vm {
     pub fn hold_handle(&self) -> crate::migration::VcpuHold {
         let threads = self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
         let pci = self.pci.clone();
-        let stop_devices = move |on: bool| pci.set_stopped(STOP_HELD, on);
+        let rtc = self.rtc.clone();
+        let stop_devices = move |on: bool| {
+            pci.set_stopped(STOP_HELD, on);
+            if let Some(rtc) = &rtc {
+                rtc.set_stopped(STOP_HELD, on);
+            }
+        };
         crate::migration::VcpuHold::new(self.throttle.clone(), threads, Arc::new(stop_devices))
     }
 
@@ -732,6 +782,9 @@ impl Vm {
                 names.extend(fw_cfg.shape_names());
             }
         }
+        if let Some(rtc) = &self.rtc {
+            names.extend(rtc.shape_names());
+        }
         if self.pci.pm().is_some() {
             names.push(format!("piix4-pm@{PIIX3_SLOT:02x}.3"));
         }
@@ -831,6 +884,7 @@ impl Vm {
                 None => None,
             },
             firmware: self.firmware.as_ref().map(Firmware::state),
+            rtc: self.rtc.as_ref().map(|r| r.state()),
         })
     }
 
@@ -870,33 +924,26 @@ impl Vm {
         Ok(())
     }
 
-    /// Creates a VM of exactly `shape` (for restore and incoming migration).
-    /// `virtio` and `ide` are this host's devices (disk paths, taps), which
-    /// must match the shape's.
-    pub fn create_for_shape(
-        shape: &VmShape,
-        backing: Backing,
-        serial: SinkSpec,
-        virtio: Vec<VirtioSpec>,
-        ide: Vec<IdeDriveConfig>,
-        fw_cfg: Option<FwCfgConfig>,
-        firmware: Option<FirmwareConfig>,
-    ) -> Result<Self, VmmError> {
+    /// Creates a VM of exactly `shape` (for restore and incoming migration)
+    /// with this host's side of it, `host`, whose devices must match the
+    /// shape's.
+    pub fn create_for_shape(shape: &VmShape, host: HostDevices) -> Result<Self, VmmError> {
         let mem_bytes = shape.ram_ranges.iter().map(|r| r.1).sum();
         let config = VmConfig {
             mem_bytes,
             vcpus: shape.vcpus,
-            backing,
-            serial,
+            backing: host.backing,
+            serial: host.serial,
             cpu: if shape.cpuid.is_empty() {
                 CpuModel::Host
             } else {
                 CpuModel::Exact(shape.cpuid.clone())
             },
-            virtio,
-            ide,
-            fw_cfg,
-            firmware,
+            virtio: host.virtio,
+            ide: host.ide,
+            fw_cfg: host.fw_cfg,
+            firmware: host.firmware,
+            rtc: host.rtc,
         };
         // The disks take their locks when the state is loaded: a migration's
         // source still runs on them now.
@@ -954,6 +1001,7 @@ impl Vm {
         if let Some(state) = &devices.i8042 {
             I8042::check(state).map_err(VmmError::Restore)?;
         }
+        self.check_rtc_state(devices.rtc.as_ref())?;
         let mut clock = vm.clock;
         clock.flags = 0;
         self.vm
@@ -1024,6 +1072,9 @@ impl Vm {
         }
         if let (Some(fw), Some(state)) = (&self.firmware, &devices.firmware) {
             fw.restore(state).map_err(VmmError::Firmware)?;
+        }
+        if let (Some(dev), Some(state)) = (&self.rtc, &devices.rtc) {
+            dev.restore(state).map_err(VmmError::Restore)?;
         }
         *self
             .com1
@@ -1177,6 +1228,27 @@ fn firmware_files(
         }
     }
     Ok(())
+}
+
+impl Vm {
+    /// Refuses RTC state this VM could not load: present without the
+    /// device, absent with it, or refused by the device's checks.
+    fn check_rtc_state(&self, state: Option<&RtcState>) -> Result<(), VmmError> {
+        match (&self.rtc, state) {
+            (None, None) => Ok(()),
+            (Some(dev), Some(state)) => dev.check(state).map_err(VmmError::Restore),
+            (ours, _) => Err(VmmError::Restore(format!(
+                "the stream {} RTC state; this VM {} RTC",
+                if ours.is_some() { "has no" } else { "has" },
+                if ours.is_some() { "has an" } else { "has no" }
+            ))),
+        }
+    }
+
+    /// The RTC and its CMOS, where the VM has them.
+    pub fn rtc(&self) -> Option<&Arc<Rtc>> {
+        self.rtc.as_ref()
+    }
 }
 
 /// Initial register state of the boot vCPU for a loaded kernel.

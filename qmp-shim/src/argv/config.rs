@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use ferry_boot::{SmbiosConfig, SmbiosError};
 use ferry_vmm::cpu::model::CpuModel;
+use ferry_vmm::devices::rtc::{RtcBase, RtcConfig};
 use ferry_vmm::devices::SharedFd;
 use serde_json::Value;
 
@@ -22,7 +23,7 @@ use crate::backend::{MachineConfig, MachineType};
 const BIOS_DIRS: &[&str] = &["/usr/share/qemu", "/usr/share/seabios"];
 
 pub const UNSUPPORTED_HINT: &str =
-    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot or SeaBIOS firmware boot, fw_cfg, 16550 serial ports, virtio-blk disks on raw and qcow2 images, IDE disks and CD-ROMs, virtio-net NICs on taps, virtio-rng entropy devices and a virtio-balloon";
+    "ferry-qemu models KVM x86_64 guests with RAM, vCPUs, direct kernel boot or SeaBIOS firmware boot, fw_cfg, an MC146818 RTC with CMOS, 16550 serial ports, virtio-blk disks on raw and qcow2 images, IDE disks and CD-ROMs, virtio-net NICs on taps, virtio-rng entropy devices and a virtio-balloon";
 
 /// `-device` drivers accepted but not modelled (libvirt adds them by default).
 pub const MODELLED_AS_ABSENT: &[&str] = &[
@@ -297,6 +298,7 @@ impl Invocation {
             append: self.append.clone().unwrap_or_default(),
             serials,
             vmcoreinfo: self.vmcoreinfo(machine)?,
+            rtc: self.rtc_config(machine)?,
             absent_devices: self
                 .devices
                 .iter()
@@ -517,6 +519,26 @@ impl Invocation {
             .ok_or_else(|| ArgvError::unsupported("-smp", format!("{cpus} vCPUs")))
     }
 
+    /// The RTC a `pc` machine has: `-rtc base=` (UTC without it) and the
+    /// CMOS boot order of `-boot order=` (QEMU's default "cad" without it).
+    fn rtc_config(&self, machine: MachineType) -> Result<Option<RtcConfig>, ArgvError> {
+        if machine != MachineType::Pc {
+            return Ok(None);
+        }
+        let mut config = RtcConfig::default();
+        if let Some(base) = self.rtc.as_ref().and_then(|r| r.get("base")) {
+            config.base = RtcBase::parse(base)
+                .map_err(|_| ArgvError::unsupported("-rtc", format!("base '{base}'")))?;
+        }
+        if let Some(order) = self.boot.as_ref().and_then(|b| b.get("order")) {
+            config.boot_order = order.to_string();
+        }
+        ferry_vmm::devices::rtc::check_boot_order(&config.boot_order).map_err(|e| {
+            ArgvError::unsupported("-boot", format!("order '{}': {e}", config.boot_order))
+        })?;
+        Ok(Some(config))
+    }
+
     /// `-device vmcoreinfo` (libvirt's `<vmcoreinfo state='on'/>`, which Nova
     /// writes into every x86 domain): fw_cfg's `etc/vmcoreinfo`, where the
     /// guest kernel leaves the address of its crash-dump note. One at most,
@@ -581,8 +603,22 @@ impl Invocation {
                 return Err(ArgvError::unsupported("-rtc", format!("parameter '{k}'")));
             }
             if let Some(base) = rtc.get("base") {
-                if base != "utc" && base != "localtime" {
+                if RtcBase::parse(base).is_err() {
                     return Err(ArgvError::unsupported("-rtc", format!("base '{base}'")));
+                }
+            }
+            // ferry's RTC always runs on the host's wall clock (QEMU's
+            // clock=host); rt and vm are accepted as libvirt may write them.
+            if let Some(clock) = rtc.get("clock") {
+                if !["host", "rt", "vm"].contains(&clock) {
+                    return Err(ArgvError::unsupported("-rtc", format!("clock '{clock}'")));
+                }
+            }
+            // Lost periodic ticks are dropped either way (QEMU's slew
+            // reinjects them).
+            if let Some(fix) = rtc.get("driftfix") {
+                if !["slew", "none"].contains(&fix) {
+                    return Err(ArgvError::unsupported("-rtc", format!("driftfix '{fix}'")));
                 }
             }
         }

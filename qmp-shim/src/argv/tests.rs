@@ -1660,3 +1660,48 @@ fn without_a_kernel_a_pc_guest_boots_through_firmware() {
     assert!(err.to_string().contains("microvm has no firmware"), "{err}");
     assert!(cfg("-machine pc -accel kvm -boot strict=maybe").is_err());
 }
+
+/// Every `pc` guest has QEMU's MC146818 RTC: `-rtc` as libvirt 9.0 writes
+/// it (`<clock offset='utc|localtime'>`, `<timer name='rtc'
+/// tickpolicy='catchup'/>` as driftfix=slew) picks its base, `-boot order=`
+/// its CMOS boot order.
+#[test]
+fn rtc_as_libvirt_writes_it() {
+    use ferry_vmm::devices::rtc::{RtcBase, RtcConfig};
+    let vm = |extra: &[&str]| -> Result<crate::backend::MachineConfig, ArgvError> {
+        let mut args = argv(DOMAIN);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Ok(parse(&args)?.machine_config()?.expect("vm"))
+    };
+    assert_eq!(vm(&[]).expect("accepted").rtc, Some(RtcConfig::default()));
+    let c = vm(&["-rtc", "base=localtime,clock=vm,driftfix=slew"]).expect("accepted");
+    assert_eq!(c.rtc.expect("an RTC").base, RtcBase::LocalTime);
+    let c = vm(&[
+        "-rtc",
+        "base=2006-06-17T16:01:21,clock=rt",
+        "-boot",
+        "order=dc",
+    ])
+    .expect("accepted")
+    .rtc
+    .expect("an RTC");
+    assert_eq!(
+        c,
+        RtcConfig {
+            base: RtcBase::Date {
+                unix_secs: 1_150_560_081
+            },
+            boot_order: "dc".into(),
+        }
+    );
+    for (extra, want) in [
+        (["-rtc", "base=yesterday"], "base 'yesterday'"),
+        (["-rtc", "base=utc,clock=guest"], "clock 'guest'"),
+        (["-rtc", "base=utc,driftfix=fast"], "driftfix 'fast'"),
+        (["-rtc", "base=utc,speed=2"], "parameter 'speed'"),
+        (["-boot", "order=cx"], "invalid boot device for PC: 'x'"),
+    ] {
+        let e = vm(&extra).expect_err("refused").to_string();
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}

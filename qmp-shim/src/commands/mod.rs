@@ -83,6 +83,7 @@ pub static COMMANDS: &[&Command] = &[
     &machine::SYSTEM_RESET,
     &machine::SYSTEM_POWERDOWN,
     &machine::PMEMSAVE,
+    &machine::RTC_RESET_REINJECTION,
     &machine::QUERY_CHARDEV,
     &migration::QUERY_MIGRATE_CAPABILITIES,
     &migration::MIGRATE_SET_CAPABILITIES,

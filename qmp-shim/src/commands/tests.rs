@@ -289,6 +289,18 @@ fn probe_answers() {
 }
 
 #[test]
+fn rtc_reset_reinjection_answers_as_without_slew() {
+    let mut c = Client::negotiated(
+        "-machine pc -accel kvm -m 128 -rtc base=utc,driftfix=slew",
+        true,
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "rtc-reset-reinjection"})),
+        json!({"return": {}})
+    );
+}
+
+#[test]
 fn no_vm_says_not_yet_supported() {
     let mut c = Client::negotiated("-machine pc -accel kvm -m 128", false);
     assert_eq!(

@@ -341,6 +341,10 @@ pub static EVENTS: &[EventDef] = &[
         data: &[req("actual", Ty::Int)],
     },
     EventDef {
+        name: "RTC_CHANGE",
+        data: &[req("offset", Ty::Int)],
+    },
+    EventDef {
         name: "MIGRATION_PASS",
         data: &[req("pass", Ty::Int)],
     },

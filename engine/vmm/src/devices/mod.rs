@@ -12,6 +12,7 @@ pub mod i8042;
 pub mod ide;
 pub mod image_lock;
 pub mod pci;
+pub mod rtc;
 pub mod serial;
 pub mod virtio;
 

@@ -43,6 +43,9 @@ pub struct IncomingOptions {
     pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
     /// This host's firmware; the source's ROM replaces it, of the same size.
     pub firmware: Option<crate::firmware::FirmwareConfig>,
+    /// This host's RTC; the source must have one exactly when this does
+    /// (its clock and CMOS come from the source).
+    pub rtc: Option<crate::devices::rtc::RtcConfig>,
 }
 
 /// Where the extra page streams of a multi-stream migration come from.
@@ -898,6 +901,7 @@ fn read_offer(
         ide: opts.ide.clone(),
         fw_cfg: opts.fw_cfg.clone(),
         firmware: opts.firmware.clone(),
+        rtc: opts.rtc.clone(),
     };
     check_shape(&hs.shape, &restore_opts)?;
     let proposed = hs.streams.max(1);
@@ -915,12 +919,15 @@ fn read_offer(
 fn build(hs: &Handshake, opts: &IncomingOptions) -> Result<Vm, MigrationError> {
     Ok(Vm::create_for_shape(
         &hs.shape,
-        opts.backing,
-        opts.serial.clone(),
-        opts.virtio.clone(),
-        opts.ide.clone(),
-        opts.fw_cfg.clone(),
-        opts.firmware.clone(),
+        crate::vm::HostDevices {
+            backing: opts.backing,
+            serial: opts.serial.clone(),
+            virtio: opts.virtio.clone(),
+            ide: opts.ide.clone(),
+            fw_cfg: opts.fw_cfg.clone(),
+            firmware: opts.firmware.clone(),
+            rtc: opts.rtc.clone(),
+        },
     )?)
 }
 
@@ -1141,6 +1148,7 @@ mod tests {
                 ide: Vec::new(),
                 fw_cfg: None,
                 firmware: None,
+                rtc: None,
             };
             serve(&listener, &serve_opts, &opts, &mut || {}, &|| 4)
                 .map(|_| ())
@@ -1509,6 +1517,7 @@ mod tests {
             ide: Vec::new(),
             fw_cfg: None,
             firmware: None,
+            rtc: None,
         };
         let Err(e) = serve(
             &listener,

@@ -351,6 +351,7 @@ fn a_vm_carries_its_fw_cfg_in_shape_and_state() {
         ide: Vec::new(),
         fw_cfg,
         firmware: None,
+        rtc: None,
     };
     let vm = Vm::create(config(Some(fw_cfg.clone()))).expect("a VM with fw_cfg");
     let dev = vm.fw_cfg().expect("fw_cfg").clone();
@@ -366,12 +367,15 @@ fn a_vm_carries_its_fw_cfg_in_shape_and_state() {
     let shape_for = |fw_cfg| {
         Vm::create_for_shape(
             &vm.shape(),
-            Backing::Anonymous,
-            SinkSpec::Null,
-            Vec::new(),
-            Vec::new(),
-            fw_cfg,
-            None,
+            crate::vm::HostDevices {
+                backing: Backing::Anonymous,
+                serial: SinkSpec::Null,
+                virtio: Vec::new(),
+                ide: Vec::new(),
+                fw_cfg,
+                firmware: None,
+                rtc: None,
+            },
         )
     };
     let err = shape_for(None).unwrap_err().to_string();

@@ -607,6 +607,7 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
         ide,
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     };
     let vm = Vm::create(config(vec![cd.clone()])).expect("a VM with a CD-ROM");
     let bus = vm.pci().clone();
@@ -643,24 +644,30 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
     let other = drive(iso.path(), IdeMedia::Cdrom, 0, 0);
     let err = Vm::create_for_shape(
         &vm.shape(),
-        ferry_kvm::Backing::Anonymous,
-        SinkSpec::Null,
-        Vec::new(),
-        vec![other],
-        None,
-        None,
+        crate::vm::HostDevices {
+            backing: ferry_kvm::Backing::Anonymous,
+            serial: SinkSpec::Null,
+            virtio: Vec::new(),
+            ide: vec![other],
+            fw_cfg: None,
+            firmware: None,
+            rtc: None,
+        },
     )
     .unwrap_err()
     .to_string();
     assert!(err.contains("ide-cd@0.0:16s-ro"), "{err}");
     let err = Vm::create_for_shape(
         &vm.shape(),
-        ferry_kvm::Backing::Anonymous,
-        SinkSpec::Null,
-        Vec::new(),
-        Vec::new(),
-        None,
-        None,
+        crate::vm::HostDevices {
+            backing: ferry_kvm::Backing::Anonymous,
+            serial: SinkSpec::Null,
+            virtio: Vec::new(),
+            ide: Vec::new(),
+            fw_cfg: None,
+            firmware: None,
+            rtc: None,
+        },
     )
     .unwrap_err()
     .to_string();
@@ -668,12 +675,15 @@ fn a_vm_carries_its_ide_drives_in_shape_and_state() {
 
     let mut dest = Vm::create_for_shape(
         &vm.shape(),
-        ferry_kvm::Backing::Anonymous,
-        SinkSpec::Null,
-        Vec::new(),
-        vec![cd.clone()],
-        None,
-        None,
+        crate::vm::HostDevices {
+            backing: ferry_kvm::Backing::Anonymous,
+            serial: SinkSpec::Null,
+            virtio: Vec::new(),
+            ide: vec![cd.clone()],
+            fw_cfg: None,
+            firmware: None,
+            rtc: None,
+        },
     )
     .expect("the same drives");
     let mut no_ide = saved.clone();

@@ -276,12 +276,15 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
     // The destination opens the image unlocked; the source lets go of it.
     let mut other = Vm::create_for_shape(
         &vm.shape(),
-        Backing::Anonymous,
-        SinkSpec::Null,
-        vec![disk_spec(img.path(), false)],
-        Vec::new(),
-        None,
-        None,
+        crate::vm::HostDevices {
+            backing: Backing::Anonymous,
+            serial: SinkSpec::Null,
+            virtio: vec![disk_spec(img.path(), false)],
+            ide: Vec::new(),
+            fw_cfg: None,
+            firmware: None,
+            rtc: None,
+        },
     )
     .unwrap();
     vm.deactivate_disks().unwrap();
@@ -320,6 +323,7 @@ fn restore_opts(virtio: Vec<VirtioSpec>) -> crate::checkpoint::RestoreOptions {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     }
 }
 
@@ -334,6 +338,7 @@ fn try_vm(spec: VirtioSpec) -> Result<Vm, crate::VmmError> {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     })
 }
 
@@ -389,12 +394,15 @@ fn the_image_locks_move_with_a_migration() {
     let mut source = vm_with(disk_spec(img.path(), false));
     let mut dest = Vm::create_for_shape(
         &source.shape(),
-        Backing::Anonymous,
-        SinkSpec::Null,
-        vec![disk_spec(img.path(), false)],
-        Vec::new(),
-        None,
-        None,
+        crate::vm::HostDevices {
+            backing: Backing::Anonymous,
+            serial: SinkSpec::Null,
+            virtio: vec![disk_spec(img.path(), false)],
+            ide: Vec::new(),
+            fw_cfg: None,
+            firmware: None,
+            rtc: None,
+        },
     )
     .expect("the destination opens the image while the source holds it");
     source.pause().unwrap();
@@ -468,12 +476,15 @@ fn a_qcow2_chain_moves_with_a_migration() {
 
     let mut dest = Vm::create_for_shape(
         &source.shape(),
-        Backing::Anonymous,
-        SinkSpec::Null,
-        vec![qcow2_spec(&top)],
-        Vec::new(),
-        None,
-        None,
+        crate::vm::HostDevices {
+            backing: Backing::Anonymous,
+            serial: SinkSpec::Null,
+            virtio: vec![qcow2_spec(&top)],
+            ide: Vec::new(),
+            fw_cfg: None,
+            firmware: None,
+            rtc: None,
+        },
     )
     .expect("the destination opens the chain while the source writes it");
     source.pause().unwrap();
@@ -625,6 +636,7 @@ fn bad_device_configuration_is_refused_with_the_reason() {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     })
     .unwrap_err()
     .to_string();
@@ -640,6 +652,7 @@ fn bad_device_configuration_is_refused_with_the_reason() {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     })
     .unwrap_err()
     .to_string();
@@ -915,24 +928,30 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
     let other_mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
     let err = Vm::create_for_shape(
         &shape,
-        Backing::Anonymous,
-        SinkSpec::Null,
-        vec![tap2.spec(other_mac)],
-        Vec::new(),
-        None,
-        None,
+        crate::vm::HostDevices {
+            backing: Backing::Anonymous,
+            serial: SinkSpec::Null,
+            virtio: vec![tap2.spec(other_mac)],
+            ide: Vec::new(),
+            fw_cfg: None,
+            firmware: None,
+            rtc: None,
+        },
     )
     .unwrap_err()
     .to_string();
     assert!(err.contains("mac=52:54:00:12:34:57"), "{err}");
     let mut dest = Vm::create_for_shape(
         &shape,
-        Backing::Anonymous,
-        SinkSpec::Null,
-        vec![tap2.spec(GUEST_MAC)],
-        Vec::new(),
-        None,
-        None,
+        crate::vm::HostDevices {
+            backing: Backing::Anonymous,
+            serial: SinkSpec::Null,
+            virtio: vec![tap2.spec(GUEST_MAC)],
+            ide: Vec::new(),
+            fw_cfg: None,
+            firmware: None,
+            rtc: None,
+        },
     )
     .unwrap();
     dest.restore_state(
@@ -1791,6 +1810,7 @@ fn only_one_balloon_per_vm() {
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
+        rtc: None,
     })
     .unwrap_err()
     .to_string();
