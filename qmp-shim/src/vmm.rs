@@ -350,6 +350,7 @@ fn firmware(config: &MachineConfig) -> Option<FirmwareConfig> {
         path: path.clone(),
         smbios: config.smbios.clone(),
         acpi: config.acpi,
+        debugcon: None,
     })
 }
 

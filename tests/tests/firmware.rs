@@ -244,8 +244,21 @@ fn the_firmware_installs_ferrys_smbios_and_acpi_tables() {
             &disk_opt,
             "--smbios",
             "type=1,manufacturer=Ferry Labs,product=Nova-ish,serial=abc-123",
+            "--debugcon",
+            s.path("seabios.log").to_str().expect("utf-8"),
         ],
     );
+    // SeaBIOS's own log (its debug port, as QEMU's -debugcon): it took the
+    // machine for QEMU's i440FX, found both vCPUs and parsed ferry's DSDT.
+    let log = std::fs::read_to_string(s.path("seabios.log")).expect("the debug log");
+    for line in [
+        "Running on QEMU (i440fx)",
+        "Found 2 cpu(s)",
+        "ACPI: parse DSDT",
+        "Booting from Hard Disk",
+    ] {
+        assert!(log.contains(line), "{line:?} not in SeaBIOS's log:\n{log}");
+    }
     vm.ok("pause");
     let image = s.path("mem.img");
     vm.ok(&format!("dump {}", image.display()));

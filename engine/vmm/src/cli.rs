@@ -260,6 +260,10 @@ pub struct Common {
     /// restore must be given the same.
     #[arg(long, requires = "firmware")]
     pub no_acpi: bool,
+    /// With --firmware: write what the firmware prints on its debug port (0x402,
+    /// SeaBIOS's debug log, as QEMU's -debugcon) to PATH (created mode 0600).
+    #[arg(long, value_name = "PATH", requires = "firmware")]
+    pub debugcon: Option<PathBuf>,
 }
 
 impl Common {
@@ -285,6 +289,7 @@ impl Common {
             .clone()
             .map(|fw| crate::firmware::FirmwareConfig {
                 acpi: !self.no_acpi,
+                debugcon: self.debugcon.clone(),
                 ..fw
             })
     }

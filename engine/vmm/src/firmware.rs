@@ -28,6 +28,10 @@ pub const ISA_BIOS_MAX: usize = 128 << 10;
 pub const BIOS_ALIGN: usize = 64 << 10;
 /// Largest image: 16 MiB below 4 GiB (QEMU's flash limit for `pc`).
 pub const BIOS_MAX: usize = 16 << 20;
+/// The debug console port (QEMU's `isa-debugcon` at SeaBIOS's address).
+pub const DEBUGCON_PORT: u16 = 0x402;
+/// What reading it returns (QEMU's `readback` default).
+pub const DEBUGCON_READBACK: u8 = 0xe9;
 /// End of the legacy BIOS area (1 MiB).
 const ISA_BIOS_END: u64 = 0x10_0000;
 
@@ -44,6 +48,9 @@ pub struct FirmwareConfig {
     /// at 00:01.3 with its power button, and the ACPI tables fw_cfg offers
     /// the firmware (`etc/acpi/tables`, `etc/acpi/rsdp`, `etc/table-loader`).
     pub acpi: bool,
+    /// Where the bytes the firmware writes to port 0x402 go (SeaBIOS's debug
+    /// log; QEMU's `-debugcon`); `None`: dropped.
+    pub debugcon: Option<PathBuf>,
 }
 
 impl Default for FirmwareConfig {
@@ -52,6 +59,7 @@ impl Default for FirmwareConfig {
             path: PathBuf::from(DEFAULT_BIOS),
             smbios: None,
             acpi: true,
+            debugcon: None,
         }
     }
 }

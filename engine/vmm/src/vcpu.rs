@@ -45,6 +45,8 @@ pub(crate) struct VcpuContext {
     pub pci: Arc<PciBus>,
     /// QEMU's fw_cfg, where the VM has it.
     pub fw_cfg: Option<Arc<Mutex<FwCfg>>>,
+    /// The firmware's debug console (port 0x402), where it is asked for.
+    pub debugcon: Option<Arc<Mutex<std::fs::File>>>,
     /// The i8042 keyboard controller, where the VM has it (booted through
     /// firmware); elsewhere only its reset command is decoded.
     pub i8042: Option<Arc<Mutex<I8042>>>,
@@ -315,6 +317,17 @@ fn io_out(port: u16, data: &[u8], ctx: &VcpuContext) -> Option<GuestExit> {
         }
         return None;
     }
+    if let Some(con) = ctx
+        .debugcon
+        .as_ref()
+        .filter(|_| port == crate::firmware::DEBUGCON_PORT)
+    {
+        if let Ok(mut con) = con.lock() {
+            // A debug log: a failed write loses log bytes, never the guest.
+            let _ = std::io::Write::write_all(&mut *con, data);
+        }
+        return None;
+    }
     if let Some(kbd) = ctx.i8042.as_ref().filter(|_| I8042::claims_port(port)) {
         let mut kbd = kbd.lock().ok()?;
         let reset = data
@@ -376,6 +389,11 @@ fn io_in(port: u16, data: &mut [u8], ctx: &VcpuContext) {
         }
         return;
     }
+    if ctx.debugcon.is_some() && port == crate::firmware::DEBUGCON_PORT {
+        // QEMU's isa-debugcon reads back 0xe9: SeaBIOS logs only where it does.
+        data.fill(crate::firmware::DEBUGCON_READBACK);
+        return;
+    }
     if let Some(kbd) = ctx.i8042.as_ref().filter(|_| I8042::claims_port(port)) {
         match kbd.lock() {
             Ok(mut kbd) => data.iter_mut().for_each(|b| *b = kbd.io_read(port)),
@@ -431,6 +449,7 @@ mod tests {
             pci: Arc::new(PciBus::new(Vec::new(), None, None)),
             fw_cfg,
             i8042: None,
+            debugcon: None,
             rtc: rtc.then(|| {
                 let line = Arc::new(NoLine);
                 let dev = Rtc::for_vm(&RtcConfig::default(), &layout, 1, line).expect("RTC");

@@ -400,6 +400,25 @@ impl Vm {
             }
             None => None,
         };
+        let debugcon = match config.firmware.as_ref().and_then(|f| f.debugcon.as_ref()) {
+            Some(path) => Some(Arc::new(Mutex::new(
+                std::os::unix::fs::OpenOptionsExt::mode(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true),
+                    0o600,
+                )
+                .open(path)
+                .map_err(|e| {
+                    VmmError::Io(
+                        format!("cannot create the debug console {}", path.display()),
+                        e,
+                    )
+                })?,
+            ))),
+            None => None,
+        };
         // QEMU's pc has an i8042; ferry gives one to the guests that boot as a
         // pc does, through firmware.
         let i8042 = firmware
@@ -459,6 +478,7 @@ impl Vm {
             pci: pci.clone(),
             fw_cfg: fw_cfg.clone(),
             i8042: i8042.clone(),
+            debugcon,
             rtc: rtc.clone(),
             exits: exit_tx,
             msr_indices,
