@@ -335,3 +335,41 @@ fn the_firmware_installs_ferrys_smbios_and_acpi_tables() {
         assert!(dsl.contains(needle), "{needle} not in the DSDT");
     }
 }
+
+/// Without ACPI (`--no-acpi`, QEMU's `-no-acpi`), a firmware guest finds no
+/// PIIX4 power management and no ACPI tables, and the power button is not
+/// there to press, as on QEMU.
+#[test]
+fn without_acpi_there_is_no_power_button_and_no_tables() {
+    require_kvm();
+    let s = Scratch::new();
+    let disk = boot_disk(&s, "boot.img", "ws=1M acpi=1");
+    let disk_opt = disk.display().to_string();
+    let vm = booted(
+        &s,
+        "src",
+        &[
+            "run",
+            "-m",
+            "32M",
+            "--firmware",
+            "--no-acpi",
+            "--ide-disk",
+            &disk_opt,
+        ],
+    );
+    vm.wait_serial("dirtier: acpi: no PIIX4 PM", BOOT);
+    assert_eq!(vm.ok("powerdown")["pressed"], false);
+    vm.wait_heartbeats(20, BOOT);
+    vm.ok("pause");
+    let image = s.path("mem.img");
+    vm.ok(&format!("dump {}", image.display()));
+    let mem = std::fs::read(&image).expect("dump");
+    assert!(
+        !(0xe0000..0x10_0000)
+            .step_by(16)
+            .any(|a| &mem[a..a + 8] == b"RSD PTR "),
+        "an RSDP without ACPI"
+    );
+    vm.quit();
+}
