@@ -373,3 +373,37 @@ fn without_acpi_there_is_no_power_button_and_no_tables() {
     );
     vm.quit();
 }
+
+/// A PVH kernel with `--firmware` boots as QEMU boots `-kernel` on `pc`:
+/// SeaBIOS sets the machine up (the dirtier then finds the PIIX4 PM where
+/// SeaBIOS put it), and QEMU's `pvh.bin` option ROM, first in `bootorder`,
+/// starts the kernel with the command line from fw_cfg.
+#[test]
+fn a_pvh_kernel_boots_through_the_firmware_as_qemu_boots_it() {
+    require_kvm();
+    let s = Scratch::new();
+    let dirtier = s.dirtier.display().to_string();
+    let log = s.path("seabios.log");
+    let vm = booted(
+        &s,
+        "src",
+        &[
+            "run",
+            "-m",
+            "64M",
+            "--firmware",
+            "--kernel",
+            &dirtier,
+            "--append",
+            "ws=2M acpi=1",
+            "--debugcon",
+            log.to_str().expect("utf-8"),
+        ],
+    );
+    vm.wait_serial("dirtier: acpi: pm at 0x600", BOOT);
+    let report = vm.oracle(&s, "pvh");
+    assert_eq!(report.working_set_pages, 512, "the command line arrived");
+    let text = std::fs::read_to_string(&log).expect("SeaBIOS's log");
+    assert!(text.contains("Booting from ROM"), "{text}");
+    vm.quit();
+}

@@ -770,12 +770,11 @@ pub enum Command {
     /// Boot a kernel (a PVH ELF image, an ELF vmlinux or a bzImage), or boot from
     /// the disks through firmware (--firmware).
     Run {
-        /// The kernel image (required unless --firmware is given).
-        #[arg(
-            long,
-            required_unless_present = "firmware",
-            conflicts_with = "firmware"
-        )]
+        /// The kernel image (required unless --firmware is given). With --firmware,
+        /// a PVH ELF kernel is booted through the firmware as QEMU boots -kernel
+        /// (QEMU's pvh.bin option ROM runs it after SeaBIOS set the machine up,
+        /// ACPI included); without, ferry loads it and starts it directly.
+        #[arg(long, required_unless_present = "firmware")]
         kernel: Option<PathBuf>,
         /// An initial ramdisk.
         #[arg(long, requires = "kernel")]

@@ -28,6 +28,13 @@ pub const ISA_BIOS_MAX: usize = 128 << 10;
 pub const BIOS_ALIGN: usize = 64 << 10;
 /// Largest image: 16 MiB below 4 GiB (QEMU's flash limit for `pc`).
 pub const BIOS_MAX: usize = 16 << 20;
+/// Where QEMU's option ROMs are (Debian's `qemu-system-data`): `pvh.bin`
+/// boots a PVH kernel through the firmware.
+pub const QEMU_ROM_DIR: &str = "/usr/share/qemu";
+/// The fw_cfg file SeaBIOS runs the PVH loader from, and its boot path.
+pub const PVH_ROM_FILE: &str = "genroms/pvh.bin";
+pub const PVH_ROM_BOOT_PATH: &str = "/rom@genroms/pvh.bin";
+
 /// The debug console port (QEMU's `isa-debugcon` at SeaBIOS's address).
 pub const DEBUGCON_PORT: u16 = 0x402;
 /// What reading it returns (QEMU's `readback` default).

@@ -513,8 +513,13 @@ impl Vm {
         })
     }
 
-    /// Loads a kernel (PVH ELF, ELF vmlinux or bzImage) and sets up the boot vCPU.
+    /// Loads a kernel (PVH ELF, ELF vmlinux or bzImage) and sets up the boot
+    /// vCPU; on a VM with firmware, the firmware boots it instead (see
+    /// [`Self::boot_through_firmware`]).
     pub fn boot(&mut self, kernel: &KernelConfig) -> Result<(), VmmError> {
+        if self.firmware.is_some() {
+            return self.boot_through_firmware(kernel);
+        }
         let layout = ferry_boot::MemoryLayout::new(self.config.mem_bytes)
             .map_err(|e| VmmError::Config(e.to_string()))?;
         let mut image = File::open(&kernel.kernel).map_err(|e| {
@@ -552,6 +557,86 @@ impl Vm {
         let boot = BootVcpu { info };
         let state = boot.initial_state(self)?;
         self.vcpus[0].restore(state)?;
+        Ok(())
+    }
+
+    /// A PVH kernel booted through the firmware, as QEMU boots `-kernel` on
+    /// its `pc` machine: the kernel's segments in guest RAM, its entry and
+    /// command line in fw_cfg, and QEMU's `pvh.bin` option ROM (from
+    /// Debian's `qemu-system-data`) first in `bootorder`. SeaBIOS sets the
+    /// machine up (ACPI, SMBIOS, PCI, the E820 map), then runs the ROM, which
+    /// builds the PVH start info (with the RSDP) and jumps to the kernel. The
+    /// vCPU starts at the reset vector.
+    fn boot_through_firmware(&mut self, kernel: &KernelConfig) -> Result<(), VmmError> {
+        if kernel.initrd.is_some() {
+            return Err(VmmError::Config(
+                "an initrd through firmware is not supported (QEMU's pvh.bin passes none): \
+                 boot the kernel directly, without --firmware"
+                    .into(),
+            ));
+        }
+        let layout = ferry_boot::MemoryLayout::new(self.config.mem_bytes)
+            .map_err(|e| VmmError::Config(e.to_string()))?;
+        let mut image = File::open(&kernel.kernel).map_err(|e| {
+            VmmError::Io(format!("cannot open kernel {}", kernel.kernel.display()), e)
+        })?;
+        let info = ferry_boot::load_kernel(
+            self.ram.memory(),
+            &layout,
+            &mut image,
+            None,
+            &kernel.cmdline,
+        )
+        .map_err(|e| VmmError::Boot(format!("kernel {}: {e}", kernel.kernel.display())))?;
+        if !matches!(info.protocol, ferry_boot::BootProtocol::Pvh { .. }) {
+            return Err(VmmError::Boot(format!(
+                "kernel {}: through firmware ferry boots PVH ELF kernels (QEMU's pvh.bin); \
+                 boot a bzImage or vmlinux directly, without --firmware",
+                kernel.kernel.display()
+            )));
+        }
+        let entry = u32::try_from(info.entry)
+            .map_err(|_| VmmError::Boot(format!("PVH entry {:#x} is above 4 GiB", info.entry)))?;
+        let rom_path = std::path::Path::new(crate::firmware::QEMU_ROM_DIR).join("pvh.bin");
+        let rom = std::fs::read(&rom_path).map_err(|e| {
+            VmmError::Io(
+                format!(
+                    "cannot read {} (QEMU's PVH option ROM, in Debian's qemu-system-data: \
+                     install it, or boot the kernel without --firmware)",
+                    rom_path.display()
+                ),
+                e,
+            )
+        })?;
+        let fw_cfg = self
+            .fw_cfg
+            .as_ref()
+            .ok_or_else(|| VmmError::Config("a VM booted through firmware needs fw_cfg".into()))?;
+        let mut dev = fw_cfg
+            .lock()
+            .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?;
+        use crate::devices::fw_cfg::key;
+        let mut cmdline = kernel.cmdline.clone().into_bytes();
+        cmdline.push(0);
+        dev.add_item(key::KERNEL_ENTRY, entry.to_le_bytes().to_vec());
+        dev.add_item(
+            key::CMDLINE_SIZE,
+            (cmdline.len() as u32).to_le_bytes().to_vec(),
+        );
+        dev.add_item(key::CMDLINE_DATA, cmdline);
+        dev.add_item(key::SETUP_SIZE, 0u32.to_le_bytes().to_vec());
+        dev.add_item(key::SETUP_DATA, Vec::new());
+        let err = |e: crate::devices::fw_cfg::FwCfgError| VmmError::Config(e.to_string());
+        dev.add_file(crate::firmware::PVH_ROM_FILE, rom)
+            .map_err(err)?;
+        let old = dev.file("bootorder").unwrap_or_default().to_vec();
+        let mut order = format!("{}\n", crate::firmware::PVH_ROM_BOOT_PATH).into_bytes();
+        if old.is_empty() {
+            *order.last_mut().unwrap_or(&mut 0) = 0;
+        } else {
+            order.extend_from_slice(&old);
+        }
+        dev.replace_file("bootorder", order).map_err(err)?;
         Ok(())
     }
 

@@ -46,6 +46,12 @@ pub mod key {
     pub const RAM_SIZE: u16 = 0x0003;
     pub const NB_CPUS: u16 = 0x0005;
     pub const MAX_CPUS: u16 = 0x000f;
+    /// The kernel's entry (QEMU's PVH path: `pvh.bin` jumps there).
+    pub const KERNEL_ENTRY: u16 = 0x0010;
+    pub const CMDLINE_SIZE: u16 = 0x0014;
+    pub const CMDLINE_DATA: u16 = 0x0015;
+    pub const SETUP_SIZE: u16 = 0x0017;
+    pub const SETUP_DATA: u16 = 0x0018;
     pub const FILE_DIR: u16 = 0x0019;
     pub const FILE_FIRST: u16 = 0x0020;
     /// Set in a key written by old guests that wrote through the data port;
@@ -205,6 +211,22 @@ impl FwCfg {
     /// Adds a read-only file.
     pub fn add_file(&mut self, name: &str, data: Vec<u8>) -> Result<(), FwCfgError> {
         self.insert_file(name, data, false)
+    }
+
+    /// Replaces read-only file `name`'s contents (it keeps its key), or adds
+    /// it.
+    pub fn replace_file(&mut self, name: &str, data: Vec<u8>) -> Result<(), FwCfgError> {
+        match self.file_index(name) {
+            Some(i) if !self.files[i].writable => {
+                self.files[i].data = data;
+                self.rebuild_dir();
+                Ok(())
+            }
+            Some(_) => Err(FwCfgError::DuplicateFile {
+                name: name.to_string(),
+            }),
+            None => self.add_file(name, data),
+        }
     }
 
     /// Adds a file the guest may write through DMA (never past its end).
