@@ -179,6 +179,68 @@ fn wait_memstat(
     }
 }
 
+/// What Nova 25 writes into every x86 domain besides its devices: the
+/// instance's UUID, `<sysinfo>` for SMBIOS, the clock and timers, and
+/// `<vmcoreinfo/>` (put in place of `<features>`, which it opens).
+fn nova_platform(uuid: &str) -> String {
+    format!(
+        "<uuid>{uuid}</uuid>
+  <sysinfo type='smbios'>
+    <system>
+      <entry name='manufacturer'>OpenStack Foundation</entry>
+      <entry name='product'>OpenStack Nova</entry>
+      <entry name='version'>25.1.0</entry>
+      <entry name='serial'>{uuid}</entry>
+      <entry name='uuid'>{uuid}</entry>
+      <entry name='family'>Virtual Machine</entry>
+    </system>
+  </sysinfo>
+  <clock offset='utc'>
+    <timer name='pit' tickpolicy='delay'/>
+    <timer name='rtc' tickpolicy='catchup'/>
+    <timer name='hpet' present='no'/>
+  </clock>
+  <features><vmcoreinfo state='on'/>"
+    )
+}
+
+/// The devices Nova gives an instance (put in place of `<devices>`, which
+/// they open): the qcow2 root disk `top`, the config drive `iso` on IDE, a
+/// NIC on `bridge` if given, the balloon with stats and a virtio-rng.
+fn nova_devices(top: &str, iso: &std::path::Path, bridge: Option<&str>) -> String {
+    let nic = bridge.map_or(String::new(), |b| {
+        format!(
+            "
+    <interface type='bridge'>
+      <mac address='fa:16:3e:aa:d9:23'/>
+      <source bridge='{b}'/>
+      <model type='virtio'/>
+    </interface>"
+        )
+    });
+    format!(
+        "<devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none'/>
+      <source file='{top}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='{}'/>
+      <target dev='hdd' bus='ide'/>
+      <readonly/>
+    </disk>{nic}
+    <memballoon model='virtio'>
+      <stats period='10'/>
+    </memballoon>
+    <rng model='virtio'>
+      <backend model='random'>/dev/urandom</backend>
+    </rng>",
+        iso.display()
+    )
+}
+
 #[test]
 fn a_nova_shaped_domain_runs_answers_and_migrates_both_ways() {
     let Some(lab) = twohosts::lab::lab(TESTS) else {
@@ -210,59 +272,8 @@ fn a_nova_shaped_domain_runs_answers_and_migrates_both_ways() {
     let xml = lab
         .dirtier(dom, mib, &cmdline)
         .replacen("</os>", "  <smbios mode='sysinfo'/>\n  </os>", 1)
-        .replacen(
-            "<features>",
-            &format!(
-                "<uuid>{uuid}</uuid>
-  <sysinfo type='smbios'>
-    <system>
-      <entry name='manufacturer'>OpenStack Foundation</entry>
-      <entry name='product'>OpenStack Nova</entry>
-      <entry name='version'>25.1.0</entry>
-      <entry name='serial'>{uuid}</entry>
-      <entry name='uuid'>{uuid}</entry>
-      <entry name='family'>Virtual Machine</entry>
-    </system>
-  </sysinfo>
-  <clock offset='utc'>
-    <timer name='pit' tickpolicy='delay'/>
-    <timer name='rtc' tickpolicy='catchup'/>
-    <timer name='hpet' present='no'/>
-  </clock>
-  <features><vmcoreinfo state='on'/>"
-            ),
-            1,
-        )
-        .replacen(
-            "<devices>",
-            &format!(
-                "<devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='none'/>
-      <source file='{t}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <disk type='file' device='cdrom'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source file='{}'/>
-      <target dev='hdd' bus='ide'/>
-      <readonly/>
-    </disk>
-    <interface type='bridge'>
-      <mac address='fa:16:3e:aa:d9:23'/>
-      <source bridge='br-ferry'/>
-      <model type='virtio'/>
-    </interface>
-    <memballoon model='virtio'>
-      <stats period='10'/>
-    </memballoon>
-    <rng model='virtio'>
-      <backend model='random'>/dev/urandom</backend>
-    </rng>",
-                iso.display()
-            ),
-            1,
-        );
+        .replacen("<features>", &nova_platform(uuid), 1)
+        .replacen("<devices>", &nova_devices(&t, &iso, Some("br-ferry")), 1);
     lab.start("A", dom, &xml);
     let serial = std::fs::read_to_string(lab.serial_log("A", dom)).unwrap_or_default();
     for want in [
@@ -371,54 +382,8 @@ fn a_nova_instance_boots_through_seabios_resets_moves_and_shuts_down() {
     let xml = lab
         .firmware_domain(dom, mib)
         .replacen("</os>", "  <smbios mode='sysinfo'/>\n  </os>", 1)
-        .replacen(
-            "<features>",
-            &format!(
-                "<uuid>{uuid}</uuid>
-  <sysinfo type='smbios'>
-    <system>
-      <entry name='manufacturer'>OpenStack Foundation</entry>
-      <entry name='product'>OpenStack Nova</entry>
-      <entry name='version'>25.1.0</entry>
-      <entry name='serial'>{uuid}</entry>
-      <entry name='uuid'>{uuid}</entry>
-      <entry name='family'>Virtual Machine</entry>
-    </system>
-  </sysinfo>
-  <clock offset='utc'>
-    <timer name='pit' tickpolicy='delay'/>
-    <timer name='rtc' tickpolicy='catchup'/>
-    <timer name='hpet' present='no'/>
-  </clock>
-  <features><vmcoreinfo state='on'/>"
-            ),
-            1,
-        )
-        .replacen(
-            "<devices>",
-            &format!(
-                "<devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='none'/>
-      <source file='{t}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <disk type='file' device='cdrom'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source file='{}'/>
-      <target dev='hdd' bus='ide'/>
-      <readonly/>
-    </disk>
-    <memballoon model='virtio'>
-      <stats period='10'/>
-    </memballoon>
-    <rng model='virtio'>
-      <backend model='random'>/dev/urandom</backend>
-    </rng>",
-                iso.display()
-            ),
-            1,
-        );
+        .replacen("<features>", &nova_platform(uuid), 1)
+        .replacen("<devices>", &nova_devices(&t, &iso, None), 1);
     assert!(!xml.contains("<kernel>") && xml.contains("<boot dev='hd'/>"));
     let started = std::time::Instant::now();
     lab.start("A", dom, &xml);
