@@ -223,8 +223,54 @@ pub fn run(args: &[String]) -> i32 {
             ) {
                 eprintln!("ferry-qemu: {UNSUPPORTED_HINT}");
             }
+            linger_for_libvirt(args);
             EXIT_FAILURE
         }
+    }
+}
+
+/// How long a refused start waits for libvirt to connect to its monitor.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// On a refused start, before exiting: waits (up to [`LINGER`]) until a
+/// client connects to a monitor whose listening socket was passed to us
+/// (libvirt's `-chardev socket,fd=N,server=on`). libvirt connects right after
+/// it started us; if we were gone by then, it would report only "failed to
+/// connect to monitor socket" unless it saw our process reaped, a race that
+/// load decides. Connected, it sees the monitor close and reports "qemu
+/// unexpectedly closed the monitor" with our error from the log, every time.
+fn linger_for_libvirt(args: &[String]) {
+    let Ok(inv) = argv::parse(args.get(1..).unwrap_or_default()) else {
+        return;
+    };
+    let fds: Vec<i32> = inv
+        .monitors
+        .iter()
+        .filter_map(|m| inv.chardevs.iter().find(|c| c.id == m.chardev))
+        .filter_map(|c| match &c.backend {
+            argv::ChardevBackend::Socket(argv::SocketAddr {
+                endpoint: argv::SocketEndpoint::Fd(fd),
+                server: true,
+                ..
+            }) => Some(*fd),
+            _ => None,
+        })
+        .collect();
+    let listeners: Vec<std::os::unix::net::UnixListener> = fds
+        .into_iter()
+        .filter_map(|fd| ferry_kvm::fd::adopt_inherited(fd).ok())
+        .map(std::os::unix::net::UnixListener::from)
+        .filter(|l| l.set_nonblocking(true).is_ok())
+        .collect();
+    if listeners.is_empty() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + LINGER;
+    while std::time::Instant::now() < deadline {
+        if listeners.iter().any(|l| l.accept().is_ok()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

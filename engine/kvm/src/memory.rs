@@ -527,6 +527,16 @@ impl GuestRom {
         self.gpa
     }
 
+    /// Bytes of the ROM.
+    pub fn len(&self) -> usize {
+        self.region.size()
+    }
+
+    /// Whether the ROM is empty (never: [`GuestRom::new`] refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.region.size() == 0
+    }
+
     /// The ROM's bytes.
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.region.size()];

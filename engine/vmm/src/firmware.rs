@@ -151,7 +151,7 @@ impl Firmware {
 
     /// The name a destination must match: the ROM and its size.
     pub fn shape_name(&self) -> String {
-        format!("rom:pc.bios:{}", self.rom.bytes().len())
+        format!("rom:pc.bios:{}", self.rom.len())
     }
 
     /// The state to save.
@@ -163,7 +163,7 @@ impl Firmware {
 
     /// Refuses a ROM of another size (nothing is applied).
     pub fn check(&self, state: &FirmwareState) -> Result<(), FirmwareError> {
-        let ours = self.rom.bytes().len();
+        let ours = self.rom.len();
         if state.bios.len() != ours {
             return Err(FirmwareError::StateSize {
                 stream: state.bios.len(),
