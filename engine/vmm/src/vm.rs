@@ -21,11 +21,11 @@ use crate::devices::acpi_pm::{AcpiPm, AcpiPmState};
 use crate::devices::disk_image::Mode;
 use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState};
 use crate::devices::i8042::{I8042State, I8042};
-use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
+use crate::devices::ide::{IdeDriveConfig, IdeError, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
 use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonInfo};
-use crate::devices::virtio::blk::{Block, BlockConfig};
+use crate::devices::virtio::blk::{Block, BlockConfig, DeviceDiskError, DiskError};
 use crate::devices::virtio::net::{AnnounceSchedule, Net, NetConfig};
 use crate::devices::virtio::rng::{Rng, RngConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState, STOP_HELD, STOP_PAUSED};
@@ -99,10 +99,11 @@ impl VirtioSpec {
                     Disks::Active => Mode::Active,
                     Disks::Inactive => Mode::Inactive,
                 };
-                let mut disk = Block::open_as(c, mode).map_err(fail)?;
+                let mut disk =
+                    Block::open_as(c, mode).map_err(|e| VmmError::DiskOpen(e.of(&self.id)))?;
                 if disks == Disks::Active {
                     disk.activate()
-                        .map_err(|e| VmmError::DiskLock(format!("{}: {e}", self.id)))?;
+                        .map_err(|e| VmmError::DiskLock(e.of(&self.id)))?;
                 }
                 Box::new(disk)
             }
@@ -173,12 +174,11 @@ fn build_pci(
             disks == Disks::Active,
             Arc::new(KvmIrqLine(vm.clone())),
         )
-        .map_err(|e| {
-            if e.contains("in use") {
-                VmmError::DiskLock(e)
-            } else {
-                VmmError::Config(e)
+        .map_err(|e| match e {
+            IdeError::Drive(d) if matches!(d.source, DiskError::InUse { .. }) => {
+                VmmError::DiskLock(d)
             }
+            e => VmmError::Ide(e),
         })?;
         Some(Arc::new(Mutex::new(piix3)))
     };
@@ -787,7 +787,7 @@ impl Vm {
                 .lock()
                 .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?;
             // What the guest wrote must be on the disk before another host reads it.
-            dev.flush().map_err(VmmError::Config)?;
+            dev.flush().map_err(VmmError::DiskFlush)?;
             virtio.push(dev.state());
         }
         let ide = match self.pci.ide() {
@@ -795,7 +795,7 @@ impl Vm {
                 let mut ide = ide
                     .lock()
                     .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?;
-                ide.flush().map_err(VmmError::Config)?;
+                ide.flush().map_err(VmmError::DiskFlush)?;
                 Some(ide.state())
             }
             None => None,
@@ -852,8 +852,8 @@ impl Vm {
     /// failure.
     fn each_disk_lock(
         &self,
-        step: impl Fn(&mut VirtioPci) -> Result<(), String>,
-        ide_step: impl Fn(&mut Piix3) -> Result<(), String>,
+        step: impl Fn(&mut VirtioPci) -> Result<(), DeviceDiskError>,
+        ide_step: impl Fn(&mut Piix3) -> Result<(), DeviceDiskError>,
     ) -> Result<(), VmmError> {
         for (_, dev) in self.pci.devices() {
             let mut dev = dev

@@ -34,6 +34,7 @@ use crate::devices::pci::ConfigSpace;
 #[cfg(test)]
 use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::blk::BlockConfig;
+use crate::devices::virtio::blk::DeviceDiskError;
 use drive::Drive;
 
 /// PCI slot of the PIIX3 (function 0: ISA bridge, 1: IDE).
@@ -275,6 +276,22 @@ fn ide_function() -> ConfigSpace {
     c
 }
 
+/// An IDE configuration the PIIX3 refuses, or a drive that cannot open.
+#[derive(Debug, thiserror::Error)]
+pub enum IdeError {
+    #[error("{id}: IDE position bus {bus} unit {unit} does not exist (bus 0 or 1, unit 0 or 1)")]
+    NoPosition { id: String, bus: u8, unit: u8 },
+    #[error("{first} and {second} are both at IDE bus {bus} unit {unit}")]
+    SamePosition {
+        first: String,
+        second: String,
+        bus: u8,
+        unit: u8,
+    },
+    #[error("{0}")]
+    Drive(#[source] DeviceDiskError),
+}
+
 impl Piix3 {
     /// The controller with `drives` at their positions, opened inactive
     /// unless `active` (as [`Block::open_inactive`] and activate do).
@@ -282,7 +299,7 @@ impl Piix3 {
         drives: &[IdeDriveConfig],
         active: bool,
         irq: Arc<dyn IrqLine>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, IdeError> {
         let mut channels = [0, 1].map(|i| Channel {
             drives: [None, None],
             unit: 0,
@@ -293,19 +310,22 @@ impl Piix3 {
         });
         for cfg in drives {
             if cfg.bus > 1 || cfg.unit > 1 {
-                return Err(format!(
-                    "{}: IDE position bus {} unit {} does not exist (bus 0 or 1, unit 0 or 1)",
-                    cfg.id, cfg.bus, cfg.unit
-                ));
+                return Err(IdeError::NoPosition {
+                    id: cfg.id.clone(),
+                    bus: cfg.bus,
+                    unit: cfg.unit,
+                });
             }
             let slot = &mut channels[usize::from(cfg.bus)].drives[usize::from(cfg.unit)];
             if let Some(other) = slot {
-                return Err(format!(
-                    "{} and {} are both at IDE bus {} unit {}",
-                    other.id, cfg.id, cfg.bus, cfg.unit
-                ));
+                return Err(IdeError::SamePosition {
+                    first: other.id.clone(),
+                    second: cfg.id.clone(),
+                    bus: cfg.bus,
+                    unit: cfg.unit,
+                });
             }
-            *slot = Some(Drive::open(cfg, active).map_err(|e| format!("{}: {e}", cfg.id))?);
+            *slot = Some(Drive::open(cfg, active).map_err(|e| IdeError::Drive(e.of(&cfg.id)))?);
         }
         Ok(Self {
             isa: isa_bridge(),
@@ -439,17 +459,17 @@ impl Piix3 {
     }
 
     /// Makes every write durable (before a switch-over or checkpoint).
-    pub fn flush(&mut self) -> Result<(), String> {
+    pub fn flush(&mut self) -> Result<(), DeviceDiskError> {
         self.drives_mut().try_for_each(Drive::flush)
     }
 
     /// Takes every drive's image locks (see `VirtioDevice::activate`).
-    pub fn activate(&mut self) -> Result<(), String> {
+    pub fn activate(&mut self) -> Result<(), DeviceDiskError> {
         self.drives_mut().try_for_each(Drive::activate)
     }
 
     /// Lets go of every drive's image locks (see `VirtioDevice::deactivate`).
-    pub fn deactivate(&mut self) -> Result<(), String> {
+    pub fn deactivate(&mut self) -> Result<(), DeviceDiskError> {
         self.drives_mut().try_for_each(Drive::deactivate)
     }
 

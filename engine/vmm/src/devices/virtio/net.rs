@@ -34,7 +34,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::{VirtioDevice, F_VERSION_1};
+use super::{QueueError, VirtioDevice, F_VERSION_1};
 
 /// VIRTIO_NET_F_MAC: the device has a MAC in its configuration space.
 const F_MAC: u64 = 1 << 5;
@@ -241,15 +241,11 @@ impl Net {
     }
 
     /// Moves frames from the tap into receive buffers until either runs out.
-    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
         let mut used = false;
         self.starved = false;
         loop {
-            let Some(chain) = queue
-                .iter(mem)
-                .map_err(|e| format!("available ring: {e}"))?
-                .next()
-            else {
+            let Some(chain) = queue.iter(mem).map_err(QueueError::AvailRing)?.next() else {
                 self.starved = true;
                 return Ok(used);
             };
@@ -280,12 +276,14 @@ impl Net {
             header[10..12].copy_from_slice(&1u16.to_le_bytes());
             let mut writer = chain
                 .writer(mem)
-                .map_err(|e| format!("receive buffer {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("receive buffer", head, e))?;
             let room = writer.available_bytes();
             if room < HEADER_LEN {
-                return Err(format!(
-                    "receive buffer {head} of {room} bytes cannot hold the {HEADER_LEN}-byte header"
-                ));
+                return Err(QueueError::ReceiveTooSmall {
+                    head,
+                    room,
+                    header: HEADER_LEN,
+                });
             }
             if room < HEADER_LEN + frame.len() {
                 // The driver posted buffers smaller than the link's frames (it did
@@ -302,38 +300,36 @@ impl Net {
             writer
                 .write_all(&header)
                 .and_then(|()| writer.write_all(frame))
-                .map_err(|e| format!("receive buffer {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("receive buffer", head, e))?;
             queue
                 .add_used(mem, head, (HEADER_LEN + frame.len()) as u32)
-                .map_err(|e| format!("used ring: {e}"))?;
+                .map_err(QueueError::UsedRing)?;
             self.stats.rx_frames += 1;
             used = true;
         }
     }
 
     /// Sends every frame the driver queued; a full tap drops them.
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
-        let chains: Vec<_> = queue
-            .iter(mem)
-            .map_err(|e| format!("available ring: {e}"))?
-            .collect();
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
+        let chains: Vec<_> = queue.iter(mem).map_err(QueueError::AvailRing)?.collect();
         let mut used = false;
         for chain in chains {
             let head = chain.head_index();
             let mut reader = chain
                 .reader(mem)
-                .map_err(|e| format!("transmit buffer {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("transmit buffer", head, e))?;
             let len = reader.available_bytes();
             if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) {
-                return Err(format!(
-                    "transmit buffer {head} of {len} bytes (a header and a frame of at most \
-                     {MAX_FRAME} bytes is {HEADER_LEN} to {} bytes)",
-                    HEADER_LEN + MAX_FRAME
-                ));
+                return Err(QueueError::TransmitLength {
+                    head,
+                    len,
+                    header: HEADER_LEN,
+                    max_frame: MAX_FRAME,
+                });
             }
             reader
                 .read_exact(&mut self.buf[..len])
-                .map_err(|e| format!("transmit buffer {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("transmit buffer", head, e))?;
             let out = if self.vnet_hdr {
                 &self.buf[..len]
             } else {
@@ -348,9 +344,7 @@ impl Net {
                     self.stats.tx_dropped += 1;
                 }
             }
-            queue
-                .add_used(mem, head, 0)
-                .map_err(|e| format!("used ring: {e}"))?;
+            queue.add_used(mem, head, 0).map_err(QueueError::UsedRing)?;
             used = true;
         }
         Ok(used)
@@ -413,14 +407,12 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         mem: &GuestMemory,
         _driver_features: u64,
-    ) -> Result<bool, String> {
-        let queue = queues
-            .get_mut(index)
-            .ok_or_else(|| format!("no queue {index}"))?;
+    ) -> Result<bool, QueueError> {
+        let queue = queues.get_mut(index).ok_or(QueueError::NoQueue { index })?;
         match index {
             RX_QUEUE => self.receive(queue, mem),
             TX_QUEUE => self.transmit(queue, mem),
-            _ => Err(format!("no queue {index}")),
+            _ => Err(QueueError::NoQueue { index }),
         }
     }
 

@@ -12,7 +12,7 @@ use kvm_ioctls::VmFd;
 use virtio_queue::{Queue, QueueT};
 
 use super::persist::{QueueSnapshot, VirtioPciState};
-use super::{status, VirtioDevice, F_VERSION_1};
+use super::{status, DeviceDiskError, VirtioDevice, F_VERSION_1};
 use crate::devices::pci::{ConfigSpace, BAR_STRIDE, BAR_WINDOW};
 
 /// BAR0 layout.
@@ -626,22 +626,18 @@ impl VirtioPci {
     }
 
     /// Makes the device's writes durable (see [`VirtioDevice::flush`]).
-    pub fn flush(&mut self) -> Result<(), String> {
-        self.device.flush().map_err(|e| format!("{}: {e}", self.id))
+    pub fn flush(&mut self) -> Result<(), DeviceDiskError> {
+        self.device.flush().map_err(|e| e.of(&self.id))
     }
 
     /// See [`VirtioDevice::activate`].
-    pub fn activate(&mut self) -> Result<(), String> {
-        self.device
-            .activate()
-            .map_err(|e| format!("{}: {e}", self.id))
+    pub fn activate(&mut self) -> Result<(), DeviceDiskError> {
+        self.device.activate().map_err(|e| e.of(&self.id))
     }
 
     /// See [`VirtioDevice::deactivate`].
-    pub fn deactivate(&mut self) -> Result<(), String> {
-        self.device
-            .deactivate()
-            .map_err(|e| format!("{}: {e}", self.id))
+    pub fn deactivate(&mut self) -> Result<(), DeviceDiskError> {
+        self.device.deactivate().map_err(|e| e.of(&self.id))
     }
 
     /// The transport's state, for checkpoints; the VM must be paused.
