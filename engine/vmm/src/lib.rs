@@ -34,6 +34,9 @@ pub enum VmmError {
     Restore(String),
     #[error("cannot restore: {0}")]
     Mismatch(#[from] checkpoint::ShapeMismatch),
+    /// A device refused its saved state.
+    #[error("cannot restore: {0}")]
+    DeviceState(#[from] devices::DeviceStateError),
     /// A disk image cannot be opened as configured.
     #[error("invalid VM configuration: {0}")]
     DiskOpen(#[source] devices::virtio::DeviceDiskError),

@@ -933,7 +933,7 @@ impl Vm {
         self.check_fw_cfg_state(devices.fw_cfg.as_ref())?;
         self.check_firmware_state(devices.firmware.as_ref())?;
         if let Some(regs) = &devices.pci_host {
-            self.pci.check_bridge(regs).map_err(VmmError::Restore)?;
+            self.pci.check_bridge(regs).map_err(VmmError::DeviceState)?;
         }
         self.check_pm_state(devices.acpi_pm.as_ref())?;
         if self.i8042.is_some() != devices.i8042.is_some() {
@@ -952,7 +952,7 @@ impl Vm {
             )));
         }
         if let Some(state) = &devices.i8042 {
-            I8042::check(state).map_err(VmmError::Restore)?;
+            I8042::check(state).map_err(VmmError::DeviceState)?;
         }
         let mut clock = vm.clock;
         clock.flags = 0;
@@ -993,34 +993,36 @@ impl Vm {
             dev.lock()
                 .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(ide), Some(state)) = (self.pci.ide(), &devices.ide) {
             ide.lock()
                 .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(dev), Some(state)) = (&self.fw_cfg, &devices.fw_cfg) {
             dev.lock()
                 .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let Some(regs) = &devices.pci_host {
-            self.pci.restore_bridge(regs).map_err(VmmError::Restore)?;
+            self.pci
+                .restore_bridge(regs)
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(k), Some(state)) = (&self.i8042, &devices.i8042) {
             k.lock()
                 .map_err(|_| VmmError::Config("i8042 lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(pm), Some(state)) = (self.pci.pm(), &devices.acpi_pm) {
             pm.lock()
                 .map_err(|_| VmmError::Config("PIIX4 PM lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(fw), Some(state)) = (&self.firmware, &devices.firmware) {
             fw.restore(state).map_err(VmmError::Firmware)?;
@@ -1045,7 +1047,7 @@ impl Vm {
                 .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?
                 .check(state)
                 .map(drop)
-                .map_err(VmmError::Restore),
+                .map_err(VmmError::DeviceState),
             (ours, _) => Err(VmmError::Restore(format!(
                 "the stream {} IDE controller state; this VM {} IDE drives",
                 if ours.is_some() { "has no" } else { "has" },
@@ -1065,7 +1067,7 @@ impl Vm {
                 .lock()
                 .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
                 .check(state)
-                .map_err(VmmError::Restore),
+                .map_err(VmmError::DeviceState),
             (ours, _) => Err(VmmError::Restore(format!(
                 "the stream {} fw_cfg state; this VM {} fw_cfg",
                 if ours.is_some() { "has no" } else { "has" },
@@ -1083,7 +1085,7 @@ impl Vm {
                 .lock()
                 .map_err(|_| VmmError::Config("PIIX4 PM lock poisoned".into()))?
                 .check(state)
-                .map_err(VmmError::Restore),
+                .map_err(VmmError::DeviceState),
             (ours, _) => Err(VmmError::Restore(format!(
                 "the stream {} ACPI power management state; this VM {} ACPI",
                 if ours.is_some() { "has no" } else { "has" },

@@ -23,6 +23,7 @@ mod tests;
 mod transport;
 mod worker;
 
+pub use crate::devices::DeviceStateError;
 pub use blk::{DeviceDiskError, DiskError};
 pub use persist::{DeviceState, QueueSnapshot, VirtioPciState};
 pub use transport::{VirtioPci, BAR_SIZE, STOP_HELD, STOP_PAUSED};
@@ -244,29 +245,4 @@ impl QueueError {
             source: source.into(),
         }
     }
-}
-
-/// A device's saved state (checkpoint, migration stream) that a load refuses;
-/// nothing changed.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceStateError {
-    #[error("device state of another kind for {kind}")]
-    OtherKind { kind: &'static str },
-    #[error("no {kind} state in the stream")]
-    Missing { kind: &'static str },
-    #[error("virtio-rng quota of {quota} bytes (at most 2^63 - 1)")]
-    RngQuota { quota: u64 },
-    #[error(
-        "virtio-rng window ending in {ms} ms (a period is at most {} ms)",
-        u32::MAX
-    )]
-    RngWindow { ms: u64 },
-    #[error("virtio-balloon target of {pages} pages (guest RAM has {ram_pages})")]
-    BalloonTarget { pages: u32, ram_pages: u64 },
-    #[error("virtio-balloon stats buffer {head} (a queue holds at most {max})")]
-    BalloonStatsHead { head: u16, max: u16 },
-    #[error("virtio-balloon state with {count} statistics (ferry keeps {keeps})")]
-    BalloonStatCount { count: usize, keeps: usize },
-    #[error("virtio-balloon statistics from before 1970 ({0})")]
-    BalloonStatsTime(i64),
 }
