@@ -349,7 +349,7 @@ fn parse_rng(text: &str) -> Result<RngArg, String> {
             _ => return Err(format!("unknown entropy device option '{part}' ({USAGE})")),
         }
     }
-    arg.config.check()?;
+    arg.config.check().map_err(|e| e.to_string())?;
     Ok(arg)
 }
 

@@ -43,6 +43,23 @@ pub enum VmmError {
     /// The IDE drives' configuration is refused, or a drive cannot open.
     #[error("invalid VM configuration: {0}")]
     Ide(#[source] devices::ide::IdeError),
+    /// A NIC's tap cannot be opened or set up.
+    #[error("invalid VM configuration: {id}: {source}")]
+    Net {
+        id: String,
+        #[source]
+        source: devices::virtio::net::NetError,
+    },
+    /// A virtio-rng configuration is refused or its source cannot open.
+    #[error("invalid VM configuration: {id}: {source}")]
+    Rng {
+        id: String,
+        #[source]
+        source: devices::virtio::rng::RngError,
+    },
+    /// A device thread could not start.
+    #[error("{0}")]
+    Workers(#[source] devices::virtio::WorkerError),
     /// A disk image is locked by another VM or QEMU (or cannot be locked).
     #[error("{0}")]
     DiskLock(#[source] devices::virtio::DeviceDiskError),

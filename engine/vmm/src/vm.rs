@@ -91,7 +91,6 @@ enum Disks {
 
 impl VirtioSpec {
     fn build(&self, disks: Disks, ram: &Arc<GuestRam>) -> Result<Box<dyn VirtioDevice>, VmmError> {
-        let fail = |e: String| VmmError::Config(format!("{}: {e}", self.id));
         Ok(match &self.device {
             VirtioDeviceSpec::Block(c) => {
                 // Opened once, as it will run; locked below, with its own error.
@@ -107,8 +106,14 @@ impl VirtioSpec {
                 }
                 Box::new(disk)
             }
-            VirtioDeviceSpec::Net(c) => Box::new(Net::new(c).map_err(fail)?),
-            VirtioDeviceSpec::Rng(c) => Box::new(Rng::new(c).map_err(fail)?),
+            VirtioDeviceSpec::Net(c) => Box::new(Net::new(c).map_err(|source| VmmError::Net {
+                id: self.id.clone(),
+                source,
+            })?),
+            VirtioDeviceSpec::Rng(c) => Box::new(Rng::new(c).map_err(|source| VmmError::Rng {
+                id: self.id.clone(),
+                source,
+            })?),
             VirtioDeviceSpec::Balloon(c) => Box::new(Balloon::new(*c, ram.clone())),
         })
     }
@@ -184,7 +189,7 @@ fn build_pci(
     };
     let pm = acpi.then(|| Arc::new(Mutex::new(AcpiPm::new(Arc::new(KvmIrqLine(vm.clone()))))));
     let bus = PciBus::new(devices, piix3, pm);
-    bus.start_workers().map_err(VmmError::Config)?;
+    bus.start_workers().map_err(VmmError::Workers)?;
     Ok(bus)
 }
 

@@ -14,7 +14,7 @@ pub use config::{ConfigSpace, BAR0_REG};
 
 use crate::devices::acpi_pm::{AcpiPm, PM_FUNCTION};
 use crate::devices::ide::{Piix3, PIIX3_SLOT};
-use crate::devices::virtio::{VirtioPci, Worker};
+use crate::devices::virtio::{VirtioPci, Worker, WorkerError};
 use crate::devices::DeviceStateError;
 
 /// CONFIG_ADDRESS register (a dword at 0xcf8).
@@ -98,11 +98,10 @@ impl PciBus {
     /// Starts the device threads of the devices that have host input. The
     /// devices start stopped ([`crate::devices::virtio::STOP_PAUSED`]): the threads
     /// touch nothing until the VM first runs.
-    pub fn start_workers(&self) -> Result<(), String> {
-        let mut workers = self
-            .workers
-            .lock()
-            .map_err(|_| "device thread list poisoned".to_string())?;
+    pub fn start_workers(&self) -> Result<(), WorkerError> {
+        let mut workers = self.workers.lock().map_err(|_| WorkerError::LockPoisoned {
+            what: "device thread list",
+        })?;
         for (_, dev) in &self.devices {
             if let Some(w) = Worker::spawn(dev)? {
                 workers.push(w);

@@ -27,7 +27,7 @@ pub use crate::devices::DeviceStateError;
 pub use blk::{DeviceDiskError, DiskError};
 pub use persist::{DeviceState, QueueSnapshot, VirtioPciState};
 pub use transport::{VirtioPci, BAR_SIZE, STOP_HELD, STOP_PAUSED};
-pub use worker::Worker;
+pub use worker::{Worker, WorkerError};
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;

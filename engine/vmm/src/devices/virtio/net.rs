@@ -36,6 +36,32 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::{QueueError, VirtioDevice, F_VERSION_1};
 
+/// A tap that cannot be opened or set up for virtio-net.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The advice follows the cause, so the cause is in the text.
+    #[error(
+        "cannot open tap {ifname} through /dev/net/tun: {source} (creating a tap needs \
+         CAP_NET_ADMIN; an existing one must be free and owned by this user)"
+    )]
+    OpenTap {
+        ifname: String,
+        source: std::io::Error,
+    },
+    #[error("the NIC's fd is not a tap (TUNGETIFF: {0})")]
+    NotTap(#[source] std::io::Error),
+    #[error("the NIC's fd is a tun device with flags {flags:#x}; it needs IFF_TAP | IFF_NO_PI")]
+    TunFlags { flags: u16 },
+    #[error("cannot set the tap's header size (TUNSETVNETHDRSZ): {0}")]
+    HeaderSize(#[source] std::io::Error),
+    #[error("cannot turn the tap's offloads off (TUNSETOFFLOAD): {0}")]
+    Offloads(#[source] std::io::Error),
+    #[error("cannot read the tap's file flags: {0}")]
+    GetFlags(#[source] nix::Error),
+    #[error("cannot make the tap non-blocking: {0}")]
+    NonBlocking(#[source] nix::Error),
+}
+
 /// VIRTIO_NET_F_MAC: the device has a MAC in its configuration space.
 const F_MAC: u64 = 1 << 5;
 /// VIRTIO_NET_F_STATUS: the configuration space has a link status.
@@ -76,13 +102,13 @@ pub struct Tap;
 
 impl Tap {
     /// Opens (creating it if this process may) tap `ifname` with IFF_VNET_HDR.
-    pub fn open(ifname: &str) -> Result<Arc<OwnedFd>, String> {
-        tap::open_tap(ifname, true).map(Arc::new).map_err(|e| {
-            format!(
-                "cannot open tap {ifname} through /dev/net/tun: {e} (creating a tap needs \
-                 CAP_NET_ADMIN; an existing one must be free and owned by this user)"
-            )
-        })
+    pub fn open(ifname: &str) -> Result<Arc<OwnedFd>, NetError> {
+        tap::open_tap(ifname, true)
+            .map(Arc::new)
+            .map_err(|source| NetError::OpenTap {
+                ifname: ifname.to_string(),
+                source,
+            })
     }
 }
 
@@ -202,29 +228,23 @@ pub struct Net {
 impl Net {
     /// Takes the tap: makes it non-blocking and, when it has IFF_VNET_HDR, sets
     /// its header size to ours and turns its offloads off.
-    pub fn new(config: &NetConfig) -> Result<Self, String> {
+    pub fn new(config: &NetConfig) -> Result<Self, NetError> {
         let fd = config.tap.as_fd();
-        let flags = tap::tun_get_iff(fd)
-            .map_err(|e| format!("the NIC's fd is not a tap (TUNGETIFF: {e})"))?;
+        let flags = tap::tun_get_iff(fd).map_err(NetError::NotTap)?;
         if flags & tap::IFF_TAP == 0 || flags & tap::IFF_NO_PI == 0 {
-            return Err(format!(
-                "the NIC's fd is a tun device with flags {flags:#x}; it needs IFF_TAP | IFF_NO_PI"
-            ));
+            return Err(NetError::TunFlags { flags });
         }
         let vnet_hdr = flags & tap::IFF_VNET_HDR != 0;
         if vnet_hdr {
-            tap::tun_set_vnet_hdr_sz(fd, HEADER_LEN as i32)
-                .map_err(|e| format!("cannot set the tap's header size (TUNSETVNETHDRSZ): {e}"))?;
-            tap::tun_set_offload(fd, 0)
-                .map_err(|e| format!("cannot turn the tap's offloads off (TUNSETOFFLOAD): {e}"))?;
+            tap::tun_set_vnet_hdr_sz(fd, HEADER_LEN as i32).map_err(NetError::HeaderSize)?;
+            tap::tun_set_offload(fd, 0).map_err(NetError::Offloads)?;
         }
-        let fl = fcntl(fd, FcntlArg::F_GETFL)
-            .map_err(|e| format!("cannot read the tap's file flags: {e}"))?;
+        let fl = fcntl(fd, FcntlArg::F_GETFL).map_err(NetError::GetFlags)?;
         fcntl(
             fd,
             FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
         )
-        .map_err(|e| format!("cannot make the tap non-blocking: {e}"))?;
+        .map_err(NetError::NonBlocking)?;
         Ok(Self {
             tap: config.tap.clone(),
             mac: config.mac,

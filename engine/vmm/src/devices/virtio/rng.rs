@@ -31,6 +31,26 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::{DeviceStateError, QueueError, VirtioDevice, F_VERSION_1};
 
+/// A virtio-rng configuration refused (in QEMU's words), or an entropy
+/// source that cannot open.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("'period' parameter expects a positive integer")]
+    Period,
+    #[error("'max-bytes' parameter must be non-negative, and less than 2^63")]
+    MaxBytes,
+    /// The advice follows the cause, so the cause is in the text.
+    #[error(
+        "cannot open the entropy source {}: {source} (give a readable file, e.g. \
+         /dev/urandom, or use rng-builtin)",
+        path.display()
+    )]
+    OpenSource {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// The request queue.
 pub const REQUEST_QUEUE: usize = 0;
 const QUEUE_SIZE: u16 = 256;
@@ -72,12 +92,12 @@ impl RngConfig {
     }
 
     /// Refuses what QEMU's `virtio_rng_device_realize` refuses, in its words.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RngError> {
         if self.period_ms == 0 {
-            return Err("'period' parameter expects a positive integer".into());
+            return Err(RngError::Period);
         }
         if self.max_bytes > DEFAULT_MAX_BYTES {
-            return Err("'max-bytes' parameter must be non-negative, and less than 2^63".into());
+            return Err(RngError::MaxBytes);
         }
         Ok(())
     }
@@ -121,7 +141,7 @@ pub struct Rng {
 impl Rng {
     /// Checks `config` and opens its backend (non-blocking: a `/dev/random`
     /// without entropy yet makes requests wait, never a vCPU).
-    pub fn new(config: &RngConfig) -> Result<Self, String> {
+    pub fn new(config: &RngConfig) -> Result<Self, RngError> {
         config.check()?;
         let file = match &config.source {
             RngSource::Builtin => None,
@@ -130,12 +150,9 @@ impl Rng {
                     .read(true)
                     .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
                     .open(path)
-                    .map_err(|e| {
-                        format!(
-                            "cannot open the entropy source {}: {e} (give a readable file, \
-                             e.g. /dev/urandom, or use rng-builtin)",
-                            path.display()
-                        )
+                    .map_err(|source| RngError::OpenSource {
+                        path: path.clone(),
+                        source,
                     })?,
             ),
         };
@@ -447,13 +464,17 @@ mod tests {
             })
             .unwrap_err()
         };
-        assert_eq!(bad(1, 0), "'period' parameter expects a positive integer");
         assert_eq!(
-            bad(u64::MAX, 1),
+            bad(1, 0).to_string(),
+            "'period' parameter expects a positive integer"
+        );
+        assert_eq!(
+            bad(u64::MAX, 1).to_string(),
             "'max-bytes' parameter must be non-negative, and less than 2^63"
         );
-        let err =
-            Rng::new(&RngConfig::new(RngSource::File("/nonexistent/rng".into()))).unwrap_err();
+        let err = Rng::new(&RngConfig::new(RngSource::File("/nonexistent/rng".into())))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("/nonexistent/rng") && err.contains("rng-builtin"),
             "{err}"
