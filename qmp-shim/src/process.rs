@@ -204,7 +204,7 @@ fn open_taps(config: &mut MachineConfig) -> Result<(), StartError> {
                     .map_err(|e| fail(nic, format!("vhostfd {v}: {e}")))?,
             );
         }
-        let mac = parse_mac(&nic.mac).map_err(|e| fail(nic, e))?;
+        let mac = parse_mac(&nic.mac).map_err(|e| fail(nic, e.to_string()))?;
         taps.push(NetConfig { tap, mac });
     }
     config.taps = taps;

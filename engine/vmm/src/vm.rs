@@ -985,8 +985,8 @@ impl Vm {
             .com1_irq
             .try_clone()
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
-        let com1 =
-            Com1::from_state(&devices.com1, irq, self.sink.clone()).map_err(VmmError::Restore)?;
+        let com1 = Com1::from_state(&devices.com1, irq, self.sink.clone())
+            .map_err(VmmError::DeviceState)?;
         if devices.virtio.len() != self.pci.devices().len() {
             return Err(VmmError::Restore(format!(
                 "state for {} virtio devices, VM has {}",

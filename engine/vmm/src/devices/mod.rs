@@ -112,6 +112,10 @@ pub enum DeviceStateError {
         transfer: &'static str,
         len: usize,
     },
+    /// vm-superio's refusal (a receive FIFO larger than the UART's), as it
+    /// names it.
+    #[error("serial state is invalid: {0:?}")]
+    Serial(vm_superio::serial::Error<std::io::Error>),
     #[error("i8042 output buffer of {len} bytes; it holds {max}")]
     I8042Queue { len: usize, max: usize },
     #[error("PIIX4 PM timer {0:#x} is wider than its 24 bits")]

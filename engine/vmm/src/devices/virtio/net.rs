@@ -48,6 +48,10 @@ pub enum NetError {
         ifname: String,
         source: std::io::Error,
     },
+    #[error("MAC {mac:?} must be six hex bytes like 52:54:00:12:34:56")]
+    MacFormat { mac: String },
+    #[error("MAC {mac} is a multicast address")]
+    MacMulticast { mac: String },
     #[error("the NIC's fd is not a tap (TUNGETIFF: {0})")]
     NotTap(#[source] std::io::Error),
     #[error("the NIC's fd is a tun device with flags {flags:#x}; it needs IFF_TAP | IFF_NO_PI")]
@@ -121,22 +125,21 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 /// Parses `52:54:00:12:34:56`; refuses multicast addresses, which no NIC has.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
+    let malformed = || NetError::MacFormat { mac: s.to_string() };
     if parts.len() != 6 {
-        return Err(format!(
-            "MAC {s:?} must be six hex bytes like 52:54:00:12:34:56"
-        ));
+        return Err(malformed());
     }
     for (b, p) in mac.iter_mut().zip(&parts) {
         *b = u8::from_str_radix(p, 16)
             .ok()
             .filter(|_| p.len() == 2)
-            .ok_or_else(|| format!("MAC {s:?} must be six hex bytes like 52:54:00:12:34:56"))?;
+            .ok_or_else(malformed)?;
     }
     if mac[0] & 1 != 0 {
-        return Err(format!("MAC {s} is a multicast address"));
+        return Err(NetError::MacMulticast { mac: s.to_string() });
     }
     Ok(mac)
 }
