@@ -194,7 +194,9 @@ fn open_taps(config: &mut MachineConfig) -> Result<(), StartError> {
                 crate::fd::adopt_inherited(*n)
                     .map_err(|e| fail(nic, format!("tap fd {n}: {e}")))?,
             ),
-            crate::argv::TapSource::Ifname(name) => Tap::open(name).map_err(|e| fail(nic, e))?,
+            crate::argv::TapSource::Ifname(name) => {
+                Tap::open(name).map_err(|e| fail(nic, e.to_string()))?
+            }
         };
         for v in &nic.vhost_fds {
             drop(
@@ -202,7 +204,7 @@ fn open_taps(config: &mut MachineConfig) -> Result<(), StartError> {
                     .map_err(|e| fail(nic, format!("vhostfd {v}: {e}")))?,
             );
         }
-        let mac = parse_mac(&nic.mac).map_err(|e| fail(nic, e))?;
+        let mac = parse_mac(&nic.mac).map_err(|e| fail(nic, e.to_string()))?;
         taps.push(NetConfig { tap, mac });
     }
     config.taps = taps;

@@ -398,7 +398,7 @@ fn parse_rng(text: &str) -> Result<RngArg, String> {
             _ => return Err(format!("unknown entropy device option '{part}' ({USAGE})")),
         }
     }
-    arg.config.check()?;
+    arg.config.check().map_err(|e| e.to_string())?;
     Ok(arg)
 }
 
@@ -436,7 +436,9 @@ fn parse_net(text: &str) -> Result<NetArg, String> {
                     v.parse().map_err(|e| format!("fd: {e} ({USAGE})"))?,
                 ))
             }
-            Some(("mac", v)) => mac = Some(crate::devices::virtio::net::parse_mac(v)?),
+            Some(("mac", v)) => {
+                mac = Some(crate::devices::virtio::net::parse_mac(v).map_err(|e| e.to_string())?)
+            }
             Some(("slot", v)) => slot = Some(parse_slot(v)?),
             _ => return Err(format!("unknown NIC option '{part}' ({USAGE})")),
         }

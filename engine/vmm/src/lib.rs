@@ -34,9 +34,39 @@ pub enum VmmError {
     Restore(String),
     #[error("cannot restore: {0}")]
     Mismatch(#[from] checkpoint::ShapeMismatch),
+    /// A device refused its saved state.
+    #[error("cannot restore: {0}")]
+    DeviceState(#[from] devices::DeviceStateError),
+    /// A disk image cannot be opened as configured.
+    #[error("invalid VM configuration: {0}")]
+    DiskOpen(#[source] devices::virtio::DeviceDiskError),
+    /// The IDE drives' configuration is refused, or a drive cannot open.
+    #[error("invalid VM configuration: {0}")]
+    Ide(#[source] devices::ide::IdeError),
+    /// A NIC's tap cannot be opened or set up.
+    #[error("invalid VM configuration: {id}: {source}")]
+    Net {
+        id: String,
+        #[source]
+        source: devices::virtio::net::NetError,
+    },
+    /// A virtio-rng configuration is refused or its source cannot open.
+    #[error("invalid VM configuration: {id}: {source}")]
+    Rng {
+        id: String,
+        #[source]
+        source: devices::virtio::rng::RngError,
+    },
+    /// A device thread could not start.
+    #[error("{0}")]
+    Workers(#[source] devices::virtio::WorkerError),
     /// A disk image is locked by another VM or QEMU (or cannot be locked).
     #[error("{0}")]
-    DiskLock(String),
+    DiskLock(#[source] devices::virtio::DeviceDiskError),
+    /// A disk could not make the guest's writes durable (before a
+    /// switch-over or a checkpoint).
+    #[error("{0}")]
+    DiskFlush(#[source] devices::virtio::DeviceDiskError),
     #[error(transparent)]
     Format(#[from] ferry_format::FormatError),
     #[error("{0}")]
@@ -53,9 +83,9 @@ pub enum VmmError {
     Firmware(firmware::FirmwareError),
     #[error("the VM has no balloon device")]
     NoBalloon,
-    /// The host asked the balloon for something it refuses (the text says what).
+    /// The host asked the balloon for something it refuses.
     #[error("{0}")]
-    Balloon(String),
+    Balloon(#[source] devices::virtio::balloon::BalloonError),
     #[error(
         "cannot restore: this host's KVM cannot load MSRs of vCPU {vcpu} that the guest can \
          read: {}; start the guest with a CPU model both hosts run (ferry-vm --cpu qemu64; \

@@ -167,6 +167,10 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 ferry_vmm::VmmError::Restore(m) => {
                     ferry_vmm::VmmError::Restore(format!("{}: {m}", file.display()))
                 }
+                // The device's refusal, named with the file (as the text above).
+                ferry_vmm::VmmError::DeviceState(e) => {
+                    ferry_vmm::VmmError::Restore(format!("{}: {e}", file.display()))
+                }
                 other => other,
             })?;
             (vm, common)

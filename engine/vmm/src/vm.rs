@@ -21,12 +21,12 @@ use crate::devices::acpi_pm::{AcpiPm, AcpiPmState};
 use crate::devices::disk_image::Mode;
 use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState};
 use crate::devices::i8042::{I8042State, I8042};
-use crate::devices::ide::{IdeDriveConfig, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
+use crate::devices::ide::{IdeDriveConfig, IdeError, IdeState, KvmIrqLine, Piix3, PIIX3_SLOT};
 use crate::devices::pci::{PciBus, MAX_SLOT};
 use crate::devices::rtc::{Rtc, RtcConfig, RtcState};
 use crate::devices::serial::{Com1, SerialDeviceState, SerialSink, SinkSpec, COM1_IRQ};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonInfo};
-use crate::devices::virtio::blk::{Block, BlockConfig};
+use crate::devices::virtio::blk::{Block, BlockConfig, DeviceDiskError, DiskError};
 use crate::devices::virtio::net::{AnnounceSchedule, Net, NetConfig};
 use crate::devices::virtio::rng::{Rng, RngConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState, STOP_HELD, STOP_PAUSED};
@@ -109,7 +109,6 @@ enum Disks {
 
 impl VirtioSpec {
     fn build(&self, disks: Disks, ram: &Arc<GuestRam>) -> Result<Box<dyn VirtioDevice>, VmmError> {
-        let fail = |e: String| VmmError::Config(format!("{}: {e}", self.id));
         Ok(match &self.device {
             VirtioDeviceSpec::Block(c) => {
                 // Opened once, as it will run; locked below, with its own error.
@@ -117,15 +116,22 @@ impl VirtioSpec {
                     Disks::Active => Mode::Active,
                     Disks::Inactive => Mode::Inactive,
                 };
-                let mut disk = Block::open_as(c, mode).map_err(fail)?;
+                let mut disk =
+                    Block::open_as(c, mode).map_err(|e| VmmError::DiskOpen(e.of(&self.id)))?;
                 if disks == Disks::Active {
                     disk.activate()
-                        .map_err(|e| VmmError::DiskLock(format!("{}: {e}", self.id)))?;
+                        .map_err(|e| VmmError::DiskLock(e.of(&self.id)))?;
                 }
                 Box::new(disk)
             }
-            VirtioDeviceSpec::Net(c) => Box::new(Net::new(c).map_err(fail)?),
-            VirtioDeviceSpec::Rng(c) => Box::new(Rng::new(c).map_err(fail)?),
+            VirtioDeviceSpec::Net(c) => Box::new(Net::new(c).map_err(|source| VmmError::Net {
+                id: self.id.clone(),
+                source,
+            })?),
+            VirtioDeviceSpec::Rng(c) => Box::new(Rng::new(c).map_err(|source| VmmError::Rng {
+                id: self.id.clone(),
+                source,
+            })?),
             VirtioDeviceSpec::Balloon(c) => Box::new(Balloon::new(*c, ram.clone())),
         })
     }
@@ -191,18 +197,17 @@ fn build_pci(
             disks == Disks::Active,
             Arc::new(KvmIrqLine(vm.clone())),
         )
-        .map_err(|e| {
-            if e.contains("in use") {
-                VmmError::DiskLock(e)
-            } else {
-                VmmError::Config(e)
+        .map_err(|e| match e {
+            IdeError::Drive(d) if matches!(d.source, DiskError::InUse { .. }) => {
+                VmmError::DiskLock(d)
             }
+            e => VmmError::Ide(e),
         })?;
         Some(Arc::new(Mutex::new(piix3)))
     };
     let pm = acpi.then(|| Arc::new(Mutex::new(AcpiPm::new(Arc::new(KvmIrqLine(vm.clone()))))));
     let bus = PciBus::new(devices, piix3, pm);
-    bus.start_workers().map_err(VmmError::Config)?;
+    bus.start_workers().map_err(VmmError::Workers)?;
     Ok(bus)
 }
 
@@ -945,7 +950,7 @@ impl Vm {
                 .lock()
                 .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?;
             // What the guest wrote must be on the disk before another host reads it.
-            dev.flush().map_err(VmmError::Config)?;
+            dev.flush().map_err(VmmError::DiskFlush)?;
             virtio.push(dev.state());
         }
         let ide = match self.pci.ide() {
@@ -953,7 +958,7 @@ impl Vm {
                 let mut ide = ide
                     .lock()
                     .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?;
-                ide.flush().map_err(VmmError::Config)?;
+                ide.flush().map_err(VmmError::DiskFlush)?;
                 Some(ide.state())
             }
             None => None,
@@ -1011,8 +1016,8 @@ impl Vm {
     /// failure.
     fn each_disk_lock(
         &self,
-        step: impl Fn(&mut VirtioPci) -> Result<(), String>,
-        ide_step: impl Fn(&mut Piix3) -> Result<(), String>,
+        step: impl Fn(&mut VirtioPci) -> Result<(), DeviceDiskError>,
+        ide_step: impl Fn(&mut Piix3) -> Result<(), DeviceDiskError>,
     ) -> Result<(), VmmError> {
         for (_, dev) in self.pci.devices() {
             let mut dev = dev
@@ -1085,7 +1090,7 @@ impl Vm {
         self.check_fw_cfg_state(devices.fw_cfg.as_ref())?;
         self.check_firmware_state(devices.firmware.as_ref())?;
         if let Some(regs) = &devices.pci_host {
-            self.pci.check_bridge(regs).map_err(VmmError::Restore)?;
+            self.pci.check_bridge(regs).map_err(VmmError::DeviceState)?;
         }
         self.check_pm_state(devices.acpi_pm.as_ref())?;
         if self.i8042.is_some() != devices.i8042.is_some() {
@@ -1104,7 +1109,7 @@ impl Vm {
             )));
         }
         if let Some(state) = &devices.i8042 {
-            I8042::check(state).map_err(VmmError::Restore)?;
+            I8042::check(state).map_err(VmmError::DeviceState)?;
         }
         self.check_rtc_state(devices.rtc.as_ref())?;
         let mut clock = vm.clock;
@@ -1133,8 +1138,8 @@ impl Vm {
             .com1_irq
             .try_clone()
             .map_err(|e| VmmError::Io("cannot clone an eventfd".into(), e))?;
-        let com1 =
-            Com1::from_state(&devices.com1, irq, self.sink.clone()).map_err(VmmError::Restore)?;
+        let com1 = Com1::from_state(&devices.com1, irq, self.sink.clone())
+            .map_err(VmmError::DeviceState)?;
         if devices.virtio.len() != self.pci.devices().len() {
             return Err(VmmError::Restore(format!(
                 "state for {} virtio devices, VM has {}",
@@ -1146,34 +1151,36 @@ impl Vm {
             dev.lock()
                 .map_err(|_| VmmError::Config("virtio device lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(ide), Some(state)) = (self.pci.ide(), &devices.ide) {
             ide.lock()
                 .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(dev), Some(state)) = (&self.fw_cfg, &devices.fw_cfg) {
             dev.lock()
                 .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let Some(regs) = &devices.pci_host {
-            self.pci.restore_bridge(regs).map_err(VmmError::Restore)?;
+            self.pci
+                .restore_bridge(regs)
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(k), Some(state)) = (&self.i8042, &devices.i8042) {
             k.lock()
                 .map_err(|_| VmmError::Config("i8042 lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(pm), Some(state)) = (self.pci.pm(), &devices.acpi_pm) {
             pm.lock()
                 .map_err(|_| VmmError::Config("PIIX4 PM lock poisoned".into()))?
                 .restore(state)
-                .map_err(VmmError::Restore)?;
+                .map_err(VmmError::DeviceState)?;
         }
         if let (Some(fw), Some(state)) = (&self.firmware, &devices.firmware) {
             fw.restore(state).map_err(VmmError::Firmware)?;
@@ -1201,7 +1208,7 @@ impl Vm {
                 .map_err(|_| VmmError::Config("IDE controller lock poisoned".into()))?
                 .check(state)
                 .map(drop)
-                .map_err(VmmError::Restore),
+                .map_err(VmmError::DeviceState),
             (ours, _) => Err(VmmError::Restore(format!(
                 "the stream {} IDE controller state; this VM {} IDE drives",
                 if ours.is_some() { "has no" } else { "has" },
@@ -1221,7 +1228,7 @@ impl Vm {
                 .lock()
                 .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
                 .check(state)
-                .map_err(VmmError::Restore),
+                .map_err(VmmError::DeviceState),
             (ours, _) => Err(VmmError::Restore(format!(
                 "the stream {} fw_cfg state; this VM {} fw_cfg",
                 if ours.is_some() { "has no" } else { "has" },
@@ -1239,7 +1246,7 @@ impl Vm {
                 .lock()
                 .map_err(|_| VmmError::Config("PIIX4 PM lock poisoned".into()))?
                 .check(state)
-                .map_err(VmmError::Restore),
+                .map_err(VmmError::DeviceState),
             (ours, _) => Err(VmmError::Restore(format!(
                 "the stream {} ACPI power management state; this VM {} ACPI",
                 if ours.is_some() { "has no" } else { "has" },

@@ -200,7 +200,7 @@ impl Invocation {
             // QEMU's realize checks, in its words.
             config
                 .check()
-                .map_err(|e| ArgvError::invalid("-device", &name, &e))?;
+                .map_err(|e| ArgvError::invalid("-device", &name, &e.to_string()))?;
             let addr = d
                 .props
                 .get("addr")

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::ide::IrqLine;
+use crate::devices::DeviceStateError;
 
 /// Data port (output buffer reads, keyboard writes).
 pub const DATA_PORT: u16 = 0x60;
@@ -303,18 +304,18 @@ impl I8042 {
 
     /// Refuses a state the controller could never hold (a queue past its
     /// size).
-    pub fn check(s: &I8042State) -> Result<(), String> {
+    pub fn check(s: &I8042State) -> Result<(), DeviceStateError> {
         if s.queue.len() > QUEUE_MAX {
-            return Err(format!(
-                "i8042 output buffer of {} bytes; it holds {QUEUE_MAX}",
-                s.queue.len()
-            ));
+            return Err(DeviceStateError::I8042Queue {
+                len: s.queue.len(),
+                max: QUEUE_MAX,
+            });
         }
         Ok(())
     }
 
     /// Checks `s` ([`Self::check`]), then applies all of it.
-    pub fn restore(&mut self, s: &I8042State) -> Result<(), String> {
+    pub fn restore(&mut self, s: &I8042State) -> Result<(), DeviceStateError> {
         Self::check(s)?;
         self.mode = s.mode;
         self.status = s.status & !(status::OBF | status::AUX_OBF);

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{pm1, AcpiPm, PM_TIMER_HZ};
+use crate::devices::DeviceStateError;
 
 /// The device's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,32 +43,24 @@ impl AcpiPm {
 
     /// Refuses a state this device could never hold: other read-only
     /// configuration bits, a timer past 24 bits, SLP_EN latched (it reads 0).
-    pub fn check(&self, s: &AcpiPmState) -> Result<(), String> {
+    pub fn check(&self, s: &AcpiPmState) -> Result<(), DeviceStateError> {
         let mut probe = super::pm_config();
-        probe
-            .restore(&s.config)
-            .map_err(|e| format!("PIIX4 PM: {e}"))?;
+        probe.restore(&s.config).map_err(|e| e.of("PIIX4 PM"))?;
         if s.timer > 0xff_ffff {
-            return Err(format!(
-                "PIIX4 PM timer {:#x} is wider than its 24 bits",
-                s.timer
-            ));
+            return Err(DeviceStateError::PmTimer(s.timer));
         }
         if s.pm1_cnt & pm1::SLP_EN != 0 {
-            return Err(format!(
-                "PIIX4 PM1 control {:#06x} has SLP_EN, which never stays set",
-                s.pm1_cnt
-            ));
+            return Err(DeviceStateError::PmSleep(s.pm1_cnt));
         }
         Ok(())
     }
 
     /// Checks `s` and applies all of it, or nothing.
-    pub fn restore(&mut self, s: &AcpiPmState) -> Result<(), String> {
+    pub fn restore(&mut self, s: &AcpiPmState) -> Result<(), DeviceStateError> {
         self.check(s)?;
         self.config
             .restore(&s.config)
-            .map_err(|e| format!("PIIX4 PM: {e}"))?;
+            .map_err(|e| e.of("PIIX4 PM"))?;
         self.pm1_sts = s.pm1_sts;
         self.pm1_en = s.pm1_en;
         self.pm1_cnt = s.pm1_cnt;

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::FwCfg;
+use crate::devices::DeviceStateError;
 
 /// The device's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,19 +52,17 @@ impl FwCfg {
     /// Refuses a state this device could never have been in: a position
     /// past the selected item's end, writable files other than this
     /// device's, or of another size.
-    pub fn check(&self, state: &FwCfgState) -> Result<(), String> {
+    pub fn check(&self, state: &FwCfgState) -> Result<(), DeviceStateError> {
         let len = self.item(state.selector).map_or(0, <[u8]>::len);
         if state.offset as usize > len {
-            return Err(format!(
-                "fw_cfg position {} past the end of item {:#06x} ({len} bytes here)",
-                state.offset, state.selector
-            ));
+            return Err(DeviceStateError::FwCfgOffset {
+                offset: state.offset,
+                selector: state.selector,
+                len,
+            });
         }
         if state.dma_address & 0xffff_ffff != 0 {
-            return Err(format!(
-                "fw_cfg DMA address {:#x} has a low half, which no guest leaves behind",
-                state.dma_address
-            ));
+            return Err(DeviceStateError::FwCfgDmaAddress(state.dma_address));
         }
         let ours: Vec<(&str, usize)> = self
             .files
@@ -77,15 +76,19 @@ impl FwCfg {
             .map(|f| (f.name.as_str(), f.data.len()))
             .collect();
         if ours != theirs {
-            return Err(format!(
-                "fw_cfg writable files {theirs:?} (name, bytes) in the stream; this VM has {ours:?}"
-            ));
+            let owned = |v: Vec<(&str, usize)>| -> Vec<(String, usize)> {
+                v.into_iter().map(|(n, l)| (n.to_string(), l)).collect()
+            };
+            return Err(DeviceStateError::FwCfgFiles {
+                theirs: owned(theirs),
+                ours: owned(ours),
+            });
         }
         Ok(())
     }
 
     /// Checks `state` ([`Self::check`]) and applies all of it, or nothing.
-    pub fn restore(&mut self, state: &FwCfgState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &FwCfgState) -> Result<(), DeviceStateError> {
         self.check(state)?;
         self.selector = state.selector;
         self.offset = state.offset;

@@ -2,7 +2,7 @@
 //! in [`super::atapi`].
 
 use crate::devices::disk_image::Mode;
-use crate::devices::virtio::blk::{Block, BlockStats};
+use crate::devices::virtio::blk::{Block, BlockStats, DeviceDiskError, DiskError};
 use crate::devices::virtio::{DeviceStats, VirtioDevice};
 
 use super::persist::{DriveState, Transfer, ATA_SECTOR};
@@ -52,7 +52,7 @@ pub(super) struct Drive {
 }
 
 impl Drive {
-    pub fn open(cfg: &IdeDriveConfig, active: bool) -> Result<Self, String> {
+    pub fn open(cfg: &IdeDriveConfig, active: bool) -> Result<Self, DiskError> {
         let mut config = cfg.config.clone();
         if cfg.media == IdeMedia::Cdrom {
             config.read_only = true;
@@ -67,10 +67,9 @@ impl Drive {
             IdeMedia::Cdrom => disk.sectors() / (CD_SECTOR / ATA_SECTOR) as u64,
         };
         if sectors == 0 {
-            return Err(format!(
-                "CD-ROM image {} is shorter than one 2048-byte sector",
-                config.image
-            ));
+            return Err(DiskError::CdromTooSmall {
+                image: config.image.to_string(),
+            });
         }
         let mut d = Self {
             id: cfg.id.clone(),
@@ -130,23 +129,19 @@ impl Drive {
         }
     }
 
-    pub fn flush(&mut self) -> Result<(), String> {
-        VirtioDevice::flush(&mut self.disk).map_err(|e| format!("{}: {e}", self.id))
+    pub fn flush(&mut self) -> Result<(), DeviceDiskError> {
+        VirtioDevice::flush(&mut self.disk).map_err(|e| e.of(&self.id))
     }
 
-    pub fn activate(&mut self) -> Result<(), String> {
-        self.disk
-            .activate()
-            .map_err(|e| format!("{}: {e}", self.id))
+    pub fn activate(&mut self) -> Result<(), DeviceDiskError> {
+        self.disk.activate().map_err(|e| e.of(&self.id))
     }
 
-    pub fn deactivate(&mut self) -> Result<(), String> {
-        self.disk
-            .deactivate()
-            .map_err(|e| format!("{}: {e}", self.id))
+    pub fn deactivate(&mut self) -> Result<(), DeviceDiskError> {
+        self.disk.deactivate().map_err(|e| e.of(&self.id))
     }
 
-    pub fn after_restore(&mut self) -> Result<(), String> {
+    pub fn after_restore(&mut self) -> Result<(), DiskError> {
         self.disk.after_restore()
     }
 

@@ -34,6 +34,8 @@ use crate::devices::pci::ConfigSpace;
 #[cfg(test)]
 use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::blk::BlockConfig;
+use crate::devices::virtio::blk::DeviceDiskError;
+use crate::devices::DeviceStateError;
 use drive::Drive;
 
 /// PCI slot of the PIIX3 (function 0: ISA bridge, 1: IDE).
@@ -275,6 +277,22 @@ fn ide_function() -> ConfigSpace {
     c
 }
 
+/// An IDE configuration the PIIX3 refuses, or a drive that cannot open.
+#[derive(Debug, thiserror::Error)]
+pub enum IdeError {
+    #[error("{id}: IDE position bus {bus} unit {unit} does not exist (bus 0 or 1, unit 0 or 1)")]
+    NoPosition { id: String, bus: u8, unit: u8 },
+    #[error("{first} and {second} are both at IDE bus {bus} unit {unit}")]
+    SamePosition {
+        first: String,
+        second: String,
+        bus: u8,
+        unit: u8,
+    },
+    #[error("{0}")]
+    Drive(#[source] DeviceDiskError),
+}
+
 impl Piix3 {
     /// The controller with `drives` at their positions, opened inactive
     /// unless `active` (as [`Block::open_inactive`] and activate do).
@@ -282,7 +300,7 @@ impl Piix3 {
         drives: &[IdeDriveConfig],
         active: bool,
         irq: Arc<dyn IrqLine>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, IdeError> {
         let mut channels = [0, 1].map(|i| Channel {
             drives: [None, None],
             unit: 0,
@@ -293,19 +311,22 @@ impl Piix3 {
         });
         for cfg in drives {
             if cfg.bus > 1 || cfg.unit > 1 {
-                return Err(format!(
-                    "{}: IDE position bus {} unit {} does not exist (bus 0 or 1, unit 0 or 1)",
-                    cfg.id, cfg.bus, cfg.unit
-                ));
+                return Err(IdeError::NoPosition {
+                    id: cfg.id.clone(),
+                    bus: cfg.bus,
+                    unit: cfg.unit,
+                });
             }
             let slot = &mut channels[usize::from(cfg.bus)].drives[usize::from(cfg.unit)];
             if let Some(other) = slot {
-                return Err(format!(
-                    "{} and {} are both at IDE bus {} unit {}",
-                    other.id, cfg.id, cfg.bus, cfg.unit
-                ));
+                return Err(IdeError::SamePosition {
+                    first: other.id.clone(),
+                    second: cfg.id.clone(),
+                    bus: cfg.bus,
+                    unit: cfg.unit,
+                });
             }
-            *slot = Some(Drive::open(cfg, active).map_err(|e| format!("{}: {e}", cfg.id))?);
+            *slot = Some(Drive::open(cfg, active).map_err(|e| IdeError::Drive(e.of(&cfg.id)))?);
         }
         Ok(Self {
             isa: isa_bridge(),
@@ -439,17 +460,17 @@ impl Piix3 {
     }
 
     /// Makes every write durable (before a switch-over or checkpoint).
-    pub fn flush(&mut self) -> Result<(), String> {
+    pub fn flush(&mut self) -> Result<(), DeviceDiskError> {
         self.drives_mut().try_for_each(Drive::flush)
     }
 
     /// Takes every drive's image locks (see `VirtioDevice::activate`).
-    pub fn activate(&mut self) -> Result<(), String> {
+    pub fn activate(&mut self) -> Result<(), DeviceDiskError> {
         self.drives_mut().try_for_each(Drive::activate)
     }
 
     /// Lets go of every drive's image locks (see `VirtioDevice::deactivate`).
-    pub fn deactivate(&mut self) -> Result<(), String> {
+    pub fn deactivate(&mut self) -> Result<(), DeviceDiskError> {
         self.drives_mut().try_for_each(Drive::deactivate)
     }
 
@@ -479,7 +500,7 @@ impl Piix3 {
     /// first, as a hostile stream's, and nothing changes when it is refused.
     /// Then the drives open their images again and take their locks (see
     /// `VirtioDevice::after_restore`), and the interrupt lines are set.
-    pub fn restore(&mut self, s: &IdeState) -> Result<(), String> {
+    pub fn restore(&mut self, s: &IdeState) -> Result<(), DeviceStateError> {
         let (isa, ide) = self.check(s)?;
         self.isa = isa;
         self.ide = ide;
@@ -495,7 +516,7 @@ impl Piix3 {
         }
         for d in self.drives_mut() {
             d.after_restore()
-                .map_err(|e| format!("IDE drive {}: {e}", d.id))?;
+                .map_err(|e| DeviceStateError::from(e).of(format!("IDE drive {}", d.id)))?;
         }
         let irq = self.irq.clone();
         for c in &mut self.channels {
@@ -507,39 +528,36 @@ impl Piix3 {
 
     /// Whether this controller could load `s` (see [`Self::restore`]);
     /// returns the config spaces it would have. Changes nothing.
-    pub fn check(&self, s: &IdeState) -> Result<(ConfigSpace, ConfigSpace), String> {
+    pub fn check(&self, s: &IdeState) -> Result<(ConfigSpace, ConfigSpace), DeviceStateError> {
         let mut isa = self.isa.clone();
         isa.restore(&s.isa_config)
-            .map_err(|e| format!("PIIX3 ISA bridge: {e}"))?;
+            .map_err(|e| e.of("PIIX3 ISA bridge"))?;
         let mut ide = self.ide.clone();
-        ide.restore(&s.ide_config)
-            .map_err(|e| format!("PIIX3 IDE: {e}"))?;
+        ide.restore(&s.ide_config).map_err(|e| e.of("PIIX3 IDE"))?;
         if s.channels.len() != 2 {
-            return Err(format!(
-                "IDE state has {} channels, not 2",
-                s.channels.len()
-            ));
+            return Err(DeviceStateError::IdeChannels(s.channels.len()));
         }
         for (b, (c, cs)) in self.channels.iter().zip(&s.channels).enumerate() {
             if cs.unit > 1 || cs.drives.len() != 2 {
-                return Err(format!(
-                    "IDE channel {b}: unit {} and {} positions (unit 0 or 1, 2 positions)",
-                    cs.unit,
-                    cs.drives.len()
-                ));
+                return Err(DeviceStateError::IdeChannel {
+                    bus: b,
+                    unit: cs.unit,
+                    positions: cs.drives.len(),
+                });
             }
             for (u, (d, ds)) in c.drives.iter().zip(&cs.drives).enumerate() {
                 match (d, ds) {
                     (None, None) => {}
                     (Some(d), Some(ds)) => ds
                         .check(d.media, d.sectors, d.read_only)
-                        .map_err(|e| format!("IDE drive {} at {b}.{u}: {e}", d.id))?,
+                        .map_err(|e| e.of(format!("IDE drive {} at {b}.{u}", d.id)))?,
                     _ => {
-                        return Err(format!(
-                            "IDE state {} a drive at bus {b} unit {u}; this VM {}",
-                            if ds.is_some() { "has" } else { "lacks" },
-                            if d.is_some() { "has one" } else { "has none" }
-                        ))
+                        return Err(DeviceStateError::IdeDrivePresence {
+                            bus: b,
+                            unit: u,
+                            in_state: ds.is_some(),
+                            in_vm: d.is_some(),
+                        })
                     }
                 }
             }

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{IdeMedia, ATAPI_PACKET_LEN, CD_SECTOR, MAX_CHUNK};
+use crate::devices::DeviceStateError;
 
 /// Largest ATA PIO block (one sector).
 pub(super) const ATA_SECTOR: usize = 512;
@@ -108,13 +109,10 @@ impl DriveState {
         media: IdeMedia,
         sectors: u64,
         read_only: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeviceStateError> {
         let len = self.buffer.len();
         if self.pos as usize > len {
-            return Err(format!(
-                "PIO position {} past its {len}-byte buffer",
-                self.pos
-            ));
+            return Err(DeviceStateError::PioPosition { pos: self.pos, len });
         }
         let in_range = |lba: u64, n: u64| lba.checked_add(n).is_some_and(|end| end <= sectors);
         let ata = media == IdeMedia::Disk;
@@ -143,11 +141,11 @@ impl DriveState {
             }
         };
         if !ok {
-            return Err(format!(
-                "a PIO transfer no {} drive makes ({:?} with a {len}-byte buffer)",
-                media.name(),
-                self.transfer_kind()
-            ));
+            return Err(DeviceStateError::PioTransfer {
+                media: media.name(),
+                transfer: self.transfer_kind(),
+                len,
+            });
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::status::{BSY, DRDY, DRQ, ERR};
 use super::*;
-use crate::devices::virtio::blk::BlockImage;
+use crate::devices::virtio::blk::{BlockImage, DiskError};
 
 /// Interrupt lines that remember their level.
 #[derive(Debug, Default)]
@@ -538,7 +538,11 @@ fn a_cdrom_image_is_opened_read_only_and_shared_with_readers() {
         Arc::new(Lines::default()),
     )
     .unwrap_err();
-    assert!(err.contains("in use"), "{err}");
+    assert!(
+        matches!(&err, IdeError::Drive(d) if matches!(d.source, DiskError::InUse { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("in use"), "{err}");
     // Inactive (a migration's destination): opened, but no locks yet.
     let inactive =
         Piix3::new(std::slice::from_ref(&cd), false, Arc::new(Lines::default())).unwrap();
@@ -554,7 +558,8 @@ fn positions_are_checked_and_named_in_the_shape() {
         false,
         Arc::new(Lines::default()),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("bus 2 unit 0"), "{err}");
     let err = Piix3::new(
         &[
@@ -564,7 +569,8 @@ fn positions_are_checked_and_named_in_the_shape() {
         false,
         Arc::new(Lines::default()),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("both at IDE bus 0 unit 1"), "{err}");
     let ide = Piix3::new(
         &[

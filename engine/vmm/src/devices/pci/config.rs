@@ -2,6 +2,8 @@
 //! read-only fields, BAR sizing (write all ones, read the size mask back) and the
 //! command register behave as the PCI spec says without per-register code.
 
+use crate::devices::DeviceStateError;
+
 /// Dword index of BAR0.
 pub const BAR0_REG: usize = 4;
 const COMMAND_REG: usize = 1;
@@ -144,13 +146,12 @@ impl ConfigSpace {
 
     /// Loads registers saved by [`Self::registers`] into a space built the same way:
     /// only bits the guest could have written are taken; the rest must match.
-    pub fn restore(&mut self, saved: &[u32]) -> Result<(), String> {
+    pub fn restore(&mut self, saved: &[u32]) -> Result<(), DeviceStateError> {
         if saved.len() != self.regs.len() {
-            return Err(format!(
-                "PCI config space has {} registers, expected {}",
-                saved.len(),
-                self.regs.len()
-            ));
+            return Err(DeviceStateError::ConfigRegisterCount {
+                count: saved.len(),
+                expected: self.regs.len(),
+            });
         }
         for (reg, (&s, (&cur, &mask))) in saved
             .iter()
@@ -160,10 +161,11 @@ impl ConfigSpace {
             // BAR type bits are read-only but part of the register, so compare only
             // read-only bits.
             if s & !mask != cur & !mask {
-                return Err(format!(
-                    "PCI config register {reg:#x} holds {s:#010x}; this device has {cur:#010x} \
-                     in its read-only bits (a different device model)"
-                ));
+                return Err(DeviceStateError::ConfigReadOnly {
+                    reg,
+                    saved: s,
+                    ours: cur,
+                });
             }
         }
         self.regs.copy_from_slice(saved);
@@ -212,6 +214,10 @@ mod tests {
         d.restore(&saved).unwrap();
         assert_eq!(d, c);
         let mut other = ConfigSpace::new(0x1af4, 0x1042, 0x01_00_00, 1);
-        assert!(other.restore(&saved).unwrap_err().contains("register 0x0"));
+        assert!(other
+            .restore(&saved)
+            .unwrap_err()
+            .to_string()
+            .contains("register 0x0"));
     }
 }

@@ -14,7 +14,8 @@ pub use config::{ConfigSpace, BAR0_REG};
 
 use crate::devices::acpi_pm::{AcpiPm, PM_FUNCTION};
 use crate::devices::ide::{Piix3, PIIX3_SLOT};
-use crate::devices::virtio::{VirtioPci, Worker};
+use crate::devices::virtio::{VirtioPci, Worker, WorkerError};
+use crate::devices::DeviceStateError;
 
 /// CONFIG_ADDRESS register (a dword at 0xcf8).
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -97,11 +98,10 @@ impl PciBus {
     /// Starts the device threads of the devices that have host input. The
     /// devices start stopped ([`crate::devices::virtio::STOP_PAUSED`]): the threads
     /// touch nothing until the VM first runs.
-    pub fn start_workers(&self) -> Result<(), String> {
-        let mut workers = self
-            .workers
-            .lock()
-            .map_err(|_| "device thread list poisoned".to_string())?;
+    pub fn start_workers(&self) -> Result<(), WorkerError> {
+        let mut workers = self.workers.lock().map_err(|_| WorkerError::LockPoisoned {
+            what: "device thread list",
+        })?;
         for (_, dev) in &self.devices {
             if let Some(w) = Worker::spawn(dev)? {
                 workers.push(w);
@@ -180,17 +180,19 @@ impl PciBus {
 
     /// Refuses host bridge registers this bridge could not hold (another
     /// length, other read-only bits); changes nothing.
-    pub fn check_bridge(&self, saved: &[u32]) -> Result<(), String> {
+    pub fn check_bridge(&self, saved: &[u32]) -> Result<(), DeviceStateError> {
         let mut probe = host_bridge();
         probe.restore(saved)
     }
 
     /// Loads registers saved by [`Self::bridge_registers`], all or nothing.
-    pub fn restore_bridge(&self, saved: &[u32]) -> Result<(), String> {
+    pub fn restore_bridge(&self, saved: &[u32]) -> Result<(), DeviceStateError> {
         let mut c = self
             .bridge
             .lock()
-            .map_err(|_| "PCI host bridge lock poisoned".to_string())?;
+            .map_err(|_| DeviceStateError::LockPoisoned {
+                what: "PCI host bridge",
+            })?;
         c.restore(saved)
     }
 
@@ -400,7 +402,11 @@ mod tests {
         // Another device's registers are refused and change nothing.
         let mut bad = saved.clone();
         bad[0] = 0x7000_8086;
-        assert!(other.check_bridge(&bad).unwrap_err().contains("read-only"));
+        assert!(other
+            .check_bridge(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("read-only"));
         assert!(other.restore_bridge(&bad[..4]).is_err());
         assert_eq!(config_read(&other, 0x00), 0x1237_8086);
     }

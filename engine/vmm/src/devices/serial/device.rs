@@ -5,6 +5,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::persist::SerialDeviceState;
 use super::sink::SerialSink;
+use crate::devices::DeviceStateError;
 
 /// First I/O port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -45,14 +46,14 @@ impl Com1 {
         state: &SerialDeviceState,
         irq: EventFd,
         sink: SerialSink,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DeviceStateError> {
         let uart = Serial::from_state(
             &state.into(),
             IrqLine(irq),
             vm_superio::serial::NoEvents,
             sink,
         )
-        .map_err(|e| format!("serial state is invalid: {e:?}"))?;
+        .map_err(DeviceStateError::Serial)?;
         Ok(Self { uart })
     }
 

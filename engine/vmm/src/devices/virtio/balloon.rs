@@ -37,7 +37,14 @@ use ferry_kvm::{GuestRam, MemoryError};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::{VirtioDevice, F_VERSION_1};
+use super::{DeviceStateError, QueueError, VirtioDevice, F_VERSION_1};
+
+/// A request of the host's that the balloon refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BalloonError {
+    #[error("a balloon of {pages} pages is larger than guest RAM ({ram_pages} pages)")]
+    TargetTooLarge { pages: u64, ram_pages: u64 },
+}
 
 pub const INFLATE_QUEUE: usize = 0;
 pub const DEFLATE_QUEUE: usize = 1;
@@ -199,12 +206,10 @@ impl Balloon {
     /// Sets the host's target: the balloon should hold `pages` pages. Refused
     /// above guest RAM. Returns whether it changed (the caller then raises a
     /// configuration change interrupt).
-    pub fn set_target(&mut self, pages: u64) -> Result<bool, String> {
-        let too_large = || {
-            format!(
-                "a balloon of {pages} pages is larger than guest RAM ({} pages)",
-                self.ram_pages()
-            )
+    pub fn set_target(&mut self, pages: u64) -> Result<bool, BalloonError> {
+        let too_large = || BalloonError::TargetTooLarge {
+            pages,
+            ram_pages: self.ram_pages(),
         };
         if pages > self.ram_pages() {
             return Err(too_large());
@@ -235,36 +240,34 @@ impl Balloon {
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemory,
-        what: &str,
+        what: &'static str,
         entry: usize,
         max: usize,
-    ) -> Result<Option<u16>, String> {
-        let Some(chain) = queue
-            .iter(mem)
-            .map_err(|e| format!("available ring: {e}"))?
-            .next()
-        else {
+    ) -> Result<Option<u16>, QueueError> {
+        let Some(chain) = queue.iter(mem).map_err(QueueError::AvailRing)?.next() else {
             return Ok(None);
         };
         let head = chain.head_index();
         if chain.clone().any(|d| d.is_write_only()) {
-            return Err(format!(
-                "{what} buffer {head} is device-writable (the device only reads it)"
-            ));
+            return Err(QueueError::InputWritable { what, head });
         }
         let mut reader = chain
             .reader(mem)
-            .map_err(|e| format!("{what} buffer {head}: {e}"))?;
+            .map_err(|e| QueueError::buffer(what, head, e))?;
         let len = reader.available_bytes();
         if len % entry != 0 || len > max {
-            return Err(format!(
-                "{what} buffer {head} of {len} bytes (a multiple of {entry}, at most {max})"
-            ));
+            return Err(QueueError::InputLength {
+                what,
+                head,
+                len,
+                entry,
+                max,
+            });
         }
         self.buf.resize(len, 0);
         reader
             .read_exact(&mut self.buf)
-            .map_err(|e| format!("{what} buffer {head}: {e}"))?;
+            .map_err(|e| QueueError::buffer(what, head, e))?;
         Ok(Some(head))
     }
 
@@ -274,8 +277,12 @@ impl Balloon {
         queue: &mut Queue,
         mem: &GuestMemory,
         inflate: bool,
-    ) -> Result<bool, String> {
-        let what = if inflate { "inflate" } else { "deflate" };
+    ) -> Result<bool, QueueError> {
+        let what = if inflate {
+            "inflate buffer"
+        } else {
+            "deflate buffer"
+        };
         let mut used = false;
         while let Some(head) = self.read_chain(queue, mem, what, 4, MAX_PFN_BUFFER)? {
             let buf = std::mem::take(&mut self.buf);
@@ -314,9 +321,7 @@ impl Balloon {
                 self.discard(start, n);
             }
             self.buf = buf;
-            queue
-                .add_used(mem, head, 0)
-                .map_err(|e| format!("used ring: {e}"))?;
+            queue.add_used(mem, head, 0).map_err(QueueError::UsedRing)?;
             used = true;
         }
         Ok(used)
@@ -343,14 +348,14 @@ impl Balloon {
 
     /// Takes the driver's stats buffer (QEMU's `virtio_balloon_receive_stats`):
     /// a buffer already held goes back first.
-    fn receive_stats(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
+    fn receive_stats(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
         let mut used = self.poll_due(queue, mem, Instant::now())?;
-        while let Some(head) = self.read_chain(queue, mem, "stats", STAT_ENTRY, MAX_STATS_BUFFER)? {
+        while let Some(head) =
+            self.read_chain(queue, mem, "stats buffer", STAT_ENTRY, MAX_STATS_BUFFER)?
+        {
             if let Some(old) = self.stats_head.take() {
                 // Only a driver outside the specification posts a second one.
-                queue
-                    .add_used(mem, old, 0)
-                    .map_err(|e| format!("used ring: {e}"))?;
+                queue.add_used(mem, old, 0).map_err(QueueError::UsedRing)?;
                 used = true;
             }
             self.stats_head = Some(head);
@@ -376,7 +381,7 @@ impl Balloon {
         queue: &mut Queue,
         mem: &GuestMemory,
         now: Instant,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, QueueError> {
         if self.next_poll.is_none_or(|t| now < t) {
             return Ok(false);
         }
@@ -384,22 +389,16 @@ impl Balloon {
         let Some(head) = self.stats_head.take() else {
             return Ok(false);
         };
-        queue
-            .add_used(mem, head, 0)
-            .map_err(|e| format!("used ring: {e}"))?;
+        queue.add_used(mem, head, 0).map_err(QueueError::UsedRing)?;
         Ok(true)
     }
 
     /// Gives back the free pages the driver reports (device-writable buffers
     /// naming them; the device writes nothing into them).
-    fn report(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
+    fn report(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
         let mut used = false;
         loop {
-            let Some(chain) = queue
-                .iter(mem)
-                .map_err(|e| format!("available ring: {e}"))?
-                .next()
-            else {
+            let Some(chain) = queue.iter(mem).map_err(QueueError::AvailRing)?.next() else {
                 return Ok(used);
             };
             let head = chain.head_index();
@@ -407,24 +406,17 @@ impl Balloon {
             for d in chain {
                 let (gpa, len) = (d.addr().0, u64::from(d.len()));
                 if !d.is_write_only() {
-                    return Err(format!(
-                        "report buffer {head} is device-readable (free pages are reported \
-                         device-writable)"
-                    ));
+                    return Err(QueueError::ReportReadable { head });
                 }
                 if gpa % BALLOON_PAGE != 0
                     || len % BALLOON_PAGE != 0
                     || len == 0
                     || len > MAX_REPORT
                 {
-                    return Err(format!(
-                        "report buffer {head} at {gpa:#x}+{len:#x} is not whole pages"
-                    ));
+                    return Err(QueueError::ReportNotPages { head, gpa, len });
                 }
                 if !self.ram.contains(gpa, len as usize) {
-                    return Err(format!(
-                        "report buffer {head} at {gpa:#x}+{len:#x} is outside guest RAM"
-                    ));
+                    return Err(QueueError::ReportOutsideRam { head, gpa, len });
                 }
                 ranges.push((gpa, len / BALLOON_PAGE));
             }
@@ -432,9 +424,7 @@ impl Balloon {
                 self.counters.reported_pages += pages;
                 self.discard(gpa, pages);
             }
-            queue
-                .add_used(mem, head, 0)
-                .map_err(|e| format!("used ring: {e}"))?;
+            queue.add_used(mem, head, 0).map_err(QueueError::UsedRing)?;
             used = true;
         }
     }
@@ -453,31 +443,29 @@ impl Balloon {
 
     /// Takes the balloon's state from a stream, checked as hostile: nothing
     /// changes when it is refused.
-    pub fn load(&mut self, s: &BalloonState) -> Result<(), String> {
+    pub fn load(&mut self, s: &BalloonState) -> Result<(), DeviceStateError> {
         if u64::from(s.num_pages) > self.ram_pages() {
-            return Err(format!(
-                "virtio-balloon target of {} pages (guest RAM has {})",
-                s.num_pages,
-                self.ram_pages()
-            ));
+            return Err(DeviceStateError::BalloonTarget {
+                pages: s.num_pages,
+                ram_pages: self.ram_pages(),
+            });
         }
         if s.stats_head.is_some_and(|h| h >= QUEUE_SIZE) {
-            return Err(format!(
-                "virtio-balloon stats buffer {} (a queue holds at most {QUEUE_SIZE})",
-                s.stats_head.unwrap_or(0)
-            ));
+            return Err(DeviceStateError::BalloonStatsHead {
+                head: s.stats_head.unwrap_or(0),
+                max: QUEUE_SIZE,
+            });
         }
-        let stats: [Option<u64>; STAT_COUNT] = s.stats.as_slice().try_into().map_err(|_| {
-            format!(
-                "virtio-balloon state with {} statistics (ferry keeps {STAT_COUNT})",
-                s.stats.len()
-            )
-        })?;
+        let stats: [Option<u64>; STAT_COUNT] =
+            s.stats
+                .as_slice()
+                .try_into()
+                .map_err(|_| DeviceStateError::BalloonStatCount {
+                    count: s.stats.len(),
+                    keeps: STAT_COUNT,
+                })?;
         if s.stats_last_update < 0 {
-            return Err(format!(
-                "virtio-balloon statistics from before 1970 ({})",
-                s.stats_last_update
-            ));
+            return Err(DeviceStateError::BalloonStatsTime(s.stats_last_update));
         }
         self.num_pages = s.num_pages;
         self.actual = s.actual;
@@ -562,14 +550,14 @@ impl VirtioDevice for Balloon {
         queues: &mut [Queue],
         mem: &GuestMemory,
         _driver_features: u64,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, QueueError> {
         let reporting = self.config.free_page_reporting;
         match (index, queues.get_mut(index)) {
             (INFLATE_QUEUE, Some(q)) => self.pfns(q, mem, true),
             (DEFLATE_QUEUE, Some(q)) => self.pfns(q, mem, false),
             (STATS_QUEUE, Some(q)) => self.receive_stats(q, mem),
             (REPORTING_QUEUE, Some(q)) if reporting => self.report(q, mem),
-            _ => Err(format!("no queue {index}")),
+            _ => Err(QueueError::NoQueue { index }),
         }
     }
 
@@ -624,12 +612,16 @@ impl VirtioDevice for Balloon {
         Some(super::DeviceState::Balloon(self.save()))
     }
 
-    fn restore_state(&mut self, state: Option<&super::DeviceState>) -> Result<(), String> {
+    fn restore_state(
+        &mut self,
+        state: Option<&super::DeviceState>,
+    ) -> Result<(), DeviceStateError> {
+        const KIND: &str = "virtio-balloon";
         match state {
             Some(super::DeviceState::Balloon(s)) => self.load(s),
-            Some(_) => Err("device state of another kind for virtio-balloon".into()),
+            Some(_) => Err(DeviceStateError::OtherKind { kind: KIND }),
             // Every ferry with a balloon writes its state.
-            None => Err("no virtio-balloon state in the stream".into()),
+            None => Err(DeviceStateError::Missing { kind: KIND }),
         }
     }
 
@@ -731,7 +723,7 @@ mod tests {
                 "1970",
             ),
         ] {
-            let err = c.load(&bad).unwrap_err();
+            let err = c.load(&bad).unwrap_err().to_string();
             assert!(err.contains(why), "{err}");
             assert_eq!(c.save(), fresh, "a refused state changed nothing");
         }

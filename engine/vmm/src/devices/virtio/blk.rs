@@ -12,13 +12,104 @@ use ferry_kvm::memory::GuestMemory;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::{VirtioDevice, F_VERSION_1};
+use super::{QueueError, VirtioDevice, F_VERSION_1};
 pub use crate::devices::disk_image::{Backing, ImageFormat, Layer};
 use crate::devices::disk_image::{DiskImage, DiskImageError, Mode};
 use crate::devices::image_lock::ImageLockError;
 use crate::devices::SharedFd;
 
 const SECTOR: u64 = 512;
+
+/// A disk (virtio-blk, an IDE drive) that could not open, lock, flush or let
+/// go of its image.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("disk serial {serial:?} is longer than {ID_BYTES} bytes")]
+    SerialTooLong { serial: String },
+    /// Opening the image (or its qcow2 chain) failed; the image layer's text.
+    #[error(transparent)]
+    Open(#[from] DiskImageError),
+    #[error("disk image {image} holds {bytes} bytes; a disk needs at least one 512-byte sector")]
+    TooSmall { image: String, bytes: u64 },
+    #[error("CD-ROM image {image} is shorter than one 2048-byte sector")]
+    CdromTooSmall { image: String },
+    #[error("disk image {image} changed size ({before} to {after} sectors)")]
+    Resized {
+        image: String,
+        before: u64,
+        after: u64,
+    },
+    #[error("disk image {image} changed size during the migration ({before} to {after} sectors)")]
+    ResizedInMigration {
+        image: String,
+        before: u64,
+        after: u64,
+    },
+    /// Another VM (or QEMU) holds a conflicting lock. The lock error is part
+    /// of the text, before the advice, so it is not a `source`.
+    #[error(
+        "disk image {image} is in use: {conflict}; is another VM using it? Stop it, or share \
+         the disk: read-only in both (readonly=on, <readonly/>) or writable by both \
+         (share-rw=on, <shareable/>)"
+    )]
+    InUse {
+        image: String,
+        conflict: ImageLockError,
+    },
+    /// The file system refused the byte-range lock (its text and its `io`
+    /// cause are part of the message, before the advice).
+    #[error(
+        "cannot lock disk image {image}: {lock}: {} (its file system needs byte-range locks)",
+        std::error::Error::source(lock).map(ToString::to_string).unwrap_or_default()
+    )]
+    Lock { image: String, lock: ImageLockError },
+    #[error("cannot flush {image}: {source}")]
+    Flush {
+        image: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot unlock disk image {image}: {source}")]
+    Unlock {
+        image: String,
+        #[source]
+        source: DiskImageError,
+    },
+}
+
+/// The disk of device `id` (`-device ...,id=`, an IDE drive's id) failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{id}: {source}")]
+pub struct DeviceDiskError {
+    pub id: String,
+    #[source]
+    pub source: DiskError,
+}
+
+impl DiskError {
+    /// This error, of the disk of device `id`.
+    pub fn of(self, id: &str) -> DeviceDiskError {
+        DeviceDiskError {
+            id: id.to_string(),
+            source: self,
+        }
+    }
+}
+
+/// What a lock failure tells the operator.
+fn lock_error(e: DiskImageError) -> DiskError {
+    match e {
+        DiskImageError::Lock {
+            image,
+            source: conflict @ ImageLockError::Conflict { .. },
+        } => DiskError::InUse { image, conflict },
+        DiskImageError::Lock {
+            image,
+            source: lock @ ImageLockError::Fcntl { .. },
+        } => DiskError::Lock { image, lock },
+        e => DiskError::Open(e),
+    }
+}
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
@@ -143,7 +234,7 @@ pub struct Block {
 impl Block {
     /// Opens the image and takes its locks; errors name the file and what to
     /// do.
-    pub fn open(config: &BlockConfig) -> Result<Self, String> {
+    pub fn open(config: &BlockConfig) -> Result<Self, DiskError> {
         let mut block = Self::open_as(config, Mode::Active)?;
         block.activate_image()?;
         Ok(block)
@@ -153,26 +244,25 @@ impl Block {
     /// destination of a migration does while the source still runs on it:
     /// the locks come when the migrated state is loaded
     /// ([`VirtioDevice::after_restore`]).
-    pub fn open_inactive(config: &BlockConfig) -> Result<Self, String> {
+    pub fn open_inactive(config: &BlockConfig) -> Result<Self, DiskError> {
         Self::open_as(config, Mode::Inactive)
     }
 
     /// Opens the image in `mode`, taking no locks: [`Block::activate_image`]
     /// takes them (and opens an inactive image again, to write).
-    pub(crate) fn open_as(config: &BlockConfig, mode: Mode) -> Result<Self, String> {
+    pub(crate) fn open_as(config: &BlockConfig, mode: Mode) -> Result<Self, DiskError> {
         if config.serial.as_ref().is_some_and(|s| s.len() > ID_BYTES) {
-            return Err(format!(
-                "disk serial {:?} is longer than {ID_BYTES} bytes",
-                config.serial.as_deref().unwrap_or_default()
-            ));
+            return Err(DiskError::SerialTooLong {
+                serial: config.serial.clone().unwrap_or_default(),
+            });
         }
-        let image = DiskImage::open(config, mode).map_err(|e| e.to_string())?;
+        let image = DiskImage::open(config, mode)?;
         let bytes = image.size();
         if bytes < SECTOR {
-            return Err(format!(
-                "disk image {} holds {bytes} bytes; a disk needs at least one 512-byte sector",
-                config.image
-            ));
+            return Err(DiskError::TooSmall {
+                image: config.image.to_string(),
+                bytes,
+            });
         }
         Ok(Self {
             config: config.clone(),
@@ -184,48 +274,22 @@ impl Block {
 
     /// Makes the image the running disk: opened to write (a qcow2 chain is
     /// read again from the files) and locked. A no-op when it is.
-    fn activate_image(&mut self) -> Result<(), String> {
+    fn activate_image(&mut self) -> Result<(), DiskError> {
         if self.image.mode() == Mode::Inactive {
-            let image = DiskImage::open(&self.config, Mode::Active).map_err(|e| e.to_string())?;
+            let image = DiskImage::open(&self.config, Mode::Active)?;
             if image.size() / SECTOR != self.sectors {
-                return Err(format!(
-                    "disk image {} changed size ({} to {} sectors)",
-                    self.config.image,
-                    self.sectors,
-                    image.size() / SECTOR
-                ));
+                return Err(DiskError::Resized {
+                    image: self.config.image.to_string(),
+                    before: self.sectors,
+                    after: image.size() / SECTOR,
+                });
             }
             self.image = image;
         }
         if self.config.locking {
-            self.image.lock().map_err(|e| self.lock_error(e))?;
+            self.image.lock().map_err(lock_error)?;
         }
         Ok(())
-    }
-
-    /// What a lock failure tells the operator.
-    fn lock_error(&self, e: DiskImageError) -> String {
-        match &e {
-            DiskImageError::Lock {
-                image,
-                source: source @ ImageLockError::Conflict { .. },
-            } => format!(
-                "disk image {image} is in use: {source}; is another VM using it? Stop it, or \
-                 share the disk: read-only in both (readonly=on, <readonly/>) or writable by \
-                 both (share-rw=on, <shareable/>)"
-            ),
-            DiskImageError::Lock {
-                image,
-                source: source @ ImageLockError::Fcntl { .. },
-            } => format!(
-                "cannot lock disk image {image}: {source}: {} (its file system needs \
-                 byte-range locks)",
-                std::error::Error::source(source)
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            ),
-            _ => e.to_string(),
-        }
     }
 
     /// Capacity in 512-byte sectors.
@@ -306,17 +370,17 @@ impl Block {
         data_out: &mut Vec<u8>,
         writable: usize,
         driver_features: u64,
-    ) -> Result<u8, String> {
+    ) -> Result<u8, QueueError> {
         let mut header = [0u8; 16];
         if readable < header.len() {
-            return Err(format!("request header of {readable} bytes (needs 16)"));
+            return Err(QueueError::ShortHeader { readable });
         }
         if writable == 0 {
-            return Err("request without a writable status byte".into());
+            return Err(QueueError::NoStatus);
         }
         reader
             .read_exact(&mut header)
-            .map_err(|e| format!("cannot read the request header: {e}"))?;
+            .map_err(QueueError::ReadHeader)?;
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         let in_range = |len: usize| {
@@ -440,14 +504,9 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMemory,
         driver_features: u64,
-    ) -> Result<bool, String> {
-        let queue = queues
-            .get_mut(index)
-            .ok_or_else(|| format!("no queue {index}"))?;
-        let chains: Vec<_> = queue
-            .iter(mem)
-            .map_err(|e| format!("available ring: {e}"))?
-            .collect();
+    ) -> Result<bool, QueueError> {
+        let queue = queues.get_mut(index).ok_or(QueueError::NoQueue { index })?;
+        let chains: Vec<_> = queue.iter(mem).map_err(QueueError::AvailRing)?.collect();
         let mut used = false;
         let mut data = Vec::new();
         for chain in chains {
@@ -455,30 +514,30 @@ impl VirtioDevice for Block {
             let mut reader = chain
                 .clone()
                 .reader(mem)
-                .map_err(|e| format!("request {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("request", head, e))?;
             let mut writer = chain
                 .writer(mem)
-                .map_err(|e| format!("request {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("request", head, e))?;
             let (readable, writable) = (reader.available_bytes(), writer.available_bytes());
             data.clear();
             let status =
                 self.execute(&mut reader, readable, &mut data, writable, driver_features)?;
             let mut status_part = writer
                 .split_at(writable - 1)
-                .map_err(|e| format!("request {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("request", head, e))?;
             let mut written = 0;
             if !data.is_empty() {
                 writer
                     .write_all(&data)
-                    .map_err(|e| format!("request {head}: {e}"))?;
+                    .map_err(|e| QueueError::buffer("request", head, e))?;
                 written = data.len();
             }
             status_part
                 .write_all(&[status])
-                .map_err(|e| format!("request {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("request", head, e))?;
             queue
                 .add_used(mem, head, (written + 1) as u32)
-                .map_err(|e| format!("used ring: {e}"))?;
+                .map_err(QueueError::UsedRing)?;
             used = true;
         }
         Ok(used)
@@ -491,17 +550,18 @@ impl VirtioDevice for Block {
     /// again: it is duplicated. Here the disk takes its image locks: the source
     /// let go of them once it had flushed, before it sent the state this load
     /// comes from.
-    fn after_restore(&mut self) -> Result<(), String> {
+    fn after_restore(&mut self) -> Result<(), DiskError> {
         // A disk that held its locks (restored over a VM that was created
         // active) lets go first, and stops writing: the new open file would
         // conflict with its locks, and must read what it wrote.
         self.deactivate()?;
         let mut again = Self::open_as(&self.config, Mode::Active)?;
         if again.sectors != self.sectors {
-            return Err(format!(
-                "disk image {} changed size during the migration ({} to {} sectors)",
-                self.config.image, self.sectors, again.sectors
-            ));
+            return Err(DiskError::ResizedInMigration {
+                image: self.config.image.to_string(),
+                before: self.sectors,
+                after: again.sectors,
+            });
         }
         again.activate_image()?;
         again.stats = self.stats;
@@ -509,27 +569,28 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), String> {
-        self.image
-            .flush()
-            .map_err(|e| format!("cannot flush {}: {e}", self.config.image))
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.image.flush().map_err(|source| DiskError::Flush {
+            image: self.config.image.to_string(),
+            source,
+        })
     }
 
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), DiskError> {
         self.activate_image()
     }
 
     /// Lets go of the image locks, and stops writing: a qcow2 chain is opened
     /// again read-only, so no cached metadata can reach the files once the
     /// destination owns them. The caller flushed first.
-    fn deactivate(&mut self) -> Result<(), String> {
-        self.image
-            .unlock()
-            .map_err(|e| format!("cannot unlock disk image {}: {e}", self.config.image))?;
+    fn deactivate(&mut self) -> Result<(), DiskError> {
+        self.image.unlock().map_err(|source| DiskError::Unlock {
+            image: self.config.image.to_string(),
+            source,
+        })?;
         if self.image.mode() == Mode::Active {
             self.flush()?;
-            self.image =
-                DiskImage::open(&self.config, Mode::Inactive).map_err(|e| e.to_string())?;
+            self.image = DiskImage::open(&self.config, Mode::Inactive)?;
         }
         Ok(())
     }

@@ -23,9 +23,11 @@ mod tests;
 mod transport;
 mod worker;
 
+pub use crate::devices::DeviceStateError;
+pub use blk::{DeviceDiskError, DiskError};
 pub use persist::{DeviceState, QueueSnapshot, VirtioPciState};
 pub use transport::{VirtioPci, BAR_SIZE, STOP_HELD, STOP_PAUSED};
-pub use worker::Worker;
+pub use worker::{Worker, WorkerError};
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -76,29 +78,29 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
         queues: &mut [Queue],
         mem: &GuestMemory,
         driver_features: u64,
-    ) -> Result<bool, String>;
+    ) -> Result<bool, QueueError>;
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// Makes everything written so far durable and visible to another host (before
     /// a migration's switch-over or a checkpoint).
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), DiskError> {
         Ok(())
     }
     /// Takes the device's hold on its backend back (disk image locks), before
     /// the VM runs: after [`VirtioDevice::deactivate`], or on a device built
     /// inactive. A no-op when held.
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), DiskError> {
         Ok(())
     }
     /// Lets go of the device's hold on its backend (disk image locks) once
     /// everything is flushed, so that a migration's destination can take it.
-    fn deactivate(&mut self) -> Result<(), String> {
+    fn deactivate(&mut self) -> Result<(), DiskError> {
         Ok(())
     }
     /// The device's state was just restored (migration destination, restore): let
     /// go of anything read before the source's last writes, e.g. cached disk data
     /// on shared storage.
-    fn after_restore(&mut self) -> Result<(), String> {
+    fn after_restore(&mut self) -> Result<(), DiskError> {
         Ok(())
     }
     /// A fingerprint of how the device is configured that a destination must match
@@ -127,10 +129,10 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     }
     /// Loads what [`VirtioDevice::save_state`] gave on the source, checking it
     /// as hostile and changing nothing when it refuses it.
-    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), DeviceStateError> {
         match state {
             None => Ok(()),
-            Some(_) => Err(format!("device state of another kind for {}", self.kind())),
+            Some(_) => Err(DeviceStateError::OtherKind { kind: self.kind() }),
         }
     }
     /// Starts announcing the device on the network (virtio-net: RARP frames
@@ -157,4 +159,90 @@ pub enum DeviceStats {
     Net(net::NetStats),
     Rng(rng::RngStats),
     Balloon(balloon::BalloonStats),
+}
+
+/// A source error of any type, for the buffer accesses whose errors come
+/// from several layers (descriptor chains, guest memory, `io`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a device could not do a queue's work: the driver's fault (a malformed
+/// request the device cannot even answer), or the host's (the entropy source).
+/// The transport then sets DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("no queue {index}")]
+    NoQueue { index: usize },
+    #[error("available ring: {0}")]
+    AvailRing(#[source] virtio_queue::Error),
+    #[error("used ring: {0}")]
+    UsedRing(#[source] virtio_queue::Error),
+    /// Reading or writing a buffer of the chain at `head` failed; `what`
+    /// names it ("request", "receive buffer").
+    #[error("{what} {head}: {source}")]
+    Buffer {
+        what: &'static str,
+        head: u16,
+        #[source]
+        source: BoxError,
+    },
+    #[error("request header of {readable} bytes (needs 16)")]
+    ShortHeader { readable: usize },
+    #[error("request without a writable status byte")]
+    NoStatus,
+    #[error("cannot read the request header: {0}")]
+    ReadHeader(#[source] std::io::Error),
+    #[error(
+        "request {head} has a device-readable buffer (entropy requests are device-writable only)"
+    )]
+    EntropyReadable { head: u16 },
+    #[error("request {head} has no room for a byte")]
+    NoRoom { head: u16 },
+    #[error("getrandom failed: {0}")]
+    Getrandom(#[source] getrandom::Error),
+    #[error("cannot read the entropy source: {0}")]
+    ReadEntropy(#[source] std::io::Error),
+    #[error("{what} {head} is device-writable (the device only reads it)")]
+    InputWritable { what: &'static str, head: u16 },
+    #[error("{what} {head} of {len} bytes (a multiple of {entry}, at most {max})")]
+    InputLength {
+        what: &'static str,
+        head: u16,
+        len: usize,
+        entry: usize,
+        max: usize,
+    },
+    #[error("report buffer {head} is device-readable (free pages are reported device-writable)")]
+    ReportReadable { head: u16 },
+    #[error("report buffer {head} at {gpa:#x}+{len:#x} is not whole pages")]
+    ReportNotPages { head: u16, gpa: u64, len: u64 },
+    #[error("report buffer {head} at {gpa:#x}+{len:#x} is outside guest RAM")]
+    ReportOutsideRam { head: u16, gpa: u64, len: u64 },
+    #[error("receive buffer {head} of {room} bytes cannot hold the {header}-byte header")]
+    ReceiveTooSmall {
+        head: u16,
+        room: usize,
+        header: usize,
+    },
+    #[error(
+        "transmit buffer {head} of {len} bytes (a header and a frame of at most {max_frame} \
+         bytes is {header} to {} bytes)",
+        header + max_frame
+    )]
+    TransmitLength {
+        head: u16,
+        len: usize,
+        header: usize,
+        max_frame: usize,
+    },
+}
+
+impl QueueError {
+    /// A failed access to the buffers of the chain at `head`.
+    pub fn buffer(what: &'static str, head: u16, source: impl Into<BoxError>) -> Self {
+        Self::Buffer {
+            what,
+            head,
+            source: source.into(),
+        }
+    }
 }

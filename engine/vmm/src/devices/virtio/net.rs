@@ -34,7 +34,37 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::{VirtioDevice, F_VERSION_1};
+use super::{QueueError, VirtioDevice, F_VERSION_1};
+
+/// A tap that cannot be opened or set up for virtio-net.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The advice follows the cause, so the cause is in the text.
+    #[error(
+        "cannot open tap {ifname} through /dev/net/tun: {source} (creating a tap needs \
+         CAP_NET_ADMIN; an existing one must be free and owned by this user)"
+    )]
+    OpenTap {
+        ifname: String,
+        source: std::io::Error,
+    },
+    #[error("MAC {mac:?} must be six hex bytes like 52:54:00:12:34:56")]
+    MacFormat { mac: String },
+    #[error("MAC {mac} is a multicast address")]
+    MacMulticast { mac: String },
+    #[error("the NIC's fd is not a tap (TUNGETIFF: {0})")]
+    NotTap(#[source] std::io::Error),
+    #[error("the NIC's fd is a tun device with flags {flags:#x}; it needs IFF_TAP | IFF_NO_PI")]
+    TunFlags { flags: u16 },
+    #[error("cannot set the tap's header size (TUNSETVNETHDRSZ): {0}")]
+    HeaderSize(#[source] std::io::Error),
+    #[error("cannot turn the tap's offloads off (TUNSETOFFLOAD): {0}")]
+    Offloads(#[source] std::io::Error),
+    #[error("cannot read the tap's file flags: {0}")]
+    GetFlags(#[source] nix::Error),
+    #[error("cannot make the tap non-blocking: {0}")]
+    NonBlocking(#[source] nix::Error),
+}
 
 /// VIRTIO_NET_F_MAC: the device has a MAC in its configuration space.
 const F_MAC: u64 = 1 << 5;
@@ -76,13 +106,13 @@ pub struct Tap;
 
 impl Tap {
     /// Opens (creating it if this process may) tap `ifname` with IFF_VNET_HDR.
-    pub fn open(ifname: &str) -> Result<Arc<OwnedFd>, String> {
-        tap::open_tap(ifname, true).map(Arc::new).map_err(|e| {
-            format!(
-                "cannot open tap {ifname} through /dev/net/tun: {e} (creating a tap needs \
-                 CAP_NET_ADMIN; an existing one must be free and owned by this user)"
-            )
-        })
+    pub fn open(ifname: &str) -> Result<Arc<OwnedFd>, NetError> {
+        tap::open_tap(ifname, true)
+            .map(Arc::new)
+            .map_err(|source| NetError::OpenTap {
+                ifname: ifname.to_string(),
+                source,
+            })
     }
 }
 
@@ -95,22 +125,21 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 /// Parses `52:54:00:12:34:56`; refuses multicast addresses, which no NIC has.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
+    let malformed = || NetError::MacFormat { mac: s.to_string() };
     if parts.len() != 6 {
-        return Err(format!(
-            "MAC {s:?} must be six hex bytes like 52:54:00:12:34:56"
-        ));
+        return Err(malformed());
     }
     for (b, p) in mac.iter_mut().zip(&parts) {
         *b = u8::from_str_radix(p, 16)
             .ok()
             .filter(|_| p.len() == 2)
-            .ok_or_else(|| format!("MAC {s:?} must be six hex bytes like 52:54:00:12:34:56"))?;
+            .ok_or_else(malformed)?;
     }
     if mac[0] & 1 != 0 {
-        return Err(format!("MAC {s} is a multicast address"));
+        return Err(NetError::MacMulticast { mac: s.to_string() });
     }
     Ok(mac)
 }
@@ -202,29 +231,23 @@ pub struct Net {
 impl Net {
     /// Takes the tap: makes it non-blocking and, when it has IFF_VNET_HDR, sets
     /// its header size to ours and turns its offloads off.
-    pub fn new(config: &NetConfig) -> Result<Self, String> {
+    pub fn new(config: &NetConfig) -> Result<Self, NetError> {
         let fd = config.tap.as_fd();
-        let flags = tap::tun_get_iff(fd)
-            .map_err(|e| format!("the NIC's fd is not a tap (TUNGETIFF: {e})"))?;
+        let flags = tap::tun_get_iff(fd).map_err(NetError::NotTap)?;
         if flags & tap::IFF_TAP == 0 || flags & tap::IFF_NO_PI == 0 {
-            return Err(format!(
-                "the NIC's fd is a tun device with flags {flags:#x}; it needs IFF_TAP | IFF_NO_PI"
-            ));
+            return Err(NetError::TunFlags { flags });
         }
         let vnet_hdr = flags & tap::IFF_VNET_HDR != 0;
         if vnet_hdr {
-            tap::tun_set_vnet_hdr_sz(fd, HEADER_LEN as i32)
-                .map_err(|e| format!("cannot set the tap's header size (TUNSETVNETHDRSZ): {e}"))?;
-            tap::tun_set_offload(fd, 0)
-                .map_err(|e| format!("cannot turn the tap's offloads off (TUNSETOFFLOAD): {e}"))?;
+            tap::tun_set_vnet_hdr_sz(fd, HEADER_LEN as i32).map_err(NetError::HeaderSize)?;
+            tap::tun_set_offload(fd, 0).map_err(NetError::Offloads)?;
         }
-        let fl = fcntl(fd, FcntlArg::F_GETFL)
-            .map_err(|e| format!("cannot read the tap's file flags: {e}"))?;
+        let fl = fcntl(fd, FcntlArg::F_GETFL).map_err(NetError::GetFlags)?;
         fcntl(
             fd,
             FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
         )
-        .map_err(|e| format!("cannot make the tap non-blocking: {e}"))?;
+        .map_err(NetError::NonBlocking)?;
         Ok(Self {
             tap: config.tap.clone(),
             mac: config.mac,
@@ -241,15 +264,11 @@ impl Net {
     }
 
     /// Moves frames from the tap into receive buffers until either runs out.
-    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
         let mut used = false;
         self.starved = false;
         loop {
-            let Some(chain) = queue
-                .iter(mem)
-                .map_err(|e| format!("available ring: {e}"))?
-                .next()
-            else {
+            let Some(chain) = queue.iter(mem).map_err(QueueError::AvailRing)?.next() else {
                 self.starved = true;
                 return Ok(used);
             };
@@ -280,12 +299,14 @@ impl Net {
             header[10..12].copy_from_slice(&1u16.to_le_bytes());
             let mut writer = chain
                 .writer(mem)
-                .map_err(|e| format!("receive buffer {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("receive buffer", head, e))?;
             let room = writer.available_bytes();
             if room < HEADER_LEN {
-                return Err(format!(
-                    "receive buffer {head} of {room} bytes cannot hold the {HEADER_LEN}-byte header"
-                ));
+                return Err(QueueError::ReceiveTooSmall {
+                    head,
+                    room,
+                    header: HEADER_LEN,
+                });
             }
             if room < HEADER_LEN + frame.len() {
                 // The driver posted buffers smaller than the link's frames (it did
@@ -302,38 +323,36 @@ impl Net {
             writer
                 .write_all(&header)
                 .and_then(|()| writer.write_all(frame))
-                .map_err(|e| format!("receive buffer {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("receive buffer", head, e))?;
             queue
                 .add_used(mem, head, (HEADER_LEN + frame.len()) as u32)
-                .map_err(|e| format!("used ring: {e}"))?;
+                .map_err(QueueError::UsedRing)?;
             self.stats.rx_frames += 1;
             used = true;
         }
     }
 
     /// Sends every frame the driver queued; a full tap drops them.
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
-        let chains: Vec<_> = queue
-            .iter(mem)
-            .map_err(|e| format!("available ring: {e}"))?
-            .collect();
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
+        let chains: Vec<_> = queue.iter(mem).map_err(QueueError::AvailRing)?.collect();
         let mut used = false;
         for chain in chains {
             let head = chain.head_index();
             let mut reader = chain
                 .reader(mem)
-                .map_err(|e| format!("transmit buffer {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("transmit buffer", head, e))?;
             let len = reader.available_bytes();
             if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) {
-                return Err(format!(
-                    "transmit buffer {head} of {len} bytes (a header and a frame of at most \
-                     {MAX_FRAME} bytes is {HEADER_LEN} to {} bytes)",
-                    HEADER_LEN + MAX_FRAME
-                ));
+                return Err(QueueError::TransmitLength {
+                    head,
+                    len,
+                    header: HEADER_LEN,
+                    max_frame: MAX_FRAME,
+                });
             }
             reader
                 .read_exact(&mut self.buf[..len])
-                .map_err(|e| format!("transmit buffer {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("transmit buffer", head, e))?;
             let out = if self.vnet_hdr {
                 &self.buf[..len]
             } else {
@@ -348,9 +367,7 @@ impl Net {
                     self.stats.tx_dropped += 1;
                 }
             }
-            queue
-                .add_used(mem, head, 0)
-                .map_err(|e| format!("used ring: {e}"))?;
+            queue.add_used(mem, head, 0).map_err(QueueError::UsedRing)?;
             used = true;
         }
         Ok(used)
@@ -413,14 +430,12 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         mem: &GuestMemory,
         _driver_features: u64,
-    ) -> Result<bool, String> {
-        let queue = queues
-            .get_mut(index)
-            .ok_or_else(|| format!("no queue {index}"))?;
+    ) -> Result<bool, QueueError> {
+        let queue = queues.get_mut(index).ok_or(QueueError::NoQueue { index })?;
         match index {
             RX_QUEUE => self.receive(queue, mem),
             TX_QUEUE => self.transmit(queue, mem),
-            _ => Err(format!("no queue {index}")),
+            _ => Err(QueueError::NoQueue { index }),
         }
     }
 

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
+use crate::devices::DeviceStateError;
+
 /// One split virtqueue: what the driver configured and where the device is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSnapshot {
@@ -35,12 +37,12 @@ impl QueueSnapshot {
 
     /// The queue, for a device whose queues hold at most `max_size` entries;
     /// refuses sizes and addresses no driver could have set.
-    pub fn to_queue(&self, max_size: u16) -> Result<Queue, String> {
+    pub fn to_queue(&self, max_size: u16) -> Result<Queue, DeviceStateError> {
         if self.size == 0 || self.size > max_size || !self.size.is_power_of_two() {
-            return Err(format!(
-                "size {} (must be a power of two up to {max_size})",
-                self.size
-            ));
+            return Err(DeviceStateError::QueueSize {
+                size: self.size,
+                max: max_size,
+            });
         }
         let state = QueueState {
             max_size,
@@ -53,7 +55,7 @@ impl QueueSnapshot {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         };
-        Queue::try_from(state).map_err(|e| e.to_string())
+        Queue::try_from(state).map_err(DeviceStateError::Queue)
     }
 }
 

@@ -29,7 +29,27 @@ use ferry_kvm::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::{VirtioDevice, F_VERSION_1};
+use super::{DeviceStateError, QueueError, VirtioDevice, F_VERSION_1};
+
+/// A virtio-rng configuration refused (in QEMU's words), or an entropy
+/// source that cannot open.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("'period' parameter expects a positive integer")]
+    Period,
+    #[error("'max-bytes' parameter must be non-negative, and less than 2^63")]
+    MaxBytes,
+    /// The advice follows the cause, so the cause is in the text.
+    #[error(
+        "cannot open the entropy source {}: {source} (give a readable file, e.g. \
+         /dev/urandom, or use rng-builtin)",
+        path.display()
+    )]
+    OpenSource {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
 
 /// The request queue.
 pub const REQUEST_QUEUE: usize = 0;
@@ -72,12 +92,12 @@ impl RngConfig {
     }
 
     /// Refuses what QEMU's `virtio_rng_device_realize` refuses, in its words.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RngError> {
         if self.period_ms == 0 {
-            return Err("'period' parameter expects a positive integer".into());
+            return Err(RngError::Period);
         }
         if self.max_bytes > DEFAULT_MAX_BYTES {
-            return Err("'max-bytes' parameter must be non-negative, and less than 2^63".into());
+            return Err(RngError::MaxBytes);
         }
         Ok(())
     }
@@ -121,7 +141,7 @@ pub struct Rng {
 impl Rng {
     /// Checks `config` and opens its backend (non-blocking: a `/dev/random`
     /// without entropy yet makes requests wait, never a vCPU).
-    pub fn new(config: &RngConfig) -> Result<Self, String> {
+    pub fn new(config: &RngConfig) -> Result<Self, RngError> {
         config.check()?;
         let file = match &config.source {
             RngSource::Builtin => None,
@@ -130,12 +150,9 @@ impl Rng {
                     .read(true)
                     .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
                     .open(path)
-                    .map_err(|e| {
-                        format!(
-                            "cannot open the entropy source {}: {e} (give a readable file, \
-                             e.g. /dev/urandom, or use rng-builtin)",
-                            path.display()
-                        )
+                    .map_err(|source| RngError::OpenSource {
+                        path: path.clone(),
+                        source,
                     })?,
             ),
         };
@@ -164,18 +181,18 @@ impl Rng {
     }
 
     /// Reads up to `n` bytes from the backend into `self.buf`; returns how many.
-    fn fill(&mut self, n: usize) -> Result<usize, String> {
+    fn fill(&mut self, n: usize) -> Result<usize, QueueError> {
         let buf = &mut self.buf[..n];
         match &mut self.file {
             None => getrandom::fill(buf)
                 .map(|()| n)
-                .map_err(|e| format!("getrandom failed: {e}")),
+                .map_err(QueueError::Getrandom),
             Some(f) => loop {
                 match f.read(buf) {
                     Ok(got) => return Ok(got),
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
-                    Err(e) => return Err(format!("cannot read the entropy source: {e}")),
+                    Err(e) => return Err(QueueError::ReadEntropy(e)),
                 }
             },
         }
@@ -183,17 +200,13 @@ impl Rng {
 
     /// Serves the requests the driver queued while the quota and the backend
     /// last (QEMU's `virtio_rng_process` and `chr_read`).
-    fn serve(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
+    fn serve(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
         let now = Instant::now();
         self.roll_window(now);
         let mut used = false;
         self.waiting = false;
         loop {
-            let Some(chain) = queue
-                .iter(mem)
-                .map_err(|e| format!("available ring: {e}"))?
-                .next()
-            else {
+            let Some(chain) = queue.iter(mem).map_err(QueueError::AvailRing)?.next() else {
                 return Ok(used);
             };
             let head = chain.head_index();
@@ -207,17 +220,14 @@ impl Rng {
                 self.window_end = Some(now + Duration::from_millis(self.config.period_ms.into()));
             }
             if chain.clone().any(|d| !d.is_write_only()) {
-                return Err(format!(
-                    "request {head} has a device-readable buffer (entropy requests are \
-                     device-writable only)"
-                ));
+                return Err(QueueError::EntropyReadable { head });
             }
             let mut writer = chain
                 .writer(mem)
-                .map_err(|e| format!("request {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("request", head, e))?;
             let room = writer.available_bytes();
             if room == 0 {
-                return Err(format!("request {head} has no room for a byte"));
+                return Err(QueueError::NoRoom { head });
             }
             let want = room
                 .min(MAX_REQUEST)
@@ -232,10 +242,10 @@ impl Rng {
             }
             writer
                 .write_all(&self.buf[..got])
-                .map_err(|e| format!("request {head}: {e}"))?;
+                .map_err(|e| QueueError::buffer("request", head, e))?;
             queue
                 .add_used(mem, head, got as u32)
-                .map_err(|e| format!("used ring: {e}"))?;
+                .map_err(QueueError::UsedRing)?;
             self.quota_remaining -= got as u64;
             self.stats.bytes += got as u64;
             self.stats.requests += 1;
@@ -256,19 +266,16 @@ impl Rng {
     /// Takes the rate limit's progress from a stream at `now`. The stream's
     /// values are checked as hostile; this device's own `max-bytes` and
     /// `period` bound them (a destination may be configured differently).
-    pub fn load(&mut self, s: &RngState, now: Instant) -> Result<(), String> {
+    pub fn load(&mut self, s: &RngState, now: Instant) -> Result<(), DeviceStateError> {
         if s.quota_remaining > DEFAULT_MAX_BYTES {
-            return Err(format!(
-                "virtio-rng quota of {} bytes (at most 2^63 - 1)",
-                s.quota_remaining
-            ));
+            return Err(DeviceStateError::RngQuota {
+                quota: s.quota_remaining,
+            });
         }
         if s.window_left_ms.is_some_and(|ms| ms > u64::from(u32::MAX)) {
-            return Err(format!(
-                "virtio-rng window ending in {} ms (a period is at most {} ms)",
-                s.window_left_ms.unwrap_or(0),
-                u32::MAX
-            ));
+            return Err(DeviceStateError::RngWindow {
+                ms: s.window_left_ms.unwrap_or(0),
+            });
         }
         self.quota_remaining = s.quota_remaining.min(self.config.max_bytes);
         let period = u64::from(self.config.period_ms);
@@ -316,10 +323,10 @@ impl VirtioDevice for Rng {
         queues: &mut [Queue],
         mem: &GuestMemory,
         _driver_features: u64,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, QueueError> {
         match (index, queues.get_mut(index)) {
             (REQUEST_QUEUE, Some(queue)) => self.serve(queue, mem),
-            _ => Err(format!("no queue {index}")),
+            _ => Err(QueueError::NoQueue { index }),
         }
     }
 
@@ -348,7 +355,10 @@ impl VirtioDevice for Rng {
         Some(super::DeviceState::Rng(self.save(Instant::now())))
     }
 
-    fn restore_state(&mut self, state: Option<&super::DeviceState>) -> Result<(), String> {
+    fn restore_state(
+        &mut self,
+        state: Option<&super::DeviceState>,
+    ) -> Result<(), DeviceStateError> {
         match state {
             Some(super::DeviceState::Rng(s)) => self.load(s, Instant::now()),
             None => {
@@ -357,7 +367,7 @@ impl VirtioDevice for Rng {
                 self.window_end = None;
                 Ok(())
             }
-            Some(_) => Err("device state of another kind for virtio-rng".into()),
+            Some(_) => Err(DeviceStateError::OtherKind { kind: "virtio-rng" }),
         }
     }
 
@@ -427,7 +437,8 @@ mod tests {
                 },
                 t1,
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("quota"), "{err}");
         let err = b
             .load(
@@ -437,7 +448,8 @@ mod tests {
                 },
                 t1,
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("window"), "{err}");
         assert_eq!(b.save(t1), saved, "a refused state changed nothing");
     }
@@ -452,13 +464,17 @@ mod tests {
             })
             .unwrap_err()
         };
-        assert_eq!(bad(1, 0), "'period' parameter expects a positive integer");
         assert_eq!(
-            bad(u64::MAX, 1),
+            bad(1, 0).to_string(),
+            "'period' parameter expects a positive integer"
+        );
+        assert_eq!(
+            bad(u64::MAX, 1).to_string(),
             "'max-bytes' parameter must be non-negative, and less than 2^63"
         );
-        let err =
-            Rng::new(&RngConfig::new(RngSource::File("/nonexistent/rng".into()))).unwrap_err();
+        let err = Rng::new(&RngConfig::new(RngSource::File("/nonexistent/rng".into())))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("/nonexistent/rng") && err.contains("rng-builtin"),
             "{err}"

@@ -67,7 +67,7 @@ fn blk_uses_a_passed_image_as_given() {
             name: "/dev/fdset/3".into(),
         })
     };
-    let err = Block::open(&passed(&ro, false)).unwrap_err();
+    let err = Block::open(&passed(&ro, false)).unwrap_err().to_string();
     assert!(
         err.contains("/dev/fdset/3") && err.contains("passed open for reading only"),
         "{err}"

@@ -12,7 +12,7 @@ use kvm_ioctls::VmFd;
 use virtio_queue::{Queue, QueueT};
 
 use super::persist::{QueueSnapshot, VirtioPciState};
-use super::{status, VirtioDevice, F_VERSION_1};
+use super::{status, DeviceDiskError, DeviceStateError, VirtioDevice, F_VERSION_1};
 use crate::devices::pci::{ConfigSpace, BAR_STRIDE, BAR_WINDOW};
 
 /// BAR0 layout.
@@ -626,22 +626,18 @@ impl VirtioPci {
     }
 
     /// Makes the device's writes durable (see [`VirtioDevice::flush`]).
-    pub fn flush(&mut self) -> Result<(), String> {
-        self.device.flush().map_err(|e| format!("{}: {e}", self.id))
+    pub fn flush(&mut self) -> Result<(), DeviceDiskError> {
+        self.device.flush().map_err(|e| e.of(&self.id))
     }
 
     /// See [`VirtioDevice::activate`].
-    pub fn activate(&mut self) -> Result<(), String> {
-        self.device
-            .activate()
-            .map_err(|e| format!("{}: {e}", self.id))
+    pub fn activate(&mut self) -> Result<(), DeviceDiskError> {
+        self.device.activate().map_err(|e| e.of(&self.id))
     }
 
     /// See [`VirtioDevice::deactivate`].
-    pub fn deactivate(&mut self) -> Result<(), String> {
-        self.device
-            .deactivate()
-            .map_err(|e| format!("{}: {e}", self.id))
+    pub fn deactivate(&mut self) -> Result<(), DeviceDiskError> {
+        self.device.deactivate().map_err(|e| e.of(&self.id))
     }
 
     /// The transport's state, for checkpoints; the VM must be paused.
@@ -673,69 +669,62 @@ impl VirtioPci {
     /// Loads `s` into this (never run) device, checking everything a hostile stream
     /// could get wrong before changing anything; the device then reopens its backend
     /// (a failure there leaves the VM unfit to run, which the caller discards).
-    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), DeviceStateError> {
         let who = format!("{}@{:02x}", self.device.kind(), self.slot);
         if s.slot != self.slot || s.kind != self.device.kind() {
-            return Err(format!(
-                "device state for {}@{:02x} arrived for {who}",
-                s.kind, s.slot
-            ));
+            return Err(DeviceStateError::WrongDevice {
+                kind: s.kind.clone(),
+                slot: s.slot,
+                who,
+            });
         }
+        self.restore_checked(s).map_err(|e| e.of(who))
+    }
+
+    /// [`Self::restore`], once the state is known to be this device's.
+    fn restore_checked(&mut self, s: &VirtioPciState) -> Result<(), DeviceStateError> {
         let mut config = self.config.clone();
-        config
-            .restore(&s.config)
-            .map_err(|e| format!("{who}: {e}"))?;
+        config.restore(&s.config)?;
         if s.queues.len() != self.queues.len() || s.msix_table.len() != self.msix_table.len() {
-            return Err(format!(
-                "{who}: {} queues and {} MSI-X vectors in the state, the device has {} and {}",
-                s.queues.len(),
-                s.msix_table.len(),
-                self.queues.len(),
-                self.msix_table.len()
-            ));
+            return Err(DeviceStateError::QueueCount {
+                queues: s.queues.len(),
+                vectors: s.msix_table.len(),
+                our_queues: self.queues.len(),
+                our_vectors: self.msix_table.len(),
+            });
         }
         let offered = self.device.features();
         if s.driver_features & !offered != 0 {
-            return Err(format!(
-                "{who}: driver features {:#x} were never offered (device offers {offered:#x})",
-                s.driver_features
-            ));
+            return Err(DeviceStateError::FeaturesNotOffered {
+                features: s.driver_features,
+                offered,
+            });
         }
         if s.status & status::FEATURES_OK != 0 && s.driver_features & F_VERSION_1 == 0 {
-            return Err(format!(
-                "{who}: FEATURES_OK without VERSION_1 (this device refuses that)"
-            ));
+            return Err(DeviceStateError::NoVersion1);
         }
         let vectors = self.msix_table.len();
         let bad_vector = |v: u16| v != NO_VECTOR && usize::from(v) >= vectors;
         if bad_vector(s.msix_config) || s.queues.iter().any(|q| bad_vector(q.vector)) {
-            return Err(format!(
-                "{who}: an MSI-X vector past the {vectors}-entry table"
-            ));
+            return Err(DeviceStateError::VectorPastTable { vectors });
         }
         if s.msix_table.iter().any(|e| e[3] & !1 != 0)
             || s.msix_pba.checked_shr(vectors as u32).unwrap_or(0) != 0
         {
-            return Err(format!(
-                "{who}: MSI-X table or pending bits no driver could have set"
-            ));
+            return Err(DeviceStateError::MsixBits);
         }
         let max = self.device.queue_max_size();
         let mem = self.ram.memory();
         let mut queues = Vec::with_capacity(s.queues.len());
         for (i, snap) in s.queues.iter().enumerate() {
-            let q = snap
-                .to_queue(max)
-                .map_err(|e| format!("{who}: queue {i}: {e}"))?;
+            let q = snap.to_queue(max).map_err(|e| e.of(format!("queue {i}")))?;
             if s.status & status::DRIVER_OK != 0 && q.ready() && !q.is_valid(mem) {
-                return Err(format!("{who}: queue {i} does not fit in guest memory"));
+                return Err(DeviceStateError::QueueOutsideRam { index: i });
             }
             queues.push(q);
         }
         // Last of the checks, and itself all-or-nothing.
-        self.device
-            .restore_state(s.device.as_ref())
-            .map_err(|e| format!("{who}: {e}"))?;
+        self.device.restore_state(s.device.as_ref())?;
         self.config = config;
         self.device_feature_select = s.device_feature_select;
         self.driver_feature_select = s.driver_feature_select;
@@ -754,8 +743,6 @@ impl VirtioPci {
         // start looks at every queue, as if each had been notified.
         let queues = self.queues.len().min(64) as u32;
         self.pending_kicks = u64::MAX.checked_shr(64 - queues).unwrap_or(0);
-        self.device
-            .after_restore()
-            .map_err(|e| format!("{who}: {e}"))
+        Ok(self.device.after_restore()?)
     }
 }

@@ -19,6 +19,25 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::VirtioPci;
 
+/// A device thread that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot create a socket pair: {0}")]
+    SocketPair(#[source] std::io::Error),
+    #[error("cannot make a socket non-blocking: {0}")]
+    NonBlocking(#[source] std::io::Error),
+    #[error("cannot clone a socket: {0}")]
+    CloneSocket(#[source] std::io::Error),
+    #[error("{what} lock poisoned")]
+    LockPoisoned { what: &'static str },
+    #[error("cannot start the thread of {name}: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A running device thread; dropping it stops and joins the thread.
 #[derive(Debug)]
 pub struct Worker {
@@ -29,21 +48,19 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the thread of `dev` if the device has host input or timed work.
-    pub fn spawn(dev: &Arc<Mutex<VirtioPci>>) -> Result<Option<Self>, String> {
-        let (wake, theirs) =
-            UnixStream::pair().map_err(|e| format!("cannot create a socket pair: {e}"))?;
+    pub fn spawn(dev: &Arc<Mutex<VirtioPci>>) -> Result<Option<Self>, WorkerError> {
+        let (wake, theirs) = UnixStream::pair().map_err(WorkerError::SocketPair)?;
         for s in [&wake, &theirs] {
-            s.set_nonblocking(true)
-                .map_err(|e| format!("cannot make a socket non-blocking: {e}"))?;
+            s.set_nonblocking(true).map_err(WorkerError::NonBlocking)?;
         }
         let name = {
-            let mut d = dev.lock().map_err(|_| "device lock poisoned".to_string())?;
+            let mut d = dev
+                .lock()
+                .map_err(|_| WorkerError::LockPoisoned { what: "device" })?;
             if !d.needs_thread() {
                 return Ok(None);
             }
-            let writer = wake
-                .try_clone()
-                .map_err(|e| format!("cannot clone a socket: {e}"))?;
+            let writer = wake.try_clone().map_err(WorkerError::CloneSocket)?;
             d.attach_waker(writer);
             d.name()
         };
@@ -52,7 +69,7 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || run(&dev, theirs, &stop))
-            .map_err(|e| format!("cannot start the thread of {name}: {e}"))?;
+            .map_err(|source| WorkerError::Spawn { name, source })?;
         Ok(Some(Self {
             exit,
             wake,
