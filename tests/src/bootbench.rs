@@ -6,7 +6,7 @@
 //! serial line (the firmware's work and the loader's) and its `ready` line.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::migrate::qemu_cpu;
@@ -51,16 +51,6 @@ impl Bus {
 pub struct BootRun {
     pub first_line_s: f64,
     pub ready_s: f64,
-}
-
-/// Kills the VMM when the run ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Boots `disk` once under `engine` with the disk on `bus`.
@@ -112,44 +102,18 @@ pub fn run(scratch: &Scratch, engine: Engine, bus: Bus, disk: &Path) -> Result<B
         }
     };
     let stderr = scratch.path(&format!("boot-{}.stderr", engine.name()));
-    let start = Instant::now();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).map_err(|e| e.to_string())?)
-        .spawn()
-        .map_err(|e| format!("start {}: {e}", engine.name()))?;
-    let mut vm = Running(child);
-    let (mut first, mut ready) = (None::<Duration>, None::<Duration>);
-    let deadline = start + Duration::from_secs(120);
-    while ready.is_none() {
-        let text =
-            String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
-        if text.contains("ERR") {
-            return Err(format!("the guest failed: {text}"));
-        }
-        if first.is_none() && text.contains("dirtier:") {
-            first = Some(start.elapsed());
-        }
-        if text.contains("dirtier: ready") {
-            ready = Some(start.elapsed());
-        }
-        if let Ok(Some(status)) = vm.0.try_wait() {
-            return Err(format!(
-                "{} exited ({status}): {}",
-                engine.name(),
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            ));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{} never booted the dirtier", engine.name()));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    drop(vm);
-    let s = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
+    let (start, at) = crate::time_serial_marks(
+        &mut cmd,
+        engine.name(),
+        &serial,
+        &stderr,
+        &["dirtier:", "dirtier: ready"],
+        Duration::from_secs(120),
+        "booted the dirtier",
+    )?;
+    let s = |at: Instant| at.duration_since(start).as_secs_f64();
     Ok(BootRun {
-        first_line_s: s(first),
-        ready_s: s(ready),
+        first_line_s: s(at[0]),
+        ready_s: s(at[1]),
     })
 }

@@ -6,7 +6,7 @@
 //! a fresh qcow2 image (the writes allocate its clusters).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::migrate::qemu_cpu;
@@ -54,16 +54,6 @@ pub struct DiskRun {
 /// The serial lines that end each phase, in order.
 const MARKS: [&str; 3] = ["blkbench: start", "blkbench: written", "blkbench: read"];
 
-/// Kills the VMM when the run ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs `blkbench=mib` once under `engine` on an image of `format` in
 /// `scratch`; the image is made (qcow2) or reused (raw) here.
 pub fn run(scratch: &Scratch, engine: Engine, format: Format, mib: u64) -> Result<DiskRun, String> {
@@ -103,44 +93,17 @@ pub fn run(scratch: &Scratch, engine: Engine, format: Format, mib: u64) -> Resul
         }
     };
     let stderr = scratch.path(&format!("blkbench-{}.stderr", engine.name()));
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).map_err(|e| e.to_string())?)
-        .spawn()
-        .map_err(|e| format!("start {}: {e}", engine.name()))?;
-    let mut vm = Running(child);
-    let mut at = [None::<Instant>; 3];
     // Boot (SeaBIOS under QEMU) and a 1 GiB run fit easily.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while at[2].is_none() {
-        let text =
-            String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
-        if text.contains("ERR") {
-            return Err(format!("the guest failed: {}", text.replace('.', "")));
-        }
-        for (i, mark) in MARKS.iter().enumerate() {
-            if at[i].is_none() && text.contains(mark) {
-                at[i] = Some(Instant::now());
-            }
-        }
-        if let Ok(Some(status)) = vm.0.try_wait() {
-            return Err(format!(
-                "{} exited ({status}): {}",
-                engine.name(),
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            ));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{} never finished blkbench", engine.name()));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    drop(vm);
-    let secs = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
-        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
-        _ => f64::NAN,
-    };
+    let (_, at) = crate::time_serial_marks(
+        &mut cmd,
+        engine.name(),
+        &serial,
+        &stderr,
+        &MARKS,
+        Duration::from_secs(300),
+        "finished blkbench",
+    )?;
+    let secs = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
     Ok(DiskRun {
         write_s: secs(at[0], at[1]),
         read_s: secs(at[1], at[2]),

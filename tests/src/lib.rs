@@ -344,3 +344,62 @@ fn control_command(control: &Path, line: &str) -> serde_json::Value {
     BufReader::new(s).read_line(&mut reply).expect("read reply");
     serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
 }
+
+/// Runs a VMM for a benchmark: `cmd` with its stderr to `stderr`, watching its
+/// guest's serial output in the file `serial` until each of `marks` has
+/// appeared in it. Returns the spawn time and when each mark first appeared.
+/// Fails when the guest prints `ERR`, the VMM exits, or `timeout` passes
+/// (`name` and `what` word the error: "NAME never WHAT"). The VMM is killed
+/// however this ends.
+pub fn time_serial_marks(
+    cmd: &mut Command,
+    name: &str,
+    serial: &Path,
+    stderr: &Path,
+    marks: &[&str],
+    timeout: Duration,
+    what: &str,
+) -> Result<(Instant, Vec<Instant>), String> {
+    /// Kills the VMM when the run ends, however it ends.
+    struct Running(Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let start = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("start {name}: {e}"))?;
+    let mut vm = Running(child);
+    let mut at = vec![None::<Instant>; marks.len()];
+    let deadline = start + timeout;
+    while at.iter().any(Option::is_none) {
+        let text = String::from_utf8_lossy(&std::fs::read(serial).unwrap_or_default()).into_owned();
+        if text.contains("ERR") {
+            // Heartbeat dots left out.
+            return Err(format!("the guest failed: {}", text.replace('.', "")));
+        }
+        for (i, mark) in marks.iter().enumerate() {
+            if at[i].is_none() && text.contains(mark) {
+                at[i] = Some(Instant::now());
+            }
+        }
+        if let Ok(Some(status)) = vm.0.try_wait() {
+            return Err(format!(
+                "{name} exited ({status}): {}",
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{name} never {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(vm);
+    Ok((start, at.into_iter().flatten().collect()))
+}

@@ -552,6 +552,52 @@ fn checkpoint_bench(repeats: usize) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// One engine's figures from [`alternate`]: two per run, and whether every
+/// run succeeded.
+struct EngineRuns<E> {
+    engine: E,
+    ok: bool,
+    a: Vec<f64>,
+    b: Vec<f64>,
+}
+
+/// Runs `run` `repeats` times for each engine, the engines' order rotating
+/// per repeat, `settle` before each run; collects each run's two figures per
+/// engine. A failed run is printed and leaves its engine's `ok` false.
+fn alternate<E: Copy>(
+    engines: &[E],
+    repeats: usize,
+    settle: Duration,
+    mut run: impl FnMut(E) -> Result<(f64, f64), String>,
+) -> Vec<EngineRuns<E>> {
+    let mut by_engine: Vec<EngineRuns<E>> = engines
+        .iter()
+        .map(|&engine| EngineRuns {
+            engine,
+            ok: true,
+            a: vec![],
+            b: vec![],
+        })
+        .collect();
+    for r in 0..repeats {
+        for k in 0..by_engine.len() {
+            let series = &mut by_engine[(k + r) % engines.len()];
+            std::thread::sleep(settle);
+            match run(series.engine) {
+                Ok((a, b)) => {
+                    series.a.push(a);
+                    series.b.push(b);
+                }
+                Err(e) => {
+                    eprintln!("ferry-bench: {e}");
+                    series.ok = false;
+                }
+            }
+        }
+    }
+    by_engine
+}
+
 /// `--boot`: firmware boot time, ferry-vm and ferry-qemu against QEMU 7.2
 /// (see [`ferry_tests::bootbench`]); engines alternate per repeat.
 fn boot_bench(repeats: usize, settle: Duration) -> ExitCode {
@@ -583,25 +629,16 @@ fn boot_bench(repeats: usize, settle: Duration) -> ExitCode {
     }
     let mut failed = false;
     for bus in [Bus::Ide, Bus::Virtio] {
-        let mut by_engine: Vec<(Engine, Vec<f64>, Vec<f64>)> =
-            engines.iter().map(|&e| (e, vec![], vec![])).collect();
-        for r in 0..repeats {
-            for k in 0..by_engine.len() {
-                let slot = (k + r) % by_engine.len();
-                let engine = by_engine[slot].0;
-                std::thread::sleep(settle);
-                match run(&s, engine, bus, &disk) {
-                    Ok(run) => {
-                        by_engine[slot].1.push(run.first_line_s);
-                        by_engine[slot].2.push(run.ready_s);
-                    }
-                    Err(e) => {
-                        eprintln!("ferry-bench: {} from {}: {e}", engine.name(), bus.name());
-                        failed = true;
-                    }
-                }
-            }
-        }
+        let by_engine = alternate(&engines, repeats, settle, |engine| {
+            run(&s, engine, bus, &disk)
+                .map(|run| (run.first_line_s, run.ready_s))
+                .map_err(|e| format!("{} from {}: {e}", engine.name(), bus.name()))
+        });
+        failed |= by_engine.iter().any(|r| !r.ok);
+        let by_engine: Vec<_> = by_engine
+            .into_iter()
+            .map(|r| (r.engine, r.a, r.b))
+            .collect();
         for (engine, first, ready) in &by_engine {
             println!(
                 "{:<11} {:<7} {:>20} {:>20}",
@@ -666,25 +703,16 @@ fn disk_bench(mib: u64, repeats: usize, settle: Duration) -> ExitCode {
     let bytes = (mib << 20) as f64;
     let mut failed = false;
     for format in [Format::Raw, Format::Qcow2] {
-        let mut by_engine: Vec<(Engine, Vec<f64>, Vec<f64>)> =
-            engines.iter().map(|&e| (e, vec![], vec![])).collect();
-        for r in 0..repeats {
-            for k in 0..by_engine.len() {
-                let slot = (k + r) % by_engine.len();
-                let engine = by_engine[slot].0;
-                std::thread::sleep(settle);
-                match run(&s, engine, format, mib) {
-                    Ok(run) => {
-                        by_engine[slot].1.push(bytes / run.write_s / 1e6);
-                        by_engine[slot].2.push(bytes / run.read_s / 1e6);
-                    }
-                    Err(e) => {
-                        eprintln!("ferry-bench: {} on {}: {e}", engine.name(), format.name());
-                        failed = true;
-                    }
-                }
-            }
-        }
+        let by_engine = alternate(&engines, repeats, settle, |engine| {
+            run(&s, engine, format, mib)
+                .map(|run| (bytes / run.write_s / 1e6, bytes / run.read_s / 1e6))
+                .map_err(|e| format!("{} on {}: {e}", engine.name(), format.name()))
+        });
+        failed |= by_engine.iter().any(|r| !r.ok);
+        let by_engine: Vec<_> = by_engine
+            .into_iter()
+            .map(|r| (r.engine, r.a, r.b))
+            .collect();
         for (engine, w, r) in &by_engine {
             println!(
                 "{:<9} {:<6} {:>22} {:>22}",
