@@ -1061,6 +1061,28 @@ mod tests {
         assert_eq!(common.slots(), [5, 6, 7, 4]);
     }
 
+    /// The options every subcommand shares, parsed from `extra` after each
+    /// of `run`, `incoming` and `restore` (with what each requires).
+    fn common_of_each(extra: &[&str]) -> Vec<(&'static str, Common)> {
+        ["run", "incoming", "restore"]
+            .into_iter()
+            .map(|command| {
+                let mut args = vec!["ferry-vm", command];
+                args.extend(match command {
+                    "run" => ["--kernel", "k"].as_slice(),
+                    "incoming" => ["tcp:127.0.0.1:1"].as_slice(),
+                    _ => ["x"].as_slice(),
+                });
+                args.extend(extra);
+                let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                let (Command::Run { common, .. }
+                | Command::Incoming { common, .. }
+                | Command::Restore { common, .. }) = cli.command;
+                (command, common)
+            })
+            .collect()
+    }
+
     #[test]
     fn fw_cfg_parses_with_or_without_options() {
         use crate::devices::fw_cfg::FwCfgConfig;
@@ -1073,23 +1095,7 @@ mod tests {
         assert!(parse_fw_cfg("bootorder=x")
             .unwrap_err()
             .contains("unknown fw_cfg option 'bootorder=x'"));
-        for command in ["run", "incoming", "restore"] {
-            let mut args = vec!["ferry-vm", command];
-            args.extend(match command {
-                "run" => ["--kernel", "k"],
-                "incoming" => ["--smp", "1"],
-                _ => ["--mem", "256M"],
-            });
-            if command == "incoming" {
-                args.push("tcp:127.0.0.1:4444");
-            } else if command == "restore" {
-                args.push("cp");
-            }
-            args.push("--fw-cfg=vmcoreinfo=on");
-            let cli = Cli::try_parse_from(&args).unwrap();
-            let (Command::Run { common, .. }
-            | Command::Incoming { common, .. }
-            | Command::Restore { common, .. }) = cli.command;
+        for (command, common) in common_of_each(&["--fw-cfg=vmcoreinfo=on"]) {
             assert!(common.fw_cfg.unwrap().vmcoreinfo, "{command}");
         }
         // --fw-cfg alone: a following word stays the positional.
@@ -1123,23 +1129,7 @@ mod tests {
         assert!(parse_rtc("clock=vm")
             .unwrap_err()
             .contains("unknown RTC option 'clock=vm'"));
-        for command in ["run", "incoming", "restore"] {
-            let mut args = vec!["ferry-vm", command];
-            args.extend(match command {
-                "run" => ["--kernel", "k"],
-                "incoming" => ["--smp", "1"],
-                _ => ["--mem", "256M"],
-            });
-            if command == "incoming" {
-                args.push("tcp:127.0.0.1:4444");
-            } else if command == "restore" {
-                args.push("cp");
-            }
-            args.push("--rtc=base=localtime");
-            let cli = Cli::try_parse_from(&args).unwrap();
-            let (Command::Run { common, .. }
-            | Command::Incoming { common, .. }
-            | Command::Restore { common, .. }) = cli.command;
+        for (command, common) in common_of_each(&["--rtc=base=localtime"]) {
             assert_eq!(common.rtc.unwrap().base, RtcBase::LocalTime, "{command}");
         }
         // --rtc alone: a following word stays the positional.
@@ -1171,20 +1161,7 @@ mod tests {
         assert!(parse_balloon("size=1")
             .unwrap_err()
             .contains("unknown balloon option 'size=1'"));
-        for command in ["run", "incoming", "restore"] {
-            let mut args = vec!["ferry-vm", command];
-            args.extend(match command {
-                "run" => ["--kernel", "k"].as_slice(),
-                "incoming" => ["tcp:127.0.0.1:1"].as_slice(),
-                _ => ["x"].as_slice(),
-            });
-            args.extend(["--rng", "builtin", "--balloon"]);
-            let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-            let common = match cli.command {
-                Command::Run { common, .. }
-                | Command::Incoming { common, .. }
-                | Command::Restore { common, .. } => common,
-            };
+        for (command, common) in common_of_each(&["--rng", "builtin", "--balloon"]) {
             assert!(common.balloon.is_some(), "{command}");
             assert_eq!(common.slots(), [4, 5], "{command}");
         }
