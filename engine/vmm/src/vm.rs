@@ -1093,23 +1093,17 @@ impl Vm {
             self.pci.check_bridge(regs).map_err(VmmError::DeviceState)?;
         }
         self.check_pm_state(devices.acpi_pm.as_ref())?;
-        if self.i8042.is_some() != devices.i8042.is_some() {
-            return Err(VmmError::Restore(format!(
-                "the stream {} i8042 state; this VM {} an i8042",
-                if devices.i8042.is_some() {
-                    "has"
-                } else {
-                    "has no"
-                },
-                if self.i8042.is_some() {
-                    "has"
-                } else {
-                    "has no"
-                }
-            )));
-        }
-        if let Some(state) = &devices.i8042 {
-            I8042::check(state).map_err(VmmError::DeviceState)?;
+        match (&self.i8042, &devices.i8042) {
+            (None, None) => {}
+            (Some(_), Some(state)) => I8042::check(state).map_err(VmmError::DeviceState)?,
+            (ours, _) => {
+                return Err(presence_mismatch(
+                    ours.is_some(),
+                    "i8042 state",
+                    "has an i8042",
+                    "has no i8042",
+                ))
+            }
         }
         self.check_rtc_state(devices.rtc.as_ref())?;
         let mut clock = vm.clock;
@@ -1209,11 +1203,12 @@ impl Vm {
                 .check(state)
                 .map(drop)
                 .map_err(VmmError::DeviceState),
-            (ours, _) => Err(VmmError::Restore(format!(
-                "the stream {} IDE controller state; this VM {} IDE drives",
-                if ours.is_some() { "has no" } else { "has" },
-                if ours.is_some() { "has" } else { "has no" }
-            ))),
+            (ours, _) => Err(presence_mismatch(
+                ours.is_some(),
+                "IDE controller state",
+                "has IDE drives",
+                "has no IDE drives",
+            )),
         }
     }
 }
@@ -1229,11 +1224,12 @@ impl Vm {
                 .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?
                 .check(state)
                 .map_err(VmmError::DeviceState),
-            (ours, _) => Err(VmmError::Restore(format!(
-                "the stream {} fw_cfg state; this VM {} fw_cfg",
-                if ours.is_some() { "has no" } else { "has" },
-                if ours.is_some() { "has" } else { "has no" }
-            ))),
+            (ours, _) => Err(presence_mismatch(
+                ours.is_some(),
+                "fw_cfg state",
+                "has fw_cfg",
+                "has no fw_cfg",
+            )),
         }
     }
 
@@ -1247,11 +1243,12 @@ impl Vm {
                 .map_err(|_| VmmError::Config("PIIX4 PM lock poisoned".into()))?
                 .check(state)
                 .map_err(VmmError::DeviceState),
-            (ours, _) => Err(VmmError::Restore(format!(
-                "the stream {} ACPI power management state; this VM {} ACPI",
-                if ours.is_some() { "has no" } else { "has" },
-                if ours.is_some() { "has" } else { "has no" }
-            ))),
+            (ours, _) => Err(presence_mismatch(
+                ours.is_some(),
+                "ACPI power management state",
+                "has ACPI",
+                "has no ACPI",
+            )),
         }
     }
 
@@ -1271,11 +1268,12 @@ impl Vm {
         match (&self.firmware, state) {
             (None, None) => Ok(()),
             (Some(fw), Some(state)) => fw.check(state).map_err(VmmError::Firmware),
-            (ours, _) => Err(VmmError::Restore(format!(
-                "the stream {} a firmware ROM; this VM {} booted through firmware",
-                if ours.is_some() { "has no" } else { "has" },
-                if ours.is_some() { "is" } else { "is not" }
-            ))),
+            (ours, _) => Err(presence_mismatch(
+                ours.is_some(),
+                "a firmware ROM",
+                "is booted through firmware",
+                "is not booted through firmware",
+            )),
         }
     }
 
@@ -1289,6 +1287,17 @@ impl Vm {
     pub fn vmcoreinfo(&self) -> Option<crate::devices::fw_cfg::VmcoreInfo> {
         self.fw_cfg.as_ref()?.lock().ok()?.vmcoreinfo()
     }
+}
+
+/// The refusal of a stream that carries state for a device this VM lacks
+/// (`vm_has` false), or none for one it has: "the stream has (no) `what`;
+/// this VM `yes`/`no`".
+fn presence_mismatch(vm_has: bool, what: &str, yes: &str, no: &str) -> VmmError {
+    VmmError::Restore(format!(
+        "the stream {} {what}; this VM {}",
+        if vm_has { "has no" } else { "has" },
+        if vm_has { yes } else { no }
+    ))
 }
 
 /// The fw_cfg files a VM booted through firmware `fw` gets besides the
@@ -1349,11 +1358,12 @@ impl Vm {
         match (&self.rtc, state) {
             (None, None) => Ok(()),
             (Some(dev), Some(state)) => dev.check(state).map_err(VmmError::Restore),
-            (ours, _) => Err(VmmError::Restore(format!(
-                "the stream {} RTC state; this VM {} RTC",
-                if ours.is_some() { "has no" } else { "has" },
-                if ours.is_some() { "has an" } else { "has no" }
-            ))),
+            (ours, _) => Err(presence_mismatch(
+                ours.is_some(),
+                "RTC state",
+                "has an RTC",
+                "has no RTC",
+            )),
         }
     }
 
