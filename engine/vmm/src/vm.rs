@@ -347,6 +347,17 @@ impl Vm {
         ranges: &[(u64, u64)],
         disks: Disks,
     ) -> Result<Self, VmmError> {
+        if config.firmware.is_some() && config.fw_cfg.is_none() {
+            return Err(VmmError::Config(
+                "a VM booted through firmware needs fw_cfg, which SeaBIOS reads its \
+                 configuration from: give it one (ferry-vm --fw-cfg)"
+                    .into(),
+            ));
+        }
+        // The devices that describe guest RAM (fw_cfg, the RTC's CMOS, the
+        // firmware's tables) describe it as the boot paths lay it out.
+        let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
+            .map_err(|e| VmmError::Config(e.to_string()))?;
         ferry_kvm::install_kick_handler().map_err(|e| VmmError::Config(e.to_string()))?;
         let kvm = Kvm::new().map_err(|e| {
             VmmError::NoKvm(format!(
@@ -391,13 +402,6 @@ impl Vm {
         )?);
         let firmware = match &config.firmware {
             Some(fw) => {
-                if config.fw_cfg.is_none() {
-                    return Err(VmmError::Config(
-                        "a VM booted through firmware needs fw_cfg, which SeaBIOS reads its \
-                         configuration from: give it one (ferry-vm --fw-cfg)"
-                            .into(),
-                    ));
-                }
                 let firmware = Firmware::load(fw).map_err(VmmError::Firmware)?;
                 firmware.register(&vm).map_err(VmmError::Firmware)?;
                 firmware.copy_isa_bios(&ram).map_err(VmmError::Firmware)?;
@@ -431,8 +435,6 @@ impl Vm {
             .map(|_| Arc::new(Mutex::new(I8042::new(Arc::new(KvmIrqLine(vm.clone()))))));
         let fw_cfg = match &config.fw_cfg {
             Some(c) => {
-                let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
-                    .map_err(|e| VmmError::Config(e.to_string()))?;
                 let vcpus = u16::try_from(config.vcpus).unwrap_or(u16::MAX);
                 let dev = FwCfg::for_vm(c, ram.clone(), &layout, vcpus)
                     .map_err(|e| VmmError::Config(e.to_string()))?;
@@ -442,8 +444,6 @@ impl Vm {
         };
         let rtc = match &config.rtc {
             Some(c) => {
-                let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
-                    .map_err(|e| VmmError::Config(e.to_string()))?;
                 let dev = Rtc::for_vm(c, &layout, config.vcpus, Arc::new(KvmIrqLine(vm.clone())))
                     .map_err(|e| VmmError::Config(crate::error_chain(&e)))?;
                 Some(Arc::new(dev))
@@ -465,8 +465,6 @@ impl Vm {
             fds.push(fd);
         }
         if let (Some(fw), Some(dev)) = (&config.firmware, &fw_cfg) {
-            let layout = ferry_boot::MemoryLayout::new(config.mem_bytes)
-                .map_err(|e| VmmError::Config(e.to_string()))?;
             let mut dev = dev
                 .lock()
                 .map_err(|_| VmmError::Config("fw_cfg device lock poisoned".into()))?;
