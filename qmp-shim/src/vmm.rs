@@ -1448,6 +1448,41 @@ pub fn fdset_fd(
 mod tests {
     use super::*;
 
+    /// A backend with a guest built (paused, `-S`) from `-machine pc -m 64
+    /// EXTRA -kernel dirtier`, and the receiver of its QMP events; `None`
+    /// (the test skips, except in CI) where /dev/kvm is not usable. Keep the
+    /// directory: it holds the kernel.
+    fn guest_on_kvm(
+        extra: &str,
+    ) -> Option<(
+        tempfile::TempDir,
+        FerryBackend,
+        std::sync::mpsc::Receiver<serde_json::Value>,
+    )> {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            assert!(std::env::var_os("CI").is_none(), "CI must run every test");
+            eprintln!("SKIP: /dev/kvm is not usable here");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("dirtier.elf");
+        std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+        let args = format!("-S -machine pc -m 64 {extra} -kernel {}", kernel.display());
+        let inv = crate::argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
+        let config = inv.machine_config().expect("config").expect("a guest");
+        let events = EventSink::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        events.subscribe(1, tx);
+        let mut backend = FerryBackend::new(events);
+        backend.create(&config).expect("guest");
+        Some((dir, backend, rx))
+    }
+
     /// QEMU's `bootorder` file: OpenFirmware paths by `bootindex` (a
     /// virtio-blk disk in slot 0xa, IDE drives by channel and unit), `HALT`
     /// last under `-boot strict=on`; drives without a bootindex are left out.
@@ -1488,31 +1523,11 @@ mod tests {
     #[test]
     fn balloon_reaches_the_guest_and_its_changes_come_back_as_events() {
         use ferry_vmm::devices::virtio::test_driver::Driver;
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-        {
-            assert!(std::env::var_os("CI").is_none(), "CI must run every test");
-            eprintln!("SKIP: /dev/kvm is not usable here");
+        let Some((_dir, mut backend, rx)) = guest_on_kvm(
+            "-device virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x5,guest-stats-polling-interval=7",
+        ) else {
             return;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let kernel = dir.path().join("dirtier.elf");
-        std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
-        let args = format!(
-            "-S -machine pc -m 64 -kernel {} \
-             -device virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x5,guest-stats-polling-interval=7",
-            kernel.display()
-        );
-        let inv = crate::argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
-        let config = inv.machine_config().expect("config").expect("a guest");
-        let events = EventSink::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        events.subscribe(1, tx);
-        let mut backend = FerryBackend::new(events);
-        backend.create(&config).expect("guest");
+        };
         assert_eq!(backend.balloon_info().expect("balloon").poll_interval, 7);
         backend.set_balloon_target(1000).expect("target");
         {
@@ -1542,30 +1557,9 @@ mod tests {
     #[test]
     fn a_guest_setting_its_rtc_is_an_rtc_change_event() {
         use ferry_vmm::devices::rtc::{b, reg, DATA_PORT, INDEX_PORT};
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-        {
-            assert!(std::env::var_os("CI").is_none(), "CI must run every test");
-            eprintln!("SKIP: /dev/kvm is not usable here");
+        let Some((_dir, backend, rx)) = guest_on_kvm("-rtc base=utc") else {
             return;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let kernel = dir.path().join("dirtier.elf");
-        std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
-        let args = format!(
-            "-S -machine pc -m 64 -rtc base=utc -kernel {}",
-            kernel.display()
-        );
-        let inv = crate::argv::parse(&args.split_whitespace().collect::<Vec<_>>()).expect("argv");
-        let config = inv.machine_config().expect("config").expect("a guest");
-        let events = EventSink::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        events.subscribe(1, tx);
-        let mut backend = FerryBackend::new(events);
-        backend.create(&config).expect("guest");
+        };
         {
             let inner = backend.shared.lock().expect("lock");
             let rtc = inner.guest.as_ref().expect("guest").rtc().expect("an RTC");
