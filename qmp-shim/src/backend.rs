@@ -198,53 +198,8 @@ pub enum MigrationTarget {
     Exec(String),
 }
 
-/// QAPI `MigrationStatus`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationStatus {
-    None,
-    Setup,
-    Active,
-    PreSwitchover,
-    Device,
-    Completed,
-    Failed,
-    Cancelling,
-    Cancelled,
-}
-
-impl MigrationStatus {
-    pub const ALL: [Self; 9] = [
-        Self::None,
-        Self::Setup,
-        Self::Active,
-        Self::PreSwitchover,
-        Self::Device,
-        Self::Completed,
-        Self::Failed,
-        Self::Cancelling,
-        Self::Cancelled,
-    ];
-
-    /// The QAPI spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Setup => "setup",
-            Self::Active => "active",
-            Self::PreSwitchover => "pre-switchover",
-            Self::Device => "device",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Cancelling => "cancelling",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    /// Parses the QAPI spelling.
-    pub fn from_name(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.as_str() == s)
-    }
-}
+/// QAPI `MigrationStatus`: the engine's, which names its states as QEMU does.
+pub use ferry_vmm::migration::MigrationStatus;
 
 /// RAM transfer counters (`query-migrate` → `ram`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -4,11 +4,11 @@
 //! * Boot: `-kernel` (PVH ELF, ELF vmlinux, bzImage) with `-append`/`-initrd`;
 //!   `-S` leaves it in `prelaunch` until `cont`.
 //! * Save (`migrate` of a *paused* guest to `fd:`, `file:` or `exec:`): the
-//!   checkpoint stream of `ferry_vmm::checkpoint::save`, written by a thread;
+//!   checkpoint stream of the engine's `CheckpointSink`, written by a thread;
 //!   MIGRATION events `setup` → `active` → `completed`/`failed` as QEMU sends
 //!   them (libvirt's `virsh save` waits for them).
 //! * Restore (`-incoming fd:N|file:PATH`, or `-incoming defer` +
-//!   `migrate-incoming`): `ferry_vmm::checkpoint::restore` on a thread; the
+//!   `migrate-incoming`): the engine's `Destination` on a thread; the
 //!   guest starts afterwards unless `-S` (then `cont` starts it, as libvirt does).
 //!   A stream that fails to load ends the process with status 1, like QEMU.
 //! * Guest exits: poweroff → SHUTDOWN (process exits unless `-no-shutdown`),
@@ -19,22 +19,20 @@
 //!   socket `fd:`): the engine's pre-copy on a thread that owns the guest
 //!   meanwhile; see [`live`]. `stop`/`cont` meanwhile hold and release its
 //!   vCPUs through a `VcpuHold`, as QEMU stops a migrating guest without ending
-//!   the migration. The destination reads every stream with
-//!   `ferry_vmm::migration::receive_streams`, answering on the return path
+//!   the migration. The destination reads every stream with the engine's
+//!   `Destination`, answering on the return path
 //!   when the stream is a socket; with the multifd capability on and a
 //!   `tcp:`/`unix:` listener it takes up to `multifd-channels` page streams,
 //!   the extra connections arriving on the same listener.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Child;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_kvm::{Backing, GuestRam};
-use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::fw_cfg::FwCfgConfig;
 use ferry_vmm::devices::ide::{IdeDriveConfig, IdeMedia};
@@ -45,9 +43,8 @@ use ferry_vmm::devices::virtio::net::AnnounceSchedule;
 use ferry_vmm::devices::SharedFd;
 use ferry_vmm::dirty_rate::DirtyRateMeter;
 use ferry_vmm::firmware::FirmwareConfig;
-use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
-    self, Channel, IncomingOptions, Listener, MigrationUri, ServeOptions, TransportError,
+    self, CheckpointSink, Destination, IncomingOptions, MigrationError, MigrationUri, Target,
 };
 use ferry_vmm::private_file::PrivateFile;
 use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
@@ -57,7 +54,6 @@ use serde_json::json;
 
 use crate::argv::Incoming;
 use crate::backend::*;
-use crate::exec::StreamEnd;
 use crate::qmp::events::EventSink;
 use crate::qmp::server::FdSets;
 use crate::serial::SerialTee;
@@ -383,156 +379,13 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
     Ok(guest)
 }
 
-/// Where a save goes: the writer, the `exec:` child to wait for, and for
-/// `file:` the private file that replaces PATH once the save is whole.
-struct SaveTarget {
-    out: Box<dyn Write + Send>,
-    child: Option<Child>,
-    file: Option<PrivateFile>,
-}
-
-fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError> {
-    match target {
-        MigrationTarget::Fd(fd) => Ok(SaveTarget {
-            out: Box::new(File::from(fd)),
-            child: None,
-            file: None,
-        }),
-        MigrationTarget::File(p) => {
-            // Mode 0600 under a temporary name; PATH keeps the previous
-            // save until this one is whole and synced (write_checkpoint).
-            let fail = |e: std::io::Error| BackendError::Migration(format!("{}: {e}", p.display()));
-            let file = PrivateFile::create(&p).map_err(fail)?;
-            let out = file.file().try_clone().map_err(fail)?;
-            Ok(SaveTarget {
-                out: Box::new(out),
-                child: None,
-                file: Some(file),
-            })
-        }
-        MigrationTarget::Exec(cmd) => {
-            let (child, stdin) =
-                crate::exec::spawn_exec(&cmd, StreamEnd::Stdin).map_err(BackendError::Migration)?;
-            Ok(SaveTarget {
-                out: Box::new(File::from(stdin)),
-                child: Some(child),
-                file: None,
-            })
-        }
-        MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => Err(BackendError::Migration(
-            "a checkpoint goes to fd:, file: or exec:".into(),
-        )),
-    }
-}
-
-/// Writes the checkpoint of the stopped `guest` to `target`.
-fn write_checkpoint(
-    guest: &Guest,
-    target: SaveTarget,
-) -> Result<checkpoint::CheckpointStats, String> {
-    let SaveTarget { out, child, file } = target;
-    let result = checkpoint::save(guest, BufWriter::with_capacity(1 << 20, out))
-        .map_err(|e| e.to_string())
-        .and_then(|(w, stats)| {
-            // Dropping the writer closes the fd/pipe: the reader sees EOF.
-            let mut inner = w.into_inner().map_err(|e| e.error().to_string())?;
-            inner.flush().map_err(|e| e.to_string())?;
-            Ok(stats)
-        })
-        .and_then(|stats| match file {
-            // fsync, rename over PATH, fsync the directory; a failed save
-            // drops `file`, which removes the temporary.
-            Some(f) => f.commit().map(|()| stats).map_err(|e| e.to_string()),
-            None => Ok(stats),
-        });
-    if let Some(mut child) = child {
-        let status = child.wait().map_err(|e| e.to_string())?;
-        if result.is_ok() && !status.success() {
-            return Err(format!("the exec: command failed ({status})"));
-        }
-    }
-    result
-}
-
-/// Where an incoming stream comes from.
-#[derive(Debug)]
-enum IncomingSource {
-    /// A file or a pipe: read to the end, nobody to answer.
-    Stream(File),
-    /// A connected socket (`fd:` from getfd or inherited): the source reads
-    /// our answers on it.
-    Socket(Channel),
-    /// A bound `tcp:`/`unix:` endpoint the source connects to.
-    Listen(Listener),
-}
-
-fn open_incoming(source: MigrationTarget) -> Result<IncomingSource, BackendError> {
-    let transport = |e: TransportError| BackendError::Migration(e.to_string());
-    match source {
-        MigrationTarget::Fd(fd) => {
-            if live::is_socket(&fd) {
-                let uri = MigrationUri::Fd(fd.as_raw_fd());
-                Ok(IncomingSource::Socket(
-                    Channel::from_owned_fd(fd, &uri).map_err(transport)?,
-                ))
-            } else {
-                Ok(IncomingSource::Stream(File::from(fd)))
-            }
-        }
-        MigrationTarget::File(p) => File::open(&p)
-            .map(IncomingSource::Stream)
-            .map_err(|e| BackendError::Migration(format!("{}: {e}", p.display()))),
-        MigrationTarget::Tcp(a) => Listener::bind(&live::tcp_uri(&a)?)
-            .map(IncomingSource::Listen)
-            .map_err(transport),
-        MigrationTarget::Unix(p) => Listener::bind(&MigrationUri::Unix(p))
-            .map(IncomingSource::Listen)
-            .map_err(transport),
-        MigrationTarget::Exec(cmd) => {
-            // QEMU's `-incoming exec:CMD`: the stream is the shell's stdout.
-            let (mut child, stdout) = crate::exec::spawn_exec(&cmd, StreamEnd::Stdout)
-                .map_err(BackendError::Migration)?;
-            // Reaped when it exits; a failing command shows as a short stream,
-            // which the receiver refuses, and its status is logged here.
-            std::thread::Builder::new()
-                .name("incoming-exec".into())
-                .spawn(move || match child.wait() {
-                    Ok(st) if !st.success() => {
-                        eprintln!("ferry-qemu: the incoming exec: command failed ({st})");
-                    }
-                    Err(e) => eprintln!("ferry-qemu: waiting for the exec: command: {e}"),
-                    Ok(_) => {}
-                })
-                .map_err(engine)?;
-            Ok(IncomingSource::Stream(File::from(stdout)))
-        }
-    }
-}
-
-/// TLS set for a stream that is a file or a pipe.
-fn tls_needs_a_socket() -> BackendError {
-    BackendError::Migration(
-        "tls-creds is set, but a file or a pipe cannot carry TLS: migrate over tcp:, unix: \
-         or an fd: socket, or clear tls-creds"
-            .into(),
-    )
-}
-
 impl FerryBackend {
     /// Reads a guest (a checkpoint or a live migration stream) on a thread;
     /// see the module docs.
-    fn start_incoming(&self, mut source: IncomingSource) -> Result<(), BackendError> {
+    fn start_incoming(&self, source: Target) -> Result<(), BackendError> {
         let tls = self.shared.lock()?.tls.clone();
-        if let Some(t) = &tls {
-            match &mut source {
-                IncomingSource::Listen(l) => l
-                    .set_tls(t.creds.clone())
-                    .map_err(|e| BackendError::Migration(e.to_string()))?,
-                // Its handshake runs on the incoming thread.
-                IncomingSource::Socket(_) => {}
-                IncomingSource::Stream(_) => return Err(tls_needs_a_socket()),
-            }
-        }
+        let destination = Destination::open(source, tls.map(|t| t.creds))
+            .map_err(|e| live::migration_error(&e))?;
         let opts = {
             let mut inner = self.shared.lock()?;
             if inner.incoming_started || inner.guest.is_some() {
@@ -561,82 +414,33 @@ impl FerryBackend {
         std::thread::Builder::new()
             .name("incoming".into())
             .spawn(move || {
-                let fail = |e: String| -> ! {
-                    eprintln!("ferry-qemu: load of migration failed: {e}");
-                    shared.set_migration(|m| m.error_desc = Some(e));
-                    shared.migration_status(MigrationStatus::Failed);
-                    exit_after_events(1);
-                };
                 let mut start = Instant::now();
-                let result = match source {
-                    // A source on the network: handshakes off the accept loop,
-                    // strangers refused while the wait goes on, an idle timeout.
-                    IncomingSource::Listen(l) => migration::serve(
-                        &l,
-                        &ServeOptions::default(),
-                        &opts,
-                        &mut || {
-                            start = Instant::now();
-                            shared.migration_status(MigrationStatus::Active);
-                        },
-                        // Read once the source is here: `-incoming tcp:` listens
-                        // before QMP can turn multifd on. Without multifd nobody
-                        // else may connect, as in QEMU.
-                        &|| {
-                            let multifd = shared.incoming_multifd.lock().map_or(None, |m| *m);
-                            if let Some(channels) = multifd {
-                                tracing::info!(
-                                    "incoming migration: multifd, up to {channels} streams"
-                                );
-                            }
-                            multifd.unwrap_or(1)
-                        },
-                    ),
-                    other => {
-                        let channel = match other {
-                            IncomingSource::Socket(ch) => match &tls {
-                                Some(t) => match ch.secure(&t.creds, None) {
-                                    Ok(ch) => IncomingSource::Socket(ch),
-                                    Err(e) => fail(e.to_string()),
-                                },
-                                None => IncomingSource::Socket(ch),
-                            },
-                            other => other,
-                        };
+                let result = destination.serve(
+                    &opts,
+                    &mut || {
                         start = Instant::now();
                         shared.migration_status(MigrationStatus::Active);
-                        // A pipe (libvirt's iohelper) is drained to EOF after the
-                        // stream, so the writer never blocks or sees EPIPE.
-                        let mut drain = None;
-                        let (reader, writer): (Box<dyn ReadHalf>, Option<Box<dyn WriteHalf>>) =
-                            match channel {
-                                IncomingSource::Stream(file) => {
-                                    drain = file
-                                        .metadata()
-                                        .ok()
-                                        .filter(|m| !m.is_file())
-                                        .and_then(|_| file.try_clone().ok());
-                                    (Box::new(file), None)
-                                }
-                                IncomingSource::Socket(ch) => {
-                                    let writer = ch.has_return_path.then_some(ch.writer);
-                                    (ch.reader, writer)
-                                }
-                                IncomingSource::Listen(_) => fail("no connection".into()),
-                            };
-                        // One connection: an fd: socket or a pipe carries one stream.
-                        let result = migration::receive_streams(reader, writer, None, &opts);
-                        if let Some(mut d) = drain {
-                            let _ = std::thread::Builder::new()
-                                .name("incoming-drain".into())
-                                .spawn(move || std::io::copy(&mut d, &mut std::io::sink()));
+                    },
+                    // Read once the source is here: `-incoming tcp:` listens
+                    // before QMP can turn multifd on. Without multifd nobody
+                    // else may connect, as in QEMU.
+                    &|| {
+                        let multifd = shared.incoming_multifd.lock().map_or(None, |m| *m);
+                        if let Some(channels) = multifd {
+                            tracing::info!("incoming migration: multifd, up to {channels} streams");
                         }
-                        result
-                    }
-                };
+                        multifd.unwrap_or(1)
+                    },
+                );
                 let guest = match result {
                     Ok(g) => g,
-                    Err(e) => fail(e.to_string()),
+                    Err(e) => {
+                        let e = ferry_vmm::error_chain(&e);
+                        eprintln!("ferry-qemu: load of migration failed: {e}");
+                        shared.set_migration(|m| m.error_desc = Some(e));
+                        shared.migration_status(MigrationStatus::Failed);
+                        exit_after_events(1);
+                    }
                 };
                 let total = start.elapsed().as_millis() as u64;
                 shared.set_migration(|m| {
@@ -665,11 +469,11 @@ impl FerryBackend {
     }
 
     /// Writes the stopped guest to `target` on a thread; see the module docs.
-    fn start_save(&self, target: MigrationTarget) -> Result<(), BackendError> {
+    fn start_save(&self, target: Target) -> Result<(), BackendError> {
         {
             let inner = self.shared.lock()?;
             if inner.tls.is_some() {
-                return Err(tls_needs_a_socket());
+                return Err(live::migration_error(&MigrationError::TlsNeedsSocket));
             }
             if inner.guest.is_none() {
                 return Err(BackendError::BadState {
@@ -684,13 +488,13 @@ impl FerryBackend {
             }
         }
         if let Ok(m) = self.shared.migration.lock() {
-            if live::in_progress(m.status) {
+            if m.status.is_some_and(MigrationStatus::in_progress) {
                 return Err(BackendError::Migration(
                     "There's a migration process in progress".into(),
                 ));
             }
         }
-        let target = open_save_target(target)?;
+        let target = CheckpointSink::open(target).map_err(|e| live::migration_error(&e))?;
         self.shared.set_migration(|m| *m = MigrationInfo::default());
         self.shared.migration_status(MigrationStatus::Setup);
         let shared = Arc::clone(&self.shared);
@@ -705,7 +509,10 @@ impl FerryBackend {
                 let before = inner.state;
                 inner.state = RunState::FinishMigrate;
                 let result = match &inner.guest {
-                    Some(g) => write_checkpoint(g, target).map(|s| (s, g.ram().total_bytes())),
+                    Some(g) => target
+                        .write(g)
+                        .map(|s| (s, g.ram().total_bytes()))
+                        .map_err(|e| ferry_vmm::error_chain(&e)),
                     None => Err("the guest went away".into()),
                 };
                 let ms = start.elapsed().as_millis() as u64;
@@ -922,20 +729,16 @@ impl Backend for FerryBackend {
             Some(Incoming::Fd(n)) => {
                 let fd = crate::fd::adopt_inherited(*n)
                     .map_err(|e| BackendError::Migration(format!("-incoming fd:{n}: {e}")))?;
-                self.start_incoming(open_incoming(MigrationTarget::Fd(fd))?)
+                self.start_incoming(Target::Fd(fd))
             }
             Some(Incoming::File(p)) => {
-                self.start_incoming(open_incoming(MigrationTarget::File(p.clone()))?)
+                self.start_incoming(Target::Uri(MigrationUri::File(p.clone())))
             }
-            Some(Incoming::Tcp(a)) => {
-                self.start_incoming(open_incoming(MigrationTarget::Tcp(a.clone()))?)
-            }
+            Some(Incoming::Tcp(a)) => self.start_incoming(Target::Uri(live::tcp_uri(a)?)),
             Some(Incoming::Unix(p)) => {
-                self.start_incoming(open_incoming(MigrationTarget::Unix(p.clone()))?)
+                self.start_incoming(Target::Uri(MigrationUri::Unix(p.clone())))
             }
-            Some(Incoming::Exec(c)) => {
-                self.start_incoming(open_incoming(MigrationTarget::Exec(c.clone()))?)
-            }
+            Some(Incoming::Exec(c)) => self.start_incoming(Target::Exec(c.clone())),
         }
     }
 
@@ -1065,16 +868,12 @@ impl Backend for FerryBackend {
     ) -> Result<(), BackendError> {
         // A stopped guest into a file or pipe is a checkpoint; anything else
         // (a running guest, or a peer that answers) is a live migration.
-        if let MigrationTarget::Exec(cmd) = &target {
-            crate::exec::check_spawn(cmd).map_err(BackendError::Migration)?;
+        let target = live::target(target)?;
+        if let Target::Exec(cmd) = &target {
+            migration::exec::check_spawn(cmd).map_err(|e| live::migration_error(&e.into()))?;
         }
         let running = self.shared.lock()?.state == RunState::Running;
-        let to_peer = match &target {
-            MigrationTarget::Tcp(_) | MigrationTarget::Unix(_) => true,
-            MigrationTarget::Fd(fd) => live::is_socket(fd),
-            MigrationTarget::File(_) | MigrationTarget::Exec(_) => false,
-        };
-        if running || to_peer {
+        if running || target.has_peer() {
             self.start_live(target, params, caps)
         } else {
             self.start_save(target)
@@ -1091,7 +890,7 @@ impl Backend for FerryBackend {
                 "The incoming migration has already been started or completed".into(),
             ));
         }
-        self.start_incoming(open_incoming(source)?)
+        self.start_incoming(live::target(source)?)
     }
 
     fn migrate_cancel(&mut self) -> Result<(), BackendError> {
@@ -1172,7 +971,7 @@ impl Backend for FerryBackend {
     }
 
     fn save(&mut self, target: MigrationTarget) -> Result<(), BackendError> {
-        self.start_save(target)
+        self.start_save(live::target(target)?)
     }
 
     fn guest_cpuid(&self) -> Option<Vec<CpuidLeaf>> {

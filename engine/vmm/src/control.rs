@@ -26,9 +26,7 @@ use serde_json::{json, Value};
 use ferry_kvm::{GuestRam, PAGE_SIZE};
 
 use crate::checkpoint;
-use crate::migration::{
-    self, Channel, MigrationControl, MigrationStatus, MigrationUri, TimeoutPolicy,
-};
+use crate::migration::{self, MigrationControl, MigrationUri, TimeoutPolicy};
 use crate::private_file::PrivateFile;
 use crate::vcpu::GuestExit;
 use crate::vm::Vm;
@@ -215,7 +213,8 @@ pub fn run(mut vm: Vm, control: Option<&Path>, start: bool) -> Result<RunOutcome
         match requests.recv_timeout(Duration::from_millis(20)) {
             Ok(req) => {
                 if let Some(uri) = req.line.strip_prefix("migrate ") {
-                    let (reply, moved) = migrate(&mut vm, uri.trim(), &ctl);
+                    let (back, reply, moved) = migrate(vm, uri.trim(), &ctl)?;
+                    vm = back;
                     let _ = req.reply.send(reply);
                     if moved {
                         let _ = req.written.recv_timeout(LAST_REPLY_WAIT);
@@ -454,26 +453,39 @@ fn with_paused(
     result
 }
 
-/// Runs an outgoing migration to `uri`; true when the VM has moved.
-fn migrate(vm: &mut Vm, uri: &str, ctl: &Arc<MigrationControl>) -> (Value, bool) {
-    let result = uri
-        .parse::<MigrationUri>()
-        .and_then(|u| Channel::connect(&u, Duration::from_secs(10)))
-        .map_err(migration::MigrationError::from)
-        .and_then(|ch| migration::migrate(vm, ch, ctl));
+/// Runs an outgoing migration to `uri` and waits for its end: the VM back,
+/// the reply, and whether the VM has moved.
+fn migrate(vm: Vm, uri: &str, ctl: &Arc<MigrationControl>) -> Result<(Vm, Value, bool), VmmError> {
+    let failed = |vm: &Vm, e: &migration::MigrationError| json!({"ok": false, "error": crate::error_chain(e), "status": status(vm)});
+    let target = match uri.parse::<migration::Target>() {
+        Ok(t) => t,
+        Err(e) => {
+            let reply = failed(&vm, &e);
+            return Ok((vm, reply, false));
+        }
+    };
     // After a migration into a file the VM stays, paused, as QEMU's does
     // (`resume` runs it on); after a live one it runs elsewhere.
-    let to_file = uri.starts_with("file:");
-    match result {
-        Ok(migration::MigrationOutcome::Completed(stats)) => (
+    let to_file = matches!(target, migration::Target::Uri(MigrationUri::File(_)));
+    let source = match migration::Source::start(vm, target, ctl, |vm, r| (vm, r)) {
+        Ok(s) => s,
+        Err(not) => {
+            let reply = failed(&not.vm, &not.error);
+            return Ok((not.vm, reply, false));
+        }
+    };
+    let (vm, result) = source.wait().map_err(|_| VmmError::MigrationLost)?;
+    Ok(match result {
+        Ok(stats) => (
+            vm,
             json!({"ok": true, "migration": serde_json::to_value(&stats).unwrap_or_default()}),
             !to_file,
         ),
-        Err(e) => (
-            json!({"ok": false, "error": crate::error_chain(&e), "status": status(vm)}),
-            false,
-        ),
-    }
+        Err(e) => {
+            let reply = failed(&vm, &e);
+            (vm, reply, false)
+        }
+    })
 }
 
 /// Commands on a migration in flight; `None` for anything else.
@@ -483,7 +495,7 @@ fn migration_command(ctl: &MigrationControl, line: &str) -> Option<Value> {
         // The main loop is busy migrating: answer here rather than after it.
         "status" => {
             let state = ctl.stats().status;
-            if !migration_in_flight(state) {
+            if !state.in_progress() {
                 return None;
             }
             json!({"ok": true, "status": "migrating", "migration": state.as_str()})
@@ -511,17 +523,6 @@ fn migration_command(ctl: &MigrationControl, line: &str) -> Option<Value> {
 }
 
 /// States in which `migrate` has not returned yet.
-fn migration_in_flight(state: MigrationStatus) -> bool {
-    matches!(
-        state,
-        MigrationStatus::Setup
-            | MigrationStatus::Active
-            | MigrationStatus::PreSwitchover
-            | MigrationStatus::Device
-            | MigrationStatus::Cancelling
-    )
-}
-
 fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
     let mut p = ctl.params();
     for kv in args.split_whitespace() {

@@ -81,6 +81,9 @@ pub enum VmmError {
     DirtyRate(#[from] dirty_rate::DirtyRateError),
     #[error(transparent)]
     Firmware(firmware::FirmwareError),
+    /// The migration thread panicked with the VM (an engine bug).
+    #[error("the migration thread panicked: the VM is lost")]
+    MigrationLost,
     #[error("the VM has no balloon device")]
     NoBalloon,
     /// The host asked the balloon for something it refuses.

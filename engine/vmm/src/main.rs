@@ -13,13 +13,28 @@ use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
 use ferry_vmm::migration::{
-    self, CredsSpec, Endpoint, IncomingOptions, Listener, MigrationUri, ServeOptions, TlsCreds,
+    CredsSpec, Destination, Endpoint, IncomingOptions, MigrationError, Target, TlsCreds,
 };
+use ferry_vmm::{GuestExit, KernelConfig, Vm, VmConfig, VmmError};
 
-fn migration_err(e: migration::TransportError) -> ferry_vmm::VmmError {
-    ferry_vmm::VmmError::Config(e.to_string())
+/// Why ferry-vm stopped with an error.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("incoming migration")]
+    Incoming(#[source] MigrationError),
 }
-use ferry_vmm::{GuestExit, KernelConfig, Vm, VmConfig};
+
+impl From<MigrationError> for RunError {
+    /// The VM's own refusals read as they do for a restore.
+    fn from(e: MigrationError) -> Self {
+        match e {
+            MigrationError::Vmm(v) => Self::Vmm(v),
+            other => Self::Incoming(other),
+        }
+    }
+}
 
 fn main() -> ExitCode {
     // First, before anything opens a file: `--net fd=N` takes only an fd
@@ -47,7 +62,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
+fn run(cli: Cli) -> Result<ExitCode, RunError> {
     let (vm, common) = match cli.command {
         Command::Run {
             kernel,
@@ -62,7 +77,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             let mut tables = ferry_boot::SmbiosConfig::for_vcpus(smp);
             for arg in &smbios {
                 arg.apply(&mut tables)
-                    .map_err(|e| ferry_vmm::VmmError::Config(format!("--smbios: {e}")))?;
+                    .map_err(|e| VmmError::Config(format!("--smbios: {e}")))?;
             }
             // Through firmware, the SMBIOS tables are fw_cfg files the firmware
             // installs; with a kernel, ferry writes them below 1 MiB.
@@ -102,27 +117,22 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             tls_creds,
             common,
         } => {
-            let uri: MigrationUri = uri.parse().map_err(migration_err)?;
             let tls = tls_creds
                 .map(|spec| {
                     CredsSpec::parse(&spec).and_then(|s| TlsCreds::load(s, Endpoint::Server))
                 })
                 .transpose()
-                .map_err(|e| ferry_vmm::VmmError::Config(e.to_string()))?;
-            let mut listener = Listener::bind(&uri).map_err(migration_err)?;
-            if let Some(creds) = tls {
-                listener.set_tls(creds).map_err(migration_err)?;
-            }
-            if let Some(port) = listener.local_port() {
+                .map_err(|e| VmmError::Config(e.to_string()))?;
+            let target: Target = uri.parse()?;
+            let destination = Destination::open(target, tls)?;
+            if let Some(port) = destination.local_port() {
                 eprintln!("ferry-vm: listening on port {port}");
             }
-            if matches!(uri, MigrationUri::Tcp(_) | MigrationUri::Unix(_)) {
+            if destination.listens() {
                 // A source may connect from now on (scripts and tests wait for this line).
                 eprintln!("ferry-vm: listening on {uri}");
             }
-            let vm = migration::serve(
-                &listener,
-                &ServeOptions::default(),
+            let vm = destination.serve(
                 &IncomingOptions {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),
@@ -136,18 +146,14 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     rtc: common.rtc_config(),
                 },
                 &mut || {},
-                // A file carries one stream; the listener ignores more for it.
+                // A file or a pipe carries one stream.
                 &|| max_streams,
-            )
-            .map_err(|e| match e {
-                migration::MigrationError::Vmm(v) => v,
-                other => ferry_vmm::VmmError::Restore(format!("incoming migration: {other}")),
-            })?;
+            )?;
             (vm, common)
         }
         Command::Restore { file, mem, common } => {
             let f = std::fs::File::open(&file).map_err(|e| {
-                ferry_vmm::VmmError::Io(format!("cannot open checkpoint {}", file.display()), e)
+                VmmError::Io(format!("cannot open checkpoint {}", file.display()), e)
             })?;
             let vm = checkpoint::restore(
                 std::io::BufReader::with_capacity(1 << 20, f),
@@ -164,13 +170,9 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                 },
             )
             .map_err(|e| match e {
-                ferry_vmm::VmmError::Restore(m) => {
-                    ferry_vmm::VmmError::Restore(format!("{}: {m}", file.display()))
-                }
+                VmmError::Restore(m) => VmmError::Restore(format!("{}: {m}", file.display())),
                 // The device's refusal, named with the file (as the text above).
-                ferry_vmm::VmmError::DeviceState(e) => {
-                    ferry_vmm::VmmError::Restore(format!("{}: {e}", file.display()))
-                }
+                VmmError::DeviceState(e) => VmmError::Restore(format!("{}: {e}", file.display())),
                 other => other,
             })?;
             (vm, common)

@@ -1,10 +1,10 @@
-//! Outgoing live migration: the engine's pre-copy (`ferry_vmm::migration::migrate`)
+//! Outgoing live migration: the engine's source endpoint (`ferry_vmm::migration::Source`)
 //! behind QMP's `migrate`, `migrate_cancel`, `migrate-continue`,
 //! `migrate-set-parameters` and `query-migrate`.
 //!
-//! The engine runs a whole migration in the thread that owns the guest, so
-//! `migrate` moves the guest out of `Inner` into a `migration` thread and
-//! puts it back when the engine returns. Meanwhile `query-status` answers
+//! The engine runs a whole migration on a thread that owns the guest, so
+//! `migrate` moves the guest out of `Inner` into `Source::start` and puts it
+//! back when the engine hands it back. Meanwhile `query-status` answers
 //! from the QMP run state and `query-migrate` from the engine's statistics;
 //! commands that need the guest itself (`stop`, `cont`, `pmemsave`) are
 //! refused until the migration ends.
@@ -27,32 +27,22 @@
 //! With the multifd capability, the engine proposes `multifd-channels` page
 //! streams and the destination answers how many it takes. Fewer than
 //! proposed means the destination has multifd off or fewer channels; QEMU
-//! fails such a migration, and so does ferry-qemu, right after the handshake
-//! (`setup` → `failed`, the guest never stopped), naming both numbers.
+//! fails such a migration, and so does the engine under `exact_streams`,
+//! right after the handshake (`setup` → `failed`, the guest never stopped),
+//! naming both numbers.
 
-use std::os::fd::{AsFd, AsRawFd};
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use ferry_vmm::migration::transport::Breaker;
 use ferry_vmm::migration::{
-    self, Channel, MigrationControl, MigrationError, MigrationEvent, MigrationOutcome,
-    MigrationParams, MigrationUri, VcpuHold,
+    self, MigrationControl, MigrationError, MigrationEvent, MigrationParams, MigrationStats,
+    MigrationUri, Source, Target, VcpuHold,
 };
 use serde_json::json;
 
 use super::{state_name, FerryBackend, Guest, Shared};
 use crate::backend::*;
-use crate::exec::StreamEnd;
-
-/// How long `Channel::connect` may take for `tcp:`/`unix:`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// After `migrate_cancel`, how long the engine gets to notice by itself
-/// before the channel is shut down under it (a peer that stopped reading
-/// blocks the sender in `write`).
-const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// A live migration in flight, or the last one (for `query-migrate`).
 #[derive(Debug)]
@@ -66,33 +56,12 @@ pub(super) struct Outgoing {
     /// Bytes on the wire when the guest stopped (`precopy-bytes`).
     precopy_bytes: Option<u64>,
     cancel_requested: bool,
-    /// Set once the engine returned.
+    /// Set once the engine handed the guest back.
     done: Arc<AtomicBool>,
-    breaker: Option<Arc<Breaker>>,
     /// Stops and restarts the vCPUs while the migration thread owns the guest.
     hold: VcpuHold,
     /// QMP `stop` came during the migration (and no `cont` since).
     user_stopped: bool,
-    /// Why the migration was stopped after the handshake: the destination
-    /// took fewer page streams than multifd-channels.
-    mismatch: Option<String>,
-}
-
-/// Whether `fd` is a socket (a peer that can answer) rather than a file or pipe.
-pub(super) fn is_socket(fd: &impl AsFd) -> bool {
-    nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK)
-}
-
-/// QMP's `max-bandwidth` (0 = no cap, as in QEMU) for the engine. The engine
-/// also takes 0 as "no cap" but then never restarts its rate window, so a cap
-/// set later in flight would first sleep off every byte sent since the start;
-/// a huge cap keeps the window rolling and caps nothing.
-fn engine_bandwidth(bytes_per_sec: u64) -> u64 {
-    if bytes_per_sec == 0 {
-        u64::MAX >> 1
-    } else {
-        bytes_per_sec
-    }
 }
 
 /// `tcp:ADDR` as the engine's URI (checks the port).
@@ -102,50 +71,27 @@ pub(super) fn tcp_uri(addr: &str) -> Result<MigrationUri, BackendError> {
         .map_err(|e: migration::TransportError| BackendError::Migration(e.to_string()))
 }
 
-pub(super) fn in_progress(status: Option<MigrationStatus>) -> bool {
-    matches!(
-        status,
-        Some(
-            MigrationStatus::Setup
-                | MigrationStatus::Active
-                | MigrationStatus::PreSwitchover
-                | MigrationStatus::Device
-                | MigrationStatus::Cancelling
-        )
-    )
+/// QMP's migration target as the engine's.
+pub(super) fn target(t: MigrationTarget) -> Result<Target, BackendError> {
+    Ok(match t {
+        MigrationTarget::Tcp(a) => Target::Uri(tcp_uri(&a)?),
+        MigrationTarget::Unix(p) => Target::Uri(MigrationUri::Unix(p)),
+        MigrationTarget::File(p) => Target::Uri(MigrationUri::File(p)),
+        MigrationTarget::Fd(fd) => Target::Fd(fd),
+        MigrationTarget::Exec(cmd) => Target::Exec(cmd),
+    })
 }
 
-/// Opens the channel to the destination (on the migration thread: a
-/// connect may take a while). `exec:` gets a shell whose stdin is the stream.
-fn open_channel(target: MigrationTarget) -> Result<(Channel, Option<Child>), String> {
-    let uri = match target {
-        MigrationTarget::Tcp(a) => tcp_uri(&a).map_err(|e| e.to_string())?,
-        MigrationTarget::Unix(p) => MigrationUri::Unix(p),
-        MigrationTarget::File(p) => MigrationUri::File(p),
-        MigrationTarget::Fd(fd) => {
-            let uri = MigrationUri::Fd(fd.as_raw_fd());
-            return Channel::from_owned_fd(fd, &uri)
-                .map(|c| (c, None))
-                .map_err(|e| e.to_string());
-        }
-        MigrationTarget::Exec(cmd) => {
-            let (child, fd) = crate::exec::spawn_exec(&cmd, StreamEnd::Stdin)?;
-            let uri = MigrationUri::Fd(fd.as_raw_fd());
-            return Channel::from_owned_fd(fd, &uri)
-                .map(|c| (c, Some(child)))
-                .map_err(|e| e.to_string());
-        }
-    };
-    Channel::connect(&uri, CONNECT_TIMEOUT)
-        .map(|c| (c, None))
-        .map_err(|e| e.to_string())
+/// A migration's failure as QMP reports it.
+pub(super) fn migration_error(e: &MigrationError) -> BackendError {
+    BackendError::Migration(ferry_vmm::error_chain(e))
 }
 
 impl FerryBackend {
     /// Starts a live migration of the guest to `target`; see the module docs.
     pub(super) fn start_live(
         &self,
-        target: MigrationTarget,
+        target: Target,
         params: &MigrationParameters,
         caps: &MigrationCapabilities,
     ) -> Result<(), BackendError> {
@@ -156,7 +102,7 @@ impl FerryBackend {
             .map(|m| m.status)
             .ok()
             .flatten();
-        if in_progress(in_flight) {
+        if in_flight.is_some_and(MigrationStatus::in_progress) {
             return Err(BackendError::Migration(
                 "There's a migration process in progress".into(),
             ));
@@ -164,9 +110,10 @@ impl FerryBackend {
         let tls = self.shared.lock()?.tls.clone();
         let ctl = MigrationControl::new(MigrationParams {
             downtime_limit_ms: params.downtime_limit_ms,
-            max_bandwidth: engine_bandwidth(params.max_bandwidth),
+            max_bandwidth: params.max_bandwidth,
             pause_before_switchover: caps.pause_before_switchover,
             multifd_channels: params.streams(caps),
+            exact_streams: true,
             throttle: params.throttle(caps),
             max_throttle_pct: params.max_cpu_throttle,
             tls: tls.as_ref().map(|t| t.creds.clone()),
@@ -199,10 +146,8 @@ impl FerryBackend {
                 precopy_bytes: None,
                 cancel_requested: false,
                 done: Arc::clone(&done),
-                breaker: None,
                 hold: guest.hold_handle(),
                 user_stopped: false,
-                mismatch: None,
             });
         }
         let weak = Arc::downgrade(&self.shared);
@@ -210,44 +155,19 @@ impl FerryBackend {
         self.shared.set_migration(|m| *m = MigrationInfo::default());
         self.shared.migration_status(MigrationStatus::Setup);
         let shared = Arc::clone(&self.shared);
-        // The guest goes to the thread once it runs: if it cannot start, the
-        // guest is still here to put back, running as before.
-        let (give, take) = std::sync::mpsc::sync_channel::<Guest>(1);
-        let spawned = std::thread::Builder::new()
-            .name("migration".into())
-            .spawn(move || {
-                let Ok(mut guest) = take.recv() else { return };
-                let result = match open_channel(target) {
-                    Ok((channel, child)) => {
-                        if let (Ok(b), Ok(mut o)) = (channel.breaker(), shared.outgoing.lock()) {
-                            if let Some(o) = o.as_mut() {
-                                o.breaker = Some(Arc::new(b));
-                            }
-                        }
-                        let r = migration::migrate(&mut guest, channel, &ctl).map_err(|e| {
-                            (e.to_string(), matches!(e, MigrationError::Unconfirmed(_)))
-                        });
-                        if let Some(mut c) = child {
-                            let _ = c.wait();
-                        }
-                        r
-                    }
-                    Err(e) => Err((e, false)),
-                };
-                done.store(true, Ordering::Release);
-                finish(&shared, guest, before, result);
-            });
-        let (guest, why) = match spawned {
-            Ok(_) => match give.send(guest) {
-                Ok(()) => return Ok(()),
-                Err(std::sync::mpsc::SendError(g)) => {
-                    (g, "the migration thread ended before it began".to_string())
-                }
-            },
-            Err(e) => (guest, format!("cannot start the migration thread: {e}")),
-        };
-        self.put_back(guest, &why);
-        Err(BackendError::Migration(why))
+        let started = Source::start(guest, target, &ctl, move |guest, result| {
+            done.store(true, Ordering::Release);
+            finish(&shared, guest, before, result);
+        });
+        match started {
+            // The thread ends by itself once the guest is back.
+            Ok(_) => Ok(()),
+            Err(not) => {
+                let error = migration_error(&not.error);
+                self.put_back(not.vm, &error.to_string());
+                Err(error)
+            }
+        }
     }
 
     /// A migration that never began: the guest goes back as it was (it was
@@ -272,23 +192,17 @@ impl FerryBackend {
         };
         let Some(o) = o.as_mut() else { return };
         let status = self.shared.migration.lock().ok().and_then(|m| m.status);
-        if o.done.load(Ordering::Acquire) || o.cancel_requested || !in_progress(status) {
+        if o.done.load(Ordering::Acquire)
+            || o.cancel_requested
+            || !status.is_some_and(MigrationStatus::in_progress)
+        {
             return;
         }
         o.cancel_requested = true;
         self.shared.migration_status(MigrationStatus::Cancelling);
+        // The engine breaks the migration's connections: a sender blocked on
+        // a peer that stopped reading returns at once.
         o.ctl.cancel();
-        let (done, breaker) = (Arc::clone(&o.done), o.breaker.clone());
-        let _ = std::thread::Builder::new()
-            .name("migration-cancel".into())
-            .spawn(move || {
-                std::thread::sleep(CANCEL_GRACE);
-                if !done.load(Ordering::Acquire) {
-                    if let Some(b) = breaker {
-                        b.break_channel();
-                    }
-                }
-            });
     }
 
     /// QMP `stop` while the migration runs: the vCPUs leave the guest (so it
@@ -401,17 +315,6 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
     let mut cancelling = false;
     if let Ok(mut o) = shared.outgoing.lock() {
         if let Some(o) = o.as_mut() {
-            if next == MigrationStatus::Active && o.mismatch.is_none() {
-                o.mismatch = streams_mismatch(&o.ctl);
-                if o.mismatch.is_some() {
-                    // Pages have not flowed yet: the guest runs on, and the
-                    // end (`failed`) is sent by `finish`.
-                    o.ctl.cancel();
-                }
-            }
-            if o.mismatch.is_some() {
-                return;
-            }
             cancelling = o.cancel_requested;
             if next == MigrationStatus::Active && o.stopped {
                 // The switch-over would have overrun the downtime limit: the
@@ -452,49 +355,26 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
     }
 }
 
-/// With multifd: why the streams the destination took (the engine's figure,
-/// set before `active`) do not do, if they do not.
-fn streams_mismatch(ctl: &MigrationControl) -> Option<String> {
-    let wanted = ctl.params().multifd_channels;
-    let took = ctl.stats().streams;
-    (wanted > 1 && took < wanted).then(|| {
-        format!(
-            "the destination took {took} of the {wanted} page streams (multifd-channels) \
-             offered: multifd is off there or its multifd-channels is lower; set the multifd \
-             capability and multifd-channels alike on both sides (virsh migrate --parallel \
-             does)"
-        )
-    })
-}
-
 /// Puts the guest back and sends the last event.
 fn finish(
     shared: &Shared,
     mut guest: Guest,
     before: RunState,
-    result: Result<MigrationOutcome, (String, bool)>,
+    result: Result<MigrationStats, MigrationError>,
 ) {
-    let (cancel_requested, stopped, user_stopped, mismatch) = shared
+    let (cancel_requested, stopped, user_stopped) = shared
         .outgoing
         .lock()
         .ok()
         .and_then(|o| {
-            o.as_ref().map(|o| {
-                (
-                    o.cancel_requested,
-                    o.stopped,
-                    o.user_stopped,
-                    o.mismatch.clone(),
-                )
-            })
+            o.as_ref()
+                .map(|o| (o.cancel_requested, o.stopped, o.user_stopped))
         })
-        .unwrap_or((false, false, false, None));
-    // Stopped for a stream mismatch: that is the reason, not the cancel that
-    // stopped the engine.
-    let result = match (result, mismatch) {
-        (Err((_, unconfirmed)), Some(why)) => Err((why, unconfirmed)),
-        (r, _) => r,
-    };
+        .unwrap_or((false, false, false));
+    let result = result.map_err(|e| {
+        let unconfirmed = matches!(e, MigrationError::Unconfirmed(_));
+        (ferry_vmm::error_chain(&e), unconfirmed)
+    });
     // A `stop` during the migration becomes a real pause now.
     let held = guest.take_hold().unwrap_or_else(|e| {
         tracing::warn!("cannot pause the held guest: {e}");
@@ -556,7 +436,7 @@ pub(super) fn set_params(shared: &Shared, p: &MigrationParameters) {
         if let Some(o) = o.as_ref().filter(|o| !o.done.load(Ordering::Acquire)) {
             o.ctl.set_params(|x| {
                 x.downtime_limit_ms = p.downtime_limit_ms;
-                x.max_bandwidth = engine_bandwidth(p.max_bandwidth);
+                x.max_bandwidth = p.max_bandwidth;
                 x.max_throttle_pct = p.max_cpu_throttle;
                 if let ferry_vmm::migration::ThrottlePolicy::Qemu {
                     initial,
@@ -627,16 +507,6 @@ pub(super) fn fill_info(shared: &Shared, info: &mut MigrationInfo) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sockets_are_told_from_pipes_and_files() {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
-        assert!(is_socket(&a));
-        let (r, _w) = nix::unistd::pipe().expect("pipe");
-        assert!(!is_socket(&r));
-        let f = tempfile::tempfile().expect("file");
-        assert!(!is_socket(&f));
-    }
 
     #[test]
     fn tcp_uris_need_a_port() {

@@ -46,6 +46,8 @@
 //! never exist.
 
 pub(crate) mod converge;
+pub mod endpoint;
+pub mod exec;
 mod incoming;
 mod precopy;
 mod stats;
@@ -58,6 +60,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub use converge::{Throttle, VcpuHold};
+pub use endpoint::{CheckpointSink, Destination, NotStarted, Source, Target};
 pub use incoming::{
     receive, receive_streams, serve, ExtraStreams, IncomingOptions, ServeOptions,
     KEEPALIVE_INTERVAL,
@@ -165,6 +168,11 @@ pub struct MigrationParams {
     /// Page streams to propose (QEMU multifd-channels), 1 to [`MAX_STREAMS`]; more
     /// than 1 needs a `tcp:` or `unix:` URI. The destination may accept fewer.
     pub multifd_channels: u32,
+    /// QEMU's rule for multifd: a destination that takes fewer page streams
+    /// than proposed fails the migration right after the handshake (the guest
+    /// never stopped), naming both numbers. Off: the source goes on with the
+    /// streams the destination took (ferry-vm's way).
+    pub exact_streams: bool,
     /// Use KVM's manual dirty-log protection (KVM_CLEAR_DIRTY_LOG right before pages
     /// are read) where the kernel offers it; otherwise, or when off, reading the log
     /// resets it. Off by default: measured on this project's machine, it made a
@@ -193,6 +201,7 @@ impl Default for MigrationParams {
             verify_digest: false,
             pause_before_switchover: false,
             multifd_channels: 1,
+            exact_streams: false,
             clear_dirty_log: false,
             tls: None,
             tls_hostname: None,
@@ -394,6 +403,39 @@ pub enum MigrationError {
     Streams { streams: u32, reason: String },
     #[error("page stream {index} failed: {reason}")]
     PageStream { index: u32, reason: String },
+    /// The destination took fewer page streams than proposed, under
+    /// [`MigrationParams::exact_streams`].
+    #[error(
+        "the destination took {took} of the {wanted} page streams (multifd-channels) offered: \
+         multifd is off there or its multifd-channels is lower; set the multifd capability \
+         and multifd-channels alike on both sides (virsh migrate --parallel does)"
+    )]
+    StreamsRefused { wanted: u32, took: u32 },
+    #[error(transparent)]
+    Exec(#[from] exec::ExecError),
+    #[error(
+        "tls-creds is set, but a file or a pipe cannot carry TLS: migrate over tcp:, unix: or \
+         an fd: socket, or clear tls-creds"
+    )]
+    TlsNeedsSocket,
+    #[error("cannot open {}", path.display())]
+    OpenFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the migration thread")]
+    StartThread(#[source] std::io::Error),
+    #[error("the migration thread ended before it began")]
+    ThreadEnded,
+    #[error("the migration thread panicked")]
+    ThreadPanicked,
+    #[error("a checkpoint goes to fd:, file: or exec:")]
+    CheckpointTarget,
+    #[error("cannot write the checkpoint")]
+    WriteCheckpoint(#[source] std::io::Error),
+    #[error("the exec: command failed ({0})")]
+    ExecFailed(std::process::ExitStatus),
 }
 
 impl From<ferry_kvm::MemoryError> for MigrationError {

@@ -858,7 +858,6 @@ pub fn migrate(
     let file = channel.take_file();
     let to_file = file.is_some();
     let start = Instant::now();
-    ctl.reset();
     ctl.emit(MigrationEvent::Status(MigrationStatus::Setup));
     if let (Ok(b), Ok(mut all)) = (channel.breaker(), ctl.breakers.lock()) {
         all.push(b);
@@ -1042,6 +1041,9 @@ fn run(
         match answer {
             // A destination that predates page streams answers Ready: one stream.
             Ok(Reply::Ready) => {}
+            Ok(Reply::Accepted { streams: n }) if params.exact_streams && n < wanted => {
+                return Err(MigrationError::StreamsRefused { wanted, took: n })
+            }
             Ok(Reply::Accepted { streams: n }) if wanted > 1 && (1..=wanted).contains(&n) => {
                 streams = n
             }

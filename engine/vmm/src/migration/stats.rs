@@ -19,6 +19,32 @@ pub enum MigrationStatus {
 }
 
 impl MigrationStatus {
+    /// Every status, in QAPI's order.
+    pub const ALL: [Self; 9] = [
+        Self::None,
+        Self::Setup,
+        Self::Active,
+        Self::PreSwitchover,
+        Self::Device,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelling,
+        Self::Cancelled,
+    ];
+
+    /// Parses the name QMP uses.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
+    /// Whether a migration in this status has not ended yet.
+    pub fn in_progress(self) -> bool {
+        matches!(
+            self,
+            Self::Setup | Self::Active | Self::PreSwitchover | Self::Device | Self::Cancelling
+        )
+    }
+
     /// The name QMP uses.
     pub fn as_str(self) -> &'static str {
         match self {
