@@ -868,7 +868,8 @@ fn reboot(inner: &mut Inner, run: bool) -> Result<(), BackendError> {
     inner.guest = None;
     let mut guest = boot(&config, sink(inner))?;
     if let (Some(state), Some(dev)) = (rtc, guest.rtc()) {
-        dev.restore(&state).map_err(BackendError::Engine)?;
+        dev.restore(&state)
+            .map_err(|e| BackendError::Engine(e.to_string()))?;
         dev.reset();
     }
     if let Some(pages) = target.filter(|&p| p > 0) {
