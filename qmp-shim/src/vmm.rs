@@ -675,7 +675,8 @@ fn reboot(inner: &mut Inner, run: bool) -> Result<(), BackendError> {
     inner.guest = None;
     let mut guest = boot(&config, sink(inner))?;
     if let (Some(state), Some(dev)) = (rtc, guest.rtc()) {
-        dev.restore(&state).map_err(BackendError::Engine)?;
+        dev.restore(&state)
+            .map_err(|e| BackendError::Engine(e.to_string()))?;
         dev.reset();
     }
     if let Some(pages) = target.filter(|&p| p > 0) {
@@ -855,7 +856,8 @@ impl Backend for FerryBackend {
             let inner = self.shared.lock()?;
             Arc::clone(inner.guest_for("pmemsave")?.ram())
         };
-        check_phys_range(&ram.ranges(), addr, size).map_err(BackendError::Engine)?;
+        check_phys_range(&ram.ranges(), addr, size)
+            .map_err(|e| BackendError::Engine(e.to_string()))?;
         write_phys(&ram, addr, size, path)
             .map_err(|e| BackendError::Engine(format!("pmemsave {}: {e}", path.display())))
     }
@@ -1046,15 +1048,26 @@ impl Backend for FerryBackend {
     }
 }
 
-/// Refuses a pmemsave range that does not lie within guest RAM's span
-/// (QEMU's words for a bad range), before anything is opened or written.
-fn check_phys_range(ranges: &[(u64, u64)], addr: u64, size: u64) -> Result<(), String> {
+/// A pmemsave range outside guest RAM's span (QEMU's words for a bad range).
+#[derive(Debug, thiserror::Error)]
+#[error("Invalid addr 0x{addr:x}/size {size} specified: guest RAM ends at 0x{ram_end:x}")]
+struct PhysRangeError {
+    addr: u64,
+    size: u64,
+    ram_end: u64,
+}
+
+/// Refuses a pmemsave range that does not lie within guest RAM's span,
+/// before anything is opened or written.
+fn check_phys_range(ranges: &[(u64, u64)], addr: u64, size: u64) -> Result<(), PhysRangeError> {
     let ram_end = ranges.iter().map(|(b, s)| b + s).max().unwrap_or(0);
     match addr.checked_add(size) {
         Some(end) if end <= ram_end => Ok(()),
-        _ => Err(format!(
-            "Invalid addr 0x{addr:x}/size {size} specified: guest RAM ends at 0x{ram_end:x}"
-        )),
+        _ => Err(PhysRangeError {
+            addr,
+            size,
+            ram_end,
+        }),
     }
 }
 
@@ -1395,7 +1408,9 @@ mod tests {
         assert!(check_phys_range(&ranges, 0, 128 << 20).is_ok());
         assert!(check_phys_range(&ranges, 0, (4 << 30) + (64 << 20)).is_ok());
         assert!(check_phys_range(&ranges, (4 << 30) + (64 << 20), 0).is_ok());
-        let e = check_phys_range(&ranges, (4 << 30) + (64 << 20), 1).unwrap_err();
+        let e = check_phys_range(&ranges, (4 << 30) + (64 << 20), 1)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("Invalid addr 0x104000000/size 1 specified"),
             "{e}"

@@ -446,13 +446,30 @@ fn put_name(entry: &mut [u8], at: usize, name: &str) {
     entry[at..at + name.len()].copy_from_slice(name.as_bytes());
 }
 
-fn get_name(entry: &[u8], at: usize) -> Result<String, String> {
+/// Why a table-loader command cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoaderDecodeError {
+    /// A file name field has no terminating NUL.
+    #[error("file name without a NUL")]
+    NameWithoutNul,
+    /// A file name is not UTF-8.
+    #[error("file name not UTF-8")]
+    NameNotUtf8,
+    /// An ALLOCATE command names a zone this build does not know.
+    #[error("unknown zone {zone}")]
+    UnknownZone {
+        /// The zone byte.
+        zone: u8,
+    },
+}
+
+fn get_name(entry: &[u8], at: usize) -> Result<String, LoaderDecodeError> {
     let field = &entry[at..at + LOADER_FILE_NAME_MAX + 1];
     let len = field
         .iter()
         .position(|&b| b == 0)
-        .ok_or("file name without a NUL")?;
-    String::from_utf8(field[..len].to_vec()).map_err(|_| "file name not UTF-8".to_string())
+        .ok_or(LoaderDecodeError::NameWithoutNul)?;
+    String::from_utf8(field[..len].to_vec()).map_err(|_| LoaderDecodeError::NameNotUtf8)
 }
 
 fn u32_at(entry: &[u8], at: usize) -> u32 {
@@ -501,7 +518,7 @@ impl LoaderCommand {
 
     /// Decodes one command; `None` for a command number SeaBIOS skips
     /// (0, padding, and ones it does not know, e.g. WRITE_POINTER).
-    pub fn decode(entry: &[u8; LOADER_COMMAND_LEN]) -> Result<Option<Self>, String> {
+    pub fn decode(entry: &[u8; LOADER_COMMAND_LEN]) -> Result<Option<Self>, LoaderDecodeError> {
         Ok(Some(match u32_at(entry, 0) {
             1 => LoaderCommand::Allocate {
                 file: get_name(entry, 4)?,
@@ -509,7 +526,7 @@ impl LoaderCommand {
                 zone: match entry[64] {
                     1 => LoaderZone::High,
                     2 => LoaderZone::FSeg,
-                    z => return Err(format!("unknown zone {z}")),
+                    zone => return Err(LoaderDecodeError::UnknownZone { zone }),
                 },
             },
             2 => LoaderCommand::AddPointer {
@@ -1037,7 +1054,7 @@ pub fn execute_table_loader(
                 .position(|f| f.name == name)
                 .ok_or_else(|| format!("file {name} was not allocated"))
         };
-        match LoaderCommand::decode(entry).map_err(fail)? {
+        match LoaderCommand::decode(entry).map_err(|e| fail(e.to_string()))? {
             None => {}
             Some(LoaderCommand::Allocate { file, align, zone }) => {
                 if !align.is_power_of_two() {

@@ -150,7 +150,7 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, BootError> {
         ),
         Compression::Zstd => match ruzstd::decoding::StreamingDecoder::new(body) {
             Ok(decoder) => read_limited(decoder, limit, &mut out),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(DecompressError::ZstdHeader(e)),
         },
         other => {
             return Err(extract_error(format!(
@@ -183,14 +183,34 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, BootError> {
     Ok(out)
 }
 
+/// Why a compressed payload did not decompress.
+///
+/// The decoder's error is part of the message, not a `#[source]`: it ends up
+/// in [`BootError::Extract`]'s problem text, after "its ... payload is corrupt: ".
+#[derive(Debug, thiserror::Error)]
+enum DecompressError {
+    /// The decoder failed while reading the payload.
+    #[error("{0}")]
+    Read(std::io::Error),
+    /// The zstd decoder refused the frame header.
+    #[error("{0}")]
+    ZstdHeader(ruzstd::decoding::errors::FrameDecoderError),
+    /// The payload decompresses to more than it should.
+    #[error("it decompresses to more than {limit} bytes")]
+    TooLarge {
+        /// The most bytes allowed.
+        limit: u64,
+    },
+}
+
 /// Reads `reader` to its end into `out`, failing past `limit` bytes.
-fn read_limited<R: Read>(reader: R, limit: u64, out: &mut Vec<u8>) -> Result<(), String> {
+fn read_limited<R: Read>(reader: R, limit: u64, out: &mut Vec<u8>) -> Result<(), DecompressError> {
     reader
         .take(limit + 1)
         .read_to_end(out)
-        .map_err(|e| e.to_string())?;
+        .map_err(DecompressError::Read)?;
     if out.len() as u64 > limit {
-        return Err(format!("it decompresses to more than {limit} bytes"));
+        return Err(DecompressError::TooLarge { limit });
     }
     Ok(())
 }

@@ -29,16 +29,29 @@ pub struct Preamble {
     pub producer: String,
 }
 
-/// Checks a producer string; `Err` holds the reason.
-pub(crate) fn check_producer(producer: &str) -> std::result::Result<(), String> {
+/// Why a producer string is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ProducerError {
+    /// The string is longer than [`MAX_PRODUCER_LEN`] bytes.
+    #[error("the producer string is {len} bytes, over the limit of {MAX_PRODUCER_LEN}")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The string contains control characters.
+    #[error("the producer string contains control characters")]
+    ControlCharacters,
+}
+
+/// Checks a producer string.
+pub(crate) fn check_producer(producer: &str) -> std::result::Result<(), ProducerError> {
     if producer.len() > MAX_PRODUCER_LEN {
-        return Err(format!(
-            "the producer string is {} bytes, over the limit of {MAX_PRODUCER_LEN}",
-            producer.len()
-        ));
+        return Err(ProducerError::TooLong {
+            len: producer.len(),
+        });
     }
     if producer.chars().any(char::is_control) {
-        return Err("the producer string contains control characters".into());
+        return Err(ProducerError::ControlCharacters);
     }
     Ok(())
 }
@@ -102,6 +115,9 @@ pub(crate) fn decode_producer(bytes: &[u8]) -> Result<String> {
     let s = std::str::from_utf8(bytes).map_err(|_| FormatError::BadPreamble {
         reason: "the producer string is not UTF-8".into(),
     })?;
-    check_producer(s).map_err(|reason| FormatError::BadPreamble { reason })?;
+    // The reason travels as text, like every FormatError message.
+    check_producer(s).map_err(|e| FormatError::BadPreamble {
+        reason: e.to_string(),
+    })?;
     Ok(s.to_owned())
 }

@@ -46,7 +46,9 @@ impl<W: Write> StreamWriter<W> {
 
     /// Like [`new`](Self::new), checking sections against `limits`.
     pub fn with_limits(inner: W, producer: &str, limits: Limits) -> Result<Self> {
-        check_producer(producer).map_err(|reason| FormatError::InvalidWrite { reason })?;
+        check_producer(producer).map_err(|e| FormatError::InvalidWrite {
+            reason: e.to_string(),
+        })?;
         let len = u16::try_from(producer.len()).expect("check_producer bounds the length");
         let mut w = StreamWriter {
             inner,

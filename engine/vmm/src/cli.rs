@@ -295,9 +295,140 @@ impl Common {
     }
 }
 
-fn parse_firmware(text: &str) -> Result<crate::firmware::FirmwareConfig, String> {
+/// Why a command-line value is refused.
+///
+/// clap prints only the `Display` of a value parser's error, never its
+/// sources: where a refusal comes from another error, that error's text is
+/// part of the message (a `cause` field, or `transparent`), not a `#[source]`.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgError {
+    /// `--firmware=` with an empty path.
+    #[error("give the BIOS image's path, or --firmware alone for SeaBIOS")]
+    NoFirmwarePath,
+    /// An option a device does not take.
+    #[error("unknown {device} option '{option}' ({usage})")]
+    UnknownOption {
+        /// The device ("RTC", "NIC", "disk"...).
+        device: &'static str,
+        /// The option as given.
+        option: String,
+        /// The device's syntax.
+        usage: &'static str,
+    },
+    /// A switch that is neither on nor off.
+    #[error("'{value}' is not on or off ({usage})")]
+    NotOnOff {
+        /// The value given.
+        value: String,
+        /// The device's syntax.
+        usage: &'static str,
+    },
+    /// An RTC base that cannot be parsed.
+    #[error("{cause} ({usage})")]
+    RtcBase {
+        /// Why the base is refused.
+        cause: crate::devices::rtc::RtcError,
+        /// The RTC's syntax.
+        usage: &'static str,
+    },
+    /// An RTC setting the RTC refuses (the boot order).
+    #[error(transparent)]
+    Rtc(#[from] crate::devices::rtc::RtcError),
+    /// An entropy device without its source.
+    #[error("an entropy device needs a source first ({usage})")]
+    NoRngSource {
+        /// The entropy device's syntax.
+        usage: &'static str,
+    },
+    /// Entropy device settings the device refuses.
+    #[error(transparent)]
+    Rng(#[from] crate::devices::virtio::rng::RngError),
+    /// A number that does not parse.
+    #[error("{option}: {cause}")]
+    InvalidNumber {
+        /// The option ("slot", "max-bytes"...).
+        option: &'static str,
+        /// Why it does not parse.
+        cause: std::num::ParseIntError,
+    },
+    /// A number that does not parse, in an option whose syntax is shown.
+    #[error("{option}: {cause} ({usage})")]
+    InvalidNumberIn {
+        /// The option ("fd", "type").
+        option: &'static str,
+        /// Why it does not parse.
+        cause: std::num::ParseIntError,
+        /// The syntax of the argument.
+        usage: &'static str,
+    },
+    /// A MAC address that does not parse.
+    #[error(transparent)]
+    Mac(#[from] crate::devices::virtio::net::NetError),
+    /// A NIC without its tap.
+    #[error("a NIC needs tap=IFNAME or fd=N ({usage})")]
+    NoTap {
+        /// The NIC's syntax.
+        usage: &'static str,
+    },
+    /// An SMBIOS field that is not KEY=VALUE.
+    #[error("'{part}' is not KEY=VALUE ({usage})")]
+    NotKeyValue {
+        /// The field as given.
+        part: String,
+        /// The syntax of --smbios.
+        usage: &'static str,
+    },
+    /// `--smbios` without `type=`.
+    #[error("type= is missing ({usage})")]
+    NoSmbiosType {
+        /// The syntax of --smbios.
+        usage: &'static str,
+    },
+    /// SMBIOS fields the tables refuse.
+    #[error(transparent)]
+    Smbios(#[from] ferry_boot::SmbiosError),
+    /// A drive without its image path.
+    #[error("missing PATH")]
+    NoPath,
+    /// An IDE bus or unit other than 0 or 1.
+    #[error("IDE {what} '{value}' is not 0 or 1")]
+    NotIdePosition {
+        /// "bus" or "unit".
+        what: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// A write option given to a CD-ROM.
+    #[error("CD-ROM option '{option}': a CD-ROM is always read-only")]
+    WritableCdrom {
+        /// The option as given.
+        option: String,
+    },
+    /// A size with a suffix other than K, M, G or T.
+    #[error("unknown size suffix '{suffix}' in '{text}': use K, M, G or T")]
+    SizeSuffix {
+        /// The suffix.
+        suffix: char,
+        /// The size as given.
+        text: String,
+    },
+    /// A size that is not a number.
+    #[error("'{text}' is not a size: use e.g. 256M or 1G")]
+    NotASize {
+        /// The size as given.
+        text: String,
+    },
+    /// A size over 2^64 bytes.
+    #[error("size '{text}' is too large")]
+    SizeTooLarge {
+        /// The size as given.
+        text: String,
+    },
+}
+
+fn parse_firmware(text: &str) -> Result<crate::firmware::FirmwareConfig, ArgError> {
     if text.is_empty() {
-        return Err("give the BIOS image's path, or --firmware alone for SeaBIOS".into());
+        return Err(ArgError::NoFirmwarePath);
     }
     Ok(crate::firmware::FirmwareConfig {
         path: PathBuf::from(text),
@@ -305,33 +436,53 @@ fn parse_firmware(text: &str) -> Result<crate::firmware::FirmwareConfig, String>
     })
 }
 
-fn parse_rtc(text: &str) -> Result<crate::devices::rtc::RtcConfig, String> {
+fn parse_rtc(text: &str) -> Result<crate::devices::rtc::RtcConfig, ArgError> {
     use crate::devices::rtc::{RtcBase, RtcConfig};
     const USAGE: &str = "[base=utc|localtime|DATE][,order=LETTERS]";
     let mut config = RtcConfig::default();
     for part in text.split(',').filter(|p| !p.is_empty()) {
         match part.split_once('=') {
             Some(("base", v)) => {
-                config.base = RtcBase::parse(v).map_err(|e| format!("{e} ({USAGE})"))?;
+                config.base = RtcBase::parse(v).map_err(|cause| ArgError::RtcBase {
+                    cause,
+                    usage: USAGE,
+                })?;
             }
             Some(("order", v)) => config.boot_order = v.to_string(),
-            _ => return Err(format!("unknown RTC option '{part}' ({USAGE})")),
+            _ => return Err(unknown("RTC", part, USAGE)),
         }
     }
     // The boot letters are checked as the CMOS is filled: check them now.
-    crate::devices::rtc::check_boot_order(&config.boot_order).map_err(|e| e.to_string())?;
+    crate::devices::rtc::check_boot_order(&config.boot_order)?;
     Ok(config)
 }
 
-fn parse_fw_cfg(text: &str) -> Result<crate::devices::fw_cfg::FwCfgConfig, String> {
+/// An [`ArgError::UnknownOption`].
+fn unknown(device: &'static str, option: &str, usage: &'static str) -> ArgError {
+    ArgError::UnknownOption {
+        device,
+        option: option.to_string(),
+        usage,
+    }
+}
+
+/// An [`ArgError::NotOnOff`].
+fn not_on_off(value: &str, usage: &'static str) -> ArgError {
+    ArgError::NotOnOff {
+        value: value.to_string(),
+        usage,
+    }
+}
+
+fn parse_fw_cfg(text: &str) -> Result<crate::devices::fw_cfg::FwCfgConfig, ArgError> {
     const USAGE: &str = "[vmcoreinfo=on|off]";
     let mut config = crate::devices::fw_cfg::FwCfgConfig::default();
     for part in text.split(',').filter(|p| !p.is_empty()) {
         config.vmcoreinfo = match part.split_once('=') {
             Some(("vmcoreinfo", "on")) => true,
             Some(("vmcoreinfo", "off")) => false,
-            Some(("vmcoreinfo", v)) => return Err(format!("'{v}' is not on or off ({USAGE})")),
-            _ => return Err(format!("unknown fw_cfg option '{part}' ({USAGE})")),
+            Some(("vmcoreinfo", v)) => return Err(not_on_off(v, USAGE)),
+            _ => return Err(unknown("fw_cfg", part, USAGE)),
         };
     }
     Ok(config)
@@ -344,7 +495,7 @@ pub struct BalloonArg {
     pub slot: Option<u8>,
 }
 
-fn parse_balloon(text: &str) -> Result<BalloonArg, String> {
+fn parse_balloon(text: &str) -> Result<BalloonArg, ArgError> {
     const USAGE: &str = "[deflate-on-oom=on|off][,free-page-reporting=on|off][,slot=N]";
     let mut arg = BalloonArg {
         config: Default::default(),
@@ -353,14 +504,14 @@ fn parse_balloon(text: &str) -> Result<BalloonArg, String> {
     let flag = |v: &str| match v {
         "on" => Ok(true),
         "off" => Ok(false),
-        _ => Err(format!("'{v}' is not on or off ({USAGE})")),
+        _ => Err(not_on_off(v, USAGE)),
     };
     for part in text.split(',').filter(|p| !p.is_empty()) {
         match part.split_once('=') {
             Some(("deflate-on-oom", v)) => arg.config.deflate_on_oom = flag(v)?,
             Some(("free-page-reporting", v)) => arg.config.free_page_reporting = flag(v)?,
             Some(("slot", v)) => arg.slot = Some(parse_slot(v)?),
-            _ => return Err(format!("unknown balloon option '{part}' ({USAGE})")),
+            _ => return Err(unknown("balloon", part, USAGE)),
         }
     }
     Ok(arg)
@@ -373,14 +524,14 @@ pub struct RngArg {
     pub slot: Option<u8>,
 }
 
-fn parse_rng(text: &str) -> Result<RngArg, String> {
+fn parse_rng(text: &str) -> Result<RngArg, ArgError> {
     use crate::devices::virtio::rng::{RngConfig, RngSource};
     const USAGE: &str = "/dev/urandom|PATH|builtin[,max-bytes=N][,period=MS][,slot=N]";
     let mut parts = text.split(',');
     let source = match parts.next() {
         Some("builtin") => RngSource::Builtin,
         Some(p) if !p.is_empty() && !p.contains('=') => RngSource::File(PathBuf::from(p)),
-        _ => return Err(format!("an entropy device needs a source first ({USAGE})")),
+        _ => return Err(ArgError::NoRngSource { usage: USAGE }),
     };
     let mut arg = RngArg {
         config: RngConfig::new(source),
@@ -389,16 +540,22 @@ fn parse_rng(text: &str) -> Result<RngArg, String> {
     for part in parts {
         match part.split_once('=') {
             Some(("max-bytes", v)) => {
-                arg.config.max_bytes = v.parse().map_err(|e| format!("max-bytes: {e}"))?
+                arg.config.max_bytes = v.parse().map_err(|cause| ArgError::InvalidNumber {
+                    option: "max-bytes",
+                    cause,
+                })?
             }
             Some(("period", v)) => {
-                arg.config.period_ms = v.parse().map_err(|e| format!("period: {e}"))?
+                arg.config.period_ms = v.parse().map_err(|cause| ArgError::InvalidNumber {
+                    option: "period",
+                    cause,
+                })?
             }
             Some(("slot", v)) => arg.slot = Some(parse_slot(v)?),
-            _ => return Err(format!("unknown entropy device option '{part}' ({USAGE})")),
+            _ => return Err(unknown("entropy device", part, USAGE)),
         }
     }
-    arg.config.check().map_err(|e| e.to_string())?;
+    arg.config.check()?;
     Ok(arg)
 }
 
@@ -419,32 +576,37 @@ pub enum TapArg {
     Fd(i32),
 }
 
-fn parse_slot(v: &str) -> Result<u8, String> {
+fn parse_slot(v: &str) -> Result<u8, ArgError> {
     v.strip_prefix("0x")
         .map_or_else(|| v.parse(), |h| u8::from_str_radix(h, 16))
-        .map_err(|e| format!("slot: {e}"))
+        .map_err(|cause| ArgError::InvalidNumber {
+            option: "slot",
+            cause,
+        })
 }
 
-fn parse_net(text: &str) -> Result<NetArg, String> {
+fn parse_net(text: &str) -> Result<NetArg, ArgError> {
     const USAGE: &str = "tap=IFNAME|fd=N[,mac=52:54:00:xx:xx:xx][,slot=N]";
     let (mut tap, mut mac, mut slot) = (None, None, None);
     for part in text.split(',') {
         match part.split_once('=') {
             Some(("tap", v)) if !v.is_empty() => tap = Some(TapArg::Name(v.to_string())),
             Some(("fd", v)) => {
-                tap = Some(TapArg::Fd(
-                    v.parse().map_err(|e| format!("fd: {e} ({USAGE})"))?,
-                ))
+                tap = Some(TapArg::Fd(v.parse().map_err(|cause| {
+                    ArgError::InvalidNumberIn {
+                        option: "fd",
+                        cause,
+                        usage: USAGE,
+                    }
+                })?))
             }
-            Some(("mac", v)) => {
-                mac = Some(crate::devices::virtio::net::parse_mac(v).map_err(|e| e.to_string())?)
-            }
+            Some(("mac", v)) => mac = Some(crate::devices::virtio::net::parse_mac(v)?),
             Some(("slot", v)) => slot = Some(parse_slot(v)?),
-            _ => return Err(format!("unknown NIC option '{part}' ({USAGE})")),
+            _ => return Err(unknown("NIC", part, USAGE)),
         }
     }
     Ok(NetArg {
-        tap: tap.ok_or_else(|| format!("a NIC needs tap=IFNAME or fd=N ({USAGE})"))?,
+        tap: tap.ok_or(ArgError::NoTap { usage: USAGE })?,
         mac,
         slot,
     })
@@ -470,7 +632,7 @@ impl SmbiosArg {
     }
 }
 
-fn parse_smbios(text: &str) -> Result<SmbiosArg, String> {
+fn parse_smbios(text: &str) -> Result<SmbiosArg, ArgError> {
     const USAGE: &str = "type=N,KEY=VALUE,... (see --help)";
     // Split at commas, ",," being a literal comma.
     let mut parts: Vec<String> = vec![String::new()];
@@ -494,19 +656,27 @@ fn parse_smbios(text: &str) -> Result<SmbiosArg, String> {
             Some(("type", v)) => {
                 table = Some(
                     v.parse::<u64>()
-                        .map_err(|e| format!("type: {e} ({USAGE})"))?,
+                        .map_err(|cause| ArgError::InvalidNumberIn {
+                            option: "type",
+                            cause,
+                            usage: USAGE,
+                        })?,
                 )
             }
             Some((k, v)) => fields.push((k.to_string(), v.to_string())),
-            None => return Err(format!("'{part}' is not KEY=VALUE ({USAGE})")),
+            None => {
+                return Err(ArgError::NotKeyValue {
+                    part: part.clone(),
+                    usage: USAGE,
+                })
+            }
         }
     }
     let arg = SmbiosArg {
-        table: table.ok_or_else(|| format!("type= is missing ({USAGE})"))?,
+        table: table.ok_or(ArgError::NoSmbiosType { usage: USAGE })?,
         fields,
     };
-    arg.apply(&mut ferry_boot::SmbiosConfig::default())
-        .map_err(|e| e.to_string())?;
+    arg.apply(&mut ferry_boot::SmbiosConfig::default())?;
     Ok(arg)
 }
 
@@ -517,12 +687,12 @@ pub struct DiskArg {
     pub slot: Option<u8>,
 }
 
-fn parse_disk(text: &str) -> Result<DiskArg, String> {
+fn parse_disk(text: &str) -> Result<DiskArg, ArgError> {
     let mut parts = text.split(',');
     let path = parts
         .next()
         .filter(|p| !p.is_empty())
-        .ok_or("missing PATH")?;
+        .ok_or(ArgError::NoPath)?;
     let mut arg = DiskArg {
         config: crate::devices::virtio::blk::BlockConfig::new(
             crate::devices::virtio::blk::BlockImage::Path(PathBuf::from(path)),
@@ -534,9 +704,11 @@ fn parse_disk(text: &str) -> Result<DiskArg, String> {
             Some(("slot", v)) => arg.slot = Some(parse_slot(v)?),
             _ if image_option(&mut arg.config, part) => {}
             _ => {
-                return Err(format!(
-                    "unknown disk option '{part}' (PATH[,format=raw|qcow2][,slot=N]\
-                     [,readonly=on|off][,serial=S][,share-rw=on|off])"
+                return Err(unknown(
+                    "disk",
+                    part,
+                    "PATH[,format=raw|qcow2][,slot=N][,readonly=on|off][,serial=S]\
+                     [,share-rw=on|off]",
                 ))
             }
         }
@@ -573,12 +745,12 @@ pub struct IdeArg {
     pub unit: Option<u8>,
 }
 
-fn parse_ide(text: &str, cdrom: bool) -> Result<IdeArg, String> {
+fn parse_ide(text: &str, cdrom: bool) -> Result<IdeArg, ArgError> {
     let mut parts = text.split(',');
     let path = parts
         .next()
         .filter(|p| !p.is_empty())
-        .ok_or("missing PATH")?;
+        .ok_or(ArgError::NoPath)?;
     let mut arg = IdeArg {
         config: crate::devices::virtio::blk::BlockConfig::new(
             crate::devices::virtio::blk::BlockImage::Path(PathBuf::from(path)),
@@ -586,31 +758,37 @@ fn parse_ide(text: &str, cdrom: bool) -> Result<IdeArg, String> {
         bus: None,
         unit: None,
     };
-    let position = |v: &str, what: &str| match v {
+    let position = |v: &str, what: &'static str| match v {
         "0" => Ok(0),
         "1" => Ok(1),
-        _ => Err(format!("IDE {what} '{v}' is not 0 or 1")),
+        _ => Err(ArgError::NotIdePosition {
+            what,
+            value: v.to_string(),
+        }),
     };
     for part in parts {
         match part.split_once('=') {
             Some(("bus", v)) => arg.bus = Some(position(v, "bus")?),
             Some(("unit", v)) => arg.unit = Some(position(v, "unit")?),
             Some(("readonly" | "share-rw", _)) if cdrom => {
-                return Err(format!(
-                    "CD-ROM option '{part}': a CD-ROM is always read-only"
-                ))
+                return Err(ArgError::WritableCdrom {
+                    option: part.to_string(),
+                })
             }
             _ if image_option(&mut arg.config, part) => {}
             _ if cdrom => {
-                return Err(format!(
-                    "unknown CD-ROM option '{part}' (PATH[,format=raw|qcow2][,bus=N]\
-                     [,unit=N][,serial=S])"
+                return Err(unknown(
+                    "CD-ROM",
+                    part,
+                    "PATH[,format=raw|qcow2][,bus=N][,unit=N][,serial=S]",
                 ))
             }
             _ => {
-                return Err(format!(
-                    "unknown IDE disk option '{part}' (PATH[,format=raw|qcow2][,bus=N]\
-                     [,unit=N][,readonly=on|off][,serial=S][,share-rw=on|off])"
+                return Err(unknown(
+                    "IDE disk",
+                    part,
+                    "PATH[,format=raw|qcow2][,bus=N][,unit=N][,readonly=on|off][,serial=S]\
+                     [,share-rw=on|off]",
                 ))
             }
         }
@@ -621,11 +799,11 @@ fn parse_ide(text: &str, cdrom: bool) -> Result<IdeArg, String> {
     Ok(arg)
 }
 
-fn parse_cdrom(text: &str) -> Result<IdeArg, String> {
+fn parse_cdrom(text: &str) -> Result<IdeArg, ArgError> {
     parse_ide(text, true)
 }
 
-fn parse_ide_disk(text: &str) -> Result<IdeArg, String> {
+fn parse_ide_disk(text: &str) -> Result<IdeArg, ArgError> {
     parse_ide(text, false)
 }
 
@@ -874,7 +1052,7 @@ impl From<BackingArg> for Backing {
 
 /// Parses sizes the way QEMU's -m does: a number with an optional K/M/G/T suffix;
 /// a plain number means MiB.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, ArgError> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -884,20 +1062,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'G' => 1 << 30,
                 'T' => 1 << 40,
                 _ => {
-                    return Err(format!(
-                        "unknown size suffix '{c}' in '{s}': use K, M, G or T"
-                    ))
+                    return Err(ArgError::SizeSuffix {
+                        suffix: c,
+                        text: s.to_string(),
+                    })
                 }
             };
             (&s[..i], m)
         }
         _ => (s, 1 << 20),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: use e.g. 256M or 1G"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+    let n: u64 = num.parse().map_err(|_| ArgError::NotASize {
+        text: s.to_string(),
+    })?;
+    n.checked_mul(mult).ok_or_else(|| ArgError::SizeTooLarge {
+        text: s.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -924,13 +1104,16 @@ mod tests {
         assert_eq!(parse_net("fd=7").unwrap().tap, TapArg::Fd(7));
         assert!(parse_net("mac=52:54:00:aa:bb:cc")
             .unwrap_err()
+            .to_string()
             .contains("tap=IFNAME"));
         assert!(parse_net("tap=t,mac=53:54:00:aa:bb:cc")
             .unwrap_err()
+            .to_string()
             .contains("multicast"));
         assert!(parse_net("tap=t,mac=52:54:00").is_err());
         assert!(parse_net("tap=t,vhost=on")
             .unwrap_err()
+            .to_string()
             .contains("unknown NIC option"));
         assert_eq!(default_mac(0), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         assert_eq!(default_mac(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
@@ -970,12 +1153,15 @@ mod tests {
         assert_eq!(c.config.serial.as_deref(), Some("cfg"));
         assert!(parse_cdrom("x.iso,readonly=off")
             .unwrap_err()
+            .to_string()
             .contains("always read-only"));
         assert!(parse_cdrom("x.iso,bus=2")
             .unwrap_err()
+            .to_string()
             .contains("not 0 or 1"));
         assert!(parse_ide_disk("x,slot=3")
             .unwrap_err()
+            .to_string()
             .contains("unknown IDE disk option"));
         let d = parse_ide_disk("d.qcow2,format=qcow2,bus=1,unit=1").unwrap();
         assert_eq!((d.bus, d.unit), (Some(1), Some(1)));
@@ -1031,12 +1217,14 @@ mod tests {
         assert_eq!(r.slot, Some(10));
         assert!(parse_rng("max-bytes=1")
             .unwrap_err()
+            .to_string()
             .contains("source first"));
         assert!(parse_rng("builtin,chardev=x")
             .unwrap_err()
+            .to_string()
             .contains("unknown entropy device option 'chardev=x'"));
         assert_eq!(
-            parse_rng("builtin,period=0").unwrap_err(),
+            parse_rng("builtin,period=0").unwrap_err().to_string(),
             "'period' parameter expects a positive integer"
         );
         let cli = Cli::try_parse_from([
@@ -1086,14 +1274,16 @@ mod tests {
     #[test]
     fn fw_cfg_parses_with_or_without_options() {
         use crate::devices::fw_cfg::FwCfgConfig;
-        assert_eq!(parse_fw_cfg(""), Ok(FwCfgConfig::default()));
+        assert_eq!(parse_fw_cfg("").unwrap(), FwCfgConfig::default());
         assert!(parse_fw_cfg("vmcoreinfo=on").unwrap().vmcoreinfo);
         assert!(!parse_fw_cfg("vmcoreinfo=off").unwrap().vmcoreinfo);
         assert!(parse_fw_cfg("vmcoreinfo=yes")
             .unwrap_err()
+            .to_string()
             .contains("not on or off"));
         assert!(parse_fw_cfg("bootorder=x")
             .unwrap_err()
+            .to_string()
             .contains("unknown fw_cfg option 'bootorder=x'"));
         for (command, common) in common_of_each(&["--fw-cfg=vmcoreinfo=on"]) {
             assert!(common.fw_cfg.unwrap().vmcoreinfo, "{command}");
@@ -1110,7 +1300,7 @@ mod tests {
     #[test]
     fn rtc_parses_with_or_without_options() {
         use crate::devices::rtc::{RtcBase, RtcConfig};
-        assert_eq!(parse_rtc(""), Ok(RtcConfig::default()));
+        assert_eq!(parse_rtc("").unwrap(), RtcConfig::default());
         assert_eq!(
             parse_rtc("base=localtime").unwrap().base,
             RtcBase::LocalTime
@@ -1124,10 +1314,17 @@ mod tests {
                 boot_order: "dc".into(),
             }
         );
-        assert!(parse_rtc("base=tomorrow").unwrap_err().contains("RTC base"));
-        assert!(parse_rtc("order=x").unwrap_err().contains("'x'"));
+        assert!(parse_rtc("base=tomorrow")
+            .unwrap_err()
+            .to_string()
+            .contains("RTC base"));
+        assert!(parse_rtc("order=x")
+            .unwrap_err()
+            .to_string()
+            .contains("'x'"));
         assert!(parse_rtc("clock=vm")
             .unwrap_err()
+            .to_string()
             .contains("unknown RTC option 'clock=vm'"));
         for (command, common) in common_of_each(&["--rtc=base=localtime"]) {
             assert_eq!(common.rtc.unwrap().base, RtcBase::LocalTime, "{command}");
@@ -1157,9 +1354,11 @@ mod tests {
         assert_eq!(b.slot, Some(9));
         assert!(parse_balloon("deflate-on-oom=yes")
             .unwrap_err()
+            .to_string()
             .contains("not on or off"));
         assert!(parse_balloon("size=1")
             .unwrap_err()
+            .to_string()
             .contains("unknown balloon option 'size=1'"));
         for (command, common) in common_of_each(&["--rng", "builtin", "--balloon"]) {
             assert!(common.balloon.is_some(), "{command}");

@@ -515,7 +515,8 @@ fn migration_command(ctl: &MigrationControl, line: &str) -> Option<Value> {
         }
         "migrate-set" => match set_params(ctl, args) {
             Ok(()) => json!({"ok": true}),
-            Err(e) => json!({"ok": false, "error": e}),
+            // The TLS errors embed their causes: their text is the whole story.
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
         _ => return None,
     };
@@ -523,20 +524,48 @@ fn migration_command(ctl: &MigrationControl, line: &str) -> Option<Value> {
 }
 
 /// States in which `migrate` has not returned yet.
-fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
+/// Why `migrate-set` refuses its arguments; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+enum SetParamsError {
+    #[error("'{0}' is not KEY=VALUE")]
+    NotKeyValue(String),
+    #[error("{key}: '{value}' is not a number")]
+    NotANumber { key: String, value: String },
+    #[error("{key}: '{value}' is not on/off")]
+    NotOnOff { key: String, value: String },
+    #[error("multifd-channels: '{value}' is not 1 to {max}")]
+    ChannelCount { value: String, max: u32 },
+    #[error("on-timeout: '{0}' is not cancel or switchover")]
+    OnTimeout(String),
+    #[error("unknown migration parameter '{0}'")]
+    UnknownParameter(String),
+    /// `tls-creds` does not parse.
+    #[error(transparent)]
+    ParseTlsCreds(migration::TlsError),
+    /// The credentials `tls-creds` names cannot be loaded.
+    #[error(transparent)]
+    LoadTlsCreds(migration::TlsError),
+}
+
+fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), SetParamsError> {
     let mut p = ctl.params();
     for kv in args.split_whitespace() {
         let (k, v) = kv
             .split_once('=')
-            .ok_or_else(|| format!("'{kv}' is not KEY=VALUE"))?;
+            .ok_or_else(|| SetParamsError::NotKeyValue(kv.to_string()))?;
         let num = || {
-            v.parse::<u64>()
-                .map_err(|_| format!("{k}: '{v}' is not a number"))
+            v.parse::<u64>().map_err(|_| SetParamsError::NotANumber {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
         };
         let flag = || match v {
             "1" | "on" | "true" => Ok(true),
             "0" | "off" | "false" => Ok(false),
-            _ => Err(format!("{k}: '{v}' is not on/off")),
+            _ => Err(SetParamsError::NotOnOff {
+                key: k.to_string(),
+                value: v.to_string(),
+            }),
         };
         match k {
             "downtime-limit" => p.downtime_limit_ms = num()?,
@@ -549,10 +578,10 @@ fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
             "clear-dirty-log" => p.clear_dirty_log = flag()?,
             "tls-creds" if v == "none" || v.is_empty() => p.tls = None,
             "tls-creds" => {
-                let spec = migration::CredsSpec::parse(v).map_err(|e| e.to_string())?;
+                let spec = migration::CredsSpec::parse(v).map_err(SetParamsError::ParseTlsCreds)?;
                 p.tls = Some(
                     migration::TlsCreds::load(spec, migration::Endpoint::Client)
-                        .map_err(|e| e.to_string())?,
+                        .map_err(SetParamsError::LoadTlsCreds)?,
                 );
             }
             "tls-hostname" => p.tls_hostname = (!v.is_empty()).then(|| v.to_string()),
@@ -560,17 +589,22 @@ fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), String> {
                 let max = migration::MAX_STREAMS;
                 p.multifd_channels = match u32::try_from(num()?) {
                     Ok(n) if (1..=max).contains(&n) => n,
-                    _ => return Err(format!("multifd-channels: '{v}' is not 1 to {max}")),
+                    _ => {
+                        return Err(SetParamsError::ChannelCount {
+                            value: v.to_string(),
+                            max,
+                        })
+                    }
                 }
             }
             "on-timeout" => {
                 p.on_timeout = match v {
                     "cancel" => TimeoutPolicy::Cancel,
                     "switchover" => TimeoutPolicy::ForceSwitchover,
-                    _ => return Err(format!("on-timeout: '{v}' is not cancel or switchover")),
+                    _ => return Err(SetParamsError::OnTimeout(v.to_string())),
                 }
             }
-            _ => return Err(format!("unknown migration parameter '{k}'")),
+            _ => return Err(SetParamsError::UnknownParameter(k.to_string())),
         }
     }
     ctl.set_params(|q| *q = p);

@@ -1178,7 +1178,7 @@ impl Vm {
             fw.restore(state).map_err(VmmError::Firmware)?;
         }
         if let (Some(dev), Some(state)) = (&self.rtc, &devices.rtc) {
-            dev.restore(state).map_err(VmmError::Restore)?;
+            dev.restore(state).map_err(VmmError::DeviceState)?;
         }
         *self
             .com1
@@ -1355,7 +1355,7 @@ impl Vm {
     fn check_rtc_state(&self, state: Option<&RtcState>) -> Result<(), VmmError> {
         match (&self.rtc, state) {
             (None, None) => Ok(()),
-            (Some(dev), Some(state)) => dev.check(state).map_err(VmmError::Restore),
+            (Some(dev), Some(state)) => dev.check(state).map_err(VmmError::DeviceState),
             (ours, _) => Err(presence_mismatch(
                 ours.is_some(),
                 "RTC state",

@@ -496,11 +496,10 @@ impl Invocation {
     /// (what libvirt's domains without `<cpu>` get).
     fn cpu_model(&self) -> Result<CpuModel, ArgvError> {
         match &self.cpu {
-            None => {
-                CpuModel::from_qemu("qemu64", &[]).map_err(|e| ArgvError::unsupported("-cpu", e))
-            }
+            None => CpuModel::from_qemu("qemu64", &[])
+                .map_err(|e| ArgvError::unsupported("-cpu", e.to_string())),
             Some(c) => CpuModel::from_qemu(&c.model, &c.features)
-                .map_err(|e| ArgvError::unsupported("-cpu", e)),
+                .map_err(|e| ArgvError::unsupported("-cpu", e.to_string())),
         }
     }
 

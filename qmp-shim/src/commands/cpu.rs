@@ -234,7 +234,50 @@ fn query_cpu_model_expansion(
             ))
         }
     };
-    expand(host, name, props, full).map_err(CommandError::Generic)
+    // The QMP text is the expansion error's own message.
+    expand(host, name, props, full).map_err(|e| CommandError::Generic(e.to_string()))
+}
+
+/// Why a CPU model cannot be expanded; the texts are QEMU's where QEMU has one.
+#[derive(Debug, thiserror::Error)]
+enum ExpandError {
+    /// The model is not one of the definitions.
+    #[error("The CPU definition '{name}' cannot be found")]
+    UnknownDefinition {
+        /// The model asked for.
+        name: String,
+    },
+    /// An identity property (family, model-id...) was given for a named model.
+    #[error(
+        "Property '{name}-x86_64-cpu.{prop}' cannot be changed: ferry-qemu runs \
+         model {name} as this host's KVM defines it"
+    )]
+    IdentityProperty {
+        /// The model.
+        name: String,
+        /// The property.
+        prop: String,
+    },
+    /// A feature property's value is not a boolean.
+    #[error("Invalid parameter type for '{prop}', expected: boolean")]
+    NotBoolean {
+        /// The property.
+        prop: String,
+    },
+    /// A feature ferry does not know was switched on.
+    #[error("Property '{name}-x86_64-cpu.{prop}' not found")]
+    UnknownProperty {
+        /// The model.
+        name: String,
+        /// The property.
+        prop: String,
+    },
+    /// The engine refused the model.
+    #[error(transparent)]
+    Model(#[from] model::CpuModelError),
+    /// The model cannot be resolved against this host.
+    #[error(transparent)]
+    Resolve(#[from] ferry_vmm::VmmError),
 }
 
 /// The expansion of model `name` with `props` on a host supporting `host`.
@@ -243,9 +286,11 @@ fn expand(
     name: &str,
     props: &Map<String, Value>,
     full: bool,
-) -> Result<Value, String> {
+) -> Result<Value, ExpandError> {
     if name != "base" && !DEFINITIONS.iter().any(|(n, _)| *n == name) {
-        return Err(format!("The CPU definition '{name}' cannot be found"));
+        return Err(ExpandError::UnknownDefinition {
+            name: name.to_string(),
+        });
     }
     let mut features = Vec::new();
     // The identity properties a static expansion returns: libvirt 9.0 sends
@@ -254,17 +299,17 @@ fn expand(
     for (k, v) in props {
         if IDENTITY.contains(&k.as_str()) {
             if name != "base" {
-                return Err(format!(
-                    "Property '{name}-x86_64-cpu.{k}' cannot be changed: ferry-qemu runs \
-                     model {name} as this host's KVM defines it"
-                ));
+                return Err(ExpandError::IdentityProperty {
+                    name: name.to_string(),
+                    prop: k.clone(),
+                });
             }
             identity.insert(k.clone(), v.clone());
             continue;
         }
         let on = v
             .as_bool()
-            .ok_or_else(|| format!("Invalid parameter type for '{k}', expected: boolean"))?;
+            .ok_or_else(|| ExpandError::NotBoolean { prop: k.clone() })?;
         match k.as_str() {
             // ferry has no Hyper-V enlightenments: nothing to pass through.
             "hv-passthrough" => {}
@@ -277,7 +322,12 @@ fn expand(
             // is what it already is, and `base` (the static expansion's model)
             // only describes a CPU, as libvirt sends QEMU's expansions back.
             _ if !on || name == "base" => {}
-            _ => return Err(format!("Property '{name}-x86_64-cpu.{k}' not found")),
+            _ => {
+                return Err(ExpandError::UnknownProperty {
+                    name: name.to_string(),
+                    prop: k.clone(),
+                })
+            }
         }
     }
     if name == "base" {
@@ -292,7 +342,7 @@ fn expand(
         return Ok(json!({"model": {"name": "base", "props": props}}));
     }
     let cpu = CpuModel::from_qemu(name, &features)?;
-    let entries = model::resolve(host, &cpu).map_err(|e| e.to_string())?;
+    let entries = model::resolve(host, &cpu)?;
     let id = model::identity(&entries);
     // The hypervisor bit is ferry's own, set in every vCPU.
     let mut out: Map<String, Value> = model::feature_names()
@@ -448,6 +498,7 @@ mod tests {
         let bad = one("frob", true);
         assert!(expand(&h, "host", &bad, false)
             .unwrap_err()
+            .to_string()
             .contains("host-x86_64-cpu.frob"));
         assert!(expand(&h, "Skylake-Client", &none, false).is_err());
         // libvirt's STATIC_FULL: the static answer, fully expanded, is itself.

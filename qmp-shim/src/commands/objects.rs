@@ -34,7 +34,73 @@ pub struct TlsParameters {
     pub authz: String,
 }
 
-fn bool_prop(props: &Map<String, Value>, name: &str, default: bool) -> Result<bool, String> {
+/// Why a TLS credentials object cannot be created; the texts are QEMU's
+/// where it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsObjectError {
+    /// A boolean property given as text other than on or off.
+    #[error("Parameter '{name}' expects 'on' or 'off'")]
+    NotOnOff {
+        /// The property.
+        name: String,
+    },
+    /// A boolean property given as something else than a boolean or text.
+    #[error("Invalid parameter type for '{name}', expected: boolean")]
+    NotBoolean {
+        /// The property.
+        name: String,
+    },
+    /// An object type other than the TLS credentials.
+    #[error("object type '{qom_type}' is not supported by ferry-qemu")]
+    UnsupportedType {
+        /// The type asked for.
+        qom_type: String,
+    },
+    /// An encrypted private key (`passwordid`).
+    #[error(
+        "Property '{qom_type}.passwordid': encrypted private keys are not supported \
+         by ferry-qemu; give the key unencrypted (mode 0600) instead ({value})"
+    )]
+    EncryptedKey {
+        /// The object's type.
+        qom_type: &'static str,
+        /// The value given.
+        value: Value,
+    },
+    /// A property the object type does not have.
+    #[error("Property '{qom_type}.{name}' not found")]
+    UnknownProperty {
+        /// The object's type.
+        qom_type: &'static str,
+        /// The property.
+        name: String,
+    },
+    /// A GnuTLS priority string.
+    #[error(
+        "Property '{qom_type}.priority': GnuTLS priority strings are not supported by \
+         ferry-qemu (it uses OpenSSL's TLS 1.2/1.3 defaults)"
+    )]
+    Priority {
+        /// The object's type.
+        qom_type: &'static str,
+    },
+    /// No `dir`.
+    #[error("Missing 'dir' property value")]
+    NoDir,
+    /// An endpoint other than client or server.
+    #[error("Parameter 'endpoint' does not accept value '{0}'")]
+    Endpoint(String),
+    /// The credentials cannot be loaded from their directory (the engine's
+    /// message names the file and embeds its cause).
+    #[error(transparent)]
+    Load(ferry_vmm::migration::TlsError),
+}
+
+fn bool_prop(
+    props: &Map<String, Value>,
+    name: &str,
+    default: bool,
+) -> Result<bool, TlsObjectError> {
     match props.get(name) {
         None => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
@@ -42,11 +108,13 @@ fn bool_prop(props: &Map<String, Value>, name: &str, default: bool) -> Result<bo
         Some(Value::String(s)) => match s.as_str() {
             "on" | "yes" | "true" | "y" => Ok(true),
             "off" | "no" | "false" | "n" => Ok(false),
-            _ => Err(format!("Parameter '{name}' expects 'on' or 'off'")),
+            _ => Err(TlsObjectError::NotOnOff {
+                name: name.to_string(),
+            }),
         },
-        Some(_) => Err(format!(
-            "Invalid parameter type for '{name}', expected: boolean"
-        )),
+        Some(_) => Err(TlsObjectError::NotBoolean {
+            name: name.to_string(),
+        }),
     }
 }
 
@@ -66,7 +134,7 @@ pub fn load_objects(objects: &[Typed]) -> Result<BTreeMap<String, TlsObject>, Ar
         let id =
             o.id.clone()
                 .ok_or_else(|| bad("Parameter 'id' is missing"))?;
-        let obj = create_tls(&o.kind, &o.props).map_err(|e| bad(&e))?;
+        let obj = create_tls(&o.kind, &o.props).map_err(|e| bad(&e.to_string()))?;
         if loaded.insert(id.clone(), obj).is_some() {
             return Err(bad(&format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"
@@ -79,47 +147,45 @@ pub fn load_objects(objects: &[Typed]) -> Result<BTreeMap<String, TlsObject>, Ar
 /// Builds a TLS credentials object from its QOM properties (QMP arguments or the
 /// `-object` option), loading the files now as QEMU does. The error texts are
 /// QEMU's where it has one.
-pub fn create_tls(qom_type: &str, props: &Map<String, Value>) -> Result<TlsObject, String> {
+pub fn create_tls(qom_type: &str, props: &Map<String, Value>) -> Result<TlsObject, TlsObjectError> {
     let qom_type = TLS_TYPES
         .iter()
         .copied()
         .find(|t| *t == qom_type)
-        .ok_or_else(|| format!("object type '{qom_type}' is not supported by ferry-qemu"))?;
+        .ok_or_else(|| TlsObjectError::UnsupportedType {
+            qom_type: qom_type.to_string(),
+        })?;
     for (k, v) in props {
         let known = match k.as_str() {
             "qom-type" | "id" | "dir" | "endpoint" | "priority" | "loaded" => true,
             "verify-peer" | "sanity-check" => qom_type == "tls-creds-x509",
             "username" => qom_type == "tls-creds-psk",
             "passwordid" => {
-                return Err(format!(
-                    "Property '{qom_type}.passwordid': encrypted private keys are not supported \
-                     by ferry-qemu; give the key unencrypted (mode 0600) instead ({v})"
-                ))
+                return Err(TlsObjectError::EncryptedKey {
+                    qom_type,
+                    value: v.clone(),
+                })
             }
             _ => false,
         };
         if !known {
-            return Err(format!("Property '{qom_type}.{k}' not found"));
+            return Err(TlsObjectError::UnknownProperty {
+                qom_type,
+                name: k.clone(),
+            });
         }
     }
     if props.contains_key("priority") && !str_prop(props, "priority").is_some_and(str::is_empty) {
-        return Err(format!(
-            "Property '{qom_type}.priority': GnuTLS priority strings are not supported by \
-             ferry-qemu (it uses OpenSSL's TLS 1.2/1.3 defaults)"
-        ));
+        return Err(TlsObjectError::Priority { qom_type });
     }
     let dir = match str_prop(props, "dir") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => return Err("Missing 'dir' property value".into()),
+        _ => return Err(TlsObjectError::NoDir),
     };
     let endpoint = match str_prop(props, "endpoint").unwrap_or("client") {
         "client" => Endpoint::Client,
         "server" => Endpoint::Server,
-        other => {
-            return Err(format!(
-                "Parameter 'endpoint' does not accept value '{other}'"
-            ))
-        }
+        other => return Err(TlsObjectError::Endpoint(other.to_string())),
     };
     let spec = if qom_type == "tls-creds-x509" {
         // The checks sanity-check asks for are the ones the load always runs.
@@ -138,7 +204,7 @@ pub fn create_tls(qom_type: &str, props: &Map<String, Value>) -> Result<TlsObjec
         }
     };
     bool_prop(props, "loaded", true)?;
-    let creds = TlsCreds::load(spec, endpoint).map_err(|e| e.to_string())?;
+    let creds = TlsCreds::load(spec, endpoint).map_err(TlsObjectError::Load)?;
     Ok(TlsObject { qom_type, creds })
 }
 
@@ -168,7 +234,8 @@ fn object_add(ctx: &mut Ctx<'_>, args: &Map<String, Value>) -> Result<Value, Com
     if let Some(Value::Object(props)) = flat.remove("props") {
         flat.extend(props);
     }
-    let obj = create_tls(qom_type, &flat).map_err(CommandError::Generic)?;
+    // The QMP text is the error's own (QEMU's where it has one).
+    let obj = create_tls(qom_type, &flat).map_err(|e| CommandError::Generic(e.to_string()))?;
     ctx.vm.objects.insert(id.to_string(), obj);
     Ok(json!({}))
 }

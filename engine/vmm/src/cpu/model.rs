@@ -50,6 +50,43 @@ impl From<&CpuidLeaf> for kvm_cpuid_entry2 {
     }
 }
 
+/// Why a `-cpu` model and its properties are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuModelError {
+    /// The model is not one ferry knows.
+    #[error("CPU model '{model}' is not supported; use one of {}", MODELS.join(", "))]
+    UnknownModel {
+        /// The model asked for.
+        model: String,
+    },
+    /// A TSC frequency was asked for.
+    #[error(
+        "CPU property '{key}={value}' is not supported: ferry cannot fix the guest's TSC \
+         frequency (KVM_SET_TSC_KHZ) when it creates the vCPUs; leave it out (a \
+         guest with invtsc then cannot migrate, as in QEMU)"
+    )]
+    TscFrequency {
+        /// The property's name as given.
+        key: String,
+        /// Its value.
+        value: String,
+    },
+    /// A property's value is not on or off.
+    #[error("CPU property '{key}={value}': expected on or off")]
+    NotOnOff {
+        /// The property.
+        key: String,
+        /// Its value.
+        value: String,
+    },
+    /// A feature name ferry does not know.
+    #[error("CPU feature '{name}' is unknown to ferry")]
+    UnknownFeature {
+        /// The feature's name.
+        name: String,
+    },
+}
+
 /// What CPU a guest gets.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum CpuModel {
@@ -74,28 +111,31 @@ impl CpuModel {
     /// `migratable` are options. As in QEMU, `host` and `max` leave out the
     /// features that cannot migrate (invtsc) unless `migratable=off` or the
     /// feature is asked for by name.
-    pub fn from_qemu(model: &str, features: &[(String, String)]) -> Result<Self, String> {
+    pub fn from_qemu(model: &str, features: &[(String, String)]) -> Result<Self, CpuModelError> {
         if !MODELS.contains(&model) {
-            return Err(format!(
-                "CPU model '{model}' is not supported; use one of {}",
-                MODELS.join(", ")
-            ));
+            return Err(CpuModelError::UnknownModel {
+                model: model.to_string(),
+            });
         }
         let mut changes = Vec::new();
         let mut enforce = false;
         let mut migratable = true;
         for (k, v) in features {
             if matches!(k.as_str(), "tsc-frequency" | "tsc_frequency") {
-                return Err(format!(
-                    "CPU property '{k}={v}' is not supported: ferry cannot fix the guest's TSC \
-                     frequency (KVM_SET_TSC_KHZ) when it creates the vCPUs; leave it out (a \
-                     guest with invtsc then cannot migrate, as in QEMU)"
-                ));
+                return Err(CpuModelError::TscFrequency {
+                    key: k.clone(),
+                    value: v.clone(),
+                });
             }
             let on = match v.as_str() {
                 "on" | "true" | "yes" => true,
                 "off" | "false" | "no" => false,
-                _ => return Err(format!("CPU property '{k}={v}': expected on or off")),
+                _ => {
+                    return Err(CpuModelError::NotOnOff {
+                        key: k.clone(),
+                        value: v.clone(),
+                    })
+                }
             };
             match k.as_str() {
                 "enforce" => enforce = on,
@@ -103,7 +143,7 @@ impl CpuModel {
                 "migratable" => migratable = on,
                 _ => {
                     if feature_by_name(k).is_none() {
-                        return Err(format!("CPU feature '{k}' is unknown to ferry"));
+                        return Err(CpuModelError::UnknownFeature { name: k.clone() });
                     }
                     changes.push((k.clone(), on));
                 }
@@ -130,7 +170,7 @@ impl CpuModel {
     }
 
     /// Parses `MODEL[,+feature][,-feature][,feature=on|off][,enforce]`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, CpuModelError> {
         let mut parts = s.split(',');
         let model = parts.next().unwrap_or_default();
         let features: Vec<(String, String)> =
@@ -995,7 +1035,7 @@ mod tests {
             "named models clear it"
         );
         let e = CpuModel::parse("host,+invtsc,tsc-frequency=2000000000").unwrap_err();
-        assert!(e.contains("KVM_SET_TSC_KHZ"), "{e}");
+        assert!(e.to_string().contains("KVM_SET_TSC_KHZ"), "{e}");
         assert!(unavailable_features(&h, "qemu64").is_empty());
         // What a CPU object lost: the model's, plus those named, less those off.
         let lost = |m: &str| filtered_features(&h, &CpuModel::parse(m).unwrap());

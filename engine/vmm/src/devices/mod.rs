@@ -129,6 +129,20 @@ pub enum DeviceStateError {
         selector: u16,
         len: usize,
     },
+    #[error("RTC state has {len} bytes of CMOS; the device has {expected}")]
+    RtcCmosLength { len: usize, expected: usize },
+    #[error("RTC index {index:#x} is past the CMOS's {len} bytes")]
+    RtcIndex { index: u8, len: usize },
+    #[error("RTC register A {0:#04x} has UIP stored; it is only ever computed")]
+    RtcUip(u8),
+    #[error("RTC register C {0:#04x} has bits no RTC sets")]
+    RtcRegisterC(u8),
+    #[error("RTC register D {value:#04x} is read-only {expected:#04x}")]
+    RtcRegisterD { value: u8, expected: u8 },
+    #[error("RTC clock offset has {0} ns past a second")]
+    RtcSubsecond(u32),
+    #[error("RTC clock offset of {0} s is beyond any date the RTC can hold")]
+    RtcOffset(i64),
     #[error("fw_cfg DMA address {0:#x} has a low half, which no guest leaves behind")]
     FwCfgDmaAddress(u64),
     #[error("fw_cfg writable files {theirs:?} (name, bytes) in the stream; this VM has {ours:?}")]

@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{a, c, reg, Rtc, CMOS_LEN, MAX_OFFSET_SECS, NS_PER_SEC, REG_D_VRT};
+use crate::devices::DeviceStateError;
 
 /// The device's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,18 +56,18 @@ impl Rtc {
     }
 
     /// Refuses a state this device could never have been in.
-    pub fn check(&self, state: &RtcState) -> Result<(), String> {
+    pub fn check(&self, state: &RtcState) -> Result<(), DeviceStateError> {
         if state.cmos.len() != CMOS_LEN {
-            return Err(format!(
-                "RTC state has {} bytes of CMOS; the device has {CMOS_LEN}",
-                state.cmos.len()
-            ));
+            return Err(DeviceStateError::RtcCmosLength {
+                len: state.cmos.len(),
+                expected: CMOS_LEN,
+            });
         }
         if usize::from(state.index) >= CMOS_LEN {
-            return Err(format!(
-                "RTC index {:#x} is past the CMOS's {CMOS_LEN} bytes",
-                state.index
-            ));
+            return Err(DeviceStateError::RtcIndex {
+                index: state.index,
+                len: CMOS_LEN,
+            });
         }
         let (ra, rc, rd) = (
             state.cmos[usize::from(reg::A)],
@@ -74,36 +75,29 @@ impl Rtc {
             state.cmos[usize::from(reg::D)],
         );
         if ra & a::UIP != 0 {
-            return Err(format!(
-                "RTC register A {ra:#04x} has UIP stored; it is only ever computed"
-            ));
+            return Err(DeviceStateError::RtcUip(ra));
         }
         if rc & !(c::IRQF | c::MASK) != 0 {
-            return Err(format!("RTC register C {rc:#04x} has bits no RTC sets"));
+            return Err(DeviceStateError::RtcRegisterC(rc));
         }
         if rd != REG_D_VRT {
-            return Err(format!(
-                "RTC register D {rd:#04x} is read-only {REG_D_VRT:#04x}"
-            ));
+            return Err(DeviceStateError::RtcRegisterD {
+                value: rd,
+                expected: REG_D_VRT,
+            });
         }
         if i128::from(state.offset_subsec_ns) >= NS_PER_SEC {
-            return Err(format!(
-                "RTC clock offset has {} ns past a second",
-                state.offset_subsec_ns
-            ));
+            return Err(DeviceStateError::RtcSubsecond(state.offset_subsec_ns));
         }
         if state.offset_secs.unsigned_abs() > MAX_OFFSET_SECS as u64 {
-            return Err(format!(
-                "RTC clock offset of {} s is beyond any date the RTC can hold",
-                state.offset_secs
-            ));
+            return Err(DeviceStateError::RtcOffset(state.offset_secs));
         }
         Ok(())
     }
 
     /// Checks `state` ([`Self::check`]) and applies all of it, or nothing.
     /// The interrupt line is left as the destination's irqchips have it.
-    pub fn restore(&self, state: &RtcState) -> Result<(), String> {
+    pub fn restore(&self, state: &RtcState) -> Result<(), DeviceStateError> {
         self.check(state)?;
         let now = self.clock.now_ns();
         let mut core = self.lock();

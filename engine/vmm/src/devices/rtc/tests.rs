@@ -495,7 +495,7 @@ fn hostile_state_is_refused_and_changes_nothing() {
         let mut bad = good.clone();
         bad.cmos[0x50] = 0x77;
         spoil(&mut bad);
-        let err = rtc.restore(&bad).unwrap_err();
+        let err = rtc.restore(&bad).unwrap_err().to_string();
         assert!(err.contains(words), "{err} (wanted {words})");
         assert_eq!(rtc.state(), good, "a refused state changed the device");
     }
