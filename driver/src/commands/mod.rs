@@ -38,10 +38,16 @@ pub fn dispatch(cmd: Command) -> i32 {
 
 /// Reports an error the way the output mode wants it and returns [`EXIT_ERROR`].
 pub fn fail(err: &dyn std::error::Error, json: bool) -> i32 {
+    // Each source once: a message that already ends with its cause's text
+    // does not repeat it (ferry_vmm::error_chain's rule).
     let mut msg = err.to_string();
     let mut src = err.source();
     while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
         src = s.source();
     }
     if json {
