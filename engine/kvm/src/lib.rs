@@ -9,7 +9,9 @@ pub mod fd;
 pub mod host;
 pub mod memory;
 pub mod tap;
+pub mod uffd;
 pub mod vcpu;
 
 pub use memory::{Backing, GuestRam, GuestRom, MemoryError, RomError, PAGE_SIZE, ROM_SLOT};
+pub use uffd::{PageFault, Placed, UffdError, Userfault};
 pub use vcpu::{install_kick_handler, kick, kick_signal, set_xsave, KickError};

@@ -335,6 +335,24 @@ impl GuestRam {
     }
 
     /// Host address of `gpa..gpa+len`, which must lie inside one RAM range.
+    /// Per RAM range: guest-physical base, size, host address (for
+    /// userfaultfd registration).
+    pub(crate) fn host_slots(&self) -> Vec<(u64, u64, usize)> {
+        self.slots.clone()
+    }
+
+    /// The host address of `gpa..gpa+len`, if it lies inside one RAM range.
+    pub(crate) fn host_address(&self, gpa: u64, len: usize) -> Option<usize> {
+        self.host_range(gpa, len).ok()
+    }
+
+    /// The guest-physical address of host address `host`, if it is guest RAM.
+    pub(crate) fn gpa_of_host(&self, host: usize) -> Option<u64> {
+        self.slots.iter().find_map(|&(base, size, start)| {
+            (host >= start && ((host - start) as u64) < size).then(|| base + (host - start) as u64)
+        })
+    }
+
     fn host_range(&self, gpa: u64, len: usize) -> Result<usize, MemoryError> {
         let len64 = len as u64;
         for &(base, size, host) in &self.slots {
