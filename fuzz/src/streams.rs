@@ -48,9 +48,10 @@ use ferry_format::{Limits, RamBatch, SectionId, StreamReader, PAGE_SIZE};
 use ferry_kvm::Backing;
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::migration::{
-    self, Channel, ExtraStreams, Handshake, IncomingOptions, Listener, MigrationControl,
-    MigrationParams, MigrationUri, Reply, StreamJoin, MAX_STREAMS,
+    self, Channel, ExtraStreams, IncomingOptions, Listener, MigrationControl, MigrationParams,
+    MigrationUri, Reply, MAX_STREAMS,
 };
+use ferry_vmm::persist::{Handshake, StreamJoin};
 
 use crate::stream::{mutate_stream, replies, RawSection, RawStream};
 use crate::{class_of, mutate_bytes, Outcome, Rng, Target};

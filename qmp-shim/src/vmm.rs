@@ -4,11 +4,11 @@
 //! * Boot: `-kernel` (PVH ELF, ELF vmlinux, bzImage) with `-append`/`-initrd`;
 //!   `-S` leaves it in `prelaunch` until `cont`.
 //! * Save (`migrate` of a *paused* guest to `fd:`, `file:` or `exec:`): the
-//!   checkpoint stream of `ferry_vmm::checkpoint::save`, written by a thread;
+//!   checkpoint stream of `ferry_vmm::persist::save`, written by a thread;
 //!   MIGRATION events `setup` → `active` → `completed`/`failed` as QEMU sends
 //!   them (libvirt's `virsh save` waits for them).
 //! * Restore (`-incoming fd:N|file:PATH`, or `-incoming defer` +
-//!   `migrate-incoming`): `ferry_vmm::checkpoint::restore` on a thread; the
+//!   `migrate-incoming`): `ferry_vmm::persist::restore` on a thread; the
 //!   guest starts afterwards unless `-S` (then `cont` starts it, as libvirt does).
 //!   A stream that fails to load ends the process with status 1, like QEMU.
 //! * Guest exits: poweroff → SHUTDOWN (process exits unless `-no-shutdown`),
@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_kvm::{Backing, GuestRam};
-use ferry_vmm::checkpoint;
 use ferry_vmm::cpu::model::CpuidLeaf;
 use ferry_vmm::devices::fw_cfg::FwCfgConfig;
 use ferry_vmm::devices::ide::{IdeDriveConfig, IdeMedia};
@@ -49,6 +48,7 @@ use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
 use ferry_vmm::migration::{
     self, Channel, IncomingOptions, Listener, MigrationUri, ServeOptions, TransportError,
 };
+use ferry_vmm::persist;
 use ferry_vmm::private_file::PrivateFile;
 use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
@@ -426,12 +426,9 @@ fn open_save_target(target: MigrationTarget) -> Result<SaveTarget, BackendError>
 }
 
 /// Writes the checkpoint of the stopped `guest` to `target`.
-fn write_checkpoint(
-    guest: &Guest,
-    target: SaveTarget,
-) -> Result<checkpoint::CheckpointStats, String> {
+fn write_checkpoint(guest: &Guest, target: SaveTarget) -> Result<persist::CheckpointStats, String> {
     let SaveTarget { out, child, file } = target;
-    let result = checkpoint::save(guest, BufWriter::with_capacity(1 << 20, out))
+    let result = persist::save(guest, BufWriter::with_capacity(1 << 20, out))
         .map_err(|e| e.to_string())
         .and_then(|(w, stats)| {
             // Dropping the writer closes the fd/pipe: the reader sees EOF.

@@ -1,7 +1,6 @@
 //! ferry's VMM: a small KVM virtual machine monitor with checkpoint/restore, the
 //! library under the `ferry-vm` and `ferry-qemu` binaries.
 
-pub mod checkpoint;
 pub mod cli;
 pub mod control;
 pub mod cpu;
@@ -9,9 +8,13 @@ pub mod devices;
 pub mod dirty_rate;
 pub mod firmware;
 pub mod migration;
+pub mod persist;
 pub mod private_file;
 pub mod vcpu;
 pub mod vm;
+
+/// The old name of [`persist`], for `migration/precopy.rs` until its next edit.
+use persist as checkpoint;
 
 pub use cli::Cli;
 pub use vcpu::GuestExit;
@@ -33,7 +36,7 @@ pub enum VmmError {
     #[error("cannot restore: {0}")]
     Restore(String),
     #[error("cannot restore: {0}")]
-    Mismatch(#[from] checkpoint::ShapeMismatch),
+    Mismatch(#[from] vm::ShapeMismatch),
     /// A device refused its saved state.
     #[error("cannot restore: {0}")]
     DeviceState(#[from] devices::DeviceStateError),

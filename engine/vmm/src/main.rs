@@ -9,12 +9,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
 use ferry_vmm::migration::{
     self, CredsSpec, Endpoint, IncomingOptions, Listener, MigrationUri, ServeOptions, TlsCreds,
 };
+use ferry_vmm::persist::{self, RestoreOptions};
 
 fn migration_err(e: migration::TransportError) -> ferry_vmm::VmmError {
     ferry_vmm::VmmError::Config(e.to_string())
@@ -149,7 +149,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             let f = std::fs::File::open(&file).map_err(|e| {
                 ferry_vmm::VmmError::Io(format!("cannot open checkpoint {}", file.display()), e)
             })?;
-            let vm = checkpoint::restore(
+            let vm = persist::restore(
                 std::io::BufReader::with_capacity(1 << 20, f),
                 &RestoreOptions {
                     backing: common.backing.into(),

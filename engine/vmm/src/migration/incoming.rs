@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use ferry_format::{SectionId, StreamReader, StreamWriter};
 use ferry_kvm::{Backing, GuestRam};
 
-use super::precopy::ram_digest;
 use super::tls::TlsCreds;
 use super::transport::{Breaker, Listener, Waker};
-use super::{stream_of, Channel, Handshake, MigrationError, Reply, StreamJoin, MAX_STREAMS};
-use crate::checkpoint::{check_inside, check_shape, producer, RestoreOptions};
+use super::{stream_of, Channel, MigrationError, Reply, MAX_STREAMS};
 use crate::cpu::VcpuState;
 use crate::devices::serial::SinkSpec;
+use crate::persist::{
+    check_inside, check_shape, producer, ram_digest, Handshake, RestoreOptions, StreamJoin,
+};
 use crate::vm::{DevicesState, Vm, VmState};
 use crate::VmmError;
 

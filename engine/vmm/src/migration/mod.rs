@@ -67,8 +67,6 @@ pub use stats::{MigrationStats, MigrationStatus, RamStats};
 pub use tls::{CredsSpec, Endpoint, TlsCreds, TlsError, TlsSessionError};
 pub use transport::{Channel, Listener, MigrationUri, TransportError};
 
-use crate::vm::VmShape;
-
 /// Messages on the return path (destination to source).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
@@ -82,43 +80,6 @@ pub enum Reply {
     /// streams (the answer when the source proposed more than one; 1 ≤ streams ≤
     /// the proposal).
     Accepted { streams: u32 },
-}
-
-/// What the first section of a migration stream carries: the VM's shape and what the
-/// sender will do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Handshake {
-    pub shape: VmShape,
-    /// The sender will send a Digest section before End.
-    #[serde(default)]
-    pub digest: bool,
-    /// Page streams the sender proposes (0 or 1: only this connection). Left out
-    /// of a one-stream handshake, which stays as it was before page streams.
-    #[serde(default, skip_serializing_if = "one_stream")]
-    pub streams: u32,
-    /// Random token that extra streams present in their Join section (0 when
-    /// `streams` ≤ 1).
-    #[serde(default, skip_serializing_if = "no_session")]
-    pub session: u64,
-}
-
-fn one_stream(streams: &u32) -> bool {
-    *streams <= 1
-}
-
-fn no_session(session: &u64) -> bool {
-    *session == 0
-}
-
-/// The first section (Join) of an extra page stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamJoin {
-    /// The handshake's session token.
-    pub session: u64,
-    /// Which stream this is, 1..streams (0 is the main connection).
-    pub index: u32,
-    /// The number of streams agreed on, the main connection included.
-    pub streams: u32,
 }
 
 /// Most page streams (the main connection included) a migration may use.

@@ -15,11 +15,11 @@ use super::converge::{
 };
 use super::transport::{Breaker, WriteHalf};
 use super::{
-    stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
-    MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin,
-    ThrottlePolicy, TimeoutPolicy, TlsSessionError, TransportError, MAX_STREAMS,
+    stream_of, Channel, Endpoint, MigrationControl, MigrationError, MigrationEvent,
+    MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, ThrottlePolicy,
+    TimeoutPolicy, TlsSessionError, TransportError, MAX_STREAMS,
 };
-use crate::checkpoint::producer;
+use crate::persist::{producer, ram_digest, Handshake, StreamJoin};
 use crate::vm::Vm;
 
 /// How long the source waits for the destination to accept the shape, and to confirm
@@ -825,23 +825,6 @@ fn told_why(replies: &Mutex<Receiver<Result<Reply, String>>>) -> Option<String> 
             Ok(Err(_)) | Err(_) => return None,
         }
     }
-}
-
-/// A digest of guest RAM: CRC-32 of every 1 MiB chunk, in address order.
-pub(crate) fn ram_digest(ram: &GuestRam) -> Result<Vec<u32>, MigrationError> {
-    const CHUNK: u64 = 1 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut out = Vec::new();
-    for (base, size) in ram.ranges() {
-        let mut gpa = base;
-        while gpa < base + size {
-            let n = CHUNK.min(base + size - gpa) as usize;
-            ram.read(gpa, &mut buf[..n])?;
-            out.push(crc32fast::hash(&buf[..n]));
-            gpa += n as u64;
-        }
-    }
-    Ok(out)
 }
 
 /// Migrates `vm` over `channel` (and, with `multifd-channels` above 1, over more
