@@ -21,9 +21,8 @@ use ferry_format::{
 };
 use ferry_kvm::Backing;
 use ferry_vmm::devices::serial::SinkSpec;
-use ferry_vmm::migration::{self, IncomingOptions, Reply};
-use ferry_vmm::persist::Handshake;
-use ferry_vmm::persist::{self, RestoreOptions};
+use ferry_vmm::migration::{self, Reply};
+use ferry_vmm::persist::{self, Handshake, RestoreOptions};
 use ferry_vmm::vm::VirtioSpec;
 
 use crate::{class_of, mutate_bytes, Outcome, Rng, Target};
@@ -599,7 +598,7 @@ pub fn receive_checked(
     virtio: Vec<VirtioSpec>,
 ) -> Result<Result<ferry_vmm::Vm, String>, String> {
     let out = SharedBuf::default();
-    let opts = IncomingOptions {
+    let opts = RestoreOptions {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
@@ -651,6 +650,7 @@ pub fn restore_error(input: &[u8]) -> Option<String> {
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         expect_vcpus: None,
+        autostart: false,
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
@@ -672,6 +672,7 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         expect_vcpus: None,
+        autostart: false,
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,

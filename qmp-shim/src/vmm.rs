@@ -45,10 +45,8 @@ use ferry_vmm::devices::SharedFd;
 use ferry_vmm::dirty_rate::DirtyRateMeter;
 use ferry_vmm::firmware::FirmwareConfig;
 use ferry_vmm::migration::transport::{ReadHalf, WriteHalf};
-use ferry_vmm::migration::{
-    self, Channel, IncomingOptions, Listener, MigrationUri, ServeOptions, TransportError,
-};
-use ferry_vmm::persist;
+use ferry_vmm::migration::{self, Channel, Listener, MigrationUri, ServeOptions, TransportError};
+use ferry_vmm::persist::{self, RestoreOptions};
 use ferry_vmm::private_file::PrivateFile;
 use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
@@ -539,7 +537,7 @@ impl FerryBackend {
             }
             inner.incoming_started = true;
             inner.state = RunState::InMigrate;
-            IncomingOptions {
+            RestoreOptions {
                 backing: Backing::Anonymous,
                 serial: sink(&inner),
                 expect_mem_bytes: inner.config.as_ref().map(|c| c.mem_bytes),

@@ -37,6 +37,9 @@ pub enum VmmError {
     Restore(String),
     #[error("cannot restore: {0}")]
     Mismatch(#[from] vm::ShapeMismatch),
+    /// A stream (checkpoint or migration) was refused while it was read.
+    #[error("cannot restore: {0}")]
+    Load(#[from] persist::LoadError),
     /// A device refused its saved state.
     #[error("cannot restore: {0}")]
     DeviceState(#[from] devices::DeviceStateError),

@@ -12,7 +12,7 @@ use clap::Parser;
 use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
 use ferry_vmm::migration::{
-    self, CredsSpec, Endpoint, IncomingOptions, Listener, MigrationUri, ServeOptions, TlsCreds,
+    self, CredsSpec, Endpoint, Listener, MigrationUri, ServeOptions, TlsCreds,
 };
 use ferry_vmm::persist::{self, RestoreOptions};
 
@@ -123,7 +123,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             let vm = migration::serve(
                 &listener,
                 &ServeOptions::default(),
-                &IncomingOptions {
+                &RestoreOptions {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),
                     expect_mem_bytes: Some(mem),
@@ -156,6 +156,7 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
                     serial: common.serial.clone(),
                     expect_mem_bytes: mem,
                     expect_vcpus: None,
+                    autostart: false,
                     virtio: common.virtio()?,
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg_config(),
@@ -166,6 +167,9 @@ fn run(cli: Cli) -> Result<ExitCode, ferry_vmm::VmmError> {
             .map_err(|e| match e {
                 ferry_vmm::VmmError::Restore(m) => {
                     ferry_vmm::VmmError::Restore(format!("{}: {m}", file.display()))
+                }
+                ferry_vmm::VmmError::Load(e) => {
+                    ferry_vmm::VmmError::Restore(format!("{}: {e}", file.display()))
                 }
                 // The device's refusal, named with the file (as the text above).
                 ferry_vmm::VmmError::DeviceState(e) => {

@@ -59,8 +59,7 @@ use serde::{Deserialize, Serialize};
 
 pub use converge::{Throttle, VcpuHold};
 pub use incoming::{
-    receive, receive_streams, serve, ExtraStreams, IncomingOptions, ServeOptions,
-    KEEPALIVE_INTERVAL,
+    receive, receive_streams, serve, ExtraStreams, ServeOptions, KEEPALIVE_INTERVAL,
 };
 pub use precopy::{migrate, MigrationOutcome};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
@@ -350,11 +349,27 @@ pub enum MigrationError {
     )]
     Unconfirmed(String),
     #[error(transparent)]
-    Vmm(#[from] crate::VmmError),
+    Vmm(crate::VmmError),
     #[error("cannot set up {streams} page streams: {reason}")]
     Streams { streams: u32, reason: String },
     #[error("page stream {index} failed: {reason}")]
     PageStream { index: u32, reason: String },
+}
+
+impl From<crate::VmmError> for MigrationError {
+    fn from(e: crate::VmmError) -> Self {
+        match e {
+            // The stream persist was reading broke: the migration stream did.
+            crate::VmmError::Load(crate::persist::LoadError::Read(e)) => e.into(),
+            e => Self::Vmm(e),
+        }
+    }
+}
+
+impl From<crate::persist::LoadError> for MigrationError {
+    fn from(e: crate::persist::LoadError) -> Self {
+        crate::VmmError::from(e).into()
+    }
 }
 
 impl From<ferry_kvm::MemoryError> for MigrationError {

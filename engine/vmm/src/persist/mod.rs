@@ -12,18 +12,21 @@
 //! (`vm`, `vcpu`, `cpu`, `devices`), then this module, then `migration`.
 
 mod digest;
+mod load;
 mod save;
 mod shape;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::serial::SinkSpec;
-use crate::vm::{Vm, VmShape};
-use crate::VmmError;
 use ferry_kvm::Backing;
+
+use crate::devices::serial::SinkSpec;
+use crate::vm::VmShape;
 
 pub use crate::vm::ShapeMismatch;
 pub use digest::ram_digest;
+pub use load::{build, read_offer, restore, LoadError};
+pub(crate) use load::{finish, prefault, read_main, write_page, Frontier};
 pub use save::{save, write_ram, write_state, CheckpointStats};
 pub(crate) use shape::check_inside;
 pub use shape::{check_shape, MAX_RAM_RANGES};
@@ -70,15 +73,21 @@ pub struct StreamJoin {
     pub streams: u32,
 }
 
-/// Options for building a VM from a stream.
+/// Options for building a VM from a stream: a checkpoint's, or a migration's on
+/// its destination.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub backing: Backing,
     pub serial: SinkSpec,
     /// When set, the stream's RAM size must equal this (the user's `-m`).
+    /// `migration::serve` demands it: a destination on the network builds the VM
+    /// it was configured for, never one a stream asks for.
     pub expect_mem_bytes: Option<u64>,
-    /// When set, the stream's vCPU count must equal this (the user's `-smp`).
+    /// When set, the stream's vCPU count must equal this (the user's `-smp`);
+    /// `migration::serve` demands it too.
     pub expect_vcpus: Option<u32>,
+    /// Resume the VM once loaded (otherwise it stays paused, like QEMU with `-S`).
+    pub autostart: bool,
     /// This host's virtio devices; they must match the checkpoint's.
     pub virtio: Vec<crate::vm::VirtioSpec>,
     /// This host's IDE drives; they must match the checkpoint's.
@@ -90,27 +99,4 @@ pub struct RestoreOptions {
     /// This host's RTC; the checkpoint must have one exactly when this
     /// does (its clock and CMOS come from the checkpoint).
     pub rtc: Option<crate::devices::rtc::RtcConfig>,
-}
-
-/// Reads a whole checkpoint and returns a paused VM ready to resume.
-pub fn restore<R: std::io::Read + Send + std::fmt::Debug + 'static>(
-    r: R,
-    opts: &RestoreOptions,
-) -> Result<Vm, VmmError> {
-    let incoming = crate::migration::IncomingOptions {
-        backing: opts.backing,
-        serial: opts.serial.clone(),
-        expect_mem_bytes: opts.expect_mem_bytes,
-        expect_vcpus: opts.expect_vcpus,
-        autostart: false,
-        virtio: opts.virtio.clone(),
-        ide: opts.ide.clone(),
-        fw_cfg: opts.fw_cfg.clone(),
-        firmware: opts.firmware.clone(),
-        rtc: opts.rtc.clone(),
-    };
-    crate::migration::receive(Box::new(r), None, &incoming).map_err(|e| match e {
-        crate::migration::MigrationError::Vmm(v) => v,
-        other => VmmError::Restore(other.to_string()),
-    })
 }

@@ -2,22 +2,22 @@
 
 use ferry_kvm::PAGE_SIZE;
 
-use super::RestoreOptions;
+use super::{LoadError, RestoreOptions};
 use crate::vm::{ShapeMismatch, VmShape};
 use crate::VmmError;
 
 /// Checks that the page at `gpa` lies inside guest RAM (`ranges`).
-pub(crate) fn check_inside(ranges: &[(u64, u64)], gpa: u64) -> Result<(), VmmError> {
+pub(crate) fn check_inside(ranges: &[(u64, u64)], gpa: u64) -> Result<(), LoadError> {
     let inside = ranges
         .iter()
         .any(|&(b, s)| gpa >= b && gpa - b < s && s - (gpa - b) >= PAGE_SIZE as u64);
     if inside {
         Ok(())
     } else {
-        Err(VmmError::Restore(format!(
-            "the stream carries a page at guest address {gpa:#x}, outside this VM's RAM \
-             {ranges:x?}"
-        )))
+        Err(LoadError::PageOutside {
+            gpa,
+            ranges: ranges.to_vec(),
+        })
     }
 }
 
@@ -36,8 +36,7 @@ pub const MAX_RAM_RANGES: usize = 32;
 /// sizes add up past 2^64 overflowed the sum below (a panic in debug builds, a
 /// wrapped size in release ones).
 pub fn check_shape(shape: &VmShape, opts: &RestoreOptions) -> Result<(), VmmError> {
-    let refuse =
-        |why: String| VmmError::Restore(format!("the stream's VM shape is invalid: {why}"));
+    let refuse = |why: String| VmmError::from(LoadError::InvalidShape(why));
     if shape.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
         return Err(refuse(format!(
             "{} CPUID leaves; KVM takes at most {}",

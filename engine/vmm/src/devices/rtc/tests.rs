@@ -603,6 +603,7 @@ fn a_vm_carries_its_rtc_through_a_checkpoint() {
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         expect_vcpus: None,
+        autostart: false,
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,

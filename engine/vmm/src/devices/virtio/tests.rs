@@ -319,6 +319,7 @@ fn restore_opts(virtio: Vec<VirtioSpec>) -> crate::persist::RestoreOptions {
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         expect_vcpus: None,
+        autostart: false,
         virtio,
         ide: Vec::new(),
         fw_cfg: None,
