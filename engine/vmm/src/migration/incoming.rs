@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_format::{SectionId, StreamReader, StreamWriter};
+use ferry_format::{FormatError, SectionId, StreamReader, StreamWriter};
 use ferry_kvm::GuestRam;
 
 use super::tls::TlsCreds;
 use super::transport::{Breaker, Listener, Waker};
 use super::{stream_of, Channel, MigrationError, Reply, MAX_STREAMS};
 use crate::persist::{
-    self, check_inside, prefault, producer, read_main, write_page, Frontier, Handshake,
+    self, check_inside, prefault, producer, read_main, write_page, Frontier, Handshake, LoadError,
     RestoreOptions, StreamJoin,
 };
 use crate::vm::Vm;
@@ -77,10 +77,9 @@ impl ReturnPath {
     }
 }
 
-fn send_reply<W: Write>(out: &mut StreamWriter<W>, reply: &Reply) -> Result<(), String> {
-    out.write_cbor(SectionId::Reply, SectionId::Reply.current_version(), reply)
-        .map_err(|e| e.to_string())
-        .and_then(|_| out.get_mut().flush().map_err(|e| e.to_string()))
+fn send_reply<W: Write>(out: &mut StreamWriter<W>, reply: &Reply) -> Result<(), FormatError> {
+    out.write_cbor(SectionId::Reply, SectionId::Reply.current_version(), reply)?;
+    out.get_mut().flush().map_err(FormatError::Io)
 }
 
 /// Receives a VM from `reader`; with `writer`, answers the source on the return path.
@@ -366,9 +365,7 @@ pub fn serve(
     let (tx, rx) = std::sync::mpsc::channel::<Handshaken>();
     // A finished handshake wakes the accept wait below: the source waits for
     // its answer, and a 20 ms poll was most of its setup time.
-    let waker = Arc::new(Waker::new().map_err(|e| {
-        MigrationError::Stream(format!("cannot make the accept loop's wake-up pipe: {e}"))
-    })?);
+    let waker = Arc::new(Waker::new().map_err(MigrationError::WakePipe)?);
     let mut pending: Vec<Pending> = Vec::new();
     let mut next_id = 0u64;
     let chosen = loop {
@@ -501,7 +498,7 @@ impl Incoming<'_> {
     fn lock(&self) -> Result<MutexGuard<'_, IncomingState>, MigrationError> {
         self.state
             .lock()
-            .map_err(|_| MigrationError::Stream("the page stream state lock is poisoned".into()))
+            .map_err(|_| MigrationError::StreamsPoisoned)
     }
 
     /// Fails the migration: tells the source at once and breaks every connection,
@@ -561,9 +558,10 @@ impl Incoming<'_> {
                 st.decided = true;
                 return Ok(());
             }
-            st = self.changed.wait(st).map_err(|_| {
-                MigrationError::Stream("the page stream state lock is poisoned".into())
-            })?;
+            st = self
+                .changed
+                .wait(st)
+                .map_err(|_| MigrationError::StreamsPoisoned)?;
         }
     }
 }
@@ -757,29 +755,25 @@ impl<'a> StripeSink<'a> {
 }
 
 impl ferry_format::PageSink for StripeSink<'_> {
-    type Error = MigrationError;
+    type Error = LoadError;
 
-    fn check(&mut self, gpas: &[u64]) -> Result<(), MigrationError> {
+    fn check(&mut self, gpas: &[u64]) -> Result<(), LoadError> {
         let (index, streams) = (self.index, self.streams);
         for &gpa in gpas {
             check_inside(&self.ranges, gpa)?;
-            if stream_of(gpa, streams) != index {
-                return Err(VmmError::Restore(format!(
-                    "the page at guest address {gpa:#x} arrived on stream {index}, but belongs \
-                     to stream {}",
-                    stream_of(gpa, streams)
-                ))
-                .into());
+            let owner = stream_of(gpa, streams);
+            if owner != index {
+                return Err(LoadError::WrongStream { gpa, index, owner });
             }
         }
         Ok(())
     }
 
-    fn page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), MigrationError> {
+    fn page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), LoadError> {
         if data.is_some() {
             self.frontier.advance(gpa);
         }
-        Ok(write_page(self.ram, gpa, data)?)
+        write_page(self.ram, gpa, data).map_err(|source| LoadError::WritePage { gpa, source })
     }
 }
 
@@ -867,6 +861,7 @@ fn load(
         }
         let mut sink = StripeSink::new(ram, 0, streams, &inc.frontier);
         let result = read_main(&mut reader, &mut buf, &mut sink, &limits)
+            .map_err(MigrationError::from)
             .and_then(|sections| inc.wait_finished().map(|()| sections));
         // A page stream's failure is the cause; the main stream's is its echo.
         let result = result.map_err(|e| inc.take_error().unwrap_or(e));

@@ -354,13 +354,20 @@ pub enum MigrationError {
     Streams { streams: u32, reason: String },
     #[error("page stream {index} failed: {reason}")]
     PageStream { index: u32, reason: String },
+    /// The destination could not read what the source sent.
+    #[error("the migration stream broke: {0}")]
+    ReadStream(#[source] ferry_format::FormatError),
+    #[error("cannot make the accept loop's wake-up pipe: {0}")]
+    WakePipe(#[source] std::io::Error),
+    #[error("the page stream state lock is poisoned")]
+    StreamsPoisoned,
 }
 
 impl From<crate::VmmError> for MigrationError {
     fn from(e: crate::VmmError) -> Self {
         match e {
             // The stream persist was reading broke: the migration stream did.
-            crate::VmmError::Load(crate::persist::LoadError::Read(e)) => e.into(),
+            crate::VmmError::Load(crate::persist::LoadError::Read(e)) => Self::ReadStream(e),
             e => Self::Vmm(e),
         }
     }

@@ -32,6 +32,12 @@ pub enum LoadError {
         "the stream carries a page at guest address {gpa:#x}, outside this VM's RAM {ranges:x?}"
     )]
     PageOutside { gpa: u64, ranges: Vec<(u64, u64)> },
+    /// A page of a migration's stripes arrived on another stream than its own.
+    #[error(
+        "the page at guest address {gpa:#x} arrived on stream {index}, but belongs to stream \
+         {owner}"
+    )]
+    WrongStream { gpa: u64, index: u32, owner: u32 },
     #[error("cannot write the page at guest address {gpa:#x}: {source}")]
     WritePage {
         gpa: u64,
