@@ -2,7 +2,7 @@
 //! with a virtio-blk disk (`VirtioPci::restore`'s validation, then the device
 //! driven with whatever the stream left in guest RAM).
 //!
-//! Seeds are streams written with the real writers (`checkpoint::save`, which
+//! Seeds are streams written with the real writers (`persist::save`, which
 //! the receiver takes as a migration without digest) from a small VM whose
 //! disk was driven by the engine's test driver
 //! (`ferry_vmm::devices::virtio::test_driver`): config cycles, BAR writes,
@@ -27,11 +27,11 @@ use std::sync::{Arc, OnceLock};
 use ciborium::Value;
 use ferry_format::{SectionId, PAGE_SIZE};
 use ferry_kvm::Backing;
-use ferry_vmm::checkpoint;
 use ferry_vmm::devices::pci::{PciBus, CONFIG_ADDRESS, CONFIG_DATA};
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::devices::virtio::test_driver::{self, Driver};
 use ferry_vmm::devices::virtio::{VirtioPciState, STOP_PAUSED};
+use ferry_vmm::persist;
 use ferry_vmm::vm::{DevicesState, VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{Vm, VmConfig};
 
@@ -85,7 +85,7 @@ pub enum SeedState {
     NeedsReset,
 }
 
-/// A seed stream: a small VM with the disk in `state`, written by `checkpoint::save`.
+/// A seed stream: a small VM with the disk in `state`, written by `persist::save`.
 pub fn generate_seed(state: SeedState) -> Result<Vec<u8>, String> {
     let vm = Vm::create(VmConfig {
         mem_bytes: RAM_BYTES,
@@ -148,7 +148,7 @@ pub fn generate_seed(state: SeedState) -> Result<Vec<u8>, String> {
     }
     // Stopped again, as at a switch-over.
     vm.pci().set_stopped(STOP_PAUSED, true);
-    let (bytes, _) = checkpoint::save(&vm, Vec::new()).map_err(|e| e.to_string())?;
+    let (bytes, _) = persist::save(&vm, Vec::new()).map_err(|e| e.to_string())?;
     Ok(bytes)
 }
 

@@ -6,7 +6,7 @@
 //! |--------------|--------------------------------------------------|---------------|
 //! | `receiver`   | the migration-stream receiver (`migration::receive`, return path included) | [`stream`] |
 //! | `streams`    | the receiver's page streams (`migration::receive_streams`: Join sections on extra connections to a real listener) | [`streams`] |
-//! | `checkpoint` | the checkpoint loader (`checkpoint::restore`)    | [`stream`]    |
+//! | `checkpoint` | the checkpoint loader (`persist::restore`)    | [`stream`]    |
 //! | `devices`    | virtio-pci device state in a migration stream (`VirtioPci::restore`, then the devices driven) | [`devices`] |
 //! | `qmp`        | the QMP framing, parser and dispatcher           | [`qmp`]       |
 //! | `argv`       | the QEMU command-line parser                     | [`argv`]      |

@@ -20,9 +20,9 @@ use ferry_format::{
     SECTION_HEADER_LEN,
 };
 use ferry_kvm::Backing;
-use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::devices::serial::SinkSpec;
-use ferry_vmm::migration::{self, Handshake, IncomingOptions, Reply};
+use ferry_vmm::migration::{self, Reply};
+use ferry_vmm::persist::{self, Handshake, RestoreOptions};
 use ferry_vmm::vm::VirtioSpec;
 
 use crate::{class_of, mutate_bytes, Outcome, Rng, Target};
@@ -598,7 +598,7 @@ pub fn receive_checked(
     virtio: Vec<VirtioSpec>,
 ) -> Result<Result<ferry_vmm::Vm, String>, String> {
     let out = SharedBuf::default();
-    let opts = IncomingOptions {
+    let opts = RestoreOptions {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
@@ -643,20 +643,21 @@ pub fn receive_checked(
     }
 }
 
-/// The error `checkpoint::restore` gives for `input`, `None` if it loads.
+/// The error `persist::restore` gives for `input`, `None` if it loads.
 pub fn restore_error(input: &[u8]) -> Option<String> {
     let opts = RestoreOptions {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         expect_vcpus: None,
+        autostart: false,
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
         rtc: None,
     };
-    checkpoint::restore(Cursor::new(input.to_vec()), &opts)
+    persist::restore(Cursor::new(input.to_vec()), &opts)
         .err()
         .map(|e| e.to_string())
 }
@@ -671,13 +672,14 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         expect_vcpus: None,
+        autostart: false,
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
         rtc: None,
     };
-    match checkpoint::restore(Cursor::new(input.to_vec()), &opts) {
+    match persist::restore(Cursor::new(input.to_vec()), &opts) {
         Ok(vm) if vm.is_running() => Outcome::Violation("a restored VM runs before resume".into()),
         Ok(_) => Outcome::Handled("checkpoint: restored".into()),
         Err(e) => Outcome::Handled(class_of("checkpoint", &e.to_string(), 14)),
@@ -685,9 +687,9 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
 }
 
 /// Seeds written with the real writers from a small real VM (8 MiB, 2 vCPUs,
-/// never booted, a few pages written): a checkpoint (`checkpoint::save`) and
+/// never booted, a few pages written): a checkpoint (`persist::save`) and
 /// a migration stream as the source sends it (Shape with digest, RAM batches
-/// with zero and data pages, the state sections `checkpoint::write_state`
+/// with zero and data pages, the state sections `persist::write_state`
 /// writes at switch-over, Digest, End).
 pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
     use ferry_vmm::{Vm, VmConfig};
@@ -712,10 +714,9 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         let page = [0x40 + i as u8; PAGE_SIZE];
         ram.write(gpa, &page).map_err(|e| e.to_string())?;
     }
-    let (ckpt, _) = checkpoint::save(&vm, Vec::new()).map_err(|e| e.to_string())?;
+    let (ckpt, _) = persist::save(&vm, Vec::new()).map_err(|e| e.to_string())?;
 
-    let mut w =
-        StreamWriter::new(Vec::new(), &checkpoint::producer()).map_err(|e| e.to_string())?;
+    let mut w = StreamWriter::new(Vec::new(), &persist::producer()).map_err(|e| e.to_string())?;
     w.write_cbor(
         SectionId::Shape,
         SectionId::Shape.current_version(),
@@ -744,7 +745,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
         batch.push_data(gpa, &page).map_err(|e| e.to_string())?;
     }
     w.write_ram_batch(&batch).map_err(|e| e.to_string())?;
-    checkpoint::write_state(&vm, &mut w).map_err(|e| e.to_string())?;
+    persist::write_state(&vm, &mut w).map_err(|e| e.to_string())?;
     // The digest the source computes: CRC-32 of every MiB of RAM, in order.
     let mut digest = Vec::new();
     let mut chunk = vec![0u8; 1 << 20];

@@ -48,9 +48,10 @@ use ferry_format::{Limits, RamBatch, SectionId, StreamReader, PAGE_SIZE};
 use ferry_kvm::Backing;
 use ferry_vmm::devices::serial::SinkSpec;
 use ferry_vmm::migration::{
-    self, Channel, ExtraStreams, Handshake, IncomingOptions, Listener, MigrationControl,
-    MigrationParams, MigrationUri, Reply, StreamJoin, MAX_STREAMS,
+    self, Channel, ExtraStreams, Listener, MigrationControl, MigrationParams, MigrationUri, Reply,
+    MAX_STREAMS,
 };
+use ferry_vmm::persist::{Handshake, RestoreOptions, StreamJoin};
 
 use crate::stream::{mutate_stream, replies, RawSection, RawStream};
 use crate::{class_of, mutate_bytes, Outcome, Rng, Target};
@@ -558,7 +559,7 @@ fn destination(
         Err(e) => return (Err(format!("accept: {e}")), Vec::new()),
     };
     let main_breaker = ch.breaker().ok();
-    let opts = IncomingOptions {
+    let opts = RestoreOptions {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
@@ -1041,7 +1042,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
     let receiving = std::thread::spawn(move || -> Result<(), String> {
         let ch = dest.accept_next().map_err(|e| e.to_string())?;
         let main_breaker = ch.breaker().ok();
-        let opts = IncomingOptions {
+        let opts = RestoreOptions {
             backing: Backing::Anonymous,
             serial: SinkSpec::Null,
             expect_mem_bytes: None,

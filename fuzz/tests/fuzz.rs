@@ -149,7 +149,7 @@ fn valid_seeds_are_accepted() {
 }
 
 /// A change to a stream's handshake, for a hand-made regression seed.
-type ShapeEdit = fn(&mut ferry_vmm::migration::Handshake);
+type ShapeEdit = fn(&mut ferry_vmm::persist::Handshake);
 
 /// `FERRY_FUZZ_REGEN=1`: writes the generated seeds into fuzz/corpus/.
 fn regenerate_if_asked() {
@@ -344,11 +344,11 @@ fn stream_regressions(
 ) -> Vec<(&'static str, streams::Bundle, Option<&'static str>)> {
     use ferry_format::SectionId;
     use streams::{Bundle, Conn};
-    let join_edit = |conn: &Conn, f: &dyn Fn(&mut ferry_vmm::migration::StreamJoin)| {
+    let join_edit = |conn: &Conn, f: &dyn Fn(&mut ferry_vmm::persist::StreamJoin)| {
         let mut raw = stream::RawStream::split(&conn.bytes);
         let sec = raw.sections.first_mut().expect("a Join section");
         assert_eq!(sec.id, SectionId::Join.as_u32());
-        let mut j: ferry_vmm::migration::StreamJoin =
+        let mut j: ferry_vmm::persist::StreamJoin =
             ciborium::from_reader(&sec.payload[..]).expect("Join payload");
         f(&mut j);
         sec.payload.clear();

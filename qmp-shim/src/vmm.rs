@@ -44,8 +44,9 @@ use ferry_vmm::devices::SharedFd;
 use ferry_vmm::dirty_rate::DirtyRateMeter;
 use ferry_vmm::firmware::FirmwareConfig;
 use ferry_vmm::migration::{
-    self, CheckpointSink, Destination, IncomingOptions, MigrationError, MigrationUri, Target,
+    self, CheckpointSink, Destination, MigrationError, MigrationUri, Target,
 };
+use ferry_vmm::persist::RestoreOptions;
 use ferry_vmm::private_file::PrivateFile;
 use ferry_vmm::vm::{VirtioDeviceSpec, VirtioSpec};
 use ferry_vmm::{GuestExit, KernelConfig, Vm as Guest, VmConfig};
@@ -395,7 +396,7 @@ impl FerryBackend {
             }
             inner.incoming_started = true;
             inner.state = RunState::InMigrate;
-            IncomingOptions {
+            RestoreOptions {
                 backing: Backing::Anonymous,
                 serial: sink(&inner),
                 expect_mem_bytes: inner.config.as_ref().map(|c| c.mem_bytes),

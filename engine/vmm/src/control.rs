@@ -25,8 +25,8 @@ use serde_json::{json, Value};
 
 use ferry_kvm::{GuestRam, PAGE_SIZE};
 
-use crate::checkpoint;
 use crate::migration::{self, MigrationControl, MigrationUri, TimeoutPolicy};
+use crate::persist;
 use crate::private_file::PrivateFile;
 use crate::vcpu::GuestExit;
 use crate::vm::Vm;
@@ -83,10 +83,10 @@ pub fn dump_memory(ram: &GuestRam, path: &Path) -> Result<u64, VmmError> {
 /// Writes a checkpoint to `path` atomically and for its owner alone
 /// ([`PrivateFile`]), so a failure (a full disk) never leaves a half-written
 /// checkpoint under that name, nor over the checkpoint that was there.
-pub fn checkpoint_to_file(vm: &Vm, path: &Path) -> Result<checkpoint::CheckpointStats, VmmError> {
+pub fn checkpoint_to_file(vm: &Vm, path: &Path) -> Result<persist::CheckpointStats, VmmError> {
     let io = |e| VmmError::Io(format!("cannot write checkpoint {}", path.display()), e);
     let mut out = PrivateFile::create(path).map_err(io)?;
-    let (w, stats) = checkpoint::save(
+    let (w, stats) = persist::save(
         vm,
         std::io::BufWriter::with_capacity(1 << 20, out.file_mut()),
     )?;

@@ -1,7 +1,6 @@
 //! ferry's VMM: a small KVM virtual machine monitor with checkpoint/restore, the
 //! library under the `ferry-vm` and `ferry-qemu` binaries.
 
-pub mod checkpoint;
 pub mod cli;
 pub mod control;
 pub mod cpu;
@@ -9,6 +8,7 @@ pub mod devices;
 pub mod dirty_rate;
 pub mod firmware;
 pub mod migration;
+pub mod persist;
 pub mod private_file;
 pub mod vcpu;
 pub mod vm;
@@ -33,7 +33,10 @@ pub enum VmmError {
     #[error("cannot restore: {0}")]
     Restore(String),
     #[error("cannot restore: {0}")]
-    Mismatch(#[from] checkpoint::ShapeMismatch),
+    Mismatch(#[from] vm::ShapeMismatch),
+    /// A stream (checkpoint or migration) was refused while it was read.
+    #[error("cannot restore: {0}")]
+    Load(#[from] persist::LoadError),
     /// A device refused its saved state.
     #[error("cannot restore: {0}")]
     DeviceState(#[from] devices::DeviceStateError),

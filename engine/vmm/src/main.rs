@@ -9,12 +9,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use ferry_vmm::checkpoint::{self, RestoreOptions};
 use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
 use ferry_vmm::migration::{
-    CredsSpec, Destination, Endpoint, IncomingOptions, MigrationError, Target, TlsCreds,
+    CredsSpec, Destination, Endpoint, MigrationError, Target, TlsCreds,
 };
+use ferry_vmm::persist::{self, RestoreOptions};
 use ferry_vmm::{GuestExit, KernelConfig, Vm, VmConfig, VmmError};
 
 /// Why ferry-vm stopped with an error.
@@ -133,7 +133,7 @@ fn run(cli: Cli) -> Result<ExitCode, RunError> {
                 eprintln!("ferry-vm: listening on {uri}");
             }
             let vm = destination.serve(
-                &IncomingOptions {
+                &RestoreOptions {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),
                     expect_mem_bytes: Some(mem),
@@ -155,13 +155,14 @@ fn run(cli: Cli) -> Result<ExitCode, RunError> {
             let f = std::fs::File::open(&file).map_err(|e| {
                 VmmError::Io(format!("cannot open checkpoint {}", file.display()), e)
             })?;
-            let vm = checkpoint::restore(
+            let vm = persist::restore(
                 std::io::BufReader::with_capacity(1 << 20, f),
                 &RestoreOptions {
                     backing: common.backing.into(),
                     serial: common.serial.clone(),
                     expect_mem_bytes: mem,
                     expect_vcpus: None,
+                    autostart: false,
                     virtio: common.virtio()?,
                     ide: common.ide()?,
                     fw_cfg: common.fw_cfg_config(),
@@ -171,6 +172,7 @@ fn run(cli: Cli) -> Result<ExitCode, RunError> {
             )
             .map_err(|e| match e {
                 VmmError::Restore(m) => VmmError::Restore(format!("{}: {m}", file.display())),
+                VmmError::Load(e) => VmmError::Restore(format!("{}: {e}", file.display())),
                 // The device's refusal, named with the file (as the text above).
                 VmmError::DeviceState(e) => VmmError::Restore(format!("{}: {e}", file.display())),
                 other => other,

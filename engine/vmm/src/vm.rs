@@ -223,6 +223,64 @@ pub struct KernelConfig {
     pub smbios: Option<ferry_boot::SmbiosConfig>,
 }
 
+/// A stream's VM is not the VM this side was configured to receive.
+///
+/// The `Display` text is for this side's operator and names both sides' values;
+/// [`ShapeMismatch::public`] is what the peer of a migration is told, and names only
+/// what its own stream said: a stranger learns nothing of this side's
+/// configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeMismatch {
+    #[error(
+        "the VM in this stream has {} MiB of RAM but {} MiB were asked for: use -m {}M or \
+         the stream of another VM",
+        .stream >> 20, .configured >> 20, .stream >> 20
+    )]
+    Memory { stream: u64, configured: u64 },
+    #[error(
+        "the VM in this stream has {stream} vCPUs but {configured} were asked for: use \
+         -smp {stream} or the stream of another VM"
+    )]
+    Vcpus { stream: u32, configured: u32 },
+    #[error(
+        "the VM has devices {stream:?}; this side was given {configured:?} (give it the same \
+         disks, NICs and entropy devices in the same PCI slots, with the same sizes)"
+    )]
+    Devices {
+        stream: Vec<String>,
+        configured: Vec<String>,
+    },
+    #[error(
+        "this host's CPU lacks features the guest's CPU has: {}; the guest could crash on \
+         its next use of one: migrate it to a host with these features, or start it with a \
+         CPU model both hosts support (-cpu qemu64, kvm64)",
+        .missing.join(", ")
+    )]
+    CpuFeatures { missing: Vec<String> },
+}
+
+impl ShapeMismatch {
+    /// What the source of a migration is told: its own values only (the
+    /// destination's are in the destination's log).
+    pub fn public(&self) -> String {
+        let log = "(the destination's log says what it was configured with)";
+        match self {
+            Self::Memory { stream, .. } => format!(
+                "the destination is not configured for a VM with {} MiB of RAM {log}",
+                stream >> 20
+            ),
+            Self::Vcpus { stream, .. } => {
+                format!("the destination is not configured for a VM with {stream} vCPUs {log}")
+            }
+            Self::Devices { stream, .. } => {
+                format!("the destination is not configured with this VM's devices {stream:?} {log}")
+            }
+            // The guest's own features; the operator needs them to choose a host.
+            Self::CpuFeatures { .. } => self.to_string(),
+        }
+    }
+}
+
 /// The VM's shape: what a destination must match before any state is applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmShape {
@@ -1058,7 +1116,7 @@ impl Vm {
         let vm = Self::create_with_ranges(config, &shape.ram_ranges, Disks::Inactive)?;
         let ours = vm.device_names();
         if shape.devices != ours {
-            return Err(crate::checkpoint::ShapeMismatch::Devices {
+            return Err(ShapeMismatch::Devices {
                 stream: shape.devices.clone(),
                 configured: ours,
             }

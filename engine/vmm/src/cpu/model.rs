@@ -696,7 +696,7 @@ pub fn resolve(
             let guest: Vec<kvm_cpuid_entry2> = leaves.iter().map(Into::into).collect();
             let missing = missing_features(supported, &guest);
             if !missing.is_empty() {
-                return Err(crate::checkpoint::ShapeMismatch::CpuFeatures { missing }.into());
+                return Err(crate::vm::ShapeMismatch::CpuFeatures { missing }.into());
             }
             Ok(guest)
         }

@@ -20,9 +20,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::exec::{self, StreamEnd};
+use crate::persist::RestoreOptions;
 use super::transport::{ReadHalf, WriteHalf};
 use super::{
-    Channel, IncomingOptions, Listener, MigrationControl, MigrationError, MigrationStats,
+    Channel, Listener, MigrationControl, MigrationError, MigrationStats,
     MigrationUri, ServeOptions, TlsCreds,
 };
 use crate::vm::Vm;
@@ -266,10 +267,10 @@ impl CheckpointSink {
     /// Writes the checkpoint of the stopped `vm`; then syncs and renames the
     /// file into place, or waits for the command (which must succeed). A
     /// failed checkpoint leaves no file under PATH.
-    pub fn write(self, vm: &Vm) -> Result<crate::checkpoint::CheckpointStats, MigrationError> {
+    pub fn write(self, vm: &Vm) -> Result<crate::persist::CheckpointStats, MigrationError> {
         use std::io::Write;
         let Self { out, child, file } = self;
-        let result = crate::checkpoint::save(vm, std::io::BufWriter::with_capacity(1 << 20, out))
+        let result = crate::persist::save(vm, std::io::BufWriter::with_capacity(1 << 20, out))
             .map_err(MigrationError::from)
             .and_then(|(w, stats)| {
                 // Dropping the writer closes the fd/pipe: the reader sees EOF.
@@ -396,7 +397,7 @@ impl Destination {
     /// told why.
     pub fn serve(
         self,
-        opts: &IncomingOptions,
+        opts: &RestoreOptions,
         started: &mut dyn FnMut(),
         max_streams: &dyn Fn() -> u32,
     ) -> Result<Vm, MigrationError> {

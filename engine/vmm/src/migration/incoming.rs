@@ -1,52 +1,26 @@
-//! The destination side (and checkpoint restore): validate the shape, build the VM,
-//! apply pages and state, verify, answer on the return path.
+//! The destination side: what only a migration has (the return path, serving a
+//! listener, extra page streams, the idle timeout) around persist's reader, which
+//! checks the shape, builds the VM, reads pages and state and loads them.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_format::{SectionId, StreamReader, StreamWriter};
-use ferry_kvm::{Backing, GuestRam};
+use ferry_format::{FormatError, SectionId, StreamReader, StreamWriter};
+use ferry_kvm::GuestRam;
 
-use super::precopy::ram_digest;
 use super::tls::TlsCreds;
 use super::transport::{Breaker, Listener, Waker};
-use super::{stream_of, Channel, Handshake, MigrationError, Reply, StreamJoin, MAX_STREAMS};
-use crate::checkpoint::{check_inside, check_shape, producer, RestoreOptions};
-use crate::cpu::VcpuState;
-use crate::devices::serial::SinkSpec;
-use crate::vm::{DevicesState, Vm, VmState};
+use super::{stream_of, Channel, MigrationError, Reply, MAX_STREAMS};
+use crate::persist::{
+    self, check_inside, prefault, producer, read_main, write_page, Frontier, Handshake, LoadError,
+    RestoreOptions, StreamJoin,
+};
+use crate::vm::Vm;
 use crate::VmmError;
 
 use super::transport::{ReadHalf, WriteHalf};
-
-/// How the destination builds and starts the VM.
-#[derive(Debug, Clone)]
-pub struct IncomingOptions {
-    pub backing: Backing,
-    pub serial: SinkSpec,
-    /// The stream's RAM size must equal this, when set (the user's `-m`).
-    /// [`serve`] demands it: a destination on the network builds the VM it was
-    /// configured for, never one a stream asks for.
-    pub expect_mem_bytes: Option<u64>,
-    /// The stream's vCPU count must equal this, when set (the user's `-smp`);
-    /// [`serve`] demands it too.
-    pub expect_vcpus: Option<u32>,
-    /// Resume the VM once loaded (otherwise it stays paused, like QEMU with `-S`).
-    pub autostart: bool,
-    /// This host's virtio devices (disks, NICs); they must match the source's.
-    pub virtio: Vec<crate::vm::VirtioSpec>,
-    /// This host's IDE drives; they must match the source's.
-    pub ide: Vec<crate::devices::ide::IdeDriveConfig>,
-    /// This host's fw_cfg; it must match the source's.
-    pub fw_cfg: Option<crate::devices::fw_cfg::FwCfgConfig>,
-    /// This host's firmware; the source's ROM replaces it, of the same size.
-    pub firmware: Option<crate::firmware::FirmwareConfig>,
-    /// This host's RTC; the source must have one exactly when this does
-    /// (its clock and CMOS come from the source).
-    pub rtc: Option<crate::devices::rtc::RtcConfig>,
-}
 
 /// Where the extra page streams of a multi-stream migration come from.
 #[derive(Debug)]
@@ -103,10 +77,9 @@ impl ReturnPath {
     }
 }
 
-fn send_reply<W: Write>(out: &mut StreamWriter<W>, reply: &Reply) -> Result<(), String> {
-    out.write_cbor(SectionId::Reply, SectionId::Reply.current_version(), reply)
-        .map_err(|e| e.to_string())
-        .and_then(|_| out.get_mut().flush().map_err(|e| e.to_string()))
+fn send_reply<W: Write>(out: &mut StreamWriter<W>, reply: &Reply) -> Result<(), FormatError> {
+    out.write_cbor(SectionId::Reply, SectionId::Reply.current_version(), reply)?;
+    out.get_mut().flush().map_err(FormatError::Io)
 }
 
 /// Receives a VM from `reader`; with `writer`, answers the source on the return path.
@@ -116,7 +89,7 @@ fn send_reply<W: Write>(out: &mut StreamWriter<W>, reply: &Reply) -> Result<(), 
 pub fn receive(
     reader: Box<dyn ReadHalf>,
     writer: Option<Box<dyn WriteHalf>>,
-    opts: &IncomingOptions,
+    opts: &RestoreOptions,
 ) -> Result<Vm, MigrationError> {
     receive_streams(reader, writer, None, opts)
 }
@@ -127,7 +100,7 @@ pub fn receive_streams(
     reader: Box<dyn ReadHalf>,
     writer: Option<Box<dyn WriteHalf>>,
     extra: Option<ExtraStreams<'_>>,
-    opts: &IncomingOptions,
+    opts: &RestoreOptions,
 ) -> Result<Vm, MigrationError> {
     let ret = ReturnPath::open(writer);
     let result = read_offer(reader, opts, None).and_then(|(reader, hs)| {
@@ -324,7 +297,7 @@ fn handshake(
     id: u64,
     ch: Channel,
     tls: Option<TlsCreds>,
-    opts: &IncomingOptions,
+    opts: &RestoreOptions,
     done: &AtomicBool,
 ) -> Handshaken {
     let main = ch.breaker().ok();
@@ -372,7 +345,7 @@ fn handshake(
 pub fn serve(
     listener: &Listener,
     serve: &ServeOptions,
-    opts: &IncomingOptions,
+    opts: &RestoreOptions,
     accepted: &mut dyn FnMut(),
     max_streams: &dyn Fn() -> u32,
 ) -> Result<Vm, MigrationError> {
@@ -392,9 +365,7 @@ pub fn serve(
     let (tx, rx) = std::sync::mpsc::channel::<Handshaken>();
     // A finished handshake wakes the accept wait below: the source waits for
     // its answer, and a 20 ms poll was most of its setup time.
-    let waker = Arc::new(Waker::new().map_err(|e| {
-        MigrationError::Stream(format!("cannot make the accept loop's wake-up pipe: {e}"))
-    })?);
+    let waker = Arc::new(Waker::new().map_err(MigrationError::WakePipe)?);
     let mut pending: Vec<Pending> = Vec::new();
     let mut next_id = 0u64;
     let chosen = loop {
@@ -527,7 +498,7 @@ impl Incoming<'_> {
     fn lock(&self) -> Result<MutexGuard<'_, IncomingState>, MigrationError> {
         self.state
             .lock()
-            .map_err(|_| MigrationError::Stream("the page stream state lock is poisoned".into()))
+            .map_err(|_| MigrationError::StreamsPoisoned)
     }
 
     /// Fails the migration: tells the source at once and breaks every connection,
@@ -587,9 +558,10 @@ impl Incoming<'_> {
                 st.decided = true;
                 return Ok(());
             }
-            st = self.changed.wait(st).map_err(|_| {
-                MigrationError::Stream("the page stream state lock is poisoned".into())
-            })?;
+            st = self
+                .changed
+                .wait(st)
+                .map_err(|_| MigrationError::StreamsPoisoned)?;
         }
     }
 }
@@ -782,88 +754,26 @@ impl<'a> StripeSink<'a> {
     }
 }
 
-/// The highest guest address a page arrived for, over all streams (+1 page; 0
-/// before the first).
-#[derive(Debug, Default)]
-struct Frontier(AtomicU64);
-
-/// How far ahead of the [`Frontier`] [`prefault`] backs guest RAM.
-const PREFAULT_WINDOW: u64 = 16 << 20;
-/// The step it backs RAM in: a transparent huge page.
-const PREFAULT_STEP: u64 = 2 << 20;
-
-/// Backs guest RAM with memory just ahead of where the pages arrive, on its
-/// own thread, until `stop`: the kernel's zeroing of fresh memory (three
-/// quarters of a receiver's time where RAM is first touched) then runs beside
-/// the copying instead of inside it. A first pass sends pages in address order,
-/// so the window ahead of the highest page written is what comes next; where
-/// the source skips zero pages the window may back up to PREFAULT_WINDOW of RAM
-/// the guest never used, per such gap.
-fn prefault(ram: &GuestRam, frontier: &Frontier, stop: &AtomicBool) {
-    let ranges = ram.ranges();
-    let mut done = 0u64;
-    while !stop.load(Ordering::Acquire) {
-        let front = frontier.0.load(Ordering::Acquire);
-        let want = front.saturating_add(PREFAULT_WINDOW);
-        let from = done.max(front - front % PREFAULT_STEP);
-        if front == 0 || from >= want {
-            std::thread::sleep(Duration::from_micros(500));
-            continue;
-        }
-        // The next step inside RAM at or after `from`, below `want`.
-        let step = ranges.iter().find_map(|&(base, size)| {
-            let at = from.max(base);
-            (at < base + size && at < want).then(|| (at, PREFAULT_STEP.min(base + size - at)))
-        });
-        let Some((at, len)) = step else {
-            // Past the end of RAM: nothing more to do.
-            if ranges.iter().all(|&(b, s)| from >= b + s) {
-                return;
-            }
-            std::thread::sleep(Duration::from_micros(500));
-            continue;
-        };
-        if let Err(e) = ram.populate(at, len as usize) {
-            tracing::debug!("stopped backing guest RAM ahead of the stream: {e}");
-            return;
-        }
-        done = at + len;
-    }
-}
-
 impl ferry_format::PageSink for StripeSink<'_> {
-    type Error = MigrationError;
+    type Error = LoadError;
 
-    fn check(&mut self, gpas: &[u64]) -> Result<(), MigrationError> {
+    fn check(&mut self, gpas: &[u64]) -> Result<(), LoadError> {
         let (index, streams) = (self.index, self.streams);
         for &gpa in gpas {
             check_inside(&self.ranges, gpa)?;
-            if stream_of(gpa, streams) != index {
-                return Err(VmmError::Restore(format!(
-                    "the page at guest address {gpa:#x} arrived on stream {index}, but belongs \
-                     to stream {}",
-                    stream_of(gpa, streams)
-                ))
-                .into());
+            let owner = stream_of(gpa, streams);
+            if owner != index {
+                return Err(LoadError::WrongStream { gpa, index, owner });
             }
         }
         Ok(())
     }
 
-    fn page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), MigrationError> {
-        match data {
-            Some(data) => {
-                self.frontier
-                    .0
-                    .fetch_max(gpa + ferry_format::PAGE_SIZE as u64, Ordering::Release);
-                self.ram.write(gpa, data)?;
-            }
-            // RAM nothing wrote yet reads as zero: leave it untouched (no fault,
-            // no zeroing); a page an earlier pass filled is zeroed.
-            None if self.ram.is_zero_page(gpa)? => {}
-            None => self.ram.write(gpa, &[0u8; ferry_format::PAGE_SIZE])?,
+    fn page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), LoadError> {
+        if data.is_some() {
+            self.frontier.advance(gpa);
         }
-        Ok(())
+        write_page(self.ram, gpa, data).map_err(|source| LoadError::WritePage { gpa, source })
     }
 }
 
@@ -875,69 +785,24 @@ type MainReader = StreamReader<BufReader<Box<dyn ReadHalf>>>;
 /// every byte read counts as a sign of life of the source.
 fn read_offer(
     reader: Box<dyn ReadHalf>,
-    opts: &IncomingOptions,
+    opts: &RestoreOptions,
     activity: Option<Arc<Activity>>,
 ) -> Result<(MainReader, Handshake), MigrationError> {
-    let limits = ferry_format::Limits::default();
-    let reader = watched(reader, activity);
-    let (mut reader, _preamble) =
-        StreamReader::new(BufReader::with_capacity(1 << 20, reader), limits)?;
-    let mut buf = Vec::new();
-    let header = reader.next_section(&mut buf)?;
-    if header.id != SectionId::Shape {
-        return Err(VmmError::Restore(format!(
-            "the stream starts with section {}, not the VM shape: it is not a ferry VM stream",
-            header.id
-        ))
-        .into());
-    }
-    let hs: Handshake = ferry_format::decode_cbor(SectionId::Shape, &buf, &limits)?;
-    let restore_opts = RestoreOptions {
-        backing: opts.backing,
-        serial: opts.serial.clone(),
-        expect_mem_bytes: opts.expect_mem_bytes,
-        expect_vcpus: opts.expect_vcpus,
-        virtio: opts.virtio.clone(),
-        ide: opts.ide.clone(),
-        fw_cfg: opts.fw_cfg.clone(),
-        firmware: opts.firmware.clone(),
-        rtc: opts.rtc.clone(),
-    };
-    check_shape(&hs.shape, &restore_opts)?;
-    let proposed = hs.streams.max(1);
-    if proposed > 1 && hs.session == 0 {
-        return Err(VmmError::Restore(format!(
-            "the handshake proposes {proposed} page streams without a session token"
-        ))
-        .into());
-    }
-    Ok((reader, hs))
+    Ok(persist::read_offer(watched(reader, activity), opts)?)
 }
 
-/// Builds the VM of an accepted handshake: this side's devices must be the
-/// stream's, and this host must run the guest's CPU.
-fn build(hs: &Handshake, opts: &IncomingOptions) -> Result<Vm, MigrationError> {
-    Ok(Vm::create_for_shape(
-        &hs.shape,
-        crate::vm::HostDevices {
-            backing: opts.backing,
-            serial: opts.serial.clone(),
-            virtio: opts.virtio.clone(),
-            ide: opts.ide.clone(),
-            fw_cfg: opts.fw_cfg.clone(),
-            firmware: opts.firmware.clone(),
-            rtc: opts.rtc.clone(),
-        },
-    )?)
+/// Builds the VM of an accepted handshake (see [`persist::build`]).
+fn build(hs: &Handshake, opts: &RestoreOptions) -> Result<Vm, MigrationError> {
+    Ok(persist::build(hs, opts)?)
 }
 
 /// Receives the pages and state of an accepted handshake into `vm`.
 fn load(
-    mut vm: Vm,
+    vm: Vm,
     mut reader: MainReader,
     hs: &Handshake,
     extra: Option<ExtraStreams<'_>>,
-    opts: &IncomingOptions,
+    opts: &RestoreOptions,
     ret: &ReturnPath,
     activity: Option<Arc<Activity>>,
 ) -> Result<Vm, MigrationError> {
@@ -994,112 +859,16 @@ fn load(
                 });
             }
         }
-        let result = read_main(&mut reader, &mut buf, ram, streams, &limits, &inc.frontier)
+        let mut sink = StripeSink::new(ram, 0, streams, &inc.frontier);
+        let result = read_main(&mut reader, &mut buf, &mut sink, &limits)
+            .map_err(MigrationError::from)
             .and_then(|sections| inc.wait_finished().map(|()| sections));
         // A page stream's failure is the cause; the main stream's is its echo.
         let result = result.map_err(|e| inc.take_error().unwrap_or(e));
         inc.stop();
         result
     });
-    let MainSections {
-        vcpus,
-        vm_state,
-        devices,
-        digest,
-    } = received?;
-    let missing = |what: &str| -> MigrationError {
-        VmmError::Restore(format!(
-            "the stream ended without the {what} section: the sender was interrupted or is broken"
-        ))
-        .into()
-    };
-    let vcpus = vcpus.ok_or_else(|| missing("vCPU"))?;
-    let vm_state = vm_state.ok_or_else(|| missing("VM state"))?;
-    let devices = devices.ok_or_else(|| missing("device"))?;
-    if hs.digest {
-        let want = digest.ok_or_else(|| missing("RAM digest"))?;
-        let have = ram_digest(vm.ram())?;
-        if let Some(i) = want.iter().zip(&have).position(|(a, b)| a != b) {
-            return Err(VmmError::Restore(format!(
-                "guest RAM differs from the source in MiB {i} of RAM (digest mismatch): the \
-                 migration is aborted and the source keeps running"
-            ))
-            .into());
-        }
-        if want.len() != have.len() {
-            return Err(VmmError::Restore("the RAM digest has the wrong length".into()).into());
-        }
-    }
-    // Loading takes the disks' image locks; a failure from here lets go of
-    // them before the source hears of it (and resumes, taking them back).
-    let loaded = vm.restore_state(vcpus, &vm_state, &devices).and_then(|()| {
-        if opts.autostart {
-            vm.resume()
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(e) = loaded {
-        if let Err(u) = vm.deactivate_disks() {
-            tracing::warn!("{u}");
-        }
-        return Err(e.into());
-    }
-    Ok(vm)
-}
-
-/// The sections of the main stream besides RAM.
-#[derive(Default)]
-struct MainSections {
-    vcpus: Option<Vec<VcpuState>>,
-    vm_state: Option<VmState>,
-    devices: Option<DevicesState>,
-    digest: Option<Vec<u32>>,
-}
-
-/// Reads the main stream to its End: stripe 0's pages, the state, the digest.
-fn read_main<R: std::io::BufRead>(
-    reader: &mut StreamReader<R>,
-    buf: &mut Vec<u8>,
-    ram: &GuestRam,
-    streams: u32,
-    limits: &ferry_format::Limits,
-    frontier: &Frontier,
-) -> Result<MainSections, MigrationError> {
-    let mut m = MainSections::default();
-    let mut sink = StripeSink::new(ram, 0, streams, frontier);
-    loop {
-        let header = reader.next_section_into(buf, &mut sink)?;
-        // Each state section comes once: a stream with two (of which one would
-        // silently win) is refused.
-        fn once<T: serde::de::DeserializeOwned>(
-            slot: &mut Option<T>,
-            id: SectionId,
-            buf: &[u8],
-            limits: &ferry_format::Limits,
-        ) -> Result<(), MigrationError> {
-            if slot.is_some() {
-                return Err(
-                    VmmError::Restore(format!("the stream carries a second {id} section")).into(),
-                );
-            }
-            *slot = Some(ferry_format::decode_cbor(id, buf, limits)?);
-            Ok(())
-        }
-        match header.id {
-            SectionId::RamPages => {}
-            SectionId::Vcpus => once(&mut m.vcpus, header.id, buf, limits)?,
-            SectionId::Vm => once(&mut m.vm_state, header.id, buf, limits)?,
-            SectionId::Devices => once(&mut m.devices, header.id, buf, limits)?,
-            SectionId::Digest => once(&mut m.digest, header.id, buf, limits)?,
-            SectionId::End => return Ok(m),
-            other => {
-                return Err(
-                    VmmError::Restore(format!("unexpected section {other} in a VM stream")).into(),
-                )
-            }
-        }
-    }
+    Ok(persist::finish(vm, received?, hs, opts)?)
 }
 
 #[cfg(test)]
@@ -1138,8 +907,8 @@ mod tests {
         let path = dir.join("mig.sock");
         let listener = Listener::bind(&MigrationUri::Unix(path.clone())).expect("bind");
         let t = std::thread::spawn(move || {
-            let opts = IncomingOptions {
-                backing: Backing::Anonymous,
+            let opts = RestoreOptions {
+                backing: ferry_kvm::Backing::Anonymous,
                 serial: SinkSpec::Null,
                 expect_mem_bytes: Some(MEM),
                 expect_vcpus: Some(1),
@@ -1507,8 +1276,8 @@ mod tests {
     fn serving_needs_the_configured_size() {
         let dir = tempfile::tempdir().expect("tempdir");
         let listener = Listener::bind(&MigrationUri::Unix(dir.path().join("s"))).expect("bind");
-        let opts = IncomingOptions {
-            backing: Backing::Anonymous,
+        let opts = RestoreOptions {
+            backing: ferry_kvm::Backing::Anonymous,
             serial: SinkSpec::Null,
             expect_mem_bytes: None,
             expect_vcpus: Some(1),
@@ -1529,65 +1298,6 @@ mod tests {
             panic!("a destination without its size served");
         };
         assert!(e.to_string().contains("RAM size and vCPU count"), "{e}");
-    }
-
-    /// Resident KiB of the mapping that contains `addr`, from /proc/self/smaps.
-    fn resident_kib(addr: usize) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
-        let mut inside = false;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((a, b)) = range.split_once('-') {
-                    if let (Ok(a), Ok(b)) =
-                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                    {
-                        inside = (a..b).contains(&addr);
-                        continue;
-                    }
-                }
-            }
-            if inside {
-                if let Some(kib) = line.strip_prefix("Rss:") {
-                    return kib.trim().trim_end_matches(" kB").parse().expect("Rss");
-                }
-            }
-        }
-        panic!("no mapping holds {addr:#x}")
-    }
-
-    /// The destination backs RAM just ahead of where pages arrive, not the
-    /// guest's whole RAM (a guest's unused memory stays unbacked), and never
-    /// changes what RAM holds.
-    #[test]
-    fn prefault_backs_the_window_ahead_of_the_pages_only() {
-        let ram = GuestRam::new(&[(0, 256 << 20)], Backing::Anonymous).expect("RAM");
-        use vm_memory::GuestMemoryBackend;
-        let host = ram.memory().iter().next().expect("a region").as_ptr() as usize;
-        ram.write(8 << 20, &[0x5a; 4096]).expect("write");
-        let before = resident_kib(host);
-        let frontier = Frontier::default();
-        frontier.0.store((8 << 20) + 4096, Ordering::Release);
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let t = s.spawn(|| prefault(&ram, &frontier, &stop));
-            // Done once the window is backed: it then only waits.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while resident_kib(host) < before + (PREFAULT_WINDOW >> 10) - 4096 {
-                assert!(Instant::now() < deadline, "the window was never backed");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            stop.store(true, Ordering::Release);
-            t.join().expect("prefault thread");
-        });
-        let after = resident_kib(host);
-        let most = ((8 << 20) + PREFAULT_WINDOW + PREFAULT_STEP) >> 10;
-        assert!(
-            after <= most,
-            "{after} KiB resident, at most {most} expected"
-        );
-        let mut page = [0u8; 4096];
-        ram.read(8 << 20, &mut page).expect("read");
-        assert_eq!(page, [0x5a; 4096]);
     }
 
     #[test]

@@ -62,15 +62,12 @@ use serde::{Deserialize, Serialize};
 pub use converge::{Throttle, VcpuHold};
 pub use endpoint::{CheckpointSink, Destination, NotStarted, Source, Target};
 pub use incoming::{
-    receive, receive_streams, serve, ExtraStreams, IncomingOptions, ServeOptions,
-    KEEPALIVE_INTERVAL,
+    receive, receive_streams, serve, ExtraStreams, ServeOptions, KEEPALIVE_INTERVAL,
 };
 pub use precopy::{migrate, MigrationOutcome};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
 pub use tls::{CredsSpec, Endpoint, TlsCreds, TlsError, TlsSessionError};
 pub use transport::{Channel, Listener, MigrationUri, TransportError};
-
-use crate::vm::VmShape;
 
 /// Messages on the return path (destination to source).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,43 +82,6 @@ pub enum Reply {
     /// streams (the answer when the source proposed more than one; 1 ≤ streams ≤
     /// the proposal).
     Accepted { streams: u32 },
-}
-
-/// What the first section of a migration stream carries: the VM's shape and what the
-/// sender will do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Handshake {
-    pub shape: VmShape,
-    /// The sender will send a Digest section before End.
-    #[serde(default)]
-    pub digest: bool,
-    /// Page streams the sender proposes (0 or 1: only this connection). Left out
-    /// of a one-stream handshake, which stays as it was before page streams.
-    #[serde(default, skip_serializing_if = "one_stream")]
-    pub streams: u32,
-    /// Random token that extra streams present in their Join section (0 when
-    /// `streams` ≤ 1).
-    #[serde(default, skip_serializing_if = "no_session")]
-    pub session: u64,
-}
-
-fn one_stream(streams: &u32) -> bool {
-    *streams <= 1
-}
-
-fn no_session(session: &u64) -> bool {
-    *session == 0
-}
-
-/// The first section (Join) of an extra page stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamJoin {
-    /// The handshake's session token.
-    pub session: u64,
-    /// Which stream this is, 1..streams (0 is the main connection).
-    pub index: u32,
-    /// The number of streams agreed on, the main connection included.
-    pub streams: u32,
 }
 
 /// Most page streams (the main connection included) a migration may use.
@@ -398,7 +358,7 @@ pub enum MigrationError {
     )]
     Unconfirmed(String),
     #[error(transparent)]
-    Vmm(#[from] crate::VmmError),
+    Vmm(crate::VmmError),
     #[error("cannot set up {streams} page streams: {reason}")]
     Streams { streams: u32, reason: String },
     #[error("page stream {index} failed: {reason}")]
@@ -436,6 +396,29 @@ pub enum MigrationError {
     WriteCheckpoint(#[source] std::io::Error),
     #[error("the exec: command failed ({0})")]
     ExecFailed(std::process::ExitStatus),
+    /// The destination could not read what the source sent.
+    #[error("the migration stream broke: {0}")]
+    ReadStream(#[source] ferry_format::FormatError),
+    #[error("cannot make the accept loop's wake-up pipe: {0}")]
+    WakePipe(#[source] std::io::Error),
+    #[error("the page stream state lock is poisoned")]
+    StreamsPoisoned,
+}
+
+impl From<crate::VmmError> for MigrationError {
+    fn from(e: crate::VmmError) -> Self {
+        match e {
+            // The stream persist was reading broke: the migration stream did.
+            crate::VmmError::Load(crate::persist::LoadError::Read(e)) => Self::ReadStream(e),
+            e => Self::Vmm(e),
+        }
+    }
+}
+
+impl From<crate::persist::LoadError> for MigrationError {
+    fn from(e: crate::persist::LoadError) -> Self {
+        crate::VmmError::from(e).into()
+    }
 }
 
 impl From<ferry_kvm::MemoryError> for MigrationError {

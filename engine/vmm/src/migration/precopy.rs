@@ -15,11 +15,11 @@ use super::converge::{
 };
 use super::transport::{Breaker, WriteHalf};
 use super::{
-    stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
-    MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin,
-    ThrottlePolicy, TimeoutPolicy, TlsSessionError, TransportError, MAX_STREAMS,
+    stream_of, Channel, Endpoint, MigrationControl, MigrationError, MigrationEvent,
+    MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, ThrottlePolicy,
+    TimeoutPolicy, TlsSessionError, TransportError, MAX_STREAMS,
 };
-use crate::checkpoint::producer;
+use crate::persist::{producer, ram_digest, Handshake, StreamJoin};
 use crate::vm::Vm;
 
 /// How long the source waits for the destination to accept the shape, and to confirm
@@ -827,23 +827,6 @@ fn told_why(replies: &Mutex<Receiver<Result<Reply, String>>>) -> Option<String> 
     }
 }
 
-/// A digest of guest RAM: CRC-32 of every 1 MiB chunk, in address order.
-pub(crate) fn ram_digest(ram: &GuestRam) -> Result<Vec<u32>, MigrationError> {
-    const CHUNK: u64 = 1 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut out = Vec::new();
-    for (base, size) in ram.ranges() {
-        let mut gpa = base;
-        while gpa < base + size {
-            let n = CHUNK.min(base + size - gpa) as usize;
-            ram.read(gpa, &mut buf[..n])?;
-            out.push(crc32fast::hash(&buf[..n]));
-            gpa += n as u64;
-        }
-    }
-    Ok(out)
-}
-
 /// Migrates `vm` over `channel` (and, with `multifd-channels` above 1, over more
 /// connections to the same address). On success the VM is left paused (the
 /// destination has it); on failure before the switch-over completed the VM runs on as
@@ -1361,7 +1344,7 @@ fn run(
     let [mut main] = <[PageSender; 1]>::try_from(senders)
         .map_err(|_| MigrationError::Stream("the main stream is missing".into()))?;
     let before_devices = main.out.bytes_written();
-    crate::checkpoint::write_state(vm, &mut main.out)?;
+    crate::persist::write_state(vm, &mut main.out)?;
     // The disks are flushed (write_state did it): let go of their image locks
     // for the destination, which takes them when it loads this state. A
     // failure from here resumes the guest, which takes them back.

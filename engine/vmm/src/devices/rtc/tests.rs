@@ -553,8 +553,8 @@ fn the_thread_raises_periodic_interrupts_and_sleeps_otherwise() {
 /// through a checkpoint: NVRAM the guest wrote, the boot order, the index.
 #[test]
 fn a_vm_carries_its_rtc_through_a_checkpoint() {
-    use crate::checkpoint::RestoreOptions;
     use crate::devices::serial::SinkSpec;
+    use crate::persist::RestoreOptions;
     use crate::vm::{Vm, VmConfig};
     use ferry_kvm::Backing;
 
@@ -596,26 +596,27 @@ fn a_vm_carries_its_rtc_through_a_checkpoint() {
         (state.index, state.nmi_masked, state.cmos[0x60]),
         (0x61, true, 0xa5)
     );
-    let (stream, _) = crate::checkpoint::save(&vm, Vec::new()).unwrap();
+    let (stream, _) = crate::persist::save(&vm, Vec::new()).unwrap();
 
     let opts = |rtc: Option<RtcConfig>| RestoreOptions {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         expect_vcpus: None,
+        autostart: false,
         virtio: Vec::new(),
         ide: Vec::new(),
         fw_cfg: None,
         firmware: None,
         rtc,
     };
-    let err = crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &opts(None))
+    let err = crate::persist::restore(std::io::Cursor::new(stream.clone()), &opts(None))
         .unwrap_err()
         .to_string();
     assert!(err.contains("rtc"), "{err}");
     // The destination's own base and boot order do not matter: the clock
     // and CMOS come from the checkpoint.
-    let other = crate::checkpoint::restore(
+    let other = crate::persist::restore(
         std::io::Cursor::new(stream),
         &opts(Some(RtcConfig::default())),
     )
@@ -637,8 +638,8 @@ fn a_vm_carries_its_rtc_through_a_checkpoint() {
     let plain = Vm::create(config(None)).expect("a VM without an RTC");
     assert!(plain.rtc().is_none());
     assert!(plain.capture_devices().unwrap().rtc.is_none());
-    let (stream, _) = crate::checkpoint::save(&plain, Vec::new()).unwrap();
-    let err = crate::checkpoint::restore(
+    let (stream, _) = crate::persist::save(&plain, Vec::new()).unwrap();
+    let err = crate::persist::restore(
         std::io::Cursor::new(stream),
         &opts(Some(RtcConfig::default())),
     )

@@ -313,12 +313,13 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
 
 /// How a checkpoint of one of these VMs is restored: with `virtio` as
 /// this side's devices, nothing else required.
-fn restore_opts(virtio: Vec<VirtioSpec>) -> crate::checkpoint::RestoreOptions {
-    crate::checkpoint::RestoreOptions {
+fn restore_opts(virtio: Vec<VirtioSpec>) -> crate::persist::RestoreOptions {
+    crate::persist::RestoreOptions {
         backing: Backing::Anonymous,
         serial: SinkSpec::Null,
         expect_mem_bytes: None,
         expect_vcpus: None,
+        autostart: false,
         virtio,
         ide: Vec::new(),
         fw_cfg: None,
@@ -1364,17 +1365,16 @@ fn rng_survives_a_checkpoint_and_is_part_of_the_shape() {
     };
     assert_eq!(s.quota_remaining, 6);
     assert!(s.window_left_ms.is_some_and(|ms| ms <= u64::from(PERIOD)));
-    let (stream, _) = crate::checkpoint::save(&vm, Vec::new()).unwrap();
+    let (stream, _) = crate::persist::save(&vm, Vec::new()).unwrap();
 
     // Without the device, or with it elsewhere: refused, naming it.
-    let err =
-        crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &restore_opts(vec![]))
-            .unwrap_err()
-            .to_string();
+    let err = crate::persist::restore(std::io::Cursor::new(stream.clone()), &restore_opts(vec![]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("virtio-rng@06"), "{err}");
     let mut moved = rng_spec(rng::RngSource::Builtin, 16, PERIOD);
     moved.slot = 7;
-    let err = crate::checkpoint::restore(
+    let err = crate::persist::restore(
         std::io::Cursor::new(stream.clone()),
         &restore_opts(vec![moved]),
     )
@@ -1383,7 +1383,7 @@ fn rng_survives_a_checkpoint_and_is_part_of_the_shape() {
     assert!(err.contains("virtio-rng@06"), "{err}");
 
     // Another source on the destination is fine; the window came along.
-    let other = crate::checkpoint::restore(
+    let other = crate::persist::restore(
         std::io::Cursor::new(stream),
         &restore_opts(vec![rng_spec(rng::RngSource::Builtin, 16, PERIOD)]),
     )
@@ -1723,18 +1723,17 @@ fn balloon_survives_a_checkpoint_and_is_part_of_the_shape() {
         (s.num_pages, s.actual, s.stats_head),
         (300, 1, Some(stats_head))
     );
-    let (stream, _) = crate::checkpoint::save(&vm, Vec::new()).unwrap();
+    let (stream, _) = crate::persist::save(&vm, Vec::new()).unwrap();
 
-    let err =
-        crate::checkpoint::restore(std::io::Cursor::new(stream.clone()), &restore_opts(vec![]))
-            .unwrap_err()
-            .to_string();
+    let err = crate::persist::restore(std::io::Cursor::new(stream.clone()), &restore_opts(vec![]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("virtio-balloon@05"), "{err}");
     let reporting = balloon_spec(balloon::BalloonConfig {
         free_page_reporting: true,
         deflate_on_oom: false,
     });
-    let err = crate::checkpoint::restore(
+    let err = crate::persist::restore(
         std::io::Cursor::new(stream.clone()),
         &restore_opts(vec![reporting]),
     )
@@ -1742,7 +1741,7 @@ fn balloon_survives_a_checkpoint_and_is_part_of_the_shape() {
     .to_string();
     assert!(err.contains("virtio-balloon@05"), "{err}");
 
-    let other = crate::checkpoint::restore(
+    let other = crate::persist::restore(
         std::io::Cursor::new(stream),
         &restore_opts(vec![balloon_spec(balloon::BalloonConfig::default())]),
     )
