@@ -57,7 +57,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use converge::{Throttle, VcpuHold};
+/// Re-exported while outside users (qmp-shim) still name them here.
+pub use crate::throttle::{Throttle, VcpuHold};
 pub use incoming::{
     receive, receive_streams, serve, ExtraStreams, IncomingOptions, ServeOptions,
     KEEPALIVE_INTERVAL,

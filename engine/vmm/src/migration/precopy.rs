@@ -10,9 +10,7 @@ use ferry_format::{RamBatchBuilder, SectionId, StreamReader, StreamWriter};
 use ferry_kvm::{GuestRam, PAGE_SIZE};
 use kvm_ioctls::VmFd;
 
-use super::converge::{
-    cycle, max_nap_ppm, Convergence, Decision, PassReport, DEVICE_STATE_PER_VCPU,
-};
+use super::converge::{max_nap_ppm, Convergence, Decision, PassReport, DEVICE_STATE_PER_VCPU};
 use super::transport::{Breaker, WriteHalf};
 use super::{
     stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
@@ -20,6 +18,7 @@ use super::{
     ThrottlePolicy, TimeoutPolicy, TlsSessionError, TransportError, MAX_STREAMS,
 };
 use crate::checkpoint::producer;
+use crate::throttle::cycle;
 use crate::vm::Vm;
 
 /// How long the source waits for the destination to accept the shape, and to confirm
