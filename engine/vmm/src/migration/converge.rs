@@ -4,7 +4,7 @@
 //! 1. expected downtime = (dirty bytes + device state estimate) / measured bandwidth;
 //!    once it is within the downtime limit, make up to five more passes while each
 //!    shrinks the rest by a quarter (a shorter pause for the price of a pass), then
-//!    switch over (precopy.rs applies this rule).
+//!    switch over ([`next_step`], which lists the rules in full).
 //! 2. If the guest dirties memory faster than half the bandwidth for two passes in a
 //!    row, throttle ("stun during page send"): take away just enough vCPU time that the
 //!    dirty rate falls to half the bandwidth, computed from the dirty rate measured
@@ -19,24 +19,128 @@
 //!    time the guest runs, so every migration converges, after at most
 //!    log2(1% / 0.02%) < 6 more non-converging passes, each as long as sending
 //!    the working set once takes.
-//! 3. Past the total-time cap, cancel or force the switch-over, per policy.
+//! 3. Past the total-time cap, cancel or force the switch-over, per policy
+//!    ([`next_step`]).
+//!
+//! The throttle's mechanics (the vCPUs' naps) live in [`crate::throttle`].
 
 use std::time::Duration;
 
-use super::ThrottlePolicy;
+use super::{MigrationParams, ThrottlePolicy, TimeoutPolicy};
 use crate::throttle::{MIN_RUN_PPM, PPM};
 
 /// Device state estimate per vCPU used before the real size is known.
 pub const DEVICE_STATE_PER_VCPU: u64 = 16 << 10;
 
-/// The decision after a pass.
+/// Passes made after the rest already fits the downtime limit, to shrink it further.
+pub const MAX_EXTRA_PASSES: u32 = 5;
+/// A rest this small is not worth another pass.
+pub const SMALL_REST: u64 = 1 << 20;
+
+/// What one pre-copy pass measured, as [`next_step`] weighs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    SwitchOver,
-    Continue,
+pub struct PassRecord {
+    /// Bytes the pass put on the wire.
+    pub bytes_sent: u64,
+    /// How long the pass took.
+    pub elapsed: Duration,
+    /// Bytes the guest dirtied while the pass ran: the rest, if it switched over now.
+    pub dirty_bytes: u64,
+    /// How long sending that rest and the device state would pause the guest.
+    pub expected_downtime: Duration,
+    /// The downtime limit in force when the pass ended (it may change between
+    /// passes: migrate-set-parameters).
+    pub downtime_limit: Duration,
 }
 
-/// Tracks passes and decides.
+impl PassRecord {
+    /// The rest fits the downtime limit.
+    fn fits(&self) -> bool {
+        self.expected_downtime <= self.downtime_limit
+    }
+}
+
+/// The part of the migration's parameters that bounds pre-copy as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeLimit {
+    /// The cap on the migration's total time; `None`: no cap.
+    pub max_total_time: Option<Duration>,
+    /// What happens past it.
+    pub on_timeout: TimeoutPolicy,
+}
+
+impl TimeLimit {
+    pub fn of(params: &MigrationParams) -> Self {
+        Self {
+            max_total_time: (params.max_total_time_ms > 0)
+                .then(|| Duration::from_millis(params.max_total_time_ms)),
+            on_timeout: params.on_timeout,
+        }
+    }
+}
+
+/// What pre-copy does after a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The rest does not fit the downtime limit yet: another pass.
+    Continue,
+    /// The rest fits, but one more pass with the guest running shrinks it.
+    ExtraPass,
+    /// Pause the guest and send the rest.
+    SwitchOver,
+    /// The total time ran out, and its policy is to switch over now, whatever
+    /// the downtime (the switch-over is not guarded then).
+    ForceSwitchOver,
+    /// The total time ran out, and its policy is to cancel.
+    TimedOut,
+}
+
+/// The step after the last pass of `history`, the passes since pre-copy began
+/// or last returned to it from a switch-over that would have overrun the
+/// downtime limit, `elapsed` into the migration. Rules, in this order:
+///
+/// 1. The last pass's rest fits its downtime limit ([`PassRecord::fits`]):
+///    switch over if [`MAX_EXTRA_PASSES`] extra passes were made already (every
+///    earlier pass of `history` that fit was one), if the rest is at most
+///    [`SMALL_REST`], or if it did not shrink by more than a quarter since the
+///    pass before (the first pass counts as shrinking). Otherwise the next pass
+///    is an extra one, unless rule 2 applies.
+/// 2. Past `limit.max_total_time`: [`Step::TimedOut`] or
+///    [`Step::ForceSwitchOver`], as `limit.on_timeout` says.
+/// 3. Otherwise [`Step::ExtraPass`] (rule 1 asked for one) or [`Step::Continue`].
+///
+/// A return to pre-copy starts a new history: its extra passes start from
+/// none, and its first pass counts as shrinking.
+pub fn next_step(history: &[PassRecord], limit: &TimeLimit, elapsed: Duration) -> Step {
+    let Some((pass, before)) = history.split_last() else {
+        return Step::Continue;
+    };
+    let mut extra = false;
+    if pass.fits() {
+        let extra_passes = before.iter().filter(|p| p.fits()).count();
+        let shrinking = before
+            .last()
+            .is_none_or(|last| pass.dirty_bytes * 4 < last.dirty_bytes * 3);
+        if extra_passes >= MAX_EXTRA_PASSES as usize || pass.dirty_bytes <= SMALL_REST || !shrinking
+        {
+            return Step::SwitchOver;
+        }
+        extra = true;
+    }
+    if limit.max_total_time.is_some_and(|max| elapsed > max) {
+        return match limit.on_timeout {
+            TimeoutPolicy::Cancel => Step::TimedOut,
+            TimeoutPolicy::ForceSwitchover => Step::ForceSwitchOver,
+        };
+    }
+    if extra {
+        Step::ExtraPass
+    } else {
+        Step::Continue
+    }
+}
+
+/// Tracks passes: the link's bandwidth, and what the throttle saw.
 #[derive(Debug, Default)]
 pub struct Convergence {
     /// Bytes/s of the link, from the passes so far (0 = not measured yet).
@@ -94,15 +198,6 @@ impl Convergence {
             return Duration::from_secs(3600);
         }
         Duration::from_secs_f64(bytes as f64 / self.bandwidth)
-    }
-
-    /// Whether to switch over now.
-    pub fn decide(&self, expected: Duration, limit: Duration) -> Decision {
-        if expected <= limit {
-            Decision::SwitchOver
-        } else {
-            Decision::Continue
-        }
     }
 
     /// The throttle this pass calls for, as the share of time vCPUs nap (parts
@@ -210,14 +305,7 @@ mod tests {
         let expected = c.observe(&pass, 0);
         // 2 GiB/s: 100 MiB takes ~49 ms.
         assert!(expected < Duration::from_millis(60), "{expected:?}");
-        assert_eq!(
-            c.decide(expected, Duration::from_millis(300)),
-            Decision::SwitchOver
-        );
-        assert_eq!(
-            c.decide(expected, Duration::from_millis(10)),
-            Decision::Continue
-        );
+        assert!(expected > Duration::from_millis(10), "{expected:?}");
     }
 
     #[test]
@@ -231,10 +319,7 @@ mod tests {
         };
         let expected = c.observe(&pass, 0);
         assert!(c.bandwidth > 0.0);
-        assert_eq!(
-            c.decide(expected, Duration::from_millis(300)),
-            Decision::SwitchOver
-        );
+        assert!(expected <= Duration::from_millis(300), "{expected:?}");
     }
 
     #[test]
@@ -373,5 +458,131 @@ mod tests {
             c.qemu_throttle_for(90, 100, 0, ThrottlePolicy::Adaptive, 99),
             0
         );
+    }
+
+    const LIMIT: Duration = Duration::from_millis(300);
+    const NO_CAP: TimeLimit = TimeLimit {
+        max_total_time: None,
+        on_timeout: TimeoutPolicy::Cancel,
+    };
+
+    /// A pass that left `dirty_mib` MiB, expected to take `expected_ms` to send.
+    fn pass(dirty_mib: u64, expected_ms: u64) -> PassRecord {
+        PassRecord {
+            bytes_sent: 256 << 20,
+            elapsed: Duration::from_millis(500),
+            dirty_bytes: dirty_mib << 20,
+            expected_downtime: Duration::from_millis(expected_ms),
+            downtime_limit: LIMIT,
+        }
+    }
+
+    fn step(history: &[PassRecord]) -> Step {
+        next_step(history, &NO_CAP, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn a_rest_over_the_limit_takes_another_pass() {
+        assert_eq!(step(&[]), Step::Continue);
+        assert_eq!(step(&[pass(512, 2000)]), Step::Continue);
+        assert_eq!(step(&[pass(512, 2000), pass(400, 1500)]), Step::Continue);
+    }
+
+    #[test]
+    fn a_small_rest_that_fits_switches_over() {
+        let small = SMALL_REST >> 20;
+        assert_eq!(step(&[pass(small, 5)]), Step::SwitchOver);
+        assert_eq!(step(&[pass(512, 2000), pass(small, 5)]), Step::SwitchOver);
+    }
+
+    #[test]
+    fn a_rest_that_fits_and_shrinks_takes_extra_passes_up_to_the_max() {
+        // The first pass that fits counts as shrinking.
+        let mut history = vec![pass(100, 250)];
+        assert_eq!(step(&history), Step::ExtraPass);
+        // Each a third smaller than the one before: shrinking by a quarter.
+        let mut mib = 100;
+        for _ in 1..MAX_EXTRA_PASSES {
+            mib = mib * 2 / 3;
+            history.push(pass(mib, 200));
+            assert_eq!(step(&history), Step::ExtraPass, "{history:?}");
+        }
+        history.push(pass(mib * 2 / 3, 150));
+        assert_eq!(step(&history), Step::SwitchOver, "{history:?}");
+        // A pass over the limit in between was no extra pass.
+        let history = [pass(900, 3000), pass(100, 250)];
+        assert_eq!(step(&history), Step::ExtraPass);
+    }
+
+    #[test]
+    fn a_rest_that_fits_but_shrinks_less_than_a_quarter_switches_over() {
+        assert_eq!(step(&[pass(100, 250), pass(80, 200)]), Step::SwitchOver);
+        assert_eq!(step(&[pass(100, 250), pass(74, 200)]), Step::ExtraPass);
+        // Growing: also no point in another pass.
+        assert_eq!(step(&[pass(100, 2000), pass(120, 290)]), Step::SwitchOver);
+    }
+
+    #[test]
+    fn a_changed_downtime_limit_applies_to_the_pass_it_was_in_force_for() {
+        // The first pass fit a limit raised for it: an extra pass was made.
+        let raised = PassRecord {
+            downtime_limit: Duration::from_secs(3),
+            ..pass(100, 2000)
+        };
+        let history = [
+            raised,
+            pass(66, 250),
+            pass(44, 200),
+            pass(29, 150),
+            pass(19, 100),
+        ];
+        assert_eq!(step(&history), Step::ExtraPass);
+        let mut history = history.to_vec();
+        history.push(pass(12, 80));
+        assert_eq!(step(&history), Step::SwitchOver);
+    }
+
+    #[test]
+    fn past_the_total_time_cancel_or_force_as_the_policy_says() {
+        let cap = |on_timeout| TimeLimit {
+            max_total_time: Some(Duration::from_secs(10)),
+            on_timeout,
+        };
+        let cancel = cap(TimeoutPolicy::Cancel);
+        let force = cap(TimeoutPolicy::ForceSwitchover);
+        let over = [pass(512, 2000)];
+        let (before, after) = (Duration::from_secs(10), Duration::from_millis(10_001));
+        assert_eq!(next_step(&over, &cancel, before), Step::Continue);
+        assert_eq!(next_step(&over, &cancel, after), Step::TimedOut);
+        assert_eq!(next_step(&over, &force, after), Step::ForceSwitchOver);
+        // The timeout also ends extra passes.
+        let extra = [pass(100, 250)];
+        assert_eq!(next_step(&extra, &cancel, before), Step::ExtraPass);
+        assert_eq!(next_step(&extra, &cancel, after), Step::TimedOut);
+        assert_eq!(next_step(&extra, &force, after), Step::ForceSwitchOver);
+        // A rest ready to switch over does so, timeout or not.
+        let ready = [pass(SMALL_REST >> 20, 5)];
+        assert_eq!(next_step(&ready, &cancel, after), Step::SwitchOver);
+        // No cap: no timeout.
+        let never = Duration::from_secs(1 << 30);
+        assert_eq!(next_step(&over, &NO_CAP, never), Step::Continue);
+    }
+
+    /// A switch-over that would have overrun the downtime limit goes back to
+    /// pre-copy with a new history: the extra passes start again from none.
+    #[test]
+    fn a_return_to_pre_copy_resets_the_extra_passes() {
+        let mut mib = 300;
+        let mut history = vec![pass(mib, 250)];
+        for _ in 0..MAX_EXTRA_PASSES {
+            mib = mib * 2 / 3;
+            history.push(pass(mib, 200));
+        }
+        assert_eq!(step(&history), Step::SwitchOver);
+        // Back to pre-copy: the same rest, a new history.
+        let after_return = [pass(mib, 200)];
+        assert_eq!(step(&after_return), Step::ExtraPass);
+        let after_return = [pass(mib, 200), pass(mib * 2 / 3, 150)];
+        assert_eq!(step(&after_return), Step::ExtraPass);
     }
 }

@@ -10,12 +10,15 @@ use ferry_format::{RamBatchBuilder, SectionId, StreamReader, StreamWriter};
 use ferry_kvm::{GuestRam, PAGE_SIZE};
 use kvm_ioctls::VmFd;
 
-use super::converge::{max_nap_ppm, Convergence, Decision, PassReport, DEVICE_STATE_PER_VCPU};
+use super::converge::{
+    max_nap_ppm, next_step, Convergence, PassRecord, PassReport, Step, TimeLimit,
+    DEVICE_STATE_PER_VCPU,
+};
 use super::transport::{Breaker, WriteHalf};
 use super::{
     stream_of, Channel, Endpoint, Handshake, MigrationControl, MigrationError, MigrationEvent,
     MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, StreamJoin,
-    ThrottlePolicy, TimeoutPolicy, TlsSessionError, TransportError, MAX_STREAMS,
+    ThrottlePolicy, TlsSessionError, TransportError, MAX_STREAMS,
 };
 use crate::checkpoint::producer;
 use crate::throttle::cycle;
@@ -27,10 +30,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long opening an extra page stream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Passes made after the rest already fits the downtime limit, to shrink it further.
-const MAX_EXTRA_PASSES: u32 = 5;
-/// A rest this small is not worth another pass.
-const SMALL_REST: u64 = 1 << 20;
 /// Shortest pre-copy pass.
 const MIN_PASS: Duration = Duration::from_millis(5);
 /// Pages per RAM section on the wire: 256 KiB of data, small enough that the
@@ -1120,8 +1119,8 @@ fn run(
     let mut to_send = PageMap::new(&ram, true);
     let mut prev_sync = PageMap::new(&ram, false);
     let mut pass = 0u64;
-    let mut extra_passes = 0;
-    let mut last_dirty_bytes: Option<u64> = None;
+    // The passes since pre-copy began or last returned to it.
+    let mut history: Vec<PassRecord> = Vec::new();
     let mut sync_us = 0u64;
     let mut forced = false;
     let mut returns = 0u32;
@@ -1200,35 +1199,25 @@ fn run(
                 "pre-copy pass"
             );
 
-            let limit = Duration::from_millis(params.downtime_limit_ms);
-            if conv.decide(expected, limit) == Decision::SwitchOver {
-                // The rest fits the limit. While each pass still shrinks it by a quarter,
-                // one more pass (with the guest running) buys a shorter pause.
-                let shrinking =
-                    last_dirty_bytes.is_none_or(|last| report.dirty_bytes * 4 < last * 3);
-                if extra_passes >= MAX_EXTRA_PASSES
-                    || report.dirty_bytes <= SMALL_REST
-                    || !shrinking
-                {
+            history.push(PassRecord {
+                bytes_sent: sent,
+                elapsed,
+                dirty_bytes: report.dirty_bytes,
+                expected_downtime: expected,
+                downtime_limit: Duration::from_millis(params.downtime_limit_ms),
+            });
+            match next_step(&history, &TimeLimit::of(&params), start.elapsed()) {
+                Step::Continue | Step::ExtraPass => {}
+                Step::SwitchOver => {
                     prev_sync = dirty;
                     break;
                 }
-                extra_passes += 1;
-            }
-            last_dirty_bytes = Some(report.dirty_bytes);
-            if params.max_total_time_ms > 0
-                && start.elapsed() > Duration::from_millis(params.max_total_time_ms)
-            {
-                match params.on_timeout {
-                    TimeoutPolicy::Cancel => {
-                        return Err(MigrationError::TimedOut(params.max_total_time_ms))
-                    }
-                    TimeoutPolicy::ForceSwitchover => {
-                        forced = true;
-                        prev_sync = dirty;
-                        break;
-                    }
+                Step::ForceSwitchOver => {
+                    forced = true;
+                    prev_sync = dirty;
+                    break;
                 }
+                Step::TimedOut => return Err(MigrationError::TimedOut(params.max_total_time_ms)),
             }
             if params.auto_converge {
                 let now = throttle.nap_ppm();
@@ -1340,8 +1329,7 @@ fn run(
                 // to resend), and whatever the guest dirties from now on.
                 to_send = rest.clone();
                 prev_sync = rest;
-                extra_passes = 0;
-                last_dirty_bytes = None;
+                history.clear();
             }
             Err(e) => return Err(e),
         }
