@@ -63,7 +63,7 @@ pub use incoming::{
     receive, receive_streams, serve, ExtraStreams, IncomingOptions, ServeOptions,
     KEEPALIVE_INTERVAL,
 };
-pub use precopy::{migrate, MigrationOutcome};
+pub use precopy::{migrate, MigrationOutcome, ReturnPathError};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
 pub use tls::{CredsSpec, Endpoint, TlsCreds, TlsError, TlsSessionError};
 pub use transport::{Channel, Listener, MigrationUri, TransportError};
@@ -395,6 +395,73 @@ pub enum MigrationError {
     Streams { streams: u32, reason: String },
     #[error("page stream {index} failed: {reason}")]
     PageStream { index: u32, reason: String },
+    #[error("the migration stream broke: cannot send the handshake")]
+    SendHandshake(#[source] std::io::Error),
+    /// No answer is not a refusal: the destination died, the link broke or it
+    /// never answered.
+    #[error("the migration stream broke: the destination did not answer the handshake")]
+    AwaitHandshakeAnswer(#[source] ReturnPathError),
+    #[error(
+        "the migration stream broke: the destination answered {reply} to a handshake \
+         proposing {wanted} stream(s)"
+    )]
+    UnexpectedHandshakeAnswer { reply: String, wanted: u32 },
+    #[error("the migration stream broke: the return path broke")]
+    ReturnPath(#[source] ReturnPathError),
+    #[error("the migration stream broke: the return path lock is poisoned")]
+    ReturnPathPoisoned,
+    #[error("the migration stream broke: no page stream is open")]
+    NoPageStream,
+    #[error("the migration stream broke: the main stream is missing")]
+    NoMainStream,
+    /// A page stream failed, and its error was taken already.
+    #[error("the migration stream broke: a page stream failed")]
+    PageStreamFailed,
+    /// Another page stream failed: this one stops.
+    #[error("the migration stream broke: another page stream failed")]
+    OtherPageStreamFailed,
+    #[error("page stream {index} failed")]
+    OpenPageStream {
+        index: u32,
+        #[source]
+        source: TransportError,
+    },
+    #[error("page stream {index} failed: cannot send its Join section")]
+    SendJoin {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("page stream {index} failed: cannot start its thread")]
+    StartPageStreamThread {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("page stream {index} failed: its thread panicked")]
+    PageStreamThreadPanicked { index: u32 },
+    #[error("page stream {index} failed: cannot finish it")]
+    FinishPageStream {
+        index: u32,
+        #[source]
+        source: ferry_format::FormatError,
+    },
+    #[error("cannot set up {streams} page streams: cannot read /dev/urandom for a session token")]
+    SessionToken {
+        streams: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the migration stream broke: cannot send a keep-alive")]
+    SendKeepalive(#[source] std::io::Error),
+    #[error("the migration stream broke: cannot send the last bytes")]
+    SendEnd(#[source] std::io::Error),
+    #[error("the migration stream broke")]
+    AwaitConfirmation(#[source] ReturnPathError),
+    #[error("the migration stream broke: the destination answered {reply} instead of confirming")]
+    UnexpectedConfirmation { reply: String },
+    #[error("the migration stream broke: cannot sync the migration file and move it into place")]
+    CommitFile(#[source] std::io::Error),
 }
 
 impl From<ferry_kvm::MemoryError> for MigrationError {

@@ -47,6 +47,27 @@ pub enum MigrationOutcome {
     Completed(MigrationStats),
 }
 
+/// Why no reply came from the destination on the return path.
+#[derive(Debug, thiserror::Error)]
+pub enum ReturnPathError {
+    /// Reading or decoding a reply failed.
+    #[error(transparent)]
+    Read(#[from] ferry_format::FormatError),
+    #[error("unexpected section {0} on the return path")]
+    UnexpectedSection(SectionId),
+    #[error("the destination closed the connection")]
+    Closed,
+    #[error("no answer within {waited_s} s")]
+    NoAnswer { waited_s: u64 },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the return path lock is poisoned")]
+    Poisoned,
+}
+
+/// The destination's replies, as the return path's thread reads them.
+type Replies = Receiver<Result<Reply, ReturnPathError>>;
+
 /// Per-slot bitmaps of guest pages, bit i of word w = page w*64+i of the slot.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PageMap {
@@ -154,7 +175,7 @@ type Out = StreamWriter<BufWriter<Box<dyn WriteHalf>>>;
 /// the bandwidth cap (over all streams together), and the reasons to stop.
 struct PageStreams<'a> {
     ctl: &'a MigrationControl,
-    replies: Arc<Mutex<Receiver<Result<Reply, String>>>>,
+    replies: Arc<Mutex<Replies>>,
     /// Set once a stream failed: the others stop at their next batch.
     failed: AtomicBool,
     /// The first stream's error, which is the one reported.
@@ -278,7 +299,7 @@ impl<'a> PageStreams<'a> {
     /// bandwidth capped at `cap` (0: no cap).
     fn new(
         ctl: &'a MigrationControl,
-        replies: Arc<Mutex<Receiver<Result<Reply, String>>>>,
+        replies: Arc<Mutex<Replies>>,
         total_bytes: u64,
         cap: u64,
     ) -> Self {
@@ -355,17 +376,17 @@ impl<'a> PageStreams<'a> {
             .lock()
             .ok()
             .and_then(|mut e| e.take())
-            .unwrap_or_else(|| MigrationError::Stream("a page stream failed".into()))
+            .unwrap_or(MigrationError::PageStreamFailed)
     }
 
     fn check_abort(&self) -> Result<(), MigrationError> {
         if self.failed.load(Ordering::Acquire) {
-            return Err(MigrationError::Stream("another page stream failed".into()));
+            return Err(MigrationError::OtherPageStreamFailed);
         }
         let replies = self
             .replies
             .lock()
-            .map_err(|_| MigrationError::Stream("the return path lock is poisoned".into()))?;
+            .map_err(|_| MigrationError::ReturnPathPoisoned)?;
         check_abort(self.ctl, &replies)
     }
 
@@ -652,7 +673,7 @@ fn send_pass(
     pass: &PassPlan<'_>,
 ) -> Result<(), MigrationError> {
     let Some((main, extra)) = senders.split_first_mut() else {
-        return Err(MigrationError::Stream("no page stream is open".into()));
+        return Err(MigrationError::NoPageStream);
     };
     if extra.is_empty() {
         return main.send_map(sh, ram, pass);
@@ -668,13 +689,14 @@ fn send_pass(
                         Ok(()) | Err(MigrationError::SwitchoverOverrun) => {}
                         Err(e) => sh.fail(e),
                     });
-                if let Err(e) = spawned.as_ref() {
-                    sh.fail(MigrationError::PageStream {
-                        index,
-                        reason: format!("cannot start its thread: {e}"),
-                    });
-                }
-                (index, spawned)
+                let handle = match spawned {
+                    Ok(handle) => Some(handle),
+                    Err(source) => {
+                        sh.fail(MigrationError::StartPageStreamThread { index, source });
+                        None
+                    }
+                };
+                (index, handle)
             })
             .collect();
         match main.send_map(sh, ram, pass) {
@@ -682,12 +704,9 @@ fn send_pass(
             Err(e) => sh.fail(e),
         }
         for (index, w) in workers {
-            if let Ok(handle) = w {
+            if let Some(handle) = w {
                 if handle.join().is_err() {
-                    sh.fail(MigrationError::PageStream {
-                        index,
-                        reason: "its thread panicked".into(),
-                    });
+                    sh.fail(MigrationError::PageStreamThreadPanicked { index });
                 }
             }
         }
@@ -712,12 +731,12 @@ fn open_extra_streams(
 ) -> Result<Vec<PageSender>, MigrationError> {
     let mut senders = Vec::new();
     for index in 1..streams {
-        let fail = |reason: String| MigrationError::PageStream { index, reason };
-        let channel = Channel::connect(uri, CONNECT_TIMEOUT).map_err(|e| fail(e.to_string()))?;
+        let fail = |source| MigrationError::OpenPageStream { index, source };
+        let channel = Channel::connect(uri, CONNECT_TIMEOUT).map_err(fail)?;
         if let (Ok(b), Ok(mut all)) = (channel.breaker(), breakers.lock()) {
             all.push(b);
         }
-        let channel = secure(channel, params).map_err(|e| fail(e.to_string()))?;
+        let channel = secure(channel, params).map_err(fail)?;
         let mut out = StreamWriter::new(
             BufWriter::with_capacity(WRITE_BUFFER, channel.writer),
             &producer(),
@@ -733,7 +752,7 @@ fn open_extra_streams(
         )?;
         out.get_mut()
             .flush()
-            .map_err(|e| fail(format!("cannot send its Join section: {e}")))?;
+            .map_err(|source| MigrationError::SendJoin { index, source })?;
         senders.push(PageSender::new(out, index, streams));
     }
     Ok(senders)
@@ -744,10 +763,7 @@ fn session_token(streams: u32) -> Result<u64, MigrationError> {
     let mut b = [0u8; 8];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| MigrationError::Streams {
-            streams,
-            reason: format!("cannot read /dev/urandom for a session token: {e}"),
-        })?;
+        .map_err(|source| MigrationError::SessionToken { streams, source })?;
     Ok(u64::from_le_bytes(b) | 1)
 }
 
@@ -759,24 +775,19 @@ fn record_pages(s: &mut MigrationStats, transferred: u64, normal: u64, duplicate
     s.ram.duplicate = duplicate;
 }
 
-fn check_abort(
-    ctl: &MigrationControl,
-    replies: &Receiver<Result<Reply, String>>,
-) -> Result<(), MigrationError> {
+fn check_abort(ctl: &MigrationControl, replies: &Replies) -> Result<(), MigrationError> {
     if ctl.is_cancelled() {
         return Err(MigrationError::Cancelled);
     }
     match replies.try_recv() {
         Ok(Ok(Reply::Error { message })) => Err(MigrationError::Refused(message)),
-        Ok(Err(e)) => Err(MigrationError::Stream(format!(
-            "the return path broke: {e}"
-        ))),
+        Ok(Err(e)) => Err(MigrationError::ReturnPath(e)),
         _ => Ok(()),
     }
 }
 
 /// Reads replies from the destination in a thread, so the sender can poll them.
-fn spawn_return_path(channel: &mut Channel) -> Receiver<Result<Reply, String>> {
+fn spawn_return_path(channel: &mut Channel) -> Replies {
     let (tx, rx) = mpsc::channel();
     if !channel.has_return_path {
         return rx;
@@ -789,7 +800,7 @@ fn spawn_return_path(channel: &mut Channel) -> Receiver<Result<Reply, String>> {
             let mut reader = match StreamReader::new(reader, limits) {
                 Ok((r, _)) => r,
                 Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
+                    let _ = tx.send(Err(ReturnPathError::Read(e)));
                     return;
                 }
             };
@@ -798,10 +809,10 @@ fn spawn_return_path(channel: &mut Channel) -> Receiver<Result<Reply, String>> {
                 let msg = match reader.next_section(&mut buf) {
                     Ok(h) if h.id == SectionId::Reply => {
                         ferry_format::decode_cbor::<Reply>(h.id, &buf, &limits)
-                            .map_err(|e| e.to_string())
+                            .map_err(ReturnPathError::Read)
                     }
-                    Ok(h) => Err(format!("unexpected section {} on the return path", h.id)),
-                    Err(e) => Err(e.to_string()),
+                    Ok(h) => Err(ReturnPathError::UnexpectedSection(h.id)),
+                    Err(e) => Err(ReturnPathError::Read(e)),
                 };
                 let stop = msg.is_err();
                 if tx.send(msg).is_err() || stop {
@@ -813,24 +824,24 @@ fn spawn_return_path(channel: &mut Channel) -> Receiver<Result<Reply, String>> {
 }
 
 fn wait_reply(
-    replies: &Receiver<Result<Reply, String>>,
+    replies: &Replies,
     ctl: &MigrationControl,
     timeout: Duration,
-) -> Result<Reply, String> {
+) -> Result<Reply, ReturnPathError> {
     let deadline = Instant::now() + timeout;
     loop {
         if ctl.is_cancelled() {
-            return Err("cancelled".into());
+            return Err(ReturnPathError::Cancelled);
         }
         match replies.recv_timeout(Duration::from_millis(50)) {
             Ok(r) => return r,
             Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
             Err(RecvTimeoutError::Timeout) => {
-                return Err(format!("no answer within {} s", timeout.as_secs()))
+                return Err(ReturnPathError::NoAnswer {
+                    waited_s: timeout.as_secs(),
+                })
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err("the destination closed the connection".into())
-            }
+            Err(RecvTimeoutError::Disconnected) => return Err(ReturnPathError::Closed),
         }
     }
 }
@@ -843,7 +854,7 @@ const REASON_WAIT: Duration = Duration::from_secs(1);
 /// and the source's next write fails (connection reset) while the reason
 /// waits to be read. The reason is what the operator needs, not the reset.
 /// Waits at most [`REASON_WAIT`], less when the return path ends.
-fn told_why(replies: &Mutex<Receiver<Result<Reply, String>>>) -> Option<String> {
+fn told_why(replies: &Mutex<Replies>) -> Option<String> {
     let replies = replies.lock().ok()?;
     let deadline = Instant::now() + REASON_WAIT;
     loop {
@@ -894,20 +905,21 @@ pub fn migrate(
     }
     let mut point_of_no_return = false;
     let mut return_path = None;
-    let result = secure(channel, &ctl.params()).and_then(|mut channel| {
-        let replies = Arc::new(Mutex::new(spawn_return_path(&mut channel)));
-        return_path = Some(Arc::clone(&replies));
-        let mut precopy = Precopy::handshake(vm, channel, ctl, replies, start)?;
-        let result = precopy.run();
-        point_of_no_return = precopy.point_of_no_return;
-        result
-    });
+    let result = secure(channel, &ctl.params())
+        .map_err(MigrationError::from)
+        .and_then(|mut channel| {
+            let replies = Arc::new(Mutex::new(spawn_return_path(&mut channel)));
+            return_path = Some(Arc::clone(&replies));
+            let mut precopy = Precopy::handshake(vm, channel, ctl, replies, start)?;
+            let result = precopy.run();
+            point_of_no_return = precopy.point_of_no_return;
+            result
+        });
     let result = match (result, file) {
-        (Ok(stats), Some(file)) => file.commit().map(|()| stats).map_err(|e| {
-            MigrationError::Stream(format!(
-                "cannot sync the migration file and move it into place: {e}"
-            ))
-        }),
+        (Ok(stats), Some(file)) => file
+            .commit()
+            .map(|()| stats)
+            .map_err(MigrationError::CommitFile),
         (result, _) => result,
     };
     // Nothing left for a later cancel to break.
@@ -954,7 +966,7 @@ struct Failure<'f> {
     to_file: bool,
     /// End was sent: the destination may be running the VM.
     point_of_no_return: bool,
-    return_path: Option<&'f Mutex<Receiver<Result<Reply, String>>>>,
+    return_path: Option<&'f Mutex<Replies>>,
     breakers: &'f [Breaker],
 }
 
@@ -967,10 +979,8 @@ fn failed(
     e: MigrationError,
     f: &Failure<'_>,
 ) -> MigrationError {
-    let e = match (&e, f.return_path) {
-        (MigrationError::Stream(_) | MigrationError::PageStream { .. }, Some(replies))
-            if !ctl.is_cancelled() =>
-        {
+    let e = match f.return_path {
+        Some(replies) if broke(&e) && !ctl.is_cancelled() => {
             told_why(replies).map_or(e, MigrationError::Refused)
         }
         _ => e,
@@ -980,7 +990,7 @@ fn failed(
     let unconfirmed =
         f.point_of_no_return && !f.to_file && !matches!(e, MigrationError::Refused(_));
     let e = if unconfirmed {
-        MigrationError::Unconfirmed(e.to_string())
+        MigrationError::Unconfirmed(crate::error_chain(&e))
     } else if ctl.is_cancelled() && !matches!(e, MigrationError::Refused(_)) {
         // A cancel breaks the channels: the write it interrupted fails, and
         // the reason is the cancel, not the broken pipe.
@@ -998,14 +1008,45 @@ fn failed(
     } else {
         MigrationStatus::Failed
     };
-    ctl.update_stats(|s| s.error_desc = Some(e.to_string()));
+    let why = crate::error_chain(&e);
+    tracing::warn!("migration failed: {why}");
+    ctl.update_stats(|s| s.error_desc = Some(why));
     ctl.emit(MigrationEvent::Status(status));
-    tracing::warn!("migration failed: {e}");
     e
 }
 
+/// Whether `e` says a stream or the return path broke: then the destination
+/// may have said why on the return path before it closed.
+fn broke(e: &MigrationError) -> bool {
+    use MigrationError as E;
+    matches!(
+        e,
+        E::Stream(_)
+            | E::PageStream { .. }
+            | E::SendHandshake(_)
+            | E::AwaitHandshakeAnswer(_)
+            | E::UnexpectedHandshakeAnswer { .. }
+            | E::ReturnPath(_)
+            | E::ReturnPathPoisoned
+            | E::NoPageStream
+            | E::NoMainStream
+            | E::PageStreamFailed
+            | E::OtherPageStreamFailed
+            | E::OpenPageStream { .. }
+            | E::SendJoin { .. }
+            | E::StartPageStreamThread { .. }
+            | E::PageStreamThreadPanicked { .. }
+            | E::FinishPageStream { .. }
+            | E::SendKeepalive(_)
+            | E::SendEnd(_)
+            | E::AwaitConfirmation(_)
+            | E::UnexpectedConfirmation { .. }
+            | E::CommitFile(_)
+    )
+}
+
 /// Runs the TLS handshake on a new connection when the migration has credentials.
-fn secure(channel: Channel, params: &MigrationParams) -> Result<Channel, MigrationError> {
+fn secure(channel: Channel, params: &MigrationParams) -> Result<Channel, TransportError> {
     let Some(creds) = &params.tls else {
         return Ok(channel);
     };
@@ -1019,10 +1060,9 @@ fn secure(channel: Channel, params: &MigrationParams) -> Result<Channel, Migrati
                 side: "source",
                 want: "client",
             },
-        }
-        .into());
+        });
     }
-    Ok(channel.secure(creds, params.tls_hostname.as_deref())?)
+    channel.secure(creds, params.tls_hostname.as_deref())
 }
 
 /// How many streams to propose, and where to open the extra ones.
@@ -1073,7 +1113,7 @@ fn send_handshake(
     )?;
     out.get_mut()
         .flush()
-        .map_err(|e| MigrationError::Stream(format!("cannot send the handshake: {e}")))?;
+        .map_err(MigrationError::SendHandshake)?;
     Ok(out)
 }
 
@@ -1081,27 +1121,26 @@ fn send_handshake(
 /// streams: the number of streams it accepted.
 fn await_answer(
     ctl: &MigrationControl,
-    replies: &Mutex<Receiver<Result<Reply, String>>>,
+    replies: &Mutex<Replies>,
     wanted: u32,
 ) -> Result<u32, MigrationError> {
     let answer = match replies.lock() {
         Ok(r) => wait_reply(&r, ctl, HANDSHAKE_TIMEOUT),
-        Err(_) => Err("the return path lock is poisoned".into()),
+        Err(_) => Err(ReturnPathError::Poisoned),
     };
     match answer {
         // A destination that predates page streams answers Ready: one stream.
         Ok(Reply::Ready) => Ok(1),
         Ok(Reply::Accepted { streams: n }) if wanted > 1 && (1..=wanted).contains(&n) => Ok(n),
         Ok(Reply::Error { message }) => Err(MigrationError::Refused(message)),
-        Ok(other) => Err(MigrationError::Stream(format!(
-            "the destination answered {other:?} to a handshake proposing {wanted} stream(s)"
-        ))),
+        Ok(other) => Err(MigrationError::UnexpectedHandshakeAnswer {
+            reply: format!("{other:?}"),
+            wanted,
+        }),
         Err(_) if ctl.is_cancelled() => Err(MigrationError::Cancelled),
         // No answer is not a refusal: the destination died, the link broke
         // or it never answered.
-        Err(e) => Err(MigrationError::Stream(format!(
-            "the destination did not answer the handshake: {e}"
-        ))),
+        Err(e) => Err(MigrationError::AwaitHandshakeAnswer(e)),
     }
 }
 
@@ -1170,7 +1209,7 @@ impl<'a> Precopy<'a> {
         vm: &'a mut Vm,
         channel: Channel,
         ctl: &'a MigrationControl,
-        replies: Arc<Mutex<Receiver<Result<Reply, String>>>>,
+        replies: Arc<Mutex<Replies>>,
         start: Instant,
     ) -> Result<Self, MigrationError> {
         let params = ctl.params();
@@ -1474,11 +1513,12 @@ impl<'a> Precopy<'a> {
                     let main = self
                         .senders
                         .first_mut()
-                        .ok_or_else(|| MigrationError::Stream("no page stream is open".into()))?;
+                        .ok_or(MigrationError::NoPageStream)?;
                     main.out.write_keepalive()?;
-                    main.out.get_mut().flush().map_err(|e| {
-                        MigrationError::Stream(format!("cannot send a keep-alive: {e}"))
-                    })?;
+                    main.out
+                        .get_mut()
+                        .flush()
+                        .map_err(MigrationError::SendKeepalive)?;
                 }
             }
         }
@@ -1555,13 +1595,12 @@ impl<'a> Precopy<'a> {
         // the state only once all of them are complete.
         for s in self.senders.drain(1..) {
             let index = s.index;
-            s.out.finish().map_err(|e| MigrationError::PageStream {
-                index,
-                reason: format!("cannot finish it: {e}"),
-            })?;
+            s.out
+                .finish()
+                .map_err(|source| MigrationError::FinishPageStream { index, source })?;
         }
         let [mut main] = <[PageSender; 1]>::try_from(std::mem::take(&mut self.senders))
-            .map_err(|_| MigrationError::Stream("the main stream is missing".into()))?;
+            .map_err(|_| MigrationError::NoMainStream)?;
         let before_devices = main.out.bytes_written();
         crate::checkpoint::write_state(self.vm, &mut main.out)?;
         // The disks are flushed (write_state did it): let go of their image locks
@@ -1585,8 +1624,7 @@ impl<'a> Precopy<'a> {
         let totals = self.sh.totals();
         let mut w = main.out.finish()?;
         self.point_of_no_return = true;
-        w.flush()
-            .map_err(|e| MigrationError::Stream(format!("cannot send the last bytes: {e}")))?;
+        w.flush().map_err(MigrationError::SendEnd)?;
         Ok(Finished {
             totals,
             device_bytes,
@@ -1603,14 +1641,14 @@ impl<'a> Precopy<'a> {
             .sh
             .replies
             .lock()
-            .map_err(|_| MigrationError::Stream("the return path lock is poisoned".into()))?;
+            .map_err(|_| MigrationError::ReturnPathPoisoned)?;
         match wait_reply(&replies, self.ctl, CONFIRM_TIMEOUT) {
             Ok(Reply::Loaded { .. }) => Ok(()),
             Ok(Reply::Error { message }) => Err(MigrationError::Refused(message)),
-            Ok(other) => Err(MigrationError::Stream(format!(
-                "the destination answered {other:?} instead of confirming"
-            ))),
-            Err(e) => Err(MigrationError::Stream(e)),
+            Ok(other) => Err(MigrationError::UnexpectedConfirmation {
+                reply: format!("{other:?}"),
+            }),
+            Err(e) => Err(MigrationError::AwaitConfirmation(e)),
         }
     }
 
@@ -1648,4 +1686,61 @@ fn beyond_cap(nap_ppm: u32, params: &MigrationParams) -> u64 {
         return 0;
     }
     cycle(nap_ppm).1.as_micros() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator reads the source's errors as their chain: the texts are
+    /// those the source gave before its errors were typed.
+    #[test]
+    fn source_errors_read_as_before_through_their_chain() {
+        let chain = |e: MigrationError| crate::error_chain(&e);
+        assert_eq!(
+            chain(MigrationError::AwaitHandshakeAnswer(
+                ReturnPathError::Closed
+            )),
+            "the migration stream broke: the destination did not answer the handshake: the \
+             destination closed the connection"
+        );
+        assert_eq!(
+            chain(MigrationError::AwaitConfirmation(
+                ReturnPathError::NoAnswer { waited_s: 60 }
+            )),
+            "the migration stream broke: no answer within 60 s"
+        );
+        assert_eq!(
+            chain(MigrationError::ReturnPath(
+                ReturnPathError::UnexpectedSection(SectionId::Shape)
+            )),
+            format!(
+                "the migration stream broke: the return path broke: unexpected section {} on \
+                 the return path",
+                SectionId::Shape
+            )
+        );
+        let pipe = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let io = pipe().to_string();
+        assert_eq!(
+            chain(MigrationError::SendEnd(pipe())),
+            format!("the migration stream broke: cannot send the last bytes: {io}")
+        );
+        assert_eq!(
+            chain(MigrationError::SendJoin {
+                index: 2,
+                source: pipe()
+            }),
+            format!("page stream 2 failed: cannot send its Join section: {io}")
+        );
+        assert_eq!(
+            chain(MigrationError::UnexpectedConfirmation {
+                reply: format!("{:?}", Reply::Ready)
+            }),
+            "the migration stream broke: the destination answered Ready instead of confirming"
+        );
+        // A stream that broke leads to the destination's reason, if it gave one.
+        assert!(broke(&MigrationError::SendEnd(pipe())));
+        assert!(!broke(&MigrationError::Cancelled));
+    }
 }
