@@ -10,6 +10,7 @@ pub mod firmware;
 pub mod migration;
 pub mod persist;
 pub mod private_file;
+pub mod throttle;
 pub mod vcpu;
 pub mod vm;
 

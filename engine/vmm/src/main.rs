@@ -11,9 +11,7 @@ use clap::Parser;
 
 use ferry_vmm::cli::{Cli, Command, EXIT_ERROR, EXIT_GUEST_RESET, EXIT_KVM_FAILED};
 use ferry_vmm::control::{self, RunOutcome};
-use ferry_vmm::migration::{
-    CredsSpec, Destination, Endpoint, MigrationError, Target, TlsCreds,
-};
+use ferry_vmm::migration::{CredsSpec, Destination, Endpoint, MigrationError, Target, TlsCreds};
 use ferry_vmm::persist::{self, RestoreOptions};
 use ferry_vmm::{GuestExit, KernelConfig, Vm, VmConfig, VmmError};
 

@@ -57,7 +57,7 @@ pub(crate) struct VcpuContext {
     pub msr_indices: Arc<RwLock<Vec<u32>>>,
     /// The guest's CPUID (without per-vCPU fields).
     pub cpuid: Arc<Vec<kvm_bindings::kvm_cpuid_entry2>>,
-    pub throttle: Arc<crate::migration::converge::ThrottleState>,
+    pub throttle: Arc<crate::throttle::ThrottleState>,
 }
 
 /// The VMM's handle on one vCPU thread.

@@ -31,7 +31,7 @@ use crate::devices::virtio::net::{AnnounceSchedule, Net, NetConfig};
 use crate::devices::virtio::rng::{Rng, RngConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioPci, VirtioPciState, STOP_HELD, STOP_PAUSED};
 use crate::firmware::{Firmware, FirmwareConfig, FirmwareState};
-use crate::migration::converge::ThrottleState;
+use crate::throttle::ThrottleState;
 use crate::vcpu::{GuestExit, VcpuContext, VcpuHandle};
 use crate::VmmError;
 
@@ -781,7 +781,7 @@ impl Vm {
 
     /// A handle that stops and restarts the vCPUs from another thread while a
     /// migration owns the VM.
-    pub fn hold_handle(&self) -> crate::migration::VcpuHold {
+    pub fn hold_handle(&self) -> crate::throttle::VcpuHold {
         let threads = self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
         let pci = self.pci.clone();
         let rtc = self.rtc.clone();
@@ -791,7 +791,7 @@ impl Vm {
                 rtc.set_stopped(STOP_HELD, on);
             }
         };
-        crate::migration::VcpuHold::new(self.throttle.clone(), threads, Arc::new(stop_devices))
+        crate::throttle::VcpuHold::new(self.throttle.clone(), threads, Arc::new(stop_devices))
     }
 
     /// Turns a hold (see [`Self::hold_handle`]) into a real pause, for whoever
@@ -807,10 +807,10 @@ impl Vm {
     }
 
     /// Starts throttling this VM's vCPUs (percent set on the returned handle).
-    pub fn throttle(&self) -> crate::migration::Throttle {
+    pub fn throttle(&self) -> crate::throttle::Throttle {
         let threads: Vec<libc::pthread_t> =
             self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
-        crate::migration::Throttle::start(self.throttle.clone(), move || {
+        crate::throttle::Throttle::start(self.throttle.clone(), move || {
             for &t in &threads {
                 let _ = ferry_kvm::kick(t);
             }

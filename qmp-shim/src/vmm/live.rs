@@ -37,8 +37,9 @@ use std::time::Instant;
 
 use ferry_vmm::migration::{
     self, MigrationControl, MigrationError, MigrationEvent, MigrationParams, MigrationStats,
-    MigrationUri, Source, Target, VcpuHold,
+    MigrationUri, Source, Target,
 };
+use ferry_vmm::throttle::VcpuHold;
 use serde_json::json;
 
 use super::{state_name, FerryBackend, Guest, Shared};

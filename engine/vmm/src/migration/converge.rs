@@ -4,7 +4,7 @@
 //! 1. expected downtime = (dirty bytes + device state estimate) / measured bandwidth;
 //!    once it is within the downtime limit, make up to five more passes while each
 //!    shrinks the rest by a quarter (a shorter pause for the price of a pass), then
-//!    switch over (precopy.rs applies this rule).
+//!    switch over ([`next_step`], which lists the rules in full).
 //! 2. If the guest dirties memory faster than half the bandwidth for two passes in a
 //!    row, throttle ("stun during page send"): take away just enough vCPU time that the
 //!    dirty rate falls to half the bandwidth, computed from the dirty rate measured
@@ -19,267 +19,128 @@
 //!    time the guest runs, so every migration converges, after at most
 //!    log2(1% / 0.02%) < 6 more non-converging passes, each as long as sending
 //!    the working set once takes.
-//! 3. Past the total-time cap, cancel or force the switch-over, per policy.
+//! 3. Past the total-time cap, cancel or force the switch-over, per policy
+//!    ([`next_step`]).
+//!
+//! The throttle's mechanics (the vCPUs' naps) live in [`crate::throttle`].
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::ThrottlePolicy;
-
-/// One throttle period: the vCPUs run their share of it and nap the rest, so a
-/// throttled guest stalls no longer than this, until its share of time is so
-/// small that a run would be shorter than [`MIN_RUN`].
-pub const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
-
-/// The shortest run between two naps (a kick takes tens of µs to land): below
-/// it, the period grows instead, up to a nap of [`MAX_NAP`].
-pub const MIN_RUN: Duration = Duration::from_micros(200);
-
-/// The longest nap of a throttled vCPU.
-pub const MAX_NAP: Duration = Duration::from_secs(1);
-
-/// The smallest share of time, in parts per million, that the dirty limit
-/// leaves the vCPUs: [`MIN_RUN`] in every [`MAX_NAP`].
-pub const MIN_RUN_PPM: u32 = 200;
-
-const PPM: u32 = 1_000_000;
-
-/// How long vCPUs run, then nap, in one throttle cycle when they nap `nap_ppm`
-/// parts per million of the time.
-pub fn cycle(nap_ppm: u32) -> (Duration, Duration) {
-    let nap_ppm = nap_ppm.min(PPM - MIN_RUN_PPM);
-    let period = THROTTLE_PERIOD.as_nanos() as u64;
-    let run = period * u64::from(PPM - nap_ppm) / u64::from(PPM);
-    if run >= MIN_RUN.as_nanos() as u64 {
-        return (
-            Duration::from_nanos(run),
-            Duration::from_nanos(period - run),
-        );
-    }
-    let run = MIN_RUN.as_nanos() as u64;
-    let nap = run * u64::from(nap_ppm) / u64::from(PPM - nap_ppm);
-    (
-        Duration::from_nanos(run),
-        Duration::from_nanos(nap).min(MAX_NAP),
-    )
-}
+use super::{MigrationParams, ThrottlePolicy, TimeoutPolicy};
+use crate::throttle::{MIN_RUN_PPM, PPM};
 
 /// Device state estimate per vCPU used before the real size is known.
 pub const DEVICE_STATE_PER_VCPU: u64 = 16 << 10;
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
+/// Passes made after the rest already fits the downtime limit, to shrink it further.
+pub const MAX_EXTRA_PASSES: u32 = 5;
+/// A rest this small is not worth another pass.
+pub const SMALL_REST: u64 = 1 << 20;
 
-/// Shared with the vCPU threads: how long they must nap when kicked.
-#[derive(Debug, Default)]
-pub struct ThrottleState {
-    /// Share of the time vCPUs nap, parts per million.
-    nap_ppm: AtomicU32,
-    /// Nanoseconds since `epoch()` until which vCPUs sleep; 0 = none.
-    nap_until: AtomicU64,
-    /// Held (a `stop` while a migration owns the VM): vCPUs stay out of the
-    /// guest until released or until the VMM pauses them.
-    held: AtomicBool,
-    /// vCPU threads napping now.
-    napping: AtomicUsize,
-}
-
-impl ThrottleState {
-    /// Called by a vCPU thread after KVM_RUN was interrupted, and before it enters
-    /// the guest while held: sleeps out the current nap (or the hold) in small
-    /// steps, returning early when `stop` is set (a pause request).
-    pub fn nap(&self, stop: &AtomicBool) {
-        self.napping.fetch_add(1, Ordering::AcqRel);
-        self.nap_inner(stop);
-        self.napping.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    pub fn is_held(&self) -> bool {
-        self.held.load(Ordering::Acquire)
-    }
-
-    fn nap_inner(&self, stop: &AtomicBool) {
-        loop {
-            if stop.load(Ordering::Acquire) {
-                return;
-            }
-            if self.held.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            let until = self.nap_until.load(Ordering::Acquire);
-            if until == 0 || stop.load(Ordering::Acquire) {
-                return;
-            }
-            let now = epoch().elapsed().as_nanos() as u64;
-            if now >= until {
-                return;
-            }
-            std::thread::sleep(Duration::from_nanos((until - now).min(1_000_000)));
-        }
-    }
-
-    /// The throttle as QEMU reports it (`cpu-throttle-percentage`, at most 99).
-    pub fn percent(&self) -> u8 {
-        (self.nap_ppm() / 10_000).min(99) as u8
-    }
-
-    /// Share of the time vCPUs nap, parts per million.
-    pub fn nap_ppm(&self) -> u32 {
-        self.nap_ppm.load(Ordering::Acquire)
-    }
-}
-
-/// Stops and restarts a VM's vCPUs from any thread, also while a migration owns
-/// the VM (QMP `stop`/`cont` during a migration). A hold keeps vCPUs out of the
-/// guest without pausing them the VMM's way, so the migration's own pause at
-/// switch-over and its resume after a failure work as before; whoever gets the
-/// VM back turns a hold into a real pause (see [`crate::Vm::take_hold`]).
-#[derive(Clone)]
-pub struct VcpuHold {
-    state: Arc<ThrottleState>,
-    threads: Vec<libc::pthread_t>,
-    /// Stops (true) or lets run the VM's devices (their receive threads).
-    stop_devices: Arc<dyn Fn(bool) + Send + Sync>,
-}
-
-impl std::fmt::Debug for VcpuHold {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VcpuHold")
-            .field("state", &self.state)
-            .field("threads", &self.threads)
-            .finish_non_exhaustive()
-    }
-}
-
-impl VcpuHold {
-    pub(crate) fn new(
-        state: Arc<ThrottleState>,
-        threads: Vec<libc::pthread_t>,
-        stop_devices: Arc<dyn Fn(bool) + Send + Sync>,
-    ) -> Self {
-        Self {
-            state,
-            threads,
-            stop_devices,
-        }
-    }
-
-    /// Keeps every vCPU out of the guest, then stops the devices (a held guest
-    /// receives no frames); returns once each running vCPU has left it (or after
-    /// 100 ms, for vCPUs the VMM paused itself meanwhile). The vCPUs go first, as
-    /// in [`crate::Vm::pause`]: a queue notification a vCPU sends while leaving
-    /// reaches a running device, not one already stopped.
-    pub fn hold(&self) {
-        self.state.held.store(true, Ordering::Release);
-        let deadline = Instant::now() + Duration::from_millis(100);
-        while self.state.napping.load(Ordering::Acquire) < self.threads.len()
-            && Instant::now() < deadline
-        {
-            for &t in &self.threads {
-                let _ = ferry_kvm::kick(t);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        (self.stop_devices)(true);
-    }
-
-    /// Lets held vCPUs and devices run again.
-    pub fn release(&self) {
-        self.state.held.store(false, Ordering::Release);
-        (self.stop_devices)(false);
-    }
-
-    pub fn is_held(&self) -> bool {
-        self.state.is_held()
-    }
-}
-
-/// Throttles a VM's vCPUs while alive; dropping it lifts the throttle.
-#[derive(Debug)]
-pub struct Throttle {
-    state: Arc<ThrottleState>,
-    stop: Arc<AtomicBool>,
-    ticker: Option<JoinHandle<()>>,
-}
-
-impl Throttle {
-    /// Starts the ticker; `kick` interrupts every vCPU.
-    pub fn start(state: Arc<ThrottleState>, kick: impl Fn() + Send + 'static) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (state.clone(), stop.clone());
-        let ticker = std::thread::Builder::new()
-            .name("throttle".into())
-            .spawn(move || {
-                while !st.load(Ordering::Acquire) {
-                    // Parked, not asleep: dropping the throttle wakes the ticker at
-                    // once (a nap may last up to MAX_NAP).
-                    let ppm = s.nap_ppm();
-                    if ppm == 0 {
-                        std::thread::park_timeout(THROTTLE_PERIOD);
-                        continue;
-                    }
-                    let (run, nap) = cycle(ppm);
-                    std::thread::park_timeout(run);
-                    if st.load(Ordering::Acquire) {
-                        break;
-                    }
-                    let until = epoch().elapsed().as_nanos() as u64 + nap.as_nanos() as u64;
-                    s.nap_until.store(until, Ordering::Release);
-                    kick();
-                    std::thread::park_timeout(nap);
-                }
-            })
-            .ok();
-        Self {
-            state,
-            stop,
-            ticker,
-        }
-    }
-
-    /// Lets vCPUs nap `nap_ppm` parts per million of the time (0: not at all).
-    pub fn set_ppm(&self, nap_ppm: u32) {
-        self.state
-            .nap_ppm
-            .store(nap_ppm.min(PPM - MIN_RUN_PPM), Ordering::Release);
-        if nap_ppm == 0 {
-            self.state.nap_until.store(0, Ordering::Release);
-        }
-    }
-
-    pub fn percent(&self) -> u8 {
-        self.state.percent()
-    }
-
-    pub fn nap_ppm(&self) -> u32 {
-        self.state.nap_ppm()
-    }
-}
-
-impl Drop for Throttle {
-    fn drop(&mut self) {
-        self.set_ppm(0);
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.ticker.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-    }
-}
-
-/// The decision after a pass.
+/// What one pre-copy pass measured, as [`next_step`] weighs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    SwitchOver,
-    Continue,
+pub struct PassRecord {
+    /// Bytes the pass put on the wire.
+    pub bytes_sent: u64,
+    /// How long the pass took.
+    pub elapsed: Duration,
+    /// Bytes the guest dirtied while the pass ran: the rest, if it switched over now.
+    pub dirty_bytes: u64,
+    /// How long sending that rest and the device state would pause the guest.
+    pub expected_downtime: Duration,
+    /// The downtime limit in force when the pass ended (it may change between
+    /// passes: migrate-set-parameters).
+    pub downtime_limit: Duration,
 }
 
-/// Tracks passes and decides.
+impl PassRecord {
+    /// The rest fits the downtime limit.
+    fn fits(&self) -> bool {
+        self.expected_downtime <= self.downtime_limit
+    }
+}
+
+/// The part of the migration's parameters that bounds pre-copy as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeLimit {
+    /// The cap on the migration's total time; `None`: no cap.
+    pub max_total_time: Option<Duration>,
+    /// What happens past it.
+    pub on_timeout: TimeoutPolicy,
+}
+
+impl TimeLimit {
+    pub fn of(params: &MigrationParams) -> Self {
+        Self {
+            max_total_time: (params.max_total_time_ms > 0)
+                .then(|| Duration::from_millis(params.max_total_time_ms)),
+            on_timeout: params.on_timeout,
+        }
+    }
+}
+
+/// What pre-copy does after a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The rest does not fit the downtime limit yet: another pass.
+    Continue,
+    /// The rest fits, but one more pass with the guest running shrinks it.
+    ExtraPass,
+    /// Pause the guest and send the rest.
+    SwitchOver,
+    /// The total time ran out, and its policy is to switch over now, whatever
+    /// the downtime (the switch-over is not guarded then).
+    ForceSwitchOver,
+    /// The total time ran out, and its policy is to cancel.
+    TimedOut,
+}
+
+/// The step after the last pass of `history`, the passes since pre-copy began
+/// or last returned to it from a switch-over that would have overrun the
+/// downtime limit, `elapsed` into the migration. Rules, in this order:
+///
+/// 1. The last pass's rest fits its downtime limit ([`PassRecord::fits`]):
+///    switch over if [`MAX_EXTRA_PASSES`] extra passes were made already (every
+///    earlier pass of `history` that fit was one), if the rest is at most
+///    [`SMALL_REST`], or if it did not shrink by more than a quarter since the
+///    pass before (the first pass counts as shrinking). Otherwise the next pass
+///    is an extra one, unless rule 2 applies.
+/// 2. Past `limit.max_total_time`: [`Step::TimedOut`] or
+///    [`Step::ForceSwitchOver`], as `limit.on_timeout` says.
+/// 3. Otherwise [`Step::ExtraPass`] (rule 1 asked for one) or [`Step::Continue`].
+///
+/// A return to pre-copy starts a new history: its extra passes start from
+/// none, and its first pass counts as shrinking.
+pub fn next_step(history: &[PassRecord], limit: &TimeLimit, elapsed: Duration) -> Step {
+    let Some((pass, before)) = history.split_last() else {
+        return Step::Continue;
+    };
+    let mut extra = false;
+    if pass.fits() {
+        let extra_passes = before.iter().filter(|p| p.fits()).count();
+        let shrinking = before
+            .last()
+            .is_none_or(|last| pass.dirty_bytes * 4 < last.dirty_bytes * 3);
+        if extra_passes >= MAX_EXTRA_PASSES as usize || pass.dirty_bytes <= SMALL_REST || !shrinking
+        {
+            return Step::SwitchOver;
+        }
+        extra = true;
+    }
+    if limit.max_total_time.is_some_and(|max| elapsed > max) {
+        return match limit.on_timeout {
+            TimeoutPolicy::Cancel => Step::TimedOut,
+            TimeoutPolicy::ForceSwitchover => Step::ForceSwitchOver,
+        };
+    }
+    if extra {
+        Step::ExtraPass
+    } else {
+        Step::Continue
+    }
+}
+
+/// Tracks passes: the link's bandwidth, and what the throttle saw.
 #[derive(Debug, Default)]
 pub struct Convergence {
     /// Bytes/s of the link, from the passes so far (0 = not measured yet).
@@ -337,15 +198,6 @@ impl Convergence {
             return Duration::from_secs(3600);
         }
         Duration::from_secs_f64(bytes as f64 / self.bandwidth)
-    }
-
-    /// Whether to switch over now.
-    pub fn decide(&self, expected: Duration, limit: Duration) -> Decision {
-        if expected <= limit {
-            Decision::SwitchOver
-        } else {
-            Decision::Continue
-        }
     }
 
     /// The throttle this pass calls for, as the share of time vCPUs nap (parts
@@ -453,14 +305,7 @@ mod tests {
         let expected = c.observe(&pass, 0);
         // 2 GiB/s: 100 MiB takes ~49 ms.
         assert!(expected < Duration::from_millis(60), "{expected:?}");
-        assert_eq!(
-            c.decide(expected, Duration::from_millis(300)),
-            Decision::SwitchOver
-        );
-        assert_eq!(
-            c.decide(expected, Duration::from_millis(10)),
-            Decision::Continue
-        );
+        assert!(expected > Duration::from_millis(10), "{expected:?}");
     }
 
     #[test]
@@ -474,10 +319,7 @@ mod tests {
         };
         let expected = c.observe(&pass, 0);
         assert!(c.bandwidth > 0.0);
-        assert_eq!(
-            c.decide(expected, Duration::from_millis(300)),
-            Decision::SwitchOver
-        );
+        assert!(expected <= Duration::from_millis(300), "{expected:?}");
     }
 
     #[test]
@@ -618,19 +460,129 @@ mod tests {
         );
     }
 
+    const LIMIT: Duration = Duration::from_millis(300);
+    const NO_CAP: TimeLimit = TimeLimit {
+        max_total_time: None,
+        on_timeout: TimeoutPolicy::Cancel,
+    };
+
+    /// A pass that left `dirty_mib` MiB, expected to take `expected_ms` to send.
+    fn pass(dirty_mib: u64, expected_ms: u64) -> PassRecord {
+        PassRecord {
+            bytes_sent: 256 << 20,
+            elapsed: Duration::from_millis(500),
+            dirty_bytes: dirty_mib << 20,
+            expected_downtime: Duration::from_millis(expected_ms),
+            downtime_limit: LIMIT,
+        }
+    }
+
+    fn step(history: &[PassRecord]) -> Step {
+        next_step(history, &NO_CAP, Duration::from_secs(1))
+    }
+
     #[test]
-    fn a_tiny_share_of_time_lengthens_the_cycle_not_the_run() {
-        assert_eq!(
-            cycle(250_000),
-            (Duration::from_millis(15), Duration::from_millis(5))
-        );
-        assert_eq!(
-            cycle(990_000),
-            (Duration::from_micros(200), Duration::from_micros(19_800))
-        );
-        let (run, nap) = cycle(999_000);
-        assert_eq!(run, MIN_RUN);
-        assert_eq!(nap, Duration::from_micros(199_800));
-        assert_eq!(cycle(PPM).1, MAX_NAP - Duration::from_micros(200));
+    fn a_rest_over_the_limit_takes_another_pass() {
+        assert_eq!(step(&[]), Step::Continue);
+        assert_eq!(step(&[pass(512, 2000)]), Step::Continue);
+        assert_eq!(step(&[pass(512, 2000), pass(400, 1500)]), Step::Continue);
+    }
+
+    #[test]
+    fn a_small_rest_that_fits_switches_over() {
+        let small = SMALL_REST >> 20;
+        assert_eq!(step(&[pass(small, 5)]), Step::SwitchOver);
+        assert_eq!(step(&[pass(512, 2000), pass(small, 5)]), Step::SwitchOver);
+    }
+
+    #[test]
+    fn a_rest_that_fits_and_shrinks_takes_extra_passes_up_to_the_max() {
+        // The first pass that fits counts as shrinking.
+        let mut history = vec![pass(100, 250)];
+        assert_eq!(step(&history), Step::ExtraPass);
+        // Each a third smaller than the one before: shrinking by a quarter.
+        let mut mib = 100;
+        for _ in 1..MAX_EXTRA_PASSES {
+            mib = mib * 2 / 3;
+            history.push(pass(mib, 200));
+            assert_eq!(step(&history), Step::ExtraPass, "{history:?}");
+        }
+        history.push(pass(mib * 2 / 3, 150));
+        assert_eq!(step(&history), Step::SwitchOver, "{history:?}");
+        // A pass over the limit in between was no extra pass.
+        let history = [pass(900, 3000), pass(100, 250)];
+        assert_eq!(step(&history), Step::ExtraPass);
+    }
+
+    #[test]
+    fn a_rest_that_fits_but_shrinks_less_than_a_quarter_switches_over() {
+        assert_eq!(step(&[pass(100, 250), pass(80, 200)]), Step::SwitchOver);
+        assert_eq!(step(&[pass(100, 250), pass(74, 200)]), Step::ExtraPass);
+        // Growing: also no point in another pass.
+        assert_eq!(step(&[pass(100, 2000), pass(120, 290)]), Step::SwitchOver);
+    }
+
+    #[test]
+    fn a_changed_downtime_limit_applies_to_the_pass_it_was_in_force_for() {
+        // The first pass fit a limit raised for it: an extra pass was made.
+        let raised = PassRecord {
+            downtime_limit: Duration::from_secs(3),
+            ..pass(100, 2000)
+        };
+        let history = [
+            raised,
+            pass(66, 250),
+            pass(44, 200),
+            pass(29, 150),
+            pass(19, 100),
+        ];
+        assert_eq!(step(&history), Step::ExtraPass);
+        let mut history = history.to_vec();
+        history.push(pass(12, 80));
+        assert_eq!(step(&history), Step::SwitchOver);
+    }
+
+    #[test]
+    fn past_the_total_time_cancel_or_force_as_the_policy_says() {
+        let cap = |on_timeout| TimeLimit {
+            max_total_time: Some(Duration::from_secs(10)),
+            on_timeout,
+        };
+        let cancel = cap(TimeoutPolicy::Cancel);
+        let force = cap(TimeoutPolicy::ForceSwitchover);
+        let over = [pass(512, 2000)];
+        let (before, after) = (Duration::from_secs(10), Duration::from_millis(10_001));
+        assert_eq!(next_step(&over, &cancel, before), Step::Continue);
+        assert_eq!(next_step(&over, &cancel, after), Step::TimedOut);
+        assert_eq!(next_step(&over, &force, after), Step::ForceSwitchOver);
+        // The timeout also ends extra passes.
+        let extra = [pass(100, 250)];
+        assert_eq!(next_step(&extra, &cancel, before), Step::ExtraPass);
+        assert_eq!(next_step(&extra, &cancel, after), Step::TimedOut);
+        assert_eq!(next_step(&extra, &force, after), Step::ForceSwitchOver);
+        // A rest ready to switch over does so, timeout or not.
+        let ready = [pass(SMALL_REST >> 20, 5)];
+        assert_eq!(next_step(&ready, &cancel, after), Step::SwitchOver);
+        // No cap: no timeout.
+        let never = Duration::from_secs(1 << 30);
+        assert_eq!(next_step(&over, &NO_CAP, never), Step::Continue);
+    }
+
+    /// A switch-over that would have overrun the downtime limit goes back to
+    /// pre-copy with a new history: the extra passes start again from none.
+    #[test]
+    fn a_return_to_pre_copy_resets_the_extra_passes() {
+        let mut mib = 300;
+        let mut history = vec![pass(mib, 250)];
+        for _ in 0..MAX_EXTRA_PASSES {
+            mib = mib * 2 / 3;
+            history.push(pass(mib, 200));
+        }
+        assert_eq!(step(&history), Step::SwitchOver);
+        // Back to pre-copy: the same rest, a new history.
+        let after_return = [pass(mib, 200)];
+        assert_eq!(step(&after_return), Step::ExtraPass);
+        let after_return = [pass(mib, 200), pass(mib * 2 / 3, 150)];
+        assert_eq!(step(&after_return), Step::ExtraPass);
     }
 }

@@ -20,12 +20,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::exec::{self, StreamEnd};
-use crate::persist::RestoreOptions;
 use super::transport::{ReadHalf, WriteHalf};
 use super::{
-    Channel, Listener, MigrationControl, MigrationError, MigrationStats,
-    MigrationUri, ServeOptions, TlsCreds,
+    Channel, Listener, MigrationControl, MigrationError, MigrationStats, MigrationUri,
+    ServeOptions, TlsCreds,
 };
+use crate::persist::RestoreOptions;
 use crate::vm::Vm;
 
 /// How long connecting to a `tcp:`/`unix:` destination may take.
@@ -205,7 +205,7 @@ fn run_source(
             return Err(e);
         }
     };
-    let result = super::migrate(vm, channel, ctl).map(|super::MigrationOutcome::Completed(s)| s);
+    let result = super::migrate(vm, channel, ctl);
     if let Some(mut child) = child {
         match child.wait() {
             Ok(st) if !st.success() => tracing::warn!("the exec: command failed ({st})"),

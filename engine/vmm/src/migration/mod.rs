@@ -59,12 +59,11 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use converge::{Throttle, VcpuHold};
 pub use endpoint::{CheckpointSink, Destination, NotStarted, Source, Target};
 pub use incoming::{
     receive, receive_streams, serve, ExtraStreams, ServeOptions, KEEPALIVE_INTERVAL,
 };
-pub use precopy::{migrate, MigrationOutcome};
+pub use precopy::{migrate, ReturnPathError};
 pub use stats::{MigrationStats, MigrationStatus, RamStats};
 pub use tls::{CredsSpec, Endpoint, TlsCreds, TlsError, TlsSessionError};
 pub use transport::{Channel, Listener, MigrationUri, TransportError};
@@ -349,8 +348,10 @@ pub enum MigrationError {
     SwitchoverOverrun,
     #[error("migration took longer than its {0} ms limit and was cancelled")]
     TimedOut(u64),
+    /// Writing or reading a section failed (the cause names the section
+    /// and the I/O error).
     #[error("the migration stream broke: {0}")]
-    Stream(String),
+    Stream(#[source] ferry_format::FormatError),
     #[error(
         "the destination did not confirm it loaded the VM ({0}); the source stays paused \
          because the destination may be running it: check the destination, then resume or \
@@ -403,6 +404,73 @@ pub enum MigrationError {
     WakePipe(#[source] std::io::Error),
     #[error("the page stream state lock is poisoned")]
     StreamsPoisoned,
+    #[error("the migration stream broke: cannot send the handshake")]
+    SendHandshake(#[source] std::io::Error),
+    /// No answer is not a refusal: the destination died, the link broke or it
+    /// never answered.
+    #[error("the migration stream broke: the destination did not answer the handshake")]
+    AwaitHandshakeAnswer(#[source] ReturnPathError),
+    #[error(
+        "the migration stream broke: the destination answered {reply} to a handshake \
+         proposing {wanted} stream(s)"
+    )]
+    UnexpectedHandshakeAnswer { reply: String, wanted: u32 },
+    #[error("the migration stream broke: the return path broke")]
+    ReturnPath(#[source] ReturnPathError),
+    #[error("the migration stream broke: the return path lock is poisoned")]
+    ReturnPathPoisoned,
+    #[error("the migration stream broke: no page stream is open")]
+    NoPageStream,
+    #[error("the migration stream broke: the main stream is missing")]
+    NoMainStream,
+    /// A page stream failed, and its error was taken already.
+    #[error("the migration stream broke: a page stream failed")]
+    PageStreamFailed,
+    /// Another page stream failed: this one stops.
+    #[error("the migration stream broke: another page stream failed")]
+    OtherPageStreamFailed,
+    #[error("page stream {index} failed")]
+    OpenPageStream {
+        index: u32,
+        #[source]
+        source: TransportError,
+    },
+    #[error("page stream {index} failed: cannot send its Join section")]
+    SendJoin {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("page stream {index} failed: cannot start its thread")]
+    StartPageStreamThread {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("page stream {index} failed: its thread panicked")]
+    PageStreamThreadPanicked { index: u32 },
+    #[error("page stream {index} failed: cannot finish it")]
+    FinishPageStream {
+        index: u32,
+        #[source]
+        source: ferry_format::FormatError,
+    },
+    #[error("cannot set up {streams} page streams: cannot read /dev/urandom for a session token")]
+    SessionToken {
+        streams: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the migration stream broke: cannot send a keep-alive")]
+    SendKeepalive(#[source] std::io::Error),
+    #[error("the migration stream broke: cannot send the last bytes")]
+    SendEnd(#[source] std::io::Error),
+    #[error("the migration stream broke")]
+    AwaitConfirmation(#[source] ReturnPathError),
+    #[error("the migration stream broke: the destination answered {reply} instead of confirming")]
+    UnexpectedConfirmation { reply: String },
+    #[error("the migration stream broke: cannot sync the migration file and move it into place")]
+    CommitFile(#[source] std::io::Error),
 }
 
 impl From<crate::VmmError> for MigrationError {
@@ -429,6 +497,6 @@ impl From<ferry_kvm::MemoryError> for MigrationError {
 
 impl From<ferry_format::FormatError> for MigrationError {
     fn from(e: ferry_format::FormatError) -> Self {
-        Self::Stream(e.to_string())
+        Self::Stream(e)
     }
 }

@@ -11,15 +11,17 @@ use ferry_kvm::{GuestRam, PAGE_SIZE};
 use kvm_ioctls::VmFd;
 
 use super::converge::{
-    cycle, max_nap_ppm, Convergence, Decision, PassReport, DEVICE_STATE_PER_VCPU,
+    max_nap_ppm, next_step, Convergence, PassRecord, PassReport, Step, TimeLimit,
+    DEVICE_STATE_PER_VCPU,
 };
 use super::transport::{Breaker, WriteHalf};
 use super::{
     stream_of, Channel, Endpoint, MigrationControl, MigrationError, MigrationEvent,
     MigrationParams, MigrationStats, MigrationStatus, MigrationUri, Reply, ThrottlePolicy,
-    TimeoutPolicy, TlsSessionError, TransportError, MAX_STREAMS,
+    TlsSessionError, TransportError, MAX_STREAMS,
 };
 use crate::persist::{producer, ram_digest, Handshake, StreamJoin};
+use crate::throttle::{cycle, Throttle};
 use crate::vm::Vm;
 
 /// How long the source waits for the destination to accept the shape, and to confirm
@@ -28,10 +30,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long opening an extra page stream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Passes made after the rest already fits the downtime limit, to shrink it further.
-const MAX_EXTRA_PASSES: u32 = 5;
-/// A rest this small is not worth another pass.
-const SMALL_REST: u64 = 1 << 20;
 /// Shortest pre-copy pass.
 const MIN_PASS: Duration = Duration::from_millis(5);
 /// Pages per RAM section on the wire: 256 KiB of data, small enough that the
@@ -42,15 +40,29 @@ const BATCH_PAGES: u32 = 64;
 /// batch, larger than it, goes to the socket directly (one writev).
 const WRITE_BUFFER: usize = 64 << 10;
 
-/// How a migration ended on the source.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MigrationOutcome {
-    /// The destination has the VM; the source VM is paused and should be freed.
-    Completed(MigrationStats),
+/// Why no reply came from the destination on the return path.
+#[derive(Debug, thiserror::Error)]
+pub enum ReturnPathError {
+    /// Reading or decoding a reply failed.
+    #[error(transparent)]
+    Read(#[from] ferry_format::FormatError),
+    #[error("unexpected section {0} on the return path")]
+    UnexpectedSection(SectionId),
+    #[error("the destination closed the connection")]
+    Closed,
+    #[error("no answer within {waited_s} s")]
+    NoAnswer { waited_s: u64 },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the return path lock is poisoned")]
+    Poisoned,
 }
 
+/// The destination's replies, as the return path's thread reads them.
+type Replies = Receiver<Result<Reply, ReturnPathError>>;
+
 /// Per-slot bitmaps of guest pages, bit i of word w = page w*64+i of the slot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct PageMap {
     slots: Vec<(u64, usize, Vec<u64>)>,
 }
@@ -156,7 +168,7 @@ type Out = StreamWriter<BufWriter<Box<dyn WriteHalf>>>;
 /// the bandwidth cap (over all streams together), and the reasons to stop.
 struct PageStreams<'a> {
     ctl: &'a MigrationControl,
-    replies: Arc<Mutex<Receiver<Result<Reply, String>>>>,
+    replies: Arc<Mutex<Replies>>,
     /// Set once a stream failed: the others stop at their next batch.
     failed: AtomicBool,
     /// The first stream's error, which is the one reported.
@@ -275,7 +287,38 @@ struct RateWindow {
     cap: u64,
 }
 
-impl PageStreams<'_> {
+impl<'a> PageStreams<'a> {
+    /// The streams of a migration of `total_bytes` of RAM under `ctl`, the
+    /// bandwidth capped at `cap` (0: no cap).
+    fn new(
+        ctl: &'a MigrationControl,
+        replies: Arc<Mutex<Replies>>,
+        total_bytes: u64,
+        cap: u64,
+    ) -> Self {
+        Self {
+            ctl,
+            replies,
+            failed: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+            breakers: &ctl.breakers,
+            bytes: AtomicU64::new(0),
+            normal: AtomicU64::new(0),
+            duplicate: AtomicU64::new(0),
+            pass_rest: AtomicU64::new(total_bytes),
+            pass_pages: AtomicU64::new(0),
+            clear_ns: AtomicU64::new(0),
+            rate_sample: Mutex::new((Instant::now(), 0, 0)),
+            limiter: Mutex::new(RateWindow {
+                start: Instant::now(),
+                bytes: 0,
+                cap,
+            }),
+            guard: Mutex::new(None),
+            overrun: AtomicBool::new(false),
+        }
+    }
+
     /// A pass (or the switch-over's send) sets out to send `rest_bytes`.
     fn begin_pass(&self, rest_bytes: u64) {
         let (_, normal, duplicate) = self.totals();
@@ -326,17 +369,17 @@ impl PageStreams<'_> {
             .lock()
             .ok()
             .and_then(|mut e| e.take())
-            .unwrap_or_else(|| MigrationError::Stream("a page stream failed".into()))
+            .unwrap_or(MigrationError::PageStreamFailed)
     }
 
     fn check_abort(&self) -> Result<(), MigrationError> {
         if self.failed.load(Ordering::Acquire) {
-            return Err(MigrationError::Stream("another page stream failed".into()));
+            return Err(MigrationError::OtherPageStreamFailed);
         }
         let replies = self
             .replies
             .lock()
-            .map_err(|_| MigrationError::Stream("the return path lock is poisoned".into()))?;
+            .map_err(|_| MigrationError::ReturnPathPoisoned)?;
         check_abort(self.ctl, &replies)
     }
 
@@ -623,7 +666,7 @@ fn send_pass(
     pass: &PassPlan<'_>,
 ) -> Result<(), MigrationError> {
     let Some((main, extra)) = senders.split_first_mut() else {
-        return Err(MigrationError::Stream("no page stream is open".into()));
+        return Err(MigrationError::NoPageStream);
     };
     if extra.is_empty() {
         return main.send_map(sh, ram, pass);
@@ -639,13 +682,14 @@ fn send_pass(
                         Ok(()) | Err(MigrationError::SwitchoverOverrun) => {}
                         Err(e) => sh.fail(e),
                     });
-                if let Err(e) = spawned.as_ref() {
-                    sh.fail(MigrationError::PageStream {
-                        index,
-                        reason: format!("cannot start its thread: {e}"),
-                    });
-                }
-                (index, spawned)
+                let handle = match spawned {
+                    Ok(handle) => Some(handle),
+                    Err(source) => {
+                        sh.fail(MigrationError::StartPageStreamThread { index, source });
+                        None
+                    }
+                };
+                (index, handle)
             })
             .collect();
         match main.send_map(sh, ram, pass) {
@@ -653,12 +697,9 @@ fn send_pass(
             Err(e) => sh.fail(e),
         }
         for (index, w) in workers {
-            if let Ok(handle) = w {
+            if let Some(handle) = w {
                 if handle.join().is_err() {
-                    sh.fail(MigrationError::PageStream {
-                        index,
-                        reason: "its thread panicked".into(),
-                    });
+                    sh.fail(MigrationError::PageStreamThreadPanicked { index });
                 }
             }
         }
@@ -683,12 +724,12 @@ fn open_extra_streams(
 ) -> Result<Vec<PageSender>, MigrationError> {
     let mut senders = Vec::new();
     for index in 1..streams {
-        let fail = |reason: String| MigrationError::PageStream { index, reason };
-        let channel = Channel::connect(uri, CONNECT_TIMEOUT).map_err(|e| fail(e.to_string()))?;
+        let fail = |source| MigrationError::OpenPageStream { index, source };
+        let channel = Channel::connect(uri, CONNECT_TIMEOUT).map_err(fail)?;
         if let (Ok(b), Ok(mut all)) = (channel.breaker(), breakers.lock()) {
             all.push(b);
         }
-        let channel = secure(channel, params).map_err(|e| fail(e.to_string()))?;
+        let channel = secure(channel, params).map_err(fail)?;
         let mut out = StreamWriter::new(
             BufWriter::with_capacity(WRITE_BUFFER, channel.writer),
             &producer(),
@@ -704,7 +745,7 @@ fn open_extra_streams(
         )?;
         out.get_mut()
             .flush()
-            .map_err(|e| fail(format!("cannot send its Join section: {e}")))?;
+            .map_err(|source| MigrationError::SendJoin { index, source })?;
         senders.push(PageSender::new(out, index, streams));
     }
     Ok(senders)
@@ -715,10 +756,7 @@ fn session_token(streams: u32) -> Result<u64, MigrationError> {
     let mut b = [0u8; 8];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| MigrationError::Streams {
-            streams,
-            reason: format!("cannot read /dev/urandom for a session token: {e}"),
-        })?;
+        .map_err(|source| MigrationError::SessionToken { streams, source })?;
     Ok(u64::from_le_bytes(b) | 1)
 }
 
@@ -730,24 +768,19 @@ fn record_pages(s: &mut MigrationStats, transferred: u64, normal: u64, duplicate
     s.ram.duplicate = duplicate;
 }
 
-fn check_abort(
-    ctl: &MigrationControl,
-    replies: &Receiver<Result<Reply, String>>,
-) -> Result<(), MigrationError> {
+fn check_abort(ctl: &MigrationControl, replies: &Replies) -> Result<(), MigrationError> {
     if ctl.is_cancelled() {
         return Err(MigrationError::Cancelled);
     }
     match replies.try_recv() {
         Ok(Ok(Reply::Error { message })) => Err(MigrationError::Refused(message)),
-        Ok(Err(e)) => Err(MigrationError::Stream(format!(
-            "the return path broke: {e}"
-        ))),
+        Ok(Err(e)) => Err(MigrationError::ReturnPath(e)),
         _ => Ok(()),
     }
 }
 
 /// Reads replies from the destination in a thread, so the sender can poll them.
-fn spawn_return_path(channel: &mut Channel) -> Receiver<Result<Reply, String>> {
+fn spawn_return_path(channel: &mut Channel) -> Replies {
     let (tx, rx) = mpsc::channel();
     if !channel.has_return_path {
         return rx;
@@ -760,7 +793,7 @@ fn spawn_return_path(channel: &mut Channel) -> Receiver<Result<Reply, String>> {
             let mut reader = match StreamReader::new(reader, limits) {
                 Ok((r, _)) => r,
                 Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
+                    let _ = tx.send(Err(ReturnPathError::Read(e)));
                     return;
                 }
             };
@@ -769,10 +802,10 @@ fn spawn_return_path(channel: &mut Channel) -> Receiver<Result<Reply, String>> {
                 let msg = match reader.next_section(&mut buf) {
                     Ok(h) if h.id == SectionId::Reply => {
                         ferry_format::decode_cbor::<Reply>(h.id, &buf, &limits)
-                            .map_err(|e| e.to_string())
+                            .map_err(ReturnPathError::Read)
                     }
-                    Ok(h) => Err(format!("unexpected section {} on the return path", h.id)),
-                    Err(e) => Err(e.to_string()),
+                    Ok(h) => Err(ReturnPathError::UnexpectedSection(h.id)),
+                    Err(e) => Err(ReturnPathError::Read(e)),
                 };
                 let stop = msg.is_err();
                 if tx.send(msg).is_err() || stop {
@@ -784,24 +817,24 @@ fn spawn_return_path(channel: &mut Channel) -> Receiver<Result<Reply, String>> {
 }
 
 fn wait_reply(
-    replies: &Receiver<Result<Reply, String>>,
+    replies: &Replies,
     ctl: &MigrationControl,
     timeout: Duration,
-) -> Result<Reply, String> {
+) -> Result<Reply, ReturnPathError> {
     let deadline = Instant::now() + timeout;
     loop {
         if ctl.is_cancelled() {
-            return Err("cancelled".into());
+            return Err(ReturnPathError::Cancelled);
         }
         match replies.recv_timeout(Duration::from_millis(50)) {
             Ok(r) => return r,
             Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
             Err(RecvTimeoutError::Timeout) => {
-                return Err(format!("no answer within {} s", timeout.as_secs()))
+                return Err(ReturnPathError::NoAnswer {
+                    waited_s: timeout.as_secs(),
+                })
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err("the destination closed the connection".into())
-            }
+            Err(RecvTimeoutError::Disconnected) => return Err(ReturnPathError::Closed),
         }
     }
 }
@@ -814,7 +847,7 @@ const REASON_WAIT: Duration = Duration::from_secs(1);
 /// and the source's next write fails (connection reset) while the reason
 /// waits to be read. The reason is what the operator needs, not the reset.
 /// Waits at most [`REASON_WAIT`], less when the return path ends.
-fn told_why(replies: &Mutex<Receiver<Result<Reply, String>>>) -> Option<String> {
+fn told_why(replies: &Mutex<Replies>) -> Option<String> {
     let replies = replies.lock().ok()?;
     let deadline = Instant::now() + REASON_WAIT;
     loop {
@@ -828,14 +861,14 @@ fn told_why(replies: &Mutex<Receiver<Result<Reply, String>>>) -> Option<String> 
 }
 
 /// Migrates `vm` over `channel` (and, with `multifd-channels` above 1, over more
-/// connections to the same address). On success the VM is left paused (the
-/// destination has it); on failure before the switch-over completed the VM runs on as
-/// before.
+/// connections to the same address). On success (the statistics) the VM is left
+/// paused: the destination has it, and the caller frees it. On failure before the
+/// switch-over completed the VM runs on as before.
 pub fn migrate(
     vm: &mut Vm,
     mut channel: Channel,
     ctl: &Arc<MigrationControl>,
-) -> Result<MigrationOutcome, MigrationError> {
+) -> Result<MigrationStats, MigrationError> {
     let was_running = vm.is_running();
     // A `file:` migration's file takes its name only once it is whole and synced.
     let file = channel.take_file();
@@ -845,32 +878,28 @@ pub fn migrate(
     if let (Ok(b), Ok(mut all)) = (channel.breaker(), ctl.breakers.lock()) {
         all.push(b);
     }
-    let breakers = &ctl.breakers;
     let mut point_of_no_return = false;
     let mut return_path = None;
-    let result = secure(channel, &ctl.params()).and_then(|mut channel| {
-        let replies = Arc::new(Mutex::new(spawn_return_path(&mut channel)));
-        return_path = Some(Arc::clone(&replies));
-        run(
-            vm,
-            channel,
-            ctl,
-            replies,
-            breakers,
-            start,
-            &mut point_of_no_return,
-        )
-    });
+    let result = secure(channel, &ctl.params())
+        .map_err(MigrationError::from)
+        .and_then(|mut channel| {
+            let replies = Arc::new(Mutex::new(spawn_return_path(&mut channel)));
+            return_path = Some(Arc::clone(&replies));
+            let mut precopy = Precopy::handshake(vm, channel, ctl, replies, start)?;
+            let result = precopy.run();
+            point_of_no_return = precopy.point_of_no_return;
+            result
+        });
     let result = match (result, file) {
-        (Ok(stats), Some(file)) => file.commit().map(|()| stats).map_err(|e| {
-            MigrationError::Stream(format!(
-                "cannot sync the migration file and move it into place: {e}"
-            ))
-        }),
+        (Ok(stats), Some(file)) => file
+            .commit()
+            .map(|()| stats)
+            .map_err(MigrationError::CommitFile),
         (result, _) => result,
     };
     // Nothing left for a later cancel to break.
-    let breakers = breakers
+    let breakers = ctl
+        .breakers
         .lock()
         .map(|mut b| std::mem::take(&mut *b))
         .unwrap_or_default();
@@ -887,50 +916,112 @@ pub fn migrate(
             ctl.emit(MigrationEvent::Status(MigrationStatus::Completed));
             stats.status = MigrationStatus::Completed;
             stats.total_time = start.elapsed().as_millis() as u64;
-            Ok(MigrationOutcome::Completed(stats))
+            Ok(stats)
         }
-        Err(e) => {
-            let e = match (&e, &return_path) {
-                (MigrationError::Stream(_) | MigrationError::PageStream { .. }, Some(replies))
-                    if !ctl.is_cancelled() =>
-                {
-                    told_why(replies).map_or(e, MigrationError::Refused)
-                }
-                _ => e,
-            };
-            breakers.iter().for_each(Breaker::break_channel);
-            // A file has no reader that could be running the VM: its VM resumes.
-            let unconfirmed =
-                point_of_no_return && !to_file && !matches!(e, MigrationError::Refused(_));
-            let e = if unconfirmed {
-                MigrationError::Unconfirmed(e.to_string())
-            } else if ctl.is_cancelled() && !matches!(e, MigrationError::Refused(_)) {
-                // A cancel breaks the channels: the write it interrupted fails, and
-                // the reason is the cancel, not the broken pipe.
-                MigrationError::Cancelled
-            } else {
-                e
-            };
-            if was_running && !unconfirmed {
-                if let Err(r) = vm.resume() {
-                    tracing::error!("cannot resume the source VM after a failed migration: {r}");
-                }
-            }
-            let status = if matches!(e, MigrationError::Cancelled) {
-                MigrationStatus::Cancelled
-            } else {
-                MigrationStatus::Failed
-            };
-            ctl.update_stats(|s| s.error_desc = Some(e.to_string()));
-            ctl.emit(MigrationEvent::Status(status));
-            tracing::warn!("migration failed: {e}");
-            Err(e)
-        }
+        Err(e) => Err(failed(
+            vm,
+            ctl,
+            e,
+            &Failure {
+                was_running,
+                to_file,
+                point_of_no_return,
+                return_path: return_path.as_deref(),
+                breakers: &breakers,
+            },
+        )),
     }
 }
 
+/// What [`failed`] needs to know of a migration that failed.
+struct Failure<'f> {
+    /// The guest ran when the migration began.
+    was_running: bool,
+    /// The migration went to a file.
+    to_file: bool,
+    /// End was sent: the destination may be running the VM.
+    point_of_no_return: bool,
+    return_path: Option<&'f Mutex<Replies>>,
+    breakers: &'f [Breaker],
+}
+
+/// Ends a failed migration: finds the reason the operator needs (the
+/// destination's, where it gave one), breaks the channels, resumes the source
+/// unless the destination may have the VM, and reports the failure.
+fn failed(
+    vm: &mut Vm,
+    ctl: &MigrationControl,
+    e: MigrationError,
+    f: &Failure<'_>,
+) -> MigrationError {
+    let e = match f.return_path {
+        Some(replies) if broke(&e) && !ctl.is_cancelled() => {
+            told_why(replies).map_or(e, MigrationError::Refused)
+        }
+        _ => e,
+    };
+    f.breakers.iter().for_each(Breaker::break_channel);
+    // A file has no reader that could be running the VM: its VM resumes.
+    let unconfirmed =
+        f.point_of_no_return && !f.to_file && !matches!(e, MigrationError::Refused(_));
+    let e = if unconfirmed {
+        MigrationError::Unconfirmed(crate::error_chain(&e))
+    } else if ctl.is_cancelled() && !matches!(e, MigrationError::Refused(_)) {
+        // A cancel breaks the channels: the write it interrupted fails, and
+        // the reason is the cancel, not the broken pipe.
+        MigrationError::Cancelled
+    } else {
+        e
+    };
+    if f.was_running && !unconfirmed {
+        if let Err(r) = vm.resume() {
+            tracing::error!("cannot resume the source VM after a failed migration: {r}");
+        }
+    }
+    let status = if matches!(e, MigrationError::Cancelled) {
+        MigrationStatus::Cancelled
+    } else {
+        MigrationStatus::Failed
+    };
+    let why = crate::error_chain(&e);
+    tracing::warn!("migration failed: {why}");
+    ctl.update_stats(|s| s.error_desc = Some(why));
+    ctl.emit(MigrationEvent::Status(status));
+    e
+}
+
+/// Whether `e` says a stream or the return path broke: then the destination
+/// may have said why on the return path before it closed.
+fn broke(e: &MigrationError) -> bool {
+    use MigrationError as E;
+    matches!(
+        e,
+        E::Stream(_)
+            | E::PageStream { .. }
+            | E::SendHandshake(_)
+            | E::AwaitHandshakeAnswer(_)
+            | E::UnexpectedHandshakeAnswer { .. }
+            | E::ReturnPath(_)
+            | E::ReturnPathPoisoned
+            | E::NoPageStream
+            | E::NoMainStream
+            | E::PageStreamFailed
+            | E::OtherPageStreamFailed
+            | E::OpenPageStream { .. }
+            | E::SendJoin { .. }
+            | E::StartPageStreamThread { .. }
+            | E::PageStreamThreadPanicked { .. }
+            | E::FinishPageStream { .. }
+            | E::SendKeepalive(_)
+            | E::SendEnd(_)
+            | E::AwaitConfirmation(_)
+            | E::UnexpectedConfirmation { .. }
+            | E::CommitFile(_)
+    )
+}
+
 /// Runs the TLS handshake on a new connection when the migration has credentials.
-fn secure(channel: Channel, params: &MigrationParams) -> Result<Channel, MigrationError> {
+fn secure(channel: Channel, params: &MigrationParams) -> Result<Channel, TransportError> {
     let Some(creds) = &params.tls else {
         return Ok(channel);
     };
@@ -944,10 +1035,9 @@ fn secure(channel: Channel, params: &MigrationParams) -> Result<Channel, Migrati
                 side: "source",
                 want: "client",
             },
-        }
-        .into());
+        });
     }
-    Ok(channel.secure(creds, params.tls_hostname.as_deref())?)
+    channel.secure(creds, params.tls_hostname.as_deref())
 }
 
 /// How many streams to propose, and where to open the extra ones.
@@ -976,32 +1066,16 @@ fn proposed_streams(
     }
 }
 
-fn run(
-    vm: &mut Vm,
-    channel: Channel,
-    ctl: &Arc<MigrationControl>,
-    replies: Arc<Mutex<Receiver<Result<Reply, String>>>>,
-    breakers: &Mutex<Vec<Breaker>>,
-    start: Instant,
-    point_of_no_return: &mut bool,
-) -> Result<MigrationStats, MigrationError> {
-    let params = ctl.params();
-    let (wanted, reconnect) = proposed_streams(&channel, params.multifd_channels)?;
-    let session = if wanted > 1 {
-        session_token(wanted)?
-    } else {
-        0
-    };
-    let has_return_path = channel.has_return_path;
-    let total_bytes = vm.ram().total_bytes();
-    ctl.update_stats(|s| {
-        s.ram.total = total_bytes;
-        s.ram.page_size = PAGE_SIZE as u64;
-    });
-    let mut out = StreamWriter::new(
-        BufWriter::with_capacity(WRITE_BUFFER, channel.writer),
-        &producer(),
-    )?;
+/// Sends the handshake on the main stream: the VM's shape, whether a digest
+/// follows, and the page streams it proposes. Returns the main stream.
+fn send_handshake(
+    vm: &Vm,
+    writer: Box<dyn WriteHalf>,
+    params: &MigrationParams,
+    wanted: u32,
+    session: u64,
+) -> Result<Out, MigrationError> {
+    let mut out = StreamWriter::new(BufWriter::with_capacity(WRITE_BUFFER, writer), &producer())?;
     out.write_cbor(
         SectionId::Shape,
         SectionId::Shape.current_version(),
@@ -1014,396 +1088,573 @@ fn run(
     )?;
     out.get_mut()
         .flush()
-        .map_err(|e| MigrationError::Stream(format!("cannot send the handshake: {e}")))?;
-    let mut streams = 1;
-    if has_return_path {
-        let answer = match replies.lock() {
-            Ok(r) => wait_reply(&r, ctl, HANDSHAKE_TIMEOUT),
-            Err(_) => Err("the return path lock is poisoned".into()),
-        };
-        match answer {
-            // A destination that predates page streams answers Ready: one stream.
-            Ok(Reply::Ready) => {}
-            Ok(Reply::Accepted { streams: n }) if params.exact_streams && n < wanted => {
-                return Err(MigrationError::StreamsRefused { wanted, took: n })
-            }
-            Ok(Reply::Accepted { streams: n }) if wanted > 1 && (1..=wanted).contains(&n) => {
-                streams = n
-            }
-            Ok(Reply::Error { message }) => return Err(MigrationError::Refused(message)),
-            Ok(other) => {
-                return Err(MigrationError::Stream(format!(
-                    "the destination answered {other:?} to a handshake proposing {wanted} \
-                     stream(s)"
-                )))
-            }
-            Err(_) if ctl.is_cancelled() => return Err(MigrationError::Cancelled),
-            // No answer is not a refusal: the destination died, the link broke
-            // or it never answered.
-            Err(e) => {
-                return Err(MigrationError::Stream(format!(
-                    "the destination did not answer the handshake: {e}"
-                )))
-            }
-        }
-    }
-    let sh = PageStreams {
-        ctl,
-        replies,
-        failed: AtomicBool::new(false),
-        first_error: Mutex::new(None),
-        breakers,
-        bytes: AtomicU64::new(0),
-        normal: AtomicU64::new(0),
-        duplicate: AtomicU64::new(0),
-        pass_rest: AtomicU64::new(total_bytes),
-        pass_pages: AtomicU64::new(0),
-        clear_ns: AtomicU64::new(0),
-        rate_sample: Mutex::new((Instant::now(), 0, 0)),
-        limiter: Mutex::new(RateWindow {
-            start: Instant::now(),
-            bytes: 0,
-            cap: params.max_bandwidth,
-        }),
-        guard: Mutex::new(None),
-        overrun: AtomicBool::new(false),
+        .map_err(MigrationError::SendHandshake)?;
+    Ok(out)
+}
+
+/// Waits for the destination's answer to a handshake proposing `wanted`
+/// streams: the number of streams it accepted.
+fn await_answer(
+    ctl: &MigrationControl,
+    replies: &Mutex<Replies>,
+    wanted: u32,
+) -> Result<u32, MigrationError> {
+    let answer = match replies.lock() {
+        Ok(r) => wait_reply(&r, ctl, HANDSHAKE_TIMEOUT),
+        Err(_) => Err(ReturnPathError::Poisoned),
     };
-    let mut senders = vec![PageSender::new(out, 0, streams)];
-    if let (Some(uri), true) = (&reconnect, streams > 1) {
-        senders.extend(open_extra_streams(
-            uri, session, streams, breakers, &params,
-        )?);
-    }
-    for s in &mut senders {
-        s.report(&sh);
-    }
-    ctl.update_stats(|s| s.streams = streams);
-
-    let ram = vm.ram().clone();
-    // Manual protection first: a slot whose logging is turned on afterwards starts
-    // all dirty, without write-protecting all of RAM at once.
-    let manual = params.clear_dirty_log
-        && ram
-            .set_manual_dirty_protect(vm.vm_fd(), true)
-            .unwrap_or_else(|e| {
-                tracing::warn!("dirty log: classic mode ({e})");
-                false
-            });
-    ram.register(vm.vm_fd(), true)?;
-    ctl.update_stats(|s| {
-        s.manual_dirty_protect = manual;
-        // Logging on is QEMU's first bitmap sync; until a rate is measured the
-        // expected downtime is the limit, as QEMU reports it.
-        s.ram.dirty_sync_count = 1;
-        s.expected_downtime = params.downtime_limit_ms;
-        s.setup_time = start.elapsed().as_millis() as u64;
-    });
-    ctl.emit(MigrationEvent::Status(MigrationStatus::Active));
-
-    let throttle = vm.throttle();
-    let mut conv = Convergence::default();
-    let device_estimate = u64::from(vm.config().vcpus) * DEVICE_STATE_PER_VCPU + 4096;
-    let mut to_send = PageMap::new(&ram, true);
-    let mut prev_sync = PageMap::new(&ram, false);
-    let mut pass = 0u64;
-    let mut extra_passes = 0;
-    let mut last_dirty_bytes: Option<u64> = None;
-    let mut sync_us = 0u64;
-    let mut forced = false;
-    let mut returns = 0u32;
-    let mut went_ahead = false;
-    let (throttle_pct, down_start, rest_pages) = loop {
-        loop {
-            pass += 1;
-            let params = ctl.params();
-            sh.set_cap(params.max_bandwidth);
-            let pass_start = Instant::now();
-            let bytes_before = sh.bytes.load(Ordering::Acquire);
-            let first = pass == 1;
-            sh.begin_pass(to_send.count() * PAGE_SIZE as u64);
-            // Cold pages first: those not dirtied in the previous sync too.
-            let clear = manual.then(|| vm.vm_fd());
-            let sampler = (!manual).then(|| DirtySampler::new(vm.vm_fd(), &ram, pass_start));
-            let plan = PassPlan {
-                map: &to_send,
-                prev: Some(&prev_sync),
-                skip_zero: first,
-                clear,
-                sampler: sampler.as_ref(),
-            };
-            send_pass(&mut senders, &sh, &ram, &plan)?;
-            // A pass with almost nothing to send still lets the guest run a little, so a
-            // limit that cannot be met does not spin on empty passes.
-            if let Some(rest) = MIN_PASS.checked_sub(pass_start.elapsed()) {
-                std::thread::sleep(rest);
-            }
-            let elapsed = pass_start.elapsed();
-            let sent = sh.bytes.load(Ordering::Acquire) - bytes_before;
-
-            // Sync: what the guest dirtied while we sent (with what a long pass
-            // already read).
-            let mut dirty = match sampler {
-                Some(d) => d.into_pages(),
-                None => PageMap::new(&ram, false),
-            };
-            let sync_start = Instant::now();
-            dirty.merge(&ram.get_dirty_log(vm.vm_fd())?);
-            sync_us += sync_start.elapsed().as_micros() as u64;
-            let dirty_pages = dirty.count();
-            let report = PassReport {
-                bytes_sent: sent,
-                elapsed,
-                dirty_bytes: dirty_pages * PAGE_SIZE as u64,
-                device_bytes: device_estimate,
-            };
-            let expected = conv.observe(&report, params.max_bandwidth);
-            let dirty_rate = report.dirty_bytes as f64 / elapsed.as_secs_f64().max(1e-3);
-            let (transferred, normal, duplicate) = sh.totals();
-            ctl.update_stats(|s| {
-                s.passes = pass;
-                // QEMU counts the sync that starts its first pass too.
-                s.ram.dirty_sync_count = pass + 1;
-                record_pages(s, transferred, normal, duplicate);
-                s.ram.remaining = report.dirty_bytes;
-                s.ram.dirty_pages_rate = (dirty_rate / PAGE_SIZE as f64) as u64;
-                s.ram.mbps = sent as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-6);
-                s.ram.pages_per_second = (conv.bandwidth / PAGE_SIZE as f64) as u64;
-                s.expected_downtime = expected.as_millis() as u64;
-                s.total_time = start.elapsed().as_millis() as u64;
-                s.cpu_throttle_percentage = throttle.percent();
-                s.dirty_limit_throttle_time_per_round = beyond_cap(throttle.nap_ppm(), &params);
-                s.dirty_sync_us = sync_us;
-                s.dirty_clear_us = sh.clear_ns.load(Ordering::Relaxed) / 1000;
-            });
-            ctl.emit(MigrationEvent::Pass(pass));
-            tracing::debug!(
-                pass,
-                sent,
-                ?elapsed,
-                dirty_pages,
-                ?expected,
-                throttle = throttle.percent(),
-                "pre-copy pass"
-            );
-
-            let limit = Duration::from_millis(params.downtime_limit_ms);
-            if conv.decide(expected, limit) == Decision::SwitchOver {
-                // The rest fits the limit. While each pass still shrinks it by a quarter,
-                // one more pass (with the guest running) buys a shorter pause.
-                let shrinking =
-                    last_dirty_bytes.is_none_or(|last| report.dirty_bytes * 4 < last * 3);
-                if extra_passes >= MAX_EXTRA_PASSES
-                    || report.dirty_bytes <= SMALL_REST
-                    || !shrinking
-                {
-                    prev_sync = dirty;
-                    break;
-                }
-                extra_passes += 1;
-            }
-            last_dirty_bytes = Some(report.dirty_bytes);
-            if params.max_total_time_ms > 0
-                && start.elapsed() > Duration::from_millis(params.max_total_time_ms)
-            {
-                match params.on_timeout {
-                    TimeoutPolicy::Cancel => {
-                        return Err(MigrationError::TimedOut(params.max_total_time_ms))
-                    }
-                    TimeoutPolicy::ForceSwitchover => {
-                        forced = true;
-                        prev_sync = dirty;
-                        break;
-                    }
-                }
-            }
-            if params.auto_converge {
-                let now = throttle.nap_ppm();
-                let max = max_nap_ppm(params.max_throttle_pct, params.dirty_limit);
-                let cap = max_nap_ppm(params.max_throttle_pct, false);
-                let nap = match params.throttle {
-                    ThrottlePolicy::Adaptive => conv.throttle_for(dirty_rate, now, max),
-                    // QEMU's steps up to its cap; past it, the dirty limit as above.
-                    _ if now >= cap && max > cap => conv.throttle_for(dirty_rate, now, max),
-                    qemu => conv.qemu_throttle_for(
-                        report.dirty_bytes,
-                        sent,
-                        now,
-                        qemu,
-                        params.max_throttle_pct,
-                    ),
-                };
-                throttle.set_ppm(nap);
-            }
-            to_send = dirty.clone();
-            prev_sync = dirty;
+    match answer {
+        // A destination that predates page streams answers Ready: one stream.
+        Ok(Reply::Ready) => Ok(1),
+        Ok(Reply::Accepted { streams: n }) if n < wanted && ctl.params().exact_streams => {
+            Err(MigrationError::StreamsRefused { wanted, took: n })
         }
+        Ok(Reply::Accepted { streams: n }) if wanted > 1 && (1..=wanted).contains(&n) => Ok(n),
+        Ok(Reply::Error { message }) => Err(MigrationError::Refused(message)),
+        Ok(other) => Err(MigrationError::UnexpectedHandshakeAnswer {
+            reply: format!("{other:?}"),
+            wanted,
+        }),
+        Err(_) if ctl.is_cancelled() => Err(MigrationError::Cancelled),
+        // No answer is not a refusal: the destination died, the link broke
+        // or it never answered.
+        Err(e) => Err(MigrationError::AwaitHandshakeAnswer(e)),
+    }
+}
 
-        // Switch-over: stop the guest; from here the downtime counts. The throttle goes
-        // once the vCPUs are stopped: lifted first, a guest throttled to a few runs per
-        // second would run free until they stop and dirty its whole working set again.
-        let throttle_pct = throttle.percent();
-        let throttle_ppm = throttle.nap_ppm();
+/// The guest paused for the switch-over, and its rest sent.
+struct Pause {
+    /// When the pause was requested: the downtime counts from here.
+    start: Instant,
+    /// Pages of the rest.
+    rest_pages: u64,
+    /// The throttle in force before the pause, as query-migrate reports it.
+    throttle_pct: u8,
+}
+
+/// What the main stream carried after the rest: for the completion's figures.
+struct Finished {
+    /// Bytes on all streams, pages sent with data and as zero flags, before End.
+    totals: (u64, u64, u64),
+    device_bytes: u64,
+    digest_ms: u64,
+}
+
+/// One outgoing migration after its handshake: the page streams, the dirty
+/// log, the passes so far and where the switch-over stands.
+struct Precopy<'a> {
+    vm: &'a mut Vm,
+    ctl: &'a MigrationControl,
+    /// When the migration began.
+    start: Instant,
+    /// The parameters when it began (each pass reads them anew for itself).
+    params: MigrationParams,
+    has_return_path: bool,
+    sh: PageStreams<'a>,
+    /// The main stream first, then the extra ones.
+    senders: Vec<PageSender>,
+    streams: u32,
+    ram: Arc<GuestRam>,
+    /// Manual dirty-log protection is on.
+    manual: bool,
+    throttle: Throttle,
+    conv: Convergence,
+    device_estimate: u64,
+    /// The pages the next pass sends, and those the last sync found dirty.
+    to_send: PageMap,
+    prev_sync: PageMap,
+    /// Passes made so far.
+    pass: u64,
+    /// The passes since pre-copy began or last returned to it.
+    history: Vec<PassRecord>,
+    /// Time spent reading the dirty log at the end of passes, microseconds.
+    sync_us: u64,
+    /// The timeout forced this switch-over: it is not guarded.
+    forced: bool,
+    /// Returns to pre-copy from a switch-over that would have overrun.
+    returns: u32,
+    /// libvirt gave its go-ahead for the switch-over.
+    went_ahead: bool,
+    /// End was sent: the destination may be running the VM.
+    point_of_no_return: bool,
+}
+
+impl<'a> Precopy<'a> {
+    /// The handshake: proposes the VM's shape and the page streams on
+    /// `channel`, waits for the destination's answer, then opens the streams
+    /// it accepted.
+    fn handshake(
+        vm: &'a mut Vm,
+        channel: Channel,
+        ctl: &'a MigrationControl,
+        replies: Arc<Mutex<Replies>>,
+        start: Instant,
+    ) -> Result<Self, MigrationError> {
+        let params = ctl.params();
+        let (wanted, reconnect) = proposed_streams(&channel, params.multifd_channels)?;
+        let session = if wanted > 1 {
+            session_token(wanted)?
+        } else {
+            0
+        };
+        let has_return_path = channel.has_return_path;
+        let total_bytes = vm.ram().total_bytes();
+        ctl.update_stats(|s| {
+            s.ram.total = total_bytes;
+            s.ram.page_size = PAGE_SIZE as u64;
+        });
+        let out = send_handshake(vm, channel.writer, &params, wanted, session)?;
+        let streams = if has_return_path {
+            await_answer(ctl, &replies, wanted)?
+        } else {
+            1
+        };
+        let sh = PageStreams::new(ctl, replies, total_bytes, params.max_bandwidth);
+        let mut senders = vec![PageSender::new(out, 0, streams)];
+        if let (Some(uri), true) = (&reconnect, streams > 1) {
+            senders.extend(open_extra_streams(
+                uri,
+                session,
+                streams,
+                &ctl.breakers,
+                &params,
+            )?);
+        }
+        for s in &mut senders {
+            s.report(&sh);
+        }
+        ctl.update_stats(|s| s.streams = streams);
+        let ram = vm.ram().clone();
+        let device_estimate = u64::from(vm.config().vcpus) * DEVICE_STATE_PER_VCPU + 4096;
+        Ok(Self {
+            throttle: vm.throttle(),
+            to_send: PageMap::new(&ram, true),
+            prev_sync: PageMap::new(&ram, false),
+            vm,
+            ctl,
+            start,
+            params,
+            has_return_path,
+            sh,
+            senders,
+            streams,
+            ram,
+            manual: false,
+            conv: Convergence::default(),
+            device_estimate,
+            pass: 0,
+            history: Vec::new(),
+            sync_us: 0,
+            forced: false,
+            returns: 0,
+            went_ahead: false,
+            point_of_no_return: false,
+        })
+    }
+
+    /// Pre-copy, the switch-over, and the destination's confirmation.
+    fn run(&mut self) -> Result<MigrationStats, MigrationError> {
+        self.start_logging()?;
+        let pause = loop {
+            while !self.pass()? {}
+            if let Some(pause) = self.switch_over()? {
+                break pause;
+            }
+        };
+        let finished = self.finish()?;
+        self.confirm()?;
+        Ok(self.completed(&pause, &finished))
+    }
+
+    /// Turns dirty logging on, with manual protection where asked for and available.
+    fn start_logging(&mut self) -> Result<(), MigrationError> {
+        let vm_fd = self.vm.vm_fd();
+        // Manual protection first: a slot whose logging is turned on afterwards starts
+        // all dirty, without write-protecting all of RAM at once.
+        self.manual = self.params.clear_dirty_log
+            && self
+                .ram
+                .set_manual_dirty_protect(vm_fd, true)
+                .unwrap_or_else(|e| {
+                    tracing::warn!("dirty log: classic mode ({e})");
+                    false
+                });
+        self.ram.register(vm_fd, true)?;
+        let (manual, params) = (self.manual, &self.params);
+        let setup_time = self.start.elapsed().as_millis() as u64;
+        self.ctl.update_stats(|s| {
+            s.manual_dirty_protect = manual;
+            // Logging on is QEMU's first bitmap sync; until a rate is measured the
+            // expected downtime is the limit, as QEMU reports it.
+            s.ram.dirty_sync_count = 1;
+            s.expected_downtime = params.downtime_limit_ms;
+            s.setup_time = setup_time;
+        });
+        self.ctl
+            .emit(MigrationEvent::Status(MigrationStatus::Active));
+        Ok(())
+    }
+
+    /// One pre-copy pass: sends what is to send, reads what the guest dirtied
+    /// meanwhile and weighs the pass ([`next_step`]). Returns whether to
+    /// switch over now.
+    fn pass(&mut self) -> Result<bool, MigrationError> {
+        self.pass += 1;
+        let params = self.ctl.params();
+        let (sent, elapsed, dirty) = self.send_and_sync(&params)?;
+        let report = PassReport {
+            bytes_sent: sent,
+            elapsed,
+            dirty_bytes: dirty.count() * PAGE_SIZE as u64,
+            device_bytes: self.device_estimate,
+        };
+        let expected = self.conv.observe(&report, params.max_bandwidth);
+        let dirty_rate = report.dirty_bytes as f64 / elapsed.as_secs_f64().max(1e-3);
+        self.record_pass(&params, &report, expected, dirty_rate);
+        self.history.push(PassRecord {
+            bytes_sent: sent,
+            elapsed,
+            dirty_bytes: report.dirty_bytes,
+            expected_downtime: expected,
+            downtime_limit: Duration::from_millis(params.downtime_limit_ms),
+        });
+        let step = next_step(&self.history, &TimeLimit::of(&params), self.start.elapsed());
+        match step {
+            Step::Continue | Step::ExtraPass => {
+                if params.auto_converge {
+                    self.adjust_throttle(&params, &report, dirty_rate);
+                }
+                self.to_send = dirty.clone();
+                self.prev_sync = dirty;
+                Ok(false)
+            }
+            Step::SwitchOver | Step::ForceSwitchOver => {
+                self.forced = step == Step::ForceSwitchOver;
+                self.prev_sync = dirty;
+                Ok(true)
+            }
+            Step::TimedOut => Err(MigrationError::TimedOut(params.max_total_time_ms)),
+        }
+    }
+
+    /// Sends the pass's pages, the cold ones (not dirtied in the previous sync)
+    /// first, then syncs: returns the bytes sent, the pass's time, and the pages
+    /// the guest dirtied while they were sent (with what a long pass already read).
+    fn send_and_sync(
+        &mut self,
+        params: &MigrationParams,
+    ) -> Result<(u64, Duration, PageMap), MigrationError> {
+        self.sh.set_cap(params.max_bandwidth);
+        let pass_start = Instant::now();
+        let bytes_before = self.sh.bytes.load(Ordering::Acquire);
+        self.sh.begin_pass(self.to_send.count() * PAGE_SIZE as u64);
+        let vm_fd = self.vm.vm_fd();
+        let sampler = (!self.manual).then(|| DirtySampler::new(vm_fd, &self.ram, pass_start));
+        let plan = PassPlan {
+            map: &self.to_send,
+            prev: Some(&self.prev_sync),
+            skip_zero: self.pass == 1,
+            clear: self.manual.then_some(vm_fd),
+            sampler: sampler.as_ref(),
+        };
+        send_pass(&mut self.senders, &self.sh, &self.ram, &plan)?;
+        // A pass with almost nothing to send still lets the guest run a little, so a
+        // limit that cannot be met does not spin on empty passes.
+        if let Some(rest) = MIN_PASS.checked_sub(pass_start.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        let elapsed = pass_start.elapsed();
+        let sent = self.sh.bytes.load(Ordering::Acquire) - bytes_before;
+        let mut dirty = match sampler {
+            Some(d) => d.into_pages(),
+            None => PageMap::new(&self.ram, false),
+        };
+        let sync_start = Instant::now();
+        dirty.merge(&self.ram.get_dirty_log(vm_fd)?);
+        self.sync_us += sync_start.elapsed().as_micros() as u64;
+        Ok((sent, elapsed, dirty))
+    }
+
+    /// Publishes a pass's figures (query-migrate, the Pass event, the log).
+    fn record_pass(
+        &self,
+        params: &MigrationParams,
+        report: &PassReport,
+        expected: Duration,
+        dirty_rate: f64,
+    ) {
+        let (pass, sent, elapsed) = (self.pass, report.bytes_sent, report.elapsed);
+        let (transferred, normal, duplicate) = self.sh.totals();
+        let throttle = &self.throttle;
+        self.ctl.update_stats(|s| {
+            s.passes = pass;
+            // QEMU counts the sync that starts its first pass too.
+            s.ram.dirty_sync_count = pass + 1;
+            record_pages(s, transferred, normal, duplicate);
+            s.ram.remaining = report.dirty_bytes;
+            s.ram.dirty_pages_rate = (dirty_rate / PAGE_SIZE as f64) as u64;
+            s.ram.mbps = sent as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-6);
+            s.ram.pages_per_second = (self.conv.bandwidth / PAGE_SIZE as f64) as u64;
+            s.expected_downtime = expected.as_millis() as u64;
+            s.total_time = self.start.elapsed().as_millis() as u64;
+            s.cpu_throttle_percentage = throttle.percent();
+            s.dirty_limit_throttle_time_per_round = beyond_cap(throttle.nap_ppm(), params);
+            s.dirty_sync_us = self.sync_us;
+            s.dirty_clear_us = self.sh.clear_ns.load(Ordering::Relaxed) / 1000;
+        });
+        self.ctl.emit(MigrationEvent::Pass(pass));
+        tracing::debug!(
+            pass,
+            sent,
+            ?elapsed,
+            dirty_pages = report.dirty_bytes / PAGE_SIZE as u64,
+            ?expected,
+            throttle = throttle.percent(),
+            "pre-copy pass"
+        );
+    }
+
+    /// Auto-converge: the throttle this pass calls for, by the policy in force.
+    fn adjust_throttle(&mut self, params: &MigrationParams, report: &PassReport, dirty_rate: f64) {
+        let now = self.throttle.nap_ppm();
+        let max = max_nap_ppm(params.max_throttle_pct, params.dirty_limit);
+        let cap = max_nap_ppm(params.max_throttle_pct, false);
+        let nap = match params.throttle {
+            ThrottlePolicy::Adaptive => self.conv.throttle_for(dirty_rate, now, max),
+            // QEMU's steps up to its cap; past it, the dirty limit as above.
+            _ if now >= cap && max > cap => self.conv.throttle_for(dirty_rate, now, max),
+            qemu => self.conv.qemu_throttle_for(
+                report.dirty_bytes,
+                report.bytes_sent,
+                now,
+                qemu,
+                params.max_throttle_pct,
+            ),
+        };
+        self.throttle.set_ppm(nap);
+    }
+
+    /// Switch-over: stops the guest and sends the rest. Returns the pause, or
+    /// `None` when sending the rest would have kept the guest paused past the
+    /// downtime limit: then the guest runs again and pre-copy goes on.
+    fn switch_over(&mut self) -> Result<Option<Pause>, MigrationError> {
+        // From here the downtime counts. The throttle goes once the vCPUs are
+        // stopped: lifted first, a guest throttled to a few runs per second
+        // would run free until they stop and dirty its whole working set again.
+        let throttle_pct = self.throttle.percent();
+        let throttle_ppm = self.throttle.nap_ppm();
         // The pause counts from the stop request, as QEMU counts it from
         // vm_stop: kicking the vCPUs out of the guest takes time too.
-        let down_start = Instant::now();
-        vm.pause()?;
-        throttle.set_ppm(0);
-        tracing::debug!(pause = ?down_start.elapsed(), "vCPUs stopped for the switch-over");
-        // libvirt gives its go-ahead once: a switch-over after a return to
-        // pre-copy goes on without asking again.
-        if params.pause_before_switchover && !went_ahead {
-            went_ahead = true;
-            ctl.emit(MigrationEvent::Status(MigrationStatus::PreSwitchover));
-            // Nothing flows while this waits: keep-alives tell the destination that
-            // this source is alive (it drops a source silent for its idle timeout).
-            loop {
-                match ctl.wait_switchover_for(super::KEEPALIVE_INTERVAL) {
-                    Some(true) => break,
-                    Some(false) => return Err(MigrationError::Cancelled),
-                    None => {
-                        let main = senders.first_mut().ok_or_else(|| {
-                            MigrationError::Stream("no page stream is open".into())
-                        })?;
-                        main.out.write_keepalive()?;
-                        main.out.get_mut().flush().map_err(|e| {
-                            MigrationError::Stream(format!("cannot send a keep-alive: {e}"))
-                        })?;
-                    }
+        let start = Instant::now();
+        self.vm.pause()?;
+        self.throttle.set_ppm(0);
+        tracing::debug!(pause = ?start.elapsed(), "vCPUs stopped for the switch-over");
+        self.await_go_ahead()?;
+        // Downtime counts from the pause, as QEMU counts it, also while a
+        // pause-before-switchover waits for the go-ahead.
+        self.ctl
+            .emit(MigrationEvent::Status(MigrationStatus::Device));
+        let mut rest = std::mem::take(&mut self.prev_sync);
+        rest.merge(&self.ram.get_dirty_log(self.vm.vm_fd())?);
+        let rest_pages = rest.count();
+        match self.send_rest(&rest, rest_pages) {
+            Ok(()) => Ok(Some(Pause {
+                start,
+                rest_pages,
+                throttle_pct,
+            })),
+            Err(MigrationError::SwitchoverOverrun) => {
+                self.back_to_precopy(rest, rest_pages, start, throttle_ppm)?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// With pause-before-switchover, waits for libvirt's go-ahead. libvirt
+    /// gives it once: a switch-over after a return to pre-copy goes on
+    /// without asking again.
+    fn await_go_ahead(&mut self) -> Result<(), MigrationError> {
+        if !self.params.pause_before_switchover || self.went_ahead {
+            return Ok(());
+        }
+        self.went_ahead = true;
+        self.ctl
+            .emit(MigrationEvent::Status(MigrationStatus::PreSwitchover));
+        // Nothing flows while this waits: keep-alives tell the destination that
+        // this source is alive (it drops a source silent for its idle timeout).
+        loop {
+            match self.ctl.wait_switchover_for(super::KEEPALIVE_INTERVAL) {
+                Some(true) => return Ok(()),
+                Some(false) => return Err(MigrationError::Cancelled),
+                None => {
+                    let main = self
+                        .senders
+                        .first_mut()
+                        .ok_or(MigrationError::NoPageStream)?;
+                    main.out.write_keepalive()?;
+                    main.out
+                        .get_mut()
+                        .flush()
+                        .map_err(MigrationError::SendKeepalive)?;
                 }
             }
         }
-        // Downtime counts from the pause, as QEMU counts it, also while a
-        // pause-before-switchover waits for the go-ahead.
-        ctl.emit(MigrationEvent::Status(MigrationStatus::Device));
-        let mut rest = prev_sync;
-        rest.merge(&ram.get_dirty_log(vm.vm_fd())?);
-        let rest_pages = rest.count();
-        // The guest is paused: nothing can dirty a page again, nothing needs
-        // clearing. Unless the timeout forced this switch-over, the send is
-        // guarded: if it would keep the guest paused past the downtime limit,
-        // the guest runs again and pre-copy goes on.
-        let guarded = !forced && returns < MAX_SWITCHOVER_RETURNS;
+    }
+
+    /// Sends the rest, the guest paused: nothing can dirty a page again,
+    /// nothing needs clearing. Unless the timeout forced this switch-over, the
+    /// send is guarded: if it would keep the guest paused past the downtime
+    /// limit, it stops with [`MigrationError::SwitchoverOverrun`].
+    fn send_rest(&mut self, rest: &PageMap, rest_pages: u64) -> Result<(), MigrationError> {
+        let guarded = !self.forced && self.returns < MAX_SWITCHOVER_RETURNS;
         if guarded {
-            let limit = Duration::from_millis(ctl.params().downtime_limit_ms).max(MIN_GUARD);
-            if let Ok(mut g) = sh.guard.lock() {
+            let limit = Duration::from_millis(self.ctl.params().downtime_limit_ms).max(MIN_GUARD);
+            if let Ok(mut g) = self.sh.guard.lock() {
                 *g = Some(DowntimeGuard {
                     start: Instant::now(),
-                    bytes_at_start: sh.bytes.load(Ordering::Acquire),
+                    bytes_at_start: self.sh.bytes.load(Ordering::Acquire),
                     rest_bytes: rest_pages * PAGE_SIZE as u64,
                     limit,
                 });
             }
         }
-        sh.begin_pass(rest_pages * PAGE_SIZE as u64);
+        self.sh.begin_pass(rest_pages * PAGE_SIZE as u64);
         let plan = PassPlan {
-            map: &rest,
+            map: rest,
             prev: None,
             skip_zero: false,
             clear: None,
             sampler: None,
         };
-        let sent = send_pass(&mut senders, &sh, &ram, &plan);
-        if let Ok(mut g) = sh.guard.lock() {
+        let sent = send_pass(&mut self.senders, &self.sh, &self.ram, &plan);
+        if let Ok(mut g) = self.sh.guard.lock() {
             *g = None;
         }
-        match sent {
-            Ok(()) => break (throttle_pct, down_start, rest_pages),
-            Err(MigrationError::SwitchoverOverrun) => {
-                sh.overrun.store(false, Ordering::Release);
-                returns += 1;
-                vm.resume()?;
-                throttle.set_ppm(throttle_ppm);
-                let paused_ms = down_start.elapsed().as_millis() as u64;
-                ctl.update_stats(|s| s.switchover_returns = returns);
-                ctl.emit(MigrationEvent::Status(MigrationStatus::Active));
-                tracing::info!(
-                    returns,
-                    rest_pages,
-                    paused_ms,
-                    "switch-over would overrun the downtime limit: back to pre-copy"
-                );
-                // Everything of the rest goes again (what was sent is harmless
-                // to resend), and whatever the guest dirties from now on.
-                to_send = rest.clone();
-                prev_sync = rest;
-                extra_passes = 0;
-                last_dirty_bytes = None;
-            }
-            Err(e) => return Err(e),
+        sent
+    }
+
+    /// After a switch-over that would have overrun: the guest runs again,
+    /// throttled as before, and pre-copy goes on with a new history.
+    fn back_to_precopy(
+        &mut self,
+        rest: PageMap,
+        rest_pages: u64,
+        paused: Instant,
+        throttle_ppm: u32,
+    ) -> Result<(), MigrationError> {
+        self.sh.overrun.store(false, Ordering::Release);
+        self.returns += 1;
+        self.vm.resume()?;
+        self.throttle.set_ppm(throttle_ppm);
+        let paused_ms = paused.elapsed().as_millis() as u64;
+        let returns = self.returns;
+        self.ctl.update_stats(|s| s.switchover_returns = returns);
+        self.ctl
+            .emit(MigrationEvent::Status(MigrationStatus::Active));
+        tracing::info!(
+            returns,
+            rest_pages,
+            paused_ms,
+            "switch-over would overrun the downtime limit: back to pre-copy"
+        );
+        // Everything of the rest goes again (what was sent is harmless
+        // to resend), and whatever the guest dirties from now on.
+        self.to_send = rest.clone();
+        self.prev_sync = rest;
+        self.history.clear();
+        Ok(())
+    }
+
+    /// Ends the extra streams, then sends the device state, the digest and End
+    /// on the main stream: once End is sent, the destination may run the VM.
+    fn finish(&mut self) -> Result<Finished, MigrationError> {
+        // Every extra stream ends before the main stream's End: the destination loads
+        // the state only once all of them are complete.
+        for s in self.senders.drain(1..) {
+            let index = s.index;
+            s.out
+                .finish()
+                .map_err(|source| MigrationError::FinishPageStream { index, source })?;
         }
-    };
-    // Every extra stream ends before the main stream's End: the destination loads
-    // the state only once all of them are complete.
-    for s in senders.drain(1..) {
-        let index = s.index;
-        s.out.finish().map_err(|e| MigrationError::PageStream {
-            index,
-            reason: format!("cannot finish it: {e}"),
-        })?;
+        let [mut main] = <[PageSender; 1]>::try_from(std::mem::take(&mut self.senders))
+            .map_err(|_| MigrationError::NoMainStream)?;
+        let before_devices = main.out.bytes_written();
+        crate::persist::write_state(self.vm, &mut main.out)?;
+        // The disks are flushed (write_state did it): let go of their image locks
+        // for the destination, which takes them when it loads this state. A
+        // failure from here resumes the guest, which takes them back.
+        self.vm.deactivate_disks()?;
+        let device_bytes = main.out.bytes_written() - before_devices;
+        let mut digest_ms = 0;
+        if self.params.verify_digest {
+            let t = Instant::now();
+            let digest = ram_digest(&self.ram)?;
+            main.out.write_cbor(
+                SectionId::Digest,
+                SectionId::Digest.current_version(),
+                &digest,
+            )?;
+            digest_ms = t.elapsed().as_millis() as u64;
+        }
+        main.report(&self.sh);
+        self.sh.check_abort()?;
+        let totals = self.sh.totals();
+        let mut w = main.out.finish()?;
+        self.point_of_no_return = true;
+        w.flush().map_err(MigrationError::SendEnd)?;
+        Ok(Finished {
+            totals,
+            device_bytes,
+            digest_ms,
+        })
     }
-    let [mut main] = <[PageSender; 1]>::try_from(senders)
-        .map_err(|_| MigrationError::Stream("the main stream is missing".into()))?;
-    let before_devices = main.out.bytes_written();
-    crate::persist::write_state(vm, &mut main.out)?;
-    // The disks are flushed (write_state did it): let go of their image locks
-    // for the destination, which takes them when it loads this state. A
-    // failure from here resumes the guest, which takes them back.
-    vm.deactivate_disks()?;
-    let device_bytes = main.out.bytes_written() - before_devices;
-    let mut digest_ms = 0;
-    if params.verify_digest {
-        let t = Instant::now();
-        let digest = ram_digest(&ram)?;
-        main.out.write_cbor(
-            SectionId::Digest,
-            SectionId::Digest.current_version(),
-            &digest,
-        )?;
-        digest_ms = t.elapsed().as_millis() as u64;
-    }
-    main.report(&sh);
-    sh.check_abort()?;
-    let (transferred, normal, duplicate) = sh.totals();
-    let mut w = main.out.finish()?;
-    *point_of_no_return = true;
-    w.flush()
-        .map_err(|e| MigrationError::Stream(format!("cannot send the last bytes: {e}")))?;
-    if has_return_path {
-        let replies = sh
+
+    /// Waits for the destination to confirm it loaded the VM, where it can answer.
+    fn confirm(&self) -> Result<(), MigrationError> {
+        if !self.has_return_path {
+            return Ok(());
+        }
+        let replies = self
+            .sh
             .replies
             .lock()
-            .map_err(|_| MigrationError::Stream("the return path lock is poisoned".into()))?;
-        match wait_reply(&replies, ctl, CONFIRM_TIMEOUT) {
-            Ok(Reply::Loaded { .. }) => {}
-            Ok(Reply::Error { message }) => return Err(MigrationError::Refused(message)),
-            Ok(other) => {
-                return Err(MigrationError::Stream(format!(
-                    "the destination answered {other:?} instead of confirming"
-                )))
-            }
-            Err(e) => return Err(MigrationError::Stream(e)),
+            .map_err(|_| MigrationError::ReturnPathPoisoned)?;
+        match wait_reply(&replies, self.ctl, CONFIRM_TIMEOUT) {
+            Ok(Reply::Loaded { .. }) => Ok(()),
+            Ok(Reply::Error { message }) => Err(MigrationError::Refused(message)),
+            Ok(other) => Err(MigrationError::UnexpectedConfirmation {
+                reply: format!("{other:?}"),
+            }),
+            Err(e) => Err(MigrationError::AwaitConfirmation(e)),
         }
     }
-    let downtime = down_start.elapsed().as_millis() as u64;
-    ctl.update_stats(|s| {
-        s.downtime = downtime;
-        s.total_time = start.elapsed().as_millis() as u64;
-        record_pages(s, transferred, normal, duplicate);
-        s.ram.remaining = 0;
-        s.ram.dirty_sync_count = pass + 2;
-        s.device_state_bytes = device_bytes;
-        s.digest_ms = digest_ms;
-        s.cpu_throttle_percentage = throttle_pct;
-    });
-    tracing::info!(
-        passes = pass,
-        rest_pages,
-        streams,
-        downtime_ms = downtime,
-        total_ms = start.elapsed().as_millis() as u64,
-        "migration completed"
-    );
-    Ok(ctl.stats())
+
+    /// The completed migration's figures.
+    fn completed(&self, pause: &Pause, finished: &Finished) -> MigrationStats {
+        let downtime = pause.start.elapsed().as_millis() as u64;
+        let (transferred, normal, duplicate) = finished.totals;
+        let total_time = self.start.elapsed().as_millis() as u64;
+        self.ctl.update_stats(|s| {
+            s.downtime = downtime;
+            s.total_time = total_time;
+            record_pages(s, transferred, normal, duplicate);
+            s.ram.remaining = 0;
+            s.ram.dirty_sync_count = self.pass + 2;
+            s.device_state_bytes = finished.device_bytes;
+            s.digest_ms = finished.digest_ms;
+            s.cpu_throttle_percentage = pause.throttle_pct;
+        });
+        tracing::info!(
+            passes = self.pass,
+            rest_pages = pause.rest_pages,
+            streams = self.streams,
+            downtime_ms = downtime,
+            total_ms = self.start.elapsed().as_millis() as u64,
+            "migration completed"
+        );
+        self.ctl.stats()
+    }
 }
 
 /// Microseconds each vCPU naps per cycle under a throttle of `nap_ppm`, where
@@ -1413,4 +1664,61 @@ fn beyond_cap(nap_ppm: u32, params: &MigrationParams) -> u64 {
         return 0;
     }
     cycle(nap_ppm).1.as_micros() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator reads the source's errors as their chain: the texts are
+    /// those the source gave before its errors were typed.
+    #[test]
+    fn source_errors_read_as_before_through_their_chain() {
+        let chain = |e: MigrationError| crate::error_chain(&e);
+        assert_eq!(
+            chain(MigrationError::AwaitHandshakeAnswer(
+                ReturnPathError::Closed
+            )),
+            "the migration stream broke: the destination did not answer the handshake: the \
+             destination closed the connection"
+        );
+        assert_eq!(
+            chain(MigrationError::AwaitConfirmation(
+                ReturnPathError::NoAnswer { waited_s: 60 }
+            )),
+            "the migration stream broke: no answer within 60 s"
+        );
+        assert_eq!(
+            chain(MigrationError::ReturnPath(
+                ReturnPathError::UnexpectedSection(SectionId::Shape)
+            )),
+            format!(
+                "the migration stream broke: the return path broke: unexpected section {} on \
+                 the return path",
+                SectionId::Shape
+            )
+        );
+        let pipe = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let io = pipe().to_string();
+        assert_eq!(
+            chain(MigrationError::SendEnd(pipe())),
+            format!("the migration stream broke: cannot send the last bytes: {io}")
+        );
+        assert_eq!(
+            chain(MigrationError::SendJoin {
+                index: 2,
+                source: pipe()
+            }),
+            format!("page stream 2 failed: cannot send its Join section: {io}")
+        );
+        assert_eq!(
+            chain(MigrationError::UnexpectedConfirmation {
+                reply: format!("{:?}", Reply::Ready)
+            }),
+            "the migration stream broke: the destination answered Ready instead of confirming"
+        );
+        // A stream that broke leads to the destination's reason, if it gave one.
+        assert!(broke(&MigrationError::SendEnd(pipe())));
+        assert!(!broke(&MigrationError::Cancelled));
+    }
 }
