@@ -725,6 +725,7 @@ pub fn generate_seeds() -> Result<(Vec<u8>, Vec<u8>), String> {
             digest: true,
             streams: 1,
             session: 0,
+            postcopy: false,
         },
     )
     .map_err(|e| e.to_string())?;

@@ -258,6 +258,23 @@ fn wait_query(vm: &VmProcess, done: impl Fn(&serde_json::Value) -> bool) -> serd
     }
 }
 
+/// Polls `query-migrate` until `done` holds, while the migration is in flight
+/// (any state before its end).
+fn wait_in_flight(vm: &VmProcess, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    loop {
+        let q = vm.ok("query-migrate");
+        if done(&q) {
+            return q;
+        }
+        let status = q["status"].as_str().unwrap_or_default();
+        assert!(
+            !matches!(status, "completed" | "failed" | "cancelled"),
+            "the migration ended first: {q}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The thread running a `slow_migration`'s `migrate` command.
 type SlowMigrationThread = std::thread::JoinHandle<serde_json::Value>;
 
@@ -464,4 +481,86 @@ fn raising_the_bandwidth_mid_pass_takes_effect_at_once() {
     dst.oracle(&s, "dst");
     drop(src);
     dst.quit();
+}
+
+/// Starts a migration of a hot 256 MiB guest over a link capped at 32 MiB/s
+/// with post-copy on, waits until its first pass is under way, and switches
+/// to post-copy.
+fn switch_to_postcopy(s: &Scratch) -> (VmProcess, VmProcess, SlowMigrationThread) {
+    let src = source(s, "256M", "ws=32M fill=1");
+    let uri = format!("unix:{}", s.path("mig.sock").display());
+    let mut dst = VmProcess::spawn(s, "dst", &["incoming", &uri, "-m", "256M"]);
+    // Off until asked for, with the fix in the reply.
+    let refused = src.command("migrate-start-postcopy");
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("postcopy=on"),
+        "{refused}"
+    );
+    src.ok("migrate-set max-bandwidth=33554432 postcopy=on");
+    dst.wait_listening();
+    let t = src.command_in_thread(&format!("migrate {uri}"));
+    wait_in_flight(&src, |q| {
+        q["status"] == "active" && q["ram"]["transferred"].as_u64().unwrap_or(0) > (16 << 20)
+    });
+    src.ok("migrate-start-postcopy");
+    (src, dst, t)
+}
+
+#[test]
+fn postcopy_moves_a_hot_guest_mid_pass_and_serves_its_touches_first() {
+    require_kvm();
+    let s = Scratch::new();
+    let (mut src, mut dst, t) = switch_to_postcopy(&s);
+    let reply = t.join().expect("migrate thread");
+    assert_eq!(reply["ok"], true, "{reply}");
+    let stats = &reply["migration"];
+    assert_eq!(stats["status"], "completed", "{stats}");
+    // Most of RAM moved after the switch, while the guest ran there; the
+    // guest's own touches were asked for and served ahead of the stream.
+    assert!(
+        stats["postcopy-bytes"].as_u64().unwrap_or(0) > (128 << 20),
+        "{stats}"
+    );
+    assert!(
+        stats["postcopy-requests"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    dst.wait_for_control();
+    dst.wait_heartbeats(50, Duration::from_secs(10));
+    let report = dst.oracle(&s, "dst");
+    assert!(report.passes + report.cursor > 0, "{report:?}");
+    dst.quit();
+}
+
+#[test]
+fn a_destination_lost_in_postcopy_leaves_the_source_paused_never_running_twice() {
+    require_kvm();
+    let s = Scratch::new();
+    let (src, mut dst, t) = switch_to_postcopy(&s);
+    wait_in_flight(&src, |q| q["status"] == "postcopy-active");
+    dst.child.kill().expect("kill destination");
+    let _ = dst.child.wait();
+    let reply = t.join().expect("migrate thread");
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stays paused"),
+        "{reply}"
+    );
+    // The guest ran on the destination: the source's copy is older, and
+    // stays paused until the operator decides.
+    assert_eq!(src.ok("status")["status"], "paused");
+    src.quit();
 }

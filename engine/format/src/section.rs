@@ -44,6 +44,10 @@ pub enum SectionId {
     /// migration paused before its switch-over), so the destination can tell a live
     /// source from a dead one; empty, never critical: readers skip it.
     KeepAlive,
+    /// 11: the switch to post-copy: the pages still to come, as one bitmap per
+    /// RAM range; the vCPU and device state follow, then the rest of RAM while
+    /// the destination already runs the VM; CBOR.
+    Postcopy,
     /// Any id this build does not know (including the invalid id 0). Build
     /// ids with [`SectionId::from_u32`]; an `Unknown(n)` holding a known `n`
     /// is treated as that known id everywhere except by `==`.
@@ -52,7 +56,7 @@ pub enum SectionId {
 
 impl SectionId {
     /// Every id this build knows, in id order.
-    pub const KNOWN: [SectionId; 10] = [
+    pub const KNOWN: [SectionId; 11] = [
         SectionId::Shape,
         SectionId::RamPages,
         SectionId::Vcpus,
@@ -63,6 +67,7 @@ impl SectionId {
         SectionId::Digest,
         SectionId::Join,
         SectionId::KeepAlive,
+        SectionId::Postcopy,
     ];
 
     /// Maps a wire id to a `SectionId`.
@@ -78,6 +83,7 @@ impl SectionId {
             8 => SectionId::Digest,
             9 => SectionId::Join,
             10 => SectionId::KeepAlive,
+            11 => SectionId::Postcopy,
             other => SectionId::Unknown(other),
         }
     }
@@ -95,6 +101,7 @@ impl SectionId {
             SectionId::Digest => 8,
             SectionId::Join => 9,
             SectionId::KeepAlive => 10,
+            SectionId::Postcopy => 11,
             SectionId::Unknown(id) => id,
         }
     }
@@ -112,6 +119,7 @@ impl SectionId {
             SectionId::Digest => Some("Digest"),
             SectionId::Join => Some("Join"),
             SectionId::KeepAlive => Some("KeepAlive"),
+            SectionId::Postcopy => Some("Postcopy"),
             SectionId::Unknown(_) => None,
         }
     }
@@ -132,6 +140,7 @@ impl SectionId {
                 | SectionId::Reply
                 | SectionId::Digest
                 | SectionId::Join
+                | SectionId::Postcopy
         )
     }
 

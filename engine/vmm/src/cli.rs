@@ -85,13 +85,21 @@ pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
         "Leave the pre-switchover state (with pause-before-switchover set).",
     ),
     (
+        "migrate-start-postcopy",
+        "Switch the migration in flight to post-copy (it needs postcopy on): the guest \
+         stops here, runs on the destination at once, and the rest of its RAM follows, the \
+         pages it touches first. From then on a failure leaves the guest paused on both \
+         sides, never running twice.",
+    ),
+    (
         "migrate-set KEY=VALUE...",
         "Set migration parameters, also during a migration: downtime-limit (ms), max-bandwidth \
          (bytes/s, 0 unlimited), max-total-time (ms, 0 none), on-timeout (cancel or switchover), \
          auto-converge, verify, pause-before-switchover (on or off), multifd-channels (page \
          streams, 1 to 16; more than 1 needs a tcp: or unix: URI, and the destination may take \
          fewer), clear-dirty-log (on or off: KVM's manual dirty-log protection where the \
-         kernel offers it).",
+         kernel offers it), postcopy (on or off, before the migration starts: QEMU's \
+         postcopy-ram; then migrate-start-postcopy may switch it).",
     ),
     (
         "announce",

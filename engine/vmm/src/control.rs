@@ -7,10 +7,11 @@
 //! and stats polling), `devices` (each virtio device's counters), `powerdown` (the ACPI power
 //! button), `quit`,
 //! `migrate URI`, `query-migrate`, `migrate-cancel`, `migrate-continue`,
+//! `migrate-start-postcopy`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
 //! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover, pause-before-switchover
-//! 0|1, multifd-channels 1..16, clear-dirty-log 0|1, tls-creds x509:DIR[,verify-peer=on|off]
-//! or psk:DIR[,username=NAME] or none, tls-hostname NAME).
+//! 0|1, multifd-channels 1..16, clear-dirty-log 0|1, postcopy 0|1, tls-creds
+//! x509:DIR[,verify-peer=on|off] or psk:DIR[,username=NAME] or none, tls-hostname NAME).
 //! The QEMU-compatible QMP monitor is `ferry-qemu`'s; this is the thin local entry.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -513,6 +514,10 @@ fn migration_command(ctl: &MigrationControl, line: &str) -> Option<Value> {
             ctl.resume_switchover();
             json!({"ok": true})
         }
+        "migrate-start-postcopy" => match ctl.start_postcopy() {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"ok": false, "error": crate::error_chain(&e)}),
+        },
         "migrate-set" => match set_params(ctl, args) {
             Ok(()) => json!({"ok": true}),
             // The TLS errors embed their causes: their text is the whole story.
@@ -576,6 +581,7 @@ fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), SetParamsError> 
             "dirty-limit" => p.dirty_limit = flag()?,
             "pause-before-switchover" => p.pause_before_switchover = flag()?,
             "clear-dirty-log" => p.clear_dirty_log = flag()?,
+            "postcopy" => p.postcopy = flag()?,
             "tls-creds" if v == "none" || v.is_empty() => p.tls = None,
             "tls-creds" => {
                 let spec = migration::CredsSpec::parse(v).map_err(SetParamsError::ParseTlsCreds)?;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ferry_format::{FormatError, SectionId, StreamReader, StreamWriter};
 use ferry_kvm::GuestRam;
 
+use super::postcopy::{PageBits, PostcopyError, PostcopyPages, RequestPage};
 use super::tls::TlsCreds;
 use super::transport::{Breaker, Listener, Waker};
 use super::{stream_of, Channel, MigrationError, Reply, MAX_STREAMS};
@@ -813,6 +814,14 @@ fn load(
         .as_ref()
         .map_or(1, |x| x.max_streams.clamp(1, MAX_STREAMS));
     let streams = proposed.min(limit);
+    if hs.postcopy {
+        // Refused now, before a page moves, if this host cannot serve
+        // missing pages.
+        if proposed > 1 {
+            return Err(MigrationError::PostcopyWithStreams);
+        }
+        drop(ferry_kvm::Userfault::new().map_err(super::postcopy::PostcopyError::from)?);
+    }
     if proposed > 1 {
         ret.send(&Reply::Accepted { streams });
     } else {
@@ -822,6 +831,7 @@ fn load(
         Some(x) => (Some(x.listener), x.main_breaker),
         None => (None, None),
     };
+    let postcopy_breaker = main_breaker.as_ref().and_then(|b| b.try_clone().ok());
     let inc = Incoming {
         streams,
         session: hs.session,
@@ -868,7 +878,128 @@ fn load(
         inc.stop();
         result
     });
-    Ok(persist::finish(vm, received?, hs, opts)?)
+    let mut sections = received?;
+    if let Some(pages) = sections.postcopy.take() {
+        if !hs.postcopy {
+            return Err(LoadError::Unexpected(SectionId::Postcopy).into());
+        }
+        let rest = PostcopyRest {
+            reader,
+            pages,
+            breaker: postcopy_breaker,
+        };
+        return postcopy_load(vm, rest, sections, hs, opts, ret);
+    }
+    Ok(persist::finish(vm, sections, hs, opts)?)
+}
+
+/// What the main stream still carries once the state arrived in post-copy.
+struct PostcopyRest {
+    reader: MainReader,
+    /// The pages still to come, per RAM range.
+    pages: Vec<Vec<u64>>,
+    /// Breaks the main connection, so its reader stops when loading fails.
+    breaker: Option<Breaker>,
+}
+
+/// Post-copy on the destination: the pages still to come go missing, the
+/// state is loaded and the VM runs (with `opts.autostart`) while the rest
+/// arrives; a touch of a missing page asks for it on the return path. Ends
+/// once every page came.
+fn postcopy_load(
+    vm: Vm,
+    rest: PostcopyRest,
+    sections: persist::MainSections,
+    hs: &Handshake,
+    opts: &RestoreOptions,
+    ret: &ReturnPath,
+) -> Result<Vm, MigrationError> {
+    let PostcopyRest {
+        mut reader,
+        pages,
+        breaker,
+    } = rest;
+    let ram = Arc::clone(vm.ram());
+    let bits = PageBits::from_words(&ram, &pages)?;
+    let to_come = bits.count();
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    let tx = Mutex::new(tx);
+    let request: RequestPage = Box::new(move |gpa| {
+        tx.lock()
+            .map_err(|_| std::io::Error::other("the request queue is poisoned"))?
+            .send(gpa)
+            .map_err(|_| std::io::ErrorKind::BrokenPipe.into())
+    });
+    let missing = PostcopyPages::start(Arc::clone(&ram), bits, request)?;
+    tracing::info!(
+        pages = to_come,
+        "post-copy: the VM runs, the rest of RAM follows"
+    );
+    let ranges = ram.ranges();
+    std::thread::scope(|scope| {
+        // Requests leave in the order the touches came; this ends once the
+        // fault thread (which holds the sender) stopped.
+        scope.spawn(|| {
+            for gpa in rx {
+                ret.send(&Reply::PageRequest { gpa });
+            }
+        });
+        let receiving = scope.spawn(|| {
+            let mut buf = Vec::new();
+            let mut sink = PostcopySink {
+                pages: &missing,
+                ranges,
+            };
+            loop {
+                let h = reader.next_section_into(&mut buf, &mut sink)?;
+                match h.id {
+                    SectionId::RamPages => {}
+                    SectionId::End => return Ok::<(), MigrationError>(()),
+                    other => return Err(LoadError::Unexpected(other).into()),
+                }
+            }
+        });
+        let vm = persist::finish(vm, sections, hs, opts);
+        if vm.is_err() {
+            if let Some(b) = &breaker {
+                b.break_channel();
+            }
+        }
+        let received = receiving
+            .join()
+            .map_err(|_| MigrationError::from(PostcopyError::FaultThread))
+            .and_then(|r| r);
+        let vm = vm?;
+        received?;
+        let stats = missing.finish()?;
+        tracing::info!(
+            requests = stats.requests,
+            blocktime_ms = stats.blocktime_ms,
+            zero_filled = stats.zero_filled,
+            "post-copy: every page arrived"
+        );
+        Ok(vm)
+    })
+}
+
+/// Places the pages of post-copy's rest as they arrive.
+struct PostcopySink<'a> {
+    pages: &'a PostcopyPages,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl ferry_format::PageSink for PostcopySink<'_> {
+    type Error = MigrationError;
+
+    fn check(&mut self, gpas: &[u64]) -> Result<(), MigrationError> {
+        gpas.iter()
+            .try_for_each(|&gpa| check_inside(&self.ranges, gpa))
+            .map_err(MigrationError::from)
+    }
+
+    fn page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), MigrationError> {
+        Ok(self.pages.place(gpa, data)?)
+    }
 }
 
 #[cfg(test)]
@@ -1011,6 +1142,7 @@ mod tests {
                     digest: false,
                     streams,
                     session: if streams > 1 { SESSION } else { 0 },
+                    postcopy: false,
                 },
             )
             .expect("shape");
@@ -1133,6 +1265,7 @@ mod tests {
                     digest: false,
                     streams: 1,
                     session: 0,
+                    postcopy: false,
                 },
             )
             .expect("shape");

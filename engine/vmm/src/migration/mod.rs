@@ -49,6 +49,7 @@ pub(crate) mod converge;
 pub mod endpoint;
 pub mod exec;
 mod incoming;
+pub(crate) mod postcopy;
 mod precopy;
 mod stats;
 pub mod tls;
@@ -81,6 +82,9 @@ pub enum Reply {
     /// streams (the answer when the source proposed more than one; 1 ≤ streams ≤
     /// the proposal).
     Accepted { streams: u32 },
+    /// Post-copy: something on the destination touched the page at `gpa`
+    /// before it came; the source sends it ahead of the others.
+    PageRequest { gpa: u64 },
 }
 
 /// Most page streams (the main connection included) a migration may use.
@@ -127,6 +131,12 @@ pub struct MigrationParams {
     /// Page streams to propose (QEMU multifd-channels), 1 to [`MAX_STREAMS`]; more
     /// than 1 needs a `tcp:` or `unix:` URI. The destination may accept fewer.
     pub multifd_channels: u32,
+    /// QEMU's postcopy-ram capability: the migration may switch to post-copy
+    /// ([`MigrationControl::start_postcopy`]); the destination must be able to
+    /// run a guest with missing pages (userfaultfd), which it checks at the
+    /// handshake. One page stream only, and no digest (RAM is not whole at the
+    /// switch).
+    pub postcopy: bool,
     /// QEMU's rule for multifd: a destination that takes fewer page streams
     /// than proposed fails the migration right after the handshake (the guest
     /// never stopped), naming both numbers. Off: the source goes on with the
@@ -161,6 +171,7 @@ impl Default for MigrationParams {
             pause_before_switchover: false,
             multifd_channels: 1,
             exact_streams: false,
+            postcopy: false,
             clear_dirty_log: false,
             tls: None,
             tls_hostname: None,
@@ -201,6 +212,8 @@ pub struct MigrationControl {
     stats: Mutex<MigrationStats>,
     params: Mutex<MigrationParams>,
     switchover: (Mutex<bool>, Condvar),
+    /// migrate-start-postcopy came: switch at the next batch.
+    postcopy_now: AtomicBool,
     events: Mutex<Option<EventSink>>,
     /// The channels of the migration in flight: `cancel` breaks them, so a sender
     /// blocked writing to a stalled link returns at once.
@@ -250,6 +263,7 @@ impl MigrationControl {
     /// given to an earlier one must not leak into it.
     pub(crate) fn reset(&self) {
         self.cancel.store(false, Ordering::Release);
+        self.postcopy_now.store(false, Ordering::Release);
         if let Ok(mut b) = self.breakers.lock() {
             b.clear();
         }
@@ -257,6 +271,21 @@ impl MigrationControl {
             *go = false;
         }
         self.update_stats(|s| *s = MigrationStats::default());
+    }
+
+    /// QEMU's migrate-start-postcopy: the migration switches to post-copy at
+    /// its next batch. Refused unless the migration has `postcopy` on.
+    pub fn start_postcopy(&self) -> Result<(), MigrationError> {
+        if !self.params().postcopy {
+            return Err(MigrationError::PostcopyOff);
+        }
+        self.postcopy_now.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether migrate-start-postcopy came.
+    pub(crate) fn postcopy_requested(&self) -> bool {
+        self.postcopy_now.load(Ordering::Acquire)
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -391,6 +420,31 @@ pub enum MigrationError {
     ThreadEnded,
     #[error("the migration thread panicked")]
     ThreadPanicked,
+    #[error(
+        "post-copy is off for this migration: turn it on before the migration starts (QMP: \
+         the postcopy-ram capability; ferry-vm: migrate-set postcopy=on; virsh migrate \
+         --postcopy)"
+    )]
+    PostcopyOff,
+    #[error(
+        "post-copy moves RAM over one stream: set multifd-channels to 1 (QEMU 7.2 does not \
+         combine post-copy with multifd either)"
+    )]
+    PostcopyWithStreams,
+    #[error(
+        "post-copy cannot verify a RAM digest (RAM is not whole when the guest starts on the \
+         destination): turn verify off or post-copy off"
+    )]
+    PostcopyWithDigest,
+    /// migrate-start-postcopy came in the middle of a pass (internal to the
+    /// source: it switches now).
+    #[error("switching to post-copy")]
+    PostcopyNow,
+    #[error("post-copy failed")]
+    Postcopy(#[from] postcopy::PostcopyError),
+    /// The page the destination asked for is not a page of guest RAM.
+    #[error("the destination asked for page {gpa:#x}, which is not guest RAM")]
+    BadPageRequest { gpa: u64 },
     #[error("a checkpoint goes to fd:, file: or exec:")]
     CheckpointTarget,
     #[error("cannot write the checkpoint")]

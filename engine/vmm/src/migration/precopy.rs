@@ -95,6 +95,47 @@ impl PageMap {
         }
     }
 
+    /// ORs another map of the same RAM in.
+    pub fn union(&mut self, other: &PageMap) {
+        for ((_, _, bits), (_, _, theirs)) in self.slots.iter_mut().zip(&other.slots) {
+            for (b, t) in bits.iter_mut().zip(theirs) {
+                *b |= *t;
+            }
+        }
+    }
+
+    /// The bitmap words, one vector per RAM range (as KVM's dirty log).
+    pub fn words(&self) -> Vec<Vec<u64>> {
+        self.slots.iter().map(|s| s.2.clone()).collect()
+    }
+
+    /// The pages set, in address order.
+    pub fn pages(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (base, _, bits) in &self.slots {
+            for (wi, &w) in bits.iter().enumerate() {
+                let _ = for_each_page(w, *base, wi as u64 * 64, |_, gpa| {
+                    out.push(gpa);
+                    Ok(())
+                });
+            }
+        }
+        out
+    }
+
+    /// Sets the bit of the page at `gpa`; whether it was set before (`None`:
+    /// not a page of these ranges).
+    pub fn test_and_set(&mut self, gpa: u64) -> Option<bool> {
+        let (_, bits, page) = self.slots.iter_mut().find_map(|(base, pages, bits)| {
+            let page = gpa.checked_sub(*base)? / PAGE_SIZE as u64;
+            ((page as usize) < *pages).then_some(((), bits, page))
+        })?;
+        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        let was = bits[w] & bit != 0;
+        bits[w] |= bit;
+        Some(was)
+    }
+
     pub fn count(&self) -> u64 {
         self.slots
             .iter()
@@ -168,6 +209,9 @@ type Out = StreamWriter<BufWriter<Box<dyn WriteHalf>>>;
 /// the bandwidth cap (over all streams together), and the reasons to stop.
 struct PageStreams<'a> {
     ctl: &'a MigrationControl,
+    /// A post-copy request does not stop the sending: the switch-over (or the
+    /// switch to post-copy) is under way.
+    postcopy_waits: AtomicBool,
     replies: Arc<Mutex<Replies>>,
     /// Set once a stream failed: the others stop at their next batch.
     failed: AtomicBool,
@@ -316,6 +360,7 @@ impl<'a> PageStreams<'a> {
             }),
             guard: Mutex::new(None),
             overrun: AtomicBool::new(false),
+            postcopy_waits: AtomicBool::new(false),
         }
     }
 
@@ -375,6 +420,9 @@ impl<'a> PageStreams<'a> {
     fn check_abort(&self) -> Result<(), MigrationError> {
         if self.failed.load(Ordering::Acquire) {
             return Err(MigrationError::OtherPageStreamFailed);
+        }
+        if self.ctl.postcopy_requested() && !self.postcopy_waits.load(Ordering::Acquire) {
+            return Err(MigrationError::PostcopyNow);
         }
         let replies = self
             .replies
@@ -779,11 +827,13 @@ fn check_abort(ctl: &MigrationControl, replies: &Replies) -> Result<(), Migratio
     }
 }
 
-/// Reads replies from the destination in a thread, so the sender can poll them.
-fn spawn_return_path(channel: &mut Channel) -> Replies {
+/// Reads replies from the destination in a thread, so the sender can poll
+/// them; post-copy's page requests go to the second receiver.
+fn spawn_return_path(channel: &mut Channel) -> (Replies, Receiver<u64>) {
     let (tx, rx) = mpsc::channel();
+    let (req_tx, req_rx) = mpsc::channel();
     if !channel.has_return_path {
-        return rx;
+        return (rx, req_rx);
     }
     let reader = std::mem::replace(&mut channel.reader, Box::new(std::io::empty()));
     let _ = std::thread::Builder::new()
@@ -807,13 +857,18 @@ fn spawn_return_path(channel: &mut Channel) -> Replies {
                     Ok(h) => Err(ReturnPathError::UnexpectedSection(h.id)),
                     Err(e) => Err(ReturnPathError::Read(e)),
                 };
+                if let Ok(Reply::PageRequest { gpa }) = msg {
+                    // Nobody listens once post-copy ended: nothing is lost.
+                    let _ = req_tx.send(gpa);
+                    continue;
+                }
                 let stop = msg.is_err();
                 if tx.send(msg).is_err() || stop {
                     return;
                 }
             }
         });
-    rx
+    (rx, req_rx)
 }
 
 fn wait_reply(
@@ -879,15 +934,19 @@ pub fn migrate(
         all.push(b);
     }
     let mut point_of_no_return = false;
+    let mut postcopy = false;
     let mut return_path = None;
     let result = secure(channel, &ctl.params())
         .map_err(MigrationError::from)
         .and_then(|mut channel| {
-            let replies = Arc::new(Mutex::new(spawn_return_path(&mut channel)));
+            let (replies, requests) = spawn_return_path(&mut channel);
+            let replies = Arc::new(Mutex::new(replies));
             return_path = Some(Arc::clone(&replies));
             let mut precopy = Precopy::handshake(vm, channel, ctl, replies, start)?;
+            precopy.requests = Some(requests);
             let result = precopy.run();
             point_of_no_return = precopy.point_of_no_return;
+            postcopy = precopy.postcopy_started;
             result
         });
     let result = match (result, file) {
@@ -926,6 +985,7 @@ pub fn migrate(
                 was_running,
                 to_file,
                 point_of_no_return,
+                postcopy,
                 return_path: return_path.as_deref(),
                 breakers: &breakers,
             },
@@ -941,6 +1001,9 @@ struct Failure<'f> {
     to_file: bool,
     /// End was sent: the destination may be running the VM.
     point_of_no_return: bool,
+    /// The destination ran the VM in post-copy: whatever happened since, the
+    /// source's copy is older than the guest, and never runs again by itself.
+    postcopy: bool,
     return_path: Option<&'f Mutex<Replies>>,
     breakers: &'f [Breaker],
 }
@@ -962,8 +1025,8 @@ fn failed(
     };
     f.breakers.iter().for_each(Breaker::break_channel);
     // A file has no reader that could be running the VM: its VM resumes.
-    let unconfirmed =
-        f.point_of_no_return && !f.to_file && !matches!(e, MigrationError::Refused(_));
+    let unconfirmed = f.postcopy
+        || (f.point_of_no_return && !f.to_file && !matches!(e, MigrationError::Refused(_)));
     let e = if unconfirmed {
         MigrationError::Unconfirmed(crate::error_chain(&e))
     } else if ctl.is_cancelled() && !matches!(e, MigrationError::Refused(_)) {
@@ -1084,6 +1147,7 @@ fn send_handshake(
             digest: params.verify_digest,
             streams: wanted,
             session,
+            postcopy: params.postcopy,
         },
     )?;
     out.get_mut()
@@ -1177,6 +1241,10 @@ struct Precopy<'a> {
     went_ahead: bool,
     /// End was sent: the destination may be running the VM.
     point_of_no_return: bool,
+    /// Post-copy's page requests from the destination.
+    requests: Option<Receiver<u64>>,
+    /// The state went to the destination in post-copy: it runs the VM.
+    postcopy_started: bool,
 }
 
 impl<'a> Precopy<'a> {
@@ -1192,6 +1260,12 @@ impl<'a> Precopy<'a> {
     ) -> Result<Self, MigrationError> {
         let params = ctl.params();
         let (wanted, reconnect) = proposed_streams(&channel, params.multifd_channels)?;
+        if params.postcopy && wanted > 1 {
+            return Err(MigrationError::PostcopyWithStreams);
+        }
+        if params.postcopy && params.verify_digest {
+            return Err(MigrationError::PostcopyWithDigest);
+        }
         let session = if wanted > 1 {
             session_token(wanted)?
         } else {
@@ -1249,6 +1323,8 @@ impl<'a> Precopy<'a> {
             returns: 0,
             went_ahead: false,
             point_of_no_return: false,
+            requests: None,
+            postcopy_started: false,
         })
     }
 
@@ -1256,7 +1332,17 @@ impl<'a> Precopy<'a> {
     fn run(&mut self) -> Result<MigrationStats, MigrationError> {
         self.start_logging()?;
         let pause = loop {
-            while !self.pass()? {}
+            loop {
+                if self.ctl.postcopy_requested() {
+                    return self.postcopy();
+                }
+                match self.pass() {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(MigrationError::PostcopyNow) => return self.postcopy(),
+                    Err(e) => return Err(e),
+                }
+            }
             if let Some(pause) = self.switch_over()? {
                 break pause;
             }
@@ -1357,7 +1443,14 @@ impl<'a> Precopy<'a> {
             clear: self.manual.then_some(vm_fd),
             sampler: sampler.as_ref(),
         };
-        send_pass(&mut self.senders, &self.sh, &self.ram, &plan)?;
+        if let Err(e) = send_pass(&mut self.senders, &self.sh, &self.ram, &plan) {
+            // Switching to post-copy mid-pass: what the pass set out to send
+            // goes in the rest, with what the sampler read of the log.
+            if let (MigrationError::PostcopyNow, Some(d)) = (&e, sampler) {
+                self.to_send.union(&d.into_pages());
+            }
+            return Err(e);
+        }
         // A pass with almost nothing to send still lets the guest run a little, so a
         // limit that cannot be met does not spin on empty passes.
         if let Some(rest) = MIN_PASS.checked_sub(pass_start.elapsed()) {
@@ -1446,6 +1539,8 @@ impl<'a> Precopy<'a> {
         // The pause counts from the stop request, as QEMU counts it from
         // vm_stop: kicking the vCPUs out of the guest takes time too.
         let start = Instant::now();
+        // Too late for post-copy: the rest is about to go with the guest paused.
+        self.sh.postcopy_waits.store(true, Ordering::Release);
         self.vm.pause()?;
         self.throttle.set_ppm(0);
         tracing::debug!(pause = ?start.elapsed(), "vCPUs stopped for the switch-over");
@@ -1544,6 +1639,7 @@ impl<'a> Precopy<'a> {
         throttle_ppm: u32,
     ) -> Result<(), MigrationError> {
         self.sh.overrun.store(false, Ordering::Release);
+        self.sh.postcopy_waits.store(false, Ordering::Release);
         self.returns += 1;
         self.vm.resume()?;
         self.throttle.set_ppm(throttle_ppm);
@@ -1630,6 +1726,121 @@ impl<'a> Precopy<'a> {
         }
     }
 
+    /// The switch to post-copy: the guest stops here, its vCPU and device
+    /// state go ahead of the rest of its RAM, and the destination runs it
+    /// while the rest follows, the pages it asks for first. From the state
+    /// sent on, the source never runs the guest again by itself.
+    fn postcopy(&mut self) -> Result<MigrationStats, MigrationError> {
+        self.sh.postcopy_waits.store(true, Ordering::Release);
+        let throttle_pct = self.throttle.percent();
+        let start = Instant::now();
+        self.vm.pause()?;
+        self.throttle.set_ppm(0);
+        self.await_go_ahead()?;
+        self.ctl
+            .emit(MigrationEvent::Status(MigrationStatus::Device));
+        let mut rest = std::mem::take(&mut self.to_send);
+        rest.merge(&self.ram.get_dirty_log(self.vm.vm_fd())?);
+        let rest_pages = rest.count();
+        let main = self
+            .senders
+            .first_mut()
+            .ok_or(MigrationError::NoPageStream)?;
+        // A batch cut short by the switch goes first, as pre-copy pages.
+        main.flush(&self.sh)?;
+        main.out.write_cbor(
+            SectionId::Postcopy,
+            SectionId::Postcopy.current_version(),
+            &rest.words(),
+        )?;
+        let before_devices = main.out.bytes_written();
+        crate::persist::write_state(self.vm, &mut main.out)?;
+        self.vm.deactivate_disks()?;
+        let device_bytes = main.out.bytes_written() - before_devices;
+        main.out
+            .get_mut()
+            .flush()
+            .map_err(MigrationError::SendEnd)?;
+        // The destination may run the guest from here.
+        self.point_of_no_return = true;
+        self.postcopy_started = true;
+        let downtime = start.elapsed().as_millis() as u64;
+        let bytes_at_switch = self.sh.bytes.load(Ordering::Acquire);
+        self.ctl.update_stats(|s| {
+            s.downtime = downtime;
+            s.device_state_bytes = device_bytes;
+            s.cpu_throttle_percentage = throttle_pct;
+        });
+        self.ctl
+            .emit(MigrationEvent::Status(MigrationStatus::PostcopyActive));
+        tracing::info!(rest_pages, downtime_ms = downtime, "switched to post-copy");
+        self.send_postcopy_rest(&rest)?;
+        let main = self
+            .senders
+            .first_mut()
+            .ok_or(MigrationError::NoPageStream)?;
+        main.report(&self.sh);
+        let totals = self.sh.totals();
+        let postcopy_bytes = totals.0.saturating_sub(bytes_at_switch);
+        let senders = std::mem::take(&mut self.senders);
+        let [main] =
+            <[PageSender; 1]>::try_from(senders).map_err(|_| MigrationError::NoMainStream)?;
+        let mut w = main.out.finish()?;
+        w.flush().map_err(MigrationError::SendEnd)?;
+        self.confirm()?;
+        self.ctl.update_stats(|s| s.postcopy_bytes = postcopy_bytes);
+        let pause = Pause {
+            start,
+            rest_pages,
+            throttle_pct,
+        };
+        let stats = self.completed(
+            &pause,
+            &Finished {
+                totals,
+                device_bytes,
+                digest_ms: 0,
+            },
+        );
+        // The guest's pause on the source ended when the destination ran it.
+        self.ctl.update_stats(|s| s.downtime = downtime);
+        Ok(MigrationStats {
+            downtime,
+            postcopy_bytes,
+            ..stats
+        })
+    }
+
+    /// Sends the pages of `rest` in address order, with those the destination
+    /// asks for ahead of them (each sent at once, in a batch of its own).
+    fn send_postcopy_rest(&mut self, rest: &PageMap) -> Result<(), MigrationError> {
+        let requests = self.requests.take();
+        let ram = Arc::clone(&self.ram);
+        let sh = &self.sh;
+        let main = self
+            .senders
+            .first_mut()
+            .ok_or(MigrationError::NoPageStream)?;
+        let pages = rest.pages();
+        sh.begin_pass(pages.len() as u64 * PAGE_SIZE as u64);
+        let mut sent = PageMap::new(&ram, false);
+        let mut asked = 0u64;
+        for (i, &gpa) in pages.iter().enumerate() {
+            if i % BATCH_PAGES as usize == 0 {
+                if let Some(requests) = &requests {
+                    asked += serve_requests(main, sh, &ram, requests, &mut sent)?;
+                    sh.ctl.update_stats(|s| s.postcopy_requests = asked);
+                }
+            }
+            if sent.test_and_set(gpa) == Some(false) {
+                main.send(sh, &ram, gpa, false)?;
+            }
+        }
+        main.flush(sh)?;
+        tracing::info!(requests = asked, "post-copy: every page sent");
+        Ok(())
+    }
+
     /// The completed migration's figures.
     fn completed(&self, pause: &Pause, finished: &Finished) -> MigrationStats {
         let downtime = pause.start.elapsed().as_millis() as u64;
@@ -1655,6 +1866,32 @@ impl<'a> Precopy<'a> {
         );
         self.ctl.stats()
     }
+}
+
+/// Sends the pages the destination asked for and not sent yet, then flushes;
+/// returns how many requests came. A request for a page outside guest RAM
+/// is refused: the destination is broken or hostile.
+fn serve_requests(
+    main: &mut PageSender,
+    sh: &PageStreams<'_>,
+    ram: &GuestRam,
+    requests: &Receiver<u64>,
+    sent: &mut PageMap,
+) -> Result<u64, MigrationError> {
+    let mut n = 0;
+    while let Ok(gpa) = requests.try_recv() {
+        n += 1;
+        let page = gpa & !(PAGE_SIZE as u64 - 1);
+        match sent.test_and_set(page) {
+            None => return Err(MigrationError::BadPageRequest { gpa }),
+            Some(true) => {}
+            Some(false) => main.send(sh, ram, page, false)?,
+        }
+    }
+    if n > 0 {
+        main.flush(sh)?;
+    }
+    Ok(n)
 }
 
 /// Microseconds each vCPU naps per cycle under a throttle of `nap_ppm`, where

@@ -12,6 +12,8 @@ pub enum MigrationStatus {
     Active,
     PreSwitchover,
     Device,
+    /// The destination runs the VM; the rest of RAM follows (post-copy).
+    PostcopyActive,
     Completed,
     Failed,
     Cancelling,
@@ -20,12 +22,13 @@ pub enum MigrationStatus {
 
 impl MigrationStatus {
     /// Every status, in QAPI's order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::None,
         Self::Setup,
         Self::Active,
         Self::PreSwitchover,
         Self::Device,
+        Self::PostcopyActive,
         Self::Completed,
         Self::Failed,
         Self::Cancelling,
@@ -41,7 +44,12 @@ impl MigrationStatus {
     pub fn in_progress(self) -> bool {
         matches!(
             self,
-            Self::Setup | Self::Active | Self::PreSwitchover | Self::Device | Self::Cancelling
+            Self::Setup
+                | Self::Active
+                | Self::PreSwitchover
+                | Self::Device
+                | Self::PostcopyActive
+                | Self::Cancelling
         )
     }
 
@@ -53,6 +61,7 @@ impl MigrationStatus {
             Self::Active => "active",
             Self::PreSwitchover => "pre-switchover",
             Self::Device => "device",
+            Self::PostcopyActive => "postcopy-active",
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelling => "cancelling",
@@ -120,6 +129,11 @@ pub struct MigrationStats {
     /// Switch-overs that would have overrun the downtime limit and went back
     /// to pre-copy with the guest running.
     pub switchover_returns: u32,
+    /// Pages the destination asked for while post-copy ran (QEMU's
+    /// `postcopy-requests`).
+    pub postcopy_requests: u64,
+    /// Bytes sent after the switch to post-copy (QEMU's `ram.postcopy-bytes`).
+    pub postcopy_bytes: u64,
     /// Why it failed, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,

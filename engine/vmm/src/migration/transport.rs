@@ -123,6 +123,14 @@ impl<T: Write + Send + std::fmt::Debug> WriteHalf for T {}
 pub struct Breaker(Option<OwnedFd>);
 
 impl Breaker {
+    /// A second breaker of the same channel.
+    pub fn try_clone(&self) -> Result<Self, io::Error> {
+        Ok(Self(match &self.0 {
+            Some(fd) => Some(fd.try_clone()?),
+            None => None,
+        }))
+    }
+
     /// Bounds each read of the channel's socket to `timeout` (`None`: no bound);
     /// a read that waits longer fails with `WouldBlock` and consumes nothing. No
     /// effect on files and pipes.

@@ -110,10 +110,23 @@ pub(crate) struct MainSections {
     vm_state: Option<VmState>,
     devices: Option<DevicesState>,
     digest: Option<Vec<u32>>,
+    /// The switch to post-copy: the pages still to come, per RAM range.
+    pub postcopy: Option<Vec<Vec<u64>>>,
+}
+
+impl MainSections {
+    /// Post-copy, and every state section is here: the VM can run.
+    fn ready_for_postcopy(&self) -> bool {
+        self.postcopy.is_some()
+            && self.vcpus.is_some()
+            && self.vm_state.is_some()
+            && self.devices.is_some()
+    }
 }
 
 /// Reads the main stream to its End: its pages go to `sink`; the state and the
-/// digest are returned.
+/// digest are returned. After a Postcopy section it returns as soon as the state
+/// is complete, the rest of RAM still on the stream.
 pub(crate) fn read_main<R: BufRead, S: PageSink>(
     reader: &mut StreamReader<R>,
     buf: &mut Vec<u8>,
@@ -146,8 +159,12 @@ where
             SectionId::Vm => once(&mut m.vm_state, header.id, buf, limits)?,
             SectionId::Devices => once(&mut m.devices, header.id, buf, limits)?,
             SectionId::Digest => once(&mut m.digest, header.id, buf, limits)?,
+            SectionId::Postcopy => once(&mut m.postcopy, header.id, buf, limits)?,
             SectionId::End => return Ok(m),
             other => return Err(LoadError::Unexpected(other).into()),
+        }
+        if m.ready_for_postcopy() {
+            return Ok(m);
         }
     }
 }
@@ -166,6 +183,7 @@ pub(crate) fn finish(
         vm_state,
         devices,
         digest,
+        postcopy: _,
     } = sections;
     let vcpus = vcpus.ok_or(LoadError::Missing("vCPU"))?;
     let vm_state = vm_state.ok_or(LoadError::Missing("VM state"))?;
@@ -315,6 +333,10 @@ pub fn restore<R: Read>(r: R, opts: &RestoreOptions) -> Result<Vm, VmmError> {
         stop.store(true, Ordering::Release);
         result
     })?;
+    if sections.postcopy.is_some() {
+        // Only a live migration switches to post-copy.
+        return Err(LoadError::Unexpected(SectionId::Postcopy).into());
+    }
     finish(vm, sections, &hs, opts)
 }
 

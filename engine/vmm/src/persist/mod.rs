@@ -26,7 +26,7 @@ use crate::vm::VmShape;
 pub use crate::vm::ShapeMismatch;
 pub use digest::ram_digest;
 pub use load::{build, read_offer, restore, LoadError};
-pub(crate) use load::{finish, prefault, read_main, write_page, Frontier};
+pub(crate) use load::{finish, prefault, read_main, write_page, Frontier, MainSections};
 pub use save::{save, write_ram, write_state, CheckpointStats};
 pub(crate) use shape::check_inside;
 pub use shape::{check_shape, MAX_RAM_RANGES};
@@ -52,6 +52,10 @@ pub struct Handshake {
     /// `streams` ≤ 1).
     #[serde(default, skip_serializing_if = "no_session")]
     pub session: u64,
+    /// The sender may switch to post-copy: the receiver must be able to run the
+    /// VM with pages missing, or refuse now. Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
 }
 
 fn one_stream(streams: &u32) -> bool {

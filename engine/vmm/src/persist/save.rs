@@ -89,6 +89,7 @@ pub fn save<W: Write>(vm: &Vm, w: W) -> Result<(W, CheckpointStats), VmmError> {
             digest: false,
             streams: 1,
             session: 0,
+            postcopy: false,
         },
     )?;
     write_ram(vm.ram(), &mut out, &mut stats)?;
