@@ -609,6 +609,7 @@ pub fn receive_checked(
         fw_cfg: None,
         firmware: None,
         rtc: None,
+        on_postcopy: None,
     };
     let result = migration::receive(
         Box::new(Cursor::new(input.to_vec())),
@@ -656,6 +657,7 @@ pub fn restore_error(input: &[u8]) -> Option<String> {
         fw_cfg: None,
         firmware: None,
         rtc: None,
+        on_postcopy: None,
     };
     persist::restore(Cursor::new(input.to_vec()), &opts)
         .err()
@@ -678,6 +680,7 @@ fn exec_checkpoint(input: &[u8], kvm: bool) -> Outcome {
         fw_cfg: None,
         firmware: None,
         rtc: None,
+        on_postcopy: None,
     };
     match persist::restore(Cursor::new(input.to_vec()), &opts) {
         Ok(vm) if vm.is_running() => Outcome::Violation("a restored VM runs before resume".into()),

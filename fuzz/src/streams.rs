@@ -570,6 +570,7 @@ fn destination(
         fw_cfg: None,
         firmware: None,
         rtc: None,
+        on_postcopy: None,
     };
     let extra = ExtraStreams {
         listener,
@@ -1053,6 +1054,7 @@ pub fn generate_seed(streams: u32, digest: bool) -> Result<Bundle, String> {
             fw_cfg: None,
             firmware: None,
             rtc: None,
+            on_postcopy: None,
         };
         let extra = ExtraStreams {
             listener: &dest,

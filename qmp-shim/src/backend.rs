@@ -222,6 +222,10 @@ pub struct MigrationRamStats {
     /// Bytes of pages sent over page streams (QEMU's multifd): all of
     /// `transferred` when the migration used more than one stream, else 0.
     pub multifd_bytes: u64,
+    /// Bytes sent after the switch to post-copy.
+    pub postcopy_bytes: u64,
+    /// Pages the destination asked for in post-copy.
+    pub postcopy_requests: u64,
 }
 
 /// `query-migrate`.
@@ -355,6 +359,9 @@ pub struct MigrationCapabilities {
     pub multifd: bool,
     /// QEMU's auto-converge throttle steps (see [`MigrationParameters`]).
     pub auto_converge: bool,
+    /// QEMU's postcopy-ram: `migrate-start-postcopy` may switch the
+    /// migration to post-copy.
+    pub postcopy_ram: bool,
 }
 
 /// Why a backend operation failed; mapped to QMP classes in
@@ -420,6 +427,13 @@ pub trait Backend: Send + std::fmt::Debug {
     fn migrate_cancel(&mut self) -> Result<(), BackendError>;
     /// Leaves the paused state `state` (e.g. `pre-switchover`).
     fn migrate_continue(&mut self, state: MigrationStatus) -> Result<(), BackendError>;
+    /// `migrate-start-postcopy`: switches the migration in flight to
+    /// post-copy (it needs the postcopy-ram capability).
+    fn migrate_start_postcopy(&mut self) -> Result<(), BackendError> {
+        Err(BackendError::Migration(
+            "Postcopy must be started after migration has been started".into(),
+        ))
+    }
     fn query_migrate(&self) -> MigrationInfo;
     /// Applies new parameters (also to a running migration).
     fn set_migrate_parameters(&mut self, params: &MigrationParameters) -> Result<(), BackendError>;

@@ -144,6 +144,9 @@ struct Shared {
     /// The page streams an incoming migration takes: `Some(multifd-channels)`
     /// with the multifd capability on, `None` (one stream) without.
     incoming_multifd: Mutex<Option<u32>>,
+    /// An incoming post-copy runs the guest before it is ours: `cont` and
+    /// `stop` hold and release its vCPUs through this until it arrives whole.
+    incoming_hold: Mutex<Option<ferry_vmm::throttle::VcpuHold>>,
     /// `calc-dirty-rate` measurements.
     dirty_rate: DirtyRateMeter,
     events: EventSink,
@@ -196,6 +199,7 @@ impl FerryBackend {
                 migration: Mutex::new(MigrationInfo::default()),
                 outgoing: Mutex::new(None),
                 incoming_multifd: Mutex::new(None),
+                incoming_hold: Mutex::new(None),
                 dirty_rate: DirtyRateMeter::default(),
                 events,
             }),
@@ -380,6 +384,31 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
     Ok(guest)
 }
 
+/// An incoming post-copy started: the guest runs here (held until `cont`
+/// unless `cont` came already), its MIGRATION event says postcopy-active.
+fn postcopy_hook(shared: &Arc<Shared>) -> ferry_vmm::persist::PostcopyHook {
+    let weak = Arc::downgrade(shared);
+    ferry_vmm::persist::PostcopyHook(Arc::new(move |hold| {
+        let Some(shared) = weak.upgrade() else { return };
+        let Ok(mut inner) = shared.inner.lock() else {
+            return;
+        };
+        if inner.autostart {
+            hold.release();
+            inner.state = RunState::Running;
+        } else {
+            inner.state = RunState::Paused;
+        }
+        if let Ok(mut h) = shared.incoming_hold.lock() {
+            *h = Some(hold);
+        }
+        shared.migration_status(MigrationStatus::PostcopyActive);
+        if inner.state == RunState::Running {
+            shared.events.emit("RESUME", None);
+        }
+    }))
+}
+
 impl FerryBackend {
     /// Reads a guest (a checkpoint or a live migration stream) on a thread;
     /// see the module docs.
@@ -408,6 +437,7 @@ impl FerryBackend {
                 fw_cfg: inner.config.as_ref().and_then(fw_cfg),
                 firmware: inner.config.as_ref().and_then(firmware),
                 rtc: inner.config.as_ref().and_then(|c| c.rtc.clone()),
+                on_postcopy: Some(postcopy_hook(&self.shared)),
             }
         };
         self.shared.migration_status(MigrationStatus::Setup);
@@ -451,9 +481,29 @@ impl FerryBackend {
                 let Ok(mut inner) = shared.inner.lock() else {
                     exit_after_events(1);
                 };
+                let mut guest = guest;
+                // Post-copy ran it already: held (stopped) it is a real pause now.
+                let postcopy = shared
+                    .incoming_hold
+                    .lock()
+                    .ok()
+                    .and_then(|mut h| h.take())
+                    .is_some();
+                if let Err(e) = guest.take_hold() {
+                    tracing::warn!("cannot pause the held guest: {e}");
+                }
+                let running = guest.is_running();
                 inner.set_guest(guest);
-                inner.state = RunState::Paused;
+                inner.state = if running {
+                    RunState::Running
+                } else {
+                    RunState::Paused
+                };
                 shared.migration_status(MigrationStatus::Completed);
+                if postcopy {
+                    // `cont` and `stop` reached the guest while it came.
+                    return;
+                }
                 if inner.autostart {
                     let resumed = inner.guest.as_mut().map(Guest::resume);
                     if let Some(Err(e)) = resumed {
@@ -540,6 +590,8 @@ impl FerryBackend {
                                 precopy_bytes: 0,
                                 downtime_bytes: stats.bytes,
                                 multifd_bytes: 0,
+                                postcopy_bytes: 0,
+                                postcopy_requests: 0,
                             });
                         });
                         shared.migration_status(MigrationStatus::Completed);
@@ -750,6 +802,22 @@ impl Backend for FerryBackend {
             drop(inner);
             return self.cont_live();
         }
+        if let Some(hold) = self
+            .shared
+            .incoming_hold
+            .lock()
+            .ok()
+            .and_then(|h| h.clone())
+        {
+            // Post-copy: the guest runs here while the rest of RAM comes.
+            inner.autostart = true;
+            if inner.state != RunState::Running {
+                hold.release();
+                inner.state = RunState::Running;
+                self.shared.events.emit("RESUME", None);
+            }
+            return Ok(());
+        }
         match inner.state {
             RunState::InMigrate => {
                 inner.autostart = true;
@@ -778,6 +846,21 @@ impl Backend for FerryBackend {
         if inner.migrating {
             drop(inner);
             return self.stop_live();
+        }
+        if let Some(hold) = self
+            .shared
+            .incoming_hold
+            .lock()
+            .ok()
+            .and_then(|h| h.clone())
+        {
+            inner.autostart = false;
+            if inner.state == RunState::Running {
+                hold.hold();
+                inner.state = RunState::Paused;
+                self.shared.events.emit("STOP", None);
+            }
+            return Ok(());
         }
         match inner.state {
             RunState::InMigrate => {
@@ -901,6 +984,10 @@ impl Backend for FerryBackend {
         // migration is cancelled.
         self.cancel_live();
         Ok(())
+    }
+
+    fn migrate_start_postcopy(&mut self) -> Result<(), BackendError> {
+        self.start_postcopy()
     }
 
     fn migrate_continue(&mut self, state: MigrationStatus) -> Result<(), BackendError> {

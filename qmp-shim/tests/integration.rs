@@ -3412,3 +3412,91 @@ fn balloon_device_answers_libvirt_and_migrates() {
     qc.ok("balloon", json!({"value": MEM}));
     run_a_while(&mut qc, &d.join("c.serial"));
 }
+
+/// Post-copy between two ferry-qemu processes, as libvirt drives it
+/// (`virsh migrate --postcopy` then `migrate-postcopy`): postcopy-ram on
+/// both sides, `migrate-start-postcopy` mid-pass, the destination running
+/// the guest once `cont` comes while the rest of RAM still arrives, and the
+/// oracle passing there at the end.
+#[test]
+fn postcopy_runs_the_guest_on_the_destination_before_its_ram_arrived() {
+    let name = "postcopy_runs_the_guest_on_the_destination_before_its_ram_arrived";
+    if !kvm_usable(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("dirtier.elf");
+    std::fs::write(&kernel, ferry_testguest::DIRTIER_ELF).expect("kernel");
+    let (_a, mut src) = running_source(d, "a", &kernel);
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let b = spawn_guest(d, "b", &kernel, &["-incoming", "defer"]);
+    let mut dst = Qmp::connect(&b.qmp);
+    let postcopy = json!({"capabilities": [
+        {"capability": "events", "state": true},
+        {"capability": "postcopy-ram", "state": true},
+    ]});
+    // Not before a migration runs, as QEMU says.
+    let e = error_desc(&mut src, "migrate-start-postcopy", json!({}));
+    assert!(e.contains("after migration has been started"), "{e}");
+    dst.ok("migrate-set-capabilities", postcopy.clone());
+    dst.ok("migrate-incoming", json!({"uri": uri}));
+    src.ok("migrate-set-capabilities", postcopy);
+    let caps = src.ok("query-migrate-capabilities", json!({}));
+    assert!(
+        caps.as_array()
+            .expect("caps")
+            .contains(&json!({"capability": "postcopy-ram", "state": true})),
+        "{caps}"
+    );
+    src.ok("migrate-set-parameters", json!({"max-bandwidth": 32 << 20}));
+    src.ok("migrate", json!({"uri": uri}));
+    src.wait_event("MIGRATION", Some("active"));
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_event("MIGRATION", Some("postcopy-active"));
+    src.wait_event("STOP", None);
+    // A slow rest (the cap applies from the next batch): the guest must run
+    // there while its RAM still comes.
+    src.ok("migrate-set-parameters", json!({"max-bandwidth": 4 << 20}));
+    // The destination has the guest before its RAM: paused under -S, then
+    // running at `cont` (libvirt's resume in post-copy).
+    dst.wait_event("MIGRATION", Some("postcopy-active"));
+    assert_eq!(dst.status(), "paused");
+    let serial = d.join("b.serial");
+    let before = serial_len(&serial);
+    dst.ok("cont", json!({}));
+    dst.wait_event("RESUME", None);
+    assert_eq!(dst.status(), "running");
+    wait_for_serial_growth(&serial, before);
+    let info = src.ok("query-migrate", json!({}));
+    assert_eq!(info["status"], "postcopy-active", "{info}");
+    assert!(info["ram"]["remaining"].as_u64() > Some(0), "{info}");
+    src.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    dst.wait_event("MIGRATION", Some("completed"));
+    src.wait_event("MIGRATION", Some("completed"));
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(dst.status(), "running");
+    let info = src.ok("query-migrate", json!({}));
+    assert!(
+        info["ram"]["postcopy-bytes"].as_u64() > Some(32 << 20),
+        "{info}"
+    );
+    assert!(info["ram"]["postcopy-requests"].is_u64(), "{info}");
+    dst.ok("stop", json!({}));
+    dst.wait_event("STOP", None);
+    let report = dst.oracle(&d.join("postcopy-dst.raw"));
+    assert!(report.passes + report.cursor > 0, "{report:?}");
+}
+
+/// Waits until the serial file grows past `before` (the guest beats).
+fn wait_for_serial_growth(path: &Path, before: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serial_len(path) <= before + 100 {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeats in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -159,6 +159,7 @@ pub fn page() -> Result<String, String> {
             &d.multifd_channels.to_string(),
         ],
         ["clear-dirty-log", "on, off", on_off(d.clear_dirty_log)],
+        ["postcopy", "on, off (below)", on_off(d.postcopy)],
         ["tls-creds", "x509:DIR, psk:DIR, none (below)", "none"],
         ["tls-hostname", "a name", "the tcp: host"],
     ]
@@ -177,13 +178,38 @@ pub fn page() -> Result<String, String> {
          `cpu-throttle-tailslow`, `max-cpu-throttle` (99) and \
          `throttle-trigger-threshold` (50) as QEMU defines them (libvirt's \
          `--auto-converge-initial` and `--auto-converge-increment`); the dirty limit \
-         carries on past `max-cpu-throttle` either way. The others keep their defaults \
-         there. `multifd-compression` takes only `none` (ferry sends no zero page and \
-         each other page once per pass; `zlib` and `zstd` are refused with that \
-         reason); `multifd-zlib-level`, `multifd-zstd-level` and \
+         carries on past `max-cpu-throttle` either way. QMP's `postcopy-ram` capability \
+         (`virsh migrate --postcopy`) is `postcopy`, and `migrate-start-postcopy` \
+         (`virsh migrate-postcopy`, `--postcopy-after-precopy`) switches. The others keep \
+         their defaults there. `multifd-compression` takes only `none` (ferry sends no \
+         zero page and each other page once per pass; `zlib` and `zstd` are refused with \
+         that reason); `multifd-zlib-level`, `multifd-zstd-level` and \
          `max-postcopy-bandwidth` are kept and reported as QEMU does, and change \
-         nothing: they apply to compression and to a post-copy phase, which ferry does \
-         not have.",
+         nothing: the first two apply to compression, and post-copy's rest goes under \
+         `max-bandwidth`.",
+    );
+
+    doc.ss("Post-copy");
+    doc.p(
+        "With `postcopy` on (before the migration starts), `migrate-start-postcopy` \
+         switches the migration in flight at its next batch: the guest stops on the \
+         source, its vCPU and device state go ahead of the pages still to come, and the \
+         destination runs it at once (ferry-qemu under `-S`: at `cont`, as libvirt sends \
+         it). A page the guest, a device or KVM touches before it came waits while the \
+         destination asks for it (`postcopy-requests`); the source sends such pages ahead \
+         of the rest, which it sends in address order (`postcopy-bytes`). A missing page \
+         the source never listed was zero there and is zero-filled at once. The \
+         destination needs userfaultfd (CAP_SYS_PTRACE, `vm.unprivileged_userfaultfd`, or \
+         /dev/userfaultfd) and checks it at the handshake; post-copy takes one page \
+         stream and no `verify`.",
+    );
+    doc.p(
+        "The price is the failure case: from the switch on, the only whole copy of the \
+         guest is split between the hosts. If the link or the destination fails, the \
+         source stays paused (never running twice) and the guest is lost unless the \
+         destination comes back; ferry has no post-copy recovery yet \
+         (`postcopy-paused`, `migrate-recover`). Use it where a guest outruns its link \
+         and the dirty limit's slowdown is worse than that risk.",
     );
 
     doc.ss("Downtime limit");

@@ -142,6 +142,7 @@ fn run(cli: Cli) -> Result<ExitCode, RunError> {
                     fw_cfg: common.fw_cfg_config(),
                     firmware: common.firmware_config(),
                     rtc: common.rtc_config(),
+                    on_postcopy: None,
                 },
                 &mut || {},
                 // A file or a pipe carries one stream.
@@ -166,6 +167,7 @@ fn run(cli: Cli) -> Result<ExitCode, RunError> {
                     fw_cfg: common.fw_cfg_config(),
                     firmware: common.firmware_config(),
                     rtc: common.rtc_config(),
+                    on_postcopy: None,
                 },
             )
             .map_err(|e| match e {

@@ -31,6 +31,7 @@ pub static QUERY_MIGRATE_CAPABILITIES: Command = Command {
             {"capability": "late-block-activate", "state": c.late_block_activate},
             {"capability": "multifd", "state": c.multifd},
             {"capability": "auto-converge", "state": c.auto_converge},
+            {"capability": "postcopy-ram", "state": c.postcopy_ram},
         ]))
     },
 };
@@ -75,12 +76,21 @@ fn migrate_set_capabilities(
             "late-block-activate" => caps.late_block_activate = state,
             "multifd" => caps.multifd = state,
             "auto-converge" => caps.auto_converge = state,
+            "postcopy-ram" => caps.postcopy_ram = state,
             other => {
                 return Err(CommandError::Parameter(format!(
                     "Parameter 'capability' does not accept value '{other}'"
                 )))
             }
         }
+    }
+    // QEMU 7.2 (migrate_caps_check): post-copy moves RAM over one stream.
+    if caps.postcopy_ram && caps.multifd {
+        return Err(CommandError::Generic(
+            "Postcopy is not yet compatible with multifd: turn the multifd capability off, or \
+             postcopy-ram off"
+                .into(),
+        ));
     }
     // QEMU 7.2 (migrate_caps_check): a destination reading fd: or exec:
     // cannot take page streams.
@@ -480,6 +490,18 @@ pub static MIGRATE_CONTINUE: Command = Command {
     },
 };
 
+pub static MIGRATE_START_POSTCOPY: Command = Command {
+    schema: CommandSchema {
+        name: "migrate-start-postcopy",
+        args: &[],
+        ret: None,
+    },
+    handler: |ctx, _| {
+        ctx.vm.backend.migrate_start_postcopy()?;
+        Ok(json!({}))
+    },
+};
+
 pub static QUERY_MIGRATE: Command = Command {
     schema: CommandSchema {
         name: "query-migrate",
@@ -509,7 +531,8 @@ pub fn migration_info_json(info: &MigrationInfo) -> Value {
                 "normal-bytes": r.normal_bytes, "dirty-pages-rate": r.dirty_pages_rate,
                 "mbps": r.mbps, "dirty-sync-count": r.dirty_sync_count, "page-size": r.page_size,
                 "pages-per-second": r.pages_per_second, "precopy-bytes": r.precopy_bytes,
-                "downtime-bytes": r.downtime_bytes, "postcopy-bytes": 0, "postcopy-requests": 0,
+                "downtime-bytes": r.downtime_bytes, "postcopy-bytes": r.postcopy_bytes,
+                "postcopy-requests": r.postcopy_requests,
                 "multifd-bytes": r.multifd_bytes, "dirty-sync-missed-zero-copy": 0,
             }),
         );

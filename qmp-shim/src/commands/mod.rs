@@ -94,6 +94,7 @@ pub static COMMANDS: &[&Command] = &[
     &migration::MIGRATE_CANCEL,
     &migration::NBD_SERVER_START,
     &migration::MIGRATE_CONTINUE,
+    &migration::MIGRATE_START_POSTCOPY,
     &migration::QUERY_MIGRATE,
     &monitor::ANNOUNCE_SELF,
     &monitor::CALC_DIRTY_RATE,

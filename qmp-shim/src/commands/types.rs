@@ -55,6 +55,7 @@ pub static MIGRATION_CAPABILITY: EnumDef = EnumDef {
         "late-block-activate",
         "multifd",
         "auto-converge",
+        "postcopy-ram",
     ],
 };
 

@@ -115,6 +115,7 @@ impl FerryBackend {
             pause_before_switchover: caps.pause_before_switchover,
             multifd_channels: params.streams(caps),
             exact_streams: true,
+            postcopy: caps.postcopy_ram,
             throttle: params.throttle(caps),
             max_throttle_pct: params.max_cpu_throttle,
             tls: tls.as_ref().map(|t| t.creds.clone()),
@@ -266,6 +267,30 @@ impl FerryBackend {
         Ok(())
     }
 
+    /// `migrate-start-postcopy`: the engine switches at its next batch.
+    pub(super) fn start_postcopy(&self) -> Result<(), BackendError> {
+        let o = self
+            .shared
+            .outgoing
+            .lock()
+            .map_err(|_| BackendError::Engine("the migration state is poisoned".into()))?;
+        let status = self.shared.migration.lock().ok().and_then(|m| m.status);
+        match o.as_ref() {
+            Some(o) if status.is_some_and(MigrationStatus::in_progress) => {
+                o.ctl.start_postcopy().map_err(|_| {
+                    BackendError::Migration(
+                        "Enable postcopy with migrate_set_capability before the start of \
+                         migration"
+                            .into(),
+                    )
+                })
+            }
+            _ => Err(BackendError::Migration(
+                "Postcopy must be started after migration has been started".into(),
+            )),
+        }
+    }
+
     /// `migrate-continue`: leaves `pre-switchover`.
     pub(super) fn continue_live(&self, state: MigrationStatus) -> Result<(), BackendError> {
         let current = self
@@ -309,6 +334,7 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
         E::Active => (MigrationStatus::Active, false),
         E::PreSwitchover => (MigrationStatus::PreSwitchover, true),
         E::Device => (MigrationStatus::Device, true),
+        E::PostcopyActive => (MigrationStatus::PostcopyActive, true),
         // `setup` went out with the reply to `migrate`; the end is sent by
         // `finish` once the guest is back.
         _ => return,
@@ -501,6 +527,8 @@ pub(super) fn fill_info(shared: &Shared, info: &mut MigrationInfo) {
             // Every page goes over the page streams once there are several
             // (the main connection is stream 0).
             multifd_bytes: if st.streams > 1 { r.transferred } else { 0 },
+            postcopy_bytes: st.postcopy_bytes,
+            postcopy_requests: st.postcopy_requests,
         });
     }
 }

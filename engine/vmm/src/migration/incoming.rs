@@ -959,7 +959,19 @@ fn postcopy_load(
                 }
             }
         });
-        let vm = persist::finish(vm, sections, hs, opts);
+        let vm = persist::finish(vm, sections, hs, opts).and_then(|mut vm| {
+            if let Some(hook) = &opts.on_postcopy {
+                let hold = vm.hold_handle();
+                if !vm.is_running() {
+                    // Running but held: the front-end's `cont` releases it
+                    // while the rest of RAM still comes.
+                    hold.hold();
+                    vm.resume()?;
+                }
+                (hook.0)(hold);
+            }
+            Ok(vm)
+        });
         if vm.is_err() {
             if let Some(b) = &breaker {
                 b.break_channel();
@@ -1049,6 +1061,7 @@ mod tests {
                 fw_cfg: None,
                 firmware: None,
                 rtc: None,
+                on_postcopy: None,
             };
             serve(&listener, &serve_opts, &opts, &mut || {}, &|| 4)
                 .map(|_| ())
@@ -1420,6 +1433,7 @@ mod tests {
             fw_cfg: None,
             firmware: None,
             rtc: None,
+            on_postcopy: None,
         };
         let Err(e) = serve(
             &listener,

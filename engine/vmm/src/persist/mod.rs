@@ -103,4 +103,19 @@ pub struct RestoreOptions {
     /// This host's RTC; the checkpoint must have one exactly when this
     /// does (its clock and CMOS come from the checkpoint).
     pub rtc: Option<crate::devices::rtc::RtcConfig>,
+    /// A migration's destination in post-copy runs the VM before all of its
+    /// RAM came: this is called then, with a hold on its vCPUs. Without
+    /// `autostart` the vCPUs run held (the front-end releases them, QEMU's
+    /// `cont`); the VM itself comes back once every page came.
+    pub on_postcopy: Option<PostcopyHook>,
+}
+
+/// See [`RestoreOptions::on_postcopy`].
+#[derive(Clone)]
+pub struct PostcopyHook(pub std::sync::Arc<dyn Fn(crate::throttle::VcpuHold) + Send + Sync>);
+
+impl std::fmt::Debug for PostcopyHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PostcopyHook")
+    }
 }

@@ -609,6 +609,7 @@ fn a_vm_carries_its_rtc_through_a_checkpoint() {
         fw_cfg: None,
         firmware: None,
         rtc,
+        on_postcopy: None,
     };
     let err = crate::persist::restore(std::io::Cursor::new(stream.clone()), &opts(None))
         .unwrap_err()

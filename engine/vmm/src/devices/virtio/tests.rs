@@ -325,6 +325,7 @@ fn restore_opts(virtio: Vec<VirtioSpec>) -> crate::persist::RestoreOptions {
         fw_cfg: None,
         firmware: None,
         rtc: None,
+        on_postcopy: None,
     }
 }
 
