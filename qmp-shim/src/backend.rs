@@ -427,6 +427,11 @@ pub trait Backend: Send + std::fmt::Debug {
     fn migrate_cancel(&mut self) -> Result<(), BackendError>;
     /// Leaves the paused state `state` (e.g. `pre-switchover`).
     fn migrate_continue(&mut self, state: MigrationStatus) -> Result<(), BackendError>;
+    /// Whether this host can be a post-copy destination (QEMU checks it when
+    /// postcopy-ram is set on an incoming side).
+    fn postcopy_supported(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// `migrate-start-postcopy`: switches the migration in flight to
     /// post-copy (it needs the postcopy-ram capability).
     fn migrate_start_postcopy(&mut self) -> Result<(), BackendError> {

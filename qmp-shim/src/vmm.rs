@@ -986,6 +986,15 @@ impl Backend for FerryBackend {
         Ok(())
     }
 
+    fn postcopy_supported(&self) -> Result<(), BackendError> {
+        ferry_kvm::Userfault::new().map(drop).map_err(|e| {
+            BackendError::Migration(format!(
+                "Postcopy is not supported: Userfaultfd not available: {}",
+                ferry_vmm::error_chain(&e)
+            ))
+        })
+    }
+
     fn migrate_start_postcopy(&mut self) -> Result<(), BackendError> {
         self.start_postcopy()
     }

@@ -201,7 +201,11 @@ pub fn page() -> Result<String, String> {
          the source never listed was zero there and is zero-filled at once. The \
          destination needs userfaultfd (CAP_SYS_PTRACE, `vm.unprivileged_userfaultfd`, or \
          /dev/userfaultfd) and checks it at the handshake; post-copy takes one page \
-         stream and no `verify`.",
+         stream and no `verify`. libvirt 9.0 (Debian 12) runs the emulator unprivileged \
+         and without /dev/userfaultfd, so its destination hosts need \
+         `sysctl vm.unprivileged_userfaultfd=1`, as QEMU's do; without it `virsh migrate \
+         --postcopy` fails at once, the guest running on, with QEMU's \"Postcopy is not \
+         supported\" and this fix.",
     );
     doc.p(
         "The price is the failure case: from the switch on, the only whole copy of the \

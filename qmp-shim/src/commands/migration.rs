@@ -84,6 +84,14 @@ fn migrate_set_capabilities(
             }
         }
     }
+    // QEMU 7.2 (migrate_caps_check): an incoming side must be able to serve
+    // missing pages, or libvirt's `virsh migrate --postcopy` fails here, at once.
+    if caps.postcopy_ram
+        && !ctx.vm.migrate_caps.postcopy_ram
+        && ctx.vm.backend.status() == RunState::InMigrate
+    {
+        ctx.vm.backend.postcopy_supported()?;
+    }
     // QEMU 7.2 (migrate_caps_check): post-copy moves RAM over one stream.
     if caps.postcopy_ram && caps.multifd {
         return Err(CommandError::Generic(
