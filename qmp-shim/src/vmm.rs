@@ -135,7 +135,7 @@ impl Inner {
 }
 
 #[derive(Debug)]
-struct Shared {
+struct BackendShared {
     inner: Mutex<Inner>,
     /// Apart from `inner` so `query-migrate` answers while a save runs.
     migration: Mutex<MigrationInfo>,
@@ -152,7 +152,7 @@ struct Shared {
     events: EventSink,
 }
 
-impl Shared {
+impl BackendShared {
     fn lock(&self) -> Result<MutexGuard<'_, Inner>, BackendError> {
         self.inner
             .lock()
@@ -175,13 +175,13 @@ impl Shared {
 /// ferry-vmm behind QMP.
 #[derive(Debug)]
 pub struct FerryBackend {
-    shared: Arc<Shared>,
+    shared: Arc<BackendShared>,
 }
 
 impl FerryBackend {
     pub fn new(events: EventSink) -> Self {
         Self {
-            shared: Arc::new(Shared {
+            shared: Arc::new(BackendShared {
                 inner: Mutex::new(Inner {
                     guest: None,
                     state: RunState::Prelaunch,
@@ -386,7 +386,7 @@ fn boot(config: &MachineConfig, sink: SinkSpec) -> Result<Guest, BackendError> {
 
 /// An incoming post-copy started: the guest runs here (held until `cont`
 /// unless `cont` came already), its MIGRATION event says postcopy-active.
-fn postcopy_hook(shared: &Arc<Shared>) -> ferry_vmm::persist::PostcopyHook {
+fn postcopy_hook(shared: &Arc<BackendShared>) -> ferry_vmm::persist::PostcopyHook {
     let weak = Arc::downgrade(shared);
     ferry_vmm::persist::PostcopyHook(Arc::new(move |hold| {
         let Some(shared) = weak.upgrade() else { return };
@@ -630,7 +630,7 @@ impl FerryBackend {
     }
 }
 
-fn on_guest_exit(shared: &Shared, inner: &mut Inner, exit: GuestExit) {
+fn on_guest_exit(shared: &BackendShared, inner: &mut Inner, exit: GuestExit) {
     if let Some(g) = inner.guest.as_mut() {
         let _ = g.pause();
     }
@@ -678,7 +678,7 @@ fn on_guest_exit(shared: &Shared, inner: &mut Inner, exit: GuestExit) {
 /// offset='variable'>`). Polled with the guest's exits, so settings closer
 /// together than that come as one event (QEMU rate-limits it to one a
 /// second).
-fn rtc_watch(shared: &Shared, inner: &Inner) {
+fn rtc_watch(shared: &BackendShared, inner: &Inner) {
     let change = inner
         .guest
         .as_ref()
@@ -693,7 +693,7 @@ fn rtc_watch(shared: &Shared, inner: &Inner) {
 
 /// QEMU's BALLOON_CHANGE when the guest's driver changed `actual` (checked
 /// with the guest's exits), and the balloon as last seen.
-fn balloon_watch(shared: &Shared, inner: &mut Inner) {
+fn balloon_watch(shared: &BackendShared, inner: &mut Inner) {
     let Some(guest) = inner.guest.as_ref() else {
         return;
     };

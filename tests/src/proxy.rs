@@ -81,13 +81,13 @@ impl ProxyState {
 }
 
 #[derive(Debug, Default)]
-struct Shared {
+struct ProxyShared {
     state: Mutex<ProxyState>,
     changed: Condvar,
     sockets: Mutex<Vec<TcpStream>>,
 }
 
-impl Shared {
+impl ProxyShared {
     fn lock(&self) -> MutexGuard<'_, ProxyState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -142,7 +142,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Proxy {
     pub addr: SocketAddr,
-    shared: Arc<Shared>,
+    shared: Arc<ProxyShared>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -152,7 +152,7 @@ impl Proxy {
     pub fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(ProxyShared::default());
         let sh = shared.clone();
         let main = std::thread::spawn(move || {
             let Ok((src, _)) = listener.accept() else {
@@ -289,7 +289,7 @@ fn read_full(r: &mut TcpStream, buf: &mut [u8]) -> bool {
 }
 
 /// Copies `len` bytes, pausing while the link is stalled.
-fn copy_payload(from: &mut TcpStream, to: &mut TcpStream, mut len: u64, sh: &Shared) -> bool {
+fn copy_payload(from: &mut TcpStream, to: &mut TcpStream, mut len: u64, sh: &ProxyShared) -> bool {
     let mut buf = vec![0u8; 64 << 10];
     while len > 0 {
         if !sh.wait_while(|s| s.stalled) {
@@ -309,7 +309,7 @@ fn copy_payload(from: &mut TcpStream, to: &mut TcpStream, mut len: u64, sh: &Sha
     true
 }
 
-fn forward_preamble(from: &mut TcpStream, to: &mut TcpStream, sh: &Shared) -> bool {
+fn forward_preamble(from: &mut TcpStream, to: &mut TcpStream, sh: &ProxyShared) -> bool {
     let mut fixed = [0u8; PREAMBLE_LEN];
     if !read_full(from, &mut fixed) || to.write_all(&fixed).is_err() {
         return false;
@@ -318,7 +318,7 @@ fn forward_preamble(from: &mut TcpStream, to: &mut TcpStream, sh: &Shared) -> bo
     copy_payload(from, to, producer, sh)
 }
 
-fn end_pump(sh: &Shared, why: &str, from: &TcpStream, to: &TcpStream) {
+fn end_pump(sh: &ProxyShared, why: &str, from: &TcpStream, to: &TcpStream) {
     sh.update(|s| s.ended.push(why.to_string()));
     // The other side sees the end too (a half-close, as a relaying router would).
     let _ = to.shutdown(Shutdown::Write);
@@ -326,7 +326,7 @@ fn end_pump(sh: &Shared, why: &str, from: &TcpStream, to: &TcpStream) {
 }
 
 /// Source to destination: preamble, then section by section, honouring holds.
-fn pump_up(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
+fn pump_up(mut from: TcpStream, mut to: TcpStream, sh: &ProxyShared) {
     if !forward_preamble(&mut from, &mut to, sh) {
         return end_pump(sh, "source stream ended in the preamble", &from, &to);
     }
@@ -373,12 +373,12 @@ fn pump_up(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
 /// When the destination's side ends (it exited, or was killed) the whole
 /// connection is closed, as the destination's kernel resets it: a source
 /// blocked writing into a held direction sees the error at once.
-fn pump_down(from: TcpStream, to: TcpStream, sh: &Shared) {
+fn pump_down(from: TcpStream, to: TcpStream, sh: &ProxyShared) {
     pump_down_inner(from, to, sh);
     sh.close_all();
 }
 
-fn pump_down_inner(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
+fn pump_down_inner(mut from: TcpStream, mut to: TcpStream, sh: &ProxyShared) {
     if !forward_preamble(&mut from, &mut to, sh) {
         return end_pump(sh, "return path ended in the preamble", &from, &to);
     }

@@ -42,7 +42,7 @@ use ferry_vmm::migration::{
 use ferry_vmm::throttle::VcpuHold;
 use serde_json::json;
 
-use super::{state_name, FerryBackend, Guest, Shared};
+use super::{state_name, BackendShared, FerryBackend, Guest};
 use crate::backend::*;
 
 /// A live migration in flight, or the last one (for `query-migrate`).
@@ -316,7 +316,7 @@ impl FerryBackend {
 }
 
 /// Engine events → QMP events and run states (on the migration thread).
-fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
+fn on_event(shared: &Weak<BackendShared>, ev: &MigrationEvent) {
     let Some(shared) = shared.upgrade() else {
         return;
     };
@@ -384,7 +384,7 @@ fn on_event(shared: &Weak<Shared>, ev: &MigrationEvent) {
 
 /// Puts the guest back and sends the last event.
 fn finish(
-    shared: &Shared,
+    shared: &BackendShared,
     mut guest: Guest,
     before: RunState,
     result: Result<MigrationStats, MigrationError>,
@@ -458,7 +458,7 @@ fn finish(
 }
 
 /// `migrate-set-parameters` during a live migration.
-pub(super) fn set_params(shared: &Shared, p: &MigrationParameters) {
+pub(super) fn set_params(shared: &BackendShared, p: &MigrationParameters) {
     if let Ok(o) = shared.outgoing.lock() {
         if let Some(o) = o.as_ref().filter(|o| !o.done.load(Ordering::Acquire)) {
             o.ctl.set_params(|x| {
@@ -484,7 +484,7 @@ pub(super) fn set_params(shared: &Shared, p: &MigrationParameters) {
 
 /// Adds the engine's figures to `query-migrate` (QEMU's shape: `ram` once
 /// pages flow, `expected-downtime` while active, `downtime` once completed).
-pub(super) fn fill_info(shared: &Shared, info: &mut MigrationInfo) {
+pub(super) fn fill_info(shared: &BackendShared, info: &mut MigrationInfo) {
     let Ok(o) = shared.outgoing.lock() else {
         return;
     };

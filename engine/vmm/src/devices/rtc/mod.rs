@@ -866,7 +866,7 @@ fn from_cycles(cycles: i128) -> i128 {
 }
 
 #[derive(Debug)]
-struct Shared {
+struct RtcShared {
     core: Mutex<Core>,
     wake: Condvar,
     /// Times the thread woke up (for tests: none while nothing is enabled).
@@ -877,7 +877,7 @@ struct Shared {
 /// its interrupts in time. Stopped at first, as the VM's other devices.
 #[derive(Debug)]
 pub struct Rtc {
-    shared: Arc<Shared>,
+    shared: Arc<RtcShared>,
     clock: Arc<dyn HostClock>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -892,7 +892,7 @@ impl Rtc {
         clock: Arc<dyn HostClock>,
     ) -> Result<Self, RtcError> {
         let core = Core::new(cmos, offset_ns, irq, clock.now_ns());
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(RtcShared {
             core: Mutex::new(core),
             wake: Condvar::new(),
             wakeups: AtomicU64::new(0),
@@ -1092,7 +1092,7 @@ impl Drop for Rtc {
 
 /// The interrupt thread: accounts events and raises the line when one is
 /// due, sleeping until the next one that could raise it.
-fn run(shared: &Shared, clock: &dyn HostClock) {
+fn run(shared: &RtcShared, clock: &dyn HostClock) {
     let mut core = shared
         .core
         .lock()
