@@ -3452,12 +3452,16 @@ fn postcopy_runs_the_guest_on_the_destination_before_its_ram_arrived() {
     src.ok("migrate-set-parameters", json!({"max-bandwidth": 32 << 20}));
     src.ok("migrate", json!({"uri": uri}));
     src.wait_event("MIGRATION", Some("active"));
+    // A slow rest (QEMU's max-postcopy-bandwidth, which caps post-copy
+    // instead of max-bandwidth): the guest must run there while its RAM
+    // still comes.
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 4 << 20}),
+    );
     src.ok("migrate-start-postcopy", json!({}));
     src.wait_event("MIGRATION", Some("postcopy-active"));
     src.wait_event("STOP", None);
-    // A slow rest (the cap applies from the next batch): the guest must run
-    // there while its RAM still comes.
-    src.ok("migrate-set-parameters", json!({"max-bandwidth": 4 << 20}));
     // The destination has the guest before its RAM: paused under -S, then
     // running at `cont` (libvirt's resume in post-copy).
     dst.wait_event("MIGRATION", Some("postcopy-active"));
@@ -3471,7 +3475,10 @@ fn postcopy_runs_the_guest_on_the_destination_before_its_ram_arrived() {
     let info = src.ok("query-migrate", json!({}));
     assert_eq!(info["status"], "postcopy-active", "{info}");
     assert!(info["ram"]["remaining"].as_u64() > Some(0), "{info}");
-    src.ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 0}),
+    );
     dst.wait_event("MIGRATION", Some("completed"));
     src.wait_event("MIGRATION", Some("completed"));
     assert_eq!(src.status(), "postmigrate");

@@ -500,7 +500,7 @@ fn switch_to_postcopy(s: &Scratch) -> (VmProcess, VmProcess, SlowMigrationThread
             .contains("postcopy=on"),
         "{refused}"
     );
-    src.ok("migrate-set max-bandwidth=33554432 postcopy=on");
+    src.ok("migrate-set max-bandwidth=33554432 postcopy=on postcopy-bandwidth=33554432");
     dst.wait_listening();
     let t = src.command_in_thread(&format!("migrate {uri}"));
     wait_in_flight(&src, |q| {

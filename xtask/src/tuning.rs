@@ -183,10 +183,11 @@ pub fn page() -> Result<String, String> {
          (`virsh migrate-postcopy`, `--postcopy-after-precopy`) switches. The others keep \
          their defaults there. `multifd-compression` takes only `none` (ferry sends no \
          zero page and each other page once per pass; `zlib` and `zstd` are refused with \
-         that reason); `multifd-zlib-level`, `multifd-zstd-level` and \
-         `max-postcopy-bandwidth` are kept and reported as QEMU does, and change \
-         nothing: the first two apply to compression, and post-copy's rest goes under \
-         `max-bandwidth`.",
+         that reason); `multifd-zlib-level` and `multifd-zstd-level` are kept and \
+         reported as QEMU does, and change nothing: they apply to compression. \
+         `max-postcopy-bandwidth` (`virsh migrate --postcopy-bandwidth`; ferry-vm's \
+         `postcopy-bandwidth`) caps post-copy's rest instead of `max-bandwidth`, 0 \
+         unlimited, as in QEMU.",
     );
 
     doc.ss("Post-copy");

@@ -99,7 +99,8 @@ pub const CONTROL_COMMANDS: &[(&str, &str)] = &[
          streams, 1 to 16; more than 1 needs a tcp: or unix: URI, and the destination may take \
          fewer), clear-dirty-log (on or off: KVM's manual dirty-log protection where the \
          kernel offers it), postcopy (on or off, before the migration starts: QEMU's \
-         postcopy-ram; then migrate-start-postcopy may switch it).",
+         postcopy-ram; then migrate-start-postcopy may switch it), postcopy-bandwidth \
+         (bytes/s, 0 unlimited: the cap on post-copy's rest instead of max-bandwidth).",
     ),
     (
         "announce",

@@ -10,7 +10,8 @@
 //! `migrate-start-postcopy`,
 //! `migrate-set KEY=VALUE...` (downtime-limit ms, max-bandwidth bytes/s, verify 0|1,
 //! auto-converge 0|1, max-total-time ms, on-timeout cancel|switchover, pause-before-switchover
-//! 0|1, multifd-channels 1..16, clear-dirty-log 0|1, postcopy 0|1, tls-creds
+//! 0|1, multifd-channels 1..16, clear-dirty-log 0|1, postcopy 0|1, postcopy-bandwidth
+//! bytes/s, tls-creds
 //! x509:DIR[,verify-peer=on|off] or psk:DIR[,username=NAME] or none, tls-hostname NAME).
 //! The QEMU-compatible QMP monitor is `ferry-qemu`'s; this is the thin local entry.
 
@@ -582,6 +583,7 @@ fn set_params(ctl: &MigrationControl, args: &str) -> Result<(), SetParamsError> 
             "pause-before-switchover" => p.pause_before_switchover = flag()?,
             "clear-dirty-log" => p.clear_dirty_log = flag()?,
             "postcopy" => p.postcopy = flag()?,
+            "postcopy-bandwidth" => p.max_postcopy_bandwidth = num()?,
             "tls-creds" if v == "none" || v.is_empty() => p.tls = None,
             "tls-creds" => {
                 let spec = migration::CredsSpec::parse(v).map_err(SetParamsError::ParseTlsCreds)?;

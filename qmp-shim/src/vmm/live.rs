@@ -116,6 +116,7 @@ impl FerryBackend {
             multifd_channels: params.streams(caps),
             exact_streams: true,
             postcopy: caps.postcopy_ram,
+            max_postcopy_bandwidth: params.max_postcopy_bandwidth,
             throttle: params.throttle(caps),
             max_throttle_pct: params.max_cpu_throttle,
             tls: tls.as_ref().map(|t| t.creds.clone()),
@@ -464,6 +465,7 @@ pub(super) fn set_params(shared: &BackendShared, p: &MigrationParameters) {
             o.ctl.set_params(|x| {
                 x.downtime_limit_ms = p.downtime_limit_ms;
                 x.max_bandwidth = p.max_bandwidth;
+                x.max_postcopy_bandwidth = p.max_postcopy_bandwidth;
                 x.max_throttle_pct = p.max_cpu_throttle;
                 if let ferry_vmm::migration::ThrottlePolicy::Qemu {
                     initial,

@@ -137,6 +137,9 @@ pub struct MigrationParams {
     /// handshake. One page stream only, and no digest (RAM is not whole at the
     /// switch).
     pub postcopy: bool,
+    /// Bandwidth cap in bytes/s for post-copy's rest, instead of
+    /// `max_bandwidth`; 0 = unlimited (QEMU max-postcopy-bandwidth).
+    pub max_postcopy_bandwidth: u64,
     /// QEMU's rule for multifd: a destination that takes fewer page streams
     /// than proposed fails the migration right after the handshake (the guest
     /// never stopped), naming both numbers. Off: the source goes on with the
@@ -172,6 +175,7 @@ impl Default for MigrationParams {
             multifd_channels: 1,
             exact_streams: false,
             postcopy: false,
+            max_postcopy_bandwidth: 0,
             clear_dirty_log: false,
             tls: None,
             tls_hostname: None,

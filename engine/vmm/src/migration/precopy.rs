@@ -212,6 +212,8 @@ struct PageStreams<'a> {
     /// A post-copy request does not stop the sending: the switch-over (or the
     /// switch to post-copy) is under way.
     postcopy_waits: AtomicBool,
+    /// Post-copy's rest is being sent: `max-postcopy-bandwidth` caps it.
+    postcopy_phase: AtomicBool,
     replies: Arc<Mutex<Replies>>,
     /// Set once a stream failed: the others stop at their next batch.
     failed: AtomicBool,
@@ -361,6 +363,7 @@ impl<'a> PageStreams<'a> {
             guard: Mutex::new(None),
             overrun: AtomicBool::new(false),
             postcopy_waits: AtomicBool::new(false),
+            postcopy_phase: AtomicBool::new(false),
         }
     }
 
@@ -481,8 +484,19 @@ impl<'a> PageStreams<'a> {
     /// The cap is read anew for every batch and while sleeping, so a
     /// `max-bandwidth` change (virsh migrate-setspeed) takes effect at once, as
     /// in QEMU, not only at the next pass.
+    /// The cap in force: `max-bandwidth`, or in post-copy's rest
+    /// `max-postcopy-bandwidth` (QEMU's split; 0 = unlimited).
+    fn cap_now(&self) -> u64 {
+        let p = self.ctl.params();
+        if self.postcopy_phase.load(Ordering::Acquire) {
+            p.max_postcopy_bandwidth
+        } else {
+            p.max_bandwidth
+        }
+    }
+
     fn pace(&self, len: u64) -> Result<(), MigrationError> {
-        self.set_cap(self.ctl.params().max_bandwidth);
+        self.set_cap(self.cap_now());
         let wait = {
             let Ok(mut w) = self.limiter.lock() else {
                 return Ok(());
@@ -505,7 +519,7 @@ impl<'a> PageStreams<'a> {
                 if self.overran() {
                     return Err(MigrationError::SwitchoverOverrun);
                 }
-                let now = self.ctl.params().max_bandwidth;
+                let now = self.cap_now();
                 if now != cap {
                     // A new cap starts a new window; these bytes are not owed.
                     self.set_cap(now);
@@ -1774,6 +1788,7 @@ impl<'a> Precopy<'a> {
         self.ctl
             .emit(MigrationEvent::Status(MigrationStatus::PostcopyActive));
         tracing::info!(rest_pages, downtime_ms = downtime, "switched to post-copy");
+        self.sh.postcopy_phase.store(true, Ordering::Release);
         self.send_postcopy_rest(&rest)?;
         let main = self
             .senders
