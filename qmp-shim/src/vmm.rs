@@ -410,6 +410,37 @@ fn postcopy_hook(shared: &Arc<BackendShared>) -> ferry_vmm::persist::PostcopyHoo
 }
 
 impl FerryBackend {
+    /// `cont` (`run`) or `stop` while an incoming post-copy runs the guest
+    /// here before it is whole: releases or holds its vCPUs. False when no
+    /// post-copy is under way.
+    fn hold_incoming(&self, inner: &mut Inner, run: bool) -> bool {
+        let Some(hold) = self
+            .shared
+            .incoming_hold
+            .lock()
+            .ok()
+            .and_then(|h| h.clone())
+        else {
+            return false;
+        };
+        inner.autostart = run;
+        let (now, event) = if run {
+            (RunState::Running, "RESUME")
+        } else {
+            (RunState::Paused, "STOP")
+        };
+        if inner.state != now {
+            if run {
+                hold.release();
+            } else {
+                hold.hold();
+            }
+            inner.state = now;
+            self.shared.events.emit(event, None);
+        }
+        true
+    }
+
     /// Reads a guest (a checkpoint or a live migration stream) on a thread;
     /// see the module docs.
     fn start_incoming(&self, source: Target) -> Result<(), BackendError> {
@@ -802,20 +833,7 @@ impl Backend for FerryBackend {
             drop(inner);
             return self.cont_live();
         }
-        if let Some(hold) = self
-            .shared
-            .incoming_hold
-            .lock()
-            .ok()
-            .and_then(|h| h.clone())
-        {
-            // Post-copy: the guest runs here while the rest of RAM comes.
-            inner.autostart = true;
-            if inner.state != RunState::Running {
-                hold.release();
-                inner.state = RunState::Running;
-                self.shared.events.emit("RESUME", None);
-            }
+        if self.hold_incoming(&mut inner, true) {
             return Ok(());
         }
         match inner.state {
@@ -847,19 +865,7 @@ impl Backend for FerryBackend {
             drop(inner);
             return self.stop_live();
         }
-        if let Some(hold) = self
-            .shared
-            .incoming_hold
-            .lock()
-            .ok()
-            .and_then(|h| h.clone())
-        {
-            inner.autostart = false;
-            if inner.state == RunState::Running {
-                hold.hold();
-                inner.state = RunState::Paused;
-                self.shared.events.emit("STOP", None);
-            }
+        if self.hold_incoming(&mut inner, false) {
             return Ok(());
         }
         match inner.state {

@@ -289,11 +289,23 @@ pub fn dirtier_source(scratch: &Scratch, mem: &str, append: &str, extra: &[&str]
 /// destination with its memory passing the oracle. Returns the statistics.
 pub fn complete_migration(
     scratch: &Scratch,
-    mut src: VmProcess,
-    mut dst: VmProcess,
+    src: VmProcess,
+    dst: VmProcess,
     uri: &str,
 ) -> serde_json::Value {
     let reply = src.ok(&format!("migrate {uri}"));
+    check_completed(scratch, src, dst, &reply)
+}
+
+/// After `migrate`'s `reply`: it says completed, the source exits 0, and the
+/// guest beats on the destination with its memory passing the oracle.
+/// Returns the statistics.
+pub fn check_completed(
+    scratch: &Scratch,
+    mut src: VmProcess,
+    mut dst: VmProcess,
+    reply: &serde_json::Value,
+) -> serde_json::Value {
     let stats = reply["migration"].clone();
     assert_eq!(stats["status"], "completed", "{stats}");
     assert_eq!(
