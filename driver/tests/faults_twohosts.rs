@@ -32,7 +32,7 @@ use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use twohosts::lab::{ms, JobInfo, Lab, Sample, CMDLINE, MAX_PASSES};
-use twohosts::{text, DEST_B};
+use twohosts::{text, DEST_A, DEST_B};
 
 /// How many #[test]s share the hosts: the last one to finish tears them down.
 const TESTS: usize = 7;
@@ -492,6 +492,8 @@ fn destination_emulator_killed_mid_migration_the_source_runs_on() {
 /// MiB/s, `virsh migrate-postcopy` from a second connection (Nova's
 /// `migrateStartPostCopy` on force-complete). The job completes, the guest
 /// runs on B only, its heartbeats go on and its memory passes the oracle.
+/// Then back to A with `--postcopy-after-precopy` (libvirt switches after
+/// the first pass) and `--postcopy-bandwidth`.
 #[test]
 fn nova_postcopy_switch_mid_pass_moves_the_guest() {
     let Some(lab) = lab() else { return };
@@ -558,6 +560,32 @@ fn nova_postcopy_switch_mid_pass_moves_the_guest() {
         before.processed as f64 / (1u64 << 20) as f64,
         t0.elapsed().as_millis(),
         waited.as_millis(),
+        job_summary(&st),
+    );
+    // Back with libvirt choosing the moment: `--postcopy-after-precopy`
+    // switches once the first pass is over (libvirt waits for its
+    // MIGRATION_PASS event), the rest capped by `--postcopy-bandwidth`.
+    let t0 = Instant::now();
+    lab.migrate(
+        "B",
+        dom,
+        DEST_A,
+        &[
+            "--p2p",
+            "--postcopy",
+            "--postcopy-after-precopy",
+            "--bandwidth",
+            SLOW,
+            "--postcopy-bandwidth",
+            "64",
+        ],
+    );
+    let st = lab.jobinfo("B", dom, true);
+    let report = lab.assert_moved(dom, "B", "A", mib);
+    lab.assert_runs_only_on("A", dom);
+    eprintln!(
+        "POSTCOPY after the first pass, back to A: {} ms: {}; oracle on A: {report:?}",
+        t0.elapsed().as_millis(),
         job_summary(&st),
     );
     lab.forget(dom);

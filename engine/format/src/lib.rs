@@ -48,6 +48,7 @@
 //! |  8 | Digest   | CBOR: digest of all guest RAM           | 16 MiB            |
 //! |  9 | Join     | CBOR: opens an extra page stream        | 16 MiB            |
 //! | 10 | KeepAlive| empty, never critical; readers skip it  | 0 bytes           |
+//! | 11 | Postcopy | CBOR: the pages still to come           | 16 MiB            |
 //! |  * | other    | unknown to this version                 | 64 MiB            |
 //!
 //! ## RamPages payload

@@ -376,7 +376,8 @@ mod tests {
         assert_eq!(SectionId::from_u32(0), SectionId::Unknown(0));
         assert_eq!(SectionId::from_u32(9), SectionId::Join);
         assert_eq!(SectionId::from_u32(10), SectionId::KeepAlive);
-        assert_eq!(SectionId::from_u32(11), SectionId::Unknown(11));
+        assert_eq!(SectionId::from_u32(11), SectionId::Postcopy);
+        assert_eq!(SectionId::from_u32(12), SectionId::Unknown(12));
         // An Unknown spelling of a known id behaves as the known id.
         assert!(SectionId::Unknown(2).is_known());
         assert_eq!(SectionId::Unknown(2).to_string(), "RamPages (id 2)");

@@ -40,10 +40,26 @@
 //! page of another stripe, or any stream failing fails the migration (the source
 //! resumes).
 //!
+//! With `postcopy` on (handshake field; the destination checks it can serve
+//! missing pages, or refuses), `migrate-start-postcopy` switches before the rest is
+//! small:
+//!
+//! ```text
+//!  pause vCPUs, final dirty sync
+//!  Postcopy {pages still to come},
+//!  Vcpus, Vm, Devices ─────────────────────▶ drop those pages, userfaultfd on,
+//!                                             load state, run the VM
+//!                  ◀───────────────────────── Reply::PageRequest {gpa} (a touch)
+//!  RamPages (requested first, then the
+//!  rest in address order), End ────────────▶ place each page (waiters wake)
+//!                  ◀───────────────────────── Reply::Loaded (every page came)
+//! ```
+//!
 //! Any failure before `End` is sent leaves the source running with memory intact and
 //! dirty logging off. A failure after `End` was sent but before `Loaded` arrived leaves
 //! the source paused: the destination may be running, and two running copies must
-//! never exist.
+//! never exist. In post-copy that holds from the state on: whatever fails after it,
+//! the source stays paused (there is no post-copy recovery yet).
 
 pub(crate) mod converge;
 pub mod endpoint;
