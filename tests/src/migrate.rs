@@ -31,7 +31,19 @@ pub struct RunConfig {
     pub measure_memory: bool,
     /// More `ferry-vm incoming` arguments (e.g. `--tls-creds x509:DIR`).
     pub incoming_args: Vec<String>,
+    /// QMP runs only: capabilities turned on on both sides before the migration
+    /// (`auto-converge`, `postcopy-ram`); the destination then starts with
+    /// `-incoming defer` to take them first. With `postcopy-ram` the source
+    /// switches ([`POSTCOPY_AFTER_SYNCS`]) and `RunResult::postcopy` is set.
+    pub capabilities: Vec<String>,
 }
+
+/// The post-copy switch rule of [`run_qmp`]: `migrate-start-postcopy` once the
+/// source's `ram.dirty-sync-count` reaches this, i.e. once its first pass over
+/// RAM is done (QEMU counts the sync before that pass and the one after it;
+/// ferry counts passes + 1). Every page was offered once, so post-copy fetches
+/// only what the guest dirtied since.
+pub const POSTCOPY_AFTER_SYNCS: u64 = 2;
 
 /// What one migration measured.
 #[derive(Debug, Clone)]
@@ -48,6 +60,22 @@ pub struct RunResult {
     pub oracle: Result<ferry_testguest::OracleReport, String>,
     /// Memory outside guest RAM, when `RunConfig::measure_memory` is set.
     pub memory: Option<MemoryOverhead>,
+    /// The switch and the guest's progress around it, for post-copy runs.
+    pub postcopy: Option<PostcopyPhase>,
+}
+
+/// A post-copy run seen from the host. The guest's progress is its heartbeat
+/// rate (it beats at most once per millisecond of running, so 1000/s means it
+/// never waited a millisecond): on the source from `migrate` to the switch, on
+/// the destination from the switch (the source's status `postcopy-active`,
+/// polled every 20 ms; the switch's own pause counts in it) to `completed`.
+#[derive(Debug, Clone, Copy)]
+pub struct PostcopyPhase {
+    /// From `migrate` to the source's `postcopy-active`.
+    pub switch_ms: f64,
+    /// Heartbeats per second before the switch and during post-copy.
+    pub beats_before: f64,
+    pub beats_during: f64,
 }
 
 /// Resident memory of the two processes outside guest RAM, in bytes: before the
@@ -234,6 +262,7 @@ pub fn run_ferry(
         guest_stalled_pct: stalled,
         oracle,
         memory,
+        postcopy: None,
     })
 }
 
@@ -480,22 +509,52 @@ fn run_qmp(
     std::thread::sleep(Duration::from_millis(1000));
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
-    let mut dst = Qemu::start(&bin, s, "qdst", cfg, &dst_serial, Some(&uri))?;
+    let mut dst = if cfg.capabilities.is_empty() {
+        Qemu::start(&bin, s, "qdst", cfg, &dst_serial, Some(&uri))?
+    } else {
+        let caps: Vec<Value> = cfg
+            .capabilities
+            .iter()
+            .map(|c| json!({"capability": c, "state": true}))
+            .collect();
+        let caps = json!({ "capabilities": caps });
+        let mut dst = Qemu::start(&bin, s, "qdst", cfg, &dst_serial, Some("defer"))?;
+        dst.exec("migrate-set-capabilities", caps.clone())?;
+        dst.exec("migrate-incoming", json!({"uri": uri}))?;
+        src.exec("migrate-set-capabilities", caps)?;
+        dst
+    };
+    let postcopy = cfg.capabilities.iter().any(|c| c == "postcopy-ram");
     let bw = if cfg.max_bandwidth == 0 {
         1u64 << 40
     } else {
         cfg.max_bandwidth
     };
+    // QEMU caps its post-copy phase with max-postcopy-bandwidth, ferry with
+    // max-bandwidth: the same cap for both.
     src.exec(
         "migrate-set-parameters",
-        json!({"max-bandwidth": bw, "downtime-limit": cfg.downtime_limit_ms}),
+        json!({"max-bandwidth": bw, "max-postcopy-bandwidth": bw,
+               "downtime-limit": cfg.downtime_limit_ms}),
     )?;
     let t0 = Instant::now();
     src.exec("migrate", json!({"uri": uri}))?;
-    let deadline = t0 + Duration::from_secs(120);
+    // 120 s, or 40 passes over RAM at the cap (QEMU's auto-converge takes
+    // two passes per throttle step, from 20% to 99%).
+    let passes_40 = 40.0 * parse_mem(&cfg.mem) as f64 / bw as f64;
+    let deadline = t0 + Duration::from_secs(120).max(Duration::from_secs_f64(passes_40));
+    let (mut switch_asked, mut switched) = (false, None);
     let stats = loop {
         let q = src.exec("query-migrate", json!({}))?;
         progress(&q);
+        let synced = q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        if postcopy && !switch_asked && synced >= POSTCOPY_AFTER_SYNCS {
+            src.exec("migrate-start-postcopy", json!({}))?;
+            switch_asked = true;
+        }
+        if switched.is_none() && q["status"] == "postcopy-active" {
+            switched = Some(Instant::now());
+        }
         match q["status"].as_str() {
             Some("completed") => break q,
             Some("failed") | Some("cancelled") => {
@@ -505,13 +564,22 @@ fn run_qmp(
         }
         if Instant::now() > deadline {
             let _ = src.exec("migrate_cancel", json!({}));
-            return Err("QEMU did not converge in 120 s".into());
+            return Err(format!("QEMU did not converge in {:?}", deadline - t0));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let t1 = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     let (guest_downtime_ms, stalled) = gap_figures(&hb, t0, t1, t1 + Duration::from_millis(200));
+    let rate = |a: Instant, b: Instant| hb.count_between(a, b) as f64 / (b - a).as_secs_f64();
+    let postcopy = switched.map(|ts| PostcopyPhase {
+        switch_ms: (ts - t0).as_secs_f64() * 1e3,
+        beats_before: rate(t0, ts),
+        beats_during: rate(ts, t1),
+    });
+    if postcopy.is_none() && switch_asked {
+        return Err("post-copy was asked for but never seen active".into());
+    }
     let mem_bytes = crate::migrate::parse_mem(&cfg.mem);
     let oracle = if mem_bytes <= 3 << 30 {
         let image = s.path("qdst.img");
@@ -535,6 +603,7 @@ fn run_qmp(
         guest_stalled_pct: stalled,
         oracle,
         memory: None,
+        postcopy,
     })
 }
 

@@ -8,12 +8,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ferry_tests::migrate::{
-    qemu_binary, run_ferry, run_ferry_qemu, run_qemu, RunConfig, RunResult,
+    qemu_binary, run_ferry, run_ferry_qemu, run_qemu, RunConfig, RunResult, POSTCOPY_AFTER_SYNCS,
 };
 use ferry_tests::pki::{psk_dir, Ca};
 use ferry_tests::Scratch;
 
-const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 1000)] [--host-memory warm|as-is] | --checkpoint [--repeats N] | --disk [--disk-mib M] [--repeats N] | --boot [--repeats N]";
+const USAGE: &str = "usage: ferry-bench [--ram 256M,1G,4G] [--ws idle,filled,64M,50%,100% (WS+fill: every page written first)] [--repeats N] [--max-bandwidth|--bandwidth MiB/s] [--streams 1,2,4] [--tls none,x509,psk] [--memory] [--set KEY=VALUE]... [--no-qemu] [--no-ferry-qemu] [--downtime-limit MS] [--settle MS (pause before each run, default 1000)] [--host-memory warm|as-is] | --postcopy [--ram 1G] [--ws 100%,64M] [--bandwidth 128] [--repeats N] [--downtime-limit MS] | --checkpoint [--repeats N] | --disk [--disk-mib M] [--repeats N] | --boot [--repeats N]";
 
 /// The pause before each run (the last run's processes are gone, their memory
 /// freed); the order of the engines rotates per repeat as well.
@@ -111,6 +111,14 @@ struct Series {
     dst_mem: Vec<f64>,
     dst_mem_total: Vec<f64>,
     failures: Vec<String>,
+    /// Runs whose destination memory the oracle passed.
+    intact: usize,
+    /// Post-copy runs: ms to the switch, heartbeats/s before and during
+    /// post-copy (see `PostcopyPhase`), MiB sent after the switch.
+    switch_ms: Vec<f64>,
+    beats_before: Vec<f64>,
+    beats_during: Vec<f64>,
+    postcopy_mib: Vec<f64>,
 }
 
 impl Series {
@@ -143,12 +151,42 @@ impl Series {
             self.dst_mem.push(mib(m.dst_peak, m.dst_after));
             self.dst_mem_total.push(mib(m.dst_peak, m.dst_before));
         }
-        if let Err(e) = &r.oracle {
-            if !e.starts_with("not checked") {
-                self.failures.push(format!("oracle: {e}"));
-            }
+        match &r.oracle {
+            Ok(_) => self.intact += 1,
+            Err(e) if !e.starts_with("not checked") => self.failures.push(format!("oracle: {e}")),
+            Err(_) => {}
+        }
+        if let Some(p) = &r.postcopy {
+            self.switch_ms.push(p.switch_ms);
+            self.beats_before.push(p.beats_before);
+            self.beats_during.push(p.beats_during);
+            self.postcopy_mib
+                .push(st["ram"]["postcopy-bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0);
         }
     }
+}
+
+/// The dirtier's command line for a `--ws` value.
+fn dirtier_append(ws: &str) -> String {
+    match ws {
+        "idle" => "ws=0".to_string(),
+        // Every page written once, then idle: pure page throughput.
+        "filled" => "ws=0 fill=1".to_string(),
+        // A working set over RAM whose every page was written once.
+        _ => match ws.strip_suffix("+fill") {
+            Some(ws) => format!("ws={ws} fill=1"),
+            None => format!("ws={ws}"),
+        },
+    }
+}
+
+/// Bytes of the largest guest of `rams`; the host memory warmed is three times
+/// that: source and destination of the largest guest, and as much again.
+fn largest_ram(rams: &[String]) -> u64 {
+    rams.iter()
+        .map(|r| ferry_tests::migrate::parse_mem(r))
+        .max()
+        .unwrap_or(0)
 }
 
 fn stats(v: &[f64]) -> (f64, f64, f64) {
@@ -175,16 +213,12 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn main() -> ExitCode {
-    let mut rams = vec!["256M".to_string(), "1G".to_string(), "4G".to_string()];
-    let mut wss = vec![
-        "idle".to_string(),
-        "64M".into(),
-        "50%".into(),
-        "100%".into(),
-    ];
+    let mut rams = None;
+    let mut wss = None;
+    let mut postcopy = false;
     let mut repeats = 3;
     let mut qemu = true;
-    let mut bw = 0u64;
+    let mut bw = None;
     let mut limit = 300u64;
     let mut checkpoint = false;
     let mut disk = false;
@@ -201,10 +235,11 @@ fn main() -> ExitCode {
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_default();
         match a.as_str() {
-            "--ram" => rams = val().split(',').map(String::from).collect(),
-            "--ws" => wss = val().split(',').map(String::from).collect(),
+            "--ram" => rams = Some(val().split(',').map(String::from).collect()),
+            "--ws" => wss = Some(val().split(',').map(String::from).collect()),
+            "--postcopy" => postcopy = true,
             "--repeats" => repeats = val().parse().unwrap_or(1),
-            "--max-bandwidth" | "--bandwidth" => bw = val().parse::<u64>().unwrap_or(0) << 20,
+            "--max-bandwidth" | "--bandwidth" => bw = Some(val().parse::<u64>().unwrap_or(0) << 20),
             "--streams" => streams = val().split(',').map(|n| n.parse().unwrap_or(1)).collect(),
             "--tls" => tls_modes = val().split(',').map(String::from).collect(),
             "--memory" => memory = true,
@@ -242,6 +277,17 @@ fn main() -> ExitCode {
     if boot {
         return boot_bench(repeats, settle);
     }
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    if postcopy {
+        let rams = rams.unwrap_or_else(|| strings(&["1G"]));
+        let wss = wss.unwrap_or_else(|| strings(&["100%", "64M"]));
+        let bw = bw.unwrap_or(128 << 20);
+        let _host = host_warm.then(|| HostMemory::warm(largest_ram(&rams) * 3));
+        return postcopy_bench(&rams, &wss, bw, limit, repeats, settle);
+    }
+    let rams = rams.unwrap_or_else(|| strings(&["256M", "1G", "4G"]));
+    let wss = wss.unwrap_or_else(|| strings(&["idle", "64M", "50%", "100%"]));
+    let bw = bw.unwrap_or(0);
     if let Some(bad) = tls_modes
         .iter()
         .find(|m| !["none", "x509", "psk"].contains(&m.as_str()))
@@ -283,13 +329,7 @@ fn main() -> ExitCode {
         })
         .collect();
     let qemu = qemu && qemu_binary().is_some();
-    // Source and destination of the largest guest, and as much again.
-    let largest = rams
-        .iter()
-        .map(|r| ferry_tests::migrate::parse_mem(r))
-        .max()
-        .unwrap_or(0);
-    let _host = host_warm.then(|| HostMemory::warm(largest * 3));
+    let _host = host_warm.then(|| HostMemory::warm(largest_ram(&rams) * 3));
     println!(
         "ferry-bench: dirtier over loopback TCP, downtime limit {limit} ms, bandwidth {}, {repeats} repeat(s), QEMU {}",
         if bw == 0 { "unlimited".into() } else { format!("{} MiB/s", bw >> 20) },
@@ -315,16 +355,7 @@ fn main() -> ExitCode {
     let mut failed = false;
     for ram in &rams {
         for ws in &wss {
-            let append = match ws.as_str() {
-                "idle" => "ws=0".to_string(),
-                // Every page written once, then idle: pure page throughput.
-                "filled" => "ws=0 fill=1".to_string(),
-                // A working set over RAM whose every page was written once.
-                _ => match ws.strip_suffix("+fill") {
-                    Some(ws) => format!("ws={ws} fill=1"),
-                    None => format!("ws={ws}"),
-                },
-            };
+            let append = dirtier_append(ws);
             let cfg = RunConfig {
                 mem: ram.clone(),
                 append,
@@ -333,6 +364,7 @@ fn main() -> ExitCode {
                 downtime_limit_ms: limit,
                 measure_memory: memory,
                 incoming_args: vec![],
+                capabilities: vec![],
             };
             // One ferry series per stream count (multifd-channels) and TLS mode.
             let mut fers: Vec<(u32, usize, Series)> = tls_cfg
@@ -490,6 +522,181 @@ fn main() -> ExitCode {
     }
     if failed {
         ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// One series of `--postcopy`: which program, which capabilities.
+struct PostcopyMode {
+    name: &'static str,
+    qemu: bool,
+    capabilities: &'static [&'static str],
+}
+
+/// Post-copy against a throttled pre-copy, ferry-qemu and QEMU. ferry's
+/// pre-copy has no capability: its own adaptive throttle is its default (with
+/// `auto-converge` it would take QEMU's steps); QEMU's throttles only with
+/// `auto-converge`.
+const POSTCOPY_MODES: [PostcopyMode; 4] = [
+    PostcopyMode {
+        name: "ferry post",
+        qemu: false,
+        capabilities: &["postcopy-ram"],
+    },
+    PostcopyMode {
+        name: "ferry pre",
+        qemu: false,
+        capabilities: &[],
+    },
+    PostcopyMode {
+        name: "qemu post",
+        qemu: true,
+        capabilities: &["postcopy-ram"],
+    },
+    PostcopyMode {
+        name: "qemu pre+ac",
+        qemu: true,
+        capabilities: &["auto-converge"],
+    },
+];
+
+/// `--postcopy`: the dirtier between two ferry-qemu processes and between two
+/// QEMU 7.2 processes over QMP, post-copy and pre-copy, the series alternating
+/// per repeat, same guest, same cap on both phases. Post-copy switches once the
+/// first pass is done ([`POSTCOPY_AFTER_SYNCS`]).
+fn postcopy_bench(
+    rams: &[String],
+    wss: &[String],
+    bw: u64,
+    limit: u64,
+    repeats: usize,
+    settle: Duration,
+) -> ExitCode {
+    let qemu = qemu_binary().is_some();
+    let modes: Vec<usize> = (0..POSTCOPY_MODES.len())
+        .filter(|&m| qemu || !POSTCOPY_MODES[m].qemu)
+        .collect();
+    println!(
+        "ferry-bench --postcopy: dirtier over loopback TCP via QMP, bandwidth {} MiB/s (both phases), \
+         downtime limit {limit} ms, switch after the first pass (dirty-sync-count {POSTCOPY_AFTER_SYNCS}), \
+         {repeats} repeat(s), QEMU {}",
+        bw >> 20,
+        if qemu { "7.2 (-M microvm) in the same run" } else { "not run" }
+    );
+    println!(
+        "figures: min/median/max; times in ms; guest gap = largest heartbeat gap; beats/s = the guest's \
+         heartbeats per second (1000 = never held 1 ms) before the switch and during post-copy; \
+         downtime = the source's"
+    );
+    println!(
+        "{:<11} {:<5} {:<5} {:>17} {:>12} {:>12} {:>17} {:>13} {:>13} {:>14} {:>14} {:>6}",
+        "engine",
+        "ram",
+        "ws",
+        "total",
+        "downtime",
+        "guest-gap",
+        "switch-at",
+        "beats/s pre",
+        "beats/s post",
+        "MiB-sent",
+        "MiB-postcopy",
+        "intact"
+    );
+    let or_dash = |v: &[f64]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            fmt3(v)
+        }
+    };
+    let mut failed = false;
+    for ram in rams {
+        for ws in wss {
+            let cfg = RunConfig {
+                mem: ram.clone(),
+                append: dirtier_append(ws),
+                settings: vec![],
+                max_bandwidth: bw,
+                downtime_limit_ms: limit,
+                measure_memory: false,
+                incoming_args: vec![],
+                capabilities: vec![],
+            };
+            let mut series: Vec<Series> =
+                POSTCOPY_MODES.iter().map(|_| Series::default()).collect();
+            let runs = alternate(&modes, repeats, settle, |m| {
+                let mode = &POSTCOPY_MODES[m];
+                let s = Scratch::new();
+                let mut cfg = cfg.clone();
+                cfg.capabilities = mode.capabilities.iter().map(|c| c.to_string()).collect();
+                let r = if mode.qemu {
+                    run_qemu(&s, &cfg)
+                } else {
+                    run_ferry_qemu(&s, &cfg, |_| {})
+                }
+                .map_err(|e| format!("{} {ram} {ws}: {e}", mode.name))?;
+                series[m].add(&r);
+                Ok((r.wall_ms, r.guest_downtime_ms))
+            });
+            failed |= runs.iter().any(|r| !r.ok);
+            for &m in &modes {
+                let ser = &series[m];
+                let name = POSTCOPY_MODES[m].name;
+                println!(
+                    "{:<11} {:<5} {:<5} {:>17} {:>12} {:>12} {:>17} {:>13} {:>13} {:>14} {:>14} {:>6}",
+                    name,
+                    ram,
+                    ws,
+                    fmt3(&ser.total),
+                    fmt3(&ser.downtime),
+                    fmt3(&ser.guest_gap),
+                    or_dash(&ser.switch_ms),
+                    or_dash(&ser.beats_before),
+                    or_dash(&ser.beats_during),
+                    fmt3(&ser.mib),
+                    or_dash(&ser.postcopy_mib),
+                    format!("{}/{}", ser.intact, ser.total.len()),
+                );
+                for f in &ser.failures {
+                    println!("       ! {name} {ram} {ws}: {f}");
+                }
+                failed |= !ser.failures.is_empty();
+            }
+            for (f, q, what) in [(0, 2, "post-copy"), (1, 3, "pre-copy")] {
+                let (f, q) = (&series[f], &series[q]);
+                if f.total.is_empty() || q.total.is_empty() {
+                    continue;
+                }
+                // A side that reports no downtime (0) has no ratio.
+                let ratio = |a: &[f64], b: &[f64]| {
+                    let (a, b) = (median(a), median(b));
+                    if a > 0.0 && b > 0.0 {
+                        format!("{:.2}x", a / b)
+                    } else {
+                        format!("- ({a:.0} against {b:.0} ms)")
+                    }
+                };
+                println!(
+                    "ratio  {ram:<5} {ws:<5} ferry/QEMU {what}: total {:.2}x, downtime {}, guest gap {:.2}x{}",
+                    median(&f.total) / median(&q.total),
+                    ratio(&f.downtime, &q.downtime),
+                    median(&f.guest_gap) / median(&q.guest_gap),
+                    if f.beats_during.is_empty() || q.beats_during.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ", guest progress during post-copy {:.2}x",
+                            median(&f.beats_during) / median(&q.beats_during)
+                        )
+                    },
+                );
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }

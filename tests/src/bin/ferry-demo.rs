@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         downtime_limit_ms: 300,
         measure_memory: false,
         incoming_args: vec![],
+        capabilities: vec![],
     };
     let mut ws = "128M".to_string();
     let mut engine = "ferry-qemu".to_string();
