@@ -278,10 +278,9 @@ pub struct MigrationParameters {
     /// streams, and ferry takes only `multifd-compression` none.
     pub multifd_zlib_level: u8,
     pub multifd_zstd_level: u8,
-    /// QEMU's `max-postcopy-bandwidth` (bytes/s, 0 = no cap): kept and
-    /// reported; it would apply only to a post-copy phase, which ferry does not
-    /// have (the `postcopy-ram` capability is not offered, so libvirt refuses
-    /// `--postcopy` before it sets this).
+    /// QEMU's `max-postcopy-bandwidth` (bytes/s, 0 = no cap): the cap on
+    /// post-copy's rest instead of `max_bandwidth` (libvirt's
+    /// `--postcopy-bandwidth`).
     pub max_postcopy_bandwidth: u64,
 }
 

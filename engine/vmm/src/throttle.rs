@@ -165,6 +165,13 @@ impl VcpuHold {
         (self.stop_devices)(true);
     }
 
+    /// [`Self::hold`] for vCPUs that are not running (a paused VM about to
+    /// resume held): nothing to kick out or wait for.
+    pub fn hold_stopped(&self) {
+        self.state.held.store(true, Ordering::Release);
+        (self.stop_devices)(true);
+    }
+
     /// Lets held vCPUs and devices run again.
     pub fn release(&self) {
         self.state.held.store(false, Ordering::Release);

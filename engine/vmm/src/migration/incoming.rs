@@ -965,7 +965,7 @@ fn postcopy_load(
                 if !vm.is_running() {
                     // Running but held: the front-end's `cont` releases it
                     // while the rest of RAM still comes.
-                    hold.hold();
+                    hold.hold_stopped();
                     vm.resume()?;
                 }
                 (hook.0)(hold);

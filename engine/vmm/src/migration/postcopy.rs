@@ -186,8 +186,11 @@ impl PostcopyPages {
         request: RequestPage,
     ) -> Result<Self, PostcopyError> {
         let uffd = Arc::new(Userfault::new()?);
-        for gpa in missing.pages() {
-            ram.discard(gpa, PAGE_SIZE)
+        // One madvise per run of contiguous pages, not one per page: the
+        // guest is paused meanwhile.
+        let one_range = |start: u64, len: usize| ram.contains(start, len);
+        for (gpa, len) in runs(&missing.pages(), one_range) {
+            ram.discard(gpa, len)
                 .map_err(|source| PostcopyError::Discard { gpa, source })?;
         }
         uffd.register(&ram)?;
@@ -284,6 +287,23 @@ impl Drop for PostcopyPages {
         // source); the fault thread stops and the VM is dropped with it.
         let _ = self.stop_faults();
     }
+}
+
+/// Runs of contiguous pages in `pages` (ascending): (first, bytes); a run
+/// grows only while `one_range(start, bytes)` holds (one RAM range).
+fn runs(pages: &[u64], one_range: impl Fn(u64, usize) -> bool) -> Vec<(u64, usize)> {
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for &gpa in pages {
+        match out.last_mut() {
+            Some((start, len))
+                if *start + *len as u64 == gpa && one_range(*start, *len + PAGE_SIZE) =>
+            {
+                *len += PAGE_SIZE
+            }
+            _ => out.push((gpa, PAGE_SIZE)),
+        }
+    }
+    out
 }
 
 /// The fault thread: a touch of a page to come asks for it once; a touch of
@@ -439,6 +459,27 @@ mod tests {
         // Ordinary RAM again: a never-written page reads zero, no thread serves it.
         ram.read(0x90_0000, &mut b).expect("read");
         assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn contiguous_pages_are_dropped_in_runs() {
+        let p = PAGE_SIZE as u64;
+        let any = |_, _| true;
+        assert_eq!(
+            runs(&[0, p, 2 * p, 5 * p, 6 * p, 9 * p], any),
+            vec![
+                (0, 3 * PAGE_SIZE),
+                (5 * p, 2 * PAGE_SIZE),
+                (9 * p, PAGE_SIZE)
+            ]
+        );
+        assert!(runs(&[], any).is_empty());
+        // Adjacent RAM ranges are dropped apart.
+        let below_2 = |start: u64, len: usize| start + len as u64 <= 2 * p || start >= 2 * p;
+        assert_eq!(
+            runs(&[0, p, 2 * p, 3 * p], below_2),
+            vec![(0, 2 * PAGE_SIZE), (2 * p, 2 * PAGE_SIZE)]
+        );
     }
 
     #[test]

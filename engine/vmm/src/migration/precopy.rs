@@ -214,6 +214,8 @@ struct PageStreams<'a> {
     postcopy_waits: AtomicBool,
     /// Post-copy's rest is being sent: `max-postcopy-bandwidth` caps it.
     postcopy_phase: AtomicBool,
+    /// Page requests waiting to be served: the pace does not sleep over them.
+    requests_pending: Arc<AtomicU64>,
     replies: Arc<Mutex<Replies>>,
     /// Set once a stream failed: the others stop at their next batch.
     failed: AtomicBool,
@@ -364,6 +366,7 @@ impl<'a> PageStreams<'a> {
             overrun: AtomicBool::new(false),
             postcopy_waits: AtomicBool::new(false),
             postcopy_phase: AtomicBool::new(false),
+            requests_pending: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -518,6 +521,13 @@ impl<'a> PageStreams<'a> {
                 // pause bound is known to be passed, not a whole batch later.
                 if self.overran() {
                     return Err(MigrationError::SwitchoverOverrun);
+                }
+                // Post-copy: a page the guest waits for goes now; the
+                // bytes stay counted, so the cap holds over the window.
+                if self.postcopy_phase.load(Ordering::Acquire)
+                    && self.requests_pending.load(Ordering::Acquire) > 0
+                {
+                    break;
                 }
                 let now = self.cap_now();
                 if now != cap {
@@ -843,11 +853,16 @@ fn check_abort(ctl: &MigrationControl, replies: &Replies) -> Result<(), Migratio
 
 /// Reads replies from the destination in a thread, so the sender can poll
 /// them; post-copy's page requests go to the second receiver.
-fn spawn_return_path(channel: &mut Channel) -> (Replies, Receiver<u64>) {
+fn spawn_return_path(channel: &mut Channel) -> (Replies, PageRequests) {
     let (tx, rx) = mpsc::channel();
     let (req_tx, req_rx) = mpsc::channel();
+    let pending = Arc::new(AtomicU64::new(0));
+    let requests = PageRequests {
+        rx: req_rx,
+        pending: Arc::clone(&pending),
+    };
     if !channel.has_return_path {
-        return (rx, req_rx);
+        return (rx, requests);
     }
     let reader = std::mem::replace(&mut channel.reader, Box::new(std::io::empty()));
     let _ = std::thread::Builder::new()
@@ -873,6 +888,7 @@ fn spawn_return_path(channel: &mut Channel) -> (Replies, Receiver<u64>) {
                 };
                 if let Ok(Reply::PageRequest { gpa }) = msg {
                     // Nobody listens once post-copy ended: nothing is lost.
+                    pending.fetch_add(1, Ordering::AcqRel);
                     let _ = req_tx.send(gpa);
                     continue;
                 }
@@ -882,7 +898,14 @@ fn spawn_return_path(channel: &mut Channel) -> (Replies, Receiver<u64>) {
                 }
             }
         });
-    (rx, req_rx)
+    (rx, requests)
+}
+
+/// Post-copy's page requests, as the return path received them, and how many
+/// are waiting (the pace stops sleeping for them).
+struct PageRequests {
+    rx: Receiver<u64>,
+    pending: Arc<AtomicU64>,
 }
 
 fn wait_reply(
@@ -954,9 +977,11 @@ pub fn migrate(
         .map_err(MigrationError::from)
         .and_then(|mut channel| {
             let (replies, requests) = spawn_return_path(&mut channel);
+            let pending = Arc::clone(&requests.pending);
             let replies = Arc::new(Mutex::new(replies));
             return_path = Some(Arc::clone(&replies));
             let mut precopy = Precopy::handshake(vm, channel, ctl, replies, start)?;
+            precopy.sh.requests_pending = pending;
             precopy.requests = Some(requests);
             let result = precopy.run();
             point_of_no_return = precopy.point_of_no_return;
@@ -1256,7 +1281,7 @@ struct Precopy<'a> {
     /// End was sent: the destination may be running the VM.
     point_of_no_return: bool,
     /// Post-copy's page requests from the destination.
-    requests: Option<Receiver<u64>>,
+    requests: Option<PageRequests>,
     /// The state went to the destination in post-copy: it runs the VM.
     postcopy_started: bool,
 }
@@ -1840,9 +1865,10 @@ impl<'a> Precopy<'a> {
         sh.begin_pass(pages.len() as u64 * PAGE_SIZE as u64);
         let mut sent = PageMap::new(&ram, false);
         let mut asked = 0u64;
-        for (i, &gpa) in pages.iter().enumerate() {
-            if i % BATCH_PAGES as usize == 0 {
-                if let Some(requests) = &requests {
+        for &gpa in &pages {
+            // Before every page: a touch waits on the destination meanwhile.
+            if let Some(requests) = &requests {
+                if requests.pending.load(Ordering::Acquire) > 0 {
                     asked += serve_requests(main, sh, &ram, requests, &mut sent)?;
                     sh.ctl.update_stats(|s| s.postcopy_requests = asked);
                 }
@@ -1890,11 +1916,12 @@ fn serve_requests(
     main: &mut PageSender,
     sh: &PageStreams<'_>,
     ram: &GuestRam,
-    requests: &Receiver<u64>,
+    requests: &PageRequests,
     sent: &mut PageMap,
 ) -> Result<u64, MigrationError> {
     let mut n = 0;
-    while let Ok(gpa) = requests.try_recv() {
+    while let Ok(gpa) = requests.rx.try_recv() {
+        requests.pending.fetch_sub(1, Ordering::AcqRel);
         n += 1;
         let page = gpa & !(PAGE_SIZE as u64 - 1);
         match sent.test_and_set(page) {
