@@ -13,14 +13,14 @@
 //! these calls and the engine's statistics and events back.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Child;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::exec::{self, StreamEnd};
-use super::transport::{ReadHalf, WriteHalf};
+use super::transport::{is_socket, ReadHalf, WriteHalf};
 use super::{
     Channel, Listener, MigrationControl, MigrationError, MigrationStats, MigrationUri,
     ServeOptions, TlsCreds,
@@ -53,11 +53,6 @@ impl std::str::FromStr for Target {
             _ => Ok(Self::Uri(s.parse()?)),
         }
     }
-}
-
-/// Whether `fd` is a socket (a peer that can answer) rather than a file or a pipe.
-pub fn is_socket(fd: &impl AsFd) -> bool {
-    nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK)
 }
 
 impl Target {

@@ -91,6 +91,11 @@ impl std::fmt::Display for MigrationUri {
     }
 }
 
+/// Whether `fd` is a socket (a peer that can answer) rather than a file or a pipe.
+pub fn is_socket(fd: &impl std::os::fd::AsFd) -> bool {
+    nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK)
+}
+
 /// An open migration channel: a stream to write or read, and, for sockets, the
 /// other direction (the return path).
 #[derive(Debug)]
@@ -200,9 +205,7 @@ impl Channel {
         let r = file.try_clone().map_err(io_err("clone", uri))?;
         let b = file.try_clone().map_err(io_err("clone", uri))?;
         // A pipe has no return path; a socket does.
-        let is_socket = nix::sys::stat::fstat(&file)
-            .map(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK)
-            .unwrap_or(false);
+        let is_socket = is_socket(&file);
         Ok(Self {
             reader: Box::new(r),
             writer: Box::new(file),
