@@ -274,19 +274,8 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
     assert_eq!(d.used(0), None, "a stopped device served a request");
     let saved = vm.capture_devices().unwrap();
     // The destination opens the image unlocked; the source lets go of it.
-    let mut other = Vm::create_for_shape(
-        &vm.shape(),
-        crate::vm::HostDevices {
-            backing: Backing::Anonymous,
-            serial: SinkSpec::Null,
-            virtio: vec![disk_spec(img.path(), false)],
-            ide: Vec::new(),
-            fw_cfg: None,
-            firmware: None,
-            rtc: None,
-        },
-    )
-    .unwrap();
+    let mut other =
+        Vm::create_for_shape(&vm.shape(), virtio_only(vec![disk_spec(img.path(), false)])).unwrap();
     vm.deactivate_disks().unwrap();
     for g in [DESC, AVAIL, USED, HEADER, DATA, STATUS] {
         let mut page = vec![0u8; 4096];
@@ -309,6 +298,19 @@ fn a_request_pending_at_the_switch_over_is_served_after_it() {
     assert_eq!(d2.get(STATUS, 1), vec![0]);
     let on_disk = std::fs::read(img.path()).unwrap();
     assert_eq!(&on_disk[2 * 512..3 * 512], &[7; 512][..]);
+}
+
+/// This host's devices for a VM built from a shape: `virtio` and nothing else.
+fn virtio_only(virtio: Vec<VirtioSpec>) -> crate::vm::HostDevices {
+    crate::vm::HostDevices {
+        backing: Backing::Anonymous,
+        serial: SinkSpec::Null,
+        virtio,
+        ide: Vec::new(),
+        fw_cfg: None,
+        firmware: None,
+        rtc: None,
+    }
 }
 
 /// How a checkpoint of one of these VMs is restored: with `virtio` as
@@ -396,15 +398,7 @@ fn the_image_locks_move_with_a_migration() {
     let mut source = vm_with(disk_spec(img.path(), false));
     let mut dest = Vm::create_for_shape(
         &source.shape(),
-        crate::vm::HostDevices {
-            backing: Backing::Anonymous,
-            serial: SinkSpec::Null,
-            virtio: vec![disk_spec(img.path(), false)],
-            ide: Vec::new(),
-            fw_cfg: None,
-            firmware: None,
-            rtc: None,
-        },
+        virtio_only(vec![disk_spec(img.path(), false)]),
     )
     .expect("the destination opens the image while the source holds it");
     source.pause().unwrap();
@@ -476,19 +470,8 @@ fn a_qcow2_chain_moves_with_a_migration() {
         assert_eq!(d.request(1, 700, 1024, DATA), (0, 1));
     }
 
-    let mut dest = Vm::create_for_shape(
-        &source.shape(),
-        crate::vm::HostDevices {
-            backing: Backing::Anonymous,
-            serial: SinkSpec::Null,
-            virtio: vec![qcow2_spec(&top)],
-            ide: Vec::new(),
-            fw_cfg: None,
-            firmware: None,
-            rtc: None,
-        },
-    )
-    .expect("the destination opens the chain while the source writes it");
+    let mut dest = Vm::create_for_shape(&source.shape(), virtio_only(vec![qcow2_spec(&top)]))
+        .expect("the destination opens the chain while the source writes it");
     source.pause().unwrap();
     let devices = source.capture_devices().unwrap();
     let (vcpus, vmstate) = (
@@ -928,34 +911,11 @@ fn net_state_round_trips_the_mac_is_part_of_the_shape_and_arrival_announces() {
     let saved = vm.capture_devices().unwrap();
 
     let other_mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
-    let err = Vm::create_for_shape(
-        &shape,
-        crate::vm::HostDevices {
-            backing: Backing::Anonymous,
-            serial: SinkSpec::Null,
-            virtio: vec![tap2.spec(other_mac)],
-            ide: Vec::new(),
-            fw_cfg: None,
-            firmware: None,
-            rtc: None,
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let err = Vm::create_for_shape(&shape, virtio_only(vec![tap2.spec(other_mac)]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("mac=52:54:00:12:34:57"), "{err}");
-    let mut dest = Vm::create_for_shape(
-        &shape,
-        crate::vm::HostDevices {
-            backing: Backing::Anonymous,
-            serial: SinkSpec::Null,
-            virtio: vec![tap2.spec(GUEST_MAC)],
-            ide: Vec::new(),
-            fw_cfg: None,
-            firmware: None,
-            rtc: None,
-        },
-    )
-    .unwrap();
+    let mut dest = Vm::create_for_shape(&shape, virtio_only(vec![tap2.spec(GUEST_MAC)])).unwrap();
     dest.restore_state(
         vm.capture_vcpus().unwrap(),
         &vm.capture_vm().unwrap(),
